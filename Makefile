@@ -1,0 +1,37 @@
+# Everything a fresh Debian + Python 3.11 box needs, from nothing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.toco-installed
+APT_PACKAGES := mosquitto mosquitto-clients chromium
+
+.PHONY: setup system-deps test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: the CPU build lies on local disk; anything looser pulls CUDA.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[agent,server,dev]'
+	touch $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: setup system-deps
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/toco demo
+
+bench: setup
+	$(PY) bench/analysis.py
+	$(PY) bench/compression.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The ``toco`` command line: analysis, inspection, recompression, evaluation, probing, demo."""

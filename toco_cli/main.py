@@ -1,0 +1,34 @@
+"""Entry point of ``toco``: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from toco_core.cli_support import configure_logging
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="TOCO: tolerance analysis once, device-aware compression on every box.",
+)
+
+
+@app.callback()
+def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug")) -> None:
+    configure_logging(verbose)
+
+
+def _register() -> None:
+    # Each command module adds its commands to ``app``; imported here so `toco --help` lists them.
+    import importlib
+
+    for name in ("analyze", "probe", "recompress", "demo"):
+        try:
+            importlib.import_module(f"toco_cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"toco_cli.{name}":
+                raise
+
+
+_register()

@@ -1,0 +1,108 @@
+"""Train the demo models on the CPU in seconds and export them to ONNX (server side: torch).
+
+- ``lenet5``: LeNet-5-style CNN, about 61.7k weights;
+- ``mlp``: LeNet-300-100, about 266k weights;
+- ``wide_cnn``: a ~5M-parameter CNN for size/latency/RSS benchmarks (random init is fine).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from toco_core.demo.data import mnist_splits
+
+Exporter = Literal["torchscript", "dynamo"]
+ARCHITECTURES = ("lenet5", "mlp", "wide_cnn")
+_RECIPE_VERSION = "1"  # bump when the architectures or training change: invalidates the cache
+
+
+def build(arch: str) -> nn.Module:
+    """A fresh, seeded model of the named architecture. Raises ValueError for an unknown one."""
+    torch.manual_seed(0)
+    if arch == "lenet5":
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+        )
+    if arch == "mlp":
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10),
+        )
+    if arch == "wide_cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(256 * 3 * 3, 1536), nn.ReLU(), nn.Linear(1536, 10),
+        )
+    raise ValueError(f"unknown architecture {arch!r}: use one of {ARCHITECTURES}")
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, batch: int = 64) -> nn.Module:
+    """Adam, cross-entropy, fixed seed; returns the model in eval mode."""
+    torch.manual_seed(0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), batch):
+            idx = perm[i : i + batch]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def export(model: nn.Module, path: Path, exporter: Exporter = "torchscript") -> Path:
+    """Export to ONNX with a dynamic batch dimension, input ``image`` [N,1,28,28], output ``logits``."""
+    dummy = torch.zeros(1, 1, 28, 28)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(input_names=["image"], output_names=["logits"])
+    if exporter == "dynamo":
+        torch.onnx.export(model, (dummy,), str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **kwargs)
+    else:
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=17,
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+    return path
+
+
+def cache_dir() -> Path:
+    """Where trained demo models are cached: $TOCO_CACHE_DIR or ~/.cache/toco."""
+    return Path(os.environ.get("TOCO_CACHE_DIR", Path.home() / ".cache" / "toco"))
+
+
+def demo_model(arch: str = "lenet5", exporter: Exporter = "torchscript", trained: bool = True) -> Path:
+    """Path of the cached ONNX demo model, training and exporting it on first use."""
+    tag = "trained" if trained else "random"
+    path = cache_dir() / f"v{_RECIPE_VERSION}" / f"{arch}-{tag}-{exporter}.onnx"
+    if path.is_file():
+        return path
+    model = build(arch)
+    if trained:
+        s = mnist_splits()
+        epochs = 3 if arch == "wide_cnn" else 8
+        model = train(model, s.x_train, s.y_train, epochs=epochs)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    export(model.eval(), tmp, exporter)
+    tmp.replace(path)
+    return path
+
+
+if __name__ == "__main__":
+    for a in ("lenet5", "mlp"):
+        t = time.perf_counter()
+        p = demo_model(a)
+        print(a, p, f"{time.perf_counter() - t:.1f}s")
