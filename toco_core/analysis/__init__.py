@@ -1,0 +1,1 @@
+"""Server-side analysis (torch): differentiable ONNX evaluation, Fisher, QBC, tolerance analysis."""

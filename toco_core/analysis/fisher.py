@@ -1,0 +1,101 @@
+"""Diagonal Fisher of the model's own output distribution, accumulated batch by batch.
+
+    F_i = mean_{x in S} sum_y p(y|x) (d log p(y|x) / d w_i)^2
+
+No labels: y ranges over the model's own prediction. With few classes (and one position)
+the expectation over y is exact, through one Jacobian per sample (torch.func.jacrev under
+vmap); otherwise y is sampled from p, ``y_samples`` draws per sample and position.
+Shaped like sparsegpt's solver: add_batch, result, free; no file or ONNX I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.func import grad, jacrev, vmap
+
+Forward = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+_FLOATS_PER_CHUNK = 40_000_000  # bounds the Jacobian memory: chunk * classes * weights floats
+
+
+def _log_probs(out: torch.Tensor, kind: str) -> torch.Tensor:
+    """[1, C, *pos] model output -> [P, C] log-probabilities."""
+    out = out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2).reshape(-1, out.shape[1])
+    if kind == "probs":
+        return torch.log(out.clamp_min(1e-12))
+    if kind == "logprobs":
+        return out
+    return torch.log_softmax(out, dim=-1)
+
+
+class FisherAccumulator:
+    """Accumulates sum_x sum_y p(y|x) g_y(x)^2 for the named weights of ``forward``."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        weights: dict[str, torch.Tensor],
+        kind: str = "logits",
+        max_exact_classes: int = 64,
+        y_samples: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.forward = forward
+        self.weights = {k: v.detach() for k, v in weights.items()}
+        self.kind = kind
+        self.max_exact_classes = max_exact_classes
+        self.y_samples = y_samples
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self.weights.items()}
+        self.count = 0
+        self._n = sum(v.numel() for v in self.weights.values())
+
+    def _exact(self, x: torch.Tensor) -> None:
+        def log_p(w: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return _log_probs(self.forward(xi[None], w), self.kind)[0]  # [C]
+
+        with torch.no_grad():
+            p = torch.exp(_log_probs(self.forward(x, self.weights), self.kind))  # [B, C]
+        jac = vmap(jacrev(log_p), in_dims=(None, 0))(self.weights, x)  # name -> [B, C, *shape]
+        for k, j in jac.items():
+            pw = p.reshape(p.shape + (1,) * (j.dim() - 2))
+            self.sums[k] += (pw * j.detach().double() ** 2).sum(dim=(0, 1))
+
+    def _sampled(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            lp = _log_probs(self.forward(x, self.weights), self.kind)  # [B*P, C]
+        positions = lp.shape[0] // x.shape[0]
+        for _ in range(self.y_samples):
+            y = torch.multinomial(torch.exp(lp), 1, generator=self.gen).reshape(x.shape[0], positions)
+
+            def picked(w: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+                return _log_probs(self.forward(xi[None], w), self.kind).gather(1, yi[:, None]).sum()
+
+            g = vmap(grad(picked), in_dims=(None, 0, 0))(self.weights, x, y)
+            for k, gk in g.items():
+                self.sums[k] += (gk.detach().double() ** 2).sum(0) / self.y_samples
+
+    def add_batch(self, x: np.ndarray) -> None:
+        """Add the Fisher contribution of a batch of inputs (numpy, the model's input layout)."""
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        with torch.no_grad():
+            probe = self.forward(xt[:1], self.weights)
+        classes, positions = probe.shape[1], probe[0, 0].numel()
+        exact = positions == 1 and classes <= self.max_exact_classes
+        per = self._n * (classes if exact else 1)
+        chunk = max(1, min(64, _FLOATS_PER_CHUNK // max(per, 1)))
+        for i in range(0, len(xt), chunk):
+            (self._exact if exact else self._sampled)(xt[i : i + chunk])
+        self.count += len(xt)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The mean Fisher per weight tensor (float64 numpy). Raises ValueError before any batch."""
+        if self.count == 0:
+            raise ValueError("no samples added to the Fisher accumulator")
+        return {k: (v / self.count).numpy() for k, v in self.sums.items()}
+
+    def free(self) -> None:
+        """Drop the accumulated sums."""
+        self.sums = {}

@@ -1,0 +1,125 @@
+"""Calibration curves: what a compression scale really costs, measured on held-out samples.
+
+The quadratic prediction 1/2 sum F delta^2 is 10-100x too optimistic once many weights move
+(DESIGN section 7), so each operator is applied for real on a grid of scales and the
+disagreement, KL (and accuracy with labels) against the base are measured with onnxruntime.
+Curves are stored as a monotone envelope (disagreement never decreases with the scale), the
+conservative reading for a device predicting its fidelity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, Field
+
+from toco_core.compression.tolerance_compress import compress_weights, summary
+from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.onnx_model import WeightInfo, with_weights
+from toco_core.runtime import run_model
+
+Operator = Literal["prune", "quantize", "prune+quantize"]
+
+
+class CurvePoint(BaseModel):
+    """One measured point: the scales used and what they cost."""
+
+    prune_scale: float = 0.0
+    quant_scale: float = 0.0
+    disagreement: float = Field(ge=0, le=1)
+    kl: float = Field(ge=0)
+    accuracy: float | None = None
+    sparsity: float
+    entropy_bits: float = Field(description="entropy-coded bits per weight of the codes")
+    fixed_bits: float = Field(description="mean fixed-width bits per weight")
+
+
+class CalibrationCurve(BaseModel):
+    """Measured points of one operator, ordered by its scale, with a monotone disagreement."""
+
+    operator: Operator
+    samples: int
+    points: list[CurvePoint]
+
+    def predict_disagreement(self, prune_scale: float = 0.0, quant_scale: float = 0.0) -> float:
+        """Disagreement at a scale by log-linear interpolation of the measured points.
+
+        Outside the measured range the nearest end is used; for ``prune+quantize`` the
+        nearest measured (prune, quant) pair that is at least as aggressive is used.
+        """
+        if self.operator == "prune+quantize":
+            worse = [p for p in self.points if p.prune_scale >= prune_scale and p.quant_scale >= quant_scale]
+            return min((p.disagreement for p in worse), default=max(p.disagreement for p in self.points))
+        key = "prune_scale" if self.operator == "prune" else "quant_scale"
+        xs = np.log(np.maximum([getattr(p, key) for p in self.points], 1e-12))
+        ys = np.array([p.disagreement for p in self.points])
+        s = prune_scale if self.operator == "prune" else quant_scale
+        return float(np.interp(np.log(max(s, 1e-12)), xs, ys))
+
+
+def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
+    """Sort by ``key`` and replace disagreement/KL by their running maximum (conservative)."""
+    pts = sorted(points, key=lambda p: getattr(p, key))
+    dis = np.maximum.accumulate([p.disagreement for p in pts])
+    kl = np.maximum.accumulate([p.kl for p in pts])
+    return [p.model_copy(update={"disagreement": float(d), "kl": float(k)}) for p, d, k in zip(pts, dis, kl)]
+
+
+def prune_scale_grid(weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray], sparsities: list[float]) -> list[float]:
+    """Scales at which tolerance pruning reaches the given sparsities: quantiles of |w| / tau_hat."""
+    ratio = np.concatenate([(np.abs(w) / tau_hat[k]).ravel() for k, w in weights.items()])
+    return [float(np.quantile(ratio, s)) for s in sparsities]
+
+
+def measure_point(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    infos: list[WeightInfo],
+    prune_tau_hat: dict[str, np.ndarray] | None,
+    quant_tau_hat: dict[str, np.ndarray] | None,
+    prune_scale: float,
+    quant_scale: float,
+    x: np.ndarray,
+    base_out: np.ndarray,
+    labels: np.ndarray | None,
+    kind: OutputKind,
+) -> CurvePoint:
+    """Compress the weights at the given scales, run the model, compare with the base."""
+    tensors = compress_weights(weights, infos, prune_tau_hat, quant_tau_hat, prune_scale, quant_scale)
+    out = run_model(with_weights(model, {k: t.values for k, t in tensors.items()}), x)
+    fid = compare_outputs(base_out, out, labels, kind)
+    stats = summary(tensors)
+    return CurvePoint(
+        prune_scale=prune_scale, quant_scale=quant_scale, disagreement=fid.disagreement, kl=fid.kl,
+        accuracy=fid.accuracy, sparsity=stats["sparsity"], entropy_bits=stats["entropy_bits"],
+        fixed_bits=stats["fixed_bits"],
+    )
+
+
+def measure_curve(
+    operator: Operator,
+    grid: list[tuple[float, float]],
+    measure: Callable[[float, float], CurvePoint],
+    samples: int,
+    stop_above: float = 0.5,
+    on_point: Callable[[int, int], None] | None = None,
+) -> CalibrationCurve:
+    """Measure ``grid`` (prune, quant) scale pairs in order; stop a 1-D sweep once it is useless.
+
+    For single operators the grid is sorted by aggression and the sweep stops after the first
+    point whose disagreement exceeds ``stop_above``.
+    """
+    points: list[CurvePoint] = []
+    for i, (ps, qs) in enumerate(grid):
+        p = measure(ps, qs)
+        points.append(p)
+        if on_point:
+            on_point(i + 1, len(grid))
+        if operator != "prune+quantize" and p.disagreement > stop_above:
+            break
+    if operator != "prune+quantize":
+        points = monotone(points, "prune_scale" if operator == "prune" else "quant_scale")
+    return CalibrationCurve(operator=operator, samples=samples, points=points)

@@ -1,0 +1,1 @@
+"""Compression operators: pure functions on (model, tolerances, scale, options)."""

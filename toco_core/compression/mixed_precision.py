@@ -1,0 +1,66 @@
+"""Per-output-channel mixed precision from tolerances.
+
+For each output channel c we pick the largest quantization step Delta_c such that the rounding
+error |w - Delta_c * round(w / Delta_c)| stays within tau for at least ``coverage`` of the
+channel's weights; bits follow from the step: b_c = ceil(log2(2 * max|code| + 1)).
+Already-zero (pruned) weights stay exactly zero (code 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_GRID = 48  # candidate steps per channel, geometric between the smallest tolerance and the range
+
+
+def _channels_first(a: np.ndarray, out_axis: int) -> np.ndarray:
+    return np.moveaxis(a, out_axis, 0).reshape(a.shape[out_axis], -1)
+
+
+def channel_steps(w: np.ndarray, tau: np.ndarray, out_axis: int, coverage: float = 0.99) -> np.ndarray:
+    """The largest step per output channel whose rounding error is within tau for >= coverage.
+
+    Takes the weight, its tolerance (same shape), the output-channel axis and the coverage in
+    (0, 1]. Returns float32 steps, one per channel (a channel of zeros gets step 1.0).
+    Raises ValueError for a coverage outside (0, 1] or mismatched shapes.
+    """
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    if w.shape != tau.shape:
+        raise ValueError(f"weight shape {w.shape} != tolerance shape {tau.shape}")
+    wc, tc = _channels_first(w, out_axis).astype(np.float64), _channels_first(tau, out_axis).astype(np.float64)
+    live = wc != 0
+    steps = np.ones(wc.shape[0], dtype=np.float32)
+    for c in range(wc.shape[0]):
+        x, t = wc[c][live[c]], tc[c][live[c]]
+        if x.size == 0:
+            continue
+        top = 2.0 * np.abs(x).max()
+        low = max(2.0 * float(np.quantile(t, 1 - coverage)), top * 1e-6)  # always feasible
+        cands = np.geomspace(low, max(top, low), _GRID)  # [G]
+        err = np.abs(x[None, :] - cands[:, None] * np.round(x[None, :] / cands[:, None]))  # [G, k]
+        ok = (err <= t[None, :]).mean(axis=1) >= coverage
+        steps[c] = cands[np.nonzero(ok)[0].max()] if ok.any() else low
+    return steps
+
+
+def quantize(w: np.ndarray, steps: np.ndarray, out_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """codes = round(w / step_c) per channel; returns (int32 codes, float32 dequantized weights)."""
+    shape = [1] * w.ndim
+    shape[out_axis] = -1
+    st = steps.reshape(shape).astype(np.float64)
+    codes = np.round(w / st).astype(np.int32)
+    return codes, (codes * st).astype(np.float32)
+
+
+def channel_bits(codes: np.ndarray, out_axis: int) -> np.ndarray:
+    """Bits per output channel for a fixed-width signed code: ceil(log2(2 max|code| + 1))."""
+    m = np.abs(_channels_first(codes, out_axis)).max(axis=1)
+    return np.ceil(np.log2(2 * m + 1)).astype(np.int32)
+
+
+def code_entropy_bits(codes: np.ndarray) -> float:
+    """Empirical entropy of the codes in bits per weight (what an entropy coder approaches)."""
+    _, counts = np.unique(codes, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())

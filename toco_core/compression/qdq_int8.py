@@ -1,0 +1,113 @@
+"""Full int8 QDQ quantization (weights and activations) with onnxruntime's ``quantize_static``.
+
+onnxruntime fuses DequantizeLinear -> Conv/Gemm/MatMul -> QuantizeLinear into QLinearConv,
+QGemm or an integer MatMul at session start, so the weights stay int8 in RAM and the layer
+runs in integer arithmetic. Weight-only DequantizeLinear does not do that (design section 3):
+this module always quantizes activations too, with ranges calibrated on real samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from toco_core.errors import ModelError, PoolError
+from toco_core.onnx_model import input_spec
+
+QUANTIZABLE = ("Conv", "Gemm", "MatMul")
+_QMAX = 127  # symmetric int8 weights use [-127, 127] so that zero point 0 is exact
+
+
+def int8_weight_error(w: np.ndarray, out_axis: int, per_channel: bool = True) -> np.ndarray:
+    """Per-weight error |w - dequant(quant(w))| of symmetric int8 as ``quantize_static`` does it.
+
+    s = max|w| / 127 over each output channel (``out_axis``; whole tensor when not per
+    channel), stored as float32; q = clip(round_half_even(w / s), -127, 127); error = |w - q s|.
+    A channel of zeros gets s = 1 (error 0). Returns float32 of w's shape.
+    Raises ValueError when ``out_axis`` is not an axis of ``w``.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if not -w.ndim <= out_axis < w.ndim:
+        raise ValueError(f"out_axis {out_axis} is not an axis of a weight of shape {w.shape}")
+    if per_channel:
+        other = tuple(i for i in range(w.ndim) if i != out_axis % w.ndim)
+        absmax = np.abs(w).max(axis=other, keepdims=True) if other else np.abs(w)
+    else:
+        absmax = np.abs(w).max(keepdims=True)
+    scale = (2.0 * absmax.astype(np.float64) / (2 * _QMAX)).astype(np.float32)
+    scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
+    q = np.clip(np.round(w / scale), -_QMAX, _QMAX)
+    return np.abs(w - (q * scale).astype(np.float32))
+
+
+class _Samples(CalibrationDataReader):
+    """Feeds the calibration samples to onnxruntime's calibrator in batches."""
+
+    def __init__(self, name: str, x: np.ndarray, batch: int = 64) -> None:
+        self._batches: Iterator[dict] = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes whose weight is a constant (the default target set)."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in consts]
+
+
+def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calibration_x: np.ndarray,
+                      per_channel: bool = True) -> onnx.ModelProto:
+    """Quantize the named nodes to int8 QDQ: weights (symmetric, per channel by default) and activations.
+
+    Takes the model, the node names to quantize (None = every Conv/Gemm/MatMul with a constant
+    weight) and calibration inputs for the first graph input (activation ranges = MinMax over
+    them). Activations are unsigned int8 (asymmetric), weights signed int8 (symmetric), the
+    pairing onnxruntime recommends for x86 CPUs. Returns the QDQ model; onnxruntime fuses it
+    into QLinearConv / QGemm / integer MatMul when the session starts.
+    Raises ModelError for an unknown node name or when onnxruntime cannot quantize the model,
+    PoolError when the calibration samples are empty or shaped wrong.
+    """
+    named = _with_node_names(model)
+    known = set(quantizable_nodes(named))
+    targets = sorted(known) if nodes is None else list(nodes)
+    unknown = [n for n in targets if n not in known]
+    if unknown:
+        raise ModelError(f"nodes {unknown} are not Conv/Gemm/MatMul nodes with a constant weight",
+                         f"choose among {sorted(known)}")
+    spec = input_spec(named)
+    x = np.asarray(calibration_x, dtype=spec.dtype)
+    if len(x) == 0 or x.ndim != len(spec.shape) or any(d and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
+        raise PoolError(f"calibration samples of shape {x.shape} do not fit input {spec.name!r} {spec.shape}",
+                        "pass a non-empty batch shaped like the model input")
+    if not targets:
+        return named
+    with tempfile.TemporaryDirectory(prefix="toco-qdq-") as tmp:
+        out = Path(tmp) / "qdq.onnx"
+        try:
+            quantize_static(named, str(out), _Samples(spec.name, x), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_quantize=targets,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        except Exception as exc:  # onnxruntime raises plain exceptions of many kinds here
+            raise ModelError(f"onnxruntime could not quantize the model: {exc}", "check the model's ops") from exc
+        return onnx.load(str(out))
+
+
+def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose every node has a unique name (quantize_static addresses nodes by name)."""
+    new = copy.deepcopy(model)
+    seen: set[str] = set()
+    for i, node in enumerate(new.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    return new

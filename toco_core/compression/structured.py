@@ -1,0 +1,401 @@
+"""Structured pruning: really remove output channels whose weights are all within tolerance.
+
+Removing output channel c of a layer means: the layer computes one channel less, and every
+reader of that channel is shrunk (the next Conv's input channels, the next Gemm/MatMul's rows).
+The result equals the model in which channel c's weights are set to zero: such a channel
+carries a constant, k_c = activation(bias_c) after whatever per-channel ops follow, and that
+constant's contribution is folded into the reader's bias:
+
+    Gemm/MatMul reader (weight B, rows of channel c):  bias += sum_{k in c} k_c * B[k, :]   (exact)
+    Conv reader (weight W):                            bias += sum_c k_c * sum_{h,w} W[:, c, h, w]
+
+The Conv fold is exact when the reader Conv has no padding; with padding, outputs whose window
+overlaps the border saw zeros instead of k_c, so the fold is approximate there (exact again
+when k_c = 0, e.g. a Relu after a negative bias).
+
+Channels are followed from the layer through per-channel ops (activations, BatchNormalization,
+Add/Sub/Mul/Div by a per-channel constant, MaxPool / AveragePool / global pools) and through
+Flatten / Reshape to [N, C*H*W] (channel c -> the contiguous features [c*H*W, (c+1)*H*W)), to
+readers that are Conv (group 1), Gemm (transA 0) or MatMul with a constant weight. Anything
+else (a residual Add, Concat, a graph output, a shared weight...) makes the layer unsupported.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from toco_core.compression.graph_edit import GraphIndex, attr, clear_value_info, replace_nodes, set_attr, static_shapes
+from toco_core.errors import ModelError
+from toco_core.onnx_model import compressible_weights
+
+_UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
+                    "Celu", "Softplus", "Softsign", "Gelu", "Mish", "Identity", "Dropout"})
+_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "PRelu"})
+_POOLS = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
+_READERS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+class _Unsupported(Exception):
+    """The channels of a layer cannot be followed to readers the surgery knows."""
+
+
+@dataclass
+class _Path:
+    steps: list  # ("node", node, pos, rank, input index) or ("repeat", n): how the constant k changes
+    reader: onnx.NodeProto
+    block: int  # features per channel at the reader's input
+
+
+@dataclass
+class _Route:
+    layer: onnx.NodeProto
+    weight: str
+    out_axis: int
+    channels: int
+    paths: list[_Path] = field(default_factory=list)
+    shrinks: list[tuple[str, int, int]] = field(default_factory=list)  # (constant, axis, block)
+    reshapes: list[tuple[str, int]] = field(default_factory=list)  # (shape constant, block)
+
+
+def _trace(g: GraphIndex, shapes: dict, weight: str) -> _Route:
+    uses = g.consumers(weight)
+    if len(uses) != 1 or uses[0][1] != 1:
+        raise _Unsupported("the weight is shared or not a layer's weight input")
+    node, w = uses[0][0], g.tensor(weight)
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose") and attr(node, "group", 1) == 1:
+        out_axis, pos, rank = (0 if op == "Conv" else 1), 1, w.ndim
+    elif op == "Gemm":
+        out_axis, pos, rank = (0 if attr(node, "transB", 0) else 1), 1, 2
+    elif op == "MatMul" and w.ndim == 2 and len(shapes.get(node.output[0], ())) >= 1:
+        out_axis, rank = 1, len(shapes[node.output[0]])
+        pos = rank - 1
+    else:
+        raise _Unsupported(f"{op} node {node.name!r} (grouped, or output rank unknown)")
+    route = _Route(node, weight, out_axis, int(w.shape[out_axis]))
+    route.shrinks.append((weight, out_axis, 1))
+    if len(node.input) > 2 and node.input[2]:
+        bias = g.tensor(node.input[2])
+        if bias is None or g.use_count(node.input[2]) != 1 or bias.size not in (1, route.channels):
+            raise _Unsupported(f"the bias of {node.name!r} is not a private per-channel constant")
+    _follow(g, shapes, node.output[0], pos, rank, route.channels, 1, [], route)
+    return route
+
+
+def _need_const(g: GraphIndex, name: str, private: bool = True) -> np.ndarray:
+    value = g.tensor(name)
+    if value is None or (private and g.use_count(name) != 1):
+        raise _Unsupported(f"input {name!r} is not a private constant")
+    return value
+
+
+def _follow(g, shapes, tensor, pos, rank, feats, block, steps, route) -> None:
+    """Walk every reader of ``tensor`` (channel axis ``pos`` of ``rank``, ``feats`` = C*block)."""
+    if g.is_graph_output(tensor):
+        raise _Unsupported(f"the channels reach the graph output {tensor!r}")
+    for node, idx in g.consumers(tensor):
+        op, nxt = node.op_type, (pos, rank, feats, block)
+        if any(g.use_count(o) for o in node.output[1:]):
+            raise _Unsupported(f"{op} node {node.name!r} has a second output in use")
+        if op in _READERS and idx == 0:
+            route.paths.append(_reader(g, node, pos, rank, block, route, steps))
+            continue
+        if op in _UNARY and idx == 0:
+            for name in node.input[1:]:
+                if name:
+                    _need_const(g, name, private=False)
+            new_steps = steps + [("node", node, pos, rank, idx)]
+        elif op in _BINARY:
+            const = _need_const(g, node.input[1 - idx], private=False)
+            axis = pos - (rank - const.ndim)
+            if const.ndim > rank or any(d != 1 for i, d in enumerate(const.shape) if i != axis):
+                raise _Unsupported(f"{op} node {node.name!r} is not per-channel")
+            if axis >= 0 and const.shape[axis] == feats:
+                _need_const(g, node.input[1 - idx])
+                route.shrinks.append((node.input[1 - idx], axis, block))
+            new_steps = steps + [("node", node, pos, rank, idx)]
+        elif op == "BatchNormalization" and idx == 0 and pos == 1:
+            for name in node.input[1:5]:
+                _need_const(g, name)
+                route.shrinks.append((name, 0, block))
+            new_steps = steps + [("node", node, pos, rank, idx)]
+        elif op in _POOLS and idx == 0 and pos == 1 and block == 1:
+            if op == "AveragePool" and attr(node, "count_include_pad", 0) and any(attr(node, "pads", [])):
+                raise _Unsupported(f"AveragePool {node.name!r} averages padding into the channel")
+            new_steps = steps
+        elif op in ("Flatten", "Reshape") and idx == 0 and pos == 1:
+            nxt = _flatten(g, shapes, node, tensor, rank, feats, block, route)
+            new_steps = steps + [("repeat", nxt[3] // block)]
+        else:
+            raise _Unsupported(f"{op} node {node.name!r} reads the channels (input {idx})")
+        _follow(g, shapes, node.output[0], *nxt, new_steps, route)
+
+
+def _flatten(g, shapes, node, tensor, rank, feats, block, route) -> tuple[int, int, int, int]:
+    """Channel c of [N, C, *S] -> features [c*prod(S), (c+1)*prod(S)) of [N, C*prod(S)]."""
+    in_shape = shapes.get(tensor)
+    if in_shape is None or any(d is None for d in in_shape[1:]):
+        raise _Unsupported(f"{node.op_type} {node.name!r}: input shape unknown")
+    per_channel = int(np.prod(in_shape[2:], dtype=np.int64))
+    total = feats * per_channel
+    if node.op_type == "Flatten":
+        if attr(node, "axis", 1) != 1:
+            raise _Unsupported(f"Flatten {node.name!r} does not flatten from axis 1")
+    else:
+        target = [int(s) for s in _need_const(g, node.input[1], private=False).reshape(-1)]
+        if len(target) != 2 or target[1] not in (-1, total) or (target[1] == -1 and target[0] < 0):
+            raise _Unsupported(f"Reshape {node.name!r} is not [N, C*H*W]")
+        if target[1] == total:
+            _need_const(g, node.input[1])
+            route.reshapes.append((node.input[1], block * per_channel))
+    return 1, 2, total, block * per_channel
+
+
+def _reader(g, node, pos, rank, block, route, steps) -> _Path:
+    w = _need_const(g, node.input[1])
+    if len(node.input) > 2 and node.input[2]:
+        _need_const(g, node.input[2])
+    if node.op_type == "Conv" and pos == 1 and block == 1 and attr(node, "group", 1) == 1:
+        axis = 1
+    elif node.op_type == "Gemm" and rank == 2 and not attr(node, "transA", 0):
+        axis = 1 if attr(node, "transB", 0) else 0
+    elif node.op_type == "MatMul" and w.ndim == 2 and pos == rank - 1:
+        axis = 0
+    else:
+        raise _Unsupported(f"{node.op_type} {node.name!r} cannot drop input channels at axis {pos}")
+    route.shrinks.append((node.input[1], axis, block))
+    return _Path(list(steps), node, block)
+
+
+def _expand(mask: np.ndarray, block: int) -> np.ndarray:
+    """Indices of the features of the masked channels, channel c -> [c*block, (c+1)*block)."""
+    return (np.flatnonzero(mask)[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
+
+def structured_support(model: onnx.ModelProto) -> dict[str, str | None]:
+    """For every compressible weight: None if its output channels can be removed, else why not."""
+    g, shapes = GraphIndex(model), static_shapes(model)
+    out: dict[str, str | None] = {}
+    for info in compressible_weights(model):
+        try:
+            _trace(g, shapes, info.name)
+            out[info.name] = None
+        except _Unsupported as exc:
+            out[info.name] = str(exc)
+    return out
+
+
+def removable_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray],
+                       tau: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Output channels that may be removed: all weights within tolerance and surgery supported.
+
+    Takes the model, its weights (ONNX name -> array) and tolerances of the weights' shapes.
+    Returns name -> bool mask over the output channels (WeightInfo.out_axis); a channel is
+    marked when |w| <= tau for every weight of it. At least one channel per layer is kept
+    (the one with the largest L1 norm). Layers the surgery cannot rewire get all-False masks.
+    Raises ModelError for an unknown weight name or a tau of the wrong shape.
+    """
+    infos = {w.name: w for w in compressible_weights(model)}
+    support = structured_support(model)
+    masks = {}
+    for name, t in tau.items():
+        if name not in infos or name not in weights:
+            raise ModelError(f"weight {name!r} is not a compressible weight of the model", "use its ONNX name")
+        w, info = np.asarray(weights[name]), infos[name]
+        if np.shape(t) != w.shape:
+            raise ModelError(f"tau for {name!r} has shape {np.shape(t)}, weight {w.shape}", "pass per-weight tau")
+        ok = np.moveaxis(np.abs(w) <= t, info.out_axis, 0).reshape(w.shape[info.out_axis], -1).all(axis=1)
+        if support[name] is not None:
+            ok[:] = False
+        if ok.all():
+            ok[np.argmax(np.abs(np.moveaxis(w, info.out_axis, 0)).reshape(len(ok), -1).sum(axis=1))] = False
+        masks[name] = ok
+    return masks
+
+
+class _Work:
+    """Working copies of the constants being edited (float64 for float tensors), written back once."""
+
+    def __init__(self, g: GraphIndex) -> None:
+        self.g, self.arrays, self.dtypes = g, {}, {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            value = self.g.tensor(name)
+            self.dtypes[name] = value.dtype
+            self.arrays[name] = value.astype(np.float64) if value.dtype.kind == "f" else value.copy()
+        return self.arrays[name]
+
+    def original_dtype(self, name: str) -> np.ndarray:
+        return self.get(name).astype(self.dtypes[name])
+
+    def new(self, hint: str, value: np.ndarray) -> str:
+        name = self.g.add_initializer(hint, value.astype(np.float32))
+        self.arrays[name], self.dtypes[name] = value.astype(np.float64), np.dtype(np.float32)
+        return name
+
+    def write(self) -> None:
+        for name, value in self.arrays.items():
+            self.g.set_tensor(name, value.astype(self.dtypes[name]))
+
+
+def _layer_constant(work: _Work, route: _Route) -> np.ndarray:
+    """k for every channel of the layer once its weights are zero: bias (beta * C for Gemm) or 0."""
+    node = route.layer
+    if len(node.input) > 2 and node.input[2]:
+        bias = np.broadcast_to(work.get(node.input[2]).reshape(-1), (route.channels,)).copy()
+        return bias * (attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0)
+    return np.zeros(route.channels)
+
+
+def _apply_step(work: _Work, opset: int, step: tuple, k: np.ndarray) -> np.ndarray:
+    """Push the per-feature constants ``k`` through one op with onnx's reference evaluator."""
+    if step[0] == "repeat":
+        return np.repeat(k, step[1])
+    _, node, pos, rank, idx = step
+    shape = [1] * rank
+    shape[pos] = len(k)
+    feeds, names = {}, []
+    for i, name in enumerate(node.input):
+        names.append(f"in{i}" if name else "")
+        if name:
+            feeds[f"in{i}"] = k.reshape(shape).astype(np.float32) if i == idx else work.original_dtype(name)
+    probe = helper.make_node(node.op_type, names, ["out"], domain=node.domain)
+    probe.attribute.extend(node.attribute)
+    out = ReferenceEvaluator(probe, opsets={"": opset}).run(None, feeds)[0]
+    return np.asarray(out, dtype=np.float64).reshape(-1)
+
+
+def _fold(g: GraphIndex, work: _Work, path: _Path, k: np.ndarray, mask: np.ndarray, pending: list) -> None:
+    """Add the removed features' constant contribution to the reader's bias (see module doc)."""
+    node, feats = path.reader, _expand(mask, path.block)
+    kd = k[feats]
+    if not np.any(kd):
+        return
+    w = work.get(node.input[1])
+    if node.op_type == "Conv":
+        contrib = w[:, feats].reshape(w.shape[0], len(feats), -1).sum(axis=2) @ kd
+    elif node.op_type == "Gemm":
+        contrib = attr(node, "alpha", 1.0) * (w[:, feats] @ kd if attr(node, "transB", 0) else kd @ w[feats, :])
+    else:
+        contrib = kd @ w[feats, :]
+    if node.op_type in ("Conv", "Gemm"):
+        if len(node.input) > 2 and node.input[2]:
+            name = node.input[2]
+            if node.op_type == "Gemm":
+                work.arrays[name] = work.get(name) * attr(node, "beta", 1.0)
+                set_attr(node, "beta", 1.0)
+            work.arrays[name] = work.get(name) + contrib
+        else:
+            name = work.new(f"{node.name or node.op_type}_folded_bias", contrib)
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = name
+            if node.op_type == "Gemm":
+                set_attr(node, "beta", 1.0)
+        return
+    readers = g.consumers(node.output[0])
+    if len(readers) == 1 and readers[0][0].op_type == "Add" and not g.is_graph_output(node.output[0]):
+        other = readers[0][0].input[1 - readers[0][1]]
+        value = g.tensor(other)
+        if value is not None and g.use_count(other) == 1 and value.shape[-1:] == contrib.shape \
+                and value.size == contrib.size:
+            work.arrays[other] = work.get(other) + contrib.reshape(value.shape)
+            return
+    pending.append((node.output[0], contrib, node.input[1]))
+
+
+def _insert_adds(g: GraphIndex, pending: list, masks: dict[str, np.ndarray]) -> None:
+    """MatMul readers without a bias Add get one: MatMul -> Add(folded constant) -> old output."""
+    by_output = {}
+    for out, contrib, weight in pending:
+        if weight in masks:  # the MatMul loses output columns itself
+            contrib = np.delete(contrib, np.flatnonzero(masks[weight]))
+        by_output[out] = contrib
+    replacements = {}
+    for i, node in enumerate(g.graph.node):
+        if node.op_type == "MatMul" and node.output[0] in by_output:
+            out = node.output[0]
+            bias = g.add_initializer(f"{out}_folded_bias", by_output[out].astype(np.float32))
+            node.output[0] = g.unique_name(f"{out}_unfolded")
+            add = helper.make_node("Add", [node.output[0], bias], [out], name=g.unique_name(f"{node.name}_fold"))
+            replacements[i] = [node, add]
+    replace_nodes(g.graph, replacements)
+
+
+def remove_output_channels(model: onnx.ModelProto, drop: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Return a copy of ``model`` with the masked output channels really removed.
+
+    ``drop`` maps a compressible weight's ONNX name to a bool mask over its output channels.
+    The layer's weight and bias, the per-channel parameters on the way (BatchNormalization,
+    per-channel Add/Mul...), Reshape targets and the readers' input channels all shrink; the
+    removed channels' constant output is folded into the readers' biases (exact except Conv
+    readers with padding, see the module doc). Graph outputs keep their shapes.
+    Raises ModelError when a layer is not supported, a mask has the wrong length, or a mask
+    would remove every channel of a layer.
+    """
+    new = copy.deepcopy(model)
+    g, shapes = GraphIndex(new), static_shapes(new)
+    opset = next((o.version for o in new.opset_import if o.domain in ("", "ai.onnx")), 17)
+    order = {w.name: i for i, w in enumerate(compressible_weights(new))}
+    routes: list[tuple[_Route, np.ndarray]] = []
+    for name in sorted(drop, key=lambda n: order.get(n, -1)):
+        mask = np.asarray(drop[name], dtype=bool).reshape(-1)
+        if not mask.any():
+            continue
+        try:
+            route = _trace(g, shapes, name)
+        except _Unsupported as exc:
+            raise ModelError(f"cannot remove output channels of {name!r}: {exc}",
+                             "pick channels with removable_channels()") from exc
+        if len(mask) != route.channels or mask.all():
+            raise ModelError(f"drop mask for {name!r} has {int(mask.sum())} of {len(mask)} channels set, layer has "
+                             f"{route.channels}", "give one entry per output channel and keep at least one")
+        routes.append((route, mask))
+    work = _Work(g)
+    for route, mask in routes:  # the result must equal the model with these channels zeroed
+        np.moveaxis(work.get(route.weight), route.out_axis, 0)[mask] = 0.0
+    pending: list = []
+    for route, mask in routes:
+        base = _layer_constant(work, route)
+        for path in route.paths:
+            k = base
+            for step in path.steps:
+                k = _apply_step(work, opset, step, k)
+            _fold(g, work, path, k, mask, pending)
+    _shrink(work, routes)
+    work.write()
+    _insert_adds(g, pending, {r.weight: m for r, m in routes})
+    clear_value_info(new)
+    try:
+        onnx.checker.check_model(new)
+    except Exception as exc:
+        raise ModelError(f"structured pruning produced an invalid model: {exc}", "report this with the model") from exc
+    return new
+
+
+def _shrink(work: _Work, routes: list[tuple[_Route, np.ndarray]]) -> None:
+    """Delete the removed channels' entries from every constant, all in original index space."""
+    cuts: dict[str, dict[int, set[int]]] = {}
+    for route, mask in routes:
+        shrinks = list(route.shrinks)
+        node = route.layer
+        if len(node.input) > 2 and node.input[2]:
+            bias = work.get(node.input[2])
+            if bias.ndim and bias.shape[-1] == route.channels:
+                shrinks.append((node.input[2], bias.ndim - 1, 1))
+        for name, axis, block in shrinks:
+            cuts.setdefault(name, {}).setdefault(axis, set()).update(_expand(mask, block).tolist())
+        for name, block in route.reshapes:
+            work.get(name)[1] -= int(mask.sum()) * block
+    for name, axes in cuts.items():
+        value = work.get(name)
+        for axis, idx in axes.items():
+            value = np.delete(value, sorted(idx), axis=axis)
+        work.arrays[name] = value

@@ -1,0 +1,344 @@
+"""Drift monitor statistics for a deployed (compressed) model; no labels needed.
+
+The reference comes from the deployed model's outputs on the bundle's calibration samples.
+Live inputs are accumulated in windows (closed by count, or by time once a minimum count is
+reached); each closed window is judged statistic by statistic against a BAND around the
+reference, a control-chart limit rather than a p-value:
+
+    band = reference +/- (margin + k * sigma * sqrt(1/n + 1/n_ref))
+
+where ``margin`` is the shift that matters in practice, k = ``band_sigmas`` and the sqrt
+term is the sampling noise of a window of n samples against a reference of n_ref (each
+statistic's own noise term is stated where it is computed). The window itself lives in
+``toco_core.drift_window``.
+
+Statistics (per sample, over output positions when there are several):
+
+- agreement with the base model on the shadowed fraction: 1 - share of top-1 changes;
+- confidence: max_c p(c|x);  entropy: H = -sum_c p log p (nats), compared as a
+  distribution by PSI over reference quantile bins: PSI = sum_b (q_b - r_b) ln(q_b / r_b);
+- input shift: RMS over input features of the standardized mean shift
+  ((mean_window_j - mean_ref_j) / max(std_ref_j, floor)), features = pixels averaged in at
+  most ``input_features`` groups;
+- accuracy when feedback labels arrive.
+
+An alert is raised only after ``consecutive_windows`` out-of-band windows in a row.
+Pure numpy + pydantic; time is passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from toco_core.drift_window import DriftWindow, input_features, output_stats
+from toco_core.errors import PoolError
+from toco_core.fidelity import OutputKind
+
+__all__ = ["DisputedSample", "DriftMonitor", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow",
+           "StatCheck", "WindowResult", "build_reference", "evaluate_window"]
+
+
+class DriftSettings(BaseModel):
+    """Window sizes, shadow sampling, band widths and alerting of the drift monitor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_max_samples: int = Field(256, ge=10, le=1_000_000, description="a window closes at this count")
+    window_min_samples: int = Field(64, ge=10, le=1_000_000, description="a timed-out window waits for this count")
+    window_seconds: float = Field(300.0, gt=0, le=7 * 86400, description="a window closes after this time")
+    shadow_fraction: float = Field(0.1, ge=0, le=1, description="share of inputs also run on the base model")
+    consecutive_windows: int = Field(3, ge=1, le=100, description="out-of-band windows in a row before an alert")
+    history: int = Field(20, ge=1, le=10_000, description="closed window reports kept")
+    band_sigmas: float = Field(3.0, ge=0, le=10, description="k: sampling-noise width of every band")
+    agreement_margin: float = Field(0.03, ge=0, le=1, description="allowed agreement drop below prediction")
+    accuracy_margin: float = Field(0.05, ge=0, le=1, description="allowed accuracy drop below reference")
+    confidence_margin: float = Field(0.03, ge=0, le=1, description="allowed mean-confidence change")
+    entropy_psi_margin: float = Field(0.2, ge=0, le=10, description="allowed entropy PSI beyond noise")
+    entropy_bins: int = Field(10, ge=2, le=100, description="quantile bins of the entropy reference")
+    input_shift_margin: float = Field(0.15, ge=0, le=100, description="allowed RMS standardized input mean shift")
+    input_features: int = Field(1024, ge=1, le=1_000_000, description="input summarised in at most this many groups")
+    std_floor: float = Field(0.1, gt=0, le=10, description="feature std floor, as a share of the input std")
+    min_shadow_samples: int = Field(10, ge=1, description="agreement is judged from this many shadowed samples")
+    min_labels: int = Field(10, ge=1, description="accuracy is judged from this many labels")
+    max_disputed: int = Field(16, ge=0, le=10_000, description="disputed samples attached per window")
+
+    @model_validator(mode="after")
+    def _check(self) -> DriftSettings:
+        if self.window_min_samples > self.window_max_samples:
+            raise ValueError(f"window_min_samples {self.window_min_samples} > window_max_samples "
+                             f"{self.window_max_samples}; lower the minimum or raise the maximum")
+        return self
+
+
+class DriftReference(BaseModel):
+    """What in-distribution looks like for the deployed model (JSON-serialisable)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: int = 1
+    n_samples: int = Field(ge=2)
+    output_kind: OutputKind = "logits"
+    sample_shape: tuple[int, ...]
+    expected_agreement: float = Field(ge=0, le=1, description="predicted fidelity (top-1 agreement)")
+    expected_accuracy: float | None = Field(None, ge=0, le=1)
+    confidence_mean: float
+    confidence_std: float
+    entropy_mean: float
+    entropy_std: float
+    entropy_edges: list[float] = Field(description="interior quantile edges of the entropy")
+    input_mean: float
+    input_std: float
+    feature_mean: list[float]
+    feature_std: list[float]
+
+
+def build_reference(inputs: np.ndarray, outputs: np.ndarray, expected_agreement: float,
+                    settings: DriftSettings | None = None, kind: OutputKind = "logits",
+                    expected_accuracy: float | None = None) -> DriftReference:
+    """Reference statistics from calibration ``inputs`` and the deployed model's ``outputs``.
+
+    Use held-out-like calibration samples: samples picked for being disputed (QBC) are less
+    confident than live traffic and would make clean windows look drifted.
+    Raises PoolError for fewer than 2 samples or mismatched counts.
+    """
+    s = settings or DriftSettings()
+    if len(inputs) < 2 or len(inputs) != len(outputs):
+        raise PoolError(f"reference needs >= 2 matching inputs/outputs, got {len(inputs)}/{len(outputs)}",
+                        "pass the calibration samples and the model's outputs on them")
+    st = output_stats(outputs, kind)
+    feats = input_features(inputs, s.input_features)
+    q = np.quantile(st.entropy, np.linspace(0, 1, s.entropy_bins + 1)[1:-1])
+    x = np.asarray(inputs, dtype=np.float64)
+    return DriftReference(
+        n_samples=len(inputs), output_kind=kind, sample_shape=tuple(int(d) for d in inputs.shape[1:]),
+        expected_agreement=float(expected_agreement), expected_accuracy=expected_accuracy,
+        confidence_mean=float(st.confidence.mean()), confidence_std=float(st.confidence.std()),
+        entropy_mean=float(st.entropy.mean()), entropy_std=float(st.entropy.std()),
+        entropy_edges=[float(v) for v in q], input_mean=float(x.mean()), input_std=float(x.std()),
+        feature_mean=feats.mean(0).tolist(), feature_std=feats.std(0).tolist(),
+    )
+
+
+class StatCheck(BaseModel):
+    """One statistic of a window against its band; ``in_band`` None = too few samples to judge."""
+
+    name: Literal["agreement", "confidence", "entropy_psi", "input_shift", "accuracy"]
+    value: float | None
+    reference: float | None
+    low: float | None
+    high: float | None
+    n: int
+    in_band: bool | None
+
+
+class DisputedSample(BaseModel):
+    """A sample worth the server's re-analysis (its input travels separately, by ``ref``)."""
+
+    ref: str
+    reason: Literal["disagreement", "low_confidence"]
+    confidence: float
+    model_class: int
+    base_class: int | None = None
+
+
+class DriftReport(BaseModel):
+    """One closed window judged against the reference."""
+
+    schema_version: int = 1
+    window_index: int = 0
+    opened_at: float
+    closed_at: float
+    n_samples: int
+    n_shadowed: int
+    n_labeled: int
+    predicted_agreement: float
+    measured_agreement: float | None
+    accuracy: float | None
+    mean_confidence: float
+    mean_entropy: float
+    input_mean: float
+    input_std: float
+    checks: list[StatCheck]
+    out_of_band: list[str] = Field(description="names of the checks outside their band")
+    consecutive_out_of_band: int = 0
+    alert: bool = False
+    disputed: list[DisputedSample] = Field(default_factory=list)
+
+
+def _noise(reference: DriftReference, n: int) -> float:
+    """sqrt(1/n + 1/n_ref): relative sampling noise of a window mean against the reference."""
+    return float(np.sqrt(1.0 / max(n, 1) + 1.0 / reference.n_samples))
+
+
+def _lower_check(name: str, values: np.ndarray, ref: float, margin: float, k: float,
+                 min_n: int) -> StatCheck:
+    """One-sided band for a rate that must not drop: low = ref - margin - k sqrt(v/n), v >= 0.01."""
+    n = len(values)
+    value = float(values.mean()) if n else None
+    if n < min_n:
+        return StatCheck(name=name, value=value, reference=ref, low=None, high=None, n=n, in_band=None)
+    low = ref - margin - k * np.sqrt(max(ref * (1 - ref), 0.01) / n)
+    return StatCheck(name=name, value=value, reference=ref, low=float(low), high=1.0, n=n,
+                     in_band=bool(value >= low))
+
+
+def entropy_psi(entropy: np.ndarray, edges: list[float]) -> float:
+    """PSI = sum_b (q_b - r_b) ln(q_b / r_b) over the reference quantile bins (r_b = 1/B).
+
+    Counts get +0.5 (Jeffreys) so an empty bin does not make the index infinite.
+    """
+    bins = len(edges) + 1
+    counts = np.bincount(np.searchsorted(np.asarray(edges), entropy, side="right"), minlength=bins)
+    q = (counts + 0.5) / (len(entropy) + 0.5 * bins)
+    r = np.full(bins, 1.0 / bins)
+    return float(((q - r) * np.log(q / r)).sum())
+
+
+def input_shift(window_mean: np.ndarray, reference: DriftReference, std_floor: float) -> float:
+    """RMS_j (m_j - mu_j) / max(sigma_j, std_floor * input_std) over the input features."""
+    mu = np.asarray(reference.feature_mean)
+    sigma = np.maximum(np.asarray(reference.feature_std), std_floor * max(reference.input_std, 1e-12))
+    return float(np.sqrt((((window_mean - mu) / sigma) ** 2).mean()))
+
+
+def _checks(window: DriftWindow, ref: DriftReference, s: DriftSettings) -> list[StatCheck]:
+    k, n = s.band_sigmas, window.count
+    checks = [_lower_check("agreement", window.agreements(), ref.expected_agreement, s.agreement_margin, k,
+                           s.min_shadow_samples)]
+    conf = float(window.confidences().mean())
+    half = s.confidence_margin + k * ref.confidence_std * _noise(ref, n)
+    checks.append(StatCheck(name="confidence", value=conf, reference=ref.confidence_mean,
+                            low=ref.confidence_mean - half, high=ref.confidence_mean + half, n=n,
+                            in_band=abs(conf - ref.confidence_mean) <= half))
+    # n * PSI is about chi-square with B - 1 degrees of freedom when nothing changed.
+    dof, v = len(ref.entropy_edges), _noise(ref, n) ** 2
+    psi = entropy_psi(window.entropies(), ref.entropy_edges)
+    high = s.entropy_psi_margin + dof * v + k * np.sqrt(2 * dof) * v
+    checks.append(StatCheck(name="entropy_psi", value=psi, reference=0.0, low=0.0, high=float(high), n=n,
+                            in_band=psi <= high))
+    # Under no shift each standardized feature mean z_j has variance <= v = 1/n + 1/n_ref, so
+    # shift^2 = mean_j z_j^2 <= v (1 + k sqrt(2)) even if all features move together.
+    shift = input_shift(window.feature_mean(), ref, s.std_floor)
+    high = s.input_shift_margin + np.sqrt(v * (1 + k * np.sqrt(2)))
+    checks.append(StatCheck(name="input_shift", value=shift, reference=0.0, low=0.0, high=float(high), n=n,
+                            in_band=shift <= high))
+    if ref.expected_accuracy is not None:
+        checks.append(_lower_check("accuracy", window.correct().astype(float), ref.expected_accuracy,
+                                   s.accuracy_margin, k, s.min_labels))
+    return checks
+
+
+def _pick_disputed(window: DriftWindow, limit: int) -> list[DisputedSample]:
+    disagree, low = window.dispute_candidates()
+    out: dict[str, DisputedSample] = {}
+    for reason, kept in [*(("disagreement", k) for k in disagree), *(("low_confidence", k) for k in low)]:
+        if len(out) >= limit:
+            break
+        if kept.ref not in out:
+            out[kept.ref] = DisputedSample(ref=kept.ref, reason=reason, confidence=kept.confidence,
+                                           model_class=kept.model_class, base_class=kept.base_class)
+    return list(out.values())
+
+
+def evaluate_window(window: DriftWindow, reference: DriftReference, settings: DriftSettings,
+                    closed_at: float | None = None) -> DriftReport:
+    """Judge a window against the reference; returns the report (alert fields left to the monitor).
+
+    Raises PoolError for an empty window or inputs shaped unlike the reference's samples.
+    """
+    if window.count == 0:
+        raise PoolError("the drift window is empty", "add samples before evaluating it")
+    fmean = window.feature_mean()
+    if fmean is None or len(fmean) != len(reference.feature_mean):
+        raise PoolError(f"window inputs give {0 if fmean is None else len(fmean)} features, the reference "
+                        f"{len(reference.feature_mean)}", "build the reference from the same kind of inputs")
+    checks = _checks(window, reference, settings)
+    agree, correct = window.agreements(), window.correct()
+    in_mean, in_std = window.input_moments()
+    return DriftReport(
+        opened_at=window.opened_at, closed_at=closed_at if closed_at is not None else window.opened_at,
+        n_samples=window.count, n_shadowed=len(agree), n_labeled=len(correct),
+        predicted_agreement=reference.expected_agreement,
+        measured_agreement=float(agree.mean()) if len(agree) else None,
+        accuracy=float(correct.mean()) if len(correct) else None,
+        mean_confidence=float(window.confidences().mean()), mean_entropy=float(window.entropies().mean()),
+        input_mean=in_mean, input_std=in_std, checks=checks,
+        out_of_band=[c.name for c in checks if c.in_band is False],
+        disputed=_pick_disputed(window, settings.max_disputed),
+    )
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """A closed window: its report and the inputs of its disputed samples (same order)."""
+
+    report: DriftReport
+    disputed_inputs: np.ndarray
+
+
+class DriftMonitor:
+    """Feeds live samples into windows, judges each closed window, alerts after K in a row.
+
+    Thread-safe. ``should_shadow()`` draws whether the caller should also run the base model
+    on the next input (probability ``shadow_fraction``, seeded).
+    """
+
+    def __init__(self, reference: DriftReference, settings: DriftSettings | None = None,
+                 seed: int | None = None, now: float | None = None) -> None:
+        self.reference, self.settings = reference, settings or DriftSettings()
+        self.history: deque[DriftReport] = deque(maxlen=self.settings.history)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._streak = 0
+        self._index = 0
+        self.window = DriftWindow(self.settings, time.time() if now is None else now, reference.output_kind)
+
+    def should_shadow(self) -> bool:
+        """True with probability ``shadow_fraction``: run the base model on this input too."""
+        with self._lock:
+            return bool(self._rng.random() < self.settings.shadow_fraction)
+
+    def observe(self, x: np.ndarray, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
+                labels: np.ndarray | None = None, refs: list[str] | None = None,
+                now: float | None = None) -> WindowResult | None:
+        """Add a batch; returns the WindowResult when this batch closed the window, else None."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self.window.add(x, outputs, base_outputs, labels, refs)
+            return self._maybe_close(now)
+
+    def feedback(self, ref: str, label: int) -> bool:
+        """Attach a label to a sample of the open window; False when it is not (or no longer) there."""
+        with self._lock:
+            return self.window.add_feedback(ref, label)
+
+    def tick(self, now: float | None = None) -> WindowResult | None:
+        """Close the window on time alone (call it periodically when traffic is sparse)."""
+        with self._lock:
+            return self._maybe_close(time.time() if now is None else now)
+
+    @property
+    def alerting(self) -> bool:
+        """Whether the last K closed windows were all out of band."""
+        return self._streak >= self.settings.consecutive_windows
+
+    def _maybe_close(self, now: float) -> WindowResult | None:
+        if not self.window.should_close(now):
+            return None
+        window = self.window
+        self.window = DriftWindow(self.settings, now, self.reference.output_kind)
+        report = evaluate_window(window, self.reference, self.settings, closed_at=now)
+        self._streak = self._streak + 1 if report.out_of_band else 0
+        report = report.model_copy(update={"window_index": self._index, "consecutive_out_of_band": self._streak,
+                                           "alert": self.alerting})
+        self._index += 1
+        self.history.append(report)
+        inputs = window.inputs_of([d.ref for d in report.disputed])
+        return WindowResult(report, inputs)

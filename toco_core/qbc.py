@@ -1,0 +1,77 @@
+"""Query-By-Committee: which unlabeled samples does a committee of tolerable models dispute?
+
+The committee is the base weights plus uniform noise within the tolerance,
+w^(m) = w + U(-s tau, +s tau). It is an instrument for choosing informative samples,
+not a predictor of a compressed model's fidelity (DESIGN section 7). Numpy + onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from toco_core.fidelity import OutputKind, as_log_probs, per_sample_disagreement, per_sample_kl
+from toco_core.onnx_model import with_weights
+from toco_core.runtime import run_model
+
+
+def noisy_weights(weights: dict[str, np.ndarray], tau: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One committee member: w + U(-tau, +tau) per weight."""
+    return {k: (w + rng.uniform(-1.0, 1.0, w.shape) * tau[k]).astype(np.float32) for k, w in weights.items()}
+
+
+def committee_log_probs(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    tau: dict[str, np.ndarray],
+    x: np.ndarray,
+    members: int,
+    seed: int,
+    kind: OutputKind = "logits",
+) -> np.ndarray:
+    """Log-probabilities of every member on x: ``[M, N, P, C]``."""
+    rng = np.random.default_rng(seed)
+    outs = [as_log_probs(run_model(with_weights(model, noisy_weights(weights, tau, rng)), x), kind) for _ in range(members)]
+    return np.stack(outs)
+
+
+def vote_entropy(member_lp: np.ndarray) -> np.ndarray:
+    """Vote entropy per sample: H(votes) = -sum_c v_c log v_c, v_c = share of members voting c.
+
+    Takes ``[M, N, P, C]``; averages over positions; returns ``[N]``.
+    """
+    m, _, _, c = member_lp.shape
+    votes = member_lp.argmax(-1)  # [M, N, P]
+    share = np.stack([(votes == k).mean(0) for k in range(c)], axis=-1)  # [N, P, C]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(share > 0, share * np.log(share), 0.0).sum(-1)
+    return h.mean(-1)
+
+
+def mean_kl_to_base(base_lp: np.ndarray, member_lp: np.ndarray) -> np.ndarray:
+    """Mean over members of KL(p_base || p_member) per sample; ``[N]``."""
+    return np.mean([per_sample_kl(base_lp, lp) for lp in member_lp], axis=0)
+
+
+def disagreement_score(base_lp: np.ndarray, member_lp: np.ndarray) -> np.ndarray:
+    """QBC score: vote entropy (base included as a member) plus mean KL to the base as tiebreak.
+
+    Vote entropy is 0 for most samples at a small committee scale; the KL term orders them.
+    """
+    all_lp = np.concatenate([base_lp[None], member_lp])
+    return vote_entropy(all_lp) + mean_kl_to_base(base_lp, member_lp)
+
+
+def committee_disagreement(base_lp: np.ndarray, member_lp: np.ndarray) -> float:
+    """Mean top-1 disagreement of the members with the base."""
+    return float(np.mean([per_sample_disagreement(base_lp, lp).mean() for lp in member_lp]))
+
+
+def select_top(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the k highest scores, skipping ``exclude`` (a bool mask or index array)."""
+    s = scores.astype(np.float64).copy()
+    if exclude is not None and len(exclude):
+        s[exclude] = -np.inf
+    order = np.argsort(-s, kind="stable")
+    order = order[np.isfinite(s[order])]
+    return order[:k]

@@ -1,0 +1,75 @@
+"""Closed-form per-weight tolerances from the Fisher diagonal (the TOCO method).
+
+Maximise sum_i log tau_i subject to 1/2 sum_i F_i tau_i^2 <= eps. The Lagrangian gives
+every weight an equal share of the budget: F_i tau_i^2 = 2 eps / n, so
+
+    tau_i = sqrt(2 eps / (n F_i)).
+
+We store tau_hat = tau at eps = 1; a device uses tau = s * tau_hat with one scale s per
+compression operator. Two refinements the measurements call for:
+
+- F_i = 0 (dead inputs, dead units) makes tau infinite. F is floored at
+  ``floor_rel * median(F | F > 0)`` of its tensor, and tau is capped at the tensor's weight
+  range max|w| (moving a weight by more than the range is never needed).
+- All arrays are float64 internally for the division, float32 out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fisher_floor(fisher: np.ndarray, floor_rel: float) -> float:
+    """The smallest Fisher value used for a tensor: floor_rel * median of its positive entries.
+
+    Returns a tiny positive number when the whole tensor has F = 0.
+    """
+    positive = fisher[fisher > 0]
+    if positive.size == 0:
+        return 1e-30
+    return float(max(floor_rel * np.median(positive), 1e-30))
+
+
+def closed_form_tolerance(
+    fisher: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    eps: float = 1.0,
+    floor_rel: float = 1e-2,
+) -> dict[str, np.ndarray]:
+    """tau_i = sqrt(2 eps / (n max(F_i, F_floor))), capped at max|w| of the tensor.
+
+    Takes the Fisher diagonal and the weights (same names and shapes), the budget eps and the
+    relative floor. Returns tau per tensor. Raises ValueError on mismatched names or shapes
+    or a non-positive eps.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if set(fisher) != set(weights):
+        raise ValueError(f"fisher and weights name different tensors: {sorted(set(fisher) ^ set(weights))}")
+    n = sum(f.size for f in fisher.values())
+    out = {}
+    for name, f in fisher.items():
+        w = weights[name]
+        if f.shape != w.shape:
+            raise ValueError(f"{name}: fisher shape {f.shape} != weight shape {w.shape}")
+        floored = np.maximum(f.astype(np.float64), fisher_floor(f, floor_rel))
+        tau = np.sqrt(2.0 * eps / (n * floored))
+        cap = float(np.abs(w).max()) or 1.0
+        out[name] = np.minimum(tau, cap).astype(np.float32)
+    return out
+
+
+def quadratic_kl(fisher: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> float:
+    """Second-order prediction of the KL a weight change causes: 1/2 sum_i F_i delta_i^2."""
+    return 0.5 * float(sum((fisher[k].astype(np.float64) * delta[k].astype(np.float64) ** 2).sum() for k in delta))
+
+
+def scaled(tau_hat: dict[str, np.ndarray], s: float) -> dict[str, np.ndarray]:
+    """tau = s * tau_hat for every tensor."""
+    return {k: (v * np.float32(s)) for k, v in tau_hat.items()}
+
+
+def log_tolerance_change(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Median |log tau_a - log tau_b| over all weights: how much an analysis round moved the map."""
+    diffs = np.concatenate([np.abs(np.log(a[k]) - np.log(b[k])).ravel() for k in a])
+    return float(np.median(diffs))
