@@ -1,0 +1,222 @@
+"""The whole analysis of one ONNX model: QBC loop, closed-form tolerances, iterated pruning
+rounds, calibration curves. Torch (through the graph evaluator and Fisher) plus onnxruntime.
+
+Phases, each reported to ``progress(phase, done, total)``:
+1. ``qbc``: Fisher on the analysis set S, tolerance, committee at a scale that disagrees a
+   little, add the most disputed pool samples to S; stop on a stable tolerance map.
+2. ``prune``: prune in rounds to ``max_sparsity`` (geometric in the kept share), the Fisher
+   re-measured at each pruned point; the order weights fall in is the prune rank.
+3. ``calibrate``: each operator applied for real on a grid of scales, measured on held-out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from toco_core.analysis.fisher import FisherAccumulator
+from toco_core.analysis.graph_eval import GraphEvaluator
+from toco_core.analysis.settings import AnalysisSettings
+from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
+from toco_core.calibration import CalibrationCurve, measure_curve, measure_point
+from toco_core.errors import ModelError, PoolError
+from toco_core.fidelity import as_log_probs
+from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights, with_weights
+from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
+from toco_core.runtime import run_model
+from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
+from toco_core.tolerance_map import ToleranceMap
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+PRUNE_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+QUANT_GRID = list(np.geomspace(1e-3, 3.0, 18))
+
+
+def _noop(phase: str, done: int, total: int) -> None:
+    pass
+
+
+def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: np.ndarray) -> None:
+    """Refuse to analyse if the torch evaluation differs from onnxruntime (never a silent wrong answer)."""
+    with torch.no_grad():
+        mine = ev(torch.from_numpy(x)).numpy()
+    ref = run_model(model, x)
+    err = float(np.abs(mine - ref).max()) / max(1.0, float(np.abs(ref).max()))
+    if err > 1e-3:
+        raise ModelError(f"the differentiable evaluation of {model.graph.name!r} differs from onnxruntime "
+                         f"(relative error {err:.2g})", "please report the model; analysis would be wrong")
+
+
+def _committee_scale(model, weights, tau_hat, x, base_lp, kind, s: AnalysisSettings) -> tuple[float, float]:
+    """Bisect log s until the committee disagrees with the base on ~committee_target of x."""
+    lo, hi, scale, dis = -8.0, 2.0, 1.0, 0.0
+    for _ in range(8):
+        scale = float(np.exp2((lo + hi) / 2))
+        dis = committee_disagreement(base_lp, committee_log_probs(model, weights, scaled(tau_hat, scale), x, 4, s.seed, kind))
+        lo, hi = (np.log2(scale), hi) if dis < s.committee_target else (lo, np.log2(scale))
+    return scale, dis
+
+
+def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: np.ndarray, seed: int) -> FisherAccumulator:
+    acc = FisherAccumulator(ev, {k: torch.from_numpy(v) for k, v in weights.items()}, kind=kind, seed=seed)
+    acc.add_batch(x)
+    return acc
+
+
+def qbc_rounds(model, ev, weights, kind, pool_x, heldout_x, s: AnalysisSettings, progress: Progress):
+    """Grow the analysis set by committee disagreement. Returns (S indices, fisher, tau_hat, rounds)."""
+    rng = np.random.default_rng(s.seed)
+    base_pool = as_log_probs(run_model(model, pool_x), kind)
+    base_held = as_log_probs(run_model(model, heldout_x), kind)
+    chosen = rng.choice(len(pool_x), size=min(s.initial_samples, len(pool_x)), replace=False)
+    acc = _fisher(ev, weights, kind, pool_x[chosen], s.seed)
+    rounds: list[RoundStats] = []
+    tau_prev = None
+    for r in range(1, s.max_rounds + 1):
+        t0 = time.perf_counter()
+        tau_hat = closed_form_tolerance(acc.result(), weights, floor_rel=s.floor_rel)
+        change = None if tau_prev is None else log_tolerance_change(tau_hat, tau_prev)
+        scale, _ = _committee_scale(model, weights, tau_hat, heldout_x[:200], base_held[:200], kind, s)
+        members = committee_log_probs(model, weights, scaled(tau_hat, scale), pool_x, s.committee_members, s.seed + r, kind)
+        scores = disagreement_score(base_pool, members)
+        held = committee_log_probs(model, weights, scaled(tau_hat, scale), heldout_x, s.committee_members, s.seed + 99, kind)
+        room = np.setdiff1d(np.arange(len(pool_x)), chosen)
+        pick = select_top(scores, s.samples_per_round, exclude=chosen)
+        rand = rng.choice(room, size=min(len(pick), len(room)), replace=False) if len(room) else room
+        rounds.append(RoundStats(
+            round=r, samples=len(chosen), committee_scale=scale,
+            committee_disagreement_heldout=committee_disagreement(base_held, held),
+            selected_score_mean=float(scores[pick].mean()) if len(pick) else 0.0,
+            random_score_mean=float(scores[rand].mean()) if len(rand) else 0.0,
+            tolerance_change=change, seconds=time.perf_counter() - t0,
+        ))
+        log.info("qbc round", extra={"fields": rounds[-1].model_dump()})
+        progress("qbc", r, s.max_rounds)
+        stable = change is not None and change < s.tolerance_change_stop
+        if stable or len(pick) == 0 or r == s.max_rounds:
+            break
+        acc.add_batch(pool_x[pick])
+        chosen = np.concatenate([chosen, pick])
+        tau_prev = tau_hat
+    fisher = acc.result()
+    return chosen, fisher, closed_form_tolerance(fisher, weights, floor_rel=s.floor_rel), rounds
+
+
+def prune_ranks(ev, weights, fisher, kind, x, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
+    """Iterated tolerance pruning; returns r_i = the sparsity at which weight i is pruned.
+
+    Round j prunes to sparsity 1 - (1 - max_sparsity)^(j / rounds), ranking the survivors by
+    |w| / tau with tau from the Fisher measured at the model pruned so far (round 1: base).
+    Survivors of the last round are ranked by that round's |w| / tau above max_sparsity.
+    """
+    names = list(weights)
+    sizes = [weights[k].size for k in names]
+    flat_w = np.concatenate([np.abs(weights[k]).ravel() for k in names])
+    n = flat_w.size
+    rank = np.ones(n)
+    pruned = flat_w == 0
+    rank[pruned] = 0.0
+    current = dict(weights)
+    done = int(pruned.sum())
+    for j in range(1, s.prune_rounds + 1):
+        if j > 1:
+            fisher = _fisher(ev, current, kind, x, s.seed + j).result()
+        tau = closed_form_tolerance(fisher, weights, floor_rel=s.floor_rel)
+        score = flat_w / np.concatenate([tau[k].ravel() for k in names])
+        score[pruned] = -np.inf
+        order = np.argsort(score, kind="stable")
+        order = order[~pruned[order]]  # survivors, least important first
+        target = int(round(n * (1 - (1 - s.max_sparsity) ** (j / s.prune_rounds))))
+        last = j == s.prune_rounds
+        take = order if last else order[: max(target - done, 0)]
+        lo = done / n
+        hi = 1.0 if last else target / n
+        rank[take] = lo + (hi - lo) * (np.arange(1, len(take) + 1) / max(len(take), 1))
+        pruned[take] = True
+        done += len(take)
+        mask = np.split(pruned, np.cumsum(sizes)[:-1])
+        current = {k: np.where(m.reshape(weights[k].shape), 0, weights[k]).astype(np.float32) for k, m in zip(names, mask)}
+        progress("prune", j, s.prune_rounds)
+    return {k: r.reshape(weights[k].shape).astype(np.float32) for k, r in zip(names, np.split(rank, np.cumsum(sizes)[:-1]))}
+
+
+def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress) -> dict[str, CalibrationCurve]:
+    """Measure each operator on the held-out samples (prune scale = sparsity)."""
+    base = run_model(model, x)
+    prune_tau = tmap.prune_tau_hat(weights)
+
+    def measure(ps: float, qs: float):
+        return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind)
+
+    combos = [(p, q) for p in (0.3, 0.5, 0.6, 0.7, 0.8) for q in QUANT_GRID[4:14]]
+    total = len(PRUNE_GRID) + len(QUANT_GRID) + len(combos)
+    step = {"n": 0}
+
+    def tick(*_):
+        step["n"] += 1
+        progress("calibrate", step["n"], total)
+
+    return {
+        "prune": measure_curve("prune", [(p, 0.0) for p in PRUNE_GRID], measure, len(x), on_point=tick),
+        "quantize": measure_curve("quantize", [(0.0, q) for q in QUANT_GRID], measure, len(x), on_point=tick),
+        "prune+quantize": measure_curve("prune+quantize", combos, measure, len(x), on_point=tick),
+    }
+
+
+def analyze(
+    model: onnx.ModelProto,
+    pool_x: np.ndarray,
+    pool_y: np.ndarray | None = None,
+    settings: AnalysisSettings | None = None,
+    progress: Progress = _noop,
+    model_name: str = "model",
+) -> AnalysisResult:
+    """Run the full analysis of ``model`` on an unlabeled pool (labels optional).
+
+    Returns the AnalysisResult (not yet saved). Raises ModelError / UnsupportedOpError for a
+    model it cannot analyse and PoolError for a pool too small to split.
+    """
+    s = settings or AnalysisSettings()
+    t_start = time.perf_counter()
+    infos = compressible_weights(model)
+    weights = read_weights(model, infos)
+    kind = output_kind(model)
+    if len(pool_x) < 20:
+        raise PoolError(f"the pool has {len(pool_x)} samples; analysis needs at least 20", "give a larger pool")
+    rng = np.random.default_rng(s.seed)
+    order = rng.permutation(len(pool_x))
+    n_held = min(s.max_heldout, max(10, int(len(pool_x) * s.heldout_share)))
+    held, cand = order[:n_held], order[n_held:]
+    ev = GraphEvaluator(model, [w.name for w in infos])
+    _check_evaluator(ev, model, pool_x[:8])
+    timings = {}
+    t = time.perf_counter()
+    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, pool_x[cand], pool_x[held], s, progress)
+    timings["qbc"] = time.perf_counter() - t
+    t = time.perf_counter()
+    analysis_x = pool_x[cand][chosen]
+    ranks = prune_ranks(ev, weights, fisher, kind, analysis_x[: s.prune_round_samples], s, progress)
+    timings["prune_rounds"] = time.perf_counter() - t
+    tmap = ToleranceMap(quant=tau_hat, prune_rank=ranks)
+    t = time.perf_counter()
+    hy = None if pool_y is None else pool_y[held]
+    curves = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress)
+    timings["calibrate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    spec = input_spec(model)
+    base_acc = None
+    if hy is not None:
+        base_acc = float((run_model(model, pool_x[held]).argmax(1) == hy).mean())
+    manifest = AnalysisManifest(
+        model_name=model_name, model_sha256=model_hash(model), input_name=spec.name,
+        input_shape=list(spec.shape), output_kind=kind, weights=sum(w.size for w in infos),
+        settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
+        heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
+    )
+    return AnalysisResult(manifest, tmap, curves, analysis_x, pool_x[held], hy)

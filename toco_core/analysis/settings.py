@@ -1,0 +1,27 @@
+"""Typed settings of an analysis run, with bounds and defaults that work on one machine."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class AnalysisSettings(BaseModel):
+    """How the QBC loop, the tolerance rounds and the calibration run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: float = Field(0.01, gt=0, lt=1, description="fleet fidelity budget: max top-1 disagreement")
+    initial_samples: int = Field(64, ge=8, description="random start of the analysis set")
+    samples_per_round: int = Field(64, ge=1, description="disputed samples added per QBC round")
+    max_rounds: int = Field(4, ge=1, le=50, description="QBC rounds at most")
+    max_heldout: int = Field(500, ge=10, description="held-out samples for calibration at most")
+    heldout_share: float = Field(0.3, gt=0, lt=1, description="share of the pool held out")
+    committee_members: int = Field(8, ge=2, le=64)
+    committee_target: float = Field(0.05, gt=0, lt=0.5, description="committee disagreement the scale aims at")
+    tolerance_change_stop: float = Field(0.02, ge=0, description="stop QBC when the median |dlog tau| falls below")
+    floor_rel: float = Field(1e-2, gt=0, le=1, description="Fisher floor relative to the tensor's median")
+    prune_rounds: int = Field(6, ge=1, le=20, description="pruning rounds with Fisher re-measured at the pruned point")
+    prune_round_samples: int = Field(128, ge=8, description="analysis samples used per pruning round")
+    max_sparsity: float = Field(0.95, gt=0, lt=1)
+    coverage: float = Field(0.99, gt=0, le=1, description="share of a channel's weights whose rounding stays in tolerance")
+    seed: int = 0

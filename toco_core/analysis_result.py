@@ -1,0 +1,128 @@
+"""The analysis result directory: what the server ships and a device compresses from.
+
+    OUT/manifest.json          AnalysisManifest: model hash, settings, QBC rounds, timings, file hashes
+    OUT/tolerance.safetensors  ToleranceMap (log-quantized, no pickle)
+    OUT/calibration.json       measured CalibrationCurve per operator
+    OUT/samples.npz            calibration samples: the QBC analysis set and the held-out set
+
+Numpy only: the agent reads it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+from toco_core import __version__
+from toco_core.calibration import CalibrationCurve
+from toco_core.errors import AnalysisError
+from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_tolerance_map
+
+SCHEMA_VERSION = 1
+FILES = ("tolerance.safetensors", "calibration.json", "samples.npz")
+
+
+class RoundStats(BaseModel):
+    """One QBC round: the set size, the committee scale and what the selection achieved."""
+
+    round: int
+    samples: int
+    committee_scale: float
+    committee_disagreement_heldout: float
+    selected_score_mean: float
+    random_score_mean: float
+    tolerance_change: float | None = None
+    seconds: float
+
+
+class AnalysisManifest(BaseModel):
+    """Everything about an analysis except the arrays."""
+
+    schema_version: int = SCHEMA_VERSION
+    toco_version: str = __version__
+    created_at: float = Field(default_factory=time.time)
+    model_name: str
+    model_sha256: str
+    input_name: str
+    input_shape: list[int | None]
+    output_kind: str
+    weights: int
+    settings: dict
+    rounds: list[RoundStats]
+    samples_used: int
+    pool_size: int
+    heldout_size: int
+    base_accuracy: float | None = None
+    timings: dict[str, float]
+    tensors: list[dict]
+    files: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """The loaded directory: manifest, tolerance map, curves, calibration samples."""
+
+    manifest: AnalysisManifest
+    tolerances: ToleranceMap
+    curves: dict[str, CalibrationCurve]
+    analysis_x: np.ndarray
+    heldout_x: np.ndarray
+    heldout_y: np.ndarray | None = None
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_result(result: AnalysisResult, out: Path) -> Path:
+    """Write the directory atomically enough: arrays first, manifest (with file hashes) last."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_tolerance_map(result.tolerances, out / "tolerance.safetensors")
+    (out / "calibration.json").write_text(json.dumps({k: c.model_dump() for k, c in result.curves.items()}, indent=1))
+    arrays = {"analysis_x": result.analysis_x, "heldout_x": result.heldout_x}
+    if result.heldout_y is not None:
+        arrays["heldout_y"] = result.heldout_y
+    np.savez_compressed(out / "samples.npz", **arrays)
+    manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in FILES}})
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=1))
+    tmp.replace(out / "manifest.json")
+    return out
+
+
+def load_result(path: Path, verify: bool = True) -> AnalysisResult:
+    """Read an analysis directory, checking the schema and (by default) every file hash.
+
+    Raises AnalysisError naming the missing, corrupt or mismatching part.
+    """
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise AnalysisError(f"{path} is not an analysis result (no manifest.json)", "run `toco analyze ... -o DIR`")
+    try:
+        manifest = AnalysisManifest.model_validate_json(mpath.read_text())
+    except ValidationError as exc:
+        raise AnalysisError(f"{mpath} is malformed: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise AnalysisError(f"{path} has schema {manifest.schema_version}, this TOCO reads {SCHEMA_VERSION}",
+                            "re-run the analysis with this version")
+    for f in FILES:
+        if not (path / f).is_file():
+            raise AnalysisError(f"{path} lacks {f}", "re-run the analysis")
+        if verify and manifest.files.get(f) != _sha(path / f):
+            raise AnalysisError(f"{path / f} does not match its hash in the manifest (corrupt or edited)",
+                                "re-run the analysis or fetch the bundle again")
+    try:
+        curves = {k: CalibrationCurve.model_validate(v) for k, v in json.loads((path / "calibration.json").read_text()).items()}
+        with np.load(path / "samples.npz", allow_pickle=False) as z:
+            ax, hx = z["analysis_x"], z["heldout_x"]
+            hy = z["heldout_y"] if "heldout_y" in z else None
+    except (ValueError, KeyError, OSError, ValidationError) as exc:
+        raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
+    return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy)

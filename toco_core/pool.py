@@ -1,0 +1,107 @@
+"""Sample pools for analysis and evaluation: .npy / .npz arrays or an image folder.
+
+A pool holds unlabeled inputs in the model's input layout; labels are optional
+(a ``y`` array in the .npz, or a separate .npy). Every problem is a PoolError that says
+what is wrong with which file and what the model expects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toco_core.errors import PoolError
+from toco_core.onnx_model import InputSpec
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if not keys:
+                    raise PoolError(f"pool {path} holds no arrays", "save the inputs as array 'x'")
+                x = z["x"] if "x" in z else z[keys[0]]
+                y = z["y"] if "y" in z else None
+                return x, y
+    except PoolError:
+        raise
+    except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors
+        raise PoolError(f"pool {path} is not a readable numpy file: {exc}", "write it with numpy.save/savez") from None
+    raise PoolError(f"pool {path} has an unknown suffix {path.suffix!r}", "use .npy, .npz or an image folder")
+
+
+def _load_images(folder: Path, preprocessing) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    from toco_core.preprocessing import preprocess
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PoolError(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                out.append(preprocess(np.asarray(im.convert("RGB")), preprocessing))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise PoolError(f"image {f} cannot be read: {exc}", "remove or replace it") from None
+    return np.concatenate(out, axis=0)
+
+
+def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    """Check ``x`` against the model input (batch axis first) and cast to its dtype.
+
+    Raises PoolError when the pool is empty or a fixed dimension differs.
+    """
+    if x.ndim == 0 or len(x) == 0:
+        raise PoolError(f"pool {source} is empty", "give at least a few dozen samples")
+    want = spec.shape[1:]
+    got = x.shape[1:]
+    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+        shown = "x".join("?" if d is None else str(d) for d in spec.shape)
+        raise PoolError(
+            f"pool {source} has samples shaped {tuple(got)}, but model input {spec.name!r} is {shown}",
+            "reshape the pool to the model's input layout (batch first)",
+        )
+    if not np.issubdtype(x.dtype, np.number):
+        raise PoolError(f"pool {source} has non-numeric dtype {x.dtype}")
+    return np.ascontiguousarray(x.astype(spec.dtype, copy=False))
+
+
+def load_pool(
+    source: str | Path,
+    spec: InputSpec,
+    labels: str | Path | None = None,
+    preprocessing=None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load a pool for a model input: returns (x, y or None).
+
+    ``source`` is a .npy/.npz file or an image folder (then ``preprocessing``, a
+    toco_core.preprocessing.Preprocessing, is required). ``labels`` is an optional .npy.
+    Raises PoolError for a missing, unreadable, empty or mis-shaped pool or labels.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise PoolError(f"pool {path} does not exist", "check the path")
+    if path.is_dir():
+        if preprocessing is None:
+            raise PoolError(f"pool {path} is an image folder but no preprocessing was declared",
+                            "pass --size/--scale/--mean/--std")
+        x, y = _load_images(path, preprocessing), None
+    else:
+        x, y = _load_arrays(path)
+    x = fit_to_input(x, spec, str(path))
+    if labels is not None:
+        lpath = Path(labels)
+        if not lpath.is_file():
+            raise PoolError(f"labels {lpath} do not exist", "check the path")
+        y, _ = _load_arrays(lpath)
+    if y is not None and len(y) != len(x):
+        raise PoolError(f"{len(y)} labels for {len(x)} pool samples", "give one label per sample")
+    return x, (None if y is None else np.asarray(y).astype(np.int64))
