@@ -114,16 +114,22 @@ def best_nbits_choice(w: np.ndarray, tau: np.ndarray, coverage: float = 0.999,
 
 
 def quantize_matmul_nbits(model: onnx.ModelProto, choices: dict[str, tuple[int, int]],
-                          accuracy_level: int = 0) -> onnx.ModelProto:
+                          accuracy_level: int = 4) -> onnx.ModelProto:
     """Replace the MatMul/Gemm layers of the named weights by MatMulNBits nodes.
 
     ``choices`` maps a weight's ONNX name to (bits, block_size). A Gemm becomes MatMulNBits +
     Add: B is transposed to [K, N] when transB=1, alpha is folded into B and beta * C becomes the
-    Add's constant. ``accuracy_level`` is MatMulNBits' compute type (0 = float activations;
-    4 = int8 activations, faster but adds activation rounding). Returns a new model.
+    Add's constant. ``accuracy_level`` is MatMulNBits' compute type: 4 (default) quantizes the
+    activations to int8 per block on the fly, which adds activation rounding but is what makes
+    the format fast (measured here, 4096x4096, batch 1, 1 thread: fp32 4.1 ms; 4-bit/128
+    0.21 ms at level 4 vs 2.3 ms at level 0; 8-bit/128 1.2 ms at level 4 vs 121 ms at level 0).
+    0 keeps float activations (exact weight-only error, slow). Returns a new model.
     Raises ConfigError for an unsupported choice, ModelError for a weight that is not the
     private constant 2-D weight of a MatMul or Gemm (transA=0).
     """
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ConfigError(f"accuracy_level {accuracy_level} is not one of MatMulNBits' levels 0-4",
+                          "use 4 (int8 activations, fast) or 0 (float activations)")
     new = copy.deepcopy(model)
     g = GraphIndex(new)
     replacements: dict[int, list[onnx.NodeProto]] = {}

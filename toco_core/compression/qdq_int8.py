@@ -106,8 +106,14 @@ def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose every node has a unique name (quantize_static addresses nodes by name)."""
     new = copy.deepcopy(model)
     seen: set[str] = set()
+    taken = {n.name for n in new.graph.node}
     for i, node in enumerate(new.graph.node):
         if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
+            name, j = f"{node.op_type}_{i}", 0
+            while name in taken:
+                j += 1
+                name = f"{node.op_type}_{i}_{j}"
+            node.name = name
+            taken.add(name)
         seen.add(node.name)
     return new

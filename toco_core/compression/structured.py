@@ -112,7 +112,9 @@ def _follow(g, shapes, tensor, pos, rank, feats, block, steps, route) -> None:
                     _need_const(g, name, private=False)
             new_steps = steps + [("node", node, pos, rank, idx)]
         elif op in _BINARY:
-            const = _need_const(g, node.input[1 - idx], private=False)
+            const = g.tensor(node.input[1 - idx])
+            if const is None:
+                raise _Unsupported(f"{op} node {node.name!r} mixes the channels with tensor {node.input[1 - idx]!r}")
             axis = pos - (rank - const.ndim)
             if const.ndim > rank or any(d != 1 for i, d in enumerate(const.shape) if i != axis):
                 raise _Unsupported(f"{op} node {node.name!r} is not per-channel")
@@ -232,7 +234,7 @@ class _Work:
             self.arrays[name] = value.astype(np.float64) if value.dtype.kind == "f" else value.copy()
         return self.arrays[name]
 
-    def original_dtype(self, name: str) -> np.ndarray:
+    def as_stored(self, name: str) -> np.ndarray:
         return self.get(name).astype(self.dtypes[name])
 
     def new(self, hint: str, value: np.ndarray) -> str:
@@ -265,7 +267,7 @@ def _apply_step(work: _Work, opset: int, step: tuple, k: np.ndarray) -> np.ndarr
     for i, name in enumerate(node.input):
         names.append(f"in{i}" if name else "")
         if name:
-            feeds[f"in{i}"] = k.reshape(shape).astype(np.float32) if i == idx else work.original_dtype(name)
+            feeds[f"in{i}"] = k.reshape(shape).astype(np.float32) if i == idx else work.as_stored(name)
     probe = helper.make_node(node.op_type, names, ["out"], domain=node.domain)
     probe.attribute.extend(node.attribute)
     out = ReferenceEvaluator(probe, opsets={"": opset}).run(None, feeds)[0]

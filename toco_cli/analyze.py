@@ -1,0 +1,118 @@
+"""``toco analyze`` and ``toco inspect``: run a tolerance analysis, look at its result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from toco_cli.main import app
+from toco_core.analysis_result import AnalysisResult, load_result, save_result
+from toco_core.cli_support import cli_errors, console
+from toco_core.errors import ConfigError
+from toco_core.onnx_model import input_spec, load_model
+from toco_core.pool import load_pool
+from toco_core.units import parse_fraction
+
+PHASES = {"qbc": "QBC rounds", "prune": "pruning rounds", "calibrate": "calibration"}
+
+
+def _preprocessing(size: str | None, scale: float, mean: str, std: str, color: str, layout: str):
+    if size is None:
+        return None
+    from toco_core.preprocessing import Preprocessing
+
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+        return Preprocessing(size=(h, w), scale=scale, color=color, layout=layout,
+                             mean=tuple(float(v) for v in mean.split(",")), std=tuple(float(v) for v in std.split(",")))
+    except ValueError:
+        raise ConfigError(f"--size {size!r}/--mean/--std are malformed", "write --size 28x28 --mean 0.5 --std 0.25") from None
+
+
+@app.command()
+@cli_errors
+def analyze(
+    model: Path = typer.Argument(..., help="trained ONNX model"),
+    pool: Path = typer.Option(..., "--pool", help=".npy/.npz inputs in the model's layout, or an image folder"),
+    out: Path = typer.Option(..., "-o", "--out", help="result directory"),
+    labels: Path | None = typer.Option(None, "--labels", help="optional .npy labels: adds accuracy columns"),
+    budget: str = typer.Option("1%", "--budget", help="fleet fidelity budget: max top-1 disagreement"),
+    rounds: int = typer.Option(4, "--rounds", min=1, max=50, help="QBC rounds at most"),
+    size: str | None = typer.Option(None, "--size", help="image folders: HxW"),
+    scale: float = typer.Option(1 / 255, "--scale", help="image folders: pixel scale"),
+    mean: str = typer.Option("0", "--mean", help="image folders: mean per channel, comma separated"),
+    std: str = typer.Option("1", "--std", help="image folders: std per channel"),
+    color: str = typer.Option("grayscale", "--color", help="image folders: grayscale or rgb"),
+    layout: str = typer.Option("nchw", "--layout", help="image folders: nchw or nhwc"),
+) -> None:
+    """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
+    from toco_core.analysis.pipeline import analyze as run_analysis
+    from toco_core.analysis.settings import AnalysisSettings
+
+    settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds)
+    onnx_model = load_model(model)
+    x, y = load_pool(pool, input_spec(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
+    with Progress(TextColumn("{task.description:16s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(PHASES.get(phase, phase), total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        result = run_analysis(onnx_model, x, y, settings, progress, model_name=model.stem)
+    save_result(result, out)
+    m = result.manifest
+    console.print(f"analysed {m.weights:,} weights on {m.samples_used} QBC-selected samples "
+                  f"in {m.timings['total']:.1f} s -> {out}")
+    _print_curves(result, budget=settings.budget)
+
+
+def _print_curves(result: AnalysisResult, budget: float) -> None:
+    for name in ("prune", "quantize"):
+        curve = result.curves[name]
+        t = Table(title=f"calibration: {name} (measured on {curve.samples} held-out samples)")
+        for col in ("scale", "sparsity", "bits/weight", "disagreement", "KL", "accuracy"):
+            t.add_column(col, justify="right")
+        for p in curve.points:
+            scale = p.prune_scale if name == "prune" else p.quant_scale
+            style = None if p.disagreement <= budget else "dim"
+            bits = "32" if p.entropy_bits >= 32 else f"{p.entropy_bits:.2f}"
+            acc = "-" if p.accuracy is None else f"{p.accuracy:.1%}"
+            t.add_row(f"{scale:.4g}", f"{p.sparsity:.1%}", bits, f"{p.disagreement:.2%}", f"{p.kl:.4f}", acc, style=style)
+        console.print(t)
+
+
+@app.command()
+@cli_errors
+def inspect(
+    result_dir: Path = typer.Argument(..., help="directory written by `toco analyze`"),
+    plot: Path | None = typer.Option(None, "--plot", help="also draw tolerances and curves to this PNG"),
+) -> None:
+    """Print the per-layer tolerance table, the QBC rounds and the calibration curves."""
+    result = load_result(result_dir)
+    m = result.manifest
+    t = Table(title=f"{m.model_name}: per-layer tolerances (tau_hat at eps = 1)")
+    for col in ("weight", "count", "tau p10", "tau median", "tau p90", "median prune rank"):
+        t.add_column(col, justify="right" if col != "weight" else "left")
+    for row in m.tensors:
+        t.add_row(row["name"], f"{row['weights']:,}", f"{row['tau_p10']:.3g}", f"{row['tau_median']:.3g}",
+                  f"{row['tau_p90']:.3g}", f"{row['prune_rank_median']:.2f}")
+    console.print(t)
+    r = Table(title=f"QBC: {m.samples_used} of {m.pool_size} pool samples used, {m.heldout_size} held out")
+    for col in ("round", "samples", "committee scale", "held-out disagreement", "score selected", "score random"):
+        r.add_column(col, justify="right")
+    for rs in m.rounds:
+        r.add_row(str(rs.round), str(rs.samples), f"{rs.committee_scale:.3g}", f"{rs.committee_disagreement_heldout:.1%}",
+                  f"{rs.selected_score_mean:.3f}", f"{rs.random_score_mean:.3f}")
+    console.print(r)
+    _print_curves(result, budget=m.settings.get("budget", 0.01))
+    if plot is not None:
+        from toco_cli.plots import plot_analysis
+
+        plot_analysis(result, plot)
+        console.print(f"plot written to {plot}")
