@@ -73,7 +73,7 @@ class GraphEvaluator:
         self.input_name = feeds[0]
         self.output_name = graph.output[0].name
 
-        names = [w.name for w in compressible_weights(model)] if trainable is None else list(trainable)
+        names = [w.name for w in compressible_weights(model)] if trainable is None else list(dict.fromkeys(trainable))
         for name in names:
             if name not in values:
                 raise ModelError(f"trainable weight {name!r} is not an initializer or Constant of {model_name!r}",

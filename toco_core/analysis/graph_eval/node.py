@@ -112,7 +112,12 @@ def norm_axis(node: OpNode, axis: int, rank: int) -> int:
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
-    """A torch tensor owning a copy of ``array``; float16/bfloat16 kept as is."""
+    """A torch tensor owning a copy of a numeric ``array`` (dtype kept).
+
+    Raises ModelError for strings and other non-numeric arrays.
+    """
+    if array.dtype.kind not in "biuf":
+        raise ModelError(f"a constant tensor of dtype {array.dtype} is not supported", "use numeric tensors")
     return torch.from_numpy(np.array(array, copy=True))
 
 

@@ -13,7 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toco_core.analysis.graph_eval.node import OpNode, Value, arg, norm_axis, static_floats, static_ints, torch_pad_list
+from toco_core.analysis.graph_eval.node import (
+    OpNode,
+    Value,
+    arg,
+    norm_axis,
+    static_floats,
+    static_ints,
+    torch_pad_list,
+)
 
 
 def _pad_index(mode: str, d: int, begin: int, end: int) -> np.ndarray:

@@ -11,7 +11,16 @@ import math
 import numpy as np
 import torch
 
-from toco_core.analysis.graph_eval.node import OpNode, Value, arg, axes_arg, norm_axis, static_floats, static_ints, to_tensor
+from toco_core.analysis.graph_eval.node import (
+    OpNode,
+    Value,
+    arg,
+    axes_arg,
+    norm_axis,
+    static_floats,
+    static_ints,
+    to_tensor,
+)
 
 
 def constant(node: OpNode, inputs: list[Value]) -> torch.Tensor:

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from toco_core.tolerance import closed_form_tolerance, quadratic_kl
+
+
+def _random_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    weights = {"a": rng.normal(size=(8, 5)).astype(np.float32), "b": rng.normal(size=(3, 7)).astype(np.float32) * 10}
+    fisher = {k: rng.gamma(0.5, 1.0, size=w.shape) for k, w in weights.items()}
+    return fisher, weights
+
+
+@pytest.mark.parametrize("eps", [1e-3, 0.1, 1.0])
+def test_closed_form_spends_exactly_the_budget(eps):
+    """1/2 sum F tau^2 = eps when no floor or cap binds, and every weight spends eps/n."""
+    fisher, weights = _random_problem()
+    tau = closed_form_tolerance(fisher, weights, eps=eps, floor_rel=1e-9)
+    n = sum(f.size for f in fisher.values())
+    share = {k: 0.5 * fisher[k] * tau[k].astype(np.float64) ** 2 for k in fisher}
+    uncapped = {k: tau[k] < np.abs(weights[k]).max() for k in tau}
+    for k in share:
+        np.testing.assert_allclose(share[k][uncapped[k]], eps / n, rtol=1e-5)
+    if all(u.all() for u in uncapped.values()):
+        assert quadratic_kl(fisher, tau) == pytest.approx(eps, rel=1e-5)
+    assert quadratic_kl(fisher, tau) <= eps * (1 + 1e-5)
+
+
+def test_zero_fisher_is_floored_and_capped_at_the_weight_range():
+    fisher, weights = _random_problem(1)
+    fisher["a"][0, :] = 0.0
+    tau = closed_form_tolerance(fisher, weights, floor_rel=1e-2)
+    assert np.all(np.isfinite(tau["a"]))
+    assert tau["a"].max() <= np.abs(weights["a"]).max() + 1e-6
+    # a zero-Fisher weight is at least as tolerant as any weight with positive Fisher in its tensor
+    assert tau["a"][0].min() >= tau["a"][1:].min()
+
+
+def test_bad_inputs_raise():
+    fisher, weights = _random_problem()
+    with pytest.raises(ValueError, match="eps"):
+        closed_form_tolerance(fisher, weights, eps=0)
+    with pytest.raises(ValueError, match="different tensors"):
+        closed_form_tolerance({"a": fisher["a"]}, weights)

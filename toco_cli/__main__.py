@@ -1,0 +1,3 @@
+from toco_cli.main import app
+
+app()
