@@ -23,7 +23,7 @@ Statistics (per sample, over output positions when there are several):
 - accuracy when feedback labels arrive.
 
 An alert is raised only after ``consecutive_windows`` out-of-band windows in a row.
-Pure numpy + pydantic; time is passed in by the caller.
+Pure numpy + pydantic, no I/O; times are passed in (the wall clock when omitted).
 """
 
 from __future__ import annotations
@@ -308,8 +308,16 @@ class DriftMonitor:
     def observe(self, x: np.ndarray, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
                 labels: np.ndarray | None = None, refs: list[str] | None = None,
                 now: float | None = None) -> WindowResult | None:
-        """Add a batch; returns the WindowResult when this batch closed the window, else None."""
+        """Add a batch; returns the WindowResult when this batch closed the window, else None.
+
+        Raises PoolError when the samples are shaped unlike the reference's (nothing is added).
+        """
         now = time.time() if now is None else now
+        shape = tuple(np.shape(x)[1:])
+        if shape != tuple(self.reference.sample_shape):
+            want = list(self.reference.sample_shape)
+            raise PoolError(f"drift samples have shape {list(shape)}, the reference {want}",
+                            "feed the monitor the model's inputs, batch axis first")
         with self._lock:
             self.window.add(x, outputs, base_outputs, labels, refs)
             return self._maybe_close(now)

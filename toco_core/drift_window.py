@@ -89,33 +89,37 @@ class DriftWindow:
         """Add a batch: inputs ``[N, ...]``, model outputs, optional base outputs and labels.
 
         ``refs`` name the samples (e.g. request ids) for feedback and disputed-sample lists.
-        Raises PoolError when the batch sizes differ.
+        Raises PoolError when the batch sizes or output shapes differ.
         """
         n = len(x)
         refs = refs if refs is not None else [f"s{self.count + i}" for i in range(n)]
         for name, arr in (("outputs", outputs), ("base_outputs", base_outputs), ("labels", labels), ("refs", refs)):
             if arr is not None and len(arr) != n:
                 raise PoolError(f"{name} has {len(arr)} rows for {n} inputs", "pass one row per input")
+        if base_outputs is not None and np.shape(base_outputs) != np.shape(outputs):
+            raise PoolError(f"base outputs {np.shape(base_outputs)} differ from outputs {np.shape(outputs)}",
+                            "shadow-run the base model on the same batch")
+        # Everything is computed before anything is recorded, so a bad batch leaves no trace.
         st = output_stats(outputs, self.kind)
-        self._conf.append(st.confidence)
-        self._ent.append(st.entropy)
         feats = input_features(x, self.settings.input_features)
-        self._feat_sum = feats.sum(0) if self._feat_sum is None else self._feat_sum + feats.sum(0)
         xv = np.asarray(x, dtype=np.float64)
-        self._sum += float(xv.sum())
-        self._sumsq += float((xv * xv).sum())
-        self._n_values += xv.size
         base_top1 = dis = None
         if base_outputs is not None:
             base_lp = as_log_probs(base_outputs, self.kind)
             dis = per_sample_disagreement(base_lp, st.log_probs)
             base_top1 = base_lp[:, 0].argmax(-1)
             self._agree.append(1.0 - dis)
+        self._conf.append(st.confidence)
+        self._ent.append(st.entropy)
+        self._feat_sum = feats.sum(0) if self._feat_sum is None else self._feat_sum + feats.sum(0)
+        self._sum += float(xv.sum())
+        self._sumsq += float((xv * xv).sum())
+        self._n_values += xv.size
         for i in range(n):
-            if len(self._top1) < self.settings.window_max_samples * 4:
-                self._top1[refs[i]] = int(st.top1[i])
             if labels is not None:
                 self._correct.append(int(st.top1[i]) == int(labels[i]))
+            elif len(self._top1) < 4 * self.settings.window_max_samples:  # awaits feedback
+                self._top1[refs[i]] = int(st.top1[i])
             kept = _Kept(refs[i], np.asarray(x[i]), float(st.confidence[i]), int(st.top1[i]))
             if dis is not None:
                 kept.base_class, kept.disagreement = int(base_top1[i]), float(dis[i])
@@ -139,11 +143,16 @@ class DriftWindow:
             self.count >= s.window_min_samples and now - self.opened_at >= s.window_seconds)
 
     def _push(self, heap: list[tuple[float, int, _Kept]], kept: _Kept) -> None:
+        """Keep the ``max_disputed`` least confident: heap[0] is the most confident kept one."""
         item = (-kept.confidence, id(kept), kept)
         if len(heap) < self.settings.max_disputed:
             heapq.heappush(heap, item)
         elif heap and item > heap[0]:
             heapq.heapreplace(heap, item)
+        else:
+            return
+        if kept.x.base is not None:  # a view would keep the caller's whole batch alive
+            kept.x = kept.x.copy()
 
     # Read-only views used by evaluate_window.
     def confidences(self) -> np.ndarray:

@@ -1,0 +1,283 @@
+"""The inference engine: the active onnxruntime session, hot swap, hooks, counters.
+
+Usable as a plain Python API (``engine.infer(x)``) and served over HTTP by
+``agent.inference_api``. One ``_Loaded`` snapshot (session + version + input spec) is
+swapped as a whole; a request reads the snapshot once, so it runs entirely on the old or
+entirely on the new model and reports the version that actually ran.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from toco_core.errors import ModelError, TocoError
+from toco_core.onnx_model import InputSpec
+from toco_core.preprocessing import Preprocessing
+from toco_core.runtime import make_session
+
+if TYPE_CHECKING:
+    from agent.model_store import ModelStore, SlotInfo
+
+log = logging.getLogger(__name__)
+
+InferHook = Callable[[np.ndarray, dict[str, np.ndarray], str], None]
+FeedbackHook = Callable[[str, list[int]], None]
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+# Upper bucket edges of the latency histogram, in milliseconds (last bucket is open).
+LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class InputError(TocoError):
+    """Raised when an inference input does not fit the model (shape, dtype, values)."""
+
+
+class NotReadyError(TocoError):
+    """Raised when inference is asked for before a model is loaded."""
+
+
+class UnknownRequestError(TocoError):
+    """Raised when feedback names a request id the engine does not remember."""
+
+
+class InferenceResult(NamedTuple):
+    """What ``infer`` returns: outputs by ONNX output name, the model version, a request id."""
+
+    outputs: dict[str, np.ndarray]
+    model_version: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    session: ort.InferenceSession
+    version: str
+    spec: InputSpec
+    output_names: tuple[str, ...]
+    preprocessing: Preprocessing | None
+
+
+def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """Convert ``x`` to the model's dtype and check it against the input spec.
+
+    Returns a C-contiguous array. Raises InputError naming what is wrong: not numeric,
+    wrong rank, a fixed dimension that differs, an empty or too large batch, NaN/inf.
+    """
+    try:
+        arr = np.ascontiguousarray(np.asarray(x, dtype=spec.dtype))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"inputs are not a numeric array of {spec.dtype}: {exc}",
+                         "send a rectangular nested list of numbers") from exc
+    want = "[" + ", ".join("N" if d is None else str(d) for d in spec.shape) + "]"
+    if arr.ndim != len(spec.shape):
+        raise InputError(f"inputs have shape {list(arr.shape)} ({arr.ndim} dims); the model input "
+                         f"{spec.name!r} is {want}", "add or remove axes; the first axis is the batch")
+    for axis, (got, need) in enumerate(zip(arr.shape, spec.shape)):
+        if need is not None and got != need:
+            raise InputError(f"inputs have shape {list(arr.shape)}; the model input {spec.name!r} is {want} "
+                             f"(axis {axis} must be {need}, got {got})", "resize the input to the model's shape")
+    if arr.shape[0] < 1 or arr.shape[0] > max_batch:
+        raise InputError(f"batch of {arr.shape[0]} samples; accepted are 1..{max_batch}",
+                         "split the request into smaller batches")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InputError("inputs contain NaN or infinity", "send finite numbers")
+    return arr
+
+
+def session_input_spec(session: ort.InferenceSession) -> InputSpec:
+    """The first input of a session as an InputSpec (dynamic dimensions are None).
+
+    Raises ModelError for an input type other than a numeric tensor.
+    """
+    inp = session.get_inputs()[0]
+    dtype = _ORT_TYPES.get(inp.type)
+    if dtype is None:
+        raise ModelError(f"model input {inp.name!r} has type {inp.type}", "serve models with a numeric tensor input")
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
+    return InputSpec(inp.name, shape, np.dtype(dtype))
+
+
+class LatencyStats:
+    """Counters and a fixed-bucket latency histogram (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = self.samples = self.errors = self.swaps = 0
+        self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.total_ms = 0.0
+
+    def record(self, ms: float, samples: int) -> None:
+        """Count one successful request of ``samples`` samples that took ``ms``."""
+        with self._lock:
+            self.requests += 1
+            self.samples += samples
+            self.total_ms += ms
+            self.buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+
+    def quantile_ms(self, q: float) -> float | None:
+        """Upper edge of the bucket holding the q-quantile (inf for the open bucket)."""
+        with self._lock:
+            total = sum(self.buckets)
+            if not total:
+                return None
+            acc = 0
+            for i, count in enumerate(self.buckets):
+                acc += count
+                if acc >= q * total:
+                    return float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else float("inf")
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain dict for telemetry: counts, histogram (bucket upper edges in ms), p50/p99."""
+        p50, p99 = self.quantile_ms(0.5), self.quantile_ms(0.99)
+        with self._lock:
+            return {"requests": self.requests, "samples": self.samples, "errors": self.errors,
+                    "swaps": self.swaps, "mean_ms": self.total_ms / self.requests if self.requests else None,
+                    "p50_ms": p50, "p99_ms": p99,
+                    "histogram_ms": {"le": [*LATENCY_BUCKETS_MS, "inf"], "counts": list(self.buckets)}}
+
+    def count_error(self) -> None:
+        """Count one rejected or failed request."""
+        with self._lock:
+            self.errors += 1
+
+    def count_swap(self) -> None:
+        """Count one model swap."""
+        with self._lock:
+            self.swaps += 1
+
+
+class InferenceEngine:
+    """Holds the active model; ``infer`` is safe from many threads, ``load`` swaps models live.
+
+    ``hook(x, outputs, request_id)`` runs after every successful inference in the caller's
+    thread (keep it short: queue work elsewhere); its exceptions are logged, never raised.
+    ``feedback_hook(request_id, labels)`` receives ground truth from ``feedback``.
+    """
+
+    def __init__(self, threads: int = 0, max_batch: int = 256, hook: InferHook | None = None,
+                 feedback_hook: FeedbackHook | None = None, remember_requests: int = 10_000) -> None:
+        self.threads, self.max_batch = threads, max_batch
+        self.hook, self.feedback_hook = hook, feedback_hook
+        self.stats = LatencyStats()
+        self._loaded: _Loaded | None = None
+        self._swap_lock = threading.Lock()
+        self._recent: OrderedDict[str, int] = OrderedDict()  # request id -> batch size
+        self._recent_lock = threading.Lock()
+        self._remember = remember_requests
+
+    # ------------------------------------------------------------- model
+    def load(self, model: bytes, version: str, preprocessing: Preprocessing | None = None) -> None:
+        """Build a session for ``model`` and swap it in; in-flight requests finish on the old one.
+
+        Raises ModelError when onnxruntime cannot load it (the old model keeps serving).
+        """
+        session = make_session(model, self.threads)
+        spec = session_input_spec(session)
+        names = tuple(o.name for o in session.get_outputs())
+        with self._swap_lock:
+            self._loaded = _Loaded(session, version, spec, names, preprocessing)
+        self.stats.count_swap()
+        log.info("serving model %s", version)
+
+    def unload(self) -> None:
+        """Stop serving (readiness turns false); in-flight requests complete."""
+        with self._swap_lock:
+            self._loaded = None
+
+    @property
+    def ready(self) -> bool:
+        """True when a model is loaded."""
+        return self._loaded is not None
+
+    @property
+    def model_version(self) -> str | None:
+        """Version of the serving model, None when none is loaded."""
+        loaded = self._loaded
+        return loaded.version if loaded else None
+
+    @property
+    def input_spec(self) -> InputSpec | None:
+        """Input spec of the serving model."""
+        loaded = self._loaded
+        return loaded.spec if loaded else None
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """Image preprocessing declared with the serving model."""
+        loaded = self._loaded
+        return loaded.preprocessing if loaded else None
+
+    # ------------------------------------------------------------- inference
+    def infer(self, x: Any) -> InferenceResult:
+        """Run the serving model on a batch ``x`` (array or nested list, batch axis first).
+
+        Returns InferenceResult(outputs by name, model_version, request_id).
+        Raises NotReadyError without a model, InputError for a bad input.
+        """
+        loaded = self._loaded  # one read: the whole request uses this snapshot
+        if loaded is None:
+            self.stats.count_error()
+            raise NotReadyError("no model is loaded yet", "wait for a deployment or check /v1/ready")
+        try:
+            arr = check_input(x, loaded.spec, self.max_batch)
+        except InputError:
+            self.stats.count_error()
+            raise
+        start = time.perf_counter()
+        values = loaded.session.run(None, {loaded.spec.name: arr})
+        self.stats.record((time.perf_counter() - start) * 1e3, len(arr))
+        outputs = dict(zip(loaded.output_names, values))
+        request_id = uuid.uuid4().hex
+        with self._recent_lock:
+            self._recent[request_id] = len(arr)
+            if len(self._recent) > self._remember:
+                self._recent.popitem(last=False)
+        if self.hook is not None:
+            try:
+                self.hook(arr, outputs, request_id)
+            except Exception:  # the hook is someone else's code: it must not fail inference
+                log.exception("inference hook failed for request %s", request_id)
+        return InferenceResult(outputs, loaded.version, request_id)
+
+    def feedback(self, request_id: str, label: int | list[int]) -> list[int]:
+        """Accept ground-truth labels for a recent request (one per sample); returns them.
+
+        Raises UnknownRequestError for an id not among the last ``remember_requests``,
+        InputError when the label count differs from the request's batch size.
+        """
+        with self._recent_lock:
+            batch = self._recent.get(request_id)
+        if batch is None:
+            raise UnknownRequestError(f"unknown request_id {request_id!r}",
+                                      f"feedback is accepted for the last {self._remember} requests only")
+        labels = [label] if isinstance(label, int) else list(label)
+        if len(labels) != batch:
+            raise InputError(f"request {request_id} had {batch} samples, got {len(labels)} labels",
+                             "send one label per sample")
+        if self.feedback_hook is not None:
+            self.feedback_hook(request_id, labels)
+        return labels
+
+
+def serve_active(engine: InferenceEngine, store: ModelStore) -> SlotInfo:
+    """Load the store's serving model (hash-checked) into ``engine``; returns its SlotInfo.
+
+    Raises StoreError when the store holds no valid model, ModelError when it does not load.
+    """
+    info, data = store.load_active_bytes()
+    engine.load(data, info.version, info.meta.preprocessing)
+    return info
