@@ -147,50 +147,63 @@ class StatusMessage(AgentMessage):
         return self
 
 
-class DriftSignal(Message):
-    """One monitored quantity of a window against its band around the calibration reference."""
+class DriftCheck(Message):
+    """One statistic of a window against its band; ``in_band`` None = too few samples to judge."""
 
-    name: Literal["agreement", "confidence", "entropy", "input_mean", "input_std", "accuracy"]
-    value: float
-    reference: float
-    low: float
-    high: float
-    out_of_band: bool
+    name: Literal["agreement", "confidence", "entropy_psi", "input_shift", "accuracy"]
+    value: float | None
+    reference: float | None
+    low: float | None
+    high: float | None
+    n: int = Field(ge=0)
+    in_band: bool | None
 
 
-class SampleRef(Message):
-    """An input the server may want: compressed and base disagree, or confidence is lowest."""
+class DisputedRef(Message):
+    """An input worth the server's re-analysis; the input itself travels on ``samples`` by ``ref``."""
 
-    sample_id: str = Field(pattern=ID_PATTERN)
-    reason: Literal["disagree", "low_confidence"]
-    score: float
+    ref: str = Field(min_length=1, max_length=128)
+    reason: Literal["disagreement", "low_confidence"]
+    confidence: float
+    model_class: int
+    base_class: int | None = None
 
 
 class DriftMessage(AgentMessage):
-    """One drift window: predicted vs measured fidelity, signal bands, disputed samples."""
+    """One closed drift window; the fields mirror toco_core.drift.DriftReport one for one.
 
-    window: int = Field(ge=0)
-    started_at: float
-    ended_at: float
-    n: int = Field(ge=0, description="inputs seen in the window")
-    shadow_n: int = Field(0, ge=0, description="inputs also run on the base model")
+    Build it as ``DriftMessage(device_id=..., bundle_id=..., **report.model_dump(exclude={"schema_version"}))``.
+    """
+
     bundle_id: BundleId | None = None
+    window_index: int = Field(ge=0)
+    opened_at: float
+    closed_at: float
+    n_samples: int = Field(ge=0)
+    n_shadowed: int = Field(0, ge=0, description="inputs also run on the base model")
+    n_labeled: int = Field(0, ge=0)
     predicted_agreement: float | None = Field(None, ge=0, le=1)
     measured_agreement: float | None = Field(None, ge=0, le=1)
-    signals: list[DriftSignal] = Field(default_factory=list)
+    accuracy: float | None = Field(None, ge=0, le=1)
+    mean_confidence: float
+    mean_entropy: float
+    input_mean: float
+    input_std: float
+    checks: list[DriftCheck] = Field(default_factory=list)
+    out_of_band: list[str] = Field(default_factory=list, description="names of the checks outside their band")
+    consecutive_out_of_band: int = Field(0, ge=0)
     alert: bool = False
-    consecutive_out: int = Field(0, ge=0, description="windows in a row with a signal out of band")
-    disputed: list[SampleRef] = Field(default_factory=list, max_length=1000)
+    disputed: list[DisputedRef] = Field(default_factory=list, max_length=1000)
 
 
 class Sample(Message):
     """One uploaded input array (raw little-endian bytes, base64)."""
 
-    sample_id: str = Field(pattern=ID_PATTERN)
+    ref: str = Field(min_length=1, max_length=128, description="DisputedRef.ref")
     dtype: Literal["float32", "uint8", "float16"]
     shape: list[int] = Field(max_length=8)
     data_b64: str
-    reason: Literal["disagree", "low_confidence", "requested"] = "disagree"
+    reason: Literal["disagreement", "low_confidence", "requested"] = "disagreement"
 
 
 class SamplesMessage(AgentMessage):
@@ -211,6 +224,8 @@ class ServerCommand(Message):
 
 
 class DeployCommand(ServerCommand):
+    """Download, verify, recompress and activate a bundle."""
+
     command: Literal["deploy"] = "deploy"
     deployment_id: str = Field(pattern=ID_PATTERN)
     bundle_id: BundleId
@@ -218,6 +233,8 @@ class DeployCommand(ServerCommand):
 
 
 class RecompressCommand(ServerCommand):
+    """Derive the compression again from the active bundle, optionally with new budgets."""
+
     command: Literal["recompress"] = "recompress"
     memory_bytes: int | None = Field(None, gt=0)
     storage_bytes: int | None = Field(None, gt=0)
@@ -226,15 +243,19 @@ class RecompressCommand(ServerCommand):
 
 
 class RollbackCommand(ServerCommand):
+    """Switch back to the previous slot."""
+
     command: Literal["rollback"] = "rollback"
     deployment_id: str | None = None
     reason: str = ""
 
 
 class UploadSamplesCommand(ServerCommand):
+    """Send disputed inputs (of one window, or by id) in batches of at most max_bytes."""
+
     command: Literal["upload-samples"] = "upload-samples"
     window: int | None = None
-    sample_ids: list[str] | None = Field(None, max_length=1000)
+    refs: list[str] | None = Field(None, max_length=1000)
     max_bytes: int = Field(1_000_000, gt=0, le=MAX_JSON_PAYLOAD // 2)
 
 

@@ -1,0 +1,340 @@
+"""Resumable, verified bundle downloads over MQTT (docs/protocol.md, "chunk flow").
+
+Per bundle, under ``{state_dir}/downloads/{bundle_id}/``: ``manifest.json`` (as received and
+verified), ``data.part`` (the bundle, chunks written at their offsets), ``bitmap.json``
+(chunks verified and fsynced; written after the data, so it never claims a chunk that is not
+on disk) and ``job.json`` (the deployment id). A restart or reconnect requests only what the
+bitmap lacks.
+
+Handlers run on the link's dispatcher thread; ``on_complete(manifest, data)`` and
+``on_failed(bundle_id, reason, detail)`` run there too: hand long work (recompression) to
+another thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.mqtt_link import MqttLink
+from toco_core.bundle import verify_manifest
+from toco_core.errors import BundleError, TransferError
+from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
+                                MessageKind, Phase, StatusMessage, parse_message)
+from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks, verify_assembled
+
+log = logging.getLogger("toco.agent.download")
+_REFUSALS = {FailureReason.UNSIGNED, FailureReason.BAD_SIGNATURE, FailureReason.BAD_MANIFEST, FailureReason.NO_DISK,
+             FailureReason.NO_MEMORY}
+
+
+@dataclass
+class _Job:
+    bundle_id: str
+    deployment_id: str | None
+    dir: Path
+    manifest: BundleManifest | None = None
+    bitmap: ChunkBitmap | None = None
+    fd: int | None = None
+    inflight: dict[int, float] = field(default_factory=dict)
+    retries: Counter = field(default_factory=Counter)
+    stalls: int = 0
+    unsynced: int = 0  # chunks written but not yet fsynced and recorded in bitmap.json
+    reported: int = -1  # last progress decile reported
+
+
+class BundleDownloader:
+    """Downloads bundles named by id through an MqttLink, verifying signature, chunks and whole."""
+
+    def __init__(self, link: MqttLink, state_dir: str | Path, public_key: Ed25519PublicKey,
+                 on_complete: Callable[[BundleManifest, bytes], None],
+                 on_failed: Callable[[str, FailureReason, str], None] | None = None, *, window: int = 16,
+                 max_retries: int = 3, request_timeout: float = 10.0, max_stalls: int = 6, sync_every: int = 8,
+                 disk_budget: int | None = None, mem_budget: int | None = None) -> None:
+        """Up to ``window`` chunks are in flight; a chunk failing its hash ``max_retries`` times, or
+        ``max_stalls`` request timeouts in a row while connected, fail the download. Chunks are
+        fsynced and recorded ``sync_every`` at a time (a crash re-fetches at most that many)."""
+        self.link = link
+        self.root = Path(state_dir) / "downloads"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.public_key = public_key
+        self.on_complete = on_complete
+        self.on_failed = on_failed or (lambda b, r, d: None)
+        self.window, self.max_retries, self.sync_every = window, max_retries, sync_every
+        self.request_timeout, self.max_stalls = request_timeout, max_stalls
+        self.disk_budget, self.mem_budget = disk_budget, mem_budget
+        self.stats: Counter[str] = Counter()
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        link.on_connected(self._on_reconnect)
+        self._watchdog = threading.Thread(target=self._watch, name="bundle-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # ---- public --------------------------------------------------------------------------
+    def download(self, bundle_id: str, deployment_id: str | None = None) -> None:
+        """Start (or resume) downloading ``bundle_id``; returns at once. Raises MessageError for a bad id."""
+        if not re.fullmatch(SHA256_PATTERN, bundle_id):
+            raise MessageError(f"bundle id {bundle_id!r} is not a sha256 hex digest", "use the manifest's bundle_id")
+        with self._lock:
+            if bundle_id in self._jobs:
+                return
+            job = _Job(bundle_id, deployment_id, self.root / bundle_id)
+            job.dir.mkdir(parents=True, exist_ok=True)
+            _write_json(job.dir / "job.json", {"deployment_id": deployment_id})
+            self._jobs[bundle_id] = job
+            self.link.on(self.link.topics.manifest(bundle_id), MessageKind.MANIFEST, self._on_manifest)
+            # QoS 0 on purpose: the broker then never queues chunks for an offline session (up to
+            # 256 KiB each, for every device downloading), and a lost chunk is re-requested anyway.
+            self.link.on(self.link.topics.chunk(bundle_id), MessageKind.CHUNK, self._on_chunk, qos=0)
+            self._status(job, Phase.RECEIVED)
+            saved = job.dir / "manifest.json"
+            if saved.exists():  # resume at once from the verified copy, without waiting for the broker
+                try:
+                    manifest = parse_message(MessageKind.MANIFEST, saved.read_bytes())
+                except MessageError:  # unreadable: start over rather than trust a bitmap of unknown layout
+                    saved.unlink()
+                    (job.dir / "bitmap.json").unlink(missing_ok=True)
+                else:
+                    self._on_manifest(self.link.topics.manifest(bundle_id), manifest)  # type: ignore[arg-type]
+
+    def resume_pending(self) -> list[str]:
+        """Resume every download left in the state dir by an earlier run; returns their bundle ids."""
+        ids = []
+        for d in sorted(self.root.iterdir()):
+            if (d / "job.json").exists():
+                dep = json.loads((d / "job.json").read_text()).get("deployment_id")
+                self.download(d.name, dep)
+                ids.append(d.name)
+        return ids
+
+    def progress(self, bundle_id: str) -> tuple[int, int] | None:
+        """(chunks present, chunks total) of an active download, or None."""
+        with self._lock:
+            job = self._jobs.get(bundle_id)
+            return (job.bitmap.count, job.bitmap.n) if job and job.bitmap else None
+
+    def close(self) -> None:
+        """Stop the watchdog and close files; partial downloads stay for a later resume."""
+        self._closed.set()
+        with self._lock:
+            for job in self._jobs.values():
+                self._close_fd(job)
+        self._watchdog.join(2.0)
+
+    # ---- handlers (dispatcher thread) -----------------------------------------------------
+    def _on_manifest(self, topic: str, manifest: BundleManifest) -> None:
+        with self._lock:
+            job = self._jobs.get(manifest.bundle_id)
+            if job is None or job.manifest is not None:
+                return
+            if not topic.endswith(f"/{manifest.bundle_id}/manifest"):
+                return self._fail(job, FailureReason.BAD_MANIFEST, f"manifest for {manifest.bundle_id[:12]} on {topic}")
+            try:
+                verify_manifest(manifest, self.public_key)
+            except BundleError as exc:
+                reason = FailureReason.UNSIGNED if not manifest.signature else FailureReason.BAD_SIGNATURE
+                return self._fail(job, reason, str(exc))
+            free_disk, free_mem = self._free_space()
+            space = fits(manifest, free_disk, free_mem)
+            if not space.ok:
+                return self._fail(job, space.reason, space.detail)  # type: ignore[arg-type]
+            try:
+                self._open(job, manifest)
+            except OSError as exc:
+                return self._fail(job, _disk_reason(exc), f"cannot create the download file: {exc}")
+            self._status(job, Phase.DOWNLOADING, progress=job.bitmap.count / job.bitmap.n)
+            self._pump(job)
+
+    def _on_chunk(self, topic: str, chunk: Chunk) -> None:
+        with self._lock:
+            job = self._jobs.get(chunk.bundle_id)
+            if job is None or job.bitmap is None or not topic.endswith(f"/{chunk.bundle_id}/chunk/{chunk.index}"):
+                self.stats["chunk_ignored"] += 1
+                return
+            i = chunk.index
+            if i < job.bitmap.n and job.bitmap.has(i):
+                self.stats["chunk_duplicate"] += 1
+                return
+            check = accept_chunk(job.manifest, i, chunk.data)  # type: ignore[arg-type]
+            if check is not ChunkCheck.OK:
+                return self._reject(job, i, check)
+            try:
+                os.pwrite(job.fd, chunk.data, i * job.manifest.chunk_size)  # type: ignore[union-attr, arg-type]
+                job.bitmap.set(i)
+                job.unsynced += 1
+                if job.unsynced >= self.sync_every:
+                    self._persist(job)
+            except OSError as exc:
+                return self._fail(job, _disk_reason(exc), f"writing chunk {i} failed: {exc}")
+            job.inflight.pop(i, None)
+            job.stalls = 0
+            self.stats["chunks_stored"] += 1
+            decile = job.bitmap.count * 10 // job.bitmap.n
+            if decile > job.reported and not job.bitmap.complete:
+                job.reported = decile
+                self._status(job, Phase.DOWNLOADING, progress=job.bitmap.count / job.bitmap.n)
+            self._pump(job)
+
+    def _on_reconnect(self) -> None:
+        with self._lock:
+            for job in list(self._jobs.values()):
+                job.inflight.clear()
+                if job.bitmap is not None:
+                    self._pump(job)
+
+    # ---- steps ----------------------------------------------------------------------------
+    def _reject(self, job: _Job, i: int, check: ChunkCheck) -> None:
+        self.stats["chunk_corrupt"] += 1
+        job.retries[i] += 1
+        log.warning("chunk rejected", extra={"fields": {"bundle": job.bundle_id[:12], "chunk": i, "why": check.value}})
+        if check is ChunkCheck.OUT_OF_RANGE:
+            return
+        if job.retries[i] > self.max_retries:
+            return self._fail(job, FailureReason.CORRUPT_CHUNK,
+                              f"chunk {i} failed verification ({check.value}) {job.retries[i]} times")
+        job.inflight.pop(i, None)
+        self._pump(job)
+
+    def _pump(self, job: _Job) -> None:
+        """Request missing chunks until ``window`` are in flight; finish when all are here."""
+        if job.bitmap.complete:  # type: ignore[union-attr]
+            return self._finish(job)
+        room = self.window - len(job.inflight)
+        if room < max(1, self.window // 2) or not self.link.connected:  # refill in batches: fewer requests
+            return
+        want = missing_chunks(job.bitmap, room, skip=set(job.inflight))  # type: ignore[arg-type]
+        if not want:
+            return
+        now = time.monotonic()
+        for i in want:
+            job.inflight[i] = now
+        self.stats["chunks_requested"] += len(want)
+        self.link.send(ChunkRequest(device_id=self.link.device_id, bundle_id=job.bundle_id, chunks=want))
+
+    def _finish(self, job: _Job) -> None:
+        manifest = job.manifest
+        self._close_fd(job)
+        try:
+            data = (job.dir / "data.part").read_bytes()
+            verify_assembled(manifest, data)  # type: ignore[arg-type]
+        except OSError as exc:
+            return self._fail(job, _disk_reason(exc), f"reading the download back failed: {exc}")
+        except TransferError as exc:
+            return self._fail(job, FailureReason.BUNDLE_HASH_MISMATCH, str(exc))
+        self._status(job, Phase.VERIFIED, progress=1.0)
+        self._forget(job)
+        try:
+            self.on_complete(manifest, data)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("bundle completion callback failed", extra={"fields": {"bundle": job.bundle_id[:12]}})
+            self._status(job, Phase.FAILED, reason=FailureReason.INTERNAL, detail="storing the bundle failed")
+            return
+        shutil.rmtree(job.dir, ignore_errors=True)  # only now: a crash before this finishes from disk
+
+    def _fail(self, job: _Job, reason: FailureReason, detail: str) -> None:
+        log.warning("bundle download failed", extra={"fields": {"bundle": job.bundle_id[:12], "reason": reason.value,
+                                                                "detail": detail}})
+        self.stats[f"failed_{reason.value}"] += 1
+        self._close_fd(job)
+        self._forget(job)
+        shutil.rmtree(job.dir, ignore_errors=True)
+        phase = Phase.REFUSED if reason in _REFUSALS else Phase.FAILED
+        self._status(job, phase, reason=reason, detail=detail)
+        self.on_failed(job.bundle_id, reason, detail)
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _open(self, job: _Job, manifest: BundleManifest) -> None:
+        job.manifest = manifest
+        _write_json(job.dir / "manifest.json", json.loads(manifest.model_dump_json()))
+        part = job.dir / "data.part"
+        job.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(job.fd, manifest.size)
+        try:
+            saved = ChunkBitmap.from_dict(json.loads((job.dir / "bitmap.json").read_text()))
+            job.bitmap = saved if saved.n == manifest.n_chunks else ChunkBitmap(manifest.n_chunks)
+        except (FileNotFoundError, ValueError, TransferError):
+            job.bitmap = ChunkBitmap(manifest.n_chunks)
+        job.reported = job.bitmap.count * 10 // job.bitmap.n
+        self.stats["chunks_resumed"] += job.bitmap.count
+
+    def _persist(self, job: _Job) -> None:
+        """fsync the data, then record the bitmap: it never claims a chunk that is not on disk."""
+        if job.fd is None or job.bitmap is None or not job.unsynced:
+            return
+        os.fdatasync(job.fd)
+        _write_json(job.dir / "bitmap.json", job.bitmap.to_dict())
+        job.unsynced = 0
+
+    def _forget(self, job: _Job) -> None:
+        self._jobs.pop(job.bundle_id, None)
+        self.link.off(self.link.topics.manifest(job.bundle_id))
+        self.link.off(self.link.topics.chunk(job.bundle_id))
+
+    def _close_fd(self, job: _Job) -> None:
+        if job.fd is not None:
+            try:
+                self._persist(job)
+            except OSError as exc:  # closing must not fail; the unrecorded chunks are fetched again
+                log.warning("could not record downloaded chunks", extra={"fields": {"error": str(exc)}})
+            os.close(job.fd)
+            job.fd = None
+
+    def _free_space(self) -> tuple[int, int]:
+        disk = shutil.disk_usage(self.root).free
+        mem = psutil.virtual_memory().available
+        return (min(disk, self.disk_budget) if self.disk_budget is not None else disk,
+                min(mem, self.mem_budget) if self.mem_budget is not None else mem)
+
+    def _status(self, job: _Job, phase: Phase, **fields) -> None:
+        self.link.send(StatusMessage(device_id=self.link.device_id, phase=phase, deployment_id=job.deployment_id,
+                                     bundle_id=job.bundle_id, **fields))
+
+    def _watch(self) -> None:
+        """Re-request chunks whose answer is overdue; fail after ``max_stalls`` overdue rounds in a row."""
+        while not self._closed.wait(min(1.0, self.request_timeout / 4)):
+            if not self.link.connected:
+                continue
+            now = time.monotonic()
+            with self._lock:
+                for job in list(self._jobs.values()):
+                    if job.bitmap is None:
+                        continue
+                    overdue = [i for i, t in job.inflight.items() if now - t > self.request_timeout]
+                    if overdue:
+                        job.stalls += 1
+                        self.stats["timeouts"] += 1
+                        if job.stalls > self.max_stalls:
+                            self._fail(job, FailureReason.TRANSFER_STALLED,
+                                       f"no answer to chunk requests for {job.stalls} x {self.request_timeout:.0f} s")
+                            continue
+                        for i in overdue:
+                            job.inflight.pop(i)
+                    self._pump(job)
+
+
+def _disk_reason(exc: OSError) -> FailureReason:
+    return FailureReason.NO_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else FailureReason.INTERNAL
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomic small JSON file: write a temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

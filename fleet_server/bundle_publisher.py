@@ -1,0 +1,153 @@
+"""Server side of the chunk protocol: retained manifests out, chunk requests answered.
+
+``BundlePublisher`` knows nothing of paho: it gets a ``send(topic, payload, qos, retain)``
+function, so the fleet server can plug it into its own MQTT client. ``MqttBundleServer`` is
+the thin paho wiring for tests, benchmarks and a stand-alone publisher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
+from toco_core.errors import BundleError
+from toco_core.messages import (MAX_CHUNKS_PER_REQUEST, ChunkRequest, MessageError, MessageKind, encode, encode_chunk,
+                                parse_message)
+from toco_core.topics import DELIVERY, Topics, parse_broker_url
+
+log = logging.getLogger("toco.fleet.bundles")
+SendFn = Callable[[str, bytes, int, bool], None]
+# Fault injection for tests and benchmarks: (bundle_id, index, payload) -> payload to send, or None to drop it.
+ChunkFault = Callable[[str, int, bytes], bytes | None]
+
+
+class BundlePublisher:
+    """Announces bundles and serves their chunks; ``requests`` counts (bundle_id, index) asked for."""
+
+    def __init__(self, topics: Topics, send: SendFn, fault: ChunkFault | None = None) -> None:
+        self.topics = topics
+        self.send = send
+        self.fault = fault
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.stats: Counter[str] = Counter()
+        self._bundles: dict[str, tuple[BundleManifest, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def announce(self, manifest: BundleManifest, data: bytes) -> None:
+        """Keep ``data`` for serving and publish its manifest retained. Raises BundleError on a mismatch."""
+        verify_bundle_bytes(data, manifest)
+        if not manifest.signature:
+            raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned", "sign it with make_manifest(private_key=...)")
+        with self._lock:
+            self._bundles[manifest.bundle_id] = (manifest, data)
+        self._send_manifest(manifest)
+
+    def withdraw(self, bundle_id: str) -> None:
+        """Stop serving a bundle and clear its retained manifest (an empty retained payload)."""
+        with self._lock:
+            self._bundles.pop(bundle_id, None)
+        self.send(self.topics.manifest(bundle_id), b"", 1, True)
+
+    def republish(self) -> None:
+        """Publish every manifest again, e.g. after a reconnect to a broker that lost its retained store."""
+        with self._lock:
+            manifests = [m for m, _ in self._bundles.values()]
+        for m in manifests:
+            self._send_manifest(m)
+
+    def _send_manifest(self, manifest: BundleManifest) -> None:
+        rule = DELIVERY[MessageKind.MANIFEST]
+        self.send(self.topics.manifest(manifest.bundle_id), encode(manifest), rule.qos, rule.retain)
+
+    def handle_get(self, topic: str, payload: bytes) -> int:
+        """Answer one chunk request; returns the number of chunks sent. Bad requests are logged and dropped."""
+        try:
+            where = self.topics.parse(topic)
+            request: ChunkRequest = parse_message(MessageKind.GET, payload)  # type: ignore[assignment]
+            if where.kind is not MessageKind.GET:
+                raise MessageError(f"{topic} is not a chunk request topic", "publish requests on bundles/+/get/+")
+        except MessageError as exc:
+            self.stats["dropped"] += 1
+            log.warning("dropped chunk request", extra={"fields": {"topic": topic, "error": str(exc)}})
+            return 0
+        if request.device_id != where.device_id or request.bundle_id != where.bundle_id:
+            self.stats["dropped"] += 1
+            log.warning("chunk request payload disagrees with its topic", extra={"fields": {"topic": topic}})
+            return 0
+        with self._lock:
+            entry = self._bundles.get(request.bundle_id)
+        if entry is None:
+            self.stats["unknown_bundle"] += 1
+            log.info("chunk request for a bundle not served", extra={"fields": {"bundle": request.bundle_id[:12]}})
+            return 0
+        manifest, data = entry
+        sent = 0
+        for i in request.chunks[:MAX_CHUNKS_PER_REQUEST]:
+            if i >= manifest.n_chunks:
+                continue
+            self.requests[(manifest.bundle_id, i)] += 1
+            payload_out: bytes | None = encode_chunk(manifest.bundle_id, i, chunk_bytes(data, manifest, i))
+            if self.fault is not None:
+                payload_out = self.fault(manifest.bundle_id, i, payload_out)
+            if payload_out is None:
+                continue
+            self.send(self.topics.chunk(manifest.bundle_id, i), payload_out, DELIVERY[MessageKind.CHUNK].qos, False)
+            sent += 1
+        self.stats["chunks_sent"] += sent
+        return sent
+
+
+class MqttBundleServer:
+    """A paho client that runs a BundlePublisher: subscribes to chunk requests, re-announces on reconnect."""
+
+    def __init__(self, url: str, fleet: str, *, client_id: str = "toco-bundle-server", username: str | None = None,
+                 password: str | None = None, ca_file: str | None = None, fault: ChunkFault | None = None) -> None:
+        broker = parse_broker_url(url)
+        self.broker = broker
+        self.topics = Topics(fleet)
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        user = username if username is not None else broker.username
+        if user:
+            self.client.username_pw_set(user, password if password is not None else broker.password)
+        if broker.tls:
+            self.client.tls_set(ca_certs=ca_file)
+        self.client.reconnect_delay_set(1, 10)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a: self.connected.clear()
+        self.client.on_message = self._on_message
+        self.publisher = BundlePublisher(self.topics, self._send, fault)
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect in the background and wait up to ``timeout`` s. Raises TimeoutError if not connected."""
+        self.client.connect_async(self.broker.host, self.broker.port, 30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise TimeoutError(f"bundle server could not reach {self.broker.host}:{self.broker.port}")
+
+    def stop(self) -> None:
+        """Disconnect and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the bundle server", extra={"fields": {"reason": str(reason_code)}})
+            return
+        client.subscribe(self.topics.get(), DELIVERY[MessageKind.GET].qos)
+        self.publisher.republish()
+        self.connected.set()
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.publisher.handle_get(msg.topic, msg.payload)
+        except Exception:  # never let one request take the network thread down
+            log.exception("serving a chunk request failed", extra={"fields": {"topic": msg.topic}})

@@ -1,0 +1,180 @@
+"""Wire schemas and topics: every kind round-trips, bad payloads are refused with a clear MessageError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from toco_core.errors import ConfigError
+from toco_core.messages import (SCHEMA_VERSION, ActiveModel, BundleManifest, Chunk, ChunkRequest, DeployCommand,
+                                DisputedRef, DriftCheck, DriftMessage, FailureReason, MessageError, MessageKind, Phase,
+                                RecompressCommand, RollbackCommand, Sample, SamplesMessage, StateMessage,
+                                StatusMessage, TelemetryMessage, UploadSamplesCommand, encode, encode_chunk, kind_of,
+                                parse_message)
+from toco_core.topics import Topics, parse_broker_url
+
+BID = "ab" * 32
+DEV = "cam-07"
+
+
+def examples() -> list:
+    return [
+        StateMessage(device_id=DEV, state="online", birth=3, agent_version="0.1.0",
+                     hardware={"memory_bytes": 256_000_000, "cores": 1, "formats": ["qdq_int8"]},
+                     active=ActiveModel(bundle_id=BID, model_name="lenet5", slot="a", plan={"size": 74_000})),
+        StateMessage(device_id=DEV, state="offline", birth=3),
+        TelemetryMessage(device_id=DEV, seq=5, mem_available=10**8, disk_free=10**9, cpu_load=0.2,
+                         temperature_c=51.5, inferences=1200, latency_ms_p50=1.2, latency_ms_p99=3.4),
+        StatusMessage(device_id=DEV, phase=Phase.DOWNLOADING, bundle_id=BID, deployment_id="dep-1", progress=0.4),
+        StatusMessage(device_id=DEV, phase=Phase.FAILED, reason=FailureReason.SELF_TEST_FAILED, detail="3% > 1%"),
+        DriftMessage(device_id=DEV, window_index=7, opened_at=1.0, closed_at=61.0, n_samples=500, n_shadowed=50,
+                     n_labeled=0, bundle_id=BID, predicted_agreement=0.99, measured_agreement=0.91,
+                     mean_confidence=0.8, mean_entropy=0.4, input_mean=0.13, input_std=0.3, alert=True,
+                     consecutive_out_of_band=3, out_of_band=["agreement"],
+                     checks=[DriftCheck(name="agreement", value=0.91, reference=0.99, low=0.97, high=1.0, n=50,
+                                        in_band=False)],
+                     disputed=[DisputedRef(ref="w7-12", reason="disagreement", confidence=0.4, model_class=3,
+                                           base_class=5)]),
+        SamplesMessage(device_id=DEV, cmd_id="c1", window=7, samples=[
+            Sample(ref="w7-12", dtype="float32", shape=[1, 1, 28, 28], data_b64="AAAA")]),
+        DeployCommand(cmd_id="c1", deployment_id="dep-1", bundle_id=BID, fidelity_budget=0.01),
+        RecompressCommand(cmd_id="c2", memory_bytes=64_000_000),
+        RollbackCommand(cmd_id="c3", reason="operator"),
+        UploadSamplesCommand(cmd_id="c4", window=7, max_bytes=100_000),
+        ChunkRequest(device_id=DEV, bundle_id=BID, chunks=[0, 1, 2]),
+        BundleManifest(bundle_id=BID, size=70_000, chunk_size=65536, chunks=["cd" * 32, "ef" * 32], files=[],
+                       created_at=1.5, metadata={"model": "lenet5"}, signature="c2ln"),
+    ]
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda m: type(m).__name__)
+def test_round_trip(msg) -> None:
+    back = parse_message(kind_of(msg), encode(msg))
+    assert back == msg and type(back) is type(msg)
+    assert json.loads(encode(msg))["schema_version"] == SCHEMA_VERSION
+
+
+def test_chunk_is_binary_framed() -> None:
+    data = bytes(range(256)) * 4 + b"\n\n"  # newlines inside the data must survive
+    payload = encode_chunk(BID, 9, data)
+    chunk = parse_message("chunk", payload)
+    assert isinstance(chunk, Chunk) and chunk.index == 9 and chunk.data == data
+    assert encode(chunk) == payload
+
+
+def good_status() -> dict:
+    return json.loads(encode(StatusMessage(device_id=DEV, phase=Phase.ACTIVE)))
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"surprise": 1}, "surprise"),                                  # extra="forbid"
+    ({"schema_version": SCHEMA_VERSION + 1}, "newer"),
+    ({"device_id": "a/b"}, "device_id"),                            # would break the topic scheme
+    ({"device_id": "#"}, "device_id"),
+    ({"phase": "exploded"}, "phase"),
+    ({"phase": "failed"}, "reason"),                                # failing phase without a reason
+    ({"reason": "bad_signature"}, "reason"),                        # a reason on a healthy phase
+    ({"seq": -1}, "seq"),
+    ({"progress": 1.5}, "progress"),
+])
+def test_status_rejections(change: dict, needle: str) -> None:
+    body = good_status() | change
+    with pytest.raises(MessageError, match=needle):
+        parse_message("status", json.dumps(body).encode())
+
+
+def test_missing_field_and_bad_json_and_unknown_kind() -> None:
+    body = good_status()
+    del body["device_id"]
+    with pytest.raises(MessageError, match="device_id"):
+        parse_message("status", json.dumps(body).encode())
+    with pytest.raises(MessageError, match="not valid JSON"):
+        parse_message("status", b"{nope")
+    with pytest.raises(MessageError, match="not valid JSON"):
+        parse_message("telemetry", b"\xff\xfe")
+    with pytest.raises(MessageError, match="unknown message kind"):
+        parse_message("weather", b"{}")
+    with pytest.raises(MessageError, match="exceeds"):
+        parse_message("drift", b" " * (5 * 1024 * 1024))
+
+
+def test_command_union_rejections() -> None:
+    ok = json.loads(encode(DeployCommand(cmd_id="c1", deployment_id="d", bundle_id=BID)))
+    assert isinstance(parse_message("cmd", json.dumps(ok).encode()), DeployCommand)
+    with pytest.raises(MessageError, match="command"):
+        parse_message("cmd", json.dumps(ok | {"command": "format-disk"}).encode())
+    with pytest.raises(MessageError, match="bundle_id"):
+        parse_message("cmd", json.dumps(ok | {"bundle_id": "not-a-hash"}).encode())
+    with pytest.raises(MessageError, match="memory_bytes"):
+        parse_message("cmd", json.dumps({"command": "recompress", "cmd_id": "x", "memory_bytes": -5}).encode())
+
+
+def test_manifest_and_request_rejections() -> None:
+    m = json.loads(encode(examples()[-1]))
+    with pytest.raises(MessageError, match="expected 4"):
+        parse_message("manifest", json.dumps(m | {"size": 200_000}).encode())
+    with pytest.raises(MessageError, match="chunk_size"):
+        parse_message("manifest", json.dumps(m | {"chunk_size": 1024}).encode())
+    with pytest.raises(MessageError, match="chunks"):
+        parse_message("manifest", json.dumps(m | {"chunks": ["XY" * 32, "cd" * 32]}).encode())
+    req = {"device_id": DEV, "bundle_id": BID, "chunks": list(range(65))}
+    with pytest.raises(MessageError, match="chunks"):
+        parse_message("get", json.dumps(req).encode())
+
+
+@pytest.mark.parametrize("payload", [b"no header", b"[1,2]\nxx", b"{bad\nxx", b'{"index":1}\nxx',
+                                     b'{"bundle_id":"' + BID.encode() + b'","index":-1}\nxx',
+                                     b'{"bundle_id":"' + BID.encode() + b'","index":1,"data":"x"}\nxx'])
+def test_chunk_rejections(payload: bytes) -> None:
+    with pytest.raises(MessageError):
+        parse_message("chunk", payload)
+
+
+def test_topics_build_and_parse() -> None:
+    t = Topics("plant1")
+    assert t.device("drift", DEV) == "toco/v1/plant1/devices/cam-07/drift"
+    assert t.parse(t.device(MessageKind.STATE, DEV)) == (MessageKind.STATE, DEV, None, None)
+    assert t.parse(t.manifest(BID)) == (MessageKind.MANIFEST, None, BID, None)
+    assert t.parse(t.get(BID, DEV)) == (MessageKind.GET, DEV, BID, None)
+    assert t.parse(t.chunk(BID, 12)) == (MessageKind.CHUNK, None, BID, 12)
+    for bad in ["toco/v1/other/devices/x/state", "toco/v1/plant1/devices/x/shell", "toco/v1/plant1/bundles/zz/manifest",
+                "toco/v1/plant1/bundles/" + BID + "/chunk/-1", "toco/v1/plant1/devices/x/state/extra"]:
+        with pytest.raises(MessageError):
+            t.parse(bad)
+    with pytest.raises(ConfigError):
+        Topics("a/b")
+    acl = t.acl_lines()
+    assert "pattern write toco/v1/plant1/devices/%u/drift" in acl
+    assert "pattern read toco/v1/plant1/devices/%u/cmd" in acl
+    assert "pattern write toco/v1/plant1/bundles/+/get/%u" in acl
+
+
+def test_broker_urls() -> None:
+    assert parse_broker_url("mqtt://127.0.0.1") == ("127.0.0.1", 1883, False, None, None)
+    assert parse_broker_url("mqtts://u:p%40ss@broker:9000") == ("broker", 9000, True, "u", "p@ss")
+    for bad in ["http://x", "mqtt://", "mqtt://h:99999", "mqtt://h/path"]:
+        with pytest.raises(ConfigError):
+            parse_broker_url(bad)
+
+
+def test_protocol_modules_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+            "import toco_core.messages, toco_core.topics, toco_core.bundle, toco_core.transfer\n"
+            "import agent.mqtt_link, agent.bundle_download, fleet_server.bundle_publisher\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_drift_message_carries_the_drift_monitors_report() -> None:
+    from toco_core.drift import DriftReport  # the agent's drift monitor output, sent as-is
+
+    report = DriftReport(opened_at=0.0, closed_at=60.0, n_samples=300, n_shadowed=30, n_labeled=0,
+                         predicted_agreement=0.99, measured_agreement=0.9, accuracy=None, mean_confidence=0.7,
+                         mean_entropy=0.5, input_mean=0.1, input_std=0.3, checks=[], out_of_band=["agreement"])
+    msg = DriftMessage(device_id=DEV, bundle_id=BID, **report.model_dump(exclude={"schema_version"}))
+    assert parse_message("drift", encode(msg)) == msg
