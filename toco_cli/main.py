@@ -20,15 +20,8 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 
 
 def _register() -> None:
-    # Each command module adds its commands to ``app``; imported here so `toco --help` lists them.
-    import importlib
-
-    for name in ("analyze", "probe", "recompress", "demo"):
-        try:
-            importlib.import_module(f"toco_cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"toco_cli.{name}":
-                raise
+    # Each command module adds its commands to ``app`` on import.
+    from toco_cli import analyze, demo, probe, recompress  # noqa: F401
 
 
 _register()

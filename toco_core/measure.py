@@ -1,0 +1,62 @@
+"""Measure a model on this box: p50 latency at batch 1 and session memory (in a child process).
+
+Run as ``python -m toco_core.measure FILE`` it prints the RSS growth of creating a session
+and running it once, in bytes: a clean process so nothing else is counted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from toco_core.runtime import make_session
+
+
+def p50_latency(model: onnx.ModelProto | bytes, x1: np.ndarray, threads: int = 0, runs: int = 200) -> float:
+    """Median seconds of one batch-1 run after warm-up."""
+    sess = make_session(model, threads)
+    name = sess.get_inputs()[0].name
+    for _ in range(10):
+        sess.run(None, {name: x1})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {name: x1})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def session_rss(model_bytes: bytes, input_shape: tuple[int, ...]) -> int | None:
+    """RSS growth (bytes) of loading and running the model once in a fresh process; None on failure."""
+    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
+        f.write(model_bytes)
+        f.flush()
+        shape = ",".join(str(d) for d in input_shape)
+        proc = subprocess.run([sys.executable, "-m", "toco_core.measure", f.name, shape],
+                              capture_output=True, text=True, timeout=120)
+    try:
+        return int(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _child(path: str, shape: str) -> None:
+    import psutil
+
+    proc = psutil.Process()
+    data = Path(path).read_bytes()
+    before = proc.memory_info().rss
+    sess = make_session(data, 1)
+    x = np.random.default_rng(0).random(tuple(int(d) for d in shape.split(",")), dtype=np.float32)
+    sess.run(None, {sess.get_inputs()[0].name: x})
+    print(proc.memory_info().rss - before)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])

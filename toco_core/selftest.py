@@ -1,0 +1,45 @@
+"""The self-test gate: a compressed model is only accepted if it behaves as predicted."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.plan import SelfTestResult
+from toco_core.runtime import run_model
+
+
+def gate_margin(predicted: float, budget: float, n: int) -> float:
+    """Allowed excess over the prediction: two binomial standard errors at max(predicted, budget),
+    at least 0.2 percentage points: sqrt(p (1 - p) / n) * 2."""
+    p = max(predicted, budget)
+    return max(0.002, 2.0 * math.sqrt(p * (1 - p) / max(n, 1)))
+
+
+def self_test(
+    candidate: onnx.ModelProto | bytes,
+    base_out: np.ndarray,
+    x: np.ndarray,
+    predicted: float,
+    budget: float,
+    kind: OutputKind = "logits",
+) -> SelfTestResult:
+    """Run the candidate on the calibration samples ``x`` and compare with the base outputs.
+
+    Passes when measured disagreement <= predicted + gate_margin and the outputs are finite.
+    A model that onnxruntime cannot run fails (measured = 1).
+    """
+    n = len(x)
+    margin = gate_margin(predicted, budget, n)
+    try:
+        out = run_model(candidate, x)
+    except Exception:  # a candidate that cannot run is simply a failing candidate
+        return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin, kl=float("inf"))
+    if out.shape != base_out.shape or not np.isfinite(out).all():
+        return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin, kl=float("inf"))
+    fid = compare_outputs(base_out, out, kind=kind)
+    return SelfTestResult(passed=fid.disagreement <= predicted + margin, samples=n, predicted=predicted,
+                          measured=fid.disagreement, margin=margin, kl=fid.kl)
