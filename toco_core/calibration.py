@@ -68,6 +68,20 @@ def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
     return [p.model_copy(update={"disagreement": float(d), "kl": float(k)}) for p, d, k in zip(pts, dis, kl)]
 
 
+def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
+    """Disagreement/KL at (p, q) := max over measured points with p' <= p and q' <= q.
+
+    A more aggressive pair is never predicted better than a gentler one (measurement noise
+    on a few hundred samples would otherwise make the solver prefer noise).
+    """
+    out = []
+    for p in points:
+        gentler = [o for o in points if o.prune_scale <= p.prune_scale and o.quant_scale <= p.quant_scale]
+        out.append(p.model_copy(update={"disagreement": max(o.disagreement for o in gentler),
+                                        "kl": max(o.kl for o in gentler)}))
+    return out
+
+
 def prune_scale_grid(weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray], sparsities: list[float]) -> list[float]:
     """Scales at which tolerance pruning reaches the given sparsities: quantiles of |w| / tau_hat."""
     ratio = np.concatenate([(np.abs(w) / tau_hat[k]).ravel() for k, w in weights.items()])
@@ -120,6 +134,8 @@ def measure_curve(
             on_point(i + 1, len(grid))
         if operator != "prune+quantize" and p.disagreement > stop_above:
             break
-    if operator != "prune+quantize":
+    if operator == "prune+quantize":
+        points = monotone_2d(points)
+    else:
         points = monotone(points, "prune_scale" if operator == "prune" else "quant_scale")
     return CalibrationCurve(operator=operator, samples=samples, points=points)

@@ -31,6 +31,7 @@ class CompressionPlan(BaseModel):
     runtime: Runtime = "fp32"
     structured: bool = True
     predicted_disagreement: float
+    predicted_kl: float = Field(0.0, description="measured KL(base || compressed) at this point")
     predicted_storage: int = Field(description="bytes of the storage/transfer form")
     predicted_memory: int = Field(description="estimated session memory, bytes")
     sparsity: float

@@ -9,10 +9,12 @@ compressed or run here, so it takes milliseconds. Every candidate is a measured 
 
 Feasible: predicted disagreement <= budget, storage and estimated memory within limits, and
 never larger than the base. Objective ``fidelity`` ranks by predicted disagreement, then
-storage; ``size`` by storage, then disagreement.
+KL, then storage; ``size`` by storage, then disagreement.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from toco_core.units import format_size
 SESSION_OVERHEAD = 10 * 1024 * 1024
 # Per output channel in the storage form: step (2-4 B) and side information (~1.5 B).
 CHANNEL_SIDE_BYTES = 4
+UCB_Z = 1.0
 
 
 def _channel_max_rank(rank: np.ndarray, out_axis: int) -> np.ndarray:
@@ -55,10 +58,21 @@ def _storage(point: CurvePoint, n_weights: int, n_channels: int, other_bytes: in
     return int(other_bytes + n_weights * point.entropy_bits / 8 + n_channels * CHANNEL_SIDE_BYTES)
 
 
+def upper_disagreement(measured: float, n: int, z: float = UCB_Z) -> float:
+    """A cautious reading of a disagreement measured on n samples: d + z sqrt(max(d, 1/n)(1 - d)/n).
+
+    The solver picks the most aggressive point that looks within budget, so plain measured values
+    carry a winner's curse; one standard error above them keeps held-out surprises rare.
+    """
+    d = max(measured, 0.0)
+    return min(1.0, d + z * math.sqrt(max(d, 1.0 / n) * (1 - d) / n))
+
+
 def candidate_points(result: AnalysisResult) -> list[CurvePoint]:
-    """Base + every measured point of the quantize, prune and prune+quantize curves."""
+    """Base + every measured point of the curves, with disagreement read cautiously (upper bound)."""
     base = CurvePoint(disagreement=0.0, kl=0.0, sparsity=0.0, entropy_bits=32.0, fixed_bits=32.0)
-    return [base] + [p for c in result.curves.values() for p in c.points]
+    return [base] + [p.model_copy(update={"disagreement": upper_disagreement(p.disagreement, c.samples)})
+                     for c in result.curves.values() for p in c.points]
 
 
 def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
@@ -79,7 +93,7 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
             bytes_per_w = 4.0 if rt == "fp32" else 4.0 * (1 - nbits_share) + 0.56 * nbits_share
             plans.append(CompressionPlan(
                 prune_scale=p.prune_scale, quant_scale=p.quant_scale, runtime=rt,
-                predicted_disagreement=p.disagreement, predicted_storage=_storage(p, n, channels, other),
+                predicted_disagreement=p.disagreement, predicted_kl=p.kl, predicted_storage=_storage(p, n, channels, other),
                 predicted_memory=int(SESSION_OVERHEAD + other + bytes_per_w * n * kept),
                 sparsity=p.sparsity, entropy_bits=p.entropy_bits,
             ))
@@ -88,8 +102,12 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
 
 def _rank_key(plan: CompressionPlan, objective: str):
     if objective == "size":
-        return (plan.predicted_storage, plan.predicted_memory, plan.predicted_disagreement)
-    return (round(plan.predicted_disagreement, 6), plan.predicted_storage, plan.predicted_memory)
+        return (plan.predicted_storage, plan.runtime != "fp32", plan.predicted_memory, plan.predicted_disagreement)
+    # disagreement comes in steps of 1/n samples; KL is the finer fidelity signal between ties
+    # fp32 runtime before nbits at equal storage: its numbers are exactly the measured curve's,
+    # while MatMulNBits also rounds activations; nbits wins only where memory limits need it
+    return (round(plan.predicted_disagreement, 6), round(plan.predicted_kl, 5), plan.predicted_storage,
+            plan.runtime != "fp32", plan.predicted_memory)
 
 
 def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: int | None,

@@ -15,7 +15,7 @@ class AnalysisSettings(BaseModel):
     samples_per_round: int = Field(64, ge=1, description="disputed samples added per QBC round")
     max_rounds: int = Field(4, ge=1, le=50, description="QBC rounds at most")
     max_heldout: int = Field(500, ge=10, description="held-out samples for calibration at most")
-    heldout_share: float = Field(0.3, gt=0, lt=1, description="share of the pool held out")
+    heldout_share: float = Field(0.5, gt=0, lt=1, description="share of the pool held out")
     committee_members: int = Field(8, ge=2, le=64)
     committee_target: float = Field(0.05, gt=0, lt=0.5, description="committee disagreement the scale aims at")
     tolerance_change_stop: float = Field(0.02, ge=0, description="stop QBC when the median |dlog tau| falls below")

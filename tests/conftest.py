@@ -36,3 +36,17 @@ def pool_file(tmp_path_factory, digits):
     path = tmp_path_factory.mktemp("pool") / "pool.npz"
     np.savez(path, x=digits.x_pool[:300], y=digits.y_pool[:300])
     return path
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    return load_model(demo_model("mlp"))
+
+
+@pytest.fixture(scope="session")
+def mlp_analysis(mlp, digits):
+    from toco_core.analysis.pipeline import analyze
+    from toco_core.analysis.settings import AnalysisSettings
+
+    settings = AnalysisSettings(max_rounds=2, prune_rounds=3, samples_per_round=48, initial_samples=48)
+    return analyze(mlp, digits.x_pool, digits.y_pool, settings, model_name="mlp")

@@ -1,0 +1,119 @@
+"""Solver, self-test gate and end-to-end recompression on the real demo models and digits."""
+
+import math
+
+import numpy as np
+import pytest
+
+from toco_core.calibration import CalibrationCurve
+from toco_core.compression.storage import decode_model
+from toco_core.device import with_budgets
+from toco_core.errors import InfeasibleError
+from toco_core.fidelity import compare_outputs
+from toco_core.onnx_model import load_model, model_bytes, read_weights, with_weights
+from toco_core.plan import Policy
+from toco_core.probe import probe_device
+from toco_core.recompress import recompress
+from toco_core.runtime import run_model
+from toco_core.selftest import self_test
+from toco_core.solver import enumerate_plans, feasible_plans
+from toco_core.onnx_model import compressible_weights
+
+
+@pytest.fixture(scope="module")
+def here():
+    return probe_device(benchmark=False)
+
+
+def profiles(here, smallest):
+    """Roomy line PC, a 256 MB camera box, a 64 MB one-core handheld.
+
+    The handheld wants the smallest model within budget; the camera box has room for 1.6x that
+    and wants the best fidelity there; the line PC has no limits.
+    """
+    camera = with_budgets(here.model_copy(update={"total_memory": 256 << 20, "available_memory": 200 << 20}),
+                          memory=128 << 20, storage=int(smallest * 1.6))
+    handheld = with_budgets(here.model_copy(update={"total_memory": 64 << 20, "available_memory": 60 << 20,
+                                                    "physical_cores": 1, "logical_cores": 1}), memory=48 << 20)
+    return {"handheld": (handheld, Policy(memory=handheld.memory_budget, objective="size")),
+            "camera": (camera, Policy(storage=camera.storage_budget, memory=camera.memory_budget)),
+            "roomy": (here, Policy())}
+
+
+@pytest.mark.parametrize("which", ["lenet5", "mlp"])
+def test_three_profiles_get_three_runnable_plans_within_budget(which, request, here, digits):
+    model = request.getfixturevalue(which)
+    analysis = request.getfixturevalue(f"{which}_analysis")
+    base_bytes = len(model_bytes(model))
+    base_out = run_model(model, digits.x_heldout)
+    labels = set()
+    smallest = None
+    for name in ("handheld", "camera", "roomy"):
+        profile, policy = profiles(here, smallest or base_bytes)[name]
+        built, report = recompress(model, analysis, profile, policy, measure_memory=False)
+        smallest = smallest or report.plan.predicted_storage
+        labels.add(report.plan.label)
+        assert report.self_test.passed
+        if policy.storage:
+            assert report.storage_bytes <= policy.storage, name
+        assert report.storage_bytes <= base_bytes and report.file_bytes <= base_bytes
+        # unseen digits: within the budget up to two binomial standard errors of the 1000-sample estimate
+        fid = compare_outputs(base_out, run_model(built.runnable, digits.x_heldout))
+        slack = 2 * math.sqrt(0.01 * 0.99 / len(digits.x_heldout))
+        assert fid.disagreement <= policy.budget + slack, (name, report.plan.label, fid)
+        # the storage form decodes to the same weights the runnable model started from
+        decoded = decode_model(built.storage) if report.plan.quant_scale > 0 else load_model(built.storage)
+        np.testing.assert_allclose(run_model(decoded, digits.x_heldout[:64]).argmax(1),
+                                   run_model(built.runnable, digits.x_heldout[:64]).argmax(1))
+    assert len(labels) == 3, labels
+
+
+def test_infeasible_limits_say_so_with_numbers(lenet5, lenet5_analysis, here):
+    with pytest.raises(InfeasibleError) as err:
+        recompress(lenet5, lenet5_analysis, here, Policy(storage=2_000), measure_memory=False)
+    assert "storage" in str(err.value) and "2.0 KB allowed" in str(err.value)
+    assert err.value.best["storage"] > 2_000
+
+
+def test_solver_never_returns_a_plan_larger_than_the_base_or_over_its_limits(lenet5, lenet5_analysis):
+    infos = compressible_weights(lenet5)
+    base = len(model_bytes(lenet5))
+    plans = enumerate_plans(lenet5_analysis, infos, base, nbits_share=0.9)
+    answered = []
+    for limit in (base // 4, base // 10, base // 100):
+        try:
+            chosen = feasible_plans(plans, Policy(), None, limit, base)
+        except InfeasibleError as exc:
+            assert exc.best["storage"] > limit
+            answered.append("infeasible")
+            continue
+        answered.append("plans")
+        for p in chosen:
+            assert p.predicted_storage <= limit <= base
+            assert p.predicted_disagreement <= 0.01
+    assert answered[0] == "plans" and answered[-1] == "infeasible"
+
+
+def test_self_test_rejects_a_broken_model(lenet5, lenet5_analysis):
+    x = lenet5_analysis.heldout_x
+    base_out = run_model(lenet5, x)
+    w = read_weights(lenet5)
+    broken = with_weights(lenet5, {k: (v[::-1] if v.ndim == 2 else -v).copy() for k, v in w.items()})
+    res = self_test(broken, base_out, x, predicted=0.005, budget=0.01)
+    assert not res.passed and res.measured > 0.3
+    assert self_test(lenet5, base_out, x, predicted=0.0, budget=0.01).passed
+
+
+def test_gate_catches_optimistic_curves_and_steps_down(lenet5, lenet5_analysis, here, digits):
+    """Curves that claim every compression is free: the gate must refuse the aggressive plans."""
+    lying = {k: CalibrationCurve(operator=c.operator, samples=c.samples,
+                                 points=[p.model_copy(update={"disagreement": 0.0}) for p in c.points])
+             for k, c in lenet5_analysis.curves.items()}
+    analysis = lenet5_analysis.__class__(**{**lenet5_analysis.__dict__, "curves": lying})
+    try:
+        built, report = recompress(lenet5, analysis, here, Policy(objective="size", max_tries=10), measure_memory=False)
+    except Exception as exc:  # a refusal is also correct; a silent bad model is not
+        assert "self-test" in str(exc)
+        return
+    assert report.attempts > 1
+    assert report.self_test.measured <= report.self_test.predicted + report.self_test.margin
