@@ -113,19 +113,38 @@ def evaluate(
 
 
 def recompress_for_profiles(model: Path, analysis: Path, workdir: Path) -> list[CompressionReport]:
-    """The demo's step 4: recompress for every example profile in deploy/profiles (with demo budgets)."""
-    from toco_core.device import load_profile
+    """The demo's step 4: three boxes derive three models from the same analysis.
+
+    handheld (deploy/profiles/handheld.json): the smallest model within the budget;
+    camera box: storage for 1.6x that, best fidelity within it; line PC: no limits.
+    """
+    from toco_core.device import load_profile, with_budgets
     from toco_core.recompress import recompress as run
 
     base = load_model(model)
     result = load_result(analysis)
-    reports = []
-    profiles = sorted((Path(__file__).resolve().parent.parent / "deploy" / "profiles").glob("*.json"))
-    for path in profiles:
-        prof = load_profile(path)
-        policy = Policy(memory=prof.memory_budget, storage=prof.storage_budget, latency_s=prof.latency_budget_s)
+    folder = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
+    reports: list[CompressionReport] = []
+    rows = []
+    for name in ("handheld", "camera-box", "line-pc"):
+        prof = load_profile(folder / f"{name}.json")
+        if name == "handheld":
+            policy = Policy(objective="size", memory=prof.memory_budget)
+        elif name == "camera-box":
+            prof = with_budgets(prof, storage=int(reports[0].plan.predicted_storage * 1.6))
+            policy = Policy(storage=prof.storage_budget, memory=prof.memory_budget)
+        else:
+            policy = Policy()
         built, report = run(base, result, prof, policy)
-        (workdir / f"{path.stem}.onnx").write_bytes(built.runnable.SerializeToString())
-        print_report(report, title=f"{path.stem}: per-layer decisions")
+        (workdir / f"{name}.onnx").write_bytes(built.runnable.SerializeToString())
+        print_report(report, title=f"{name}: per-layer decisions")
         reports.append(report)
+        rows.append((name, report))
+    t = Table(title="one analysis, three devices")
+    for col in ("device", "plan", "transfer", "vs base", "predicted", "measured"):
+        t.add_column(col, justify="left" if col in ("device", "plan") else "right")
+    for name, r in rows:
+        t.add_row(name, r.plan.label, format_size(r.storage_bytes), f"{r.base_file_bytes / r.storage_bytes:.1f}x",
+                  f"{r.self_test.predicted:.2%}", f"{r.self_test.measured:.2%}")
+    console.print(t)
     return reports
