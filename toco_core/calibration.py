@@ -60,25 +60,42 @@ class CalibrationCurve(BaseModel):
         return float(np.interp(np.log(max(s, 1e-12)), xs, ys))
 
 
+def _isotonic(x: list[float], y: list[float]) -> np.ndarray:
+    """Least-squares non-decreasing fit of y over x (pool-adjacent-violators, via scikit-learn).
+
+    Unlike a running maximum it does not ride on the noisiest high measurement.
+    """
+    from sklearn.isotonic import IsotonicRegression  # analysis side only
+
+    return IsotonicRegression(increasing=True).fit_transform(np.asarray(x, float), np.asarray(y, float))
+
+
 def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
-    """Sort by ``key`` and replace disagreement/KL by their running maximum (conservative)."""
+    """Sort by ``key``; disagreement and KL become isotonic (non-decreasing) fits of the measurements."""
     pts = sorted(points, key=lambda p: getattr(p, key))
-    dis = np.maximum.accumulate([p.disagreement for p in pts])
-    kl = np.maximum.accumulate([p.kl for p in pts])
+    xs = [getattr(p, key) for p in pts]
+    dis = _isotonic(xs, [p.disagreement for p in pts])
+    kl = _isotonic(xs, [p.kl for p in pts])
     return [p.model_copy(update={"disagreement": float(d), "kl": float(k)}) for p, d, k in zip(pts, dis, kl)]
 
 
 def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
-    """Disagreement/KL at (p, q) := max over measured points with p' <= p and q' <= q.
+    """Non-decreasing in both scales: isotonic along the quant scale within each prune level,
+    then a running maximum across prune levels at equal quant scale.
 
-    A more aggressive pair is never predicted better than a gentler one (measurement noise
-    on a few hundred samples would otherwise make the solver prefer noise).
+    A more aggressive pair is never predicted better than a gentler one.
     """
-    out = []
+    rows: dict[float, list[CurvePoint]] = {}
     for p in points:
-        gentler = [o for o in points if o.prune_scale <= p.prune_scale and o.quant_scale <= p.quant_scale]
-        out.append(p.model_copy(update={"disagreement": max(o.disagreement for o in gentler),
-                                        "kl": max(o.kl for o in gentler)}))
+        rows.setdefault(p.prune_scale, []).append(p)
+    fitted = {ps: monotone(row, "quant_scale") for ps, row in sorted(rows.items())}
+    out, best = [], {}
+    for ps in sorted(fitted):
+        for p in fitted[ps]:
+            d = max(p.disagreement, best.get(p.quant_scale, (0.0, 0.0))[0])
+            k = max(p.kl, best.get(p.quant_scale, (0.0, 0.0))[1])
+            best[p.quant_scale] = (d, k)
+            out.append(p.model_copy(update={"disagreement": d, "kl": k}))
     return out
 
 

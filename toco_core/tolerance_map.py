@@ -66,6 +66,17 @@ def decode_log(codes: np.ndarray, lo: float, step: float) -> np.ndarray:
     return np.where(codes == 0, 0.0, out).astype(np.float32)
 
 
+def as_stored(tmap: ToleranceMap) -> ToleranceMap:
+    """The map exactly as a device will read it back from the file (log/uint16 rounding applied).
+
+    Calibration must measure what devices will compress with, not the unrounded analysis values.
+    """
+    quant = {k: decode_log(*encode_log(t)) for k, t in tmap.quant.items()}
+    rank = {k: (np.round(np.clip(r, 0, 1) * _U16).astype(np.uint16).astype(np.float32) / _U16)
+            for k, r in tmap.prune_rank.items()}
+    return ToleranceMap(quant=quant, prune_rank=rank)
+
+
 def save_tolerance_map(tmap: ToleranceMap, path: Path) -> str:
     """Write the map to ``path`` (safetensors); returns the SHA-256 of the file."""
     tensors, ranges = {}, {}

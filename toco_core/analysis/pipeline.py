@@ -30,12 +30,15 @@ from toco_core.onnx_model import compressible_weights, input_spec, model_hash, o
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
-from toco_core.tolerance_map import ToleranceMap
+from toco_core.tolerance_map import ToleranceMap, as_stored
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 PRUNE_GRID = [0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
-QUANT_GRID = list(np.geomspace(1e-3, 3.0, 18))
+QUANT_GRID = [float(q) for q in np.geomspace(1e-3, 3.0, 24)]
+# the combined grid is dense where 1% budgets are usually met (measured on the demo models)
+COMBO_PRUNE = [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]
+COMBO_QUANT = [float(q) for q in np.geomspace(0.04, 1.0, 12)]
 
 
 def _noop(phase: str, done: int, total: int) -> None:
@@ -154,7 +157,7 @@ def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: P
     def measure(ps: float, qs: float):
         return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind)
 
-    combos = [(p, q) for p in (0.3, 0.5, 0.6, 0.7, 0.8) for q in QUANT_GRID[4:14]]
+    combos = [(p, q) for p in COMBO_PRUNE for q in COMBO_QUANT]
     total = len(PRUNE_GRID) + len(QUANT_GRID) + len(combos)
     step = {"n": 0}
 
@@ -203,7 +206,7 @@ def analyze(
     analysis_x = pool_x[cand][chosen]
     ranks = prune_ranks(ev, weights, fisher, kind, analysis_x[: s.prune_round_samples], s, progress)
     timings["prune_rounds"] = time.perf_counter() - t
-    tmap = ToleranceMap(quant=tau_hat, prune_rank=ranks)
+    tmap = as_stored(ToleranceMap(quant=tau_hat, prune_rank=ranks))
     t = time.perf_counter()
     hy = None if pool_y is None else pool_y[held]
     curves = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress)

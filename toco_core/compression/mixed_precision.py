@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-_GRID = 48  # candidate steps per channel, geometric between the smallest tolerance and the range
+_GRID = 48
+MAX_CODE = 4095  # candidate steps per channel, geometric between the smallest tolerance and the range
 
 
 def _channels_first(a: np.ndarray, out_axis: int) -> np.ndarray:
@@ -36,8 +37,13 @@ def channel_steps(w: np.ndarray, tau: np.ndarray, out_axis: int, coverage: float
         if x.size == 0:
             continue
         top = 2.0 * np.abs(x).max()
-        low = max(2.0 * float(np.quantile(t, 1 - coverage)), top * 1e-6)  # always feasible
-        cands = np.geomspace(low, max(top, low), _GRID)  # [G]
+        # never finer than 13-bit codes (|code| <= 4095: the storage coder's limit)
+        low = max(2.0 * float(np.quantile(t, 1 - coverage)), top / MAX_CODE * 0.5 * 1.001)
+        # steps on the float16 grid: the storage form then keeps 2 bytes per channel, not 4
+        cands = np.unique(np.geomspace(low, max(top, low), _GRID).astype(np.float16).astype(np.float64))  # [G]
+        cands = cands[np.isfinite(cands) & (cands > 0)]
+        if cands.size == 0:
+            continue
         err = np.abs(x[None, :] - cands[:, None] * np.round(x[None, :] / cands[:, None]))  # [G, k]
         ok = (err <= t[None, :]).mean(axis=1) >= coverage
         steps[c] = cands[np.nonzero(ok)[0].max()] if ok.any() else low
