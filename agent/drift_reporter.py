@@ -1,0 +1,190 @@
+"""Engine hook -> DriftMonitor -> DriftMessage on the drift topic, disputed inputs on samples.
+
+The inference hook only queues (the request thread must not wait); one worker thread
+shadow-runs the base model on a sampled fraction (when it is loaded: only while enough
+memory stays free), feeds the monitor and publishes every closed window. Without a base
+session the agreement check stays unjudged and the disputed inputs (lowest confidence) go
+to the server, which can shadow them itself. Disputed inputs of the last windows are kept
+in memory for ``upload-samples`` commands; with ``upload_samples`` they are also sent right
+after a window that was out of band, in batches of at most ``batch_bytes``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+import psutil
+
+from toco_core.drift import DriftMonitor, DriftReference, DriftReport, DriftSettings, WindowResult
+from toco_core.errors import PoolError
+from toco_core.messages import AgentMessage, DriftMessage, Sample, SamplesMessage, UploadSamplesCommand
+from toco_core.runtime import make_session
+
+log = logging.getLogger("toco.agent.drift")
+Send = Callable[[AgentMessage], bool]
+_STOP = object()
+_SAMPLE_OVERHEAD = 200  # JSON field names and quoting around one sample's base64
+
+
+class DriftReporter:
+    """Watches the serving model's traffic; see the module docstring."""
+
+    def __init__(self, send: Send, device_id: str, settings: DriftSettings, upload_samples: bool = False,
+                 batch_bytes: int = 256 * 1024, shadow_min_free: int = 128 * 1024**2, threads: int = 1,
+                 queue_size: int = 1024, seed: int | None = None) -> None:
+        self.send, self.device_id, self.settings = send, device_id, settings
+        self.upload_samples, self.batch_bytes, self.shadow_min_free = upload_samples, batch_bytes, shadow_min_free
+        self.threads, self.seed = threads, seed
+        self.dropped = 0
+        self.last_report: DriftReport | None = None
+        self.on_report: Callable[[DriftReport], None] = lambda report: None
+        self._bundle_id: str | None = None
+        self._monitor: DriftMonitor | None = None
+        self._base = None
+        self._kept: OrderedDict[int, tuple[list, np.ndarray]] = OrderedDict()  # window -> (disputed, inputs)
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._worker = threading.Thread(target=self._loop, name="drift-worker", daemon=True)
+        self._worker.start()
+
+    # ---------------------------------------------------------------- wiring
+    def attach(self, bundle_id: str | None, reference: DriftReference | None, base_model: bytes | None) -> None:
+        """Watch a newly served model: fresh monitor from its reference; shadow base when memory allows.
+
+        With no reference (a model installed by hand) drift is not monitored.
+        """
+        base = None
+        if base_model is not None and self.settings.shadow_fraction > 0:
+            free = psutil.virtual_memory().available
+            if free - 4 * len(base_model) >= self.shadow_min_free:
+                try:
+                    base = make_session(base_model, self.threads)
+                except Exception as exc:  # no shadow is a degraded mode, not a failure
+                    log.warning("base model does not load for the shadow run", extra={"fields": {"error": str(exc)}})
+            else:
+                log.info("not enough free memory for the shadow run", extra={"fields": {"free": free}})
+        with self._lock:
+            self._bundle_id = bundle_id
+            self._monitor = DriftMonitor(reference, self.settings, seed=self.seed) if reference else None
+            self._base = base
+            self._kept.clear()
+
+    @property
+    def shadowing(self) -> bool:
+        """Whether the base model runs as shadow."""
+        return self._base is not None
+
+    def hook(self, x: np.ndarray, outputs: dict[str, np.ndarray], request_id: str) -> None:
+        """InferenceEngine hook: queue the batch (dropped and counted when the queue is full)."""
+        if self._monitor is None:
+            return
+        try:
+            self._queue.put_nowait(("observe", x, next(iter(outputs.values())), request_id))
+        except queue.Full:
+            self.dropped += 1
+
+    def feedback(self, request_id: str, labels: list[int]) -> None:
+        """InferenceEngine feedback hook: labels for the samples of a recent request."""
+        self._queue.put(("feedback", request_id, labels))
+
+    def tick(self) -> None:
+        """Close a window on time alone (call periodically)."""
+        self._queue.put(("tick",))
+
+    def close(self) -> None:
+        """Stop the worker."""
+        self._queue.put(_STOP)
+        self._worker.join(5)
+
+    # ---------------------------------------------------------------- worker
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self._handle(item)
+            except Exception:  # drift watching must never take the agent down
+                log.exception("drift worker step failed")
+
+    def _handle(self, item: tuple) -> None:
+        with self._lock:
+            monitor, base, bundle_id = self._monitor, self._base, self._bundle_id
+        if monitor is None:
+            return
+        if item[0] == "observe":
+            _, x, out, rid = item
+            base_out = None
+            if base is not None and monitor.should_shadow():
+                base_out = base.run(None, {base.get_inputs()[0].name: x})[0]
+            try:
+                result = monitor.observe(x, out, base_out, refs=[f"{rid}.{i}" for i in range(len(x))])
+            except PoolError as exc:
+                log.warning("input not usable for drift", extra={"fields": {"error": str(exc)}})
+                return
+        elif item[0] == "feedback":
+            _, rid, labels = item
+            for i, label in enumerate(labels):
+                monitor.feedback(f"{rid}.{i}", int(label))
+            return
+        else:
+            result = monitor.tick()
+        if result is not None:
+            self._publish(result, bundle_id)
+
+    def _publish(self, result: WindowResult, bundle_id: str | None) -> None:
+        report = result.report
+        self.last_report = report
+        with self._lock:
+            self._kept[report.window_index] = (report.disputed, result.disputed_inputs)
+            while len(self._kept) > self.settings.history:
+                self._kept.popitem(last=False)
+        fields = report.model_dump(exclude={"schema_version"})
+        self.send(DriftMessage(device_id=self.device_id, bundle_id=bundle_id, **fields))
+        log.info("drift window closed", extra={"fields": {"window": report.window_index, "alert": report.alert,
+                                                          "out_of_band": ",".join(report.out_of_band)}})
+        if self.upload_samples and report.out_of_band and report.disputed:
+            self.upload(UploadSamplesCommand(cmd_id=f"auto-{report.window_index}", window=report.window_index,
+                                             max_bytes=self.batch_bytes))
+        try:
+            self.on_report(report)
+        except Exception:
+            log.exception("drift report callback failed")
+
+    # ---------------------------------------------------------------- samples
+    def upload(self, cmd: UploadSamplesCommand) -> int:
+        """Send the kept disputed inputs a command asks for (by window and/or refs); returns samples sent."""
+        with self._lock:
+            kept = list(self._kept.items())
+        wanted = set(cmd.refs or [])
+        samples: list[Sample] = []
+        for window, (disputed, inputs) in kept:
+            if cmd.window is not None and window != cmd.window:
+                continue
+            for d, x in zip(disputed, inputs):
+                if wanted and d.ref not in wanted:
+                    continue
+                arr = np.ascontiguousarray(x, dtype=np.float32)
+                samples.append(Sample(ref=d.ref, dtype="float32", shape=list(arr.shape),
+                                      data_b64=base64.b64encode(arr.astype("<f4").tobytes()).decode(),
+                                      reason=d.reason))
+        limit = min(cmd.max_bytes, self.batch_bytes)
+        batches: list[list[Sample]] = [[]]
+        size = 0
+        for s in samples:
+            cost = len(s.data_b64) + _SAMPLE_OVERHEAD
+            if batches[-1] and size + cost > limit:
+                batches.append([])
+                size = 0
+            batches[-1].append(s)
+            size += cost
+        for i, batch in enumerate(batches):
+            self.send(SamplesMessage(device_id=self.device_id, cmd_id=cmd.cmd_id, window=cmd.window, batch=i,
+                                     last=i == len(batches) - 1, samples=batch))
+        return len(samples)

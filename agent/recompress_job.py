@@ -1,0 +1,212 @@
+"""Local recompression in a CHILD process with a memory bound, so the agent is never OOM-killed.
+
+Parent (``run_job``): writes ``job.json`` into a fresh job dir, starts
+``python -m agent.recompress_job JOB_DIR``, forwards the child's progress lines, and a psutil
+watchdog kills the child (and its children) when their summed RSS passes the limit or the
+time runs out. The child dies with the parent (PR_SET_PDEATHSIG), so a kill -9 of the agent
+leaves no orphan writing into the state dir.
+
+Child (``_child_main``): unpacks the bundle, runs ``toco_core.recompress.recompress`` with
+the box's profile and policy, builds the drift reference from the candidate's outputs on the
+calibration samples, and writes ``candidate.onnx``, ``reference.json`` and last
+``result.json`` (the commit mark), each atomically. An expected failure (infeasible,
+self-test, bad bundle) is written to ``error.json`` with its FailureReason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel, ConfigDict
+
+from agent.status import write_json_atomic
+from toco_core.device import DeviceProfile
+from toco_core.drift import DriftReference, DriftSettings
+from toco_core.errors import TocoError
+from toco_core.messages import FailureReason
+from toco_core.plan import CompressionReport, Policy
+
+log = logging.getLogger("toco.agent.recompress")
+Progress = Callable[[str, int, int], None]
+
+
+class JobSpec(BaseModel):
+    """What the child needs: the bundle file, this box's profile and the policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_path: str
+    profile: DeviceProfile
+    policy: Policy
+    drift: DriftSettings = DriftSettings()
+    measure_memory: bool = False
+
+
+class JobFailed(TocoError):
+    """Raised when recompression did not produce a candidate; ``reason`` is the wire code."""
+
+    def __init__(self, reason: FailureReason, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A candidate that passed the self-test in the child: its file, report and drift reference."""
+
+    candidate: Path
+    report: CompressionReport
+    reference: DriftReference
+    model_name: str
+    peak_rss: int
+    preprocessing: dict | None = None
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def _kill_tree(proc: psutil.Process) -> None:
+    try:
+        kids = proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    for p in [*kids, proc]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the agent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
+            progress: Progress = lambda *a: None) -> JobResult:
+    """Recompress in a child process bounded to ``memory_limit`` bytes of RSS and ``timeout`` s.
+
+    Returns the JobResult. Raises JobFailed: no_memory (limit hit), infeasible,
+    self_test_failed, bad_manifest (unusable bundle) or internal (crash, timeout).
+    """
+    shutil.rmtree(job_dir, ignore_errors=True)
+    job_dir.mkdir(parents=True)
+    write_json_atomic(job_dir / "job.json", spec.model_dump_json().encode())
+    child = subprocess.Popen([sys.executable, "-m", "agent.recompress_job", str(job_dir)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, preexec_fn=_die_with_parent, cwd=os.getcwd())
+    proc = psutil.Process(child.pid)
+    err_tail: list[bytes] = []
+    threading.Thread(target=lambda: err_tail.extend(child.stderr.readlines()[-20:]), daemon=True).start()
+    threading.Thread(target=_forward_progress, args=(child.stdout, progress), daemon=True).start()
+    peak, start, verdict = 0, time.monotonic(), None
+    while child.poll() is None:
+        rss = _tree_rss(proc)
+        peak = max(peak, rss)
+        if rss > memory_limit:
+            verdict = JobFailed(FailureReason.NO_MEMORY, f"recompression used {rss >> 20} MiB, the limit is "
+                                f"{memory_limit >> 20} MiB; it was stopped", "raise recompress_memory or the box's RAM")
+        elif time.monotonic() - start > timeout:
+            verdict = JobFailed(FailureReason.INTERNAL, f"recompression took longer than {timeout:.0f} s; it was stopped",
+                                "raise recompress_timeout")
+        if verdict is not None:
+            _kill_tree(proc)
+            child.wait(10)
+            raise verdict
+        time.sleep(0.05)
+    return _collect(job_dir, child.returncode, peak, b"".join(err_tail))
+
+
+def _forward_progress(stream, progress: Progress) -> None:
+    for line in stream:
+        try:
+            event = json.loads(line)
+            progress(str(event["stage"]), int(event["done"]), int(event["total"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+        except Exception:  # the callback is the daemon's: never kill the reader thread
+            log.exception("progress callback failed")
+
+
+def _collect(job_dir: Path, code: int, peak: int, stderr: bytes) -> JobResult:
+    if (job_dir / "error.json").exists():
+        err = json.loads((job_dir / "error.json").read_text())
+        raise JobFailed(FailureReason(err["reason"]), err["message"])
+    if code != 0 or not (job_dir / "result.json").exists():
+        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {code}"]
+        raise JobFailed(FailureReason.INTERNAL, f"recompression child failed: {tail[0][:300]}",
+                        "see the agent log; report it with the bundle id")
+    result = json.loads((job_dir / "result.json").read_text())
+    return JobResult(job_dir / "candidate.onnx", CompressionReport.model_validate(result["report"]),
+                     DriftReference.model_validate_json((job_dir / "reference.json").read_bytes()),
+                     result["model_name"], peak, result.get("preprocessing"))
+
+
+# ----------------------------------------------------------------------------- child side
+def _emit(stage: str, done: int, total: int) -> None:
+    print(json.dumps({"stage": stage, "done": done, "total": total}), flush=True)
+
+
+def _child_main(job_dir: Path) -> int:
+    from toco_core.bundle import unpack_bundle
+    from toco_core.drift import build_reference
+    from toco_core.errors import BundleError, InfeasibleError, SelfTestError
+    from toco_core.model_bundle import open_bundle
+    from toco_core.onnx_model import model_bytes, output_kind
+    from toco_core.recompress import recompress
+    from toco_core.runtime import run_model
+
+    spec = JobSpec.model_validate_json((job_dir / "job.json").read_bytes())
+    try:
+        _emit("open", 0, 1)
+        model, analysis, info = open_bundle(unpack_bundle(Path(spec.bundle_path).read_bytes()))
+        built, report = recompress(model, analysis, spec.profile, spec.policy, progress=_emit,
+                                   measure_memory=spec.measure_memory)
+        _emit("reference", 0, 1)
+        runnable = model_bytes(built.runnable)
+        outputs = run_model(runnable, analysis.heldout_x)
+        reference = build_reference(analysis.heldout_x, outputs, 1.0 - report.self_test.measured, spec.drift,
+                                    output_kind(model))
+    except (InfeasibleError, SelfTestError, BundleError) as exc:
+        reason = (FailureReason.INFEASIBLE if isinstance(exc, InfeasibleError) else
+                  FailureReason.SELF_TEST_FAILED if isinstance(exc, SelfTestError) else FailureReason.BAD_MANIFEST)
+        write_json_atomic(job_dir / "error.json", json.dumps({"reason": reason.value, "message": str(exc)}).encode())
+        return 3
+    except TocoError as exc:
+        write_json_atomic(job_dir / "error.json",
+                          json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc)}).encode())
+        return 3
+    write_json_atomic(job_dir / "candidate.onnx", runnable)
+    write_json_atomic(job_dir / "reference.json", reference.model_dump_json().encode())
+    write_json_atomic(job_dir / "result.json", json.dumps({"report": report.model_dump(mode="json"),
+                                                           "model_name": info.model_name,
+                                                           "preprocessing": info.preprocessing.model_dump(mode="json")
+                                                           if info.preprocessing else None}).encode())
+    _emit("done", 1, 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(Path(sys.argv[1])))
