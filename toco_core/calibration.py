@@ -18,8 +18,8 @@ from pydantic import BaseModel, Field
 
 from toco_core.compression.tolerance_compress import compress_weights, summary
 from toco_core.fidelity import OutputKind, compare_outputs
-from toco_core.onnx_model import WeightInfo, with_weights
-from toco_core.runtime import run_model
+from toco_core.onnx_model import WeightInfo
+from toco_core.runtime import run_with_weights
 
 Operator = Literal["prune", "quantize", "prune+quantize"]
 
@@ -120,7 +120,7 @@ def measure_point(
 ) -> CurvePoint:
     """Compress the weights at the given scales, run the model, compare with the base."""
     tensors = compress_weights(weights, infos, prune_tau_hat, quant_tau_hat, prune_scale, quant_scale)
-    out = run_model(with_weights(model, {k: t.values for k, t in tensors.items()}), x)
+    out = run_with_weights(model, {k: t.values for k, t in tensors.items()}, x)
     fid = compare_outputs(base_out, out, labels, kind)
     stats = summary(tensors)
     return CurvePoint(

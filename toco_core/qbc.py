@@ -11,8 +11,7 @@ import numpy as np
 import onnx
 
 from toco_core.fidelity import OutputKind, as_log_probs, per_sample_disagreement, per_sample_kl
-from toco_core.onnx_model import with_weights
-from toco_core.runtime import run_model
+from toco_core.runtime import run_with_weights
 
 
 def noisy_weights(weights: dict[str, np.ndarray], tau: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -31,7 +30,7 @@ def committee_log_probs(
 ) -> np.ndarray:
     """Log-probabilities of every member on x: ``[M, N, P, C]``."""
     rng = np.random.default_rng(seed)
-    outs = [as_log_probs(run_model(with_weights(model, noisy_weights(weights, tau, rng)), x), kind) for _ in range(members)]
+    outs = [as_log_probs(run_with_weights(model, noisy_weights(weights, tau, rng), x), kind) for _ in range(members)]
     return np.stack(outs)
 
 

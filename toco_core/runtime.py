@@ -36,3 +36,47 @@ def run_batches(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 
 def run_model(model: onnx.ModelProto | bytes, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """One-shot convenience: session + batched run of the first output."""
     return run_batches(make_session(model), x, batch_size)
+
+
+def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
+                     batch_size: int = 256) -> np.ndarray:
+    """Run ``model`` with some initializers replaced, without copying the model.
+
+    The new values are handed to onnxruntime as session initializers (SessionOptions.add_initializer),
+    which is what makes committees and calibration sweeps on multi-MB models cheap. Weights held
+    in Constant nodes fall back to a patched copy (toco_core.onnx_model.with_weights).
+    """
+    from toco_core.onnx_model import with_weights
+
+    inits = {t.name for t in model.graph.initializer}
+    if not set(weights) <= inits:
+        return run_model(with_weights(model, weights), x, batch_size)
+    opts = ort.SessionOptions()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # Measured with onnxruntime 1.32: at ORT_ENABLE_ALL the NCHWc Conv rewrite reads the model's own
+    # initializer and silently ignores the override; EXTENDED honours it.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    # OrtValues borrow the numpy buffers: both must outlive the session
+    arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in weights.values()]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    for name, value in zip(weights, values):
+        opts.add_initializer(name, value)
+    try:
+        sess = ort.InferenceSession(_cached_bytes(model), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {exc}", "check the model's opset and ops") from exc
+    return run_batches(sess, x, batch_size)
+
+
+_BYTES_CACHE: dict[int, tuple[onnx.ModelProto, bytes]] = {}
+
+
+def _cached_bytes(model: onnx.ModelProto) -> bytes:
+    # Serializing a multi-MB model for every committee member costs more than the run itself.
+    hit = _BYTES_CACHE.get(id(model))
+    if hit is None or hit[0] is not model:
+        _BYTES_CACHE.clear()
+        hit = (model, model_bytes(model))
+        _BYTES_CACHE[id(model)] = hit
+    return hit[1]

@@ -42,3 +42,13 @@ def test_bad_inputs_raise():
         closed_form_tolerance(fisher, weights, eps=0)
     with pytest.raises(ValueError, match="different tensors"):
         closed_form_tolerance({"a": fisher["a"]}, weights)
+
+
+def test_run_with_weights_equals_a_patched_model(lenet5, digits):
+    """Session initializer overrides must reach every layer (Conv included) exactly."""
+    from toco_core.onnx_model import read_weights, with_weights
+    from toco_core.runtime import run_model, run_with_weights
+
+    w = {k: v * 0.5 for k, v in read_weights(lenet5).items()}
+    x = digits.x_pool[:32]
+    np.testing.assert_allclose(run_with_weights(lenet5, w, x), run_model(with_weights(lenet5, w), x), atol=1e-5)
