@@ -1,0 +1,229 @@
+"""Benchmark of the tolerance analysis (issue 2): its cost, and pruning quality against baselines.
+
+    .venv/bin/python bench/analysis.py [--quick]
+
+1. Wall time and peak RSS of the whole ``toco analyze`` command (QBC, pruning rounds,
+   calibration, process start-up) run as a subprocess on the MNIST pool, for LeNet-5,
+   LeNet-300-100 and the ~5M-parameter CNN (``--quick`` skips the latter).
+2. Pruning at equal sparsity, no retraining, agreement with the base model on the 1000
+   held-out digits the analysis never sees: tolerance pruning (the analysis' prune ranks,
+   zero w_i where r_i <= s) vs global and layer-wise magnitude pruning, measured in the same
+   run. From a 2%-step grid we derive the highest sparsity each method keeps at >= 99% and
+   >= 98% agreement and the ratio best-baseline-kept / tolerance-kept.
+
+Prints rich tables and writes the same data to bench/results/analysis.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from toco_core.analysis_result import load_result
+from toco_core.compression.pruning import magnitude_thresholds, prune
+from toco_core.demo.data import mnist_splits
+from toco_core.demo.train import demo_model
+from toco_core.fidelity import compare_outputs
+from toco_core.onnx_model import load_model, output_kind, read_weights, with_weights
+from toco_core.runtime import run_model
+
+ROOT = Path(__file__).resolve().parent
+MODELS = {"lenet5": "LeNet-5", "mlp": "LeNet-300-100", "wide_cnn": "CNN ~5M"}
+TIME_TARGET_S = {"lenet5": 30.0, "wide_cnn": 600.0}
+PRUNED_MODELS = ("lenet5", "mlp")
+TABLE_SPARSITY = (0.50, 0.60, 0.70, 0.80, 0.90, 0.95)
+FINE_SPARSITY = tuple(round(0.10 + 0.02 * i, 2) for i in range(44))  # 10 .. 96 %
+KEPT_RATIO_TARGET = {0.99: 1.0, 0.98: 1.3}  # agreement threshold -> min best-baseline / tolerance kept
+METHODS = ("tolerance", "global magnitude", "layer-wise magnitude")
+console = Console(width=150)
+
+
+def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path) -> dict:
+    """Run ``toco analyze MODEL --pool POOL -o OUT`` as a child process.
+
+    Returns wall seconds, CPU seconds (user + sys of the waited child: unlike wall time, not
+    inflated by other load on the machine), peak RSS (MB, child tree polled every 50 ms with
+    psutil) and the 1-minute load average at the start. Raises RuntimeError with the log's
+    tail when the command fails.
+    """
+    cmd = [sys.executable, "-m", "toco_cli", "analyze", str(model), "--pool", str(pool), "-o", str(out)]
+    peak = 0
+    load = os.getloadavg()[0]
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT.parent)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:  # the child exited between poll() and the read
+                pass
+            time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}:\n{tail}")
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak / 2**20, "load_avg_1min": load, "command": " ".join(cmd)}
+
+
+def pruned_weights(weights: dict, method: str, sparsity: float, ranks: dict) -> dict:
+    """The weights pruned to ``sparsity`` by ``method`` (one of METHODS); inputs untouched.
+
+    tolerance: zero w_i where prune rank r_i <= s; magnitude: |w| <= the s-quantile of |w|
+    over all tensors (global) or per tensor (layer-wise).
+    """
+    if method == "tolerance":
+        return {k: np.where(ranks[k] <= sparsity, np.float32(0), w).astype(np.float32) for k, w in weights.items()}
+    thresholds = magnitude_thresholds(weights, sparsity, layerwise=method == "layer-wise magnitude")
+    return prune(weights, {k: np.float32(t) for k, t in thresholds.items()})
+
+
+def agreement_curves(model_path: Path, result_dir: Path, x: np.ndarray) -> dict:
+    """Agreement with the base model on ``x`` for every method at every grid sparsity.
+
+    Returns {"sparsity": [...], "agreement": {method: [...]}, "measured_sparsity": {method: [...]}}.
+    """
+    model = load_model(model_path)
+    kind = output_kind(model)
+    weights = read_weights(model)
+    ranks = load_result(result_dir).tolerances.prune_rank
+    base = run_model(model, x)
+    grid = sorted(set(FINE_SPARSITY) | set(TABLE_SPARSITY))
+    total = sum(w.size for w in weights.values())
+    agree: dict[str, list[float]] = {m: [] for m in METHODS}
+    measured: dict[str, list[float]] = {m: [] for m in METHODS}
+    for s in grid:
+        for m in METHODS:
+            w = pruned_weights(weights, m, s, ranks)
+            measured[m].append(sum(int((v == 0).sum()) for v in w.values()) / total)
+            agree[m].append(compare_outputs(base, run_model(with_weights(model, w), x), kind=kind).agreement)
+    return {"sparsity": grid, "agreement": agree, "measured_sparsity": measured}
+
+
+def max_sparsity_at(sparsity: list[float], agreement: list[float], threshold: float) -> float:
+    """Highest sparsity reached before agreement first drops below ``threshold``.
+
+    The unpruned model (s = 0, agreement 1) anchors the curve; between the last grid point
+    that meets the threshold and the first that misses it, s is interpolated linearly:
+    s* = s_a + (a_a - thr) / (a_a - a_b) * (s_b - s_a).
+    """
+    s_pts, a_pts = [0.0, *sparsity], [1.0, *agreement]
+    for i in range(1, len(s_pts)):
+        if a_pts[i] < threshold:
+            s_a, s_b, a_a, a_b = s_pts[i - 1], s_pts[i], a_pts[i - 1], a_pts[i]
+            return s_a + (a_a - threshold) / (a_a - a_b) * (s_b - s_a)
+    return s_pts[-1]  # never dropped: a lower bound
+
+
+def kept_verdicts(curves: dict) -> dict:
+    """Per agreement threshold: max sparsity and kept share per method, kept ratio, pass/fail."""
+    out = {}
+    for thr, target in KEPT_RATIO_TARGET.items():
+        best = {m: max_sparsity_at(curves["sparsity"], curves["agreement"][m], thr) for m in METHODS}
+        kept = {m: 1.0 - s for m, s in best.items()}
+        ratio = min(kept["global magnitude"], kept["layer-wise magnitude"]) / kept["tolerance"]
+        out[f"{thr:.2f}"] = {"max_sparsity": best, "kept": kept, "ratio": ratio,
+                             "target_ratio": target, "passed": ratio >= target}
+    return out
+
+
+def write_pool(folder: Path) -> Path:
+    """Save the MNIST analysis pool (x, y) as .npz for ``toco analyze``; returns its path."""
+    s = mnist_splits()
+    path = folder / "mnist_pool.npz"
+    np.savez(path, x=s.x_pool, y=s.y_pool)
+    return path
+
+
+def timing_table(rows: list[dict]) -> Table:
+    """Rich table of analysis cost per model."""
+    t = Table(title="toco analyze: wall time and peak RSS (whole command, 2 cores)",
+              caption="CPU s = user + sys of the command; load = 1-min load average when it started")
+    for col in ("model", "weights", "wall s", "CPU s", "load", "peak RSS MB", "qbc / prune / calib s", "target", "pass/fail"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        ph = r["timings"]
+        target = r["target_s"]
+        verdict = "-" if target is None else ("PASS" if r["passed"] else "FAIL")
+        t.add_row(r["model"], f"{r['weights']:,}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+                  f"{r['load_avg_1min']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                  f"{ph['qbc']:.1f} / {ph['prune_rounds']:.1f} / {ph['calibrate']:.1f}",
+                  "-" if target is None else f"< {target:.0f} s", verdict)
+    return t
+
+
+def pruning_tables(pruning: dict) -> tuple[Table, Table]:
+    """Rich tables: agreement at equal sparsity, then kept weights at 99% / 98% agreement."""
+    a = Table(title="pruning without retraining: agreement with the base on 1000 held-out digits")
+    a.add_column("model")
+    a.add_column("method")
+    for s in TABLE_SPARSITY:
+        a.add_column(f"{s:.0%}", justify="right")
+    k = Table(title="highest sparsity at an agreement threshold (2% grid, interpolated)")
+    for col in ("model", "agreement", *METHODS, "kept ratio", "target", "pass/fail"):
+        k.add_column(col, justify="left" if col == "model" else "right")
+    for name, p in pruning.items():
+        idx = [p["sparsity"].index(s) for s in TABLE_SPARSITY]
+        for m in METHODS:
+            a.add_row(name, m, *(f"{p['agreement'][m][i]:.1%}" for i in idx))
+        for thr, v in p["verdicts"].items():
+            k.add_row(name, f">= {float(thr):.0%}", *(f"{v['max_sparsity'][m]:.1%}" for m in METHODS),
+                      f"{v['ratio']:.2f}x", f">= {v['target_ratio']:.1f}x", "PASS" if v["passed"] else "FAIL")
+    return a, k
+
+
+def main() -> None:
+    """Parse --quick, run the analyses and the pruning comparison, print and save the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="skip the ~5M-parameter CNN")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "analysis.json", help="JSON results file")
+    args = parser.parse_args()
+    archs = [a for a in MODELS if not (args.quick and a == "wide_cnn")]
+    heldout = mnist_splits().x_heldout
+    timing, pruning = [], {}
+    with tempfile.TemporaryDirectory(prefix="toco-bench-") as tmp:
+        work = Path(tmp)
+        pool = write_pool(work)
+        for arch in archs:
+            model_path = demo_model(arch, trained=True)
+            out = work / arch
+            console.print(f"[bold]{MODELS[arch]}[/bold]: toco analyze ...")
+            run = analyze_subprocess(model_path, pool, out, work / f"{arch}.log")
+            manifest = load_result(out).manifest
+            target = TIME_TARGET_S.get(arch)
+            timing.append({"model": MODELS[arch], "arch": arch, "weights": manifest.weights, **run,
+                           "timings": manifest.timings, "samples_used": manifest.samples_used,
+                           "qbc_rounds": len(manifest.rounds), "target_s": target,
+                           "passed": None if target is None else run["wall_s"] < target})
+            if arch in PRUNED_MODELS:
+                console.print(f"[bold]{MODELS[arch]}[/bold]: pruning grid ...")
+                curves = agreement_curves(model_path, out, heldout)
+                pruning[MODELS[arch]] = {**curves, "verdicts": kept_verdicts(curves)}
+    console.print(timing_table(timing))
+    for table in pruning_tables(pruning):
+        console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": " ".join(["bench/analysis.py", *sys.argv[1:]]), "cpus": os.cpu_count(),
+              "heldout_digits": len(heldout), "analysis": timing, "pruning": pruning}
+    args.out.write_text(json.dumps(report, indent=1))
+    console.print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Fleet server load benchmark: simulated devices (protocol-speaking paho clients, not agents)
+against a real mosquitto + the fleet server (its own process), all on loopback.
+
+1. N devices (default 1,000) send births, telemetry every 10 s and drift reports every 60 s
+   for --duration s; measured: messages lost (sent vs received by the server), server CPU and
+   RSS, p50/p99 latency of GET /api/devices (the overview) polled meanwhile.
+2. A bundle deployment to 200 of them at once: each requests the chunks, waits for them and
+   reports received -> downloading -> verified -> active; measured: time to all-complete.
+
+Devices are multiplexed, 50 per MQTT connection, to keep the bench process light.
+Run: ``.venv/bin/python bench/fleet.py`` (about 3 min) or ``--quick`` (200 devices, 30 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import paho.mqtt.client as mqtt
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.protocol.conftest import Broker, free_port  # noqa: E402
+from toco_core.messages import (BundleManifest, ChunkRequest, DeployCommand, DriftMessage, MessageKind,  # noqa: E402
+                                StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
+from toco_core.topics import Topics  # noqa: E402
+
+FLEET = "bench"
+HW = {"total_memory": 512 << 20, "available_memory": 300 << 20, "free_storage": 1 << 30, "physical_cores": 1,
+      "logical_cores": 1, "cpu_model": "sim", "ort_version": "1.0"}
+
+
+def run_server(data_dir: str, broker_url: str, http_port: int) -> None:
+    """Child process: the fleet server with small analysis settings."""
+    from fleet_server.api import create_app
+    from fleet_server.config import FleetSettings
+    from fleet_server.server import FleetServer, HttpThread
+    from toco_core.analysis.settings import AnalysisSettings
+
+    fast = AnalysisSettings(initial_samples=16, samples_per_round=16, max_rounds=1, max_heldout=60, prune_rounds=1,
+                            prune_round_samples=16, committee_members=2)
+    server = FleetServer(FleetSettings(data_dir=Path(data_dir), broker=broker_url, fleet=FLEET, analysis=fast,
+                                       deploy_timeout_s=120)).start()
+    HttpThread(create_app(server), "127.0.0.1", http_port).start()
+    while True:
+        time.sleep(3600)
+
+
+class Connection:
+    """One MQTT connection carrying many simulated devices."""
+
+    def __init__(self, port: int, ids: list[str], group: str) -> None:
+        self.ids, self.t, self.group = ids, Topics(FLEET), group
+        self.sent: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.manifests: dict[str, BundleManifest] = {}
+        self.chunks: dict[str, set[int]] = {}
+        self.waiting: dict[str, list[DeployCommand]] = {}
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-{ids[0]}")
+        self.c.max_inflight_messages_set(1000)
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port, 60)
+        self.c.subscribe([(self.t.device(MessageKind.CMD, "+"), 1), (self.t.manifest(), 1), (self.t.chunk(), 0)])
+        self.c.loop_start()
+        self.seq = 0
+
+    def send(self, kind: MessageKind, msg, qos: int = 1) -> None:
+        self.seq += 1
+        self.c.publish(self.t.device(kind, msg.device_id), encode(msg.model_copy(update={"seq": self.seq})), qos=qos,
+                       retain=kind is MessageKind.STATE)
+        with self.lock:
+            self.sent[kind.value] = self.sent.get(kind.value, 0) + 1
+
+    def births(self) -> None:
+        for i in self.ids:
+            self.send(MessageKind.STATE, StateMessage(device_id=i, state="online", birth=1, agent_version="sim",
+                                                      hardware={**HW, "device_id": i, "group": self.group}))
+
+    def telemetry(self) -> None:
+        for i in self.ids:
+            self.send(MessageKind.TELEMETRY, TelemetryMessage(device_id=i, mem_available=300 << 20, disk_free=1 << 30,
+                                                              cpu_load=0.3, inferences=100, latency_ms_p50=2.0), qos=0)
+
+    def drift(self, window: int) -> None:
+        now = time.time()
+        for i in self.ids:
+            self.send(MessageKind.DRIFT, DriftMessage(device_id=i, window_index=window, opened_at=now - 60, closed_at=now,
+                                                      n_samples=256, n_shadowed=26, measured_agreement=0.99,
+                                                      predicted_agreement=0.99, mean_confidence=0.9, mean_entropy=0.3,
+                                                      input_mean=0.1, input_std=0.3))
+
+    def _on_message(self, client, userdata, msg) -> None:
+        where = self.t.parse(msg.topic)
+        if where.kind is MessageKind.CMD and where.device_id in self.ids:
+            cmd = parse_message(MessageKind.CMD, msg.payload)
+            if isinstance(cmd, DeployCommand):
+                threading.Thread(target=self._deploy, args=(cmd, where.device_id), daemon=True).start()
+        elif where.kind is MessageKind.MANIFEST and msg.payload:
+            m = parse_message(MessageKind.MANIFEST, msg.payload)
+            self.manifests[m.bundle_id] = m
+        elif where.kind is MessageKind.CHUNK:
+            with self.lock:
+                self.chunks.setdefault(where.bundle_id, set()).add(where.index)
+
+    def _status(self, cmd: DeployCommand, dev: str, phase: str) -> None:
+        self.send(MessageKind.STATUS, StatusMessage(device_id=dev, phase=phase, deployment_id=cmd.deployment_id,
+                                                    bundle_id=cmd.bundle_id))
+
+    def _deploy(self, cmd: DeployCommand, dev: str) -> None:
+        self._status(cmd, dev, "received")
+        end = time.monotonic() + 60
+        while cmd.bundle_id not in self.manifests and time.monotonic() < end:
+            time.sleep(0.05)
+        n = self.manifests[cmd.bundle_id].n_chunks
+        self._status(cmd, dev, "downloading")
+        req = ChunkRequest(device_id=dev, bundle_id=cmd.bundle_id, chunks=list(range(min(n, 64))))
+        self.c.publish(self.t.get(cmd.bundle_id, dev), encode(req), qos=1)
+        while len(self.chunks.get(cmd.bundle_id, ())) < n and time.monotonic() < end:
+            time.sleep(0.05)
+        for phase in ("verified", "self_test", "active"):
+            self._status(cmd, dev, phase)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def poll_api(url: str, stop: threading.Event, out: list[float]) -> None:
+    """GET /api/devices every 0.25 s; latencies in ms into ``out``."""
+    with httpx.Client(base_url=url, timeout=30) as api:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            api.get("/api/devices").raise_for_status()
+            out.append(1000 * (time.perf_counter() - t0))
+            stop.wait(0.25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--duration", type=float, default=130.0, help="seconds of steady traffic")
+    ap.add_argument("--telemetry-s", type=float, default=10.0)
+    ap.add_argument("--drift-s", type=float, default=60.0)
+    ap.add_argument("--deploy-devices", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="200 devices, 30 s, drift every 15 s")
+    args = ap.parse_args()
+    if args.quick:
+        args.devices, args.duration, args.drift_s, args.deploy_devices = 200, 30.0, 15.0, 100
+    broker = Broker()
+    broker.start()
+    tmp = tempfile.mkdtemp(prefix="toco-bench-")
+    http_port = free_port()
+    proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port))
+    proc.start()
+    url = f"http://127.0.0.1:{http_port}"
+    api = httpx.Client(base_url=url, timeout=60)
+    for _ in range(300):
+        try:
+            if api.get("/api/health").json()["broker"] == "connected":
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    ps = psutil.Process(proc.pid)
+    ids = [f"dev{i:04d}" for i in range(args.devices)]
+    # the first --deploy-devices devices form group "deploy" (50 per connection keeps groups whole)
+    conns = [Connection(broker.port, ids[i:i + 50], "deploy" if i < args.deploy_devices else "bench")
+             for i in range(0, len(ids), 50)]
+    lat: list[float] = []
+    stop = threading.Event()
+    poller = threading.Thread(target=poll_api, args=(url, stop, lat), daemon=True)
+    ps.cpu_percent()
+    cpu0 = sum(ps.cpu_times()[:2])
+    t_start = time.monotonic()
+    for c in conns:
+        c.births()
+    poller.start()
+    next_tel, next_drift, window, rss = t_start, t_start + args.drift_s, 0, 0
+    while time.monotonic() - t_start < args.duration:
+        now = time.monotonic()
+        if now >= next_tel:
+            for c in conns:
+                c.telemetry()
+            next_tel += args.telemetry_s
+        if now >= next_drift:
+            for c in conns:
+                c.drift(window)
+            window, next_drift = window + 1, next_drift + args.drift_s
+        rss = max(rss, ps.memory_info().rss + sum(ch.memory_info().rss for ch in ps.children(recursive=True)))
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t_start
+    sent: dict[str, int] = {}
+    for c in conns:
+        for k, v in c.sent.items():
+            sent[k] = sent.get(k, 0) + v
+    time.sleep(3)  # let the server drain its ingest queue
+    cpu = 100 * (sum(ps.cpu_times()[:2]) - cpu0) / (elapsed + 3)
+    stop.set()
+    poller.join(5)
+    got = api.get("/api/health").json()["messages"]
+    print(f"traffic phase done after {elapsed:.0f} s; analysing the demo model for the deployment", flush=True)
+    lost = {k: v - got.get(f"received.{k}", 0) for k, v in sent.items()}
+    dropped = got.get("dropped", 0)
+    # --- deployment to many devices at once
+    pool = io.BytesIO()
+    from toco_core.demo.data import mnist_splits
+    from toco_core.demo.train import demo_model
+
+    d = mnist_splits()
+    np.savez(pool, x=d.x_pool[:120], y=d.y_pool[:120])
+    m = api.post("/api/models", files={"file": ("m.onnx", Path(demo_model("lenet5")).read_bytes()),
+                                       "pool": ("p.npz", pool.getvalue())}, data={"name": "lenet5"}).json()
+    a = api.post(f"/api/models/{m['model_id']}/analyses", json={"budget": 0.05}).json()
+    t_an = time.monotonic()
+    while (a := api.get(f"/api/analyses/{a['analysis_id']}").json())["status"] not in ("done", "failed"):
+        if time.monotonic() - t_an > 300:
+            raise SystemExit(f"analysis did not finish in 300 s: {a}")
+        time.sleep(0.5)
+    print(f"analysis {a['status']} in {time.monotonic() - t_an:.0f} s; deploying", flush=True)
+    t_dep = time.monotonic()
+    # the whole group at once (canary_share 1): this measures transfer + status handling, not staging
+    dep = api.post("/api/deployments", json={"analysis_id": a["analysis_id"], "target": {"group": "deploy"},
+                                             "canary_share": 1.0}).json()
+    n_dep = sum(dep["counts"].values())
+    while True:
+        cur = api.get(f"/api/deployments/{dep['deployment_id']}").json()
+        if cur["stage"] in ("done", "stopped") or time.monotonic() - t_dep > 180:
+            break
+        time.sleep(0.2)
+    dep_s = time.monotonic() - t_dep
+    rows = [("devices", args.devices), ("duration s", f"{elapsed:.0f}"), ("messages sent", sum(sent.values())),
+            ("messages lost", sum(max(v, 0) for v in lost.values())), ("messages dropped (invalid)", dropped),
+            ("server CPU % (of one core)", f"{cpu:.0f}"), ("server peak RSS MB (incl. workers)", f"{rss / 1e6:.0f}"),
+            ("GET /api/devices p50 ms", f"{statistics.median(lat):.1f}"),
+            ("GET /api/devices p99 ms", f"{np.percentile(lat, 99):.1f}"), ("API samples", len(lat)),
+            ("deployment devices", n_dep), ("deployment stage", cur["stage"]), ("deployment counts", cur["counts"]),
+            ("deployment time to all-complete s", f"{dep_s:.1f}")]
+    print("| metric | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    print(json.dumps({"lost_by_kind": lost}))
+    for c in conns:
+        c.close()
+    for child in ps.children(recursive=True):  # analysis workers would outlive a terminated server
+        child.terminate()
+    proc.terminate()
+    proc.join(10)
+    broker.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""``toco-fleet``: run the server, and drive it over its HTTP API (models, analyses, deployments, devices, drift)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from toco_core.cli_support import cli_errors, configure_logging, console
+from toco_core.errors import ConfigError, TocoError
+from toco_core.units import format_size
+
+app = typer.Typer(help="TOCO fleet server: registry, analyses, signed bundles, staged deployments, drift.",
+                  no_args_is_help=True)
+models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
+
+
+def _call(server: str, method: str, path: str, **kw):
+    import httpx
+
+    try:
+        r = httpx.request(method, server.rstrip("/") + path, timeout=60, **kw)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"cannot reach the fleet server at {server}: {exc}", "start it with `toco-fleet serve`") from None
+    if r.status_code >= 400:
+        detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else r.text
+        raise TocoError(f"server said {r.status_code}: {detail}")
+    return r.json()
+
+
+@app.callback()
+def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v info, -vv debug")) -> None:
+    configure_logging(verbose)
+
+
+@app.command()
+@cli_errors
+def serve(data_dir: Path = typer.Option(Path("fleet-data"), help="database, bundles, keys"),
+          broker: str = typer.Option("embedded", help="'embedded' or mqtt://host:port"),
+          broker_port: int = typer.Option(1883, help="embedded broker port"),
+          host: str = typer.Option("127.0.0.1", help="HTTP bind address"), port: int = typer.Option(8080),
+          fleet: str = typer.Option("default", help="fleet name (topic root toco/v1/{fleet})"),
+          drift_policy: str = typer.Option("auto", help="auto | approval"),
+          concurrency: int = typer.Option(1, help="analysis worker processes")) -> None:
+    """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
+    from fleet_server.config import FleetSettings
+    from fleet_server.server import serve as run
+
+    settings = FleetSettings(data_dir=data_dir, broker=broker, broker_port=broker_port, http_host=host, http_port=port,
+                             fleet=fleet, drift_policy=drift_policy, analysis_concurrency=concurrency)
+    console.print(f"fleet server on http://{host}:{port} (docs /docs), broker {broker}, data {data_dir}")
+    run(settings)
+
+
+@models_app.command("add")
+@cli_errors
+def models_add(model: Path = typer.Argument(..., exists=True, dir_okay=False), pool: Path = typer.Option(..., exists=True),
+               name: Optional[str] = typer.Option(None), server: str = SERVER) -> None:
+    """Register an ONNX model with its analysis pool (.npz with x[, y])."""
+    m = _call(server, "POST", "/api/models", data={"name": name or model.stem},
+              files={"file": (model.name, model.read_bytes()), "pool": (pool.name, pool.read_bytes())})
+    console.print(f"model {m['model_id']}: {m['name']}, {m['weights']} weights, pool {m['pool_size']}")
+
+
+@models_app.command("list")
+@cli_errors
+def models_list(server: str = SERVER) -> None:
+    """List registered models."""
+    t = Table("model", "name", "weights", "size", "pool")
+    for m in _call(server, "GET", "/api/models"):
+        t.add_row(m["model_id"], m["name"], str(m["weights"]), format_size(m["size_bytes"]), str(m["pool_size"]))
+    console.print(t)
+
+
+@app.command()
+@cli_errors
+def analyze(model_id: str, budget: Optional[float] = typer.Option(None), max_rounds: Optional[int] = typer.Option(None),
+            field_samples: bool = typer.Option(False), wait: bool = typer.Option(True), server: str = SERVER) -> None:
+    """Queue an analysis and (by default) follow its progress until the bundle is built."""
+    a = _call(server, "POST", f"/api/models/{model_id}/analyses",
+              json={"budget": budget, "max_rounds": max_rounds, "field_samples": field_samples})
+    console.print(f"analysis {a['analysis_id']} queued")
+    if not wait:
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("queued", total=1)
+        while a["status"] in ("queued", "running"):
+            time.sleep(0.5)
+            a = _call(server, "GET", f"/api/analyses/{a['analysis_id']}")
+            p = a["progress"]
+            bar.update(task, description=p["phase"], completed=p["done"], total=max(p["total"], 1))
+    if a["status"] != "done":
+        raise TocoError(f"analysis {a['analysis_id']} failed: {a['error']}")
+    console.print(f"done: bundle {a['bundle_id'][:12]}")
+
+
+@app.command()
+@cli_errors
+def deploy(analysis_id: str, device: Optional[str] = typer.Option(None), group: Optional[str] = typer.Option(None),
+           all_devices: bool = typer.Option(False, "--all"), canary: Optional[float] = typer.Option(None),
+           threshold: Optional[float] = typer.Option(None), server: str = SERVER) -> None:
+    """Deploy an analysis's bundle to a device, a group or all devices (staged: canary first)."""
+    target = {"device": device} if device else {"group": group} if group else {"all": True} if all_devices else None
+    if target is None:
+        raise ConfigError("no target", "give --device ID, --group NAME or --all")
+    d = _call(server, "POST", "/api/deployments", json={"analysis_id": analysis_id, "target": target,
+                                                        "canary_share": canary, "failure_threshold": threshold})
+    console.print(f"deployment {d['deployment_id']}: stage {d['stage']}, {d['counts']}")
+
+
+@app.command()
+@cli_errors
+def rollback(deployment_id: str, server: str = SERVER) -> None:
+    """Roll a deployment back on every device that got it."""
+    d = _call(server, "POST", f"/api/deployments/{deployment_id}/rollback")
+    console.print(f"deployment {d['deployment_id']}: {d['stage']}")
+
+
+@app.command()
+@cli_errors
+def devices(server: str = SERVER) -> None:
+    """The fleet as a table: state, hardware, active plan, agreement."""
+    t = Table("device", "group", "state", "memory", "cores", "plan", "predicted", "measured")
+    for d in _call(server, "GET", "/api/devices"):
+        hw, act = d["hardware"], d["active"] or {}
+        pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        t.add_row(d["device_id"], d["group"], d["state"], format_size(hw.get("total_memory", 0)),
+                  str(hw.get("physical_cores", "-")), act.get("plan_label") or "-", pct(act.get("predicted_agreement")),
+                  pct(act.get("measured_agreement")))
+    console.print(t)
+
+
+@app.command()
+@cli_errors
+def drift(device: Optional[str] = typer.Option(None), last: int = typer.Option(10), server: str = SERVER) -> None:
+    """Drift windows per device: agreement, confidence, input shift, alert."""
+    path = "/api/drift" + (f"?device_id={device}" if device else "")
+    points = _call(server, "GET", path)
+    for dev in sorted({p["device_id"] for p in points}):
+        t = Table("window", "agreement", "confidence", "entropy", "input shift", "alert", title=dev)
+        for p in [p for p in points if p["device_id"] == dev][-last:]:
+            ag = "-" if p["agreement"] is None else f"{p['agreement']:.1%}"
+            t.add_row(str(p["window"]), ag, f"{p['confidence']:.2f}", f"{p['entropy']:.2f}", f"{p['input_shift']:.2f}",
+                      "[red]ALERT[/red]" if p["alert"] else "")
+        console.print(t)

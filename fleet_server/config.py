@@ -1,0 +1,69 @@
+"""Server configuration: one strict pydantic-settings model (env ``TOCO_FLEET_*`` or keywords).
+
+Every field has a default that works on one machine, a description and bounds; unknown
+keys are refused (``extra="forbid"``) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from toco_core.analysis.settings import AnalysisSettings
+from toco_core.topics import check_id, parse_broker_url
+
+
+class FleetSettings(BaseSettings):
+    """Everything ``toco-fleet serve`` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="TOCO_FLEET_", extra="forbid", env_nested_delimiter="__")
+
+    fleet: str = Field("default", description="fleet name: the MQTT topic root is toco/v1/{fleet}")
+    data_dir: Path = Field(Path("fleet-data"), description="database, models, analyses, bundles and keys live here")
+    db_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///{data_dir}/fleet.db")
+    broker: str = Field("embedded", description="'embedded' (amqtt in process) or mqtt://host:port / mqtts://host:port")
+    broker_host: str = Field("127.0.0.1", description="where the embedded broker listens")
+    broker_port: int = Field(1883, ge=1, le=65535, description="port of the embedded broker")
+    mqtt_username: str | None = Field(None, description="server's MQTT user (the ACL's server user)")
+    mqtt_password: str | None = None
+    mqtt_ca_file: str | None = Field(None, description="CA bundle for mqtts://")
+    key_path: Path | None = Field(None, description="Ed25519 signing key (PEM, 0600); default {data_dir}/keys/server.pem")
+    http_host: str = Field("127.0.0.1", description="HTTP bind address")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    deploy_timeout_s: float = Field(120.0, gt=0, description="a device silent this long during a deployment is failed")
+    canary_share: float = Field(0.1, gt=0, le=1, description="default share of a deployment's devices in the canary wave")
+    failure_threshold: float = Field(0.2, ge=0, le=1, description="default failure share that stops a deployment")
+    drift_policy: Literal["auto", "approval"] = Field("auto", description="re-analyse on drift at once or after approval")
+    budget: float = Field(0.01, gt=0, lt=1, description="fleet fidelity budget: max disagreement with the base")
+    samples_wait_s: float = Field(10.0, ge=0, description="how long a re-analysis waits for requested field samples")
+    analysis_concurrency: int = Field(1, ge=1, le=16, description="analysis worker processes")
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings, description="defaults of every analysis")
+    chunk_size: int = Field(256 * 1024, ge=64 * 1024, le=256 * 1024, description="bundle chunk size, bytes")
+    tick_s: float = Field(1.0, gt=0, le=60, description="period of the deployment/drift housekeeping loop")
+    telemetry_keep: int = Field(500, ge=10, description="telemetry points kept per device")
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet_is_topic_safe(cls, v: str) -> str:
+        check_id(v, "fleet name")
+        return v
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, v: str) -> str:
+        if v != "embedded":
+            parse_broker_url(v)  # raises ConfigError with the fix
+        return v
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL in effect."""
+        return self.db_url or f"sqlite:///{(self.data_dir / 'fleet.db').resolve()}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The private key's path in effect."""
+        return self.key_path or self.data_dir / "keys" / "server.pem"

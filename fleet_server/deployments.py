@@ -1,0 +1,256 @@
+"""Deployments: a signed bundle to a device, a group or the whole fleet, in stages.
+
+Stages: ``canary`` (ceil(canary_share * n) devices, at least one) -> ``rest`` -> ``done``.
+A deployment stops (``stopped``, remaining devices never get the command) as soon as
+failed / n passes the failure threshold, or when a wave finishes with failed / sent above
+it. A device silent for ``timeout_s`` while in progress is failed (reason ``timeout``), so no
+deployment stays in progress forever. ``rollback`` sends the rollback command to every device
+that got the bundle. Per-device phases come from the agents' status messages (idempotent by
+deployment and phase: nothing moves a device out of a terminal outcome).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from sqlalchemy import select
+
+from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, TimelineRow,
+                             new_id)
+from fleet_server.events import EventBus
+from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
+from fleet_server.views import deployment_view
+from toco_core.bundle import BundleManifest
+from toco_core.messages import FAILING_PHASES, DeployCommand, Phase, RollbackCommand, StatusMessage
+
+log = logging.getLogger("toco.fleet.deployments")
+TERMINAL = ("succeeded", "failed")
+OPEN_STAGES = ("canary", "rest")
+
+
+def outcome_of(phase: Phase) -> str:
+    """active -> succeeded, failed/refused/rolled_back -> failed, anything else -> in_progress."""
+    if phase is Phase.ACTIVE:
+        return "succeeded"
+    return "failed" if phase in FAILING_PHASES else "in_progress"
+
+
+def device_history(db: Database, *, device_id: str, limit: int = 200) -> list[dict[str, Any]]:
+    """A device's deployment timeline, newest first: deployment_id, bundle_id, phase, reason, t."""
+    with db.session() as s:
+        rows = s.execute(select(TimelineRow, DeploymentRow.bundle_id)
+                         .join(DeploymentRow, DeploymentRow.id == TimelineRow.deployment_id)
+                         .where(TimelineRow.device_id == device_id).order_by(TimelineRow.id.desc()).limit(limit)).all()
+        return [{"deployment_id": t.deployment_id, "bundle_id": b, "phase": t.phase, "reason": t.reason, "t": t.t}
+                for t, b in rows]
+
+
+class Deployments:
+    """Creates deployments, follows status messages and timeouts, and moves the stages on."""
+
+    def __init__(self, db: Database, events: EventBus, *, publisher, send_command, timeout_s: float) -> None:
+        """``publisher`` is a BundlePublisher; ``send_command(device_id, command)`` publishes on the device's cmd topic."""
+        self.db, self.events = db, events
+        self.publisher, self.send_command = publisher, send_command
+        self.timeout_s = timeout_s
+
+    # --- create / read ----------------------------------------------------------------------
+
+    def _targets(self, s, target: dict) -> list[str]:
+        if target.get("device"):
+            return [fetch(s, DeviceRow, target["device"], "device").id]
+        q = select(DeviceRow.id).where(DeviceRow.online.is_(True))
+        if target.get("group"):
+            ids = list(s.scalars(q.where(DeviceRow.group == target["group"])))
+            if not ids:
+                raise NotFoundError(f"group {target['group']!r} has no online devices", "check GET /api/devices")
+            return ids
+        ids = list(s.scalars(q))
+        if not ids:
+            raise ConflictError("no device is online", "start an agent first")
+        return ids
+
+    def create(self, *, analysis_id: str, target: dict, canary_share: float, failure_threshold: float,
+               reason: str | None = None) -> dict[str, Any]:
+        """Start a deployment of the analysis's bundle. Returns the Deployment.
+
+        Raises NotFoundError for an unknown analysis/device/group, ConflictError when the analysis
+        has no bundle yet or no device is online.
+        """
+        with self.db.session() as s:
+            a = fetch(s, AnalysisRow, analysis_id, "analysis")
+            if a.status != "done" or not a.bundle_id:
+                raise ConflictError(f"analysis {analysis_id!r} is {a.status}; only a finished analysis has a bundle",
+                                    "wait until it is done")
+            bundle = s.get(BundleRow, a.bundle_id)
+            devices = sorted(self._targets(s, target))
+            budget = float(a.settings.get("budget", 0.01))
+        manifest = BundleManifest.model_validate(bundle.manifest)
+        with open(bundle.path, "rb") as f:
+            self.publisher.announce(manifest, f.read())
+        n_canary = min(len(devices), max(1, math.ceil(canary_share * len(devices) - 1e-9)))
+        dep = DeploymentRow(id=new_id("d"), analysis_id=analysis_id, bundle_id=bundle.id, target=target,
+                            stage="canary" if n_canary < len(devices) else "rest", canary_share=canary_share,
+                            failure_threshold=failure_threshold, reason=reason, created_at=time.time())
+        with self.db.session(write=True) as s:
+            s.add(dep)
+            s.flush()
+            for i, dev in enumerate(devices):
+                s.add(DeploymentDeviceRow(deployment_id=dep.id, device_id=dev, wave="canary" if i < n_canary else "rest",
+                                          phase="pending", outcome="pending", updated_at=time.time()))
+            s.flush()
+            self._send_wave(s, dep, "canary", budget)
+            log_event(s, "deployment", {"deployment_id": dep.id, "target": target, "devices": len(devices)})
+        view = self.get(deployment_id=dep.id)
+        self.events.publish("deployment", view)
+        return view
+
+    def get(self, *, deployment_id: str) -> dict[str, Any]:
+        """One Deployment with its devices. Raises NotFoundError."""
+        with self.db.session() as s:
+            dep = fetch(s, DeploymentRow, deployment_id, "deployment")
+            return deployment_view(dep, self._members(s, deployment_id))
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every deployment, newest first."""
+        with self.db.session() as s:
+            deps = s.scalars(select(DeploymentRow).order_by(DeploymentRow.created_at.desc())).all()
+            return [deployment_view(d, self._members(s, d.id)) for d in deps]
+
+    @staticmethod
+    def _members(s, deployment_id: str) -> list[DeploymentDeviceRow]:
+        return list(s.scalars(select(DeploymentDeviceRow).where(DeploymentDeviceRow.deployment_id == deployment_id)
+                              .order_by(DeploymentDeviceRow.device_id)))
+
+    # --- moving on ----------------------------------------------------------------------------
+
+    def _send_wave(self, s, dep: DeploymentRow, wave: str, budget: float) -> None:
+        now = time.time()
+        for m in self._members(s, dep.id):
+            if m.wave != wave or m.outcome != "pending":
+                continue
+            m.phase, m.outcome, m.sent_at, m.updated_at = "sent", "in_progress", now, now
+            s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="sent", t=now))
+            dev = s.get(DeviceRow, m.device_id)
+            if dev is not None:
+                dev.deploy_state = "deploying"
+            self.send_command(m.device_id, DeployCommand(cmd_id=new_id("c"), deployment_id=dep.id,
+                                                         bundle_id=dep.bundle_id, fidelity_budget=budget))
+
+    def _advance(self, s, dep: DeploymentRow) -> bool:
+        """Stop, open the next wave, or finish. Returns True when the stage changed."""
+        if dep.stage not in OPEN_STAGES:
+            return False
+        members = self._members(s, dep.id)
+        n = len(members)
+        sent = [m for m in members if m.outcome != "pending"]
+        failed = sum(m.outcome == "failed" for m in members)
+        wave_done = all(m.outcome in TERMINAL for m in sent)
+        if failed / n > dep.failure_threshold or (wave_done and sent and failed / len(sent) > dep.failure_threshold):
+            dep.stage, dep.finished_at = "stopped", time.time()
+            dep.reason = (f"stopped: {failed} of {len(sent)} devices failed, share {failed / len(sent):.0%} "
+                          f"passes the threshold {dep.failure_threshold:.0%}")
+            for m in members:
+                if m.outcome == "pending":
+                    m.phase = "not_sent"
+            log_event(s, "deployment", {"deployment_id": dep.id, "stage": dep.stage, "reason": dep.reason})
+            return True
+        if not wave_done:
+            return False
+        if any(m.outcome == "pending" for m in members):
+            dep.stage = "rest"
+            budget = float(s.get(AnalysisRow, dep.analysis_id).settings.get("budget", 0.01))
+            self._send_wave(s, dep, "rest", budget)
+            return True
+        dep.stage, dep.finished_at = "done", time.time()
+        log_event(s, "deployment", {"deployment_id": dep.id, "stage": "done", "failed": failed})
+        return True
+
+    def on_status(self, s, device: DeviceRow, msg: StatusMessage, after: list) -> None:
+        """Ingest hook: record a device's status in its deployment and move the deployment on."""
+        if not msg.deployment_id:
+            return
+        m = s.get(DeploymentDeviceRow, (msg.deployment_id, device.id))
+        if m is None:
+            log.info("status for a deployment this device is not part of",
+                     extra={"fields": {"device": device.id, "deployment": msg.deployment_id}})
+            return
+        reason = None if msg.reason is None else (f"{msg.reason.value}: {msg.detail}" if msg.detail else msg.reason.value)
+        now = time.time()
+        s.add(TimelineRow(deployment_id=m.deployment_id, device_id=device.id, phase=msg.phase.value, reason=reason, t=now))
+        status = {"device_id": device.id, "deployment_id": m.deployment_id, "phase": msg.phase.value, "reason": reason,
+                  "t": now, "progress": msg.progress}
+        after.append(lambda: self.events.publish("status", status))
+        new_outcome = outcome_of(msg.phase)
+        if m.outcome in TERMINAL:
+            # a late or repeated message never reopens a finished device; a rollback is only noted
+            if msg.phase is Phase.ROLLED_BACK:
+                m.phase, m.reason, m.updated_at = msg.phase.value, reason, now
+                device.deploy_state = None
+            return
+        m.phase, m.outcome, m.reason, m.updated_at = msg.phase.value, new_outcome, reason, now
+        if new_outcome == "succeeded":
+            device.deploy_state = None
+            device.alert = False
+            device.active = {"bundle_id": msg.bundle_id or s.get(DeploymentRow, m.deployment_id).bundle_id,
+                             "model_name": (device.active or {}).get("model_name"), "plan": msg.plan,
+                             "predicted_agreement": msg.predicted_agreement,
+                             "measured_agreement": msg.measured_agreement}
+        elif new_outcome == "failed":
+            device.deploy_state = "failed" if msg.phase is not Phase.ROLLED_BACK else None
+        self._after_change(s, m.deployment_id, after)
+
+    def _after_change(self, s, deployment_id: str, after: list) -> None:
+        dep = s.get(DeploymentRow, deployment_id)
+        self._advance(s, dep)
+        s.flush()
+        view = deployment_view(dep, self._members(s, deployment_id))
+        after.append(lambda: self.events.publish("deployment", view))
+
+    def tick(self, now: float | None = None) -> int:
+        """Fail devices silent for longer than the timeout and move their deployments on. Returns how many failed."""
+        now = time.time() if now is None else now
+        after: list = []
+        with self.db.session(write=True) as s:
+            late = s.scalars(select(DeploymentDeviceRow).where(DeploymentDeviceRow.outcome == "in_progress",
+                                                               DeploymentDeviceRow.updated_at < now - self.timeout_s)).all()
+            touched = set()
+            for m in late:
+                m.phase, m.outcome, m.updated_at = "failed", "failed", now
+                m.reason = f"timeout: no status for {self.timeout_s:.0f} s"
+                s.add(TimelineRow(deployment_id=m.deployment_id, device_id=m.device_id, phase="failed", reason=m.reason,
+                                  t=now))
+                dev = s.get(DeviceRow, m.device_id)
+                if dev is not None:
+                    dev.deploy_state = "failed"
+                touched.add(m.deployment_id)
+            for dep_id in touched:
+                self._after_change(s, dep_id, after)
+        for fn in after:
+            fn()
+        return len(late)
+
+    def rollback(self, *, deployment_id: str) -> dict[str, Any]:
+        """Send the rollback command to every device that got the bundle; the stage becomes rolled_back."""
+        with self.db.session(write=True) as s:
+            dep = fetch(s, DeploymentRow, deployment_id, "deployment")
+            if dep.stage == "rolled_back":
+                raise ConflictError(f"deployment {deployment_id!r} is already rolled back")
+            now = time.time()
+            for m in self._members(s, deployment_id):
+                if m.outcome == "pending":
+                    m.phase = "not_sent"
+                    continue
+                self.send_command(m.device_id, RollbackCommand(cmd_id=new_id("c"), deployment_id=deployment_id,
+                                                               reason="rollback requested"))
+                s.add(TimelineRow(deployment_id=deployment_id, device_id=m.device_id, phase="rollback_sent", t=now))
+                m.phase, m.updated_at = "rollback_sent", now
+            dep.stage, dep.finished_at = "rolled_back", now
+            dep.reason = "rolled back on request"
+            log_event(s, "deployment", {"deployment_id": deployment_id, "stage": "rolled_back"})
+        view = self.get(deployment_id=deployment_id)
+        self.events.publish("deployment", view)
+        return view

@@ -1,0 +1,216 @@
+"""MQTT ingest: state, telemetry, status, drift and samples from the devices into the registry.
+
+Every payload is validated with ``toco_core.messages.parse_message``; a bad one (bad JSON, a
+schema mismatch, a device id that disagrees with its topic) is counted, logged with the
+device id, and dropped. Messages are queued by the network thread and written by one ingest
+thread in batches (one transaction per batch, a savepoint per message, so one bad message or
+handler bug never loses the rest of the batch). Events and commands go out after the commit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
+from fleet_server.events import EventBus
+from fleet_server.views import device_view
+from toco_core.messages import (DriftMessage, MessageError, MessageKind, SamplesMessage, StateMessage, StatusMessage,
+                                TelemetryMessage, parse_message)
+
+log = logging.getLogger("toco.fleet.ingest")
+After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
+BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy", "input_shift": "input_shift"}
+
+
+def drift_point(msg: DriftMessage) -> dict[str, Any]:
+    """The API's DriftPoint of a report: values, alert, and each check's band [low, high].
+
+    ``entropy`` is the entropy PSI check's value when the agent judged it (its band is on PSI),
+    else the window's mean entropy.
+    """
+    checks = {c.name: c for c in msg.checks}
+    bands = {BAND_NAMES[n]: [c.low, c.high] for n, c in checks.items() if n in BAND_NAMES}
+    psi = checks.get("entropy_psi")
+    shift = checks.get("input_shift")
+    return {"t": msg.closed_at, "device_id": msg.device_id, "window": msg.window_index, "bundle_id": msg.bundle_id,
+            "agreement": msg.measured_agreement, "predicted_agreement": msg.predicted_agreement,
+            "confidence": msg.mean_confidence,
+            "entropy": psi.value if psi is not None and psi.value is not None else msg.mean_entropy,
+            "mean_entropy": msg.mean_entropy,
+            "input_shift": shift.value if shift is not None and shift.value is not None else 0.0,
+            "accuracy": msg.accuracy, "alert": msg.alert, "out_of_band": list(msg.out_of_band),
+            "consecutive_out_of_band": msg.consecutive_out_of_band, "n_samples": msg.n_samples,
+            "n_shadowed": msg.n_shadowed, "bands": bands}
+
+
+class Ingest:
+    """Validates and stores device messages. ``stats`` counts received/dropped per kind."""
+
+    def __init__(self, db: Database, events: EventBus, *, on_status=None, on_drift=None, batch: int = 500) -> None:
+        """``on_status(s, device, msg, after)`` and ``on_drift(s, device, msg, after)`` are the deployment and drift hooks."""
+        self.db, self.events = db, events
+        self.on_status, self.on_drift = on_status, on_drift
+        self.batch = batch
+        self.stats: Counter[str] = Counter()
+        self._q: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.idle = threading.Event()
+
+    def start(self) -> None:
+        """Start the ingest thread."""
+        self._thread = threading.Thread(target=self._loop, name="ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Process what is queued, then end the thread."""
+        self._q.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def submit(self, kind: MessageKind, device_id: str, payload: bytes) -> None:
+        """Queue one message from the network thread (never blocks)."""
+        self.stats[f"received.{kind.value}"] += 1
+        self.idle.clear()
+        self._q.put((kind, device_id, payload))
+
+    def pending(self) -> int:
+        """Messages waiting to be written."""
+        return self._q.qsize()
+
+    def _loop(self) -> None:
+        while True:
+            if self._q.empty():
+                self.idle.set()
+            first = self._q.get()
+            if first is None:
+                return
+            items = [first]
+            while len(items) < self.batch:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._process(items)
+                    return
+                items.append(nxt)
+            self._process(items)
+
+    def _process(self, items: list[tuple[MessageKind, str, bytes]]) -> None:
+        parsed = []
+        for kind, device_id, payload in items:
+            try:
+                msg = parse_message(kind, payload)
+                if msg.device_id != device_id:
+                    raise MessageError(f"payload names device {msg.device_id!r} on the topic of {device_id!r}",
+                                       "a device publishes only on its own topics")
+                parsed.append((kind, device_id, msg))
+            except MessageError as exc:
+                self.stats[f"dropped.{kind.value}"] += 1
+                self.stats["dropped"] += 1
+                log.warning("dropped a bad message", extra={"fields": {"device": device_id, "kind": kind.value,
+                                                                       "error": str(exc)[:300]}})
+                parsed.append((kind, device_id, None))
+        after: After = []
+        try:
+            with self.db.session(write=True) as s:
+                for kind, device_id, msg in parsed:
+                    try:
+                        with s.begin_nested():
+                            self._handle(s, kind, device_id, msg, after)
+                    except Exception:
+                        self.stats["errors"] += 1
+                        log.exception("ingest handler failed", extra={"fields": {"device": device_id, "kind": kind.value}})
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("ingest batch failed to commit", extra={"fields": {"messages": len(items)}})
+            return
+        for fn in after:
+            try:
+                fn()
+            except Exception:
+                log.exception("post-commit action failed")
+        self.stats["stored"] += sum(1 for p in parsed if p[2] is not None)
+
+    def _device(self, s, device_id: str) -> DeviceRow:
+        d = s.get(DeviceRow, device_id)
+        if d is None:
+            d = DeviceRow(id=device_id, group="default", online=True, birth=0, last_seen=time.time(), hardware={},
+                          alert=False, bad_messages=0)
+            s.add(d)
+        return d
+
+    def _handle(self, s, kind: MessageKind, device_id: str, msg, after: After) -> None:
+        if msg is None:
+            known = s.get(DeviceRow, device_id)
+            if known is not None:
+                known.bad_messages += 1
+            return
+        d = self._device(s, device_id)
+        if kind is MessageKind.STATE:
+            self._state(d, msg, after)
+        elif kind is MessageKind.TELEMETRY:
+            self._telemetry(s, d, msg, after)
+        elif kind is MessageKind.STATUS:
+            d.last_seen = max(d.last_seen, time.time())
+            if self.on_status is not None:
+                self.on_status(s, d, msg, after)
+        elif kind is MessageKind.DRIFT:
+            self._drift(s, d, msg, after)
+        elif kind is MessageKind.SAMPLES:
+            self._samples(s, d, msg)
+
+    def _state(self, d: DeviceRow, msg: StateMessage, after: After) -> None:
+        if msg.state == "offline" and msg.birth < d.birth:
+            return  # the will of an older connection, arriving after a newer birth
+        d.birth = max(d.birth, msg.birth)
+        d.online = msg.state == "online"
+        d.last_seen = time.time()
+        if msg.state == "online":
+            d.agent_version = msg.agent_version
+            if msg.hardware is not None:
+                d.hardware = dict(msg.hardware)
+                d.group = str(msg.hardware.get("group") or d.group or "default")[:64]
+            if msg.active is not None:
+                d.active = {**(d.active or {}), **msg.active.model_dump(mode="json")} if msg.active.bundle_id else None
+        view = device_view(d)
+        after.append(lambda: self.events.publish("device", view))
+
+    def _telemetry(self, s, d: DeviceRow, msg: TelemetryMessage, after: After) -> None:
+        now = time.time()
+        d.last_seen, d.online = now, True
+        if d.hardware is not None and d.hardware.get("available_memory") != msg.mem_available:
+            d.hardware = {**d.hardware, "available_memory": msg.mem_available}
+        point = {"t": msg.sent_at, "cpu_percent": 100.0 * msg.cpu_load, "available_memory": msg.mem_available,
+                 "inferences": msg.inferences, "p50_ms": msg.latency_ms_p50}
+        s.add(TelemetryRow(device_id=d.id, **point))
+        after.append(lambda: self.events.publish("telemetry", {"device_id": d.id, **point}))
+
+    def _drift(self, s, d: DeviceRow, msg: DriftMessage, after: After) -> None:
+        point = drift_point(msg)
+        s.add(DriftRow(device_id=d.id, bundle_id=msg.bundle_id, window=msg.window_index, t=msg.closed_at,
+                       alert=msg.alert, point=point, disputed=[r.model_dump(mode="json") for r in msg.disputed]))
+        d.last_drift, d.alert, d.last_seen = point, msg.alert, time.time()
+        after.append(lambda: self.events.publish("drift", point))
+        if self.on_drift is not None:
+            self.on_drift(s, d, msg, after)
+
+    def _samples(self, s, d: DeviceRow, msg: SamplesMessage) -> None:
+        for smp in msg.samples:
+            try:
+                data = base64.b64decode(smp.data_b64, validate=True)
+            except (binascii.Error, ValueError):
+                self.stats["dropped.sample"] += 1
+                log.warning("field sample is not base64", extra={"fields": {"device": d.id, "ref": smp.ref}})
+                continue
+            s.add(SampleRow(device_id=d.id, ref=smp.ref, window=msg.window, dtype=smp.dtype, shape=list(smp.shape),
+                            data=data, reason=smp.reason, t=time.time()))
+        self.stats["samples"] += len(msg.samples)

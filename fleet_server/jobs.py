@@ -1,0 +1,251 @@
+"""Analysis jobs: toco_core's analysis in worker processes, never in the request path.
+
+The API only inserts a ``queued`` row. The JobRunner's dispatcher thread starts queued
+analyses oldest first, at most ``concurrency`` at a time, in a spawn-context process pool
+(fork is unsafe in a process with paho and uvicorn threads; spawn also keeps torch out of
+the server process). Workers report ``(analysis_id, phase, done, total)`` on a queue that a
+progress thread turns into DB updates and ``analysis`` events. On success the server process
+packs the bundle (model + analysis + bundle.json), signs its manifest with the server key and
+stores it content-addressed (fleet_server.registry.store_bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
+from fleet_server.events import EventBus
+from fleet_server.registry import Store, store_bundle, update_analysis
+from toco_core.bundle import make_manifest, pack_bundle
+from toco_core.model_bundle import BundleInfo, bundle_files
+
+log = logging.getLogger("toco.fleet.jobs")
+_PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
+
+
+def _worker_init(progress_queue: mp.Queue) -> None:
+    global _PROGRESS
+    _PROGRESS = progress_queue
+
+
+def run_analysis_job(spec: dict) -> dict:
+    """Worker process body: load model + pool (+ field samples), analyse, save the result directory.
+
+    ``spec``: analysis_id, model_path, pool_path, field_path (npz or None), settings, out_dir,
+    model_name. Returns the manifest's summary. Raises whatever toco_core raises; the runner records it.
+    """
+    from toco_core.analysis.pipeline import analyze
+    from toco_core.analysis.settings import AnalysisSettings
+    from toco_core.analysis_result import save_result
+    from toco_core.onnx_model import load_model
+
+    aid = spec["analysis_id"]
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if _PROGRESS is not None:
+            _PROGRESS.put((aid, phase, done, total))
+
+    model = load_model(Path(spec["model_path"]))
+    with np.load(spec["pool_path"], allow_pickle=False) as z:
+        x, y = z["x"], (z["y"] if "y" in z else None)
+    if spec.get("field_path"):
+        with np.load(spec["field_path"], allow_pickle=False) as z:
+            field = z["x"].astype(x.dtype)
+        x = np.concatenate([x, field])
+        y = None  # field samples carry no labels; accuracy columns need one label per pool sample
+    progress("load", 1, 1)
+    result = analyze(model, x, y, AnalysisSettings(**spec["settings"]), progress, spec["model_name"])
+    save_result(result, Path(spec["out_dir"]))
+    m = result.manifest
+    return {"samples_used": m.samples_used, "pool_size": m.pool_size, "timings": m.timings, "rounds": len(m.rounds)}
+
+
+def field_samples_array(rows: list[SampleRow], input_shape: list) -> np.ndarray:
+    """Decode uploaded samples into one batch shaped like the model input; samples that do not fit are skipped."""
+    tail = [int(d) if isinstance(d, int) else None for d in input_shape[1:]]
+    per = int(np.prod([d for d in tail if d])) if tail else 1
+    out = []
+    for r in rows:
+        try:
+            a = np.frombuffer(r.data, dtype=r.dtype).reshape(r.shape).astype(np.float32)
+        except ValueError:
+            log.warning("field sample does not decode", extra={"fields": {"device": r.device_id, "ref": r.ref}})
+            continue
+        if None not in tail and a.size % per == 0:
+            out.append(a.reshape(-1, *tail))
+        else:
+            log.warning("field sample does not fit the model input",
+                        extra={"fields": {"device": r.device_id, "ref": r.ref, "shape": r.shape}})
+    if not out:
+        return np.zeros((0, *[d or 1 for d in tail]), np.float32)
+    return np.concatenate(out)
+
+
+class JobRunner:
+    """Queue -> worker processes -> signed bundle. ``on_done(analysis_id)`` runs after a bundle is stored."""
+
+    def __init__(self, db: Database, store: Store, key, events: EventBus, *, concurrency: int = 1,
+                 chunk_size: int = 256 * 1024, on_done: Callable[[str], None] | None = None) -> None:
+        self.db, self.store, self.key, self.events = db, store, key, events
+        self.concurrency = concurrency
+        self.chunk_size = chunk_size
+        self.on_done = on_done
+        self._ctx = mp.get_context("spawn")
+        self._progress: mp.Queue = self._ctx.Queue()
+        self._pool: ProcessPoolExecutor | None = None
+        self._running: dict[str, Future] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Re-queue analyses a previous run left running, then start the dispatcher and progress threads."""
+        with self.db.session(write=True) as s:
+            for a in s.scalars(select(AnalysisRow).where(AnalysisRow.status == "running")):
+                a.status, a.phase = "queued", "queued"
+        self._pool = self._new_pool()
+        for target, name in ((self._dispatch_loop, "jobs-dispatch"), (self._progress_loop, "jobs-progress")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.concurrency, mp_context=self._ctx, initializer=_worker_init,
+                                   initargs=(self._progress,))
+
+    def kick(self) -> None:
+        """Tell the dispatcher that something was queued (it also polls)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop dispatching and end the worker processes (a running analysis is lost and re-queued next start)."""
+        self._stop.set()
+        self._wake.set()
+        if self._pool is not None:
+            # the executor has no public kill; a half-done analysis has no value, so end the workers now
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._progress.put(None)
+        for t in self._threads:
+            t.join(5)
+
+    # --- threads -----------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            try:
+                self._reap()
+                self._start_queued()
+            except Exception:  # the loop must survive one bad job
+                log.exception("job dispatcher step failed")
+
+    def _progress_loop(self) -> None:
+        while True:
+            item = self._progress.get()
+            if item is None or self._stop.is_set():
+                return
+            aid, phase, done, total = item
+            try:
+                view = update_analysis(self.db, analysis_id=aid, phase=phase, done=done, total=total)
+                self.events.publish("analysis", view)
+            except Exception:
+                log.exception("progress update failed", extra={"fields": {"analysis": aid}})
+
+    def _start_queued(self) -> None:
+        free = self.concurrency - len(self._running)
+        if free <= 0:
+            return
+        with self.db.session() as s:
+            queued = s.scalars(select(AnalysisRow).where(AnalysisRow.status == "queued")
+                               .order_by(AnalysisRow.created_at).limit(free)).all()
+            specs = [self._spec(s, a) for a in queued]
+        for spec in specs:
+            view = update_analysis(self.db, analysis_id=spec["analysis_id"], status="running", phase="starting",
+                                   started_at=time.time(), result_dir=spec["out_dir"])
+            self.events.publish("analysis", view)
+            try:
+                try:
+                    fut = self._pool.submit(run_analysis_job, spec)
+                except BrokenProcessPool:
+                    self._pool = self._new_pool()
+                    fut = self._pool.submit(run_analysis_job, spec)
+            except Exception as exc:  # no worker can start: say so instead of staying "running"
+                view = update_analysis(self.db, analysis_id=spec["analysis_id"], status="failed",
+                                       finished_at=time.time(), error=f"could not start a worker process: {exc!r}")
+                self.events.publish("analysis", view)
+                continue
+            self._running[spec["analysis_id"]] = fut
+
+    def _spec(self, s, a: AnalysisRow) -> dict:
+        model = s.get(ModelRow, a.model_id)
+        out = self.store.analysis_dir(a.id)
+        out.mkdir(parents=True, exist_ok=True)
+        field_path = None
+        if a.field_sample_ids:
+            from toco_core.onnx_model import input_spec, load_model
+
+            rows = s.scalars(select(SampleRow).where(SampleRow.id.in_(a.field_sample_ids))).all()
+            arr = field_samples_array(rows, list(input_spec(load_model(Path(model.path))).shape))
+            if len(arr):
+                field_path = str(out / "field.npz")
+                np.savez(field_path, x=arr)
+        return {"analysis_id": a.id, "model_path": model.path, "pool_path": model.pool_path, "field_path": field_path,
+                "settings": a.settings, "out_dir": str(out), "model_name": model.name}
+
+    def _reap(self) -> None:
+        for aid, fut in list(self._running.items()):
+            if not fut.done():
+                continue
+            del self._running[aid]
+            try:
+                fut.result()
+                bundle_id = self.build_bundle(aid)
+                view = update_analysis(self.db, analysis_id=aid, status="done", phase="done", bundle_id=bundle_id,
+                                       finished_at=time.time())
+            except BrokenProcessPool:
+                self._pool = self._new_pool()
+                view = update_analysis(self.db, analysis_id=aid, status="failed", finished_at=time.time(),
+                                       error="the analysis worker process died (out of memory?)")
+            except Exception as exc:
+                log.warning("analysis failed", extra={"fields": {"analysis": aid, "error": str(exc)}})
+                view = update_analysis(self.db, analysis_id=aid, status="failed", finished_at=time.time(),
+                                       error=str(exc) or type(exc).__name__)
+            self.events.publish("analysis", view)
+            if self.on_done is not None:
+                try:
+                    self.on_done(aid)
+                except Exception:
+                    log.exception("after-analysis hook failed", extra={"fields": {"analysis": aid}})
+
+    def build_bundle(self, analysis_id: str) -> str:
+        """Pack, sign and store the bundle of a finished analysis. Returns its id (sha256)."""
+        with self.db.session() as s:
+            a = s.get(AnalysisRow, analysis_id)
+            m = s.get(ModelRow, a.model_id)
+            budget, reason = a.settings.get("budget", 0.01), a.reason
+            model_path, name, sha, prep, out = m.path, m.name, m.sha256, m.preprocessing, a.result_dir
+        info = BundleInfo(model_name=name, model_sha256=sha, analysis_id=analysis_id, budget=budget,
+                          preprocessing=prep, reason=reason)
+        data = pack_bundle(bundle_files(Path(model_path), Path(out), info))
+        manifest = make_manifest(data, self.chunk_size, self.key,
+                                 metadata={"model_name": name, "analysis_id": analysis_id, "reason": reason,
+                                           "budget": budget})
+        timings = json.loads((Path(out) / "manifest.json").read_text()).get("timings")
+        update_analysis(self.db, analysis_id=analysis_id, timings=timings)
+        return store_bundle(self.db, self.store, analysis_id=analysis_id, data=data,
+                            manifest=manifest.model_dump(mode="json"))

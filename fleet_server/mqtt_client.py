@@ -1,0 +1,97 @@
+"""The server's one MQTT client: owns the transport, the topic prefix and the subscriptions.
+
+paho 2.x, callback API v2, ``connect_async`` + ``loop_start`` so paho reconnects by itself.
+Device messages go to the Ingest queue (the network thread never touches the DB); chunk
+requests are answered on the spot by the BundlePublisher, which needs no DB.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+
+from toco_core.messages import Message, MessageError, MessageKind, encode
+from toco_core.topics import DELIVERY, Topics, parse_broker_url
+
+log = logging.getLogger("toco.fleet.mqtt")
+INGEST_KINDS = (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.DRIFT, MessageKind.SAMPLES)
+
+
+class FleetMqtt:
+    """Connects to ``url``; ``on_device(kind, device_id, payload)`` and ``on_get(topic, payload)`` receive traffic."""
+
+    def __init__(self, url: str, topics: Topics, *, on_device: Callable[[MessageKind, str, bytes], None],
+                 on_get: Callable[[str, bytes], None], on_connect: Callable[[], None] | None = None,
+                 client_id: str = "toco-fleet-server", username: str | None = None, password: str | None = None,
+                 ca_file: str | None = None) -> None:
+        self.broker = parse_broker_url(url)
+        self.topics = topics
+        self.on_device, self.on_get, self.on_connected = on_device, on_get, on_connect
+        self.connected = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        user = username if username is not None else self.broker.username
+        if user:
+            self.client.username_pw_set(user, password if password is not None else self.broker.password)
+        if self.broker.tls:
+            self.client.tls_set(ca_certs=ca_file)
+        # a burst of 1,000 births must not be throttled by paho's default in-flight window
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(1, 10)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect in the background and wait up to ``timeout`` s. Raises TimeoutError if the broker is unreachable."""
+        self.client.connect_async(self.broker.host, self.broker.port, 30)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise TimeoutError(f"the fleet server could not reach the broker at {self.broker.host}:{self.broker.port}")
+
+    def stop(self) -> None:
+        """Disconnect and stop paho's network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """Raw publish (the BundlePublisher's SendFn)."""
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def send_command(self, device_id: str, command: Message) -> None:
+        """Publish a server command on ``devices/{id}/cmd`` with the protocol's QoS."""
+        rule = DELIVERY[MessageKind.CMD]
+        self.client.publish(self.topics.device(MessageKind.CMD, device_id), encode(command), qos=rule.qos,
+                            retain=rule.retain)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the fleet server", extra={"fields": {"reason": str(reason_code)}})
+            return
+        subs = [(self.topics.device(k), DELIVERY[k].qos) for k in INGEST_KINDS]
+        subs.append((self.topics.get(), DELIVERY[MessageKind.GET].qos))
+        client.subscribe(subs)
+        self.connected.set()
+        if self.on_connected is not None:
+            self.on_connected()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        log.warning("disconnected from the broker", extra={"fields": {"reason": str(reason_code)}})
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        try:
+            where = self.topics.parse(msg.topic)
+        except MessageError as exc:
+            log.warning("message on an unknown topic dropped", extra={"fields": {"topic": msg.topic, "error": str(exc)}})
+            return
+        try:
+            if where.kind is MessageKind.GET:
+                self.on_get(msg.topic, msg.payload)
+            elif where.kind in INGEST_KINDS:
+                self.on_device(where.kind, where.device_id, bytes(msg.payload))
+        except Exception:  # never let one message take the network thread down
+            log.exception("handling a message failed", extra={"fields": {"topic": msg.topic}})

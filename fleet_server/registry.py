@@ -1,0 +1,264 @@
+"""Keyword-only service functions over the registry: what the API routes, the CLI and the jobs call.
+
+Every function takes the Database (and the Store when files are involved) and returns the
+API's JSON objects (fleet_server.views). Unknown ids raise NotFoundError naming the id;
+bad uploads raise the toco_core error that says what is wrong (ModelError, PoolError, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
+                             new_id)
+from fleet_server.views import analysis_view, device_view, model_view
+from toco_core.analysis.settings import AnalysisSettings
+from toco_core.errors import ConfigError, PoolError, TocoError
+from toco_core.onnx_model import compressible_weights, input_spec, load_model, model_hash
+from toco_core.pool import fit_to_input
+from toco_core.preprocessing import Preprocessing
+
+
+class NotFoundError(TocoError):
+    """Raised when an id names nothing in the registry (HTTP 404)."""
+
+
+class ConflictError(TocoError):
+    """Raised when a request is valid but the registry's state forbids it now (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """The data directory layout: models/{id}/, analyses/{id}/, bundles/{sha}.bundle."""
+
+    root: Path
+
+    def model_dir(self, model_id: str) -> Path:
+        return self.root / "models" / model_id
+
+    def analysis_dir(self, analysis_id: str) -> Path:
+        return self.root / "analyses" / analysis_id
+
+    def bundle_path(self, bundle_id: str) -> Path:
+        return self.root / "bundles" / f"{bundle_id}.bundle"
+
+
+def fetch(s, row_type, key: str, what: str):
+    """The row with primary key ``key`` or NotFoundError('{what} {key!r} does not exist')."""
+    row = s.get(row_type, key)
+    if row is None:
+        raise NotFoundError(f"{what} {key!r} does not exist", f"list them with GET /api/{what.replace(' ', '')}s")
+    return row
+
+
+def log_event(s, kind: str, data: dict[str, Any]) -> None:
+    """Append to the event log inside the caller's write session."""
+    s.add(EventRow(t=time.time(), kind=kind, data=data))
+
+
+# --- models ----------------------------------------------------------------------------------------
+
+def _read_pool(pool_bytes: bytes, model) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(io.BytesIO(pool_bytes), allow_pickle=False) as z:
+            if "x" not in z:
+                raise PoolError(f"the pool .npz holds {list(z.keys())}, not an array 'x'", "save it with np.savez(f, x=..., y=...)")
+            x, y = z["x"], (z["y"] if "y" in z else None)
+    except PoolError:
+        raise
+    except Exception as exc:  # numpy raises ValueError / BadZipFile / OSError for garbage
+        raise PoolError(f"the pool is not a readable .npz file: {exc}", "upload np.savez(f, x=inputs[, y=labels])") from None
+    x = fit_to_input(x, input_spec(model), "the uploaded pool")
+    if y is not None and len(y) != len(x):
+        raise PoolError(f"the pool has {len(x)} inputs but {len(y)} labels", "give one label per input or none")
+    return x, y
+
+
+def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_bytes: bytes,
+              preprocessing: str | dict | None = None) -> dict[str, Any]:
+    """Register an ONNX model with its analysis pool. Returns the Model.
+
+    Raises ModelError for an unreadable/unsupported ONNX file, PoolError for a pool that does
+    not fit the model input, ConfigError for a bad name or preprocessing JSON.
+    """
+    if not name or len(name) > 200:
+        raise ConfigError("the model name must be 1-200 characters", "give name=...")
+    model = load_model(onnx_bytes)
+    infos = compressible_weights(model)
+    x, y = _read_pool(pool_bytes, model)
+    prep = None
+    if preprocessing:
+        try:
+            raw = json.loads(preprocessing) if isinstance(preprocessing, str) else preprocessing
+            prep = Preprocessing.model_validate(raw).model_dump(mode="json")
+        except (ValueError, ValidationError) as exc:
+            raise ConfigError(f"preprocessing is not valid: {str(exc).splitlines()[0]}",
+                              "give the JSON of toco_core.preprocessing.Preprocessing") from None
+    model_id = new_id("m")
+    folder = store.model_dir(model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(onnx_bytes)
+    arrays = {"x": x} if y is None else {"x": x, "y": y}
+    np.savez(folder / "pool.npz", **arrays)
+    row = ModelRow(id=model_id, name=name, sha256=model_hash(model), weights=sum(i.size for i in infos),
+                   size_bytes=len(onnx_bytes), pool_size=len(x), path=str(folder / "model.onnx"),
+                   pool_path=str(folder / "pool.npz"), preprocessing=prep, created_at=time.time())
+    with db.session(write=True) as s:
+        s.add(row)
+        log_event(s, "model", {"model_id": model_id, "name": name})
+    return model_view(row)
+
+
+def list_models(db: Database) -> list[dict[str, Any]]:
+    """Every registered model, newest first."""
+    with db.session() as s:
+        return [model_view(m) for m in s.scalars(select(ModelRow).order_by(ModelRow.created_at.desc()))]
+
+
+def get_model(db: Database, *, model_id: str) -> dict[str, Any]:
+    """One Model. Raises NotFoundError."""
+    with db.session() as s:
+        return model_view(fetch(s, ModelRow, model_id, "model"))
+
+
+# --- analyses --------------------------------------------------------------------------------------
+
+def add_analysis_row(s, *, model_id: str, settings: AnalysisSettings, reason: str = "initial",
+                     field_sample_ids: list[int] | None = None) -> AnalysisRow:
+    """Insert a queued analysis inside the caller's write session. Raises NotFoundError for the model."""
+    fetch(s, ModelRow, model_id, "model")
+    row = AnalysisRow(id=new_id("a"), model_id=model_id, status="queued", phase="queued", reason=reason,
+                      settings=settings.model_dump(), field_sample_ids=list(field_sample_ids or []),
+                      done=0, total=0, created_at=time.time())
+    s.add(row)
+    log_event(s, "analysis", {"analysis_id": row.id, "status": "queued", "reason": reason})
+    return row
+
+
+def create_analysis(db: Database, *, model_id: str, settings: AnalysisSettings, reason: str = "initial",
+                    field_sample_ids: list[int] | None = None) -> dict[str, Any]:
+    """Queue an analysis of a model (the job runner picks it up). Raises NotFoundError for the model."""
+    with db.session(write=True) as s:
+        row = add_analysis_row(s, model_id=model_id, settings=settings, reason=reason, field_sample_ids=field_sample_ids)
+        return analysis_view(row)
+
+
+def list_analyses(db: Database) -> list[dict[str, Any]]:
+    """Every analysis, newest first."""
+    with db.session() as s:
+        return [analysis_view(a) for a in s.scalars(select(AnalysisRow).order_by(AnalysisRow.created_at.desc()))]
+
+
+def get_analysis(db: Database, *, analysis_id: str) -> dict[str, Any]:
+    """One Analysis. Raises NotFoundError."""
+    with db.session() as s:
+        return analysis_view(fetch(s, AnalysisRow, analysis_id, "analysis"))
+
+
+def analysis_detail(db: Database, *, analysis_id: str) -> dict[str, Any]:
+    """Analysis + its manifest (rounds, timings, tensors, samples used) and calibration curves once done."""
+    view = get_analysis(db, analysis_id=analysis_id)
+    with db.session() as s:
+        folder = fetch(s, AnalysisRow, analysis_id, "analysis").result_dir
+    view["manifest"], view["curves"] = None, None
+    if folder and (Path(folder) / "manifest.json").is_file():
+        view["manifest"] = json.loads((Path(folder) / "manifest.json").read_text())
+        view["curves"] = json.loads((Path(folder) / "calibration.json").read_text())
+    return view
+
+
+def update_analysis(db: Database, *, analysis_id: str, **fields: Any) -> dict[str, Any]:
+    """Set columns of an analysis (status, phase, done, total, error, ...). Returns the Analysis."""
+    with db.session(write=True) as s:
+        row = fetch(s, AnalysisRow, analysis_id, "analysis")
+        for k, v in fields.items():
+            setattr(row, k, v)
+        if "status" in fields:
+            log_event(s, "analysis", {"analysis_id": analysis_id, "status": fields["status"], "error": row.error})
+        return analysis_view(row)
+
+
+def store_bundle(db: Database, store: Store, *, analysis_id: str, data: bytes, manifest: dict) -> str:
+    """Write packed bundle bytes content-addressed and record them. Returns the bundle id (sha256)."""
+    bundle_id = manifest["bundle_id"]
+    path = store.bundle_path(bundle_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    path.with_suffix(".manifest.json").write_text(json.dumps(manifest))
+    with db.session(write=True) as s:
+        a = fetch(s, AnalysisRow, analysis_id, "analysis")
+        if s.get(BundleRow, bundle_id) is None:
+            s.add(BundleRow(id=bundle_id, analysis_id=analysis_id, model_id=a.model_id, path=str(path), size=len(data),
+                            manifest=manifest, created_at=time.time()))
+    return bundle_id
+
+
+# --- devices and drift ----------------------------------------------------------------------------
+
+def list_devices(db: Database) -> list[dict[str, Any]]:
+    """Every known device (the fleet overview)."""
+    with db.session() as s:
+        return [device_view(d) for d in s.scalars(select(DeviceRow).order_by(DeviceRow.id))]
+
+
+def get_device(db: Database, *, device_id: str, points: int = 200) -> dict[str, Any]:
+    """DeviceDetail: Device + telemetry, drift points and deployment history. Raises NotFoundError."""
+    from fleet_server.deployments import device_history  # deployments imports registry
+
+    with db.session() as s:
+        view = device_view(fetch(s, DeviceRow, device_id, "device"))
+        tel = s.scalars(select(TelemetryRow).where(TelemetryRow.device_id == device_id)
+                        .order_by(TelemetryRow.t.desc()).limit(points)).all()
+        view["telemetry"] = [{"t": r.t, "cpu_percent": r.cpu_percent, "available_memory": r.available_memory,
+                              "inferences": r.inferences, "p50_ms": r.p50_ms} for r in reversed(tel)]
+    view["drift"] = drift_points(db, device_id=device_id, limit=points)
+    view["deployments"] = device_history(db, device_id=device_id)
+    return view
+
+
+def drift_points(db: Database, *, device_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+    """DriftPoints, oldest first (one device, or the newest of all). Raises NotFoundError for an unknown device."""
+    with db.session() as s:
+        q = select(DriftRow).order_by(DriftRow.t.desc()).limit(limit)
+        if device_id is not None:
+            fetch(s, DeviceRow, device_id, "device")
+            q = q.where(DriftRow.device_id == device_id)
+        return [r.point for r in reversed(s.scalars(q).all())]
+
+
+def recent_events(db: Database, *, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest entries of the event log."""
+    with db.session() as s:
+        rows = s.scalars(select(EventRow).order_by(EventRow.id.desc()).limit(limit)).all()
+        return [{"t": r.t, "kind": r.kind, "data": r.data} for r in rows]
+
+
+def analysis_paths(db: Database, *, analysis_id: str) -> dict[str, str]:
+    """Result directory and model file of a finished analysis. Raises NotFoundError / ConflictError."""
+    with db.session() as s:
+        a = fetch(s, AnalysisRow, analysis_id, "analysis")
+        if a.status != "done" or not a.result_dir:
+            raise ConflictError(f"analysis {analysis_id!r} is {a.status}; the what-if needs a finished analysis",
+                                "wait until it is done")
+        return {"result_dir": a.result_dir, "model_path": s.get(ModelRow, a.model_id).path}
+
+
+def field_sample_ids_for_model(db: Database, *, model_id: str, limit: int = 2000) -> list[int]:
+    """Ids of field samples uploaded by devices that reported drift on a bundle of this model (newest first)."""
+    with db.session() as s:
+        fetch(s, ModelRow, model_id, "model")
+        bundles = select(BundleRow.id).where(BundleRow.model_id == model_id)
+        devices = select(DriftRow.device_id).where(DriftRow.bundle_id.in_(bundles)).distinct()
+        return list(s.scalars(select(SampleRow.id).where(SampleRow.device_id.in_(devices))
+                              .order_by(SampleRow.id.desc()).limit(limit)))

@@ -1,0 +1,155 @@
+"""Wiring: config -> DB, signing key, broker (embedded or external), MQTT client, ingest,
+deployments, drift policy, analysis jobs, housekeeping loop, and the FastAPI app on uvicorn.
+
+``FleetServer(settings).start()`` brings everything up (tests and the demo use this);
+``serve(settings)`` also runs uvicorn in the foreground until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from fleet_server.broker import EmbeddedBroker
+from fleet_server.bundle_publisher import BundlePublisher
+from fleet_server.config import FleetSettings
+from fleet_server.db import Database
+from fleet_server.deployments import Deployments
+from fleet_server.drift_policy import DriftPolicy
+from fleet_server.events import EventBus
+from fleet_server.ingest import Ingest
+from fleet_server.jobs import JobRunner
+from fleet_server.keys import ensure_signing_key, public_key_path
+from fleet_server.mqtt_client import FleetMqtt
+from fleet_server.registry import Store
+from toco_core.topics import Topics
+
+log = logging.getLogger("toco.fleet.server")
+
+
+class FleetServer:
+    """Every running part of the server; ``start()`` / ``stop()`` in dependency order."""
+
+    def __init__(self, settings: FleetSettings | None = None) -> None:
+        self.settings = s = settings or FleetSettings()
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(s.data_dir)
+        self.db = Database(s.database_url)
+        self.key = ensure_signing_key(s.signing_key_path)
+        self.public_key_path = public_key_path(s.signing_key_path)
+        self.events = EventBus()
+        self.topics = Topics(s.fleet)
+        self.broker = EmbeddedBroker(s.broker_host, s.broker_port) if s.broker == "embedded" else None
+        self.broker_url = self.broker.url if self.broker else s.broker
+        self.ingest = Ingest(self.db, self.events)
+        self.mqtt = FleetMqtt(self.broker_url, self.topics, on_device=self.ingest.submit, on_get=self._on_get,
+                              on_connect=self._on_connect, username=s.mqtt_username, password=s.mqtt_password,
+                              ca_file=s.mqtt_ca_file, client_id=f"toco-fleet-{s.fleet}")
+        self.publisher = BundlePublisher(self.topics, self.mqtt.send)
+        self.deployments = Deployments(self.db, self.events, publisher=self.publisher,
+                                       send_command=self.mqtt.send_command, timeout_s=s.deploy_timeout_s)
+        self.policy = DriftPolicy(self.db, self.events, mode=s.drift_policy, budget=s.budget,
+                                  samples_wait_s=s.samples_wait_s, send_command=self.mqtt.send_command,
+                                  deployments=self.deployments, canary_share=s.canary_share,
+                                  failure_threshold=s.failure_threshold)
+        self.ingest.on_status = self.deployments.on_status
+        self.ingest.on_drift = self.policy.on_drift
+        self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
+                              chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done)
+        self.policy.jobs = self.jobs
+        self._stop = threading.Event()
+        self._tick_thread: threading.Thread | None = None
+        self.started = False
+
+    def _on_get(self, topic: str, payload: bytes) -> None:
+        self.publisher.handle_get(topic, payload)
+
+    def _on_connect(self) -> None:
+        log.info("connected to the broker", extra={"fields": {"url": self.broker_url}})
+
+    def start(self) -> FleetServer:
+        """Start broker (if embedded), ingest, MQTT, jobs and the housekeeping loop. Returns self."""
+        if self.broker is not None:
+            self.broker.start()
+        self.ingest.start()
+        self.mqtt.start()
+        self.jobs.start()
+        self._tick_thread = threading.Thread(target=self._tick_loop, name="housekeeping", daemon=True)
+        self._tick_thread.start()
+        self.started = True
+        return self
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.settings.tick_s):
+            for step in (self.deployments.tick, self.policy.tick):
+                try:
+                    step()
+                except Exception:  # housekeeping must keep running
+                    log.exception("housekeeping step failed", extra={"fields": {"step": step.__qualname__}})
+
+    def stop(self) -> None:
+        """Stop everything started, newest first."""
+        self._stop.set()
+        if self._tick_thread is not None:
+            self._tick_thread.join(5)
+        self.jobs.stop()
+        self.mqtt.stop()
+        self.ingest.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.db.close()
+        self.started = False
+
+    def health(self) -> dict:
+        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters}``."""
+        return {"status": "ok", "broker": "connected" if self.mqtt.connected.is_set() else "disconnected",
+                "messages": dict(self.ingest.stats), "fleet": self.settings.fleet, "broker_url": self.broker_url}
+
+
+class HttpThread:
+    """uvicorn serving an app in a background thread (tests, the demo, ``serve``)."""
+
+    def __init__(self, app, host: str, port: int) -> None:
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> HttpThread:
+        """Start serving and wait until uvicorn reports started. Raises TimeoutError otherwise."""
+        self.thread.start()
+        end = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > end or not self.thread.is_alive():
+                raise TimeoutError(f"the HTTP server did not start on {self.host}:{self.port}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and join it."""
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def serve(settings: FleetSettings) -> None:
+    """Run the whole server until Ctrl-C (uvicorn in the foreground)."""
+    import uvicorn
+
+    from fleet_server.api import create_app
+
+    server = FleetServer(settings).start()
+    try:
+        uvicorn.run(create_app(server), host=settings.http_host, port=settings.http_port, log_level="warning")
+    finally:
+        server.stop()

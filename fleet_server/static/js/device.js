@@ -1,0 +1,176 @@
+// Device page: hardware facts, resource telemetry, drift time series with the alert bands,
+// deployment history with reasons. New telemetry and drift windows are drawn as they arrive.
+
+import { h, mount, api, debounce, badge, card, facts, shortId, errorBox, isNum,
+  fmtBytes, fmtPct, fmtAgo, fmtNum, fmtTime } from "./dom.js";
+import { lineChart, chartWidth } from "./charts.js";
+import { on } from "./live.js";
+import { measuredAgreement } from "./overview.js";
+
+const MAX_POINTS = 500;
+
+function deviceIdFromPath() {
+  const parts = location.pathname.split("/").filter(Boolean);
+  return decodeURIComponent(parts[parts.length - 1] || "");
+}
+
+function band(points, key) {
+  return points.map((p) => {
+    const b = (p.bands || {})[key];
+    return Array.isArray(b) ? { x: p.t, lo: b[0], hi: b[1] } : null;
+  }).filter(Boolean);
+}
+
+function driftCharts(points, width) {
+  const pick = (key) => points.filter((p) => isNum(p[key]))
+    .map((p) => ({ x: p.t, y: p[key], alert: (p.out_of_band || []).includes(key), label: `window ${p.window}` }));
+  const alerts = points.filter((p) => p.alert).map((p) => p.t);
+  const outOf = (key) => points.filter((p) => (p.out_of_band || []).includes(key)).length;
+  const note = (key) => (outOf(key) ? ` · ${outOf(key)} window(s) out of band` : "");
+  return [
+    lineChart({ id: "drift-agreement", title: `Agreement with the base model${note("agreement")}`, xTime: true, width, alerts,
+      series: [{ name: "measured agreement", points: pick("agreement") },
+        { name: "predicted", color: "#8c959f", line: true, points: points.filter((p) => isNum(p.predicted_agreement)).map((p) => ({ x: p.t, y: p.predicted_agreement })) }],
+      band: band(points, "agreement"), yFormat: (v) => fmtPct(v, 1),
+      empty: "No drift window with shadowed inputs yet." }),
+    lineChart({ id: "drift-confidence", title: `Mean confidence${note("confidence")}`, xTime: true, width, alerts,
+      series: [{ name: "mean top-1 confidence", color: "#2da44e", points: pick("confidence") }],
+      band: band(points, "confidence"), yFormat: (v) => fmtPct(v, 0), empty: "No drift window yet." }),
+    lineChart({ id: "drift-shift", title: `Input shift${note("input_shift")}`, xTime: true, width, alerts,
+      series: [{ name: "input shift (vs the calibration inputs)", color: "#d9730d", points: pick("input_shift") }],
+      band: band(points, "input_shift"), yFormat: (v) => fmtNum(v, 2), empty: "No drift window yet." }),
+  ];
+}
+
+function telemetryCharts(tel, width) {
+  const pts = (key, f = (v) => v) => tel.filter((p) => isNum(p[key])).map((p) => ({ x: p.t, y: f(p[key]) }));
+  return [
+    lineChart({ id: "tel-cpu", title: "CPU load and latency", xTime: true, height: 180, width,
+      series: [{ name: "CPU %", color: "#1f6feb", points: pts("cpu_percent") },
+        { name: "p50 latency ms", color: "#8250df", points: pts("p50_ms") }],
+      yFormat: (v) => fmtNum(v, v >= 10 ? 0 : 1), empty: "No telemetry yet." }),
+    lineChart({ id: "tel-mem", title: "Available memory", xTime: true, height: 180, width,
+      series: [{ name: "available memory", color: "#0a7d8c", points: pts("available_memory") }],
+      yFormat: fmtBytes, empty: "No telemetry yet." }),
+  ];
+}
+
+function hardwareFacts(d) {
+  const hw = d.hardware || {};
+  const b = hw.benchmark || {};
+  return facts([
+    ["Memory", `${fmtBytes(hw.total_memory)} total · ${fmtBytes(hw.available_memory)} available`],
+    ["Storage free", fmtBytes(hw.free_storage)],
+    ["CPU", `${hw.cpu_model || "unknown"} · ${hw.physical_cores ?? "?"} physical / ${hw.logical_cores ?? "?"} logical cores`],
+    ["Runtime formats", Array.isArray(hw.formats) ? hw.formats.join(", ") : "–"],
+    ["onnxruntime", hw.ort_version || "–"],
+    isNum(b.fp32_gflops) ? ["Benchmark", `${fmtNum(b.fp32_gflops, 1)} GFLOP/s fp32`] : null,
+    isNum(hw.memory_budget) ? ["Memory budget", fmtBytes(hw.memory_budget)] : null,
+    isNum(hw.storage_budget) ? ["Storage budget", fmtBytes(hw.storage_budget)] : null,
+    ["Agent", d.agent_version || "–"],
+  ]);
+}
+
+function activeFacts(a) {
+  if (!a) return h("p", { class: "muted" }, "No model active yet.");
+  const p = a.plan || {};
+  return facts([
+    ["Model", a.model_name || "–"],
+    ["Plan", h("span", { class: "plan" }, a.plan_label || "–")],
+    ["Bundle", shortId(a.bundle_id, 16)],
+    ["Size", isNum(a.base_bytes) ? `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_bytes)} (${fmtPct(a.storage_bytes / a.base_bytes, 0)})` : fmtBytes(a.storage_bytes)],
+    ["Agreement", `predicted ${fmtPct(a.predicted_agreement)} · self-test ${fmtPct(measuredAgreement(a))}`],
+    isNum(p.p50_ms) ? ["Latency p50", `${fmtNum(p.p50_ms, 2)} ms`] : null,
+    isNum(p.session_rss) ? ["Session memory", fmtBytes(p.session_rss)] : null,
+  ]);
+}
+
+function lastDriftFacts(p) {
+  if (!p) return h("p", { class: "muted" }, "No drift window reported yet.");
+  return facts([
+    ["Window", `#${p.window} · ${fmtTime(p.t)} (${fmtAgo(p.t)})`],
+    ["State", p.alert ? badge("alert", "ALERT: drift holds") : (p.out_of_band || []).length ? badge("deploying", "out of band") : badge("online", "in band")],
+    ["Out of band", (p.out_of_band || []).join(", ") || "none"],
+    ["Agreement", `${fmtPct(p.agreement)} measured · ${fmtPct(p.predicted_agreement)} predicted`],
+    ["Confidence", fmtPct(p.confidence)],
+    ["Input shift", fmtNum(p.input_shift, 3)],
+    isNum(p.accuracy) ? ["Accuracy (labelled)", fmtPct(p.accuracy)] : null,
+    isNum(p.n_samples) ? ["Inputs", `${p.n_samples} (${p.n_shadowed ?? 0} also run on the base)`] : null,
+  ]);
+}
+
+function historyTable(items) {
+  if (!items.length) return h("p", { class: "muted" }, "No deployment to this device yet.");
+  return h("table", { class: "grid-table compact", id: "history" },
+    h("thead", {}, h("tr", {}, ["Time", "Deployment", "Bundle", "Phase", "Reason"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, items.map((e) => h("tr", {},
+      h("td", {}, fmtTime(e.t)), h("td", {}, shortId(e.deployment_id, 12)), h("td", {}, shortId(e.bundle_id, 8)),
+      h("td", {}, badge(e.phase === "active" ? "online" : e.phase === "failed" ? "failed" : "deploying", e.phase)),
+      h("td", { class: e.reason ? "warn" : "muted" }, e.reason || "–")))));
+}
+
+/** Draw one device's page into `root` and follow its events. */
+export async function render(root) {
+  const id = deviceIdFromPath();
+  let d = null;
+  const mine = (data) => d && data && data.device_id === id;
+  const reload = debounce(() => load().catch((err) => console.error(err)), 300);
+  const slots = {};
+  const slot = (name, cls) => (slots[name] = h("div", { id: name, class: cls || null }));
+
+  on("drift", (p) => {
+    if (!mine(p)) return;
+    d.drift = d.drift.filter((q) => q.window !== p.window || q.t !== p.t).concat([p]).slice(-MAX_POINTS);
+    d.last_drift = p;
+    d.alert = p.alert;
+    drawDrift();
+    drawHead();
+  });
+  on("telemetry", (t) => {
+    if (!mine(t)) return;
+    d.telemetry = d.telemetry.concat([t]).slice(-MAX_POINTS);
+    drawTelemetry();
+  });
+  on("device", (v) => { if (mine(v)) { Object.assign(d, v); drawHead(); } });
+  on("status", (v) => { if (mine(v)) reload(); });
+  on("deployment", reload);
+  window.addEventListener("resize", debounce(() => { if (d) { drawDrift(); drawTelemetry(); } }, 200));
+
+  function drawHead() {
+    mount(slots.head, h("div", { class: "page-head" },
+      h("h1", {}, d.device_id), badge(d.state, d.state),
+      h("span", { class: "muted" }, `group ${d.group || "default"} · last seen ${fmtAgo(d.last_seen)}`)));
+    mount(slots.hw, hardwareFacts(d));
+    mount(slots.active, activeFacts(d.active));
+    mount(slots.last, lastDriftFacts(d.last_drift));
+  }
+  function drawDrift() {
+    mount(slots.drift, driftCharts(d.drift, chartWidth(slots.drift, 3)));
+    slots.drift.dataset.points = String(d.drift.length);
+  }
+  function drawTelemetry() { mount(slots.tel, telemetryCharts(d.telemetry, chartWidth(slots.tel, 2))); }
+
+  async function load() {
+    d = await api(`/api/devices/${encodeURIComponent(id)}`);
+    d.drift = d.drift || [];
+    d.telemetry = d.telemetry || [];
+    drawHead();
+    drawDrift();
+    drawTelemetry();
+    mount(slots.hist, historyTable(d.deployments || []));
+  }
+
+  mount(root,
+    h("p", { class: "crumbs" }, h("a", { href: "/" }, "Fleet overview"), " / device"),
+    slot("head"),
+    h("div", { class: "columns three" },
+      card("Hardware", slot("hw")), card("Active model", slot("active")), card("Last drift window", slot("last"))),
+    card("Drift", h("p", { class: "hint" }, "Green areas are the normal bands the agent checks each window against; red points are out of band; red strips mark windows in which the agent raised a drift alert."), slot("drift", "chart-grid cols-3")),
+    card("Resources", slot("tel", "chart-grid cols-2")),
+    card("Deployment history", slot("hist")));
+  try {
+    await load();
+  } catch (err) {
+    mount(root, h("p", { class: "crumbs" }, h("a", { href: "/" }, "Fleet overview")), errorBox(err.message));
+  }
+}

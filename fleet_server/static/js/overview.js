@@ -1,0 +1,171 @@
+// Fleet overview: counts by state, every device with its plan and drift, analyses,
+// re-analyses (with why) and deployments. Refreshes on live events, no reload.
+
+import { h, mount, api, debounce, badge, card, shortId, errorBox, isNum,
+  fmtBytes, fmtPct, fmtAgo, fmtNum, fmtTime } from "./dom.js";
+import { on } from "./live.js";
+
+const STATES = ["online", "deploying", "alert", "failed", "offline"];
+const STATE_TEXT = { online: "Online", deploying: "Deploying", alert: "Drift alert", failed: "Failed", offline: "Offline" };
+
+/** Agreement measured by the device's self-test (the API may give it directly or as a disagreement in the plan). */
+export function measuredAgreement(active) {
+  if (!active) return null;
+  if (isNum(active.measured_agreement)) return active.measured_agreement;
+  const d = active.plan && active.plan.measured_disagreement;
+  return isNum(d) ? 1 - d : null;
+}
+
+function hardwareCell(hw) {
+  hw = hw || {};
+  const cores = isNum(hw.physical_cores) ? `${hw.physical_cores} core${hw.physical_cores === 1 ? "" : "s"}` : null;
+  const main = [isNum(hw.total_memory) ? `${fmtBytes(hw.total_memory)} RAM` : null, cores].filter(Boolean).join(" · ");
+  const formats = Array.isArray(hw.formats) ? hw.formats.join(", ") : "";
+  return h("td", {}, h("div", {}, main || "–"),
+    h("div", { class: "sub" }, [hw.cpu_model, formats].filter(Boolean).join(" · ")));
+}
+
+function planCells(d) {
+  const a = d.active;
+  if (!a) return [h("td", { class: "muted" }, "no model yet"), h("td", { class: "muted" }, "–"), h("td", { class: "muted" }, "–")];
+  const size = isNum(a.storage_bytes) && isNum(a.base_bytes) && a.base_bytes > 0
+    ? [h("div", {}, `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_bytes)}`),
+      h("div", { class: "sub" }, `${fmtPct(a.storage_bytes / a.base_bytes, 0)} of base · ${(a.base_bytes / a.storage_bytes).toFixed(1)}× smaller`)]
+    : [h("div", {}, fmtBytes(a.storage_bytes))];
+  const measured = measuredAgreement(a);
+  const pred = a.predicted_agreement;
+  const gap = isNum(measured) && isNum(pred) ? measured - pred : null;
+  return [
+    h("td", {}, h("div", {}, a.model_name || "model"), h("div", { class: "sub plan" }, a.plan_label || "plan not reported"),
+      h("div", { class: "sub" }, "bundle ", shortId(a.bundle_id, 8))),
+    h("td", {}, size),
+    h("td", { class: "num" }, h("div", {}, `${fmtPct(pred)} → ${fmtPct(measured)}`),
+      h("div", { class: gap !== null && gap < -0.01 ? "sub warn" : "sub" }, "predicted → self-test")),
+  ];
+}
+
+function driftCell(p) {
+  if (!p) return h("td", { class: "muted" }, "no report yet");
+  const parts = [`agreement ${fmtPct(p.agreement)}`, `shift ${fmtNum(p.input_shift, 2)}`];
+  return h("td", {}, h("div", {}, `window ${p.window ?? "–"} · ${fmtAgo(p.t)}`),
+    h("div", { class: p.alert ? "sub warn" : "sub" }, parts.join(" · ")));
+}
+
+function deviceRow(d) {
+  return h("tr", { "data-device": d.device_id, class: `row-${d.state}` },
+    h("td", {}, h("a", { href: `/devices/${encodeURIComponent(d.device_id)}`, class: "dev" }, d.device_id),
+      h("div", { class: "sub" }, `group ${d.group || "default"} · seen ${fmtAgo(d.last_seen)}`)),
+    h("td", {}, badge(d.state, STATE_TEXT[d.state] || d.state)),
+    hardwareCell(d.hardware),
+    ...planCells(d),
+    driftCell(d.last_drift),
+    h("td", {}, d.alert ? badge("alert", "ALERT") : h("span", { class: "ok" }, "ok")));
+}
+
+function countsBar(devices) {
+  const n = Object.fromEntries(STATES.map((st) => [st, 0]));
+  for (const d of devices) n[d.state] = (n[d.state] || 0) + 1;
+  return h("div", { class: "counts" },
+    h("div", { class: "count total" }, h("b", {}, String(devices.length)), h("span", {}, "devices")),
+    STATES.map((st) => h("div", { class: `count c-${st}`, "data-state": st }, h("b", {}, String(n[st] || 0)), h("span", {}, STATE_TEXT[st]))));
+}
+
+function devicesTable(devices) {
+  if (!devices.length) {
+    return h("p", { class: "muted" }, "No device has reported yet. Agents appear here as soon as they connect to the broker.");
+  }
+  const order = (d) => ({ alert: 0, failed: 1, deploying: 2, online: 3, offline: 4 }[d.state] ?? 5);
+  const rows = [...devices].sort((a, b) => order(a) - order(b) || a.device_id.localeCompare(b.device_id));
+  return h("div", { class: "table-wrap" }, h("table", { id: "devices", class: "grid-table" },
+    h("thead", {}, h("tr", {}, ["Device", "State", "Hardware", "Active model / plan", "Size vs base",
+      "Agreement", "Last drift window", "Alert"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows.map(deviceRow))));
+}
+
+function progressText(a) {
+  const p = a.progress || {};
+  if (a.status === "running" && isNum(p.total) && p.total > 0) return `${p.phase || "running"} ${Math.round((100 * p.done) / p.total)}%`;
+  return a.status;
+}
+
+function analysesTable(analyses) {
+  if (!analyses.length) return h("p", { class: "muted" }, "No analysis yet: register a model and start one (toco-fleet analyze).");
+  return h("table", { class: "grid-table compact", id: "analyses" },
+    h("thead", {}, h("tr", {}, ["Analysis", "Status", "Why", "Started", "Bundle"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, analyses.slice(0, 12).map((a) => h("tr", {},
+      h("td", {}, h("a", { href: `/analyses/${encodeURIComponent(a.analysis_id)}` }, a.analysis_id)),
+      h("td", {}, badge(a.status, progressText(a))),
+      h("td", {}, a.reason || "–"),
+      h("td", {}, fmtTime(a.created_at)),
+      h("td", {}, shortId(a.bundle_id, 8))))));
+}
+
+function reanalysesTable(items, refresh) {
+  if (!items.length) return h("p", { class: "muted" }, "None so far. A device whose drift alert holds triggers one.");
+  const approve = async (id, btn) => {
+    btn.disabled = true;
+    try { await api(`/api/reanalyses/${encodeURIComponent(id)}/approve`, { method: "POST" }); refresh(); }
+    catch (err) { btn.replaceWith(errorBox(err.message)); }
+  };
+  return h("table", { class: "grid-table compact", id: "reanalyses" },
+    h("thead", {}, h("tr", {}, ["When", "Why", "Devices", "Status", "Analysis"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, items.slice(0, 10).map((r) => {
+      const btn = r.status === "pending_approval"
+        ? h("button", { class: "btn small", onclick: (ev) => approve(r.reanalysis_id, ev.currentTarget) }, "Approve") : null;
+      return h("tr", {},
+        h("td", {}, fmtTime(r.created_at)),
+        h("td", {}, r.why || "–"),
+        h("td", {}, (r.trigger_devices || []).map((id) => h("a", { href: `/devices/${encodeURIComponent(id)}`, class: "chip" }, id))),
+        h("td", {}, badge(r.status, r.status.replace("_", " ")), btn),
+        h("td", {}, r.analysis_id ? h("a", { href: `/analyses/${encodeURIComponent(r.analysis_id)}` }, r.analysis_id) : "–"));
+    })));
+}
+
+function targetText(t) {
+  if (!t) return "–";
+  if (t.device) return `device ${t.device}`;
+  if (t.group) return `group ${t.group}`;
+  return "all devices";
+}
+
+function deploymentsTable(items) {
+  if (!items.length) return h("p", { class: "muted" }, "No deployment yet.");
+  return h("table", { class: "grid-table compact", id: "deployments" },
+    h("thead", {}, h("tr", {}, ["Created", "Target", "Stage", "Done", "Failed", "Bundle"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, items.slice(0, 10).map((d) => {
+      const c = d.counts || {};
+      const total = ["pending", "in_progress", "succeeded", "failed"].reduce((n, k) => n + (c[k] || 0), 0);
+      return h("tr", {},
+        h("td", {}, fmtTime(d.created_at)), h("td", {}, targetText(d.target)),
+        h("td", {}, badge(d.stage, d.stage.replace("_", " "))),
+        h("td", { class: "num" }, `${c.succeeded || 0} / ${total}`),
+        h("td", { class: c.failed ? "num warn" : "num" }, String(c.failed || 0)),
+        h("td", {}, shortId(d.bundle_id, 8)));
+    })));
+}
+
+async function optional(path) {
+  try { return await api(path); } catch { return []; }
+}
+
+/** Draw the overview into `root` and keep it current. */
+export async function render(root) {
+  const refresh = debounce(load, 250);
+  for (const kind of ["device", "drift", "status", "deployment", "analysis", "reanalysis"]) on(kind, refresh);
+
+  async function load() {
+    const [devices, analyses, reanalyses, deployments] = await Promise.all([
+      api("/api/devices"), optional("/api/analyses"), optional("/api/reanalyses"), optional("/api/deployments")]);
+    mount(root,
+      h("div", { class: "page-head" }, h("h1", {}, "Fleet overview"),
+        h("span", { class: "muted" }, `updated ${new Date().toLocaleTimeString()}`)),
+      countsBar(devices),
+      card("Devices", devicesTable(devices)),
+      h("div", { class: "columns" },
+        card("Analyses", analysesTable(analyses)),
+        card("Re-analyses triggered by drift", reanalysesTable(reanalyses, refresh))),
+      card("Deployments", deploymentsTable(deployments)));
+  }
+  await load();
+  setInterval(() => refresh(), 30000); // keep the "seen ... ago" texts honest when nothing happens
+}

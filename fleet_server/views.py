@@ -1,0 +1,86 @@
+"""Rows to the JSON objects of the HTTP API contract (docs in /api/docs and the dashboard's view of them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet_server.db import AnalysisRow, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow, ReanalysisRow
+
+OUTCOMES = ("pending", "in_progress", "succeeded", "failed")
+PROFILE_KEYS = ("total_memory", "available_memory", "physical_cores", "cpu_model")
+
+
+def model_view(m: ModelRow) -> dict[str, Any]:
+    """Model = model_id, name, sha256, weights, size_bytes, pool_size, created_at."""
+    return {"model_id": m.id, "name": m.name, "sha256": m.sha256, "weights": m.weights, "size_bytes": m.size_bytes,
+            "pool_size": m.pool_size, "created_at": m.created_at, "preprocessing": m.preprocessing}
+
+
+def analysis_view(a: AnalysisRow) -> dict[str, Any]:
+    """Analysis = status, progress {phase, done, total}, reason, error, bundle_id, timestamps."""
+    return {"analysis_id": a.id, "model_id": a.model_id, "status": a.status,
+            "progress": {"phase": a.phase, "done": a.done, "total": a.total}, "reason": a.reason,
+            "error": a.error, "bundle_id": a.bundle_id, "created_at": a.created_at, "started_at": a.started_at,
+            "finished_at": a.finished_at, "field_samples": len(a.field_sample_ids or []),
+            "budget": (a.settings or {}).get("budget")}
+
+
+def device_state(d: DeviceRow) -> str:
+    """offline | deploying | alert | failed | online, in that precedence."""
+    if not d.online:
+        return "offline"
+    if d.deploy_state == "deploying":
+        return "deploying"
+    if d.alert:
+        return "alert"
+    if d.deploy_state == "failed":
+        return "failed"
+    return "online"
+
+
+def active_view(active: dict | None) -> dict[str, Any] | None:
+    """The contract's ``active`` block from what the device reported (state or final status)."""
+    if not active or not active.get("bundle_id"):
+        return None
+    plan = active.get("plan") or {}
+    return {"bundle_id": active.get("bundle_id"), "model_name": active.get("model_name"),
+            "plan_label": plan.get("label") or active.get("plan_label"),
+            "storage_bytes": plan.get("storage_bytes", plan.get("predicted_storage")),
+            "base_bytes": plan.get("base_bytes", plan.get("base_file_bytes")),
+            "predicted_agreement": active.get("predicted_agreement", _agreement(plan)),
+            "measured_agreement": active.get("measured_agreement", plan.get("measured_agreement")),
+            "plan": plan or None}
+
+
+def _agreement(plan: dict) -> float | None:
+    if plan.get("predicted_agreement") is not None:
+        return plan["predicted_agreement"]
+    d = plan.get("predicted_disagreement")
+    return None if d is None else 1.0 - float(d)
+
+
+def device_view(d: DeviceRow) -> dict[str, Any]:
+    """Device = id, group, online, last_seen, agent_version, hardware, active, last_drift, alert, state."""
+    return {"device_id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen,
+            "agent_version": d.agent_version, "hardware": d.hardware or {}, "active": active_view(d.active),
+            "last_drift": d.last_drift, "alert": d.alert, "state": device_state(d), "birth": d.birth}
+
+
+def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> dict[str, Any]:
+    """Deployment with counts per outcome and every device's current phase."""
+    counts = dict.fromkeys(OUTCOMES, 0)
+    for m in members:
+        counts[m.outcome] += 1
+    return {"deployment_id": dep.id, "analysis_id": dep.analysis_id, "bundle_id": dep.bundle_id, "target": dep.target,
+            "stage": dep.stage, "counts": counts, "canary_share": dep.canary_share,
+            "failure_threshold": dep.failure_threshold, "reason": dep.reason,
+            "devices": [{"device_id": m.device_id, "phase": m.phase, "outcome": m.outcome, "wave": m.wave,
+                         "reason": m.reason, "t": m.updated_at} for m in members],
+            "created_at": dep.created_at, "finished_at": dep.finished_at}
+
+
+def reanalysis_view(r: ReanalysisRow) -> dict[str, Any]:
+    """Reanalysis = trigger devices, why, status, the analysis and deployment it led to."""
+    return {"reanalysis_id": r.id, "model_id": r.model_id, "group": r.group, "trigger_devices": r.trigger_devices,
+            "why": r.why, "status": r.status, "analysis_id": r.analysis_id, "deployment_id": r.deployment_id,
+            "created_at": r.created_at, "approved_at": r.approved_at}

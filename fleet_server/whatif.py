@@ -1,0 +1,55 @@
+"""The what-if panel: the plan a device (or typed budgets) would get from an analysis, without deploying.
+
+Only numbers are read (toco_core.solver over the stored calibration curves); nothing is built.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from toco_core.analysis_result import AnalysisResult, load_result
+from toco_core.device import DeviceProfile, RuntimeFormat, usable_memory, usable_storage
+from toco_core.errors import InfeasibleError
+from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
+from toco_core.plan import Policy
+from toco_core.solver import enumerate_plans, feasible_plans
+
+
+@lru_cache(maxsize=8)
+def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, list[WeightInfo], int]:
+    model_file = Path(model_path)
+    return load_result(Path(result_dir)), compressible_weights(load_model(model_file)), model_file.stat().st_size
+
+
+def nbits_share(infos: list[WeightInfo], profile: DeviceProfile | None) -> float:
+    """Share of weights MatMulNBits could hold (2-D MatMul/Gemm weights) when the box runs that format, else 0."""
+    if profile is None or RuntimeFormat.MATMUL_NBITS4 not in profile.formats:
+        return 0.0
+    total = sum(i.size for i in infos)
+    return sum(i.size for i in infos if i.op_type in ("MatMul", "Gemm") and len(i.shape) == 2) / total
+
+
+def _min(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, policy: Policy) -> dict[str, Any]:
+    """``{"feasible", "plan", "reason"}``: the solver's best plan within the budget and limits.
+
+    Limits = the tighter of the profile's usable memory/storage and the policy's. Raises
+    AnalysisError when the result directory is unusable.
+    """
+    result, infos, base_bytes = _load(result_dir, model_path)
+    mem = _min(usable_memory(profile) if profile else None, policy.memory)
+    sto = _min(usable_storage(profile) if profile else None, policy.storage)
+    plans = enumerate_plans(result, infos, base_bytes, nbits_share(infos, profile))
+    try:
+        best = feasible_plans(plans, policy, mem, sto, base_bytes)[0]
+    except InfeasibleError as exc:
+        return {"feasible": False, "plan": None, "reason": str(exc), "limits": {"memory": mem, "storage": sto}}
+    plan = best.model_dump()
+    plan.update(label=best.label, predicted_agreement=1.0 - best.predicted_disagreement, base_bytes=base_bytes)
+    return {"feasible": True, "plan": plan, "reason": None, "limits": {"memory": mem, "storage": sto}}

@@ -1,0 +1,117 @@
+"""The dashboard in real chromium against a real fleet server fed over a real mosquitto."""
+
+from __future__ import annotations
+
+import time
+
+from tests.dashboard.conftest import HARDWARE, PLANS, SimDevice, screenshot
+from tests.protocol.conftest import wait_until
+
+
+def open_view(page, url: str) -> None:
+    """Load a dashboard page and wait until its data is drawn and the event stream is live."""
+    page.goto(url)
+    page.wait_for_function("document.body.dataset.ready === '1'", timeout=10_000)
+    page.wait_for_selector("#live[data-state='live']", timeout=10_000)
+
+
+def test_overview_lists_devices_with_plans_and_escapes_device_text(fleet, devices, page, tmp_path):
+    open_view(page, fleet.url + "/")
+    rows = page.locator("#devices tbody tr")
+    assert rows.count() == 3
+    for name, plan in PLANS.items():
+        row = page.locator(f"#devices tr[data-device='{name}']")
+        text = row.inner_text()
+        assert plan["label"] in text
+        assert f"{100 - 100 * plan['predicted_disagreement']:.1f}%" in text  # predicted agreement
+        assert f"{100 - 100 * plan['measured_disagreement']:.1f}%" in text  # self-test agreement
+        assert "of 243 KB" in text  # size vs base
+        assert "window 11" in text  # last drift window
+    assert page.locator("#devices tr[data-device='camera-256'] .badge").first.inner_text() == "Drift alert"
+    assert page.locator(".count[data-state='alert'] b").inner_text() == "1"
+    assert page.locator(".count[data-state='online'] b").inner_text() == "2"
+    # the hostile cpu_model is shown as text and never ran
+    assert HARDWARE["box-64"]["cpu_model"] in page.locator("#devices tr[data-device='box-64']").inner_text()
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#devices img").count() == 0
+    screenshot(page, tmp_path, "overview")
+
+    # a new device's birth shows up without a reload
+    page.evaluate("window.__same_page = true")
+    late = SimDevice(fleet.port, "handheld-7", {**HARDWARE["box-64"], "cpu_model": "Cortex-A7"}, None)
+    try:
+        page.wait_for_selector("#devices tr[data-device='handheld-7']", timeout=10_000)
+        assert page.evaluate("window.__same_page") is True
+        assert "no model yet" in page.locator("#devices tr[data-device='handheld-7']").inner_text()
+        assert page.locator(".count.total b").inner_text() == "4"
+    finally:
+        late.close()
+
+
+def test_device_page_draws_drift_and_appends_a_new_window_live(fleet, devices, page, tmp_path):
+    open_view(page, fleet.url + "/devices/camera-256")
+    assert page.locator("h1").inner_text() == "camera-256"
+    agreement = page.locator("[data-chart='drift-agreement']")
+    # 12 windows of measured agreement plus the predicted line's 12 points
+    assert agreement.locator("circle").count() == 24
+    assert agreement.locator("polygon.band").count() == 1
+    assert agreement.locator("circle.alert").count() == 3  # windows 9-11 drifted out of the agreement band
+    assert agreement.locator("rect.alert-strip").count() == 3
+    assert page.locator("[data-chart='drift-shift'] circle").count() == 12
+    assert page.locator("[data-chart='drift-confidence'] polygon.band").count() == 1
+    assert page.locator("[data-chart='tel-cpu'] polyline").count() == 2
+    assert "Cortex-A53" in page.locator("#hw").inner_text()
+    assert PLANS["camera-256"]["label"] in page.locator("#active").inner_text()
+    screenshot(page, tmp_path, "device")
+
+    page.evaluate("window.__same_page = true")
+    devices["camera-256"].drift(12, time.time(), agreement=0.7, shift=0.95)
+    page.wait_for_function("document.getElementById('drift').dataset.points === '13'", timeout=10_000)
+    assert page.evaluate("window.__same_page") is True
+    assert agreement.locator("circle.alert").count() == 4
+    assert agreement.locator("rect.alert-strip").count() == 4
+    assert "#12" in page.locator("#last").inner_text()
+    assert "70.0%" in page.locator("#last").inner_text()
+    screenshot(page, tmp_path, "device-after-new-window")
+
+
+def test_unknown_device_page_says_so(fleet, page):
+    page.goto(fleet.url + "/devices/nope-1")
+    page.wait_for_selector(".error")
+    assert "nope-1" in page.locator(".error").inner_text()
+    assert page.console_errors == ["Failed to load resource: the server responded with a status of 404 (Not Found)"]
+    page.console_errors.clear()
+
+
+def test_analysis_page_charts_and_what_if(fleet, devices, page, tmp_path):
+    def done() -> bool:
+        status = fleet.api.get(f"/api/analyses/{fleet.analysis_id}").json()["status"]
+        assert status != "failed", fleet.api.get(f"/api/analyses/{fleet.analysis_id}").json()["error"]
+        return status == "done"
+
+    assert wait_until(done, timeout=120, step=0.5), "the LeNet analysis did not finish in 120 s"
+    detail = fleet.api.get(f"/api/analyses/{fleet.analysis_id}").json()
+    open_view(page, f"{fleet.url}/analyses/{fleet.analysis_id}")
+    assert page.locator("h1").inner_text() == "lenet5"
+    assert page.locator("[data-chart='tolerance'] g.range").count() == len(detail["manifest"]["tensors"])
+    assert page.locator("[data-chart='curve-prune'] circle").count() == len(detail["curves"]["prune"]["points"])
+    assert page.locator("[data-chart='curve-quantize'] circle").count() > 0
+    assert page.locator("#rounds tbody tr").count() == len(detail["manifest"]["rounds"])
+
+    # what-if for a known device: a plan with its predicted fidelity
+    page.select_option("#whatif-device", "camera-256")
+    page.click("#whatif-form button[type=submit]")
+    page.wait_for_selector("#whatif-result, #whatif-out .error")
+    assert page.locator("#whatif-out .error").count() == 0, page.locator("#whatif-out").inner_text()
+    result = page.locator("#whatif-result")
+    assert "feasible" in result.get_attribute("class").split()
+    assert "Predicted agreement" in result.inner_text()
+    screenshot(page, tmp_path, "analysis")
+
+    # typed limits nobody can meet: the reason, not a plan
+    page.select_option("#whatif-device", "")
+    page.fill("input[name=storage_kb]", "1")
+    page.click("#whatif-form button[type=submit]")
+    page.wait_for_selector("#whatif-result.infeasible")
+    assert "storage" in page.locator("#whatif-result").inner_text()
+    screenshot(page, tmp_path, "analysis-infeasible")

@@ -1,0 +1,167 @@
+"""Every HTTP endpoint, with good and bad input, against a running server (both broker kinds)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.fleet.conftest import device_json, succeed, wait_until
+from toco_core.bundle import load_public_key, unpack_bundle, verify_bundle_bytes, verify_manifest
+from toco_core.messages import BundleManifest
+from toco_core.model_bundle import open_bundle
+
+
+def test_health_and_public_key(fleet):
+    h = fleet.api.get("/api/health").json()
+    assert h["status"] == "ok" and h["broker"] == "connected"
+    assert fleet.api.get("/api/public-key").text.startswith("-----BEGIN PUBLIC KEY-----")
+    assert fleet.api.get("/openapi.json").json()["info"]["title"] == "TOCO Fleet"
+
+
+def test_analysis_produces_a_signed_bundle(fleet):
+    a = fleet.analysis
+    assert a["status"] == "done", a["error"]
+    assert a["progress"]["phase"] == "done" and a["bundle_id"]
+    assert a["manifest"]["samples_used"] > 0 and set(a["curves"]) == {"prune", "quantize", "prune+quantize"}
+    assert any(x["analysis_id"] == a["analysis_id"] for x in fleet.api.get("/api/analyses").json())
+    path = fleet.server.store.bundle_path(a["bundle_id"])
+    data = path.read_bytes()
+    manifest = BundleManifest.model_validate_json(path.with_suffix(".manifest.json").read_text())
+    verify_manifest(manifest, load_public_key(fleet.api.get("/api/public-key").content))
+    verify_bundle_bytes(data, manifest)
+    model, result, info = open_bundle(unpack_bundle(data))
+    assert info.model_name == "lenet5" and info.analysis_id == a["analysis_id"] and info.budget == 0.05
+    assert result.manifest.model_sha256 == info.model_sha256
+    assert (fleet.server.settings.signing_key_path.stat().st_mode & 0o777) == 0o600
+
+
+def test_models_endpoints_and_bad_uploads(fleet, lenet):
+    models = fleet.api.get("/api/models").json()
+    m = models[0]
+    assert m["name"] == "lenet5" and m["pool_size"] == 120 and m["weights"] > 1000 and len(m["sha256"]) == 64
+    assert fleet.api.get(f"/api/models/{m['model_id']}").json() == m
+    r = fleet.api.get("/api/models/m-nope")
+    assert r.status_code == 404 and "m-nope" in r.json()["detail"]
+    r = fleet.api.post("/api/models", files={"file": ("m.onnx", b"not onnx"), "pool": ("p.npz", lenet["pool"])},
+                       data={"name": "x"})
+    assert r.status_code == 400 and r.json()["detail"]
+    r = fleet.api.post("/api/models", files={"file": ("m.onnx", lenet["onnx"]), "pool": ("p.npz", b"garbage")},
+                       data={"name": "x"})
+    assert r.status_code == 400 and "pool" in r.json()["detail"]
+    r = fleet.api.post("/api/models", files={"file": ("m.onnx", lenet["onnx"])}, data={"name": "x"})
+    assert r.status_code == 422 and "pool" in r.json()["detail"]
+    r = fleet.api.post("/api/models", files={"file": ("m.onnx", lenet["onnx"]), "pool": ("p.npz", lenet["pool"])},
+                       data={"name": "x", "preprocessing": "{not json"})
+    assert r.status_code == 400 and "preprocessing" in r.json()["detail"]
+
+
+def test_analysis_bad_input(fleet):
+    mid = fleet.analysis["model_id"]
+    r = fleet.api.post(f"/api/models/{mid}/analyses", json={"budget": 2})
+    assert r.status_code == 422 and "budget" in r.json()["detail"]
+    r = fleet.api.post(f"/api/models/{mid}/analyses", content=b"{oops", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("invalid request")
+    r = fleet.api.post("/api/models/m-nope/analyses", json={})
+    assert r.status_code == 404 and "m-nope" in r.json()["detail"]
+    r = fleet.api.get("/api/analyses/a-nope")
+    assert r.status_code == 404 and "a-nope" in r.json()["detail"]
+
+
+def test_whatif(fleet):
+    aid = fleet.analysis["analysis_id"]
+    ok = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "memory": 64 << 20}).json()
+    assert ok["feasible"] and ok["plan"]["predicted_disagreement"] <= 0.05 and ok["plan"]["label"]
+    small = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": "size"}).json()
+    assert small["plan"]["predicted_storage"] <= ok["plan"]["predicted_storage"]
+    no = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "storage": 100}).json()
+    assert not no["feasible"] and no["plan"] is None and "budget" in no["reason"]
+    r = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "device_id": "ghost"})
+    assert r.status_code == 404 and "ghost" in r.json()["detail"]
+    r = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"profile": {"total_memory": -1}})
+    assert r.status_code == 400 and "profile" in r.json()["detail"]
+    r = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "bogus": 1})
+    assert r.status_code == 422 and "bogus" in r.json()["detail"]
+
+
+def test_whatif_for_a_known_device(fleet, devices):
+    devices(f"wi-{fleet.kind}")
+    assert wait_until(lambda: device_json(fleet, f"wi-{fleet.kind}").get("online"))
+    r = fleet.api.post(f"/api/analyses/{fleet.analysis['analysis_id']}/whatif",
+                       json={"budget": 0.05, "device_id": f"wi-{fleet.kind}"}).json()
+    assert r["feasible"] and r["limits"]["memory"] == 300 << 20
+
+
+def test_devices_deployments_drift_endpoints(fleet, devices):
+    did = f"api-{fleet.kind}"
+    dev = devices(did, group=f"g-api-{fleet.kind}", responder=succeed)
+    assert wait_until(lambda: device_json(fleet, did).get("online"))
+    listed = {d["device_id"]: d for d in fleet.api.get("/api/devices").json()}
+    assert listed[did]["hardware"]["total_memory"] == 512 << 20 and listed[did]["group"] == f"g-api-{fleet.kind}"
+    assert listed[did]["state"] == "online" and listed[did]["active"] is None
+    r = fleet.api.get("/api/devices/ghost")
+    assert r.status_code == 404 and "ghost" in r.json()["detail"]
+    aid, bid = fleet.analysis["analysis_id"], fleet.analysis["bundle_id"]
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": aid, "target": {"device": did}}).json()
+    assert dep["target"] == {"device": did} and dep["bundle_id"] == bid
+    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{dep['deployment_id']}").json()["stage"] == "done"), (
+        dev.commands, fleet.api.get(f"/api/deployments/{dep['deployment_id']}").json())
+    detail = device_json(fleet, did)
+    assert detail["active"]["bundle_id"] == bid and detail["active"]["plan_label"] == "prune 50% / fp32"
+    assert [h["phase"] for h in detail["deployments"]][:1] == ["active"]
+    dev.drift(0, bid, alert=False)
+    assert wait_until(lambda: len(fleet.api.get(f"/api/drift?device_id={did}").json()) == 1)
+    point = fleet.api.get(f"/api/drift?device_id={did}").json()[0]
+    assert point["agreement"] == 0.99 and point["bands"]["input_shift"] == [0.0, 0.3] and not point["alert"]
+    assert device_json(fleet, did)["last_drift"]["window"] == 0
+    assert any(d["deployment_id"] == dep["deployment_id"] for d in fleet.api.get("/api/deployments").json())
+    rb = fleet.api.post(f"/api/deployments/{dep['deployment_id']}/rollback").json()
+    assert rb["stage"] == "rolled_back"
+    assert wait_until(lambda: any(getattr(c, "command", None) == "rollback" for c in dev.commands)), dev.commands
+    assert fleet.api.post(f"/api/deployments/{dep['deployment_id']}/rollback").status_code == 409
+    for path in ("/api/deployments/d-nope", "/api/drift?device_id=ghost"):
+        r = fleet.api.get(path)
+        assert r.status_code == 404 and "nope" in r.json()["detail"] or "ghost" in r.json()["detail"]
+    assert fleet.api.post("/api/deployments/d-nope/rollback").status_code == 404
+
+
+def test_deployment_bad_input(fleet):
+    aid = fleet.analysis["analysis_id"]
+    cases = [({"analysis_id": aid, "target": {"device": "a", "group": "b"}}, 422, "exactly one"),
+             ({"analysis_id": aid, "target": {}}, 422, "exactly one"),
+             ({"analysis_id": aid, "target": {"device": "ghost"}}, 404, "ghost"),
+             ({"analysis_id": aid, "target": {"group": "nobody"}}, 404, "nobody"),
+             ({"analysis_id": "a-nope", "target": {"all": True}}, 404, "a-nope"),
+             ({"analysis_id": aid, "target": {"all": True}, "canary_share": 0}, 422, "canary_share")]
+    for body, code, word in cases:
+        r = fleet.api.post("/api/deployments", json=body)
+        assert r.status_code == code and word in r.json()["detail"], (body, r.text)
+
+
+def test_reanalyses_endpoints(fleet):
+    assert isinstance(fleet.api.get("/api/reanalyses").json(), list)
+    r = fleet.api.post("/api/reanalyses/r-nope/approve")
+    assert r.status_code == 404 and "r-nope" in r.json()["detail"]
+
+
+def test_events_stream(fleet, devices):
+    import threading
+
+    import httpx
+
+    got: list[str] = []
+
+    def listen():
+        with httpx.stream("GET", f"{fleet.http.url}/api/events", timeout=10) as r:
+            for line in r.iter_lines():
+                got.append(line)
+                if line.startswith("data:") and f"ev-{fleet.kind}" in line:
+                    return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    devices(f"ev-{fleet.kind}")
+    t.join(10)
+    assert "event: device" in got
+    data = json.loads([x for x in got if x.startswith("data:")][-1][5:])
+    assert data["device_id"] == f"ev-{fleet.kind}" and data["online"]

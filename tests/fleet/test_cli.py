@@ -1,0 +1,31 @@
+"""toco-fleet against a running server: tables, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fleet_server.cli import app
+from tests.fleet.conftest import device_json, wait_until
+
+
+@pytest.mark.parametrize("fleet", ["embedded"], indirect=True)
+def test_cli_tables_and_errors(fleet, devices):
+    run = CliRunner()
+    url = ["--server", fleet.http.url]
+    dev = devices("cli-dev")
+    assert wait_until(lambda: device_json(fleet, "cli-dev").get("online"))
+    dev.drift(3, "0" * 64, alert=True, agreement=0.5)  # a bundle the server did not build: no re-analysis
+    assert wait_until(lambda: len(fleet.api.get("/api/drift?device_id=cli-dev").json()) == 1)
+    out = run.invoke(app, ["devices", *url])
+    assert out.exit_code == 0 and "cli-dev" in out.output
+    out = run.invoke(app, ["drift", "--device", "cli-dev", *url])
+    assert out.exit_code == 0 and "ALERT" in out.output and "50.0%" in out.output
+    out = run.invoke(app, ["models", "list", *url])
+    assert out.exit_code == 0 and "lenet5" in out.output
+    out = run.invoke(app, ["deploy", fleet.analysis["analysis_id"], *url])
+    assert out.exit_code == 2 and "--device" in out.output
+    out = run.invoke(app, ["rollback", "d-nope", *url])
+    assert out.exit_code == 2 and "404" in out.output and "d-nope" in out.output
+    out = run.invoke(app, ["devices", "--server", "http://127.0.0.1:9"])
+    assert out.exit_code == 2 and "cannot reach" in out.output

@@ -1,0 +1,56 @@
+"""A drift alert from simulated devices queues a re-analysis with their field samples (approval mode),
+which after approval analyses model pool + field samples, builds a new bundle and redeploys the group."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fleet.conftest import device_json, succeed, wait_until
+from toco_core.messages import DisputedRef, UploadSamplesCommand
+
+
+@pytest.mark.parametrize("fleet", ["mosquitto"], indirect=True)
+def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices, lenet):
+    fleet.server.policy.mode = "approval"
+    group, aid, bid = "g-drift", fleet.analysis["analysis_id"], fleet.analysis["bundle_id"]
+    devs = [devices(f"drift{i}", group=group, responder=succeed) for i in range(2)]
+    assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 2)
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": aid, "target": {"group": group}}).json()
+    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{dep['deployment_id']}").json()["stage"] == "done")
+    calm, shifted = devs
+    calm.drift(0, bid, alert=False)
+    refs = [DisputedRef(ref=f"drift1-1-{i}", reason="disagreement", confidence=0.4, model_class=1, base_class=7)
+            for i in range(6)]
+    shifted.drift(1, bid, alert=True, agreement=0.7, disputed=refs)
+    assert wait_until(lambda: any(r["status"] == "pending_approval" for r in fleet.api.get("/api/reanalyses").json()))
+    r = next(r for r in fleet.api.get("/api/reanalyses").json() if r["status"] == "pending_approval")
+    assert r["trigger_devices"] == ["drift1"] and "drift alert" in r["why"] and r["analysis_id"] is None
+    assert device_json(fleet, "drift1")["state"] == "alert"
+    # the shifted device is asked for its disputed inputs and sends them (rotated digits)
+    assert wait_until(lambda: any(isinstance(c, UploadSamplesCommand) for c in shifted.commands))
+    cmd = next(c for c in shifted.commands if isinstance(c, UploadSamplesCommand))
+    assert cmd.window == 1 and cmd.refs == [x.ref for x in refs]
+    shifted.samples(lenet["x"][:6, :, ::-1, :], window=1)
+    shifted.drift(2, bid, alert=True, agreement=0.6)  # the alert holds: no second re-analysis for this bundle
+    assert wait_until(lambda: fleet.server.ingest.stats["samples"] >= 6)
+    assert len(fleet.api.get("/api/reanalyses").json()) == 1
+    assert fleet.api.get("/api/reanalyses").json()[0]["status"] == "pending_approval"  # waits for a person
+    approved = fleet.api.post(f"/api/reanalyses/{r['reanalysis_id']}/approve").json()
+    assert approved["status"] == "queued"
+    assert fleet.api.post(f"/api/reanalyses/{r['reanalysis_id']}/approve").status_code == 409
+    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["analysis_id"] is not None, timeout=10)
+    new_aid = fleet.api.get("/api/reanalyses").json()[0]["analysis_id"]
+    a = fleet.api.get(f"/api/analyses/{new_aid}").json()
+    assert a["reason"] == "drift: drift1" and a["field_samples"] == 6
+    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["status"] in ("deployed", "failed"), timeout=150,
+                      step=0.5)
+    final = fleet.api.get("/api/reanalyses").json()[0]
+    assert final["status"] == "deployed", fleet.api.get(f"/api/analyses/{new_aid}").json()["error"]
+    a = fleet.api.get(f"/api/analyses/{new_aid}").json()
+    assert a["bundle_id"] != bid and a["manifest"]["pool_size"] == 120 + 6
+    redeploy = fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()
+    assert redeploy["target"] == {"group": group} and redeploy["bundle_id"] == a["bundle_id"]
+    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()["stage"] == "done")
+    assert device_json(fleet, "drift1")["active"]["bundle_id"] == a["bundle_id"]
+    assert not device_json(fleet, "drift1")["alert"]
+    fleet.server.policy.mode = "auto"
