@@ -123,7 +123,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:
@@ -216,8 +216,8 @@ class ModelStore:
                 # Meta goes first and comes back last: it is the slot's commit mark.
                 (folder / _META).unlink(missing_ok=True)
                 _fsync_dir(folder)
-                _atomic_write(folder / _MODEL, model_bytes)
-                _atomic_write(folder / _META, full.model_dump_json(indent=1).encode())
+                atomic_write(folder / _MODEL, model_bytes)
+                atomic_write(folder / _META, full.model_dump_json(indent=1).encode())
             except OSError as exc:
                 raise StoreError(f"cannot write the candidate into slot {slot}: {exc}",
                                  "free disk space in the state directory") from exc
@@ -289,7 +289,7 @@ class ModelStore:
                       switched_at=datetime.now(timezone.utc),
                       last_rollback=record or (old.last_rollback if old else None))
         try:
-            _atomic_write(self.root / _POINTER, ptr.model_dump_json(indent=1).encode())
+            atomic_write(self.root / _POINTER, ptr.model_dump_json(indent=1).encode())
         except OSError as exc:
             raise StoreError(f"cannot write the active pointer: {exc}",
                              "free disk space in the state directory") from exc

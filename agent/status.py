@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.model_store import atomic_write
 from toco_core.errors import ConfigError
 
 STATUS_FILE = "status.json"
@@ -56,13 +57,8 @@ class Journal(BaseModel):
 
 
 def write_json_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` via temp file + fsync + rename (+ fsync of the folder)."""
+    atomic_write(path, data)
 
 
 def write_status(state_dir: Path, status: AgentStatus) -> None:
