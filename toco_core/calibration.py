@@ -44,21 +44,6 @@ class CalibrationCurve(BaseModel):
     samples: int
     points: list[CurvePoint]
 
-    def predict_disagreement(self, prune_scale: float = 0.0, quant_scale: float = 0.0) -> float:
-        """Disagreement at a scale by log-linear interpolation of the measured points.
-
-        Outside the measured range the nearest end is used; for ``prune+quantize`` the
-        nearest measured (prune, quant) pair that is at least as aggressive is used.
-        """
-        if self.operator == "prune+quantize":
-            worse = [p for p in self.points if p.prune_scale >= prune_scale and p.quant_scale >= quant_scale]
-            return min((p.disagreement for p in worse), default=max(p.disagreement for p in self.points))
-        key = "prune_scale" if self.operator == "prune" else "quant_scale"
-        xs = np.log(np.maximum([getattr(p, key) for p in self.points], 1e-12))
-        ys = np.array([p.disagreement for p in self.points])
-        s = prune_scale if self.operator == "prune" else quant_scale
-        return float(np.interp(np.log(max(s, 1e-12)), xs, ys))
-
 
 def _isotonic(x: list[float], y: list[float]) -> np.ndarray:
     """Least-squares non-decreasing fit of y over x (pool-adjacent-violators, via scikit-learn).
@@ -97,12 +82,6 @@ def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
             best[p.quant_scale] = (d, k)
             out.append(p.model_copy(update={"disagreement": d, "kl": k}))
     return out
-
-
-def prune_scale_grid(weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray], sparsities: list[float]) -> list[float]:
-    """Scales at which tolerance pruning reaches the given sparsities: quantiles of |w| / tau_hat."""
-    ratio = np.concatenate([(np.abs(w) / tau_hat[k]).ravel() for k, w in weights.items()])
-    return [float(np.quantile(ratio, s)) for s in sparsities]
 
 
 def measure_point(
