@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -50,6 +50,8 @@ class AgentConfig(BaseSettings):
 
     device_id: str = Field(pattern=ID_PATTERN, description="this box's id = MQTT username = client id")
     fleet: str = Field("default", pattern=ID_PATTERN, description="fleet name, the topic root toco/v1/{fleet}")
+    group: str = Field("default", pattern=ID_PATTERN,
+                       description="device group (line, station) the server deploys and re-analyses by")
     broker_url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host[:port] or mqtts://host[:port]")
     username: str | None = Field(None, description="MQTT username (default: from the URL)")
     password: str | None = Field(None, description="MQTT password (default: from the URL)")
@@ -62,6 +64,8 @@ class AgentConfig(BaseSettings):
     bundle_disk_cap: Size = Field(None, description="most disk a bundle download may use (2 x size + 16 MB)")
     fidelity_budget: Annotated[float, BeforeValidator(_as_value_error(parse_fraction))] = Field(
         0.01, gt=0, lt=1, description="max top-1 disagreement with the base model, e.g. 1%")
+    objective: Literal["fidelity", "size"] = Field(
+        "fidelity", description="fidelity: best predicted fidelity within the caps; size: smallest model within budget")
     recompress_memory: Annotated[int, BeforeValidator(_as_value_error(parse_size))] = Field(
         1536 * 1024**2, gt=0, description="RSS limit of the recompression child process")
     recompress_timeout: float = Field(900.0, gt=0, description="seconds before the recompression child is killed")

@@ -164,7 +164,10 @@ class Agent:
             model = ActiveModel(bundle_id=active.meta.bundle_id if len(active.meta.bundle_id) == 64 else None,
                                 model_name=active.meta.plan_summary.get("model_name"), slot=active.slot,
                                 plan=active.meta.plan_summary)
-        return {"hardware": self.profile.model_dump(mode="json") if self.profile else None, "active": model}
+        hardware = None
+        if self.profile is not None:  # the server reads the device's group from its birth
+            hardware = {**self.profile.model_dump(mode="json"), "group": self.config.group}
+        return {"hardware": hardware, "active": model}
 
     # ---------------------------------------------------------------- messages
     def _send(self, message) -> bool:

