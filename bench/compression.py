@@ -43,7 +43,7 @@ console = Console(width=160)
 MODELS = {  # name: (trained, analysis settings)
     "lenet5": (True, None),
     "mlp": (True, None),
-    "wide_cnn": (False, AnalysisSettings(max_rounds=2, prune_rounds=3)),
+    "wide_cnn": (False, AnalysisSettings(max_rounds=2)),
 }
 BASELINES = ("ort quantize_dynamic", "ort quantize_static QDQ", "magnitude + uniform bits")
 SIZE_ROW = "TOCO size, budget 1%"

@@ -44,6 +44,8 @@ def print_report(report: CompressionReport, title: str = "per-layer decisions") 
     if report.session_rss and report.base_session_rss:
         s.add_row("session RSS", format_size(report.base_session_rss), format_size(report.session_rss),
                   f"{report.base_session_rss / report.session_rss:.2f}x")
+    else:  # measured only where it can decide something (toco_core.recompress._rss_matters)
+        s.add_row("session memory", "-", f"~{format_size(report.plan.predicted_memory)}", "estimate")
     if report.p50_s and report.base_p50_s:
         s.add_row("p50 latency (batch 1)", f"{report.base_p50_s * 1e3:.3f} ms", f"{report.p50_s * 1e3:.3f} ms",
                   f"{report.base_p50_s / report.p50_s:.2f}x")

@@ -19,9 +19,11 @@ from pydantic import BaseModel, Field
 from toco_core.compression.tolerance_compress import compress_weights, summary
 from toco_core.fidelity import OutputKind, compare_outputs
 from toco_core.onnx_model import WeightInfo
-from toco_core.runtime import run_with_weights
+from toco_core.runtime import run_model, run_with_weights
 
-Operator = Literal["prune", "quantize", "prune+quantize"]
+Operator = Literal["prune", "quantize", "prune+quantize", "int8"]
+# calibration samples onnxruntime's int8 calibrator sees (activation ranges); more add time, not accuracy
+INT8_CALIBRATION_SAMPLES = 100
 
 
 class CurvePoint(BaseModel):
@@ -33,7 +35,9 @@ class CurvePoint(BaseModel):
     kl: float = Field(ge=0)
     accuracy: float | None = None
     sparsity: float
-    entropy_bits: float = Field(description="entropy-coded bits per weight of the codes")
+    entropy_bits: float = Field(description="zero-order entropy of the codes, bits per weight")
+    coded_bits: float | None = Field(None, description="bits per weight the storage coder writes (estimate); "
+                                                       "None in older analyses: use entropy_bits")
     fixed_bits: float = Field(description="mean fixed-width bits per weight")
 
 
@@ -105,8 +109,28 @@ def measure_point(
     return CurvePoint(
         prune_scale=prune_scale, quant_scale=quant_scale, disagreement=fid.disagreement, kl=fid.kl,
         accuracy=fid.accuracy, sparsity=stats["sparsity"], entropy_bits=stats["entropy_bits"],
+        coded_bits=stats["coded_bits"],
         fixed_bits=stats["fixed_bits"],
     )
+
+
+def measure_int8(model: onnx.ModelProto, x: np.ndarray, base_out: np.ndarray, labels: np.ndarray | None,
+                 kind: OutputKind) -> CalibrationCurve:
+    """The measured cost of the full QDQ int8 runtime (weights per channel + activations) on x.
+
+    Activation ranges come from the first INT8_CALIBRATION_SAMPLES of x, as a device builds
+    them from the bundle's calibration samples. One point: prune and quant scale 0, fixed
+    bits 8. A device adds it to the cost of its weight-level point (the two errors are small
+    and nearly independent; the self-test measures the sum). Raises ModelError when
+    onnxruntime cannot quantize the model.
+    """
+    from toco_core.compression.qdq_int8 import quantize_qdq_int8  # onnxruntime.quantization: slow import
+
+    q = quantize_qdq_int8(model, None, x[:INT8_CALIBRATION_SAMPLES])
+    fid = compare_outputs(base_out, run_model(q, x), labels, kind)
+    point = CurvePoint(disagreement=fid.disagreement, kl=fid.kl, accuracy=fid.accuracy, sparsity=0.0,
+                       entropy_bits=32.0, fixed_bits=8.0)
+    return CalibrationCurve(operator="int8", samples=len(x), points=[point])
 
 
 def measure_curve(

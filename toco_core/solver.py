@@ -5,16 +5,21 @@ compressed or run here, so it takes milliseconds. Every candidate is a measured 
 (prune scale, quant scale) in one of the runtime forms:
 
 - ``fp32``: float weights at run time, zero channels removed (real RAM and time saving);
-- ``nbits``: as fp32, with MatMul/Gemm weights in MatMulNBits 4-bit (saves RAM).
+- ``nbits``: as fp32, with MatMul/Gemm weights in MatMulNBits 4-bit (saves RAM);
+- ``int8``: full QDQ int8 (weights and activations; QLinearConv / QGemm at run time), offered
+  when the box runs that format and the analysis measured its cost (the ``int8`` curve).
 
-Feasible: predicted disagreement <= budget, storage and estimated memory within limits, and
-never larger than the base. Objective ``fidelity`` ranks by predicted disagreement, then
-KL, then storage; ``size`` by storage, then disagreement.
+Predictions are the isotonic curve values themselves: a fair estimate of the held-out
+disagreement (the self-test compares it with a measurement). Feasible: predicted
+disagreement <= budget, storage and estimated memory within limits, and never larger (file
+or memory) than the base. Objective ``fidelity`` ranks by predicted disagreement, then KL,
+where differences below the measurement's noise floor are ties, then by storage and memory
+(the smaller plan wins a tie); ``size`` ranks by storage, then memory, then disagreement.
+``nbits`` has no measured cost of its own (its prediction is the fp32 point's), so at equal
+storage it comes after the measured runtimes: it is chosen where memory limits need it.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -25,11 +30,25 @@ from toco_core.onnx_model import WeightInfo
 from toco_core.plan import CompressionPlan, Policy
 from toco_core.units import format_size
 
-# onnxruntime's own session + arena cost for a small CPU model, measured here (~10 MB).
-SESSION_OVERHEAD = 10 * 1024 * 1024
-# Per output channel in the storage form: step (2-4 B) and side information (~1.5 B).
+# onnxruntime's own session + arena cost for a small CPU model, measured here (13.3-14 MB RSS
+# growth for LeNet-5 and the MLP, whose weights are < 1 MB).
+SESSION_OVERHEAD = 13 * 1024 * 1024
+# RSS per byte of run-time weights: onnxruntime keeps the initializer and a repacked copy
+# (NCHWc / prepacked GEMM), plus activations; measured on the 5M CNN: fp32 44.8 MB over the
+# overhead for 18 MB of weights, QDQ int8 12.1 MB for 4.5 MB.
+FP32_RSS_FACTOR = 2.5
+INT8_RSS_FACTOR = 2.7
+# Per output channel in the storage form: a float16 step (2 B) and LZMA-packed side information
+# (~1.3 B); the non-weight bytes of the ONNX file (graph, biases) shrink to ~0.6 under LZMA
+# (measured on LeNet-5: 2553 -> 1500 B); the coder's adaptive tables cost a few % over the static
+# estimate. Rounded up: a plan predicted within a storage limit should be within it once built
+# (recompress checks the real size too).
 CHANNEL_SIDE_BYTES = 4
-UCB_Z = 1.0
+OTHER_CODED_SHARE = 0.7
+CODED_BITS_SLACK = 1.03
+# KL(base || compressed) below this (nats per sample) is indistinguishable from float rounding
+# and sample noise on a few hundred samples: the int8 runtime alone measures 1e-5-1e-4.
+KL_NOISE_FLOOR = 1e-3
 
 
 def _channel_max_rank(rank: np.ndarray, out_axis: int) -> np.ndarray:
@@ -39,100 +58,174 @@ def _channel_max_rank(rank: np.ndarray, out_axis: int) -> np.ndarray:
 def kept_weight_share(infos: list[WeightInfo], ranks: dict[str, np.ndarray], prune_scale: float) -> float:
     """Share of weights left after removing channels that pruning zeroes entirely.
 
-    A channel goes when every weight's prune rank is <= s; its consumer loses the matching
-    inputs too, which this estimate ignores (conservative).
+    A channel goes when every weight's prune rank is <= s (one channel per layer always stays);
+    its consumer loses the matching inputs too, which this estimate ignores (conservative).
     """
+    return kept_share_fn(infos, ranks)(prune_scale)
+
+
+def kept_share_fn(infos: list[WeightInfo], ranks: dict[str, np.ndarray]):
+    """kept_weight_share as a function of the prune scale, with the per-channel ranks computed once."""
     total = sum(i.size for i in infos)
-    removed = 0
+    layers = []
     for info in infos:
-        dead = _channel_max_rank(ranks[info.name], info.out_axis) <= prune_scale
-        if dead.all():
-            dead[np.argmax(_channel_max_rank(ranks[info.name], info.out_axis))] = False
-        removed += int(dead.sum()) * (info.size // info.shape[info.out_axis])
-    return 1.0 - removed / total
+        top = np.sort(_channel_max_rank(ranks[info.name], info.out_axis))
+        layers.append((top, info.size // info.shape[info.out_axis]))
+
+    def share(prune_scale: float) -> float:
+        removed = 0
+        for top, per_channel in layers:
+            dead = int(np.searchsorted(top, prune_scale, side="right"))
+            removed += min(dead, len(top) - 1) * per_channel
+        return 1.0 - removed / total
+
+    return share
 
 
 def _storage(point: CurvePoint, n_weights: int, n_channels: int, other_bytes: int) -> int:
     if point.quant_scale == 0:
         return other_bytes + 4 * n_weights  # float weights travel as a plain ONNX file
-    return int(other_bytes + n_weights * point.entropy_bits / 8 + n_channels * CHANNEL_SIDE_BYTES)
+    bits = point.coded_bits * CODED_BITS_SLACK if point.coded_bits is not None else point.entropy_bits
+    return int(OTHER_CODED_SHARE * other_bytes + n_weights * bits / 8 + n_channels * CHANNEL_SIDE_BYTES)
 
 
-def upper_disagreement(measured: float, n: int, z: float = UCB_Z) -> float:
-    """A cautious reading of a disagreement measured on n samples: d + z sqrt(max(d, 1/n)(1 - d)/n).
-
-    The solver picks the most aggressive point that looks within budget, so plain measured values
-    carry a winner's curse; one standard error above them keeps held-out surprises rare.
-    """
-    d = max(measured, 0.0)
-    return min(1.0, d + z * math.sqrt(max(d, 1.0 / n) * (1 - d) / n))
+def noise_floor(samples: int) -> float:
+    """The smallest disagreement a curve of ``samples`` measurements can tell from zero: 1/n."""
+    return 1.0 / max(samples, 1)
 
 
 def candidate_points(result: AnalysisResult) -> list[CurvePoint]:
-    """Base + every measured point of the curves, with disagreement read cautiously (upper bound)."""
+    """Base + every measured weight-level point of the curves (the ``int8`` runtime curve excluded)."""
     base = CurvePoint(disagreement=0.0, kl=0.0, sparsity=0.0, entropy_bits=32.0, fixed_bits=32.0)
-    return [base] + [p.model_copy(update={"disagreement": upper_disagreement(p.disagreement, c.samples)})
-                     for c in result.curves.values() for p in c.points]
+    return [base] + [p for k, c in result.curves.items() if k != "int8" for p in c.points]
+
+
+def int8_scale(result: AnalysisResult) -> float:
+    """Quant scale up to which the quantize curve measured no cost beyond its noise floor.
+
+    The int8 runtime keeps a layer in int8 only where its weight error is within tau_hat times
+    this scale (or the plan's own quant scale, if larger). 0 when no such point exists.
+    """
+    curve = result.curves.get("quantize")
+    if curve is None:
+        return 0.0
+    free = [p.quant_scale for p in curve.points
+            if p.disagreement <= noise_floor(curve.samples) and p.kl <= KL_NOISE_FLOOR]
+    return max(free, default=0.0)
+
+
+def memory_estimate(runtime: str, n_kept: float, other_bytes: int, nbits_share: float = 0.0) -> int:
+    """Session RSS estimate: overhead + factor * run-time weight bytes (+ the non-weight bytes).
+
+    fp32: 4 B per kept weight; nbits: 0.56 B (4-bit + block scales) on the MatMul/Gemm share;
+    int8: 1 B per kept weight. Factors: see FP32_RSS_FACTOR / INT8_RSS_FACTOR.
+    """
+    if runtime == "int8":
+        weights = INT8_RSS_FACTOR * 1.0 * n_kept
+    elif runtime == "nbits":
+        weights = FP32_RSS_FACTOR * (4.0 * (1 - nbits_share) + 0.56 * nbits_share) * n_kept
+    else:
+        weights = FP32_RSS_FACTOR * 4.0 * n_kept
+    return int(SESSION_OVERHEAD + other_bytes + weights)
 
 
 def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
-                    nbits_share: float = 0.0) -> list[CompressionPlan]:
+                    nbits_share: float = 0.0, int8: bool = False) -> list[CompressionPlan]:
     """Every candidate plan with its predictions (unfiltered).
 
     ``nbits_share`` is the share of weights in MatMul/Gemm layers eligible for 4-bit MatMulNBits
-    (0 disables the nbits runtime).
+    (0 disables the nbits runtime). ``int8`` offers the full QDQ int8 runtime (the box runs it);
+    it needs the analysis' ``int8`` curve, whose measured cost is added to each point's:
+    d = d_point + d_int8, KL = KL_point + KL_int8.
     """
     n = sum(i.size for i in infos)
     channels = sum(i.shape[i.out_axis] for i in infos)
     other = max(base_file_bytes - 4 * n, 0)
+    int8_curve = result.curves.get("int8") if int8 else None
+    i8 = int8_curve.points[0] if int8_curve is not None and int8_curve.points else None
+    i8_scale = int8_scale(result) if i8 is not None else 0.0
+    kept_share = kept_share_fn(infos, result.tolerances.prune_rank)
     plans = []
     for p in candidate_points(result):
-        kept = kept_weight_share(infos, result.tolerances.prune_rank, p.prune_scale)
-        runtimes = ["fp32"] + (["nbits"] if nbits_share > 0 and p.quant_scale > 0 else [])
-        for rt in runtimes:
-            bytes_per_w = 4.0 if rt == "fp32" else 4.0 * (1 - nbits_share) + 0.56 * nbits_share
-            plans.append(CompressionPlan(
-                prune_scale=p.prune_scale, quant_scale=p.quant_scale, runtime=rt,
-                predicted_disagreement=p.disagreement, predicted_kl=p.kl, predicted_storage=_storage(p, n, channels, other),
-                predicted_memory=int(SESSION_OVERHEAD + other + bytes_per_w * n * kept),
-                sparsity=p.sparsity, entropy_bits=p.entropy_bits,
-            ))
+        kept = n * kept_share(p.prune_scale)
+        common = dict(prune_scale=p.prune_scale, quant_scale=p.quant_scale,
+                      predicted_storage=_storage(p, n, channels, other), sparsity=p.sparsity,
+                      entropy_bits=p.entropy_bits)
+        plans.append(_plan(**common, runtime="fp32", predicted_disagreement=p.disagreement,
+                                     predicted_kl=p.kl, predicted_memory=memory_estimate("fp32", kept, other)))
+        if nbits_share > 0 and p.quant_scale > 0:
+            plans.append(_plan(**common, runtime="nbits", predicted_disagreement=p.disagreement,
+                                         predicted_kl=p.kl,
+                                         predicted_memory=memory_estimate("nbits", kept, other, nbits_share)))
+        if i8 is not None and max(i8_scale, p.quant_scale) > 0:
+            plans.append(_plan(**common, runtime="int8", int8_scale=max(i8_scale, p.quant_scale),
+                                         predicted_disagreement=min(1.0, p.disagreement + i8.disagreement),
+                                         predicted_kl=p.kl + i8.kl,
+                                         predicted_memory=memory_estimate("int8", kept, other)))
     return plans
 
 
-def _rank_key(plan: CompressionPlan, objective: str):
+def _plan(**fields) -> CompressionPlan:
+    # the solver computes every field itself; skipping validation keeps planning in milliseconds
+    return CompressionPlan.model_construct(**fields)
+
+
+def _samples(result: AnalysisResult) -> int:
+    return min((c.samples for c in result.curves.values()), default=1)
+
+
+def _rank_key(plan: CompressionPlan, objective: str, floor: float):
     if objective == "size":
-        return (plan.predicted_storage, plan.runtime != "fp32", plan.predicted_memory, plan.predicted_disagreement)
-    # disagreement comes in steps of 1/n samples; KL is the finer fidelity signal between ties
-    # fp32 runtime before nbits at equal storage: its numbers are exactly the measured curve's,
-    # while MatMulNBits also rounds activations; nbits wins only where memory limits need it
-    return (round(plan.predicted_disagreement, 6), round(plan.predicted_kl, 5), plan.predicted_storage,
-            plan.runtime != "fp32", plan.predicted_memory)
+        return (plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory, plan.predicted_disagreement)
+    # differences a curve cannot resolve (d <= 1/n, KL below its floor) are ties: the smaller plan
+    # (storage, then run-time memory) wins them. nbits' own rounding is not on any curve (its
+    # prediction is the fp32 point's), so among ties it comes after the measured forms.
+    d = 0.0 if plan.predicted_disagreement <= floor else round(plan.predicted_disagreement, 6)
+    kl = 0.0 if plan.predicted_kl <= KL_NOISE_FLOOR else round(plan.predicted_kl, 5)
+    return (d, kl, plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory)
 
 
 def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: int | None,
-                   storage_limit: int | None, base_file_bytes: int) -> list[CompressionPlan]:
-    """Plans within budget and limits, best first. Raises InfeasibleError with the numbers."""
+                   storage_limit: int | None, base_file_bytes: int, samples: int = 500) -> list[CompressionPlan]:
+    """Plans within budget and limits, best first. Raises InfeasibleError with the numbers.
+
+    ``samples`` is the calibration curves' sample count (its 1/n is the tie floor of the
+    fidelity objective). A plan never uses more storage or estimated memory than the base plan.
+    """
+    base_memory = max((p.predicted_memory for p in plans if p.runtime == "fp32" and p.prune_scale == 0
+                       and p.quant_scale == 0), default=None)
     within = [p for p in plans if p.predicted_disagreement <= policy.budget]
     ok = [p for p in within
           if (storage_limit is None or p.predicted_storage <= storage_limit)
           and (memory_limit is None or p.predicted_memory <= memory_limit)
-          and p.predicted_storage <= max(base_file_bytes, 1)]
+          and p.predicted_storage <= max(base_file_bytes, 1)
+          and (base_memory is None or p.predicted_memory <= base_memory)]
     if ok:
-        return sorted(ok, key=lambda p: _rank_key(p, policy.objective))
+        floor = noise_floor(samples)
+        return sorted(ok, key=lambda p: _rank_key(p, policy.objective, floor))
     smallest = min(within, key=lambda p: (p.predicted_storage, p.predicted_memory), default=None)
     needed = {"storage": storage_limit, "memory": memory_limit, "budget": policy.budget}
     best = {} if smallest is None else {"storage": smallest.predicted_storage, "memory": smallest.predicted_memory,
                                         "disagreement": smallest.predicted_disagreement}
     msg = "no plan within the fidelity budget {:.2%} meets the limits".format(policy.budget)
     if smallest is not None:
+        lightest = min(within, key=lambda p: p.predicted_memory)
         parts = []
         if storage_limit is not None and smallest.predicted_storage > storage_limit:
             parts.append(f"storage {format_size(smallest.predicted_storage)} needed vs {format_size(storage_limit)} allowed")
-        if memory_limit is not None and smallest.predicted_memory > memory_limit:
-            parts.append(f"memory {format_size(smallest.predicted_memory)} needed vs {format_size(memory_limit)} allowed")
+        if memory_limit is not None and lightest.predicted_memory > memory_limit:
+            best["memory"] = lightest.predicted_memory
+            parts.append(f"memory {format_size(lightest.predicted_memory)} needed vs {format_size(memory_limit)} allowed")
         msg += ": the smallest plan within budget needs " + ", ".join(parts)
     raise InfeasibleError(msg, needed=needed, best=best)
+
+
+def plans_for(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int, policy: Policy,
+              memory_limit: int | None, storage_limit: int | None, nbits_share: float = 0.0,
+              int8: bool = False) -> list[CompressionPlan]:
+    """enumerate_plans + feasible_plans with the tie floor taken from the curves' sample count."""
+    return feasible_plans(enumerate_plans(result, infos, base_file_bytes, nbits_share, int8), policy,
+                          memory_limit, storage_limit, base_file_bytes, _samples(result))
 
 
 def less_aggressive(plans: list[CompressionPlan], failed: CompressionPlan) -> list[CompressionPlan]:

@@ -38,9 +38,9 @@ def channel_steps(w: np.ndarray, tau: np.ndarray, out_axis: int, coverage: float
             continue
         top = 2.0 * np.abs(x).max()
         # never finer than 13-bit codes (|code| <= 4095: the storage coder's limit)
-        low = max(2.0 * float(np.quantile(t, 1 - coverage)), top / MAX_CODE * 0.5 * 1.001)
+        low = max(2.0 * _quantile(t, 1 - coverage), top / MAX_CODE * 0.5 * 1.001)
         # steps on the float16 grid: the storage form then keeps 2 bytes per channel, not 4
-        cands = np.unique(np.geomspace(low, max(top, low), _GRID).astype(np.float16).astype(np.float64))  # [G]
+        cands = np.unique(_geomspace(low, max(top, low)).astype(np.float16).astype(np.float64))  # [G]
         cands = cands[np.isfinite(cands) & (cands > 0)]
         if cands.size == 0:
             continue
@@ -48,6 +48,25 @@ def channel_steps(w: np.ndarray, tau: np.ndarray, out_axis: int, coverage: float
         ok = (err <= t[None, :]).mean(axis=1) >= coverage
         steps[c] = cands[np.nonzero(ok)[0].max()] if ok.any() else low
     return steps
+
+
+def _geomspace(lo: float, hi: float) -> np.ndarray:
+    """np.geomspace(lo, hi, _GRID) for 0 < lo <= hi, the same arithmetic without its per-call overhead."""
+    out = np.power(10.0, np.linspace(np.log10(lo), np.log10(hi), _GRID))
+    out[0], out[-1] = lo, hi
+    return out
+
+
+def _quantile(t: np.ndarray, q: float) -> float:
+    """np.quantile(t, q) (linear method, the same arithmetic) without its per-call overhead."""
+    v = np.sort(t)
+    pos = (v.size - 1) * q
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, v.size - 1)
+    frac = pos - lo
+    a, b = float(v[lo]), float(v[hi])
+    diff = b - a
+    return b - diff * (1 - frac) if frac >= 0.5 else a + diff * frac
 
 
 def quantize(w: np.ndarray, steps: np.ndarray, out_axis: int) -> tuple[np.ndarray, np.ndarray]:

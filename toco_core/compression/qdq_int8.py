@@ -8,7 +8,9 @@ this module always quantizes activations too, with ranges calibrated on real sam
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -92,14 +94,62 @@ def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calib
     with tempfile.TemporaryDirectory(prefix="toco-qdq-") as tmp:
         out = Path(tmp) / "qdq.onnx"
         try:
-            quantize_static(named, str(out), _Samples(spec.name, x), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, nodes_to_quantize=targets,
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+            with _quiet_root_warnings():
+                quantize_static(named, str(out), _Samples(spec.name, x), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, nodes_to_quantize=targets,
+                                calibrate_method=CalibrationMethod.MinMax,
+                                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         except Exception as exc:  # onnxruntime raises plain exceptions of many kinds here
             raise ModelError(f"onnxruntime could not quantize the model: {exc}", "check the model's ops") from exc
         return onnx.load(str(out))
+
+
+@contextlib.contextmanager
+def _quiet_root_warnings() -> Iterator[None]:
+    """Drop warnings logged on the root logger while onnxruntime quantizes.
+
+    onnxruntime's quantizer calls ``logging.warning`` ("consider pre-processing") on every run;
+    on a logger-less process that would also install a stderr handler on the root logger.
+    """
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    drop_warnings = lambda record: record.levelno > logging.WARNING  # noqa: E731
+    root.addHandler(guard)
+    root.addFilter(drop_warnings)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop_warnings)
+        root.removeHandler(guard)
+
+
+def int8_fits(w: np.ndarray, tau: np.ndarray, out_axis: int, coverage: float = 0.99) -> bool:
+    """True when per-channel int8 rounding keeps |error| <= tau for at least ``coverage`` of the weights.
+
+    Exact zeros (pruned weights) stay exactly zero in int8 and are not counted.
+    Raises ValueError for mismatched shapes or an out_axis outside w.
+    """
+    if w.shape != tau.shape:
+        raise ValueError(f"weight shape {w.shape} != tolerance shape {tau.shape}")
+    live = w != 0
+    if not live.any():
+        return True
+    err = int8_weight_error(w, out_axis)
+    return float((err[live] <= tau[live]).mean()) >= coverage
+
+
+def nodes_of_weights(model: onnx.ModelProto, weights: Sequence[str]) -> list[str]:
+    """Names (as ``with_node_names`` gives them) of the Conv/Gemm/MatMul nodes whose weight input is listed."""
+    named = with_node_names(model)
+    wanted = set(weights)
+    targets = set(quantizable_nodes(named))
+    return [n.name for n in named.graph.node if n.name in targets and n.input[1] in wanted]
+
+
+def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose every node has a unique name (deterministic: ``{op}_{index}`` for the unnamed)."""
+    return _with_node_names(model)
 
 
 def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:

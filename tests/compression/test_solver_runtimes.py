@@ -1,0 +1,98 @@
+"""Solver ties, the full int8 runtime, memory checks and planning speed on the real LeNet-5."""
+
+import time
+
+import pytest
+
+from toco_core.errors import InfeasibleError, SelfTestError
+from toco_core.measure import session_rss
+from toco_core.onnx_model import compressible_weights, model_bytes
+from toco_core.plan import Policy
+from toco_core.probe import probe_device
+from toco_core.recompress import build, recompress
+from toco_core.runtime import run_model
+from toco_core.selftest import self_test
+from toco_core.solver import enumerate_plans, feasible_plans, noise_floor, plans_for
+
+
+@pytest.fixture(scope="module")
+def here():
+    return probe_device(benchmark=False)
+
+
+def _plans(model, analysis, **kw):
+    return enumerate_plans(analysis, compressible_weights(model), len(model_bytes(model)), **kw)
+
+
+def test_roomy_fidelity_plan_is_smaller_than_the_base_when_the_difference_is_noise(lenet5, lenet5_analysis):
+    base = len(model_bytes(lenet5))
+    samples = lenet5_analysis.curves["quantize"].samples
+    best = feasible_plans(_plans(lenet5, lenet5_analysis), Policy(), None, None, base, samples)[0]
+    assert best.predicted_storage < base / 4, best.label
+    assert best.predicted_disagreement <= noise_floor(samples) and best.quant_scale > 0
+    # with the noise floor at 0 every measured difference counts again: the base comes first
+    strict = feasible_plans(_plans(lenet5, lenet5_analysis), Policy(), None, None, base, samples=10**9)[0]
+    assert strict.predicted_storage >= best.predicted_storage
+
+
+def test_int8_runtime_needs_the_format_and_its_measured_cost(lenet5, lenet5_analysis):
+    assert "int8" in lenet5_analysis.curves
+    cost = lenet5_analysis.curves["int8"].points[0]
+    assert not [p for p in _plans(lenet5, lenet5_analysis) if p.runtime == "int8"]
+    with_int8 = [p for p in _plans(lenet5, lenet5_analysis, int8=True) if p.runtime == "int8"]
+    assert with_int8
+    fp32 = {(p.prune_scale, p.quant_scale): p for p in _plans(lenet5, lenet5_analysis) if p.runtime == "fp32"}
+    for p in with_int8:
+        twin = fp32[(p.prune_scale, p.quant_scale)]
+        assert p.predicted_disagreement == pytest.approx(min(1.0, twin.predicted_disagreement + cost.disagreement))
+        assert p.predicted_memory < twin.predicted_memory and p.predicted_storage == twin.predicted_storage
+    no_curve = lenet5_analysis.__class__(**{**lenet5_analysis.__dict__,
+                                            "curves": {k: c for k, c in lenet5_analysis.curves.items() if k != "int8"}})
+    assert not [p for p in _plans(lenet5, no_curve, int8=True) if p.runtime == "int8"]
+
+
+def test_int8_plan_builds_a_runnable_qdq_model_that_passes_the_gate(lenet5, lenet5_analysis):
+    plan = next(p for p in _plans(lenet5, lenet5_analysis, int8=True) if p.runtime == "int8" and p.quant_scale > 0
+                and p.predicted_disagreement <= 0.01)
+    built = build(lenet5, lenet5_analysis, plan)
+    ops = [n.op_type for n in built.runnable.graph.node]
+    assert ops.count("QuantizeLinear") >= 1 and ops.count("DequantizeLinear") >= 2
+    assert any(layer.runtime_format == "qdq_int8" for layer in built.layers)
+    x = lenet5_analysis.heldout_x
+    gate = self_test(built.runnable, run_model(lenet5, x), x, plan.predicted_disagreement, 0.01)
+    assert gate.passed, gate
+
+
+def test_fp32_memory_estimate_matches_the_measured_session(lenet5, lenet5_analysis):
+    base_plan = next(p for p in _plans(lenet5, lenet5_analysis) if p.prune_scale == 0 and p.quant_scale == 0)
+    measured = session_rss(model_bytes(lenet5), (1, 1, 28, 28))
+    assert measured is not None
+    assert 0.7 < base_plan.predicted_memory / measured < 1.3, (base_plan.predicted_memory, measured)
+
+
+def test_a_measured_session_over_the_memory_limit_is_never_returned(lenet5, lenet5_analysis, here):
+    """A limit just above the model's estimate: the plan is planned as fitting, the measured RSS
+    decides (either it fits and the report shows it, or the recompression refuses)."""
+    plans = plans_for(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)),
+                      Policy(objective="size"), None, None)
+    limit = int(plans[0].predicted_memory * 1.02)
+    try:
+        _, report = recompress(lenet5, lenet5_analysis, here, Policy(objective="size", memory=limit, max_tries=2))
+    except (SelfTestError, InfeasibleError) as exc:
+        assert "RSS" in str(exc) or "memory" in str(exc)
+        return
+    assert report.session_rss is not None and report.session_rss <= limit
+
+
+def test_memory_below_every_estimate_is_infeasible_with_the_numbers(lenet5, lenet5_analysis, here):
+    with pytest.raises(InfeasibleError) as err:
+        recompress(lenet5, lenet5_analysis, here, Policy(memory=4 << 20), measure_memory=False)
+    assert "memory" in str(err.value) and err.value.best["memory"] > 4 << 20
+
+
+def test_planning_a_small_model_is_fast(lenet5, lenet5_analysis):
+    infos = compressible_weights(lenet5)
+    base = len(model_bytes(lenet5))
+    t = time.perf_counter()
+    plans_for(lenet5_analysis, infos, base, Policy(), None, None, nbits_share=0.9, int8=True)
+    assert time.perf_counter() - t < 0.5
