@@ -27,7 +27,7 @@ def lenet5_analysis(lenet5, digits):
     from toco_core.analysis.pipeline import analyze
     from toco_core.analysis.settings import AnalysisSettings
 
-    settings = AnalysisSettings(max_rounds=3, prune_rounds=3, samples_per_round=48, initial_samples=48)
+    settings = AnalysisSettings(max_rounds=3, samples_per_round=48, initial_samples=48)
     return analyze(lenet5, digits.x_pool, digits.y_pool, settings, model_name="lenet5")
 
 
@@ -48,5 +48,5 @@ def mlp_analysis(mlp, digits):
     from toco_core.analysis.pipeline import analyze
     from toco_core.analysis.settings import AnalysisSettings
 
-    settings = AnalysisSettings(max_rounds=2, prune_rounds=3, samples_per_round=48, initial_samples=48)
+    settings = AnalysisSettings(max_rounds=2, samples_per_round=48, initial_samples=48)
     return analyze(mlp, digits.x_pool, digits.y_pool, settings, model_name="mlp")

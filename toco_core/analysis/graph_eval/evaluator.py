@@ -13,7 +13,7 @@ compose with it::
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import onnx
 import torch
@@ -26,6 +26,7 @@ from toco_core.errors import ModelError, UnsupportedOpError
 from toco_core.onnx_model import compressible_weights
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
+Tap = Callable[[OpNode, list[torch.Tensor | None]], None]
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -104,11 +105,14 @@ class GraphEvaluator:
             known.update(op.outputs)
         return plan
 
-    def __call__(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+                 tap: Tap | None = None) -> torch.Tensor:
         """Evaluate the first output with ``x`` as the first input.
 
         ``weights`` overrides some or all trainable weights (by ONNX name); the rest keep the
-        model's values. Raises ModelError for an unknown weight name or when an op fails.
+        model's values. ``tap(node, inputs)``, when given, sees every node's input values just
+        before the node runs (e.g. to collect the activations a weight multiplies). Raises
+        ModelError for an unknown weight name or when an op fails.
         """
         env = {**self._constants, **self.weights}
         if weights is not None:
@@ -120,6 +124,8 @@ class GraphEvaluator:
         env[self.input_name] = x
         for op in self._plan:
             args = [env[name] if name else None for name in op.inputs]
+            if tap is not None:
+                tap(op, args)
             try:
                 result = OPS[op.op_type](op, args)
             except (RuntimeError, IndexError, ValueError, TypeError) as exc:
