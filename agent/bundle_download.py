@@ -14,6 +14,7 @@ another thread.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -25,16 +26,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.child_tasks import verify_manifest_file
 from agent.mqtt_link import MqttLink
-from toco_core.bundle import verify_manifest
-from toco_core.errors import BundleError, TransferError
+from toco_core.errors import BundleError, TocoError, TransferError
 from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
                                 MessageKind, Phase, StatusMessage, parse_message)
-from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks, verify_assembled
+from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = logging.getLogger("toco.agent.download")
 _REFUSALS = {FailureReason.UNSIGNED, FailureReason.BAD_SIGNATURE, FailureReason.BAD_MANIFEST, FailureReason.NO_DISK,
@@ -56,17 +60,33 @@ class _Job:
     reported: int = -1  # last progress decile reported
 
 
+def _verify_whole(manifest: BundleManifest, data: bytes) -> None:
+    """Size and sha256 of the assembled bundle equal the manifest's. Raises TransferError otherwise.
+
+    toco_core.transfer.verify_assembled does the same through toco_core.bundle, which imports
+    cryptography at module level; the daemon must not keep that loaded (agent.child_tasks).
+    """
+    if len(data) != manifest.size:
+        raise TransferError(f"bundle is {len(data)} bytes, the manifest says {manifest.size}", "download it again")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.bundle_id:
+        raise TransferError(f"bundle sha256 {digest[:12]} does not match its id {manifest.bundle_id[:12]}",
+                            "download it again")
+
+
 class BundleDownloader:
     """Downloads bundles named by id through an MqttLink, verifying signature, chunks and whole."""
 
-    def __init__(self, link: MqttLink, state_dir: str | Path, public_key: Ed25519PublicKey,
+    def __init__(self, link: MqttLink, state_dir: str | Path, public_key: Ed25519PublicKey | Path,
                  on_complete: Callable[[BundleManifest, bytes], None],
                  on_failed: Callable[[str, FailureReason, str], None] | None = None, *, window: int = 16,
                  max_retries: int = 3, request_timeout: float = 10.0, max_stalls: int = 6, sync_every: int = 8,
                  disk_budget: int | None = None, mem_budget: int | None = None) -> None:
         """Up to ``window`` chunks are in flight; a chunk failing its hash ``max_retries`` times, or
         ``max_stalls`` request timeouts in a row while connected, fail the download. Chunks are
-        fsynced and recorded ``sync_every`` at a time (a crash re-fetches at most that many)."""
+        fsynced and recorded ``sync_every`` at a time (a crash re-fetches at most that many).
+        ``public_key`` as a PEM file path is checked in a child process (agent.child_tasks), so
+        cryptography never loads into the daemon; a key object is used in this process."""
         self.link = link
         self.root = Path(state_dir) / "downloads"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -144,10 +164,12 @@ class BundleDownloader:
             if not topic.endswith(f"/{manifest.bundle_id}/manifest"):
                 return self._fail(job, FailureReason.BAD_MANIFEST, f"manifest for {manifest.bundle_id[:12]} on {topic}")
             try:
-                verify_manifest(manifest, self.public_key)
+                self._verify(manifest)
             except BundleError as exc:
                 reason = FailureReason.UNSIGNED if not manifest.signature else FailureReason.BAD_SIGNATURE
                 return self._fail(job, reason, str(exc))
+            except TocoError as exc:  # the check itself could not run: refuse, never accept unchecked
+                return self._fail(job, FailureReason.BAD_SIGNATURE, f"signature not checked: {exc}")
             free_disk, free_mem = self._free_space()
             space = fits(manifest, free_disk, free_mem)
             if not space.ok:
@@ -230,7 +252,7 @@ class BundleDownloader:
         self._close_fd(job)
         try:
             data = (job.dir / "data.part").read_bytes()
-            verify_assembled(manifest, data)  # type: ignore[arg-type]
+            _verify_whole(manifest, data)  # type: ignore[arg-type]
         except OSError as exc:
             return self._fail(job, _disk_reason(exc), f"reading the download back failed: {exc}")
         except TransferError as exc:
@@ -257,6 +279,17 @@ class BundleDownloader:
         self.on_failed(job.bundle_id, reason, detail)
 
     # ---- helpers --------------------------------------------------------------------------
+    def _verify(self, manifest: BundleManifest) -> None:
+        """Raises BundleError for an unsigned or badly signed manifest (see __init__ for where)."""
+        if isinstance(self.public_key, (str, Path)):
+            if not manifest.signature:  # no child needed to see that
+                raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned",
+                                  "only deploy bundles signed by the fleet server")
+            verify_manifest_file(Path(self.public_key), manifest.model_dump_json().encode())
+        else:
+            from toco_core.bundle import verify_manifest
+
+            verify_manifest(manifest, self.public_key)
     def _open(self, job: _Job, manifest: BundleManifest) -> None:
         job.manifest = manifest
         _write_json(job.dir / "manifest.json", json.loads(manifest.model_dump_json()))

@@ -7,15 +7,15 @@ errors are one line on stderr and a non-zero exit (toco_core.cli_support.cli_err
 from __future__ import annotations
 
 import json
-import signal
-import threading
+import os
+import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from agent.config import DEFAULT_PATH, AgentConfig, load_config
-from toco_core.cli_support import cli_errors, configure_logging, console
+from toco_core.cli_support import cli_errors, console
 
 app = typer.Typer(help="TOCO Fleet edge agent: derive, serve and watch this box's model.", no_args_is_help=True,
                   add_completion=False)
@@ -32,14 +32,16 @@ def _config(path: Path | None) -> AgentConfig:
 @cli_errors
 def run(config: Path | None = ConfigOpt, verbose: int = typer.Option(None, "-v", count=True, help="-v info, -vv debug")) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT (then shut down cleanly)."""
-    from agent.daemon import Agent
-
-    cfg = _config(config)
-    configure_logging(cfg.log_verbosity if verbose is None else verbose)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    Agent(cfg).run_until(stop)
+    if config is None and DEFAULT_PATH.exists():
+        config = DEFAULT_PATH
+    load_config(config)  # a bad config is reported here, as one line
+    # The daemon lives for months: become the lean ``python -m agent.daemon`` (same pid for
+    # systemd and signals) so typer, rich and this shell's imports do not stay resident.
+    argv = [sys.executable, "-m", "agent.daemon", *(["--config", str(config)] if config else []),
+            *(["-" + "v" * verbose] if verbose else [])]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 @app.command()

@@ -3,18 +3,25 @@
 Precedence: environment > file > defaults. Nested drift settings are overridden with a
 double underscore, e.g. ``TOCO_AGENT_DRIFT__WINDOW_MAX_SAMPLES=64``. Sizes take units
 ("64MB", "2 MiB"), durations too ("5ms"), the fidelity budget "1%" or 0.01
-(toco_core.units). Unknown keys are errors; a missing required value names the key and
-where it could have come from.
+(toco_core.units). Unknown keys are errors, in the file and among ``TOCO_AGENT_*`` variables;
+a missing required value names the key and where it could have come from. A dict or nested
+section may also be given whole as JSON (``TOCO_AGENT_FAULT_PAUSE='{"activating": 2}'``).
+
+The environment is read here rather than by pydantic-settings: that package (with asyncio
+and dotenv) adds about 2.5 MB to the daemon's resident memory for some twenty lines of work.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from toco_core.drift import DriftSettings
 from toco_core.errors import ConfigError
@@ -42,11 +49,10 @@ Size = Annotated[Annotated[int, Field(gt=0)] | None, BeforeValidator(_as_value_e
 Seconds = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_as_value_error(parse_duration))]
 
 
-class AgentConfig(BaseSettings):
+class AgentConfig(BaseModel):
     """Everything one edge box needs to know; every field has a description and bounds."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
-                                      validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     device_id: str = Field(pattern=ID_PATTERN, description="this box's id = MQTT username = client id")
     fleet: str = Field("default", pattern=ID_PATTERN, description="fleet name, the topic root toco/v1/{fleet}")
@@ -72,6 +78,9 @@ class AgentConfig(BaseSettings):
     api_host: str = Field("127.0.0.1", description="inference API bind address; loopback unless the line needs it")
     api_port: int = Field(8080, ge=0, le=65535, description="inference API port; 0 picks a free one")
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = let it choose")
+    trial_runs: int = Field(100, ge=0, le=1_000_000,
+                            description="runs a newly activated model is on trial for: a run-time error among "
+                                        "them rolls it back to the previous slot and is reported (0 = no trial)")
     drift: DriftSettings = Field(default_factory=DriftSettings, description="drift windows, bands, alerting")
     upload_samples: bool = Field(False, description="send disputed inputs to the server (may hold line data)")
     samples_batch_bytes: Annotated[int, BeforeValidator(_as_value_error(parse_size))] = Field(
@@ -84,16 +93,48 @@ class AgentConfig(BaseSettings):
     fault_pause: dict[str, float] = Field(default_factory=dict,
                                           description="testing only: seconds to pause on entering a phase")
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple:
-        """The environment overrides the file (passed as init values)."""
-        return env_settings, init_settings
-
     def validate_broker(self) -> None:
         """Check the broker URL. Raises ConfigError for a malformed one."""
         parse_broker_url(self.broker_url)
+
+
+def _whole_as_json(name: str) -> bool:
+    """Whether field ``name`` is a section or dict, given whole in one variable as JSON."""
+    field = AgentConfig.model_fields.get(name)
+    ann = field.annotation if field else None
+    return typing.get_origin(ann) is dict or (isinstance(ann, type) and issubclass(ann, BaseModel))
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``TOCO_AGENT_*`` variables as nested config values (``A__B`` -> ``{"a": {"b": ...}}``).
+
+    Names are case-insensitive. Raises ConfigError for a section or dict that is not valid JSON.
+    """
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.upper().startswith(ENV_PREFIX) or len(key) == len(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        if len(path) == 1 and _whole_as_json(path[0]):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ConfigError(f"{key} is not valid JSON: {exc}", f"give {path[0]} as a JSON object") from None
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key} sets a key inside {part!r}, which is not a section", "fix the variable name")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _explain(exc: ValidationError, source: str) -> ConfigError:
@@ -128,6 +169,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> AgentConfig
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}", "fix the syntax") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
+    data = _merge(data, env_values(os.environ))
     try:
         config = AgentConfig(**data)
     except ValidationError as exc:

@@ -8,16 +8,21 @@ pointer switched by ``toco-agent rollback``/``recompress`` from a shell).
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import json
 import logging
 import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 
+from agent import child_tasks
 from agent.bundle_download import BundleDownloader
 from agent.config import AgentConfig
 from agent.deployer import Deployer
@@ -28,16 +33,27 @@ from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.mqtt_link import MqttLink
 from agent.status import AgentStatus, Journal, read_journal, write_journal, write_status
 from toco_core import __version__
-from toco_core.bundle import load_public_key
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
 from toco_core.messages import (ActiveModel, BundleManifest, DeployCommand, FailureReason, Message, MessageKind, Phase,
                                 RecompressCommand, RollbackCommand, StatusMessage, TelemetryMessage,
                                 UploadSamplesCommand)
-from toco_core.probe import probe_device
 
 log = logging.getLogger("toco.agent")
 _STOP = object()
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    A deployment leaves megabytes of freed but still resident heap behind (bundle bytes, test
+    sessions, validation objects); glibc keeps them unless asked. Called after every job.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _temperature() -> float | None:
@@ -56,13 +72,14 @@ class Agent:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.public_key = load_public_key(config.public_key)
+        self.public_key = config.public_key
+        self.key_fingerprint = child_tasks.check_public_key(config.public_key)  # ConfigError now, not at a deploy
         self.profile: DeviceProfile | None = None
         self.store = ModelStore(self.state_dir)
         self.reporter = DriftReporter(self._send, config.device_id, config.drift, config.upload_samples,
                                       config.samples_batch_bytes, config.shadow_min_free_memory, max(config.threads, 1))
         self.engine = InferenceEngine(threads=config.threads, hook=self.reporter.hook,
-                                      feedback_hook=self.reporter.feedback)
+                                      feedback_hook=self.reporter.feedback, on_trial_failure=self._on_trial_failure)
         self.link: MqttLink | None = None
         self.server: InferenceServer | None = None
         self.downloader: BundleDownloader | None = None
@@ -80,7 +97,7 @@ class Agent:
     def start(self) -> None:
         """Probe, serve the stored model, open the API, connect, resume interrupted work."""
         c = self.config
-        self.profile = with_budgets(probe_device(self.state_dir, benchmark=c.probe_benchmark, device_id=c.device_id),
+        self.profile = with_budgets(child_tasks.probe(self.state_dir, c.probe_benchmark, c.device_id),
                                     memory=c.memory_cap, storage=c.storage_cap, latency_s=c.latency_cap)
         self._serve_stored()
         self.server = InferenceServer(self.engine, ApiSettings(host=c.api_host, port=c.api_port))
@@ -252,6 +269,33 @@ class Agent:
         self._report(Phase.ACTIVE, j.model_copy(update={"bundle_id": info.meta.bundle_id}),
                      detail=f"rolled back on request to slot {info.slot}", plan=info.meta.plan_summary)
 
+    def _on_trial_failure(self, journal: Journal | None, version: str, error: str) -> None:
+        """Request thread: a newly activated model failed at run time; the worker rolls it back."""
+        self._jobs.put(lambda: self._auto_rollback(journal, version, error))
+
+    def _auto_rollback(self, journal: Journal | None, version: str, error: str) -> None:
+        """Go back to the previous slot once and report ``rolled_back`` (never re-tried: the
+        model served again is not on trial, and the deployment journal is already closed)."""
+        if self.engine.model_version != version:
+            return  # replaced meanwhile (another deployment or a manual rollback)
+        active = self.store.active()
+        j = journal or Journal(bundle_id=active.meta.bundle_id if active else "none")
+        why = f"run-time error within its first {self.config.trial_runs} runs: {error[:1200]}"
+        try:
+            self.store.rollback(why[:500])
+            info, data = self.store.load_active_bytes()
+            self.engine.load(data, info.version, info.meta.preprocessing)
+        except (StoreError, ModelError) as exc:
+            log.error("automatic rollback failed", extra={"fields": {"error": str(exc)}})
+            self._report(Phase.FAILED, j, reason=FailureReason.RUNTIME_ERROR,
+                         detail=f"model {version} had a {why}; rolling back was impossible: {exc}")
+            return
+        log.warning("rolled back a model that failed at run time", extra={"fields": {"version": version,
+                                                                                     "slot": info.slot}})
+        self._attach(info)
+        self._report(Phase.ROLLED_BACK, j, reason=FailureReason.RUNTIME_ERROR,
+                     detail=f"model {version} had a {why}; serving slot {info.slot} ({info.version}) again")
+
     # ---------------------------------------------------------------- loops
     def _resume(self) -> None:
         pending = self.deployer.resume()
@@ -270,6 +314,7 @@ class Agent:
             except Exception:  # a bug in one job is logged and reported, the agent keeps serving
                 log.exception("agent job failed")
             finally:
+                release_memory()
                 self._busy.clear()
 
     def _housekeeping(self) -> None:
@@ -326,3 +371,58 @@ class Agent:
                 write_status(self.state_dir, status)
         except OSError as exc:
             log.warning("cannot write status.json", extra={"fields": {"error": str(exc)}})
+
+
+# ---------------------------------------------------------------- the lean entry point
+class _KeyValueFormatter(logging.Formatter):
+    """``time level logger msg key=value ...``, as toco_core.cli_support.KeyValueFormatter writes it.
+
+    A copy, because cli_support imports typer and rich (about 3 MB resident) that the daemon
+    process must not keep; the shells' format and this one must stay the same.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = getattr(record, "fields", None) or {}
+        fields = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in extra.items())
+        when = self.formatTime(record, "%H:%M:%S")
+        base = f"{when} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
+        if record.exc_info and record.levelno >= logging.ERROR:
+            base += " exc=" + repr(record.exc_info[1])
+        return f"{base} {fields}".rstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.daemon [--config FILE] [-v|-vv]``: the daemon, what ``toco-agent run`` execs into.
+
+    Runs until SIGTERM or SIGINT, then shuts down cleanly; returns the exit code (2 for a bad config).
+    """
+    import argparse
+    import signal
+    import sys
+
+    from agent.config import load_config
+    from toco_core.errors import TocoError
+
+    ap = argparse.ArgumentParser(prog="toco-agent run", description="the TOCO Fleet edge daemon")
+    ap.add_argument("--config", "-c", type=Path, default=None, help="agent TOML file")
+    ap.add_argument("-v", dest="verbose", action="count", default=None, help="-v info, -vv debug")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_KeyValueFormatter())
+        verbosity = cfg.log_verbosity if args.verbose is None else args.verbose
+        logging.getLogger().handlers[:] = [handler]
+        logging.getLogger().setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(max(verbosity, 0), 2)])
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        Agent(cfg).run_until(stop)
+    except TocoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from agent.child_tasks import extract_file
 from agent.config import AgentConfig
 from agent.inference import InferenceEngine
 from agent.model_store import CandidateMeta, ModelStore, SlotInfo, StoreError
 from agent.recompress_job import JobFailed, JobResult, JobSpec, run_job
 from agent.status import Journal, read_journal, write_journal, write_json_atomic
-from toco_core.bundle import unpack_bundle
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.drift import DriftReference
-from toco_core.errors import ModelError
+from toco_core.errors import ModelError, TocoError
 from toco_core.messages import FailureReason, Phase
 from toco_core.plan import Policy
 from toco_core.runtime import make_session
@@ -83,10 +83,21 @@ class Deployer:
             return None
 
     def base_model(self, bundle_id: str) -> bytes | None:
-        """The base model of a stored bundle (for the shadow run), None when the bundle is gone."""
+        """The base model of a stored bundle (for the shadow run), None when the bundle is gone.
+
+        Taken out of the bundle once by a child process (toco_core.bundle imports cryptography,
+        which the daemon does not keep loaded) into ``bundles/{bundle_id}.base.onnx``.
+        """
+        bundle = self.bundle_path(bundle_id)
+        if not bundle.exists():
+            return None
+        base = bundle.with_name(f"{bundle_id}.base.onnx")
         try:
-            return unpack_bundle(self.bundle_path(bundle_id).read_bytes()).get("model.onnx")
-        except Exception:  # a missing or damaged bundle only disables the shadow run
+            if not base.exists():
+                extract_file(bundle, "model.onnx", base)
+            return base.read_bytes()
+        except (TocoError, OSError) as exc:  # a damaged bundle only disables the shadow run
+            log.warning("no base model for the shadow run", extra={"fields": {"error": str(exc)}})
             return None
 
     def limits(self, overrides: dict[str, Any] | None = None) -> tuple[DeviceProfile, Policy]:
@@ -134,10 +145,19 @@ class Deployer:
         return self._activate(journal, job, summary, numbers)
 
     def _activate(self, journal: Journal, job: JobResult, summary: dict, numbers: dict) -> SlotInfo | None:
+        return self.activate(journal, job.candidate.read_bytes(), summary, numbers, job.reference, job.preprocessing)
+
+    def activate(self, journal: Journal, data: bytes, summary: dict, numbers: dict,
+                 reference: DriftReference | None = None, preprocessing: dict | None = None) -> SlotInfo | None:
+        """Test-run, install, switch to and serve a candidate that passed its self-test.
+
+        ``summary`` is the plan summary kept in the slot (needs ``label``), ``numbers`` extra
+        StatusMessage fields. The served model goes on trial (config ``trial_runs``). Returns
+        the new SlotInfo, or None after reporting why it was not activated.
+        """
         journal = journal.model_copy(update={"phase": Phase.ACTIVATING.value})
         write_journal(self.root, journal)
         self.report(Phase.ACTIVATING, journal, **numbers)
-        data = job.candidate.read_bytes()
         try:  # a candidate that does not load or run here is never activated
             session = make_session(data, self.config.threads)
             inp = session.get_inputs()[0]
@@ -148,10 +168,11 @@ class Deployer:
         except Exception as exc:  # onnxruntime's run errors share no base class
             return self._fail(journal, Phase.FAILED, FailureReason.RUNTIME_ERROR, f"candidate failed a test run: {exc}")
         sha = hashlib.sha256(data).hexdigest()
-        write_json_atomic(self.root / "references" / f"{sha}.json", job.reference.model_dump_json().encode())
+        if reference is not None:
+            write_json_atomic(self.root / "references" / f"{sha}.json", reference.model_dump_json().encode())
         try:
             slot = self.store.install_candidate(data, CandidateMeta(bundle_id=journal.bundle_id, plan_summary=summary,
-                                                                    preprocessing=job.preprocessing))
+                                                                    preprocessing=preprocessing))
             self._pause(Phase.ACTIVATING)  # fault injection: the window between install and the pointer switch
             info = self.store.activate(slot)
         except StoreError as exc:
@@ -159,7 +180,8 @@ class Deployer:
                               FailureReason.INTERNAL, str(exc))
         if self.engine is not None:
             try:
-                self.engine.load(data, info.version, info.meta.preprocessing)
+                self.engine.load(data, info.version, info.meta.preprocessing, trial=self.config.trial_runs,
+                                 context=journal)
             except ModelError as exc:
                 self._roll_back(f"load failed: {exc}")
                 return self._fail(journal, Phase.ROLLED_BACK, FailureReason.LOAD_FAILED, str(exc))
@@ -228,8 +250,8 @@ class Deployer:
         journal = read_journal(self.root)
         if journal is not None:
             keep_bundles.add(journal.bundle_id)
-        for path in (self.root / "bundles").glob("*.bundle"):
-            if path.stem not in keep_bundles:
+        for path in [*(self.root / "bundles").glob("*.bundle"), *(self.root / "bundles").glob("*.base.onnx")]:
+            if path.name.split(".")[0] not in keep_bundles:
                 path.unlink(missing_ok=True)
         for path in (self.root / "references").glob("*.json"):
             if path.stem not in keep_refs:

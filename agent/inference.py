@@ -4,6 +4,14 @@ Usable as a plain Python API (``engine.infer(x)``) and served over HTTP by
 ``agent.inference_api``. One ``_Loaded`` snapshot (session + version + input spec) is
 swapped as a whole; a request reads the snapshot once, so it runs entirely on the old or
 entirely on the new model and reports the version that actually ran.
+
+Trial after activation: a model loaded with ``trial=N`` is on trial for its first N runs. A
+run-time error among them (onnxruntime raising on an input that passed ``check_input``: the
+model's fault, not the caller's) calls ``on_trial_failure(context, version, error)`` once;
+the daemon rolls back to the previous slot and reports it. After N clean runs the trial is
+over and later errors are only counted and answered (500): an old, proven model is never
+rolled back for one odd input, and the model rolled back to is never on trial, so a
+rollback cannot turn into a loop.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ import numpy as np
 import onnxruntime as ort
 
 from toco_core.errors import ModelError, TocoError
-from toco_core.onnx_model import InputSpec
 from toco_core.preprocessing import Preprocessing
 from toco_core.runtime import make_session
 
@@ -33,12 +40,25 @@ log = logging.getLogger(__name__)
 
 InferHook = Callable[[np.ndarray, dict[str, np.ndarray], str], None]
 FeedbackHook = Callable[[str, list[int]], None]
+TrialFailureHook = Callable[[Any, str, str], None]  # (context given to load, version, error text)
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
 
 # Upper bucket edges of the latency histogram, in milliseconds (last bucket is open).
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class InputSpec(NamedTuple):
+    """The first input of a session: name, shape (None for a dynamic dimension), numpy dtype.
+
+    The session's view of toco_core.onnx_model.InputSpec, kept here so the daemon never
+    imports onnx (it serves bytes through onnxruntime only).
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
 
 
 class InputError(TocoError):
@@ -49,8 +69,19 @@ class NotReadyError(TocoError):
     """Raised when inference is asked for before a model is loaded."""
 
 
+class RunError(TocoError):
+    """Raised when onnxruntime fails while running the serving model on a valid input."""
+
+
 class UnknownRequestError(TocoError):
     """Raised when feedback names a request id the engine does not remember."""
+
+
+@dataclass
+class _Trial:
+    version: str
+    left: int
+    context: Any
 
 
 class InferenceResult(NamedTuple):
@@ -169,9 +200,12 @@ class InferenceEngine:
     """
 
     def __init__(self, threads: int = 0, max_batch: int = 256, hook: InferHook | None = None,
-                 feedback_hook: FeedbackHook | None = None, remember_requests: int = 10_000) -> None:
+                 feedback_hook: FeedbackHook | None = None, remember_requests: int = 10_000,
+                 on_trial_failure: TrialFailureHook | None = None) -> None:
         self.threads, self.max_batch = threads, max_batch
-        self.hook, self.feedback_hook = hook, feedback_hook
+        self.hook, self.feedback_hook, self.on_trial_failure = hook, feedback_hook, on_trial_failure
+        self._trial: _Trial | None = None
+        self._trial_lock = threading.Lock()
         self.stats = LatencyStats()
         self._loaded: _Loaded | None = None
         self._swap_lock = threading.Lock()
@@ -180,16 +214,21 @@ class InferenceEngine:
         self._remember = remember_requests
 
     # ------------------------------------------------------------- model
-    def load(self, model: bytes, version: str, preprocessing: Preprocessing | None = None) -> None:
+    def load(self, model: bytes, version: str, preprocessing: Preprocessing | None = None, trial: int = 0,
+             context: Any = None) -> None:
         """Build a session for ``model`` and swap it in; in-flight requests finish on the old one.
 
-        Raises ModelError when onnxruntime cannot load it (the old model keeps serving).
+        ``trial`` > 0 puts the model on trial for that many runs (module docstring);
+        ``context`` is handed back to ``on_trial_failure``. Raises ModelError when onnxruntime
+        cannot load it (the old model keeps serving).
         """
         session = make_session(model, self.threads)
         spec = session_input_spec(session)
         names = tuple(o.name for o in session.get_outputs())
         with self._swap_lock:
             self._loaded = _Loaded(session, version, spec, names, preprocessing)
+            with self._trial_lock:
+                self._trial = _Trial(version, trial, context) if trial > 0 else None
         self.stats.count_swap()
         log.info("serving model %s", version)
 
@@ -238,8 +277,16 @@ class InferenceEngine:
             self.stats.count_error()
             raise
         start = time.perf_counter()
-        values = loaded.session.run(None, {loaded.spec.name: arr})
+        try:
+            values = loaded.session.run(None, {loaded.spec.name: arr})
+        except Exception as exc:  # onnxruntime's run errors share no base class
+            self.stats.count_error()
+            self._trial_run(loaded.version, exc)
+            raise RunError(f"model {loaded.version} failed at run time: {str(exc)[:500]}",
+                           "the agent rolls a newly activated model back by itself; else report it") from exc
         self.stats.record((time.perf_counter() - start) * 1e3, len(arr))
+        if self._trial is not None:
+            self._trial_run(loaded.version, None)
         outputs = dict(zip(loaded.output_names, values))
         request_id = uuid.uuid4().hex
         with self._recent_lock:
@@ -252,6 +299,32 @@ class InferenceEngine:
             except Exception:  # the hook is someone else's code: it must not fail inference
                 log.exception("inference hook failed for request %s", request_id)
         return InferenceResult(outputs, loaded.version, request_id)
+
+    @property
+    def on_trial(self) -> bool:
+        """True while the serving model is within its trial runs after an activation."""
+        trial = self._trial
+        return trial is not None and trial.version == self.model_version
+
+    def _trial_run(self, version: str, error: Exception | None) -> None:
+        """Count one run of ``version``; the first error within the trial fires on_trial_failure once."""
+        with self._trial_lock:
+            trial = self._trial
+            if trial is None or trial.version != version:
+                return
+            if error is None:
+                trial.left -= 1
+                if trial.left <= 0:
+                    self._trial = None
+                    log.info("model %s passed its trial runs", version)
+                return
+            self._trial = None  # one report per activation, whatever happens next
+        log.error("model %s failed at run time during its trial: %s", version, error)
+        if self.on_trial_failure is not None:
+            try:
+                self.on_trial_failure(trial.context, version, str(error))
+            except Exception:
+                log.exception("trial failure hook failed")
 
     def feedback(self, request_id: str, label: int | list[int]) -> list[int]:
         """Accept ground-truth labels for a recent request (one per sample); returns them.

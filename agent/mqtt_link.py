@@ -8,6 +8,10 @@ Nothing else in the agent imports paho. The link
 - stamps every outgoing agent message with the per-connection sequence number;
 - keeps QoS-1 status/drift/samples messages in a sqlite outbox in the state dir until the
   broker acknowledged them, so they survive a broker outage and an agent restart;
+- parses a payload only when its topic is one of this device's own (``owns``: its command
+  topic, bundle manifests and chunks, or a topic registered by its exact name) and a handler
+  of that kind subscribed to it; anything else is dropped with a debug log (amqtt delivers
+  retained messages to subscribers whose filter does not match);
 - validates every incoming payload with ``parse_message`` on its own dispatcher thread
   (the network thread never runs app code); a bad payload or a failing handler is logged and
   counted, never raised.
@@ -335,11 +339,43 @@ class MqttLink:
                 continue
             self._dispatch(*item)
 
+    def owns(self, topic: str) -> MessageKind | None:
+        """The kind of ``topic`` when this device may receive on it, else None.
+
+        Ours are: this fleet's ``devices/{own id}/cmd`` and its ``bundles/{sha}/manifest`` and
+        ``.../chunk/{i}`` topics, plus any topic registered with ``on`` by its exact name (a
+        deliberate choice of the caller). Everything else (another device, another fleet, a
+        topic the agent publishes itself, a malformed one) is foreign.
+        """
+        with self._lock:
+            exact = self._handlers.get(topic)
+        try:
+            parsed = self.topics.parse(topic)
+        except MessageError:
+            parsed = None
+        if exact is not None and (parsed is None or parsed.kind is exact[0]):
+            return exact[0]
+        if parsed is None:
+            return None
+        if parsed.kind is MessageKind.CMD and parsed.device_id == self.device_id:
+            return parsed.kind
+        if parsed.kind in (MessageKind.MANIFEST, MessageKind.CHUNK):
+            return parsed.kind
+        return None
+
     def _dispatch(self, topic: str, payload: bytes) -> None:
         self.stats["received"] += 1
+        # A broker may deliver what no filter of ours matches (amqtt does with retained messages):
+        # only a topic of our own, routed to a handler of that very kind, is ever parsed.
+        kind = self.owns(topic)
         with self._lock:
-            routes = [(k, h) for f, (k, h, _) in self._handlers.items() if mqtt.topic_matches_sub(f, topic)]
-        if not payload or not routes:  # an empty payload clears a retained topic; nothing to handle
+            routes = [(k, h) for f, (k, h, _) in self._handlers.items()
+                      if k is kind and mqtt.topic_matches_sub(f, topic)]
+        if kind is None or not routes:
+            self.stats["foreign"] += 1
+            log.debug("dropped a message on a topic that is not ours", extra={"fields": {"topic": topic}})
+            return
+        if not payload:  # an empty payload clears a retained topic; nothing to handle
             self.stats["ignored"] += 1
             return
         for kind, handler in routes:

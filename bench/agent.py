@@ -175,7 +175,7 @@ def demo_bundle(key) -> tuple:
     path = demo_model("lenet5")
     model = load_model(path)
     d = mnist_splits()
-    settings = AnalysisSettings(max_rounds=3, prune_rounds=3, samples_per_round=48, initial_samples=48)
+    settings = AnalysisSettings(max_rounds=3, samples_per_round=48, initial_samples=48)
     result, cached = cached_analysis("agent-lenet5", model, d.x_pool, d.y_pool, settings)
     analysis_dir = save_result(result, Path(tempfile.mkdtemp(prefix="bench-analysis-")))
     info = BundleInfo(model_name="lenet5", model_sha256=model_hash(Path(path).read_bytes()), reason="bench",
@@ -339,7 +339,7 @@ def recompression(digits) -> dict:
 
     path = demo_model("mlp")
     model = load_model(path)
-    settings = AnalysisSettings(max_rounds=2, prune_rounds=3, samples_per_round=48, initial_samples=48)
+    settings = AnalysisSettings(max_rounds=2, samples_per_round=48, initial_samples=48)
     result, _ = cached_analysis("agent-mlp", model, digits.x_pool, digits.y_pool, settings)
     params = sum(int(np.prod(i.shape)) for i in compressible_weights(model))
     with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:

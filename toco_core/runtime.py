@@ -1,13 +1,20 @@
-"""onnxruntime sessions and batched inference (numpy in, numpy out)."""
+"""onnxruntime sessions and batched inference (numpy in, numpy out).
+
+onnx is imported only when a ModelProto is handed in: the edge daemon serves model bytes
+and must not keep onnx (about 6 MB resident) loaded for months.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from toco_core.errors import ModelError
-from toco_core.onnx_model import model_bytes
+
+if TYPE_CHECKING:
+    import onnx
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
@@ -19,7 +26,12 @@ def make_session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.Infere
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    data = model if isinstance(model, bytes) else model_bytes(model)
+    if isinstance(model, bytes):
+        data = model
+    else:
+        from toco_core.onnx_model import model_bytes
+
+        data = model_bytes(model)
     try:
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -74,6 +86,8 @@ _BYTES_CACHE: dict[int, tuple[onnx.ModelProto, bytes]] = {}
 
 def _cached_bytes(model: onnx.ModelProto) -> bytes:
     # Serializing a multi-MB model for every committee member costs more than the run itself.
+    from toco_core.onnx_model import model_bytes
+
     hit = _BYTES_CACHE.get(id(model))
     if hit is None or hit[0] is not model:
         _BYTES_CACHE.clear()

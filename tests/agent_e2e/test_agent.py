@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,17 @@ def test_bundle_resumes_after_broker_outage_recompresses_within_budget_and_serve
     assert answer["model_version"].startswith(bid)
     state["version"] = answer["model_version"]
     state["bundle_id"] = bid
+
+
+def test_the_serving_daemon_never_loaded_onnx_cryptography_or_torch(agent):
+    """After a whole deployment (signature check, recompression, activation, shadow model) the
+    daemon, which ``toco-agent run`` execs into, has none of them mapped: they ran in children."""
+    cmdline = Path(f"/proc/{agent.proc.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"agent.daemon" in cmdline  # the same pid, now the lean entry point without typer and rich
+    maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "onnxruntime" in maps  # the check can see native modules
+    for heavy in ("/onnx/", "/cryptography/", "/torch/"):
+        assert heavy not in maps, heavy
 
 
 @functools.lru_cache(maxsize=1)

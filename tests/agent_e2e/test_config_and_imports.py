@@ -64,3 +64,36 @@ def test_agent_imports_where_importing_torch_raises():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_daemon_entry_imports_no_onnx_cryptography_typer_rich_or_torch():
+    """What ``toco-agent run`` execs into stays lean: those load only in short-lived children."""
+    code = ("import sys, agent.daemon\n"
+            "heavy = {'onnx', 'cryptography', 'typer', 'rich', 'torch'}\n"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
+def test_run_reports_a_bad_config_in_one_line_before_becoming_the_daemon(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "a"\npublic_key = "/nonexistent.pem"\nbogus = 1\n')
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown key 'bogus'" in out.stderr
+
+
+def test_env_sections_as_json_and_unknown_variables_are_errors(tmp_path, monkeypatch):
+    path = tmp_path / "agent.toml"
+    path.write_text('device_id = "a"\npublic_key = "/k"\n[drift]\nwindow_max_samples = 64\n')
+    monkeypatch.setenv("TOCO_AGENT_FAULT_PAUSE", '{"activating": 2}')
+    monkeypatch.setenv("TOCO_AGENT_DEVICE_ID", "from-env")
+    cfg = load_config(path, device_id="from-option")
+    assert (cfg.fault_pause, cfg.device_id, cfg.drift.window_max_samples) == ({"activating": 2.0}, "from-env", 64)
+    monkeypatch.setenv("TOCO_AGENT_FAULT_PAUSE", "{not json")
+    with pytest.raises(ConfigError, match="TOCO_AGENT_FAULT_PAUSE is not valid JSON"):
+        load_config(path)
+    monkeypatch.delenv("TOCO_AGENT_FAULT_PAUSE")
+    monkeypatch.setenv("TOCO_AGENT_DRIFT__WINDOW_MAXX", "3")
+    with pytest.raises(ConfigError, match="unknown key 'drift.window_maxx'"):
+        load_config(path)

@@ -1,0 +1,112 @@
+"""Short, rare jobs the daemon runs in a child process, so their imports and garbage never stay in it.
+
+The daemon lives for months on boxes with little memory; what it imports stays resident.
+These jobs need heavy modules for a moment: the probe (onnx graphs, benchmark sessions),
+the manifest signature check and the public key (cryptography, about 7 MB resident), taking
+the base model out of a stored bundle (toco_core.bundle imports cryptography). Each runs as
+``python -m agent.child_tasks TASK ...`` and answers on stdout; a failure the child
+understood comes back as the same typed error, anything else as a TocoError naming the task.
+A child costs about 0.3-0.6 s; these jobs run at start and once per bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from toco_core.errors import BundleError, ConfigError, DeviceError, TocoError
+
+_ERRORS: dict[str, type[TocoError]] = {"BundleError": BundleError, "ConfigError": ConfigError,
+                                       "DeviceError": DeviceError}
+_EXPECTED = 3  # exit code of a child that reports a TocoError as JSON on stdout
+
+
+def _run(task: str, args: list[str], stdin: bytes = b"", timeout: float = 120.0) -> bytes:
+    """Run one task; returns its stdout. Raises the child's TocoError, or TocoError when it crashed."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent.child_tasks", task, *args], input=stdin,
+                             capture_output=True, timeout=timeout, cwd=os.getcwd())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TocoError(f"the {task} child process did not run: {exc}",
+                        "check free memory and the agent's venv") from exc
+    if out.returncode == _EXPECTED:
+        err = json.loads(out.stdout)
+        raise _ERRORS.get(err["type"], TocoError)(err["message"], err.get("hint"))
+    if out.returncode != 0:
+        tail = out.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {out.returncode}"]
+        raise TocoError(f"the {task} child process failed: {tail[0][:300]}", "see the agent log; report it")
+    return out.stdout
+
+
+def check_public_key(path: Path) -> str:
+    """Load the provisioned Ed25519 public key in a child; returns its fingerprint.
+
+    Raises ConfigError when the file is missing or not an Ed25519 key.
+    """
+    try:
+        return _run("key", [str(path)]).decode().strip()
+    except BundleError as exc:
+        raise ConfigError(f"public_key {path}: {exc.message}", exc.hint) from None
+
+
+def verify_manifest_file(public_key: Path, manifest_json: bytes) -> None:
+    """Check a manifest's Ed25519 signature (toco_core.bundle.verify_manifest) in a child.
+
+    Raises BundleError when it is unsigned or does not verify, TocoError when the check could not run.
+    """
+    _run("verify", [str(public_key)], stdin=manifest_json, timeout=60)
+
+
+def extract_file(bundle: Path, name: str, out: Path) -> None:
+    """Write file ``name`` of a stored bundle to ``out`` (atomically). Raises BundleError when absent."""
+    _run("extract", [str(bundle), name, str(out)])
+
+
+def probe(state_dir: Path, benchmark: bool, device_id: str | None):
+    """toco_core.probe.probe_device in a child; returns the DeviceProfile. Raises DeviceError."""
+    from toco_core.device import DeviceProfile
+
+    raw = _run("probe", [str(state_dir), "1" if benchmark else "0", device_id or ""])
+    return DeviceProfile.model_validate_json(raw)
+
+
+# ----------------------------------------------------------------------------- child side
+def _child(task: str, args: list[str]) -> bytes:
+    if task == "key":
+        from toco_core.bundle import key_fingerprint, load_public_key
+
+        if not Path(args[0]).is_file():
+            raise ConfigError(f"public key file {args[0]} does not exist", "copy the fleet server's key there")
+        return key_fingerprint(load_public_key(args[0])).encode()
+    if task == "verify":
+        from toco_core.bundle import load_public_key, verify_manifest
+        from toco_core.messages import MessageKind, parse_message
+
+        verify_manifest(parse_message(MessageKind.MANIFEST, sys.stdin.buffer.read()), load_public_key(args[0]))
+        return b"ok"
+    if task == "extract":
+        from agent.status import write_json_atomic
+        from toco_core.bundle import unpack_bundle
+
+        files = unpack_bundle(Path(args[0]).read_bytes())
+        if args[1] not in files:
+            raise BundleError(f"bundle {Path(args[0]).name} has no {args[1]}", "deploy a complete bundle")
+        write_json_atomic(Path(args[2]), files[args[1]])
+        return b"ok"
+    if task == "probe":
+        from toco_core.probe import probe_device
+
+        return probe_device(args[0], benchmark=args[1] == "1", device_id=args[2] or None).model_dump_json().encode()
+    raise SystemExit(f"unknown task {task!r}")
+
+
+if __name__ == "__main__":
+    try:
+        answer = _child(sys.argv[1], sys.argv[2:])
+    except TocoError as exc:
+        sys.stdout.write(json.dumps({"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}))
+        sys.exit(_EXPECTED)
+    sys.stdout.buffer.write(answer)
