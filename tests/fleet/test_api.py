@@ -22,7 +22,7 @@ def test_analysis_produces_a_signed_bundle(fleet):
     a = fleet.analysis
     assert a["status"] == "done", a["error"]
     assert a["progress"]["phase"] == "done" and a["bundle_id"]
-    assert a["manifest"]["samples_used"] > 0 and set(a["curves"]) == {"prune", "quantize", "prune+quantize"}
+    assert a["manifest"]["samples_used"] > 0 and {"prune", "quantize", "prune+quantize"} <= set(a["curves"])
     assert any(x["analysis_id"] == a["analysis_id"] for x in fleet.api.get("/api/analyses").json())
     path = fleet.server.store.bundle_path(a["bundle_id"])
     data = path.read_bytes()
