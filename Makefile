@@ -32,6 +32,8 @@ demo: setup
 bench: setup
 	$(PY) bench/analysis.py
 	$(PY) bench/compression.py
+	$(PY) bench/agent.py
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -13,9 +13,10 @@ import importlib
 import importlib.util
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet_server import registry
@@ -118,9 +119,10 @@ def create_app(server) -> FastAPI:
         return server.public_key_path.read_text()
 
     @app.get("/api/devices")
-    def devices() -> ORJSONResponse:
+    def devices() -> Response:
         # the overview is the hot path (1,000 devices): orjson, and no generic re-encoding of plain dicts
-        return ORJSONResponse(registry.list_devices(db))
+        body = orjson.dumps(registry.list_devices(db), option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        return Response(body, media_type="application/json")
 
     @app.get("/api/devices/{device_id}")
     def device(device_id: str) -> dict:

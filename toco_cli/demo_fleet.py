@@ -47,8 +47,8 @@ class DemoDevice:
 # Three boxes that must end up with three different models from the same analysis.
 DEVICES = (
     DemoDevice("line-pc", "assembly", "roomy line PC, no limits", threads=2),
-    DemoDevice("camera-box", "inspection", "256 MB camera box, 60 KB model storage", memory_cap="256MB",
-               storage_cap="60KB"),
+    DemoDevice("camera-box", "inspection", "256 MB camera box, 36 KB model storage", memory_cap="256MB",
+               storage_cap="36KB"),
     DemoDevice("handheld", "mobile", "64 MB one-core handheld, smallest model", memory_cap="64MB", objective="size"),
 )
 SHIFTED = "camera-box"  # the box whose inputs rotate (a camera mounted the wrong way)

@@ -181,6 +181,18 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     return gate, p50, rss, None
 
 
+def fitting_after_overshoot(plans: list[CompressionPlan], predicted: int, measured: int,
+                            limit: int) -> list[CompressionPlan]:
+    """The plans still expected to fit the storage limit once a built model overshot its prediction.
+
+    Every remaining prediction is scaled by the observed error (measured / predicted): the next
+    try goes to a plan that fits with the coder's real cost, not to the same size in another
+    runtime. Returns them in the original order.
+    """
+    ratio = measured / max(predicted, 1)
+    return [p for p in plans if p.predicted_storage * ratio <= limit]
+
+
 def recompress(
     model: onnx.ModelProto,
     result: AnalysisResult,
@@ -226,7 +238,13 @@ def recompress(
         if failure is None:
             break
         why.append(f"{plan.label}: {failure}")
-        plans = [p for p in (less_aggressive(plans, plan) if not gate.passed else plans[1:]) if p != plan]
+        if not gate.passed:
+            plans = less_aggressive(plans, plan)
+        elif len(built.storage) > ctx.storage:
+            plans = fitting_after_overshoot(plans, plan.predicted_storage, len(built.storage), ctx.storage)
+        else:
+            plans = plans[1:]
+        plans = [p for p in plans if p != plan]
     else:
         raise SelfTestError(f"no candidate passed the self-test within {attempts} attempts: " + "; ".join(why),
                             "re-run the analysis with more pool samples, or relax the limits")

@@ -57,9 +57,10 @@ def test_three_profiles_get_three_runnable_plans_within_budget(which, request, h
         if policy.storage:
             assert report.storage_bytes <= policy.storage, name
         assert report.storage_bytes <= base_bytes and report.file_bytes <= base_bytes
-        # unseen digits: within the budget up to two binomial standard errors of the 1000-sample estimate
+        # unseen digits: the plan was chosen on the analysis' calibration samples, so the unseen
+        # estimate may differ from it by two standard errors of the difference of the two estimates
         fid = compare_outputs(base_out, run_model(built.runnable, digits.x_heldout))
-        slack = 2 * math.sqrt(0.01 * 0.99 / len(digits.x_heldout))
+        slack = 2 * math.sqrt(0.01 * 0.99 * (1 / len(analysis.heldout_x) + 1 / len(digits.x_heldout)))
         assert fid.disagreement <= policy.budget + slack, (name, report.plan.label, fid)
         # the storage form decodes to the same weights the runnable model started from
         decoded = decode_model(built.storage) if report.plan.quant_scale > 0 else load_model(built.storage)

@@ -9,7 +9,7 @@ from toco_core.measure import session_rss
 from toco_core.onnx_model import compressible_weights, model_bytes
 from toco_core.plan import Policy
 from toco_core.probe import probe_device
-from toco_core.recompress import build, recompress
+from toco_core.recompress import build, fitting_after_overshoot, recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import enumerate_plans, feasible_plans, noise_floor, plans_for
@@ -96,3 +96,14 @@ def test_planning_a_small_model_is_fast(lenet5, lenet5_analysis):
     t = time.perf_counter()
     plans_for(lenet5_analysis, infos, base, Policy(), None, None, nbits_share=0.9, int8=True)
     assert time.perf_counter() - t < 0.5
+
+
+def test_after_a_storage_overshoot_only_plans_that_fit_with_the_real_coder_cost_remain(lenet5, lenet5_analysis):
+    plans = _plans(lenet5, lenet5_analysis)
+    limit = sorted(p.predicted_storage for p in plans)[len(plans) // 2]
+    within = [p for p in plans if p.predicted_storage <= limit]
+    # a plan predicted at the limit came out 10% larger: every prediction is 10% too low
+    left = fitting_after_overshoot(within, limit, int(limit * 1.1), limit)
+    assert left and len(left) < len(within)
+    assert all(p.predicted_storage * 1.1 <= limit for p in left)
+    assert left == [p for p in within if p in left]  # order (the objective's ranking) kept
