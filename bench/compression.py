@@ -202,12 +202,16 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                         f"RSS {format_size(hand['rss'])} vs {format_size(base['rss'])}, p50 {hand['p50_s'] * 1e3:.2f} vs "
                         f"{base['p50_s'] * 1e3:.2f} ms{one}"))
     for name, res in results.items():
-        per = [(r["seconds"] / (res["weights"] / 1e6), res["toco"][r["name"]]["build_s"] / (res["weights"] / 1e6))
-               for r in _rows(res).values() if r["name"].startswith("TOCO") and r["seconds"]]
-        if per:
-            worst = max(per)
-            out.append((f"{name}: recompression < 2 s per 1M weights", worst[0] < 2,
-                        f"worst {worst[0]:.2f} s/M (build alone {worst[1]:.2f} s/M)"))
+        # "1M parameters under 2 s": a model up to 1M weights gets 2 s, a larger one 2 s per 1M
+        # (dividing a 61k-weight model's fixed session start-up by 0.06 would measure start-up, not size)
+        millions = res["weights"] / 1e6
+        allowed = 2.0 * max(1.0, millions)
+        times = [(r["seconds"], res["toco"][r["name"]]["build_s"])
+                 for r in _rows(res).values() if r["name"].startswith("TOCO") and r["seconds"]]
+        if times:
+            worst = max(times)
+            out.append((f"{name}: recompression of {millions:.2f}M weights < {allowed:.1f} s", worst[0] < allowed,
+                        f"worst {worst[0]:.2f} s = {worst[0] / millions:.2f} s/M (build alone {worst[1]:.2f} s)"))
     return out
 
 
