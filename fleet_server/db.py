@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import orjson
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -199,7 +200,8 @@ class Database:
     def __init__(self, url: str) -> None:
         sqlite = url.startswith("sqlite")
         args = {"check_same_thread": False, "timeout": 30} if sqlite else {}
-        self.engine = create_engine(url, connect_args=args, pool_pre_ping=not sqlite)
+        # JSON columns are read on every overview (3 per device): orjson parses them ~5x faster
+        self.engine = create_engine(url, connect_args=args, pool_pre_ping=not sqlite, json_deserializer=orjson.loads)
         if sqlite:
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn, _record):  # one connection at a time writes; readers never block it

@@ -16,8 +16,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import Text, cast, select
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
                              new_id)
@@ -207,12 +208,25 @@ def store_bundle(db: Database, store: Store, *, analysis_id: str, data: bytes, m
 
 # --- devices and drift ----------------------------------------------------------------------------
 
-def list_devices(db: Database) -> list[dict[str, Any]]:
-    """Every known device (the fleet overview)."""
+def devices_json(db: Database) -> bytes:
+    """Every known device (the fleet overview) as the JSON array of Device objects (see device_view).
+
+    The overview of 1,000 devices is the API's hot path: plain rows instead of ORM objects, and
+    the JSON columns passed through verbatim (orjson.Fragment) are never parsed and re-encoded;
+    only ``active`` is, because its view is derived from it.
+    """
+    t = DeviceRow.__table__
+    raw = [cast(t.c.hardware, Text).label("hardware_json"), cast(t.c.last_drift, Text).label("last_drift_json")]
+    cols = [c for c in t.c if c.name not in ("hardware", "last_drift")] + raw
     with db.session() as s:
-        # plain rows, not ORM objects: the overview of 1,000 devices is the API's hot path
-        rows = s.execute(select(DeviceRow.__table__).order_by(DeviceRow.id)).all()
-    return [device_view(SimpleNamespace(**r._mapping)) for r in rows]
+        rows = s.execute(select(*cols).order_by(t.c.id)).all()
+    views = []
+    for r in rows:
+        m = r._mapping
+        row = SimpleNamespace(**m, hardware=orjson.Fragment(m["hardware_json"] or "{}"),
+                              last_drift=orjson.Fragment(m["last_drift_json"] or "null"))
+        views.append(device_view(row))
+    return orjson.dumps(views, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 
 def get_device(db: Database, *, device_id: str, points: int = 200) -> dict[str, Any]:
