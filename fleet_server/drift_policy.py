@@ -2,8 +2,8 @@
 
 A device triggers when its drift alert holds (the agent raises ``alert`` after
 ``consecutive_windows`` out-of-band windows) or when a window's measured agreement, judged on
-at least MIN_SHADOWED inputs, falls below ``1 - budget - agreement_margin``. A device triggers
-at most once per bundle it runs. Triggered devices of the same model and group join one
+at least MIN_SHADOWED inputs, falls below ``1 - budget - agreement_margin`` beyond its sampling
+noise. A device triggers at most once per bundle it runs. Triggered devices of the same model and group join one
 open re-analysis, which asks them for their disputed inputs (upload-samples command) and
 
 - ``approval`` mode: waits in ``pending_approval`` until POST /api/reanalyses/{id}/approve;
@@ -17,6 +17,7 @@ open re-analysis, which asks them for their disputed inputs (upload-samples comm
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -35,14 +36,31 @@ MIN_SHADOWED = 20
 MAX_FIELD_SAMPLES = 2000
 
 
+def agreement_upper_bound(agreement: float, n: int, z: float = 2.0) -> float:
+    """Wilson score upper bound of an agreement measured on n shadowed inputs (z = 2: ~98% one-sided).
+
+    (p + z^2/2n + z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n).
+    """
+    n = max(n, 1)
+    p = min(max(agreement, 0.0), 1.0)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (p + z * z / (2 * n) + spread) / (1 + z * z / n)
+
+
 def trigger_reason(msg: DriftMessage, budget: float, margin: float) -> str | None:
-    """Why this report triggers a re-analysis, or None: the alert, or agreement below 1 - budget - margin."""
+    """Why this report triggers a re-analysis, or None: the alert, or agreement below 1 - budget - margin.
+
+    The agreement must be below the floor beyond its sampling noise (agreement_upper_bound): two
+    flips among 31 shadowed inputs (93.5%) are what a 99.4% model shows now and then, not drift.
+    """
     if msg.alert:
         bad = ", ".join(msg.out_of_band) or "checks"
         return f"drift alert held for {msg.consecutive_out_of_band} windows ({bad} out of band)"
     floor = 1.0 - budget - margin
-    if msg.measured_agreement is not None and msg.n_shadowed >= MIN_SHADOWED and msg.measured_agreement < floor:
-        return f"agreement {msg.measured_agreement:.1%} below the fleet floor {floor:.1%} (budget {budget:.1%})"
+    a = msg.measured_agreement
+    if a is not None and msg.n_shadowed >= MIN_SHADOWED and agreement_upper_bound(a, msg.n_shadowed) < floor:
+        return (f"agreement {a:.1%} on {msg.n_shadowed} inputs, clearly below the fleet floor {floor:.1%} "
+                f"(budget {budget:.1%})")
     return None
 
 

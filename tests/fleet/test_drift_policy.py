@@ -5,8 +5,32 @@ from __future__ import annotations
 
 import pytest
 
+from fleet_server.drift_policy import trigger_reason
 from tests.fleet.conftest import device_json, succeed, wait_until
-from toco_core.messages import DisputedRef, UploadSamplesCommand
+from toco_core.messages import DisputedRef, DriftMessage, UploadSamplesCommand
+
+
+def _window(agreement: float, shadowed: int, alert: bool = False) -> DriftMessage:
+    return DriftMessage(device_id="cam", window_index=1, opened_at=0.0, closed_at=60.0, n_samples=shadowed,
+                        n_shadowed=shadowed, measured_agreement=agreement, mean_confidence=0.9, mean_entropy=0.2,
+                        input_mean=0.1, input_std=0.3, alert=alert)
+
+
+@pytest.mark.parametrize(("agreement", "shadowed", "triggers"), [
+    (29 / 31, 31, False),   # two flips in 31: a 99.4% model does that now and then
+    (0.90, 400, True),      # 40 flips in 400 is drift
+    (15 / 31, 31, True),    # half the inputs flip: drift even on a small window
+    (0.50, 10, False),      # too few shadowed inputs to judge
+])
+def test_agreement_triggers_only_when_it_is_below_the_floor_beyond_sampling_noise(agreement, shadowed, triggers):
+    why = trigger_reason(_window(agreement, shadowed), budget=0.01, margin=0.05)
+    assert (why is not None) == triggers, why
+    if triggers:
+        assert f"{shadowed} inputs" in why and "94.0%" in why
+
+
+def test_a_held_alert_triggers_whatever_the_agreement():
+    assert "alert" in trigger_reason(_window(1.0, 31, alert=True), budget=0.01, margin=0.05)
 
 
 @pytest.mark.parametrize("fleet", ["mosquitto"], indirect=True)
