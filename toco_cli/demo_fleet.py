@@ -46,12 +46,15 @@ class DemoDevice:
 
 # Three boxes that must end up with three different models from the same analysis.
 DEVICES = (
-    DemoDevice("line-pc", "assembly", "roomy line PC, no limits", threads=2),
+    DemoDevice("line-pc", "assembly", "roomy line PC with the line camera, no limits", threads=2),
     DemoDevice("camera-box", "inspection", "256 MB camera box, 36 KB model storage", memory_cap="256MB",
                storage_cap="36KB"),
     DemoDevice("handheld", "mobile", "64 MB one-core handheld, smallest model", memory_cap="64MB", objective="size"),
 )
-SHIFTED = "camera-box"  # the box whose inputs rotate (a camera mounted the wrong way)
+# The box whose inputs rotate (its camera gets knocked). The line PC, because it has no limits: a
+# re-analysis with rotated field samples tightens the tolerances, and a storage cap that gave a
+# box its own first plan may then admit no plan within budget.
+SHIFTED = "line-pc"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
