@@ -87,6 +87,8 @@ class AgentConfig(BaseModel):
         256 * 1024, gt=1024, le=4 * 1024**2, description="size cap of one samples message")
     shadow_min_free_memory: Annotated[int, BeforeValidator(_as_value_error(parse_size))] = Field(
         128 * 1024**2, ge=0, description="run the base model as shadow only while this much memory stays free")
+    shadow_idle_seconds: float = Field(
+        60.0, gt=0, description="drop the shadow (base model) session after this long without traffic")
     telemetry_seconds: float = Field(30.0, ge=0.5, le=3600, description="telemetry interval")
     probe_benchmark: bool = Field(True, description="run the short GEMM benchmark when probing")
     log_verbosity: int = Field(1, ge=0, le=2, description="0 warnings, 1 info, 2 debug")

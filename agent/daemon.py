@@ -77,7 +77,8 @@ class Agent:
         self.profile: DeviceProfile | None = None
         self.store = ModelStore(self.state_dir)
         self.reporter = DriftReporter(self._send, config.device_id, config.drift, config.upload_samples,
-                                      config.samples_batch_bytes, config.shadow_min_free_memory, max(config.threads, 1))
+                                      config.samples_batch_bytes, config.shadow_min_free_memory, max(config.threads, 1),
+                                      shadow_idle_s=config.shadow_idle_seconds, release=release_memory)
         self.engine = InferenceEngine(threads=config.threads, hook=self.reporter.hook,
                                       feedback_hook=self.reporter.feedback, on_trial_failure=self._on_trial_failure)
         self.link: MqttLink | None = None

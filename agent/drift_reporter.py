@@ -1,8 +1,10 @@
 """Engine hook -> DriftMonitor -> DriftMessage on the drift topic, disputed inputs on samples.
 
 The inference hook only queues (the request thread must not wait); one worker thread
-shadow-runs the base model on a sampled fraction (when it is loaded: only while enough
-memory stays free), feeds the monitor and publishes every closed window. Without a base
+shadow-runs the base model on a sampled fraction, feeds the monitor and publishes every
+closed window. The base model's session is loaded on the first shadow run (only while enough
+memory stays free) and dropped after ``shadow_idle_s`` without traffic: a box idles most of
+the day, and the session is most of the agent's memory beyond the serving model's. Without a base
 session the agreement check stays unjudged and the disputed inputs (lowest confidence) go
 to the server, which can shadow them itself. Disputed inputs of the last windows are kept
 in memory for ``upload-samples`` commands; with ``upload_samples`` they are also sent right
@@ -15,6 +17,7 @@ import base64
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -37,16 +40,19 @@ class DriftReporter:
 
     def __init__(self, send: Send, device_id: str, settings: DriftSettings, upload_samples: bool = False,
                  batch_bytes: int = 256 * 1024, shadow_min_free: int = 128 * 1024**2, threads: int = 1,
-                 queue_size: int = 1024, seed: int | None = None) -> None:
+                 queue_size: int = 1024, seed: int | None = None, shadow_idle_s: float = 60.0,
+                 release: Callable[[], None] = lambda: None) -> None:
         self.send, self.device_id, self.settings = send, device_id, settings
         self.upload_samples, self.batch_bytes, self.shadow_min_free = upload_samples, batch_bytes, shadow_min_free
-        self.threads, self.seed = threads, seed
+        self.threads, self.seed, self.shadow_idle_s, self.release = threads, seed, shadow_idle_s, release
         self.dropped = 0
         self.last_report: DriftReport | None = None
         self.on_report: Callable[[DriftReport], None] = lambda report: None
         self._bundle_id: str | None = None
         self._monitor: DriftMonitor | None = None
-        self._base = None
+        self._base = None  # the shadow session, while in use
+        self._base_model: bytes | None = None  # what it is made from; None: no shadow run
+        self._base_used = 0.0
         self._kept: OrderedDict[int, tuple[list, np.ndarray]] = OrderedDict()  # window -> (disputed, inputs)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -55,29 +61,26 @@ class DriftReporter:
 
     # ---------------------------------------------------------------- wiring
     def attach(self, bundle_id: str | None, reference: DriftReference | None, base_model: bytes | None) -> None:
-        """Watch a newly served model: fresh monitor from its reference; shadow base when memory allows.
+        """Watch a newly served model: fresh monitor from its reference; ``base_model`` for shadow runs.
 
-        With no reference (a model installed by hand) drift is not monitored.
+        With no reference (a model installed by hand) drift is not monitored; with no base model
+        (or shadow_fraction 0) the agreement check stays unjudged.
         """
-        base = None
-        if base_model is not None and self.settings.shadow_fraction > 0:
-            free = psutil.virtual_memory().available
-            if free - 4 * len(base_model) >= self.shadow_min_free:
-                try:
-                    base = make_session(base_model, self.threads)
-                except Exception as exc:  # no shadow is a degraded mode, not a failure
-                    log.warning("base model does not load for the shadow run", extra={"fields": {"error": str(exc)}})
-            else:
-                log.info("not enough free memory for the shadow run", extra={"fields": {"free": free}})
         with self._lock:
             self._bundle_id = bundle_id
             self._monitor = DriftMonitor(reference, self.settings, seed=self.seed) if reference else None
-            self._base = base
+            self._base = None
+            self._base_model = base_model if self.settings.shadow_fraction > 0 else None
             self._kept.clear()
 
     @property
     def shadowing(self) -> bool:
-        """Whether the base model runs as shadow."""
+        """Whether the base model is shadow-run on sampled inputs (its session may be idle-dropped)."""
+        return self._base_model is not None
+
+    @property
+    def shadow_loaded(self) -> bool:
+        """Whether the shadow session is in memory now."""
         return self._base is not None
 
     def hook(self, x: np.ndarray, outputs: dict[str, np.ndarray], request_id: str) -> None:
@@ -113,15 +116,54 @@ class DriftReporter:
             except Exception:  # drift watching must never take the agent down
                 log.exception("drift worker step failed")
 
-    def _handle(self, item: tuple) -> None:
+    def _shadow_session(self):
+        """The base model's session for a shadow run, loaded on first need; None when it cannot be.
+
+        Worker thread only. Too little free memory skips this run (memory may free up later);
+        a base model that does not load disables shadowing for this bundle.
+        """
         with self._lock:
-            monitor, base, bundle_id = self._monitor, self._base, self._bundle_id
+            base, model = self._base, self._base_model
+        if base is None and model is not None:
+            free = psutil.virtual_memory().available
+            if free - 4 * len(model) < self.shadow_min_free:
+                log.debug("not enough free memory for the shadow run", extra={"fields": {"free": free}})
+                return None
+            try:
+                base = make_session(model, self.threads)
+            except Exception as exc:  # no shadow is a degraded mode, not a failure
+                log.warning("base model does not load for the shadow run", extra={"fields": {"error": str(exc)}})
+                with self._lock:
+                    if self._base_model is model:
+                        self._base_model = None
+                return None
+            with self._lock:
+                if self._base_model is not model:  # a new model was attached meanwhile
+                    return None
+                self._base = base
+        self._base_used = time.monotonic()
+        return base
+
+    def _drop_idle_shadow(self) -> None:
+        if self._base is None or time.monotonic() - self._base_used < self.shadow_idle_s:
+            return
+        with self._lock:
+            self._base = None
+        self.release()
+        log.debug("shadow session dropped after idle time")
+
+    def _handle(self, item: tuple) -> None:
+        if item[0] == "tick":
+            self._drop_idle_shadow()
+        with self._lock:
+            monitor, bundle_id = self._monitor, self._bundle_id
         if monitor is None:
             return
         if item[0] == "observe":
             _, x, out, rid = item
             base_out = None
-            if base is not None and monitor.should_shadow():
+            base = self._shadow_session() if monitor.should_shadow() else None
+            if base is not None:
                 base_out = base.run(None, {base.get_inputs()[0].name: x})[0]
             try:
                 result = monitor.observe(x, out, base_out, refs=[f"{rid}.{i}" for i in range(len(x))])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -142,3 +144,32 @@ def test_settings_have_bounds():
         DriftSettings(shadow_fraction=1.5)
     with pytest.raises(ValidationError):
         DriftSettings(unknown_key=1)
+
+
+def test_reporter_loads_the_shadow_on_traffic_and_drops_it_when_idle(lenet, digits, reference):
+    from agent.drift_reporter import DriftReporter
+
+    sent, released = [], []
+    reporter = DriftReporter(lambda m: sent.append(m) or True, "cam-1", SETTINGS, shadow_min_free=0,
+                             shadow_idle_s=0.3, release=lambda: released.append(1), seed=0)
+    try:
+        reporter.attach("b" * 64, reference, lenet.base_bytes)
+        assert reporter.shadowing and not reporter.shadow_loaded  # nothing loaded before traffic
+        for b in range(12):  # one full window of traffic
+            x = digits.x_heldout[b * 10:(b + 1) * 10]
+            out = lenet.compressed_session.run(None, {"image": x})[0]
+            reporter.hook(x, {"logits": out}, f"r{b}")
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sent and sent[0].n_shadowed > 0 and sent[0].measured_agreement is not None
+        assert reporter.shadow_loaded
+        time.sleep(0.4)
+        reporter.tick()
+        deadline = time.monotonic() + 5
+        while reporter.shadow_loaded and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not reporter.shadow_loaded and released
+        assert reporter.shadowing  # still on: the next traffic loads it again
+    finally:
+        reporter.close()
