@@ -79,11 +79,13 @@ class BundleDownloader:
 
     def __init__(self, link: MqttLink, state_dir: str | Path, public_key: Ed25519PublicKey | Path,
                  on_complete: Callable[[BundleManifest, bytes], None],
-                 on_failed: Callable[[str, FailureReason, str], None] | None = None, *, window: int = 16,
+                 on_failed: Callable[[str, FailureReason, str], None] | None = None, *, window: int = 32,
                  max_retries: int = 3, request_timeout: float = 10.0, max_stalls: int = 6, sync_every: int = 8,
                  disk_budget: int | None = None, mem_budget: int | None = None) -> None:
-        """Up to ``window`` chunks are in flight; a chunk failing its hash ``max_retries`` times, or
-        ``max_stalls`` request timeouts in a row while connected, fail the download. Chunks are
+        """Up to ``window`` chunks are in flight (32 instead of 16: 70-80% instead of 55% of the raw
+        broker throughput on loopback, bench/agent.py; at most 8 MiB buffered at 256 KiB chunks).
+        A chunk failing its hash ``max_retries`` times, or ``max_stalls`` request timeouts in a row
+        while connected, fail the download. Chunks are
         fsynced and recorded ``sync_every`` at a time (a crash re-fetches at most that many).
         ``public_key`` as a PEM file path is checked in a child process (agent.child_tasks), so
         cryptography never loads into the daemon; a key object is used in this process."""
