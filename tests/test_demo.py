@@ -1,4 +1,4 @@
-"""`toco demo --once`: the whole fleet story as a user runs it, on the embedded broker and on mosquitto.
+"""`toco demo`: the whole fleet story as a user runs it, on the embedded broker and on mosquitto.
 
 Real server, real agent processes, real MNIST digits; the test reads what the agents left on
 disk, not only what the demo printed.
@@ -6,6 +6,7 @@ disk, not only what the demo printed.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,32 +24,46 @@ def run_demo(workdir, *extra) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1200, env={**os.environ, "COLUMNS": "160"})
 
 
+def run_demo_until_up_then_kill(workdir) -> subprocess.CompletedProcess:
+    """`toco demo` as `make demo` runs it: wait for "press Ctrl-C", then a plain `kill` (SIGTERM)."""
+    proc = subprocess.Popen([sys.executable, "-m", "toco_cli", "demo", "--http-port", "0", "--workdir", str(workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "160"})
+    lines = []
+    for line in proc.stdout:  # ends early (EOF) if the demo fails before the end of the story
+        lines.append(line)
+        if "press Ctrl-C to stop" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err)
+
+
 def agent_status(workdir, device: str) -> dict:
     return json.loads((workdir / "agents" / device / "state" / "status.json").read_text())
 
 
 @pytest.mark.timeout(1300)
 @pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
-def test_demo_once_runs_the_whole_fleet_story(tmp_path, broker):
-    mosq = None
-    extra: tuple[str, ...] = ()
-    if broker == "mosquitto":
+def test_demo_runs_the_whole_fleet_story(tmp_path, broker):
+    """Embedded: `toco demo` stays up until killed, then stops its agents. mosquitto: `--once`."""
+    if broker == "embedded":
+        proc = run_demo_until_up_then_kill(tmp_path)
+        assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-2000:]
+    else:
         mosq = Broker()
         mosq.start()
-        extra = ("--broker", mosq.url)
-    try:
-        proc = run_demo(tmp_path, *extra)
-    finally:
-        if mosq is not None:
+        try:
+            proc = run_demo(tmp_path, "--broker", mosq.url)
+        finally:
             mosq.stop()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     for step in STEPS:
         assert f"done {step}" in proc.stdout, step
     assert "dashboard: http://127.0.0.1:" in proc.stdout
     status = {d: agent_status(tmp_path, d) for d in ("line-pc", "camera-box", "handheld")}
     plans = {d: s["active"]["plan"]["label"] for d, s in status.items()}
     assert len(set(plans.values())) == 3, plans
-    # the drifting camera runs the re-analysed bundle, the others still the first one
     # the line PC's inputs rotated: it (alone, its group) runs the re-analysed bundle
     assert status["line-pc"]["active"]["bundle_id"] != status["camera-box"]["active"]["bundle_id"]
     assert status["handheld"]["active"]["bundle_id"] == status["camera-box"]["active"]["bundle_id"]

@@ -9,6 +9,7 @@ summary table and the dashboard URL; the fleet stays up until Ctrl-C (``--once``
 
 from __future__ import annotations
 
+import signal
 import threading
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def demo(
     from toco_core.demo.train import demo_model
 
     configure_logging(verbose)
+    # Ctrl-C and a plain `kill` both end in the `finally` below, which stops agents and server
+    # (SIGINT is ignored in a shell's background jobs, and SIGTERM would skip the clean-up)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     workdir.mkdir(parents=True, exist_ok=True)
     log = story.StoryLog()
     fleet = DemoFleet(workdir.resolve(), broker=broker, http_port=http_port, drift=DRIFT)

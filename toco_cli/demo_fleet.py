@@ -7,8 +7,10 @@ server's broker and serving inference over their loopback HTTP API.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import numpy as np
 from toco_core.errors import TocoError
 
 FLEET = "demo"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class DemoError(TocoError):
@@ -55,6 +58,18 @@ DEVICES = (
 # re-analysis with rotated field samples tightens the tolerances, and a storage cap that gave a
 # box its own first plan may then admit no plan within budget.
 SHIFTED = "line-pc"
+
+
+def _stop_with_parent() -> None:
+    """In the forked child: SIGTERM when the demo process dies, however it dies (Linux prctl).
+
+    The demo's own shutdown stops its agents; this covers a ``kill -9`` of the demo, which
+    would otherwise leave three daemons running. Elsewhere: nothing.
+    """
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -113,7 +128,8 @@ class AgentProcess:
         """Spawn the daemon (it keeps running until ``stop``)."""
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_stop_with_parent)
 
     def alive(self) -> bool:
         """True while the process runs."""
