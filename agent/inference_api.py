@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -278,3 +279,11 @@ class InferenceServer(ThreadingHTTPServer):
         """Stop serving and close the socket."""
         self.shutdown()
         self.server_close()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up mid-request is routine (debug); anything else is logged once, not printed."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client went away", extra={"fields": {"client": client_address[0], "error": str(exc)}})
+        else:
+            log.exception("inference API request failed", extra={"fields": {"client": client_address[0]}})

@@ -35,6 +35,17 @@ from toco_core.messages import (AgentMessage, ChunkRequest, Message, MessageErro
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
 
 log = logging.getLogger("toco.agent.mqtt")
+
+
+def _not_the_outage_again(record: logging.LogRecord) -> bool:
+    # paho's loop says "Client is not connected" at ERROR every try while the broker is away;
+    # the link already warned once ("disconnected, paho reconnects") and reconnects
+    return not record.getMessage().startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("toco.agent.paho")
+_PAHO_LOG.addFilter(_not_the_outage_again)
+
 Handler = Callable[[str, Message], None]
 _CONNECTED = object()  # dispatcher marker: run the on-connect hooks
 _STOP = object()
@@ -123,7 +134,7 @@ class MqttLink:
             self._client.tls_set(ca_certs=ca_file)
         self._client.reconnect_delay_set(reconnect_min, reconnect_max)  # type: ignore[arg-type]
         self._client.suppress_exceptions = True  # a bug in a callback is logged by paho, the loop lives on
-        self._client.enable_logger(logging.getLogger("toco.agent.paho"))
+        self._client.enable_logger(_PAHO_LOG)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

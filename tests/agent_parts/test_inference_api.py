@@ -5,7 +5,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import struct
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -219,3 +222,16 @@ def test_engine_python_api_refuses_bad_inputs_with_typed_errors(lenet):
     with pytest.raises(InputError, match="batch of 0"):
         engine.infer(np.zeros((0, 1, 28, 28), np.float32))
     assert engine.stats.snapshot()["errors"] == 2
+
+
+def test_a_client_hanging_up_mid_request_is_no_traceback_and_the_server_keeps_serving(server, digits, capfd):
+    host, port = server.server_address[:2]
+    for _ in range(3):
+        sock = socket.create_connection((host, port), timeout=5)
+        sock.sendall(b"POST /v1/infer HTTP/1.1\r\nContent-Length: 999999\r\n")  # headers never finish
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        sock.close()
+    time.sleep(0.3)
+    status, body = Client(server).infer(digits.x_heldout[:1])
+    assert status == 200 and len(body["outputs"]) == 1
+    assert "Traceback" not in capfd.readouterr().err
