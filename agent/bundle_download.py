@@ -14,7 +14,6 @@ another thread.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from agent.mqtt_link import MqttLink
 from toco_core.errors import BundleError, TocoError, TransferError
 from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
                                 MessageKind, Phase, StatusMessage, parse_message)
-from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks
+from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks, verify_assembled
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -58,20 +57,6 @@ class _Job:
     stalls: int = 0
     unsynced: int = 0  # chunks written but not yet fsynced and recorded in bitmap.json
     reported: int = -1  # last progress decile reported
-
-
-def _verify_whole(manifest: BundleManifest, data: bytes) -> None:
-    """Size and sha256 of the assembled bundle equal the manifest's. Raises TransferError otherwise.
-
-    toco_core.transfer.verify_assembled does the same through toco_core.bundle, which imports
-    cryptography at module level; the daemon must not keep that loaded (agent.child_tasks).
-    """
-    if len(data) != manifest.size:
-        raise TransferError(f"bundle is {len(data)} bytes, the manifest says {manifest.size}", "download it again")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != manifest.bundle_id:
-        raise TransferError(f"bundle sha256 {digest[:12]} does not match its id {manifest.bundle_id[:12]}",
-                            "download it again")
 
 
 class BundleDownloader:
@@ -254,7 +239,7 @@ class BundleDownloader:
         self._close_fd(job)
         try:
             data = (job.dir / "data.part").read_bytes()
-            _verify_whole(manifest, data)  # type: ignore[arg-type]
+            verify_assembled(manifest, data)  # type: ignore[arg-type]
         except OSError as exc:
             return self._fail(job, _disk_reason(exc), f"reading the download back failed: {exc}")
         except TransferError as exc:

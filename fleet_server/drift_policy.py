@@ -3,8 +3,9 @@
 A device triggers when its drift alert holds (the agent raises ``alert`` after
 ``consecutive_windows`` out-of-band windows) or when a window's measured agreement, judged on
 at least MIN_SHADOWED inputs, falls below ``1 - budget - agreement_margin`` beyond its sampling
-noise. A device triggers at most once per bundle it runs. Triggered devices of the same model and group join one
-open re-analysis, which asks them for their disputed inputs (upload-samples command) and
+noise. A device triggers at most once per bundle it runs. Triggered devices of the same model
+and group join one open re-analysis, which asks them for their disputed inputs (upload-samples
+command) and
 
 - ``approval`` mode: waits in ``pending_approval`` until POST /api/reanalyses/{id}/approve;
 - ``auto`` mode (and after approval): waits until every trigger device uploaded samples, or

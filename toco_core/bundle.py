@@ -31,8 +31,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from toco_core.errors import BundleError
+from toco_core.errors import BundleError, TransferError
 from toco_core.messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, BundleManifest, FileEntry
+from toco_core.transfer import verify_assembled
 
 __all__ = ["BundleManifest", "FileEntry", "pack_bundle", "unpack_bundle", "make_manifest", "sign_manifest",
            "canonical_manifest_bytes", "verify_manifest", "verify_bundle_bytes", "chunk_bytes",
@@ -174,12 +175,10 @@ def verify_manifest(manifest: BundleManifest, public_key: Ed25519PublicKey) -> N
 
 def verify_bundle_bytes(data: bytes, manifest: BundleManifest) -> None:
     """Whole-bundle check: length and sha256 must match the manifest. Raises BundleError otherwise."""
-    if len(data) != manifest.size:
-        raise BundleError(f"bundle is {len(data)} bytes, the manifest says {manifest.size}", "download it again")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != manifest.bundle_id:
-        raise BundleError(f"bundle sha256 {digest[:12]} does not match its id {manifest.bundle_id[:12]}",
-                          "download it again")
+    try:
+        verify_assembled(manifest, data)
+    except TransferError as exc:
+        raise BundleError(exc.message, exc.hint) from None
 
 
 def chunk_bytes(data: bytes, manifest: BundleManifest, i: int) -> bytes:

@@ -11,8 +11,8 @@ compressed or run here, so it takes milliseconds. Every candidate is a measured 
 
 Predictions are the isotonic curve values themselves: a fair estimate of the held-out
 disagreement (the self-test compares it with a measurement). Feasible: predicted
-disagreement plus one standard error of its measurement <= budget (disagreement_bound), storage and estimated memory within limits, and never larger (file
-or memory) than the base. Objective ``fidelity`` ranks by predicted disagreement, then KL,
+disagreement plus one standard error of its measurement <= budget (disagreement_bound),
+storage and estimated memory within limits, and never larger (file or memory) than the base. Objective ``fidelity`` ranks by predicted disagreement, then KL,
 where differences below the measurement's noise floor are ties, then by storage and memory
 (the smaller plan wins a tie); ``size`` ranks by storage, then memory, then disagreement.
 ``nbits`` has no measured cost of its own (its prediction is the fp32 point's), so at equal

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-from toco_core.errors import BundleError, TransferError
+from toco_core.errors import TransferError
 from toco_core.messages import BundleManifest, FailureReason
 from toco_core.units import format_size
 
@@ -103,14 +103,15 @@ def accept_chunk(manifest: BundleManifest, i: int, data: bytes) -> ChunkCheck:
 def verify_assembled(manifest: BundleManifest, data: bytes) -> None:
     """Final check of the whole downloaded bundle: size and sha256 equal the manifest's bundle_id.
 
-    Raises TransferError (reason bundle_hash_mismatch) otherwise.
+    Raises TransferError (reason bundle_hash_mismatch) otherwise. No cryptography here: the
+    agent daemon calls this and must not load it (agent.child_tasks checks signatures).
     """
-    from toco_core.bundle import verify_bundle_bytes  # bundle pulls in cryptography; keep this module light
-
-    try:
-        verify_bundle_bytes(data, manifest)
-    except BundleError as exc:
-        raise TransferError(exc.message, exc.hint) from None
+    if len(data) != manifest.size:
+        raise TransferError(f"bundle is {len(data)} bytes, the manifest says {manifest.size}", "download it again")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.bundle_id:
+        raise TransferError(f"bundle sha256 {digest[:12]} does not match its id {manifest.bundle_id[:12]}",
+                            "download it again")
 
 
 @dataclass(frozen=True)
