@@ -75,6 +75,14 @@ class AnalysisResult:
     heldout_x: np.ndarray
     heldout_y: np.ndarray | None = None
 
+    @property
+    def bias_correction(self) -> bool:
+        """Whether the curves were measured with bias correction, so a device must build with it.
+
+        Analyses from before the setting existed measured without it.
+        """
+        return bool(self.manifest.settings.get("bias_correction", False))
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -170,6 +170,21 @@ def with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx
     return new
 
 
+def with_outputs(model: onnx.ModelProto, names: list[str] | tuple[str, ...]) -> onnx.ModelProto:
+    """``model`` with the named (intermediate) tensors added as float graph outputs.
+
+    Returns the model itself when they all are outputs already, else a copy. The names are not
+    checked here: onnxruntime rejects a name that is no tensor of the graph.
+    """
+    missing = [n for n in dict.fromkeys(names) if n not in {o.name for o in model.graph.output}]
+    if not missing:
+        return model
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in missing)
+    return exposed
+
+
 def _replace_tensor(tensor: onnx.TensorProto, value: np.ndarray) -> None:
     if tuple(tensor.dims) != tuple(value.shape):
         raise ModelError(

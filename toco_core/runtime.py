@@ -50,9 +50,8 @@ def run_model(model: onnx.ModelProto | bytes, x: np.ndarray, batch_size: int = 2
     return run_batches(make_session(model), x, batch_size)
 
 
-def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
-                     batch_size: int = 256) -> np.ndarray:
-    """Run ``model`` with some initializers replaced, without copying the model.
+def _session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
+    """A session of ``model`` with some initializers replaced, without copying the model.
 
     The new values are handed to onnxruntime as session initializers (SessionOptions.add_initializer),
     which is what makes committees and calibration sweeps on multi-MB models cheap. Weights held
@@ -62,14 +61,14 @@ def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: 
 
     inits = {t.name for t in model.graph.initializer}
     if not set(weights) <= inits:
-        return run_model(with_weights(model, weights), x, batch_size)
+        return make_session(with_weights(model, weights))
     opts = ort.SessionOptions()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     # Measured with onnxruntime 1.32: at ORT_ENABLE_ALL the NCHWc Conv rewrite reads the model's own
     # initializer and silently ignores the override; EXTENDED honours it.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    # OrtValues borrow the numpy buffers: both must outlive the session
+    # OrtValues borrow the numpy buffers: both must outlive the session (the session keeps them)
     arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in weights.values()]
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     for name, value in zip(weights, values):
@@ -78,19 +77,54 @@ def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: 
         sess = ort.InferenceSession(_cached_bytes(model), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {exc}", "check the model's opset and ops") from exc
-    return run_batches(sess, x, batch_size)
+    sess._toco_keepalive = (arrays, values)
+    return sess
+
+
+def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
+                     batch_size: int = 256) -> np.ndarray:
+    """Run ``model``'s first output over ``x`` with some initializers replaced (no model copy).
+
+    Raises ModelError when onnxruntime cannot load the model.
+    """
+    return run_batches(_session_with_weights(model, weights), x, batch_size)
+
+
+def run_outputs(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray, names: list[str],
+                batch_size: int = 256) -> list[np.ndarray]:
+    """The named tensors of ``model`` over ``x``, with some initializers replaced (as run_with_weights).
+
+    Names may be intermediate tensors: those that are not graph outputs yet are added to a copy
+    (toco_core.onnx_model.with_outputs; callers running often expose them once themselves).
+    Returns one array per name, in order. Raises ModelError when onnxruntime cannot load the
+    model or a name is not a tensor of it.
+    """
+    from toco_core.onnx_model import with_outputs
+
+    exposed = with_outputs(model, names)
+    sess = _session_with_weights(exposed, weights)
+    feed = sess.get_inputs()[0].name
+    try:
+        parts = [sess.run(list(names), {feed: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot produce {list(names)}: {exc}", "name tensors of this model") from exc
+    return [np.concatenate([p[k] for p in parts], axis=0) for k in range(len(names))]
 
 
 _BYTES_CACHE: dict[int, tuple[onnx.ModelProto, bytes]] = {}
+# two models: a calibration sweep alternates between the model and its copy with the layer
+# outputs bias correction reads
+_BYTES_CACHE_SIZE = 2
 
 
 def _cached_bytes(model: onnx.ModelProto) -> bytes:
     # Serializing a multi-MB model for every committee member costs more than the run itself.
     from toco_core.onnx_model import model_bytes
 
-    hit = _BYTES_CACHE.get(id(model))
+    hit = _BYTES_CACHE.pop(id(model), None)
     if hit is None or hit[0] is not model:
-        _BYTES_CACHE.clear()
         hit = (model, model_bytes(model))
-        _BYTES_CACHE[id(model)] = hit
+    _BYTES_CACHE[id(model)] = hit  # most recently used last
+    while len(_BYTES_CACHE) > _BYTES_CACHE_SIZE:
+        del _BYTES_CACHE[next(iter(_BYTES_CACHE))]
     return hit[1]

@@ -118,3 +118,44 @@ def test_gate_catches_optimistic_curves_and_steps_down(lenet5, lenet5_analysis, 
         return
     assert report.attempts > 1
     assert report.self_test.measured <= report.self_test.predicted + report.self_test.margin
+
+
+def _biases(model) -> dict[str, np.ndarray]:
+    from toco_core.compression.bias_correction import biased_layers
+
+    inits = {t.name: t for t in model.graph.initializer}
+    import onnx
+
+    return {layer.bias: onnx.numpy_helper.to_array(inits[layer.bias])
+            for layer in biased_layers(model, compressible_weights(model))}
+
+
+def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analysis):
+    """Curves are measured with bias correction (fitted on the analysis samples), so a device builds
+    with it too: the built model flips exactly the calibration digits the curve point flipped.
+    An analysis made before the setting existed keeps the base biases on both sides."""
+    import dataclasses
+
+    from toco_core.calibration import measure_point
+    from toco_core.plan import CompressionPlan
+    from toco_core.recompress import build
+
+    result = lenet5_analysis
+    assert result.bias_correction
+    infos = compressible_weights(lenet5)
+    weights = read_weights(lenet5, infos)
+    plan = CompressionPlan(prune_scale=0.6, quant_scale=0.4, structured=False, predicted_disagreement=0.0,
+                           predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
+    x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
+    point = measure_point(lenet5, weights, infos, result.tolerances.prune_tau_hat(weights), result.tolerances.quant,
+                          0.6, 0.4, x, base_out, None, "logits", result.analysis_x)
+    built = build(lenet5, result, plan)
+    flipped = compare_outputs(base_out, run_model(built.runnable, x), None, "logits").disagreement
+    assert abs(flipped - point.disagreement) <= 1.0 / len(x)
+    assert all(not np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(built.runnable).items())
+
+    settings = {k: v for k, v in result.manifest.settings.items() if k != "bias_correction"}
+    older = dataclasses.replace(result, manifest=result.manifest.model_copy(update={"settings": settings}))
+    assert not older.bias_correction
+    plain = build(lenet5, older, plan)
+    assert all(np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(plain.runnable).items())

@@ -168,13 +168,15 @@ def prune_ranks(ev, weights, fisher, kind, x, s: AnalysisSettings, progress: Pro
     return {k: r.reshape(weights[k].shape).astype(np.float32) for k, r in zip(names, np.split(rank, sizes))}
 
 
-def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress) -> dict[str, CalibrationCurve]:
-    """Measure each operator on the held-out samples (prune scale = sparsity)."""
+def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress,
+              correction_x: np.ndarray | None = None) -> dict[str, CalibrationCurve]:
+    """Measure each operator on the held-out samples (prune scale = sparsity), with biases
+    corrected on ``correction_x`` when given."""
     base = run_model(model, x)
     prune_tau = tmap.prune_tau_hat(weights)
 
     def measure(ps: float, qs: float):
-        return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind)
+        return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind, correction_x)
 
     combos = [(p, q) for p in COMBO_PRUNE for q in COMBO_QUANT]
     total = len(PRUNE_GRID) + len(QUANT_GRID) + len(combos)
@@ -233,7 +235,8 @@ def analyze(
     tmap = as_stored(ToleranceMap(quant=tau_hat, prune_rank=ranks))
     t = time.perf_counter()
     hy = None if pool_y is None else pool_y[held]
-    curves = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress)
+    curves = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress,
+                       analysis_x if s.bias_correction else None)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)

@@ -24,4 +24,6 @@ class AnalysisSettings(BaseModel):
     prune_round_samples: int = Field(128, ge=8, description="analysis samples used per pruning round")
     max_sparsity: float = Field(0.95, gt=0, lt=1)
     coverage: float = Field(0.99, gt=0, le=1, description="share of a channel's weights whose rounding stays in tolerance")
+    bias_correction: bool = Field(True, description="curves (and devices) correct each layer's bias for the mean "
+                                                    "shift compression causes, fitted on the analysis samples")
     seed: int = 0
