@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, Field
 
-from toco_core.compression.bias_correction import correct_biases
+from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.compression.tolerance_compress import compress_weights, summary
 from toco_core.fidelity import OutputKind, compare_outputs
 from toco_core.onnx_model import WeightInfo
@@ -101,17 +101,17 @@ def measure_point(
     base_out: np.ndarray,
     labels: np.ndarray | None,
     kind: OutputKind,
-    correction_x: np.ndarray | None = None,
+    correction: BiasCorrection | None = None,
 ) -> CurvePoint:
     """Compress the weights at the given scales, run the model on ``x``, compare with the base.
 
-    With ``correction_x`` (the analysis samples) the biases are corrected first, as a device
-    builds the plan (toco_core.compression.bias_correction).
+    With ``correction`` (fitted on the analysis samples) the biases are corrected first, as a
+    device builds the plan (toco_core.compression.bias_correction).
     """
     tensors = compress_weights(weights, infos, prune_tau_hat, quant_tau_hat, prune_scale, quant_scale)
     values = {k: t.values for k, t in tensors.items()}
-    if correction_x is not None and (prune_scale > 0 or quant_scale > 0):
-        values.update(correct_biases(model, infos, values, correction_x))
+    if correction is not None and (prune_scale > 0 or quant_scale > 0):
+        values.update(correction.biases(values))
     out = run_with_weights(model, values, x)
     fid = compare_outputs(base_out, out, labels, kind)
     stats = summary(tensors)

@@ -50,7 +50,7 @@ def run_model(model: onnx.ModelProto | bytes, x: np.ndarray, batch_size: int = 2
     return run_batches(make_session(model), x, batch_size)
 
 
-def _session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
+def session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> ort.InferenceSession:
     """A session of ``model`` with some initializers replaced, without copying the model.
 
     The new values are handed to onnxruntime as session initializers (SessionOptions.add_initializer),
@@ -87,7 +87,7 @@ def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: 
 
     Raises ModelError when onnxruntime cannot load the model.
     """
-    return run_batches(_session_with_weights(model, weights), x, batch_size)
+    return run_batches(session_with_weights(model, weights), x, batch_size)
 
 
 def run_outputs(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray, names: list[str],
@@ -102,7 +102,7 @@ def run_outputs(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.nd
     from toco_core.onnx_model import with_outputs
 
     exposed = with_outputs(model, names)
-    sess = _session_with_weights(exposed, weights)
+    sess = session_with_weights(exposed, weights)
     feed = sess.get_inputs()[0].name
     try:
         parts = [sess.run(list(names), {feed: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]

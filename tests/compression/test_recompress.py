@@ -137,6 +137,7 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     import dataclasses
 
     from toco_core.calibration import measure_point
+    from toco_core.compression.bias_correction import BiasCorrection
     from toco_core.plan import CompressionPlan
     from toco_core.recompress import build
 
@@ -148,7 +149,7 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
                            predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
     x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
     point = measure_point(lenet5, weights, infos, result.tolerances.prune_tau_hat(weights), result.tolerances.quant,
-                          0.6, 0.4, x, base_out, None, "logits", result.analysis_x)
+                          0.6, 0.4, x, base_out, None, "logits", BiasCorrection(lenet5, infos, result.analysis_x))
     built = build(lenet5, result, plan)
     flipped = compare_outputs(base_out, run_model(built.runnable, x), None, "logits").disagreement
     assert abs(flipped - point.disagreement) <= 1.0 / len(x)

@@ -26,6 +26,7 @@ from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.calibration import CalibrationCurve, measure_curve, measure_int8, measure_point
+from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import as_log_probs
 from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights, with_weights
@@ -174,9 +175,10 @@ def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: P
     corrected on ``correction_x`` when given."""
     base = run_model(model, x)
     prune_tau = tmap.prune_tau_hat(weights)
+    correction = None if correction_x is None else BiasCorrection(model, infos, correction_x)
 
     def measure(ps: float, qs: float):
-        return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind, correction_x)
+        return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind, correction)
 
     combos = [(p, q) for p in COMBO_PRUNE for q in COMBO_QUANT]
     total = len(PRUNE_GRID) + len(QUANT_GRID) + len(combos)
