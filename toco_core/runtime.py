@@ -90,27 +90,6 @@ def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: 
     return run_batches(session_with_weights(model, weights), x, batch_size)
 
 
-def run_outputs(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray, names: list[str],
-                batch_size: int = 256) -> list[np.ndarray]:
-    """The named tensors of ``model`` over ``x``, with some initializers replaced (as run_with_weights).
-
-    Names may be intermediate tensors: those that are not graph outputs yet are added to a copy
-    (toco_core.onnx_model.with_outputs; callers running often expose them once themselves).
-    Returns one array per name, in order. Raises ModelError when onnxruntime cannot load the
-    model or a name is not a tensor of it.
-    """
-    from toco_core.onnx_model import with_outputs
-
-    exposed = with_outputs(model, names)
-    sess = session_with_weights(exposed, weights)
-    feed = sess.get_inputs()[0].name
-    try:
-        parts = [sess.run(list(names), {feed: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
-    except Exception as exc:
-        raise ModelError(f"onnxruntime cannot produce {list(names)}: {exc}", "name tensors of this model") from exc
-    return [np.concatenate([p[k] for p in parts], axis=0) for k in range(len(names))]
-
-
 _BYTES_CACHE: dict[int, tuple[onnx.ModelProto, bytes]] = {}
 # two models: a calibration sweep alternates between the model and its copy with the layer
 # outputs bias correction reads

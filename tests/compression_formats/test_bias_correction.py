@@ -7,9 +7,9 @@ import onnx
 from onnx import helper
 
 from tests.compression_formats.graphs import initializers_as_constants, make_model
-from toco_core.compression.bias_correction import biased_layers, correct_biases
-from toco_core.onnx_model import compressible_weights, read_weights, with_weights
-from toco_core.runtime import run_model, run_outputs
+from toco_core.compression.bias_correction import biased_layers, channel_means, correct_biases
+from toco_core.onnx_model import compressible_weights, read_weights, with_outputs, with_weights
+from toco_core.runtime import run_model
 
 RNG = np.random.default_rng(3)
 
@@ -47,15 +47,13 @@ def test_corrected_biases_restore_every_layers_channel_means_on_the_fitted_sampl
     x = RNG.uniform(0, 1, size=(64, 2, 6, 6)).astype(np.float32)  # like pixels: a non-zero mean
     biases = correct_biases(model, infos, shrunk, x)
     assert set(biases) == {"cb", "gb"}
-    base_c, base_g = run_outputs(model, {}, x, ["c", "g"])
-    raw_c, raw_g = run_outputs(model, shrunk, x, ["c", "g"])
-    new_c, new_g = run_outputs(model, {**shrunk, **biases}, x, ["c", "g"])
-    for base, raw, new in ((base_c, raw_c, new_c), (base_g, raw_g, new_g)):
-        axes = tuple(i for i in range(base.ndim) if i != 1)
-        shift_before = np.abs(raw.mean(axis=axes) - base.mean(axis=axes)).max()
-        shift_after = np.abs(new.mean(axis=axes) - base.mean(axis=axes)).max()
-        assert shift_before > 0.05
-        assert shift_after < 1e-4
+    exposed = with_outputs(model, ["c", "g"])
+    base = channel_means(exposed, {}, x, ["c", "g"])
+    raw = channel_means(exposed, shrunk, x, ["c", "g"])
+    new = channel_means(exposed, {**shrunk, **biases}, x, ["c", "g"])
+    for b, r, n in zip(base, raw, new):
+        assert np.abs(r - b).max() > 0.05
+        assert np.abs(n - b).max() < 1e-4
     # the weights themselves are not touched: the correction only returns biases
     assert all(np.array_equal(shrunk[k], v * np.float32(0.7)) for k, v in w.items())
 
@@ -68,15 +66,27 @@ def test_no_samples_or_no_biased_layer_returns_nothing():
     assert correct_biases(model, infos, {"mw": w["mw"]}, RNG.normal(size=(4, 2, 6, 6)).astype(np.float32)) == {}
 
 
-def test_run_outputs_reads_intermediate_tensors_with_replaced_weights():
+def test_channel_means_read_intermediate_tensors_with_replaced_weights_in_any_batch_size():
     model = conv_gemm_matmul()
-    x = RNG.normal(size=(3, 2, 6, 6)).astype(np.float32)
+    exposed = with_outputs(model, ["c", "g"])
+    x = RNG.uniform(0, 1, size=(7, 2, 6, 6)).astype(np.float32)
     zero_gemm = {"gw": np.zeros((5, 144), np.float32)}
-    (g,) = run_outputs(model, zero_gemm, x, ["g"])
+    c_means, g_means = channel_means(exposed, zero_gemm, x, ["c", "g"], batch_size=3)
     gb = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "gb"))
-    np.testing.assert_allclose(g, np.broadcast_to(gb, (3, 5)), rtol=0, atol=1e-6)
-    # the model itself keeps its one output
+    np.testing.assert_allclose(g_means, gb, rtol=0, atol=1e-6)  # a zero weight leaves the bias alone
+    c_out = run_model(_only_output(model, "c"), x)
+    np.testing.assert_allclose(c_means, c_out.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    # with_outputs copies: the model itself keeps its one output
     assert [o.name for o in model.graph.output] == ["y"]
+
+
+def _only_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose one output is the intermediate tensor ``name``."""
+    one = with_outputs(model, [name])
+    keep = [o for o in one.graph.output if o.name == name]
+    del one.graph.output[:]
+    one.graph.output.extend(keep)
+    return one
 
 
 def test_correction_cuts_the_logit_error_of_compressed_lenet_on_unseen_digits(demo, splits):
