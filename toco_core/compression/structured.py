@@ -13,184 +13,25 @@ The Conv fold is exact when the reader Conv has no padding; with padding, output
 overlaps the border saw zeros instead of k_c, so the fold is approximate there (exact again
 when k_c = 0, e.g. a Relu after a negative bias).
 
-Channels are followed from the layer through per-channel ops (activations, BatchNormalization,
-Add/Sub/Mul/Div by a per-channel constant, MaxPool / AveragePool / global pools) and through
-Flatten / Reshape to [N, C*H*W] (channel c -> the contiguous features [c*H*W, (c+1)*H*W)), to
-readers that are Conv (group 1), Gemm (transA 0) or MatMul with a constant weight. Anything
-else (a residual Add, Concat, a graph output, a shared weight...) makes the layer unsupported.
+Which layers qualify and what moves with their channels: toco_core.compression.channel_routes.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
+from toco_core.compression.channel_routes import ChannelPath, ChannelRoute, Unsupported, expand_features, \
+    structured_support, trace_route
 from toco_core.compression.graph_edit import GraphIndex, attr, clear_value_info, replace_nodes, set_attr, static_shapes
 from toco_core.errors import ModelError
 from toco_core.onnx_model import compressible_weights
 
-_UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
-                    "Celu", "Softplus", "Softsign", "Gelu", "Mish", "Identity", "Dropout"})
-_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "PRelu"})
-_POOLS = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool"})
-_READERS = frozenset({"Conv", "Gemm", "MatMul"})
-
-
-class _Unsupported(Exception):
-    """The channels of a layer cannot be followed to readers the surgery knows."""
-
-
-@dataclass
-class _Path:
-    steps: list  # ("node", node, pos, rank, input index) or ("repeat", n): how the constant k changes
-    reader: onnx.NodeProto
-    block: int  # features per channel at the reader's input
-
-
-@dataclass
-class _Route:
-    layer: onnx.NodeProto
-    weight: str
-    out_axis: int
-    channels: int
-    paths: list[_Path] = field(default_factory=list)
-    shrinks: list[tuple[str, int, int]] = field(default_factory=list)  # (constant, axis, block)
-    reshapes: list[tuple[str, int]] = field(default_factory=list)  # (shape constant, block)
-
-
-def _trace(g: GraphIndex, shapes: dict, weight: str) -> _Route:
-    uses = g.consumers(weight)
-    if len(uses) != 1 or uses[0][1] != 1:
-        raise _Unsupported("the weight is shared or not a layer's weight input")
-    node, w = uses[0][0], g.tensor(weight)
-    op = node.op_type
-    if op in ("Conv", "ConvTranspose") and attr(node, "group", 1) == 1:
-        out_axis, pos, rank = (0 if op == "Conv" else 1), 1, w.ndim
-    elif op == "Gemm":
-        out_axis, pos, rank = (0 if attr(node, "transB", 0) else 1), 1, 2
-    elif op == "MatMul" and w.ndim == 2 and len(shapes.get(node.output[0], ())) >= 1:
-        out_axis, rank = 1, len(shapes[node.output[0]])
-        pos = rank - 1
-    else:
-        raise _Unsupported(f"{op} node {node.name!r} (grouped, or output rank unknown)")
-    route = _Route(node, weight, out_axis, int(w.shape[out_axis]))
-    route.shrinks.append((weight, out_axis, 1))
-    if len(node.input) > 2 and node.input[2]:
-        bias = g.tensor(node.input[2])
-        if bias is None or g.use_count(node.input[2]) != 1 or bias.size not in (1, route.channels):
-            raise _Unsupported(f"the bias of {node.name!r} is not a private per-channel constant")
-    _follow(g, shapes, node.output[0], pos, rank, route.channels, 1, [], route)
-    return route
-
-
-def _need_const(g: GraphIndex, name: str, private: bool = True) -> np.ndarray:
-    value = g.tensor(name)
-    if value is None or (private and g.use_count(name) != 1):
-        raise _Unsupported(f"input {name!r} is not a private constant")
-    return value
-
-
-def _follow(g, shapes, tensor, pos, rank, feats, block, steps, route) -> None:
-    """Walk every reader of ``tensor`` (channel axis ``pos`` of ``rank``, ``feats`` = C*block)."""
-    if g.is_graph_output(tensor):
-        raise _Unsupported(f"the channels reach the graph output {tensor!r}")
-    for node, idx in g.consumers(tensor):
-        op, nxt = node.op_type, (pos, rank, feats, block)
-        if any(g.use_count(o) for o in node.output[1:]):
-            raise _Unsupported(f"{op} node {node.name!r} has a second output in use")
-        if op in _READERS and idx == 0:
-            route.paths.append(_reader(g, node, pos, rank, block, route, steps))
-            continue
-        if op in _UNARY and idx == 0:
-            for name in node.input[1:]:
-                if name:
-                    _need_const(g, name, private=False)
-            new_steps = steps + [("node", node, pos, rank, idx)]
-        elif op in _BINARY:
-            const = g.tensor(node.input[1 - idx])
-            if const is None:
-                raise _Unsupported(f"{op} node {node.name!r} mixes the channels with tensor {node.input[1 - idx]!r}")
-            axis = pos - (rank - const.ndim)
-            if const.ndim > rank or any(d != 1 for i, d in enumerate(const.shape) if i != axis):
-                raise _Unsupported(f"{op} node {node.name!r} is not per-channel")
-            if axis >= 0 and const.shape[axis] == feats:
-                _need_const(g, node.input[1 - idx])
-                route.shrinks.append((node.input[1 - idx], axis, block))
-            new_steps = steps + [("node", node, pos, rank, idx)]
-        elif op == "BatchNormalization" and idx == 0 and pos == 1:
-            for name in node.input[1:5]:
-                _need_const(g, name)
-                route.shrinks.append((name, 0, block))
-            new_steps = steps + [("node", node, pos, rank, idx)]
-        elif op in _POOLS and idx == 0 and pos == 1 and block == 1:
-            if op == "AveragePool" and attr(node, "count_include_pad", 0) and any(attr(node, "pads", [])):
-                raise _Unsupported(f"AveragePool {node.name!r} averages padding into the channel")
-            new_steps = steps
-        elif op in ("Flatten", "Reshape") and idx == 0 and pos == 1:
-            nxt = _flatten(g, shapes, node, tensor, rank, feats, block, route)
-            new_steps = steps + [("repeat", nxt[3] // block)]
-        else:
-            raise _Unsupported(f"{op} node {node.name!r} reads the channels (input {idx})")
-        _follow(g, shapes, node.output[0], *nxt, new_steps, route)
-
-
-def _flatten(g, shapes, node, tensor, rank, feats, block, route) -> tuple[int, int, int, int]:
-    """Channel c of [N, C, *S] -> features [c*prod(S), (c+1)*prod(S)) of [N, C*prod(S)]."""
-    in_shape = shapes.get(tensor)
-    if in_shape is None or any(d is None for d in in_shape[1:]):
-        raise _Unsupported(f"{node.op_type} {node.name!r}: input shape unknown")
-    per_channel = int(np.prod(in_shape[2:], dtype=np.int64))
-    total = feats * per_channel
-    if node.op_type == "Flatten":
-        if attr(node, "axis", 1) != 1:
-            raise _Unsupported(f"Flatten {node.name!r} does not flatten from axis 1")
-    else:
-        target = [int(s) for s in _need_const(g, node.input[1], private=False).reshape(-1)]
-        if len(target) != 2 or target[1] not in (-1, total) or (target[1] == -1 and target[0] < 0):
-            raise _Unsupported(f"Reshape {node.name!r} is not [N, C*H*W]")
-        if target[1] == total:
-            _need_const(g, node.input[1])
-            route.reshapes.append((node.input[1], block * per_channel))
-    return 1, 2, total, block * per_channel
-
-
-def _reader(g, node, pos, rank, block, route, steps) -> _Path:
-    w = _need_const(g, node.input[1])
-    if len(node.input) > 2 and node.input[2]:
-        _need_const(g, node.input[2])
-    if node.op_type == "Conv" and pos == 1 and block == 1 and attr(node, "group", 1) == 1:
-        axis = 1
-    elif node.op_type == "Gemm" and rank == 2 and not attr(node, "transA", 0):
-        axis = 1 if attr(node, "transB", 0) else 0
-    elif node.op_type == "MatMul" and w.ndim == 2 and pos == rank - 1:
-        axis = 0
-    else:
-        raise _Unsupported(f"{node.op_type} {node.name!r} cannot drop input channels at axis {pos}")
-    route.shrinks.append((node.input[1], axis, block))
-    return _Path(list(steps), node, block)
-
-
-def _expand(mask: np.ndarray, block: int) -> np.ndarray:
-    """Indices of the features of the masked channels, channel c -> [c*block, (c+1)*block)."""
-    return (np.flatnonzero(mask)[:, None] * block + np.arange(block)[None, :]).reshape(-1)
-
-
-def structured_support(model: onnx.ModelProto) -> dict[str, str | None]:
-    """For every compressible weight: None if its output channels can be removed, else why not."""
-    g, shapes = GraphIndex(model), static_shapes(model)
-    out: dict[str, str | None] = {}
-    for info in compressible_weights(model):
-        try:
-            _trace(g, shapes, info.name)
-            out[info.name] = None
-        except _Unsupported as exc:
-            out[info.name] = str(exc)
-    return out
+__all__ = ["remove_output_channels", "removable_channels", "structured_support"]
 
 
 def removable_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray],
@@ -247,7 +88,7 @@ class _Work:
             self.g.set_tensor(name, value.astype(self.dtypes[name]))
 
 
-def _layer_constant(work: _Work, route: _Route) -> np.ndarray:
+def _layer_constant(work: _Work, route: ChannelRoute) -> np.ndarray:
     """k for every channel of the layer once its weights are zero: bias (beta * C for Gemm) or 0."""
     node = route.layer
     if len(node.input) > 2 and node.input[2]:
@@ -274,9 +115,9 @@ def _apply_step(work: _Work, opset: int, step: tuple, k: np.ndarray) -> np.ndarr
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
-def _fold(g: GraphIndex, work: _Work, path: _Path, k: np.ndarray, mask: np.ndarray, pending: list) -> None:
+def _fold(g: GraphIndex, work: _Work, path: ChannelPath, k: np.ndarray, mask: np.ndarray, pending: list) -> None:
     """Add the removed features' constant contribution to the reader's bias (see module doc)."""
-    node, feats = path.reader, _expand(mask, path.block)
+    node, feats = path.reader, expand_features(mask, path.block)
     kd = k[feats]
     if not np.any(kd):
         return
@@ -346,14 +187,14 @@ def remove_output_channels(model: onnx.ModelProto, drop: dict[str, np.ndarray]) 
     g, shapes = GraphIndex(new), static_shapes(new)
     opset = next((o.version for o in new.opset_import if o.domain in ("", "ai.onnx")), 17)
     order = {w.name: i for i, w in enumerate(compressible_weights(new))}
-    routes: list[tuple[_Route, np.ndarray]] = []
+    routes: list[tuple[ChannelRoute, np.ndarray]] = []
     for name in sorted(drop, key=lambda n: order.get(n, -1)):
         mask = np.asarray(drop[name], dtype=bool).reshape(-1)
         if not mask.any():
             continue
         try:
-            route = _trace(g, shapes, name)
-        except _Unsupported as exc:
+            route = trace_route(g, shapes, name)
+        except Unsupported as exc:
             raise ModelError(f"cannot remove output channels of {name!r}: {exc}",
                              "pick channels with removable_channels()") from exc
         if len(mask) != route.channels or mask.all():
@@ -382,7 +223,7 @@ def remove_output_channels(model: onnx.ModelProto, drop: dict[str, np.ndarray]) 
     return new
 
 
-def _shrink(work: _Work, routes: list[tuple[_Route, np.ndarray]]) -> None:
+def _shrink(work: _Work, routes: list[tuple[ChannelRoute, np.ndarray]]) -> None:
     """Delete the removed channels' entries from every constant, all in original index space."""
     cuts: dict[str, dict[int, set[int]]] = {}
     for route, mask in routes:
@@ -393,7 +234,7 @@ def _shrink(work: _Work, routes: list[tuple[_Route, np.ndarray]]) -> None:
             if bias.ndim and bias.shape[-1] == route.channels:
                 shrinks.append((node.input[2], bias.ndim - 1, 1))
         for name, axis, block in shrinks:
-            cuts.setdefault(name, {}).setdefault(axis, set()).update(_expand(mask, block).tolist())
+            cuts.setdefault(name, {}).setdefault(axis, set()).update(expand_features(mask, block).tolist())
         for name, block in route.reshapes:
             work.get(name)[1] -= int(mask.sum()) * block
     for name, axes in cuts.items():
