@@ -24,7 +24,8 @@ from collections.abc import Callable
 import numpy as np
 import psutil
 
-from toco_core.drift import DriftMonitor, DriftReference, DriftReport, DriftSettings, WindowResult
+from toco_core.drift import DriftReference, DriftReport, DriftSettings
+from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
 from toco_core.messages import AgentMessage, DriftMessage, Sample, SamplesMessage, UploadSamplesCommand
 from toco_core.runtime import make_session

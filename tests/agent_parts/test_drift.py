@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from tests.agent_parts.conftest import quant_noise
 from toco_core.demo.data import shifted_digits
-from toco_core.drift import DriftMonitor, DriftReference, DriftSettings, DriftWindow, build_reference, evaluate_window
+from toco_core.drift import DriftReference, DriftSettings, DriftWindow, build_reference, evaluate_window
+from toco_core.drift_monitor import DriftMonitor
 from toco_core.errors import PoolError
 from toco_core.fidelity import compare_outputs
 from toco_core.runtime import make_session, run_batches

@@ -1,0 +1,96 @@
+"""The live drift monitor: samples into windows, each closed window judged, an alert after K in a row.
+
+The statistics and the bands are toco_core.drift's; the window is toco_core.drift_window's.
+This holds the state between windows (the out-of-band streak, the history) and is what the
+agent feeds from its inference path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from toco_core.drift import DriftReference, DriftReport, DriftSettings, evaluate_window
+from toco_core.drift_window import DriftWindow
+from toco_core.errors import PoolError
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """A closed window: its report and the inputs of its disputed samples (same order)."""
+
+    report: DriftReport
+    disputed_inputs: np.ndarray
+
+
+class DriftMonitor:
+    """Feeds live samples into windows, judges each closed window, alerts after K in a row.
+
+    Thread-safe. ``should_shadow()`` draws whether the caller should also run the base model
+    on the next input (probability ``shadow_fraction``, seeded).
+    """
+
+    def __init__(self, reference: DriftReference, settings: DriftSettings | None = None,
+                 seed: int | None = None, now: float | None = None) -> None:
+        self.reference, self.settings = reference, settings or DriftSettings()
+        self.history: deque[DriftReport] = deque(maxlen=self.settings.history)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._streak = 0
+        self._index = 0
+        self.window = DriftWindow(self.settings, time.time() if now is None else now, reference.output_kind)
+
+    def should_shadow(self) -> bool:
+        """True with probability ``shadow_fraction``: run the base model on this input too."""
+        with self._lock:
+            return bool(self._rng.random() < self.settings.shadow_fraction)
+
+    def observe(self, x: np.ndarray, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
+                labels: np.ndarray | None = None, refs: list[str] | None = None,
+                now: float | None = None) -> WindowResult | None:
+        """Add a batch; returns the WindowResult when this batch closed the window, else None.
+
+        Raises PoolError when the samples are shaped unlike the reference's (nothing is added).
+        """
+        now = time.time() if now is None else now
+        shape = tuple(np.shape(x)[1:])
+        if shape != tuple(self.reference.sample_shape):
+            want = list(self.reference.sample_shape)
+            raise PoolError(f"drift samples have shape {list(shape)}, the reference {want}",
+                            "feed the monitor the model's inputs, batch axis first")
+        with self._lock:
+            self.window.add(x, outputs, base_outputs, labels, refs)
+            return self._maybe_close(now)
+
+    def feedback(self, ref: str, label: int) -> bool:
+        """Attach a label to a sample of the open window; False when it is not (or no longer) there."""
+        with self._lock:
+            return self.window.add_feedback(ref, label)
+
+    def tick(self, now: float | None = None) -> WindowResult | None:
+        """Close the window on time alone (call it periodically when traffic is sparse)."""
+        with self._lock:
+            return self._maybe_close(time.time() if now is None else now)
+
+    @property
+    def alerting(self) -> bool:
+        """Whether the last K closed windows were all out of band."""
+        return self._streak >= self.settings.consecutive_windows
+
+    def _maybe_close(self, now: float) -> WindowResult | None:
+        if not self.window.should_close(now):
+            return None
+        window = self.window
+        self.window = DriftWindow(self.settings, now, self.reference.output_kind)
+        report = evaluate_window(window, self.reference, self.settings, closed_at=now)
+        self._streak = self._streak + 1 if report.out_of_band else 0
+        report = report.model_copy(update={"window_index": self._index, "consecutive_out_of_band": self._streak,
+                                           "alert": self.alerting})
+        self._index += 1
+        self.history.append(report)
+        inputs = window.inputs_of([d.ref for d in report.disputed])
+        return WindowResult(report, inputs)
