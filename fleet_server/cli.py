@@ -113,6 +113,8 @@ def deploy(analysis_id: str, device: Optional[str] = typer.Option(None), group: 
     d = _call(server, "POST", "/api/deployments", json={"analysis_id": analysis_id, "target": target,
                                                         "canary_share": canary, "failure_threshold": threshold})
     console.print(f"deployment {d['deployment_id']}: stage {d['stage']}, {d['counts']}")
+    for w in d.get("expected_infeasible", []):
+        console.print(f"[yellow]warning:[/] {w['device_id']} will likely refuse it: {w['reason']}")
 
 
 @app.command()

@@ -18,11 +18,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, TimelineRow,
-                             new_id)
+from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow,
+                             TimelineRow, new_id)
 from fleet_server.events import EventBus
 from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
 from fleet_server.views import deployment_view
+from fleet_server.whatif import expected_infeasible
 from toco_core.bundle import BundleManifest
 from toco_core.messages import FAILING_PHASES, DeployCommand, Phase, RollbackCommand, StatusMessage
 
@@ -75,7 +76,10 @@ class Deployments:
 
     def create(self, *, analysis_id: str, target: dict, canary_share: float, failure_threshold: float,
                reason: str | None = None) -> dict[str, Any]:
-        """Start a deployment of the analysis's bundle. Returns the Deployment.
+        """Start a deployment of the analysis's bundle. Returns the Deployment, plus
+        ``expected_infeasible``: the targeted devices whose own profile and caps leave the solver
+        no plan within the budget (fleet_server.whatif.expected_infeasible); they still get the
+        bundle and report their own verdict.
 
         Raises NotFoundError for an unknown analysis/device/group, ConflictError when the analysis
         has no bundle yet or no device is online.
@@ -88,9 +92,13 @@ class Deployments:
             bundle = s.get(BundleRow, a.bundle_id)
             devices = sorted(self._targets(s, target))
             budget = float(a.settings.get("budget", 0.01))
+            hardware = dict(s.execute(select(DeviceRow.id, DeviceRow.hardware).where(DeviceRow.id.in_(devices))).all())
+            paths = {"result_dir": a.result_dir, "model_path": s.get(ModelRow, a.model_id).path}
         manifest = BundleManifest.model_validate(bundle.manifest)
         with open(bundle.path, "rb") as f:
             self.publisher.announce(manifest, f.read())
+        # not a refusal: the box decides with its own numbers, but whoever deploys hears it first
+        warnings = expected_infeasible(**paths, hardware=hardware, budget=budget) if paths["result_dir"] else []
         n_canary = min(len(devices), max(1, math.ceil(canary_share * len(devices) - 1e-9)))
         dep = DeploymentRow(id=new_id("d"), analysis_id=analysis_id, bundle_id=bundle.id, target=target,
                             stage="canary" if n_canary < len(devices) else "rest", canary_share=canary_share,
@@ -103,10 +111,11 @@ class Deployments:
                                           phase="pending", outcome="pending", updated_at=time.time()))
             s.flush()
             self._send_wave(s, dep, "canary", budget)
-            log_event(s, "deployment", {"deployment_id": dep.id, "target": target, "devices": len(devices)})
+            log_event(s, "deployment", {"deployment_id": dep.id, "target": target, "devices": len(devices),
+                                        "expected_infeasible": warnings})
         view = self.get(deployment_id=dep.id)
         self.events.publish("deployment", view)
-        return view
+        return {**view, "expected_infeasible": warnings}
 
     def get(self, *, deployment_id: str) -> dict[str, Any]:
         """One Deployment with its devices. Raises NotFoundError."""

@@ -53,3 +53,29 @@ def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, 
     plan = best.model_dump()
     plan.update(label=best.label, predicted_agreement=1.0 - best.predicted_disagreement, base_bytes=base_bytes)
     return {"feasible": True, "plan": plan, "reason": None, "limits": {"memory": mem, "storage": sto}}
+
+
+def expected_infeasible(*, result_dir: str, model_path: str, hardware: dict[str, dict], budget: float) -> list[dict]:
+    """The devices for which the solver finds no plan: ``[{"device_id", "reason"}]``, sorted by id.
+
+    ``hardware`` maps device id -> the hardware dict of its birth message (a DeviceProfile with
+    the box's caps). Devices without a readable profile are skipped: only the box can tell.
+    Boxes with the same profile are planned once, so a 1,000-device deployment costs a few.
+    Raises AnalysisError when the result directory is unusable.
+    """
+    verdicts: dict[str, str | None] = {}
+    out = []
+    for device_id in sorted(hardware):
+        fields = {k: v for k, v in hardware[device_id].items() if k in DeviceProfile.model_fields and k != "device_id"}
+        key = repr(sorted(fields.items()))
+        if key not in verdicts:
+            try:
+                profile = DeviceProfile.model_validate({"device_id": device_id, **fields})
+            except ValueError:
+                verdicts[key] = None
+                continue
+            found = what_if(result_dir=result_dir, model_path=model_path, profile=profile, policy=Policy(budget=budget))
+            verdicts[key] = found["reason"]
+        if verdicts[key]:
+            out.append({"device_id": device_id, "reason": verdicts[key]})
+    return out

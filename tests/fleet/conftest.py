@@ -92,7 +92,9 @@ class SimDevice:
     """A protocol-speaking device: birth, telemetry, drift, samples; answers deploy commands via ``responder``."""
 
     def __init__(self, port: int, fleet: str, device_id: str, group: str = "default",
-                 responder: Callable[[SimDevice, DeployCommand], None] | None = None) -> None:
+                 responder: Callable[[SimDevice, DeployCommand], None] | None = None,
+                 hardware: dict | None = None) -> None:
+        """Connect and send the birth message; ``hardware`` overrides fields of HARDWARE (its caps, say)."""
         self.id, self.topics, self.seq = device_id, Topics(fleet), 0
         self.commands: list = []
         self.misrouted: list[str] = []
@@ -110,7 +112,7 @@ class SimDevice:
         self.ready.wait(5)
         time.sleep(0.05)
         self.send(StateMessage(device_id=device_id, state="online", birth=1, agent_version="sim-1",
-                               hardware={**HARDWARE, "device_id": device_id, "group": group}))
+                               hardware={**HARDWARE, **(hardware or {}), "device_id": device_id, "group": group}))
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics.device(MessageKind.CMD, self.id):

@@ -91,6 +91,20 @@ def test_whatif_for_a_known_device(fleet, devices):
     assert r["feasible"] and r["limits"]["memory"] == 300 << 20
 
 
+def test_deploying_to_a_box_whose_caps_leave_no_plan_warns_first(fleet, devices):
+    roomy, tiny = f"roomy-{fleet.kind}", f"tiny-{fleet.kind}"
+    group = f"g-warn-{fleet.kind}"
+    devices(roomy, group=group, responder=succeed)
+    devices(tiny, group=group, responder=succeed, hardware={"storage_budget": 2000})  # 2 KB for a 250 KB model
+    assert wait_until(lambda: all(device_json(fleet, d).get("online") for d in (roomy, tiny)))
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
+                                                   "target": {"group": group}}).json()
+    assert [w["device_id"] for w in dep["expected_infeasible"]] == [tiny]
+    assert "storage" in dep["expected_infeasible"][0]["reason"]
+    # a warning, not a refusal: both boxes get the bundle and give their own verdict
+    assert {d["device_id"] for d in dep["devices"]} == {roomy, tiny}
+
+
 def test_devices_deployments_drift_endpoints(fleet, devices):
     did = f"api-{fleet.kind}"
     dev = devices(did, group=f"g-api-{fleet.kind}", responder=succeed)
