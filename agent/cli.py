@@ -35,9 +35,9 @@ def run(config: Path | None = ConfigOpt, verbose: int = typer.Option(None, "-v",
     if config is None and DEFAULT_PATH.exists():
         config = DEFAULT_PATH
     load_config(config)  # a bad config is reported here, as one line
-    # The daemon lives for months: become the lean ``python -m agent.daemon`` (same pid for
+    # The daemon lives for months: become the lean ``python -m agent.run`` (same pid for
     # systemd and signals) so typer, rich and this shell's imports do not stay resident.
-    argv = [sys.executable, "-m", "agent.daemon", *(["--config", str(config)] if config else []),
+    argv = [sys.executable, "-m", "agent.run", *(["--config", str(config)] if config else []),
             *(["-" + "v" * verbose] if verbose else [])]
     sys.stdout.flush()
     sys.stderr.flush()

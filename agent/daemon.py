@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import logging
 import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -372,58 +370,3 @@ class Agent:
                 write_status(self.state_dir, status)
         except OSError as exc:
             log.warning("cannot write status.json", extra={"fields": {"error": str(exc)}})
-
-
-# ---------------------------------------------------------------- the lean entry point
-class _KeyValueFormatter(logging.Formatter):
-    """``time level logger msg key=value ...``, as toco_core.cli_support.KeyValueFormatter writes it.
-
-    A copy, because cli_support imports typer and rich (about 3 MB resident) that the daemon
-    process must not keep; the shells' format and this one must stay the same.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        extra = getattr(record, "fields", None) or {}
-        fields = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in extra.items())
-        when = self.formatTime(record, "%H:%M:%S")
-        base = f"{when} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
-        if record.exc_info and record.levelno >= logging.ERROR:
-            base += " exc=" + repr(record.exc_info[1])
-        return f"{base} {fields}".rstrip()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m agent.daemon [--config FILE] [-v|-vv]``: the daemon, what ``toco-agent run`` execs into.
-
-    Runs until SIGTERM or SIGINT, then shuts down cleanly; returns the exit code (2 for a bad config).
-    """
-    import argparse
-    import signal
-    import sys
-
-    from agent.config import load_config
-    from toco_core.errors import TocoError
-
-    ap = argparse.ArgumentParser(prog="toco-agent run", description="the TOCO Fleet edge daemon")
-    ap.add_argument("--config", "-c", type=Path, default=None, help="agent TOML file")
-    ap.add_argument("-v", dest="verbose", action="count", default=None, help="-v info, -vv debug")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_KeyValueFormatter())
-        verbosity = cfg.log_verbosity if args.verbose is None else args.verbose
-        logging.getLogger().handlers[:] = [handler]
-        logging.getLogger().setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(max(verbosity, 0), 2)])
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        Agent(cfg).run_until(stop)
-    except TocoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,8 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from toco_core.cli_support import cli_errors, configure_logging, console
+from toco_core.cli_support import cli_errors, console
+from toco_core.log_format import configure_logging
 from toco_core.errors import ConfigError, TocoError
 from toco_core.units import format_size
 

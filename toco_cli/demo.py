@@ -16,7 +16,8 @@ from pathlib import Path
 import typer
 
 from toco_cli.main import app
-from toco_core.cli_support import cli_errors, configure_logging, console
+from toco_core.cli_support import cli_errors, console
+from toco_core.log_format import configure_logging
 
 DRIFT = {"window_max_samples": 64, "window_min_samples": 32, "window_seconds": 20.0, "shadow_fraction": 0.5,
          "consecutive_windows": 2}

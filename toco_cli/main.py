@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from toco_core.cli_support import configure_logging
+from toco_core.log_format import configure_logging
 
 app = typer.Typer(
     no_args_is_help=True,

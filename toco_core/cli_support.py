@@ -1,4 +1,4 @@
-"""What every TOCO command line shares: one-line errors, quiet structured logging, sizes.
+"""What every TOCO command line shares: one-line errors and the console (logging: toco_core.log_format).
 
 Used by the ``toco``, ``toco-agent`` and ``toco-fleet`` shells; no algorithm lives here.
 """
@@ -6,9 +6,6 @@ Used by the ``toco``, ``toco-agent`` and ``toco-fleet`` shells; no algorithm liv
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,23 +42,3 @@ def cli_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class KeyValueFormatter(logging.Formatter):
-    """``time level logger msg key=value ...``: one event per line, grep-able."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        extra = getattr(record, "fields", None) or {}
-        fields = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in extra.items())
-        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
-        if record.exc_info and record.levelno >= logging.ERROR:
-            base += " exc=" + repr(record.exc_info[1])
-        return f"{base} {fields}".rstrip()
-
-
-def configure_logging(verbosity: int = 0) -> None:
-    """Warnings only by default; ``-v`` info, ``-vv`` debug; to stderr."""
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)

@@ -84,7 +84,7 @@ def test_the_serving_daemon_never_loaded_onnx_cryptography_or_torch(agent):
     """After a whole deployment (signature check, recompression, activation, shadow model) the
     daemon, which ``toco-agent run`` execs into, has none of them mapped: they ran in children."""
     cmdline = Path(f"/proc/{agent.proc.pid}/cmdline").read_bytes().split(b"\0")
-    assert b"agent.daemon" in cmdline  # the same pid, now the lean entry point without typer and rich
+    assert b"agent.run" in cmdline  # the same pid, now the lean entry point without typer and rich
     maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
     assert "onnxruntime" in maps  # the check can see native modules
     for heavy in ("/onnx/", "/cryptography/", "/torch/"):

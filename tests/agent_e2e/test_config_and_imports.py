@@ -68,7 +68,7 @@ def test_agent_imports_where_importing_torch_raises():
 
 def test_the_daemon_entry_imports_no_onnx_cryptography_typer_rich_or_torch():
     """What ``toco-agent run`` execs into stays lean: those load only in short-lived children."""
-    code = ("import sys, agent.daemon\n"
+    code = ("import sys, agent.run\n"
             "heavy = {'onnx', 'cryptography', 'typer', 'rich', 'torch'}\n"
             "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

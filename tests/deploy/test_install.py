@@ -22,7 +22,7 @@ def test_venv_has_the_agent_and_no_torch(installed) -> None:
     assert "torch absent" in installed.first.stdout
     torch = installed.python("import torch")
     assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
-    imported = installed.python("import sys, agent.daemon, agent.cli, onnxruntime; "
+    imported = installed.python("import sys, agent.run, agent.cli, onnxruntime; "
                                 "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', "
                                 "'sqlalchemy', 'fleet_server')))")
     assert imported.returncode == 0, imported.stderr
