@@ -16,7 +16,6 @@ rollback cannot turn into a loop.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -29,7 +28,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from toco_core.errors import ModelError, TocoError
+from agent.inference_input import InputError, InputSpec, check_input, session_input_spec
+from agent.latency_stats import LatencyStats
+from toco_core.errors import TocoError
 from toco_core.preprocessing import Preprocessing
 from toco_core.runtime import make_session
 
@@ -41,29 +42,6 @@ log = logging.getLogger(__name__)
 InferHook = Callable[[np.ndarray, dict[str, np.ndarray], str], None]
 FeedbackHook = Callable[[str, list[int]], None]
 TrialFailureHook = Callable[[Any, str, str], None]  # (context given to load, version, error text)
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
-
-# Upper bucket edges of the latency histogram, in milliseconds (last bucket is open).
-LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
-
-
-class InputSpec(NamedTuple):
-    """The first input of a session: name, shape (None for a dynamic dimension), numpy dtype.
-
-    The session's view of toco_core.onnx_model.InputSpec, kept here so the daemon never
-    imports onnx (it serves bytes through onnxruntime only).
-    """
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: np.dtype
-
-
-class InputError(TocoError):
-    """Raised when an inference input does not fit the model (shape, dtype, values)."""
-
 
 class NotReadyError(TocoError):
     """Raised when inference is asked for before a model is loaded."""
@@ -99,96 +77,6 @@ class _Loaded:
     spec: InputSpec
     output_names: tuple[str, ...]
     preprocessing: Preprocessing | None
-
-
-def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
-    """Convert ``x`` to the model's dtype and check it against the input spec.
-
-    Returns a C-contiguous array. Raises InputError naming what is wrong: not numeric,
-    wrong rank, a fixed dimension that differs, an empty or too large batch, NaN/inf.
-    """
-    try:
-        arr = np.ascontiguousarray(np.asarray(x, dtype=spec.dtype))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"inputs are not a numeric array of {spec.dtype}: {exc}",
-                         "send a rectangular nested list of numbers") from exc
-    want = "[" + ", ".join("N" if d is None else str(d) for d in spec.shape) + "]"
-    if arr.ndim != len(spec.shape):
-        raise InputError(f"inputs have shape {list(arr.shape)} ({arr.ndim} dims); the model input "
-                         f"{spec.name!r} is {want}", "add or remove axes; the first axis is the batch")
-    for axis, (got, need) in enumerate(zip(arr.shape, spec.shape)):
-        if need is not None and got != need:
-            raise InputError(f"inputs have shape {list(arr.shape)}; the model input {spec.name!r} is {want} "
-                             f"(axis {axis} must be {need}, got {got})", "resize the input to the model's shape")
-    if arr.shape[0] < 1 or arr.shape[0] > max_batch:
-        raise InputError(f"batch of {arr.shape[0]} samples; accepted are 1..{max_batch}",
-                         "split the request into smaller batches")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise InputError("inputs contain NaN or infinity", "send finite numbers")
-    return arr
-
-
-def session_input_spec(session: ort.InferenceSession) -> InputSpec:
-    """The first input of a session as an InputSpec (dynamic dimensions are None).
-
-    Raises ModelError for an input type other than a numeric tensor.
-    """
-    inp = session.get_inputs()[0]
-    dtype = _ORT_TYPES.get(inp.type)
-    if dtype is None:
-        raise ModelError(f"model input {inp.name!r} has type {inp.type}", "serve models with a numeric tensor input")
-    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
-    return InputSpec(inp.name, shape, np.dtype(dtype))
-
-
-class LatencyStats:
-    """Counters and a fixed-bucket latency histogram (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests = self.samples = self.errors = self.swaps = 0
-        self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.total_ms = 0.0
-
-    def record(self, ms: float, samples: int) -> None:
-        """Count one successful request of ``samples`` samples that took ``ms``."""
-        with self._lock:
-            self.requests += 1
-            self.samples += samples
-            self.total_ms += ms
-            self.buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-
-    def quantile_ms(self, q: float) -> float | None:
-        """Upper edge of the bucket holding the q-quantile (inf for the open bucket)."""
-        with self._lock:
-            total = sum(self.buckets)
-            if not total:
-                return None
-            acc = 0
-            for i, count in enumerate(self.buckets):
-                acc += count
-                if acc >= q * total:
-                    return float(LATENCY_BUCKETS_MS[i]) if i < len(LATENCY_BUCKETS_MS) else float("inf")
-        return None
-
-    def snapshot(self) -> dict[str, Any]:
-        """Plain dict for telemetry: counts, histogram (bucket upper edges in ms), p50/p99."""
-        p50, p99 = self.quantile_ms(0.5), self.quantile_ms(0.99)
-        with self._lock:
-            return {"requests": self.requests, "samples": self.samples, "errors": self.errors,
-                    "swaps": self.swaps, "mean_ms": self.total_ms / self.requests if self.requests else None,
-                    "p50_ms": p50, "p99_ms": p99,
-                    "histogram_ms": {"le": [*LATENCY_BUCKETS_MS, "inf"], "counts": list(self.buckets)}}
-
-    def count_error(self) -> None:
-        """Count one rejected or failed request."""
-        with self._lock:
-            self.errors += 1
-
-    def count_swap(self) -> None:
-        """Count one model swap."""
-        with self._lock:
-            self.swaps += 1
 
 
 class InferenceEngine:

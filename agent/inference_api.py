@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from agent.inference import InferenceEngine, InputError, NotReadyError, UnknownRequestError
+from agent.inference import InferenceEngine, NotReadyError, UnknownRequestError
+from agent.inference_input import InputError
 from toco_core.errors import TocoError
 from toco_core.preprocessing import preprocess
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.inference import InferenceEngine, InputError, NotReadyError
+from agent.inference import InferenceEngine, NotReadyError
+from agent.inference_input import InputError
 from agent.inference_api import ApiSettings, InferenceServer
 from toco_core.preprocessing import Preprocessing
 

@@ -1,0 +1,73 @@
+"""What the serving model accepts: its input spec, and the check every request passes first.
+
+An input that fails here is the caller's fault (HTTP 400), never the model's: the engine's
+trial (and its automatic rollback) only counts errors on inputs that passed ``check_input``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from toco_core.errors import ModelError, TocoError
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+class InputSpec(NamedTuple):
+    """The first input of a session: name, shape (None for a dynamic dimension), numpy dtype.
+
+    The session's view of toco_core.onnx_model.InputSpec, kept here so the daemon never
+    imports onnx (it serves bytes through onnxruntime only).
+    """
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype
+
+
+class InputError(TocoError):
+    """Raised when an inference input does not fit the model (shape, dtype, values)."""
+
+
+def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
+    """Convert ``x`` to the model's dtype and check it against the input spec.
+
+    Returns a C-contiguous array. Raises InputError naming what is wrong: not numeric,
+    wrong rank, a fixed dimension that differs, an empty or too large batch, NaN/inf.
+    """
+    try:
+        arr = np.ascontiguousarray(np.asarray(x, dtype=spec.dtype))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"inputs are not a numeric array of {spec.dtype}: {exc}",
+                         "send a rectangular nested list of numbers") from exc
+    want = "[" + ", ".join("N" if d is None else str(d) for d in spec.shape) + "]"
+    if arr.ndim != len(spec.shape):
+        raise InputError(f"inputs have shape {list(arr.shape)} ({arr.ndim} dims); the model input "
+                         f"{spec.name!r} is {want}", "add or remove axes; the first axis is the batch")
+    for axis, (got, need) in enumerate(zip(arr.shape, spec.shape)):
+        if need is not None and got != need:
+            raise InputError(f"inputs have shape {list(arr.shape)}; the model input {spec.name!r} is {want} "
+                             f"(axis {axis} must be {need}, got {got})", "resize the input to the model's shape")
+    if arr.shape[0] < 1 or arr.shape[0] > max_batch:
+        raise InputError(f"batch of {arr.shape[0]} samples; accepted are 1..{max_batch}",
+                         "split the request into smaller batches")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise InputError("inputs contain NaN or infinity", "send finite numbers")
+    return arr
+
+
+def session_input_spec(session: ort.InferenceSession) -> InputSpec:
+    """The first input of a session as an InputSpec (dynamic dimensions are None).
+
+    Raises ModelError for an input type other than a numeric tensor.
+    """
+    inp = session.get_inputs()[0]
+    dtype = _ORT_TYPES.get(inp.type)
+    if dtype is None:
+        raise ModelError(f"model input {inp.name!r} has type {inp.type}", "serve models with a numeric tensor input")
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
+    return InputSpec(inp.name, shape, np.dtype(dtype))
