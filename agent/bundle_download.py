@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from agent.child_tasks import verify_manifest_file
+from agent.atomic_files import atomic_write
 from agent.mqtt_link import MqttLink
 from toco_core.errors import BundleError, TocoError, TransferError
 from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
@@ -101,7 +102,7 @@ class BundleDownloader:
                 return
             job = _Job(bundle_id, deployment_id, self.root / bundle_id)
             job.dir.mkdir(parents=True, exist_ok=True)
-            _write_json(job.dir / "job.json", {"deployment_id": deployment_id})
+            atomic_write(job.dir / "job.json", json.dumps({"deployment_id": deployment_id}).encode())
             self._jobs[bundle_id] = job
             self.link.on(self.link.topics.manifest(bundle_id), MessageKind.MANIFEST, self._on_manifest)
             # QoS 0 on purpose: the broker then never queues chunks for an offline session (up to
@@ -279,7 +280,7 @@ class BundleDownloader:
             verify_manifest(manifest, self.public_key)
     def _open(self, job: _Job, manifest: BundleManifest) -> None:
         job.manifest = manifest
-        _write_json(job.dir / "manifest.json", json.loads(manifest.model_dump_json()))
+        atomic_write(job.dir / "manifest.json", manifest.model_dump_json().encode())
         part = job.dir / "data.part"
         job.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(job.fd, manifest.size)
@@ -296,7 +297,7 @@ class BundleDownloader:
         if job.fd is None or job.bitmap is None or not job.unsynced:
             return
         os.fdatasync(job.fd)
-        _write_json(job.dir / "bitmap.json", job.bitmap.to_dict())
+        atomic_write(job.dir / "bitmap.json", json.dumps(job.bitmap.to_dict()).encode())
         job.unsynced = 0
 
     def _forget(self, job: _Job) -> None:
@@ -348,13 +349,3 @@ class BundleDownloader:
 
 def _disk_reason(exc: OSError) -> FailureReason:
     return FailureReason.NO_DISK if exc.errno in (errno.ENOSPC, errno.EDQUOT) else FailureReason.INTERNAL
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Atomic small JSON file: write a temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -88,13 +88,13 @@ def _child(task: str, args: list[str]) -> bytes:
         verify_manifest(parse_message(MessageKind.MANIFEST, sys.stdin.buffer.read()), load_public_key(args[0]))
         return b"ok"
     if task == "extract":
-        from agent.status import write_json_atomic
+        from agent.atomic_files import atomic_write
         from toco_core.bundle import unpack_bundle
 
         files = unpack_bundle(Path(args[0]).read_bytes())
         if args[1] not in files:
             raise BundleError(f"bundle {Path(args[0]).name} has no {args[1]}", "deploy a complete bundle")
-        write_json_atomic(Path(args[2]), files[args[1]])
+        atomic_write(Path(args[2]), files[args[1]])
         return b"ok"
     if task == "probe":
         from toco_core.probe import probe_device

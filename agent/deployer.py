@@ -26,7 +26,8 @@ from agent.config import AgentConfig
 from agent.inference import InferenceEngine
 from agent.model_store import CandidateMeta, ModelStore, SlotInfo, StoreError
 from agent.recompress_job import JobFailed, JobResult, JobSpec, run_job
-from agent.status import Journal, read_journal, write_journal, write_json_atomic
+from agent.atomic_files import atomic_write
+from agent.status import Journal, read_journal, write_journal
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.drift import DriftReference
 from toco_core.errors import ModelError, TocoError
@@ -72,7 +73,7 @@ class Deployer:
 
     def save_bundle(self, bundle_id: str, data: bytes) -> None:
         """Keep verified bundle bytes (atomic write)."""
-        write_json_atomic(self.bundle_path(bundle_id), data)
+        atomic_write(self.bundle_path(bundle_id), data)
 
     def reference_for(self, sha256: str) -> DriftReference | None:
         """The drift reference of a served model, None when unknown."""
@@ -169,7 +170,7 @@ class Deployer:
             return self._fail(journal, Phase.FAILED, FailureReason.RUNTIME_ERROR, f"candidate failed a test run: {exc}")
         sha = hashlib.sha256(data).hexdigest()
         if reference is not None:
-            write_json_atomic(self.root / "references" / f"{sha}.json", reference.model_dump_json().encode())
+            atomic_write(self.root / "references" / f"{sha}.json", reference.model_dump_json().encode())
         try:
             slot = self.store.install_candidate(data, CandidateMeta(bundle_id=journal.bundle_id, plan_summary=summary,
                                                                     preprocessing=preprocessing))

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.atomic_files import atomic_write, fsync_dir
 from toco_core.errors import TocoError
 from toco_core.preprocessing import Preprocessing
 
@@ -113,25 +114,6 @@ class SlotInfo:
 
 def _other(slot: Slot) -> Slot:
     return "b" if slot == "a" else "a"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class ModelStore:
@@ -215,7 +197,7 @@ class ModelStore:
             try:
                 # Meta goes first and comes back last: it is the slot's commit mark.
                 (folder / _META).unlink(missing_ok=True)
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 atomic_write(folder / _MODEL, model_bytes)
                 atomic_write(folder / _META, full.model_dump_json(indent=1).encode())
             except OSError as exc:

@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, ConfigDict
 
-from agent.status import write_json_atomic
+from agent.atomic_files import atomic_write
 from toco_core.device import DeviceProfile
 from toco_core.drift import DriftReference, DriftSettings
 from toco_core.errors import TocoError
@@ -114,7 +114,7 @@ def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
     """
     shutil.rmtree(job_dir, ignore_errors=True)
     job_dir.mkdir(parents=True)
-    write_json_atomic(job_dir / "job.json", spec.model_dump_json().encode())
+    atomic_write(job_dir / "job.json", spec.model_dump_json().encode())
     child = subprocess.Popen([sys.executable, "-m", "agent.recompress_job", str(job_dir)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent, cwd=os.getcwd())
     proc = psutil.Process(child.pid)
@@ -192,15 +192,15 @@ def _child_main(job_dir: Path) -> int:
     except (InfeasibleError, SelfTestError, BundleError) as exc:
         reason = (FailureReason.INFEASIBLE if isinstance(exc, InfeasibleError) else
                   FailureReason.SELF_TEST_FAILED if isinstance(exc, SelfTestError) else FailureReason.BAD_MANIFEST)
-        write_json_atomic(job_dir / "error.json", json.dumps({"reason": reason.value, "message": str(exc)}).encode())
+        atomic_write(job_dir / "error.json", json.dumps({"reason": reason.value, "message": str(exc)}).encode())
         return 3
     except TocoError as exc:
-        write_json_atomic(job_dir / "error.json",
+        atomic_write(job_dir / "error.json",
                           json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc)}).encode())
         return 3
-    write_json_atomic(job_dir / "candidate.onnx", runnable)
-    write_json_atomic(job_dir / "reference.json", reference.model_dump_json().encode())
-    write_json_atomic(job_dir / "result.json", json.dumps({"report": report.model_dump(mode="json"),
+    atomic_write(job_dir / "candidate.onnx", runnable)
+    atomic_write(job_dir / "reference.json", reference.model_dump_json().encode())
+    atomic_write(job_dir / "result.json", json.dumps({"report": report.model_dump(mode="json"),
                                                            "model_name": info.model_name,
                                                            "preprocessing": info.preprocessing.model_dump(mode="json")
                                                            if info.preprocessing else None}).encode())

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.model_store import atomic_write
+from agent.atomic_files import atomic_write
 from toco_core.errors import ConfigError
 
 STATUS_FILE = "status.json"
@@ -56,14 +56,9 @@ class Journal(BaseModel):
     kind: str = Field("deploy", description="deploy or recompress")
 
 
-def write_json_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename (+ fsync of the folder)."""
-    atomic_write(path, data)
-
-
 def write_status(state_dir: Path, status: AgentStatus) -> None:
     """Replace ``status.json`` in the state dir."""
-    write_json_atomic(Path(state_dir) / STATUS_FILE, status.model_dump_json(indent=1).encode())
+    atomic_write(Path(state_dir) / STATUS_FILE, status.model_dump_json(indent=1).encode())
 
 
 def read_status(state_dir: Path) -> AgentStatus:
@@ -95,7 +90,7 @@ def write_journal(state_dir: Path, journal: Journal | None) -> None:
     if journal is None:
         path.unlink(missing_ok=True)
     else:
-        write_json_atomic(path, journal.model_dump_json().encode())
+        atomic_write(path, journal.model_dump_json().encode())
 
 
 def dump(obj: Any) -> str:
