@@ -28,11 +28,12 @@ def _profile(profile: Path | None, memory: str | None, storage: str | None, late
 def print_report(report: CompressionReport, title: str = "per-layer decisions") -> None:
     """Per-layer table and a summary of predicted vs measured numbers."""
     t = Table(title=title)
-    for col in ("weight", "op", "weights", "sparsity", "mean bits", "channels kept", "runtime"):
+    for col in ("weight", "op", "weights", "sparsity", "mean bits", "channels kept", "runtime", "bias shift"):
         t.add_column(col, justify="left" if col in ("weight", "op", "runtime") else "right")
     for layer in report.layers:
+        shift = "-" if layer.bias_shift is None else f"{layer.bias_shift:.3g}"
         t.add_row(layer.name, layer.op_type, f"{layer.weights:,}", f"{layer.sparsity:.0%}",
-                  f"{layer.mean_bits:.1f}", f"{layer.channels_kept}/{layer.channels}", layer.runtime_format)
+                  f"{layer.mean_bits:.1f}", f"{layer.channels_kept}/{layer.channels}", layer.runtime_format, shift)
     console.print(t)
     s = Table(title=f"plan: {report.plan.label}", show_header=True)
     for col in ("", "base", "compressed", "ratio"):

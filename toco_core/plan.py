@@ -60,6 +60,8 @@ class LayerDecision(BaseModel):
     channels_kept: int
     channels: int
     runtime_format: str
+    bias_shift: float | None = Field(None, description="largest |change| bias correction made to its bias "
+                                                       "(None: the layer's bias was not corrected)")
 
 
 class SelfTestResult(BaseModel):

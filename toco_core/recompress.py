@@ -16,7 +16,7 @@ import onnx
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES
-from toco_core.compression.bias_correction import correct_biases
+from toco_core.compression.bias_correction import bias_shifts, correct_biases
 from toco_core.compression.matmul_nbits import best_nbits_choice, quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.qdq_int8 import int8_fits, nodes_of_weights, quantize_qdq_int8
@@ -82,10 +82,11 @@ def build(model: onnx.ModelProto, result: AnalysisResult, plan: CompressionPlan,
     tensors = compress_weights(weights, infos, tmap.prune_tau_hat(weights), tmap.quant,
                                plan.prune_scale, plan.quant_scale, coverage)
     values = {k: t.values for k, t in tensors.items()}
-    biases = {}
+    biases, shifts = {}, {}
     if result.bias_correction and (plan.prune_scale > 0 or plan.quant_scale > 0):
         # as the curves were measured: fitted on the analysis samples, never on the self-test's
         biases = correct_biases(model, infos, values, result.analysis_x)
+        shifts = bias_shifts(model, infos, biases)
     float_model = with_weights(model, {**values, **biases})
     if plan.quant_scale > 0:
         storage = encode_model(float_model, [quantize_to_codes(t.values, t.steps, t.out_axis, t.name) for t in tensors.values()])
@@ -115,6 +116,7 @@ def build(model: onnx.ModelProto, result: AnalysisResult, plan: CompressionPlan,
         name=i.name, op_type=i.op_type, weights=i.size, sparsity=tensors[i.name].sparsity,
         mean_bits=32.0 if tensors[i.name].codes is None else float(channel_bits(tensors[i.name].codes, i.out_axis).mean()),
         channels_kept=kept[i.name], channels=i.shape[i.out_axis], runtime_format=formats[i.name],
+        bias_shift=shifts.get(i.name),
     ) for i in infos]
     return BuiltModel(runnable, storage, layers)
 

@@ -154,9 +154,11 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     flipped = compare_outputs(base_out, run_model(built.runnable, x), None, "logits").disagreement
     assert abs(flipped - point.disagreement) <= 1.0 / len(x)
     assert all(not np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(built.runnable).items())
+    assert all(layer.bias_shift and layer.bias_shift > 0 for layer in built.layers)  # what the report shows
 
     settings = {k: v for k, v in result.manifest.settings.items() if k != "bias_correction"}
     older = dataclasses.replace(result, manifest=result.manifest.model_copy(update={"settings": settings}))
     assert not older.bias_correction
     plain = build(lenet5, older, plan)
     assert all(np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(plain.runnable).items())
+    assert all(layer.bias_shift is None for layer in plain.layers)
