@@ -26,221 +26,37 @@ import argparse
 import http.client
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import paho.mqtt.client as mqtt
-import psutil
 from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench/_common and the checkout's packages when run as a script
 
+from bench._agent_rig import DEVICE, FLEET, MB, Publisher, StatusWatch, bare_idle, demo_bundle, idle_profile  # noqa: E402
 from bench._common import RESULTS, cached_analysis  # noqa: E402
+from tests.protocol.conftest import MOSQUITTO, Broker, free_port, wait_until  # noqa: E402  (the tests' mosquitto)
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, save_public_key  # noqa: E402
-from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import demo_model  # noqa: E402
-from toco_core.messages import DeployCommand, MessageKind, Phase, encode, parse_message  # noqa: E402
-from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
-from toco_core.onnx_model import compressible_weights, load_model, model_hash  # noqa: E402
-from toco_core.preprocessing import Preprocessing  # noqa: E402
+from toco_core.onnx_model import compressible_weights, load_model  # noqa: E402
 from toco_core.topics import Topics  # noqa: E402
 
-FLEET, DEVICE, MB = "bench", "bench-box", 1_000_000
-MOSQUITTO = "/usr/sbin/mosquitto"
 SHADOW_IDLE_S = 10.0  # the agent's shadow_idle_seconds here (default 60 s), to keep the bench short
 TARGETS = {"idle_rss_mb": 80.0, "idle_cpu_pct": 1.0, "api_overhead_p50_ms": 1.0, "transfer_ratio": 0.5}
 console = Console(width=150)  # the table stays readable when piped into a log
 
 
-# ---- infrastructure ------------------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond, timeout: float, step: float = 0.05) -> bool:
-    """Poll ``cond`` until it is true or ``timeout`` s passed; returns the last value."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return bool(cond())
-
-
-class Mosquitto:
-    """An anonymous loopback mosquitto in a temp dir (the bench measures transfer, not the ACL)."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="bench-mosq-"))
-        os.chmod(self.dir, 0o755)
-        self.port = free_port()
-        conf = self.dir / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        "log_dest stdout\nlog_type error\n")
-        os.chmod(conf, 0o644)
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if not wait_until(self._up, 10):
-            raise RuntimeError(f"mosquitto did not listen on {self.port}")
-
-    def _up(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def serve_bundles(url: str, bundles: list[tuple[str, bytes]], ready, stop) -> None:
-    """Child process: a MqttBundleServer announcing ``bundles`` (manifest JSON, data) until ``stop``."""
-    from fleet_server.bundle_publisher import MqttBundleServer
-    from toco_core.messages import parse_message as parse
-
-    server = MqttBundleServer(url, FLEET, client_id=f"bench-server-{os.getpid()}")
-    server.start()
-    for manifest_json, data in bundles:
-        server.publisher.announce(parse(MessageKind.MANIFEST, manifest_json.encode()), data)
-    ready.set()
-    stop.wait()
-    server.stop()
-
-
-class Publisher:
-    """serve_bundles in its own process, like the fleet server on another core."""
-
-    def __init__(self, url: str, bundles: list[tuple]) -> None:
-        ctx = mp.get_context("spawn")
-        self.ready, self.stop = ctx.Event(), ctx.Event()
-        payload = [(m.model_dump_json(), d) for m, d in bundles]
-        self.proc = ctx.Process(target=serve_bundles, args=(url, payload, self.ready, self.stop), daemon=True)
-        self.proc.start()
-        if not self.ready.wait(60):
-            raise RuntimeError("the bundle publisher did not start")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.proc.join(10)
-
-
-class StatusWatch:
-    """Subscribes to the device's status topic and keeps the parsed messages."""
-
-    def __init__(self, port: int, topics: Topics) -> None:
-        self.topics = topics
-        self.seen: list = []
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{os.getpid()}")
-        ok = threading.Event()
-        self.c.on_connect = lambda c, u, f, rc, p: (c.subscribe(topics.device(MessageKind.STATUS, DEVICE), 1), ok.set())
-        self.c.on_message = lambda c, u, m: self.seen.append(parse_message(MessageKind.STATUS, m.payload))
-        self.c.connect("127.0.0.1", port)
-        self.c.loop_start()
-        ok.wait(5)
-        time.sleep(0.2)
-
-    def deploy(self, bundle_id: str) -> None:
-        cmd = DeployCommand(cmd_id="bench-1", deployment_id="bench-dep", bundle_id=bundle_id)
-        self.c.publish(self.topics.device(MessageKind.CMD, DEVICE), encode(cmd), qos=1).wait_for_publish(5)
-
-    def phases(self) -> list[str]:
-        return [s.phase.value for s in self.seen]
-
-    def close(self) -> None:
-        self.c.disconnect()
-        self.c.loop_stop()
-
-
-# ---- the demo bundle -----------------------------------------------------------------------------
-def demo_bundle(key) -> tuple:
-    """Signed LeNet-5 bundle from a short analysis cached under bench/results/analysis-agent-lenet5."""
-    from toco_core.analysis.settings import AnalysisSettings
-    from toco_core.analysis_result import save_result
-
-    path = demo_model("lenet5")
-    model = load_model(path)
-    d = mnist_splits()
-    settings = AnalysisSettings(max_rounds=3, samples_per_round=48, initial_samples=48)
-    result, cached = cached_analysis("agent-lenet5", model, d.x_pool, d.y_pool, settings)
-    analysis_dir = save_result(result, Path(tempfile.mkdtemp(prefix="bench-analysis-")))
-    info = BundleInfo(model_name="lenet5", model_sha256=model_hash(Path(path).read_bytes()), reason="bench",
-                      preprocessing=Preprocessing(size=(28, 28), color="grayscale"))
-    data = pack_bundle(bundle_files(path, analysis_dir, info))
-    shutil.rmtree(analysis_dir, ignore_errors=True)
-    return make_manifest(data, 64 * 1024, private_key=key), data, cached, d
-
-
-# ---- 1 + 2: the agent ----------------------------------------------------------------------------
-def tree_sample(proc: psutil.Process) -> tuple[int, float]:
-    """(RSS bytes, CPU seconds) of a process and its children."""
-    procs = [proc, *proc.children(recursive=True)]
-    rss = cpu = 0
-    for p in procs:
-        try:
-            rss += p.memory_info().rss
-            t = p.cpu_times()
-            cpu += t.user + t.system + t.children_user + t.children_system
-        except psutil.NoSuchProcess:
-            pass
-    return rss, cpu
-
-
-def idle_profile(pid: int, seconds: float) -> dict:
-    """Max and mean RSS (MB) and CPU (% of one core) of a process tree over ``seconds``."""
-    proc = psutil.Process(pid)
-    _, cpu0 = tree_sample(proc)
-    t0 = time.monotonic()
-    rss = []
-    while time.monotonic() - t0 < seconds:
-        rss.append(tree_sample(proc)[0])
-        time.sleep(0.5)
-    _, cpu1 = tree_sample(proc)
-    wall = time.monotonic() - t0
-    return {"rss_max_mb": max(rss) / MB, "rss_mean_mb": statistics.mean(rss) / MB,
-            "cpu_pct": 100 * (cpu1 - cpu0) / wall, "seconds": wall}
-
-
-BARE = """
-import sys, time, onnxruntime as ort, numpy as np
-s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
-x = np.zeros([1 if not isinstance(d, int) else d for d in s.get_inputs()[0].shape], np.float32)
-s.run(None, {s.get_inputs()[0].name: x})
-print("ready", flush=True)
-time.sleep(3600)
-"""
-
-
-def bare_idle(model_path: Path, seconds: float) -> dict:
-    """Baseline: python + onnxruntime + the same model, doing nothing else."""
-    p = subprocess.Popen([sys.executable, "-c", BARE, str(model_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        time.sleep(1.0)
-        return idle_profile(p.pid, seconds)
-    finally:
-        p.kill()
-        p.wait(5)
-
-
+# ---- 1 and 2: the running agent, idle and serving -----------------------------------------------
 def api_latency(port: int, x: np.ndarray, n: int) -> list[float]:
     """Client-side seconds of ``n`` POST /v1/infer (npy body) on one keep-alive connection."""
     buf = io.BytesIO()
@@ -279,7 +95,7 @@ def pct(times: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(times), q))
 
 
-def agent_run(broker: Mosquitto, key, manifest, data, digits, idle_s: float, n: int, work: Path) -> dict:
+def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int, work: Path) -> dict:
     """Deploy the demo bundle to a real ``toco-agent run`` and measure it idle, then its API."""
     work.mkdir(parents=True, exist_ok=True)
     public = work / "fleet.pub"
@@ -382,7 +198,7 @@ def raw_transfer(port: int, blob: Path, size: int) -> float:
     return dt
 
 
-def toco_transfer(broker: Mosquitto, key, manifest, data, work: Path) -> float:
+def toco_transfer(broker: Broker, key, manifest, data, work: Path) -> float:
     """Seconds for BundleDownloader to fetch and verify the bundle (publisher already serving)."""
     import queue
 
@@ -411,7 +227,7 @@ def toco_transfer(broker: Mosquitto, key, manifest, data, work: Path) -> float:
     return dt
 
 
-def transfer(broker: Mosquitto, key, work: Path, reps: int = 3) -> dict:
+def transfer(broker: Broker, key, work: Path, reps: int = 3) -> dict:
     """Median seconds and MB/s: 20 MB bundle via BundleDownloader vs mosquitto_pub/sub of the same bytes."""
     work.mkdir(parents=True, exist_ok=True)
     data = pack_bundle({"model.onnx": np.random.default_rng(0).bytes(20 * MB)})
@@ -481,7 +297,8 @@ def main() -> None:
     key = generate_private_key()
     res: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv])}
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
-    broker = Mosquitto()
+    broker = Broker()
+    broker.start()
     try:
         with console.status("building the LeNet-5 bundle (cached analysis)"):
             manifest, data, cached, digits = demo_bundle(key)
@@ -499,7 +316,7 @@ def main() -> None:
         with console.status("20 MB transfers"):
             res["transfer"] = transfer(broker, key, work / "transfer")
     finally:
-        broker.close()
+        broker.stop()
         shutil.rmtree(work, ignore_errors=True)
     console.print(table(res))
     (RESULTS / "agent.json").write_text(json.dumps(res, indent=2, default=str))
