@@ -14,8 +14,9 @@ all biased layers at once:
 with Y the base model's output of the layer (channel c, sample n, position p) and Y' the
 output of the compressed model with the biases of the previous pass. After pass k the first
 k layers are exact (their inputs no longer move), which is the layer-by-layer sequential
-correction at a fraction of its runs. The correction samples must not be the ones the self-test measures on (the
-analysis samples, not the calibration samples): a gate on the fitted samples would flatter.
+correction at a fraction of its runs. The correction samples must not be the ones the
+self-test measures on (the analysis samples, not the calibration samples): a gate on the
+fitted samples would flatter.
 
 Storage is unchanged: biases travel as float32 in the graph either way.
 """
