@@ -25,6 +25,7 @@ from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
 from fleet_server.views import deployment_view
 from fleet_server.whatif import expected_infeasible
 from toco_core.bundle import BundleManifest
+from toco_core.errors import TocoError
 from toco_core.messages import FAILING_PHASES, DeployCommand, Phase, RollbackCommand, StatusMessage
 
 log = logging.getLogger("toco.fleet.deployments")
@@ -47,6 +48,20 @@ def device_history(db: Database, *, device_id: str, limit: int = 200) -> list[di
                          .where(TimelineRow.device_id == device_id).order_by(TimelineRow.id.desc()).limit(limit)).all()
         return [{"deployment_id": t.deployment_id, "bundle_id": b, "phase": t.phase, "reason": t.reason, "t": t.t}
                 for t, b in rows]
+
+
+def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict], budget: float) -> list[dict]:
+    """The advisory per-device check (fleet_server.whatif.expected_infeasible), never a refusal: the
+    box decides with its own numbers, but whoever deploys hears it first. A check that cannot run
+    (analysis files gone) is logged and the deployment goes ahead."""
+    if not paths["result_dir"]:
+        return []
+    try:
+        return expected_infeasible(result_dir=paths["result_dir"], model_path=paths["model_path"], hardware=hardware,
+                                   budget=budget)
+    except (TocoError, OSError) as exc:
+        log.warning("no feasibility check for this deployment", extra={"fields": {"error": str(exc)}})
+        return []
 
 
 class Deployments:
@@ -97,8 +112,7 @@ class Deployments:
         manifest = BundleManifest.model_validate(bundle.manifest)
         with open(bundle.path, "rb") as f:
             self.publisher.announce(manifest, f.read())
-        # not a refusal: the box decides with its own numbers, but whoever deploys hears it first
-        warnings = expected_infeasible(**paths, hardware=hardware, budget=budget) if paths["result_dir"] else []
+        warnings = _expected_infeasible(paths, hardware, budget)
         n_canary = min(len(devices), max(1, math.ceil(canary_share * len(devices) - 1e-9)))
         dep = DeploymentRow(id=new_id("d"), analysis_id=analysis_id, bundle_id=bundle.id, target=target,
                             stage="canary" if n_canary < len(devices) else "rest", canary_share=canary_share,
