@@ -29,3 +29,13 @@ def test_cli_tables_and_errors(fleet, devices):
     assert out.exit_code == 2 and "404" in out.output and "d-nope" in out.output
     out = run.invoke(app, ["devices", "--server", "http://127.0.0.1:9"])
     assert out.exit_code == 2 and "cannot reach" in out.output
+
+
+@pytest.mark.parametrize("fleet", ["embedded"], indirect=True)
+def test_cli_deploy_warns_about_a_box_its_caps_leave_no_plan(fleet, devices):
+    devices("cli-tiny", group="cli-warn", hardware={"storage_budget": 2000})  # 2 KB for a 250 KB model
+    assert wait_until(lambda: device_json(fleet, "cli-tiny").get("online"))
+    out = CliRunner().invoke(app, ["deploy", fleet.analysis["analysis_id"], "--group", "cli-warn",
+                                   "--server", fleet.http.url])
+    assert out.exit_code == 0, out.output
+    assert "warning: cli-tiny will likely refuse it" in " ".join(out.output.split()) and "storage" in out.output
