@@ -11,8 +11,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from toco_core.cli_support import cli_errors, console
-from toco_core.log_format import configure_logging
 from toco_core.errors import ConfigError, TocoError
+from toco_core.log_format import configure_logging
 from toco_core.units import format_size
 
 app = typer.Typer(help="TOCO fleet server: registry, analyses, signed bundles, staged deployments, drift.",

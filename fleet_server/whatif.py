@@ -60,7 +60,7 @@ def expected_infeasible(*, result_dir: str, model_path: str, hardware: dict[str,
 
     ``hardware`` maps device id -> the hardware dict of its birth message (a DeviceProfile with
     the box's caps). Devices without a readable profile are skipped: only the box can tell.
-    Boxes with the same profile are planned once, so a 1,000-device deployment costs a few.
+    Boxes with the same profile are planned once (planning reads only curve numbers: milliseconds).
     Raises AnalysisError when the result directory is unusable.
     """
     verdicts: dict[str, str | None] = {}
