@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet_server import registry
 from fleet_server.events import sse_frame
-from fleet_server.whatif import what_if
+from fleet_server.whatif import hardware_profile, what_if
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import TocoError
 from toco_core.plan import Policy
@@ -89,9 +89,7 @@ def _profile(server, req: WhatIfRequest) -> DeviceProfile | None:
         return profile_from_dict(req.profile, "the given profile")
     if req.device_id is None:
         return None
-    hardware = registry.get_device(server.db, device_id=req.device_id, points=0)["hardware"]
-    fields = {k: v for k, v in hardware.items() if k in DeviceProfile.model_fields}
-    return profile_from_dict({"device_id": req.device_id, **fields}, f"device {req.device_id!r}'s hardware")
+    return hardware_profile(req.device_id, registry.get_device(server.db, device_id=req.device_id, points=0)["hardware"])
 
 
 def create_app(server) -> FastAPI:

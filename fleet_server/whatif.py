@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from toco_core.analysis_result import AnalysisResult, load_result
-from toco_core.device import DeviceProfile, RuntimeFormat, usable_memory, usable_storage
-from toco_core.errors import InfeasibleError
+from toco_core.device import DeviceProfile, RuntimeFormat, profile_from_dict, usable_memory, usable_storage
+from toco_core.errors import DeviceError, InfeasibleError
 from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
 from toco_core.plan import Policy
 from toco_core.solver import enumerate_plans, feasible_plans
@@ -55,6 +55,15 @@ def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, 
     return {"feasible": True, "plan": plan, "reason": None, "limits": {"memory": mem, "storage": sto}}
 
 
+def hardware_profile(device_id: str, hardware: dict) -> DeviceProfile:
+    """The DeviceProfile in a birth message's hardware dict (its other keys, like group, ignored).
+
+    Raises DeviceError naming the offending field when the box sent no valid profile.
+    """
+    fields = {k: v for k, v in hardware.items() if k in DeviceProfile.model_fields}
+    return profile_from_dict({**fields, "device_id": device_id}, f"device {device_id!r}'s hardware")
+
+
 def expected_infeasible(*, result_dir: str, model_path: str, hardware: dict[str, dict], budget: float) -> list[dict]:
     """The devices for which the solver finds no plan: ``[{"device_id", "reason"}]``, sorted by id.
 
@@ -70,8 +79,8 @@ def expected_infeasible(*, result_dir: str, model_path: str, hardware: dict[str,
         key = repr(sorted(fields.items()))
         if key not in verdicts:
             try:
-                profile = DeviceProfile.model_validate({"device_id": device_id, **fields})
-            except ValueError:
+                profile = hardware_profile(device_id, fields)
+            except DeviceError:
                 verdicts[key] = None
                 continue
             found = what_if(result_dir=result_dir, model_path=model_path, profile=profile, policy=Policy(budget=budget))

@@ -16,7 +16,7 @@ import onnx
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES
-from toco_core.compression.bias_correction import bias_shifts, correct_biases
+from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.compression.matmul_nbits import best_nbits_choice, quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.qdq_int8 import int8_fits, nodes_of_weights, quantize_qdq_int8
@@ -85,8 +85,9 @@ def build(model: onnx.ModelProto, result: AnalysisResult, plan: CompressionPlan,
     biases, shifts = {}, {}
     if result.bias_correction and (plan.prune_scale > 0 or plan.quant_scale > 0):
         # as the curves were measured: fitted on the analysis samples, never on the self-test's
-        biases = correct_biases(model, infos, values, result.analysis_x)
-        shifts = bias_shifts(model, infos, biases)
+        correction = BiasCorrection(model, infos, result.analysis_x)
+        biases = correction.biases(values)
+        shifts = correction.shifts(biases)
     float_model = with_weights(model, {**values, **biases})
     if plan.quant_scale > 0:
         storage = encode_model(float_model, [quantize_to_codes(t.values, t.steps, t.out_axis, t.name) for t in tensors.values()])

@@ -142,13 +142,11 @@ class BiasCorrection:
                 biases[layer.bias] += base - cur
         return {k: v.astype(np.float32) for k, v in biases.items()}
 
-
-def bias_shifts(model: onnx.ModelProto, infos: list[WeightInfo], biases: dict[str, np.ndarray]) -> dict[str, float]:
-    """For the report: weight name -> largest |corrected - original| of its layer's bias, for the
-    layers whose bias is in ``biases``."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return {layer.weight: float(np.abs(biases[layer.bias] - onnx.numpy_helper.to_array(inits[layer.bias])).max())
-            for layer in biased_layers(model, infos) if layer.bias in biases}
+    def shifts(self, biases: dict[str, np.ndarray]) -> dict[str, float]:
+        """For the report: weight name -> largest |corrected - original| of its layer's bias, for
+        the layers whose bias is in ``biases``."""
+        return {layer.weight: float(np.abs(biases[layer.bias] - self.base_bias[layer.bias]).max())
+                for layer in self.layers if layer.bias in biases}
 
 
 def correct_biases(model: onnx.ModelProto, infos: list[WeightInfo], values: dict[str, np.ndarray],
