@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 
 from tests.compression_formats.graphs import initializers_as_constants, make_model
-from toco_core.compression.bias_correction import biased_layers, channel_means, correct_biases
+from toco_core.compression.bias_correction import BiasCorrection, biased_layers, channel_means
 from toco_core.onnx_model import compressible_weights, read_weights, with_outputs, with_weights
 from toco_core.runtime import run_model
 
@@ -45,7 +45,7 @@ def test_corrected_biases_restore_every_layers_channel_means_on_the_fitted_sampl
     # a systematic error: every weight shrunk by 30%, which shifts every channel's mean
     shrunk = {k: v * np.float32(0.7) for k, v in w.items()}
     x = RNG.uniform(0, 1, size=(64, 2, 6, 6)).astype(np.float32)  # like pixels: a non-zero mean
-    biases = correct_biases(model, infos, shrunk, x)
+    biases = BiasCorrection(model, infos, x).biases(shrunk)
     assert set(biases) == {"cb", "gb"}
     exposed = with_outputs(model, ["c", "g"])
     base = channel_means(exposed, {}, x, ["c", "g"])
@@ -62,8 +62,8 @@ def test_no_samples_or_no_biased_layer_returns_nothing():
     model = conv_gemm_matmul()
     infos = compressible_weights(model)
     w = read_weights(model, infos)
-    assert correct_biases(model, infos, w, np.zeros((0, 2, 6, 6), np.float32)) == {}
-    assert correct_biases(model, infos, {"mw": w["mw"]}, RNG.normal(size=(4, 2, 6, 6)).astype(np.float32)) == {}
+    assert BiasCorrection(model, infos, np.zeros((0, 2, 6, 6), np.float32)).biases(w) == {}
+    assert BiasCorrection(model, infos, RNG.normal(size=(4, 2, 6, 6)).astype(np.float32)).biases({"mw": w["mw"]}) == {}
 
 
 def test_channel_means_read_intermediate_tensors_with_replaced_weights_in_any_batch_size():
@@ -99,7 +99,7 @@ def test_correction_cuts_the_logit_error_of_compressed_lenet_on_unseen_digits(de
         kept = np.where(np.abs(v) > np.quantile(np.abs(v), 0.6), v, 0)
         step = np.abs(v).max() / 7
         values[k] = (np.round(kept / step) * step).astype(np.float32)
-    biases = correct_biases(model, infos, values, splits.x_pool[:256])
+    biases = BiasCorrection(model, infos, splits.x_pool[:256]).biases(values)
     unseen = splits.x_heldout[:500]
     base = run_model(model, unseen)
     err_raw = np.abs(run_model(with_weights(model, values), unseen) - base).mean()

@@ -147,9 +147,3 @@ class BiasCorrection:
         the layers whose bias is in ``biases``."""
         return {layer.weight: float(np.abs(biases[layer.bias] - self.base_bias[layer.bias]).max())
                 for layer in self.layers if layer.bias in biases}
-
-
-def correct_biases(model: onnx.ModelProto, infos: list[WeightInfo], values: dict[str, np.ndarray],
-                   x: np.ndarray, passes: int = PASSES) -> dict[str, np.ndarray]:
-    """One-off BiasCorrection(model, infos, x).biases(values, passes) (see module doc)."""
-    return BiasCorrection(model, infos, x).biases(values, passes)
