@@ -1,8 +1,8 @@
 """Engine hook -> DriftMonitor -> DriftMessage on the drift topic, disputed inputs on samples.
 
 The inference hook only queues (the request thread must not wait); one worker thread
-shadow-runs the base model on a sampled fraction, feeds the monitor and publishes every
-closed window. The base model's session is loaded on the first shadow run (only while enough
+gathers what arrives within ``gather_s``, shadow-runs the base model on a sampled fraction,
+feeds the monitor in batches and publishes every closed window. The base model's session is loaded on the first shadow run (only while enough
 memory stays free) and dropped after ``shadow_idle_s`` without traffic: a box idles most of
 the day, and the session is most of the agent's memory beyond the serving model's. Without a base
 session the agreement check stays unjudged and the disputed inputs (lowest confidence) go
@@ -42,10 +42,11 @@ class DriftReporter:
     def __init__(self, send: Send, device_id: str, settings: DriftSettings, upload_samples: bool = False,
                  batch_bytes: int = 256 * 1024, shadow_min_free: int = 128 * 1024**2, threads: int = 1,
                  queue_size: int = 1024, seed: int | None = None, shadow_idle_s: float = 60.0,
-                 release: Callable[[], None] = lambda: None) -> None:
+                 release: Callable[[], None] = lambda: None, gather_s: float = 0.05) -> None:
         self.send, self.device_id, self.settings = send, device_id, settings
         self.upload_samples, self.batch_bytes, self.shadow_min_free = upload_samples, batch_bytes, shadow_min_free
         self.threads, self.seed, self.shadow_idle_s, self.release = threads, seed, shadow_idle_s, release
+        self.gather_s = gather_s
         self.dropped = 0
         self.last_report: DriftReport | None = None
         self.on_report: Callable[[DriftReport], None] = lambda report: None
@@ -109,13 +110,43 @@ class DriftReporter:
     # ---------------------------------------------------------------- worker
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
+            items = [self._queue.get()]
+            if items[0] is not _STOP and items[0][0] == "observe":
+                items += self._gather()
+            stop = _STOP in items
             try:
-                self._handle(item)
+                self._handle_all([i for i in items if i is not _STOP])
             except Exception:  # drift watching must never take the agent down
                 log.exception("drift worker step failed")
+            if stop:
+                return
+
+    def _gather(self) -> list:
+        """Whatever else arrives within ``gather_s``: the monitor then works on one batch, not on
+        every request, which keeps this thread off the interpreter lock the request threads need."""
+        items: list = []
+        deadline = time.monotonic() + self.gather_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            items.append(item)
+            if item is _STOP:
+                break
+        return items
+
+    def _handle_all(self, items: list) -> None:
+        """Handle queued items in order; consecutive observations go to the monitor together."""
+        observed: list = []
+        for item in items:
+            if item[0] == "observe":
+                observed.append(item)
+                continue
+            self._observe(observed)
+            observed = []
+            self._handle(item)
+        self._observe(observed)
 
     def _shadow_session(self):
         """The base model's session for a shadow run, loaded on first need; None when it cannot be.
@@ -154,32 +185,68 @@ class DriftReporter:
         log.debug("shadow session dropped after idle time")
 
     def _handle(self, item: tuple) -> None:
+        """A tick (closes a window on time, drops an idle shadow) or feedback labels."""
         if item[0] == "tick":
             self._drop_idle_shadow()
         with self._lock:
             monitor, bundle_id = self._monitor, self._bundle_id
         if monitor is None:
             return
-        if item[0] == "observe":
-            _, x, out, rid = item
-            base_out = None
-            base = self._shadow_session() if monitor.should_shadow() else None
-            if base is not None:
-                base_out = base.run(None, {base.get_inputs()[0].name: x})[0]
-            try:
-                result = monitor.observe(x, out, base_out, refs=[f"{rid}.{i}" for i in range(len(x))])
-            except PoolError as exc:
-                log.warning("input not usable for drift", extra={"fields": {"error": str(exc)}})
-                return
-        elif item[0] == "feedback":
+        if item[0] == "feedback":
             _, rid, labels = item
             for i, label in enumerate(labels):
                 monitor.feedback(f"{rid}.{i}", int(label))
             return
-        else:
-            result = monitor.tick()
+        result = monitor.tick()
         if result is not None:
             self._publish(result, bundle_id)
+
+    def _observe(self, items: list[tuple]) -> None:
+        """Feed observed requests to the monitor, a window's worth at a time.
+
+        A group ends with the request that fills the open window, so windows close where they
+        would have one request at a time. Inside a group the shadowed requests (with base
+        outputs) and the others are added as two batches, the one holding the filling request last.
+        """
+        with self._lock:
+            monitor, bundle_id = self._monitor, self._bundle_id
+        if monitor is None or not items:
+            return
+        group: list[tuple] = []
+        room = monitor.room()
+        for item in items:
+            group.append(item)
+            room -= len(item[1])
+            if room <= 0:
+                self._observe_group(monitor, bundle_id, group)
+                group, room = [], monitor.room()
+        self._observe_group(monitor, bundle_id, group)
+
+    def _observe_group(self, monitor: DriftMonitor, bundle_id: str | None, group: list[tuple]) -> None:
+        if not group:
+            return
+        shadowed: list[tuple] = []
+        plain: list[tuple] = []
+        for item in group:
+            base = self._shadow_session() if monitor.should_shadow() else None
+            if base is None:
+                plain.append(item)
+            else:
+                shadowed.append((*item, base.run(None, {base.get_inputs()[0].name: item[1]})[0]))
+        last = group[-1][3]
+        batches = sorted((b for b in (shadowed, plain) if b), key=lambda b: b[-1][3] == last)
+        for batch in batches:
+            x = np.concatenate([i[1] for i in batch])
+            out = np.concatenate([i[2] for i in batch])
+            base_out = np.concatenate([i[4] for i in batch]) if batch is shadowed else None
+            refs = [f"{i[3]}.{k}" for i in batch for k in range(len(i[1]))]
+            try:
+                result = monitor.observe(x, out, base_out, refs=refs)
+            except (PoolError, ValueError) as exc:  # ValueError: requests shaped unlike each other
+                log.warning("input not usable for drift", extra={"fields": {"error": str(exc)}})
+                continue
+            if result is not None:
+                self._publish(result, bundle_id)
 
     def _publish(self, result: WindowResult, bundle_id: str | None) -> None:
         report = result.report

@@ -69,6 +69,11 @@ class DriftMonitor:
             self.window.add(x, outputs, base_outputs, labels, refs)
             return self._maybe_close(now)
 
+    def room(self) -> int:
+        """Samples the open window takes before it closes on count."""
+        with self._lock:
+            return self.settings.window_max_samples - self.window.count
+
     def feedback(self, ref: str, label: int) -> bool:
         """Attach a label to a sample of the open window; False when it is not (or no longer) there."""
         with self._lock:

@@ -174,3 +174,27 @@ def test_reporter_loads_the_shadow_on_traffic_and_drops_it_when_idle(lenet, digi
         assert reporter.shadowing  # still on: the next traffic loads it again
     finally:
         reporter.close()
+
+
+def test_reporter_gathers_requests_yet_closes_windows_where_single_requests_would(lenet, digits, reference):
+    """Requests queued faster than the worker's gather time reach the monitor together; windows
+    still hold exactly ``window_max_samples`` of them, shadowed and unshadowed alike."""
+    from agent.drift_reporter import DriftReporter
+
+    sent = []
+    reporter = DriftReporter(lambda m: sent.append(m) or True, "cam-1", SETTINGS, shadow_min_free=0, seed=1,
+                             gather_s=0.5)
+    try:
+        reporter.attach("b" * 64, reference, lenet.base_bytes)
+        for b in range(70):  # 70 requests of 3 samples (210) within one gather: 2 windows, 10 samples left
+            x = digits.x_heldout[b * 3:(b + 1) * 3]
+            reporter.hook(x, {"logits": lenet.compressed_session.run(None, {"image": x})[0]}, f"r{b}")
+        deadline = time.monotonic() + 10
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.6)
+        assert [m.n_samples for m in sent] == [102, 102]  # the request that fills 100 closes the window
+        assert all(m.n_shadowed > 0 for m in sent)
+        assert reporter._monitor.window.count == 210 - 204
+    finally:
+        reporter.close()
