@@ -89,6 +89,20 @@ def test_outputs_equal_a_bare_session_json_and_npy(server, lenet, digits, calls)
     np.testing.assert_array_equal(outputs["logits"], expected)
 
 
+def test_npy_bodies_of_a_known_header_are_decoded_like_np_load(server, lenet, digits):
+    """The second body with a header is viewed in place: same outputs, and a cut body is still a 400."""
+    client = Client(server)
+    x = digits.x_heldout[:3]
+    expected = lenet.base_session.run(None, {"image": x})[0]
+    for body in (npy(x), npy(x), npy(np.asfortranarray(x)), npy(np.asfortranarray(x)), npy(x.astype(">f4"))):
+        status, payload = client.request("POST", "/v1/infer", body, "application/x-npy")
+        assert status == 200, payload
+        np.testing.assert_allclose(np.asarray(payload["outputs"]["logits"], np.float32), expected, rtol=1e-5, atol=1e-5)
+    status, payload = client.request("POST", "/v1/infer", npy(x)[:-8], "application/x-npy")
+    assert status == 400 and "body is truncated" in payload["error"], payload
+    assert client.infer(x)[0] == 200
+
+
 @pytest.mark.parametrize(("body", "ctype", "status", "message"), [
     (b"{not json", "application/json", 400, "invalid request body"),
     (b'{"input": [1]}', "application/json", 400, "inputs: Field required"),
