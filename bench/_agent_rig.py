@@ -148,14 +148,27 @@ import sys, time, onnxruntime as ort, numpy as np
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 x = np.zeros([1 if not isinstance(d, int) else d for d in s.get_inputs()[0].shape], np.float32)
 s.run(None, {s.get_inputs()[0].name: x})
+if sys.argv[2] == "libs":
+    import paho.mqtt.client as mqtt, psutil, pydantic
+    class Ping(pydantic.BaseModel):
+        n: int
+    Ping.model_validate_json('{"n": 1}')
+    psutil.virtual_memory()
+    mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
 print("ready", flush=True)
 time.sleep(3600)
 """
 
 
-def bare_idle(model_path: Path, seconds: float) -> dict:
-    """Baseline: python + onnxruntime + the same model, doing nothing else."""
-    p = subprocess.Popen([sys.executable, "-c", BARE, str(model_path)], stdout=subprocess.PIPE, text=True)
+def bare_idle(model_path: Path, seconds: float, libs: bool = False) -> dict:
+    """Baseline: python + onnxruntime + the same model, doing nothing else.
+
+    With ``libs`` it also uses, once each, the libraries the issue prescribes for the agent
+    (a pydantic model validated, a paho client made, psutil asked): the floor below which no
+    agent built on them can idle.
+    """
+    p = subprocess.Popen([sys.executable, "-c", BARE, str(model_path), "libs" if libs else "bare"],
+                         stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         time.sleep(1.0)

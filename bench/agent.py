@@ -8,8 +8,9 @@
    agent reports ``active`` and has served the API requests of (2) (its drift worker then
    holds the shadow session of the base model), it idles past its ``shadow_idle_seconds``
    (10 s here) and RSS (process tree) and CPU time are sampled with psutil over
-   ``--idle-seconds``. RSS while serving is shown too. Baseline: a bare python with
-   onnxruntime and the same model loaded.
+   ``--idle-seconds``. RSS while serving is shown too. Baselines: a bare python with
+   onnxruntime and the same model loaded; and the floor, that same process after it has used
+   pydantic, paho-mqtt and psutil once each (the libraries the agent is built on).
 2. Inference API overhead: ``--requests`` POST /v1/infer (batch 1, .npy body, keep-alive)
    against a bare onnxruntime session of the model the agent serves (p50/p99).
 3. Recompression time per 1M compressible parameters: toco_core.recompress.recompress on the
@@ -138,6 +139,7 @@ def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int
         served_path = work / "served.onnx"
         served_path.write_bytes(served)
         out["bare_idle"] = bare_idle(served_path, idle_s)
+        out["libs_idle"] = bare_idle(served_path, idle_s, libs=True)
     finally:
         watch.close()
         publisher.close()
@@ -260,6 +262,10 @@ def table(res: dict) -> Table:
         t.add_row("idle RSS, process tree (max / mean)", f"{i['rss_max_mb']:.1f} / {i['rss_mean_mb']:.1f} MB",
                   f"{b['rss_max_mb']:.1f} MB python+onnxruntime+model", "< 80 MB",
                   verdict(i["rss_max_mb"] < TARGETS["idle_rss_mb"]))
+        if "libs_idle" in a:
+            floor = a["libs_idle"]["rss_max_mb"]
+            t.add_row("  of which the agent's own (idle RSS - floor)", f"{i['rss_max_mb'] - floor:.1f} MB",
+                      f"{floor:.1f} MB floor: + pydantic, paho-mqtt, psutil", "", "")
         t.add_row("RSS right after the API traffic (shadow loaded)", f"{a['serving']['rss_max_mb']:.1f} MB", "", "", "")
         t.add_row(f"idle CPU over {i['seconds']:.0f} s", f"{i['cpu_pct']:.2f} %", f"{b['cpu_pct']:.2f} %", "< 1 %",
                   verdict(i["cpu_pct"] < TARGETS["idle_cpu_pct"]))
