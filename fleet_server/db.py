@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
+from sqlalchemy import (JSON, Boolean, Engine, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
+                        create_engine, event, inspect, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -124,6 +125,8 @@ class DeploymentDeviceRow(Base):
     phase: Mapped[str] = mapped_column(String(16), default="pending")
     outcome: Mapped[str] = mapped_column(String(16), default="pending")  # pending|in_progress|succeeded|failed
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # why the server expected this box to find no plan within budget (advisory, set at creation)
+    expected_infeasible: Mapped[str | None] = mapped_column(Text, nullable=True)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
 
@@ -213,6 +216,7 @@ class Database:
         self.write_lock = threading.RLock() if sqlite else _NullLock()
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
         Base.metadata.create_all(self.engine)
+        add_new_columns(self.engine)
 
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
@@ -230,6 +234,30 @@ class Database:
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
+
+
+def add_new_columns(engine: Engine, metadata: MetaData = Base.metadata) -> list[str]:
+    """Add the nullable columns a newer release declares to tables an older release created.
+
+    ``create_all`` makes missing tables only; a fleet database outlives releases, and every column
+    added since the first one is nullable, so ``ALTER TABLE ... ADD COLUMN`` is the whole upgrade.
+    ``metadata``: the tables as this release declares them. Returns the ``table.column`` names added. Raises RuntimeError for a new NOT NULL column,
+    which needs a real migration.
+    """
+    added = []
+    have = inspect(engine)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"column {table.name}.{column.name} is new and NOT NULL; write a migration")
+            kind = column.type.compile(dialect=engine.dialect)
+            with engine.begin() as conn:
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 class _NullLock:

@@ -113,6 +113,7 @@ class Deployments:
         with open(bundle.path, "rb") as f:
             self.publisher.announce(manifest, f.read())
         warnings = _expected_infeasible(paths, hardware, budget)
+        expected = {w["device_id"]: w["reason"] for w in warnings}
         n_canary = min(len(devices), max(1, math.ceil(canary_share * len(devices) - 1e-9)))
         dep = DeploymentRow(id=new_id("d"), analysis_id=analysis_id, bundle_id=bundle.id, target=target,
                             stage="canary" if n_canary < len(devices) else "rest", canary_share=canary_share,
@@ -122,14 +123,15 @@ class Deployments:
             s.flush()
             for i, dev in enumerate(devices):
                 s.add(DeploymentDeviceRow(deployment_id=dep.id, device_id=dev, wave="canary" if i < n_canary else "rest",
-                                          phase="pending", outcome="pending", updated_at=time.time()))
+                                          phase="pending", outcome="pending", expected_infeasible=expected.get(dev),
+                                          updated_at=time.time()))
             s.flush()
             self._send_wave(s, dep, "canary", budget)
             log_event(s, "deployment", {"deployment_id": dep.id, "target": target, "devices": len(devices),
                                         "expected_infeasible": warnings})
         view = self.get(deployment_id=dep.id)
         self.events.publish("deployment", view)
-        return {**view, "expected_infeasible": warnings}
+        return view
 
     def get(self, *, deployment_id: str) -> dict[str, Any]:
         """One Deployment with its devices. Raises NotFoundError."""

@@ -67,7 +67,8 @@ def device_view(d: DeviceRow) -> dict[str, Any]:
 
 
 def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> dict[str, Any]:
-    """Deployment with counts per outcome and every device's current phase."""
+    """Deployment with counts per outcome, every device's current phase, and the devices the server
+    expected to find no plan within budget (``expected_infeasible``: device_id, reason)."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for m in members:
         counts[m.outcome] += 1
@@ -75,7 +76,10 @@ def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> d
             "stage": dep.stage, "counts": counts, "canary_share": dep.canary_share,
             "failure_threshold": dep.failure_threshold, "reason": dep.reason,
             "devices": [{"device_id": m.device_id, "phase": m.phase, "outcome": m.outcome, "wave": m.wave,
-                         "reason": m.reason, "t": m.updated_at} for m in members],
+                         "reason": m.reason, "expected_infeasible": m.expected_infeasible, "t": m.updated_at}
+                        for m in members],
+            "expected_infeasible": [{"device_id": m.device_id, "reason": m.expected_infeasible}
+                                    for m in members if m.expected_infeasible],
             "created_at": dep.created_at, "finished_at": dep.finished_at}
 
 

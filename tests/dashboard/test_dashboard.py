@@ -115,3 +115,26 @@ def test_analysis_page_charts_and_what_if(fleet, devices, page, tmp_path):
     page.wait_for_selector("#whatif-result.infeasible")
     assert "storage" in page.locator("#whatif-result").inner_text()
     screenshot(page, tmp_path, "analysis-infeasible")
+
+
+def test_deployments_table_names_the_boxes_expected_to_find_no_plan(fleet, devices, page, tmp_path):
+    """A box whose storage cap no plan fits still gets the deployment; the overview says so up front,
+    from the deployment record (not from the create answer, which the page never saw)."""
+    assert wait_until(lambda: fleet.api.get(f"/api/analyses/{fleet.analysis_id}").json()["status"] == "done",
+                      timeout=120, step=0.5), "the LeNet analysis did not finish in 120 s"
+    tiny = SimDevice(fleet.port, "tiny-9", {**HARDWARE["box-64"], "cpu_model": "Cortex-M7", "storage_budget": 2000},
+                     None)
+    try:
+        assert wait_until(lambda: fleet.api.get("/api/devices/tiny-9").json().get("online"), 10)
+        r = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis_id, "target": {"device": "tiny-9"}})
+        assert r.status_code in (200, 201), r.text
+        dep_id = r.json()["deployment_id"]
+        stored = fleet.api.get(f"/api/deployments/{dep_id}").json()["expected_infeasible"]
+        assert [w["device_id"] for w in stored] == ["tiny-9"] and "storage" in stored[0]["reason"]
+        open_view(page, fleet.url + "/")
+        cell = page.locator("#deployments .expected-infeasible").first
+        assert "1 (tiny-9)" in cell.inner_text()
+        assert "tiny-9: " in cell.get_attribute("title") and "storage" in cell.get_attribute("title")
+        screenshot(page, tmp_path, "overview-expected-infeasible")
+    finally:
+        tiny.close()

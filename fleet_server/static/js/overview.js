@@ -131,7 +131,7 @@ function targetText(t) {
 function deploymentsTable(items) {
   if (!items.length) return h("p", { class: "muted" }, "No deployment yet.");
   return h("table", { class: "grid-table compact", id: "deployments" },
-    h("thead", {}, h("tr", {}, ["Created", "Target", "Stage", "Done", "Failed", "Bundle"].map((c) => h("th", {}, c)))),
+    h("thead", {}, h("tr", {}, ["Created", "Target", "Stage", "Done", "Failed", "Expected no plan", "Bundle"].map((c) => h("th", {}, c)))),
     h("tbody", {}, items.slice(0, 10).map((d) => {
       const c = d.counts || {};
       const total = ["pending", "in_progress", "succeeded", "failed"].reduce((n, k) => n + (c[k] || 0), 0);
@@ -140,8 +140,18 @@ function deploymentsTable(items) {
         h("td", {}, badge(d.stage, d.stage.replace("_", " "))),
         h("td", { class: "num" }, `${c.succeeded || 0} / ${total}`),
         h("td", { class: c.failed ? "num warn" : "num" }, String(c.failed || 0)),
+        expectedCell(d.expected_infeasible || []),
         h("td", {}, shortId(d.bundle_id, 8)));
     })));
+}
+
+// The server's advisory check at creation: boxes whose own caps leave the solver no plan.
+// They still got the bundle; the cell names them so nobody is surprised by their refusal.
+function expectedCell(warnings) {
+  if (!warnings.length) return h("td", { class: "num" }, "0");
+  const why = warnings.map((w) => `${w.device_id}: ${w.reason}`).join("\n");
+  return h("td", { class: "num warn expected-infeasible", title: why },
+    `${warnings.length} (${warnings.map((w) => w.device_id).slice(0, 3).join(", ")}${warnings.length > 3 ? ", …" : ""})`);
 }
 
 async function optional(path) {
