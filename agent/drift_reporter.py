@@ -2,13 +2,14 @@
 
 The inference hook only queues (the request thread must not wait); one worker thread
 gathers what arrives within ``gather_s``, shadow-runs the base model on a sampled fraction,
-feeds the monitor in batches and publishes every closed window. The base model's session is loaded on the first shadow run (only while enough
-memory stays free) and dropped after ``shadow_idle_s`` without traffic: a box idles most of
-the day, and the session is most of the agent's memory beyond the serving model's. Without a base
-session the agreement check stays unjudged and the disputed inputs (lowest confidence) go
-to the server, which can shadow them itself. Disputed inputs of the last windows are kept
-in memory for ``upload-samples`` commands; with ``upload_samples`` they are also sent right
-after a window that was out of band, in batches of at most ``batch_bytes``.
+feeds the monitor in batches and publishes every closed window. The base model's session is
+loaded on the first shadow run (only while enough memory stays free) and dropped after
+``shadow_idle_s`` without traffic: a box idles most of the day, and the session is most of the
+agent's memory beyond the serving model's. Without a base session the agreement check stays
+unjudged and the disputed inputs (lowest confidence) go to the server, which can shadow them
+itself. Disputed inputs of the last windows are kept in memory for ``upload-samples`` commands;
+with ``upload_samples`` they are also sent right after a window that was out of band, in
+batches of at most ``batch_bytes``.
 """
 
 from __future__ import annotations
