@@ -1,6 +1,7 @@
 """The agent's one MQTT client: paho-mqtt 2.x transport, birth/will, outbox, validated dispatch.
 
-Nothing else in the agent imports paho. The link
+Nothing else in the agent imports paho but the link's two parts: agent.mqtt_publisher
+(outgoing) and agent.mqtt_dispatch (incoming). The link
 - connects with ``connect_async`` + ``loop_start`` (paho reconnects with exponential backoff),
   client id = device id, persistent session so commands sent while offline still arrive;
 - on every connect publishes the retained ``online`` birth (StateMessage with a fresh birth
@@ -8,20 +9,14 @@ Nothing else in the agent imports paho. The link
 - stamps every outgoing agent message with the per-connection sequence number;
 - keeps QoS-1 status/drift/samples messages in a sqlite outbox in the state dir until the
   broker acknowledged them, so they survive a broker outage and an agent restart;
-- parses a payload only when its topic is one of this device's own (``owns``: its command
-  topic, bundle manifests and chunks, or a topic registered by its exact name) and a handler
-  of that kind subscribed to it; anything else is dropped with a debug log (amqtt delivers
-  retained messages to subscribers whose filter does not match);
-- validates every incoming payload with ``parse_message`` on its own dispatcher thread
-  (the network thread never runs app code); a bad payload or a failing handler is logged and
-  counted, never raised.
+- parses only payloads on this device's own topics, validated, on a dispatcher thread of its
+  own; a bad payload or a failing handler is logged and counted, never raised (agent.mqtt_dispatch).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -29,9 +24,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from agent.mqtt_dispatch import Dispatcher, Handler
+from agent.mqtt_publisher import Publisher
 from agent.outbox import Outbox
-from toco_core.messages import (AgentMessage, ChunkRequest, Message, MessageError, MessageKind, StateMessage, encode,
-                                kind_of, parse_message)
+from toco_core.messages import AgentMessage, ChunkRequest, MessageError, MessageKind, StateMessage, encode, kind_of
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
 
 log = logging.getLogger("toco.agent.mqtt")
@@ -45,10 +41,6 @@ def _not_the_outage_again(record: logging.LogRecord) -> bool:
 
 _PAHO_LOG = logging.getLogger("toco.agent.paho")
 _PAHO_LOG.addFilter(_not_the_outage_again)
-
-Handler = Callable[[str, Message], None]
-_CONNECTED = object()  # dispatcher marker: run the on-connect hooks
-_STOP = object()
 
 
 class MqttLink:
@@ -69,18 +61,10 @@ class MqttLink:
         self._birth_fn = birth or dict
         self._keepalive = keepalive
         self._outbox = Outbox(self.state_dir / "outbox.sqlite3")
-        self._lock = threading.Lock()
-        self._handlers: dict[str, tuple[MessageKind, Handler, int]] = {}
-        self._hooks: list[Callable[[], None]] = []
-        self._mids: dict[int, int | None] = {}  # mid -> outbox row (None: not durable)
-        self._early: set[int] = set()  # acks that overtook the registration of their mid
-        self._handed: set[int] = set()  # outbox rows given to paho by this process
-        self._seq = 0
+        self._dispatcher = Dispatcher(self.topics, self.device_id, self.stats, queue_size)
         self._birth = self._read_birth()
         self._connected = threading.Event()
         self._stopping = False
-        self._inbox: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._dispatcher = threading.Thread(target=self._dispatch_loop, name=f"mqtt-dispatch-{device_id}", daemon=True)
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False,
                                    protocol=mqtt.MQTTv311)
         user = username if username is not None else self.broker.username
@@ -95,6 +79,7 @@ class MqttLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._publisher = Publisher(self._client, self._outbox, self.stats)
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -134,9 +119,7 @@ class MqttLink:
                 log.warning("offline state not acknowledged before disconnect")
         self._client.disconnect()
         self._client.loop_stop()
-        self._inbox.put(_STOP)
-        if threading.current_thread() is not self._dispatcher and self._dispatcher.is_alive():
-            self._dispatcher.join(timeout)
+        self._dispatcher.stop(timeout)
         self._outbox.close()
 
     # ---- subscriptions ---------------------------------------------------------------------
@@ -145,21 +128,19 @@ class MqttLink:
 
         One handler per filter; registering a filter again replaces its handler.
         """
-        with self._lock:
-            self._handlers[topic_filter] = (MessageKind(kind), handler, qos)
+        self._dispatcher.route(topic_filter, kind, handler, qos)
         if self.connected:
             self._client.subscribe(topic_filter, qos)
 
     def off(self, topic_filter: str) -> None:
         """Stop routing and unsubscribe ``topic_filter`` (no error when unknown)."""
-        with self._lock:
-            known = self._handlers.pop(topic_filter, None)
+        known = self._dispatcher.unroute(topic_filter)
         if known and self.connected:
             self._client.unsubscribe(topic_filter)
 
     def on_connected(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` on the dispatcher thread after every (re)connect."""
-        self._hooks.append(hook)
+        self._dispatcher.add_hook(hook)
 
     # ---- publishing ------------------------------------------------------------------------
     def send(self, message: AgentMessage) -> bool:
@@ -180,49 +161,19 @@ class MqttLink:
             payload = encode(message)
             row = self._outbox.add(topic, kind.value, payload, rule.qos, rule.retain)
             if self.connected:
-                self._hand_row(row, topic, kind.value, payload, rule.qos, rule.retain)
+                self._publisher.hand_row(row, topic, kind.value, payload, rule.qos, rule.retain)
             return True
         if not self.connected:
             self.stats["dropped_offline"] += 1
             return False
-        self._transmit(topic, message, rule.qos, rule.retain, None)
+        self._publisher.transmit(topic, message, rule.qos, rule.retain, None)
         return True
 
     def republish_state(self) -> None:
         """Send the birth again (same birth counter), e.g. after the active model changed."""
         if self.connected:
-            self._transmit(self.topics.device(MessageKind.STATE, self.device_id), self._state("online"), 1, True, None)
-
-    def _transmit(self, topic: str, message: AgentMessage, qos: int, retain: bool, row: int | None) -> None:
-        with self._lock:
-            stamped = message.model_copy(update={"seq": self._seq})
-            self._seq += 1
-        info = self._client.publish(topic, encode(stamped), qos=qos, retain=retain)
-        self.stats["published"] += 1
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            log.warning("publish failed", extra={"fields": {"topic": topic, "rc": mqtt.error_string(info.rc)}})
-        with self._lock:
-            if info.mid in self._early:
-                self._early.discard(info.mid)
-                acked = True
-            else:
-                self._mids[info.mid] = row
-                acked = False
-        if acked and row is not None:
-            self._outbox.remove(row)
-
-    def _hand_row(self, row: int, topic: str, kind: str, payload: bytes, qos: int, retain: bool) -> None:
-        with self._lock:
-            if row in self._handed:
-                return
-            self._handed.add(row)
-        try:
-            message = parse_message(kind, payload)
-        except MessageError as exc:  # written by an older version: cannot be sent any more
-            log.warning("dropping unreadable outbox row", extra={"fields": {"row": row, "error": str(exc)}})
-            self._outbox.remove(row)
-            return
-        self._transmit(topic, message, qos, retain, row)  # type: ignore[arg-type]
+            self._publisher.transmit(self.topics.device(MessageKind.STATE, self.device_id), self._state("online"), 1,
+                                     True, None)
 
     # ---- birth / will ----------------------------------------------------------------------
     def _read_birth(self) -> int:
@@ -255,20 +206,20 @@ class MqttLink:
         if reason_code.is_failure:
             log.error("broker refused the connection", extra={"fields": {"reason": str(reason_code)}})
             return
-        with self._lock:
-            self._seq = 0
-            filters = [(f, q) for f, (_, _, q) in self._handlers.items()]
+        self._publisher.restart_seq()
+        filters = self._dispatcher.filters()
         self._connected.set()
         log.info("connected", extra={"fields": {"broker": self.broker.host, "birth": self._birth}})
         try:
-            self._transmit(self.topics.device(MessageKind.STATE, self.device_id), self._state("online"), 1, True, None)
+            self._publisher.transmit(self.topics.device(MessageKind.STATE, self.device_id), self._state("online"), 1,
+                                     True, None)
         except Exception:  # a failing birth provider must not keep the link from working
             log.exception("building the birth message failed")
         if filters:
             client.subscribe(filters)
         for row, topic, kind, payload, qos, retain in self._outbox.pending():
-            self._hand_row(row, topic, kind, payload, qos, retain)
-        self._inbox.put(_CONNECTED)
+            self._publisher.hand_row(row, topic, kind, payload, qos, retain)
+        self._dispatcher.connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected.is_set()
@@ -281,82 +232,12 @@ class MqttLink:
         log.warning("disconnected, paho reconnects", extra={"fields": {"reason": str(reason_code)}})
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            if mid in self._mids:
-                row = self._mids.pop(mid)
-            else:
-                self._early.add(mid)
-                return
-        if row is not None:
-            self._outbox.remove(row)
-            self.stats["acked"] += 1
+        self._publisher.acked(mid)
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put((msg.topic, msg.payload))
+        self._dispatcher.put(msg.topic, msg.payload)
 
-    # ---- dispatcher thread -----------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is _STOP:
-                return
-            if item is _CONNECTED:
-                for hook in list(self._hooks):
-                    self._run(hook, "on-connect hook")
-                continue
-            self._dispatch(*item)
-
+    # ---- incoming (agent.mqtt_dispatch) ----------------------------------------------------
     def owns(self, topic: str) -> MessageKind | None:
-        """The kind of ``topic`` when this device may receive on it, else None.
-
-        Ours are: this fleet's ``devices/{own id}/cmd`` and its ``bundles/{sha}/manifest`` and
-        ``.../chunk/{i}`` topics, plus any topic registered with ``on`` by its exact name (a
-        deliberate choice of the caller). Everything else (another device, another fleet, a
-        topic the agent publishes itself, a malformed one) is foreign.
-        """
-        with self._lock:
-            exact = self._handlers.get(topic)
-        try:
-            parsed = self.topics.parse(topic)
-        except MessageError:
-            parsed = None
-        if exact is not None and (parsed is None or parsed.kind is exact[0]):
-            return exact[0]
-        if parsed is None:
-            return None
-        if parsed.kind is MessageKind.CMD and parsed.device_id == self.device_id:
-            return parsed.kind
-        if parsed.kind in (MessageKind.MANIFEST, MessageKind.CHUNK):
-            return parsed.kind
-        return None
-
-    def _dispatch(self, topic: str, payload: bytes) -> None:
-        self.stats["received"] += 1
-        # A broker may deliver what no filter of ours matches (amqtt does with retained messages):
-        # only a topic of our own, routed to a handler of that very kind, is ever parsed.
-        kind = self.owns(topic)
-        with self._lock:
-            routes = [(k, h) for f, (k, h, _) in self._handlers.items()
-                      if k is kind and mqtt.topic_matches_sub(f, topic)]
-        if kind is None or not routes:
-            self.stats["foreign"] += 1
-            log.debug("dropped a message on a topic that is not ours", extra={"fields": {"topic": topic}})
-            return
-        if not payload:  # an empty payload clears a retained topic; nothing to handle
-            self.stats["ignored"] += 1
-            return
-        for kind, handler in routes:
-            try:
-                message = parse_message(kind, payload)
-            except MessageError as exc:
-                self.stats["dropped"] += 1
-                log.warning("dropped invalid payload", extra={"fields": {"topic": topic, "error": str(exc)}})
-                continue
-            self._run(lambda: handler(topic, message), f"handler for {topic}")
-
-    def _run(self, fn: Callable[[], None], what: str) -> None:
-        try:
-            fn()
-        except Exception:  # a handler bug is logged with its traceback, the link keeps running
-            self.stats["handler_errors"] += 1
-            log.exception(f"{what} failed")
+        """The kind of ``topic`` when this device may receive on it, else None (which are ours: Dispatcher.owns)."""
+        return self._dispatcher.owns(topic)
