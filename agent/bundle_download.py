@@ -1,10 +1,8 @@
 """Resumable, verified bundle downloads over MQTT (docs/protocol.md, "chunk flow").
 
-Per bundle, under ``{state_dir}/downloads/{bundle_id}/``: ``manifest.json`` (as received and
-verified), ``data.part`` (the bundle, chunks written at their offsets), ``bitmap.json``
-(chunks verified and fsynced; written after the data, so it never claims a chunk that is not
-on disk) and ``job.json`` (the deployment id). A restart or reconnect requests only what the
-bitmap lacks.
+The flow: subscribe, admit the manifest (agent.bundle_admission), request chunks in a window,
+store what verifies, re-request what is overdue, check the whole. What each download keeps on
+disk, so that a restart or reconnect requests only what is missing, is agent.download_job.
 
 Handlers run on the link's dispatcher thread; ``on_complete(manifest, data)`` and
 ``on_failed(bundle_id, reason, detail)`` run there too: hand long work (recompression) to
@@ -14,28 +12,22 @@ another thread.
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
 import re
-import shutil
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
-
-from agent.child_tasks import verify_manifest_file
-from agent.atomic_files import atomic_write
+from agent.bundle_admission import refusal
+from agent.download_job import DownloadJob, saved_jobs
 from agent.mqtt_link import MqttLink
-from toco_core.errors import BundleError, TocoError, TransferError
+from toco_core.errors import TransferError
 from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
-                                MessageKind, Phase, StatusMessage, parse_message)
-from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks, verify_assembled
+                                MessageKind, Phase, StatusMessage)
+from toco_core.transfer import ChunkCheck, accept_chunk, missing_chunks, verify_assembled
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -43,21 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("toco.agent.download")
 _REFUSALS = {FailureReason.UNSIGNED, FailureReason.BAD_SIGNATURE, FailureReason.BAD_MANIFEST, FailureReason.NO_DISK,
              FailureReason.NO_MEMORY}
-
-
-@dataclass
-class _Job:
-    bundle_id: str
-    deployment_id: str | None
-    dir: Path
-    manifest: BundleManifest | None = None
-    bitmap: ChunkBitmap | None = None
-    fd: int | None = None
-    inflight: dict[int, float] = field(default_factory=dict)
-    retries: Counter = field(default_factory=Counter)
-    stalls: int = 0
-    unsynced: int = 0  # chunks written but not yet fsynced and recorded in bitmap.json
-    reported: int = -1  # last progress decile reported
 
 
 class BundleDownloader:
@@ -85,7 +62,7 @@ class BundleDownloader:
         self.request_timeout, self.max_stalls = request_timeout, max_stalls
         self.disk_budget, self.mem_budget = disk_budget, mem_budget
         self.stats: Counter[str] = Counter()
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, DownloadJob] = {}
         self._lock = threading.RLock()
         self._closed = threading.Event()
         link.on_connected(self._on_reconnect)
@@ -100,33 +77,23 @@ class BundleDownloader:
         with self._lock:
             if bundle_id in self._jobs:
                 return
-            job = _Job(bundle_id, deployment_id, self.root / bundle_id)
-            job.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(job.dir / "job.json", json.dumps({"deployment_id": deployment_id}).encode())
+            job = DownloadJob.create(self.root, bundle_id, deployment_id)
             self._jobs[bundle_id] = job
             self.link.on(self.link.topics.manifest(bundle_id), MessageKind.MANIFEST, self._on_manifest)
             # QoS 0 on purpose: the broker then never queues chunks for an offline session (up to
             # 256 KiB each, for every device downloading), and a lost chunk is re-requested anyway.
             self.link.on(self.link.topics.chunk(bundle_id), MessageKind.CHUNK, self._on_chunk, qos=0)
             self._status(job, Phase.RECEIVED)
-            saved = job.dir / "manifest.json"
-            if saved.exists():  # resume at once from the verified copy, without waiting for the broker
-                try:
-                    manifest = parse_message(MessageKind.MANIFEST, saved.read_bytes())
-                except MessageError:  # unreadable: start over rather than trust a bitmap of unknown layout
-                    saved.unlink()
-                    (job.dir / "bitmap.json").unlink(missing_ok=True)
-                else:
-                    self._on_manifest(self.link.topics.manifest(bundle_id), manifest)  # type: ignore[arg-type]
+            manifest = job.saved_manifest()
+            if manifest is not None:  # resume at once from the verified copy, without waiting for the broker
+                self._on_manifest(self.link.topics.manifest(bundle_id), manifest)
 
     def resume_pending(self) -> list[str]:
         """Resume every download left in the state dir by an earlier run; returns their bundle ids."""
         ids = []
-        for d in sorted(self.root.iterdir()):
-            if (d / "job.json").exists():
-                dep = json.loads((d / "job.json").read_text()).get("deployment_id")
-                self.download(d.name, dep)
-                ids.append(d.name)
+        for bundle_id, deployment_id in saved_jobs(self.root):
+            self.download(bundle_id, deployment_id)
+            ids.append(bundle_id)
         return ids
 
     def progress(self, bundle_id: str) -> tuple[int, int] | None:
@@ -140,7 +107,7 @@ class BundleDownloader:
         self._closed.set()
         with self._lock:
             for job in self._jobs.values():
-                self._close_fd(job)
+                job.close_file()
         self._watchdog.join(2.0)
 
     # ---- handlers (dispatcher thread) -----------------------------------------------------
@@ -151,21 +118,14 @@ class BundleDownloader:
                 return
             if not topic.endswith(f"/{manifest.bundle_id}/manifest"):
                 return self._fail(job, FailureReason.BAD_MANIFEST, f"manifest for {manifest.bundle_id[:12]} on {topic}")
+            refused = refusal(manifest, self.public_key, self.root, self.disk_budget, self.mem_budget)
+            if refused is not None:
+                return self._fail(job, *refused)
             try:
-                self._verify(manifest)
-            except BundleError as exc:
-                reason = FailureReason.UNSIGNED if not manifest.signature else FailureReason.BAD_SIGNATURE
-                return self._fail(job, reason, str(exc))
-            except TocoError as exc:  # the check itself could not run: refuse, never accept unchecked
-                return self._fail(job, FailureReason.BAD_SIGNATURE, f"signature not checked: {exc}")
-            free_disk, free_mem = self._free_space()
-            space = fits(manifest, free_disk, free_mem)
-            if not space.ok:
-                return self._fail(job, space.reason, space.detail)  # type: ignore[arg-type]
-            try:
-                self._open(job, manifest)
+                job.open(manifest)
             except OSError as exc:
                 return self._fail(job, _disk_reason(exc), f"cannot create the download file: {exc}")
+            self.stats["chunks_resumed"] += job.bitmap.count  # type: ignore[union-attr]
             self._status(job, Phase.DOWNLOADING, progress=job.bitmap.count / job.bitmap.n)
             self._pump(job)
 
@@ -183,11 +143,9 @@ class BundleDownloader:
             if check is not ChunkCheck.OK:
                 return self._reject(job, i, check)
             try:
-                os.pwrite(job.fd, chunk.data, i * job.manifest.chunk_size)  # type: ignore[union-attr, arg-type]
-                job.bitmap.set(i)
-                job.unsynced += 1
+                job.write_chunk(i, chunk.data)
                 if job.unsynced >= self.sync_every:
-                    self._persist(job)
+                    job.persist()
             except OSError as exc:
                 return self._fail(job, _disk_reason(exc), f"writing chunk {i} failed: {exc}")
             job.inflight.pop(i, None)
@@ -207,7 +165,7 @@ class BundleDownloader:
                     self._pump(job)
 
     # ---- steps ----------------------------------------------------------------------------
-    def _reject(self, job: _Job, i: int, check: ChunkCheck) -> None:
+    def _reject(self, job: DownloadJob, i: int, check: ChunkCheck) -> None:
         self.stats["chunk_corrupt"] += 1
         job.retries[i] += 1
         log.warning("chunk rejected", extra={"fields": {"bundle": job.bundle_id[:12], "chunk": i, "why": check.value}})
@@ -219,7 +177,7 @@ class BundleDownloader:
         job.inflight.pop(i, None)
         self._pump(job)
 
-    def _pump(self, job: _Job) -> None:
+    def _pump(self, job: DownloadJob) -> None:
         """Request missing chunks until ``window`` are in flight; finish when all are here."""
         if job.bitmap.complete:  # type: ignore[union-attr]
             return self._finish(job)
@@ -235,11 +193,11 @@ class BundleDownloader:
         self.stats["chunks_requested"] += len(want)
         self.link.send(ChunkRequest(device_id=self.link.device_id, bundle_id=job.bundle_id, chunks=want))
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: DownloadJob) -> None:
         manifest = job.manifest
-        self._close_fd(job)
+        job.close_file()
         try:
-            data = (job.dir / "data.part").read_bytes()
+            data = job.read_data()
             verify_assembled(manifest, data)  # type: ignore[arg-type]
         except OSError as exc:
             return self._fail(job, _disk_reason(exc), f"reading the download back failed: {exc}")
@@ -253,74 +211,26 @@ class BundleDownloader:
             log.exception("bundle completion callback failed", extra={"fields": {"bundle": job.bundle_id[:12]}})
             self._status(job, Phase.FAILED, reason=FailureReason.INTERNAL, detail="storing the bundle failed")
             return
-        shutil.rmtree(job.dir, ignore_errors=True)  # only now: a crash before this finishes from disk
+        job.remove()  # only now: a crash before this finishes from disk
 
-    def _fail(self, job: _Job, reason: FailureReason, detail: str) -> None:
+    def _fail(self, job: DownloadJob, reason: FailureReason, detail: str) -> None:
         log.warning("bundle download failed", extra={"fields": {"bundle": job.bundle_id[:12], "reason": reason.value,
                                                                 "detail": detail}})
         self.stats[f"failed_{reason.value}"] += 1
-        self._close_fd(job)
+        job.close_file()
         self._forget(job)
-        shutil.rmtree(job.dir, ignore_errors=True)
+        job.remove()
         phase = Phase.REFUSED if reason in _REFUSALS else Phase.FAILED
         self._status(job, phase, reason=reason, detail=detail)
         self.on_failed(job.bundle_id, reason, detail)
 
     # ---- helpers --------------------------------------------------------------------------
-    def _verify(self, manifest: BundleManifest) -> None:
-        """Raises BundleError for an unsigned or badly signed manifest (see __init__ for where)."""
-        if isinstance(self.public_key, (str, Path)):
-            if not manifest.signature:  # no child needed to see that
-                raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned",
-                                  "only deploy bundles signed by the fleet server")
-            verify_manifest_file(Path(self.public_key), manifest.model_dump_json().encode())
-        else:
-            from toco_core.bundle import verify_manifest
-
-            verify_manifest(manifest, self.public_key)
-    def _open(self, job: _Job, manifest: BundleManifest) -> None:
-        job.manifest = manifest
-        atomic_write(job.dir / "manifest.json", manifest.model_dump_json().encode())
-        part = job.dir / "data.part"
-        job.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(job.fd, manifest.size)
-        try:
-            saved = ChunkBitmap.from_dict(json.loads((job.dir / "bitmap.json").read_text()))
-            job.bitmap = saved if saved.n == manifest.n_chunks else ChunkBitmap(manifest.n_chunks)
-        except (FileNotFoundError, ValueError, TransferError):
-            job.bitmap = ChunkBitmap(manifest.n_chunks)
-        job.reported = job.bitmap.count * 10 // job.bitmap.n
-        self.stats["chunks_resumed"] += job.bitmap.count
-
-    def _persist(self, job: _Job) -> None:
-        """fsync the data, then record the bitmap: it never claims a chunk that is not on disk."""
-        if job.fd is None or job.bitmap is None or not job.unsynced:
-            return
-        os.fdatasync(job.fd)
-        atomic_write(job.dir / "bitmap.json", json.dumps(job.bitmap.to_dict()).encode())
-        job.unsynced = 0
-
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: DownloadJob) -> None:
         self._jobs.pop(job.bundle_id, None)
         self.link.off(self.link.topics.manifest(job.bundle_id))
         self.link.off(self.link.topics.chunk(job.bundle_id))
 
-    def _close_fd(self, job: _Job) -> None:
-        if job.fd is not None:
-            try:
-                self._persist(job)
-            except OSError as exc:  # closing must not fail; the unrecorded chunks are fetched again
-                log.warning("could not record downloaded chunks", extra={"fields": {"error": str(exc)}})
-            os.close(job.fd)
-            job.fd = None
-
-    def _free_space(self) -> tuple[int, int]:
-        disk = shutil.disk_usage(self.root).free
-        mem = psutil.virtual_memory().available
-        return (min(disk, self.disk_budget) if self.disk_budget is not None else disk,
-                min(mem, self.mem_budget) if self.mem_budget is not None else mem)
-
-    def _status(self, job: _Job, phase: Phase, **fields) -> None:
+    def _status(self, job: DownloadJob, phase: Phase, **fields) -> None:
         self.link.send(StatusMessage(device_id=self.link.device_id, phase=phase, deployment_id=job.deployment_id,
                                      bundle_id=job.bundle_id, **fields))
 
