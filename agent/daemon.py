@@ -1,4 +1,8 @@
-"""The Agent: probe, MQTT link, commands, downloads, deployments, inference API, drift, telemetry.
+"""The Agent: the edge daemon's shell, which builds its parts, wires them together and runs its loops.
+
+Parts: the model store, the inference engine and its HTTP API, the MQTT link, the bundle
+downloader, the deployer, the drift reporter, the model-changing commands (``agent.model_commands``)
+and what the agent reports about itself (``agent.status_report``).
 
 Threads: the link's network and dispatcher threads (handlers stay short), one worker that
 runs every model-changing job in order (deploy, recompress, rollback), the drift worker, the
@@ -12,13 +16,9 @@ import ctypes
 import gc
 import logging
 import queue
-import shutil
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import psutil
 
 from agent import child_tasks
 from agent.bundle_download import BundleDownloader
@@ -27,15 +27,14 @@ from agent.deployer import Deployer
 from agent.drift_reporter import DriftReporter
 from agent.inference import InferenceEngine
 from agent.inference_api import ApiSettings, InferenceServer
+from agent.model_commands import ModelCommands
 from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.mqtt_link import MqttLink
-from agent.status import AgentStatus, Journal, read_journal, write_journal, write_status
+from agent.status_report import StatusReport
 from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
-from toco_core.messages import (ActiveModel, BundleManifest, DeployCommand, FailureReason, Message, MessageKind, Phase,
-                                RecompressCommand, RollbackCommand, StatusMessage, TelemetryMessage,
-                                UploadSamplesCommand)
+from toco_core.messages import Message, MessageKind
 
 log = logging.getLogger("toco.agent")
 _STOP = object()
@@ -54,15 +53,6 @@ def release_memory() -> None:
         pass
 
 
-def _temperature() -> float | None:
-    try:
-        temps = psutil.sensors_temperatures()
-    except (AttributeError, OSError):
-        return None
-    values = [t.current for entries in temps.values() for t in entries if t.current]
-    return max(values) if values else None
-
-
 class Agent:
     """One edge daemon; ``start()`` returns once everything runs, ``stop()`` shuts it down cleanly."""
 
@@ -78,19 +68,24 @@ class Agent:
                                       config.samples_batch_bytes, config.shadow_min_free_memory, max(config.threads, 1),
                                       shadow_idle_s=config.shadow_idle_seconds, release=release_memory)
         self.engine = InferenceEngine(threads=config.threads, hook=self.reporter.hook,
-                                      feedback_hook=self.reporter.feedback, on_trial_failure=self._on_trial_failure)
+                                      feedback_hook=self.reporter.feedback)
         self.link: MqttLink | None = None
         self.server: InferenceServer | None = None
         self.downloader: BundleDownloader | None = None
-        self.deployer = Deployer(config, self.store, lambda: self.profile, self._report, self.engine, self._attach)
+        self.status = StatusReport(config, self.store, self.engine, self.reporter, self._send, lambda: self.link,
+                                   lambda: self.server, lambda: self.profile)
+        self.deployer = Deployer(config, self.store, lambda: self.profile, self.status.report, self.engine,
+                                 self._attach)
         self._jobs: queue.Queue = queue.Queue()
+        self.commands = ModelCommands(config, self.store, self.engine, self.deployer, self.reporter, self.status,
+                                      self._jobs.put, self._attach, lambda: self.downloader)
+        # Set here, not in the engine's constructor: the commands need the engine first.
+        self.engine.on_trial_failure = self.commands.on_trial_failure
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._serving_generation: int | None = None
-        self._last_status: dict[str, Any] | None = None
         self._busy = threading.Event()
-        self._status_lock = threading.Lock()
-        self.reporter.on_report = lambda report: self._write_status()
+        self.reporter.on_report = lambda report: self.status.write()
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -103,18 +98,18 @@ class Agent:
         self.server.start()
         self.link = MqttLink(url=c.broker_url, fleet=c.fleet, device_id=c.device_id, state_dir=self.state_dir,
                              username=c.username, password=c.password, ca_file=str(c.ca_file) if c.ca_file else None,
-                             agent_version=__version__, birth=self._birth)
-        self.downloader = BundleDownloader(self.link, self.state_dir, self.public_key, self._on_bundle,
-                                           self._on_download_failed, disk_budget=c.bundle_disk_cap,
+                             agent_version=__version__, birth=self.status.birth)
+        self.downloader = BundleDownloader(self.link, self.state_dir, self.public_key, self.commands.on_bundle,
+                                           self.commands.on_download_failed, disk_budget=c.bundle_disk_cap,
                                            mem_budget=c.memory_cap and max(c.memory_cap, 64 << 20))
-        self.link.on(self.link.topics.device(MessageKind.CMD, c.device_id), MessageKind.CMD, self._on_command)
+        self.link.on(self.link.topics.device(MessageKind.CMD, c.device_id), MessageKind.CMD, self.commands.on_command)
         self.link.start()
         for target, name in ((self._work_loop, "agent-worker"), (self._housekeeping, "agent-housekeeping")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self._jobs.put(self._resume)
-        self._write_status()
+        self.status.write()
         log.info("agent started", extra={"fields": {"device": c.device_id, "api": self.server.url}})
 
     def stop(self) -> None:
@@ -128,7 +123,7 @@ class Agent:
         if self.server is not None:
             self.server.stop()
         self.reporter.close()
-        self._write_status(running=False)
+        self.status.write(running=False)
         if self.link is not None:
             self.link.stop()
         log.info("agent stopped")
@@ -171,129 +166,13 @@ class Agent:
                              self.deployer.base_model(info.meta.bundle_id))
         if self.link is not None:
             self.link.republish_state()
-        self._write_status()
-
-    def _birth(self) -> dict:
-        active = self.store.active()
-        model = None
-        if active is not None:
-            model = ActiveModel(bundle_id=active.meta.bundle_id if len(active.meta.bundle_id) == 64 else None,
-                                model_name=active.meta.plan_summary.get("model_name"), slot=active.slot,
-                                plan=active.meta.plan_summary)
-        hardware = None
-        if self.profile is not None:  # the server reads the device's group from its birth
-            hardware = {**self.profile.model_dump(mode="json"), "group": self.config.group}
-        return {"hardware": hardware, "active": model}
+        self.status.write()
 
     # ---------------------------------------------------------------- messages
-    def _send(self, message) -> bool:
+    def _send(self, message: Message) -> bool:
         if self.link is None:
             return False
         return self.link.send(message)
-
-    def _report(self, phase: Phase, journal: Journal, **fields) -> None:
-        msg = StatusMessage(device_id=self.config.device_id, phase=phase, deployment_id=journal.deployment_id,
-                            bundle_id=journal.bundle_id, **fields)
-        self._send(msg)
-        self._last_status = {"deployment_id": journal.deployment_id, "bundle_id": journal.bundle_id,
-                             "phase": phase.value, "reason": msg.reason.value if msg.reason else None,
-                             "detail": msg.detail, "at": time.time()}
-        self._write_status()
-
-    def _on_command(self, topic: str, cmd: Message) -> None:
-        """Dispatcher thread: validate and queue; the worker does the work."""
-        log.info("command", extra={"fields": {"cmd": type(cmd).__name__, "id": getattr(cmd, "cmd_id", "")}})
-        if isinstance(cmd, DeployCommand):
-            self._deploy(cmd)
-        elif isinstance(cmd, RecompressCommand):
-            self._jobs.put(lambda: self._recompress(cmd))
-        elif isinstance(cmd, RollbackCommand):
-            self._jobs.put(lambda: self._rollback(cmd))
-        elif isinstance(cmd, UploadSamplesCommand):
-            self.reporter.upload(cmd)
-
-    def _deploy(self, cmd: DeployCommand) -> None:
-        policy = {"fidelity_budget": cmd.fidelity_budget} if cmd.fidelity_budget else {}
-        journal = Journal(deployment_id=cmd.deployment_id, bundle_id=cmd.bundle_id, policy=policy)
-        write_journal(self.state_dir, journal)
-        if self.deployer.has_bundle(cmd.bundle_id):
-            self._report(Phase.VERIFIED, journal, progress=1.0, detail="bundle already stored here")
-            self._jobs.put(lambda: self.deployer.deploy(journal))
-        else:
-            self.downloader.download(cmd.bundle_id, cmd.deployment_id)
-
-    def _on_bundle(self, manifest: BundleManifest, data: bytes) -> None:
-        """Downloader callback (dispatcher thread): keep the verified bytes, queue the deployment."""
-        self.deployer.save_bundle(manifest.bundle_id, data)
-        journal = read_journal(self.state_dir)
-        if journal is None or journal.bundle_id != manifest.bundle_id:
-            log.info("bundle stored without a deployment waiting for it")
-            return
-        journal = journal.model_copy(update={"phase": Phase.VERIFIED.value})
-        write_journal(self.state_dir, journal)
-        self._jobs.put(lambda: self.deployer.deploy(journal))
-
-    def _on_download_failed(self, bundle_id: str, reason: FailureReason, detail: str) -> None:
-        journal = read_journal(self.state_dir)
-        if journal is not None and journal.bundle_id == bundle_id:
-            write_journal(self.state_dir, None)
-        self._last_status = {"bundle_id": bundle_id, "phase": "failed", "reason": reason.value, "detail": detail,
-                             "at": time.time()}
-        self._write_status()
-
-    def _recompress(self, cmd: RecompressCommand) -> None:
-        active = self.store.active()
-        overrides = cmd.model_dump(include={"memory_bytes", "storage_bytes", "latency_ms", "fidelity_budget"},
-                                   exclude_none=True)
-        if active is None or not self.deployer.has_bundle(active.meta.bundle_id):
-            j = Journal(deployment_id=cmd.cmd_id, bundle_id=active.meta.bundle_id if active else "none")
-            self._report(Phase.FAILED, j, reason=FailureReason.BAD_COMMAND,
-                         detail="no active model with a stored bundle to recompress from; deploy a bundle first")
-            return
-        self.deployer.deploy(Journal(deployment_id=cmd.cmd_id, bundle_id=active.meta.bundle_id, policy=overrides,
-                                     kind="recompress"))
-
-    def _rollback(self, cmd: RollbackCommand) -> None:
-        active = self.store.active()
-        j = Journal(deployment_id=cmd.deployment_id or cmd.cmd_id,
-                    bundle_id=active.meta.bundle_id if active else "none")
-        try:
-            self.store.rollback(cmd.reason or "rollback command")
-            info, data = self.store.load_active_bytes()
-            self.engine.load(data, info.version, info.meta.preprocessing)
-        except (StoreError, ModelError) as exc:
-            self._report(Phase.FAILED, j, reason=FailureReason.BAD_COMMAND, detail=str(exc))
-            return
-        self._attach(info)
-        self._report(Phase.ACTIVE, j.model_copy(update={"bundle_id": info.meta.bundle_id}),
-                     detail=f"rolled back on request to slot {info.slot}", plan=info.meta.plan_summary)
-
-    def _on_trial_failure(self, journal: Journal | None, version: str, error: str) -> None:
-        """Request thread: a newly activated model failed at run time; the worker rolls it back."""
-        self._jobs.put(lambda: self._auto_rollback(journal, version, error))
-
-    def _auto_rollback(self, journal: Journal | None, version: str, error: str) -> None:
-        """Go back to the previous slot once and report ``rolled_back`` (never re-tried: the
-        model served again is not on trial, and the deployment journal is already closed)."""
-        if self.engine.model_version != version:
-            return  # replaced meanwhile (another deployment or a manual rollback)
-        active = self.store.active()
-        j = journal or Journal(bundle_id=active.meta.bundle_id if active else "none")
-        why = f"run-time error within its first {self.config.trial_runs} runs: {error[:1200]}"
-        try:
-            self.store.rollback(why[:500])
-            info, data = self.store.load_active_bytes()
-            self.engine.load(data, info.version, info.meta.preprocessing)
-        except (StoreError, ModelError) as exc:
-            log.error("automatic rollback failed", extra={"fields": {"error": str(exc)}})
-            self._report(Phase.FAILED, j, reason=FailureReason.RUNTIME_ERROR,
-                         detail=f"model {version} had a {why}; rolling back was impossible: {exc}")
-            return
-        log.warning("rolled back a model that failed at run time", extra={"fields": {"version": version,
-                                                                                     "slot": info.slot}})
-        self._attach(info)
-        self._report(Phase.ROLLED_BACK, j, reason=FailureReason.RUNTIME_ERROR,
-                     detail=f"model {version} had a {why}; serving slot {info.slot} ({info.version}) again")
 
     # ---------------------------------------------------------------- loops
     def _resume(self) -> None:
@@ -324,8 +203,8 @@ class Agent:
                 self.reporter.tick()
                 if time.monotonic() >= next_telemetry:
                     next_telemetry = time.monotonic() + self.config.telemetry_seconds
-                    self._telemetry()
-                    self._write_status()
+                    self.status.telemetry()
+                    self.status.write()
             except Exception:
                 log.exception("housekeeping step failed")
 
@@ -339,34 +218,3 @@ class Agent:
             log.info("active pointer changed outside the daemon; reloading")
             self._jobs.put(self._serve_stored)
             self._serving_generation = generation
-
-    def _telemetry(self) -> None:
-        stats = self.engine.stats.snapshot()
-        finite = lambda v: v if v is not None and v != float("inf") else None  # noqa: E731
-        self._send(TelemetryMessage(device_id=self.config.device_id, mem_available=psutil.virtual_memory().available,
-                                    disk_free=shutil.disk_usage(self.state_dir).free,
-                                    cpu_load=psutil.cpu_percent(None) / 100.0, temperature_c=_temperature(),
-                                    inferences=stats["samples"], latency_ms_p50=finite(stats["p50_ms"]),
-                                    latency_ms_p99=finite(stats["p99_ms"])))
-
-    def _write_status(self, running: bool = True) -> None:
-        active = self.store.active()
-        last = self.reporter.last_report
-        status = AgentStatus(
-            device_id=self.config.device_id, fleet=self.config.fleet, running=running,
-            connected=bool(self.link and self.link.connected and running), broker=self.config.broker_url.split("@")[-1],
-            api_url=self.server.url if self.server else None,
-            active=None if active is None else {"bundle_id": active.meta.bundle_id, "slot": active.slot,
-                                                "version": active.version, "plan": active.meta.plan_summary,
-                                                "fallback": active.fallback_reason},
-            deployment=self._last_status,
-            last_drift=None if last is None else {"window": last.window_index, "closed_at": last.closed_at,
-                                                  "n_samples": last.n_samples, "alert": last.alert,
-                                                  "out_of_band": last.out_of_band,
-                                                  "measured_agreement": last.measured_agreement},
-            outbox=self.link.outbox_size() if self.link else 0, inferences=self.engine.stats.samples)
-        try:
-            with self._status_lock:
-                write_status(self.state_dir, status)
-        except OSError as exc:
-            log.warning("cannot write status.json", extra={"fields": {"error": str(exc)}})

@@ -1,0 +1,120 @@
+"""What the agent tells about itself: deployment status messages, telemetry, its MQTT birth, ``status.json``.
+
+The link, the API server and the device profile exist only once ``Agent.start()`` ran, so they are
+reached through getters that may return None; everything here copes with that.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from agent.config import AgentConfig
+from agent.drift_reporter import DriftReporter
+from agent.inference import InferenceEngine
+from agent.inference_api import InferenceServer
+from agent.model_store import ModelStore
+from agent.mqtt_link import MqttLink
+from agent.status import AgentStatus, Journal, write_status
+from toco_core.device import DeviceProfile
+from toco_core.messages import ActiveModel, Message, Phase, StatusMessage, TelemetryMessage
+
+log = logging.getLogger("toco.agent")
+
+
+def temperature() -> float | None:
+    """The hottest sensor reading in degrees Celsius, or None where psutil has no sensors (or none reads)."""
+    try:
+        temps = psutil.sensors_temperatures()
+    except (AttributeError, OSError):
+        return None
+    values = [t.current for entries in temps.values() for t in entries if t.current]
+    return max(values) if values else None
+
+
+class StatusReport:
+    """Builds and sends the agent's status and telemetry messages and keeps ``status.json`` current.
+
+    Takes the agent's parts it reports on, ``send`` (hands a message to the link; False when it
+    cannot) and getters for the parts made later in ``start()``. Thread-safe: the worker, the
+    housekeeping loop, the drift worker and the dispatcher all write status.
+    """
+
+    def __init__(self, config: AgentConfig, store: ModelStore, engine: InferenceEngine, reporter: DriftReporter,
+                 send: Callable[[Message], bool], link: Callable[[], MqttLink | None],
+                 server: Callable[[], InferenceServer | None], profile: Callable[[], DeviceProfile | None]) -> None:
+        self.config, self.store, self.engine, self.reporter = config, store, engine, reporter
+        self._send, self._link, self._server, self._profile = send, link, server, profile
+        self.last_deployment: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def report(self, phase: Phase, journal: Journal, **fields) -> None:
+        """Send a deployment's ``phase`` (with StatusMessage ``fields``) and remember it for status.json.
+
+        Raises pydantic's ValidationError for fields a StatusMessage does not take.
+        """
+        msg = StatusMessage(device_id=self.config.device_id, phase=phase, deployment_id=journal.deployment_id,
+                            bundle_id=journal.bundle_id, **fields)
+        self._send(msg)
+        self.set_deployment({"deployment_id": journal.deployment_id, "bundle_id": journal.bundle_id,
+                             "phase": phase.value, "reason": msg.reason.value if msg.reason else None,
+                             "detail": msg.detail, "at": time.time()})
+
+    def set_deployment(self, step: dict[str, Any]) -> None:
+        """Remember ``step`` as the last deployment step and rewrite status.json with it; returns nothing."""
+        self.last_deployment = step
+        self.write()
+
+    def birth(self) -> dict:
+        """The link's birth payload: ``{"hardware": profile + group or None, "active": ActiveModel or None}``."""
+        active = self.store.active()
+        model = None
+        if active is not None:
+            model = ActiveModel(bundle_id=active.meta.bundle_id if len(active.meta.bundle_id) == 64 else None,
+                                model_name=active.meta.plan_summary.get("model_name"), slot=active.slot,
+                                plan=active.meta.plan_summary)
+        hardware = None
+        profile = self._profile()
+        if profile is not None:  # the server reads the device's group from its birth
+            hardware = {**profile.model_dump(mode="json"), "group": self.config.group}
+        return {"hardware": hardware, "active": model}
+
+    def telemetry(self) -> None:
+        """Send one TelemetryMessage: free memory and disk, CPU load, temperature, inference counts and latency."""
+        stats = self.engine.stats.snapshot()
+        finite = lambda v: v if v is not None and v != float("inf") else None  # noqa: E731
+        self._send(TelemetryMessage(device_id=self.config.device_id, mem_available=psutil.virtual_memory().available,
+                                    disk_free=shutil.disk_usage(self.config.state_dir).free,
+                                    cpu_load=psutil.cpu_percent(None) / 100.0, temperature_c=temperature(),
+                                    inferences=stats["samples"], latency_ms_p50=finite(stats["p50_ms"]),
+                                    latency_ms_p99=finite(stats["p99_ms"])))
+
+    def write(self, running: bool = True) -> None:
+        """Rewrite status.json (``running=False`` on shutdown); an unwritable file is logged, never raised."""
+        active = self.store.active()
+        last = self.reporter.last_report
+        link, server = self._link(), self._server()
+        status = AgentStatus(
+            device_id=self.config.device_id, fleet=self.config.fleet, running=running,
+            connected=bool(link and link.connected and running), broker=self.config.broker_url.split("@")[-1],
+            api_url=server.url if server else None,
+            active=None if active is None else {"bundle_id": active.meta.bundle_id, "slot": active.slot,
+                                                "version": active.version, "plan": active.meta.plan_summary,
+                                                "fallback": active.fallback_reason},
+            deployment=self.last_deployment,
+            last_drift=None if last is None else {"window": last.window_index, "closed_at": last.closed_at,
+                                                  "n_samples": last.n_samples, "alert": last.alert,
+                                                  "out_of_band": last.out_of_band,
+                                                  "measured_agreement": last.measured_agreement},
+            outbox=link.outbox_size() if link else 0, inferences=self.engine.stats.samples)
+        try:
+            with self._lock:
+                write_status(self.config.state_dir, status)
+        except OSError as exc:
+            log.warning("cannot write status.json", extra={"fields": {"error": str(exc)}})
