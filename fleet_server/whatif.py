@@ -10,30 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from toco_core.analysis_result import AnalysisResult, load_result
-from toco_core.device import DeviceProfile, RuntimeFormat, profile_from_dict, usable_memory, usable_storage
+from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import DeviceError, InfeasibleError
 from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
 from toco_core.plan import Policy
-from toco_core.solver import enumerate_plans, feasible_plans
+from toco_core.solver import device_limits, plans_for_device
 
 
 @lru_cache(maxsize=8)
 def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, list[WeightInfo], int]:
     model_file = Path(model_path)
     return load_result(Path(result_dir)), compressible_weights(load_model(model_file)), model_file.stat().st_size
-
-
-def nbits_share(infos: list[WeightInfo], profile: DeviceProfile | None) -> float:
-    """Share of weights MatMulNBits could hold (2-D MatMul/Gemm weights) when the box runs that format, else 0."""
-    if profile is None or RuntimeFormat.MATMUL_NBITS4 not in profile.formats:
-        return 0.0
-    total = sum(i.size for i in infos)
-    return sum(i.size for i in infos if i.op_type in ("MatMul", "Gemm") and len(i.shape) == 2) / total
-
-
-def _min(*values: int | None) -> int | None:
-    present = [v for v in values if v is not None]
-    return min(present) if present else None
 
 
 def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, policy: Policy) -> dict[str, Any]:
@@ -43,11 +30,9 @@ def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, 
     AnalysisError when the result directory is unusable.
     """
     result, infos, base_bytes = _load(result_dir, model_path)
-    mem = _min(usable_memory(profile) if profile else None, policy.memory)
-    sto = _min(usable_storage(profile) if profile else None, policy.storage)
-    plans = enumerate_plans(result, infos, base_bytes, nbits_share(infos, profile))
+    mem, sto = device_limits(profile, policy)
     try:
-        best = feasible_plans(plans, policy, mem, sto, base_bytes)[0]
+        best = plans_for_device(result, infos, base_bytes, profile, policy)[0]
     except InfeasibleError as exc:
         return {"feasible": False, "plan": None, "reason": str(exc), "limits": {"memory": mem, "storage": sto}}
     plan = best.model_dump()

@@ -23,14 +23,14 @@ from toco_core.compression.qdq_int8 import int8_fits, nodes_of_weights, quantize
 from toco_core.compression.storage import encode_model, quantize_to_codes
 from toco_core.compression.structured import remove_output_channels, removable_channels
 from toco_core.compression.tolerance_compress import CompressedTensor, compress_weights
-from toco_core.device import DeviceProfile, RuntimeFormat, usable_memory, usable_storage
+from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.measure import p50_latency, session_rss
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, model_hash, output_kind, read_weights, with_weights
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
-from toco_core.solver import SESSION_OVERHEAD, less_aggressive, plans_for
+from toco_core.solver import SESSION_OVERHEAD, device_limits, less_aggressive, plans_for_device
 from toco_core.units import format_size
 
 Progress = Callable[[str, int, int], None]
@@ -134,13 +134,6 @@ def _fair_p50(candidate, base, x1, threads: int, base_p50: float) -> float:
     return p50
 
 
-def _nbits_share(infos: list[WeightInfo], profile: DeviceProfile) -> float:
-    if RuntimeFormat.MATMUL_NBITS4 not in profile.formats:
-        return 0.0
-    total = sum(i.size for i in infos)
-    return sum(i.size for i in infos if i.op_type in ("MatMul", "Gemm") and len(i.shape) == 2) / total
-
-
 def _rss_matters(plan: CompressionPlan, memory_limit: int, weight_bytes: int) -> bool:
     """Measure session RSS (a child process, ~1 s) only where it can decide something: the estimate
     is within 2x of the limit, or the weights are a visible part of RSS and the runtime is not
@@ -223,10 +216,8 @@ def recompress(
         raise AnalysisError("the analysis was made for another model (hash mismatch)", "analyse this model first")
     infos = compressible_weights(model)
     base_bytes = model_bytes(model)
-    mem = min(x for x in (usable_memory(profile), policy.memory) if x is not None)
-    sto = min(x for x in (usable_storage(profile), policy.storage) if x is not None)
-    plans = plans_for(result, infos, len(base_bytes), policy, mem, sto, _nbits_share(infos, profile),
-                      int8=RuntimeFormat.QDQ_INT8 in profile.formats)
+    mem, sto = device_limits(profile, policy)
+    plans = plans_for_device(result, infos, len(base_bytes), profile, policy)
     all_plans = list(plans)
     x = result.heldout_x
     threads = 1 if profile.physical_cores <= 1 else 0

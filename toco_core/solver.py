@@ -11,8 +11,9 @@ compressed or run here, so it takes milliseconds. Every candidate is a measured 
 
 Predictions are the isotonic curve values themselves: a fair estimate of the held-out
 disagreement (the self-test compares it with a measurement). Feasible: predicted
-disagreement plus one standard error of its measurement <= budget (disagreement_bound),
-storage and estimated memory within limits, and never larger (file or memory) than the base. Objective ``fidelity`` ranks by predicted disagreement, then KL,
+disagreement plus one standard error of its measurement <= budget (disagreement_bound; the
+base plan needs no bound), storage and estimated memory within limits, and never larger (file
+or memory) than the base. Objective ``fidelity`` ranks by predicted disagreement, then KL,
 where differences below the measurement's noise floor are ties, then by storage and memory
 (the smaller plan wins a tie); ``size`` ranks by storage, then memory, then disagreement.
 ``nbits`` has no measured cost of its own (its prediction is the fp32 point's), so at equal
@@ -25,6 +26,7 @@ import numpy as np
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import CurvePoint
+from toco_core.device import DeviceProfile, RuntimeFormat, usable_memory, usable_storage
 from toco_core.errors import InfeasibleError
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan import CompressionPlan, Policy
@@ -198,16 +200,23 @@ def _rank_key(plan: CompressionPlan, objective: str, floor: float):
     return (d, kl, plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory)
 
 
+def is_base_plan(plan: CompressionPlan) -> bool:
+    """True for the plan that keeps the base model as it is (no pruning, no quantization, fp32)."""
+    return plan.runtime == "fp32" and plan.prune_scale == 0 and plan.quant_scale == 0
+
+
 def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: int | None,
                    storage_limit: int | None, base_file_bytes: int, samples: int = 500) -> list[CompressionPlan]:
     """Plans within budget and limits, best first. Raises InfeasibleError with the numbers.
 
     ``samples`` is the calibration curves' sample count (its 1/n is the tie floor of the
-    fidelity objective). A plan never uses more storage or estimated memory than the base plan.
+    fidelity objective). A plan never uses more storage or estimated memory than the base plan,
+    which is always within the fidelity budget (it is the base model), however few the samples.
     """
-    base_memory = max((p.predicted_memory for p in plans if p.runtime == "fp32" and p.prune_scale == 0
-                       and p.quant_scale == 0), default=None)
-    within = [p for p in plans if disagreement_bound(p.predicted_disagreement, samples) <= policy.budget]
+    base_memory = max((p.predicted_memory for p in plans if is_base_plan(p)), default=None)
+    # the base plan is the base model itself: nothing measured, nothing to bound
+    within = [p for p in plans
+              if is_base_plan(p) or disagreement_bound(p.predicted_disagreement, samples) <= policy.budget]
     ok = [p for p in within
           if (storage_limit is None or p.predicted_storage <= storage_limit)
           and (memory_limit is None or p.predicted_memory <= memory_limit)
@@ -239,6 +248,38 @@ def plans_for(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: 
     """enumerate_plans + feasible_plans with the tie floor taken from the curves' sample count."""
     return feasible_plans(enumerate_plans(result, infos, base_file_bytes, nbits_share, int8), policy,
                           memory_limit, storage_limit, base_file_bytes, _samples(result))
+
+
+def device_limits(profile: DeviceProfile | None, policy: Policy) -> tuple[int | None, int | None]:
+    """(memory, storage) bytes a plan may use: the tighter of the profile's usable ones and the policy's."""
+    def tighter(*values: int | None) -> int | None:
+        present = [v for v in values if v is not None]
+        return min(present) if present else None
+
+    if profile is None:
+        return policy.memory, policy.storage
+    return tighter(usable_memory(profile), policy.memory), tighter(usable_storage(profile), policy.storage)
+
+
+def nbits_share(infos: list[WeightInfo], profile: DeviceProfile | None) -> float:
+    """Share of the weights MatMulNBits could hold (2-D MatMul/Gemm) when the box runs that format, else 0."""
+    if profile is None or RuntimeFormat.MATMUL_NBITS4 not in profile.formats:
+        return 0.0
+    total = sum(i.size for i in infos)
+    return sum(i.size for i in infos if i.op_type in ("MatMul", "Gemm") and len(i.shape) == 2) / total
+
+
+def plans_for_device(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
+                     profile: DeviceProfile | None, policy: Policy) -> list[CompressionPlan]:
+    """The plans a box gets, best first: its runtime forms, its limits (device_limits), the curves' tie floor.
+
+    The one planning path of the agent's recompression and the server's what-if, so a what-if
+    answer is the plan the box will try first. ``profile=None``: typed limits only, fp32/nbits-free.
+    Raises InfeasibleError with the numbers when no plan fits.
+    """
+    memory, storage = device_limits(profile, policy)
+    int8 = profile is not None and RuntimeFormat.QDQ_INT8 in profile.formats
+    return plans_for(result, infos, base_file_bytes, policy, memory, storage, nbits_share(infos, profile), int8)
 
 
 def less_aggressive(plans: list[CompressionPlan], failed: CompressionPlan) -> list[CompressionPlan]:

@@ -83,6 +83,30 @@ def test_whatif(fleet):
     assert r.status_code == 422 and "bogus" in r.json()["detail"]
 
 
+def test_whatif_names_the_plan_the_box_then_builds(fleet):
+    """The what-if for a box's profile is the plan that box's recompression tries first: the same
+    runtime forms (this box runs int8) and the same tie floor (the curves' sample count). The box
+    may still step down to another runtime at that point: only it can measure int8's speed."""
+    from fleet_server.registry import analysis_paths
+    from toco_core.analysis_result import load_result
+    from toco_core.onnx_model import load_model
+    from toco_core.plan import Policy
+    from toco_core.probe import probe_device
+    from toco_core.recompress import recompress
+
+    aid = fleet.analysis["analysis_id"]
+    paths = analysis_paths(fleet.server.db, analysis_id=aid)
+    here = probe_device(paths["result_dir"], benchmark=False, device_id="wi-here")
+    for objective in ("fidelity", "size"):
+        told = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": objective,
+                                                                   "profile": here.model_dump(mode="json")}).json()
+        _, report = recompress(load_model(paths["model_path"]), load_result(paths["result_dir"]), here,
+                               Policy(budget=0.05, objective=objective), measure_memory=False)
+        kept, plan = report.plan, told["plan"]
+        assert (kept.prune_scale, kept.quant_scale) == (plan["prune_scale"], plan["quant_scale"]), objective
+        assert report.attempts == 1 and kept.label == plan["label"] or kept.runtime != plan["runtime"], objective
+
+
 def test_whatif_for_a_known_device(fleet, devices):
     devices(f"wi-{fleet.kind}")
     assert wait_until(lambda: device_json(fleet, f"wi-{fleet.kind}").get("online"))
