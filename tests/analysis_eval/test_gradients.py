@@ -13,27 +13,30 @@ from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.onnx_model import compressible_weights, read_weights, with_weights
 
 
-def _self_entropy(out: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of one sample's logits [1, C] against its own (detached) softmax."""
-    logp = torch.log_softmax(out, dim=-1)[0]
-    return -(logp * torch.softmax(out, -1)[0].detach()).sum()
+def _least_likely_loss(out: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one sample's logits [1, C] against its least likely class.
+
+    Not the self-entropy: on a confident model its float32 gradients are rounding noise (~1e-11),
+    which no comparison of two ways to compute them can use.
+    """
+    return -torch.log_softmax(out, dim=-1)[0].min()
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_vmap_per_sample_grads_equal_a_loop(demo_models, digits, exporter):
     ev = GraphEvaluator(demo_models[("lenet5", exporter)])
     x = torch.from_numpy(digits)
-    grad_one = torch.func.grad(lambda w, xi: _self_entropy(ev(xi[None], w)))
+    grad_one = torch.func.grad(lambda w, xi: _least_likely_loss(ev(xi[None], w)))
     batched = torch.func.vmap(grad_one, in_dims=(None, 0))(ev.weights, x)
     assert set(batched) == set(ev.weights)
     for i in range(len(x)):
-        looped = torch.func.grad(lambda w: _self_entropy(ev(x[i : i + 1], w)))(ev.weights)
+        looped = torch.func.grad(lambda w: _least_likely_loss(ev(x[i : i + 1], w)))(ev.weights)
         for name, g in looped.items():
             assert batched[name].shape == (len(x), *ev.weights[name].shape)
             torch.testing.assert_close(batched[name][i], g, rtol=1e-4, atol=1e-6)
     # samples differ, so a broadcast of one gradient would not pass
     first = next(iter(batched.values()))
-    assert not torch.allclose(first[0], first[1])
+    assert not torch.allclose(first[0], first[1], rtol=1e-3, atol=0)
 
 
 def test_vmap_through_dynamic_shape_arithmetic(test_models, digits):

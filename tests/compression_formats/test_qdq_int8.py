@@ -41,8 +41,9 @@ def test_demo_model_fuses_to_integer_kernels(demo, calib, heldout, arch, fused):
     assert len(qdq.SerializeToString()) < 0.35 * len(model.SerializeToString())
     base, out = run_model(model, heldout), run_model(qdq, heldout)
     assert (base.argmax(1) == out.argmax(1)).mean() >= 0.98
-    # typical error small; single logits can clip where a digit leaves the calibrated output range
-    assert np.abs(base - out).mean() < 0.05 * np.abs(base).mean()
+    # typical error well under the logits' size (a broken scale gives ~100%): 15% on the LeNet-5 one
+    # of our machines trained (min-max activation ranges, 1.8% of digits flip), under 5% on another's
+    assert np.abs(base - out).mean() < 0.25 * np.abs(base).mean()
 
 
 def test_only_the_named_nodes_are_quantized(demo, calib):
