@@ -35,7 +35,7 @@ def demo(
 ) -> None:
     """Run the fleet story: analyse, deploy to three agents, traffic, drift, re-analysis, redeploy."""
     from toco_cli import demo_story as story
-    from toco_cli.demo_fleet import DEVICES, DemoFleet
+    from toco_cli.demo_fleet import DemoFleet
     from toco_cli.demo_traffic import Traffic
     from toco_core.demo.data import mnist_splits
     from toco_core.demo.train import demo_model
@@ -59,19 +59,20 @@ def demo(
         console.rule("3. the server analyses it once (QBC + closed-form tolerances)")
         analysis = story.register_and_analyse(fleet, model, digits.x_pool, digits.y_pool, log)
         console.rule("4. three edge agents with different budgets")
+        story.size_camera_box(fleet, analysis["analysis_id"])
         story.start_agents(fleet, log)
         console.rule("5. deploy the bundle; every agent derives its own model")
-        story.deploy_and_wait(fleet, analysis["analysis_id"], {"all": True}, [d.device_id for d in DEVICES], log,
+        story.deploy_and_wait(fleet, analysis["analysis_id"], {"all": True}, [d.device_id for d in fleet.devices], log,
                               "deployed to every agent")
         story.check_plans_differ(fleet, log)
         console.rule("6. live traffic: held-out digits into every agent's inference API")
         for i, (name, agent) in enumerate(fleet.agents.items()):
-            traffic[name] = Traffic(agent, digits.x_heldout[i::len(DEVICES)], rate=rate).start()
+            traffic[name] = Traffic(agent, digits.x_heldout[i::len(fleet.devices)], rate=rate).start()
         story.clean_traffic(fleet, traffic, log)
         console.rule("7. drift: one camera's inputs rotate")
         story.shift_until_redeploy(fleet, traffic, log)
         console.rule("summary")
-        console.print(story.plans_table(story.devices(fleet), "the fleet after the drift and the redeploy"))
+        console.print(story.plans_table(fleet, "the fleet after the drift and the redeploy"))
         console.print(f"{len(log.steps)} steps done: {', '.join(log.steps)}")
         console.print(f"dashboard: [bold]{fleet.url}/[/bold]   API docs: {fleet.url}/docs   "
                       f"logs: {workdir / 'agents'}")

@@ -47,13 +47,15 @@ class DemoDevice:
     objective: str = "fidelity"
 
 
-# Three boxes that must end up with three different models from the same analysis.
+# Three boxes that must end up with three different models from the same analysis. The camera
+# box's model storage is sized from the analysis (demo_story.size_camera_box): a fixed number of
+# KB lands above the line PC's plan on some machines, where training rounds differently.
 DEVICES = (
     DemoDevice("line-pc", "assembly", "roomy line PC with the line camera, no limits", threads=2),
-    DemoDevice("camera-box", "inspection", "256 MB camera box, 36 KB model storage", memory_cap="256MB",
-               storage_cap="36KB"),
+    DemoDevice("camera-box", "inspection", "256 MB camera box", memory_cap="256MB"),
     DemoDevice("handheld", "mobile", "64 MB one-core handheld, smallest model", memory_cap="64MB", objective="size"),
 )
+CAMERA = "camera-box"
 # The box whose inputs rotate (its camera gets knocked). The line PC, because it has no limits: a
 # re-analysis with rotated field samples tightens the tolerances, and a storage cap that gave a
 # box its own first plan may then admit no plan within budget.
@@ -192,6 +194,7 @@ class DemoFleet:
         self.http = None
         self.api: httpx.Client | None = None
         self.agents: dict[str, AgentProcess] = {}
+        self.devices: tuple[DemoDevice, ...] = DEVICES  # the camera box's storage is set once analysed
 
     @property
     def url(self) -> str:
@@ -206,9 +209,9 @@ class DemoFleet:
         self.http = HttpThread(create_app(self.server), self.settings.http_host, self.settings.http_port).start()
         self.api = httpx.Client(base_url=self.http.url, timeout=60)
 
-    def start_agents(self, devices=DEVICES) -> None:
-        """One agent process per device, provisioned with the server's public key."""
-        for d in devices:
+    def start_agents(self) -> None:
+        """One agent process per device in ``self.devices``, provisioned with the server's public key."""
+        for d in self.devices:
             agent = AgentProcess(d, self.workdir / "agents" / d.device_id, self.server.broker_url,
                                  self.server.public_key_path, self.drift)
             agent.start()

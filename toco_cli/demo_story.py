@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,11 @@ from rich import box
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from toco_cli.demo_fleet import DEVICES, SHIFTED, DemoError, DemoFleet, wait_for
+from toco_cli.demo_fleet import CAMERA, SHIFTED, DemoDevice, DemoError, DemoFleet, wait_for
 from toco_cli.demo_traffic import Traffic
 from toco_core.cli_support import console
-from toco_core.units import format_size
+from toco_core.probe import probe_device
+from toco_core.units import format_size, parse_size
 
 SHIFT_KIND = "rotate"
 
@@ -89,6 +90,41 @@ def devices(fleet: DemoFleet) -> dict[str, dict]:
     return {d["device_id"]: d for d in fleet.call("GET", "/api/devices")}
 
 
+def size_camera_box(fleet: DemoFleet, analysis_id: str, budget: float = 0.01) -> DemoDevice:
+    """Give the camera box the model storage at which it gets a model of its own. Returns that box.
+
+    The what-if (a box like this one: its probed formats and memory) gives the line PC's and the
+    handheld's plans; the camera's storage is the largest whole KB below the line PC's plan at
+    which its best plan is a third one. Sets ``fleet.devices``; raises DemoError when no such
+    size exists (the analysis offers fewer than three plans within the budget).
+    """
+    here = probe_device(fleet.workdir, benchmark=False, device_id="demo").model_dump(mode="json")
+
+    def best_plan(device: DemoDevice, storage: int | None = None) -> dict | None:
+        limits = {"memory": parse_size(device.memory_cap) if device.memory_cap else None, "storage": storage}
+        ask = {"profile": here, "budget": budget, "objective": device.objective,
+               **{k: v for k, v in limits.items() if v is not None}}
+        return fleet.call("POST", f"/api/analyses/{analysis_id}/whatif", json=ask)["plan"]
+
+    others = {d.device_id: best_plan(d) for d in fleet.devices if d.device_id != CAMERA}
+    if None in others.values():
+        missing = sorted(k for k, v in others.items() if not v)
+        raise DemoError(f"the what-if finds no plan within {budget:.0%} for {missing}")
+    taken = {p["label"] for p in others.values()}
+    camera = next(d for d in fleet.devices if d.device_id == CAMERA)
+    for kb in range((others[SHIFTED]["predicted_storage"] - 1) // 1000, 0, -1):
+        plan = best_plan(camera, kb * 1000)
+        if plan is None:
+            break
+        if plan["label"] not in taken:
+            role = f"{camera.role}, {kb} KB model storage"
+            camera = replace(camera, storage_cap=f"{kb}KB", role=role)
+            fleet.devices = tuple(camera if d.device_id == CAMERA else d for d in fleet.devices)
+            return camera
+    raise DemoError(f"no model storage below the line PC's plan gives the camera box a third plan (plans: {taken})",
+                    "the analysis offers too few plans within the budget; try a larger one")
+
+
 def start_agents(fleet: DemoFleet, log: StoryLog, timeout: float = 120) -> None:
     """Start the agent processes and wait until the server saw every one's birth. Raises DemoError."""
     fleet.start_agents()
@@ -99,13 +135,13 @@ def start_agents(fleet: DemoFleet, log: StoryLog, timeout: float = 120) -> None:
                 raise DemoError(f"agent {a.device.device_id} exited with {a.proc.returncode}: {a.log_tail(3)}",
                                 f"see {a.log_path}")
         seen = devices(fleet)
-        return all(seen.get(d.device_id, {}).get("online") for d in DEVICES)
+        return all(seen.get(d.device_id, {}).get("online") for d in fleet.devices)
 
     with console.status("waiting for the agents' births on the broker"):
         wait_for("every agent coming online", all_online, timeout)
-    for d in DEVICES:
+    for d in fleet.devices:
         console.print(f"  {d.device_id:11s} group {d.group:10s} {d.role}")
-    log.done("agents online", f"{len(DEVICES)} real agent processes on the broker")
+    log.done("agents online", f"{len(fleet.devices)} real agent processes on the broker")
 
 
 def deploy_and_wait(fleet: DemoFleet, analysis_id: str, target: dict, expect: list[str], log: StoryLog,
@@ -141,10 +177,10 @@ def follow_deployment(fleet: DemoFleet, deployment_id: str, expect: list[str], l
 def check_plans_differ(fleet: DemoFleet, log: StoryLog) -> None:
     """Every agent derived its own model: the plan labels must be pairwise different. Raises DemoError."""
     seen = devices(fleet)
-    plans = {d.device_id: (seen[d.device_id].get("active") or {}).get("plan_label") for d in DEVICES}
+    plans = {d.device_id: (seen[d.device_id].get("active") or {}).get("plan_label") for d in fleet.devices}
     if None in plans.values() or len(set(plans.values())) < len(plans):
         raise DemoError(f"the agents did not derive different models: {plans}")
-    console.print(plans_table(seen, "one analysis, three devices, three models"))
+    console.print(plans_table(fleet, "one analysis, three devices, three models"))
     log.done("three different compressions", "; ".join(f"{k}: {v}" for k, v in plans.items()))
 
 
@@ -155,13 +191,13 @@ def clean_traffic(fleet: DemoFleet, traffic: dict[str, Traffic], log: StoryLog, 
 
     def enough():
         seen = devices(fleet)
-        for d in DEVICES:
+        for d in fleet.devices:
             last = seen[d.device_id].get("last_drift") or {}
             if last.get("alert"):
                 raise DemoError(f"{d.device_id} raised a drift alert on clean held-out digits: {last.get('out_of_band')}",
                                 "the drift bands are too narrow for this model; see docs/ops.md")
         progress = {d.device_id: (seen[d.device_id].get("last_drift") or {}).get("window", -1) - start.get(d.device_id, -1)
-                    for d in DEVICES}
+                    for d in fleet.devices}
         status.update("clean traffic, drift windows so far: " + ", ".join(f"{k} {v}" for k, v in progress.items()))
         return all(v >= windows for v in progress.values())
 
@@ -192,8 +228,8 @@ def shift_until_redeploy(fleet: DemoFleet, traffic: dict[str, Traffic], log: Sto
         r = wait_for("the re-analysis and its redeploy", reanalysis, timeout, step=1.0)
     a = fleet.call("GET", f"/api/analyses/{r['analysis_id']}")
     log.done("re-analysed with field samples", f"{a['field_samples']} field samples from {SHIFTED}; {r['why']}")
-    group = next(d.group for d in DEVICES if d.device_id == SHIFTED)
-    expect = [d.device_id for d in DEVICES if d.group == group]
+    group = next(d.group for d in fleet.devices if d.device_id == SHIFTED)
+    expect = [d.device_id for d in fleet.devices if d.group == group]
     follow_deployment(fleet, r["deployment_id"], expect, log, "redeployed to the drifting group")
     log.reanalysis = r
     return r
@@ -208,13 +244,14 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def plans_table(seen: dict[str, dict], title: str) -> Table:
+def plans_table(fleet: DemoFleet, title: str) -> Table:
     """Device, plan, size vs base, predicted vs self-tested agreement, live agreement, drift state, bundle."""
+    seen = devices(fleet)
     t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
     for col in ("device", "plan", "size", "vs base", "predicted", "measured", "live", "drift", "bundle"):
         t.add_column(col, justify="left" if col in ("device", "plan", "drift", "bundle") else "right",
                      no_wrap=col != "plan")
-    for d in DEVICES:
+    for d in fleet.devices:
         v = seen.get(d.device_id, {})
         a = v.get("active") or {}
         last = v.get("last_drift") or {}
