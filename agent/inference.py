@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -30,6 +28,7 @@ import onnxruntime as ort
 
 from agent.inference_input import InputError, InputSpec, check_input, session_input_spec
 from agent.latency_stats import LatencyStats
+from agent.recent_requests import RecentRequests
 from toco_core.errors import TocoError
 from toco_core.preprocessing import Preprocessing
 from toco_core.runtime import make_session
@@ -97,9 +96,7 @@ class InferenceEngine:
         self.stats = LatencyStats()
         self._loaded: _Loaded | None = None
         self._swap_lock = threading.Lock()
-        self._recent: OrderedDict[str, int] = OrderedDict()  # request id -> batch size
-        self._recent_lock = threading.Lock()
-        self._remember = remember_requests
+        self._requests = RecentRequests(remember_requests)
 
     # ------------------------------------------------------------- model
     def load(self, model: bytes, version: str, preprocessing: Preprocessing | None = None, trial: int = 0,
@@ -176,11 +173,7 @@ class InferenceEngine:
         if self._trial is not None:
             self._trial_run(loaded.version, None)
         outputs = dict(zip(loaded.output_names, values))
-        request_id = uuid.uuid4().hex
-        with self._recent_lock:
-            self._recent[request_id] = len(arr)
-            if len(self._recent) > self._remember:
-                self._recent.popitem(last=False)
+        request_id = self._requests.add(len(arr))
         if self.hook is not None:
             try:
                 self.hook(arr, outputs, request_id)
@@ -220,11 +213,10 @@ class InferenceEngine:
         Raises UnknownRequestError for an id not among the last ``remember_requests``,
         InputError when the label count differs from the request's batch size.
         """
-        with self._recent_lock:
-            batch = self._recent.get(request_id)
+        batch = self._requests.batch_of(request_id)
         if batch is None:
             raise UnknownRequestError(f"unknown request_id {request_id!r}",
-                                      f"feedback is accepted for the last {self._remember} requests only")
+                                      f"feedback is accepted for the last {self._requests.remember} requests only")
         labels = [label] if isinstance(label, int) else list(label)
         if len(labels) != batch:
             raise InputError(f"request {request_id} had {batch} samples, got {len(labels)} labels",
