@@ -274,7 +274,7 @@ def plans_for_device(result: AnalysisResult, infos: list[WeightInfo], base_file_
     """The plans a box gets, best first: its runtime forms, its limits (device_limits), the curves' tie floor.
 
     The one planning path of the agent's recompression and the server's what-if, so a what-if
-    answer is the plan the box will try first. ``profile=None``: typed limits only, fp32/nbits-free.
+    answer is the plan the box will try first. ``profile=None``: the policy's limits, fp32 plans only.
     Raises InfeasibleError with the numbers when no plan fits.
     """
     memory, storage = device_limits(profile, policy)
