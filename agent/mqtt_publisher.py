@@ -2,7 +2,9 @@
 
 Every message is stamped with the per-connection sequence number; a durable one keeps its
 outbox row (agent.outbox) until the broker acknowledged the publish, and each row is handed to
-paho at most once per process, however often the link reconnects.
+paho at most once per process, however often the link reconnects. Only the rows paho holds
+(handed, not yet acknowledged) are remembered for that: a set of every row ever handed grew a
+long-running agent by one entry per status, drift and samples message.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Publisher:
         self._seq = 0
         self._mids: dict[int, int | None] = {}  # mid -> outbox row (None: not durable)
         self._early: set[int] = set()  # acks that overtook the registration of their mid
-        self._handed: set[int] = set()  # outbox rows given to paho by this process
+        self._handed: set[int] = set()  # outbox rows given to paho and not yet acknowledged
 
     def restart_seq(self) -> None:
         """Number the messages of a new connection from 0 again."""
@@ -58,7 +60,7 @@ class Publisher:
                 self._mids[info.mid] = row
                 acked = False
         if acked and row is not None:
-            self._outbox.remove(row)
+            self._settle(row)
 
     def hand_row(self, row: int, topic: str, kind: str, payload: bytes, qos: int, retain: bool) -> None:
         """Publish outbox ``row`` unless this process handed it to paho already (paho resends it itself).
@@ -66,14 +68,16 @@ class Publisher:
         A row that no longer parses is removed with a warning.
         """
         with self._lock:
-            if row in self._handed:
+            # Neither held by paho nor in the outbox any more: handed and acknowledged already
+            # (a reconnect's replay and the sending thread can both reach a new row).
+            if row in self._handed or not self._outbox.holds(row):
                 return
             self._handed.add(row)
         try:
             message = parse_message(kind, payload)
         except MessageError as exc:  # written by an older version: cannot be sent any more
             log.warning("dropping unreadable outbox row", extra={"fields": {"row": row, "error": str(exc)}})
-            self._outbox.remove(row)
+            self._settle(row)
             return
         self.transmit(topic, message, qos, retain, row)  # type: ignore[arg-type]
 
@@ -86,5 +90,12 @@ class Publisher:
                 self._early.add(mid)
                 return
         if row is not None:
-            self._outbox.remove(row)
+            self._settle(row)
             self.stats["acked"] += 1
+
+    def _settle(self, row: int) -> None:
+        """Forget an acknowledged (or unsendable) row: out of the outbox first, then out of ``_handed``,
+        so that ``hand_row`` finds it in one of them at any moment and never hands it twice."""
+        self._outbox.remove(row)
+        with self._lock:
+            self._handed.discard(row)

@@ -43,6 +43,11 @@ class Outbox:
             rows = self._db.execute("SELECT id, topic, kind, payload, qos, retain FROM outbox ORDER BY id").fetchall()
         return [(i, t, k, bytes(p), q, bool(r)) for i, t, k, p, q, r in rows]
 
+    def holds(self, row_id: int) -> bool:
+        """Whether row ``row_id`` is still stored (not yet acknowledged, not dropped)."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM outbox WHERE id = ?", (row_id,)).fetchone() is not None
+
     def remove(self, row_id: int) -> None:
         """Forget an acknowledged message."""
         with self._lock:
