@@ -4,6 +4,7 @@
     OUT/tolerance.safetensors  ToleranceMap (log-quantized, no pickle)
     OUT/calibration.json       measured CalibrationCurve per operator
     OUT/samples.npz            calibration samples: the QBC analysis set and the held-out set
+    OUT/plans.safetensors      PlanTable: master steps and every curve point's build decisions
 
 Numpy only: the agent reads it too.
 """
@@ -22,10 +23,12 @@ from pydantic import BaseModel, Field, ValidationError
 from toco_core import __version__
 from toco_core.calibration import CalibrationCurve
 from toco_core.errors import AnalysisError
+from toco_core.plan_table import PlanTable, load_plan_table, save_plan_table
 from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_tolerance_map
 
-SCHEMA_VERSION = 1
-FILES = ("tolerance.safetensors", "calibration.json", "samples.npz")
+# 2: nested quantiser (plans.safetensors); a schema-1 analysis must be re-run
+SCHEMA_VERSION = 2
+FILES = ("tolerance.safetensors", "calibration.json", "samples.npz", "plans.safetensors")
 
 
 class RoundStats(BaseModel):
@@ -69,11 +72,12 @@ class AnalysisResult:
     """The loaded directory: manifest, tolerance map, curves, calibration samples."""
 
     manifest: AnalysisManifest
-    tolerances: ToleranceMap
+    tolerances: ToleranceMap | None  # None on a box that built from parts: the plan table decides instead
     curves: dict[str, CalibrationCurve]
     analysis_x: np.ndarray
     heldout_x: np.ndarray
     heldout_y: np.ndarray | None = None
+    plans: PlanTable | None = None
 
     @property
     def bias_correction(self) -> bool:
@@ -97,6 +101,9 @@ def save_result(result: AnalysisResult, out: Path) -> Path:
     if result.heldout_y is not None:
         arrays["heldout_y"] = result.heldout_y
     np.savez_compressed(out / "samples.npz", **arrays)
+    if result.plans is None:
+        raise AnalysisError("the analysis has no plan table", "re-run the analysis with this version")
+    save_plan_table(result.plans, out / "plans.safetensors")
     manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in FILES}})
     tmp = out / "manifest.json.tmp"
     tmp.write_text(manifest.model_dump_json(indent=1))
@@ -133,4 +140,5 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
             hy = z["heldout_y"] if "heldout_y" in z else None
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
-    return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy)
+    return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,
+                          plans=load_plan_table(path / "plans.safetensors"))

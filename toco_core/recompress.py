@@ -17,21 +17,21 @@ import onnx
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES
 from toco_core.compression.bias_correction import BiasCorrection
-from toco_core.compression.matmul_nbits import best_nbits_choice, quantize_matmul_nbits
+from toco_core.compression.matmul_nbits import quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
-from toco_core.compression.qdq_int8 import int8_fits, nodes_of_weights, quantize_qdq_int8
-from toco_core.compression.storage import encode_model, quantize_to_codes
+from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8
+from toco_core.compression.storage import dequantize, encode_model
 from toco_core.compression.structured import remove_output_channels, removable_channels
-from toco_core.compression.tolerance_compress import CompressedTensor, compress_weights
 from toco_core.device import DeviceProfile
-from toco_core.errors import AnalysisError, SelfTestError
+from toco_core.errors import SelfTestError
 from toco_core.measure import p50_latency, session_rss
-from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, model_hash, output_kind, read_weights, with_weights
+from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
-from toco_core.runtime import run_model
 from toco_core.selftest import self_test
-from toco_core.solver import SESSION_OVERHEAD, device_limits, less_aggressive, plans_for_device
+from toco_core.plan_table import PlanTable, plan_codes
+from toco_core.solver import SESSION_OVERHEAD, device_limits, is_base_plan, less_aggressive, plans_for_device
 from toco_core.units import format_size
+from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
 Progress = Callable[[str, int, int], None]
 
@@ -45,54 +45,54 @@ class BuiltModel:
     layers: list[LayerDecision]
 
 
-def _nbits_choices(infos, tensors: dict[str, CompressedTensor], tau: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
-    """MatMul/Gemm weights whose MatMulNBits error stays within the quantization tolerance."""
-    out = {}
-    for info in infos:
-        if info.op_type not in ("MatMul", "Gemm") or len(info.shape) != 2:
-            continue
-        choice = best_nbits_choice(tensors[info.name].values, tau[info.name], coverage=0.99, k_axis=1 - info.out_axis)
-        if choice is not None and choice[0] == 4:
-            out[info.name] = choice
-    return out
+def _int8_layers(table: PlanTable, i: int) -> list[str]:
+    return [t for k, t in enumerate(table.tensors) if table.int8[i, k]]
 
 
-def _to_int8(runnable: onnx.ModelProto, infos: list[WeightInfo], values: dict[str, np.ndarray],
-             quant_tau_hat: dict[str, np.ndarray], plan: CompressionPlan, x_range: np.ndarray,
-             coverage: float = 0.99) -> tuple[onnx.ModelProto, list[str]]:
-    """Full QDQ int8 for the layers whose int8 weight error stays within tau_hat * plan.int8_scale.
+def _nbits_layers(table: PlanTable, i: int) -> dict[str, tuple[int, int]]:
+    return {t: (4, int(table.nbits_block[i, k])) for k, t in enumerate(table.tensors) if table.nbits_block[i, k]}
 
-    Decided on the full-size compressed weights (removed channels are zero, which int8 keeps
-    exact); activation ranges from ``x_range`` (the analysis samples). Returns (model, weights in int8).
+
+def _correction(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo]) -> BiasCorrection:
+    # as the curves were measured: fitted on the analysis samples, never on the self-test's
+    return BiasCorrection(source.reference, infos, result.analysis_x, base_means=source.base_means)
+
+
+def _base_built(source: WeightSource, infos: list[WeightInfo]) -> BuiltModel:
+    """The base plan: the fp32 base itself, or the master model where only parts are at hand."""
+    layers = [LayerDecision(name=i.name, op_type=i.op_type, weights=i.size, sparsity=0.0, mean_bits=32.0,
+                            channels_kept=i.shape[i.out_axis], channels=i.shape[i.out_axis], runtime_format="fp32")
+              for i in infos]
+    return BuiltModel(source.reference, model_bytes(source.reference), layers)
+
+
+def as_source(model: onnx.ModelProto | WeightSource, result: AnalysisResult) -> WeightSource:
+    """A WeightSource for a base model (toco_core.weight_source.from_base_model) or the source itself."""
+    return model if isinstance(model, WeightSource) else from_base_model(model, result)
+
+
+def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: CompressionPlan) -> BuiltModel:
+    """Apply a plan: the point's codes from the master (toco_core.plan_table.plan_codes), corrected
+    biases, dead channels removed, the runtime format the analysis chose per layer, storage form.
+
+    Takes the fp32 base or a WeightSource (parts). Raises AnalysisError for a point the analysis
+    did not measure or an analysis without a plan table.
     """
-    scale = np.float32(max(plan.int8_scale, plan.quant_scale))
-    fits = [i.name for i in infos
-            if scale > 0 and int8_fits(values[i.name], quant_tau_hat[i.name] * scale, i.out_axis, coverage)]
-    nodes = nodes_of_weights(runnable, fits)
-    if not nodes:
-        return runnable, []
-    return quantize_qdq_int8(runnable, nodes, x_range[:INT8_CALIBRATION_SAMPLES]), fits
-
-
-def build(model: onnx.ModelProto, result: AnalysisResult, plan: CompressionPlan, coverage: float = 0.99) -> BuiltModel:
-    """Apply a plan: prune + mixed precision, remove dead channels, runtime format, storage form."""
-    infos = compressible_weights(model)
-    weights = read_weights(model, infos)
-    tmap = result.tolerances
-    tensors = compress_weights(weights, infos, tmap.prune_tau_hat(weights), tmap.quant,
-                               plan.prune_scale, plan.quant_scale, coverage)
-    values = {k: t.values for k, t in tensors.items()}
+    source = as_source(model, result)
+    table = require_plans(result)
+    infos = compressible_weights(source.reference)
+    if is_base_plan(plan):
+        return _base_built(source, infos)
+    i = table.point_index(plan.prune_scale, plan.quant_scale)
+    tensors = plan_codes(table, source.ladders, source.classes, plan.prune_scale, plan.quant_scale)
+    values = {q.name: dequantize(q) for q in tensors}
     biases, shifts = {}, {}
-    if result.bias_correction and (plan.prune_scale > 0 or plan.quant_scale > 0):
-        # as the curves were measured: fitted on the analysis samples, never on the self-test's
-        correction = BiasCorrection(model, infos, result.analysis_x)
+    if result.bias_correction:
+        correction = _correction(source, result, infos)
         biases = correction.biases(values)
         shifts = correction.shifts(biases)
-    float_model = with_weights(model, {**values, **biases})
-    if plan.quant_scale > 0:
-        storage = encode_model(float_model, [quantize_to_codes(t.values, t.steps, t.out_axis, t.name) for t in tensors.values()])
-    else:
-        storage = model_bytes(float_model)
+    float_model = with_weights(source.reference, {**values, **biases})
+    storage = encode_model(float_model, tensors)
     runnable, kept = float_model, {i.name: i.shape[i.out_axis] for i in infos}
     if plan.structured and plan.prune_scale > 0:
         drop = removable_channels(float_model, values, {k: np.zeros_like(v) for k, v in values.items()})
@@ -104,18 +104,20 @@ def build(model: onnx.ModelProto, result: AnalysisResult, plan: CompressionPlan,
         # activation ranges from the analysis samples, not the calibration samples: the self-test
         # on the latter must stay out of sample (ranges fitted to them looked 0.5 points better
         # than on unseen digits for the MLP)
-        runnable, chosen = _to_int8(runnable, infos, values, tmap.quant, plan, result.analysis_x)
-        formats.update({k: "qdq_int8" for k in chosen})
+        nodes = nodes_of_weights(runnable, _int8_layers(table, i))
+        if nodes:
+            runnable = quantize_qdq_int8(runnable, nodes, result.analysis_x[:INT8_CALIBRATION_SAMPLES])
+            formats.update({k: "qdq_int8" for k in _int8_layers(table, i)})
     if plan.runtime == "nbits":
-        tau = {k: v * np.float32(plan.quant_scale) for k, v in tmap.quant.items()}
-        shrunk = {w.name: w for w in compressible_weights(runnable)}
-        choices = {k: c for k, c in _nbits_choices(infos, tensors, tau).items() if k in shrunk}
+        shrunk = {w.name for w in compressible_weights(runnable)}
+        choices = {k: c for k, c in _nbits_layers(table, i).items() if k in shrunk}
         if choices:
             runnable = quantize_matmul_nbits(runnable, choices)
             formats.update({k: f"nbits{b}/b{blk}" for k, (b, blk) in choices.items()})
+    by_name = {q.name: q for q in tensors}
     layers = [LayerDecision(
-        name=i.name, op_type=i.op_type, weights=i.size, sparsity=tensors[i.name].sparsity,
-        mean_bits=32.0 if tensors[i.name].codes is None else float(channel_bits(tensors[i.name].codes, i.out_axis).mean()),
+        name=i.name, op_type=i.op_type, weights=i.size, sparsity=float((by_name[i.name].codes == 0).mean()),
+        mean_bits=float(channel_bits(by_name[i.name].codes, i.out_axis).mean()),
         channels_kept=kept[i.name], channels=i.shape[i.out_axis], runtime_format=formats[i.name],
         bias_shift=shifts.get(i.name),
     ) for i in infos]
@@ -195,7 +197,7 @@ def fitting_after_overshoot(plans: list[CompressionPlan], predicted: int, measur
 
 
 def recompress(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | WeightSource,
     result: AnalysisResult,
     profile: DeviceProfile,
     policy: Policy,
@@ -207,13 +209,15 @@ def recompress(
     A candidate is accepted when it passes the self-test, its storage form is within the
     limit, it is not slower than the base (p50 at batch 1), meets the latency limit, and -
     where session RSS is measured (see _rss_matters; ``measure_memory=False`` never measures) -
-    is not heavier than the base nor over the memory limit. Raises AnalysisError when the
-    analysis belongs to another model, InfeasibleError when no plan meets the limits within
-    budget, SelfTestError when every attempt fails.
+    is not heavier than the base nor over the memory limit. ``model`` is the fp32 base or a
+    WeightSource built from parts, whose master model stands in for the base in the p50 and RSS
+    gates. Raises AnalysisError when the analysis belongs to another model or has no plan table,
+    InfeasibleError when no plan meets the limits within budget, SelfTestError when every
+    attempt fails.
     """
     t0 = time.perf_counter()
-    if model_hash(model) != result.manifest.model_sha256:
-        raise AnalysisError("the analysis was made for another model (hash mismatch)", "analyse this model first")
+    source = as_source(model, result)
+    model = source.reference
     infos = compressible_weights(model)
     base_bytes = model_bytes(model)
     mem, sto = device_limits(profile, policy)
@@ -221,14 +225,14 @@ def recompress(
     all_plans = list(plans)
     x = result.heldout_x
     threads = 1 if profile.physical_cores <= 1 else 0
-    ctx = _Context(model, base_bytes, run_model(model, x), x, output_kind(model), threads,
+    ctx = _Context(model, base_bytes, source.base_out, x, output_kind(model), threads,
                    p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos), measure_memory, [])
     attempts, why = 0, []
     while plans and attempts < policy.max_tries:
         plan = plans[0]
         attempts += 1
         progress("build", attempts, policy.max_tries)
-        built = build(model, result, plan)
+        built = build(source, result, plan)
         if plan.runtime != "fp32" and all(layer.runtime_format == "fp32" for layer in built.layers):
             # no layer fitted the format: this is the fp32 plan of the same scales, say so
             plan = next((p for p in all_plans if p.runtime == "fp32" and (p.prune_scale, p.quant_scale)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import numpy as np
 
 from toco_core.analysis_result import AnalysisResult
-from toco_core.calibration import CurvePoint
+from toco_core.calibration import KL_NOISE_FLOOR, PLANNED, CurvePoint, int8_scale, noise_floor
 from toco_core.device import DeviceProfile, RuntimeFormat, usable_memory, usable_storage
 from toco_core.errors import InfeasibleError
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan import CompressionPlan, Policy
 from toco_core.units import format_size
+from toco_core.weight_source import require_plans
 
 # onnxruntime's own session + arena cost for a small CPU model, measured here (13.3-14 MB RSS
 # growth for LeNet-5 and the MLP, whose weights are < 1 MB).
@@ -48,41 +49,6 @@ INT8_RSS_FACTOR = 2.7
 CHANNEL_SIDE_BYTES = 4
 OTHER_CODED_SHARE = 0.7
 CODED_BITS_SLACK = 1.03
-# KL(base || compressed) below this (nats per sample) is indistinguishable from float rounding
-# and sample noise on a few hundred samples: the int8 runtime alone measures 1e-5-1.2e-4. At
-# 1e-3 the MLP's roomy plan flipped 0.4% of unseen digits while its curve said 0.07%.
-KL_NOISE_FLOOR = 2e-4
-
-
-def _channel_max_rank(rank: np.ndarray, out_axis: int) -> np.ndarray:
-    return np.moveaxis(rank, out_axis, 0).reshape(rank.shape[out_axis], -1).max(axis=1)
-
-
-def kept_weight_share(infos: list[WeightInfo], ranks: dict[str, np.ndarray], prune_scale: float) -> float:
-    """Share of weights left after removing channels that pruning zeroes entirely.
-
-    A channel goes when every weight's prune rank is <= s (one channel per layer always stays);
-    its consumer loses the matching inputs too, which this estimate ignores (conservative).
-    """
-    return kept_share_fn(infos, ranks)(prune_scale)
-
-
-def kept_share_fn(infos: list[WeightInfo], ranks: dict[str, np.ndarray]):
-    """kept_weight_share as a function of the prune scale, with the per-channel ranks computed once."""
-    total = sum(i.size for i in infos)
-    layers = []
-    for info in infos:
-        top = np.sort(_channel_max_rank(ranks[info.name], info.out_axis))
-        layers.append((top, info.size // info.shape[info.out_axis]))
-
-    def share(prune_scale: float) -> float:
-        removed = 0
-        for top, per_channel in layers:
-            dead = int(np.searchsorted(top, prune_scale, side="right"))
-            removed += min(dead, len(top) - 1) * per_channel
-        return 1.0 - removed / total
-
-    return share
 
 
 def _storage(point: CurvePoint, n_weights: int, n_channels: int, other_bytes: int) -> int:
@@ -92,29 +58,10 @@ def _storage(point: CurvePoint, n_weights: int, n_channels: int, other_bytes: in
     return int(OTHER_CODED_SHARE * other_bytes + n_weights * bits / 8 + n_channels * CHANNEL_SIDE_BYTES)
 
 
-def noise_floor(samples: int) -> float:
-    """The smallest disagreement a curve of ``samples`` measurements can tell from zero: 1/n."""
-    return 1.0 / max(samples, 1)
-
-
 def candidate_points(result: AnalysisResult) -> list[CurvePoint]:
     """Base + every measured weight-level point of the curves (the ``int8`` runtime curve excluded)."""
     base = CurvePoint(disagreement=0.0, kl=0.0, sparsity=0.0, entropy_bits=32.0, fixed_bits=32.0)
-    return [base] + [p for k, c in result.curves.items() if k != "int8" for p in c.points]
-
-
-def int8_scale(result: AnalysisResult) -> float:
-    """Quant scale up to which the quantize curve measured no cost beyond its noise floor.
-
-    The int8 runtime keeps a layer in int8 only where its weight error is within tau_hat times
-    this scale (or the plan's own quant scale, if larger). 0 when no such point exists.
-    """
-    curve = result.curves.get("quantize")
-    if curve is None:
-        return 0.0
-    free = [p.quant_scale for p in curve.points
-            if p.disagreement <= noise_floor(curve.samples) and p.kl <= KL_NOISE_FLOOR]
-    return max(free, default=0.0)
+    return [base] + [p for k, c in result.curves.items() if k in PLANNED for p in c.points]
 
 
 def memory_estimate(runtime: str, n_kept: float, other_bytes: int, nbits_share: float = 0.0) -> int:
@@ -146,8 +93,8 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
     other = max(base_file_bytes - 4 * n, 0)
     int8_curve = result.curves.get("int8") if int8 else None
     i8 = int8_curve.points[0] if int8_curve is not None and int8_curve.points else None
-    i8_scale = int8_scale(result) if i8 is not None else 0.0
-    kept_share = kept_share_fn(infos, result.tolerances.prune_rank)
+    i8_scale = int8_scale(result.curves) if i8 is not None else 0.0
+    kept_share = require_plans(result).kept
     plans = []
     for p in candidate_points(result):
         kept = n * kept_share(p.prune_scale)
@@ -156,7 +103,9 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
                       entropy_bits=p.entropy_bits)
         plans.append(_plan(**common, runtime="fp32", predicted_disagreement=p.disagreement,
                                      predicted_kl=p.kl, predicted_memory=memory_estimate("fp32", kept, other)))
-        if nbits_share > 0 and p.quant_scale > 0:
+        if p.quant_scale == 0:
+            continue  # the base point runs as it is; every runtime form starts from the master's point
+        if nbits_share > 0:
             plans.append(_plan(**common, runtime="nbits", predicted_disagreement=p.disagreement,
                                          predicted_kl=p.kl,
                                          predicted_memory=memory_estimate("nbits", kept, other, nbits_share)))

@@ -136,7 +136,8 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     An analysis made before the setting existed keeps the base biases on both sides."""
     import dataclasses
 
-    from toco_core.calibration import measure_point
+    from toco_core.analysis.nested_calibration import NestedCalibration
+    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
     from toco_core.compression.bias_correction import BiasCorrection
     from toco_core.plan import CompressionPlan
     from toco_core.recompress import build
@@ -145,14 +146,18 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     assert result.bias_correction
     infos = compressible_weights(lenet5)
     weights = read_weights(lenet5, infos)
-    plan = CompressionPlan(prune_scale=0.6, quant_scale=0.4, structured=False, predicted_disagreement=0.0,
+    ps, qs = next(p for p in result.plans.points if p[0] == 0.6 and p[1] > result.plans.master_scale)
+    plan = CompressionPlan(prune_scale=ps, quant_scale=qs, structured=False, predicted_disagreement=0.0,
                            predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
     x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
-    point = measure_point(lenet5, weights, infos, result.tolerances.prune_tau_hat(weights), result.tolerances.quant,
-                          0.6, 0.4, x, base_out, None, "logits", BiasCorrection(lenet5, infos, result.analysis_x))
+    nested = NestedCalibration(lenet5, infos, weights, result.tolerances, "logits", x, None, base_out,
+                               BiasCorrection(lenet5, infos, result.analysis_x), prune_grid())
+    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    assert nested.master_scale == result.plans.master_scale
+    point = nested.measure(ps, qs)
     built = build(lenet5, result, plan)
     flipped = compare_outputs(base_out, run_model(built.runnable, x), None, "logits").disagreement
-    assert abs(flipped - point.disagreement) <= 1.0 / len(x)
+    assert flipped == point.disagreement  # the very model the curve point measured
     assert all(not np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(built.runnable).items())
     assert all(layer.bias_shift and layer.bias_shift > 0 for layer in built.layers)  # what the report shows
 

@@ -25,7 +25,8 @@ from toco_core.analysis.input_moments import InputMoments
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
-from toco_core.calibration import CalibrationCurve, measure_curve, measure_int8, measure_point
+from toco_core.analysis.nested_calibration import NestedCalibration
+from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import as_log_probs
@@ -33,6 +34,7 @@ from toco_core.onnx_model import compressible_weights, input_spec, model_hash, o
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
+from toco_core.plan_table import PlanTable
 from toco_core.tolerance_map import ToleranceMap, as_stored
 
 log = logging.getLogger(__name__)
@@ -169,35 +171,45 @@ def prune_ranks(ev, weights, fisher, kind, x, s: AnalysisSettings, progress: Pro
     return {k: r.reshape(weights[k].shape).astype(np.float32) for k, r in zip(names, np.split(rank, sizes))}
 
 
+def prune_grid() -> list[float]:
+    """Every prune scale a curve measures, ascending: the prune classes a box receives."""
+    return sorted(set(PRUNE_GRID) | set(COMBO_PRUNE))
+
+
 def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress,
-              correction_x: np.ndarray | None = None) -> dict[str, CalibrationCurve]:
-    """Measure each operator on the held-out samples (prune scale = sparsity), with biases
-    corrected on ``correction_x`` when given."""
+              correction_x: np.ndarray | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
+    """Fix the master, then measure each operator on the held-out samples as boxes build it
+    (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
+
+    Returns the curves (prune scale = sparsity; the ``master`` sweep kept for inspection, never
+    planned from) and the plan table of every planned point.
+    """
     base = run_model(model, x)
-    prune_tau = tmap.prune_tau_hat(weights)
     correction = None if correction_x is None else BiasCorrection(model, infos, correction_x)
-
-    def measure(ps: float, qs: float):
-        return measure_point(model, weights, infos, prune_tau, tmap.quant, ps, qs, x, base, y, kind, correction)
-
-    combos = [(p, q) for p in COMBO_PRUNE for q in COMBO_QUANT]
-    total = len(PRUNE_GRID) + len(QUANT_GRID) + len(combos)
-    step = {"n": 0}
+    nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid())
+    step = {"n": 0, "total": 2 * len(QUANT_GRID) + len(PRUNE_GRID) + len(COMBO_PRUNE) * len(COMBO_QUANT)}
 
     def tick(*_):
         step["n"] += 1
-        progress("calibrate", step["n"], total)
+        progress("calibrate", step["n"], step["total"])
 
+    sweep = nested.choose_master(QUANT_GRID, 1.0 / len(x), tick)
+    sm = nested.master_scale
+    quant = [(0.0, q) for q in QUANT_GRID if q >= sm]
+    combos = sorted({(p, max(q, sm)) for p in COMBO_PRUNE for q in COMBO_QUANT})
+    step["total"] = step["n"] + len(quant) + len(PRUNE_GRID) + len(combos)
     curves = {
-        "prune": measure_curve("prune", [(p, 0.0) for p in PRUNE_GRID], measure, len(x), on_point=tick),
-        "quantize": measure_curve("quantize", [(0.0, q) for q in QUANT_GRID], measure, len(x), on_point=tick),
-        "prune+quantize": measure_curve("prune+quantize", combos, measure, len(x), on_point=tick),
+        "master": monotone_curve("quantize", sweep, len(x)),
+        "prune": measure_curve("prune", [(p, sm) for p in PRUNE_GRID], nested.measure, len(x), on_point=tick),
+        "quantize": measure_curve("quantize", quant, nested.measure, len(x), on_point=tick),
+        "prune+quantize": measure_curve("prune+quantize", combos, nested.measure, len(x), on_point=tick),
     }
     try:  # the full int8 runtime's own cost; a model onnxruntime cannot quantize simply has no int8 curve
         curves["int8"] = measure_int8(model, x, base, y, kind)
     except ModelError as exc:
         log.warning("no int8 calibration: %s", exc)
-    return curves
+    points = sorted({(p.prune_scale, p.quant_scale) for k, c in curves.items() if k in PLANNED for p in c.points})
+    return curves, nested.final_table(points, int8_scale(curves))
 
 
 def analyze(
@@ -237,8 +249,8 @@ def analyze(
     tmap = as_stored(ToleranceMap(quant=tau_hat, prune_rank=ranks))
     t = time.perf_counter()
     hy = None if pool_y is None else pool_y[held]
-    curves = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress,
-                       analysis_x if s.bias_correction else None)
+    curves, table = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress,
+                              analysis_x if s.bias_correction else None)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
@@ -251,4 +263,4 @@ def analyze(
         settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
     )
-    return AnalysisResult(manifest, tmap, curves, analysis_x, pool_x[held], hy)
+    return AnalysisResult(manifest, tmap, curves, analysis_x, pool_x[held], hy, plans=table)

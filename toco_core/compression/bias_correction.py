@@ -112,9 +112,12 @@ class BiasCorrection:
     the base once, ``biases`` then costs ``passes`` runs of the compressed model.
     """
 
-    def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], x: np.ndarray) -> None:
+    def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], x: np.ndarray,
+                 base_means: list[np.ndarray] | None = None) -> None:
         """Find the biased layers and measure the base model's channel means on the first
-        correction_samples(infos) of ``x``. Raises ModelError when onnxruntime cannot run the model."""
+        correction_samples(infos) of ``x``, or take them as given (``base_means``, in layer order:
+        a box without the fp32 base gets them in its bundle). Raises ModelError when onnxruntime
+        cannot run the model, ValueError when given means do not fit the layers."""
         self.layers = biased_layers(model, infos)
         self.x = x[:correction_samples(infos)]
         self.outputs = [layer.output for layer in self.layers]
@@ -123,7 +126,12 @@ class BiasCorrection:
         inits = {t.name: t for t in model.graph.initializer}
         self.base_bias = {layer.bias: onnx.numpy_helper.to_array(inits[layer.bias]).astype(np.float64)
                           for layer in self.layers}
-        self.base_means = channel_means(self.model, {}, self.x, self.outputs) if self.layers and len(self.x) else []
+        if base_means is not None:
+            if [len(m) for m in base_means] != [len(b) for b in (self.base_bias[lay.bias] for lay in self.layers)]:
+                raise ValueError("the given base channel means do not fit the model's biased layers")
+            self.base_means = [np.asarray(m, dtype=np.float64) for m in base_means]
+        else:
+            self.base_means = channel_means(self.model, {}, self.x, self.outputs) if self.layers and len(self.x) else []
 
     def biases(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
         """Corrected biases {name: float32} for the weights ``values`` (see module doc).

@@ -1,0 +1,162 @@
+"""Calibration with the nested quantiser: the master, the curves measured as boxes build them,
+and the plan table that lets a box rebuild every point from parts.
+
+1. Master sweep: the unpruned model at per-channel steps from s * tau_hat (the coverage rule of
+   toco_core.compression.mixed_precision), s up the quant grid, until the first point whose
+   disagreement exceeds the noise floor 1/n or whose KL exceeds KL_NOISE_FLOOR. The master is
+   the last point at the floor: its steps D_c and codes q = rint(w / D_c).
+2. Every curve point (p, s) is then built from q alone: channel octaves chosen by coverage of
+   s * tau_hat on the weights that survive pruning at p (octave 0, the master, for s <= the
+   master's scale), pruned weights zeroed by prune class, biases corrected, measured. The
+   octaves are recorded: a box builds exactly this point.
+3. Per point, the int8 and MatMulNBits decisions that read tolerances are made here too.
+Numpy + onnxruntime (no torch): the per-point work is the same a box does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from toco_core.calibration import KL_NOISE_FLOOR, CurvePoint
+from toco_core.compression.bias_correction import BiasCorrection
+from toco_core.compression.matmul_nbits import best_nbits_choice
+from toco_core.compression.mixed_precision import channel_steps
+from toco_core.compression.nested import CodeLadder, choose_octaves, master_codes, prune_classes, prune_level
+from toco_core.compression.qdq_int8 import int8_fits
+from toco_core.compression.storage import QuantizedTensor, dequantize
+from toco_core.compression.tolerance_compress import CompressedTensor, summary
+from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.onnx_model import WeightInfo
+from toco_core.plan_table import PlanTable, plan_codes
+from toco_core.runtime import run_with_weights
+from toco_core.tolerance_map import ToleranceMap
+
+
+
+def kept_shares(infos: list[WeightInfo], classes: dict[str, np.ndarray], levels: int) -> np.ndarray:
+    """Share of weights left at each prune level once channels pruning empties are removed.
+
+    Index 0: no pruning (1.0); index j + 1: pruning at grid level j. One channel per layer always
+    stays; the consumer's matching inputs are not counted (conservative).
+    """
+    total = sum(i.size for i in infos)
+    out = np.ones(levels + 1)
+    for j in range(levels):
+        removed = 0
+        for info in infos:
+            top = np.moveaxis(classes[info.name], info.out_axis, 0).reshape(info.shape[info.out_axis], -1).max(axis=1)
+            dead = int((top <= j).sum())
+            removed += min(dead, len(top) - 1) * (info.size // info.shape[info.out_axis])
+        out[j + 1] = 1.0 - removed / total
+    return out
+
+
+class NestedCalibration:
+    """Measures points built from the master codes; collects the octaves of the plan table."""
+
+    def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray],
+                 tmap: ToleranceMap, kind: OutputKind, x: np.ndarray, y: np.ndarray | None,
+                 base_out: np.ndarray, correction: BiasCorrection | None, prune_grid: list[float],
+                 coverage: float = 0.99) -> None:
+        self.model, self.infos, self.weights, self.tmap = model, infos, weights, tmap
+        self.kind, self.x, self.y, self.base_out, self.correction = kind, x, y, base_out, correction
+        self.prune_grid, self.coverage = sorted(prune_grid), coverage
+        self.classes = {i.name: prune_classes(tmap.prune_rank[i.name], self.prune_grid) for i in infos}
+        self.master_scale = 0.0
+        self.steps: dict[str, np.ndarray] = {}
+        self.ladders: dict[str, CodeLadder] = {}
+        self.octaves: dict[tuple[float, float], dict[str, np.ndarray]] = {}
+
+    def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> CurvePoint:
+        values = {q.name: dequantize(q) for q in tensors}
+        if self.correction is not None:
+            values.update(self.correction.biases(values))
+        fid = compare_outputs(self.base_out, run_with_weights(self.model, values, self.x), self.y, self.kind)
+        stats = summary({q.name: CompressedTensor(q.name, values[q.name], q.codes, q.steps, q.out_axis) for q in tensors})
+        return CurvePoint(prune_scale=ps, quant_scale=qs, disagreement=fid.disagreement, kl=fid.kl,
+                          accuracy=fid.accuracy, sparsity=stats["sparsity"], entropy_bits=stats["entropy_bits"],
+                          coded_bits=stats["coded_bits"], fixed_bits=stats["fixed_bits"])
+
+    def master_candidate(self, scale: float) -> tuple[CurvePoint, dict[str, np.ndarray]]:
+        """The unpruned model at per-channel steps from scale * tau_hat, measured; and those steps."""
+        steps, tensors = {}, []
+        for info in self.infos:
+            w = self.weights[info.name]
+            steps[info.name] = channel_steps(w, self.tmap.quant[info.name] * np.float32(scale), info.out_axis,
+                                             self.coverage).astype(np.float32)
+            tensors.append(QuantizedTensor(info.name, master_codes(w, steps[info.name], info.out_axis),
+                                           steps[info.name], info.out_axis))
+        return self._measure(tensors, 0.0, scale), steps
+
+    def choose_master(self, grid: list[float], noise_floor: float, on_point=None) -> list[CurvePoint]:
+        """Sweep ``grid`` (ascending) until a point leaves the noise floor; fix the master at the
+        last point on it (the first grid point when none is). Returns the measured sweep."""
+        swept, chosen = [], None
+        for scale in sorted(grid):
+            point, steps = self.master_candidate(scale)
+            swept.append(point)
+            if on_point:
+                on_point()
+            if point.disagreement > noise_floor or point.kl > KL_NOISE_FLOOR:
+                break
+            chosen = (scale, steps)
+        if chosen is None:
+            chosen = (sorted(grid)[0], self.master_candidate(sorted(grid)[0])[1])
+        self.master_scale, self.steps = chosen
+        self.ladders = {i.name: CodeLadder(i.out_axis, master=master_codes(self.weights[i.name], self.steps[i.name],
+                                                                        i.out_axis)) for i in self.infos}
+        return swept
+
+    def point_octaves(self, ps: float, qs: float) -> dict[str, np.ndarray]:
+        """Per-channel octaves of point (ps, qs): coverage of qs * tau_hat on the weights kept at ps."""
+        level = prune_level(self.prune_grid, ps)
+        out = {}
+        for info in self.infos:
+            channels = info.shape[info.out_axis]
+            if qs <= self.master_scale:
+                out[info.name] = np.zeros(channels, np.uint8)
+                continue
+            keep = self.classes[info.name] > level
+            out[info.name] = choose_octaves(self.weights[info.name], self.ladders[info.name].master,
+                                            self.steps[info.name], self.tmap.quant[info.name] * np.float32(qs), keep,
+                                            info.out_axis, self.coverage)
+        return out
+
+    def measure(self, ps: float, qs: float) -> CurvePoint:
+        """Build point (ps, qs) from the master codes as a box does, measure it, record its octaves."""
+        self.octaves[(ps, qs)] = self.point_octaves(ps, qs)
+        table = self.table([(ps, qs)], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16))
+        return self._measure(plan_codes(table, self.ladders, self.classes, ps, qs), ps, qs)
+
+    def table(self, points: list[tuple[float, float]], int8: np.ndarray, nbits: np.ndarray) -> PlanTable:
+        """The plan table of ``points`` (each measured before) with the given runtime decisions."""
+        names = [i.name for i in self.infos]
+        return PlanTable(
+            master_scale=float(self.master_scale), prune_grid=tuple(self.prune_grid), points=tuple(points),
+            tensors=tuple(names), out_axes=tuple(i.out_axis for i in self.infos), master_steps=dict(self.steps),
+            octaves={n: np.stack([self.octaves[p][n] for p in points]) for n in names},
+            int8=int8, nbits_block=nbits, kept_share=kept_shares(self.infos, self.classes, len(self.prune_grid)))
+
+    def final_table(self, points: list[tuple[float, float]], int8_scale: float) -> PlanTable:
+        """The plan table of every measured point, with its int8 and MatMulNBits decisions.
+
+        int8: a weight stays in int8 where its per-channel int8 error is within
+        tau_hat * max(int8_scale, s) for the coverage share (toco_core.compression.qdq_int8.int8_fits);
+        nbits: the 4-bit MatMulNBits block whose error is within tau_hat * s (best_nbits_choice).
+        """
+        int8 = np.zeros((len(points), len(self.infos)), bool)
+        nbits = np.zeros((len(points), len(self.infos)), np.uint16)
+        bare = self.table(points, int8, nbits)
+        for i, (ps, qs) in enumerate(points):
+            tensors = plan_codes(bare, self.ladders, self.classes, ps, qs)
+            scale = np.float32(max(int8_scale, qs))
+            for t, (info, q) in enumerate(zip(self.infos, tensors)):
+                values = dequantize(q)
+                tau = self.tmap.quant[info.name]
+                int8[i, t] = scale > 0 and int8_fits(values, tau * scale, info.out_axis, self.coverage)
+                if info.op_type in ("MatMul", "Gemm") and len(info.shape) == 2 and qs > 0:
+                    choice = best_nbits_choice(values, tau * np.float32(qs), coverage=self.coverage,
+                                               k_axis=1 - info.out_axis)
+                    nbits[i, t] = choice[1] if choice is not None and choice[0] == 4 else 0
+        return self.table(points, int8, nbits)

@@ -1,0 +1,272 @@
+"""Parts bundles: a bundle whose bytes follow the tolerances, fetched by the parts a plan needs.
+
+Parts (each a file of the signed container of toco_core.bundle, so the manifest carries the
+SHA-256 of every part):
+
+    head               LZMA of an inner container: the graph without its compressible weights,
+                       the plan table, the analysis manifest and curves, bundle.json, the code
+                       layout (ladder.json) and bias correction's base channel means
+    prune/{j}          prune plane j (j = G-1 .. 0), toco_core.compression.plane_coding
+    codes/top          every weight's sign(q) (|q| >> B), B = T - 1 for the top octave T
+    codes/{b}          bit plane b of |q| (b = B-1 .. 0): octave k needs the planes down to k - 1
+    calib/heldout      self-test samples, the base model's outputs on them (and labels)
+    calib/analysis     correction samples (bias correction, int8 activation ranges)
+    base               the fp32 model (optional)
+
+A box reads ``head``, plans (toco_core.solver), fetches ``parts_for_plan`` and builds with
+``source_from_parts``: the same weights and biases as the server's build of that plan.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import lzma
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+from toco_core.analysis_result import AnalysisManifest, AnalysisResult
+from toco_core.bundle import pack_bundle, unpack_bundle
+from toco_core.calibration import INT8_CALIBRATION_SAMPLES, CalibrationCurve
+from toco_core.compression import plane_coding as planes
+from toco_core.compression.bias_correction import BiasCorrection, correction_samples
+from toco_core.compression.nested import CodeLadder, channel_axis_shape, octave_steps
+from toco_core.compression.storage import QuantizedTensor, _strip
+from toco_core.errors import BundleError
+from toco_core.model_bundle import BundleInfo
+from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
+from toco_core.plan import CompressionPlan
+from toco_core.plan_table import PlanTable, plan_table_bytes, plan_table_from_bytes
+from toco_core.weight_source import WeightSource, from_base_model, require_plans
+
+FORMAT = 2  # bundle.json's parts format; 1 is the fp32 model + analysis directory
+_LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+class LadderLayout(BaseModel):
+    """How the weight planes are laid out: tensor order and shapes, top octave, prune scales."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensors: list[str]
+    shapes: list[list[int]]
+    out_axes: list[int]
+    top_octave: int
+    prune_levels: int
+
+
+def _lz(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**_LZMA[0], "dict_size": max(len(data), 4096)}])
+
+
+def _unlz(data: bytes, what: str) -> bytes:
+    try:
+        return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA)
+    except lzma.LZMAError as exc:
+        raise BundleError(f"bundle part {what} does not decompress: {exc}", "fetch the bundle again") from None
+
+
+def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays, losslessly: npz (no pickle) under LZMA."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return _lz(buf.getvalue())
+
+
+def decode_arrays(data: bytes, what: str) -> dict[str, np.ndarray]:
+    """Inverse of encode_arrays. Raises BundleError naming the part when it does not decode."""
+    try:
+        with np.load(io.BytesIO(_unlz(data, what)), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, KeyError) as exc:
+        raise BundleError(f"bundle part {what} is unreadable: {exc}", "fetch the bundle again") from None
+
+
+def _rows(codes: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
+
+
+def _truncate(q: np.ndarray, b: int) -> np.ndarray:
+    """sign(q) * (|q| >> b): the codes known down to bit b."""
+    return (np.sign(q) * np.right_shift(np.abs(q.astype(np.int64)), b)).astype(np.int32)
+
+
+def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
+                  table: PlanTable) -> tuple[dict[str, bytes], int]:
+    """codes/top, codes/{b} and prune/{j} of the master codes; returns them and the top octave."""
+    names = list(table.tensors)
+    top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
+    axes = dict(zip(names, table.out_axes))
+    masters = [ladders[n].master for n in names]
+    top_codes = [_truncate(q, max(top - 1, 0)) for q in masters]
+    parts = {"codes/top": planes.encode_top([_rows(c, axes[n]) for c, n in zip(top_codes, names)])}
+    for b in range(max(top - 1, 0) - 1, -1, -1):
+        parts[f"codes/{b}"] = planes.encode_bit_plane(masters, b)
+    for j in range(len(table.prune_grid) - 1, -1, -1):
+        parts[f"prune/{j}"] = planes.encode_prune_plane([classes[n] for n in names], top_codes, j)
+    return parts, top
+
+
+def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo, budget: float | None = None,
+               include_base: bool = False) -> dict[str, bytes]:
+    """Every part of the bundle of ``model`` and its analysis (see module doc).
+
+    Takes the fp32 base, its analysis (with a plan table), the bundle info, the fleet budget the
+    self-test samples are sized for (default: the info's) and whether to add the fp32 base.
+    Raises AnalysisError for an analysis of another model or without a plan table.
+    """
+    from toco_core.sample_codec import self_test_samples  # numpy only; sized from the budget
+
+    source = from_base_model(model, result)
+    table = require_plans(result)
+    infos = compressible_weights(model)
+    parts, top = _weight_parts(source.ladders, source.classes, table)
+    by_name = {i.name: i for i in infos}
+    layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
+                          out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid))
+    graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
+                                           by_name[n].out_axis) for n in table.tensors])
+    head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
+            "analysis/manifest.json": result.manifest.model_dump_json().encode(),
+            "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()}).encode(),
+            "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
+            "ladder.json": layout.model_dump_json().encode()}
+    n_corr = correction_samples(infos) if result.bias_correction else 0
+    if n_corr:
+        means = BiasCorrection(model, infos, result.analysis_x).base_means
+        head["means.npz"] = encode_arrays({f"m{k}": m for k, m in enumerate(means)})
+    parts["head"] = _lz(pack_bundle(head))
+    n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
+    held = {"x": result.heldout_x[:n_test], "base_out": source.base_out[:n_test]}
+    if result.heldout_y is not None:
+        held["y"] = result.heldout_y[:n_test]
+    parts["calib/heldout"] = encode_arrays(held)
+    n_analysis = max(n_corr, INT8_CALIBRATION_SAMPLES if "int8" in result.curves else 0)
+    if n_analysis:
+        parts["calib/analysis"] = encode_arrays({"x": result.analysis_x[:n_analysis]})
+    if include_base:
+        parts["base"] = model_bytes(model)
+    return parts
+
+
+class BundleHead:
+    """The ``head`` part opened: what a box plans with before it fetches any weight plane."""
+
+    def __init__(self, data: bytes) -> None:
+        """Raises BundleError when the head is damaged or is not a parts bundle's."""
+        files = unpack_bundle(_unlz(data, "head"))
+        needed = ("graph.onnx", "plans.safetensors", "analysis/manifest.json", "analysis/calibration.json",
+                  "bundle.json", "ladder.json")
+        missing = [n for n in needed if n not in files]
+        if missing:
+            raise BundleError(f"the bundle head lacks {', '.join(missing)}", "re-pack the bundle on the fleet server")
+        try:
+            self.info = BundleInfo.model_validate_json(files["bundle.json"])
+            self.layout = LadderLayout.model_validate_json(files["ladder.json"])
+            self.manifest = AnalysisManifest.model_validate_json(files["analysis/manifest.json"])
+            self.curves = {k: CalibrationCurve.model_validate(v)
+                           for k, v in json.loads(files["analysis/calibration.json"]).items()}
+            self.graph = onnx.load_from_string(files["graph.onnx"])
+        except (ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+            raise BundleError(f"the bundle head is malformed: {exc}", "re-pack the bundle on the fleet server") from None
+        self.table = plan_table_from_bytes(files["plans.safetensors"])
+        means = decode_arrays(files["means.npz"], "head/means.npz") if "means.npz" in files else None
+        self.base_means = None if means is None else [means[f"m{k}"] for k in range(len(means))]
+
+    @property
+    def bias_correction(self) -> bool:
+        """Whether plans are built with bias correction (so the correction samples are needed)."""
+        return bool(self.manifest.settings.get("bias_correction", False))
+
+    def parts_for_plan(self, plan: CompressionPlan) -> list[str]:
+        """The parts a box needs to build ``plan``: head, the prune planes down to its level, the
+        weight planes down to its finest octave, the self-test samples, the correction samples
+        where the plan corrects biases or runs int8. The base plan needs every weight plane."""
+        names = ["head", "codes/top", "calib/heldout"]
+        if plan.prune_scale > 0 or plan.quant_scale > 0:
+            i = self.table.point_index(plan.prune_scale, plan.quant_scale)
+            finest = self.table.finest_octave(i)
+            level = next(j for j, p in enumerate(self.table.prune_grid) if abs(p - plan.prune_scale) <= 1e-9) \
+                if plan.prune_scale > 0 else self.layout.prune_levels
+            names += [f"prune/{j}" for j in range(self.layout.prune_levels - 1, level - 1, -1)]
+            if self.bias_correction or plan.runtime == "int8":
+                names.append("calib/analysis")
+        else:
+            finest = 0
+        top_bit = max(self.layout.top_octave - 1, 0)
+        names += [f"codes/{b}" for b in range(top_bit - 1, max(finest - 1, 0) - 1, -1)]
+        return names
+
+
+def _top_codes(head: BundleHead, parts: dict[str, bytes]) -> list[np.ndarray]:
+    """Every tensor's codes/top codes in its own shape."""
+    lay = head.layout
+    moved = [(s[a],) + tuple(d for i, d in enumerate(s) if i != a) for s, a in zip(lay.shapes, lay.out_axes)]
+    try:
+        rows = planes.decode_top(parts["codes/top"], [(m[0], int(np.prod(m[1:]))) for m in moved])
+    except (ValueError, RuntimeError) as exc:
+        raise BundleError(f"the bundle's codes/top part does not decode: {exc}", "fetch the bundle again") from None
+    return [np.moveaxis(r.reshape(m), 0, a) for r, m, a in zip(rows, moved, lay.out_axes)]
+
+
+def _ladders(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, CodeLadder]:
+    """Code ladders from the top codes and the bit planes present, contiguously from the top."""
+    lay = head.layout
+    bit = max(lay.top_octave - 1, 0)
+    current = top
+    for b in range(bit - 1, -1, -1):
+        if f"codes/{b}" not in parts:
+            break
+        try:
+            current = planes.decode_bit_plane(parts[f"codes/{b}"], current)
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"bit plane {b} of the bundle does not decode: {exc}", "fetch the bundle again") from None
+        bit = b
+    return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c in zip(lay.tensors, lay.out_axes, current)}
+
+
+def _classes(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Prune classes known down to the last contiguous prune plane present (collapsed below it)."""
+    lay = head.layout
+    known = planes.all_unknown([tuple(s) for s in lay.shapes], lay.prune_levels)
+    for j in range(lay.prune_levels - 1, -1, -1):
+        if f"prune/{j}" not in parts:
+            break
+        try:
+            known = planes.decode_prune_plane(parts[f"prune/{j}"], known, top, j)
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"prune plane {j} of the bundle does not decode: {exc}", "fetch the bundle again") from None
+    return dict(zip(lay.tensors, known))
+
+
+def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisResult, BundleInfo]:
+    """A box's WeightSource, analysis and bundle info from the parts it holds (at least ``head``,
+    ``codes/top`` and ``calib/heldout``). With the ``base`` part the fp32 base is the reference.
+
+    The reference model is the graph with each weight at the finest octave the parts reach (the
+    master when all refinements are present): dense fp32 like the base, so p50 and RSS gates hold.
+    Raises BundleError naming the missing or damaged part.
+    """
+    missing = [n for n in ("head", "codes/top", "calib/heldout") if n not in parts]
+    if missing:
+        raise BundleError(f"the bundle parts lack {', '.join(missing)}", "fetch them from the fleet server")
+    head = BundleHead(parts["head"])
+    held = decode_arrays(parts["calib/heldout"], "calib/heldout")
+    ax = decode_arrays(parts["calib/analysis"], "calib/analysis")["x"] if "calib/analysis" in parts \
+        else held["x"][:0]
+    result = AnalysisResult(head.manifest, None, head.curves, ax, held["x"], held.get("y"), plans=head.table)
+    top = _top_codes(head, parts)
+    classes = _classes(head, parts, top)
+    if "base" in parts:
+        return from_base_model(load_model(parts["base"]), result, classes), result, head.info
+    ladders = _ladders(head, parts, top)
+    values = {}
+    for n, a in zip(head.layout.tensors, head.layout.out_axes):
+        finest = np.full(ladders[n].shape[a], ladders[n].finest)
+        codes = ladders[n].codes(finest).astype(np.float32)
+        values[n] = codes * octave_steps(head.table.master_steps[n], finest).reshape(channel_axis_shape(codes.ndim, a))
+    reference = with_weights(head.graph, values)
+    source = WeightSource(reference, False, ladders, classes, held["base_out"], head.base_means)
+    return source, result, head.info
