@@ -21,7 +21,7 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 
 def _register() -> None:
     # Each command module adds its commands to ``app`` on import.
-    from toco_cli import analyze, demo, probe, recompress  # noqa: F401
+    from toco_cli import analyze, demo, pack, probe, recompress  # noqa: F401
 
 
 _register()

@@ -38,8 +38,13 @@ def print_report(report: CompressionReport, title: str = "per-layer decisions") 
     s = Table(title=f"plan: {report.plan.label}", show_header=True)
     for col in ("", "base", "compressed", "ratio"):
         s.add_column(col, justify="right")
-    s.add_row("storage / transfer", format_size(report.base_file_bytes), format_size(report.storage_bytes),
+    s.add_row("storage form", format_size(report.base_file_bytes), format_size(report.storage_bytes),
               f"{report.base_file_bytes / max(report.storage_bytes, 1):.1f}x")
+    for name, value in (("download (parts this plan needs)", report.download_bytes),
+                        ("full bundle (without fp32 part)", report.bundle_bytes)):
+        if value:
+            s.add_row(name, format_size(report.base_file_bytes), format_size(value),
+                      f"{report.base_file_bytes / value:.2f}x")
     s.add_row("runnable file", format_size(report.base_file_bytes), format_size(report.file_bytes),
               f"{report.base_file_bytes / max(report.file_bytes, 1):.1f}x")
     if report.session_rss and report.base_session_rss:
@@ -60,32 +65,63 @@ def print_report(report: CompressionReport, title: str = "per-layer decisions") 
 @app.command()
 @cli_errors
 def recompress(
-    model: Path = typer.Argument(..., help="the base ONNX model"),
-    analysis: Path = typer.Option(..., "--analysis", help="directory written by `toco analyze`"),
+    model: Path | None = typer.Argument(None, help="the base ONNX model (not needed with --bundle)"),
+    analysis: Path | None = typer.Option(None, "--analysis", help="directory written by `toco analyze`"),
+    bundle: Path | None = typer.Option(None, "--bundle", help="a parts bundle written by `toco pack` "
+                                                               "(builds without the fp32 model)"),
     out: Path = typer.Option(..., "-o", "--out", help="runnable compressed ONNX model to write"),
     profile: Path | None = typer.Option(None, "--profile", help="device profile JSON (default: probe this box)"),
     memory: str | None = typer.Option(None, "--memory", help="session memory limit, e.g. 64MB"),
-    storage: str | None = typer.Option(None, "--storage", help="storage/transfer limit, e.g. 2MB"),
+    storage: str | None = typer.Option(None, "--storage", help="model storage limit, e.g. 2MB"),
     latency: str | None = typer.Option(None, "--latency", help="p50 latency limit at batch 1, e.g. 5ms"),
     budget: str = typer.Option("1%", "--budget", help="max top-1 disagreement with the base"),
     objective: str = typer.Option("fidelity", "--objective", help="fidelity (best fidelity first) or size"),
 ) -> None:
-    """Derive the best compressed model for a device from the tolerance analysis."""
+    """Derive the best compressed model for a device from the tolerance analysis or a parts bundle."""
+    from toco_core.parts_bundle import BundleHead
     from toco_core.recompress import recompress as run
 
     prof = _profile(profile, memory, storage, latency)
     policy = Policy(budget=parse_fraction(budget), objective=objective, memory=prof.memory_budget,
                     storage=prof.storage_budget, latency_s=prof.latency_budget_s)
-    base = load_model(model)
-    result = load_result(analysis)
+    with console.status("reading the model and its analysis"):
+        parts, source, result = _inputs(model, analysis, bundle, parse_fraction(budget))
     with console.status("planning, building and self-testing"):
-        built, report = run(base, result, prof, policy)
+        built, report = run(source, result, prof, policy)
+    need = BundleHead(parts["head"]).parts_for_plan(report.plan)
+    report = report.model_copy(update={"download_bytes": sum(len(parts[n]) for n in need),
+                                       "bundle_bytes": sum(len(v) for k, v in parts.items() if k != "base")})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(built.runnable.SerializeToString())
     out.with_suffix(".toco").write_bytes(built.storage)
     out.with_suffix(".report.json").write_text(report.model_dump_json(indent=1))
     print_report(report)
     console.print(f"wrote {out}, its storage form {out.with_suffix('.toco')} and {out.with_suffix('.report.json')}")
+
+
+def _inputs(model: Path | None, analysis: Path | None, bundle: Path | None, budget: float):
+    """(parts, weight source, analysis) from a bundle, or from a model + analysis packed in memory.
+
+    Raises ConfigError when neither or both ways are given.
+    """
+    from toco_core.bundle import unpack_bundle
+    from toco_core.errors import ConfigError
+    from toco_core.model_bundle import BundleInfo
+    from toco_core.onnx_model import model_hash
+    from toco_core.parts_bundle import pack_parts, source_from_parts
+
+    if (bundle is None) == (model is None or analysis is None):
+        raise ConfigError("give either MODEL --analysis DIR or --bundle FILE.bundle",
+                          "see `toco recompress --help`")
+    if bundle is not None:
+        parts = unpack_bundle(bundle.read_bytes())
+        source, result, _ = source_from_parts(parts)
+        return parts, source, result
+    base, result = load_model(model), load_result(analysis)
+    from toco_core.recompress import as_source
+
+    parts = pack_parts(base, result, BundleInfo(model_name=model.stem, model_sha256=model_hash(base)), budget)
+    return parts, as_source(base, result), result
 
 
 @app.command()
@@ -113,41 +149,3 @@ def evaluate(
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731
     t.add_row(pct(fid.agreement), pct(fid.disagreement), f"{fid.kl:.5f}", pct(fid.accuracy), pct(fid.base_accuracy))
     console.print(t)
-
-
-def recompress_for_profiles(model: Path, analysis: Path, workdir: Path) -> list[CompressionReport]:
-    """The demo's step 4: three boxes derive three models from the same analysis.
-
-    handheld (deploy/profiles/handheld.json): the smallest model within the budget;
-    camera box: storage for 1.6x that, best fidelity within it; line PC: no limits.
-    """
-    from toco_core.device import load_profile, with_budgets
-    from toco_core.recompress import recompress as run
-
-    base = load_model(model)
-    result = load_result(analysis)
-    folder = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
-    reports: list[CompressionReport] = []
-    rows = []
-    for name in ("handheld", "camera-box", "line-pc"):
-        prof = load_profile(folder / f"{name}.json")
-        if name == "handheld":
-            policy = Policy(objective="size", memory=prof.memory_budget)
-        elif name == "camera-box":
-            prof = with_budgets(prof, storage=int(reports[0].plan.predicted_storage * 1.6))
-            policy = Policy(storage=prof.storage_budget, memory=prof.memory_budget)
-        else:
-            policy = Policy()
-        built, report = run(base, result, prof, policy)
-        (workdir / f"{name}.onnx").write_bytes(built.runnable.SerializeToString())
-        print_report(report, title=f"{name}: per-layer decisions")
-        reports.append(report)
-        rows.append((name, report))
-    t = Table(title="one analysis, three devices")
-    for col in ("device", "plan", "transfer", "vs base", "predicted", "measured"):
-        t.add_column(col, justify="left" if col in ("device", "plan") else "right")
-    for name, r in rows:
-        t.add_row(name, r.plan.label, format_size(r.storage_bytes), f"{r.base_file_bytes / r.storage_bytes:.1f}x",
-                  f"{r.self_test.predicted:.2%}", f"{r.self_test.measured:.2%}")
-    console.print(t)
-    return reports

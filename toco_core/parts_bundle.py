@@ -19,16 +19,17 @@ A box reads ``head``, plans (toco_core.solver), fetches ``parts_for_plan`` and b
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
-from toco_core.bundle import pack_bundle, unpack_bundle
+from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES, CalibrationCurve
 from toco_core.compression import plane_coding as planes
 from toco_core.compression.bias_correction import BiasCorrection, correction_samples
@@ -55,6 +56,8 @@ class LadderLayout(BaseModel):
     out_axes: list[int]
     top_octave: int
     prune_levels: int
+    prune_context_bit: int = Field(description="prune planes are coded in contexts of |q| >> this bit, "
+                                               "which every pruning plan's bit planes reach")
 
 
 def _lz(data: bytes) -> bytes:
@@ -93,9 +96,15 @@ def _truncate(q: np.ndarray, b: int) -> np.ndarray:
     return (np.sign(q) * np.right_shift(np.abs(q.astype(np.int64)), b)).astype(np.int32)
 
 
+def lowest_bit(table: PlanTable, i: int) -> int:
+    """The finest bit plane point ``i`` needs: octave k reads |q| down to bit k - 1 (octave 0: bit 0)."""
+    return max(table.finest_octave(i) - 1, 0)
+
+
 def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
-                  table: PlanTable) -> tuple[dict[str, bytes], int]:
-    """codes/top, codes/{b} and prune/{j} of the master codes; returns them and the top octave."""
+                  table: PlanTable) -> tuple[dict[str, bytes], int, int]:
+    """codes/top, codes/{b} and prune/{j} of the master codes; returns them, the top octave and the
+    prune context bit (the coarsest bit every pruning point reads anyway)."""
     names = list(table.tensors)
     top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
     axes = dict(zip(names, table.out_axes))
@@ -104,9 +113,11 @@ def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray]
     parts = {"codes/top": planes.encode_top([_rows(c, axes[n]) for c, n in zip(top_codes, names)])}
     for b in range(max(top - 1, 0) - 1, -1, -1):
         parts[f"codes/{b}"] = planes.encode_bit_plane(masters, b)
+    context_bit = max([lowest_bit(table, i) for i, (p, _) in enumerate(table.points) if p > 0] + [0])
+    coarse = [_truncate(q, context_bit) for q in masters]
     for j in range(len(table.prune_grid) - 1, -1, -1):
-        parts[f"prune/{j}"] = planes.encode_prune_plane([classes[n] for n in names], top_codes, j)
-    return parts, top
+        parts[f"prune/{j}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, j)
+    return parts, top, context_bit
 
 
 def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo, budget: float | None = None,
@@ -122,10 +133,11 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     source = from_base_model(model, result)
     table = require_plans(result)
     infos = compressible_weights(model)
-    parts, top = _weight_parts(source.ladders, source.classes, table)
+    parts, top, context_bit = _weight_parts(source.ladders, source.classes, table)
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
-                          out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid))
+                          out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid),
+                          prune_context_bit=context_bit)
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
@@ -187,16 +199,16 @@ class BundleHead:
         names = ["head", "codes/top", "calib/heldout"]
         if plan.prune_scale > 0 or plan.quant_scale > 0:
             i = self.table.point_index(plan.prune_scale, plan.quant_scale)
-            finest = self.table.finest_octave(i)
+            bit = lowest_bit(self.table, i)
             level = next(j for j, p in enumerate(self.table.prune_grid) if abs(p - plan.prune_scale) <= 1e-9) \
                 if plan.prune_scale > 0 else self.layout.prune_levels
             names += [f"prune/{j}" for j in range(self.layout.prune_levels - 1, level - 1, -1)]
             if self.bias_correction or plan.runtime == "int8":
                 names.append("calib/analysis")
         else:
-            finest = 0
+            bit = 0
         top_bit = max(self.layout.top_octave - 1, 0)
-        names += [f"codes/{b}" for b in range(top_bit - 1, max(finest - 1, 0) - 1, -1)]
+        names += [f"codes/{b}" for b in range(top_bit - 1, bit - 1, -1)]
         return names
 
 
@@ -227,10 +239,19 @@ def _ladders(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -
     return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c in zip(lay.tensors, lay.out_axes, current)}
 
 
-def _classes(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Prune classes known down to the last contiguous prune plane present (collapsed below it)."""
+def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
+    """Prune classes known down to the last contiguous prune plane present (collapsed below it).
+
+    Raises BundleError when prune planes are present but the bit planes their contexts need are not.
+    """
     lay = head.layout
     known = planes.all_unknown([tuple(s) for s in lay.shapes], lay.prune_levels)
+    if f"prune/{lay.prune_levels - 1}" not in parts:
+        return dict(zip(lay.tensors, known))
+    if any(ladders[n].bit > lay.prune_context_bit for n in lay.tensors):
+        raise BundleError(f"prune planes need the weight bit planes down to {lay.prune_context_bit}",
+                          "fetch the parts the plan lists")
+    top = [_truncate(ladders[n].truncated, lay.prune_context_bit - ladders[n].bit) for n in lay.tensors]
     for j in range(lay.prune_levels - 1, -1, -1):
         if f"prune/{j}" not in parts:
             break
@@ -257,11 +278,10 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     ax = decode_arrays(parts["calib/analysis"], "calib/analysis")["x"] if "calib/analysis" in parts \
         else held["x"][:0]
     result = AnalysisResult(head.manifest, None, head.curves, ax, held["x"], held.get("y"), plans=head.table)
-    top = _top_codes(head, parts)
-    classes = _classes(head, parts, top)
+    ladders = _ladders(head, parts, _top_codes(head, parts))
+    classes = _classes(head, parts, ladders)
     if "base" in parts:
         return from_base_model(load_model(parts["base"]), result, classes), result, head.info
-    ladders = _ladders(head, parts, top)
     values = {}
     for n, a in zip(head.layout.tensors, head.layout.out_axes):
         finest = np.full(ladders[n].shape[a], ladders[n].finest)
@@ -270,3 +290,20 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     reference = with_weights(head.graph, values)
     source = WeightSource(reference, False, ladders, classes, held["base_out"], head.base_means)
     return source, result, head.info
+
+
+def verify_parts(parts: dict[str, bytes], manifest: BundleManifest) -> None:
+    """Check every part against the SHA-256 and size the signed manifest lists for it.
+
+    Raises BundleError naming the first part that is unknown to the manifest, or whose size or
+    hash differs (a tampered or damaged part is never decoded).
+    """
+    listed = {f.name: f for f in manifest.files}
+    for name, data in parts.items():
+        entry = listed.get(name)
+        if entry is None:
+            raise BundleError(f"part {name!r} is not in bundle {manifest.bundle_id[:12]}'s manifest",
+                              "fetch parts named by the manifest only")
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise BundleError(f"part {name!r} of bundle {manifest.bundle_id[:12]} does not match its signed hash",
+                              "it was damaged or tampered with: fetch it again")

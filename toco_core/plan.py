@@ -83,7 +83,10 @@ class CompressionReport(BaseModel):
     layers: list[LayerDecision]
     base_file_bytes: int
     file_bytes: int = Field(description="runnable ONNX model")
-    storage_bytes: int = Field(description="storage/transfer form (entropy coded)")
+    storage_bytes: int = Field(description="storage form on the box (entropy-coded codes of this plan)")
+    download_bytes: int | None = Field(None, description="bytes of the parts bundle this plan needs "
+                                                          "(toco_core.parts_bundle.BundleHead.parts_for_plan)")
+    bundle_bytes: int | None = Field(None, description="bytes of the full parts bundle, without the optional fp32 part")
     base_session_rss: int | None = None
     session_rss: int | None = None
     base_p50_s: float | None = None

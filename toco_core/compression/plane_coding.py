@@ -8,7 +8,7 @@ Weights travel as planes that a box reads from the top down and may stop after a
   then the signs of the weights it makes non-zero; octave k needs the planes down to k - 1, so
   the planes nest (each halves every bin) and their sum costs about the entropy of q;
 - prune plane j (j = G-1..0, G prune scales): among the weights whose class is <= j + 1,
-  whether it is <= j, in contexts of the top-octave magnitude; a box pruning at grid level L
+  whether it is <= j, in contexts of a coarse magnitude; a box pruning at grid level L
   reads planes G-1..L and then knows the class of every weight it keeps, and that the rest
   are pruned.
 
@@ -136,17 +136,23 @@ def decode_bit_plane(data: bytes, truncated: list[np.ndarray]) -> list[np.ndarra
 
 # --- prune planes ------------------------------------------------------------------------------
 
-_PRUNE_CONTEXTS = 4
+_PRUNE_CONTEXTS = 7
 
 
-def _prune_contexts(top: np.ndarray) -> np.ndarray:
-    # large weights are rarely pruned: the top-octave magnitude (0, 1, 2, more) splits the statistics
-    return np.minimum(np.abs(top.ravel().astype(np.int64)), _PRUNE_CONTEXTS - 1)
+def _prune_contexts(coarse: np.ndarray) -> np.ndarray:
+    # large weights are rarely pruned: the bit length of the coarse magnitude (0..5, 6+) splits the
+    # statistics (measured on LeNet-5: the prune planes shrink by a third against no context)
+    mag = np.abs(coarse.ravel().astype(np.int64))
+    length = np.zeros(mag.shape, np.int64)
+    for b in range(_PRUNE_CONTEXTS - 1):
+        length += mag >= (1 << b)
+    return length
 
 
 def encode_prune_plane(classes: list[np.ndarray], top: list[np.ndarray], j: int) -> bytes:
     """Prune plane j: for the weights with class <= j + 1, the bit class <= j (tensor order),
-    in contexts of the weight's top-octave magnitude (``top``: the codes/top part's codes)."""
+    in contexts of the weight's coarse magnitude (``top``: codes known down to the layout's
+    prune context bit, which every pruning plan fetches anyway)."""
     syms, ctxs, counts = [], [], []
     for t, (cls, tc) in enumerate(zip(classes, top)):
         c = cls.ravel()

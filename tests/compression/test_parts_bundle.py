@@ -1,0 +1,105 @@
+"""Parts bundles on the demo CNN: every plan built from its parts is the server's build, bit for bit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from toco_core.analysis_result import save_result
+from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, verify_manifest
+from toco_core.errors import BundleError
+from toco_core.model_bundle import BundleInfo
+from toco_core.onnx_model import compressible_weights, model_bytes, model_hash
+from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts, verify_parts
+from toco_core.recompress import build
+from toco_core.solver import enumerate_plans
+
+
+@pytest.fixture(scope="module")
+def parts(lenet5, lenet5_analysis):
+    info = BundleInfo(model_name="lenet5", model_sha256=model_hash(lenet5))
+    return pack_parts(lenet5, lenet5_analysis, info)
+
+
+def _initializers(model):
+    return {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+def test_every_plan_on_the_curve_grid_builds_bit_identically_from_its_parts(lenet5, lenet5_analysis, parts):
+    head = BundleHead(parts["head"])
+    plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)), 0.4, True)
+    sources = {}
+    checked = set()
+    for plan in plans:
+        if plan.runtime != "fp32" and (plan.prune_scale, plan.runtime) in checked:
+            continue  # int8/nbits: one point per prune level keeps the test short; fp32: every point
+        checked.add((plan.prune_scale, plan.runtime))
+        need = tuple(head.parts_for_plan(plan))
+        if need not in sources:
+            sources[need] = source_from_parts({n: parts[n] for n in need})
+        source, result, _ = sources[need]
+        server, box = build(lenet5, lenet5_analysis, plan), build(source, result, plan)
+        assert _initializers(box.runnable) == _initializers(server.runnable), plan.label
+        assert box.storage == server.storage, plan.label
+    assert len(checked) > 60
+
+
+def test_an_aggressive_plan_downloads_a_prefix(lenet5, lenet5_analysis, parts):
+    head = BundleHead(parts["head"])
+    plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)))
+    smallest = min((p for p in plans if p.prune_scale > 0), key=lambda p: p.predicted_storage)
+    gentlest = next(p for p in plans if p.prune_scale == 0 and p.quant_scale == head.table.master_scale)
+    small, full = head.parts_for_plan(smallest), head.parts_for_plan(gentlest)
+    assert "codes/0" in full and "codes/0" not in small  # the master needs every bit plane
+    assert "prune/0" not in small and "prune/0" not in full  # neither prunes at the gentlest level
+    assert set(small) - set(full) == {n for n in small if n.startswith("prune/")}
+    weights = lambda names: sum(len(parts[n]) for n in names if not n.startswith("calib/"))  # noqa: E731
+    assert weights(small) < 0.6 * weights(parts)
+
+
+def test_a_tampered_part_is_refused(parts):
+    key = generate_private_key()
+    manifest = make_manifest(pack_bundle(parts), private_key=key)
+    verify_manifest(manifest, key.public_key())
+    verify_parts(parts, manifest)
+    bad = dict(parts)
+    raw = bytearray(bad["prune/5"])
+    raw[len(raw) // 2] ^= 0x40
+    bad["prune/5"] = bytes(raw)
+    with pytest.raises(BundleError, match="'prune/5'.*does not match its signed hash"):
+        verify_parts(bad, manifest)
+    with pytest.raises(BundleError, match="not in bundle"):
+        verify_parts({"codes/99": b"x"}, manifest)
+
+
+def test_missing_parts_are_named(parts):
+    with pytest.raises(BundleError, match="lack calib/heldout"):
+        source_from_parts({"head": parts["head"], "codes/top": parts["codes/top"]})
+    with pytest.raises(BundleError, match="head"):
+        source_from_parts({**parts, "head": parts["head"][:100]})
+
+
+def test_toco_pack_and_recompress_from_the_bundle(tmp_path, lenet5_path, lenet5_analysis):
+    analysis = save_result(lenet5_analysis, tmp_path / "analysis")
+    bundle = tmp_path / "lenet5.bundle"
+    toco = [sys.executable, "-m", "toco_cli"]
+    done = subprocess.run([*toco, "pack", str(lenet5_path), "--analysis", str(analysis), "-o", str(bundle)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "weights part" in done.stdout and bundle.stat().st_size > 0
+    reports = {}
+    for how, args in (("bundle", ["--bundle", str(bundle)]), ("model", [str(lenet5_path), "--analysis", str(analysis)])):
+        out = tmp_path / how / "model.onnx"
+        done = subprocess.run([*toco, "recompress", *args, "-o", str(out), "--storage", "20KB", "--objective", "size"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "transfer" not in done.stdout and "download" in done.stdout
+        reports[how] = json.loads(out.with_suffix(".report.json").read_text())
+    a, b = reports["bundle"], reports["model"]
+    assert a["plan"] == b["plan"] and a["storage_bytes"] == b["storage_bytes"]
+    assert a["download_bytes"] == b["download_bytes"] < a["bundle_bytes"] <= bundle.stat().st_size
+    assert a["self_test"]["measured"] == b["self_test"]["measured"]
+    done = subprocess.run([*toco, "recompress", "-o", str(tmp_path / "x.onnx")], capture_output=True, text=True)
+    assert done.returncode == 2 and "give either MODEL --analysis DIR or --bundle" in done.stderr
+    assert "Traceback" not in done.stderr
