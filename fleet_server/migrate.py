@@ -148,7 +148,7 @@ def _state(conn: Connection) -> SchemaState:
     unknown = [r for r in current if r not in known]
     if unknown:
         raise DatabaseError(f"the fleet database is at schema revision {unknown[0]!r}, which this release does not "
-                            f"know (its newest is {head!r})",
+                            f"know; its newest is {head!r}",
                             "a newer toco-fleet upgraded it: run that release, or restore the backup taken before")
     if current:
         return SchemaState(current=current[0], head=head, legacy=False)
