@@ -89,6 +89,7 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     """
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("file_template", "%%(rev)s")  # versions/0002_device_site.py for rev_id="0002_device_site"
     if url is not None:
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolates '%'
     if connection is not None:
