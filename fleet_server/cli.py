@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +21,12 @@ app = typer.Typer(help="TOCO fleet server: registry, analyses, signed bundles, s
                   no_args_is_help=True)
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+db_app = typer.Typer(help="The fleet database's schema (Alembic revisions; `serve` also upgrades on start).",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
 SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
+DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (its fleet.db)")
+DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-dir}/fleet.db (or TOCO_FLEET_DB_URL)")
 
 
 def _call(server: str, method: str, path: str, **kw):
@@ -153,3 +160,76 @@ def drift(device: Optional[str] = typer.Option(None), last: int = typer.Option(1
             t.add_row(str(p["window"]), ag, f"{p['confidence']:.2f}", f"{p['entropy']:.2f}", f"{p['input_shift']:.2f}",
                       "[red]ALERT[/red]" if p["alert"] else "")
         console.print(t)
+
+
+
+def _database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str:
+    """The URL ``serve`` would open with these options. Raises ConfigError for a URL SQLAlchemy cannot
+    parse, or a SQLite file that is missing (``must_exist``) or whose folder is missing: a mistyped
+    --data-dir must not look like a new fleet."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from fleet_server.config import FleetSettings
+
+    url = FleetSettings(data_dir=data_dir, **({"db_url": db_url} if db_url else {})).database_url
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"invalid database URL {url!r}: {exc}", "give a SQLAlchemy URL, e.g. "
+                          "postgresql+psycopg://user@host/fleet") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database)
+        if must_exist and not path.exists():
+            raise ConfigError(f"no fleet database at {path}", "check --data-dir / --db-url; `toco-fleet db upgrade` "
+                              "or `toco-fleet serve` creates one")
+        if not path.parent.is_dir():
+            raise ConfigError(f"folder {path.parent} does not exist", "check --data-dir / --db-url")
+    return url
+
+
+@contextmanager
+def _opening(url: str) -> Iterator[None]:
+    """Turn a database that cannot be reached (driver missing, server down, file unreadable) into one ConfigError."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fleet_server.migrate import describe_url
+
+    try:
+        yield
+    except (SQLAlchemyError, ImportError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise ConfigError(f"cannot open the fleet database {describe_url(url)}: {reason}",
+                          "check --data-dir / --db-url and that the database's driver is installed") from None
+
+
+@db_app.command("upgrade")
+@cli_errors
+def db_upgrade(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Bring the database to this release's schema: create it, adopt a pre-Alembic one, or upgrade."""
+    from fleet_server.db import Database
+    from fleet_server.migrate import describe_url
+
+    url = _database_url(data_dir, db_url, must_exist=False)
+    with _opening(url):
+        db = Database(url)
+    db.close()
+    console.print(f"{describe_url(url)}: {db.schema.summary()}", soft_wrap=True, highlight=False)
+
+
+@db_app.command("current")
+@cli_errors
+def db_current(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Print the database's schema revision against this release's head; changes nothing."""
+    from sqlalchemy import create_engine
+
+    from fleet_server.migrate import describe_url, schema_state
+
+    url = _database_url(data_dir, db_url, must_exist=True)
+    with _opening(url):
+        engine = create_engine(url)
+        try:
+            state = schema_state(engine)
+        finally:
+            engine.dispose()
+    console.print(f"{describe_url(url)}: {state.summary()}", soft_wrap=True, highlight=False)

@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
-from sqlalchemy import (JSON, Boolean, Engine, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text,
-                        create_engine, event, inspect, text)
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from fleet_server.migrate import upgrade_database
 
 
 def new_id(prefix: str) -> str:
@@ -201,6 +202,11 @@ class Database:
     """Engine + session factory. SQLite gets WAL and a busy timeout so threads can share the file."""
 
     def __init__(self, url: str) -> None:
+        """Open ``url`` and bring its schema to this release's Alembic head (``self.schema``: what was done).
+
+        Raises DatabaseError, with the engine released and the database untouched, if a newer
+        release wrote it or its tables cannot be placed in the migration history.
+        """
         sqlite = url.startswith("sqlite")
         args = {"check_same_thread": False, "timeout": 30} if sqlite else {}
         # JSON columns are read on every overview (3 per device): orjson parses them ~5x faster
@@ -215,8 +221,11 @@ class Database:
         # SQLite allows one writer; serialising writers here avoids "database is locked" retries
         self.write_lock = threading.RLock() if sqlite else _NullLock()
         self._factory = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
-        add_new_columns(self.engine)
+        try:  # a database outlives releases: tables come from the migrations, never from create_all
+            self.schema = upgrade_database(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
 
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
@@ -234,30 +243,6 @@ class Database:
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
-
-
-def add_new_columns(engine: Engine, metadata: MetaData = Base.metadata) -> list[str]:
-    """Add the nullable columns a newer release declares to tables an older release created.
-
-    ``create_all`` makes missing tables only; a fleet database outlives releases, and every column
-    added since the first one is nullable, so ``ALTER TABLE ... ADD COLUMN`` is the whole upgrade.
-    ``metadata``: the tables as this release declares them. Returns the ``table.column`` names added. Raises RuntimeError for a new NOT NULL column,
-    which needs a real migration.
-    """
-    added = []
-    have = inspect(engine)
-    for table in metadata.sorted_tables:
-        present = {c["name"] for c in have.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            if not column.nullable:
-                raise RuntimeError(f"column {table.name}.{column.name} is new and NOT NULL; write a migration")
-            kind = column.type.compile(dialect=engine.dialect)
-            with engine.begin() as conn:
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
-            added.append(f"{table.name}.{column.name}")
-    return added
 
 
 class _NullLock:

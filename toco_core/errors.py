@@ -12,7 +12,8 @@ Hierarchy::
     ├── InfeasibleError          no compression plan meets the device limits within the fidelity budget
     ├── SelfTestError            a compressed model failed the self-test gate
     ├── BundleError              a bundle is malformed, corrupt, unsigned or badly signed
-    └── TransferError            a bundle transfer failed (missing chunks, bad hash, no space)
+    ├── TransferError            a bundle transfer failed (missing chunks, bad hash, no space)
+    └── DatabaseError            the fleet database's schema is unknown to this release or cannot be adopted
 
 The CLI prints ``str(err)`` on one line and exits with ``err.exit_code``.
 """
@@ -94,3 +95,11 @@ class BundleError(TocoError):
 
 class TransferError(TocoError):
     """Raised when a bundle transfer cannot complete."""
+
+
+class DatabaseError(TocoError):
+    """Raised when the fleet database cannot be opened at this release's schema.
+
+    A newer release's revision, or tables this release cannot place in its migration history;
+    nothing is changed in either case.
+    """
