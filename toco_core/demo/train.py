@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -64,9 +64,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, batch
     return model.eval()
 
 
-def export(model: nn.Module, path: Path, exporter: Exporter = "torchscript") -> Path:
-    """Export to ONNX with a dynamic batch dimension, input ``image`` [N,1,28,28], output ``logits``."""
-    dummy = torch.zeros(1, 1, 28, 28)
+def export(model: nn.Module, path: Path, exporter: Exporter = "torchscript",
+           image_shape: tuple[int, ...] = (1, 28, 28)) -> Path:
+    """Export to ONNX with a dynamic batch dimension, input ``image`` [N, *image_shape], output ``logits``."""
+    dummy = torch.zeros(1, *image_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = dict(input_names=["image"], output_names=["logits"])
     if exporter == "dynamo":
@@ -84,21 +85,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOCO_CACHE_DIR", Path.home() / ".cache" / "toco"))
 
 
+def cached_export(path: Path, make: Callable[[], nn.Module], exporter: Exporter = "torchscript",
+                  image_shape: tuple[int, ...] = (1, 28, 28)) -> Path:
+    """``path`` if it exists, else ``make()`` (build + train) exported there first.
+
+    The export goes to a per-process temporary name and is renamed into place, so concurrent
+    callers never read a half-written file.
+    """
+    if path.is_file():
+        return path
+    model = make()
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    export(model.eval(), tmp, exporter, image_shape)
+    tmp.replace(path)
+    return path
+
+
 def demo_model(arch: str = "lenet5", exporter: Exporter = "torchscript", trained: bool = True) -> Path:
     """Path of the cached ONNX demo model, training and exporting it on first use."""
     tag = "trained" if trained else "random"
     path = cache_dir() / f"v{_RECIPE_VERSION}" / f"{arch}-{tag}-{exporter}.onnx"
-    if path.is_file():
-        return path
-    model = build(arch)
-    if trained:
-        s = mnist_splits()
-        epochs = 3 if arch == "wide_cnn" else 8
-        model = train(model, s.x_train, s.y_train, epochs=epochs)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    export(model.eval(), tmp, exporter)
-    tmp.replace(path)
-    return path
+
+    def make() -> nn.Module:
+        model = build(arch)
+        if trained:
+            s = mnist_splits()
+            epochs = 3 if arch == "wide_cnn" else 8
+            model = train(model, s.x_train, s.y_train, epochs=epochs)
+        return model
+
+    return cached_export(path, make, exporter)
 
 
 if __name__ == "__main__":
