@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from toco_core.drift import MAX_DISPUTED, DisputedSample, DriftReport, StatCheck
 from toco_core.errors import TocoError
 
 SCHEMA_VERSION = 1
@@ -147,53 +148,34 @@ class StatusMessage(AgentMessage):
         return self
 
 
-class DriftCheck(Message):
-    """One statistic of a window against its band; ``in_band`` None = too few samples to judge."""
+class DriftCheck(Message, StatCheck):
+    """One statistic of a window against its band (the fields are toco_core.drift.StatCheck's)."""
 
-    name: Literal["agreement", "confidence", "entropy_psi", "input_shift", "accuracy"]
-    value: float | None
-    reference: float | None
-    low: float | None
-    high: float | None
-    n: int = Field(ge=0)
-    in_band: bool | None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DisputedRef(Message):
-    """An input worth the server's re-analysis; the input itself travels on ``samples`` by ``ref``."""
+class DisputedRef(Message, DisputedSample):
+    """An input worth the server's re-analysis (toco_core.drift.DisputedSample); the input itself
+    travels on ``samples`` by ``ref``."""
 
-    ref: str = Field(min_length=1, max_length=128)
-    reason: Literal["disagreement", "low_confidence"]
-    confidence: float
-    model_class: int
-    base_class: int | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DriftMessage(AgentMessage):
-    """One closed drift window; the fields mirror toco_core.drift.DriftReport one for one.
+class DriftMessage(AgentMessage, DriftReport):
+    """One closed drift window: the fields (and their bounds) are toco_core.drift.DriftReport's,
+    plus the sender and the bundle it serves. Build it with :meth:`from_report`."""
 
-    Build it as ``DriftMessage(device_id=..., bundle_id=..., **report.model_dump(exclude={"schema_version"}))``.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bundle_id: BundleId | None = None
-    window_index: int = Field(ge=0)
-    opened_at: float
-    closed_at: float
-    n_samples: int = Field(ge=0)
-    n_shadowed: int = Field(0, ge=0, description="inputs also run on the base model")
-    n_labeled: int = Field(0, ge=0)
-    predicted_agreement: float | None = Field(None, ge=0, le=1)
-    measured_agreement: float | None = Field(None, ge=0, le=1)
-    accuracy: float | None = Field(None, ge=0, le=1)
-    mean_confidence: float
-    mean_entropy: float
-    input_mean: float
-    input_std: float
+    # the report's nested types again, as strict versioned wire types (same fields)
     checks: list[DriftCheck] = Field(default_factory=list)
-    out_of_band: list[str] = Field(default_factory=list, description="names of the checks outside their band")
-    consecutive_out_of_band: int = Field(0, ge=0)
-    alert: bool = False
-    disputed: list[DisputedRef] = Field(default_factory=list, max_length=1000)
+    disputed: list[DisputedRef] = Field(default_factory=list, max_length=MAX_DISPUTED)
+
+    @classmethod
+    def from_report(cls, report: DriftReport, *, device_id: str, bundle_id: str | None) -> DriftMessage:
+        """The message of one closed window. Raises pydantic's ValidationError for a bad id."""
+        return cls(device_id=device_id, bundle_id=bundle_id, **report.model_dump(exclude={"schema_version"}))
 
 
 class Sample(Message):

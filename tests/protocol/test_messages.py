@@ -176,5 +176,21 @@ def test_drift_message_carries_the_drift_monitors_report() -> None:
     report = DriftReport(opened_at=0.0, closed_at=60.0, n_samples=300, n_shadowed=30, n_labeled=0,
                          predicted_agreement=0.99, measured_agreement=0.9, accuracy=None, mean_confidence=0.7,
                          mean_entropy=0.5, input_mean=0.1, input_std=0.3, checks=[], out_of_band=["agreement"])
-    msg = DriftMessage(device_id=DEV, bundle_id=BID, **report.model_dump(exclude={"schema_version"}))
+    msg = DriftMessage.from_report(report, device_id=DEV, bundle_id=BID)
     assert parse_message("drift", encode(msg)) == msg
+    assert msg.model_dump(exclude={"schema_version", "device_id", "seq", "sent_at", "bundle_id"}) == \
+        report.model_dump(exclude={"schema_version"})
+
+
+def test_drift_message_takes_its_fields_from_the_report() -> None:
+    """Not a mirror: every report field is a message field, with the same bounds."""
+    from toco_core.drift import DriftReport
+
+    own = {"device_id", "seq", "sent_at", "bundle_id"}
+    assert set(DriftMessage.model_fields) - own == set(DriftReport.model_fields)
+    body = json.loads(encode(examples()[5]))
+    for change, needle in [({"n_samples": -1}, "n_samples"), ({"measured_agreement": 1.2}, "measured_agreement"),
+                           ({"checks": [body["checks"][0] | {"n": -1}]}, "checks"),
+                           ({"disputed": [body["disputed"][0] | {"ref": ""}]}, "disputed")]:
+        with pytest.raises(MessageError, match=needle):
+            parse_message("drift", json.dumps(body | change).encode())
