@@ -113,7 +113,7 @@ def recompress(
     if info is None:
         raise SelfTestError(f"recompression did not produce an active model: {lines[-1] if lines else 'no detail'}",
                             "the previous model keeps serving; relax the limits")
-    console.print(f"active: slot {info.slot} {info.version} ({info.meta.plan_summary.get('label')})")
+    console.print(f"active: slot {info.slot} {info.version} ({info.meta.plan.label if info.meta.plan else '-'})")
 
 
 @app.command()

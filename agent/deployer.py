@@ -31,7 +31,7 @@ from agent.status import Journal, read_journal, write_journal
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.drift import DriftReference
 from toco_core.errors import ModelError, TocoError
-from toco_core.messages import FailureReason, Phase
+from toco_core.messages import FailureReason, Phase, PlanSummary
 from toco_core.plan import Policy
 from toco_core.runtime import make_session
 
@@ -40,14 +40,10 @@ MAX_ATTEMPTS = 2
 Report = Callable[..., None]  # report(phase, journal, **StatusMessage fields)
 
 
-def plan_summary(job: JobResult) -> dict[str, Any]:
-    """The short plan description carried in status, state and the slot's meta."""
-    r = job.report
-    return {"label": r.plan.label, "model_name": job.model_name, "storage_bytes": r.storage_bytes,
-            "file_bytes": r.file_bytes, "base_file_bytes": r.base_file_bytes,
-            "predicted_disagreement": r.self_test.predicted, "measured_disagreement": r.self_test.measured,
-            "p50_ms": r.p50_s * 1e3 if r.p50_s else None, "session_rss": r.session_rss,
-            "attempts": r.attempts, "seconds": round(r.seconds, 3), "peak_rss_child": job.peak_rss}
+def plan_summary(job: JobResult) -> PlanSummary:
+    """The plan summary carried in status, state and the slot's meta: the report's predictions and
+    measurements, the model's name and the recompression child's peak RSS."""
+    return PlanSummary.from_report(job.report, model_name=job.model_name, recompress_peak_rss=job.peak_rss)
 
 
 class Deployer:
@@ -145,16 +141,16 @@ class Deployer:
         self.report(Phase.SELF_TEST, journal, progress=1.0, detail="passed", **numbers)
         return self._activate(journal, job, summary, numbers)
 
-    def _activate(self, journal: Journal, job: JobResult, summary: dict, numbers: dict) -> SlotInfo | None:
+    def _activate(self, journal: Journal, job: JobResult, summary: PlanSummary, numbers: dict) -> SlotInfo | None:
         return self.activate(journal, job.candidate.read_bytes(), summary, numbers, job.reference, job.preprocessing)
 
-    def activate(self, journal: Journal, data: bytes, summary: dict, numbers: dict,
+    def activate(self, journal: Journal, data: bytes, summary: PlanSummary, numbers: dict,
                  reference: DriftReference | None = None, preprocessing: dict | None = None) -> SlotInfo | None:
         """Test-run, install, switch to and serve a candidate that passed its self-test.
 
-        ``summary`` is the plan summary kept in the slot (needs ``label``), ``numbers`` extra
-        StatusMessage fields. The served model goes on trial (config ``trial_runs``). Returns
-        the new SlotInfo, or None after reporting why it was not activated.
+        ``summary`` is the plan summary kept in the slot, ``numbers`` extra StatusMessage fields.
+        The served model goes on trial (config ``trial_runs``). Returns the new SlotInfo, or None
+        after reporting why it was not activated.
         """
         journal = journal.model_copy(update={"phase": Phase.ACTIVATING.value})
         write_journal(self.root, journal)
@@ -172,8 +168,8 @@ class Deployer:
         if reference is not None:
             atomic_write(self.root / "references" / f"{sha}.json", reference.model_dump_json().encode())
         try:
-            slot = self.store.install_candidate(data, CandidateMeta(bundle_id=journal.bundle_id, plan_summary=summary,
-                                                                    preprocessing=preprocessing))
+            slot = self.store.install_candidate(data, CandidateMeta(
+                bundle_id=journal.bundle_id, plan_summary=summary.model_dump(mode="json"), preprocessing=preprocessing))
             self._pause(Phase.ACTIVATING)  # fault injection: the window between install and the pointer switch
             info = self.store.activate(slot)
         except StoreError as exc:
@@ -188,7 +184,7 @@ class Deployer:
                 return self._fail(journal, Phase.ROLLED_BACK, FailureReason.LOAD_FAILED, str(exc))
         self.on_activated(info)
         write_journal(self.root, None)
-        self.report(Phase.ACTIVE, journal, progress=1.0, detail=f"slot {info.slot}: {summary['label']}", **numbers)
+        self.report(Phase.ACTIVE, journal, progress=1.0, detail=f"slot {info.slot}: {summary.label}", **numbers)
         self.collect_garbage()
         return info
 
@@ -235,7 +231,7 @@ class Deployer:
                 and journal.kind == "deploy":
             write_journal(self.root, None)
             self.report(Phase.ACTIVE, journal, progress=1.0, detail=f"slot {active.slot} (finished before a restart)",
-                        plan=active.meta.plan_summary)
+                        plan=active.meta.plan)
             return None
         self.deploy(journal)
         return None

@@ -256,8 +256,7 @@ class DriftReporter:
             self._kept[report.window_index] = (report.disputed, result.disputed_inputs)
             while len(self._kept) > self.settings.history:
                 self._kept.popitem(last=False)
-        fields = report.model_dump(exclude={"schema_version"})
-        self.send(DriftMessage(device_id=self.device_id, bundle_id=bundle_id, **fields))
+        self.send(DriftMessage.from_report(report, device_id=self.device_id, bundle_id=bundle_id))
         log.info("drift window closed", extra={"fields": {"window": report.window_index, "alert": report.alert,
                                                           "out_of_band": ",".join(report.out_of_band)}})
         if self.upload_samples and report.out_of_band and report.disputed:

@@ -113,7 +113,7 @@ class ModelCommands:
             return
         self._attach(info)
         self.status.report(Phase.ACTIVE, j.model_copy(update={"bundle_id": info.meta.bundle_id}),
-                           detail=f"rolled back on request to slot {info.slot}", plan=info.meta.plan_summary)
+                           detail=f"rolled back on request to slot {info.slot}", plan=info.meta.plan)
 
     # ---------------------------------------------------------------- trial failures
     def on_trial_failure(self, journal: Journal | None, version: str, error: str) -> None:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.atomic_files import atomic_write, fsync_dir
 from toco_core.errors import TocoError
+from toco_core.messages import PlanSummary
 from toco_core.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,21 @@ class CandidateMeta(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bundle_id: str = Field(min_length=1, description="id of the bundle the model came from")
-    plan_summary: dict[str, Any] = Field(default_factory=dict, description="compression plan, short")
+    # Kept as the JSON of a PlanSummary rather than typed: a summary this version cannot read
+    # (written by another version) must cost the reports, never the slot and the model it serves.
+    plan_summary: dict[str, Any] = Field(default_factory=dict, description="PlanSummary as JSON")
     preprocessing: Preprocessing | None = Field(None, description="image preprocessing the bundle declares")
+
+    @property
+    def plan(self) -> PlanSummary | None:
+        """The slot's plan summary, typed; None when there is none or it does not validate (logged)."""
+        if not self.plan_summary:
+            return None
+        try:
+            return PlanSummary.model_validate(self.plan_summary)
+        except ValidationError as exc:
+            log.warning("unreadable plan summary in a slot", extra={"fields": {"error": str(exc)[:300]}})
+            return None
 
 
 class SlotMeta(CandidateMeta):

@@ -23,7 +23,7 @@ from agent.model_store import ModelStore
 from agent.mqtt_link import MqttLink
 from agent.status import AgentStatus, Journal, write_status
 from toco_core.device import DeviceProfile
-from toco_core.messages import ActiveModel, Message, Phase, StatusMessage, TelemetryMessage
+from toco_core.messages import ActiveModel, HardwareInfo, Message, Phase, PlanSummary, StatusMessage, TelemetryMessage
 
 log = logging.getLogger("toco.agent")
 
@@ -36,6 +36,10 @@ def temperature() -> float | None:
         return None
     values = [t.current for entries in temps.values() for t in entries if t.current]
     return max(values) if values else None
+
+
+def _plan_json(plan: PlanSummary | None) -> dict | None:
+    return None if plan is None else plan.model_dump(mode="json", exclude_none=True)
 
 
 class StatusReport:
@@ -72,18 +76,17 @@ class StatusReport:
         self.write()
 
     def birth(self) -> dict:
-        """The link's birth payload: ``{"hardware": profile + group or None, "active": ActiveModel or None}``."""
+        """The link's birth payload: StateMessage fields ``hardware`` (HardwareInfo or None), ``group``
+        (the configured one; the server decides) and ``active`` (ActiveModel or None)."""
         active = self.store.active()
         model = None
         if active is not None:
+            plan = active.meta.plan
             model = ActiveModel(bundle_id=active.meta.bundle_id if len(active.meta.bundle_id) == 64 else None,
-                                model_name=active.meta.plan_summary.get("model_name"), slot=active.slot,
-                                plan=active.meta.plan_summary)
-        hardware = None
+                                model_name=plan.model_name if plan else None, slot=active.slot, plan=plan)
         profile = self._profile()
-        if profile is not None:  # the server reads the device's group from its birth
-            hardware = {**profile.model_dump(mode="json"), "group": self.config.group}
-        return {"hardware": hardware, "active": model}
+        hardware = HardwareInfo.from_profile(profile) if profile is not None else None
+        return {"hardware": hardware, "group": self.config.group, "active": model}
 
     def telemetry(self) -> None:
         """Send one TelemetryMessage: free memory and disk, CPU load, temperature, inference counts and latency."""
@@ -105,7 +108,7 @@ class StatusReport:
             connected=bool(link and link.connected and running), broker=self.config.broker_url.split("@")[-1],
             api_url=server.url if server else None,
             active=None if active is None else {"bundle_id": active.meta.bundle_id, "slot": active.slot,
-                                                "version": active.version, "plan": active.meta.plan_summary,
+                                                "version": active.version, "plan": _plan_json(active.meta.plan),
                                                 "fallback": active.fallback_reason},
             deployment=self.last_deployment,
             last_drift=None if last is None else {"window": last.window_index, "closed_at": last.closed_at,

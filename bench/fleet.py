@@ -31,8 +31,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.protocol.conftest import Broker, free_port  # noqa: E402
-from toco_core.messages import (BundleManifest, ChunkRequest, DeployCommand, DriftMessage, MessageKind,  # noqa: E402
-                                StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
+from toco_core.messages import (BundleManifest, ChunkRequest, DeployCommand, DriftMessage, HardwareInfo,  # noqa: E402
+                                MessageKind, StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
 from toco_core.topics import Topics  # noqa: E402
 
 FLEET = "bench"
@@ -85,7 +85,7 @@ class Connection:
     def births(self) -> None:
         for i in self.ids:
             self.send(MessageKind.STATE, StateMessage(device_id=i, state="online", birth=1, agent_version="sim",
-                                                      hardware={**HW, "device_id": i, "group": self.group}))
+                                                      hardware=HardwareInfo(**HW, device_id=i), group=self.group))
 
     def telemetry(self) -> None:
         for i in self.ids:

@@ -50,6 +50,16 @@ def device_history(db: Database, *, device_id: str, limit: int = 200) -> list[di
                 for t, b in rows]
 
 
+def _active_after(before: dict | None, msg: StatusMessage, bundle_id: str) -> dict[str, Any]:
+    """The device's stored ``active`` after a successful final status: its bundle and plan (as JSON),
+    the agreements the status reports, the model name from the plan (else the one known before)."""
+    plan = msg.plan
+    return {"bundle_id": msg.bundle_id or bundle_id,
+            "model_name": (plan.model_name if plan else None) or (before or {}).get("model_name"),
+            "plan": plan.model_dump(mode="json") if plan else None,
+            "predicted_agreement": msg.predicted_agreement, "measured_agreement": msg.measured_agreement}
+
+
 def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict], budget: float) -> list[dict]:
     """The advisory per-device check (fleet_server.whatif.expected_infeasible), never a refusal: the
     box decides with its own numbers, but whoever deploys hears it first. A check that cannot run
@@ -220,10 +230,7 @@ class Deployments:
         if new_outcome == "succeeded":
             device.deploy_state = None
             device.alert = False
-            device.active = {"bundle_id": msg.bundle_id or s.get(DeploymentRow, m.deployment_id).bundle_id,
-                             "model_name": (device.active or {}).get("model_name"), "plan": msg.plan,
-                             "predicted_agreement": msg.predicted_agreement,
-                             "measured_agreement": msg.measured_agreement}
+            device.active = _active_after(device.active, msg, s.get(DeploymentRow, m.deployment_id).bundle_id)
         elif new_outcome == "failed":
             device.deploy_state = "failed" if msg.phase is not Phase.ROLLED_BACK else None
         self._after_change(s, m.deployment_id, after)

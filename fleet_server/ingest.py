@@ -29,6 +29,7 @@ from toco_core.messages import (DriftMessage, MessageError, MessageKind, Samples
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
+DEFAULT_GROUP = "default"  # a device in this group has no assignment of the server's yet
 BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy", "input_shift": "input_shift"}
 
 
@@ -51,6 +52,22 @@ def drift_point(msg: DriftMessage) -> dict[str, Any]:
             "accuracy": msg.accuracy, "alert": msg.alert, "out_of_band": list(msg.out_of_band),
             "consecutive_out_of_band": msg.consecutive_out_of_band, "n_samples": msg.n_samples,
             "n_shadowed": msg.n_shadowed, "bands": bands}
+
+
+def _adopt_group(d: DeviceRow, reported: str | None) -> None:
+    """Take the group a device's birth asks for, unless the server already put it in another.
+
+    The server owns the assignment: a device still in the default group (new, or never
+    grouped) joins the group its config names; a device in a named group stays there, and a
+    birth asking for another one is only logged.
+    """
+    if reported is None or reported == d.group:
+        return
+    if d.group in (None, "", DEFAULT_GROUP):
+        d.group = reported
+        return
+    log.info("device asks for another group; the server's assignment stays",
+             extra={"fields": {"device": d.id, "group": d.group, "asked": reported}})
 
 
 class Ingest:
@@ -154,7 +171,7 @@ class Ingest:
     def _device(self, s, device_id: str) -> DeviceRow:
         d = s.get(DeviceRow, device_id)
         if d is None:
-            d = DeviceRow(id=device_id, group="default", online=True, birth=0, last_seen=time.time(), hardware={},
+            d = DeviceRow(id=device_id, group=DEFAULT_GROUP, online=True, birth=0, last_seen=time.time(), hardware={},
                           alert=False, bad_messages=0)
             s.add(d)
         return d
@@ -188,8 +205,8 @@ class Ingest:
         if msg.state == "online":
             d.agent_version = msg.agent_version
             if msg.hardware is not None:
-                d.hardware = dict(msg.hardware)
-                d.group = str(msg.hardware.get("group") or d.group or "default")[:64]
+                d.hardware = msg.hardware.model_dump(mode="json")
+            _adopt_group(d, msg.group)
             if msg.active is not None:
                 d.active = {**(d.active or {}), **msg.active.model_dump(mode="json")} if msg.active.bundle_id else None
         view = device_view(d)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
+import orjson
+from pydantic import ValidationError
+
 from fleet_server.db import AnalysisRow, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow, ReanalysisRow
+from toco_core.messages import PlanSummary
 
 OUTCOMES = ("pending", "in_progress", "succeeded", "failed")
 PROFILE_KEYS = ("total_memory", "available_memory", "physical_cores", "cpu_model")
@@ -38,29 +43,57 @@ def device_state(d: DeviceRow) -> str:
     return "online"
 
 
+def stored_plan(plan: dict | None) -> PlanSummary | None:
+    """The PlanSummary of a stored ``active.plan``; None when there is none or it does not validate
+    (a row written before the plan was typed, with keys no agent sends any more)."""
+    if not plan:
+        return None
+    return _plan_of_json(orjson.dumps(plan))
+
+
+# The overview validates every device's plan on every poll: ~15 us each against ~1 us for the
+# JSON key. A plan changes only with a deployment, so validated plans are kept by their JSON
+# (PlanSummary is frozen, so sharing one is safe); the size covers a whole overview of a large
+# fleet (an LRU smaller than one sweep would never hit).
+@lru_cache(maxsize=8192)
+def _plan_of_json(raw: bytes) -> PlanSummary | None:
+    try:
+        return PlanSummary.model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def _agreement(disagreement: float | None) -> float | None:
+    return None if disagreement is None else 1.0 - disagreement
+
+
 def active_view(active: dict | None) -> dict[str, Any] | None:
-    """The contract's ``active`` block from what the device reported (state or final status)."""
+    """The contract's ``active`` block from what the device reported (state or final status).
+
+    The agreements come from the plan's disagreements, which always belong to the plan shown;
+    the agreements a final status carried are the fallback for a plan without them.
+    """
     if not active or not active.get("bundle_id"):
         return None
-    plan = active.get("plan") or {}
-    return {"bundle_id": active.get("bundle_id"), "model_name": active.get("model_name"),
-            "plan_label": plan.get("label") or active.get("plan_label"),
-            "storage_bytes": plan.get("storage_bytes", plan.get("predicted_storage")),
-            "base_bytes": plan.get("base_bytes", plan.get("base_file_bytes")),
-            "predicted_agreement": active.get("predicted_agreement", _agreement(plan)),
-            "measured_agreement": active.get("measured_agreement", plan.get("measured_agreement")),
-            "plan": plan or None}
-
-
-def _agreement(plan: dict) -> float | None:
-    if plan.get("predicted_agreement") is not None:
-        return plan["predicted_agreement"]
-    d = plan.get("predicted_disagreement")
-    return None if d is None else 1.0 - float(d)
+    plan = stored_plan(active.get("plan"))
+    if plan is None:
+        return {"bundle_id": active["bundle_id"], "model_name": active.get("model_name"), "plan_label": None,
+                "storage_bytes": None, "base_file_bytes": None,
+                "predicted_agreement": active.get("predicted_agreement"),
+                "measured_agreement": active.get("measured_agreement"), "plan": None}
+    predicted, measured = _agreement(plan.predicted_disagreement), _agreement(plan.measured_disagreement)
+    return {"bundle_id": active["bundle_id"], "model_name": active.get("model_name") or plan.model_name,
+            "plan_label": plan.label, "storage_bytes": plan.storage_bytes, "base_file_bytes": plan.base_file_bytes,
+            "predicted_agreement": predicted if predicted is not None else active.get("predicted_agreement"),
+            "measured_agreement": measured if measured is not None else active.get("measured_agreement"),
+            "plan": plan.model_dump(mode="json")}
 
 
 def device_view(d: DeviceRow) -> dict[str, Any]:
-    """Device = id, group, online, last_seen, agent_version, hardware, active, last_drift, alert, state."""
+    """Device = id, group, online, last_seen, agent_version, hardware, active, last_drift, alert, state.
+
+    ``hardware`` is the stored HardwareInfo JSON, passed through unparsed (the overview's hot path).
+    """
     return {"device_id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen,
             "agent_version": d.agent_version, "hardware": d.hardware or {}, "active": active_view(d.active),
             "last_drift": d.last_drift, "alert": d.alert, "state": device_state(d), "birth": d.birth}

@@ -12,6 +12,7 @@ from typing import Any
 from toco_core.analysis_result import AnalysisResult, load_result
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import DeviceError, InfeasibleError
+from toco_core.messages import PlanSummary
 from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
 from toco_core.plan import Policy
 from toco_core.solver import device_limits, plans_for_device
@@ -24,24 +25,27 @@ def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, list[Weight
 
 
 def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, policy: Policy) -> dict[str, Any]:
-    """``{"feasible", "plan", "reason"}``: the solver's best plan within the budget and limits.
+    """``{"feasible", "plan", "reason", "limits"}``: the solver's best plan within the budget and limits.
 
-    Limits = the tighter of the profile's usable memory/storage and the policy's. Raises
-    AnalysisError when the result directory is unusable.
+    ``plan`` is a PlanSummary's JSON with the predictions only (``predicted_*``, the scales,
+    ``base_file_bytes``): nothing is built, so nothing is measured. Limits = the tighter of the
+    profile's usable memory/storage and the policy's. Raises AnalysisError when the result
+    directory is unusable.
     """
     result, infos, base_bytes = _load(result_dir, model_path)
     mem, sto = device_limits(profile, policy)
+    limits = {"memory": mem, "storage": sto}
     try:
         best = plans_for_device(result, infos, base_bytes, profile, policy)[0]
     except InfeasibleError as exc:
-        return {"feasible": False, "plan": None, "reason": str(exc), "limits": {"memory": mem, "storage": sto}}
-    plan = best.model_dump()
-    plan.update(label=best.label, predicted_agreement=1.0 - best.predicted_disagreement, base_bytes=base_bytes)
-    return {"feasible": True, "plan": plan, "reason": None, "limits": {"memory": mem, "storage": sto}}
+        return {"feasible": False, "plan": None, "reason": str(exc), "limits": limits}
+    plan = PlanSummary.from_plan(best, base_file_bytes=base_bytes)
+    return {"feasible": True, "plan": plan.model_dump(mode="json"), "reason": None, "limits": limits}
 
 
 def hardware_profile(device_id: str, hardware: dict) -> DeviceProfile:
-    """The DeviceProfile in a birth message's hardware dict (its other keys, like group, ignored).
+    """The DeviceProfile in a stored HardwareInfo (other keys ignored: rows stored before the group
+    had its own field carry one).
 
     Raises DeviceError naming the offending field when the box sent no valid profile.
     """

@@ -21,6 +21,7 @@ from rich.table import Table
 from toco_cli.demo_fleet import CAMERA, SHIFTED, DemoDevice, DemoError, DemoFleet, wait_for
 from toco_cli.demo_traffic import Traffic
 from toco_core.cli_support import console
+from toco_core.messages import PlanSummary
 from toco_core.probe import probe_device
 from toco_core.units import format_size, parse_size
 
@@ -100,23 +101,24 @@ def size_camera_box(fleet: DemoFleet, analysis_id: str, budget: float = 0.01) ->
     """
     here = probe_device(fleet.workdir, benchmark=False, device_id="demo").model_dump(mode="json")
 
-    def best_plan(device: DemoDevice, storage: int | None = None) -> dict | None:
+    def best_plan(device: DemoDevice, storage: int | None = None) -> PlanSummary | None:
         limits = {"memory": parse_size(device.memory_cap) if device.memory_cap else None, "storage": storage}
         ask = {"profile": here, "budget": budget, "objective": device.objective,
                **{k: v for k, v in limits.items() if v is not None}}
-        return fleet.call("POST", f"/api/analyses/{analysis_id}/whatif", json=ask)["plan"]
+        plan = fleet.call("POST", f"/api/analyses/{analysis_id}/whatif", json=ask)["plan"]
+        return None if plan is None else PlanSummary.model_validate(plan)
 
     others = {d.device_id: best_plan(d) for d in fleet.devices if d.device_id != CAMERA}
     if None in others.values():
         missing = sorted(k for k, v in others.items() if not v)
         raise DemoError(f"the what-if finds no plan within {budget:.0%} for {missing}")
-    taken = {p["label"] for p in others.values()}
+    taken = {p.label for p in others.values()}
     camera = next(d for d in fleet.devices if d.device_id == CAMERA)
-    for kb in range((others[SHIFTED]["predicted_storage"] - 1) // 1000, 0, -1):
+    for kb in range((others[SHIFTED].predicted_storage_bytes - 1) // 1000, 0, -1):
         plan = best_plan(camera, kb * 1000)
         if plan is None:
             break
-        if plan["label"] not in taken:
+        if plan.label not in taken:
             role = f"{camera.role}, {kb} KB model storage"
             camera = replace(camera, storage_cap=f"{kb}KB", role=role)
             fleet.devices = tuple(camera if d.device_id == CAMERA else d for d in fleet.devices)
@@ -255,7 +257,7 @@ def plans_table(fleet: DemoFleet, title: str) -> Table:
         v = seen.get(d.device_id, {})
         a = v.get("active") or {}
         last = v.get("last_drift") or {}
-        size, base = a.get("storage_bytes"), a.get("base_bytes")
+        size, base = a.get("storage_bytes"), a.get("base_file_bytes")
         t.add_row(d.device_id, a.get("plan_label") or "-", format_size(size) if size else "-",
                   f"{base / size:.1f}x" if size and base else "-", _pct(a.get("predicted_agreement")),
                   _pct(a.get("measured_agreement")), _pct(last.get("agreement")),

@@ -37,8 +37,12 @@ from toco_core.drift_window import DriftWindow, input_features, output_stats
 from toco_core.errors import PoolError
 from toco_core.fidelity import OutputKind
 
-__all__ = ["DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow", "StatCheck",
+__all__ = ["MAX_DISPUTED", "DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow", "StatCheck",
            "build_reference", "evaluate_window"]
+
+# A window's report travels as one MQTT message (toco_core.messages.DriftMessage, which takes
+# its fields and bounds from DriftReport): the disputed list is capped to keep it small.
+MAX_DISPUTED = 1000
 
 
 class DriftSettings(BaseModel):
@@ -63,7 +67,7 @@ class DriftSettings(BaseModel):
     std_floor: float = Field(0.1, gt=0, le=10, description="feature std floor, as a share of the input std")
     min_shadow_samples: int = Field(10, ge=1, description="agreement is judged from this many shadowed samples")
     min_labels: int = Field(10, ge=1, description="accuracy is judged from this many labels")
-    max_disputed: int = Field(16, ge=0, le=10_000, description="disputed samples attached per window")
+    max_disputed: int = Field(16, ge=0, le=MAX_DISPUTED, description="disputed samples attached per window")
 
     @model_validator(mode="after")
     def _check(self) -> DriftSettings:
@@ -130,14 +134,14 @@ class StatCheck(BaseModel):
     reference: float | None
     low: float | None
     high: float | None
-    n: int
+    n: int = Field(ge=0)
     in_band: bool | None
 
 
 class DisputedSample(BaseModel):
     """A sample worth the server's re-analysis (its input travels separately, by ``ref``)."""
 
-    ref: str
+    ref: str = Field(min_length=1, max_length=128)
     reason: Literal["disagreement", "low_confidence"]
     confidence: float
     model_class: int
@@ -145,27 +149,31 @@ class DisputedSample(BaseModel):
 
 
 class DriftReport(BaseModel):
-    """One closed window judged against the reference."""
+    """One closed window judged against the reference.
+
+    Also the body of the drift message (toco_core.messages.DriftMessage): the bounds and
+    defaults here are the wire's.
+    """
 
     schema_version: int = 1
-    window_index: int = 0
+    window_index: int = Field(0, ge=0)
     opened_at: float
     closed_at: float
-    n_samples: int
-    n_shadowed: int
-    n_labeled: int
-    predicted_agreement: float
-    measured_agreement: float | None
-    accuracy: float | None
+    n_samples: int = Field(ge=0)
+    n_shadowed: int = Field(0, ge=0, description="inputs also run on the base model")
+    n_labeled: int = Field(0, ge=0)
+    predicted_agreement: float | None = Field(None, ge=0, le=1, description="the served model's self-test agreement")
+    measured_agreement: float | None = Field(None, ge=0, le=1, description="on the shadowed inputs")
+    accuracy: float | None = Field(None, ge=0, le=1, description="on the labelled inputs")
     mean_confidence: float
     mean_entropy: float
     input_mean: float
     input_std: float
-    checks: list[StatCheck]
-    out_of_band: list[str] = Field(description="names of the checks outside their band")
-    consecutive_out_of_band: int = 0
+    checks: list[StatCheck] = Field(default_factory=list)
+    out_of_band: list[str] = Field(default_factory=list, description="names of the checks outside their band")
+    consecutive_out_of_band: int = Field(0, ge=0)
     alert: bool = False
-    disputed: list[DisputedSample] = Field(default_factory=list)
+    disputed: list[DisputedSample] = Field(default_factory=list, max_length=MAX_DISPUTED)
 
 
 def _noise(reference: DriftReference, n: int) -> float:

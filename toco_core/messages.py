@@ -19,7 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from toco_core.device import DeviceProfile
+from toco_core.drift import MAX_DISPUTED, DisputedSample, DriftReport, StatCheck
 from toco_core.errors import TocoError
+from toco_core.plan import CompressionPlan, CompressionReport, Runtime
 
 SCHEMA_VERSION = 1
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # no '/', '+', '#': safe inside a topic level
@@ -95,24 +98,154 @@ class Phase(StrEnum):
 FAILING_PHASES = {Phase.FAILED, Phase.REFUSED, Phase.ROLLED_BACK}
 
 
+# Spellings older agents (and the what-if before it was typed) used for PlanSummary figures.
+# Accepted on the way in so an older agent's birth and status still parse; never written.
+_OLD_PLAN_KEYS = {"file_bytes": "runnable_bytes", "predicted_storage": "predicted_storage_bytes",
+                  "predicted_memory": "predicted_memory_bytes", "base_bytes": "base_file_bytes",
+                  "seconds": "recompress_seconds", "peak_rss_child": "recompress_peak_rss"}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+class PlanSummary(BaseModel):
+    """A compression plan as the fleet sees it: one name per figure, labelled for what it is.
+
+    ``predicted_*`` figures come from the solver (the analysis's calibration curves); the
+    unprefixed ones were measured on the box that built the model. The what-if fills only the
+    predictions (:meth:`from_plan`); an agent's recompression fills both (:meth:`from_report`).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str = Field(min_length=1, description="short human name, e.g. 'prune 60% + quant s=0.28 / fp32'")
+    model_name: str | None = Field(None, description="name of the base model the plan compresses")
+    runtime: Runtime | None = Field(None, description="runtime form the weights are served in")
+    prune_scale: float | None = Field(None, ge=0, description="pruning scale = sparsity share")
+    quant_scale: float | None = Field(None, ge=0, description="mixed precision scale on tau_hat (0 = float)")
+    sparsity: float | None = Field(None, ge=0, le=1, description="share of compressible weights zeroed")
+    entropy_bits: float | None = Field(None, ge=0, description="entropy of the weight codes per weight (32 = float)")
+    predicted_disagreement: float | None = Field(None, ge=0, le=1, description="top-1 disagreement with the base")
+    predicted_storage_bytes: int | None = Field(None, ge=0, description="solver's size of the storage form")
+    predicted_memory_bytes: int | None = Field(None, ge=0, description="solver's session memory estimate")
+    base_file_bytes: int | None = Field(None, ge=0, description="the base ONNX model file")
+    storage_bytes: int | None = Field(None, ge=0, description="built storage/transfer form (entropy coded)")
+    runnable_bytes: int | None = Field(None, ge=0, description="built runnable ONNX model file")
+    measured_disagreement: float | None = Field(None, ge=0, le=1, description="self-test on the calibration samples")
+    session_rss: int | None = Field(None, ge=0, description="measured onnxruntime session memory, bytes")
+    base_session_rss: int | None = Field(None, ge=0, description="same for the base model")
+    p50_ms: float | None = Field(None, ge=0, description="measured median latency at batch 1")
+    base_p50_ms: float | None = Field(None, ge=0, description="same for the base model")
+    layer_formats: dict[str, int] = Field(default_factory=dict, description="compressible layers per runtime format")
+    attempts: int | None = Field(None, ge=1, description="self-test attempts the recompression needed")
+    recompress_seconds: float | None = Field(None, ge=0, description="wall time of the recompression")
+    recompress_peak_rss: int | None = Field(None, ge=0, description="peak RSS of the recompression child, bytes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _map_old_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not _OLD_PLAN_KEYS.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old, new in _OLD_PLAN_KEYS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"plan gives both {old!r} (the old spelling) and {new!r}; send only {new!r}")
+                data[new] = data.pop(old)
+        return data
+
+    @classmethod
+    def from_plan(cls, plan: CompressionPlan, *, base_file_bytes: int | None = None,
+                  **extra: Any) -> PlanSummary:
+        """The predictions of a solver plan (nothing built yet).
+
+        Takes the plan, the base model's file size and further PlanSummary fields (``extra``).
+        Returns the summary. Raises pydantic's ValidationError for an unknown or invalid field.
+        """
+        return cls(label=plan.label, runtime=plan.runtime, prune_scale=plan.prune_scale, quant_scale=plan.quant_scale,
+                   sparsity=plan.sparsity, entropy_bits=plan.entropy_bits,
+                   predicted_disagreement=plan.predicted_disagreement, predicted_storage_bytes=plan.predicted_storage,
+                   predicted_memory_bytes=plan.predicted_memory, base_file_bytes=base_file_bytes, **extra)
+
+    @classmethod
+    def from_report(cls, report: CompressionReport, *, model_name: str | None = None,
+                    recompress_peak_rss: int | None = None) -> PlanSummary:
+        """What a recompression predicted and measured: the kept plan's predictions plus the built
+        sizes, the self-test, the session memory and latency, and the layers per runtime format.
+
+        Takes the report, the model's name and the recompression child's peak RSS; returns the
+        summary. Raises pydantic's ValidationError for out-of-range figures.
+        """
+        formats: dict[str, int] = {}
+        for layer in report.layers:
+            formats[layer.runtime_format] = formats.get(layer.runtime_format, 0) + 1
+        return cls.from_plan(
+            report.plan, base_file_bytes=report.base_file_bytes, model_name=model_name,
+            storage_bytes=report.storage_bytes, runnable_bytes=report.file_bytes,
+            measured_disagreement=report.self_test.measured, session_rss=report.session_rss,
+            base_session_rss=report.base_session_rss, p50_ms=_ms(report.p50_s), base_p50_ms=_ms(report.base_p50_s),
+            layer_formats=formats, attempts=report.attempts, recompress_seconds=round(report.seconds, 3),
+            recompress_peak_rss=recompress_peak_rss,
+        )
+
+
+class HardwareInfo(DeviceProfile):
+    """What the agent's probe found (a DeviceProfile with the box's configured budgets), as its
+    birth carries it. The fields are DeviceProfile's; this class only makes them immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_profile(cls, profile: DeviceProfile) -> HardwareInfo:
+        """The birth's form of a probed profile. Raises pydantic's ValidationError for an invalid one."""
+        return cls.model_validate(profile.model_dump())
+
+    def to_profile(self) -> DeviceProfile:
+        """The DeviceProfile to plan with (the solver and what-if take DeviceProfile)."""
+        return DeviceProfile.model_validate(self.model_dump())
+
+
 class ActiveModel(Message):
     """What a device serves right now."""
 
     bundle_id: BundleId | None = None
     model_name: str | None = None
     slot: Literal["a", "b"] | None = None
-    plan: dict[str, Any] | None = Field(None, description="plan summary: formats, size vs base, predicted fidelity")
+    plan: PlanSummary | None = None
 
 
 class StateMessage(AgentMessage):
-    """Retained device state: the birth when online, the last will when offline."""
+    """Retained device state: the birth when online, the last will when offline.
+
+    ``group`` is the group the agent's config names; the server owns group assignment and
+    adopts it only for a device it has not put in a group yet (docs/protocol.md).
+    """
 
     state: Literal["online", "offline"]
     birth: int = Field(ge=0, description="grows with every connection; the will carries the same value")
     agent_version: str | None = None
-    # Carries toco_core.device.DeviceProfile.model_dump(): memory, storage, cores, formats, speed.
-    hardware: dict[str, Any] | None = None
+    hardware: HardwareInfo | None = None
+    group: str | None = Field(None, pattern=ID_PATTERN, description="the group the agent's config asks for")
     active: ActiveModel | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_out_of_hardware(cls, data: Any) -> Any:
+        # Older agents put their group inside ``hardware``: lift it out. A hardware dict
+        # without a device id would get DeviceProfile's default, the receiver's host name.
+        if not isinstance(data, dict) or not isinstance(data.get("hardware"), dict):
+            return data
+        hardware = dict(data["hardware"])
+        data = dict(data)
+        if "group" in hardware:
+            group = hardware.pop("group")
+            if data.get("group") is None:
+                data["group"] = group
+        if "device_id" in data:
+            hardware.setdefault("device_id", data["device_id"])
+        data["hardware"] = hardware
+        return data
 
 
 class TelemetryMessage(AgentMessage):
@@ -138,7 +271,7 @@ class StatusMessage(AgentMessage):
     detail: str = Field("", max_length=2000)
     predicted_agreement: float | None = Field(None, ge=0, le=1)
     measured_agreement: float | None = Field(None, ge=0, le=1)
-    plan: dict[str, Any] | None = None
+    plan: PlanSummary | None = None
 
     @model_validator(mode="after")
     def _reason_iff_failing(self) -> StatusMessage:
@@ -147,53 +280,34 @@ class StatusMessage(AgentMessage):
         return self
 
 
-class DriftCheck(Message):
-    """One statistic of a window against its band; ``in_band`` None = too few samples to judge."""
+class DriftCheck(Message, StatCheck):
+    """One statistic of a window against its band (the fields are toco_core.drift.StatCheck's)."""
 
-    name: Literal["agreement", "confidence", "entropy_psi", "input_shift", "accuracy"]
-    value: float | None
-    reference: float | None
-    low: float | None
-    high: float | None
-    n: int = Field(ge=0)
-    in_band: bool | None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DisputedRef(Message):
-    """An input worth the server's re-analysis; the input itself travels on ``samples`` by ``ref``."""
+class DisputedRef(Message, DisputedSample):
+    """An input worth the server's re-analysis (toco_core.drift.DisputedSample); the input itself
+    travels on ``samples`` by ``ref``."""
 
-    ref: str = Field(min_length=1, max_length=128)
-    reason: Literal["disagreement", "low_confidence"]
-    confidence: float
-    model_class: int
-    base_class: int | None = None
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DriftMessage(AgentMessage):
-    """One closed drift window; the fields mirror toco_core.drift.DriftReport one for one.
+class DriftMessage(AgentMessage, DriftReport):
+    """One closed drift window: the fields (and their bounds) are toco_core.drift.DriftReport's,
+    plus the sender and the bundle it serves. Build it with :meth:`from_report`."""
 
-    Build it as ``DriftMessage(device_id=..., bundle_id=..., **report.model_dump(exclude={"schema_version"}))``.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bundle_id: BundleId | None = None
-    window_index: int = Field(ge=0)
-    opened_at: float
-    closed_at: float
-    n_samples: int = Field(ge=0)
-    n_shadowed: int = Field(0, ge=0, description="inputs also run on the base model")
-    n_labeled: int = Field(0, ge=0)
-    predicted_agreement: float | None = Field(None, ge=0, le=1)
-    measured_agreement: float | None = Field(None, ge=0, le=1)
-    accuracy: float | None = Field(None, ge=0, le=1)
-    mean_confidence: float
-    mean_entropy: float
-    input_mean: float
-    input_std: float
+    # the report's nested types again, as strict versioned wire types (same fields)
     checks: list[DriftCheck] = Field(default_factory=list)
-    out_of_band: list[str] = Field(default_factory=list, description="names of the checks outside their band")
-    consecutive_out_of_band: int = Field(0, ge=0)
-    alert: bool = False
-    disputed: list[DisputedRef] = Field(default_factory=list, max_length=1000)
+    disputed: list[DisputedRef] = Field(default_factory=list, max_length=MAX_DISPUTED)
+
+    @classmethod
+    def from_report(cls, report: DriftReport, *, device_id: str, bundle_id: str | None) -> DriftMessage:
+        """The message of one closed window. Raises pydantic's ValidationError for a bad id."""
+        return cls(device_id=device_id, bundle_id=bundle_id, **report.model_dump(exclude={"schema_version"}))
 
 
 class Sample(Message):

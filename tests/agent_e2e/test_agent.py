@@ -64,7 +64,8 @@ def test_bundle_resumes_after_broker_outage_recompresses_within_budget_and_serve
     assert all(fleet.publisher.requests[(bid, i)] >= 1 for i in range(manifest.n_chunks))
     # Within the box's budget, with predicted and measured fidelity reported.
     plan = active.plan
-    assert plan["storage_bytes"] <= STORAGE_CAP < plan["base_file_bytes"]
+    assert plan.storage_bytes <= STORAGE_CAP < plan.base_file_bytes
+    assert plan.measured_disagreement == pytest.approx(1 - active.measured_agreement)
     assert active.predicted_agreement >= 0.99 and active.measured_agreement >= 0.99
     phases = [s.phase.value for s in fleet.statuses(DEVICE, "d1")]
     assert {"recompressing", "self_test", "activating", "active"} <= set(phases)

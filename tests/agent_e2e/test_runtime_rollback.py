@@ -18,6 +18,7 @@ from agent.daemon import Agent
 from agent.model_store import CandidateMeta, ModelStore
 from agent.status import Journal
 from tests.agent_e2e.conftest import wait_for
+from toco_core.messages import PlanSummary
 from toco_core.runtime import make_session
 
 DEVICE = "box-rt"
@@ -74,7 +75,7 @@ def test_runtime_error_after_activation_rolls_back_once_and_is_reported(fleet, k
     try:
         assert agent.link.wait_connected(10)
         journal = Journal(deployment_id="rt-1", bundle_id="b" * 64)
-        info = agent.deployer.activate(journal, value_dependent_reshape(), {"label": "broken"}, {})
+        info = agent.deployer.activate(journal, value_dependent_reshape(), PlanSummary(label="broken"), {})
         assert info is not None and agent.engine.model_version == info.version  # it passed the zero-input test run
         assert agent.engine.on_trial
 
@@ -110,7 +111,7 @@ def test_errors_after_the_trial_are_answered_not_rolled_back(fleet, keys, lenet5
     agent.start()
     try:
         info = agent.deployer.activate(Journal(deployment_id="rt-2", bundle_id="c" * 64),
-                                       value_dependent_reshape(), {"label": "broken"}, {})
+                                       value_dependent_reshape(), PlanSummary(label="broken"), {})
         zeros = np.zeros((1, 1, 28, 28), np.float32)
         for _ in range(3):  # three clean runs: the trial is over
             assert _infer(agent.server.url, zeros)[0] == 200

@@ -24,8 +24,8 @@ from fleet_server.config import FleetSettings
 from fleet_server.server import FleetServer, HttpThread
 from tests.protocol.conftest import MOSQUITTO, Broker, wait_until
 from toco_core.analysis.settings import AnalysisSettings
-from toco_core.messages import (ActiveModel, DriftCheck, DriftMessage, MessageKind, StateMessage, TelemetryMessage,
-                                encode)
+from toco_core.messages import (ActiveModel, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary,
+                                StateMessage, TelemetryMessage, encode)
 from toco_core.topics import DELIVERY, Topics
 
 CHROMIUM = "/usr/bin/chromium"
@@ -42,7 +42,7 @@ BUNDLE = "ab" * 32
 class SimDevice:
     """A protocol-speaking device (not a full agent): birth with hardware and plan, telemetry, drift windows."""
 
-    def __init__(self, port: int, device_id: str, hardware: dict, plan: dict | None = None) -> None:
+    def __init__(self, port: int, device_id: str, hardware: dict, plan: PlanSummary | None = None) -> None:
         self.id, self.topics, self.seq = device_id, Topics(FLEET), 0
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
         will = StateMessage(device_id=device_id, state="offline", birth=1)
@@ -51,7 +51,8 @@ class SimDevice:
         self.client.loop_start()
         active = ActiveModel(bundle_id=BUNDLE, model_name="lenet5", slot="a", plan=plan) if plan else None
         self.send(MessageKind.STATE, StateMessage(device_id=device_id, state="online", birth=1, agent_version="sim-1",
-                                                  hardware={**hardware, "device_id": device_id}, active=active))
+                                                  hardware=HardwareInfo(**hardware, device_id=device_id),
+                                                  active=active))
 
     def send(self, kind: MessageKind, message) -> None:
         """Publish with the protocol's QoS/retain rule and a per-connection sequence number; waits for the ack."""
@@ -149,12 +150,13 @@ HARDWARE = {
                "ort_version": "1.32.0", "formats": ["fp32"]},
 }
 PLANS = {
-    "line-pc": {"label": "prune 30% / fp32", "storage_bytes": 151_000, "base_file_bytes": 248_433,
-                "predicted_disagreement": 0.004, "measured_disagreement": 0.006},
-    "camera-256": {"label": "prune 50% + quant s=0.2 / qdq_int8", "storage_bytes": 41_800, "base_file_bytes": 248_433,
-                   "predicted_disagreement": 0.009, "measured_disagreement": 0.011},
-    "box-64": {"label": "prune 70% + quant s=0.4 / fp32", "storage_bytes": 22_500, "base_file_bytes": 248_433,
-               "predicted_disagreement": 0.018, "measured_disagreement": 0.02},
+    "line-pc": PlanSummary(label="prune 30% / fp32", storage_bytes=151_000, base_file_bytes=248_433,
+                           predicted_disagreement=0.004, measured_disagreement=0.006),
+    "camera-256": PlanSummary(label="prune 50% + quant s=0.2 / int8", storage_bytes=41_800, base_file_bytes=248_433,
+                              predicted_disagreement=0.009, measured_disagreement=0.011, p50_ms=3.25,
+                              session_rss=9 << 20),
+    "box-64": PlanSummary(label="prune 70% + quant s=0.4 / fp32", storage_bytes=22_500, base_file_bytes=248_433,
+                          predicted_disagreement=0.018, measured_disagreement=0.02),
 }
 
 

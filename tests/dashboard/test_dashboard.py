@@ -22,9 +22,9 @@ def test_overview_lists_devices_with_plans_and_escapes_device_text(fleet, device
     for name, plan in PLANS.items():
         row = page.locator(f"#devices tr[data-device='{name}']")
         text = row.inner_text()
-        assert plan["label"] in text
-        assert f"{100 - 100 * plan['predicted_disagreement']:.1f}%" in text  # predicted agreement
-        assert f"{100 - 100 * plan['measured_disagreement']:.1f}%" in text  # self-test agreement
+        assert plan.label in text
+        assert f"{100 - 100 * plan.predicted_disagreement:.1f}%" in text  # predicted agreement
+        assert f"{100 - 100 * plan.measured_disagreement:.1f}%" in text  # self-test agreement
         assert "of 243 KB" in text  # size vs base
         assert "window 11" in text  # last drift window
     assert page.locator("#devices tr[data-device='camera-256'] .badge").first.inner_text() == "Drift alert"
@@ -61,7 +61,8 @@ def test_device_page_draws_drift_and_appends_a_new_window_live(fleet, devices, p
     assert page.locator("[data-chart='drift-confidence'] polygon.band").count() == 1
     assert page.locator("[data-chart='tel-cpu'] polyline").count() == 2
     assert "Cortex-A53" in page.locator("#hw").inner_text()
-    assert PLANS["camera-256"]["label"] in page.locator("#active").inner_text()
+    active = page.locator("#active").inner_text()
+    assert PLANS["camera-256"].label in active and "3.25 ms" in active and "of 243 KB" in active
     screenshot(page, tmp_path, "device")
 
     page.evaluate("window.__same_page = true")

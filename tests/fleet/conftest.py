@@ -20,14 +20,20 @@ from fleet_server.config import FleetSettings
 from fleet_server.server import FleetServer, HttpThread
 from tests.protocol.conftest import MOSQUITTO, Broker, free_port, wait_until
 from toco_core.analysis.settings import AnalysisSettings
-from toco_core.messages import (DeployCommand, DriftCheck, DriftMessage, MessageKind, Sample, SamplesMessage,
-                                StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
+from toco_core.messages import (DeployCommand, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary, Sample,
+                                SamplesMessage, StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 FAST = AnalysisSettings(initial_samples=16, samples_per_round=16, max_rounds=1, max_heldout=60, prune_rounds=1,
                         prune_round_samples=16, committee_members=2)
+# HardwareInfo fields (what an agent's probe reports) of a small simulated box
 HARDWARE = {"total_memory": 512 << 20, "available_memory": 300 << 20, "free_storage": 1 << 30, "physical_cores": 1,
             "logical_cores": 1, "cpu_model": "sim", "ort_version": "1.0", "formats": ["fp32"]}
+# what an agent reports after deploying the LeNet: the plan's predictions and the built model's figures
+PLAN = PlanSummary(label="prune 50% / fp32", model_name="lenet5", runtime="fp32", prune_scale=0.5, quant_scale=0.0,
+                   predicted_disagreement=0.01, predicted_storage_bytes=61_000, base_file_bytes=248_433,
+                   storage_bytes=60_000, runnable_bytes=124_000, measured_disagreement=0.015,
+                   layer_formats={"fp32": 5})
 __all__ = ["wait_until", "free_port"]
 
 
@@ -111,8 +117,8 @@ class SimDevice:
         self.c.loop_start()
         self.ready.wait(5)
         time.sleep(0.05)
-        self.send(StateMessage(device_id=device_id, state="online", birth=1, agent_version="sim-1",
-                               hardware={**HARDWARE, **(hardware or {}), "device_id": device_id, "group": group}))
+        self.send(StateMessage(device_id=device_id, state="online", birth=1, agent_version="sim-1", group=group,
+                               hardware=HardwareInfo(**{**HARDWARE, **(hardware or {})}, device_id=device_id)))
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics.device(MessageKind.CMD, self.id):
@@ -171,8 +177,7 @@ def succeed(dev: SimDevice, cmd: DeployCommand) -> None:
     """Responder: received -> downloading -> active (the download itself is the agent's job, tested elsewhere)."""
     for phase in ("received", "downloading", "self_test"):
         dev.status(cmd, phase)
-    dev.status(cmd, "active", predicted_agreement=0.99, measured_agreement=0.985,
-               plan={"label": "prune 50% / fp32", "predicted_storage": 60000})
+    dev.status(cmd, "active", predicted_agreement=0.99, measured_agreement=0.985, plan=PLAN)
 
 
 def fail(dev: SimDevice, cmd: DeployCommand) -> None:
@@ -202,4 +207,4 @@ def device_json(fleet: Fleet, device_id: str) -> dict:
     return r.json() if r.status_code == 200 else {}
 
 
-__all__ += ["Fleet", "SimDevice", "succeed", "fail", "device_json", "MOSQUITTO", "json"]
+__all__ += ["PLAN", "Fleet", "SimDevice", "succeed", "fail", "device_json", "MOSQUITTO", "json"]

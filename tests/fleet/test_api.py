@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from tests.fleet.conftest import device_json, succeed, wait_until
+from tests.fleet.conftest import PLAN, device_json, succeed, wait_until
 from toco_core.bundle import load_public_key, unpack_bundle, verify_bundle_bytes, verify_manifest
-from toco_core.messages import BundleManifest
+from toco_core.messages import BundleManifest, PlanSummary
 from toco_core.model_bundle import open_bundle
 
 
@@ -72,7 +72,12 @@ def test_whatif(fleet):
     ok = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "memory": 64 << 20}).json()
     assert ok["feasible"] and ok["plan"]["predicted_disagreement"] <= 0.05 and ok["plan"]["label"]
     small = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": "size"}).json()
-    assert small["plan"]["predicted_storage"] <= ok["plan"]["predicted_storage"]
+    assert small["plan"]["predicted_storage_bytes"] <= ok["plan"]["predicted_storage_bytes"]
+    # a PlanSummary of predictions: nothing was built, so no measured figure is claimed
+    plan = PlanSummary.model_validate(ok["plan"])
+    model = next(m for m in fleet.api.get("/api/models").json() if m["model_id"] == fleet.analysis["model_id"])
+    assert plan.base_file_bytes == model["size_bytes"] and plan.predicted_memory_bytes > 0
+    assert plan.storage_bytes is None and plan.measured_disagreement is None
     no = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "storage": 100}).json()
     assert not no["feasible"] and no["plan"] is None and "budget" in no["reason"]
     r = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "device_id": "ghost"})
@@ -145,6 +150,11 @@ def test_devices_deployments_drift_endpoints(fleet, devices):
         dev.commands, fleet.api.get(f"/api/deployments/{dep['deployment_id']}").json())
     detail = device_json(fleet, did)
     assert detail["active"]["bundle_id"] == bid and detail["active"]["plan_label"] == "prune 50% / fp32"
+    # the view reads the typed plan: the built size, the base file, agreements from the plan's disagreements
+    assert {k: detail["active"][k] for k in ("model_name", "storage_bytes", "base_file_bytes")} == \
+        {"model_name": "lenet5", "storage_bytes": 60_000, "base_file_bytes": 248_433}
+    assert detail["active"]["measured_agreement"] == 1 - PLAN.measured_disagreement
+    assert PlanSummary.model_validate(detail["active"]["plan"]) == PLAN
     assert [h["phase"] for h in detail["deployments"]][:1] == ["active"]
     dev.drift(0, bid, alert=False)
     assert wait_until(lambda: len(fleet.api.get(f"/api/drift?device_id={did}").json()) == 1)

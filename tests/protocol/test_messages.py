@@ -8,26 +8,34 @@ import pytest
 
 from toco_core.errors import ConfigError
 from toco_core.messages import (SCHEMA_VERSION, ActiveModel, BundleManifest, Chunk, ChunkRequest, DeployCommand,
-                                DisputedRef, DriftCheck, DriftMessage, FailureReason, MessageError, MessageKind, Phase,
-                                RecompressCommand, RollbackCommand, Sample, SamplesMessage, StateMessage,
-                                StatusMessage, TelemetryMessage, UploadSamplesCommand, encode, encode_chunk, kind_of,
-                                parse_message)
+                                DisputedRef, DriftCheck, DriftMessage, FailureReason, HardwareInfo, MessageError,
+                                MessageKind, Phase, PlanSummary, RecompressCommand, RollbackCommand, Sample,
+                                SamplesMessage, StateMessage, StatusMessage, TelemetryMessage, UploadSamplesCommand,
+                                encode, encode_chunk, kind_of, parse_message)
 from toco_core.topics import Topics, parse_broker_url
 
 BID = "ab" * 32
 DEV = "cam-07"
+HARDWARE = HardwareInfo(device_id=DEV, total_memory=256 << 20, available_memory=120 << 20, free_storage=2 << 30,
+                        physical_cores=1, logical_cores=1, cpu_model="Cortex-A53", ort_version="1.20.1",
+                        formats=["fp32", "qdq_int8"], storage_budget=100_000)
+PLAN = PlanSummary(label="prune 60% / fp32", model_name="lenet5", runtime="fp32", prune_scale=0.6, quant_scale=0.0,
+                   predicted_disagreement=0.008, predicted_storage_bytes=80_000, base_file_bytes=248_433,
+                   storage_bytes=74_000, runnable_bytes=120_000, measured_disagreement=0.01, session_rss=9 << 20,
+                   p50_ms=0.4, layer_formats={"fp32": 5}, attempts=1)
 
 
 def examples() -> list:
     return [
-        StateMessage(device_id=DEV, state="online", birth=3, agent_version="0.1.0",
-                     hardware={"memory_bytes": 256_000_000, "cores": 1, "formats": ["qdq_int8"]},
-                     active=ActiveModel(bundle_id=BID, model_name="lenet5", slot="a", plan={"size": 74_000})),
+        StateMessage(device_id=DEV, state="online", birth=3, agent_version="0.1.0", hardware=HARDWARE, group="line-1",
+                     active=ActiveModel(bundle_id=BID, model_name="lenet5", slot="a", plan=PLAN)),
         StateMessage(device_id=DEV, state="offline", birth=3),
         TelemetryMessage(device_id=DEV, seq=5, mem_available=10**8, disk_free=10**9, cpu_load=0.2,
                          temperature_c=51.5, inferences=1200, latency_ms_p50=1.2, latency_ms_p99=3.4),
         StatusMessage(device_id=DEV, phase=Phase.DOWNLOADING, bundle_id=BID, deployment_id="dep-1", progress=0.4),
         StatusMessage(device_id=DEV, phase=Phase.FAILED, reason=FailureReason.SELF_TEST_FAILED, detail="3% > 1%"),
+        StatusMessage(device_id=DEV, phase=Phase.ACTIVE, bundle_id=BID, deployment_id="dep-1", progress=1.0,
+                      predicted_agreement=0.992, measured_agreement=0.99, plan=PLAN),
         DriftMessage(device_id=DEV, window_index=7, opened_at=1.0, closed_at=61.0, n_samples=500, n_shadowed=50,
                      n_labeled=0, bundle_id=BID, predicted_agreement=0.99, measured_agreement=0.91,
                      mean_confidence=0.8, mean_entropy=0.4, input_mean=0.13, input_std=0.3, alert=True,
@@ -176,5 +184,107 @@ def test_drift_message_carries_the_drift_monitors_report() -> None:
     report = DriftReport(opened_at=0.0, closed_at=60.0, n_samples=300, n_shadowed=30, n_labeled=0,
                          predicted_agreement=0.99, measured_agreement=0.9, accuracy=None, mean_confidence=0.7,
                          mean_entropy=0.5, input_mean=0.1, input_std=0.3, checks=[], out_of_band=["agreement"])
-    msg = DriftMessage(device_id=DEV, bundle_id=BID, **report.model_dump(exclude={"schema_version"}))
+    msg = DriftMessage.from_report(report, device_id=DEV, bundle_id=BID)
     assert parse_message("drift", encode(msg)) == msg
+    assert msg.model_dump(exclude={"schema_version", "device_id", "seq", "sent_at", "bundle_id"}) == \
+        report.model_dump(exclude={"schema_version"})
+
+
+def test_drift_message_takes_its_fields_from_the_report() -> None:
+    """Not a mirror: every report field is a message field, with the same bounds."""
+    from toco_core.drift import DriftReport
+
+    own = {"device_id", "seq", "sent_at", "bundle_id"}
+    assert set(DriftMessage.model_fields) - own == set(DriftReport.model_fields)
+    body = json.loads(encode(next(m for m in examples() if isinstance(m, DriftMessage))))
+    for change, needle in [({"n_samples": -1}, "n_samples"), ({"measured_agreement": 1.2}, "measured_agreement"),
+                           ({"checks": [body["checks"][0] | {"n": -1}]}, "checks"),
+                           ({"disputed": [body["disputed"][0] | {"ref": ""}]}, "disputed")]:
+        with pytest.raises(MessageError, match=needle):
+            parse_message("drift", json.dumps(body | change).encode())
+
+
+# ---------------------------------------------------------------- typed plan and hardware
+
+def state_body(**change) -> dict:
+    return json.loads(encode(examples()[0])) | change
+
+
+def test_plan_summary_refuses_unknown_and_out_of_range_figures() -> None:
+    plan = PLAN.model_dump(mode="json")
+    for change, needle in [({"size": 74_000}, "size"), ({"measured_agreement": 0.99}, "measured_agreement"),
+                           ({"storage_bytes": -1}, "storage_bytes"), ({"predicted_disagreement": 2}, "disagreement"),
+                           ({"label": ""}, "label"), ({"runtime": "fp16"}, "runtime")]:
+        body = state_body(active={"bundle_id": BID, "plan": plan | change})
+        with pytest.raises(MessageError, match=needle):
+            parse_message("state", json.dumps(body).encode())
+
+
+def test_an_older_agents_loose_plan_and_hardware_are_accepted() -> None:
+    """An agent from before the typed fields: group inside hardware, the plan's old spellings."""
+    old_plan = {"label": "prune 60% / fp32", "model_name": "lenet5", "storage_bytes": 74_000, "file_bytes": 120_000,
+                "base_file_bytes": 248_433, "predicted_disagreement": 0.008, "measured_disagreement": 0.01,
+                "p50_ms": 0.4, "session_rss": 9 << 20, "attempts": 1, "seconds": 2.5, "peak_rss_child": 80 << 20}
+    old_hardware = HARDWARE.model_dump(mode="json") | {"group": "line-1"}
+    body = state_body(hardware=old_hardware, active={"bundle_id": BID, "plan": old_plan})
+    del body["group"]
+    msg = parse_message("state", json.dumps(body).encode())
+    assert msg.group == "line-1" and msg.hardware == HARDWARE
+    assert (msg.active.plan.runnable_bytes, msg.active.plan.recompress_seconds,
+            msg.active.plan.recompress_peak_rss) == (120_000, 2.5, 80 << 20)
+    status = json.loads(encode(examples()[5])) | {"plan": {"label": "sim", "predicted_storage": 60_000}}
+    assert parse_message("status", json.dumps(status).encode()).plan.predicted_storage_bytes == 60_000
+    # the birth's own group field wins over one an old-style hardware dict also carries
+    both = state_body(hardware=old_hardware | {"group": "elsewhere"})
+    assert parse_message("state", json.dumps(both).encode()).group == "line-1"
+
+
+def test_an_old_and_a_new_spelling_of_one_figure_together_are_refused() -> None:
+    body = state_body(active={"bundle_id": BID, "plan": {"label": "x", "file_bytes": 1, "runnable_bytes": 2}})
+    with pytest.raises(MessageError, match="file_bytes"):
+        parse_message("state", json.dumps(body).encode())
+
+
+def test_hardware_is_the_probes_profile() -> None:
+    from toco_core.device import DeviceProfile
+
+    for change, needle in [({"cores": 1}, "cores"), ({"total_memory": 0}, "total_memory"),
+                           ({"formats": ["tpu"]}, "formats")]:
+        with pytest.raises(MessageError, match=needle):
+            parse_message("state", json.dumps(state_body(hardware=HARDWARE.model_dump(mode="json") | change)).encode())
+    profile = HARDWARE.to_profile()
+    assert type(profile) is DeviceProfile and HardwareInfo.from_profile(profile) == HARDWARE
+    with pytest.raises(MessageError, match="group"):
+        parse_message("state", json.dumps(state_body(group="a/b")).encode())
+
+
+def test_plan_summary_from_a_compression_report() -> None:
+    from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, SelfTestResult
+
+    plan = CompressionPlan(prune_scale=0.5, quant_scale=0.2, runtime="int8", predicted_disagreement=0.009,
+                           predicted_storage=40_000, predicted_memory=3 << 20, sparsity=0.5, entropy_bits=3.1)
+
+    def layer(name: str, fmt: str) -> LayerDecision:
+        return LayerDecision(name=name, op_type="Conv", weights=100, sparsity=0.5, mean_bits=8, channels_kept=4,
+                             channels=8, runtime_format=fmt)
+
+    report = CompressionReport(model_sha256="0" * 64, plan=plan,
+                               layers=[layer("c1", "qdq_int8"), layer("c2", "qdq_int8"), layer("fc", "fp32")],
+                               base_file_bytes=248_433, file_bytes=130_000, storage_bytes=41_800,
+                               base_session_rss=12 << 20, session_rss=9 << 20, base_p50_s=0.001, p50_s=0.0004,
+                               self_test=SelfTestResult(passed=True, samples=200, predicted=0.009, measured=0.011,
+                                                        margin=0.01, kl=0.02),
+                               attempts=2, seconds=3.21789)
+    s = PlanSummary.from_report(report, model_name="lenet5", recompress_peak_rss=90 << 20)
+    assert (s.label, s.runtime, s.model_name) == (plan.label, "int8", "lenet5")
+    # predictions and measurements under their own names, never one for the other
+    assert (s.predicted_storage_bytes, s.storage_bytes, s.runnable_bytes, s.base_file_bytes) == \
+        (40_000, 41_800, 130_000, 248_433)
+    assert (s.predicted_disagreement, s.measured_disagreement) == (0.009, 0.011)
+    assert (s.session_rss, s.base_session_rss, s.predicted_memory_bytes) == (9 << 20, 12 << 20, 3 << 20)
+    assert s.p50_ms == pytest.approx(0.4) and s.base_p50_ms == pytest.approx(1.0)
+    assert s.layer_formats == {"qdq_int8": 2, "fp32": 1}
+    assert (s.attempts, s.recompress_seconds, s.recompress_peak_rss) == (2, 3.218, 90 << 20)
+    predicted = PlanSummary.from_plan(plan, base_file_bytes=248_433)
+    assert predicted.storage_bytes is None and predicted.measured_disagreement is None
+    assert predicted.predicted_storage_bytes == s.predicted_storage_bytes

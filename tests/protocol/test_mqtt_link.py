@@ -16,8 +16,8 @@ from agent.bundle_download import BundleDownloader
 from agent.mqtt_link import MqttLink
 from fleet_server.bundle_publisher import MqttBundleServer
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
-from toco_core.messages import (DeployCommand, DriftMessage, MessageKind, Phase, StateMessage, StatusMessage,
-                                TelemetryMessage, encode, encode_chunk, parse_message)
+from toco_core.messages import (DeployCommand, DriftMessage, HardwareInfo, MessageKind, Phase, StateMessage,
+                                StatusMessage, TelemetryMessage, encode, encode_chunk, parse_message)
 from toco_core.topics import Topics
 
 from .conftest import Broker, Listener, wait_until
@@ -25,11 +25,15 @@ from .conftest import Broker, Listener, wait_until
 FLEET, DEV = "plant1", "cam-07"
 T = Topics(FLEET)
 
+HARDWARE = HardwareInfo(device_id=DEV, total_memory=256 << 20, available_memory=100 << 20, free_storage=1 << 30,
+                        physical_cores=1, logical_cores=1, ort_version="1.0")
 CHILD = textwrap.dedent("""
     import sys, time
     from agent.mqtt_link import MqttLink
+    from toco_core.messages import HardwareInfo
+    HARDWARE = HardwareInfo.model_validate_json(sys.argv[3])
     link = MqttLink(url=sys.argv[1], fleet="plant1", device_id="cam-07", state_dir=sys.argv[2],
-                    agent_version="child", birth=lambda: {"hardware": {"cores": 1}})
+                    agent_version="child", birth=lambda: {"hardware": HARDWARE, "group": "line-1"})
     link.start()
     link.wait_connected(5)
     print("up", flush=True)
@@ -45,15 +49,16 @@ def test_birth_and_last_will_after_kill_9(broker, tmp_path) -> None:
     eyes = Listener(broker.port, [T.device("state")])
 
     def run_child() -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", CHILD, broker.url, str(tmp_path)], stdout=subprocess.PIPE,
-                             text=True)
+        p = subprocess.Popen([sys.executable, "-c", CHILD, broker.url, str(tmp_path), HARDWARE.model_dump_json()],
+                             stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "up"
         return p
 
     child = run_child()
     assert wait_until(lambda: len(states(eyes)) == 1, 5)
     born = states(eyes)[0]
-    assert (born.state, born.birth, born.seq, born.agent_version, born.hardware) == ("online", 0, 0, "child", {"cores": 1})
+    assert (born.state, born.birth, born.seq, born.agent_version) == ("online", 0, 0, "child")
+    assert (born.hardware, born.group) == (HARDWARE, "line-1")
     os.kill(child.pid, signal.SIGKILL)  # no clean disconnect: the broker must publish the will
     child.wait()
     assert wait_until(lambda: len(states(eyes)) == 2, 5)

@@ -69,14 +69,13 @@ function planResult(res) {
     return h("div", { class: "whatif-result infeasible", id: "whatif-result" },
       h("h3", {}, "Not feasible"), h("p", {}, res.reason || "No plan meets these limits."));
   }
-  const p = res.plan || {};
-  const base = p.base_bytes;
+  const p = res.plan || {};  // a PlanSummary with predictions only: nothing is built for a what-if
   return h("div", { class: "whatif-result feasible", id: "whatif-result" },
     h("h3", {}, "Plan: ", h("span", { class: "plan" }, p.label || "–")),
     facts([
-      ["Predicted agreement", fmtPct(p.predicted_agreement ?? (isNum(p.predicted_disagreement) ? 1 - p.predicted_disagreement : null), 2)],
-      ["Size", sizeText(p.predicted_storage, base)],
-      ["Session memory", fmtBytes(p.predicted_memory)],
+      ["Predicted agreement", fmtPct(isNum(p.predicted_disagreement) ? 1 - p.predicted_disagreement : null, 2)],
+      ["Size", sizeText(p.predicted_storage_bytes, p.base_file_bytes)],
+      ["Session memory", fmtBytes(p.predicted_memory_bytes)],
       ["Sparsity", fmtPct(p.sparsity, 0)],
       ["Bits per weight", fmtNum(p.entropy_bits, 1)],
       ["Runtime format", p.runtime || "–"],

@@ -8,12 +8,9 @@ import { on } from "./live.js";
 const STATES = ["online", "deploying", "alert", "failed", "offline"];
 const STATE_TEXT = { online: "Online", deploying: "Deploying", alert: "Drift alert", failed: "Failed", offline: "Offline" };
 
-/** Agreement measured by the device's self-test (the API may give it directly or as a disagreement in the plan). */
+/** Agreement measured by the device's self-test (the API derives it from the plan's measured disagreement). */
 export function measuredAgreement(active) {
-  if (!active) return null;
-  if (isNum(active.measured_agreement)) return active.measured_agreement;
-  const d = active.plan && active.plan.measured_disagreement;
-  return isNum(d) ? 1 - d : null;
+  return active && isNum(active.measured_agreement) ? active.measured_agreement : null;
 }
 
 function hardwareCell(hw) {
@@ -28,9 +25,9 @@ function hardwareCell(hw) {
 function planCells(d) {
   const a = d.active;
   if (!a) return [h("td", { class: "muted" }, "no model yet"), h("td", { class: "muted" }, "–"), h("td", { class: "muted" }, "–")];
-  const size = isNum(a.storage_bytes) && isNum(a.base_bytes) && a.base_bytes > 0
-    ? [h("div", {}, `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_bytes)}`),
-      h("div", { class: "sub" }, `${fmtPct(a.storage_bytes / a.base_bytes, 0)} of base · ${(a.base_bytes / a.storage_bytes).toFixed(1)}× smaller`)]
+  const size = isNum(a.storage_bytes) && isNum(a.base_file_bytes) && a.base_file_bytes > 0
+    ? [h("div", {}, `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_file_bytes)}`),
+      h("div", { class: "sub" }, `${fmtPct(a.storage_bytes / a.base_file_bytes, 0)} of base · ${(a.base_file_bytes / a.storage_bytes).toFixed(1)}× smaller`)]
     : [h("div", {}, fmtBytes(a.storage_bytes))];
   const measured = measuredAgreement(a);
   const pred = a.predicted_agreement;
