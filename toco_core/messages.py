@@ -130,7 +130,9 @@ class PlanSummary(BaseModel):
     predicted_storage_bytes: int | None = Field(None, ge=0, description="solver's size of the storage form")
     predicted_memory_bytes: int | None = Field(None, ge=0, description="solver's session memory estimate")
     base_file_bytes: int | None = Field(None, ge=0, description="the base ONNX model file")
-    storage_bytes: int | None = Field(None, ge=0, description="built storage/transfer form (entropy coded)")
+    storage_bytes: int | None = Field(None, ge=0, description="built storage form on the box (entropy-coded codes)")
+    download_bytes: int | None = Field(None, ge=0, description="bytes of the bundle parts this plan needs")
+    bundle_bytes: int | None = Field(None, ge=0, description="bytes of the full parts bundle, fp32 part excluded")
     runnable_bytes: int | None = Field(None, ge=0, description="built runnable ONNX model file")
     measured_disagreement: float | None = Field(None, ge=0, le=1, description="self-test on the calibration samples")
     session_rss: int | None = Field(None, ge=0, description="measured onnxruntime session memory, bytes")
@@ -183,6 +185,7 @@ class PlanSummary(BaseModel):
         return cls.from_plan(
             report.plan, base_file_bytes=report.base_file_bytes, model_name=model_name,
             storage_bytes=report.storage_bytes, runnable_bytes=report.file_bytes,
+            download_bytes=report.download_bytes, bundle_bytes=report.bundle_bytes,
             measured_disagreement=report.self_test.measured, session_rss=report.session_rss,
             base_session_rss=report.base_session_rss, p50_ms=_ms(report.p50_s), base_p50_ms=_ms(report.base_p50_s),
             layer_formats=formats, attempts=report.attempts, recompress_seconds=round(report.seconds, 3),
