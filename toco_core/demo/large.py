@@ -8,11 +8,11 @@ nearest: nearest would make every 8x8 block constant, a gift to any compressor t
 camera images do not give.
 
 Model (``large``, width w = 32): the first conv (8x8, stride 4) and a 2x2 pool take
-224 -> 28 at once, so CPU cost stays ~45M multiply-adds per image; three 3x3 conv + pool
+224 -> 28 at once, so CPU cost stays ~51M multiply-adds per image; three 3x3 conv + pool
 stages (2w, 4w, 8w channels) and a 512-unit fully connected layer hold the weights:
 
     conv 1->w k8 s4 | pool2 | conv w->2w k3 | pool2 | conv 2w->4w k3 | pool2 | conv 4w->8w k3 | pool2
-    | fc 8w*3*3 -> 512 | fc 512 -> 10            (w=32: 1,573,952 weights; w=48: 3,008,416)
+    | fc 8w*3*3 -> 512 | fc 512 -> 10            (w=32: 1,573,888 weights; w=48: 2,648,576)
 
 ``large_wide`` (w = 48) is the variant, so a benchmark is not tuned to one model.
 Trained with Adam (one-cycle, 4 epochs) on 4000 digits (upscaled batch by batch: 4000 float32 224x224 images
