@@ -84,7 +84,8 @@ def upscale_u8(x: np.ndarray, size: int = SIZE) -> np.ndarray:
 def _as_u8(x: np.ndarray) -> np.ndarray:
     # mnist_splits gives u8 / 255 in float32; rint(x * 255) recovers the bytes exactly
     u8 = np.rint(x * 255.0).astype(np.uint8)
-    assert np.array_equal(u8.astype(np.float32) / np.float32(255.0), x)
+    if not np.array_equal(u8.astype(np.float32) / np.float32(255.0), x):
+        raise ValueError("digits are not uint8 / 255: mnist_splits changed its scaling")
     return u8
 
 
@@ -134,7 +135,8 @@ def train_large(model: nn.Module, x_u8: np.ndarray, y: np.ndarray, seed: int = 0
     batches shuffled from ``seed``, uint8 inputs / 255; returns the model in eval mode.
 
     Measured on seed 0 (400 held-out digits): a constant 1e-3 for 3 epochs reached 95.25%;
-    this schedule 95.0 / 97.25 / 96.75 / 97.5% after epochs 1-4.
+    this schedule 95.0 / 97.25 / 96.75 / 97.5% after epochs 1-4 (seed 1: 97.5% too), in 257 s of CPU (user) on a
+    2-core box shared with other jobs (the 3-epoch recipe: 146 s wall when the box was quiet).
     """
     gen = torch.Generator().manual_seed(seed)
     yt = torch.from_numpy(y)
