@@ -1,6 +1,6 @@
 """Bundle benchmark: bytes on the wire of the parts bundle against the fp32 model and today's bundle.
 
-    .venv/bin/python bench/bundle.py [--models lenet5,mlp,large224-s0,...] [--reanalyze]
+    .venv/bin/python bench/bundle.py [--models lenet5,mlp,large-s0,large-s1,...] [--reanalyze]
 
 Per model, measured in one run: the fp32 model file, the format-1 bundle (fp32 model + analysis
 directory, what the fleet shipped so far) and the parts bundle (weights part = head + prune planes
@@ -45,14 +45,13 @@ def load_case(name: str):
     """(model path, pool x, pool y, held-out x, analysis settings) of a benchmark model."""
     from toco_core.analysis.settings import AnalysisSettings
 
-    if name.startswith("large224"):
+    if name.startswith("large"):  # large-s0, large-s1, large_wide-s0: toco_core.demo.large
         from toco_core.demo.large import large_model, large_splits
 
-        seed = int(name.rsplit("-s", 1)[1]) if "-s" in name else 0
-        variant = name.split("-")[1] if name.count("-") == 2 else None
-        path = large_model(seed=seed, **({"variant": variant} if variant else {}))
-        s = large_splits(seed=0)
-        return path, s.x_pool, s.y_pool, s.x_heldout, AnalysisSettings(max_rounds=2, max_heldout=400)
+        arch, _, seed = name.partition("-s")
+        s = large_splits()
+        return large_model(seed=int(seed or 0), arch=arch), s.x_pool, s.y_pool, s.x_heldout, \
+            AnalysisSettings(max_rounds=2, max_heldout=400)
     from toco_core.demo.data import mnist_splits
     from toco_core.demo.train import demo_model
 
