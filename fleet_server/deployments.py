@@ -223,7 +223,10 @@ class Deployments:
             device.active = {"bundle_id": msg.bundle_id or s.get(DeploymentRow, m.deployment_id).bundle_id,
                              "model_name": (device.active or {}).get("model_name"), "plan": msg.plan,
                              "predicted_agreement": msg.predicted_agreement,
-                             "measured_agreement": msg.measured_agreement}
+                             "measured_agreement": msg.measured_agreement,
+                             # the box's storage as it reported it on activation
+                             "download_bytes": msg.download_bytes, "state_dir_bytes": msg.state_dir_bytes,
+                             "shadow": msg.shadow}
         elif new_outcome == "failed":
             device.deploy_state = "failed" if msg.phase is not Phase.ROLLED_BACK else None
         self._after_change(s, m.deployment_id, after)

@@ -49,6 +49,8 @@ def active_view(active: dict | None) -> dict[str, Any] | None:
             "base_bytes": plan.get("base_bytes", plan.get("base_file_bytes")),
             "predicted_agreement": active.get("predicted_agreement", _agreement(plan)),
             "measured_agreement": active.get("measured_agreement", plan.get("measured_agreement")),
+            "download_bytes": active.get("download_bytes"), "state_dir_bytes": active.get("state_dir_bytes"),
+            "shadow": active.get("shadow"),
             "plan": plan or None}
 
 
