@@ -32,7 +32,7 @@ from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.fidelity import compare_outputs  # noqa: E402
 from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
 from toco_core.onnx_model import load_model, model_bytes, model_hash, output_kind  # noqa: E402
-from toco_core.parts_bundle import BundleHead, decode_arrays, pack_parts, source_from_parts  # noqa: E402
+from toco_core.parts_bundle import BundleHead, decode_calibration, pack_parts, source_from_parts  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
 from toco_core.recompress import build, recompress  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
@@ -97,7 +97,7 @@ def bench_model(name: str, reanalyze: bool) -> dict:
     base_held = run_model(model, hx)
     row = {"model": name, "weights": result.manifest.weights, "fp32_file": fp32, "today_bundle": today,
            "parts_weights": full_w, "parts_calibration": full_c,
-           "heldout_samples": len(decode_arrays(parts["calib/heldout"], "calib/heldout")["x"]), "devices": []}
+           "heldout_samples": len(decode_calibration(parts["calib/heldout"], "calib/heldout")["x"]), "devices": []}
     held_by = {}
     for dev, profile, policy in devices(fp32):
         # the box plans from the head, fetches what its best plan lists, and builds from those parts

@@ -120,7 +120,8 @@ def _inputs(model: Path | None, analysis: Path | None, bundle: Path | None, budg
     base, result = load_model(model), load_result(analysis)
     from toco_core.recompress import as_source
 
-    parts = pack_parts(base, result, BundleInfo(model_name=model.stem, model_sha256=model_hash(base)), budget)
+    # the same bundle `toco pack` writes for this model and budget, so download_bytes agree
+    parts = pack_parts(base, result, BundleInfo(model_name=model.stem, model_sha256=model_hash(base), budget=budget))
     return parts, as_source(base, result), result
 
 

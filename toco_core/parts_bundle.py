@@ -40,6 +40,7 @@ from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import PlanTable, plan_table_bytes, plan_table_from_bytes
+from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
 FORMAT = 2  # bundle.json's parts format; 1 is the fp32 model + analysis directory
@@ -87,6 +88,20 @@ def decode_arrays(data: bytes, what: str) -> dict[str, np.ndarray]:
         raise BundleError(f"bundle part {what} is unreadable: {exc}", "fetch the bundle again") from None
 
 
+def encode_calibration(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named calibration arrays, each in its native dtype and range, losslessly
+    (toco_core.sample_codec), in one container."""
+    return pack_bundle({name: encode_samples(a) for name, a in arrays.items()})
+
+
+def decode_calibration(data: bytes, what: str) -> dict[str, np.ndarray]:
+    """Inverse of encode_calibration. Raises BundleError naming the part when it does not decode."""
+    try:
+        return {name: decode_samples(blob) for name, blob in unpack_bundle(data).items()}
+    except BundleError as exc:
+        raise BundleError(f"bundle part {what}: {exc.message}", exc.hint) from None
+
+
 def _rows(codes: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
 
@@ -128,8 +143,6 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     self-test samples are sized for (default: the info's) and whether to add the fp32 base.
     Raises AnalysisError for an analysis of another model or without a plan table.
     """
-    from toco_core.sample_codec import self_test_samples  # numpy only; sized from the budget
-
     source = from_base_model(model, result)
     table = require_plans(result)
     infos = compressible_weights(model)
@@ -154,10 +167,10 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     held = {"x": result.heldout_x[:n_test], "base_out": source.base_out[:n_test]}
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
-    parts["calib/heldout"] = encode_arrays(held)
+    parts["calib/heldout"] = encode_calibration(held)
     n_analysis = max(n_corr, INT8_CALIBRATION_SAMPLES if "int8" in result.curves else 0)
     if n_analysis:
-        parts["calib/analysis"] = encode_arrays({"x": result.analysis_x[:n_analysis]})
+        parts["calib/analysis"] = encode_calibration({"x": result.analysis_x[:n_analysis]})
     if include_base:
         parts["base"] = model_bytes(model)
     return parts
@@ -274,8 +287,8 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     if missing:
         raise BundleError(f"the bundle parts lack {', '.join(missing)}", "fetch them from the fleet server")
     head = BundleHead(parts["head"])
-    held = decode_arrays(parts["calib/heldout"], "calib/heldout")
-    ax = decode_arrays(parts["calib/analysis"], "calib/analysis")["x"] if "calib/analysis" in parts \
+    held = decode_calibration(parts["calib/heldout"], "calib/heldout")
+    ax = decode_calibration(parts["calib/analysis"], "calib/analysis")["x"] if "calib/analysis" in parts \
         else held["x"][:0]
     result = AnalysisResult(head.manifest, None, head.curves, ax, held["x"], held.get("y"), plans=head.table)
     ladders = _ladders(head, parts, _top_codes(head, parts))

@@ -96,7 +96,9 @@ def plan_table_bytes(table: PlanTable) -> bytes:
     meta = {"format": FORMAT, "master_scale": repr(table.master_scale),
             "prune_grid": json.dumps(list(table.prune_grid)), "points": json.dumps([list(p) for p in table.points]),
             "tensors": json.dumps(list(table.tensors)), "out_axes": json.dumps(list(table.out_axes))}
-    return save(tensors, metadata=meta)
+    # one metadata key: safetensors writes a metadata map in per-process hash order, and a bundle's
+    # bytes must not depend on the process that packed it
+    return save(tensors, metadata={"toco": json.dumps(meta, sort_keys=True)})
 
 
 def save_plan_table(table: PlanTable, path: Path) -> None:
@@ -108,7 +110,7 @@ def plan_table_from_bytes(data: bytes) -> PlanTable:
     """Parse a table written by save_plan_table. Raises AnalysisError when malformed."""
     try:
         # safetensors: 8-byte little-endian header length, then the JSON header with __metadata__
-        meta = json.loads(bytes(data[8:8 + int.from_bytes(data[:8], "little")]))["__metadata__"]
+        meta = json.loads(json.loads(bytes(data[8:8 + int.from_bytes(data[:8], "little")]))["__metadata__"]["toco"])
         raw = load(data)
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}")
