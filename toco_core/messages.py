@@ -143,7 +143,7 @@ class StatusMessage(AgentMessage):
     measured_agreement: float | None = Field(None, ge=0, le=1)
     plan: dict[str, Any] | None = None
     # Box storage, sent with ``active``: bytes of the bundle's parts received for this deployment,
-    # the whole state dir, and what the drift shadow runs (see StatusStorage).
+    # the whole state dir, and what the drift shadow runs (agent.deployer.storage_fields).
     download_bytes: int | None = Field(None, ge=0, description="bundle bytes received for this deployment")
     state_dir_bytes: int | None = Field(None, ge=0, description="sum of the file sizes under the state dir")
     shadow: Literal["fp32", "master", "none"] | None = Field(
