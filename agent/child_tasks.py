@@ -65,6 +65,15 @@ def extract_file(bundle: Path, name: str, out: Path) -> None:
     _run("extract", [str(bundle), name, str(out)])
 
 
+def master_model(parts_dir: Path, names: list[str], out: Path) -> None:
+    """Write the model a parts bundle's parts reach (the master when every bit plane is among
+    ``names``) to ``out`` (atomically): the drift shadow of a box without the fp32 base.
+
+    Raises BundleError when a part is missing or damaged.
+    """
+    _run("master", [str(parts_dir), str(out), *names])
+
+
 def probe(state_dir: Path, benchmark: bool, device_id: str | None):
     """toco_core.probe.probe_device in a child; returns the DeviceProfile. Raises DeviceError."""
     from toco_core.device import DeviceProfile
@@ -95,6 +104,17 @@ def _child(task: str, args: list[str]) -> bytes:
         if args[1] not in files:
             raise BundleError(f"bundle {Path(args[0]).name} has no {args[1]}", "deploy a complete bundle")
         atomic_write(Path(args[2]), files[args[1]])
+        return b"ok"
+    if task == "master":
+        from agent.atomic_files import atomic_write
+        from toco_core.onnx_model import model_bytes
+        from toco_core.parts_bundle import source_from_parts
+
+        try:
+            parts = {n: (Path(args[0]) / n).read_bytes() for n in args[2:]}
+        except OSError as exc:
+            raise BundleError(f"a bundle part is not readable: {exc}", "fetch the bundle's parts again") from None
+        atomic_write(Path(args[1]), model_bytes(source_from_parts(parts)[0].reference))
         return b"ok"
     if task == "probe":
         from toco_core.probe import probe_device

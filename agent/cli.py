@@ -67,6 +67,12 @@ def status(config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, 
             ("last drift window", "-" if not drift else f"#{drift['window']} alert={drift['alert']} "
                                                         f"out_of_band={','.join(drift['out_of_band']) or 'none'}"),
             ("inferences", str(st.inferences))]
+    storage = st.storage or {}
+    if storage:
+        shadow = {"fp32": "fp32 base", "master": "master model", "none": "none (confidence/entropy/input checks)"}
+        rows += [("state dir", f"{storage.get('state_dir_bytes', 0):,} bytes"),
+                 ("downloaded", "-" if storage.get("download_bytes") is None else f"{storage['download_bytes']:,} bytes"),
+                 ("drift shadow", shadow.get(storage.get("shadow"), "-"))]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

@@ -30,6 +30,7 @@ from agent.inference_api import ApiSettings, InferenceServer
 from agent.model_commands import ModelCommands
 from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.mqtt_link import MqttLink
+from agent.parts_fetch import PartsFetcher
 from agent.status_report import StatusReport
 from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
@@ -72,6 +73,7 @@ class Agent:
         self.link: MqttLink | None = None
         self.server: InferenceServer | None = None
         self.downloader: BundleDownloader | None = None
+        self.fetcher: PartsFetcher | None = None
         self.status = StatusReport(config, self.store, self.engine, self.reporter, self._send, lambda: self.link,
                                    lambda: self.server, lambda: self.profile)
         self.deployer = Deployer(config, self.store, lambda: self.profile, self.status.report, self.engine,
@@ -101,7 +103,10 @@ class Agent:
                              agent_version=__version__, birth=self.status.birth)
         self.downloader = BundleDownloader(self.link, self.state_dir, self.public_key, self.commands.on_bundle,
                                            self.commands.on_download_failed, disk_budget=c.bundle_disk_cap,
-                                           mem_budget=c.memory_cap and max(c.memory_cap, 64 << 20))
+                                           mem_budget=c.memory_cap and max(c.memory_cap, 64 << 20),
+                                           on_parts=self.commands.on_parts)
+        self.fetcher = PartsFetcher(self.link, self.deployer.parts)
+        self.deployer.fetcher = self.fetcher
         self.link.on(self.link.topics.device(MessageKind.CMD, c.device_id), MessageKind.CMD, self.commands.on_command)
         self.link.start()
         for target, name in ((self._work_loop, "agent-worker"), (self._housekeeping, "agent-housekeeping")):
@@ -116,6 +121,8 @@ class Agent:
         """Stop taking work, let the current job end, publish offline, close everything."""
         self._stop.set()
         self._jobs.put(_STOP)
+        if self.fetcher is not None:  # a deployment waiting for parts ends now and resumes at the next start
+            self.fetcher.close()
         for t in self._threads:
             t.join(30)
         if self.downloader is not None:
@@ -163,7 +170,7 @@ class Agent:
         ptr = self.store.pointer()
         self._serving_generation = ptr.generation if ptr else None
         self.reporter.attach(info.meta.bundle_id, self.deployer.reference_for(info.meta.sha256),
-                             self.deployer.base_model(info.meta.bundle_id))
+                             self.deployer.base_model(info.meta.bundle_id), self.deployer.shadow_mode(info.meta.bundle_id))
         if self.link is not None:
             self.link.republish_state()
         self.status.write()

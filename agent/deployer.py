@@ -5,15 +5,24 @@ Used by the daemon (with its engine and status messages) and by ``toco-agent rec
 the deployment journal first, so a restart after kill -9 finishes or reports it; a
 deployment is started at most ``MAX_ATTEMPTS`` times, then reported failed: never a loop.
 
-Files under ``state_dir``: ``bundles/{bundle_id}.bundle`` (verified bundles, kept while a slot
-uses them: the base model for the shadow run and for recompress/rollback), ``references/
-{model_sha256}.json`` (drift reference per served model), ``jobs/current/`` (the child's dir).
+Files under ``state_dir``: ``bundles/{bundle_id}.bundle`` (verified format-1 bundles, kept while
+a slot uses them: the base model for the shadow run and for recompress/rollback), ``parts/
+{bundle_id}/`` (the parts held of a parts bundle, agent.parts_store, kept on the same terms),
+``references/{model_sha256}.json`` (drift reference per served model), ``jobs/current/`` (the
+child's dir, removed once its candidate is installed).
+
+A parts bundle is built from the parts its plan needs: the job runs with the parts held, and when
+the next plan to try (the first, or a gentler one after a failed self-test) needs parts the box
+lacks, the job stops, the deployer fetches exactly those (agent.parts_fetch) and runs it again.
+The drift shadow is the fp32 base where the box holds it (format 1, or the optional ``base``
+part), the master model where it holds every bit plane, else none (``shadow_mode``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.child_tasks import extract_file
+from agent.child_tasks import extract_file, master_model
 from agent.config import AgentConfig
 from agent.inference import InferenceEngine
 from agent.model_store import CandidateMeta, ModelStore, SlotInfo, StoreError
-from agent.recompress_job import JobFailed, JobResult, JobSpec, run_job
+from agent.parts_fetch import FetchClosed, FetchFailed, PartsFetcher
+from agent.parts_store import PartsStore, dir_bytes
+from agent.recompress_job import JobFailed, JobResult, JobSpec, NeedsParts, run_job
 from agent.atomic_files import atomic_write
 from agent.status import Journal, read_journal, write_journal
 from toco_core.device import DeviceProfile, with_budgets
@@ -37,6 +48,7 @@ from toco_core.runtime import make_session
 
 log = logging.getLogger("toco.agent.deploy")
 MAX_ATTEMPTS = 2
+ALWAYS_PARTS = ("head", "codes/top", "calib/heldout")  # what a box plans and self-tests with
 Report = Callable[..., None]  # report(phase, journal, **StatusMessage fields)
 
 
@@ -57,6 +69,8 @@ class Deployer:
         self.root = Path(config.state_dir)
         for sub in ("bundles", "references", "jobs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.parts = PartsStore(self.root)
+        self.fetcher: PartsFetcher | None = None  # set by the daemon once its link exists; None: fetch nothing
 
     # ---------------------------------------------------------------- files
     def bundle_path(self, bundle_id: str) -> Path:
@@ -64,8 +78,28 @@ class Deployer:
         return self.root / "bundles" / f"{bundle_id}.bundle"
 
     def has_bundle(self, bundle_id: str) -> bool:
-        """Whether the verified bundle is stored here."""
-        return self.bundle_path(bundle_id).exists()
+        """Whether the verified bundle is stored here (for a parts bundle: its signed manifest; parts
+        a plan needs are fetched when it is built)."""
+        return self.bundle_path(bundle_id).exists() or self.parts.has(bundle_id)
+
+    def shadow_mode(self, bundle_id: str) -> str:
+        """What the drift shadow runs for a bundle: ``fp32`` (the base is here: a format-1 bundle or the
+        ``base`` part), ``master`` (every bit plane is here), or ``none``."""
+        if self.bundle_path(bundle_id).exists():
+            return "fp32"
+        manifest = self.parts.manifest(bundle_id)
+        if manifest is None:
+            return "none"
+        have = self.parts.have(bundle_id)
+        if "base" in have:
+            return "fp32"
+        planes = {f.name for f in manifest.files if f.name.startswith("codes/")}
+        return "master" if planes and planes | set(ALWAYS_PARTS) <= have else "none"
+
+    def storage_fields(self, bundle_id: str, received: int | None = None) -> dict[str, Any]:
+        """StatusMessage fields on this box's storage: bytes received, state dir bytes, shadow mode."""
+        return {"download_bytes": received, "state_dir_bytes": dir_bytes(self.root),
+                "shadow": self.shadow_mode(bundle_id)}
 
     def save_bundle(self, bundle_id: str, data: bytes) -> None:
         """Keep verified bundle bytes (atomic write)."""
@@ -87,7 +121,7 @@ class Deployer:
         """
         bundle = self.bundle_path(bundle_id)
         if not bundle.exists():
-            return None
+            return self._parts_shadow(bundle_id)
         base = bundle.with_name(f"{bundle_id}.base.onnx")
         try:
             if not base.exists():
@@ -96,6 +130,24 @@ class Deployer:
         except (TocoError, OSError) as exc:  # a damaged bundle only disables the shadow run
             log.warning("no base model for the shadow run", extra={"fields": {"error": str(exc)}})
             return None
+
+    def _parts_shadow(self, bundle_id: str) -> bytes | None:
+        """The shadow of a parts bundle: the ``base`` part as it is, or the master model rebuilt in a child
+        from every bit plane (never kept on disk: the state dir stays bounded); None in mode ``none``."""
+        mode = self.shadow_mode(bundle_id)
+        try:
+            if mode == "fp32":
+                return self.parts.path(bundle_id, "base").read_bytes()
+            if mode == "master":
+                out = self.root / "jobs" / f"shadow-{bundle_id[:16]}.onnx"
+                try:
+                    master_model(self.parts.dir(bundle_id), sorted(self.parts.have(bundle_id) - {"base"}), out)
+                    return out.read_bytes()
+                finally:
+                    out.unlink(missing_ok=True)
+        except (TocoError, OSError) as exc:  # damaged parts only disable the shadow run
+            log.warning("no shadow model", extra={"fields": {"error": str(exc)}})
+        return None
 
     def limits(self, overrides: dict[str, Any] | None = None) -> tuple[DeviceProfile, Policy]:
         """This box's profile with the configured caps, and the policy; ``overrides`` (memory_bytes,
@@ -119,6 +171,8 @@ class Deployer:
         """
         if not self.has_bundle(journal.bundle_id):
             return self._fail(journal, Phase.FAILED, FailureReason.INTERNAL, "the verified bundle is missing on disk")
+        if journal.attempts == 0:  # what this deployment receives is counted from here, across restarts
+            journal = journal.model_copy(update={"received_before": self.parts.received(journal.bundle_id)})
         journal = journal.model_copy(update={"attempts": journal.attempts + 1, "phase": Phase.RECOMPRESSING.value})
         if journal.attempts > MAX_ATTEMPTS:
             return self._fail(journal, Phase.FAILED, FailureReason.INTERNAL,
@@ -126,13 +180,15 @@ class Deployer:
         write_journal(self.root, journal)
         self.report(Phase.RECOMPRESSING, journal, progress=0.0, detail=f"attempt {journal.attempts}")
         profile, policy = self.limits(journal.policy)
-        spec = JobSpec(bundle_path=str(self.bundle_path(journal.bundle_id)), profile=profile, policy=policy,
-                       drift=self.config.drift, measure_memory=policy.memory is not None)
-        progress = lambda stage, done, total: self.report(  # noqa: E731
-            Phase.RECOMPRESSING, journal, progress=min(done / max(total, 1), 1.0), detail=stage)
+        spec = JobSpec(profile=profile, policy=policy, drift=self.config.drift, measure_memory=policy.memory is not None)
         try:
-            job = run_job(spec, self.root / "jobs" / "current", self.config.recompress_memory,
-                          self.config.recompress_timeout, progress)
+            if self.bundle_path(journal.bundle_id).exists():
+                job = self._run(journal, spec.model_copy(update={"bundle_path": str(self.bundle_path(journal.bundle_id))}))
+            else:
+                job = self._run_parts(journal, spec, policy.max_tries)
+        except FetchClosed:
+            log.info("deployment paused: the agent is stopping; it resumes at the next start")
+            return None
         except JobFailed as exc:
             return self._fail(journal, Phase.FAILED, exc.reason, str(exc))
         summary = plan_summary(job)
@@ -140,6 +196,62 @@ class Deployer:
                    "measured_agreement": 1 - job.report.self_test.measured, "plan": summary}
         self.report(Phase.SELF_TEST, journal, progress=1.0, detail="passed", **numbers)
         return self._activate(journal, job, summary, numbers)
+
+    def _run(self, journal: Journal, spec: JobSpec) -> JobResult:
+        """One recompression job in the child. Raises JobFailed."""
+        progress = lambda stage, done, total: self.report(  # noqa: E731
+            Phase.RECOMPRESSING, journal, progress=min(done / max(total, 1), 1.0), detail=stage)
+        return run_job(spec, self.root / "jobs" / "current", self.config.recompress_memory,
+                       self.config.recompress_timeout, progress)
+
+    def _run_parts(self, journal: Journal, spec: JobSpec, max_tries: int) -> JobResult:
+        """Build from parts: run the job with the parts held; when it stops at a plan needing parts not
+        here, fetch exactly those and run it again (at most once per plan it may try, plus one).
+
+        Raises JobFailed (a failed fetch with its reason), FetchClosed when the agent stops meanwhile.
+        """
+        bid = journal.bundle_id
+        manifest = self.parts.manifest(bid)
+        if manifest is None:
+            raise JobFailed(FailureReason.INTERNAL, "the parts manifest is missing on disk")
+        listed = {f.name for f in manifest.files}
+        names = [n for n in ALWAYS_PARTS if n in listed]
+        for _ in range(max_tries + 2):
+            self._fetch(journal, manifest, names)
+            have = sorted(self.parts.have(bid) & listed)
+            try:
+                return self._run(journal, spec.model_copy(update={"parts_dir": str(self.parts.dir(bid)), "parts": have}))
+            except NeedsParts as exc:
+                names = exc.parts
+        raise JobFailed(FailureReason.INTERNAL, f"the plans still needed parts after {max_tries + 2} fetches: "
+                        f"{', '.join(names)}")
+
+    def _fetch(self, journal: Journal, manifest, names: list[str]) -> None:
+        """Fetch the named parts that are not here. Raises JobFailed (with the fetch's reason, or
+        bad_command when there is no fetcher, e.g. ``toco-agent recompress`` from a shell), FetchClosed."""
+        sizes = {f.name: f.size for f in manifest.files}
+        missing = [n for n in names if n not in self.parts.have(manifest.bundle_id)]
+        if not missing:
+            return
+        if self.fetcher is None:
+            raise JobFailed(FailureReason.BAD_COMMAND,
+                            f"the plan needs parts this box does not hold ({', '.join(missing)}: "
+                            f"{sum(sizes.get(n, 0) for n in missing)} bytes) and this process has no fleet link",
+                            "send the recompress from the fleet server (toco-fleet / the API): the daemon fetches them")
+        wanted = sum(sizes.get(n, 0) for n in missing)
+        self.report(Phase.DOWNLOADING, journal, progress=0.0, detail=f"fetching {', '.join(missing)} ({wanted} bytes)")
+        last = [0.0]
+
+        def progress(here: int, total: int) -> None:
+            share = here / max(total, 1)
+            if share - last[0] >= 0.1 and share < 1:
+                last[0] = share
+                self.report(Phase.DOWNLOADING, journal, progress=share)
+
+        try:
+            self.fetcher.fetch(manifest, missing, progress)
+        except FetchFailed as exc:
+            raise JobFailed(exc.reason, str(exc)) from None
 
     def _activate(self, journal: Journal, job: JobResult, summary: PlanSummary, numbers: dict) -> SlotInfo | None:
         return self.activate(journal, job.candidate.read_bytes(), summary, numbers, job.reference, job.preprocessing)
@@ -184,8 +296,14 @@ class Deployer:
                 return self._fail(journal, Phase.ROLLED_BACK, FailureReason.LOAD_FAILED, str(exc))
         self.on_activated(info)
         write_journal(self.root, None)
-        self.report(Phase.ACTIVE, journal, progress=1.0, detail=f"slot {info.slot}: {summary.label}", **numbers)
+        # the state dir keeps the two slots, the parts to re-derive from and the drift references only
+        shutil.rmtree(self.root / "jobs" / "current", ignore_errors=True)
         self.collect_garbage()
+        received = self.parts.received(journal.bundle_id) - journal.received_before
+        if self.bundle_path(journal.bundle_id).exists():  # format 1: the container, when this deployment fetched it
+            received = self.bundle_path(journal.bundle_id).stat().st_size if journal.kind == "deploy" else 0
+        self.report(Phase.ACTIVE, journal, progress=1.0, detail=f"slot {info.slot}: {summary.label}", **numbers,
+                    **self.storage_fields(journal.bundle_id, max(received, 0)))
         return info
 
     def _roll_back(self, reason: str) -> None:
@@ -253,3 +371,6 @@ class Deployer:
         for path in (self.root / "references").glob("*.json"):
             if path.stem not in keep_refs:
                 path.unlink(missing_ok=True)
+        for bundle_id in self.parts.bundles():
+            if bundle_id not in keep_bundles:
+                self.parts.remove(bundle_id)

@@ -55,6 +55,7 @@ class DriftReporter:
         self._monitor: DriftMonitor | None = None
         self._base = None  # the shadow session, while in use
         self._base_model: bytes | None = None  # what it is made from; None: no shadow run
+        self.shadow_mode = "none"  # what the shadow runs: fp32 (the base), master, none
         self._base_used = 0.0
         self._kept: OrderedDict[int, tuple[list, np.ndarray]] = OrderedDict()  # window -> (disputed, inputs)
         self._lock = threading.Lock()
@@ -63,13 +64,17 @@ class DriftReporter:
         self._worker.start()
 
     # ---------------------------------------------------------------- wiring
-    def attach(self, bundle_id: str | None, reference: DriftReference | None, base_model: bytes | None) -> None:
+    def attach(self, bundle_id: str | None, reference: DriftReference | None, base_model: bytes | None,
+               shadow_mode: str = "fp32") -> None:
         """Watch a newly served model: fresh monitor from its reference; ``base_model`` for shadow runs.
 
         With no reference (a model installed by hand) drift is not monitored; with no base model
-        (or shadow_fraction 0) the agreement check stays unjudged.
+        (or shadow_fraction 0) the agreement check stays unjudged, and drift relies on the
+        confidence, entropy and input checks plus the uploaded samples, which the server scores
+        against the fp32 base. ``shadow_mode`` says what ``base_model`` is (fp32 or master).
         """
         with self._lock:
+            self.shadow_mode = shadow_mode if base_model is not None and self.settings.shadow_fraction > 0 else "none"
             self._bundle_id = bundle_id
             self._monitor = DriftMonitor(reference, self.settings, seed=self.seed) if reference else None
             self._base = None

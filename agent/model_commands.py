@@ -76,6 +76,18 @@ class ModelCommands:
         write_journal(self.config.state_dir, journal)
         self._enqueue(lambda: self.deployer.deploy(journal))
 
+    def on_parts(self, manifest: BundleManifest, deployment_id: str | None) -> None:
+        """Downloader callback (dispatcher thread): a parts bundle's signed manifest was admitted; keep it
+        and queue the deployment, which fetches the parts its plan needs."""
+        self.deployer.parts.save_manifest(manifest)
+        journal = read_journal(self.config.state_dir)
+        if journal is None or journal.bundle_id != manifest.bundle_id:
+            log.info("parts manifest stored without a deployment waiting for it")
+            return
+        journal = journal.model_copy(update={"phase": Phase.DOWNLOADING.value})
+        write_journal(self.config.state_dir, journal)
+        self._enqueue(lambda: self.deployer.deploy(journal))
+
     def on_download_failed(self, bundle_id: str, reason: FailureReason, detail: str) -> None:
         """Downloader callback: close the deployment waiting for ``bundle_id`` and show the failure in status.json.
 

@@ -70,8 +70,8 @@ class Dispatcher:
     def owns(self, topic: str) -> MessageKind | None:
         """The kind of ``topic`` when this device may receive on it, else None.
 
-        Ours are: this fleet's ``devices/{own id}/cmd`` and its ``bundles/{sha}/manifest`` and
-        ``.../chunk/{i}`` topics, plus any topic routed by its exact name (a deliberate choice
+        Ours are: this fleet's ``devices/{own id}/cmd``, its ``bundles/{sha}/manifest`` and
+        ``.../chunk/{i}`` topics and ``bundles/{sha}/part/{own id}``, plus any topic routed by its exact name (a deliberate choice
         of the caller). Everything else (another device, another fleet, a topic the agent
         publishes itself, a malformed one) is foreign.
         """
@@ -85,7 +85,7 @@ class Dispatcher:
             return exact[0]
         if parsed is None:
             return None
-        if parsed.kind is MessageKind.CMD and parsed.device_id == self.device_id:
+        if parsed.kind in (MessageKind.CMD, MessageKind.PART) and parsed.device_id == self.device_id:
             return parsed.kind
         if parsed.kind in (MessageKind.MANIFEST, MessageKind.CHUNK):
             return parsed.kind

@@ -27,7 +27,8 @@ import paho.mqtt.client as mqtt
 from agent.mqtt_dispatch import Dispatcher, Handler
 from agent.mqtt_publisher import Publisher
 from agent.outbox import Outbox
-from toco_core.messages import AgentMessage, ChunkRequest, MessageError, MessageKind, StateMessage, encode, kind_of
+from toco_core.messages import (AgentMessage, ChunkRequest, MessageError, MessageKind, PartRequest, StateMessage, encode,
+                                kind_of)
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
 
 log = logging.getLogger("toco.agent.mqtt")
@@ -154,7 +155,7 @@ class MqttLink:
             raise MessageError(f"message for device {message.device_id!r} sent through the link of {self.device_id!r}",
                                "build messages with the link's device_id")
         kind = kind_of(message)
-        topic = (self.topics.get(message.bundle_id, self.device_id) if isinstance(message, ChunkRequest)
+        topic = (self.topics.get(message.bundle_id, self.device_id) if isinstance(message, (ChunkRequest, PartRequest))
                  else self.topics.device(kind, self.device_id))
         rule = DELIVERY[kind]
         if rule.durable:

@@ -6,11 +6,14 @@ watchdog kills the child (and its children) when their summed RSS passes the lim
 time runs out. The child dies with the parent (PR_SET_PDEATHSIG), so a kill -9 of the agent
 leaves no orphan writing into the state dir.
 
-Child (``_child_main``): unpacks the bundle, runs ``toco_core.recompress.recompress`` with
-the box's profile and policy, builds the drift reference from the candidate's outputs on the
+Child (``_child_main``): opens the bundle (a format-1 container, or the parts of a parts bundle
+held in the state dir, checked again against the signed manifest), runs
+``toco_core.recompress.recompress`` with the box's profile and policy, builds the drift reference from the candidate's outputs on the
 calibration samples, and writes ``candidate.onnx``, ``reference.json`` and last
 ``result.json`` (the commit mark), each atomically. An expected failure (infeasible,
-self-test, bad bundle) is written to ``error.json`` with its FailureReason.
+self-test, bad bundle) is written to ``error.json`` with its FailureReason. From parts, the
+search stops at the first plan that needs parts the box does not hold: ``error.json`` then
+names them (``needs``), the parent raises NeedsParts, fetches them and runs the job again.
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ Progress = Callable[[str, int, int], None]
 
 
 class JobSpec(BaseModel):
-    """What the child needs: the bundle file, this box's profile and the policy."""
+    """What the child needs: the bundle file (format 1) or the parts folder and the parts held there
+    (parts bundles), this box's profile and the policy."""
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle_path: str
+    bundle_path: str | None = None
+    parts_dir: str | None = None
+    parts: list[str] = []
     profile: DeviceProfile
     policy: Policy
     drift: DriftSettings = DriftSettings()
@@ -61,6 +67,14 @@ class JobFailed(TocoError):
     def __init__(self, reason: FailureReason, message: str, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.reason = reason
+
+
+class NeedsParts(JobFailed):
+    """The next plan to try needs parts this box does not hold; ``parts`` names them."""
+
+    def __init__(self, parts: list[str], message: str) -> None:
+        super().__init__(FailureReason.INTERNAL, message, "fetch them and run the job again")
+        self.parts = parts
 
 
 @dataclass(frozen=True)
@@ -153,6 +167,8 @@ def _forward_progress(stream, progress: Progress) -> None:
 def _collect(job_dir: Path, code: int, peak: int, stderr: bytes) -> JobResult:
     if (job_dir / "error.json").exists():
         err = json.loads((job_dir / "error.json").read_text())
+        if err.get("needs"):
+            raise NeedsParts(list(err["needs"]), err["message"])
         raise JobFailed(FailureReason(err["reason"]), err["message"])
     if code != 0 or not (job_dir / "result.json").exists():
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {code}"]
@@ -169,10 +185,39 @@ def _emit(stage: str, done: int, total: int) -> None:
     print(json.dumps({"stage": stage, "done": done, "total": total}), flush=True)
 
 
+class _Missing(TocoError):
+    """Raised in the child before building a plan whose parts are not here."""
+
+    def __init__(self, parts: list[str]) -> None:
+        super().__init__(f"the plan needs parts not on this box: {', '.join(parts)}")
+        self.parts = parts
+
+
+def _open_parts(spec: JobSpec):
+    """(WeightSource, analysis, info, before_build) from the parts held, re-checked against the signed
+    manifest. Raises BundleError for a damaged or unlisted part."""
+    from toco_core.messages import MessageKind, parse_message
+    from toco_core.parts_bundle import BundleHead, source_from_parts, verify_parts
+
+    folder = Path(spec.parts_dir)  # type: ignore[arg-type]
+    manifest = parse_message(MessageKind.MANIFEST, (folder / "manifest.json").read_bytes())
+    parts = {n: (folder / n).read_bytes() for n in spec.parts}
+    verify_parts(parts, manifest)  # type: ignore[arg-type]
+    source, analysis, info = source_from_parts(parts)
+    head = BundleHead(parts["head"])
+
+    def before_build(plan) -> None:
+        missing = [n for n in head.parts_for_plan(plan) if n not in parts]
+        if missing:
+            raise _Missing(missing)
+
+    return source, analysis, info, before_build
+
+
 def _child_main(job_dir: Path) -> int:
     from toco_core.bundle import unpack_bundle
     from toco_core.drift import build_reference
-    from toco_core.errors import BundleError, InfeasibleError, SelfTestError
+    from toco_core.errors import AnalysisError, BundleError, InfeasibleError, SelfTestError
     from toco_core.model_bundle import open_bundle
     from toco_core.onnx_model import model_bytes, output_kind
     from toco_core.recompress import recompress
@@ -181,29 +226,39 @@ def _child_main(job_dir: Path) -> int:
     spec = JobSpec.model_validate_json((job_dir / "job.json").read_bytes())
     try:
         _emit("open", 0, 1)
-        model, analysis, info = open_bundle(unpack_bundle(Path(spec.bundle_path).read_bytes()))
+        if spec.parts_dir is not None:
+            model, analysis, info, before_build = _open_parts(spec)
+            base = model.reference
+        else:
+            model, analysis, info = open_bundle(unpack_bundle(Path(spec.bundle_path).read_bytes()))  # type: ignore[arg-type]
+            base, before_build = model, None
         built, report = recompress(model, analysis, spec.profile, spec.policy, progress=_emit,
-                                   measure_memory=spec.measure_memory)
+                                   measure_memory=spec.measure_memory, before_build=before_build)
         _emit("reference", 0, 1)
         runnable = model_bytes(built.runnable)
         outputs = run_model(runnable, analysis.heldout_x)
         reference = build_reference(analysis.heldout_x, outputs, 1.0 - report.self_test.measured, spec.drift,
-                                    output_kind(model))
-    except (InfeasibleError, SelfTestError, BundleError) as exc:
+                                    output_kind(base))
+    except _Missing as exc:
+        atomic_write(job_dir / "error.json", json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc),
+                                                         "needs": exc.parts}).encode())
+        return 3
+    except (InfeasibleError, SelfTestError, BundleError, AnalysisError) as exc:
+        # AnalysisError: an analysis made before plan tables (schema 1), which no box can build from
         reason = (FailureReason.INFEASIBLE if isinstance(exc, InfeasibleError) else
                   FailureReason.SELF_TEST_FAILED if isinstance(exc, SelfTestError) else FailureReason.BAD_MANIFEST)
         atomic_write(job_dir / "error.json", json.dumps({"reason": reason.value, "message": str(exc)}).encode())
         return 3
     except TocoError as exc:
         atomic_write(job_dir / "error.json",
-                          json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc)}).encode())
+                     json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc)}).encode())
         return 3
     atomic_write(job_dir / "candidate.onnx", runnable)
     atomic_write(job_dir / "reference.json", reference.model_dump_json().encode())
     atomic_write(job_dir / "result.json", json.dumps({"report": report.model_dump(mode="json"),
-                                                           "model_name": info.model_name,
-                                                           "preprocessing": info.preprocessing.model_dump(mode="json")
-                                                           if info.preprocessing else None}).encode())
+                                                      "model_name": info.model_name,
+                                                      "preprocessing": info.preprocessing.model_dump(mode="json")
+                                                      if info.preprocessing else None}).encode())
     _emit("done", 1, 1)
     return 0
 

@@ -41,6 +41,8 @@ class AgentStatus(BaseModel):
     last_drift: dict[str, Any] | None = Field(None, description="last closed drift window: index, alert, out_of_band")
     outbox: int = 0
     inferences: int = 0
+    storage: dict[str, Any] | None = Field(None, description="state_dir_bytes, download_bytes (parts received "
+                                                             "for the active bundle), shadow (fp32|master|none)")
 
 
 class Journal(BaseModel):
@@ -54,6 +56,7 @@ class Journal(BaseModel):
     attempts: int = Field(0, ge=0, description="recompression runs started for this deployment")
     policy: dict[str, Any] = Field(default_factory=dict, description="budget overrides of the command")
     kind: str = Field("deploy", description="deploy or recompress")
+    received_before: int = Field(0, ge=0, description="bytes of the bundle's parts received before this deployment")
 
 
 def write_status(state_dir: Path, status: AgentStatus) -> None:

@@ -21,6 +21,7 @@ from agent.inference import InferenceEngine
 from agent.inference_api import InferenceServer
 from agent.model_store import ModelStore
 from agent.mqtt_link import MqttLink
+from agent.parts_store import PartsStore, dir_bytes
 from agent.status import AgentStatus, Journal, write_status
 from toco_core.device import DeviceProfile
 from toco_core.messages import ActiveModel, HardwareInfo, Message, Phase, PlanSummary, StatusMessage, TelemetryMessage
@@ -98,6 +99,14 @@ class StatusReport:
                                     inferences=stats["samples"], latency_ms_p50=finite(stats["p50_ms"]),
                                     latency_ms_p99=finite(stats["p99_ms"])))
 
+    def storage(self, bundle_id: str | None) -> dict[str, Any]:
+        """The state dir's bytes, the parts received for ``bundle_id`` and the drift shadow's mode."""
+        parts = PartsStore(self.config.state_dir)
+        shadow = self.reporter.shadow_mode if bundle_id else None
+        return {"state_dir_bytes": dir_bytes(self.config.state_dir),
+                "download_bytes": parts.received(bundle_id) if bundle_id and parts.has(bundle_id) else None,
+                "shadow": shadow}
+
     def write(self, running: bool = True) -> None:
         """Rewrite status.json (``running=False`` on shutdown); an unwritable file is logged, never raised."""
         active = self.store.active()
@@ -115,7 +124,8 @@ class StatusReport:
                                                   "n_samples": last.n_samples, "alert": last.alert,
                                                   "out_of_band": last.out_of_band,
                                                   "measured_agreement": last.measured_agreement},
-            outbox=link.outbox_size() if link else 0, inferences=self.engine.stats.samples)
+            outbox=link.outbox_size() if link else 0, inferences=self.engine.stats.samples,
+            storage=self.storage(active.meta.bundle_id if active else None))
         try:
             with self._lock:
                 write_status(self.config.state_dir, status)

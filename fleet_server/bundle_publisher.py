@@ -1,4 +1,8 @@
-"""Server side of the chunk protocol: retained manifests out, chunk requests answered.
+"""Server side of the chunk protocol: retained manifests out, chunk and part requests answered.
+
+A ChunkRequest (format-1 bundles) is answered on ``bundles/{b}/chunk/{i}``, seen by every
+downloader of the bundle; a PartRequest (parts bundles) range by range on the asker's own
+``bundles/{b}/part/{device}``, so a box receives only the bytes it asked for.
 
 ``BundlePublisher`` knows nothing of paho: it gets a ``send(topic, payload, qos, retain)``
 function, so the fleet server can plug it into its own MQTT client. ``MqttBundleServer`` is
@@ -16,24 +20,30 @@ import paho.mqtt.client as mqtt
 
 from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
 from toco_core.errors import BundleError
-from toco_core.messages import (MAX_CHUNKS_PER_REQUEST, ChunkRequest, MessageError, MessageKind, encode, encode_chunk,
-                                parse_message)
+from toco_core.messages import (MAX_CHUNKS_PER_REQUEST, ChunkRequest, MessageError, MessageKind, PartRequest, encode,
+                                encode_chunk, encode_part, parse_message)
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.bundles")
 SendFn = Callable[[str, bytes, int, bool], None]
 # Fault injection for tests and benchmarks: (bundle_id, index, payload) -> payload to send, or None to drop it.
 ChunkFault = Callable[[str, int, bytes], bytes | None]
+# The same for part ranges: (bundle_id, part, offset, payload) -> payload to send, or None to drop it.
+PartFault = Callable[[str, str, int, bytes], bytes | None]
 
 
 class BundlePublisher:
-    """Announces bundles and serves their chunks; ``requests`` counts (bundle_id, index) asked for."""
+    """Announces bundles and serves their chunks and part ranges; ``requests`` counts (bundle_id, index)
+    asked for, ``part_bytes`` the bytes of part ranges sent per (bundle_id, device, part)."""
 
-    def __init__(self, topics: Topics, send: SendFn, fault: ChunkFault | None = None) -> None:
+    def __init__(self, topics: Topics, send: SendFn, fault: ChunkFault | None = None,
+                 part_fault: PartFault | None = None) -> None:
         self.topics = topics
         self.send = send
         self.fault = fault
+        self.part_fault = part_fault
         self.requests: Counter[tuple[str, int]] = Counter()
+        self.part_bytes: Counter[tuple[str, str, str]] = Counter()
         self.stats: Counter[str] = Counter()
         self._bundles: dict[str, tuple[BundleManifest, bytes]] = {}
         self._lock = threading.Lock()
@@ -65,10 +75,14 @@ class BundlePublisher:
         self.send(self.topics.manifest(manifest.bundle_id), encode(manifest), rule.qos, rule.retain)
 
     def handle_get(self, topic: str, payload: bytes) -> int:
-        """Answer one chunk request; returns the number of chunks sent. Bad requests are logged and dropped."""
+        """Answer one chunk or part request; returns the number of chunks or ranges sent.
+
+        Bad requests (malformed, payload disagreeing with the topic, an unknown bundle, part or
+        range) are logged and dropped, never raised.
+        """
         try:
             where = self.topics.parse(topic)
-            request: ChunkRequest = parse_message(MessageKind.GET, payload)  # type: ignore[assignment]
+            request: ChunkRequest | PartRequest = parse_message(MessageKind.GET, payload)  # type: ignore[assignment]
             if where.kind is not MessageKind.GET:
                 raise MessageError(f"{topic} is not a chunk request topic", "publish requests on bundles/+/get/+")
         except MessageError as exc:
@@ -86,6 +100,8 @@ class BundlePublisher:
             log.info("chunk request for a bundle not served", extra={"fields": {"bundle": request.bundle_id[:12]}})
             return 0
         manifest, data = entry
+        if isinstance(request, PartRequest):
+            return self._send_parts(request, manifest, data)
         sent = 0
         for i in request.chunks[:MAX_CHUNKS_PER_REQUEST]:
             if i >= manifest.n_chunks:
@@ -101,12 +117,38 @@ class BundlePublisher:
         self.stats["chunks_sent"] += sent
         return sent
 
+    def _send_parts(self, request: PartRequest, manifest: BundleManifest, data: bytes) -> int:
+        """Send each requested range that lies inside a part of the manifest to the asker alone."""
+        files = {f.name: f for f in manifest.files}
+        topic = self.topics.part(manifest.bundle_id, request.device_id)
+        sent = 0
+        for r in request.ranges:
+            entry = files.get(r.part)
+            if entry is None or r.offset + r.length > entry.size:
+                self.stats["bad_range"] += 1
+                why = "unknown part" if entry is None else f"range {r.offset}+{r.length} outside its {entry.size} bytes"
+                log.warning("dropped a part range", extra={"fields": {"bundle": manifest.bundle_id[:12], "part": r.part,
+                                                                      "device": request.device_id, "why": why}})
+                continue
+            start = entry.offset + r.offset
+            out: bytes | None = encode_part(manifest.bundle_id, r.part, r.offset, data[start:start + r.length])
+            if self.part_fault is not None:
+                out = self.part_fault(manifest.bundle_id, r.part, r.offset, out)
+            if out is None:
+                continue
+            self.part_bytes[(manifest.bundle_id, request.device_id, r.part)] += r.length
+            self.send(topic, out, DELIVERY[MessageKind.PART].qos, False)
+            sent += 1
+        self.stats["ranges_sent"] += sent
+        return sent
+
 
 class MqttBundleServer:
     """A paho client that runs a BundlePublisher: subscribes to chunk requests, re-announces on reconnect."""
 
     def __init__(self, url: str, fleet: str, *, client_id: str = "toco-bundle-server", username: str | None = None,
-                 password: str | None = None, ca_file: str | None = None, fault: ChunkFault | None = None) -> None:
+                 password: str | None = None, ca_file: str | None = None, fault: ChunkFault | None = None,
+                 part_fault: PartFault | None = None) -> None:
         broker = parse_broker_url(url)
         self.broker = broker
         self.topics = Topics(fleet)
@@ -121,7 +163,7 @@ class MqttBundleServer:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
-        self.publisher = BundlePublisher(self.topics, self._send, fault)
+        self.publisher = BundlePublisher(self.topics, self._send, fault, part_fault)
 
     def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)

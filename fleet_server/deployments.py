@@ -52,12 +52,14 @@ def device_history(db: Database, *, device_id: str, limit: int = 200) -> list[di
 
 def _active_after(before: dict | None, msg: StatusMessage, bundle_id: str) -> dict[str, Any]:
     """The device's stored ``active`` after a successful final status: its bundle and plan (as JSON),
-    the agreements the status reports, the model name from the plan (else the one known before)."""
+    the agreements the status reports, the model name from the plan (else the one known before), and
+    the box's storage as it reported it on activation (bytes received, state dir, drift shadow)."""
     plan = msg.plan
     return {"bundle_id": msg.bundle_id or bundle_id,
             "model_name": (plan.model_name if plan else None) or (before or {}).get("model_name"),
             "plan": plan.model_dump(mode="json") if plan else None,
-            "predicted_agreement": msg.predicted_agreement, "measured_agreement": msg.measured_agreement}
+            "predicted_agreement": msg.predicted_agreement, "measured_agreement": msg.measured_agreement,
+            "download_bytes": msg.download_bytes, "state_dir_bytes": msg.state_dir_bytes, "shadow": msg.shadow}
 
 
 def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict], budget: float) -> list[dict]:

@@ -5,8 +5,9 @@ analyses oldest first, at most ``concurrency`` at a time, in a spawn-context pro
 (fork is unsafe in a process with paho and uvicorn threads; spawn also keeps torch out of
 the server process). Workers report ``(analysis_id, phase, done, total)`` on a queue that a
 progress thread turns into DB updates and ``analysis`` events. On success the server process
-packs the bundle (model + analysis + bundle.json), signs its manifest with the server key and
-stores it content-addressed (fleet_server.registry.store_bundle).
+packs the parts bundle (toco_core.parts_bundle, format 2: head, weight planes, calibration parts
+and the optional fp32 ``base`` part), signs its manifest (which lists every part's offset, size
+and SHA-256) with the server key and stores it content-addressed (fleet_server.registry.store_bundle).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
 from fleet_server.registry import Store, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
-from toco_core.model_bundle import BundleInfo, bundle_files
+from toco_core.model_bundle import BundleInfo
 
 log = logging.getLogger("toco.fleet.jobs")
 _PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
@@ -233,7 +234,14 @@ class JobRunner:
                     log.exception("after-analysis hook failed", extra={"fields": {"analysis": aid}})
 
     def build_bundle(self, analysis_id: str) -> str:
-        """Pack, sign and store the bundle of a finished analysis. Returns its id (sha256)."""
+        """Pack, sign and store the parts bundle of a finished analysis. Returns its id (sha256).
+
+        Raises AnalysisError for an analysis without a plan table (made before schema 2).
+        """
+        from toco_core.analysis_result import load_result
+        from toco_core.onnx_model import load_model
+        from toco_core.parts_bundle import pack_parts
+
         with self.db.session() as s:
             a = s.get(AnalysisRow, analysis_id)
             m = s.get(ModelRow, a.model_id)
@@ -241,7 +249,8 @@ class JobRunner:
             model_path, name, sha, prep, out = m.path, m.name, m.sha256, m.preprocessing, a.result_dir
         info = BundleInfo(model_name=name, model_sha256=sha, analysis_id=analysis_id, budget=budget,
                           preprocessing=prep, reason=reason)
-        data = pack_bundle(bundle_files(Path(model_path), Path(out), info))
+        parts = pack_parts(load_model(Path(model_path)), load_result(Path(out)), info, include_base=True)
+        data = pack_bundle(parts)
         manifest = make_manifest(data, self.chunk_size, self.key,
                                  metadata={"model_name": name, "analysis_id": analysis_id, "reason": reason,
                                            "budget": budget})

@@ -76,17 +76,19 @@ def active_view(active: dict | None) -> dict[str, Any] | None:
     if not active or not active.get("bundle_id"):
         return None
     plan = stored_plan(active.get("plan"))
+    # the box's storage as it reported it on activation (absent before boxes sent it)
+    storage = {k: active.get(k) for k in ("download_bytes", "state_dir_bytes", "shadow")}
     if plan is None:
         return {"bundle_id": active["bundle_id"], "model_name": active.get("model_name"), "plan_label": None,
                 "storage_bytes": None, "base_file_bytes": None,
                 "predicted_agreement": active.get("predicted_agreement"),
-                "measured_agreement": active.get("measured_agreement"), "plan": None}
+                "measured_agreement": active.get("measured_agreement"), "plan": None, **storage}
     predicted, measured = _agreement(plan.predicted_disagreement), _agreement(plan.measured_disagreement)
     return {"bundle_id": active["bundle_id"], "model_name": active.get("model_name") or plan.model_name,
             "plan_label": plan.label, "storage_bytes": plan.storage_bytes, "base_file_bytes": plan.base_file_bytes,
             "predicted_agreement": predicted if predicted is not None else active.get("predicted_agreement"),
             "measured_agreement": measured if measured is not None else active.get("measured_agreement"),
-            "plan": plan.model_dump(mode="json")}
+            "plan": plan.model_dump(mode="json"), **storage}
 
 
 def device_view(d: DeviceRow) -> dict[str, Any]:

@@ -30,6 +30,9 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 64 * 1024, 256 * 1024
 MAX_JSON_PAYLOAD = 4 * 1024 * 1024  # larger JSON is refused before parsing (memory on small boxes)
 MAX_CHUNKS_PER_REQUEST = 64
+MAX_RANGE_LENGTH = 256 * 1024  # one part reply frame at most; as large as a chunk
+MAX_RANGES_PER_REQUEST = 64
+PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+)?$"  # head, codes/top, codes/3, prune/0, calib/heldout, base
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 BundleId = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256 hex of the packed bundle")]
@@ -275,6 +278,12 @@ class StatusMessage(AgentMessage):
     predicted_agreement: float | None = Field(None, ge=0, le=1)
     measured_agreement: float | None = Field(None, ge=0, le=1)
     plan: PlanSummary | None = None
+    # Box storage, sent with ``active``: bytes of the bundle's parts received for this deployment,
+    # the whole state dir, and what the drift shadow runs (agent.deployer.storage_fields).
+    download_bytes: int | None = Field(None, ge=0, description="bundle bytes received for this deployment")
+    state_dir_bytes: int | None = Field(None, ge=0, description="sum of the file sizes under the state dir")
+    shadow: Literal["fp32", "master", "none"] | None = Field(
+        None, description="drift shadow: the fp32 base, the master model rebuilt from all bit planes, or none")
 
     @model_validator(mode="after")
     def _reason_iff_failing(self) -> StatusMessage:
@@ -437,6 +446,30 @@ class Chunk(Message):
     data: bytes = Field(exclude=True, repr=False)
 
 
+class PartRange(Message):
+    """Bytes ``offset .. offset + length`` of one part (a file of a parts bundle's manifest)."""
+
+    part: str = Field(pattern=PART_NAME_PATTERN, max_length=64)
+    offset: int = Field(ge=0)
+    length: int = Field(gt=0, le=MAX_RANGE_LENGTH)
+
+
+class PartRequest(AgentMessage):
+    """Ask the server for ranges of a parts bundle; each is answered on the asker's own part topic."""
+
+    bundle_id: BundleId
+    ranges: list[PartRange] = Field(min_length=1, max_length=MAX_RANGES_PER_REQUEST)
+
+
+class Part(Message):
+    """One range of a part: on the wire ``header JSON`` + ``\\n`` + raw bytes (see encode_part)."""
+
+    bundle_id: BundleId
+    part: str = Field(pattern=PART_NAME_PATTERN, max_length=64)
+    offset: int = Field(ge=0)
+    data: bytes = Field(exclude=True, repr=False)
+
+
 class MessageKind(StrEnum):
     """The last level(s) of a topic, naming the payload type."""
 
@@ -449,6 +482,7 @@ class MessageKind(StrEnum):
     MANIFEST = "manifest"
     GET = "get"
     CHUNK = "chunk"
+    PART = "part"
 
 
 _ADAPTERS: dict[MessageKind, TypeAdapter] = {
@@ -459,12 +493,14 @@ _ADAPTERS: dict[MessageKind, TypeAdapter] = {
     MessageKind.SAMPLES: TypeAdapter(SamplesMessage),
     MessageKind.CMD: TypeAdapter(Command),
     MessageKind.MANIFEST: TypeAdapter(BundleManifest),
-    MessageKind.GET: TypeAdapter(ChunkRequest),
+    # a request names chunks (format-1 bundles) or part ranges; extra="forbid" tells them apart
+    MessageKind.GET: TypeAdapter(ChunkRequest | PartRequest),
 }
 _KIND_OF = {StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEMETRY, StatusMessage: MessageKind.STATUS,
             DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES, BundleManifest: MessageKind.MANIFEST,
             ChunkRequest: MessageKind.GET, Chunk: MessageKind.CHUNK, DeployCommand: MessageKind.CMD,
-            RecompressCommand: MessageKind.CMD, RollbackCommand: MessageKind.CMD, UploadSamplesCommand: MessageKind.CMD}
+            RecompressCommand: MessageKind.CMD, RollbackCommand: MessageKind.CMD, UploadSamplesCommand: MessageKind.CMD,
+            PartRequest: MessageKind.GET, Part: MessageKind.PART}
 
 
 def kind_of(message: Message) -> MessageKind:
@@ -479,12 +515,21 @@ def encode(message: Message) -> bytes:
     """Wire bytes of a message: compact JSON, or the binary frame for a Chunk."""
     if isinstance(message, Chunk):
         return encode_chunk(message.bundle_id, message.index, message.data)
+    if isinstance(message, Part):
+        return encode_part(message.bundle_id, message.part, message.offset, message.data)
     return message.model_dump_json(exclude_none=False).encode()
 
 
 def encode_chunk(bundle_id: str, index: int, data: bytes) -> bytes:
     """``{"schema_version":1,"bundle_id":..,"index":..}\\n`` followed by the raw chunk bytes."""
     header = json.dumps({"schema_version": SCHEMA_VERSION, "bundle_id": bundle_id, "index": index}, separators=(",", ":"))
+    return header.encode() + b"\n" + bytes(data)
+
+
+def encode_part(bundle_id: str, part: str, offset: int, data: bytes) -> bytes:
+    """``{"schema_version":1,"bundle_id":..,"part":..,"offset":..}\\n`` followed by the raw bytes of the range."""
+    header = json.dumps({"schema_version": SCHEMA_VERSION, "bundle_id": bundle_id, "part": part, "offset": offset},
+                        separators=(",", ":"))
     return header.encode() + b"\n" + bytes(data)
 
 
@@ -510,6 +555,8 @@ def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
     payload = bytes(payload)
     if kind is MessageKind.CHUNK:
         return _parse_chunk(payload)
+    if kind is MessageKind.PART:
+        return _parse_part(payload)
     if len(payload) > MAX_JSON_PAYLOAD:
         raise MessageError(f"{kind.value} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}", "send less per message")
     try:
@@ -519,6 +566,31 @@ def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
             raise MessageError(f"{kind.value} payload is not valid JSON: {exc.errors()[0].get('msg')}",
                                "the sender must send UTF-8 JSON") from None
         raise MessageError(_explain(kind.value, exc), "the sender must follow docs/protocol.md") from None
+
+
+def _frame(payload: bytes, what: str, max_data: int) -> tuple[dict, bytes]:
+    """Split a binary frame into its JSON header object and its data. Raises MessageError."""
+    head, sep, data = payload.partition(b"\n")
+    if not sep or len(head) > 1024:
+        raise MessageError(f"{what} payload has no JSON header line", f"frame {what}s with encode_{what}")
+    try:
+        fields = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"{what} header is not valid JSON: {exc}", f"frame {what}s with encode_{what}") from None
+    if not isinstance(fields, dict):
+        raise MessageError(f"{what} header is not a JSON object", f"frame {what}s with encode_{what}")
+    if len(data) > max_data:
+        raise MessageError(f"{what} of {len(data)} bytes exceeds {max_data}", "request smaller ranges")
+    return fields, data
+
+
+def _parse_part(payload: bytes) -> Part:
+    fields, data = _frame(payload, "part", MAX_RANGE_LENGTH)
+    try:
+        return Part(**fields, data=data)
+    except (ValidationError, TypeError) as exc:
+        msg = _explain("part", exc) if isinstance(exc, ValidationError) else f"invalid part header: {exc}"
+        raise MessageError(msg, "frame parts with encode_part") from None
 
 
 def _parse_chunk(payload: bytes) -> Chunk:

@@ -203,6 +203,7 @@ def recompress(
     policy: Policy,
     progress: Progress = lambda *a: None,
     measure_memory: bool = True,
+    before_build: Callable[[CompressionPlan], None] | None = None,
 ) -> tuple[BuiltModel, CompressionReport]:
     """Plan, build, gate and measure the best model for this device.
 
@@ -211,7 +212,9 @@ def recompress(
     where session RSS is measured (see _rss_matters; ``measure_memory=False`` never measures) -
     is not heavier than the base nor over the memory limit. ``model`` is the fp32 base or a
     WeightSource built from parts, whose master model stands in for the base in the p50 and RSS
-    gates. Raises AnalysisError when the analysis belongs to another model or has no plan table,
+    gates. ``before_build(plan)`` runs before each candidate is built and may raise to stop the
+    search (a box holding only some parts stops at the first plan needing parts it lacks).
+    Raises AnalysisError when the analysis belongs to another model or has no plan table,
     InfeasibleError when no plan meets the limits within budget, SelfTestError when every
     attempt fails.
     """
@@ -232,6 +235,8 @@ def recompress(
         plan = plans[0]
         attempts += 1
         progress("build", attempts, policy.max_tries)
+        if before_build is not None:
+            before_build(plan)
         built = build(source, result, plan)
         if plan.runtime != "fp32" and all(layer.runtime_format == "fp32" for layer in built.layers):
             # no layer fitted the format: this is the fp32 plan of the same scales, say so

@@ -2,7 +2,7 @@
 
 Device topics:  ``devices/{device}/{state|telemetry|status|drift|samples|cmd}``
 Bundle topics:  ``bundles/{bundle}/manifest``, ``bundles/{bundle}/get/{device}``,
-                ``bundles/{bundle}/chunk/{i}``
+                ``bundles/{bundle}/chunk/{i}``, ``bundles/{bundle}/part/{device}``
 
 The chunk request carries the requesting device in the topic (not only in the payload) so
 that a mosquitto ACL pattern can pin it to the client's own name. ``DELIVERY`` holds the
@@ -45,6 +45,7 @@ DELIVERY: dict[MessageKind, Delivery] = {
     MessageKind.MANIFEST: Delivery(1, True, False),
     MessageKind.GET: Delivery(1, False, False),        # re-requested after a reconnect anyway
     MessageKind.CHUNK: Delivery(1, False, False),
+    MessageKind.PART: Delivery(1, False, False),       # subscribed at QoS 0 like chunks
 }
 
 
@@ -98,6 +99,10 @@ class Topics:
         """``.../bundles/{bundle_id}/chunk/{index}``: one chunk, seen by every downloader of the bundle."""
         return f"{self.prefix}/bundles/{bundle_id}/chunk/{index}"
 
+    def part(self, bundle_id: str = "+", device_id: str = "+") -> str:
+        """``.../bundles/{bundle_id}/part/{device_id}``: the ranges one device asked for, seen by it alone."""
+        return f"{self.prefix}/bundles/{bundle_id}/part/{device_id}"
+
     def parse(self, topic: str) -> ParsedTopic:
         """Take a concrete topic of this fleet apart. Raises MessageError for anything else."""
         head = self.prefix + "/"
@@ -113,6 +118,8 @@ class Topics:
                 return ParsedTopic(MessageKind.MANIFEST, bundle_id=parts[1])
             if len(rest) == 2 and rest[0] == "get" and _ID.fullmatch(rest[1]):
                 return ParsedTopic(MessageKind.GET, device_id=rest[1], bundle_id=parts[1])
+            if len(rest) == 2 and rest[0] == "part" and _ID.fullmatch(rest[1]):
+                return ParsedTopic(MessageKind.PART, device_id=rest[1], bundle_id=parts[1])
             if len(rest) == 2 and rest[0] == "chunk" and rest[1].isdigit() and len(rest[1]) < 9:
                 return ParsedTopic(MessageKind.CHUNK, bundle_id=parts[1], index=int(rest[1]))
         raise MessageError(f"topic {topic!r} does not follow the toco/v1 scheme", "see docs/protocol.md")
@@ -129,7 +136,8 @@ class Topics:
                      MessageKind.SAMPLES):
             lines.append(f"pattern write {p}/devices/%u/{kind.value}")
         lines += [f"pattern read {p}/devices/%u/cmd", f"pattern read {p}/bundles/+/manifest",
-                  f"pattern write {p}/bundles/+/get/%u", f"pattern read {p}/bundles/+/chunk/+"]
+                  f"pattern write {p}/bundles/+/get/%u", f"pattern read {p}/bundles/+/chunk/+",
+                  f"pattern read {p}/bundles/+/part/%u"]
         return lines
 
 

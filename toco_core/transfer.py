@@ -125,21 +125,33 @@ class SpaceCheck:
     detail: str = ""
 
 
+OPTIONAL_PARTS = frozenset({"base"})  # parts a box never fetches by default (the fp32 model)
+
+
+def download_size(manifest: BundleManifest) -> int:
+    """The most a box downloads of a bundle: the whole container (format 1), or for a parts bundle
+    (a ``head`` part) every part but the optional ones: what its roomiest plan fetches."""
+    if not any(f.name == "head" for f in manifest.files):
+        return manifest.size
+    return sum(f.size for f in manifest.files if f.name not in OPTIONAL_PARTS)
+
+
 def fits(manifest: BundleManifest, free_disk: int, free_mem: int, disk_factor: float = 2.0,
          mem_factor: float = 1.0, reserve: int = 16 * 1024 * 1024) -> SpaceCheck:
-    """Whether a bundle can be downloaded and used here.
+    """Whether a bundle can be downloaded and used here; its size is ``download_size``.
 
     disk_needed = disk_factor * size + reserve  (the partial download plus the unpacked slot copy);
     mem_needed  = mem_factor * size + reserve   (the verified bundle is handed over in memory).
     """
-    disk = int(manifest.size * disk_factor) + reserve
-    mem = int(manifest.size * mem_factor) + reserve
+    size = download_size(manifest)
+    disk = int(size * disk_factor) + reserve
+    mem = int(size * mem_factor) + reserve
     if disk > free_disk:
         return SpaceCheck(False, disk, mem, FailureReason.NO_DISK,
-                          f"bundle of {format_size(manifest.size)} needs {format_size(disk)} of disk, "
+                          f"bundle of {format_size(size)} needs {format_size(disk)} of disk, "
                           f"{format_size(free_disk)} free")
     if mem > free_mem:
         return SpaceCheck(False, disk, mem, FailureReason.NO_MEMORY,
-                          f"bundle of {format_size(manifest.size)} needs {format_size(mem)} of memory, "
+                          f"bundle of {format_size(size)} needs {format_size(mem)} of memory, "
                           f"{format_size(free_mem)} available")
     return SpaceCheck(True, disk, mem)

@@ -8,7 +8,7 @@ import time
 from tests.fleet.conftest import PLAN, device_json, succeed, wait_until
 from toco_core.bundle import load_public_key, unpack_bundle, verify_bundle_bytes, verify_manifest
 from toco_core.messages import BundleManifest, PlanSummary
-from toco_core.model_bundle import open_bundle
+from toco_core.parts_bundle import source_from_parts, verify_parts
 
 
 def test_health_and_public_key(fleet):
@@ -29,8 +29,12 @@ def test_analysis_produces_a_signed_bundle(fleet):
     manifest = BundleManifest.model_validate_json(path.with_suffix(".manifest.json").read_text())
     verify_manifest(manifest, load_public_key(fleet.api.get("/api/public-key").content))
     verify_bundle_bytes(data, manifest)
-    model, result, info = open_bundle(unpack_bundle(data))
+    parts = unpack_bundle(data)  # a parts bundle: every part listed in the signed manifest
+    verify_parts(parts, manifest)
+    assert {"head", "codes/top", "calib/heldout", "base"} <= set(parts)
+    source, result, info = source_from_parts(parts)
     assert info.model_name == "lenet5" and info.analysis_id == a["analysis_id"] and info.budget == 0.05
+    assert info.format == 2 and source.is_base  # the optional fp32 part is in the server's bundle
     assert result.manifest.model_sha256 == info.model_sha256
     assert (fleet.server.settings.signing_key_path.stat().st_mode & 0o777) == 0o600
 

@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.mqtt_link import MqttLink
-from toco_core.messages import DeployCommand, MessageKind, Phase, StatusMessage, encode
+from toco_core.messages import DeployCommand, MessageKind, Phase, StatusMessage, encode, encode_part
 from toco_core.topics import Topics
 
 from .conftest import Broker, wait_until
@@ -84,6 +84,14 @@ def test_device_acl(secured_broker, tmp_path) -> None:
     assert wait_until(lambda: len(commands) == 1 and any("c-cam-07" in p.decode() for _, p in device_seen), 5)
     assert commands[0].cmd_id == "c-cam-07"
     assert not any("c-cam-08" in p.decode() for _, p in device_seen), "a device read another device's commands"
+
+    # part replies: the asker reads its own part topic only
+    rogue.subscribe([(T.part(BID, "cam-08"), 0), (T.part(BID, "cam-07"), 0)])
+    time.sleep(0.2)
+    for dev in ("cam-08", "cam-07"):
+        server.publish(T.part(BID, dev), encode_part(BID, "head", 0, dev.encode()), qos=1).wait_for_publish(5)
+    assert wait_until(lambda: any(t == T.part(BID, "cam-07") for t, _ in device_seen), 5)
+    assert not any(t == T.part(BID, "cam-08") for t, _ in device_seen), "a device read another device's parts"
 
     wrong = MqttLink(url=f"mqtt://cam-08:nope@127.0.0.1:{port}", fleet="plant1", device_id="cam-08",
                      state_dir=tmp_path / "wrong")

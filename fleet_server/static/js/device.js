@@ -71,6 +71,12 @@ function hardwareFacts(d) {
   ]);
 }
 
+const SHADOW = {
+  fp32: "fp32 base",
+  master: "master model (every bit plane)",
+  none: "none: confidence, entropy and input checks; uploads scored on the server",
+};
+
 function activeFacts(a) {
   if (!a) return h("p", { class: "muted" }, "No model active yet.");
   const p = a.plan || {};
@@ -82,6 +88,9 @@ function activeFacts(a) {
     ["Agreement", `predicted ${fmtPct(a.predicted_agreement)} · self-test ${fmtPct(measuredAgreement(a))}`],
     isNum(p.p50_ms) ? ["Latency p50", `${fmtNum(p.p50_ms, 2)} ms`] : null,
     isNum(p.session_rss) ? ["Session memory", fmtBytes(p.session_rss)] : null,
+    isNum(a.download_bytes) ? ["Downloaded", fmtBytes(a.download_bytes)] : null,
+    isNum(a.state_dir_bytes) ? ["State dir", fmtBytes(a.state_dir_bytes)] : null,
+    a.shadow ? ["Drift shadow", SHADOW[a.shadow] || a.shadow] : null,
   ]);
 }
 
