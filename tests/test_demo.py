@@ -68,6 +68,12 @@ def test_demo_runs_the_whole_fleet_story(tmp_path, broker):
     assert status["line-pc"]["active"]["bundle_id"] != status["camera-box"]["active"]["bundle_id"]
     assert status["handheld"]["active"]["bundle_id"] == status["camera-box"]["active"]["bundle_id"]
     assert all(not s["running"] for s in status.values()), "agents must shut down cleanly"
+    # every box fetched the parts of its plan: fewer bytes than the fp32 model's bundle of old, and
+    # the summary shows what it downloaded and what its state dir holds
+    storage = {d: s["storage"] for d, s in status.items()}
+    fp32 = status["handheld"]["active"]["plan"]["base_file_bytes"]
+    assert all(0 < st["download_bytes"] < 2 * fp32 and st["state_dir_bytes"] > 0 for st in storage.values()), storage
+    assert "downloaded" in proc.stdout and "state dir" in proc.stdout
     assert (tmp_path / "fleet" / "fleet.db").is_file()
 
 

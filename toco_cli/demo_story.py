@@ -247,19 +247,23 @@ def _pct(v) -> str:
 
 
 def plans_table(fleet: DemoFleet, title: str) -> Table:
-    """Device, plan, size vs base, predicted vs self-tested agreement, live agreement, drift state, bundle."""
+    """Device, plan, storage form vs base, bytes the box downloaded for it and its state dir, drift shadow,
+    predicted vs self-tested agreement, live agreement, drift state, bundle."""
     seen = devices(fleet)
     t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("device", "plan", "size", "vs base", "predicted", "measured", "live", "drift", "bundle"):
-        t.add_column(col, justify="left" if col in ("device", "plan", "drift", "bundle") else "right",
+    for col in ("device", "plan", "storage form", "vs base", "downloaded", "state dir", "shadow", "predicted",
+                "measured", "live", "drift", "bundle"):
+        t.add_column(col, justify="left" if col in ("device", "plan", "shadow", "drift", "bundle") else "right",
                      no_wrap=col != "plan")
+    size_or_dash = lambda v: format_size(v) if v else "-"  # noqa: E731
     for d in fleet.devices:
         v = seen.get(d.device_id, {})
         a = v.get("active") or {}
         last = v.get("last_drift") or {}
         size, base = a.get("storage_bytes"), a.get("base_file_bytes")
-        t.add_row(d.device_id, a.get("plan_label") or "-", format_size(size) if size else "-",
-                  f"{base / size:.1f}x" if size and base else "-", _pct(a.get("predicted_agreement")),
-                  _pct(a.get("measured_agreement")), _pct(last.get("agreement")),
+        t.add_row(d.device_id, a.get("plan_label") or "-", size_or_dash(size),
+                  f"{base / size:.1f}x" if size and base else "-",
+                  size_or_dash(a.get("download_bytes")), size_or_dash(a.get("state_dir_bytes")), a.get("shadow") or "-",
+                  _pct(a.get("predicted_agreement")), _pct(a.get("measured_agreement")), _pct(last.get("agreement")),
                   "ALERT" if v.get("alert") else ("in band" if last else "-"), (a.get("bundle_id") or "-")[:6])
     return t

@@ -84,7 +84,7 @@ function activeFacts(a) {
     ["Model", a.model_name || "–"],
     ["Plan", h("span", { class: "plan" }, a.plan_label || "–")],
     ["Bundle", shortId(a.bundle_id, 16)],
-    ["Size", isNum(a.base_file_bytes) ? `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_file_bytes)} (${fmtPct(a.storage_bytes / a.base_file_bytes, 0)})` : fmtBytes(a.storage_bytes)],
+    ["Storage form", isNum(a.base_file_bytes) ? `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_file_bytes)} (${fmtPct(a.storage_bytes / a.base_file_bytes, 0)})` : fmtBytes(a.storage_bytes)],
     ["Agreement", `predicted ${fmtPct(a.predicted_agreement)} · self-test ${fmtPct(measuredAgreement(a))}`],
     isNum(p.p50_ms) ? ["Latency p50", `${fmtNum(p.p50_ms, 2)} ms`] : null,
     isNum(p.session_rss) ? ["Session memory", fmtBytes(p.session_rss)] : null,
