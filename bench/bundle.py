@@ -10,7 +10,7 @@ no limits), the plan its recompression from parts picks, the bytes it downloads 
 calibration apart), whether its build from parts is bit-identical to the server's build, and its
 disagreement with the base on held-out inputs (never in the analysis pool) against the prediction.
 Last, the bytes a handheld that later recompresses to the line PC's plan fetches on top.
-Writes bench/results/bundle.json.
+Writes bench/results/bundle.json (a row per model, replacing that model's row of an earlier run).
 """
 
 from __future__ import annotations
@@ -159,7 +159,10 @@ def main() -> None:
     rows = [bench_model(m, args.reanalyze) for m in args.models.split(",")]
     print_table(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bundle.json").write_text(json.dumps(rows, indent=1))
+    out = RESULTS / "bundle.json"  # rows by model, so runs over different models add up
+    kept = {r["model"]: r for r in (json.loads(out.read_text()) if out.is_file() else [])}
+    kept.update({r["model"]: r for r in rows})
+    out.write_text(json.dumps(list(kept.values()), indent=1))
 
 
 if __name__ == "__main__":
