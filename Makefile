@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(PY) bench/analysis.py
 	$(PY) bench/compression.py
+	$(PY) bench/bundle.py --models lenet5,mlp,large-s0,large-s1
 	$(PY) bench/agent.py
 	$(PY) bench/fleet.py
 
