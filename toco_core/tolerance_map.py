@@ -33,10 +33,6 @@ class ToleranceMap:
     quant: dict[str, np.ndarray]
     prune_rank: dict[str, np.ndarray]
 
-    def prune_tau_hat(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """tau_prune = |w| / r, so that |w| <= s * tau_prune  <=>  r <= s."""
-        return {k: (np.abs(w) / np.maximum(self.prune_rank[k], 1e-9)).astype(np.float32) for k, w in weights.items()}
-
     def summary(self) -> list[dict]:
         """Per-tensor summary: size, tolerance quantiles (quant), median prune rank."""
         rows = []
