@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
-from toco_core.calibration import INT8_CALIBRATION_SAMPLES, CalibrationCurve
+from toco_core.calibration import INT8_CALIBRATION_SAMPLES, PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
 from toco_core.compression.bias_correction import BiasCorrection, correction_samples
 from toco_core.compression.nested import CodeLadder, channel_axis_shape, octave_steps
@@ -154,8 +154,12 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
-            "analysis/manifest.json": result.manifest.model_dump_json().encode(),
-            "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()}).encode(),
+            # a box plans from the planned curves and the int8 cost; the master sweep and the per-round
+            # and per-tensor summaries are the server's (about half of LeNet-5's head)
+            "analysis/manifest.json": result.manifest.model_copy(update={"rounds": [], "tensors": []})
+            .model_dump_json().encode(),
+            "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()
+                                                     if k in (*PLANNED, "int8")}).encode(),
             "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
             "ladder.json": layout.model_dump_json().encode()}
     n_corr = correction_samples(infos) if result.bias_correction else 0
