@@ -132,7 +132,7 @@ def test_first_deploy_refuses_a_tampered_part_resumes_after_kill9_and_fetches_on
     big = [p.relative_to(agent.state_dir).as_posix() for p in agent.state_dir.rglob("*")
            if p.is_file() and p.stat().st_size > 10_000]
     assert all(b.split("/")[0] in ("slots", "parts", "references") or b.startswith("outbox.sqlite3") for b in big), big
-    state.update(bid=bid, manifest=manifest, have=have, plan=active.plan["label"])
+    state.update(bid=bid, manifest=manifest, have=have, plan=active.plan.label)
 
 
 def test_a_roomier_recompress_fetches_only_the_parts_it_adds(agent, fleet):
@@ -143,7 +143,7 @@ def test_a_roomier_recompress_fetches_only_the_parts_it_adds(agent, fleet):
     active = fleet.wait_phase(DEVICE, "r-roomy", {"active", "failed", "refused", "rolled_back"}, 120)
     assert active.phase.value == "active", (active.reason, active.detail, agent.log_text())
     new = held(agent, bid) - have
-    assert new, (state["plan"], active.plan["label"])
+    assert new, (state["plan"], active.plan.label)
     after = sent(fleet, bid)
     delta = {p: after.get(p, 0) - before.get(p, 0) for p in after}
     size = sizes(manifest)
