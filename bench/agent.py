@@ -1,4 +1,4 @@
-"""Benchmark of the edge agent (issue 4), every number next to a baseline measured in the same run.
+"""Benchmark of the edge agent, every number next to a baseline measured in the same run.
 
     .venv/bin/python bench/agent.py [--idle-seconds 20] [--requests 500] [--skip-agent]
 

@@ -1,4 +1,4 @@
-"""Benchmark of the tolerance analysis (issue 2): its cost, and pruning quality against baselines.
+"""Benchmark of the tolerance analysis: its cost, and pruning quality against baselines.
 
     .venv/bin/python bench/analysis.py [--quick]
 

@@ -1,5 +1,5 @@
 """Compression benchmark: TOCO's device-aware recompression against onnxruntime's quantizers and
-magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN (issue 3, "Benchmark").
+magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN.
 
     .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp] [--reanalyze]
 

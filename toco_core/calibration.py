@@ -1,7 +1,7 @@
 """Calibration curves: what a compression scale really costs, measured on held-out samples.
 
 The quadratic prediction 1/2 sum F delta^2 is 10-100x too optimistic once many weights move
-(DESIGN section 7), so each operator is applied for real on a grid of scales and the
+(docs/design_notes.md), so each operator is applied for real on a grid of scales and the
 disagreement, KL (and accuracy with labels) against the base are measured with onnxruntime.
 Curves are stored as a monotone envelope (disagreement never decreases with the scale), the
 conservative reading for a device predicting its fidelity.

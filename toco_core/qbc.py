@@ -2,7 +2,7 @@
 
 The committee is the base weights plus uniform noise within the tolerance,
 w^(m) = w + U(-s tau, +s tau). It is an instrument for choosing informative samples,
-not a predictor of a compressed model's fidelity (DESIGN section 7). Numpy + onnxruntime.
+not a predictor of a compressed model's fidelity (docs/design_notes.md). Numpy + onnxruntime.
 """
 
 from __future__ import annotations
