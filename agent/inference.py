@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -32,9 +32,6 @@ from agent.recent_requests import RecentRequests
 from toco_core.errors import TocoError
 from toco_core.preprocessing import Preprocessing
 from toco_core.runtime import make_session
-
-if TYPE_CHECKING:
-    from agent.model_store import ModelStore, SlotInfo
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +221,3 @@ class InferenceEngine:
         if self.feedback_hook is not None:
             self.feedback_hook(request_id, labels)
         return labels
-
-
-def serve_active(engine: InferenceEngine, store: ModelStore) -> SlotInfo:
-    """Load the store's serving model (hash-checked) into ``engine``; returns its SlotInfo.
-
-    Raises StoreError when the store holds no valid model, ModelError when it does not load.
-    """
-    info, data = store.load_active_bytes()
-    engine.load(data, info.version, info.meta.preprocessing)
-    return info

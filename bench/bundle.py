@@ -31,7 +31,7 @@ from toco_core.bundle import pack_bundle  # noqa: E402
 from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.fidelity import compare_outputs  # noqa: E402
 from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
-from toco_core.onnx_model import load_model, model_bytes, model_hash, output_kind  # noqa: E402
+from toco_core.onnx_model import load_model, model_hash, output_kind  # noqa: E402
 from toco_core.parts_bundle import BundleHead, decode_calibration, pack_parts, source_from_parts  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
 from toco_core.recompress import build, recompress  # noqa: E402

@@ -32,7 +32,7 @@ from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import demo_model  # noqa: E402
 from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.errors import TocoError  # noqa: E402
-from toco_core.onnx_model import compressible_weights, load_model, model_bytes  # noqa: E402
+from toco_core.onnx_model import compressible_weights, load_model  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
 from toco_core.probe import probe_device  # noqa: E402
 from toco_core.recompress import build, recompress  # noqa: E402

@@ -24,8 +24,8 @@ from sqlalchemy import select
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
 from fleet_server.events import EventBus
 from fleet_server.views import device_view
-from toco_core.messages import (DriftMessage, MessageError, MessageKind, SamplesMessage, StateMessage, StatusMessage,
-                                TelemetryMessage, parse_message)
+from toco_core.messages import (DriftMessage, MessageError, MessageKind, SamplesMessage, StateMessage, TelemetryMessage,
+                                parse_message)
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)

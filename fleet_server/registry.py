@@ -254,13 +254,6 @@ def drift_points(db: Database, *, device_id: str | None = None, limit: int = 500
         return [r.point for r in reversed(s.scalars(q).all())]
 
 
-def recent_events(db: Database, *, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest entries of the event log."""
-    with db.session() as s:
-        rows = s.scalars(select(EventRow).order_by(EventRow.id.desc()).limit(limit)).all()
-        return [{"t": r.t, "kind": r.kind, "data": r.data} for r in rows]
-
-
 def analysis_paths(db: Database, *, analysis_id: str) -> dict[str, str]:
     """Result directory and model file of a finished analysis. Raises NotFoundError / ConflictError."""
     with db.session() as s:

@@ -30,7 +30,7 @@ from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import as_log_probs
-from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights, with_weights
+from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled

@@ -97,10 +97,6 @@ class GraphIndex:
         self._names.add(name)
         return name
 
-    def producer(self, name: str) -> onnx.NodeProto | None:
-        """The node that outputs ``name`` (None for graph inputs and initializers)."""
-        return self._producer.get(name)
-
     def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
         """Every (node, input index) that reads ``name``."""
         return list(self._consumers.get(name, []))

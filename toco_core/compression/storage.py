@@ -248,15 +248,3 @@ def _decode_payload(payload: bytes) -> onnx.ModelProto:
     if pos != len(payload) or mpos != len(meta):
         raise BundleError("compressed model payload has trailing bytes", "re-encode the model")
     return with_weights(model, weights)
-
-
-def encoded_size_estimate(q: QuantizedTensor) -> int:
-    """Bytes this tensor adds to encode_model's output, estimated fast for the solver.
-
-    = ceil(entropy.estimate_bits(codes as channel rows) / 8) + steps (2 or 4 bytes each)
-    + ~1.5 bytes of compressed side information per channel + 16 bytes of index.
-    """
-    steps = _check_steps(q.steps, q.codes.shape, q.out_axis, q.name)
-    rows = _rows(q)
-    side_bytes = rows.shape[0] * (_step_dtype(steps).itemsize + 1.5) + 16
-    return int(math.ceil(entropy.estimate_bits(rows) / 8 + side_bytes))
