@@ -5,7 +5,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.toco-installed
 APT_PACKAGES := mosquitto mosquitto-clients chromium
 
-.PHONY: setup system-deps test demo bench clean
+.PHONY: setup system-deps lint test demo bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,13 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: setup system-deps
+# the engineering gate so far: pyflakes rules (ruff) and the layering contracts (import-linter,
+# pyproject's [tool.importlinter]); make test runs it first, so CI fails on it
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: setup system-deps lint
 	$(PY) -m pytest -q
 
 demo: setup

@@ -127,7 +127,7 @@ class SimDevice:
             return
         try:
             cmd = parse_message(MessageKind.CMD, msg.payload)
-        except Exception as exc:  # recorded, so a test can see the server sent garbage
+        except Exception:  # recorded, so a test can see the server sent garbage
             self.commands.append(("bad", msg.topic, msg.payload[:80]))
             return
         with self.lock:

@@ -64,7 +64,6 @@ def greedy_row_costs(w_rows: np.ndarray, a: np.ndarray, pruned: np.ndarray, bloc
 
 def _greedy_rows(w: torch.Tensor, at: torch.Tensor, pruned: torch.Tensor, k: int, m: int) -> np.ndarray:
     r, c = w.shape
-    rows = torch.arange(r)[:, None]
     err = (w * pruned) @ at  # [R, C]: A w_P per row (A is symmetric)
     base = w * w * torch.diagonal(at)  # w_j^2 A_jj
     blocked = pruned.clone()
