@@ -155,7 +155,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
             # a box plans from the planned curves and the int8 cost; the master sweep and the per-round
-            # and per-tensor summaries are the server's (about half of LeNet-5's head)
+            # and per-tensor summaries stay on the server (0.7 KB of LeNet-5's 11.8 KB head)
             "analysis/manifest.json": result.manifest.model_copy(update={"rounds": [], "tensors": []})
             .model_dump_json().encode(),
             "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()
