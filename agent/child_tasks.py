@@ -97,7 +97,7 @@ def _child(task: str, args: list[str]) -> bytes:
         verify_manifest(parse_message(MessageKind.MANIFEST, sys.stdin.buffer.read()), load_public_key(args[0]))
         return b"ok"
     if task == "extract":
-        from agent.atomic_files import atomic_write
+        from toco_core.atomic_files import atomic_write
         from toco_core.bundle import unpack_bundle
 
         files = unpack_bundle(Path(args[0]).read_bytes())
@@ -106,7 +106,7 @@ def _child(task: str, args: list[str]) -> bytes:
         atomic_write(Path(args[2]), files[args[1]])
         return b"ok"
     if task == "master":
-        from agent.atomic_files import atomic_write
+        from toco_core.atomic_files import atomic_write
         from toco_core.onnx_model import model_bytes
         from toco_core.parts_bundle import source_from_parts
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.atomic_files import atomic_write
+from toco_core.atomic_files import atomic_write
 from toco_core.errors import TransferError
 from toco_core.messages import BundleManifest, MessageError, MessageKind, parse_message
 from toco_core.transfer import ChunkBitmap

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.atomic_files import atomic_write, fsync_dir
+from toco_core.atomic_files import atomic_write, fsync_dir
 from toco_core.errors import TocoError
 from toco_core.messages import PlanSummary
 from toco_core.preprocessing import Preprocessing

@@ -16,7 +16,6 @@ Nothing else in the agent imports paho but the link's two parts: agent.mqtt_publ
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import paho.mqtt.client as mqtt
 from agent.mqtt_dispatch import Dispatcher, Handler
 from agent.mqtt_publisher import Publisher
 from agent.outbox import Outbox
+from toco_core.atomic_files import atomic_write
 from toco_core.messages import (AgentMessage, ChunkRequest, MessageError, MessageKind, PartRequest, StateMessage, encode,
                                 kind_of)
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
@@ -186,10 +186,7 @@ class MqttLink:
         return self._write_birth(last + 1)
 
     def _write_birth(self, value: int) -> int:
-        path = self.state_dir / "birth"
-        tmp = path.with_name("birth.tmp")
-        tmp.write_text(str(value))
-        os.replace(tmp, path)
+        atomic_write(self.state_dir / "birth", str(value).encode())
         return value
 
     def _state(self, state: str) -> StateMessage:

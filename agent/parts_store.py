@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from agent.atomic_files import atomic_write
+from toco_core.atomic_files import atomic_write
 from toco_core.errors import TransferError
 from toco_core.messages import PART_NAME_PATTERN, BundleManifest, FileEntry, MessageError, MessageKind, parse_message
 from toco_core.transfer import ChunkBitmap

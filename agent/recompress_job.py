@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 from pydantic import BaseModel, ConfigDict
 
-from agent.atomic_files import atomic_write
+from toco_core.atomic_files import atomic_write
 from toco_core.device import DeviceProfile
 from toco_core.drift import DriftReference, DriftSettings
 from toco_core.errors import TocoError

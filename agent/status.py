@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.atomic_files import atomic_write
+from toco_core.atomic_files import atomic_write
 from toco_core.errors import ConfigError
 
 STATUS_FILE = "status.json"

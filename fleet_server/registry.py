@@ -24,6 +24,7 @@ from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftR
                              new_id)
 from fleet_server.views import analysis_view, device_view, model_view
 from toco_core.analysis.settings import AnalysisSettings
+from toco_core.atomic_files import atomic_write
 from toco_core.errors import ConfigError, PoolError, TocoError
 from toco_core.onnx_model import compressible_weights, input_spec, load_model, model_hash
 from toco_core.pool import fit_to_input
@@ -194,10 +195,8 @@ def store_bundle(db: Database, store: Store, *, analysis_id: str, data: bytes, m
     bundle_id = manifest["bundle_id"]
     path = store.bundle_path(bundle_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    path.with_suffix(".manifest.json").write_text(json.dumps(manifest))
+    atomic_write(path, data)
+    atomic_write(path.with_suffix(".manifest.json"), json.dumps(manifest).encode())
     with db.session(write=True) as s:
         a = fetch(s, AnalysisRow, analysis_id, "analysis")
         if s.get(BundleRow, bundle_id) is None:

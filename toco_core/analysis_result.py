@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from toco_core import __version__
+from toco_core.atomic_files import atomic_write
 from toco_core.calibration import CalibrationCurve
 from toco_core.errors import AnalysisError
 from toco_core.plan_table import PlanTable, load_plan_table, save_plan_table
@@ -105,9 +106,7 @@ def save_result(result: AnalysisResult, out: Path) -> Path:
         raise AnalysisError("the analysis has no plan table", "re-run the analysis with this version")
     save_plan_table(result.plans, out / "plans.safetensors")
     manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in FILES}})
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=1))
-    tmp.replace(out / "manifest.json")
+    atomic_write(out / "manifest.json", manifest.model_dump_json(indent=1).encode())
     return out
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import struct
 import time
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from toco_core.atomic_files import atomic_write
 from toco_core.errors import BundleError, TransferError
 from toco_core.messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, BundleManifest, FileEntry
 from toco_core.transfer import verify_assembled
@@ -205,30 +205,22 @@ def key_fingerprint(key: Ed25519PublicKey) -> str:
     return hashlib.sha256(public_key_raw(key)).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def _write_key(path: Path, pem: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask must not widen or narrow it
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, pem, mode)
 
 
 def save_private_key(key: Ed25519PrivateKey, path: str | Path) -> None:
     """Write the key as unencrypted PKCS8 PEM with permissions 0600 (atomic replace)."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_atomic(Path(path), pem, 0o600)
+    _write_key(Path(path), pem, 0o600)
 
 
 def save_public_key(key: Ed25519PublicKey | Ed25519PrivateKey, path: str | Path) -> None:
     """Write the public key as SubjectPublicKeyInfo PEM with permissions 0644."""
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     pem = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(Path(path), pem, 0o644)
+    _write_key(Path(path), pem, 0o644)
 
 
 def load_private_key(source: str | Path | bytes) -> Ed25519PrivateKey:
