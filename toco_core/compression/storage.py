@@ -20,7 +20,6 @@ is exactly ``with_weights(model, {name: dequantize(q)})``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import lzma
 import math
@@ -33,10 +32,13 @@ import onnx
 from toco_core.compression import entropy
 from toco_core.errors import BundleError, ConfigError, ModelError
 from toco_core.onnx_model import model_bytes, with_weights
+from toco_core.sealed_blob import SealedFormat
 
 MAGIC = b"TOCOQ"
 FORMAT_VERSION = 2  # 2: side arrays in the smallest unsigned width (index key side_dtype); 1 still decodes
 _HEADER = struct.Struct("<5sBI32s")
+_SEALED = SealedFormat(MAGIC, FORMAT_VERSION, (1, FORMAT_VERSION), _HEADER, "compressed model",
+                       "encode_model", "fetch it again", "re-encode the model")
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
@@ -173,27 +175,7 @@ def encode_model(model: onnx.ModelProto, tensors: list[QuantizedTensor]) -> byte
     filters = [{**_LZMA_FILTERS[0], "dict_size": min(max(len(meta), 4096), 64 << 20)}]
     meta_z = lzma.compress(meta, format=lzma.FORMAT_RAW, filters=filters)
     payload = struct.pack("<I", len(meta_z)) + meta_z + b"".join(streams)
-    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
-
-
-def _open(blob: bytes) -> bytes:
-    """Check the container header and hash; return the payload."""
-    if len(blob) < _HEADER.size:
-        raise BundleError(f"compressed model is truncated: {len(blob)} bytes, the header alone is {_HEADER.size}",
-                          "fetch it again")
-    magic, version, length, digest = _HEADER.unpack_from(blob)
-    if magic != MAGIC:
-        raise BundleError("not a TOCO compressed model (bad magic bytes)", "pass a file written by encode_model")
-    if version not in (1, FORMAT_VERSION):
-        raise BundleError(f"compressed model format version {version} is not supported (this is {FORMAT_VERSION})",
-                          "update the agent or re-encode the model")
-    payload = blob[_HEADER.size:]
-    if len(payload) != length:
-        raise BundleError(f"compressed model is truncated or padded: payload {len(payload)} bytes, header says {length}",
-                          "fetch it again")
-    if hashlib.sha256(payload).digest() != digest:
-        raise BundleError("compressed model is corrupt (SHA-256 mismatch)", "fetch it again")
-    return payload
+    return _SEALED.seal(payload)
 
 
 def decode_model(blob: bytes) -> onnx.ModelProto:
@@ -202,7 +184,7 @@ def decode_model(blob: bytes) -> onnx.ModelProto:
     Raises BundleError on bad magic, unknown version, truncation, hash mismatch or a
     payload that does not decode.
     """
-    payload = _open(blob)
+    payload = _SEALED.open(blob)
     try:
         return _decode_payload(payload)
     except BundleError:
