@@ -4,13 +4,15 @@ Parts (each a file of the signed container of toco_core.bundle, so the manifest 
 SHA-256 of every part):
 
     head               LZMA of an inner container: the graph without its compressible weights,
-                       the plan table, the analysis manifest and curves, bundle.json, the code
-                       layout (ladder.json) and bias correction's base channel means
+                       the plan table, the analysis manifest and curves, bundle.json and the
+                       code layout (ladder.json)
     prune/{j}          prune plane j (j = G-1 .. 0), toco_core.compression.plane_coding
     codes/top          every weight's sign(q) (|q| >> B), B = T - 1 for the top octave T
     codes/{b}          bit plane b of |q| (b = B-1 .. 0): octave k needs the planes down to k - 1
+    bias/{j}, bias/none the corrected biases of the points pruned at level j / not pruned
+                       (toco_core.bias_parts)
     calib/heldout      self-test samples, the base model's outputs on them (and labels)
-    calib/analysis     correction samples (bias correction, int8 activation ranges)
+    calib/analysis     int8 activation-range samples (int8 plans only)
     base               the fp32 model (optional)
 
 A box reads ``head``, plans (toco_core.solver), fetches ``parts_for_plan`` and builds with
@@ -19,6 +21,7 @@ A box reads ``head``, plans (toco_core.solver), fetches ``parts_for_plan`` and b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,10 +32,10 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
+from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, biases_from_arrays
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES, PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
-from toco_core.compression.bias_correction import BiasCorrection, correction_samples
 from toco_core.compression.nested import CodeLadder, channel_axis_shape, octave_steps
 from toco_core.compression.storage import QuantizedTensor, _strip
 from toco_core.errors import BundleError
@@ -40,6 +43,7 @@ from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import PlanTable, plan_table_bytes, plan_table_from_bytes
+from toco_core.recompress import fit_point_biases
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
@@ -59,6 +63,7 @@ class LadderLayout(BaseModel):
     prune_levels: int
     prune_context_bit: int = Field(description="prune planes are coded in contexts of |q| >> this bit, "
                                                "which every pruning plan's bit planes reach")
+    bias_parts: bool = Field(False, description="corrected biases travel per point (bias/*), not as samples")
 
 
 def _lz(data: bytes) -> bytes:
@@ -116,6 +121,13 @@ def lowest_bit(table: PlanTable, i: int) -> int:
     return max(table.finest_octave(i) - 1, 0)
 
 
+def _graph_biases(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The float32 initializers the head's graph holds (the base biases bias parts are XORed with),
+    but for the ``stripped`` compressible weights, which travel as codes."""
+    return {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT and t.name not in stripped}
+
+
 def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
                   table: PlanTable) -> tuple[dict[str, bytes], int, int]:
     """codes/top, codes/{b} and prune/{j} of the master codes; returns them, the top octave and the
@@ -150,7 +162,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
                           out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid),
-                          prune_context_bit=context_bit)
+                          prune_context_bit=context_bit, bias_parts=result.bias_correction)
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
@@ -162,17 +174,16 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
                                                      if k in (*PLANNED, "int8")}).encode(),
             "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
             "ladder.json": layout.model_dump_json().encode()}
-    n_corr = correction_samples(infos) if result.bias_correction else 0
-    if n_corr:
-        means = BiasCorrection(model, infos, result.analysis_x).base_means
-        head["means.npz"] = encode_arrays({f"m{k}": m for k, m in enumerate(means)})
     parts["head"] = _lz(pack_bundle(head))
+    base_biases = _graph_biases(graph, table.tensors)
+    for name, points in bias_parts_of(table, fit_point_biases(source, result)).items():
+        parts[name] = encode_arrays(bias_arrays(points, base_biases))
     n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
     held = {"x": result.heldout_x[:n_test], "base_out": source.base_out[:n_test]}
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
     parts["calib/heldout"] = encode_calibration(held)
-    n_analysis = max(n_corr, INT8_CALIBRATION_SAMPLES if "int8" in result.curves else 0)
+    n_analysis = INT8_CALIBRATION_SAMPLES if "int8" in result.curves else 0
     if n_analysis:
         parts["calib/analysis"] = encode_calibration({"x": result.analysis_x[:n_analysis]})
     if include_base:
@@ -211,8 +222,9 @@ class BundleHead:
 
     def parts_for_plan(self, plan: CompressionPlan) -> list[str]:
         """The parts a box needs to build ``plan``: head, the prune planes down to its level, the
-        weight planes down to its finest octave, the self-test samples, the correction samples
-        where the plan corrects biases or runs int8. The base plan needs every weight plane."""
+        weight planes down to its finest octave, the self-test samples, its point's bias part where
+        plans correct biases (the correction samples in bundles packed before bias parts), the
+        int8 range samples where it runs int8. The base plan needs every weight plane."""
         names = ["head", "codes/top", "calib/heldout"]
         if plan.prune_scale > 0 or plan.quant_scale > 0:
             i = self.table.point_index(plan.prune_scale, plan.quant_scale)
@@ -220,7 +232,9 @@ class BundleHead:
             level = next(j for j, p in enumerate(self.table.prune_grid) if abs(p - plan.prune_scale) <= 1e-9) \
                 if plan.prune_scale > 0 else self.layout.prune_levels
             names += [f"prune/{j}" for j in range(self.layout.prune_levels - 1, level - 1, -1)]
-            if self.bias_correction or plan.runtime == "int8":
+            if self.bias_correction and self.layout.bias_parts:
+                names.append(bias_part_name(self.table, i))
+            if (self.bias_correction and not self.layout.bias_parts) or plan.runtime == "int8":
                 names.append("calib/analysis")
         else:
             bit = 0
@@ -279,6 +293,19 @@ def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeL
     return dict(zip(lay.tensors, known))
 
 
+def _point_biases(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[str, np.ndarray]] | None:
+    """The corrected biases of every bias part present (None for a bundle without bias parts)."""
+    if not head.layout.bias_parts:
+        return None
+    base, out = _graph_biases(head.graph, head.table.tensors), {}
+    for name in sorted(n for n in parts if n.startswith("bias/")):
+        try:
+            out.update(biases_from_arrays(decode_arrays(parts[name], name), base))
+        except (KeyError, ValueError) as exc:
+            raise BundleError(f"bundle part {name} does not fit the graph: {exc}", "fetch the bundle again") from None
+    return out
+
+
 def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisResult, BundleInfo]:
     """A box's WeightSource, analysis and bundle info from the parts it holds (at least ``head``,
     ``codes/top`` and ``calib/heldout``). With the ``base`` part the fp32 base is the reference.
@@ -298,14 +325,16 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     ladders = _ladders(head, parts, _top_codes(head, parts))
     classes = _classes(head, parts, ladders)
     if "base" in parts:
-        return from_base_model(load_model(parts["base"]), result, classes), result, head.info
+        source = from_base_model(load_model(parts["base"]), result, classes)
+        return dataclasses.replace(source, point_biases=_point_biases(head, parts)), result, head.info
     values = {}
     for n, a in zip(head.layout.tensors, head.layout.out_axes):
         finest = np.full(ladders[n].shape[a], ladders[n].finest)
         codes = ladders[n].codes(finest).astype(np.float32)
         values[n] = codes * octave_steps(head.table.master_steps[n], finest).reshape(channel_axis_shape(codes.ndim, a))
     reference = with_weights(head.graph, values)
-    source = WeightSource(reference, False, ladders, classes, held["base_out"], head.base_means)
+    source = WeightSource(reference, False, ladders, classes, held["base_out"], head.base_means,
+                          _point_biases(head, parts))
     return source, result, head.info
 
 

@@ -16,14 +16,14 @@ import onnx
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES
-from toco_core.compression.bias_correction import BiasCorrection
+from toco_core.compression.bias_correction import BiasCorrection, bias_shifts
 from toco_core.compression.matmul_nbits import quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8
 from toco_core.compression.storage import dequantize, encode_model
 from toco_core.compression.structured import remove_output_channels, removable_channels
 from toco_core.device import DeviceProfile
-from toco_core.errors import SelfTestError
+from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.measure import p50_latency, session_rss
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
@@ -58,6 +58,35 @@ def _correction(source: WeightSource, result: AnalysisResult, infos: list[Weight
     return BiasCorrection(source.reference, infos, result.analysis_x, base_means=source.base_means)
 
 
+def _point_biases(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], i: int,
+                  values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Point i's corrected biases: shipped (toco_core.bias_parts) where the source has them, else
+    fitted on the analysis samples. Raises AnalysisError when neither is at hand."""
+    if source.point_biases is not None and i in source.point_biases:
+        return source.point_biases[i]
+    if not len(result.analysis_x):
+        raise AnalysisError(f"the biases of point {i} are not on this box", "fetch the bias part its plan lists")
+    return _correction(source, result, infos).biases(values)
+
+
+def fit_point_biases(model: onnx.ModelProto | WeightSource, result: AnalysisResult,
+                     progress: Progress = lambda *a: None) -> dict[int, dict[str, np.ndarray]]:
+    """The corrected biases of every calibrated point, fitted as build() fits them (one
+    BiasCorrection, so the base runs once). Returns {} when the analysis does not correct biases.
+    Raises AnalysisError for an analysis without a plan table or of another model."""
+    source = as_source(model, result)
+    table = require_plans(result)
+    if not result.bias_correction:
+        return {}
+    correction = _correction(source, result, compressible_weights(source.reference))
+    out = {}
+    for i, (p, q) in enumerate(table.points):
+        progress("biases", i, len(table.points))
+        values = {t.name: dequantize(t) for t in plan_codes(table, source.ladders, source.classes, p, q)}
+        out[i] = correction.biases(values)
+    return out
+
+
 def _base_built(source: WeightSource, infos: list[WeightInfo]) -> BuiltModel:
     """The base plan: the fp32 base itself, or the master model where only parts are at hand."""
     layers = [LayerDecision(name=i.name, op_type=i.op_type, weights=i.size, sparsity=0.0, mean_bits=32.0,
@@ -86,11 +115,8 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     i = table.point_index(plan.prune_scale, plan.quant_scale)
     tensors = plan_codes(table, source.ladders, source.classes, plan.prune_scale, plan.quant_scale)
     values = {q.name: dequantize(q) for q in tensors}
-    biases, shifts = {}, {}
-    if result.bias_correction:
-        correction = _correction(source, result, infos)
-        biases = correction.biases(values)
-        shifts = correction.shifts(biases)
+    biases = _point_biases(source, result, infos, i, values) if result.bias_correction else {}
+    shifts = bias_shifts(source.reference, infos, biases)
     float_model = with_weights(source.reference, {**values, **biases})
     storage = encode_model(float_model, tensors)
     runnable, kept = float_model, {i.name: i.shape[i.out_axis] for i in infos}

@@ -9,7 +9,8 @@ import pytest
 
 from toco_core.analysis_result import save_result
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, verify_manifest
-from toco_core.errors import BundleError
+from toco_core.compression.nested import prune_level
+from toco_core.errors import AnalysisError, BundleError
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes, model_hash
 from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts, verify_parts
@@ -66,7 +67,9 @@ def test_an_aggressive_plan_downloads_a_prefix(lenet5, lenet5_analysis, parts):
     small, full = head.parts_for_plan(smallest), head.parts_for_plan(gentlest)
     assert "codes/0" in full and "codes/0" not in small  # the master needs every bit plane
     assert "prune/0" not in small and "prune/0" not in full  # neither prunes at the gentlest level
-    assert set(small) - set(full) == {n for n in small if n.startswith("prune/")}
+    # the aggressive plan adds only its prune planes and the biases of its prune level
+    assert set(small) - set(full) == {n for n in small if n.startswith(("prune/", "bias/"))}
+    assert [n for n in small if n.startswith("bias/")] == [f"bias/{prune_level(head.table.prune_grid, smallest.prune_scale)}"]
     weights = lambda names: sum(len(parts[n]) for n in names if not n.startswith("calib/"))  # noqa: E731
     assert weights(small) < 0.6 * weights(parts)
 
@@ -91,6 +94,22 @@ def test_missing_parts_are_named(parts):
         source_from_parts({"head": parts["head"], "codes/top": parts["codes/top"]})
     with pytest.raises(BundleError, match="head"):
         source_from_parts({**parts, "head": parts["head"][:100]})
+
+
+def test_a_plan_without_its_bias_part_says_which_to_fetch(lenet5, lenet5_analysis, parts):
+    head = BundleHead(parts["head"])
+    p, q = next(pt for pt in head.table.points if pt[0] > 0)
+    plan = next(pl for pl in enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)))
+                if (pl.prune_scale, pl.quant_scale) == (p, q))
+    needed = head.parts_for_plan(plan)
+    source, result, _ = source_from_parts({n: parts[n] for n in needed if not n.startswith("bias/")})
+    with pytest.raises(AnalysisError, match="are not on this box"):
+        build(source, result, plan)
+    damaged = {n: parts[n] for n in needed}
+    bias = next(n for n in needed if n.startswith("bias/"))
+    damaged[bias] = damaged[bias][:-7]
+    with pytest.raises(BundleError, match=bias):
+        source_from_parts(damaged)
 
 
 def test_toco_pack_and_recompress_from_the_bundle(tmp_path, lenet5_path, lenet5_analysis):

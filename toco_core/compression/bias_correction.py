@@ -155,3 +155,12 @@ class BiasCorrection:
         the layers whose bias is in ``biases``."""
         return {layer.weight: float(np.abs(biases[layer.bias] - self.base_bias[layer.bias]).max())
                 for layer in self.layers if layer.bias in biases}
+
+
+def bias_shifts(model: onnx.ModelProto, infos: list[WeightInfo], biases: dict[str, np.ndarray]) -> dict[str, float]:
+    """BiasCorrection.shifts without fitting anything: weight name -> largest |corrected - original|
+    of its layer's bias (original: ``model``'s initializer), for the layers whose bias is in ``biases``."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return {layer.weight: float(np.abs(biases[layer.bias].astype(np.float64)
+                                       - onnx.numpy_helper.to_array(inits[layer.bias]).astype(np.float64)).max())
+            for layer in biased_layers(model, infos) if layer.bias in biases}
