@@ -6,7 +6,7 @@ SHA-256 of every part):
     head               LZMA of an inner container: the graph without its compressible weights,
                        the plan table, the analysis manifest and curves, bundle.json and the
                        code layout (ladder.json)
-    prune/{j}          prune plane j (j = G-1 .. 0), toco_core.compression.plane_coding
+    prune/{t}          the prune tree's split at grid level t (toco_core.compression.plane_coding)
     codes/top          every weight's sign(q) (|q| >> B), B = T - 1 for the top octave T
     codes/{b}          bit plane b of |q| (b = B-1 .. 0): octave k needs the planes down to k - 1
     bias/{j}, bias/none the corrected biases of the points pruned at level j / not pruned
@@ -29,6 +29,8 @@ import lzma
 
 import numpy as np
 import onnx
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
@@ -64,6 +66,7 @@ class LadderLayout(BaseModel):
     prune_context_bit: int = Field(description="prune planes are coded in contexts of |q| >> this bit, "
                                                "which every pruning plan's bit planes reach")
     bias_parts: bool = Field(False, description="corrected biases travel per point (bias/*), not as samples")
+    prune_tree: Literal["chain", "balanced"] = Field("chain", description="the shape of the prune planes' tree")
 
 
 def _lz(data: bytes) -> bytes:
@@ -130,8 +133,8 @@ def _graph_biases(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str
 
 def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
                   table: PlanTable) -> tuple[dict[str, bytes], int, int]:
-    """codes/top, codes/{b} and prune/{j} of the master codes; returns them, the top octave and the
-    prune context bit (the coarsest bit every pruning point reads anyway)."""
+    """codes/top, codes/{b} and prune/{t} (a balanced prune tree) of the master codes; returns
+    them, the top octave and the prune context bit (the coarsest bit every pruning point reads anyway)."""
     names = list(table.tensors)
     top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
     axes = dict(zip(names, table.out_axes))
@@ -142,8 +145,8 @@ def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray]
         parts[f"codes/{b}"] = planes.encode_bit_plane(masters, b)
     context_bit = max([lowest_bit(table, i) for i, (p, _) in enumerate(table.points) if p > 0] + [0])
     coarse = [_truncate(q, context_bit) for q in masters]
-    for j in range(len(table.prune_grid) - 1, -1, -1):
-        parts[f"prune/{j}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, j)
+    for node in planes.prune_tree(len(table.prune_grid), "balanced"):
+        parts[f"prune/{node[2]}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, node)
     return parts, top, context_bit
 
 
@@ -162,7 +165,8 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
                           out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid),
-                          prune_context_bit=context_bit, bias_parts=result.bias_correction)
+                          prune_context_bit=context_bit, bias_parts=result.bias_correction,
+                          prune_tree="balanced")
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
@@ -231,7 +235,9 @@ class BundleHead:
             bit = lowest_bit(self.table, i)
             level = next(j for j, p in enumerate(self.table.prune_grid) if abs(p - plan.prune_scale) <= 1e-9) \
                 if plan.prune_scale > 0 else self.layout.prune_levels
-            names += [f"prune/{j}" for j in range(self.layout.prune_levels - 1, level - 1, -1)]
+            if level < self.layout.prune_levels:
+                names += [f"prune/{t}" for _, _, t in planes.prune_path(self.layout.prune_levels, level,
+                                                                         self.layout.prune_tree)]
             if self.bias_correction and self.layout.bias_parts:
                 names.append(bias_part_name(self.table, i))
             if (self.bias_correction and not self.layout.bias_parts) or plan.runtime == "int8":
@@ -271,26 +277,33 @@ def _ladders(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -
 
 
 def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
-    """Prune classes known down to the last contiguous prune plane present (collapsed below it).
+    """Prune classes as far as the prune planes present resolve them: a weight's class is the top
+    of its known interval, so pruning at any level the planes resolve (class <= level) reads true.
 
-    Raises BundleError when prune planes are present but the bit planes their contexts need are not.
+    Raises BundleError when prune planes are present but the bit planes their contexts need are
+    not, or a plane does not decode.
     """
     lay = head.layout
     known = planes.all_unknown([tuple(s) for s in lay.shapes], lay.prune_levels)
-    if f"prune/{lay.prune_levels - 1}" not in parts:
-        return dict(zip(lay.tensors, known))
+    tree = planes.prune_tree(lay.prune_levels, lay.prune_tree)
+    if not any(f"prune/{t}" in parts for _, _, t in tree):
+        return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
     if any(ladders[n].bit > lay.prune_context_bit for n in lay.tensors):
         raise BundleError(f"prune planes need the weight bit planes down to {lay.prune_context_bit}",
                           "fetch the parts the plan lists")
     top = [_truncate(ladders[n].truncated, lay.prune_context_bit - ladders[n].bit) for n in lay.tensors]
-    for j in range(lay.prune_levels - 1, -1, -1):
-        if f"prune/{j}" not in parts:
-            break
+    applied = set()
+    for lo, hi, t in tree:  # parents first: a split applies once its range is known
+        parent_known = (lo, hi) == (0, lay.prune_levels) or any(
+            (lo == plo and hi == pt) or (lo == pt + 1 and hi == phi) for plo, phi, pt in applied)
+        if f"prune/{t}" not in parts or not parent_known:
+            continue
         try:
-            known = planes.decode_prune_plane(parts[f"prune/{j}"], known, top, j)
+            known = planes.decode_prune_plane(parts[f"prune/{t}"], known, top, (lo, hi, t))
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"prune plane {j} of the bundle does not decode: {exc}", "fetch the bundle again") from None
-    return dict(zip(lay.tensors, known))
+            raise BundleError(f"prune plane {t} of the bundle does not decode: {exc}", "fetch the bundle again") from None
+        applied.add((lo, hi, t))
+    return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
 
 
 def _point_biases(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[str, np.ndarray]] | None:

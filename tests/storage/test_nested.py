@@ -112,18 +112,25 @@ def test_the_planes_cost_about_the_entropy_of_the_codes():
     assert coded < 1.10 * entropy_bytes, (coded, entropy_bytes)
 
 
-def test_prune_planes_decode_down_to_any_level():
+@pytest.mark.parametrize("shape", ["balanced", "chain"])
+def test_prune_planes_resolve_any_level_from_its_path(shape):
     rng = np.random.default_rng(5)
-    grid = [0.3, 0.5, 0.7, 0.9]
+    grid = [0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
     ranks = [rng.random((5, 40)).astype(np.float32), rng.random(30).astype(np.float32)]
     classes = [prune_classes(r, grid) for r in ranks]
     coarse = [_laplace_codes(rng, r.shape, 3.0) for r in ranks]
-    known = planes.all_unknown([r.shape for r in ranks], len(grid))
-    for j in range(len(grid) - 1, -1, -1):
-        known = planes.decode_prune_plane(planes.encode_prune_plane(classes, coarse, j), known, coarse, j)
-        for k, c in zip(known, classes):
-            assert np.array_equal(k, np.maximum(c, j))  # exact above j, "<= j" collapsed to j
-            assert np.array_equal(k <= j, c <= j)
+    tree = planes.prune_tree(len(grid), shape)
+    assert sorted(t for _, _, t in tree) == list(range(len(grid)))  # every level split exactly once
+    parts = {node: planes.encode_prune_plane(classes, coarse, node) for node in tree}
+    for level in range(len(grid)):
+        path = planes.prune_path(len(grid), level, shape)
+        assert path[-1][2] == level and len(path) <= (3 if shape == "balanced" else len(grid))
+        known = planes.all_unknown([r.shape for r in ranks], len(grid))
+        for node in path:
+            known = planes.decode_prune_plane(parts[node], known, coarse, node)
+        for (lo, hi), c in zip(known, classes):
+            assert ((lo <= c) & (c <= hi)).all()  # every interval holds the true class
+            assert np.array_equal(hi <= level, c <= level)  # and is on the right side of the level
 
 
 def test_a_plane_for_other_tensors_is_refused():

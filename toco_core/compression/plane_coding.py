@@ -7,10 +7,10 @@ Weights travel as planes that a box reads from the top down and may stop after a
 - bit plane b (b = B-1..0): bit b of |q|, in contexts of the magnitude known so far (0, 1, more),
   then the signs of the weights it makes non-zero; octave k needs the planes down to k - 1, so
   the planes nest (each halves every bin) and their sum costs about the entropy of q;
-- prune plane j (j = G-1..0, G prune scales): among the weights whose class is <= j + 1,
-  whether it is <= j, in contexts of a coarse magnitude; a box pruning at grid level L
-  reads planes G-1..L and then knows the class of every weight it keeps, and that the rest
-  are pruned.
+- prune plane t (t = 0..G-1, G prune scales): the split of a tree over the classes 0..G
+  (``prune_tree``): among the weights whose class lies in the split's range lo..hi, whether it
+  is <= t, in contexts of a coarse magnitude; a box pruning at grid level L reads the splits on
+  the path to t = L (``prune_path``) and then knows, for every weight, which side of L it is on.
 
 The statistics of each plane are counted by the encoder and sent in the plane's header (a few
 integers per tensor), so the models are static and every symbol of a plane is coded in one
@@ -137,6 +137,41 @@ def decode_bit_plane(data: bytes, truncated: list[np.ndarray]) -> list[np.ndarra
 # --- prune planes ------------------------------------------------------------------------------
 
 _PRUNE_CONTEXTS = 7
+PruneNode = tuple[int, int, int]  # (lo, hi, t): splits the weights of class lo..hi at "class <= t"
+
+
+def prune_tree(levels: int, shape: str = "balanced") -> list[PruneNode]:
+    """The splits that resolve prune classes 0..G (G = ``levels``), parents before children.
+
+    ``balanced``: bisection, so pruning at any level reads about log2(G) planes (LeNet-5's
+    handheld at level 3: 4 planes, 8.3 KB modelled, against 9 planes and 13.6 KB along the chain);
+    ``chain``: G-1, G-2, .., 0 (bundles packed before the tree; the most aggressive level reads
+    one plane, the gentlest all). Either way every class is coded once: the full bundle costs the same.
+    """
+    if shape == "chain":
+        return [(0, j + 1, j) for j in range(levels - 1, -1, -1)]
+    out: list[PruneNode] = []
+    todo = [(0, levels)]
+    while todo:
+        lo, hi = todo.pop(0)
+        if lo < hi:
+            t = (lo + hi - 1) // 2
+            out.append((lo, hi, t))
+            todo += [(lo, t), (t + 1, hi)]
+    return out
+
+
+def prune_path(levels: int, level: int, shape: str = "balanced") -> list[PruneNode]:
+    """The splits a box pruning at grid level ``level`` reads, root first."""
+    by_range = {(lo, hi): (lo, hi, t) for lo, hi, t in prune_tree(levels, shape)}
+    lo, hi, path = 0, levels, []
+    while (lo, hi) in by_range:
+        node = by_range[(lo, hi)]
+        path.append(node)
+        if node[2] == level:
+            break
+        lo, hi = (lo, node[2]) if level < node[2] else (node[2] + 1, hi)
+    return path
 
 
 def _prune_contexts(coarse: np.ndarray) -> np.ndarray:
@@ -149,49 +184,56 @@ def _prune_contexts(coarse: np.ndarray) -> np.ndarray:
     return length
 
 
-def encode_prune_plane(classes: list[np.ndarray], top: list[np.ndarray], j: int) -> bytes:
-    """Prune plane j: for the weights with class <= j + 1, the bit class <= j (tensor order),
-    in contexts of the weight's coarse magnitude (``top``: codes known down to the layout's
-    prune context bit, which every pruning plan fetches anyway)."""
+def encode_prune_plane(classes: list[np.ndarray], top: list[np.ndarray], node: PruneNode) -> bytes:
+    """Prune plane of split ``node`` = (lo, hi, t): for the weights of class lo..hi, the bit
+    class <= t (tensor order), in contexts of the weight's coarse magnitude (``top``: codes known
+    down to the layout's prune context bit, which every pruning plan fetches anyway)."""
+    lo, hi, t = node
     syms, ctxs, counts = [], [], []
-    for t, (cls, tc) in enumerate(zip(classes, top)):
+    for k, (cls, tc) in enumerate(zip(classes, top)):
         c = cls.ravel()
-        sel = c <= j + 1
-        bits = (c[sel] <= j).astype(np.int64)
+        sel = (c >= lo) & (c <= hi)
+        bits = (c[sel] <= t).astype(np.int64)
         ctx = _prune_contexts(tc)[sel]
         table = np.zeros((_PRUNE_CONTEXTS, 2), np.int64)
         np.add.at(table, (ctx, bits), 1)
         counts.append(table)
         syms.append(bits)
-        ctxs.append(ctx + _PRUNE_CONTEXTS * t)
+        ctxs.append(ctx + _PRUNE_CONTEXTS * k)
     stream = _encode(np.concatenate(syms) if syms else np.zeros(0), np.concatenate(ctxs) if ctxs else np.zeros(0, int),
                      np.concatenate(counts) if counts else np.zeros((0, 2)))
     return _pack(counts, stream)
 
 
-def decode_prune_plane(data: bytes, known: list[np.ndarray], top: list[np.ndarray], j: int) -> list[np.ndarray]:
-    """Apply prune plane j to classes known down to j + 1 (a class of j + 1 there means "<= j + 1").
+def decode_prune_plane(data: bytes, known: list[tuple[np.ndarray, np.ndarray]], top: list[np.ndarray],
+                       node: PruneNode) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Apply the prune plane of split ``node`` to class intervals (lo, hi arrays per tensor) in
+    which the node's weights are those whose interval is exactly (node lo, node hi).
 
-    Returns the classes known down to j (same convention). Raises ValueError for a damaged part.
+    Returns the narrowed intervals. Raises ValueError for a damaged part.
     """
+    lo, hi, t = node
     flat, stream = _unpack(data, len(known), 2 * _PRUNE_CONTEXTS)
     counts = flat.reshape(-1, 2)
-    open_ = [k.ravel() == j + 1 for k in known]
-    ctx = [_prune_contexts(tc)[m] + _PRUNE_CONTEXTS * t for t, (tc, m) in enumerate(zip(top, open_))]
+    open_ = [(a.ravel() == lo) & (b.ravel() == hi) for a, b in known]
+    ctx = [_prune_contexts(tc)[m] + _PRUNE_CONTEXTS * k for k, (tc, m) in enumerate(zip(top, open_))]
     bits = _decode(stream, np.concatenate(ctx) if ctx else np.zeros(0, int), counts)
     out, pos = [], 0
-    for k, m in zip(known, open_):
-        c = k.ravel().copy()
+    for (known_a, known_b), m in zip(known, open_):
+        a, b = known_a.ravel().copy(), known_b.ravel().copy()
         n = int(m.sum())
-        c[m] = np.where(bits[pos:pos + n] == 1, j, j + 1)
+        below = bits[pos:pos + n] == 1
+        idx = np.flatnonzero(m)
+        b[idx[below]] = t
+        a[idx[~below]] = t + 1
         pos += n
-        out.append(c.reshape(k.shape).astype(np.uint8))
+        out.append((a.reshape(known_a.shape), b.reshape(known_a.shape)))
     return out
 
 
-def all_unknown(shapes: list[tuple[int, ...]], levels: int) -> list[np.ndarray]:
-    """Classes before any prune plane: every weight "<= G" (G = the number of prune scales)."""
-    return [np.full(s, levels, np.uint8) for s in shapes]
+def all_unknown(shapes: list[tuple[int, ...]], levels: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Class intervals before any prune plane: every weight in 0..G (G = the number of prune scales)."""
+    return [(np.zeros(s, np.uint8), np.full(s, levels, np.uint8)) for s in shapes]
 
 
 # --- top octave --------------------------------------------------------------------------------
