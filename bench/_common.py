@@ -30,7 +30,8 @@ PROFILES = ROOT / "deploy" / "profiles"
 # the analysis code whose change invalidates a cached analysis
 _ANALYSIS_SOURCES = [*sorted((ROOT / "toco_core" / "analysis").rglob("*.py")),
                      *(ROOT / "toco_core" / f for f in ("tolerance.py", "tolerance_map.py", "calibration.py", "qbc.py",
-                                                        "plan_table.py", "compression/nested.py"))]
+                                                        "plan_table.py", "compression/nested.py",
+                                                        "compression/bias_correction.py"))]
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on every call
 
 

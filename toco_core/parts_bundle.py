@@ -8,7 +8,8 @@ SHA-256 of every part):
                        code layout (ladder.json)
     prune/{t}          the prune tree's split at grid level t (toco_core.compression.plane_coding)
     codes/top          every weight's sign(q) (|q| >> B), B = T - 1 for the top octave T
-    codes/{b}          bit plane b of |q| (b = B-1 .. 0): octave k needs the planes down to k - 1
+    codes/{b}/{k}      bit plane b of tensor k's |q| (b = B-1 .. 0): octave k needs the planes
+                       down to k - 1
     bias/{j}, bias/none the corrected biases of the points pruned at level j / not pruned
                        (toco_core.bias_parts)
     calib/heldout      self-test samples, the base model's outputs on them (and labels)
@@ -34,18 +35,19 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
-from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, biases_from_arrays
+from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, deltas_from_arrays
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES, PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
 from toco_core.compression.nested import CodeLadder, channel_axis_shape, octave_steps
 from toco_core.compression.storage import QuantizedTensor, _strip
 from toco_core.errors import BundleError
+from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import PlanTable, plan_table_bytes, plan_table_from_bytes
-from toco_core.recompress import fit_point_biases
+from toco_core.recompress import fit_point_deltas
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
@@ -67,6 +69,9 @@ class LadderLayout(BaseModel):
                                                "which every pruning plan's bit planes reach")
     bias_parts: bool = Field(False, description="corrected biases travel per point (bias/*), not as samples")
     prune_tree: Literal["chain", "balanced"] = Field("chain", description="the shape of the prune planes' tree")
+    prune_context_bits: list[int] | None = Field(None, description="per tensor (else prune_context_bit for all)")
+    plane_parts: Literal["plane", "tensor"] = Field("plane", description="codes/{b} for all tensors, or "
+                                                                           "codes/{b}/{k} per tensor k")
 
 
 def _lz(data: bytes) -> bytes:
@@ -119,35 +124,53 @@ def _truncate(q: np.ndarray, b: int) -> np.ndarray:
     return (np.sign(q) * np.right_shift(np.abs(q.astype(np.int64)), b)).astype(np.int32)
 
 
-def lowest_bit(table: PlanTable, i: int) -> int:
-    """The finest bit plane point ``i`` needs: octave k reads |q| down to bit k - 1 (octave 0: bit 0)."""
-    return max(table.finest_octave(i) - 1, 0)
+def lowest_bits(table: PlanTable, i: int) -> list[int]:
+    """Per tensor, the finest bit plane point ``i`` needs: octave k reads |q| down to bit k - 1
+    (octave 0: bit 0), so the tensor's finest channel octave decides."""
+    return [max(int(table.octaves[t][i].min()) - 1, 0) if table.octaves[t].shape[1] else 0 for t in table.tensors]
 
 
-def _graph_biases(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The float32 initializers the head's graph holds (the base biases bias parts are XORed with),
-    but for the ``stripped`` compressible weights, which travel as codes."""
-    return {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer
+def compact_outputs(out: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """The base outputs as the self-test needs them: float16 where that keeps every sample's
+    predicted class (the gate counts disagreements; checked here, on these very outputs), else
+    as they are. Halves them (8.5 KB of LeNet-5's 500 self-test samples); the reported KL moves
+    by rounding of 2^-11 of a logit."""
+    half = out.astype(np.float16)
+    if out.dtype == np.float32 and np.isfinite(half).all() and np.array_equal(
+            as_log_probs(half.astype(np.float32), kind).argmax(-1), as_log_probs(out, kind).argmax(-1)):
+        return half
+    return out
+
+
+def _graph_shapes(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the float initializers the head's graph holds (biases among them), but for the
+    ``stripped`` compressible weights, which travel as codes."""
+    return {t.name: tuple(t.dims) for t in graph.graph.initializer
             if t.data_type == onnx.TensorProto.FLOAT and t.name not in stripped}
 
 
 def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
-                  table: PlanTable) -> tuple[dict[str, bytes], int, int]:
-    """codes/top, codes/{b} and prune/{t} (a balanced prune tree) of the master codes; returns
-    them, the top octave and the prune context bit (the coarsest bit every pruning point reads anyway)."""
+                  table: PlanTable) -> tuple[dict[str, bytes], int, list[int]]:
+    """codes/top, codes/{b}/{k} (bit plane b of tensor k) and prune/{t} (a balanced prune tree) of
+    the master codes; returns them, the top octave and per tensor the prune context bit (the
+    coarsest bit every pruning point reads of that tensor anyway)."""
     names = list(table.tensors)
     top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
     axes = dict(zip(names, table.out_axes))
     masters = [ladders[n].master for n in names]
     top_codes = [_truncate(q, max(top - 1, 0)) for q in masters]
     parts = {"codes/top": planes.encode_top([_rows(c, axes[n]) for c, n in zip(top_codes, names)])}
+    # a plane per tensor: a point's channels of one layer often need a finer octave than the rest
+    # (LeNet-5's handheld: 9 channels of one layer at octave 3, every other at 4 or coarser)
     for b in range(max(top - 1, 0) - 1, -1, -1):
-        parts[f"codes/{b}"] = planes.encode_bit_plane(masters, b)
-    context_bit = max([lowest_bit(table, i) for i, (p, _) in enumerate(table.points) if p > 0] + [0])
-    coarse = [_truncate(q, context_bit) for q in masters]
+        for k, q in enumerate(masters):
+            parts[f"codes/{b}/{k}"] = planes.encode_bit_plane([q], b)
+    pruning = [lowest_bits(table, i) for i, (p, _) in enumerate(table.points) if p > 0]
+    context_bits = [max([bits[k] for bits in pruning] + [0]) for k in range(len(names))]
+    coarse = [_truncate(q, cb) for q, cb in zip(masters, context_bits)]
     for node in planes.prune_tree(len(table.prune_grid), "balanced"):
         parts[f"prune/{node[2]}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, node)
-    return parts, top, context_bit
+    return parts, top, context_bits
 
 
 def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo, budget: float | None = None,
@@ -161,12 +184,12 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     source = from_base_model(model, result)
     table = require_plans(result)
     infos = compressible_weights(model)
-    parts, top, context_bit = _weight_parts(source.ladders, source.classes, table)
+    parts, top, context_bits = _weight_parts(source.ladders, source.classes, table)
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
                           out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid),
-                          prune_context_bit=context_bit, bias_parts=result.bias_correction,
-                          prune_tree="balanced")
+                          prune_context_bit=max(context_bits + [0]), prune_context_bits=context_bits,
+                          bias_parts=result.bias_correction, prune_tree="balanced", plane_parts="tensor")
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
@@ -179,11 +202,11 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
             "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
             "ladder.json": layout.model_dump_json().encode()}
     parts["head"] = _lz(pack_bundle(head))
-    base_biases = _graph_biases(graph, table.tensors)
-    for name, points in bias_parts_of(table, fit_point_biases(source, result)).items():
-        parts[name] = encode_arrays(bias_arrays(points, base_biases))
+    for name, points in bias_parts_of(table, fit_point_deltas(source, result)).items():
+        parts[name] = encode_arrays(bias_arrays(points))
     n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
-    held = {"x": result.heldout_x[:n_test], "base_out": source.base_out[:n_test]}
+    held = {"x": result.heldout_x[:n_test], "base_out": compact_outputs(source.base_out[:n_test],
+                                                                        result.manifest.output_kind)}
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
     parts["calib/heldout"] = encode_calibration(held)
@@ -232,7 +255,7 @@ class BundleHead:
         names = ["head", "codes/top", "calib/heldout"]
         if plan.prune_scale > 0 or plan.quant_scale > 0:
             i = self.table.point_index(plan.prune_scale, plan.quant_scale)
-            bit = lowest_bit(self.table, i)
+            bits = lowest_bits(self.table, i)
             level = next(j for j, p in enumerate(self.table.prune_grid) if abs(p - plan.prune_scale) <= 1e-9) \
                 if plan.prune_scale > 0 else self.layout.prune_levels
             if level < self.layout.prune_levels:
@@ -243,10 +266,11 @@ class BundleHead:
             if (self.bias_correction and not self.layout.bias_parts) or plan.runtime == "int8":
                 names.append("calib/analysis")
         else:
-            bit = 0
+            bits = [0] * len(self.layout.tensors)
         top_bit = max(self.layout.top_octave - 1, 0)
-        names += [f"codes/{b}" for b in range(top_bit - 1, bit - 1, -1)]
-        return names
+        if self.layout.plane_parts == "plane":
+            return names + [f"codes/{b}" for b in range(top_bit - 1, min(bits + [top_bit]) - 1, -1)]
+        return names + [f"codes/{b}/{k}" for k, bit in enumerate(bits) for b in range(top_bit - 1, bit - 1, -1)]
 
 
 def _top_codes(head: BundleHead, parts: dict[str, bytes]) -> list[np.ndarray]:
@@ -261,19 +285,24 @@ def _top_codes(head: BundleHead, parts: dict[str, bytes]) -> list[np.ndarray]:
 
 
 def _ladders(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, CodeLadder]:
-    """Code ladders from the top codes and the bit planes present, contiguously from the top."""
+    """Code ladders from the top codes and, per tensor, the bit planes present contiguously from the top."""
     lay = head.layout
-    bit = max(lay.top_octave - 1, 0)
-    current = top
-    for b in range(bit - 1, -1, -1):
-        if f"codes/{b}" not in parts:
-            break
-        try:
-            current = planes.decode_bit_plane(parts[f"codes/{b}"], current)
-        except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"bit plane {b} of the bundle does not decode: {exc}", "fetch the bundle again") from None
-        bit = b
-    return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c in zip(lay.tensors, lay.out_axes, current)}
+    top_bit = max(lay.top_octave - 1, 0)
+    current, bits = list(top), [top_bit] * len(top)
+    for b in range(top_bit - 1, -1, -1):
+        for k in range(len(top)) if lay.plane_parts == "tensor" else [None]:
+            name = f"codes/{b}" if k is None else f"codes/{b}/{k}"
+            tensors = range(len(top)) if k is None else [k]
+            if name not in parts or any(bits[t] != b + 1 for t in tensors):
+                continue
+            try:
+                decoded = planes.decode_bit_plane(parts[name], [current[t] for t in tensors])
+            except (ValueError, RuntimeError) as exc:
+                raise BundleError(f"bit plane {name} of the bundle does not decode: {exc}",
+                                  "fetch the bundle again") from None
+            for t, c in zip(tensors, decoded):
+                current[t], bits[t] = c, b
+    return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c, bit in zip(lay.tensors, lay.out_axes, current, bits)}
 
 
 def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
@@ -288,10 +317,11 @@ def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeL
     tree = planes.prune_tree(lay.prune_levels, lay.prune_tree)
     if not any(f"prune/{t}" in parts for _, _, t in tree):
         return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
-    if any(ladders[n].bit > lay.prune_context_bit for n in lay.tensors):
-        raise BundleError(f"prune planes need the weight bit planes down to {lay.prune_context_bit}",
+    context = lay.prune_context_bits or [lay.prune_context_bit] * len(lay.tensors)
+    if any(ladders[n].bit > c for n, c in zip(lay.tensors, context)):
+        raise BundleError(f"prune planes need the weight bit planes down to {context}",
                           "fetch the parts the plan lists")
-    top = [_truncate(ladders[n].truncated, lay.prune_context_bit - ladders[n].bit) for n in lay.tensors]
+    top = [_truncate(ladders[n].truncated, c - ladders[n].bit) for n, c in zip(lay.tensors, context)]
     applied = set()
     for lo, hi, t in tree:  # parents first: a split applies once its range is known
         parent_known = (lo, hi) == (0, lay.prune_levels) or any(
@@ -306,14 +336,14 @@ def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeL
     return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
 
 
-def _point_biases(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[str, np.ndarray]] | None:
-    """The corrected biases of every bias part present (None for a bundle without bias parts)."""
+def _point_deltas(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[str, np.ndarray]] | None:
+    """The bias deltas of every bias part present (None for a bundle without bias parts)."""
     if not head.layout.bias_parts:
         return None
-    base, out = _graph_biases(head.graph, head.table.tensors), {}
+    shapes, out = _graph_shapes(head.graph, head.table.tensors), {}
     for name in sorted(n for n in parts if n.startswith("bias/")):
         try:
-            out.update(biases_from_arrays(decode_arrays(parts[name], name), base))
+            out.update(deltas_from_arrays(decode_arrays(parts[name], name), shapes))
         except (KeyError, ValueError) as exc:
             raise BundleError(f"bundle part {name} does not fit the graph: {exc}", "fetch the bundle again") from None
     return out
@@ -339,15 +369,15 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     classes = _classes(head, parts, ladders)
     if "base" in parts:
         source = from_base_model(load_model(parts["base"]), result, classes)
-        return dataclasses.replace(source, point_biases=_point_biases(head, parts)), result, head.info
+        return dataclasses.replace(source, point_deltas=_point_deltas(head, parts)), result, head.info
     values = {}
     for n, a in zip(head.layout.tensors, head.layout.out_axes):
         finest = np.full(ladders[n].shape[a], ladders[n].finest)
         codes = ladders[n].codes(finest).astype(np.float32)
         values[n] = codes * octave_steps(head.table.master_steps[n], finest).reshape(channel_axis_shape(codes.ndim, a))
     reference = with_weights(head.graph, values)
-    source = WeightSource(reference, False, ladders, classes, held["base_out"], head.base_means,
-                          _point_biases(head, parts))
+    source = WeightSource(reference, False, ladders, classes, held["base_out"].astype(np.float32), head.base_means,
+                          _point_deltas(head, parts))
     return source, result, head.info
 
 

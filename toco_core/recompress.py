@@ -16,7 +16,7 @@ import onnx
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES
-from toco_core.compression.bias_correction import BiasCorrection, bias_shifts
+from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts
 from toco_core.compression.matmul_nbits import quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8
@@ -60,20 +60,23 @@ def _correction(source: WeightSource, result: AnalysisResult, infos: list[Weight
 
 def _point_biases(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], i: int,
                   values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Point i's corrected biases: shipped (toco_core.bias_parts) where the source has them, else
-    fitted on the analysis samples. Raises AnalysisError when neither is at hand."""
-    if source.point_biases is not None and i in source.point_biases:
-        return source.point_biases[i]
+    """Point i's corrected biases: from shipped deltas (toco_core.bias_parts) where the source has
+    them, else fitted on the analysis samples. Raises AnalysisError when neither is at hand."""
+    if source.point_deltas is not None and i in source.point_deltas:
+        inits = {t.name: t for t in source.reference.graph.initializer}
+        base = {k: onnx.numpy_helper.to_array(inits[k]) for k in source.point_deltas[i]}
+        return apply_deltas(base, source.point_deltas[i])
     if not len(result.analysis_x):
         raise AnalysisError(f"the biases of point {i} are not on this box", "fetch the bias part its plan lists")
     return _correction(source, result, infos).biases(values)
 
 
-def fit_point_biases(model: onnx.ModelProto | WeightSource, result: AnalysisResult,
+def fit_point_deltas(model: onnx.ModelProto | WeightSource, result: AnalysisResult,
                      progress: Progress = lambda *a: None) -> dict[int, dict[str, np.ndarray]]:
-    """The corrected biases of every calibrated point, fitted as build() fits them (one
-    BiasCorrection, so the base runs once). Returns {} when the analysis does not correct biases.
-    Raises AnalysisError for an analysis without a plan table or of another model."""
+    """The float16 bias deltas of every calibrated point, fitted as build() fits them (one
+    BiasCorrection, so the base runs once; BiasCorrection.deltas). Returns {} when the analysis
+    does not correct biases. Raises AnalysisError for an analysis without a plan table or of
+    another model."""
     source = as_source(model, result)
     table = require_plans(result)
     if not result.bias_correction:
@@ -83,7 +86,7 @@ def fit_point_biases(model: onnx.ModelProto | WeightSource, result: AnalysisResu
     for i, (p, q) in enumerate(table.points):
         progress("biases", i, len(table.points))
         values = {t.name: dequantize(t) for t in plan_codes(table, source.ladders, source.classes, p, q)}
-        out[i] = correction.biases(values)
+        out[i] = correction.deltas(values)
     return out
 
 

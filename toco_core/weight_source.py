@@ -33,7 +33,7 @@ class WeightSource:
     ``reference`` is the fp32 base (``is_base``) or the master model; ``base_out`` the base's
     outputs on the analysis' held-out samples; ``base_means`` the bias-correction channel means of
     the base on the correction samples (None: measure them on ``reference``, which is the base);
-    ``point_biases`` the corrected biases of the points a box fetched them for
+    ``point_deltas`` the float16 bias deltas of the points a box fetched them for
     (toco_core.bias_parts; None: fit them on the analysis samples).
     """
 
@@ -43,7 +43,7 @@ class WeightSource:
     classes: dict[str, np.ndarray]
     base_out: np.ndarray
     base_means: list[np.ndarray] | None = None
-    point_biases: dict[int, dict[str, np.ndarray]] | None = None
+    point_deltas: dict[int, dict[str, np.ndarray]] | None = None
 
 
 def require_plans(result: AnalysisResult) -> PlanTable:

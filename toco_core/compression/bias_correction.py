@@ -133,8 +133,10 @@ class BiasCorrection:
         else:
             self.base_means = channel_means(self.model, {}, self.x, self.outputs) if self.layers and len(self.x) else []
 
-    def biases(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
-        """Corrected biases {name: float32} for the weights ``values`` (see module doc).
+    def deltas(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
+        """Bias deltas {name: float16} for the weights ``values`` (see module doc): the corrected
+        bias minus the original, rounded to float16, the form they travel in (toco_core.bias_parts;
+        a relative rounding of 2^-11 of a mean shift, far below the shift's own sampling noise).
 
         Each pass runs the model with the biases so far and moves every layer's bias by its
         remaining mean shift; pass k makes layer k exact, later layers converge. Returns {} when
@@ -148,13 +150,24 @@ class BiasCorrection:
             now = channel_means(self.model, {**values, **current}, self.x, self.outputs)
             for layer, base, cur in zip(self.layers, self.base_means, now):
                 biases[layer.bias] += base - cur
-        return {k: v.astype(np.float32) for k, v in biases.items()}
+        return {k: (v - self.base_bias[k]).astype(np.float16) for k, v in biases.items()}
+
+    def biases(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
+        """Corrected biases {name: float32}: apply_deltas of ``deltas(values, passes)``."""
+        base = {k: v.astype(np.float32) for k, v in self.base_bias.items()}
+        return apply_deltas(base, self.deltas(values, passes))
 
     def shifts(self, biases: dict[str, np.ndarray]) -> dict[str, float]:
         """For the report: weight name -> largest |corrected - original| of its layer's bias, for
         the layers whose bias is in ``biases``."""
         return {layer.weight: float(np.abs(biases[layer.bias] - self.base_bias[layer.bias]).max())
                 for layer in self.layers if layer.bias in biases}
+
+
+def apply_deltas(base: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Corrected biases from the original float32 biases and float16 deltas: float32(b + d), the
+    one formula the server's build and a box's build from bias parts share (so both are exact)."""
+    return {k: (np.asarray(base[k], np.float32) + d.astype(np.float32)).astype(np.float32) for k, d in deltas.items()}
 
 
 def bias_shifts(model: onnx.ModelProto, infos: list[WeightInfo], biases: dict[str, np.ndarray]) -> dict[str, float]:
