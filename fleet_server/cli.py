@@ -24,6 +24,9 @@ app.add_typer(models_app, name="models")
 db_app = typer.Typer(help="The fleet database's schema (Alembic revisions; `serve` also upgrades on start).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
+devices_app = typer.Typer(help="The fleet's devices: list them (over HTTP); enroll and revoke them (offline, on "
+                          "--data-dir, with their mosquitto password).", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
 SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
 DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (its fleet.db)")
 DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-dir}/fleet.db (or TOCO_FLEET_DB_URL)")
@@ -133,10 +136,10 @@ def rollback(deployment_id: str, server: str = SERVER) -> None:
     console.print(f"deployment {d['deployment_id']}: {d['stage']}")
 
 
-@app.command()
+@devices_app.command("list")
 @cli_errors
-def devices(server: str = SERVER) -> None:
-    """The fleet as a table: state, hardware, active plan, agreement."""
+def devices_list(server: str = SERVER) -> None:
+    """The fleet as a table: state (quarantined: never enrolled; revoked), hardware, active plan, agreement."""
     t = Table("device", "group", "state", "memory", "cores", "plan", "predicted", "measured")
     for d in _call(server, "GET", "/api/devices"):
         hw, act = d["hardware"], d["active"] or {}
@@ -233,3 +236,85 @@ def db_current(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> Non
         finally:
             engine.dispose()
     console.print(f"{describe_url(url)}: {state.summary()}", soft_wrap=True, highlight=False)
+
+
+PASSWD = typer.Option(None, "--passwd", help="mosquitto password file to add the device to / remove it from, e.g. "
+                      "/etc/mosquitto/toco/passwd; left out: the server's record only (embedded broker, or broker "
+                      "users managed elsewhere)")
+
+
+@devices_app.command("enroll")
+@cli_errors
+def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT username and client id"),
+                   group: str = typer.Option(..., "--group", help="the device's group (the server's, whatever the "
+                                             "device's config says)"),
+                   allow: Optional[list[str]] = typer.Option(None, "--allow", help="a model id the device may run "
+                                                             "(repeat; default: any model)"),
+                   passwd: Optional[Path] = PASSWD,
+                   password_file: Optional[Path] = typer.Option(None, help="use the password in this file's first line"),
+                   out: Optional[Path] = typer.Option(None, help="write a generated password here (mode 0600) to "
+                                                      "provision the box with install-agent.sh --password-file"),
+                   reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password counts at once"),
+                   data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Enroll a device: its broker password (with --passwd) and its server record (group, allowed models).
+
+    Enrolling it again replaces its password, group and allowed models. Works without the server running.
+    """
+    from fleet_server import broker_passwords as bp
+    from fleet_server.db import Database
+    from fleet_server.enrollment import check_device_name, enroll
+
+    check_device_name(name)
+    url = _database_url(data_dir, db_url, must_exist=False)
+    if passwd is not None:  # the broker first: a missing mosquitto_passwd must leave no half-enrolled device
+        if password_file is not None:
+            password = password_file.read_text().splitlines()[0].strip() if password_file.exists() else ""
+            if not password:
+                raise ConfigError(f"no password in {password_file}", "put the password on its first line")
+        elif out is not None:
+            password = bp.new_password()
+        else:
+            raise ConfigError("no --password-file and no --out", "pass --out FILE to receive the generated password "
+                              "(it is never printed)")
+        bp.set_password(passwd, name, password)
+        if password_file is None:
+            bp.write_password_out(out, password)
+            console.print(f"password for {name} written to {out} (copy it to the box, then delete it here)")
+        console.print(f"{name} in {passwd}")
+    with _opening(url):
+        db = Database(url)
+    try:
+        d = enroll(db, name, group, allow)
+    finally:
+        db.close()
+    models = ", ".join(d["allowed_models"]) if d["allowed_models"] else "any model"
+    console.print(f"enrolled {name} in group {group} ({models})", highlight=False)
+    if passwd is not None and reload:
+        bp.reload_mosquitto()
+        console.print("mosquitto reloaded")
+
+
+@devices_app.command("revoke")
+@cli_errors
+def devices_revoke(name: str = typer.Argument(..., help="device id"), passwd: Optional[Path] = PASSWD,
+                   reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password is gone at once"),
+                   data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Revoke a device: the server ignores it from now on, and (with --passwd) its broker password is removed."""
+    from fleet_server import broker_passwords as bp
+    from fleet_server.db import Database
+    from fleet_server.enrollment import revoke
+
+    url = _database_url(data_dir, db_url, must_exist=True)
+    with _opening(url):
+        db = Database(url)
+    try:  # the server's record first: from this commit on, whatever the device still sends is ignored
+        revoke(db, name)
+    finally:
+        db.close()
+    console.print(f"revoked {name}: the server ignores it", highlight=False)
+    if passwd is not None:
+        removed = bp.remove_user(passwd, name)
+        console.print(f"{name} removed from {passwd}" if removed else f"{name} had no password in {passwd}")
+        if reload:
+            bp.reload_mosquitto()
+            console.print("mosquitto reloaded")

@@ -118,8 +118,13 @@ class SimDevice:
         self.c.loop_start()
         self.ready.wait(5)
         time.sleep(0.05)
-        self.send(StateMessage(device_id=device_id, state="online", birth=1, agent_version="sim-1", group=group,
-                               hardware=HardwareInfo(**{**HARDWARE, **(hardware or {})}, device_id=device_id)))
+        self.group, self.hardware = group, hardware
+        self.send(self.birth())
+
+    def birth(self) -> StateMessage:
+        """The online state message this device sends on connect (its claimed group, its hardware)."""
+        return StateMessage(device_id=self.id, state="online", birth=1, agent_version="sim-1", group=self.group,
+                            hardware=HardwareInfo(**{**HARDWARE, **(self.hardware or {})}, device_id=self.id))
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics.device(MessageKind.CMD, self.id):
