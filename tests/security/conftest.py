@@ -11,6 +11,7 @@ import pytest
 
 from fleet_server.db import AnalysisRow, BundleRow, ModelRow, new_id
 from fleet_server.enrollment import enroll
+from tests.deploy.conftest import deploy_broker  # noqa: F401  (fixture: the shipped mosquitto config, real mosquitto)
 from tests.fleet.conftest import Fleet, SimDevice
 from toco_core.bundle import make_manifest, pack_bundle
 
