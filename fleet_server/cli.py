@@ -52,20 +52,40 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 
 @app.command()
 @cli_errors
-def serve(data_dir: Path = typer.Option(Path("fleet-data"), help="database, bundles, keys"),
-          broker: str = typer.Option("embedded", help="'embedded' or mqtt://host:port"),
-          broker_port: int = typer.Option(1883, help="embedded broker port"),
-          host: str = typer.Option("127.0.0.1", help="HTTP bind address"), port: int = typer.Option(8080),
-          fleet: str = typer.Option("default", help="fleet name (topic root toco/v1/{fleet})"),
-          drift_policy: str = typer.Option("auto", help="auto | approval"),
-          concurrency: int = typer.Option(1, help="analysis worker processes")) -> None:
+def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML file of FleetSettings keys (e.g. "
+                                                "/etc/toco-fleet/fleet.toml); TOCO_FLEET_* and these flags override it"),
+          data_dir: Optional[Path] = typer.Option(None, help="database, bundles, keys [fleet-data]"),
+          broker: Optional[str] = typer.Option(None, help="'embedded' or mqtt://host:port / mqtts://host:port [embedded]"),
+          broker_host: Optional[str] = typer.Option(None, help="embedded broker address; any but 127.0.0.1 needs "
+                                                    "--broker-password-file [127.0.0.1]"),
+          broker_port: Optional[int] = typer.Option(None, help="embedded broker port [1883]"),
+          broker_password_file: Optional[Path] = typer.Option(None, help="the embedded broker's users "
+                                                              "(user:argon2-hash lines)"),
+          mqtt_username: Optional[str] = typer.Option(None, help="the server's own MQTT user (toco-server)"),
+          mqtt_password_file: Optional[Path] = typer.Option(None, help="file whose first line is its password "
+                                                            "(or TOCO_FLEET_MQTT_PASSWORD; never a flag: `ps` shows flags)"),
+          mqtt_ca_file: Optional[Path] = typer.Option(None, help="CA that signed the broker's certificate (mqtts://)"),
+          host: Optional[str] = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
+          port: Optional[int] = typer.Option(None, help="HTTP port [8080]"),
+          fleet: Optional[str] = typer.Option(None, help="fleet name (topic root toco/v1/{fleet}) [default]"),
+          drift_policy: Optional[str] = typer.Option(None, help="auto | approval [auto]"),
+          concurrency: Optional[int] = typer.Option(None, help="analysis worker processes [1]")) -> None:
     """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
-    from fleet_server.config import FleetSettings
+    from fleet_server.config import load_settings
     from fleet_server.server import serve as run
 
-    settings = FleetSettings(data_dir=data_dir, broker=broker, broker_port=broker_port, http_host=host, http_port=port,
-                             fleet=fleet, drift_policy=drift_policy, analysis_concurrency=concurrency)
-    console.print(f"fleet server on http://{host}:{port} (docs /docs), broker {broker}, data {data_dir}")
+    given = {"data_dir": data_dir, "broker": broker, "broker_host": broker_host, "broker_port": broker_port,
+             "broker_password_file": broker_password_file, "mqtt_username": mqtt_username,
+             "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
+             "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
+             "analysis_concurrency": concurrency}
+    settings = load_settings(config, **{k: v for k, v in given.items() if v is not None})
+    if settings.broker == "embedded":  # refused before anything is started or printed
+        from fleet_server.broker import check_bind
+
+        check_bind(settings.broker_host, settings.broker_password_file)
+    console.print(f"fleet server on http://{settings.http_host}:{settings.http_port} (docs /docs), broker "
+                  f"{settings.broker}, data {settings.data_dir}", highlight=False)
     run(settings)
 
 
