@@ -6,12 +6,15 @@ the authenticated username."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
 import paho.mqtt.client as mqtt
 import pytest
+from typer.testing import CliRunner
 
+from fleet_server.cli import app
 from tests.deploy.conftest import DeployBroker
 from toco_core.topics import Topics
 
@@ -107,3 +110,38 @@ def test_a_clean_session_under_another_id_cannot_wipe_queued_commands(deploy_bro
     back = Session(deploy_broker, "cam-07", "cam-07", tls=True, clean=False)
     assert wait_for(lambda: b"queued-while-offline" in back.seen), "cam-08's clean session wiped cam-07's commands"
     back.close()
+
+
+def test_enroll_and_revoke_take_effect_on_the_running_broker(deploy_broker, tmp_path):
+    """`toco-fleet devices enroll/revoke --passwd` on the broker's password file, then a SIGHUP (what
+    --reload asks systemd for): the new device gets in, and once revoked it is cut off and stays out."""
+    passwd, pw = deploy_broker.root / "etc" / "passwd", tmp_path / "cam-09.password"
+    data = ["--data-dir", str(tmp_path)]
+    r = CliRunner().invoke(app, ["devices", "enroll", "cam-09", "--group", "line-1", "--passwd", str(passwd),
+                                 "--out", str(pw), *data])
+    assert r.exit_code == 0, r.output
+    deploy_broker.proc.send_signal(signal.SIGHUP)
+    deploy_broker.passwords["cam-09"] = pw.read_text().strip()
+    assert wait_for(lambda: _accepted(deploy_broker, "cam-09"), 5), "the enrolled device was refused"
+    device = Session(deploy_broker, "cam-09", "cam-09", tls=True)
+    r = CliRunner().invoke(app, ["devices", "revoke", "cam-09", "--passwd", str(passwd), *data])
+    assert r.exit_code == 0, r.output
+    deploy_broker.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: device.drops >= 1), "the revoked device stayed connected after the reload"
+    device.close()
+    assert not _accepted(deploy_broker, "cam-09"), "the revoked device got back in"
+
+
+def _accepted(broker: DeployBroker, user: str) -> bool:
+    answer: dict = {}
+    done = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv311)
+    c.username_pw_set(user, broker.passwords[user])
+    c.tls_set(ca_certs=str(broker.ca))
+    c.on_connect = lambda cl, u, f, rc, p: (answer.setdefault("ok", not rc.is_failure), done.set())
+    c.connect("127.0.0.1", broker.tls)
+    c.loop_start()
+    done.wait(5)
+    c.disconnect()
+    c.loop_stop()
+    return answer.get("ok", False)
