@@ -177,9 +177,13 @@ class Deployments:
         for m in self._members(s, dep.id):
             if m.wave != wave or m.outcome != "pending":
                 continue
+            dev = s.get(DeviceRow, m.device_id)
+            if dev is None or dev.enrollment != ENROLLED:  # revoked since the deployment began: nothing is sent
+                m.phase, m.outcome, m.reason, m.updated_at = "failed", "failed", "revoked: not sent", now
+                s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="failed", reason=m.reason, t=now))
+                continue
             m.phase, m.outcome, m.sent_at, m.updated_at = "sent", "in_progress", now, now
             s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="sent", t=now))
-            dev = s.get(DeviceRow, m.device_id)
             if dev is not None:
                 dev.deploy_state = "deploying"
             self.send_command(m.device_id, DeployCommand(cmd_id=new_id("c"), deployment_id=dep.id,

@@ -124,3 +124,20 @@ def test_enroll_refuses_with_one_line(fleet_cli, args, says):
     r = fleet_cli(*args)
     assert r.exit_code == 2 and r.output.startswith("error:") and says in r.output, r.output
     assert r.output.count("\n") == 1
+
+
+def test_a_device_revoked_during_a_deployment_is_sent_nothing(fleet, devices):
+    canary, *rest = [devices(f"sec-w{i}", group="sec-waves", responder=None if i == 0 else succeed) for i in range(3)]
+    assert wait_until(lambda: all(device_json(fleet, d.id).get("online") for d in (canary, *rest)))
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
+                                                   "target": {"group": "sec-waves"}, "canary_share": 0.3}).json()
+    assert [d["device_id"] for d in dep["devices"] if d["wave"] == "canary"] == ["sec-w0"]
+    revoke(fleet.server.db, "sec-w2")
+    assert wait_until(lambda: len(canary.commands) == 1)
+    succeed(canary, canary.commands[0])  # the canary succeeds: the rest wave goes out
+    url = f"/api/deployments/{dep['deployment_id']}"
+    assert wait_until(lambda: {d["device_id"]: d for d in fleet.api.get(url).json()["devices"]}["sec-w2"]["outcome"]
+                      == "failed")
+    assert wait_until(lambda: len(rest[0].commands) == 1)
+    w2 = {d["device_id"]: d for d in fleet.api.get(url).json()["devices"]}["sec-w2"]
+    assert w2["reason"] == "revoked: not sent" and rest[1].commands == []
