@@ -79,7 +79,10 @@ def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML fil
              "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
              "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
              "analysis_concurrency": concurrency}
-    settings = load_settings(config, **{k: v for k, v in given.items() if v is not None})
+    flags = {k: v for k, v in given.items() if v is not None}
+    if mqtt_password_file is not None:  # the flag beats a password from the environment or the file
+        flags["mqtt_password"] = None
+    settings = load_settings(config, **flags)
     if settings.broker == "embedded":  # refused before anything is started or printed
         from fleet_server.broker import check_bind
 

@@ -59,6 +59,7 @@ def test_serve_flags_reach_the_server(config, tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_server.server, "serve", lambda settings: seen.setdefault("s", settings))
     other = tmp_path / "other.password"
     other.write_text("from-the-flag\n")
+    monkeypatch.setenv("TOCO_FLEET_MQTT_PASSWORD", "from-the-env")  # the flag's file still wins
     out = CliRunner().invoke(app, ["serve", "--config", str(config), "--mqtt-username", "toco-server-2",
                                    "--mqtt-password-file", str(other), "--mqtt-ca-file", "/tmp/ca.pem"])
     assert out.exit_code == 0, out.output
