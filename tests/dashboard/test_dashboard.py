@@ -49,6 +49,15 @@ def test_overview_lists_devices_with_plans_and_escapes_device_text(fleet, device
     finally:
         late.close()
 
+    # a device the server never enrolled is shown, marked quarantined
+    stranger = SimDevice(fleet.port, "stranger-1", HARDWARE["box-64"], None)
+    try:
+        page.wait_for_selector("#devices tr[data-device='stranger-1']", timeout=10_000)
+        badge = page.locator("#devices tr[data-device='stranger-1'] .badge").first
+        assert badge.inner_text() == "Quarantined: not enrolled"
+    finally:
+        stranger.close()
+
 
 def test_device_page_draws_drift_and_appends_a_new_window_live(fleet, devices, page, tmp_path):
     open_view(page, fleet.url + "/devices/camera-256")
