@@ -141,3 +141,16 @@ def test_a_device_revoked_during_a_deployment_is_sent_nothing(fleet, devices):
     assert wait_until(lambda: len(rest[0].commands) == 1)
     w2 = {d["device_id"]: d for d in fleet.api.get(url).json()["devices"]}["sec-w2"]
     assert w2["reason"] == "revoked: not sent" and rest[1].commands == []
+
+
+def test_a_device_gets_only_the_models_it_is_allowed(fleet, devices):
+    allowed, other = devices("sec-allowed", group="sec-models"), devices("sec-other-model", group="sec-models")
+    enroll(fleet.server.db, "sec-other-model", "sec-models", allowed_models=["m-something-else"])
+    enroll(fleet.server.db, "sec-allowed", "sec-models", allowed_models=[fleet.analysis["model_id"]])
+    assert wait_until(lambda: all(device_json(fleet, d.id).get("online") for d in (allowed, other)))
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
+                                                   "target": {"group": "sec-models"}, "canary_share": 1.0}).json()
+    assert [d["device_id"] for d in dep["devices"]] == ["sec-allowed"]
+    named = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
+                                                     "target": {"device": "sec-other-model"}})
+    assert named.status_code == 409 and "not allowed model" in named.text
