@@ -5,6 +5,10 @@ schema mismatch, a device id that disagrees with its topic) is counted, logged w
 device id, and dropped. Messages are queued by the network thread and written by one ingest
 thread in batches (one transaction per batch, a savepoint per message, so one bad message or
 handler bug never loses the rest of the batch). Events and commands go out after the commit.
+
+Who sent it matters (fleet_server.enrollment): a revoked device is ignored; a device never
+enrolled is recorded as quarantined and its status, drift and samples reach no hook; an
+enrolled device keeps its enrolled group whatever its state message claims.
 """
 
 from __future__ import annotations
