@@ -25,6 +25,7 @@ from fleet_server.jobs import JobRunner
 from fleet_server.keys import ensure_signing_key, public_key_path
 from fleet_server.mqtt_client import FleetMqtt
 from fleet_server.registry import Store
+from toco_core.errors import ConfigError
 from toco_core.topics import Topics
 
 log = logging.getLogger("toco.fleet.server")
@@ -38,6 +39,9 @@ class FleetServer:
         # first: an embedded broker that may not listen where asked must stop us before anything is made
         self.broker = (EmbeddedBroker(s.broker_host, s.broker_port, s.broker_password_file) if s.broker == "embedded"
                        else None)
+        if self.broker is not None and s.broker_password_file is not None and not s.mqtt_username:
+            raise ConfigError("the embedded broker has a password file but the server has no MQTT user of its own",
+                              "give --mqtt-username and --mqtt-password-file (a user of that file)")
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.data_dir)
         self.db = Database(s.database_url)

@@ -16,6 +16,7 @@ from fleet_server.cli import app
 from fleet_server.config import FleetSettings
 from fleet_server.server import FleetServer
 from tests.fleet.conftest import free_port, wait_until
+from toco_core.errors import ConfigError
 
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "0.0.0.0", "localhost"])
@@ -51,6 +52,9 @@ def test_with_a_password_file_it_may_listen_elsewhere_and_refuses_strangers(tmp_
     users.write_text(password_line("toco-server", "server-pw") + "\n" + password_line("cam-07", "cam-pw") + "\n")
     (tmp_path / "server.password").write_text("server-pw\n")
     port = free_port()
+    with pytest.raises(ConfigError, match="no MQTT user of its own"):
+        FleetServer(FleetSettings(data_dir=tmp_path / "fleet", broker_host="127.0.0.2", broker_port=port,
+                                  broker_password_file=users))
     server = FleetServer(FleetSettings(data_dir=tmp_path / "fleet", broker_host="127.0.0.2", broker_port=port,
                                        broker_password_file=users, mqtt_username="toco-server",
                                        mqtt_password_file=tmp_path / "server.password", fleet="sec")).start()
