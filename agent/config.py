@@ -57,7 +57,8 @@ class AgentConfig(BaseModel):
     device_id: str = Field(pattern=ID_PATTERN, description="this box's id = MQTT username = client id")
     fleet: str = Field("default", pattern=ID_PATTERN, description="fleet name, the topic root toco/v1/{fleet}")
     group: str = Field("default", pattern=ID_PATTERN,
-                       description="device group (line, station) the server deploys and re-analyses by")
+                       description="the group (line, station) this box expects to be in; only reported: the "
+                       "server deploys by the group it enrolled the device in and logs a mismatch")
     broker_url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host[:port] or mqtts://host[:port]")
     username: str | None = Field(None, description="MQTT username (default: from the URL)")
     password: str | None = Field(None, description="MQTT password (default: from the URL)")

@@ -40,17 +40,21 @@ HW = {"total_memory": 512 << 20, "available_memory": 300 << 20, "free_storage": 
       "logical_cores": 1, "cpu_model": "sim", "ort_version": "1.0"}
 
 
-def run_server(data_dir: str, broker_url: str, http_port: int) -> None:
-    """Child process: the fleet server with small analysis settings."""
+def run_server(data_dir: str, broker_url: str, http_port: int, groups: dict[str, str]) -> None:
+    """Child process: the fleet server with small analysis settings, ``groups`` (device -> group) enrolled."""
     from fleet_server.api import create_app
     from fleet_server.config import FleetSettings
+    from fleet_server.enrollment import enroll
     from fleet_server.server import FleetServer, HttpThread, freeze_startup_heap
     from toco_core.analysis.settings import AnalysisSettings
 
     fast = AnalysisSettings(initial_samples=16, samples_per_round=16, max_rounds=1, max_heldout=60, prune_rounds=1,
                             prune_round_samples=16, committee_members=2)
     server = FleetServer(FleetSettings(data_dir=Path(data_dir), broker=broker_url, fleet=FLEET, analysis=fast,
-                                       deploy_timeout_s=120)).start()
+                                       deploy_timeout_s=120))
+    for device_id, group in groups.items():  # unenrolled devices would be quarantined and never deployed to
+        enroll(server.db, device_id, group)
+    server.start()
     HttpThread(create_app(server), "127.0.0.1", http_port).start()
     freeze_startup_heap()  # as `toco-fleet serve` does
     while True:
@@ -167,7 +171,10 @@ def main() -> None:
     broker.start()
     tmp = tempfile.mkdtemp(prefix="toco-bench-")
     http_port = free_port()
-    proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port))
+    ids = [f"dev{i:04d}" for i in range(args.devices)]
+    # the first --deploy-devices devices form group "deploy" (50 per connection keeps groups whole)
+    groups = {d: "deploy" if i // 50 * 50 < args.deploy_devices else "bench" for i, d in enumerate(ids)}
+    proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port, groups))
     proc.start()
     url = f"http://127.0.0.1:{http_port}"
     api = httpx.Client(base_url=url, timeout=60)
@@ -179,9 +186,7 @@ def main() -> None:
             pass
         time.sleep(0.1)
     ps = psutil.Process(proc.pid)
-    ids = [f"dev{i:04d}" for i in range(args.devices)]
-    # the first --deploy-devices devices form group "deploy" (50 per connection keeps groups whole)
-    conns = [Connection(broker.port, ids[i:i + 50], "deploy" if i < args.deploy_devices else "bench")
+    conns = [Connection(broker.port, ids[i:i + 50], groups[ids[i]])
              for i in range(0, len(ids), 50)]
     ctx = mp.get_context("spawn")
     stop, lat_q = ctx.Event(), ctx.Queue()

@@ -24,6 +24,9 @@ app.add_typer(models_app, name="models")
 db_app = typer.Typer(help="The fleet database's schema (Alembic revisions; `serve` also upgrades on start).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
+devices_app = typer.Typer(help="The fleet's devices: list them (over HTTP); enroll and revoke them (offline, on "
+                          "--data-dir, with their mosquitto password).", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
 SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
 DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (its fleet.db)")
 DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-dir}/fleet.db (or TOCO_FLEET_DB_URL)")
@@ -49,20 +52,43 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 
 @app.command()
 @cli_errors
-def serve(data_dir: Path = typer.Option(Path("fleet-data"), help="database, bundles, keys"),
-          broker: str = typer.Option("embedded", help="'embedded' or mqtt://host:port"),
-          broker_port: int = typer.Option(1883, help="embedded broker port"),
-          host: str = typer.Option("127.0.0.1", help="HTTP bind address"), port: int = typer.Option(8080),
-          fleet: str = typer.Option("default", help="fleet name (topic root toco/v1/{fleet})"),
-          drift_policy: str = typer.Option("auto", help="auto | approval"),
-          concurrency: int = typer.Option(1, help="analysis worker processes")) -> None:
+def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML file of FleetSettings keys (e.g. "
+                                                "/etc/toco-fleet/fleet.toml); TOCO_FLEET_* and these flags override it"),
+          data_dir: Optional[Path] = typer.Option(None, help="database, bundles, keys [fleet-data]"),
+          broker: Optional[str] = typer.Option(None, help="'embedded' or mqtt://host:port / mqtts://host:port [embedded]"),
+          broker_host: Optional[str] = typer.Option(None, help="embedded broker address; any but 127.0.0.1 needs "
+                                                    "--broker-password-file [127.0.0.1]"),
+          broker_port: Optional[int] = typer.Option(None, help="embedded broker port [1883]"),
+          broker_password_file: Optional[Path] = typer.Option(None, help="the embedded broker's users "
+                                                              "(user:argon2-hash lines)"),
+          mqtt_username: Optional[str] = typer.Option(None, help="the server's own MQTT user (toco-server)"),
+          mqtt_password_file: Optional[Path] = typer.Option(None, help="file whose first line is its password "
+                                                            "(or TOCO_FLEET_MQTT_PASSWORD; never a flag: `ps` shows flags)"),
+          mqtt_ca_file: Optional[Path] = typer.Option(None, help="CA that signed the broker's certificate (mqtts://)"),
+          host: Optional[str] = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
+          port: Optional[int] = typer.Option(None, help="HTTP port [8080]"),
+          fleet: Optional[str] = typer.Option(None, help="fleet name (topic root toco/v1/{fleet}) [default]"),
+          drift_policy: Optional[str] = typer.Option(None, help="auto | approval [auto]"),
+          concurrency: Optional[int] = typer.Option(None, help="analysis worker processes [1]")) -> None:
     """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
-    from fleet_server.config import FleetSettings
+    from fleet_server.config import load_settings
     from fleet_server.server import serve as run
 
-    settings = FleetSettings(data_dir=data_dir, broker=broker, broker_port=broker_port, http_host=host, http_port=port,
-                             fleet=fleet, drift_policy=drift_policy, analysis_concurrency=concurrency)
-    console.print(f"fleet server on http://{host}:{port} (docs /docs), broker {broker}, data {data_dir}")
+    given = {"data_dir": data_dir, "broker": broker, "broker_host": broker_host, "broker_port": broker_port,
+             "broker_password_file": broker_password_file, "mqtt_username": mqtt_username,
+             "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
+             "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
+             "analysis_concurrency": concurrency}
+    flags = {k: v for k, v in given.items() if v is not None}
+    if mqtt_password_file is not None:  # the flag beats a password from the environment or the file
+        flags["mqtt_password"] = None
+    settings = load_settings(config, **flags)
+    if settings.broker == "embedded":  # refused before anything is started or printed
+        from fleet_server.broker import check_bind
+
+        check_bind(settings.broker_host, settings.broker_password_file)
+    console.print(f"fleet server on http://{settings.http_host}:{settings.http_port} (docs /docs), broker "
+                  f"{settings.broker}, data {settings.data_dir}", highlight=False)
     run(settings)
 
 
@@ -133,10 +159,10 @@ def rollback(deployment_id: str, server: str = SERVER) -> None:
     console.print(f"deployment {d['deployment_id']}: {d['stage']}")
 
 
-@app.command()
+@devices_app.command("list")
 @cli_errors
-def devices(server: str = SERVER) -> None:
-    """The fleet as a table: state, hardware, active plan, agreement."""
+def devices_list(server: str = SERVER) -> None:
+    """The fleet as a table: state (quarantined: never enrolled; revoked), hardware, active plan, agreement."""
     t = Table("device", "group", "state", "memory", "cores", "plan", "predicted", "measured")
     for d in _call(server, "GET", "/api/devices"):
         hw, act = d["hardware"], d["active"] or {}
@@ -233,3 +259,85 @@ def db_current(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> Non
         finally:
             engine.dispose()
     console.print(f"{describe_url(url)}: {state.summary()}", soft_wrap=True, highlight=False)
+
+
+PASSWD = typer.Option(None, "--passwd", help="mosquitto password file to add the device to / remove it from, e.g. "
+                      "/etc/mosquitto/toco/passwd; left out: the server's record only (embedded broker, or broker "
+                      "users managed elsewhere)")
+
+
+@devices_app.command("enroll")
+@cli_errors
+def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT username and client id"),
+                   group: str = typer.Option(..., "--group", help="the device's group (the server's, whatever the "
+                                             "device's config says)"),
+                   allow: Optional[list[str]] = typer.Option(None, "--allow", help="a model id the device may run "
+                                                             "(repeat; default: any model)"),
+                   passwd: Optional[Path] = PASSWD,
+                   password_file: Optional[Path] = typer.Option(None, help="use the password in this file's first line"),
+                   out: Optional[Path] = typer.Option(None, help="write a generated password here (mode 0600) to "
+                                                      "provision the box with install-agent.sh --password-file"),
+                   reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password counts at once"),
+                   data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Enroll a device: its broker password (with --passwd) and its server record (group, allowed models).
+
+    Enrolling it again replaces its password, group and allowed models. Works without the server running.
+    """
+    from fleet_server import broker_passwords as bp
+    from fleet_server.db import Database
+    from fleet_server.enrollment import check_device_name, enroll
+
+    check_device_name(name)
+    url = _database_url(data_dir, db_url, must_exist=False)
+    if passwd is not None:  # the broker first: a missing mosquitto_passwd must leave no half-enrolled device
+        if password_file is not None:
+            password = password_file.read_text().splitlines()[0].strip() if password_file.exists() else ""
+            if not password:
+                raise ConfigError(f"no password in {password_file}", "put the password on its first line")
+        elif out is not None:
+            password = bp.new_password()
+        else:
+            raise ConfigError("no --password-file and no --out", "pass --out FILE to receive the generated password "
+                              "(it is never printed)")
+        bp.set_password(passwd, name, password)
+        if password_file is None:
+            bp.write_password_out(out, password)
+            console.print(f"password for {name} written to {out} (copy it to the box, then delete it here)")
+        console.print(f"{name} in {passwd}")
+    with _opening(url):
+        db = Database(url)
+    try:
+        d = enroll(db, name, group, allow)
+    finally:
+        db.close()
+    models = ", ".join(d["allowed_models"]) if d["allowed_models"] else "any model"
+    console.print(f"enrolled {name} in group {group} ({models})", highlight=False)
+    if passwd is not None and reload:
+        bp.reload_mosquitto()
+        console.print("mosquitto reloaded")
+
+
+@devices_app.command("revoke")
+@cli_errors
+def devices_revoke(name: str = typer.Argument(..., help="device id"), passwd: Optional[Path] = PASSWD,
+                   reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password is gone at once"),
+                   data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Revoke a device: the server ignores it from now on, and (with --passwd) its broker password is removed."""
+    from fleet_server import broker_passwords as bp
+    from fleet_server.db import Database
+    from fleet_server.enrollment import revoke
+
+    url = _database_url(data_dir, db_url, must_exist=True)
+    with _opening(url):
+        db = Database(url)
+    try:  # the server's record first: from this commit on, whatever the device still sends is ignored
+        revoke(db, name)
+    finally:
+        db.close()
+    console.print(f"revoked {name}: the server ignores it", highlight=False)
+    if passwd is not None:
+        removed = bp.remove_user(passwd, name)
+        console.print(f"{name} removed from {passwd}" if removed else f"{name} had no password in {passwd}")
+        if reload:
+            bp.reload_mosquitto()
+            console.print("mosquitto reloaded")

@@ -1,18 +1,22 @@
-"""Server configuration: one strict pydantic-settings model (env ``TOCO_FLEET_*`` or keywords).
+"""Server configuration: one strict pydantic-settings model (keywords, env ``TOCO_FLEET_*``, a TOML file).
 
 Every field has a default that works on one machine, a description and bounds; unknown
 keys are refused (``extra="forbid"``) so a typo never silently falls back to a default.
+``load_settings`` reads a TOML file (``toco-fleet serve --config``); the environment overrides
+the file, and command-line flags override both.
 """
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from toco_core.analysis.settings import AnalysisSettings
+from toco_core.errors import ConfigError
 from toco_core.topics import check_id, parse_broker_url
 
 
@@ -25,11 +29,17 @@ class FleetSettings(BaseSettings):
     data_dir: Path = Field(Path("fleet-data"), description="database, models, analyses, bundles and keys live here")
     db_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///{data_dir}/fleet.db")
     broker: str = Field("embedded", description="'embedded' (amqtt in process) or mqtt://host:port / mqtts://host:port")
-    broker_host: str = Field("127.0.0.1", description="where the embedded broker listens")
+    broker_host: str = Field("127.0.0.1", description="where the embedded broker listens; any address but "
+                             "127.0.0.1 needs broker_password_file")
     broker_port: int = Field(1883, ge=1, le=65535, description="port of the embedded broker")
-    mqtt_username: str | None = Field(None, description="server's MQTT user (the ACL's server user)")
-    mqtt_password: str | None = None
-    mqtt_ca_file: str | None = Field(None, description="CA bundle for mqtts://")
+    broker_password_file: Path | None = Field(None, description="the embedded broker's users (user:argon2-hash "
+                                              "lines, fleet_server.broker.password_line); None: anonymous, "
+                                              "loopback only")
+    mqtt_username: str | None = Field(None, description="the server's own MQTT user (the ACL's server user, "
+                                      "toco-server); never a device's")
+    mqtt_password: str | None = Field(None, description="its password; prefer mqtt_password_file")
+    mqtt_password_file: Path | None = Field(None, description="file whose first line is the server's MQTT password")
+    mqtt_ca_file: str | None = Field(None, description="CA bundle that signed the broker's certificate (mqtts://)")
     key_path: Path | None = Field(None, description="Ed25519 signing key (PEM, 0600); default {data_dir}/keys/server.pem")
     http_host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = any free port)")
@@ -59,6 +69,24 @@ class FleetSettings(BaseSettings):
         return v
 
     @property
+    def broker_password(self) -> str | None:
+        """The server's MQTT password in effect: ``mqtt_password``, else the first line of ``mqtt_password_file``.
+
+        Raises ConfigError when the file cannot be read or is empty.
+        """
+        if self.mqtt_password is not None or self.mqtt_password_file is None:
+            return self.mqtt_password
+        try:
+            lines = self.mqtt_password_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the MQTT password file {self.mqtt_password_file}: {exc.strerror}",
+                              "check --mqtt-password-file") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"the MQTT password file {self.mqtt_password_file} is empty",
+                              "put the server's password on its first line")
+        return lines[0].strip()
+
+    @property
     def database_url(self) -> str:
         """The SQLAlchemy URL in effect."""
         return self.db_url or f"sqlite:///{(self.data_dir / 'fleet.db').resolve()}"
@@ -67,3 +95,29 @@ class FleetSettings(BaseSettings):
     def signing_key_path(self) -> Path:
         """The private key's path in effect."""
         return self.key_path or self.data_dir / "keys" / "server.pem"
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> FleetSettings:
+    """The server's settings: ``flags`` (given command-line options) over ``TOCO_FLEET_*`` over the TOML file.
+
+    Takes the TOML file (None: none; its keys are FleetSettings' fields) and the options given.
+    Returns the settings. Raises ConfigError for a missing file or a file that is not TOML, and
+    pydantic's ValidationError for an unknown key or a bad value.
+    """
+    if config_file is None:
+        return FleetSettings(**flags)
+    if not config_file.is_file():
+        raise ConfigError(f"no config file at {config_file}", "check --config")
+
+    class _WithFile(FleetSettings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource,
+                                       env_settings: PydanticBaseSettingsSource, dotenv_settings, file_secret_settings):
+            return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    try:
+        return _WithFile(**flags)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_file} is not valid TOML: {exc}", "see deploy/README.md for an example") from None

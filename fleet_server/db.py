@@ -88,6 +88,11 @@ class DeviceRow(Base):
     alert: Mapped[bool] = mapped_column(Boolean, default=False)
     deploy_state: Mapped[str | None] = mapped_column(String(16), nullable=True)  # deploying | failed | None
     bad_messages: Mapped[int] = mapped_column(Integer, default=0)
+    # who the device is to the server (fleet_server.enrollment): enrolled | quarantined | revoked. Only an
+    # enrolled device is deployed to or can trigger anything; ``group`` is the enrolled one, never the claimed one
+    enrollment: Mapped[str] = mapped_column(String(16), default="quarantined", server_default="quarantined", index=True)
+    enrolled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    allowed_models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # model ids; None = any model
 
 
 class TelemetryRow(Base):

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow,
                              TimelineRow, new_id)
+from fleet_server.enrollment import ENROLLED, may_run
 from fleet_server.events import EventBus
 from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
 from fleet_server.views import deployment_view
@@ -87,18 +88,25 @@ class Deployments:
 
     # --- create / read ----------------------------------------------------------------------
 
-    def _targets(self, s, target: dict) -> list[str]:
+    def _targets(self, s, target: dict, model_id: str) -> list[str]:
+        # only enrolled devices allowed this model: a quarantined or revoked one is never sent a command
         if target.get("device"):
-            return [fetch(s, DeviceRow, target["device"], "device").id]
-        q = select(DeviceRow.id).where(DeviceRow.online.is_(True))
+            d = fetch(s, DeviceRow, target["device"], "device")
+            if not may_run(d, model_id):
+                why = (f"is {d.enrollment}" if d.enrollment != ENROLLED else f"is not allowed model {model_id!r}")
+                raise ConflictError(f"device {d.id!r} {why}", "enroll it with `toco-fleet devices enroll`")
+            return [d.id]
+        q = select(DeviceRow).where(DeviceRow.online.is_(True), DeviceRow.enrollment == ENROLLED)
         if target.get("group"):
-            ids = list(s.scalars(q.where(DeviceRow.group == target["group"])))
+            ids = [d.id for d in s.scalars(q.where(DeviceRow.group == target["group"])) if may_run(d, model_id)]
             if not ids:
-                raise NotFoundError(f"group {target['group']!r} has no online devices", "check GET /api/devices")
+                raise NotFoundError(f"group {target['group']!r} has no online enrolled devices allowed this model",
+                                    "check GET /api/devices")
             return ids
-        ids = list(s.scalars(q))
+        ids = [d.id for d in s.scalars(q) if may_run(d, model_id)]
         if not ids:
-            raise ConflictError("no device is online", "start an agent first")
+            raise ConflictError("no enrolled device allowed this model is online",
+                                "start an agent, and enroll it with `toco-fleet devices enroll`")
         return ids
 
     def create(self, *, analysis_id: str, target: dict, canary_share: float, failure_threshold: float,
@@ -117,7 +125,7 @@ class Deployments:
                 raise ConflictError(f"analysis {analysis_id!r} is {a.status}; only a finished analysis has a bundle",
                                     "wait until it is done")
             bundle = s.get(BundleRow, a.bundle_id)
-            devices = sorted(self._targets(s, target))
+            devices = sorted(self._targets(s, target, a.model_id))
             budget = float(a.settings.get("budget", 0.01))
             hardware = dict(s.execute(select(DeviceRow.id, DeviceRow.hardware).where(DeviceRow.id.in_(devices))).all())
             paths = {"result_dir": a.result_dir, "model_path": s.get(ModelRow, a.model_id).path}
@@ -169,9 +177,13 @@ class Deployments:
         for m in self._members(s, dep.id):
             if m.wave != wave or m.outcome != "pending":
                 continue
+            dev = s.get(DeviceRow, m.device_id)
+            if dev is None or dev.enrollment != ENROLLED:  # revoked since the deployment began: nothing is sent
+                m.phase, m.outcome, m.reason, m.updated_at = "failed", "failed", "revoked: not sent", now
+                s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="failed", reason=m.reason, t=now))
+                continue
             m.phase, m.outcome, m.sent_at, m.updated_at = "sent", "in_progress", now, now
             s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="sent", t=now))
-            dev = s.get(DeviceRow, m.device_id)
             if dev is not None:
                 dev.deploy_state = "deploying"
             self.send_command(m.device_id, DeployCommand(cmd_id=new_id("c"), deployment_id=dep.id,

@@ -5,6 +5,10 @@ schema mismatch, a device id that disagrees with its topic) is counted, logged w
 device id, and dropped. Messages are queued by the network thread and written by one ingest
 thread in batches (one transaction per batch, a savepoint per message, so one bad message or
 handler bug never loses the rest of the batch). Events and commands go out after the commit.
+
+Who sent it matters (fleet_server.enrollment): a revoked device is ignored; a device never
+enrolled is recorded as quarantined and its status, drift and samples reach no hook; an
+enrolled device keeps its enrolled group whatever its state message claims.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from sqlalchemy import select
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
+from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.views import device_view
 from toco_core.messages import (DriftMessage, MessageError, MessageKind, SamplesMessage, StateMessage, TelemetryMessage,
@@ -29,7 +34,7 @@ from toco_core.messages import (DriftMessage, MessageError, MessageKind, Samples
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
-DEFAULT_GROUP = "default"  # a device in this group has no assignment of the server's yet
+DEFAULT_GROUP = "default"  # the group of a device before it is enrolled (it is quarantined then)
 BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy", "input_shift": "input_shift"}
 
 
@@ -52,22 +57,6 @@ def drift_point(msg: DriftMessage) -> dict[str, Any]:
             "accuracy": msg.accuracy, "alert": msg.alert, "out_of_band": list(msg.out_of_band),
             "consecutive_out_of_band": msg.consecutive_out_of_band, "n_samples": msg.n_samples,
             "n_shadowed": msg.n_shadowed, "bands": bands}
-
-
-def _adopt_group(d: DeviceRow, reported: str | None) -> None:
-    """Take the group a device's birth asks for, unless the server already put it in another.
-
-    The server owns the assignment: a device still in the default group (new, or never
-    grouped) joins the group its config names; a device in a named group stays there, and a
-    birth asking for another one is only logged.
-    """
-    if reported is None or reported == d.group:
-        return
-    if d.group in (None, "", DEFAULT_GROUP):
-        d.group = reported
-        return
-    log.info("device asks for another group; the server's assignment stays",
-             extra={"fields": {"device": d.id, "group": d.group, "asked": reported}})
 
 
 class Ingest:
@@ -171,9 +160,13 @@ class Ingest:
     def _device(self, s, device_id: str) -> DeviceRow:
         d = s.get(DeviceRow, device_id)
         if d is None:
+            # never enrolled: shown (so it can be enrolled) but trusted with nothing
             d = DeviceRow(id=device_id, group=DEFAULT_GROUP, online=True, birth=0, last_seen=time.time(), hardware={},
-                          alert=False, bad_messages=0)
+                          alert=False, bad_messages=0, enrollment=QUARANTINED)
             s.add(d)
+            self.stats["quarantined"] += 1
+            log.warning("unknown device quarantined; enroll it with `toco-fleet devices enroll`",
+                        extra={"fields": {"device": device_id}})
         return d
 
     def _handle(self, s, kind: MessageKind, device_id: str, msg, after: After) -> None:
@@ -183,18 +176,25 @@ class Ingest:
                 known.bad_messages += 1
             return
         d = self._device(s, device_id)
+        if d.enrollment == REVOKED:
+            self.stats["ignored.revoked"] += 1
+            return
+        trusted = d.enrollment == ENROLLED  # a quarantined device is recorded, but its reports trigger nothing
         if kind is MessageKind.STATE:
             self._state(d, msg, after)
         elif kind is MessageKind.TELEMETRY:
             self._telemetry(s, d, msg, after)
         elif kind is MessageKind.STATUS:
             d.last_seen = max(d.last_seen, time.time())
-            if self.on_status is not None:
+            if self.on_status is not None and trusted:
                 self.on_status(s, d, msg, after)
         elif kind is MessageKind.DRIFT:
-            self._drift(s, d, msg, after)
+            self._drift(s, d, msg, after, trusted)
         elif kind is MessageKind.SAMPLES:
-            self._samples(s, d, msg)
+            if trusted:  # field samples feed re-analyses: only from devices the server enrolled
+                self._samples(s, d, msg)
+            else:
+                self.stats["ignored.quarantined_samples"] += 1
 
     def _state(self, d: DeviceRow, msg: StateMessage, after: After) -> None:
         if msg.state == "offline" and msg.birth < d.birth:
@@ -206,7 +206,8 @@ class Ingest:
             d.agent_version = msg.agent_version
             if msg.hardware is not None:
                 d.hardware = msg.hardware.model_dump(mode="json")
-            _adopt_group(d, msg.group)
+            if note_claimed_group(d, msg.group):
+                self.stats["group_mismatch"] += 1
             if msg.active is not None:
                 d.active = {**(d.active or {}), **msg.active.model_dump(mode="json")} if msg.active.bundle_id else None
         view = device_view(d)
@@ -222,13 +223,13 @@ class Ingest:
         s.add(TelemetryRow(device_id=d.id, **point))
         after.append(lambda: self.events.publish("telemetry", {"device_id": d.id, **point}))
 
-    def _drift(self, s, d: DeviceRow, msg: DriftMessage, after: After) -> None:
+    def _drift(self, s, d: DeviceRow, msg: DriftMessage, after: After, trusted: bool) -> None:
         point = drift_point(msg)
         s.add(DriftRow(device_id=d.id, bundle_id=msg.bundle_id, window=msg.window_index, t=msg.closed_at,
                        alert=msg.alert, point=point, disputed=[r.model_dump(mode="json") for r in msg.disputed]))
         d.last_drift, d.alert, d.last_seen = point, msg.alert, time.time()
         after.append(lambda: self.events.publish("drift", point))
-        if self.on_drift is not None:
+        if self.on_drift is not None and trusted:
             self.on_drift(s, d, msg, after)
 
     def _samples(self, s, d: DeviceRow, msg: SamplesMessage) -> None:

@@ -25,6 +25,7 @@ from fleet_server.jobs import JobRunner
 from fleet_server.keys import ensure_signing_key, public_key_path
 from fleet_server.mqtt_client import FleetMqtt
 from fleet_server.registry import Store
+from toco_core.errors import ConfigError
 from toco_core.topics import Topics
 
 log = logging.getLogger("toco.fleet.server")
@@ -35,6 +36,12 @@ class FleetServer:
 
     def __init__(self, settings: FleetSettings | None = None) -> None:
         self.settings = s = settings or FleetSettings()
+        # first: an embedded broker that may not listen where asked must stop us before anything is made
+        self.broker = (EmbeddedBroker(s.broker_host, s.broker_port, s.broker_password_file) if s.broker == "embedded"
+                       else None)
+        if self.broker is not None and s.broker_password_file is not None and not s.mqtt_username:
+            raise ConfigError("the embedded broker has a password file but the server has no MQTT user of its own",
+                              "give --mqtt-username and --mqtt-password-file (a user of that file)")
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.data_dir)
         self.db = Database(s.database_url)
@@ -42,11 +49,10 @@ class FleetServer:
         self.public_key_path = public_key_path(s.signing_key_path)
         self.events = EventBus()
         self.topics = Topics(s.fleet)
-        self.broker = EmbeddedBroker(s.broker_host, s.broker_port) if s.broker == "embedded" else None
         self.broker_url = self.broker.url if self.broker else s.broker
         self.ingest = Ingest(self.db, self.events)
         self.mqtt = FleetMqtt(self.broker_url, self.topics, on_device=self.ingest.submit, on_get=self._on_get,
-                              on_connect=self._on_connect, username=s.mqtt_username, password=s.mqtt_password,
+                              on_connect=self._on_connect, username=s.mqtt_username, password=s.broker_password,
                               ca_file=s.mqtt_ca_file, client_id=f"toco-fleet-{s.fleet}")
         self.publisher = BundlePublisher(self.topics, self.mqtt.send)
         self.deployments = Deployments(self.db, self.events, publisher=self.publisher,

@@ -31,7 +31,9 @@ def analysis_view(a: AnalysisRow) -> dict[str, Any]:
 
 
 def device_state(d: DeviceRow) -> str:
-    """offline | deploying | alert | failed | online, in that precedence."""
+    """revoked | quarantined | offline | deploying | alert | failed | online, in that precedence."""
+    if d.enrollment in ("revoked", "quarantined"):
+        return d.enrollment
     if not d.online:
         return "offline"
     if d.deploy_state == "deploying":
@@ -92,13 +94,15 @@ def active_view(active: dict | None) -> dict[str, Any] | None:
 
 
 def device_view(d: DeviceRow) -> dict[str, Any]:
-    """Device = id, group, online, last_seen, agent_version, hardware, active, last_drift, alert, state.
+    """Device = id, group, online, last_seen, agent_version, hardware, active, last_drift, alert, state,
+    enrollment (enrolled | quarantined | revoked), enrolled_at, allowed_models.
 
     ``hardware`` is the stored HardwareInfo JSON, passed through unparsed (the overview's hot path).
     """
     return {"device_id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen,
             "agent_version": d.agent_version, "hardware": d.hardware or {}, "active": active_view(d.active),
-            "last_drift": d.last_drift, "alert": d.alert, "state": device_state(d), "birth": d.birth}
+            "last_drift": d.last_drift, "alert": d.alert, "state": device_state(d), "birth": d.birth,
+            "enrollment": d.enrollment, "enrolled_at": d.enrolled_at, "allowed_models": d.allowed_models}
 
 
 def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> dict[str, Any]:

@@ -210,8 +210,12 @@ class DemoFleet:
         self.api = httpx.Client(base_url=self.http.url, timeout=60)
 
     def start_agents(self) -> None:
-        """One agent process per device in ``self.devices``, provisioned with the server's public key."""
+        """One agent process per device in ``self.devices``, enrolled in its group and provisioned with the
+        server's public key (as an operator does with `toco-fleet devices enroll`; no auto-enroll)."""
+        from fleet_server.enrollment import enroll
+
         for d in self.devices:
+            enroll(self.server.db, d.device_id, d.group)
             agent = AgentProcess(d, self.workdir / "agents" / d.device_id, self.server.broker_url,
                                  self.server.public_key_path, self.drift)
             agent.start()

@@ -21,6 +21,7 @@ import pytest
 
 from fleet_server.api import create_app
 from fleet_server.config import FleetSettings
+from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
 from tests.protocol.conftest import MOSQUITTO, Broker, wait_until
 from toco_core.analysis.settings import AnalysisSettings
@@ -163,6 +164,8 @@ PLANS = {
 @pytest.fixture(scope="session")
 def devices(fleet) -> Iterator[dict[str, SimDevice]]:
     """Three devices with births, 20 telemetry points and 12 drift windows each (the camera drifts at the end)."""
+    for name in HARDWARE:
+        enroll(fleet.server.db, name, "default")
     made = {name: SimDevice(fleet.port, name, hw, PLANS[name]) for name, hw in HARDWARE.items()}
     now = time.time()
     rng = np.random.default_rng(0)

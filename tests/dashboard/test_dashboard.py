@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from fleet_server.enrollment import enroll
 from tests.dashboard.conftest import HARDWARE, PLANS, SimDevice, screenshot
 from tests.protocol.conftest import wait_until
 
@@ -38,6 +39,7 @@ def test_overview_lists_devices_with_plans_and_escapes_device_text(fleet, device
 
     # a new device's birth shows up without a reload
     page.evaluate("window.__same_page = true")
+    enroll(fleet.server.db, "handheld-7", "default")
     late = SimDevice(fleet.port, "handheld-7", {**HARDWARE["box-64"], "cpu_model": "Cortex-A7"}, None)
     try:
         page.wait_for_selector("#devices tr[data-device='handheld-7']", timeout=10_000)
@@ -46,6 +48,15 @@ def test_overview_lists_devices_with_plans_and_escapes_device_text(fleet, device
         assert page.locator(".count.total b").inner_text() == "4"
     finally:
         late.close()
+
+    # a device the server never enrolled is shown, marked quarantined
+    stranger = SimDevice(fleet.port, "stranger-1", HARDWARE["box-64"], None)
+    try:
+        page.wait_for_selector("#devices tr[data-device='stranger-1']", timeout=10_000)
+        badge = page.locator("#devices tr[data-device='stranger-1'] .badge").first
+        assert badge.inner_text() == "Quarantined: not enrolled"
+    finally:
+        stranger.close()
 
 
 def test_device_page_draws_drift_and_appends_a_new_window_live(fleet, devices, page, tmp_path):
@@ -123,6 +134,7 @@ def test_deployments_table_names_the_boxes_expected_to_find_no_plan(fleet, devic
     from the deployment record (not from the create answer, which the page never saw)."""
     assert wait_until(lambda: fleet.api.get(f"/api/analyses/{fleet.analysis_id}").json()["status"] == "done",
                       timeout=120, step=0.5), "the LeNet analysis did not finish in 120 s"
+    enroll(fleet.server.db, "tiny-9", "default")
     tiny = SimDevice(fleet.port, "tiny-9", {**HARDWARE["box-64"], "cpu_model": "Cortex-M7", "storage_budget": 2000},
                      None)
     try:

@@ -17,6 +17,7 @@ import pytest
 
 from fleet_server.api import create_app
 from fleet_server.config import FleetSettings
+from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
 from tests.protocol.conftest import MOSQUITTO, Broker, free_port, wait_until
 from toco_core.analysis.settings import AnalysisSettings
@@ -117,8 +118,13 @@ class SimDevice:
         self.c.loop_start()
         self.ready.wait(5)
         time.sleep(0.05)
-        self.send(StateMessage(device_id=device_id, state="online", birth=1, agent_version="sim-1", group=group,
-                               hardware=HardwareInfo(**{**HARDWARE, **(hardware or {})}, device_id=device_id)))
+        self.group, self.hardware = group, hardware
+        self.send(self.birth())
+
+    def birth(self) -> StateMessage:
+        """The online state message this device sends on connect (its claimed group, its hardware)."""
+        return StateMessage(device_id=self.id, state="online", birth=1, agent_version="sim-1", group=self.group,
+                            hardware=HardwareInfo(**{**HARDWARE, **(self.hardware or {})}, device_id=self.id))
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic != self.topics.device(MessageKind.CMD, self.id):
@@ -188,10 +194,13 @@ def fail(dev: SimDevice, cmd: DeployCommand) -> None:
 
 @pytest.fixture
 def devices(fleet) -> Iterator[Callable[..., SimDevice]]:
-    """Factory of SimDevices on the fleet's broker; all closed after the test."""
+    """Factory of SimDevices on the fleet's broker, enrolled in their group first (``enrolled=False``:
+    a device the server has never heard of); all closed after the test."""
     made: list[SimDevice] = []
 
-    def make(device_id: str, **kw) -> SimDevice:
+    def make(device_id: str, enrolled: bool = True, **kw) -> SimDevice:
+        if enrolled:
+            enroll(fleet.server.db, device_id, kw.get("group", "default"))
         d = SimDevice(fleet.port, "test", device_id, **kw)
         made.append(d)
         return d

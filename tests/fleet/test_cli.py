@@ -17,7 +17,7 @@ def test_cli_tables_and_errors(fleet, devices):
     assert wait_until(lambda: device_json(fleet, "cli-dev").get("online"))
     dev.drift(3, "0" * 64, alert=True, agreement=0.5)  # a bundle the server did not build: no re-analysis
     assert wait_until(lambda: len(fleet.api.get("/api/drift?device_id=cli-dev").json()) == 1)
-    out = run.invoke(app, ["devices", *url])
+    out = run.invoke(app, ["devices", "list", *url])
     assert out.exit_code == 0 and "cli-dev" in out.output
     out = run.invoke(app, ["drift", "--device", "cli-dev", *url])
     assert out.exit_code == 0 and "ALERT" in out.output and "50.0%" in out.output
@@ -27,7 +27,7 @@ def test_cli_tables_and_errors(fleet, devices):
     assert out.exit_code == 2 and "--device" in out.output
     out = run.invoke(app, ["rollback", "d-nope", *url])
     assert out.exit_code == 2 and "404" in out.output and "d-nope" in out.output
-    out = run.invoke(app, ["devices", "--server", "http://127.0.0.1:9"])
+    out = run.invoke(app, ["devices", "list", "--server", "http://127.0.0.1:9"])
     assert out.exit_code == 2 and "cannot reach" in out.output
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleet_server.ingest import _adopt_group
+from fleet_server.enrollment import note_claimed_group
 from fleet_server.views import active_view
 from tests.fleet.conftest import PLAN
 
@@ -39,13 +39,13 @@ def test_active_view_survives_a_plan_it_cannot_read() -> None:
     assert active_view({"bundle_id": None, "plan": PLAN.model_dump(mode="json")}) is None
 
 
-@pytest.mark.parametrize(("stored", "reported", "kept"), [
-    ("default", "line-1", "line-1"),   # not assigned yet: the agent's config names it
-    ("line-1", "line-1", "line-1"),
-    ("line-1", "line-2", "line-1"),    # assigned: the server's assignment wins
-    ("line-1", None, "line-1"),        # an agent that names no group
+@pytest.mark.parametrize(("stored", "reported", "mismatch"), [
+    ("default", "line-1", True),   # even a device in the default group cannot pick its own
+    ("line-1", "line-1", False),
+    ("line-1", "line-2", True),    # the enrolled group wins, the claim is logged
+    ("line-1", None, False),       # an agent that names no group
 ])
-def test_the_server_owns_the_group(stored: str, reported: str | None, kept: str) -> None:
-    device = SimpleNamespace(id="cam-1", group=stored)
-    _adopt_group(device, reported)
-    assert device.group == kept
+def test_the_server_owns_the_group(stored: str, reported: str | None, mismatch: bool) -> None:
+    device = SimpleNamespace(id="cam-1", group=stored, enrollment="enrolled")
+    assert note_claimed_group(device, reported) is mismatch
+    assert device.group == stored

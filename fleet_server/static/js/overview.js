@@ -6,7 +6,9 @@ import { h, mount, api, debounce, badge, card, shortId, errorBox, isNum,
 import { on } from "./live.js";
 
 const STATES = ["online", "deploying", "alert", "failed", "offline"];
-const STATE_TEXT = { online: "Online", deploying: "Deploying", alert: "Drift alert", failed: "Failed", offline: "Offline" };
+// quarantined (never enrolled) and revoked devices get a badge but no count box: they are not part of the fleet
+const STATE_TEXT = { online: "Online", deploying: "Deploying", alert: "Drift alert", failed: "Failed", offline: "Offline",
+                     quarantined: "Quarantined: not enrolled", revoked: "Revoked" };
 
 /** Agreement measured by the device's self-test (the API derives it from the plan's measured disagreement). */
 export function measuredAgreement(active) {
