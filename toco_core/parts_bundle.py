@@ -30,48 +30,29 @@ import lzma
 
 import numpy as np
 import onnx
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
 from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, deltas_from_arrays
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
 from toco_core.calibration import INT8_CALIBRATION_SAMPLES, PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
-from toco_core.compression.nested import CodeLadder, channel_axis_shape, octave_steps
+from toco_core.compression.nested import channel_axis_shape, octave_steps
 from toco_core.compression.storage import QuantizedTensor, _strip
 from toco_core.errors import BundleError
 from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
-from toco_core.plan_table import PlanTable, plan_table_bytes, plan_table_from_bytes
+from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
+from toco_core.weight_planes import (LadderLayout, classes_from_planes, ladders_from_planes, lowest_bits,
+                                     plane_names, top_codes, weight_parts)
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
 FORMAT = 2  # bundle.json's parts format; 1 is the fp32 model + analysis directory
 _LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-
-
-class LadderLayout(BaseModel):
-    """How the weight planes are laid out: tensor order and shapes, top octave, prune scales."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tensors: list[str]
-    shapes: list[list[int]]
-    out_axes: list[int]
-    top_octave: int
-    prune_levels: int
-    prune_context_bit: int = Field(description="prune planes are coded in contexts of |q| >> this bit, "
-                                               "which every pruning plan's bit planes reach")
-    bias_parts: bool = Field(False, description="corrected biases travel per point (bias/*), not as samples")
-    prune_tree: Literal["chain", "balanced"] = Field("chain", description="the shape of the prune planes' tree")
-    prune_context_bits: list[int] | None = Field(None, description="per tensor (else prune_context_bit for all)")
-    plane_parts: Literal["plane", "tensor"] = Field("plane", description="codes/{b} for all tensors, or "
-                                                                           "codes/{b}/{k} per tensor k")
 
 
 def _lz(data: bytes) -> bytes:
@@ -115,21 +96,6 @@ def decode_calibration(data: bytes, what: str) -> dict[str, np.ndarray]:
         raise BundleError(f"bundle part {what}: {exc.message}", exc.hint) from None
 
 
-def _rows(codes: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
-
-
-def _truncate(q: np.ndarray, b: int) -> np.ndarray:
-    """sign(q) * (|q| >> b): the codes known down to bit b."""
-    return (np.sign(q) * np.right_shift(np.abs(q.astype(np.int64)), b)).astype(np.int32)
-
-
-def lowest_bits(table: PlanTable, i: int) -> list[int]:
-    """Per tensor, the finest bit plane point ``i`` needs: octave k reads |q| down to bit k - 1
-    (octave 0: bit 0), so the tensor's finest channel octave decides."""
-    return [max(int(table.octaves[t][i].min()) - 1, 0) if table.octaves[t].shape[1] else 0 for t in table.tensors]
-
-
 def compact_outputs(out: np.ndarray, kind: OutputKind) -> np.ndarray:
     """The base outputs as the self-test needs them: float16 where that keeps every sample's
     predicted class (the gate counts disagreements; checked here, on these very outputs), else
@@ -149,30 +115,6 @@ def _graph_shapes(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str
             if t.data_type == onnx.TensorProto.FLOAT and t.name not in stripped}
 
 
-def _weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
-                  table: PlanTable) -> tuple[dict[str, bytes], int, list[int]]:
-    """codes/top, codes/{b}/{k} (bit plane b of tensor k) and prune/{t} (a balanced prune tree) of
-    the master codes; returns them, the top octave and per tensor the prune context bit (the
-    coarsest bit every pruning point reads of that tensor anyway)."""
-    names = list(table.tensors)
-    top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
-    axes = dict(zip(names, table.out_axes))
-    masters = [ladders[n].master for n in names]
-    top_codes = [_truncate(q, max(top - 1, 0)) for q in masters]
-    parts = {"codes/top": planes.encode_top([_rows(c, axes[n]) for c, n in zip(top_codes, names)])}
-    # a plane per tensor: a point's channels of one layer often need a finer octave than the rest
-    # (LeNet-5's handheld: 9 channels of one layer at octave 3, every other at 4 or coarser)
-    for b in range(max(top - 1, 0) - 1, -1, -1):
-        for k, q in enumerate(masters):
-            parts[f"codes/{b}/{k}"] = planes.encode_bit_plane([q], b)
-    pruning = [lowest_bits(table, i) for i, (p, _) in enumerate(table.points) if p > 0]
-    context_bits = [max([bits[k] for bits in pruning] + [0]) for k in range(len(names))]
-    coarse = [_truncate(q, cb) for q, cb in zip(masters, context_bits)]
-    for node in planes.prune_tree(len(table.prune_grid), "balanced"):
-        parts[f"prune/{node[2]}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, node)
-    return parts, top, context_bits
-
-
 def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo, budget: float | None = None,
                include_base: bool = False) -> dict[str, bytes]:
     """Every part of the bundle of ``model`` and its analysis (see module doc).
@@ -184,7 +126,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     source = from_base_model(model, result)
     table = require_plans(result)
     infos = compressible_weights(model)
-    parts, top, context_bits = _weight_parts(source.ladders, source.classes, table)
+    parts, top, context_bits = weight_parts(source.ladders, source.classes, table)
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
                           out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid),
@@ -267,73 +209,7 @@ class BundleHead:
                 names.append("calib/analysis")
         else:
             bits = [0] * len(self.layout.tensors)
-        top_bit = max(self.layout.top_octave - 1, 0)
-        if self.layout.plane_parts == "plane":
-            return names + [f"codes/{b}" for b in range(top_bit - 1, min(bits + [top_bit]) - 1, -1)]
-        return names + [f"codes/{b}/{k}" for k, bit in enumerate(bits) for b in range(top_bit - 1, bit - 1, -1)]
-
-
-def _top_codes(head: BundleHead, parts: dict[str, bytes]) -> list[np.ndarray]:
-    """Every tensor's codes/top codes in its own shape."""
-    lay = head.layout
-    moved = [(s[a],) + tuple(d for i, d in enumerate(s) if i != a) for s, a in zip(lay.shapes, lay.out_axes)]
-    try:
-        rows = planes.decode_top(parts["codes/top"], [(m[0], int(np.prod(m[1:]))) for m in moved])
-    except (ValueError, RuntimeError) as exc:
-        raise BundleError(f"the bundle's codes/top part does not decode: {exc}", "fetch the bundle again") from None
-    return [np.moveaxis(r.reshape(m), 0, a) for r, m, a in zip(rows, moved, lay.out_axes)]
-
-
-def _ladders(head: BundleHead, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, CodeLadder]:
-    """Code ladders from the top codes and, per tensor, the bit planes present contiguously from the top."""
-    lay = head.layout
-    top_bit = max(lay.top_octave - 1, 0)
-    current, bits = list(top), [top_bit] * len(top)
-    for b in range(top_bit - 1, -1, -1):
-        for k in range(len(top)) if lay.plane_parts == "tensor" else [None]:
-            name = f"codes/{b}" if k is None else f"codes/{b}/{k}"
-            tensors = range(len(top)) if k is None else [k]
-            if name not in parts or any(bits[t] != b + 1 for t in tensors):
-                continue
-            try:
-                decoded = planes.decode_bit_plane(parts[name], [current[t] for t in tensors])
-            except (ValueError, RuntimeError) as exc:
-                raise BundleError(f"bit plane {name} of the bundle does not decode: {exc}",
-                                  "fetch the bundle again") from None
-            for t, c in zip(tensors, decoded):
-                current[t], bits[t] = c, b
-    return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c, bit in zip(lay.tensors, lay.out_axes, current, bits)}
-
-
-def _classes(head: BundleHead, parts: dict[str, bytes], ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
-    """Prune classes as far as the prune planes present resolve them: a weight's class is the top
-    of its known interval, so pruning at any level the planes resolve (class <= level) reads true.
-
-    Raises BundleError when prune planes are present but the bit planes their contexts need are
-    not, or a plane does not decode.
-    """
-    lay = head.layout
-    known = planes.all_unknown([tuple(s) for s in lay.shapes], lay.prune_levels)
-    tree = planes.prune_tree(lay.prune_levels, lay.prune_tree)
-    if not any(f"prune/{t}" in parts for _, _, t in tree):
-        return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
-    context = lay.prune_context_bits or [lay.prune_context_bit] * len(lay.tensors)
-    if any(ladders[n].bit > c for n, c in zip(lay.tensors, context)):
-        raise BundleError(f"prune planes need the weight bit planes down to {context}",
-                          "fetch the parts the plan lists")
-    top = [_truncate(ladders[n].truncated, c - ladders[n].bit) for n, c in zip(lay.tensors, context)]
-    applied = set()
-    for lo, hi, t in tree:  # parents first: a split applies once its range is known
-        parent_known = (lo, hi) == (0, lay.prune_levels) or any(
-            (lo == plo and hi == pt) or (lo == pt + 1 and hi == phi) for plo, phi, pt in applied)
-        if f"prune/{t}" not in parts or not parent_known:
-            continue
-        try:
-            known = planes.decode_prune_plane(parts[f"prune/{t}"], known, top, (lo, hi, t))
-        except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"prune plane {t} of the bundle does not decode: {exc}", "fetch the bundle again") from None
-        applied.add((lo, hi, t))
-    return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
+        return names + plane_names(self.layout, bits)
 
 
 def _point_deltas(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[str, np.ndarray]] | None:
@@ -365,8 +241,8 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     ax = decode_calibration(parts["calib/analysis"], "calib/analysis")["x"] if "calib/analysis" in parts \
         else held["x"][:0]
     result = AnalysisResult(head.manifest, None, head.curves, ax, held["x"], held.get("y"), plans=head.table)
-    ladders = _ladders(head, parts, _top_codes(head, parts))
-    classes = _classes(head, parts, ladders)
+    ladders = ladders_from_planes(head.layout, parts, top_codes(head.layout, parts))
+    classes = classes_from_planes(head.layout, parts, ladders)
     if "base" in parts:
         source = from_base_model(load_model(parts["base"]), result, classes)
         return dataclasses.replace(source, point_deltas=_point_deltas(head, parts)), result, head.info
