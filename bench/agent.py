@@ -116,7 +116,7 @@ def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int
     out: dict = {}
     try:
         t0 = time.monotonic()
-        watch.deploy(manifest.bundle_id)
+        watch.deploy(manifest.bundle_id, key)
         done = wait_until(lambda: {"active", "failed", "refused", "rolled_back"} & set(watch.phases()), 300, 0.2)
         out["deploy_s"] = time.monotonic() - t0
         if not done or "active" not in watch.phases():

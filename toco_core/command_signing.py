@@ -20,14 +20,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from toco_core.bundle import key_fingerprint
-from toco_core.errors import TocoError
+from toco_core.errors import SignatureError
 from toco_core.messages import ServerCommand, TrustedKey
 
 ENVELOPE = ("device_id", "expires_at", "sequence", "signer", "signature")
 
 
-class CommandSignatureError(TocoError):
-    """Raised when a command is unsigned, signed by a key not trusted, or its signature does not verify."""
+CommandSignatureError = SignatureError  # defined in toco_core.errors so the daemon knows it without cryptography
 
 
 def canonical_command_bytes(command: ServerCommand) -> bytes:

@@ -81,6 +81,7 @@ class FailureReason(StrEnum):
     LOAD_FAILED = "load_failed"
     RUNTIME_ERROR = "runtime_error"
     BAD_COMMAND = "bad_command"
+    DOWNGRADE = "downgrade"
     INTERNAL = "internal"
 
 
@@ -265,6 +266,8 @@ class TelemetryMessage(AgentMessage):
     inferences: int = Field(0, ge=0, description="since the agent started")
     latency_ms_p50: float | None = Field(None, ge=0)
     latency_ms_p99: float | None = Field(None, ge=0)
+    refused_commands: dict[str, int] = Field(default_factory=dict,
+                                             description="commands refused since provisioning, per reason")
 
 
 class StatusMessage(AgentMessage):
