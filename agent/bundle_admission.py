@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 def verify_signature(manifest: BundleManifest, public_key: Ed25519PublicKey | Path) -> None:
     """Check ``manifest``'s Ed25519 signature against ``public_key``.
 
-    A PEM file path is checked in a child process (agent.child_tasks), so cryptography never
-    loads into the daemon; a key object is used in this process. Raises BundleError for an
+    A path (a PEM file, or the agent's trust.json: then the manifest's signer must be in the trusted
+    key set) is checked in a child process (agent.child_tasks), so cryptography never loads into the
+    daemon; a key object is used in this process. Raises BundleError for an
     unsigned or badly signed manifest, TocoError when the check itself could not run.
     """
     if isinstance(public_key, (str, Path)):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("toco.agent.download")
 _REFUSALS = {FailureReason.UNSIGNED, FailureReason.BAD_SIGNATURE, FailureReason.BAD_MANIFEST, FailureReason.NO_DISK,
-             FailureReason.NO_MEMORY}
+             FailureReason.NO_MEMORY, FailureReason.DOWNGRADE}
 
 
 class BundleDownloader:
@@ -47,14 +47,16 @@ class BundleDownloader:
                  on_failed: Callable[[str, FailureReason, str], None] | None = None, *, window: int = 32,
                  max_retries: int = 3, request_timeout: float = 10.0, max_stalls: int = 6, sync_every: int = 8,
                  disk_budget: int | None = None, mem_budget: int | None = None,
-                 on_parts: Callable[[BundleManifest, str | None], None] | None = None) -> None:
+                 on_parts: Callable[[BundleManifest, str | None], None] | None = None,
+                 admit: Callable[[BundleManifest], str | None] | None = None) -> None:
         """Up to ``window`` chunks are in flight (32 instead of 16: 70-80% instead of 55% of the raw
         broker throughput on loopback, bench/agent.py; at most 8 MiB buffered at 256 KiB chunks).
         A chunk failing its hash ``max_retries`` times, or ``max_stalls`` request timeouts in a row
         while connected, fail the download. Chunks are
         fsynced and recorded ``sync_every`` at a time (a crash re-fetches at most that many).
         ``public_key`` as a PEM file path is checked in a child process (agent.child_tasks), so
-        cryptography never loads into the daemon; a key object is used in this process."""
+        cryptography never loads into the daemon; a key object is used in this process. ``admit(manifest)``,
+        called once the signature verified, returns why the bundle is refused as a downgrade (or None)."""
         self.link = link
         self.root = Path(state_dir) / "downloads"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -62,6 +64,7 @@ class BundleDownloader:
         self.on_complete = on_complete
         self.on_failed = on_failed or (lambda b, r, d: None)
         self.on_parts = on_parts
+        self.admit = admit
         self.window, self.max_retries, self.sync_every = window, max_retries, sync_every
         self.request_timeout, self.max_stalls = request_timeout, max_stalls
         self.disk_budget, self.mem_budget = disk_budget, mem_budget
@@ -125,6 +128,9 @@ class BundleDownloader:
             refused = refusal(manifest, self.public_key, self.root, self.disk_budget, self.mem_budget)
             if refused is not None:
                 return self._fail(job, *refused)
+            downgrade = self.admit(manifest) if self.admit is not None else None
+            if downgrade is not None:
+                return self._fail(job, FailureReason.DOWNGRADE, downgrade)
             if is_parts_bundle(manifest):
                 return self._hand_over_parts(job, manifest)
             try:

@@ -2,11 +2,12 @@
 
 The daemon lives for months on boxes with little memory; what it imports stays resident.
 These jobs need heavy modules for a moment: the probe (onnx graphs, benchmark sessions),
-the manifest signature check and the public key (cryptography, about 7 MB resident), taking
+the manifest and command signature checks and the public key (cryptography, about 8 MB resident:
+docs/agent_memory.md), taking
 the base model out of a stored bundle (toco_core.bundle imports cryptography). Each runs as
 ``python -m agent.child_tasks TASK ...`` and answers on stdout; a failure the child
 understood comes back as the same typed error, anything else as a TocoError naming the task.
-A child costs about 0.3-0.6 s; these jobs run at start and once per bundle.
+A child costs about 0.3-0.6 s; these jobs run at start, once per bundle and once per command.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from toco_core.errors import BundleError, ConfigError, DeviceError, TocoError
+from toco_core.errors import BundleError, ConfigError, DeviceError, SignatureError, TocoError
 
 _ERRORS: dict[str, type[TocoError]] = {"BundleError": BundleError, "ConfigError": ConfigError,
-                                       "DeviceError": DeviceError}
+                                       "DeviceError": DeviceError, "SignatureError": SignatureError}
 _EXPECTED = 3  # exit code of a child that reports a TocoError as JSON on stdout
 
 
@@ -41,13 +42,15 @@ def _run(task: str, args: list[str], stdin: bytes = b"", timeout: float = 120.0)
     return out.stdout
 
 
-def check_public_key(path: Path) -> str:
-    """Load the provisioned Ed25519 public key in a child; returns its fingerprint.
+def check_public_key(path: Path):
+    """Load the provisioned Ed25519 public key in a child; returns it as a TrustedKey (fingerprint, hex).
 
     Raises ConfigError when the file is missing or not an Ed25519 key.
     """
+    from toco_core.messages import TrustedKey
+
     try:
-        return _run("key", [str(path)]).decode().strip()
+        return TrustedKey.model_validate_json(_run("key", [str(path)]))
     except BundleError as exc:
         raise ConfigError(f"public_key {path}: {exc.message}", exc.hint) from None
 
@@ -55,9 +58,20 @@ def check_public_key(path: Path) -> str:
 def verify_manifest_file(public_key: Path, manifest_json: bytes) -> None:
     """Check a manifest's Ed25519 signature (toco_core.bundle.verify_manifest) in a child.
 
+    ``public_key`` is a PEM file, or the agent's trust.json (agent.trust_store): then the key the
+    manifest names as its signer must be in the trusted set.
     Raises BundleError when it is unsigned or does not verify, TocoError when the check could not run.
     """
     _run("verify", [str(public_key)], stdin=manifest_json, timeout=60)
+
+
+def verify_command(trust_file: Path, command_json: bytes) -> None:
+    """Check a command's Ed25519 signature against the key set in ``trust_file`` (trust.json) in a child.
+
+    Raises SignatureError when it is unsigned, its key is not trusted or it does not verify,
+    TocoError when the check could not run.
+    """
+    _run("verify-command", [str(trust_file)], stdin=command_json, timeout=60)
 
 
 def extract_file(bundle: Path, name: str, out: Path) -> None:
@@ -83,18 +97,43 @@ def probe(state_dir: Path, benchmark: bool, device_id: str | None):
 
 
 # ----------------------------------------------------------------------------- child side
+def _trusted_keys(trust_file: str) -> dict:
+    """``{fingerprint: Ed25519PublicKey}`` of the key set in the agent's trust.json (child side)."""
+    from agent.trust_store import TrustState
+    from toco_core.command_signing import public_keys
+
+    return public_keys(TrustState.model_validate_json(Path(trust_file).read_bytes()).keys)
+
+
 def _child(task: str, args: list[str]) -> bytes:
     if task == "key":
-        from toco_core.bundle import key_fingerprint, load_public_key
+        from toco_core.bundle import key_fingerprint, load_public_key, public_key_raw
 
         if not Path(args[0]).is_file():
             raise ConfigError(f"public key file {args[0]} does not exist", "copy the fleet server's key there")
-        return key_fingerprint(load_public_key(args[0])).encode()
+        key = load_public_key(args[0])
+        return json.dumps({"fingerprint": key_fingerprint(key), "public_key": public_key_raw(key).hex()}).encode()
     if task == "verify":
         from toco_core.bundle import load_public_key, verify_manifest
         from toco_core.messages import MessageKind, parse_message
 
-        verify_manifest(parse_message(MessageKind.MANIFEST, sys.stdin.buffer.read()), load_public_key(args[0]))
+        manifest = parse_message(MessageKind.MANIFEST, sys.stdin.buffer.read())
+        if args[0].endswith(".json"):
+            trusted = _trusted_keys(args[0])
+            if manifest.signature and manifest.signer not in trusted:
+                raise BundleError(f"bundle {manifest.bundle_id[:12]} is signed by key {manifest.signer}, which this "
+                                  f"device does not trust ({', '.join(sorted(trusted))})",
+                                  "a retired or foreign key; re-provision the device if the server's key is new to it")
+            key = trusted.get(manifest.signer) or next(iter(trusted.values()))
+        else:
+            key = load_public_key(args[0])
+        verify_manifest(manifest, key)
+        return b"ok"
+    if task == "verify-command":
+        from toco_core.command_signing import verify_command
+        from toco_core.messages import MessageKind, parse_message
+
+        verify_command(parse_message(MessageKind.CMD, sys.stdin.buffer.read()), _trusted_keys(args[0]))
         return b"ok"
     if task == "extract":
         from toco_core.atomic_files import atomic_write

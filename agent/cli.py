@@ -66,7 +66,9 @@ def status(config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, 
             ("last deployment", " ".join(str(dep[k]) for k in ("phase", "reason", "detail") if dep.get(k)) or "-"),
             ("last drift window", "-" if not drift else f"#{drift['window']} alert={drift['alert']} "
                                                         f"out_of_band={','.join(drift['out_of_band']) or 'none'}"),
-            ("inferences", str(st.inferences))]
+            ("inferences", str(st.inferences)),
+            ("refused commands", ", ".join(f"{k} {v}" for k, v in sorted(st.refused_commands.items())) or "none"),
+            ("trusted keys", ", ".join(st.trusted_keys) or "-")]
     storage = st.storage or {}
     if storage:
         shadow = {"fp32": "fp32 base", "master": "master model", "none": "none (confidence/entropy/input checks)"}

@@ -64,7 +64,8 @@ class AgentConfig(BaseModel):
     password: str | None = Field(None, description="MQTT password (default: from the URL)")
     ca_file: Path | None = Field(None, description="CA bundle for mqtts://")
     state_dir: Path = Field(Path("/var/lib/toco-agent"), description="slots, downloads, outbox, status.json")
-    public_key: Path = Field(description="the fleet server's Ed25519 public key (PEM), from provisioning")
+    public_key: Path = Field(description="the fleet server's Ed25519 public key (PEM), from provisioning; "
+                                       "it seeds the trusted key set that key rotation updates (trust.json)")
     memory_cap: Size = Field(None, description="most memory the served model may use, e.g. 64MB")
     storage_cap: Size = Field(None, description="most storage the model's storage form may use, e.g. 2MB")
     latency_cap: Seconds = Field(None, description="p50 latency limit at batch 1, e.g. 5ms")

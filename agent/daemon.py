@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from agent import child_tasks
 from agent.bundle_download import BundleDownloader
+from agent.command_guard import CommandGuard
 from agent.config import AgentConfig
 from agent.deployer import Deployer
 from agent.drift_reporter import DriftReporter
@@ -32,6 +33,7 @@ from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.mqtt_link import MqttLink
 from agent.parts_fetch import PartsFetcher
 from agent.status_report import StatusReport
+from agent.trust_store import TrustStore
 from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
@@ -61,8 +63,14 @@ class Agent:
         self.config = config
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.public_key = config.public_key
-        self.key_fingerprint = child_tasks.check_public_key(config.public_key)  # ConfigError now, not at a deploy
+        provisioned = child_tasks.check_public_key(config.public_key)  # ConfigError now, not at a deploy
+        self.key_fingerprint = provisioned.fingerprint
+        # the key set (seeded from the provisioned key, rotated by trust-keys commands), the replay and
+        # downgrade high-water marks; bundle manifests are checked against the same set
+        self.trust = TrustStore(self.state_dir, provisioned)
+        self.public_key = self.trust.path
+        self.guard = CommandGuard(config.device_id, self.trust,
+                                  lambda cmd: child_tasks.verify_command(self.trust.path, cmd.model_dump_json().encode()))
         self.profile: DeviceProfile | None = None
         self.store = ModelStore(self.state_dir)
         self.reporter = DriftReporter(self._send, config.device_id, config.drift, config.upload_samples,
@@ -76,11 +84,12 @@ class Agent:
         self.fetcher: PartsFetcher | None = None
         self.status = StatusReport(config, self.store, self.engine, self.reporter, self._send, lambda: self.link,
                                    lambda: self.server, lambda: self.profile)
+        self.status.trust = self.trust
         self.deployer = Deployer(config, self.store, lambda: self.profile, self.status.report, self.engine,
                                  self._attach)
         self._jobs: queue.Queue = queue.Queue()
         self.commands = ModelCommands(config, self.store, self.engine, self.deployer, self.reporter, self.status,
-                                      self._jobs.put, self._attach, lambda: self.downloader)
+                                      self._jobs.put, self._attach, lambda: self.downloader, self.guard)
         # Set here, not in the engine's constructor: the commands need the engine first.
         self.engine.on_trial_failure = self.commands.on_trial_failure
         self._stop = threading.Event()
@@ -104,7 +113,7 @@ class Agent:
         self.downloader = BundleDownloader(self.link, self.state_dir, self.public_key, self.commands.on_bundle,
                                            self.commands.on_download_failed, disk_budget=c.bundle_disk_cap,
                                            mem_budget=c.memory_cap and max(c.memory_cap, 64 << 20),
-                                           on_parts=self.commands.on_parts)
+                                           on_parts=self.commands.on_parts, admit=self.trust.admit_manifest)
         self.fetcher = PartsFetcher(self.link, self.deployer.parts)
         self.deployer.fetcher = self.fetcher
         self.link.on(self.link.topics.device(MessageKind.CMD, c.device_id), MessageKind.CMD, self.commands.on_command)

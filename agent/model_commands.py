@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from agent.bundle_download import BundleDownloader
+from agent.command_guard import CommandGuard
 from agent.config import AgentConfig
 from agent.deployer import Deployer
 from agent.drift_reporter import DriftReporter
@@ -22,7 +23,7 @@ from agent.status import Journal, read_journal, write_journal
 from agent.status_report import StatusReport
 from toco_core.errors import ModelError
 from toco_core.messages import (BundleManifest, DeployCommand, FailureReason, Message, Phase, RecompressCommand,
-                                RollbackCommand, UploadSamplesCommand)
+                                RollbackCommand, ServerCommand, UploadSamplesCommand)
 
 log = logging.getLogger("toco.agent")
 
@@ -33,21 +34,28 @@ class ModelCommands:
     Takes the agent's parts, ``enqueue`` (queues a job for the worker), ``attach`` (points drift
     and the link at a newly served slot) and a getter for the downloader, which exists only once
     the agent started. A job that fails is reported to the fleet as a status message, not raised.
+    ``guard`` admits a command first (signature, device, expiry, replay: agent.command_guard).
     """
 
     def __init__(self, config: AgentConfig, store: ModelStore, engine: InferenceEngine, deployer: Deployer,
                  reporter: DriftReporter, status: StatusReport, enqueue: Callable[[Callable[[], None]], None],
-                 attach: Callable[[SlotInfo], None], downloader: Callable[[], BundleDownloader | None]) -> None:
+                 attach: Callable[[SlotInfo], None], downloader: Callable[[], BundleDownloader | None],
+                 guard: CommandGuard) -> None:
         self.config, self.store, self.engine, self.deployer = config, store, engine, deployer
         self.reporter, self.status = reporter, status
         self._enqueue, self._attach, self._downloader = enqueue, attach, downloader
+        self.guard = guard
 
     # ---------------------------------------------------------------- dispatcher thread
     def on_command(self, topic: str, cmd: Message) -> None:
-        """Link handler for the device's command topic: validate and queue; the worker does the work."""
+        """Link handler for the device's command topic: admit (or refuse), validate and queue; the worker does the work."""
         log.info("command", extra={"fields": {"cmd": type(cmd).__name__, "id": getattr(cmd, "cmd_id", "")}})
+        if not isinstance(cmd, ServerCommand) or not self.guard.admit(cmd):
+            return
         if isinstance(cmd, DeployCommand):
-            self._deploy(cmd)
+            self._deploy(cmd.deployment_id, cmd.bundle_id, cmd.fidelity_budget)
+        elif isinstance(cmd, RollbackCommand) and cmd.bundle_id is not None:
+            self._rollback_to(cmd)
         elif isinstance(cmd, RecompressCommand):
             self._enqueue(lambda: self._recompress(cmd))
         elif isinstance(cmd, RollbackCommand):
@@ -55,15 +63,27 @@ class ModelCommands:
         elif isinstance(cmd, UploadSamplesCommand):
             self.reporter.upload(cmd)
 
-    def _deploy(self, cmd: DeployCommand) -> None:
-        policy = {"fidelity_budget": cmd.fidelity_budget} if cmd.fidelity_budget else {}
-        journal = Journal(deployment_id=cmd.deployment_id, bundle_id=cmd.bundle_id, policy=policy)
-        write_journal(self.config.state_dir, journal)
-        if self.deployer.has_bundle(cmd.bundle_id):
+    def _deploy(self, deployment_id: str, bundle_id: str, fidelity_budget: float | None) -> None:
+        policy = {"fidelity_budget": fidelity_budget} if fidelity_budget else {}
+        journal = Journal(deployment_id=deployment_id, bundle_id=bundle_id, policy=policy)
+        if self.deployer.has_bundle(bundle_id):
+            # stored here earlier (say, the previous slot's): its manifest is not checked again, its sequence is
+            downgrade = self.guard.trust.stored_downgrade(bundle_id)
+            if downgrade is not None:
+                self.status.report(Phase.REFUSED, journal, reason=FailureReason.DOWNGRADE, detail=downgrade)
+                return
+            write_journal(self.config.state_dir, journal)
             self.status.report(Phase.VERIFIED, journal, progress=1.0, detail="bundle already stored here")
             self._enqueue(lambda: self.deployer.deploy(journal))
         else:
-            self._downloader().download(cmd.bundle_id, cmd.deployment_id)
+            write_journal(self.config.state_dir, journal)
+            self._downloader().download(bundle_id, deployment_id)
+
+    def _rollback_to(self, cmd: RollbackCommand) -> None:
+        """A signed rollback naming a bundle: allow it although it is older, then deploy it: from the copy
+        stored here (the previous slot's bundle is kept) or downloaded and admitted like any bundle."""
+        self.guard.trust.allow_rollback(cmd.bundle_id)  # type: ignore[arg-type]
+        self._deploy(cmd.deployment_id or cmd.cmd_id, cmd.bundle_id, None)  # type: ignore[arg-type]
 
     def on_bundle(self, manifest: BundleManifest, data: bytes) -> None:
         """Downloader callback (dispatcher thread): keep the verified bytes, queue the deployment."""

@@ -23,6 +23,7 @@ from agent.model_store import ModelStore
 from agent.mqtt_link import MqttLink
 from agent.parts_store import PartsStore, dir_bytes
 from agent.status import AgentStatus, Journal, write_status
+from agent.trust_store import TrustStore
 from toco_core.device import DeviceProfile
 from toco_core.messages import ActiveModel, HardwareInfo, Message, Phase, PlanSummary, StatusMessage, TelemetryMessage
 
@@ -57,6 +58,7 @@ class StatusReport:
         self.config, self.store, self.engine, self.reporter = config, store, engine, reporter
         self._send, self._link, self._server, self._profile = send, link, server, profile
         self.last_deployment: dict[str, Any] | None = None
+        self.trust: TrustStore | None = None  # set by the daemon: refusal counts and trusted keys for status
         self._lock = threading.Lock()
 
     def report(self, phase: Phase, journal: Journal, **fields) -> None:
@@ -97,7 +99,8 @@ class StatusReport:
                                     disk_free=shutil.disk_usage(self.config.state_dir).free,
                                     cpu_load=psutil.cpu_percent(None) / 100.0, temperature_c=temperature(),
                                     inferences=stats["samples"], latency_ms_p50=finite(stats["p50_ms"]),
-                                    latency_ms_p99=finite(stats["p99_ms"])))
+                                    latency_ms_p99=finite(stats["p99_ms"]),
+                                    refused_commands=dict(self.trust.state.refused) if self.trust else {}))
 
     def storage(self, bundle_id: str | None) -> dict[str, Any]:
         """The state dir's bytes, the parts received for ``bundle_id`` and the drift shadow's mode."""
@@ -125,7 +128,9 @@ class StatusReport:
                                                   "out_of_band": last.out_of_band,
                                                   "measured_agreement": last.measured_agreement},
             outbox=link.outbox_size() if link else 0, inferences=self.engine.stats.samples,
-            storage=self.storage(active.meta.bundle_id if active else None))
+            storage=self.storage(active.meta.bundle_id if active else None),
+            refused_commands=dict(self.trust.state.refused) if self.trust else {},
+            trusted_keys=self.trust.fingerprints() if self.trust else [])
         try:
             with self._lock:
                 write_status(self.config.state_dir, status)

@@ -82,9 +82,16 @@ class StatusWatch:
         ok.wait(5)
         time.sleep(0.2)
 
-    def deploy(self, bundle_id: str) -> None:
-        cmd = DeployCommand(cmd_id="bench-1", deployment_id="bench-dep", bundle_id=bundle_id)
-        self.c.publish(self.topics.device(MessageKind.CMD, DEVICE), encode(cmd), qos=1).wait_for_publish(5)
+    def deploy(self, bundle_id: str, key) -> None:
+        """Publish a deploy command signed by ``key`` (the bundle's key), as the fleet server would."""
+        self.command(DeployCommand(cmd_id="bench-1", deployment_id="bench-dep", bundle_id=bundle_id), key)
+
+    def command(self, cmd, key) -> None:
+        """Publish ``cmd`` on the device's command topic, signed by ``key`` for it; waits until sent."""
+        from toco_core.command_signing import sign_command
+
+        signed = sign_command(cmd, key, device_id=DEVICE, sequence=int(time.time() * 1e6), expires_at=time.time() + 600)
+        self.c.publish(self.topics.device(MessageKind.CMD, DEVICE), encode(signed), qos=1).wait_for_publish(5)
 
     def phases(self) -> list[str]:
         return [s.phase.value for s in self.seen]

@@ -17,6 +17,10 @@
    demo MLP (this box's probed profile). Baseline: onnxruntime quantize_dynamic of the same model.
 4. Transfer of a 20 MB bundle over loopback mosquitto: BundleDownloader (publisher in its own
    process, 256 KiB chunks) vs mosquitto_pub -f of the same bytes to mosquitto_sub (median of 3).
+5. Checking a signed command (bench/_command_cost.py, a fresh process with the daemon's modules):
+   the agent's way, the signature in a child task, per-command latency and daemon RSS; baseline
+   in the same process: cryptography's Ed25519 imported into the daemon, its RSS and latency.
+   ``--commands-only`` runs just this one.
 
 Prints a rich table and writes bench/results/agent.json.
 """
@@ -116,7 +120,7 @@ def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int
     out: dict = {}
     try:
         t0 = time.monotonic()
-        watch.deploy(manifest.bundle_id)
+        watch.deploy(manifest.bundle_id, key)
         done = wait_until(lambda: {"active", "failed", "refused", "rolled_back"} & set(watch.phases()), 300, 0.2)
         out["deploy_s"] = time.monotonic() - t0
         if not done or "active" not in watch.phases():
@@ -247,6 +251,16 @@ def transfer(broker: Broker, key, work: Path, reps: int = 3) -> dict:
             "ratio": r / t, "toco_all_s": toco, "raw_all_s": raw}
 
 
+# ---- 5: signed commands --------------------------------------------------------------------------
+def command_cost(n: int = 10) -> dict:
+    """bench/_command_cost.py in a fresh process: the child-task check vs cryptography in the daemon."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "_command_cost.py"), str(n)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench/_command_cost.py failed: {out.stderr[-600:]}")
+    return json.loads(out.stdout)
+
+
 # ---- report -------------------------------------------------------------------------------------
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("[green]yes[/green]" if ok else "[red]NO[/red]")
@@ -281,6 +295,12 @@ def table(res: dict) -> Table:
     if r:
         t.add_row(f"recompression per 1M params (MLP, {r['params'] / 1e6:.2f} M)", f"{r['per_1m_s']:.1f} s",
                   f"{r['quantize_dynamic_per_1m_s']:.2f} s ort quantize_dynamic", "", "")
+    c = res.get("commands")
+    if c:
+        t.add_row("signed command check, child task: p50 / daemon RSS",
+                  f"{c['child']['p50_ms']:.0f} ms / +{c['child']['daemon_rss_delta_mb']:.1f} MB",
+                  f"{c['in_daemon']['p50_ms']:.1f} ms / +{c['in_daemon']['daemon_rss_delta_mb']:.1f} MB "
+                  "cryptography in the daemon", "", "")
     x = res.get("transfer")
     if x:
         t.add_row(f"transfer {x['bytes'] / MB:.0f} MB bundle", f"{x['toco_s']:.2f} s = {x['toco_mb_s']:.1f} MB/s",
@@ -296,7 +316,12 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=20.0)
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--skip-agent", action="store_true", help="only recompression and transfer")
+    ap.add_argument("--commands-only", action="store_true", help="only the signed command check (5)")
     args = ap.parse_args()
+    if args.commands_only:
+        res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commands": command_cost()}
+        console.print(table(res))
+        return
     if not os.path.exists(MOSQUITTO):
         sys.exit(f"{MOSQUITTO} is missing: apt-get install mosquitto mosquitto-clients")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -321,6 +346,8 @@ def main() -> None:
             res["recompress"] = recompression(digits)
         with console.status("20 MB transfers"):
             res["transfer"] = transfer(broker, key, work / "transfer")
+        with console.status("signed command checks"):
+            res["commands"] = command_cost()
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleet_server.cli_keys import keys_app
 from toco_core.cli_support import cli_errors, console
 from toco_core.errors import ConfigError, TocoError
 from toco_core.log_format import configure_logging
@@ -27,6 +28,7 @@ app.add_typer(db_app, name="db")
 devices_app = typer.Typer(help="The fleet's devices: list them (over HTTP); enroll and revoke them (offline, on "
                           "--data-dir, with their mosquitto password).", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
+app.add_typer(keys_app, name="keys")
 SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
 DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (its fleet.db)")
 DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-dir}/fleet.db (or TOCO_FLEET_DB_URL)")

@@ -41,6 +41,8 @@ class FleetSettings(BaseSettings):
     mqtt_password_file: Path | None = Field(None, description="file whose first line is the server's MQTT password")
     mqtt_ca_file: str | None = Field(None, description="CA bundle that signed the broker's certificate (mqtts://)")
     key_path: Path | None = Field(None, description="Ed25519 signing key (PEM, 0600); default {data_dir}/keys/server.pem")
+    command_ttl_s: float = Field(3600.0, gt=0, description="seconds a signed command stays valid: a device refuses it "
+                                                            "later (an offline device's queued commands expire)")
     http_host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = any free port)")
     deploy_timeout_s: float = Field(120.0, gt=0, description="a device silent this long during a deployment is failed")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from fleet_server.bundle_sequence import next_bundle_sequence
 from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
 from fleet_server.registry import Store, store_bundle, update_analysis
@@ -244,7 +245,7 @@ class JobRunner:
         with self.db.session() as s:
             a = s.get(AnalysisRow, analysis_id)
             m = s.get(ModelRow, a.model_id)
-            budget, reason = a.settings.get("budget", 0.01), a.reason
+            budget, reason, model_id = a.settings.get("budget", 0.01), a.reason, a.model_id
             model_path, name, sha, prep, out = m.path, m.name, m.sha256, m.preprocessing, a.result_dir
         info = BundleInfo(model_name=name, model_sha256=sha, analysis_id=analysis_id, budget=budget,
                           preprocessing=prep, reason=reason)
@@ -252,7 +253,8 @@ class JobRunner:
         data = pack_bundle(parts)
         manifest = make_manifest(data, self.chunk_size, self.key,
                                  metadata={"model_name": name, "analysis_id": analysis_id, "reason": reason,
-                                           "budget": budget})
+                                           "budget": budget},
+                                 model_id=model_id, sequence=next_bundle_sequence(self.db, model_id))
         timings = json.loads((Path(out) / "manifest.json").read_text()).get("timings")
         update_analysis(self.db, analysis_id=analysis_id, timings=timings)
         return store_bundle(self.db, self.store, analysis_id=analysis_id, data=data,

@@ -22,7 +22,9 @@ from fleet_server.drift_policy import DriftPolicy
 from fleet_server.events import EventBus
 from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
-from fleet_server.keys import ensure_signing_key, public_key_path
+from fleet_server.command_signer import CommandSigner
+from fleet_server.key_distribution import KeyDistributor
+from fleet_server.keys import public_key_path
 from fleet_server.mqtt_client import FleetMqtt
 from fleet_server.registry import Store
 from toco_core.errors import ConfigError
@@ -45,8 +47,8 @@ class FleetServer:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(s.data_dir)
         self.db = Database(s.database_url)
-        self.key = ensure_signing_key(s.signing_key_path)
-        self.public_key_path = public_key_path(s.signing_key_path)
+        self.signer = CommandSigner(s.signing_key_path, ttl_s=s.command_ttl_s)
+        self.key = self.signer.active_key
         self.events = EventBus()
         self.topics = Topics(s.fleet)
         self.broker_url = self.broker.url if self.broker else s.broker
@@ -55,10 +57,12 @@ class FleetServer:
                               on_connect=self._on_connect, username=s.mqtt_username, password=s.broker_password,
                               ca_file=s.mqtt_ca_file, client_id=f"toco-fleet-{s.fleet}")
         self.publisher = BundlePublisher(self.topics, self.mqtt.send)
+        # every command leaves signed, addressed, sequenced and expiring (fleet_server.command_signer)
+        send_command = self.signer.sender(self.mqtt.send_command)
         self.deployments = Deployments(self.db, self.events, publisher=self.publisher,
-                                       send_command=self.mqtt.send_command, timeout_s=s.deploy_timeout_s)
+                                       send_command=send_command, timeout_s=s.deploy_timeout_s)
         self.policy = DriftPolicy(self.db, self.events, mode=s.drift_policy, budget=s.budget,
-                                  samples_wait_s=s.samples_wait_s, send_command=self.mqtt.send_command,
+                                  samples_wait_s=s.samples_wait_s, send_command=send_command,
                                   deployments=self.deployments, canary_share=s.canary_share,
                                   failure_threshold=s.failure_threshold)
         self.ingest.on_status = self.deployments.on_status
@@ -66,9 +70,19 @@ class FleetServer:
         self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
                               chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done)
         self.policy.jobs = self.jobs
+        self.key_distributor = KeyDistributor(self.db, self.signer, send_command, on_reload=self._use_key)
         self._stop = threading.Event()
         self._tick_thread: threading.Thread | None = None
         self.started = False
+
+    @property
+    def public_key_path(self):
+        """The active signing key's public half (PEM): what a newly provisioned device is given."""
+        return public_key_path(self.settings.signing_key_path.with_name(self.signer.ring.entry(self.signer.ring.active).file))
+
+    def _use_key(self, key) -> None:
+        """A rotation was picked up: new bundles are signed with the new active key too."""
+        self.key = self.jobs.key = key
 
     def _on_get(self, topic: str, payload: bytes) -> None:
         self.publisher.handle_get(topic, payload)
@@ -90,7 +104,7 @@ class FleetServer:
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.settings.tick_s):
-            for step in (self.deployments.tick, self.policy.tick):
+            for step in (self.deployments.tick, self.policy.tick, self.key_distributor.tick):
                 try:
                     step()
                 except Exception:  # housekeeping must keep running

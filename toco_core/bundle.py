@@ -110,8 +110,11 @@ def unpack_bundle(data: bytes) -> dict[str, bytes]:
 
 
 def make_manifest(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, private_key: Ed25519PrivateKey | None = None,
-                  metadata: dict[str, Any] | None = None, created_at: float | None = None) -> BundleManifest:
+                  metadata: dict[str, Any] | None = None, created_at: float | None = None, *,
+                  model_id: str | None = None, sequence: int | None = None) -> BundleManifest:
     """Manifest of packed bundle bytes, signed when ``private_key`` is given.
+
+    ``model_id`` and ``sequence`` are the anti-rollback pair (per model, monotonic; signed).
 
     bundle_id = sha256(data); chunk i = data[i*chunk_size : (i+1)*chunk_size] with its sha256.
     Raises BundleError for a chunk size outside 64-256 KiB, bytes that are not a bundle, or
@@ -130,7 +133,7 @@ def make_manifest(data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, private_key
     chunks = [hashlib.sha256(view[i : i + chunk_size]).hexdigest() for i in range(0, len(data), chunk_size)]
     manifest = BundleManifest(bundle_id=hashlib.sha256(data).hexdigest(), size=len(data), chunk_size=chunk_size,
                               chunks=chunks, files=files, created_at=time.time() if created_at is None else created_at,
-                              metadata=dict(metadata or {}))
+                              metadata=dict(metadata or {}), model_id=model_id, sequence=sequence)
     return sign_manifest(manifest, private_key) if private_key is not None else manifest
 
 
@@ -139,7 +142,10 @@ def canonical_manifest_bytes(manifest: BundleManifest) -> bytes:
 
     Raises BundleError when the metadata holds values JSON cannot carry exactly (NaN, inf).
     """
-    body = manifest.model_dump(mode="json", exclude={"signature"})
+    # Fields added after the first signed manifests are left out while unset, so a manifest signed
+    # before they existed still verifies.
+    later = {name for name in ("model_id", "sequence") if getattr(manifest, name) is None}
+    body = manifest.model_dump(mode="json", exclude={"signature", *later})
     try:
         return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except ValueError as exc:

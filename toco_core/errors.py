@@ -93,6 +93,10 @@ class BundleError(TocoError):
     """Raised when a bundle is malformed, corrupt, unsigned or badly signed."""
 
 
+class SignatureError(TocoError):
+    """Raised when a server command is unsigned, signed by a key not trusted, or its signature does not verify."""
+
+
 class TransferError(TocoError):
     """Raised when a bundle transfer cannot complete."""
 

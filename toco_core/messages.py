@@ -12,6 +12,7 @@ payload: a one-line JSON header, ``\\n``, then the raw bytes (no base64 on the h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from enum import StrEnum
@@ -80,6 +81,7 @@ class FailureReason(StrEnum):
     LOAD_FAILED = "load_failed"
     RUNTIME_ERROR = "runtime_error"
     BAD_COMMAND = "bad_command"
+    DOWNGRADE = "downgrade"
     INTERNAL = "internal"
 
 
@@ -264,6 +266,8 @@ class TelemetryMessage(AgentMessage):
     inferences: int = Field(0, ge=0, description="since the agent started")
     latency_ms_p50: float | None = Field(None, ge=0)
     latency_ms_p99: float | None = Field(None, ge=0)
+    refused_commands: dict[str, int] = Field(default_factory=dict,
+                                             description="commands refused since provisioning, per reason")
 
 
 class StatusMessage(AgentMessage):
@@ -343,10 +347,22 @@ class SamplesMessage(AgentMessage):
 
 
 class ServerCommand(Message):
-    """Fields every command shares."""
+    """Fields every command shares, with the signed envelope (toco_core.command_signing).
+
+    The envelope fields are optional in the schema so an unsigned command still parses and can
+    be refused with a reason (and counted); the agent accepts only a command whose every
+    envelope field is set and whose signature verifies (docs/protocol.md, "Signed commands").
+    """
 
     cmd_id: str = Field(pattern=ID_PATTERN)
     sent_at: float = Field(default_factory=time.time)
+    device_id: DeviceId | None = Field(None, description="the one device this command is for")
+    deployment_id: str | None = Field(None, pattern=ID_PATTERN, description="the deployment it belongs to, if any")
+    expires_at: float | None = Field(None, description="unix seconds after which the device refuses it")
+    sequence: int | None = Field(None, ge=1, description="server-wide monotonic; the device refuses one not above "
+                                                          "the highest it accepted")
+    signer: str | None = Field(None, description="fingerprint of the signing key")
+    signature: str | None = Field(None, description="base64 Ed25519 over the canonical JSON without this field")
 
 
 class DeployCommand(ServerCommand):
@@ -369,11 +385,12 @@ class RecompressCommand(ServerCommand):
 
 
 class RollbackCommand(ServerCommand):
-    """Switch back to the previous slot."""
+    """Switch back to the previous slot; with ``bundle_id``, go back to that bundle, which the
+    device then accepts although its sequence is below the highest it took for the model."""
 
     command: Literal["rollback"] = "rollback"
-    deployment_id: str | None = None
     reason: str = ""
+    bundle_id: BundleId | None = Field(None, description="the older bundle this rollback allows and activates")
 
 
 class UploadSamplesCommand(ServerCommand):
@@ -385,8 +402,30 @@ class UploadSamplesCommand(ServerCommand):
     max_bytes: int = Field(1_000_000, gt=0, le=MAX_JSON_PAYLOAD // 2)
 
 
+class TrustedKey(BaseModel):
+    """One Ed25519 public key a device trusts: its 32 raw bytes as hex, and their fingerprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{16}$", description="sha256(raw key) hex, first 16 digits")
+    public_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="the raw public key, hex")
+
+    @model_validator(mode="after")
+    def _fingerprint_matches(self) -> TrustedKey:
+        if hashlib.sha256(bytes.fromhex(self.public_key)).hexdigest()[:16] != self.fingerprint:
+            raise ValueError(f"fingerprint {self.fingerprint} does not name public key {self.public_key[:12]}...")
+        return self
+
+
+class TrustKeysCommand(ServerCommand):
+    """Replace the device's trusted key set (key rotation): signed by a key the device trusts now,
+    it names every key to trust from here on; a key left out is retired on the device."""
+
+    command: Literal["trust-keys"] = "trust-keys"
+    keys: list[TrustedKey] = Field(min_length=1, max_length=8)
+
+
 Command = Annotated[
-    DeployCommand | RecompressCommand | RollbackCommand | UploadSamplesCommand,
+    DeployCommand | RecompressCommand | RollbackCommand | UploadSamplesCommand | TrustKeysCommand,
     Field(discriminator="command"),
 ]
 
@@ -410,6 +449,10 @@ class BundleManifest(Message):
     files: list[FileEntry]
     created_at: float
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Anti-rollback (docs/bundles.md): the server's model id and a per-model sequence that grows with
+    # every bundle it builds; a manifest without them (older servers) counts as sequence 0.
+    model_id: str | None = Field(None, pattern=ID_PATTERN, description="the server's id of the bundle's model")
+    sequence: int | None = Field(None, ge=1, description="per model, monotonic; signed with the manifest")
     signer: str | None = Field(None, description="fingerprint of the signing key")
     signature: str | None = Field(None, description="base64 Ed25519 over the canonical JSON without this field")
 
@@ -500,6 +543,7 @@ _KIND_OF = {StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEM
             DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES, BundleManifest: MessageKind.MANIFEST,
             ChunkRequest: MessageKind.GET, Chunk: MessageKind.CHUNK, DeployCommand: MessageKind.CMD,
             RecompressCommand: MessageKind.CMD, RollbackCommand: MessageKind.CMD, UploadSamplesCommand: MessageKind.CMD,
+            TrustKeysCommand: MessageKind.CMD,
             PartRequest: MessageKind.GET, Part: MessageKind.PART}
 
 

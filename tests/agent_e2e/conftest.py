@@ -88,10 +88,28 @@ class Faults:
         return payload if fn is None else fn(index, payload)
 
 
-class Fleet:
-    """Broker + publisher + listener: the server side of the tests."""
+_LAST_SEQ = [0]
 
-    def __init__(self) -> None:
+
+def next_sequence() -> int:
+    """A command sequence above every earlier one of this test run (the server's clock rule)."""
+    _LAST_SEQ[0] = max(_LAST_SEQ[0] + 1, int(time.time() * 1e6))
+    return _LAST_SEQ[0]
+
+
+def signed(key, device: str, cmd, *, sequence: int | None = None, expires_in: float = 3600.0):
+    """``cmd`` signed by ``key`` for ``device`` as the fleet server signs it (toco_core.command_signing)."""
+    from toco_core.command_signing import sign_command
+
+    return sign_command(cmd, key, device_id=device, sequence=sequence or next_sequence(),
+                        expires_at=time.time() + expires_in)
+
+
+class Fleet:
+    """Broker + publisher + listener: the server side of the tests; ``key`` signs the commands."""
+
+    def __init__(self, key=None) -> None:
+        self.key = key
         self.broker = Broker()
         self.broker.start()
         self.topics = Topics(FLEET)
@@ -108,8 +126,14 @@ class Fleet:
         self.publisher.announce(manifest, data)
 
     def deploy(self, device: str, bundle_id: str, deployment_id: str) -> None:
-        cmd = DeployCommand(cmd_id=f"c-{deployment_id}", deployment_id=deployment_id, bundle_id=bundle_id)
-        self.listener.publish(self.topics.device(MessageKind.CMD, device), encode(cmd))
+        self.command(device, DeployCommand(cmd_id=f"c-{deployment_id}", deployment_id=deployment_id,
+                                           bundle_id=bundle_id))
+
+    def command(self, device: str, cmd, key=None, **envelope) -> None:
+        """Publish ``cmd`` on ``device``'s command topic, signed by ``key`` (default: the fleet's) for it;
+        ``envelope`` overrides sign_command's values (sequence, expires_in)."""
+        self.listener.publish(self.topics.device(MessageKind.CMD, device),
+                              encode(signed(key or self.key, device, cmd, **envelope)))
 
     def messages(self, device: str, kind: str) -> list:
         return [parse_message(kind, p) for p in self.listener.on(f"/devices/{device}/{kind}")]
@@ -135,10 +159,10 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet() -> Iterator[Fleet]:
+def fleet(keys) -> Iterator[Fleet]:
     if not os.path.exists(MOSQUITTO):
         pytest.fail(f"{MOSQUITTO} is missing: apt-get install mosquitto")
-    f = Fleet()
+    f = Fleet(keys[0])
     yield f
     f.close()
 

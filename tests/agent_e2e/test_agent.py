@@ -21,7 +21,7 @@ import pytest
 from tests.agent_e2e.conftest import REPO, AgentProcess, drop_from, wait_for
 from toco_core.bundle import generate_private_key
 from toco_core.demo.data import shifted_digits
-from toco_core.messages import MessageKind, RollbackCommand, UploadSamplesCommand, encode
+from toco_core.messages import MessageKind, RollbackCommand, UploadSamplesCommand
 from toco_core.runtime import make_session
 
 DEVICE = "box-1"
@@ -148,8 +148,7 @@ def test_malformed_payloads_on_every_subscribed_topic_are_dropped(agent, fleet):
         fleet.listener.publish(t.chunk(unknown, 0), payload)
     fleet.listener.publish(t.chunk(unknown, 0), b'{"schema_version":1,"bundle_id":"%s","index":0}\nxx' % unknown.encode())
     # Still alive, still serving, still obeying a valid command afterwards.
-    cmd = UploadSamplesCommand(cmd_id="after-garbage", max_bytes=4096)
-    fleet.listener.publish(t.device(MessageKind.CMD, DEVICE), encode(cmd))
+    fleet.command(DEVICE, UploadSamplesCommand(cmd_id="after-garbage", max_bytes=4096))
     assert wait_for(lambda: any(m.cmd_id == "after-garbage" for m in fleet.messages(DEVICE, "samples")), 10)
     assert agent.proc.poll() is None
     _serving_unchanged(agent)
@@ -210,13 +209,12 @@ def test_second_deployment_then_rollback_command_and_status_cli(agent, fleet, bu
     assert done.phase.value == "active", done.detail
     assert agent.get("/v1/ready")[1]["model_version"].startswith(manifest.bundle_id)
     cmd = RollbackCommand(cmd_id="rb1", deployment_id="rb1", reason="test")
-    fleet.listener.publish(fleet.topics.device(MessageKind.CMD, DEVICE), encode(cmd))
+    fleet.command(DEVICE, cmd)
     back = fleet.wait_phase(DEVICE, "rb1", {"active", "failed"}, 20)
     assert back.phase.value == "active" and "rolled back" in back.detail
     assert agent.get("/v1/ready")[1]["model_version"] == state["version"]
     # A second rollback has nothing to go back to: reported, not crashed.
-    fleet.listener.publish(fleet.topics.device(MessageKind.CMD, DEVICE), encode(cmd.model_copy(
-        update={"cmd_id": "rb2", "deployment_id": "rb2"})))
+    fleet.command(DEVICE, cmd.model_copy(update={"cmd_id": "rb2", "deployment_id": "rb2"}))
     again = fleet.wait_phase(DEVICE, "rb2", {"active", "failed"}, 20)
     assert again.phase.value == "failed" and again.reason.value == "bad_command"
     out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json", "--config", str(agent.config)],

@@ -14,7 +14,7 @@ import pytest
 from tests.agent_e2e.conftest import FLEET, CHUNK, AgentProcess, wait_for
 from tests.protocol.conftest import Listener
 from toco_core.bundle import make_manifest, pack_bundle
-from toco_core.messages import MessageKind, RecompressCommand, encode
+from toco_core.messages import RecompressCommand
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import load_model, model_hash
 from toco_core.parts_bundle import pack_parts
@@ -139,7 +139,7 @@ def test_a_roomier_recompress_fetches_only_the_parts_it_adds(agent, fleet):
     bid, manifest = state["bid"], state["manifest"]
     before, have = sent(fleet, bid), state["have"]
     cmd = RecompressCommand(cmd_id="r-roomy", storage_bytes=200_000)
-    fleet.listener.publish(T.device(MessageKind.CMD, DEVICE), encode(cmd))
+    fleet.command(DEVICE, cmd)
     active = fleet.wait_phase(DEVICE, "r-roomy", {"active", "failed", "refused", "rolled_back"}, 120)
     assert active.phase.value == "active", (active.reason, active.detail, agent.log_text())
     new = held(agent, bid) - have
