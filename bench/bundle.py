@@ -3,8 +3,9 @@
     .venv/bin/python bench/bundle.py [--models lenet5,mlp,large-s0,large-s1,...] [--reanalyze]
 
 Per model, measured in one run: the fp32 model file, the format-1 bundle (fp32 model + analysis
-directory, what the fleet shipped so far) and the parts bundle (weights part = head + prune planes
-+ weight bit planes; calibration part = self-test and correction samples). Per demo box
+directory, what the fleet shipped so far) and the parts bundle (weights part = the signed manifest
++ head + code and prune planes + bias deltas, of which the bias deltas are also shown apart;
+calibration part = self-test samples and base outputs, int8 range samples). Per demo box
 (handheld: smallest plan within 1%, 64 MB; camera box: storage a tenth of the fp32 file; line PC:
 no limits), the plan its recompression from parts picks, the bytes it downloads (weights and
 calibration apart), whether its build from parts is bit-identical to the server's build, and its
@@ -27,7 +28,7 @@ from rich.table import Table  # noqa: E402
 
 from _common import PROFILES, RESULTS, cached_analysis  # noqa: E402
 from toco_core.analysis_result import save_result  # noqa: E402
-from toco_core.bundle import pack_bundle  # noqa: E402
+from toco_core.bundle import generate_private_key, make_manifest, pack_bundle  # noqa: E402
 from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.fidelity import compare_outputs  # noqa: E402
 from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
@@ -92,10 +93,14 @@ def bench_model(name: str, reanalyze: bool) -> dict:
     today = len(pack_bundle(bundle_files(Path(path), adir, info)))
     parts = pack_parts(model, result, info)
     head = BundleHead(parts["head"])
+    # every box receives the signed manifest (a line per part) before any part: counted as weights
+    manifest = len(make_manifest(pack_bundle(parts), private_key=generate_private_key()).model_dump_json())
     full_w, full_c = _split(parts, parts)
+    full_w += manifest
     base_held = run_model(model, hx)
     row = {"model": name, "weights": result.manifest.weights, "fp32_file": fp32, "today_bundle": today,
-           "parts_weights": full_w, "parts_calibration": full_c,
+           "parts_weights": full_w, "parts_calibration": full_c, "manifest": manifest,
+           "parts_biases": sum(len(v) for k, v in parts.items() if k.startswith("bias/")),
            "heldout_samples": len(decode_calibration(parts["calib/heldout"], "calib/heldout")["x"]), "devices": []}
     held_by = {}
     for dev, profile, policy in devices(fp32):
@@ -108,6 +113,7 @@ def bench_model(name: str, reanalyze: bool) -> dict:
         exact = _same(from_parts.runnable, build(model, result, report.plan).runnable)
         fid = compare_outputs(base_held, run_model(from_parts.runnable, hx), None, output_kind(model))
         w, c = _split(parts, plans_parts)
+        w += manifest
         held_by[dev] = set(plans_parts)
         row["devices"].append({"device": dev, "plan": report.plan.label, "storage_form": report.storage_bytes,
                                "download_weights": w, "download_calibration": c, "exact": exact,
@@ -122,14 +128,14 @@ def bench_model(name: str, reanalyze: bool) -> dict:
 def print_table(rows: list[dict]) -> None:
     """One table for the bundles, one for the boxes."""
     t = Table(title="bundle bytes on the wire (ratios against the fp32 model file, same run)")
-    for col in ("model", "weights", "fp32 file", "today's bundle", "parts: weights", "parts: calibration",
-                "parts: total", "self-test samples"):
+    for col in ("model", "weights", "fp32 file", "today's bundle", "parts: weights", "of which biases",
+                "parts: calibration", "parts: total", "self-test samples"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         f = r["fp32_file"]
         ratio = lambda v: f"{format_size(v)} ({v / f:.2f}x)"  # noqa: E731
         t.add_row(r["model"], f"{r['weights']:,}", format_size(f), ratio(r["today_bundle"]), ratio(r["parts_weights"]),
-                  ratio(r["parts_calibration"]), ratio(r["parts_weights"] + r["parts_calibration"]),
+                  ratio(r["parts_biases"]), ratio(r["parts_calibration"]), ratio(r["parts_weights"] + r["parts_calibration"]),
                   str(r["heldout_samples"]))
     console.print(t)
     t = Table(title="per box: the plan built from parts, what it downloads, held-out fidelity")

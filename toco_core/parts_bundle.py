@@ -126,11 +126,11 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     source = from_base_model(model, result)
     table = require_plans(result)
     infos = compressible_weights(model)
-    parts, top, context_bits = weight_parts(source.ladders, source.classes, table)
+    parts, top, top_bits, node_bits = weight_parts(source.ladders, source.classes, table)
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
-                          out_axes=list(table.out_axes), top_octave=top, prune_levels=len(table.prune_grid),
-                          prune_context_bit=max(context_bits + [0]), prune_context_bits=context_bits,
+                          out_axes=list(table.out_axes), top_octave=top, top_bits=top_bits, prune_levels=len(table.prune_grid),
+                          prune_context_bit=0, prune_node_bits=node_bits,
                           bias_parts=result.bias_correction, prune_tree="balanced", plane_parts="tensor")
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.compression import plane_coding as planes
-from toco_core.compression.nested import CodeLadder
+from toco_core.compression.nested import CodeLadder, prune_level
 from toco_core.errors import BundleError
 from toco_core.plan_table import PlanTable
 
@@ -29,12 +29,15 @@ class LadderLayout(BaseModel):
     shapes: list[list[int]]
     out_axes: list[int]
     top_octave: int
+    top_bits: list[int] | None = Field(None, description="per tensor, the bit codes/top starts at (else "
+                                                         "top_octave - 1 for all)")
     prune_levels: int
     prune_context_bit: int = Field(description="prune planes are coded in contexts of |q| >> this bit, "
                                                "which every pruning plan's bit planes reach")
     bias_parts: bool = Field(False, description="corrected biases travel per point (bias/*), not as samples")
     prune_tree: Literal["chain", "balanced"] = Field("chain", description="the shape of the prune planes' tree")
-    prune_context_bits: list[int] | None = Field(None, description="per tensor (else prune_context_bit for all)")
+    prune_node_bits: dict[str, list[int]] | None = Field(None, description="per prune split t, per tensor "
+                                                         "(else prune_context_bit for all)")
     plane_parts: Literal["plane", "tensor"] = Field("plane", description="codes/{b} for all tensors, or "
                                                                            "codes/{b}/{k} per tensor k")
 
@@ -55,27 +58,40 @@ def lowest_bits(table: PlanTable, i: int) -> list[int]:
 
 
 def weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
-                  table: PlanTable) -> tuple[dict[str, bytes], int, list[int]]:
+                 table: PlanTable) -> tuple[dict[str, bytes], int, list[int], dict[str, list[int]]]:
     """codes/top, codes/{b}/{k} (bit plane b of tensor k) and prune/{t} (a balanced prune tree) of
-    the master codes; returns them, the top octave and per tensor the prune context bit (the
-    coarsest bit every pruning point reads of that tensor anyway)."""
+    the master codes; returns them, the top octave, per tensor the bit codes/top starts at and
+    per prune split the bits its contexts use."""
     names = list(table.tensors)
     top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
     axes = dict(zip(names, table.out_axes))
     masters = [ladders[n].master for n in names]
-    top_codes = [truncate(q, max(top - 1, 0)) for q in masters]
-    parts = {"codes/top": planes.encode_top([_rows(c, axes[n]) for c, n in zip(top_codes, names)])}
+    # codes/top holds, per tensor, every bit all points read (the finest octave of the coarsest point
+    # decides): one row-coded part instead of a plane part per bit (LeNet-5: 30 parts fewer in
+    # the manifest every box receives)
+    every = [lowest_bits(table, i) for i in range(len(table.points))]
+    top_bits = [max([bits[k] for bits in every] + [0]) for k in range(len(names))]
+    parts = {"codes/top": planes.encode_top([_rows(truncate(q, tb), axes[n])
+                                             for q, tb, n in zip(masters, top_bits, names)])}
     # a plane per tensor: a point's channels of one layer often need a finer octave than the rest
     # (LeNet-5's handheld: 9 channels of one layer at octave 3, every other at 4 or coarser)
-    for b in range(max(top - 1, 0) - 1, -1, -1):
-        for k, q in enumerate(masters):
+    for k, (q, tb) in enumerate(zip(masters, top_bits)):
+        for b in range(tb - 1, -1, -1):
             parts[f"codes/{b}/{k}"] = planes.encode_bit_plane([q], b)
-    pruning = [lowest_bits(table, i) for i, (p, _) in enumerate(table.points) if p > 0]
-    context_bits = [max([bits[k] for bits in pruning] + [0]) for k in range(len(names))]
-    coarse = [truncate(q, cb) for q, cb in zip(masters, context_bits)]
+    node_bits = {}
     for node in planes.prune_tree(len(table.prune_grid), "balanced"):
+        # a split's contexts use the coarsest bit every point reading it reads anyway: points at
+        # the levels below it in the tree, so deeper splits get finer contexts than the root
+        node_bits[str(node[2])] = bits = _context_bits(table, range(node[0], node[1]), len(names))
+        coarse = [truncate(q, cb) for q, cb in zip(masters, bits)]
         parts[f"prune/{node[2]}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, node)
-    return parts, top, context_bits
+    return parts, top, top_bits, node_bits
+
+
+def _context_bits(table: PlanTable, levels: range, n: int) -> list[int]:
+    reading = [lowest_bits(table, i) for i, (p, _) in enumerate(table.points)
+               if p > 0 and prune_level(table.prune_grid, p) in levels]
+    return [max([bits[k] for bits in reading] + [0]) for k in range(n)]
 
 
 def top_codes(lay: LadderLayout, parts: dict[str, bytes]) -> list[np.ndarray]:
@@ -90,9 +106,9 @@ def top_codes(lay: LadderLayout, parts: dict[str, bytes]) -> list[np.ndarray]:
 
 def ladders_from_planes(lay: LadderLayout, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, CodeLadder]:
     """Code ladders from the top codes and, per tensor, the bit planes present contiguously from the top."""
-    top_bit = max(lay.top_octave - 1, 0)
-    current, bits = list(top), [top_bit] * len(top)
-    for b in range(top_bit - 1, -1, -1):
+    top_bits = _top_bits(lay)
+    current, bits = list(top), list(top_bits)
+    for b in range(max(top_bits + [0]) - 1, -1, -1):
         for k in range(len(top)) if lay.plane_parts == "tensor" else [None]:
             name = f"codes/{b}" if k is None else f"codes/{b}/{k}"
             tensors = range(len(top)) if k is None else [k]
@@ -119,17 +135,17 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
     tree = planes.prune_tree(lay.prune_levels, lay.prune_tree)
     if not any(f"prune/{t}" in parts for _, _, t in tree):
         return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
-    context = lay.prune_context_bits or [lay.prune_context_bit] * len(lay.tensors)
-    if any(ladders[n].bit > c for n, c in zip(lay.tensors, context)):
-        raise BundleError(f"prune planes need the weight bit planes down to {context}",
-                          "fetch the parts the plan lists")
-    top = [truncate(ladders[n].truncated, c - ladders[n].bit) for n, c in zip(lay.tensors, context)]
     applied = set()
     for lo, hi, t in tree:  # parents first: a split applies once its range is known
         parent_known = (lo, hi) == (0, lay.prune_levels) or any(
             (lo == plo and hi == pt) or (lo == pt + 1 and hi == phi) for plo, phi, pt in applied)
         if f"prune/{t}" not in parts or not parent_known:
             continue
+        context = (lay.prune_node_bits or {}).get(str(t), [lay.prune_context_bit] * len(lay.tensors))
+        if any(ladders[n].bit > c for n, c in zip(lay.tensors, context)):
+            raise BundleError(f"prune plane {t} needs the weight bit planes down to {context}",
+                              "fetch the parts the plan lists")
+        top = [truncate(ladders[n].truncated, c - ladders[n].bit) for n, c in zip(lay.tensors, context)]
         try:
             known = planes.decode_prune_plane(parts[f"prune/{t}"], known, top, (lo, hi, t))
         except (ValueError, RuntimeError) as exc:
@@ -140,7 +156,11 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
 
 def plane_names(lay: LadderLayout, bits: list[int]) -> list[str]:
     """The bit-plane parts a box needs to read tensor k down to bit ``bits[k]``."""
-    top_bit = max(lay.top_octave - 1, 0)
+    top_bits = _top_bits(lay)
     if lay.plane_parts == "plane":
-        return [f"codes/{b}" for b in range(top_bit - 1, min(bits + [top_bit]) - 1, -1)]
-    return [f"codes/{b}/{k}" for k, bit in enumerate(bits) for b in range(top_bit - 1, bit - 1, -1)]
+        return [f"codes/{b}" for b in range(top_bits[0] - 1, min(bits + top_bits) - 1, -1)]
+    return [f"codes/{b}/{k}" for k, (bit, tb) in enumerate(zip(bits, top_bits)) for b in range(tb - 1, bit - 1, -1)]
+
+
+def _top_bits(lay: LadderLayout) -> list[int]:
+    return lay.top_bits if lay.top_bits is not None else [max(lay.top_octave - 1, 0)] * len(lay.tensors)
