@@ -23,7 +23,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from fleet_server import login, registry
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
-from fleet_server.uploads import UploadTooLargeError, receive_form
+from fleet_server.uploads import MissingPartError, UploadTooLargeError, receive_form
 from fleet_server.whatif import hardware_profile, what_if
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import TocoError
@@ -77,7 +77,7 @@ class DeploymentRequest(BaseModel):
     failure_threshold: float | None = Field(None, ge=0, le=1)
 
 
-STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409, UploadTooLargeError: 413}
+STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409, UploadTooLargeError: 413, MissingPartError: 422}
 # the multipart form of POST /api/models, for the OpenAPI docs (the route reads the body itself, streamed)
 _MODEL_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "pool", "name"],
@@ -155,7 +155,8 @@ def create_app(server) -> FastAPI:
     async def add_model(request: Request) -> dict:
         # streamed to disk under a cap (fleet_server.uploads); only an accepted upload is loaded
         with await receive_form(request, folder=settings.uploads_dir, max_bytes=settings.max_upload_bytes,
-                                files={"file", "pool"}, fields={"name", "preprocessing"}) as form:
+                                files={"file", "pool"}, fields={"name", "preprocessing"},
+                                required={"file", "pool", "name"}) as form:
             return await asyncio.to_thread(_add_model, db, store, form.files, form.fields)
 
     @app.get("/api/models/{model_id}")

@@ -232,6 +232,7 @@ def tokens_list(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> No
         db.close()
     when = lambda t: "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
     t = Table("token", "name", "role", "created", "last used", "revoked")
+    t.columns[0].no_wrap = True  # the id is what `tokens revoke` takes: copyable in one piece
     for v in views:
         t.add_row(v["token_id"], v["name"], v["role"], when(v["created_at"]), when(v["last_used_at"]),
                   when(v["revoked_at"]))

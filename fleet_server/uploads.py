@@ -32,6 +32,10 @@ class UploadTooLargeError(UploadError):
     """Raised when an upload's body is over the server's cap (HTTP 413)."""
 
 
+class MissingPartError(UploadError):
+    """Raised when a required form part is missing (HTTP 422, as for any malformed request)."""
+
+
 @dataclass
 class ReceivedForm:
     """An accepted upload: text ``fields``, and ``files`` (form name -> path on disk) in ``folder``.
@@ -121,13 +125,14 @@ class _Parts:
 
 
 async def receive_form(request: Request, *, folder: Path, max_bytes: int, files: set[str],
-                       fields: set[str]) -> ReceivedForm:
+                       fields: set[str], required: set[str]) -> ReceivedForm:
     """Stream a multipart/form-data body into a new folder under ``folder``.
 
     ``files``: the part names saved as files; ``fields``: the part names kept as text; other parts
-    are dropped. Returns a ReceivedForm (the caller discards it). Raises UploadTooLargeError when the
-    body is over ``max_bytes``, UploadError for a body that is not multipart or a required part that
-    is missing; in both cases nothing is left on disk and the rest of the body is not read.
+    are dropped; ``required``: the names that must be present. Returns a ReceivedForm (the caller
+    discards it). Raises UploadTooLargeError when the body is over ``max_bytes`` (the rest of it is
+    not read), MissingPartError for a missing required part, UploadError for a body that is not
+    multipart; whenever it raises, nothing is left on disk.
     """
     ctype = request.headers.get("content-type", "")
     kind, params = parse_options_header(ctype)
@@ -151,10 +156,10 @@ async def receive_form(request: Request, *, folder: Path, max_bytes: int, files:
                 raise too_large
             parser.write(chunk)
         parser.finalize()
-        missing = sorted(files - form.files.keys())
+        missing = sorted(required - form.files.keys() - form.fields.keys())
         if missing:
-            raise UploadError(f"the upload has no {', '.join(missing)} part",
-                              f"send the form parts {', '.join(sorted(files))}")
+            raise MissingPartError(f"invalid request: the form has no {', '.join(missing)} part",
+                                   f"send the form parts {', '.join(sorted(required))}")
     except MultipartParseError as exc:  # a malformed body (bad boundary, broken headers): the client's fault
         parts.close()
         form.discard()
