@@ -102,12 +102,16 @@ def _read_header(body: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
         raise ValueError(f"dtype {dtype} is not supported; send bool, integer or float data")
     if any(d < 0 for d in shape):
         raise ValueError(f"the header declares a negative dimension in shape {list(shape)}")
-    # checked before anything is allocated: a header may claim any shape, the body proves the size
-    need, have = math.prod(shape) * dtype.itemsize, len(body) - fp.tell()
-    if have < need:
-        raise ValueError(f"the header declares shape {list(shape)} of {dtype} ({need} bytes) but the body holds "
-                         f"{have} data bytes")
+    _check_size(shape, dtype, len(body) - fp.tell())
     return dtype, shape, fortran, fp.tell()
+
+
+def _check_size(shape: tuple[int, ...], dtype: np.dtype, have: int) -> None:
+    # checked before anything is allocated: a header may claim any shape, the body proves the size
+    need = math.prod(shape) * dtype.itemsize
+    if have < need:
+        raise ValueError(f"body is truncated: the header declares shape {list(shape)} of {dtype} ({need} bytes), "
+                         f"the body holds {have} data bytes")
 
 
 def load_npy(body: bytes) -> np.ndarray:
@@ -131,7 +135,5 @@ def load_npy(body: bytes) -> np.ndarray:
             _npy_headers.clear()
         _npy_headers[header] = known = (dtype, shape, fortran)
     dtype, shape, fortran = known
-    count = math.prod(shape)
-    if len(body) - start - size < count * dtype.itemsize:
-        raise ValueError(f"body is truncated: {len(body) - start - size} data bytes for {count} x {dtype}")
-    return np.frombuffer(body, dtype, count, start + size).reshape(shape, order="F" if fortran else "C")
+    _check_size(shape, dtype, len(body) - start - size)
+    return np.frombuffer(body, dtype, math.prod(shape), start + size).reshape(shape, order="F" if fortran else "C")
