@@ -23,7 +23,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from fleet_server import login, registry
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
-from fleet_server.uploads import MissingPartError, UploadTooLargeError, receive_form
+from fleet_server.uploads import BodyLimitMiddleware, MissingPartError, UploadTooLargeError, receive_form
 from fleet_server.whatif import hardware_profile, what_if
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import TocoError
@@ -116,7 +116,9 @@ def create_app(server) -> FastAPI:
                   "<token>' (toco-fleet tokens create).")
     app.state.server = server
     app.state.sessions = Sessions(load_session_secret(server.settings.session_key_path))
-    # the last added middleware runs first: the Host check, then authentication, then the routes
+    # the last added middleware runs first: the Host check, authentication, the body limit, then the routes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.settings.max_body_bytes,
+                       streamed=frozenset({("POST", "/api/models")}))
     app.add_middleware(AuthMiddleware, db=server.db, sessions=app.state.sessions, login_page=login.login_page)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=server.settings.allowed_hosts)
     db, store, settings = server.db, server.store, server.settings

@@ -49,6 +49,8 @@ class FleetSettings(BaseSettings):
                                      "'*.example.com' allows subdomains")
     max_upload_bytes: int = Field(512 << 20, ge=1 << 20, le=64 << 30,
                                   description="largest POST /api/models body (model + pool), bytes; beyond it: 413")
+    max_body_bytes: int = Field(1 << 20, ge=64 << 10, le=64 << 20,
+                                description="largest body of any other request (JSON), bytes; beyond it: 413")
 
     @field_validator("fleet")
     @classmethod

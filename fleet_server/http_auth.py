@@ -28,6 +28,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from fastapi.responses import HTMLResponse, JSONResponse
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from fleet_server.auth import identity_of, verify_token
@@ -158,8 +159,6 @@ class AuthMiddleware:
 
     def _unauthenticated(self, method: str, path: str, headers: dict[str, str]):
         if method == "GET" and "text/html" in headers.get("accept", "") and not path.startswith("/api/"):
-            from fastapi.responses import HTMLResponse
-
             return HTMLResponse(self.login_page(path, None), status_code=401,
                                 headers={"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"})
         return _json(401, "authentication required: send 'Authorization: Bearer <token>' "
@@ -175,9 +174,7 @@ def _cookies(raw: str) -> dict[str, str]:
     return {k: m.value for k, m in jar.items()}
 
 
-def _json(status: int, detail: str):
-    from fastapi.responses import JSONResponse
-
+def _json(status: int, detail: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 

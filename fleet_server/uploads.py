@@ -5,6 +5,9 @@ python-multipart's streaming parser, and appends each file part to its own file 
 folder under ``{data_dir}/uploads``. The moment the body passes the cap (or the declared
 Content-Length already does) it stops reading, deletes the folder and raises UploadTooLargeError
 (the API answers 413). Server memory is one chunk plus the small text fields, whatever is sent.
+
+``BodyLimitMiddleware`` bounds every other request body (JSON requests are read whole by the
+framework) the same way: a declared or counted size over the limit is a 413.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import Request
 
@@ -170,3 +175,33 @@ async def receive_form(request: Request, *, folder: Path, max_bytes: int, files:
         form.discard()
         raise
     return form
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: a request body over ``max_bytes`` is refused with 413, except on ``streamed`` routes
+    (``{(method, path)}``), which read their body under their own cap (receive_form)."""
+
+    def __init__(self, app, max_bytes: int, streamed: frozenset[tuple[str, str]]) -> None:
+        self.app, self.max_bytes, self.streamed = app, max_bytes, streamed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) in self.streamed:
+            await self.app(scope, receive, send)
+            return
+        detail = f"request body over {format_size(self.max_bytes)}; only model uploads may be larger"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # an HTTPException passes through the framework's body parsing and is answered as 413
+                raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, counted, send)

@@ -59,3 +59,21 @@ def test_an_oversized_upload_is_413_with_flat_memory_and_no_temp_file(fleet, len
     assert m.status_code == 200 and m.json()["pool_size"] == 120, m.text
     assert list((fleet.data_dir / "uploads").iterdir()) == []
     assert fleet.proc.poll() is None
+
+
+def test_any_other_request_body_is_bounded_too(fleet):
+    api = fleet.client(fleet.tokens["operator"])
+    proc = fleet.process
+    base = proc.memory_info().rss
+
+    def json_stream():
+        yield b'{"analysis_id": "'
+        for _ in range(64):
+            yield b"a" * MB
+        yield b'", "target": {"all": true}}'
+
+    r = api.post("/api/deployments", content=json_stream(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "body over" in r.json()["detail"]
+    assert proc.memory_info().rss - base < 50 * MB
+    r = api.post("/api/deployments", json={"analysis_id": "a-nope", "target": {"all": True}})
+    assert r.status_code == 404  # a normal body still goes through
