@@ -80,7 +80,9 @@ def test_roles_viewer_reads_operator_writes(fleet, tmp_path):
 
 
 def test_a_revoked_token_is_refused_at_once(fleet):
+    # made while the server runs, by the CLI on the same database (as `tokens revoke` below)
     out = cli("tokens", "create", "--role", "operator", "--name", "short-lived", "--data-dir", str(fleet.data_dir))
+    assert out.returncode == 0 and "shown once" in out.stdout and "TOCO_FLEET_TOKEN" in out.stdout
     token = next(line for line in out.stdout.splitlines() if line.startswith("toco_"))
     api = fleet.client(token)
     assert api.get("/api/models").status_code == 200
