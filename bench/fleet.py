@@ -179,8 +179,8 @@ def main() -> None:
     broker = Broker()
     broker.start()
     tmp = tempfile.mkdtemp(prefix="toco-bench-")
+    token = make_token(tmp)  # before the server starts, as an operator makes the first one
     http_port = free_port()
-    token = make_token(tmp)
     proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port))
     proc.start()
     url = f"http://127.0.0.1:{http_port}"

@@ -24,9 +24,6 @@ app.add_typer(models_app, name="models")
 db_app = typer.Typer(help="The fleet database's schema (Alembic revisions; `serve` also upgrades on start).",
                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
-tokens_app = typer.Typer(help="API tokens of the HTTP API and dashboard (offline, on the database: works before "
-                         "the server runs).", no_args_is_help=True)
-app.add_typer(tokens_app, name="tokens")
 SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
 DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (its fleet.db)")
 DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-dir}/fleet.db (or TOCO_FLEET_DB_URL)")
@@ -69,19 +66,13 @@ def serve(data_dir: Path = typer.Option(Path("fleet-data"), help="database, bund
           host: str = typer.Option("127.0.0.1", help="HTTP bind address"), port: int = typer.Option(8080),
           fleet: str = typer.Option("default", help="fleet name (topic root toco/v1/{fleet})"),
           drift_policy: str = typer.Option("auto", help="auto | approval"),
-          concurrency: int = typer.Option(1, help="analysis worker processes"),
-          trusted_host: Optional[list[str]] = typer.Option(
-              None, "--trusted-host", help="a Host name the HTTP API answers besides localhost, 127.0.0.1 and --host "
-              "(repeat it; or TOCO_FLEET_TRUSTED_HOSTS='[\"fleet.plant.lan\"]')"),
-          max_upload_bytes: Optional[int] = typer.Option(
-              None, help="largest model + pool upload in bytes (default 512 MiB; or TOCO_FLEET_MAX_UPLOAD_BYTES)")) -> None:
-    """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C or SIGTERM."""
+          concurrency: int = typer.Option(1, help="analysis worker processes")) -> None:
+    """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
     from fleet_server.config import FleetSettings
     from fleet_server.server import serve as run
 
-    http_extra = {k: v for k, v in (("trusted_hosts", trusted_host), ("max_upload_bytes", max_upload_bytes)) if v}
     settings = FleetSettings(data_dir=data_dir, broker=broker, broker_port=broker_port, http_host=host, http_port=port,
-                             fleet=fleet, drift_policy=drift_policy, analysis_concurrency=concurrency, **http_extra)
+                             fleet=fleet, drift_policy=drift_policy, analysis_concurrency=concurrency)
     console.print(f"fleet server on http://{host}:{port} (docs /docs), broker {broker}, data {data_dir}")
     run(settings)
 
@@ -195,6 +186,11 @@ def _open_database(data_dir: Path, db_url: Optional[str], create: bool = False):
         return Database(url)
 
 
+tokens_app = typer.Typer(help="API tokens of the HTTP API and dashboard (offline, on the database: works before "
+                         "the server runs).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
 @tokens_app.command("create")
 @cli_errors
 def tokens_create(role: str = typer.Option(..., help="viewer (read), operator (also change the fleet) or admin"),
@@ -203,7 +199,6 @@ def tokens_create(role: str = typer.Option(..., help="viewer (read), operator (a
     """Make an API token and print it once (only its hash is stored)."""
     from fleet_server.auth import check_role, create_token
     from fleet_server.client_token import ENV
-
     from fleet_server.migrate import describe_url
 
     check_role(role)
@@ -324,7 +319,3 @@ def db_current(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> Non
         finally:
             engine.dispose()
     console.print(f"{describe_url(url)}: {state.summary()}", soft_wrap=True, highlight=False)
-
-
-if __name__ == "__main__":  # `python -m fleet_server.cli`: what tests run, with the interpreter they run in
-    app()

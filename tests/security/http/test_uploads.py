@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from tests.security.conftest import UPLOAD_CAP
+from tests.security.http.conftest import UPLOAD_CAP
 
 MB = 1 << 20
 
@@ -22,9 +22,9 @@ def multipart_stream(total: int, boundary: str = "b0undary"):
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
-def test_an_oversized_upload_is_413_with_flat_memory_and_no_temp_file(fleet, lenet_upload):
-    api = fleet.client(fleet.tokens["operator"])
-    proc = fleet.process
+def test_an_oversized_upload_is_413_with_flat_memory_and_no_temp_file(http_fleet, lenet_upload):
+    api = http_fleet.client(http_fleet.tokens["operator"])
+    proc = http_fleet.process
     base = proc.memory_info().rss
     peak = [base]
     done = threading.Event()
@@ -45,25 +45,25 @@ def test_an_oversized_upload_is_413_with_flat_memory_and_no_temp_file(fleet, len
         t.join()
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert peak[0] - base < 100 * MB, f"server RSS grew {(peak[0] - base) / MB:.0f} MB while receiving"
-    assert list((fleet.data_dir / "uploads").iterdir()) == []
+    assert list((http_fleet.data_dir / "uploads").iterdir()) == []
     # a declared Content-Length over the cap is refused before the body is read
-    with socket.create_connection(("127.0.0.1", fleet.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", http_fleet.port), timeout=10) as sock:
         sock.sendall((f"POST /api/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                      f"Authorization: Bearer {fleet.tokens['operator']}\r\n"
+                      f"Authorization: Bearer {http_fleet.tokens['operator']}\r\n"
                       f"Content-Type: multipart/form-data; boundary=b0undary\r\n"
                       f"Content-Length: {UPLOAD_CAP + 1}\r\n\r\n").encode())
         assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
     # the server still works, and an upload under the cap is registered as before
-    api = fleet.client(fleet.tokens["operator"])
+    api = http_fleet.client(http_fleet.tokens["operator"])
     m = api.post("/api/models", files=lenet_upload, data={"name": "lenet5-small"})
     assert m.status_code == 200 and m.json()["pool_size"] == 120, m.text
-    assert list((fleet.data_dir / "uploads").iterdir()) == []
-    assert fleet.proc.poll() is None
+    assert list((http_fleet.data_dir / "uploads").iterdir()) == []
+    assert http_fleet.proc.poll() is None
 
 
-def test_any_other_request_body_is_bounded_too(fleet):
-    api = fleet.client(fleet.tokens["operator"])
-    proc = fleet.process
+def test_any_other_request_body_is_bounded_too(http_fleet):
+    api = http_fleet.client(http_fleet.tokens["operator"])
+    proc = http_fleet.process
     base = proc.memory_info().rss
 
     def json_stream():

@@ -8,7 +8,7 @@ import signal
 import psutil
 
 from tests.protocol.conftest import wait_until
-from tests.security.conftest import ServerProcess, make_tokens
+from tests.security.http.conftest import ServerProcess, make_tokens
 
 
 def workers(server: ServerProcess) -> list[psutil.Process]:

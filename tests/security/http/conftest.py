@@ -1,5 +1,6 @@
-"""A real `toco-fleet serve` process (this worktree's code, run as ``python -m fleet_server.cli``) with
-API tokens of every role made offline before it starts, as an operator would; and the LeNet upload."""
+"""The HTTP side of the security suite: a real `toco-fleet serve` process (this checkout's code, run as
+``python -m fleet_server``) with API tokens of every role made offline before it starts, as an operator
+would; and the LeNet upload. (A folder of its own: tests/security/conftest.py is the MQTT side's.)"""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ import pytest
 
 from tests.protocol.conftest import free_port, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 UPLOAD_CAP = 50 << 20
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``toco-fleet ARGS`` in a child process running this worktree's code; ``env`` is added to the environment."""
+    """``toco-fleet ARGS`` in a child process running this checkout's code; ``env`` is added to the environment."""
     env = {**os.environ, **(env or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "fleet_server.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fleet_server", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 
@@ -58,7 +59,7 @@ class ServerProcess:
         env = {**os.environ, **self.env,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet_server.cli", "serve", "--data-dir",
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--data-dir",
                                       str(self.data_dir), "--port", str(self.port), "--broker-port", str(free_port()),
                                       *self.extra], env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -110,11 +111,13 @@ def lenet_upload() -> dict:
 
 
 @pytest.fixture(scope="session")
-def fleet(tmp_path_factory) -> Iterator[ServerProcess]:
-    """One server process for the API tests: upload cap 50 MB, an extra trusted host; ``fleet.tokens[role]``."""
-    data = tmp_path_factory.mktemp("security-fleet")
+def http_fleet(tmp_path_factory) -> Iterator[ServerProcess]:
+    """One server process for the HTTP tests: upload cap 50 MB and an extra trusted host (set as settings, in
+    the environment); ``http_fleet.tokens[role]``."""
+    data = tmp_path_factory.mktemp("security-http")
     tokens = make_tokens(data, ("viewer", "operator", "admin"))
-    srv = ServerProcess(data, "--max-upload-bytes", str(UPLOAD_CAP), "--trusted-host", "fleet.plant.test").start()
+    srv = ServerProcess(data, env={"TOCO_FLEET_MAX_UPLOAD_BYTES": str(UPLOAD_CAP),
+                                   "TOCO_FLEET_TRUSTED_HOSTS": '["fleet.plant.test"]'}).start()
     srv.tokens = tokens
     try:
         yield srv

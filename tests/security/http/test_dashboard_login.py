@@ -23,19 +23,19 @@ def browser():
         b.close()
 
 
-def test_login_session_cookie_csrf_and_logout_in_chromium(fleet, browser):
+def test_login_session_cookie_csrf_and_logout_in_chromium(http_fleet, browser):
     ctx = browser.new_context()
     page = ctx.new_page()
     try:
         # no session: the page answers 401 with the login form
-        resp = page.goto(fleet.url + "/")
+        resp = page.goto(http_fleet.url + "/")
         assert resp.status == 401 and page.locator("#token").is_visible()
         page.fill("#token", "toco_0123456789ab_" + "C" * 43)
         page.click("button[type=submit]")
         assert "unknown or revoked" in page.locator(".error").inner_text()
-        page.fill("#token", fleet.tokens["operator"])
+        page.fill("#token", http_fleet.tokens["operator"])
         page.click("button[type=submit]")
-        page.wait_for_url(fleet.url + "/")
+        page.wait_for_url(http_fleet.url + "/")
         page.wait_for_function("document.body.dataset.ready === '1'", timeout=15_000)
         cookies = {c["name"]: c for c in ctx.cookies()}
         session = cookies["toco_session"]
@@ -53,8 +53,8 @@ def test_login_session_cookie_csrf_and_logout_in_chromium(fleet, browser):
                                 {method: 'POST', headers: {'X-CSRF-Token': csrf}})).status; }""")
         assert status == 404
 
-        # a page on another site posts a form to the fleet: SameSite=Strict keeps the cookie home
-        target = fleet.url + "/api/deployments/d-nope/rollback"
+        # a page on another site posts a form to the http_fleet: SameSite=Strict keeps the cookie home
+        target = http_fleet.url + "/api/deployments/d-nope/rollback"
         page.route("http://evil.test/**", lambda route: route.fulfill(content_type="text/html", body=(
             f'<form id="f" method="post" action="{target}"><input name="x" value="1"></form>'
             "<script>document.getElementById('f').submit()</script>")))
@@ -63,10 +63,10 @@ def test_login_session_cookie_csrf_and_logout_in_chromium(fleet, browser):
         assert forged.value.status in (401, 403)
 
         # log out: the session is gone from the browser
-        page.goto(fleet.url + "/")
+        page.goto(http_fleet.url + "/")
         page.wait_for_function("document.body.dataset.ready === '1'", timeout=15_000)
         page.click("form.logout button")
-        page.wait_for_url(fleet.url + "/login")
-        assert page.goto(fleet.url + "/").status == 401
+        page.wait_for_url(http_fleet.url + "/login")
+        assert page.goto(http_fleet.url + "/").status == 401
     finally:
         ctx.close()
