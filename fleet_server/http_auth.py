@@ -21,6 +21,7 @@ A revoked token ends its sessions at once: each request looks the token id up.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import secrets
@@ -115,7 +116,9 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        ident, refusal = self._identify(method, headers)
+        # the token lookup is a database read (and at most once a minute a write behind the writer lock):
+        # off the event loop, so one slow lookup never stalls every other request and event stream
+        ident, refusal = await asyncio.to_thread(self._identify, method, headers)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
