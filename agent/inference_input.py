@@ -38,9 +38,12 @@ class InputError(TocoError):
 def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     """Convert ``x`` to the model's dtype and check it against the input spec.
 
-    Returns a C-contiguous array. Raises InputError naming what is wrong: not numeric,
-    wrong rank, a fixed dimension that differs, an empty or too large batch, NaN/inf.
+    Returns a C-contiguous array. Raises InputError naming what is wrong: not numeric (complex,
+    object or string arrays included: never cast with a loss), wrong rank, a fixed dimension that
+    differs, an empty or too large batch, NaN/inf.
     """
+    if isinstance(x, np.ndarray) and (x.dtype.kind not in NUMERIC_KINDS or x.dtype.fields is not None):
+        raise InputError(f"inputs of dtype {x.dtype} are not accepted", "send bool, integer or float data")
     try:
         arr = np.ascontiguousarray(np.asarray(x, dtype=spec.dtype))
     except (TypeError, ValueError) as exc:
@@ -76,16 +79,49 @@ def session_input_spec(session: ort.InferenceSession) -> InputSpec:
 
 
 _NPY_MAGIC = b"\x93NUMPY"
+# bool, signed and unsigned integers, floats: what a numeric model input is made from. Complex, object,
+# string, datetime or structured data would be cast with a loss (complex -> real) or not at all.
+NUMERIC_KINDS = "biuf"
 _npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}  # header -> dtype, shape, fortran
 
 
+def _read_header(body: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """``(dtype, shape, fortran_order, data offset)`` of an .npy body, checked without reading the data.
+
+    Raises ValueError with a one-line reason: no magic, a broken header, a dtype that is not
+    NUMERIC_KINDS, or a header that declares more data than the body holds.
+    """
+    fp = io.BytesIO(body)
+    try:
+        major, _minor = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise ValueError(f"bad .npy header: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in NUMERIC_KINDS:
+        raise ValueError(f"dtype {dtype} is not supported; send bool, integer or float data")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"the header declares a negative dimension in shape {list(shape)}")
+    _check_size(shape, dtype, len(body) - fp.tell())
+    return dtype, shape, fortran, fp.tell()
+
+
+def _check_size(shape: tuple[int, ...], dtype: np.dtype, have: int) -> None:
+    # checked before anything is allocated: a header may claim any shape, the body proves the size
+    need = math.prod(shape) * dtype.itemsize
+    if have < need:
+        raise ValueError(f"body is truncated: the header declares shape {list(shape)} of {dtype} ({need} bytes), "
+                         f"the body holds {have} data bytes")
+
+
 def load_npy(body: bytes) -> np.ndarray:
-    """Decode an .npy request body (no pickles); returns a read-only array over ``body``.
+    """Decode an .npy request body (no pickles, no copy); returns a read-only array over ``body``.
 
     A line sends the same shape and dtype over and over, and numpy parses every header with
-    ``ast.literal_eval`` (most of ``np.load``'s 60 us here): a header numpy has decoded once is
-    remembered and later bodies with the same header are viewed in place.
-    Raises ValueError for a body that is not a valid .npy array.
+    ``ast.literal_eval``: a header decoded once is remembered and later bodies with the same
+    header are viewed in place. The declared size is checked against the body before anything
+    is allocated, so a forged header cannot exhaust memory.
+    Raises ValueError (one line) for a body that is not a valid .npy array of a supported dtype.
     """
     if body[:6] != _NPY_MAGIC or len(body) < 10:
         raise ValueError("not an .npy file (magic string missing)")
@@ -94,16 +130,10 @@ def load_npy(body: bytes) -> np.ndarray:
     header = body[start:start + size]
     known = _npy_headers.get(header)
     if known is None:
-        try:
-            arr = np.load(io.BytesIO(body), allow_pickle=False)
-        except (OSError, EOFError) as exc:
-            raise ValueError(str(exc)) from exc
+        dtype, shape, fortran, _ = _read_header(body)
         if len(_npy_headers) >= 16:  # a handful of shapes in practice; never unbounded
             _npy_headers.clear()
-        _npy_headers[header] = (arr.dtype, arr.shape, arr.flags.f_contiguous and not arr.flags.c_contiguous)
-        return arr
+        _npy_headers[header] = known = (dtype, shape, fortran)
     dtype, shape, fortran = known
-    count = math.prod(shape)
-    if len(body) - start - size < count * dtype.itemsize:
-        raise ValueError(f"body is truncated: {len(body) - start - size} data bytes for {count} x {dtype}")
-    return np.frombuffer(body, dtype, count, start + size).reshape(shape, order="F" if fortran else "C")
+    _check_size(shape, dtype, len(body) - start - size)
+    return np.frombuffer(body, dtype, math.prod(shape), start + size).reshape(shape, order="F" if fortran else "C")

@@ -140,14 +140,27 @@ class Connection:
         self.c.loop_stop()
 
 
-def poll_api(url: str, stop, out) -> None:
+def make_token(data_dir: str) -> str:
+    """An operator API token in the server's database, made before the server starts (as an operator would)."""
+    from fleet_server.auth import create_token
+    from fleet_server.config import FleetSettings
+    from fleet_server.db import Database
+
+    db = Database(FleetSettings(data_dir=Path(data_dir)).database_url)
+    try:
+        return create_token(db, role="operator", name="bench")[0]
+    finally:
+        db.close()
+
+
+def poll_api(url: str, token: str, stop, out) -> None:
     """Child process: GET /api/devices every 0.25 s until ``stop`` is set; the latencies (ms) go to ``out``.
 
     A process of its own, so the simulated devices' publishing does not hold the poller's GIL
     and the figure is the server's latency, not the bench's.
     """
     lat = []
-    with httpx.Client(base_url=url, timeout=30) as api:
+    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as api:
         while not stop.is_set():
             t0 = time.perf_counter()
             api.get("/api/devices").raise_for_status()
@@ -170,6 +183,7 @@ def main() -> None:
     broker = Broker()
     broker.start()
     tmp = tempfile.mkdtemp(prefix="toco-bench-")
+    token = make_token(tmp)  # before the server starts, as an operator makes the first one
     http_port = free_port()
     ids = [f"dev{i:04d}" for i in range(args.devices)]
     # the first --deploy-devices devices form group "deploy" (50 per connection keeps groups whole)
@@ -177,7 +191,7 @@ def main() -> None:
     proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port, groups))
     proc.start()
     url = f"http://127.0.0.1:{http_port}"
-    api = httpx.Client(base_url=url, timeout=60)
+    api = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"})
     for _ in range(300):
         try:
             if api.get("/api/health").json()["broker"] == "connected":
@@ -190,7 +204,7 @@ def main() -> None:
              for i in range(0, len(ids), 50)]
     ctx = mp.get_context("spawn")
     stop, lat_q = ctx.Event(), ctx.Queue()
-    poller = ctx.Process(target=poll_api, args=(url, stop, lat_q), daemon=True)
+    poller = ctx.Process(target=poll_api, args=(url, token, stop, lat_q), daemon=True)
     ps.cpu_percent()
     cpu0 = sum(ps.cpu_times()[:2])
     t_start = time.monotonic()

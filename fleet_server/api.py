@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fleet_server import registry
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+from fleet_server import login, registry
 from fleet_server.events import sse_frame
+from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
+from fleet_server.uploads import BodyLimitMiddleware, MissingPartError, UploadTooLargeError, receive_form
 from fleet_server.whatif import hardware_profile, what_if
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import TocoError
@@ -73,7 +77,14 @@ class DeploymentRequest(BaseModel):
     failure_threshold: float | None = Field(None, ge=0, le=1)
 
 
-STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409}
+STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409, UploadTooLargeError: 413, MissingPartError: 422}
+# the multipart form of POST /api/models, for the OpenAPI docs (the route reads the body itself, streamed)
+_MODEL_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "pool", "name"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "the ONNX model"},
+                   "pool": {"type": "string", "format": "binary", "description": ".npz with x[, y]"},
+                   "name": {"type": "string"},
+                   "preprocessing": {"type": "string", "description": "JSON of toco_core.preprocessing"}}}}}}}
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -92,11 +103,24 @@ def _profile(server, req: WhatIfRequest) -> DeviceProfile | None:
     return hardware_profile(req.device_id, registry.get_device(server.db, device_id=req.device_id, points=0)["hardware"])
 
 
+def _add_model(db, store, files: dict, fields: dict) -> dict:
+    return registry.add_model(db, store, name=fields.get("name", ""), onnx_bytes=files["file"].read_bytes(),
+                              pool_bytes=files["pool"].read_bytes(), preprocessing=fields.get("preprocessing"))
+
+
 def create_app(server) -> FastAPI:
-    """The FastAPI app over a FleetServer."""
+    """The FastAPI app over a FleetServer: every route but /api/health needs a token (fleet_server.http_auth),
+    and only the Host names of ``settings.allowed_hosts`` are answered (400 otherwise: DNS rebinding)."""
     app = FastAPI(title="TOCO Fleet", version="1", description="Fleet server: models, analyses, devices, "
-                  "deployments, drift. Errors are {'detail': message}.")
+                  "deployments, drift. Errors are {'detail': message}. Authenticate with 'Authorization: Bearer "
+                  "<token>' (toco-fleet tokens create).")
     app.state.server = server
+    app.state.sessions = Sessions(load_session_secret(server.settings.session_key_path))
+    # the last added middleware runs first: the Host check, authentication, the body limit, then the routes
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.settings.max_body_bytes,
+                       streamed=frozenset({("POST", "/api/models")}))
+    app.add_middleware(AuthMiddleware, db=server.db, sessions=app.state.sessions, login_page=login.login_page)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=server.settings.allowed_hosts)
     db, store, settings = server.db, server.store, server.settings
 
     @app.exception_handler(TocoError)
@@ -128,12 +152,14 @@ def create_app(server) -> FastAPI:
     def models() -> list[dict]:
         return registry.list_models(db)
 
-    @app.post("/api/models", summary="Register an ONNX model with its analysis pool (.npz with x[, y])")
-    async def add_model(file: Annotated[UploadFile, File()], pool: Annotated[UploadFile, File()],
-                        name: Annotated[str, Form()], preprocessing: Annotated[str | None, Form()] = None) -> dict:
-        onnx_bytes, pool_bytes = await file.read(), await pool.read()
-        return await asyncio.to_thread(registry.add_model, db, store, name=name, onnx_bytes=onnx_bytes,
-                                       pool_bytes=pool_bytes, preprocessing=preprocessing)
+    @app.post("/api/models", summary="Register an ONNX model with its analysis pool (.npz with x[, y])",
+              openapi_extra=_MODEL_FORM)
+    async def add_model(request: Request) -> dict:
+        # streamed to disk under a cap (fleet_server.uploads); only an accepted upload is loaded
+        with await receive_form(request, folder=settings.uploads_dir, max_bytes=settings.max_upload_bytes,
+                                files={"file", "pool"}, fields={"name", "preprocessing"},
+                                required={"file", "pool", "name"}) as form:
+            return await asyncio.to_thread(_add_model, db, store, form.files, form.fields)
 
     @app.get("/api/models/{model_id}")
     def model(model_id: str) -> dict:
@@ -216,6 +242,7 @@ def create_app(server) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    app.include_router(login.router)
     _include_dashboard(app)
     return app
 

@@ -37,10 +37,21 @@ DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-d
 def _call(server: str, method: str, path: str, **kw):
     import httpx
 
+    from fleet_server.client_token import ENV, find_token, token_file
+
+    token = find_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.request(method, server.rstrip("/") + path, timeout=60, **kw)
+        r = httpx.request(method, server.rstrip("/") + path, timeout=60, headers=headers, **kw)
     except httpx.HTTPError as exc:
         raise ConfigError(f"cannot reach the fleet server at {server}: {exc}", "start it with `toco-fleet serve`") from None
+    if r.status_code == 401:
+        where = f"set {ENV} or put the token in {token_file()}"
+        if token is None:
+            raise ConfigError(f"the fleet server at {server} needs an API token and none is set",
+                              f"{where}; make one with `toco-fleet tokens create --role operator`")
+        raise ConfigError(f"the fleet server at {server} refused the API token (unknown or revoked)",
+                          f"{where} with a valid token; see `toco-fleet tokens list`")
     if r.status_code >= 400:
         detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else r.text
         raise TocoError(f"server said {r.status_code}: {detail}")
@@ -189,6 +200,81 @@ def drift(device: Optional[str] = typer.Option(None), last: int = typer.Option(1
                       "[red]ALERT[/red]" if p["alert"] else "")
         console.print(t)
 
+
+
+def _open_database(data_dir: Path, db_url: Optional[str], create: bool = False):
+    """The fleet database ``serve`` would open with these options, upgraded to this release. It must exist
+    unless ``create`` (the first admin token is made before the server ever ran: the data dir is made too)."""
+    from fleet_server.db import Database
+
+    if create and not db_url:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    url = _database_url(data_dir, db_url, must_exist=not create)
+    with _opening(url):
+        return Database(url)
+
+
+tokens_app = typer.Typer(help="API tokens of the HTTP API and dashboard (offline, on the database: works before "
+                         "the server runs).", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("create")
+@cli_errors
+def tokens_create(role: str = typer.Option(..., help="viewer (read), operator (also change the fleet) or admin"),
+                  name: Optional[str] = typer.Option(None, help="who or what uses it, for `tokens list`"),
+                  data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Make an API token and print it once (only its hash is stored)."""
+    from fleet_server.auth import check_role, create_token
+    from fleet_server.client_token import ENV
+    from fleet_server.migrate import describe_url
+
+    check_role(role)
+    db = _open_database(data_dir, db_url, create=True)
+    try:
+        token, view = create_token(db, role=role, name=name)
+    finally:
+        db.close()
+    console.print(f"token {view['token_id']} ({view['role']}, {view['name']!r}) in {describe_url(str(db.engine.url))}; "
+                  "shown once, keep it secret:", highlight=False, soft_wrap=True)
+    print(token)
+    console.print(f"use it with: export {ENV}=<token>   (or log in to the dashboard with it)", highlight=False,
+                  soft_wrap=True)
+
+
+@tokens_app.command("list")
+@cli_errors
+def tokens_list(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """List the API tokens: id, name, role, when made, last used, revoked (never the secret)."""
+    from fleet_server.auth import list_tokens
+
+    db = _open_database(data_dir, db_url)
+    try:
+        views = list_tokens(db)
+    finally:
+        db.close()
+    when = lambda t: "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+    t = Table("token", "name", "role", "created", "last used", "revoked")
+    t.columns[0].no_wrap = True  # the id is what `tokens revoke` takes: copyable in one piece
+    for v in views:
+        t.add_row(v["token_id"], v["name"], v["role"], when(v["created_at"]), when(v["last_used_at"]),
+                  when(v["revoked_at"]))
+    console.print(t)
+
+
+@tokens_app.command("revoke")
+@cli_errors
+def tokens_revoke(token_id: str = typer.Argument(..., help="the token's id, from `tokens list`"),
+                  data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+    """Revoke an API token: its requests and its dashboard sessions are refused from now on."""
+    from fleet_server.auth import revoke_token
+
+    db = _open_database(data_dir, db_url)
+    try:
+        view = revoke_token(db, token_id=token_id)
+    finally:
+        db.close()
+    console.print(f"token {view['token_id']} ({view['name']!r}) revoked", highlight=False)
 
 
 def _database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str:

@@ -56,6 +56,13 @@ class FleetSettings(BaseSettings):
     chunk_size: int = Field(256 * 1024, ge=64 * 1024, le=256 * 1024, description="bundle chunk size, bytes")
     tick_s: float = Field(1.0, gt=0, le=60, description="period of the deployment/drift housekeeping loop")
     telemetry_keep: int = Field(500, ge=10, description="telemetry points kept per device")
+    trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API answers, "
+                                     "besides localhost, 127.0.0.1 and http_host (DNS rebinding guard); "
+                                     "'*.example.com' allows subdomains")
+    max_upload_bytes: int = Field(512 << 20, ge=1 << 20, le=64 << 30,
+                                  description="largest POST /api/models body (model + pool), bytes; beyond it: 413")
+    max_body_bytes: int = Field(1 << 20, ge=64 << 10, le=64 << 20,
+                                description="largest body of any other request (JSON), bytes; beyond it: 413")
 
     @field_validator("fleet")
     @classmethod
@@ -92,6 +99,25 @@ class FleetSettings(BaseSettings):
     def database_url(self) -> str:
         """The SQLAlchemy URL in effect."""
         return self.db_url or f"sqlite:///{(self.data_dir / 'fleet.db').resolve()}"
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """Every Host the HTTP API answers: localhost, 127.0.0.1, the bind address unless it is a wildcard
+        (0.0.0.0 or ::, which no client sends), and ``trusted_hosts``."""
+        hosts = ["localhost", "127.0.0.1"]
+        if self.http_host not in ("0.0.0.0", "::", ""):
+            hosts.append(self.http_host)
+        return list(dict.fromkeys(hosts + self.trusted_hosts))
+
+    @property
+    def session_key_path(self) -> Path:
+        """The key signing dashboard session cookies: {data_dir}/keys/session.key (made on first start)."""
+        return self.data_dir / "keys" / "session.key"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Where uploads are received before they are accepted: {data_dir}/uploads."""
+        return self.data_dir / "uploads"
 
     @property
     def signing_key_path(self) -> Path:

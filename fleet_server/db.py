@@ -203,6 +203,19 @@ class EventRow(Base):
     data: Mapped[dict] = mapped_column(JSON)
 
 
+class ApiTokenRow(Base):
+    """An API token: only its SHA-256 is stored (fleet_server.auth), with its role and whether it is revoked."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # the token's public prefix, for lookup
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class Database:
     """Engine + session factory. SQLite gets WAL and a busy timeout so threads can share the file."""
 

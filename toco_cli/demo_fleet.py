@@ -193,6 +193,7 @@ class DemoFleet:
         self.server = None
         self.http = None
         self.api: httpx.Client | None = None
+        self.token = ""  # the admin API token start_server makes
         self.agents: dict[str, AgentProcess] = {}
         self.devices: tuple[DemoDevice, ...] = DEVICES  # the camera box's storage is set once analysed
 
@@ -205,9 +206,13 @@ class DemoFleet:
         from fleet_server.api import create_app
         from fleet_server.server import FleetServer, HttpThread
 
+        from fleet_server.auth import create_token
+
         self.server = FleetServer(self.settings).start()
         self.http = HttpThread(create_app(self.server), self.settings.http_host, self.settings.http_port).start()
-        self.api = httpx.Client(base_url=self.http.url, timeout=60)
+        # the API and the dashboard need a token: the demo makes an admin one and prints how to use it
+        self.token, _ = create_token(self.server.db, role="admin", name="demo admin")
+        self.api = httpx.Client(base_url=self.http.url, timeout=60, headers={"Authorization": f"Bearer {self.token}"})
 
     def start_agents(self) -> None:
         """One agent process per device in ``self.devices``, enrolled in its group and provisioned with the

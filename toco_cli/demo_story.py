@@ -267,3 +267,10 @@ def plans_table(fleet: DemoFleet, title: str) -> Table:
                   _pct(a.get("predicted_agreement")), _pct(a.get("measured_agreement")), _pct(last.get("agreement")),
                   "ALERT" if v.get("alert") else ("in band" if last else "-"), (a.get("bundle_id") or "-")[:6])
     return t
+
+
+def print_token(fleet: DemoFleet) -> None:
+    """Print the demo's admin API token and how to use it (the CLI's variable, the dashboard's login)."""
+    console.print(f"admin API token (log in to the dashboard with it): {fleet.token}", highlight=False, soft_wrap=True)
+    console.print(f"  export TOCO_FLEET_TOKEN={fleet.token} TOCO_FLEET_URL={fleet.url}", highlight=False,
+                  soft_wrap=True)

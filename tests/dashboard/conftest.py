@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleet_server.api import create_app
+from fleet_server.auth import create_token
 from fleet_server.config import FleetSettings
 from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
@@ -95,7 +96,8 @@ class Fleet:
                                                 analysis=FAST, tick_s=0.5)).start()
         self.http = HttpThread(create_app(self.server), "127.0.0.1", 0).start()
         self.url = self.http.url
-        self.api = httpx.Client(base_url=self.url, timeout=30)
+        self.token, _ = create_token(self.server.db, role="operator", name="dashboard tests")
+        self.api = httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.token}"})
         self.analysis_id: str | None = None
 
     def start_analysis(self) -> None:
@@ -195,11 +197,21 @@ def browser():
         b.close()
 
 
+def log_in(pg, url: str, token: str) -> None:
+    """Log a page in through the dashboard's login form (the session cookie is the context's from then on)."""
+    pg.goto(url + "/login")
+    pg.fill("#token", token)
+    pg.click("button[type=submit]")
+    pg.wait_for_url(url + "/", timeout=10_000)
+
+
 @pytest.fixture
-def page(browser, request):
-    """A fresh page (1400x900); browser console errors fail the test unless it empties ``page.console_errors``."""
+def page(browser, fleet, request):
+    """A fresh page (1400x900), logged in with the fleet's operator token; browser console errors fail the
+    test unless it empties ``page.console_errors``."""
     ctx = browser.new_context(viewport={"width": 1400, "height": 900})
     pg = ctx.new_page()
+    log_in(pg, fleet.url, fleet.token)
     errors: list[str] = []
     pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     pg.on("pageerror", lambda e: errors.append(str(e)))

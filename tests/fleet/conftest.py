@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleet_server.api import create_app
+from fleet_server.auth import create_token
 from fleet_server.config import FleetSettings
 from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
@@ -59,7 +60,9 @@ class Fleet:
         kw.update(overrides)
         self.server = FleetServer(FleetSettings(**kw)).start()
         self.http = HttpThread(create_app(self.server), "127.0.0.1", 0).start()
-        self.api = httpx.Client(base_url=self.http.url, timeout=30)
+        self.token, _ = create_token(self.server.db, role="admin", name="tests")
+        self.auth = {"Authorization": f"Bearer {self.token}"}
+        self.api = httpx.Client(base_url=self.http.url, timeout=30, headers=self.auth)
         self.port = parse_broker_url(self.server.broker_url).port
         self.topics = Topics("test")
 

@@ -203,7 +203,7 @@ def test_events_stream(fleet, devices):
     got: list[str] = []
 
     def listen():
-        with httpx.stream("GET", f"{fleet.http.url}/api/events", timeout=10) as r:
+        with httpx.stream("GET", f"{fleet.http.url}/api/events", timeout=10, headers=fleet.auth) as r:
             for line in r.iter_lines():
                 got.append(line)
                 if line.startswith("data:") and f"ev-{fleet.kind}" in line:

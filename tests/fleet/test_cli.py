@@ -11,7 +11,7 @@ from tests.fleet.conftest import device_json, wait_until
 
 @pytest.mark.parametrize("fleet", ["embedded"], indirect=True)
 def test_cli_tables_and_errors(fleet, devices):
-    run = CliRunner()
+    run = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token})
     url = ["--server", fleet.http.url]
     dev = devices("cli-dev")
     assert wait_until(lambda: device_json(fleet, "cli-dev").get("online"))
@@ -35,7 +35,7 @@ def test_cli_tables_and_errors(fleet, devices):
 def test_cli_deploy_warns_about_a_box_its_caps_leave_no_plan(fleet, devices):
     devices("cli-tiny", group="cli-warn", hardware={"storage_budget": 2000})  # 2 KB for a 250 KB model
     assert wait_until(lambda: device_json(fleet, "cli-tiny").get("online"))
-    out = CliRunner().invoke(app, ["deploy", fleet.analysis["analysis_id"], "--group", "cli-warn",
-                                   "--server", fleet.http.url])
+    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(
+        app, ["deploy", fleet.analysis["analysis_id"], "--group", "cli-warn", "--server", fleet.http.url])
     assert out.exit_code == 0, out.output
     assert "warning: cli-tiny will likely refuse it" in " ".join(out.output.split()) and "storage" in out.output

@@ -34,7 +34,15 @@ export function mount(target, ...children) {
   return el;
 }
 
-/** JSON from the API; throws Error(detail) with the server's message for people. */
+/** The value of a cookie readable by scripts ("" if unset). */
+function cookie(name) {
+  const hit = document.cookie.split("; ").find((c) => c.startsWith(name + "="));
+  return hit ? decodeURIComponent(hit.slice(name.length + 1)) : "";
+}
+
+/** JSON from the API; throws Error(detail) with the server's message for people.
+ *  Writes carry the session's CSRF token (X-CSRF-Token, from the toco_csrf cookie the login set);
+ *  a 401 (session expired or token revoked) goes to the login page. */
 export async function api(path, options = {}) {
   const init = { headers: { Accept: "application/json" }, ...options };
   if (options.json !== undefined) {
@@ -42,7 +50,12 @@ export async function api(path, options = {}) {
     init.body = JSON.stringify(options.json);
     init.headers["Content-Type"] = "application/json";
   }
+  if ((init.method || "GET").toUpperCase() !== "GET") init.headers["X-CSRF-Token"] = cookie("toco_csrf");
   const r = await fetch(path, init);
+  if (r.status === 401) {
+    window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname));
+    throw new Error("not logged in");
+  }
   let body = null;
   try { body = await r.json(); } catch { body = null; }
   if (!r.ok) throw new Error((body && body.detail) || `${r.status} ${r.statusText} from ${path}`);
