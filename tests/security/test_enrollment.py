@@ -36,7 +36,7 @@ def test_a_claimed_group_is_ignored_and_an_unknown_device_is_quarantined(fleet, 
     listed = {d["device_id"]: d for d in fleet.api.get("/api/devices").json()}
     assert listed["sec-intruder"]["state"] == "quarantined"
     monkeypatch.setattr(console, "width", 200)  # the whole table, not an 80-column terminal's
-    out = CliRunner().invoke(app, ["devices", "list", "--server", fleet.http.url])
+    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["devices", "list", "--server", fleet.http.url])
     assert out.exit_code == 0 and "sec-intruder" in out.output and "quarantined" in out.output
 
     # deploys go to the enrolled group only; the quarantined device gets no command, by group, --all or by name

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003_device_enrollment"
-down_revision = "0001_baseline"  # 0002 (API tokens) is written in parallel; the chain is re-linked when both land
+down_revision = "0002_api_tokens"  # after the API tokens
 branch_labels = None
 depends_on = None
 
