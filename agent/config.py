@@ -79,6 +79,9 @@ class AgentConfig(BaseModel):
     recompress_timeout: float = Field(900.0, gt=0, description="seconds before the recompression child is killed")
     api_host: str = Field("127.0.0.1", description="inference API bind address; loopback unless the line needs it")
     api_port: int = Field(8080, ge=0, le=65535, description="inference API port; 0 picks a free one")
+    api_token_file: Path | None = Field(None, description="a file holding the inference API's bearer token "
+                                                          "(one line); every route but /v1/health then needs it. "
+                                                          "Set it whenever api_host is not loopback")
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = let it choose")
     trial_runs: int = Field(100, ge=0, le=1_000_000,
                             description="runs a newly activated model is on trial for: a run-time error among "
@@ -151,6 +154,23 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
         return ConfigError(f"unknown key {key!r} in {source}", "remove it or fix its spelling (see agent/config.py)")
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return ConfigError(f"invalid {key!r} in {source}: {err.get('msg')}{more}", f"fix {key} in the file or {env}")
+
+
+def read_api_token(path: Path | None) -> str | None:
+    """The inference API token from ``path`` (its first line, stripped), or None without a path.
+
+    Raises ConfigError when the file cannot be read or holds no token.
+    """
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the inference API token file {path}: {exc}",
+                          "point api_token_file at a readable file holding one token line") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"the inference API token file {path} is empty", "write one token line into it")
+    return lines[0].strip()
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> AgentConfig:

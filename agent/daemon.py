@@ -23,7 +23,7 @@ from collections.abc import Callable
 from agent import child_tasks
 from agent.bundle_download import BundleDownloader
 from agent.command_guard import CommandGuard
-from agent.config import AgentConfig
+from agent.config import AgentConfig, read_api_token
 from agent.deployer import Deployer
 from agent.drift_reporter import DriftReporter
 from agent.inference import InferenceEngine
@@ -105,7 +105,8 @@ class Agent:
         self.profile = with_budgets(child_tasks.probe(self.state_dir, c.probe_benchmark, c.device_id),
                                     memory=c.memory_cap, storage=c.storage_cap, latency_s=c.latency_cap)
         self._serve_stored()
-        self.server = InferenceServer(self.engine, ApiSettings(host=c.api_host, port=c.api_port))
+        self.server = InferenceServer(self.engine, ApiSettings(host=c.api_host, port=c.api_port,
+                                                               token=read_api_token(c.api_token_file)))
         self.server.start()
         self.link = MqttLink(url=c.broker_url, fleet=c.fleet, device_id=c.device_id, state_dir=self.state_dir,
                              username=c.username, password=c.password, ca_file=str(c.ca_file) if c.ca_file else None,

@@ -15,7 +15,9 @@ The handler only translates HTTP to ``InferenceEngine`` calls and errors to stat
 
 from __future__ import annotations
 
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import sys
@@ -47,6 +49,8 @@ class ApiSettings(BaseModel):
     port: int = Field(8080, ge=0, le=65535, description="TCP port; 0 picks a free one")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
     max_image_pixels: int = Field(25_000_000, ge=1, description="larger images get 413 before decoding")
+    token: str | None = Field(None, repr=False, description="when set, every route but /v1/health needs "
+                                                             "'Authorization: Bearer <token>'")
 
 
 class InferRequest(BaseModel):
@@ -151,6 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._consumed = False
         try:
             handler = routes.get(path)
+            if handler is not None and path != "/v1/health":
+                self._check_token()
             if handler is None:
                 other = _GET_ROUTES if routes is _POST_ROUTES else _POST_ROUTES
                 if path in other:
@@ -166,6 +172,17 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug or a runtime failure must answer, not drop the connection
             log.exception("request %s %s failed", self.command, path)
             self._fail(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {exc}")
+
+    def _check_token(self) -> None:
+        """Raises ApiError 401 when the API has a token and the request does not carry it."""
+        token = self.server.settings.token
+        if token is None:
+            return
+        given = self.headers.get("Authorization", "")
+        # constant time: the comparison must not tell a prober how much of a guess was right
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "this inference API needs 'Authorization: Bearer <token>' "
+                                                    "(the agent's api_token_file)")
 
     def _fail(self, status: HTTPStatus, message: str, close: bool = False, count: bool = True) -> None:
         if count:
@@ -263,6 +280,9 @@ class InferenceServer(ThreadingHTTPServer):
     def __init__(self, engine: InferenceEngine, settings: ApiSettings | None = None) -> None:
         self.engine, self.settings = engine, settings or ApiSettings()
         super().__init__((self.settings.host, self.settings.port), _Handler)
+        if self.settings.token is None and not ipaddress.ip_address(self.server_address[0]).is_loopback:
+            log.warning("the inference API listens on %s without a token: anyone on that network may call it; "
+                        "set api_token_file", self.server_address[0])
 
     @property
     def url(self) -> str:

@@ -250,3 +250,39 @@ def test_a_client_hanging_up_mid_request_is_no_traceback_and_the_server_keeps_se
     status, body = Client(server).infer(digits.x_heldout[:1])
     assert status == 200 and len(body["outputs"]) == 1
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_token_guards_every_route_but_health(lenet, digits, tmp_path, caplog):
+    from agent.config import read_api_token
+    from toco_core.errors import ConfigError
+
+    (tmp_path / "token").write_text("s3cret-token\n")
+    token = read_api_token(tmp_path / "token")
+    assert token == "s3cret-token" and read_api_token(None) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_api_token(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_api_token(tmp_path / "missing")
+    engine = InferenceEngine()
+    engine.load(lenet.base_bytes, "v1", DIGIT_PREP)
+    srv = InferenceServer(engine, ApiSettings(port=0, token=token))
+    srv.start()
+    try:
+        client = Client(srv)
+        assert client.request("GET", "/v1/health")[0] == 200  # liveness probes carry no secret
+        x = json.dumps({"inputs": digits.x_heldout[:1].tolist()}).encode()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            status, body = client.request("POST", "/v1/infer", x, "application/json", headers)
+            assert status == 401 and "Authorization: Bearer" in body["error"]
+            assert client.request("GET", "/v1/stats", headers=headers)[0] == 401
+        status, body = client.request("POST", "/v1/infer", x, "application/json",
+                                      {"Authorization": "Bearer s3cret-token"})
+        assert status == 200 and len(body["outputs"]) == 1
+    finally:
+        srv.stop()
+    # off loopback without a token the operator is told, once, at start
+    with caplog.at_level("WARNING", logger="agent.inference_api"):
+        open_srv = InferenceServer(InferenceEngine(), ApiSettings(host="0.0.0.0", port=0))
+        open_srv.server_close()
+    assert "without a token" in caplog.text
