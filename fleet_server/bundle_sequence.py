@@ -31,5 +31,6 @@ def next_bundle_sequence(db: Database, model_id: str) -> int:
     lineage = bundle_model_id(db, model_id)
     versions = select(ModelRow.id).where(or_(ModelRow.lineage_id == lineage, ModelRow.id == model_id))
     with db.session() as s:
-        manifests = s.scalars(select(BundleRow.manifest).where(BundleRow.model_id.in_(versions))).all()
+        manifests = s.scalars(select(BundleRow.manifest).where(or_(BundleRow.model_id == model_id,
+                                                                   BundleRow.model_id.in_(versions)))).all()
     return 1 + max((int(m.get("sequence") or 0) for m in manifests if isinstance(m, dict)), default=0)
