@@ -131,3 +131,37 @@ def test_drift_history_is_kept_per_version(fleet, devices, v2):
     assert out.exit_code == 0 and "ver-drift" in out.output
     out = CliRunner().invoke(app, ["drift", "--model", "lenet5", "--version", "7", "--server", fleet.http.url])
     assert out.exit_code != 0 and "no version v7" in out.output
+
+
+def test_a_real_agent_takes_v2_refuses_v1_as_a_downgrade_and_rolls_back_to_it_on_the_signed_command(
+        fleet, v2, tmp_path):
+    from fleet_server.enrollment import enroll
+    from tests.agent_e2e.conftest import AgentProcess
+
+    group, device = "ver-agents", "ver-agent"
+    enroll(fleet.server.db, device, group)
+    agent = AgentProcess(tmp_path, device, fleet.server.broker_url, fleet.server.public_key_path)
+    agent.config.write_text(agent.config.read_text().replace('fleet = "e2e"', 'fleet = "test"'))  # this fleet's topics
+    agent.start()
+    try:
+        def run(body: dict, path: str = "/api/deployments") -> dict:
+            r = fleet.api.post(path, json=body)
+            assert r.status_code == 200, r.text
+            dep_id = r.json()["deployment_id"]
+            assert wait_until(lambda: fleet.api.get(f"/api/deployments/{dep_id}").json()["stage"] in
+                              ("done", "stopped"), timeout=120, step=0.5), agent.log_text()
+            return fleet.api.get(f"/api/deployments/{dep_id}").json()
+
+        for analysis in (fleet.analysis, v2["analysis"]):
+            dep = run({"analysis_id": analysis["analysis_id"], "target": {"group": group}})
+            assert dep["counts"]["succeeded"] == 1, (dep, agent.log_text())
+        assert wait_until(lambda: group_rows(fleet, group) == {2: 1})
+        # v1's bundle has the lower sequence of the lineage: a plain deployment of it is refused
+        dep = run({"analysis_id": fleet.analysis["analysis_id"], "target": {"device": device}})
+        assert dep["counts"]["failed"] == 1 and dep["devices"][0]["reason"].startswith("downgrade"), dep
+        dep = run({"name": "lenet5", "group": group}, "/api/models/rollback")
+        assert dep["command"] == "rollback" and dep["counts"]["succeeded"] == 1, (dep, agent.log_text())
+        assert wait_until(lambda: group_rows(fleet, group) == {1: 1})
+        assert agent.get("/v1/ready")[1]["model_version"].startswith(fleet.analysis["bundle_id"])
+    finally:
+        agent.stop()
