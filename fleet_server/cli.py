@@ -182,12 +182,14 @@ def rollback(deployment_id: str, server: str = SERVER) -> None:
 @devices_app.command("list")
 @cli_errors
 def devices_list(server: str = SERVER) -> None:
-    """The fleet as a table: state (quarantined: never enrolled; revoked), hardware, active plan, agreement."""
-    t = Table("device", "group", "state", "memory", "cores", "plan", "predicted", "measured")
+    """The fleet as a table: state (quarantined: never enrolled; revoked), model version, hardware, active plan,
+    agreement."""
+    t = Table("device", "group", "state", "model", "memory", "cores", "plan", "predicted", "measured")
     for d in _call(server, "GET", "/api/devices"):
-        hw, act = d["hardware"], d["active"] or {}
+        hw, act, ver = d["hardware"], d["active"] or {}, d.get("model_version")
         pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-        t.add_row(d["device_id"], d["group"], d["state"], format_size(hw.get("total_memory", 0)),
+        t.add_row(d["device_id"], d["group"], d["state"], f"{ver['name']} v{ver['version']}" if ver else "-",
+                  format_size(hw.get("total_memory", 0)),
                   str(hw.get("physical_cores", "-")), act.get("plan_label") or "-", pct(act.get("predicted_agreement")),
                   pct(act.get("measured_agreement")))
     console.print(t)
