@@ -20,8 +20,10 @@ from sqlalchemy import select
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow,
                              TimelineRow, new_id)
-from fleet_server.enrollment import ENROLLED, may_run
+from fleet_server.enrollment import ENROLLED
+from fleet_server.enrollment import may_run as may_run_model
 from fleet_server.events import EventBus
+from fleet_server.model_versions import lineage_of
 from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
 from fleet_server.views import deployment_view
 from fleet_server.whatif import expected_infeasible
@@ -89,7 +91,13 @@ class Deployments:
     # --- create / read ----------------------------------------------------------------------
 
     def _targets(self, s, target: dict, model_id: str) -> list[str]:
-        # only enrolled devices allowed this model: a quarantined or revoked one is never sent a command
+        # only enrolled devices allowed this model: a quarantined or revoked one is never sent a command.
+        # Allowing a model's v1 id (its lineage id) allows every version of it; a later version's id, that one only
+        lineage = lineage_of(s, model_id)
+
+        def may_run(d: DeviceRow, model_id: str) -> bool:
+            return may_run_model(d, model_id) or may_run_model(d, lineage)
+
         if target.get("device"):
             d = fetch(s, DeviceRow, target["device"], "device")
             if not may_run(d, model_id):

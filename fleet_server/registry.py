@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 from sqlalchemy import Text, cast, select
+from sqlalchemy.exc import IntegrityError
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
                              new_id)
@@ -120,11 +121,16 @@ def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_
     row = ModelRow(id=model_id, name=name, sha256=model_hash(model), weights=sum(i.size for i in infos),
                    size_bytes=len(onnx_bytes), pool_size=len(x), path=str(folder / "model.onnx"),
                    pool_path=str(folder / "pool.npz"), preprocessing=prep, created_at=time.time())
-    with db.session(write=True) as s:  # numbered under the writer lock: two uploads of one name get two versions
-        row.version, row.parent_id, lineage = next_version(s, name)
-        row.lineage_id = lineage or model_id
-        s.add(row)
-        log_event(s, "model", {"model_id": model_id, "name": name, "version": row.version, "parent_id": row.parent_id})
+    try:
+        with db.session(write=True) as s:  # numbered under the writer lock: two uploads of one name get two versions
+            row.version, row.parent_id, lineage = next_version(s, name)
+            row.lineage_id = lineage or model_id
+            s.add(row)
+            log_event(s, "model", {"model_id": model_id, "name": name, "version": row.version,
+                                   "parent_id": row.parent_id})
+    except IntegrityError:  # PostgreSQL has no writer lock here: a concurrent upload of the name took the number
+        raise ConflictError(f"another upload of model {name!r} took version v{row.version} at the same moment",
+                            "upload it again: it becomes the next version") from None
     return model_view(row)
 
 

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fleet_server.cli import app
+from fleet_server.enrollment import enroll
 from tests.fleet.conftest import Fleet, SimDevice, device_json, succeed, wait_until
 from toco_core.messages import DeployCommand, RollbackCommand
 
@@ -67,6 +68,8 @@ def group_rows(fleet: Fleet, group: str) -> dict:
 def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command(fleet, devices, v2):
     group = "ver-line"
     devs = [devices(f"ver-{i}", group=group, responder=succeed) for i in range(4)]
+    # allowed the model by its v1 id: every version of it (the group rollouts below reach all four)
+    enroll(fleet.server.db, "ver-3", group, allowed_models=[fleet.analysis["model_id"]])
     assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 4)
 
     def deploy(analysis_id: str) -> dict:
@@ -135,7 +138,6 @@ def test_drift_history_is_kept_per_version(fleet, devices, v2):
 
 def test_a_real_agent_takes_v2_refuses_v1_as_a_downgrade_and_rolls_back_to_it_on_the_signed_command(
         fleet, v2, tmp_path):
-    from fleet_server.enrollment import enroll
     from tests.agent_e2e.conftest import AgentProcess
 
     group, device = "ver-agents", "ver-agent"
