@@ -1,4 +1,5 @@
-"""The overview shows which model version each device and group runs (derived from the active bundle)."""
+"""The overview shows which model version each device and group runs, the device page its own (derived
+from the active bundle)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,5 @@ def test_overview_shows_the_version_each_device_and_group_runs(fleet, devices, p
     for name in HARDWARE:
         assert "camnet v1" in page.locator(f"#devices tr[data-device='{name}']").inner_text()
     screenshot(page, tmp_path, "overview-versions")
+    open_view(page, fleet.url + "/devices/box-64")
+    assert "camnet v1" in page.locator("main").inner_text()
