@@ -23,7 +23,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from fleet_server import login, registry
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
+from fleet_server.model_versions import group_versions
 from fleet_server.uploads import BodyLimitMiddleware, MissingPartError, UploadTooLargeError, receive_form
+from fleet_server.version_rollback import rollback_group
 from fleet_server.whatif import hardware_profile, what_if
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import TocoError
@@ -73,6 +75,16 @@ class DeploymentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     analysis_id: str
     target: Target
+    canary_share: float | None = Field(None, gt=0, le=1)
+    failure_threshold: float | None = Field(None, ge=0, le=1)
+
+
+class VersionRollbackRequest(BaseModel):
+    """Roll a group back from the version of a model it runs to the previous version (staged)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the model's name")
+    group: str
     canary_share: float | None = Field(None, gt=0, le=1)
     failure_threshold: float | None = Field(None, ge=0, le=1)
 
@@ -161,6 +173,18 @@ def create_app(server) -> FastAPI:
                                 required={"file", "pool", "name"}) as form:
             return await asyncio.to_thread(_add_model, db, store, form.files, form.fields)
 
+    @app.post("/api/models/rollback", summary="Roll a group back to the previous version of a model (staged, "
+              "signed rollback commands naming that version's newest bundle)")
+    def rollback_version(req: VersionRollbackRequest) -> dict:
+        return rollback_group(db, server.deployments, name=req.name, group=req.group,
+                              canary_share=req.canary_share if req.canary_share is not None else settings.canary_share,
+                              failure_threshold=(req.failure_threshold if req.failure_threshold is not None
+                                                 else settings.failure_threshold))
+
+    @app.get("/api/groups/versions", summary="Which model versions each group's enrolled devices run, with counts")
+    def group_model_versions() -> list[dict]:
+        return group_versions(db)
+
     @app.get("/api/models/{model_id}")
     def model(model_id: str) -> dict:
         return registry.get_model(db, model_id=model_id)
@@ -211,8 +235,9 @@ def create_app(server) -> FastAPI:
         return server.deployments.rollback(deployment_id=deployment_id)
 
     @app.get("/api/drift")
-    def drift(device_id: str | None = None, limit: int = 500) -> list[dict]:
-        return registry.drift_points(db, device_id=device_id, limit=max(1, min(limit, 5000)))
+    def drift(device_id: str | None = None, model_id: str | None = None, limit: int = 500) -> list[dict]:
+        # model_id: one version's windows only (drift history per version)
+        return registry.drift_points(db, device_id=device_id, model_id=model_id, limit=max(1, min(limit, 5000)))
 
     @app.get("/api/reanalyses")
     def reanalyses() -> list[dict]:

@@ -109,20 +109,38 @@ def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML fil
 @cli_errors
 def models_add(model: Path = typer.Argument(..., exists=True, dir_okay=False), pool: Path = typer.Option(..., exists=True),
                name: Optional[str] = typer.Option(None), server: str = SERVER) -> None:
-    """Register an ONNX model with its analysis pool (.npz with x[, y])."""
+    """Register an ONNX model with its analysis pool (.npz with x[, y]); an existing --name gets a new version."""
     m = _call(server, "POST", "/api/models", data={"name": name or model.stem},
               files={"file": (model.name, model.read_bytes()), "pool": (pool.name, pool.read_bytes())})
-    console.print(f"model {m['model_id']}: {m['name']}, {m['weights']} weights, pool {m['pool_size']}")
+    parent = f" (after {m['parent_id']})" if m.get("parent_id") else ""
+    console.print(f"model {m['model_id']}: {m['name']} v{m['version']}{parent}, {m['weights']} weights, "
+                  f"pool {m['pool_size']}", highlight=False)
 
 
 @models_app.command("list")
 @cli_errors
 def models_list(server: str = SERVER) -> None:
-    """List registered models."""
-    t = Table("model", "name", "weights", "size", "pool")
-    for m in _call(server, "GET", "/api/models"):
-        t.add_row(m["model_id"], m["name"], str(m["weights"]), format_size(m["size_bytes"]), str(m["pool_size"]))
+    """List registered models, every version (newest first within a name) with its parent."""
+    t = Table("model", "name", "version", "parent", "weights", "size", "pool")
+    rows = sorted(_call(server, "GET", "/api/models"), key=lambda m: (m["name"], -m["version"]))
+    for m in rows:
+        t.add_row(m["model_id"], m["name"], f"v{m['version']}", m.get("parent_id") or "-", str(m["weights"]),
+                  format_size(m["size_bytes"]), str(m["pool_size"]))
     console.print(t)
+
+
+@models_app.command("rollback")
+@cli_errors
+def models_rollback(name: str = typer.Argument(..., help="the model's name"),
+                    group: str = typer.Option(..., "--group", help="the group to take back to the previous version"),
+                    canary: Optional[float] = typer.Option(None), threshold: Optional[float] = typer.Option(None),
+                    server: str = SERVER) -> None:
+    """Roll a group back to the previous version of a model: its newest bundle, staged like a deployment."""
+    d = _call(server, "POST", "/api/models/rollback", json={"name": name, "group": group, "canary_share": canary,
+                                                            "failure_threshold": threshold})
+    old, new = d["from_version"], d["to_version"]
+    console.print(f"deployment {d['deployment_id']}: group {group} from {name} v{old['version']} to v{new['version']}, "
+                  f"stage {d['stage']}, {d['counts']}", highlight=False)
 
 
 @app.command()
@@ -175,12 +193,14 @@ def rollback(deployment_id: str, server: str = SERVER) -> None:
 @devices_app.command("list")
 @cli_errors
 def devices_list(server: str = SERVER) -> None:
-    """The fleet as a table: state (quarantined: never enrolled; revoked), hardware, active plan, agreement."""
-    t = Table("device", "group", "state", "memory", "cores", "plan", "predicted", "measured")
+    """The fleet as a table: state (quarantined: never enrolled; revoked), model version, hardware, active plan,
+    agreement."""
+    t = Table("device", "group", "state", "model", "memory", "cores", "plan", "predicted", "measured")
     for d in _call(server, "GET", "/api/devices"):
-        hw, act = d["hardware"], d["active"] or {}
+        hw, act, ver = d["hardware"], d["active"] or {}, d.get("model_version")
         pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-        t.add_row(d["device_id"], d["group"], d["state"], format_size(hw.get("total_memory", 0)),
+        t.add_row(d["device_id"], d["group"], d["state"], f"{ver['name']} v{ver['version']}" if ver else "-",
+                  format_size(hw.get("total_memory", 0)),
                   str(hw.get("physical_cores", "-")), act.get("plan_label") or "-", pct(act.get("predicted_agreement")),
                   pct(act.get("measured_agreement")))
     console.print(t)
@@ -188,10 +208,14 @@ def devices_list(server: str = SERVER) -> None:
 
 @app.command()
 @cli_errors
-def drift(device: Optional[str] = typer.Option(None), last: int = typer.Option(10), server: str = SERVER) -> None:
-    """Drift windows per device: agreement, confidence, input shift, alert."""
-    path = "/api/drift" + (f"?device_id={device}" if device else "")
-    points = _call(server, "GET", path)
+def drift(device: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None, help="model name"),
+          version: Optional[int] = typer.Option(None, help="only windows measured on this version of --model"),
+          last: int = typer.Option(10), server: str = SERVER) -> None:
+    """Drift windows per device: agreement, confidence, input shift, alert (optionally of one model version)."""
+    params = {"device_id": device} if device else {}
+    if version is not None:
+        params["model_id"] = _version_id(server, model, version)
+    points = _call(server, "GET", "/api/drift", params=params)
     for dev in sorted({p["device_id"] for p in points}):
         t = Table("window", "agreement", "confidence", "entropy", "input shift", "alert", title=dev)
         for p in [p for p in points if p["device_id"] == dev][-last:]:
@@ -275,6 +299,18 @@ def tokens_revoke(token_id: str = typer.Argument(..., help="the token's id, from
     finally:
         db.close()
     console.print(f"token {view['token_id']} ({view['name']!r}) revoked", highlight=False)
+
+
+def _version_id(server: str, name: Optional[str], version: int) -> str:
+    """The model id of ``name`` v``version``. Raises ConfigError without --model, TocoError for an unknown version."""
+    if not name:
+        raise ConfigError("--version needs --model", "give --model NAME --version N")
+    found = [m for m in _call(server, "GET", "/api/models") if m["name"] == name]
+    match = [m["model_id"] for m in found if m["version"] == version]
+    if not match:
+        have = ", ".join(f"v{m['version']}" for m in sorted(found, key=lambda m: m["version"])) or "no versions"
+        raise TocoError(f"model {name!r} has no version v{version} ({have})")
+    return match[0]
 
 
 def _database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str:

@@ -30,6 +30,8 @@ class Base(DeclarativeBase):
 
 
 class ModelRow(Base):
+    """One version of a model: versions of one name form a lineage (v1 <- v2 <- ...; fleet_server.model_versions)."""
+
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -41,6 +43,11 @@ class ModelRow(Base):
     pool_path: Mapped[str] = mapped_column(Text)
     preprocessing: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    parent_id: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the previous version; None for v1
+    # v1's id, shared by every version: the model id bundles' anti-rollback sequences count under
+    lineage_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    __table_args__ = (Index("ux_models_name_version", "name", "version", unique=True),)
 
 
 class AnalysisRow(Base):
@@ -119,6 +126,8 @@ class DeploymentRow(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # deploy | rollback: a rollback deployment sends signed rollback commands naming its (older) bundle
+    command: Mapped[str] = mapped_column(String(16), default="deploy", server_default="deploy")
 
 
 class DeploymentDeviceRow(Base):

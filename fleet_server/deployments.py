@@ -20,8 +20,10 @@ from sqlalchemy import select
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow,
                              TimelineRow, new_id)
-from fleet_server.enrollment import ENROLLED, may_run
+from fleet_server.enrollment import ENROLLED
+from fleet_server.enrollment import may_run as may_run_model
 from fleet_server.events import EventBus
+from fleet_server.model_versions import lineage_of
 from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
 from fleet_server.views import deployment_view
 from fleet_server.whatif import expected_infeasible
@@ -89,7 +91,13 @@ class Deployments:
     # --- create / read ----------------------------------------------------------------------
 
     def _targets(self, s, target: dict, model_id: str) -> list[str]:
-        # only enrolled devices allowed this model: a quarantined or revoked one is never sent a command
+        # only enrolled devices allowed this model: a quarantined or revoked one is never sent a command.
+        # Allowing a model's v1 id (its lineage id) allows every version of it; a later version's id, that one only
+        lineage = lineage_of(s, model_id)
+
+        def may_run(d: DeviceRow, model_id: str) -> bool:
+            return may_run_model(d, model_id) or may_run_model(d, lineage)
+
         if target.get("device"):
             d = fetch(s, DeviceRow, target["device"], "device")
             if not may_run(d, model_id):
@@ -110,11 +118,15 @@ class Deployments:
         return ids
 
     def create(self, *, analysis_id: str, target: dict, canary_share: float, failure_threshold: float,
-               reason: str | None = None) -> dict[str, Any]:
+               reason: str | None = None, command: str = "deploy") -> dict[str, Any]:
         """Start a deployment of the analysis's bundle. Returns the Deployment, plus
         ``expected_infeasible``: the targeted devices whose own profile and caps leave the solver
         no plan within the budget (fleet_server.whatif.expected_infeasible); they still get the
         bundle and report their own verdict.
+
+        ``command``: ``deploy``, or ``rollback`` to send each device a signed rollback command naming
+        the bundle instead (an older version's bundle, which devices refuse through a deploy command;
+        fleet_server.version_rollback). Staging, timeouts and the failure threshold are the same.
 
         Raises NotFoundError for an unknown analysis/device/group, ConflictError when the analysis
         has no bundle yet or no device is online.
@@ -137,7 +149,7 @@ class Deployments:
         n_canary = min(len(devices), max(1, math.ceil(canary_share * len(devices) - 1e-9)))
         dep = DeploymentRow(id=new_id("d"), analysis_id=analysis_id, bundle_id=bundle.id, target=target,
                             stage="canary" if n_canary < len(devices) else "rest", canary_share=canary_share,
-                            failure_threshold=failure_threshold, reason=reason, created_at=time.time())
+                            failure_threshold=failure_threshold, reason=reason, created_at=time.time(), command=command)
         with self.db.session(write=True) as s:
             s.add(dep)
             s.flush()
@@ -186,8 +198,16 @@ class Deployments:
             s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="sent", t=now))
             if dev is not None:
                 dev.deploy_state = "deploying"
-            self.send_command(m.device_id, DeployCommand(cmd_id=new_id("c"), deployment_id=dep.id,
-                                                         bundle_id=dep.bundle_id, fidelity_budget=budget))
+            self.send_command(m.device_id, self._command(dep, budget))
+
+    @staticmethod
+    def _command(dep: DeploymentRow, budget: float) -> DeployCommand | RollbackCommand:
+        """What a wave sends: a deploy command, or for a rollback deployment a rollback command naming the
+        bundle (the agent allows that older bundle, then deploys it under this deployment's id)."""
+        if dep.command == "rollback":
+            return RollbackCommand(cmd_id=new_id("c"), deployment_id=dep.id, bundle_id=dep.bundle_id,
+                                   reason=dep.reason or "rollback to an earlier version")
+        return DeployCommand(cmd_id=new_id("c"), deployment_id=dep.id, bundle_id=dep.bundle_id, fidelity_budget=budget)
 
     def _advance(self, s, dep: DeploymentRow) -> bool:
         """Stop, open the next wave, or finish. Returns True when the stage changed."""

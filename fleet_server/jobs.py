@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 from sqlalchemy import select
 
-from fleet_server.bundle_sequence import next_bundle_sequence
+from fleet_server.bundle_sequence import bundle_model_id, next_bundle_sequence
 from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
 from fleet_server.registry import Store, store_bundle, update_analysis
@@ -321,7 +321,8 @@ class JobRunner:
         manifest = make_manifest(data, self.chunk_size, self.key,
                                  metadata={"model_name": name, "analysis_id": analysis_id, "reason": reason,
                                            "budget": budget},
-                                 model_id=model_id, sequence=next_bundle_sequence(self.db, model_id))
+                                 model_id=bundle_model_id(self.db, model_id),
+                                 sequence=next_bundle_sequence(self.db, model_id))
         timings = json.loads((Path(out) / "manifest.json").read_text()).get("timings")
         update_analysis(self.db, analysis_id=analysis_id, timings=timings)
         return store_bundle(self.db, self.store, analysis_id=analysis_id, data=data,

@@ -19,6 +19,7 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 from sqlalchemy import Text, cast, select
+from sqlalchemy.exc import IntegrityError
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
                              new_id)
@@ -90,6 +91,9 @@ def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_
               preprocessing: str | dict | None = None) -> dict[str, Any]:
     """Register an ONNX model with its analysis pool. Returns the Model.
 
+    A name already registered gets a new version of that model (v2, v3, ...; the newest version
+    before it is its parent, fleet_server.model_versions); a new name starts at v1.
+
     Raises ModelError for an unreadable/unsupported ONNX file, PoolError for a pool that does
     not fit the model input, ConfigError for a bad name or preprocessing JSON.
     """
@@ -112,17 +116,26 @@ def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_
     (folder / "model.onnx").write_bytes(onnx_bytes)
     arrays = {"x": x} if y is None else {"x": x, "y": y}
     np.savez(folder / "pool.npz", **arrays)
+    from fleet_server.model_versions import next_version  # model_versions imports registry
+
     row = ModelRow(id=model_id, name=name, sha256=model_hash(model), weights=sum(i.size for i in infos),
                    size_bytes=len(onnx_bytes), pool_size=len(x), path=str(folder / "model.onnx"),
                    pool_path=str(folder / "pool.npz"), preprocessing=prep, created_at=time.time())
-    with db.session(write=True) as s:
-        s.add(row)
-        log_event(s, "model", {"model_id": model_id, "name": name})
+    try:
+        with db.session(write=True) as s:  # numbered under the writer lock: two uploads of one name get two versions
+            row.version, row.parent_id, lineage = next_version(s, name)
+            row.lineage_id = lineage or model_id
+            s.add(row)
+            log_event(s, "model", {"model_id": model_id, "name": name, "version": row.version,
+                                   "parent_id": row.parent_id})
+    except IntegrityError:  # PostgreSQL has no writer lock here: a concurrent upload of the name took the number
+        raise ConflictError(f"another upload of model {name!r} took version v{row.version} at the same moment",
+                            "upload it again: it becomes the next version") from None
     return model_view(row)
 
 
 def list_models(db: Database) -> list[dict[str, Any]]:
-    """Every registered model, newest first."""
+    """Every registered model version, newest first."""
     with db.session() as s:
         return [model_view(m) for m in s.scalars(select(ModelRow).order_by(ModelRow.created_at.desc()))]
 
@@ -212,28 +225,36 @@ def devices_json(db: Database) -> bytes:
 
     The overview of 1,000 devices is the API's hot path: plain rows instead of ORM objects, and
     the JSON columns passed through verbatim (orjson.Fragment) are never parsed and re-encoded;
-    only ``active`` is, because its view is derived from it.
+    only ``active`` is, because its view is derived from it. ``model_version`` (the ModelVersion
+    the device runs, derived from its active bundle; fleet_server.model_versions) costs one query
+    for the whole fleet: a fleet runs a handful of bundles.
     """
+    from fleet_server.model_versions import bundle_versions  # model_versions imports registry
+
     t = DeviceRow.__table__
     raw = [cast(t.c.hardware, Text).label("hardware_json"), cast(t.c.last_drift, Text).label("last_drift_json")]
     cols = [c for c in t.c if c.name not in ("hardware", "last_drift")] + raw
     with db.session() as s:
         rows = s.execute(select(*cols).order_by(t.c.id)).all()
+        versions = bundle_versions(s, {(r._mapping["active"] or {}).get("bundle_id") for r in rows} - {None})
     views = []
     for r in rows:
         m = r._mapping
         row = SimpleNamespace(**m, hardware=orjson.Fragment(m["hardware_json"] or "{}"),
                               last_drift=orjson.Fragment(m["last_drift_json"] or "null"))
-        views.append(device_view(row))
+        views.append({**device_view(row), "model_version": versions.get((m["active"] or {}).get("bundle_id"))})
     return orjson.dumps(views, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 
 def get_device(db: Database, *, device_id: str, points: int = 200) -> dict[str, Any]:
-    """DeviceDetail: Device + telemetry, drift points and deployment history. Raises NotFoundError."""
+    """DeviceDetail: Device (with the ``model_version`` it runs) + telemetry, drift points and deployment
+    history. Raises NotFoundError."""
     from fleet_server.deployments import device_history  # deployments imports registry
+    from fleet_server.model_versions import running_version
 
     with db.session() as s:
-        view = device_view(fetch(s, DeviceRow, device_id, "device"))
+        row = fetch(s, DeviceRow, device_id, "device")
+        view = {**device_view(row), "model_version": running_version(s, row)}
         tel = s.scalars(select(TelemetryRow).where(TelemetryRow.device_id == device_id)
                         .order_by(TelemetryRow.t.desc()).limit(points)).all()
         view["telemetry"] = [{"t": r.t, "cpu_percent": r.cpu_percent, "available_memory": r.available_memory,
@@ -243,13 +264,24 @@ def get_device(db: Database, *, device_id: str, points: int = 200) -> dict[str, 
     return view
 
 
-def drift_points(db: Database, *, device_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
-    """DriftPoints, oldest first (one device, or the newest of all). Raises NotFoundError for an unknown device."""
+def drift_points(db: Database, *, device_id: str | None = None, model_id: str | None = None,
+                 limit: int = 500) -> list[dict[str, Any]]:
+    """DriftPoints, oldest first (one device, or the newest of all), each with the ``model_id`` of the
+    version whose bundle it was measured on (None for a bundle the server does not know).
+
+    ``model_id``: only windows measured on bundles of that model version (drift history per version:
+    a window names its bundle, the bundle its version). Raises NotFoundError for an unknown device or model.
+    """
     with db.session() as s:
-        q = select(DriftRow).order_by(DriftRow.t.desc()).limit(limit)
+        q = (select(DriftRow, BundleRow.model_id).outerjoin(BundleRow, BundleRow.id == DriftRow.bundle_id)
+             .order_by(DriftRow.t.desc()).limit(limit))
         if device_id is not None:
             fetch(s, DeviceRow, device_id, "device")
             q = q.where(DriftRow.device_id == device_id)
+        if model_id is not None:
+            fetch(s, ModelRow, model_id, "model")
+            q = q.where(BundleRow.model_id == model_id)
+        return [{**r.point, "model_id": m} for r, m in reversed(s.execute(q).all())]
         return [r.point for r in reversed(s.scalars(q).all())]
 
 

@@ -16,8 +16,10 @@ PROFILE_KEYS = ("total_memory", "available_memory", "physical_cores", "cpu_model
 
 
 def model_view(m: ModelRow) -> dict[str, Any]:
-    """Model = model_id, name, sha256, weights, size_bytes, pool_size, created_at."""
-    return {"model_id": m.id, "name": m.name, "sha256": m.sha256, "weights": m.weights, "size_bytes": m.size_bytes,
+    """Model = model_id, name, version, parent_id (the previous version's model_id), lineage_id (v1's),
+    sha256, weights, size_bytes, pool_size, created_at, preprocessing. One row per version."""
+    return {"model_id": m.id, "name": m.name, "version": m.version, "parent_id": m.parent_id,
+            "lineage_id": m.lineage_id or m.id, "sha256": m.sha256, "weights": m.weights, "size_bytes": m.size_bytes,
             "pool_size": m.pool_size, "created_at": m.created_at, "preprocessing": m.preprocessing}
 
 
@@ -106,13 +108,13 @@ def device_view(d: DeviceRow) -> dict[str, Any]:
 
 
 def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> dict[str, Any]:
-    """Deployment with counts per outcome, every device's current phase, and the devices the server
+    """Deployment with its command (deploy | rollback), counts per outcome, every device's current phase, and the devices the server
     expected to find no plan within budget (``expected_infeasible``: device_id, reason)."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for m in members:
         counts[m.outcome] += 1
     return {"deployment_id": dep.id, "analysis_id": dep.analysis_id, "bundle_id": dep.bundle_id, "target": dep.target,
-            "stage": dep.stage, "counts": counts, "canary_share": dep.canary_share,
+            "stage": dep.stage, "command": dep.command or "deploy", "counts": counts, "canary_share": dep.canary_share,
             "failure_threshold": dep.failure_threshold, "reason": dep.reason,
             "devices": [{"device_id": m.device_id, "phase": m.phase, "outcome": m.outcome, "wave": m.wave,
                          "reason": m.reason, "expected_infeasible": m.expected_infeasible, "t": m.updated_at}

@@ -77,11 +77,12 @@ const SHADOW = {
   none: "none: confidence, entropy and input checks; uploads scored on the server",
 };
 
-function activeFacts(a) {
+// `v`: the model version the server derived from the active bundle (null for a bundle it did not build)
+function activeFacts(a, v) {
   if (!a) return h("p", { class: "muted" }, "No model active yet.");
   const p = a.plan || {};
   return facts([
-    ["Model", a.model_name || "–"],
+    ["Model", v ? `${v.name} v${v.version}` : a.model_name || "–"],
     ["Plan", h("span", { class: "plan" }, a.plan_label || "–")],
     ["Bundle", shortId(a.bundle_id, 16)],
     ["Storage form", isNum(a.base_file_bytes) ? `${fmtBytes(a.storage_bytes)} of ${fmtBytes(a.base_file_bytes)} (${fmtPct(a.storage_bytes / a.base_file_bytes, 0)})` : fmtBytes(a.storage_bytes)],
@@ -140,7 +141,14 @@ export async function render(root) {
     d.telemetry = d.telemetry.concat([t]).slice(-MAX_POINTS);
     drawTelemetry();
   });
-  on("device", (v) => { if (mine(v)) { Object.assign(d, v); drawHead(); } });
+  on("device", (v) => {
+    if (!mine(v)) return;
+    // the event carries no model version (the server derives it per bundle): a new bundle reloads it
+    const moved = (v.active || {}).bundle_id !== (d.active || {}).bundle_id;
+    Object.assign(d, v);
+    drawHead();
+    if (moved) reload();
+  });
   on("status", (v) => { if (mine(v)) reload(); });
   on("deployment", reload);
   window.addEventListener("resize", debounce(() => { if (d) { drawDrift(); drawTelemetry(); } }, 200));
@@ -150,7 +158,7 @@ export async function render(root) {
       h("h1", {}, d.device_id), badge(d.state, d.state),
       h("span", { class: "muted" }, `group ${d.group || "default"} · last seen ${fmtAgo(d.last_seen)}`)));
     mount(slots.hw, hardwareFacts(d));
-    mount(slots.active, activeFacts(d.active));
+    mount(slots.active, activeFacts(d.active, d.model_version));
     mount(slots.last, lastDriftFacts(d.last_drift));
   }
   function drawDrift() {

@@ -35,12 +35,29 @@ function planCells(d) {
   const pred = a.predicted_agreement;
   const gap = isNum(measured) && isNum(pred) ? measured - pred : null;
   return [
-    h("td", {}, h("div", {}, a.model_name || "model"), h("div", { class: "sub plan" }, a.plan_label || "plan not reported"),
+    h("td", {}, h("div", {}, versionText(d.model_version) || a.model_name || "model"), h("div", { class: "sub plan" }, a.plan_label || "plan not reported"),
       h("div", { class: "sub" }, "bundle ", shortId(a.bundle_id, 8))),
     h("td", {}, size),
     h("td", { class: "num" }, h("div", {}, `${fmtPct(pred)} → ${fmtPct(measured)}`),
       h("div", { class: gap !== null && gap < -0.01 ? "sub warn" : "sub" }, "predicted → self-test")),
   ];
+}
+
+// The version a device runs: the server derives it from the bundle the device reports active.
+function versionText(v) {
+  return v ? `${v.name} v${v.version}` : null;
+}
+
+// One row per (group, version) with its device count: which groups run which version, so a
+// staged rollout or a rollback can be followed group by group.
+function versionsTable(rows) {
+  if (!rows.length) return h("p", { class: "muted" }, "No enrolled device yet.");
+  return h("table", { class: "grid-table compact", id: "group-versions" },
+    h("thead", {}, h("tr", {}, ["Group", "Model version", "Devices"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows.map((r) => h("tr", { "data-group": r.group, "data-version": r.version ?? "" },
+      h("td", {}, r.group),
+      h("td", { class: r.version ? "" : "muted" }, versionText(r) || "no known version"),
+      h("td", { class: "num" }, String(r.devices))))));
 }
 
 function driftCell(p) {
@@ -136,7 +153,7 @@ function deploymentsTable(items) {
       const total = ["pending", "in_progress", "succeeded", "failed"].reduce((n, k) => n + (c[k] || 0), 0);
       return h("tr", {},
         h("td", {}, fmtTime(d.created_at)), h("td", {}, targetText(d.target)),
-        h("td", {}, badge(d.stage, d.stage.replace("_", " "))),
+        h("td", {}, badge(d.stage, d.stage.replace("_", " ")), d.command === "rollback" ? badge("rollback", "version rollback") : null),
         h("td", { class: "num" }, `${c.succeeded || 0} / ${total}`),
         h("td", { class: c.failed ? "num warn" : "num" }, String(c.failed || 0)),
         expectedCell(d.expected_infeasible || []),
@@ -163,13 +180,15 @@ export async function render(root) {
   for (const kind of ["device", "drift", "status", "deployment", "analysis", "reanalysis"]) on(kind, refresh);
 
   async function load() {
-    const [devices, analyses, reanalyses, deployments] = await Promise.all([
-      api("/api/devices"), optional("/api/analyses"), optional("/api/reanalyses"), optional("/api/deployments")]);
+    const [devices, analyses, reanalyses, deployments, versions] = await Promise.all([
+      api("/api/devices"), optional("/api/analyses"), optional("/api/reanalyses"), optional("/api/deployments"),
+      optional("/api/groups/versions")]);
     mount(root,
       h("div", { class: "page-head" }, h("h1", {}, "Fleet overview"),
         h("span", { class: "muted" }, `updated ${new Date().toLocaleTimeString()}`)),
       countsBar(devices),
       card("Devices", devicesTable(devices)),
+      card("Model versions per group", versionsTable(versions)),
       h("div", { class: "columns" },
         card("Analyses", analysesTable(analyses)),
         card("Re-analyses triggered by drift", reanalysesTable(reanalyses, refresh))),
