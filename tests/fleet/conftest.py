@@ -68,13 +68,18 @@ class Fleet:
 
     def analyse(self, lenet: dict) -> dict:
         """Register the LeNet and wait for its analysis; returns the finished Analysis."""
+        return self.add_and_analyse(lenet)[1]
+
+    def add_and_analyse(self, lenet: dict) -> tuple[dict, dict]:
+        """Register the LeNet under the name lenet5 (a new version when it exists) and wait for its
+        analysis; returns (the Model, the finished Analysis)."""
         m = self.api.post("/api/models", files={"file": ("m.onnx", lenet["onnx"]), "pool": ("p.npz", lenet["pool"])},
                           data={"name": "lenet5"})
         m.raise_for_status()
         a = self.api.post(f"/api/models/{m.json()['model_id']}/analyses", json={"budget": 0.05}).json()
         assert wait_until(lambda: self.api.get(f"/api/analyses/{a['analysis_id']}").json()["status"] in ("done", "failed"),
                           timeout=120, step=0.5)
-        return self.api.get(f"/api/analyses/{a['analysis_id']}").json()
+        return m.json(), self.api.get(f"/api/analyses/{a['analysis_id']}").json()
 
     def stop(self) -> None:
         self.api.close()

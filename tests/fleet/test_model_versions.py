@@ -21,13 +21,8 @@ pytestmark = pytest.mark.parametrize("fleet", ["mosquitto"], indirect=True)
 def v2(fleet, lenet) -> dict:
     """v2 of the fleet's lenet5 (the same ONNX uploaded again under its name), analysed once per fleet."""
     if not hasattr(fleet, "v2"):
-        m = fleet.api.post("/api/models", files={"file": ("m.onnx", lenet["onnx"]), "pool": ("p.npz", lenet["pool"])},
-                           data={"name": "lenet5"})
-        m.raise_for_status()
-        a = fleet.api.post(f"/api/models/{m.json()['model_id']}/analyses", json={"budget": 0.05}).json()
-        assert wait_until(lambda: fleet.api.get(f"/api/analyses/{a['analysis_id']}").json()["status"] in ("done", "failed"),
-                          timeout=120, step=0.5)
-        fleet.v2 = {"model": m.json(), "analysis": fleet.api.get(f"/api/analyses/{a['analysis_id']}").json()}
+        model, analysis = fleet.add_and_analyse(lenet)
+        fleet.v2 = {"model": model, "analysis": analysis}
     return fleet.v2
 
 

@@ -5,14 +5,13 @@ unknown simulated devices (the fleet tests' SimDevice)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from fleet_server.db import AnalysisRow, BundleRow, ModelRow, new_id
-from fleet_server.enrollment import enroll
 from tests.deploy.conftest import deploy_broker  # noqa: F401  (fixture: the shipped mosquitto config, real mosquitto)
-from tests.fleet.conftest import Fleet, SimDevice
+from tests.fleet.conftest import Fleet, SimDevice, devices  # noqa: F401  (devices: a pytest fixture, on this fleet)
 from toco_core.bundle import make_manifest, pack_bundle
 
 
@@ -47,20 +46,3 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
     f.analysis = stored_analysis(f)
     yield f
     f.stop()
-
-
-@pytest.fixture
-def devices(fleet) -> Iterator[Callable[..., SimDevice]]:
-    """Factory of SimDevices, enrolled in their group first unless ``enrolled=False``; closed after the test."""
-    made: list[SimDevice] = []
-
-    def make(device_id: str, enrolled: bool = True, **kw) -> SimDevice:
-        if enrolled:
-            enroll(fleet.server.db, device_id, kw.get("group", "default"))
-        d = SimDevice(fleet.port, "test", device_id, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.close()
