@@ -106,7 +106,7 @@ def sample(proc: psutil.Process, state: Path, load: Load, t0: float) -> dict:
             pass
     # the daemon rewrites status.json on every telemetry tick: its outbox depth and last drift window
     status = json.loads((state / "status.json").read_text()) if (state / "status.json").exists() else {}
-    outbox, windows = status.get("outbox"), (status.get("last_drift") or {}).get("index")
+    outbox, windows = status.get("outbox"), (status.get("last_drift") or {}).get("window")
     return {"minute": (time.monotonic() - t0) / 60, "rss_mb": rss / MB, "fds": fds, "threads": threads,
             "outbox": outbox, "windows": windows, "served": load.ok, "failed": load.failed}
 
