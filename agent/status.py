@@ -38,7 +38,8 @@ class AgentStatus(BaseModel):
     api_url: str | None = None
     active: dict[str, Any] | None = Field(None, description="bundle_id, slot, version, plan, fallback")
     deployment: dict[str, Any] | None = Field(None, description="last deployment step: id, bundle, phase, reason")
-    last_drift: dict[str, Any] | None = Field(None, description="last closed drift window: index, alert, out_of_band")
+    last_drift: dict[str, Any] | None = Field(None, description="last closed drift window: window, closed_at, "
+                                             "n_samples, alert, out_of_band, measured_agreement")
     outbox: int = 0
     inferences: int = 0
     storage: dict[str, Any] | None = Field(None, description="state_dir_bytes, download_bytes (parts received "
