@@ -53,10 +53,10 @@ def detect_scored_output(model: onnx.ModelProto) -> str:
     tensor met walking back from the outputs through the post-processing nodes (the
     probabilities that feed ArgMax / ZipMap). Raises ModelError when there is none.
     """
-    types = _tensor_types(model)
     for out in model.graph.output:
         if _is_float_tensor(out.type):
             return out.name
+    types = _tensor_types(model)  # shape inference only where an internal tensor is needed
     producers = _producers(model)
     inits = {t.name for t in model.graph.initializer}
     frontier = [o.name for o in model.graph.output]

@@ -3,6 +3,7 @@ the analysis scores the probabilities, the device model keeps every original out
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.drift_reporter import scored_values
+from agent.inference import InferenceEngine
+from agent.inference_api import jsonable_outputs
 from tests.analysis_eval.tail_models import (
     digits_split,
     labelled_classifier,
@@ -90,8 +94,25 @@ def test_analyse_recompress_keeps_the_tail_and_the_labels(models, data, variant,
     agree = (_labels(device, test_x) == _labels(model_bytes(model), test_x)).mean()
     assert agree >= 0.95, agree
     # the device model's head is the compressed sub-graph: the tail is carried, not re-analysed
-    head = fidelity_view(built.runnable, result.manifest.scored_output)
-    assert [o.name for o in head.graph.output] == [result.manifest.scored_output]
+    scored = result.manifest.scored_output
+    head = fidelity_view(built.runnable, scored)
+    assert [o.name for o in head.graph.output] == [scored]
+    _serve(device, test_x, scored, served=scored == "probabilities")  # the logits are internal
+
+
+def _serve(device: bytes, x, scored: str, served: bool) -> None:
+    """The agent's engine returns every output; drift observes the scored one where it is served."""
+    engine = InferenceEngine()
+    engine.load(device, "v1")
+    outputs = engine.infer(x[:3]).outputs
+    assert list(outputs) == ["label", "probabilities"]
+    body = json.loads(json.dumps(jsonable_outputs(outputs)))
+    assert body["label"][0].startswith("digit-")
+    values = scored_values(outputs, scored)
+    if served:
+        assert values.shape == (3, 10)
+    else:  # internal (ZipMap'd probabilities, logits): drift is not fed label strings or maps
+        assert values is None and len(body["probabilities"]) == 3
 
 
 def test_cli_unknown_output_is_one_line(models, data, tmp_path):
