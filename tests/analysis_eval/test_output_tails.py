@@ -26,8 +26,10 @@ from toco_core.analysis.pipeline import analyze
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.device import load_profile
 from toco_core.errors import ModelError
-from toco_core.onnx_model import model_bytes
+from toco_core.model_bundle import BundleInfo
+from toco_core.onnx_model import model_bytes, model_hash
 from toco_core.output_tail import detect_scored_output, fidelity_view, scored_output
+from toco_core.parts_bundle import pack_parts, source_from_parts
 from toco_core.plan import Policy
 from toco_core.recompress import recompress
 
@@ -98,6 +100,13 @@ def test_analyse_recompress_keeps_the_tail_and_the_labels(models, data, variant,
     head = fidelity_view(built.runnable, scored)
     assert [o.name for o in head.graph.output] == [scored]
     _serve(device, test_x, scored, served=scored == "probabilities")  # the logits are internal
+    if variant == "zipmap":  # a box that holds only the bundle's parts builds the same outputs
+        parts = pack_parts(model, result, BundleInfo(model_name=variant, model_sha256=model_hash(model), budget=0.02))
+        source, from_parts, _ = source_from_parts(parts)
+        assert from_parts.manifest.scored_output == scored
+        built, report = recompress(source, from_parts, load_profile(PROFILES / f"{profile}.json"),
+                                   Policy(budget=0.02), measure_memory=False)
+        assert report.self_test.passed and _outputs(model_bytes(built.runnable)) == _outputs(model_bytes(model))
 
 
 def _serve(device: bytes, x, scored: str, served: bool) -> None:
