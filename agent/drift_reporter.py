@@ -37,6 +37,19 @@ _STOP = object()
 _SAMPLE_OVERHEAD = 200  # JSON field names and quoting around one sample's base64
 
 
+def scored_values(outputs: dict[str, np.ndarray], name: str | None) -> np.ndarray | None:
+    """The output drift statistics are about.
+
+    Takes the served model's outputs by name and the reference's scored output (None: a reference
+    made before output selection, which described the first output). Returns that array, or None
+    when the served model does not output the tensor (the probabilities of a ZipMap'd export are
+    internal to it).
+    """
+    if name is None:
+        return next(iter(outputs.values()))
+    return outputs.get(name)
+
+
 class DriftReporter:
     """Watches the serving model's traffic; see the module docstring."""
 
@@ -49,6 +62,7 @@ class DriftReporter:
         self.threads, self.seed, self.shadow_idle_s, self.release = threads, seed, shadow_idle_s, release
         self.gather_s = gather_s
         self.dropped = 0
+        self.unscored = 0  # batches not observed: the served model does not output the scored tensor
         self.last_report: DriftReport | None = None
         self.on_report: Callable[[DriftReport], None] = lambda report: None
         self._bundle_id: str | None = None
@@ -93,10 +107,15 @@ class DriftReporter:
 
     def hook(self, x: np.ndarray, outputs: dict[str, np.ndarray], request_id: str) -> None:
         """InferenceEngine hook: queue the batch (dropped and counted when the queue is full)."""
-        if self._monitor is None:
+        monitor = self._monitor
+        if monitor is None:
+            return
+        out = scored_values(outputs, monitor.reference.scored_output)
+        if out is None:  # the scored tensor is internal to the served model (a ZipMap'd export)
+            self.unscored += 1
             return
         try:
-            self._queue.put_nowait(("observe", x, next(iter(outputs.values())), request_id))
+            self._queue.put_nowait(("observe", x, out, request_id))
         except queue.Full:
             self.dropped += 1
 
@@ -238,7 +257,9 @@ class DriftReporter:
             if base is None:
                 plain.append(item)
             else:
-                shadowed.append((*item, base.run(None, {base.get_inputs()[0].name: item[1]})[0]))
+                scored = monitor.reference.scored_output
+                shadowed.append((*item, base.run(None if scored is None else [scored],
+                                                 {base.get_inputs()[0].name: item[1]})[0]))
         last = group[-1][3]
         batches = sorted((b for b in (shadowed, plain) if b), key=lambda b: b[-1][3] == last)
         for batch in batches:

@@ -263,8 +263,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, x: Any) -> tuple[HTTPStatus, dict[str, Any]]:
         result = self.server.engine.infer(x)
-        return HTTPStatus.OK, {"outputs": {k: v.tolist() for k, v in result.outputs.items()},
+        return HTTPStatus.OK, {"outputs": jsonable_outputs(result.outputs),
                                "model_version": result.model_version, "request_id": result.request_id}
+
+
+def jsonable_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Every model output as JSON values: arrays as nested lists (strings stay strings); a ZipMap
+    output, which onnxruntime returns as a list of {class: probability} dicts, as it is."""
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in outputs.items()}
 
 
 _GET_ROUTES = {"/v1/health": _Handler.health, "/v1/ready": _Handler.ready, "/v1/stats": _Handler.stats}

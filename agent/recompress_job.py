@@ -220,6 +220,7 @@ def _child_main(job_dir: Path) -> int:
     from toco_core.errors import AnalysisError, BundleError, InfeasibleError, SelfTestError
     from toco_core.model_bundle import open_bundle
     from toco_core.onnx_model import model_bytes, output_kind
+    from toco_core.output_tail import fidelity_view
     from toco_core.recompress import recompress
     from toco_core.runtime import run_model
 
@@ -236,9 +237,11 @@ def _child_main(job_dir: Path) -> int:
                                    measure_memory=spec.measure_memory, before_build=before_build)
         _emit("reference", 0, 1)
         runnable = model_bytes(built.runnable)
-        outputs = run_model(runnable, analysis.heldout_x)
+        # the drift reference holds the scored tensor, as the self-test measured it
+        scored = analysis.manifest.scored_output
+        outputs = run_model(fidelity_view(built.runnable, scored), analysis.heldout_x)
         reference = build_reference(analysis.heldout_x, outputs, 1.0 - report.self_test.measured, spec.drift,
-                                    output_kind(base))
+                                    output_kind(fidelity_view(base, scored)), scored_output=scored)
     except _Missing as exc:
         atomic_write(job_dir / "error.json", json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc),
                                                          "needs": exc.parts}).encode())

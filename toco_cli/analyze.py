@@ -47,13 +47,18 @@ def analyze(
     std: str = typer.Option("1", "--std", help="image folders: std per channel"),
     color: str = typer.Option("grayscale", "--color", help="image folders: grayscale or rgb"),
     layout: str = typer.Option("nchw", "--layout", help="image folders: nchw or nhwc"),
+    output: str | None = typer.Option(None, "--output", help="tensor to score: a graph output or an intermediate "
+                                      "float tensor (default: the float output, or the probabilities behind the label)"),
 ) -> None:
     """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
     from toco_core.analysis.pipeline import analyze as run_analysis
     from toco_core.analysis.settings import AnalysisSettings
 
-    settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds)
+    from toco_core.output_tail import scored_output
+
+    settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output)
     onnx_model = load_model(model)
+    scored_output(onnx_model, output)  # an unknown --output fails now, before the pool is read
     x, y = load_pool(pool, input_spec(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
     with Progress(TextColumn("{task.description:16s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:

@@ -137,12 +137,15 @@ def evaluate(
     from toco_core.compression.storage import decode_model
     from toco_core.fidelity import compare_outputs
     from toco_core.onnx_model import output_kind
+    from toco_core.output_tail import fidelity_view, scored_output
     from toco_core.pool import load_pool
     from toco_core.runtime import run_model
 
     b = load_model(base)
     m = decode_model(model.read_bytes()) if model.suffix == ".toco" else load_model(model)
     x, y = load_pool(pool, input_spec(b), labels)
+    scored = scored_output(b)  # the tensor an analysis would score, not a label after it
+    b, m = fidelity_view(b, scored), fidelity_view(m, scored)
     fid = compare_outputs(run_model(b, x), run_model(m, x), y, output_kind(b))
     t = Table(title=f"{model.name} vs {base.name} on {fid.n} samples")
     for col in ("agreement", "disagreement", "KL", "accuracy", "base accuracy"):

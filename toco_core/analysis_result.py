@@ -56,6 +56,9 @@ class AnalysisManifest(BaseModel):
     input_name: str
     input_shape: list[int | None]
     output_kind: str
+    # the tensor every fidelity figure is measured on (toco_core.output_tail); None in analyses made
+    # before output selection, which scored the first graph output
+    scored_output: str | None = None
     weights: int
     settings: dict
     rounds: list[RoundStats]

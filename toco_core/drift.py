@@ -85,6 +85,8 @@ class DriftReference(BaseModel):
     schema_version: int = 1
     n_samples: int = Field(ge=2)
     output_kind: OutputKind = "logits"
+    # the output the statistics describe (the analysis' scored tensor); None: the first output
+    scored_output: str | None = None
     sample_shape: tuple[int, ...]
     expected_agreement: float = Field(ge=0, le=1, description="predicted fidelity (top-1 agreement)")
     expected_accuracy: float | None = Field(None, ge=0, le=1)
@@ -101,11 +103,12 @@ class DriftReference(BaseModel):
 
 def build_reference(inputs: np.ndarray, outputs: np.ndarray, expected_agreement: float,
                     settings: DriftSettings | None = None, kind: OutputKind = "logits",
-                    expected_accuracy: float | None = None) -> DriftReference:
+                    expected_accuracy: float | None = None, scored_output: str | None = None) -> DriftReference:
     """Reference statistics from calibration ``inputs`` and the deployed model's ``outputs``.
 
     Use held-out-like calibration samples: samples picked for being disputed (QBC) are less
     confident than live traffic and would make clean windows look drifted.
+    ``scored_output`` names the model output ``outputs`` are (the agent observes that one).
     Raises PoolError for fewer than 2 samples or mismatched counts.
     """
     s = settings or DriftSettings()
@@ -117,7 +120,7 @@ def build_reference(inputs: np.ndarray, outputs: np.ndarray, expected_agreement:
     q = np.quantile(st.entropy, np.linspace(0, 1, s.entropy_bins + 1)[1:-1])
     x = np.asarray(inputs, dtype=np.float64)
     return DriftReference(
-        n_samples=len(inputs), output_kind=kind, sample_shape=tuple(int(d) for d in inputs.shape[1:]),
+        n_samples=len(inputs), output_kind=kind, scored_output=scored_output, sample_shape=tuple(int(d) for d in inputs.shape[1:]),
         expected_agreement=float(expected_agreement), expected_accuracy=expected_accuracy,
         confidence_mean=float(st.confidence.mean()), confidence_std=float(st.confidence.std()),
         entropy_mean=float(st.entropy.mean()), entropy_std=float(st.entropy.std()),

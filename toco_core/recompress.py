@@ -26,6 +26,7 @@ from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.measure import p50_latency, session_rss
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
+from toco_core.output_tail import fidelity_view
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
 from toco_core.selftest import self_test
 from toco_core.plan_table import PlanTable, plan_codes
@@ -188,11 +189,12 @@ class _Context:
     weight_bytes: int
     measure_memory: bool
     base_rss: list  # [] until first measured, then [bytes or None]
+    scored: str | None = None  # the analysis' scored tensor (toco_core.output_tail); None: the first output
 
 
 def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy):
     """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
-    gate = self_test(built.runnable, ctx.base_out, ctx.x, plan.predicted_disagreement, policy.budget, ctx.kind)
+    gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement, policy.budget, ctx.kind)
     if not gate.passed:
         return gate, None, None, "self-test {:.2%} > {:.2%} + {:.2%}".format(gate.measured, gate.predicted, gate.margin)
     if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
@@ -239,7 +241,8 @@ def recompress(
     A candidate is accepted when it passes the self-test, its storage form is within the
     limit, it is not slower than the base (p50 at batch 1), meets the latency limit, and -
     where session RSS is measured (see _rss_matters; ``measure_memory=False`` never measures) -
-    is not heavier than the base nor over the memory limit. ``model`` is the fp32 base or a
+    is not heavier than the base nor over the memory limit. The self-test compares the analysis'
+    scored tensor; the built model keeps the base's post-processing tail and every output. ``model`` is the fp32 base or a
     WeightSource built from parts, whose master model stands in for the base in the p50 and RSS
     gates. ``before_build(plan)`` runs before each candidate is built and may raise to stop the
     search (a box holding only some parts stops at the first plan needing parts it lacks).
@@ -257,8 +260,10 @@ def recompress(
     all_plans = list(plans)
     x = result.heldout_x
     threads = 1 if profile.physical_cores <= 1 else 0
-    ctx = _Context(model, base_bytes, source.base_out, x, output_kind(model), threads,
-                   p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos), measure_memory, [])
+    scored = result.manifest.scored_output
+    ctx = _Context(model, base_bytes, source.base_out, x, output_kind(fidelity_view(model, scored)), threads,
+                   p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos), measure_memory, [],
+                   scored)
     attempts, why = 0, []
     while plans and attempts < policy.max_tries:
         plan = plans[0]

@@ -31,6 +31,7 @@ from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import as_log_probs
 from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights
+from toco_core.output_tail import scored_head, scored_output
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
@@ -222,11 +223,18 @@ def analyze(
 ) -> AnalysisResult:
     """Run the full analysis of ``model`` on an unlabeled pool (labels optional).
 
+    The analysis scores one tensor (``settings.output`` or detected, toco_core.output_tail) and
+    works on the sub-graph up to it; post-processing after it is left to the device model.
     Returns the AnalysisResult (not yet saved). Raises ModelError / UnsupportedOpError for a
-    model it cannot analyse and PoolError for a pool too small to split.
+    model it cannot analyse (or an unknown ``settings.output``) and PoolError for a pool too small to split.
     """
     s = settings or AnalysisSettings()
     t_start = time.perf_counter()
+    sha = model_hash(model)  # of the model as given: boxes check it against their base
+    scored = scored_output(model, s.output)
+    # everything below works on the head: a pass-through tail (ArgMax, label lookup, ZipMap) has
+    # no weights to analyse and ops the evaluator need not know
+    model = scored_head(model, scored)
     infos = compressible_weights(model)
     weights = read_weights(model, infos)
     kind = output_kind(model)
@@ -258,8 +266,8 @@ def analyze(
     if hy is not None:
         base_acc = float((run_model(model, pool_x[held]).argmax(1) == hy).mean())
     manifest = AnalysisManifest(
-        model_name=model_name, model_sha256=model_hash(model), input_name=spec.name,
-        input_shape=list(spec.shape), output_kind=kind, weights=sum(w.size for w in infos),
+        model_name=model_name, model_sha256=sha, input_name=spec.name,
+        input_shape=list(spec.shape), output_kind=kind, scored_output=scored, weights=sum(w.size for w in infos),
         settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
     )

@@ -27,3 +27,6 @@ class AnalysisSettings(BaseModel):
     bias_correction: bool = Field(True, description="curves (and devices) correct each layer's bias for the mean "
                                                     "shift compression causes, fitted on the analysis samples")
     seed: int = 0
+    output: str | None = Field(None, description="the tensor the analysis scores (a graph output or an "
+                                                 "intermediate float tensor); None: detected "
+                                                 "(toco_core.output_tail.detect_scored_output)")
