@@ -7,7 +7,7 @@ import pytest
 
 from fleet_server.drift_policy import trigger_reason
 from tests.fleet.conftest import device_json, succeed, wait_until
-from toco_core.messages import DisputedRef, DriftMessage, UploadSamplesCommand
+from toco_core.messages import DisputedRef, DriftMessage, RebaseDriftCommand, UploadSamplesCommand
 
 
 def _window(agreement: float, shadowed: int, alert: bool = False) -> DriftMessage:
@@ -66,15 +66,29 @@ def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices
     new_aid = fleet.api.get("/api/reanalyses").json()[0]["analysis_id"]
     a = fleet.api.get(f"/api/analyses/{new_aid}").json()
     assert a["reason"] == "drift: drift1" and a["field_samples"] == 6
-    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["status"] in ("deployed", "failed"), timeout=150,
+    # its bundle goes to the trigger device first (canary): one device of two is no quorum for the group
+    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["status"] in ("canary", "failed"), timeout=150,
                       step=0.5)
     final = fleet.api.get("/api/reanalyses").json()[0]
-    assert final["status"] == "deployed", fleet.api.get(f"/api/analyses/{new_aid}").json()["error"]
+    assert final["status"] == "canary", fleet.api.get(f"/api/analyses/{new_aid}").json()["error"]
+    assert final["quorum"] == {"votes": 1, "online": 2, "needed": 2}
     a = fleet.api.get(f"/api/analyses/{new_aid}").json()
     assert a["bundle_id"] != bid and a["manifest"]["pool_size"] == 120 + 6
-    redeploy = fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()
-    assert redeploy["target"] == {"group": group} and redeploy["bundle_id"] == a["bundle_id"]
+    canary = fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()
+    assert canary["target"] == {"devices": ["drift1"]} and canary["bundle_id"] == a["bundle_id"]
     assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()["stage"] == "done")
     assert device_json(fleet, "drift1")["active"]["bundle_id"] == a["bundle_id"]
+    assert device_json(fleet, "drift0")["active"]["bundle_id"] == bid
+    # the canary device activated the bundle built for its inputs: its reference is rebased on them
+    assert wait_until(lambda: any(isinstance(c, RebaseDriftCommand) and c.reason == "converged"
+                                  for c in shifted.commands))
+    # an operator approves the group redeploy without a quorum
+    fleet.api.post(f"/api/reanalyses/{r['reanalysis_id']}/approve").raise_for_status()
+    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["status"] == "deployed")
+    final = fleet.api.get("/api/reanalyses").json()[0]
+    redeploy = fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()
+    assert redeploy["target"] == {"group": group} and redeploy["bundle_id"] == a["bundle_id"]
+    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()["stage"] == "done")
+    assert device_json(fleet, "drift0")["active"]["bundle_id"] == a["bundle_id"]
     assert not device_json(fleet, "drift1")["alert"]
     fleet.server.policy.mode = "auto"
