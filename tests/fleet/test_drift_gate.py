@@ -144,3 +144,24 @@ def test_one_device_of_five_redeploys_only_itself_three_of_five_redeploy_the_gro
         assert len(reanalyses(fleet, "g-quorum")) == 1 and aid != r["analysis_id"]
     finally:
         policy.gate = saved
+
+
+def test_alerts_cli_lists_acknowledges_and_reanalyses_with_one_line_errors(fleet, devices):
+    from typer.testing import CliRunner
+
+    from fleet_server.cli import app
+
+    run, url, bid = CliRunner(), ["--server", fleet.http.url], fleet.analysis["bundle_id"]
+    (box,) = deployed_group(fleet, devices, "g-cli", 1)
+    window(box, 1, bid, agreement=0.995, alert=True)
+    assert wait_until(lambda: bool(alerts(fleet, box.id)))
+    alert_id = alerts(fleet, box.id)[0]["alert_id"]
+    out = run.invoke(app, ["alerts", "list", "--device", box.id, *url], terminal_width=200)
+    assert out.exit_code == 0 and alert_id in out.output and "data" in out.output and "open" in out.output
+    out = run.invoke(app, ["alerts", "ack", alert_id, *url])
+    assert out.exit_code == 0 and "acknowledged" in out.output
+    out = run.invoke(app, ["alerts", "reanalyse", alert_id, *url])
+    assert out.exit_code == 2 and "409" in out.output and "acknowledged already" in out.output
+    assert len(out.output.strip().splitlines()) == 1
+    out = run.invoke(app, ["alerts", "accept", "a-nope", *url])
+    assert out.exit_code == 2 and "404" in out.output and "a-nope" in out.output
