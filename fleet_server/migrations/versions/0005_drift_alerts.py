@@ -45,7 +45,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("updated_at", sa.Float(), nullable=False),
     )
-    op.create_index("ix_drift_alerts_device", "drift_alerts", ["device_id"])
+    op.create_index("ix_drift_alerts_device_id", "drift_alerts", ["device_id"])
     op.create_index("ix_drift_alerts_status", "drift_alerts", ["status"])
     with op.batch_alter_table("devices") as batch:
         batch.add_column(sa.Column("drift_kind", sa.String(16), nullable=True))
@@ -64,5 +64,5 @@ def downgrade() -> None:
     with op.batch_alter_table("devices") as batch:
         batch.drop_column("drift_kind")
     op.drop_index("ix_drift_alerts_status", "drift_alerts")
-    op.drop_index("ix_drift_alerts_device", "drift_alerts")
+    op.drop_index("ix_drift_alerts_device_id", "drift_alerts")
     op.drop_table("drift_alerts")
