@@ -165,3 +165,35 @@ def test_alerts_cli_lists_acknowledges_and_reanalyses_with_one_line_errors(fleet
     assert len(out.output.strip().splitlines()) == 1
     out = run.invoke(app, ["alerts", "accept", "a-nope", *url])
     assert out.exit_code == 2 and "404" in out.output and "a-nope" in out.output
+
+
+def test_an_unshadowed_box_is_classified_by_scoring_its_samples_against_the_base(fleet, devices, lenet):
+    from toco_core.messages import DisputedRef
+    from toco_core.runtime import make_session
+
+    policy, bid = fleet.server.policy, fleet.analysis["bundle_id"]
+    saved = policy.mode, policy.gate
+    policy.mode = "approval"
+    policy.gate = dataclasses.replace(policy.gate, min_interval_s=0, daily_cap=100)
+    x = lenet["x"][:10]
+    base = make_session(lenet["onnx"]).run(None, {"image": x})[0].argmax(1)
+    try:
+        agreeing, flipping = deployed_group(fleet, devices, "g-score", 2)
+        for dev, classes in ((agreeing, base), (flipping, (base + 1) % 10)):  # what the box's model said
+            refs = [DisputedRef(ref=f"{dev.id}-7-{i}", reason="low_confidence", confidence=0.4, model_class=int(c))
+                    for i, c in enumerate(classes)]
+            dev.send(DriftMessage(device_id=dev.id, bundle_id=bid, window_index=7, opened_at=time.time() - 5,
+                                  closed_at=time.time(), n_samples=256, n_shadowed=0, mean_confidence=0.6,
+                                  mean_entropy=0.9, input_mean=0.1, input_std=0.3, out_of_band=["input_shift"],
+                                  consecutive_out_of_band=3, alert=True, disputed=refs))
+            assert wait_until(lambda dev=dev: bool(alerts(fleet, dev.id)))
+            assert alerts(fleet, dev.id)[0]["status"] == "classifying"
+            dev.samples(x, window=7)  # answering the upload-samples command
+        assert wait_until(lambda: alerts(fleet, agreeing.id)[0]["status"] != "classifying", timeout=15)
+        assert wait_until(lambda: alerts(fleet, flipping.id)[0]["status"] != "classifying", timeout=15)
+        ok, bad = alerts(fleet, agreeing.id)[0], alerts(fleet, flipping.id)[0]
+        assert ok["kind"] == "data" and ok["status"] == "open" and "10 samples: agreement with the base 100%" in ok["why"]
+        assert bad["kind"] == "fidelity" and bad["status"] == "reanalysing" and "agreement with the base 0%" in bad["why"]
+        assert [r["trigger_devices"] for r in reanalyses(fleet, "g-score")] == [[flipping.id]]
+    finally:
+        policy.mode, policy.gate = saved
