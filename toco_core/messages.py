@@ -33,7 +33,7 @@ MAX_JSON_PAYLOAD = 4 * 1024 * 1024  # larger JSON is refused before parsing (mem
 MAX_CHUNKS_PER_REQUEST = 64
 MAX_RANGE_LENGTH = 256 * 1024  # one part reply frame at most; as large as a chunk
 MAX_RANGES_PER_REQUEST = 64
-PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+)?$"  # head, codes/top, codes/3, prune/0, calib/heldout, base
+PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+){0,2}$"  # head, codes/top, codes/3, codes/3/7 (bit 3 of tensor 7), prune/0, calib/heldout, base
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 BundleId = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256 hex of the packed bundle")]
