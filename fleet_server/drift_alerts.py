@@ -29,6 +29,24 @@ def active_alert(s, device_id: str, bundle_id: str | None) -> DriftAlertRow | No
                                                  DriftAlertRow.status.in_(ACTIVE))).first()
 
 
+def latest_alert(s, device_id: str, bundle_id: str | None) -> DriftAlertRow | None:
+    """The device's newest alert on ``bundle_id``, whatever its status."""
+    return s.scalars(select(DriftAlertRow).where(DriftAlertRow.device_id == device_id,
+                                                 DriftAlertRow.bundle_id == bundle_id)
+                     .order_by(DriftAlertRow.created_at.desc())).first()
+
+
+def settled(alert: DriftAlertRow | None, kind: str, opened_at: float) -> bool:
+    """Whether an operator's decision already covers a new alerting window: the alert was acknowledged
+    (same kind, same bundle: the box keeps alerting on what the operator saw), or accepted after the
+    window opened (the window was judged against the reference the box has since rebased away from).
+    Compares the box's clock with the server's: a box far off loses the second rule, not the first."""
+    if alert is None:
+        return False
+    return (alert.status == "acknowledged" and alert.kind == kind) or (
+        alert.status == "accepted" and opened_at < alert.updated_at)
+
+
 def device_alerts(s, device_id: str, active_only: bool = True) -> list[DriftAlertRow]:
     """The device's alerts, newest first (only the active ones by default)."""
     q = select(DriftAlertRow).where(DriftAlertRow.device_id == device_id)

@@ -36,7 +36,8 @@ from sqlalchemy import select
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow,
                              DriftAlertRow, ReanalysisRow, SampleRow, new_id)
-from fleet_server.drift_alerts import ACTIVE, active_alert, add_evidence, alert_view, decide, new_alert
+from fleet_server.drift_alerts import (ACTIVE, active_alert, add_evidence, alert_view, decide, latest_alert, new_alert,
+                                      settled)
 from fleet_server.drift_classify import UNCLASSIFIED, Verdict, agreement_upper_bound, verdict
 from fleet_server.events import EventBus
 from fleet_server.ingest import drift_point
@@ -89,6 +90,10 @@ class DriftPolicy:
         if alert is not None:  # the alert holds: more evidence, no new decision
             add_evidence(alert, drift_point(msg))
             device.drift_kind = alert.kind
+            return
+        last = latest_alert(s, device.id, msg.bundle_id)
+        if settled(last, v.kind, msg.opened_at):  # the operator decided already: no new alert
+            add_evidence(last, drift_point(msg))
             return
         if v.kind == FIDELITY and any(r.trigger_bundles.get(device.id) == msg.bundle_id for r in s.scalars(
                 select(ReanalysisRow).where(ReanalysisRow.model_id == bundle.model_id))):

@@ -73,8 +73,9 @@ def test_data_drift_alerts_the_operator_and_never_reanalyses_and_accepting_rebas
     assert not view["alert"] and view["drift_kind"] is None
     assert fleet.api.post(f"/api/drift-alerts/{a['alert_id']}/accept").status_code == 409
     assert fleet.api.post("/api/drift-alerts/a-000000000000/acknowledge").status_code == 404
-    window(cam, 24, bid, agreement=0.995, alert=False)  # judged against the rebased reference on the box
-    assert wait_until(lambda: device_json(fleet, cam.id)["last_drift"]["window"] == 24)
+    window(cam, 24, bid, agreement=0.995, alert=True)  # opened before the rebase: judged on the old reference
+    window(cam, 25, bid, agreement=0.995, alert=False)  # judged against the rebased reference on the box
+    assert wait_until(lambda: device_json(fleet, cam.id)["last_drift"]["window"] == 25)
     assert [x["status"] for x in alerts(fleet, cam.id)] == ["accepted"] and reanalyses(fleet, "g-data") == []
 
 
@@ -160,6 +161,9 @@ def test_alerts_cli_lists_acknowledges_and_reanalyses_with_one_line_errors(fleet
     assert out.exit_code == 0 and alert_id in out.output and "data" in out.output and "open" in out.output
     out = run.invoke(app, ["alerts", "ack", alert_id, *url])
     assert out.exit_code == 0 and "acknowledged" in out.output
+    window(box, 2, bid, agreement=0.995, alert=True)  # the box keeps alerting on what the operator saw
+    assert wait_until(lambda: len(alerts(fleet, box.id)[0]["evidence"]["windows"]) == 2)
+    assert [a["status"] for a in alerts(fleet, box.id)] == ["acknowledged"]
     out = run.invoke(app, ["alerts", "reanalyse", alert_id, *url])
     assert out.exit_code == 2 and "409" in out.output and "acknowledged already" in out.output
     assert len(out.output.strip().splitlines()) == 1
