@@ -22,6 +22,14 @@ from fleet_server.registry import ConflictError, fetch, log_event
 from toco_core.messages import RebaseDriftCommand
 
 
+def field_windows(alert: DriftAlertRow) -> int:
+    """How many of the box's last windows show the new data: the out-of-band streak of the alert's latest
+    window (1-4). Pooling an older, in-band window into the new reference would leave the new data
+    half outside it, and the box would alert again on what the operator just accepted."""
+    last = ((alert.evidence or {}).get("windows") or [{}])[-1]
+    return min(4, max(1, int(last.get("consecutive_out_of_band") or 1)))
+
+
 class DriftActions:
     """The operator's actions on drift alerts (the API and ``toco-fleet alerts`` call these)."""
 
@@ -63,11 +71,13 @@ class DriftActions:
                                       f"reference of {'the group' if scope == 'group' else 'the device'} is rebased "
                                       "on its field windows".lstrip("; "))
                 views.append(alert_view(o))
+            windows = field_windows(a)
             for device_id in devices:
                 d = s.get(DeviceRow, device_id)
                 if d is not None:
                     d.alert, d.drift_kind = False, None
-                sends.append((device_id, RebaseDriftCommand(cmd_id=new_id("c"), reason="accepted", alert_id=a.id)))
+                sends.append((device_id, RebaseDriftCommand(cmd_id=new_id("c"), reason="accepted", alert_id=a.id,
+                                                            windows=windows)))
             log_event(s, "drift_alert", {"alert_id": a.id, "status": "accepted", "scope": scope, "devices": devices})
         for device_id, cmd in sends:
             self.send_command(device_id, cmd)

@@ -68,6 +68,7 @@ def test_data_drift_alerts_the_operator_and_never_reanalyses_and_accepting_rebas
     assert wait_until(lambda: any(isinstance(c, RebaseDriftCommand) for c in cam.commands))
     cmd = next(c for c in cam.commands if isinstance(c, RebaseDriftCommand))
     assert cmd.reason == "accepted" and cmd.alert_id == a["alert_id"] and cmd.device_id == cam.id
+    assert cmd.windows == 3  # the out-of-band streak: only windows of the new data go into the new reference
     assert cmd.signature and cmd.sequence and cmd.expires_at > time.time()
     view = device_json(fleet, cam.id)
     assert not view["alert"] and view["drift_kind"] is None
