@@ -25,8 +25,8 @@ depends_on = None
 def upgrade() -> None:
     """Create ``drift_alerts``; add ``devices.drift_kind`` and the group stage of ``reanalyses``.
 
-    Existing re-analyses keep their meaning: their ``deployment_id`` was a group redeploy, and
-    nothing marks them as waiting for a quorum. Devices alerting before the upgrade show no kind
+    Existing re-analyses keep their meaning: their ``deployment_id`` was a group redeploy, nothing
+    marks them as waiting for a quorum, and their devices are not sent a convergence rebase. Devices alerting before the upgrade show no kind
     until their next window.
     """
     op.create_table(
@@ -53,6 +53,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("group_deployment_id", sa.String(40), nullable=True))
         batch.add_column(sa.Column("group_approved_at", sa.Float(), nullable=True))
         batch.add_column(sa.Column("rebased", sa.JSON(), nullable=True))
+    # re-analyses finished before the upgrade count as rebased already: their devices have long moved on,
+    # and a rebase now would silently accept whatever data they see today
+    op.execute(sa.text("UPDATE reanalyses SET rebased = trigger_devices"))
 
 
 def downgrade() -> None:
