@@ -113,6 +113,10 @@ class Deployer:
         except (OSError, ValueError):
             return None
 
+    def save_reference(self, sha256: str, reference: DriftReference) -> None:
+        """Replace the drift reference of a served model (a rebase), so a restart keeps it."""
+        atomic_write(self.root / "references" / f"{sha256}.json", reference.model_dump_json().encode())
+
     def base_model(self, bundle_id: str) -> bytes | None:
         """The base model of a stored bundle (for the shadow run), None when the bundle is gone.
 

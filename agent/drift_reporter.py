@@ -90,7 +90,10 @@ class DriftReporter:
         with self._lock:
             self.shadow_mode = shadow_mode if base_model is not None and self.settings.shadow_fraction > 0 else "none"
             self._bundle_id = bundle_id
-            self._monitor = DriftMonitor(reference, self.settings, seed=self.seed) if reference else None
+            # the field windows outlive the bundle: after a redeploy for these inputs, the server's
+            # rebase-drift command moves the new reference onto them (toco_core.drift_rebase)
+            field = self._monitor.field if self._monitor is not None else None
+            self._monitor = DriftMonitor(reference, self.settings, seed=self.seed, field=field) if reference else None
             self._base = None
             self._base_model = base_model if self.settings.shadow_fraction > 0 else None
             self._kept.clear()
@@ -292,6 +295,18 @@ class DriftReporter:
             self.on_report(report)
         except Exception:
             log.exception("drift report callback failed")
+
+    def rebase(self, windows: int) -> DriftReference:
+        """Move the served model's drift reference onto the last ``windows`` closed windows.
+
+        Returns the new reference (the caller stores it). Raises PoolError when no model is
+        watched or no window closed yet.
+        """
+        with self._lock:
+            monitor = self._monitor
+        if monitor is None:
+            raise PoolError("no served model is watched for drift", "deploy a bundle first")
+        return monitor.rebase(windows)
 
     # ---------------------------------------------------------------- samples
     def upload(self, cmd: UploadSamplesCommand) -> int:

@@ -21,9 +21,9 @@ from agent.inference import InferenceEngine
 from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.status import Journal, read_journal, write_journal
 from agent.status_report import StatusReport
-from toco_core.errors import ModelError
-from toco_core.messages import (BundleManifest, DeployCommand, FailureReason, Message, Phase, RecompressCommand,
-                                RollbackCommand, ServerCommand, UploadSamplesCommand)
+from toco_core.errors import ModelError, PoolError
+from toco_core.messages import (BundleManifest, DeployCommand, FailureReason, Message, Phase, RebaseDriftCommand,
+                                RecompressCommand, RollbackCommand, ServerCommand, UploadSamplesCommand)
 
 log = logging.getLogger("toco.agent")
 
@@ -62,6 +62,21 @@ class ModelCommands:
             self._enqueue(lambda: self._rollback(cmd))
         elif isinstance(cmd, UploadSamplesCommand):
             self.reporter.upload(cmd)
+        elif isinstance(cmd, RebaseDriftCommand):
+            self._enqueue(lambda: self._rebase_drift(cmd))
+
+    def _rebase_drift(self, cmd: RebaseDriftCommand) -> None:
+        """Worker: rebase the drift reference on the field windows and keep it with the served model."""
+        active = self.store.active()
+        try:
+            reference = self.reporter.rebase(cmd.windows)
+        except PoolError as exc:
+            log.warning("drift reference not rebased", extra={"fields": {"cmd": cmd.cmd_id, "error": str(exc)}})
+            return
+        if active is not None:
+            self.deployer.save_reference(active.meta.sha256, reference)
+        log.info("drift reference rebased on field windows", extra={"fields": {"cmd": cmd.cmd_id,
+                                                                              "reason": cmd.reason}})
 
     def _deploy(self, deployment_id: str, bundle_id: str, fidelity_budget: float | None) -> None:
         policy = {"fidelity_budget": fidelity_budget} if fidelity_budget else {}

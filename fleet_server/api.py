@@ -89,6 +89,13 @@ class VersionRollbackRequest(BaseModel):
     failure_threshold: float | None = Field(None, ge=0, le=1)
 
 
+class AcceptRequest(BaseModel):
+    """Accept a drift alert's new data as normal, for its device or its whole group."""
+
+    model_config = ConfigDict(extra="forbid")
+    scope: Literal["device", "group"] = "device"
+
+
 STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409, UploadTooLargeError: 413, MissingPartError: 422}
 # the multipart form of POST /api/models, for the OpenAPI docs (the route reads the body itself, streamed)
 _MODEL_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -246,6 +253,22 @@ def create_app(server) -> FastAPI:
     @app.post("/api/reanalyses/{reanalysis_id}/approve")
     def approve(reanalysis_id: str) -> dict:
         return server.policy.approve(reanalysis_id=reanalysis_id)
+
+    @app.get("/api/drift-alerts", summary="Drift alerts (fidelity | data | unclassified), newest first")
+    def drift_alerts(device_id: str | None = None, active: bool = False) -> list[dict]:
+        return server.drift_actions.list(device_id=device_id, active=active)
+
+    @app.post("/api/drift-alerts/{alert_id}/accept", summary="Accept the new data as normal: rebase the reference")
+    def accept_alert(alert_id: str, req: AcceptRequest | None = None) -> dict:
+        return server.drift_actions.accept(alert_id=alert_id, scope=(req or AcceptRequest()).scope)
+
+    @app.post("/api/drift-alerts/{alert_id}/acknowledge")
+    def acknowledge_alert(alert_id: str) -> dict:
+        return server.drift_actions.acknowledge(alert_id=alert_id)
+
+    @app.post("/api/drift-alerts/{alert_id}/reanalyse", summary="Re-analyse anyway (data drift, cooldown, cap)")
+    def reanalyse_alert(alert_id: str) -> dict:
+        return server.drift_actions.reanalyse(alert_id=alert_id)
 
     @app.get("/api/events", summary="Server-sent events: device, telemetry, drift, status, analysis, deployment, reanalysis")
     async def events(request: Request) -> StreamingResponse:

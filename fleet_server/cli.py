@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleet_server.cli_alerts import make_alerts_app
 from fleet_server.cli_keys import keys_app
 from toco_core.cli_support import cli_errors, console
 from toco_core.errors import ConfigError, TocoError
@@ -56,6 +57,10 @@ def _call(server: str, method: str, path: str, **kw):
         detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else r.text
         raise TocoError(f"server said {r.status_code}: {detail}")
     return r.json()
+
+
+# the alerts group calls the server through _call (whatever authentication it adds)
+app.add_typer(make_alerts_app(_call, SERVER), name="alerts")
 
 
 @app.callback()

@@ -51,6 +51,13 @@ class FleetSettings(BaseSettings):
     drift_policy: Literal["auto", "approval"] = Field("auto", description="re-analyse on drift at once or after approval")
     budget: float = Field(0.01, gt=0, lt=1, description="fleet fidelity budget: max disagreement with the base")
     samples_wait_s: float = Field(10.0, ge=0, description="how long a re-analysis waits for requested field samples")
+    reanalysis_min_interval_s: float = Field(600.0, ge=0, description="minimum seconds between two re-analyses "
+                                             "of one (model, group); a trigger sooner is held (cooldown)")
+    reanalysis_daily_cap: int = Field(6, ge=0, description="re-analyses of one model started in any 24 hours at most")
+    quorum_share: float = Field(0.5, gt=0, le=1, description="share of a group's online devices whose fidelity "
+                                "alerts a group redeploy needs")
+    quorum_min: int = Field(2, ge=1, description="devices a group redeploy needs at least")
+    quorum_count: int | None = Field(None, ge=1, description="a fixed number of devices instead of quorum_share")
     analysis_concurrency: int = Field(1, ge=1, le=16, description="analysis worker processes")
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings, description="defaults of every analysis")
     chunk_size: int = Field(256 * 1024, ge=64 * 1024, le=256 * 1024, description="bundle chunk size, bytes")

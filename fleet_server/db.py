@@ -100,6 +100,7 @@ class DeviceRow(Base):
     enrollment: Mapped[str] = mapped_column(String(16), default="quarantined", server_default="quarantined", index=True)
     enrolled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     allowed_models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # model ids; None = any model
+    drift_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # fidelity | data | unclassified
 
 
 class TelemetryRow(Base):
@@ -200,6 +201,30 @@ class ReanalysisRow(Base):
     deployment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     approved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    # ``deployment_id`` is the canary (the trigger devices); the group follows on a quorum or approval
+    group_deployment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    group_approved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rebased: Mapped[list | None] = mapped_column(JSON, nullable=True)  # devices sent the convergence rebase
+
+
+class DriftAlertRow(Base):
+    """One drift alert of a device on a bundle: its kind, evidence, and what the server did and why."""
+
+    __tablename__ = "drift_alerts"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    group: Mapped[str] = mapped_column(String(64))
+    bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))  # fidelity | data | unclassified
+    # open | classifying | reanalysing | held | escalated | accepted | acknowledged | resolved
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    why: Mapped[str] = mapped_column(Text)
+    decision: Mapped[str] = mapped_column(Text, default="", server_default="")
+    evidence: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    reanalysis_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class EventRow(Base):

@@ -104,6 +104,13 @@ class Deployments:
                 why = (f"is {d.enrollment}" if d.enrollment != ENROLLED else f"is not allowed model {model_id!r}")
                 raise ConflictError(f"device {d.id!r} {why}", "enroll it with `toco-fleet devices enroll`")
             return [d.id]
+        if target.get("devices"):  # a drift re-analysis's canary: its trigger devices (fleet_server.drift_policy)
+            rows = [fetch(s, DeviceRow, dev, "device") for dev in target["devices"]]
+            ids = [d.id for d in rows if d.online and may_run(d, model_id)]
+            if not ids:
+                raise ConflictError(f"none of the devices {target['devices']} is online, enrolled and allowed "
+                                    f"model {model_id!r}", "check GET /api/devices")
+            return ids
         q = select(DeviceRow).where(DeviceRow.online.is_(True), DeviceRow.enrollment == ENROLLED)
         if target.get("group"):
             ids = [d.id for d in s.scalars(q.where(DeviceRow.group == target["group"])) if may_run(d, model_id)]

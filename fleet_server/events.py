@@ -14,8 +14,8 @@ import threading
 from collections import Counter
 from typing import Any, Literal
 
-EventKind = Literal["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis"]
-KINDS: tuple[str, ...] = ("device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis")
+EventKind = Literal["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert"]
+KINDS: tuple[str, ...] = ("device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert")
 
 
 class Subscription:

@@ -18,7 +18,10 @@ from fleet_server.bundle_publisher import BundlePublisher
 from fleet_server.config import FleetSettings
 from fleet_server.db import Database
 from fleet_server.deployments import Deployments
+from fleet_server.drift_actions import DriftActions
 from fleet_server.drift_policy import DriftPolicy
+from fleet_server.reanalysis_gate import gate_settings
+from fleet_server.sample_scoring import SampleScorer
 from fleet_server.events import EventBus
 from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
@@ -64,9 +67,11 @@ class FleetServer:
         self.policy = DriftPolicy(self.db, self.events, mode=s.drift_policy, budget=s.budget,
                                   samples_wait_s=s.samples_wait_s, send_command=send_command,
                                   deployments=self.deployments, canary_share=s.canary_share,
-                                  failure_threshold=s.failure_threshold)
+                                  failure_threshold=s.failure_threshold, gate=gate_settings(s),
+                                  scorer=SampleScorer(budget=s.budget, margin=0.05, wait_s=3 * s.samples_wait_s))
         self.ingest.on_status = self.deployments.on_status
         self.ingest.on_drift = self.policy.on_drift
+        self.drift_actions = DriftActions(self.db, self.events, send_command, self.policy)
         self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
                               chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done)
         self.policy.jobs = self.jobs

@@ -104,7 +104,8 @@ def device_view(d: DeviceRow) -> dict[str, Any]:
     return {"device_id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen,
             "agent_version": d.agent_version, "hardware": d.hardware or {}, "active": active_view(d.active),
             "last_drift": d.last_drift, "alert": d.alert, "state": device_state(d), "birth": d.birth,
-            "enrollment": d.enrollment, "enrolled_at": d.enrolled_at, "allowed_models": d.allowed_models}
+            "enrollment": d.enrollment, "enrolled_at": d.enrolled_at, "allowed_models": d.allowed_models,
+            "drift_kind": d.drift_kind}
 
 
 def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> dict[str, Any]:
@@ -125,7 +126,9 @@ def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> d
 
 
 def reanalysis_view(r: ReanalysisRow) -> dict[str, Any]:
-    """Reanalysis = trigger devices, why, status, the analysis and deployment it led to."""
+    """Reanalysis = trigger devices, why, status, the analysis, its canary deployment (``deployment_id``, to the
+    trigger devices) and its group deployment."""
     return {"reanalysis_id": r.id, "model_id": r.model_id, "group": r.group, "trigger_devices": r.trigger_devices,
             "why": r.why, "status": r.status, "analysis_id": r.analysis_id, "deployment_id": r.deployment_id,
-            "created_at": r.created_at, "approved_at": r.approved_at}
+            "group_deployment_id": r.group_deployment_id, "group_approved_at": r.group_approved_at,
+            "rebased": r.rebased or [], "created_at": r.created_at, "approved_at": r.approved_at}

@@ -15,7 +15,9 @@ import pytest
 from tests.protocol.conftest import Broker
 
 STEPS = ("server up", "analysed", "agents online", "deployed to every agent", "three different compressions",
-         "clean traffic, no drift", "drift alert", "re-analysed with field samples", "redeployed to the drifting group")
+         "clean traffic, no drift", "drift alert", "re-analysed with field samples", "redeployed to the drifting group",
+         "new data, no re-analysis", "accepted as normal")
+SOAK_S = 45  # the rotated line PC's ~2.6 s windows: with the story's, 20+ windows on the shifted inputs
 
 
 def run_demo(workdir, *extra) -> subprocess.CompletedProcess:
@@ -54,10 +56,12 @@ def test_demo_runs_the_whole_fleet_story(tmp_path, broker):
         mosq = Broker()
         mosq.start()
         try:
-            proc = run_demo(tmp_path, "--broker", mosq.url)
+            proc = run_demo(tmp_path, "--broker", mosq.url, "--soak", str(SOAK_S))
         finally:
             mosq.stop()
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        # the persistent rotation and the dimmed camera kept going: exactly one re-analysis, then quiet
+        assert "done soak: quiet" in proc.stdout and f"soak: {SOAK_S} s, 0 re-analyses started" in proc.stdout
     for step in STEPS:
         assert f"done {step}" in proc.stdout, step
     assert "dashboard: http://127.0.0.1:" in proc.stdout

@@ -3,8 +3,11 @@
 A fleet server (embedded broker, SQLite) analyses the demo CNN once; three real agent
 processes with different budgets each derive their own model from the bundle; held-out
 digits flow into their inference APIs; one camera's digits rotate, it raises drift, the
-server re-analyses with that camera's field samples and redeploys to its group. Then the
-summary table and the dashboard URL; the fleet stays up until Ctrl-C (``--once`` exits).
+server re-analyses with that camera's field samples and redeploys to its group; another
+camera's lighting fails, which the server calls new data (no re-analysis) and the operator
+accepts as normal. ``--soak SECONDS`` then keeps the traffic running and checks the fleet went
+quiet (toco_cli.demo_soak). Then the summary table and the dashboard URL; the fleet stays up
+until Ctrl-C (``--once`` exits).
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ def demo(
     broker: str = typer.Option("embedded", "--broker", help="'embedded' or mqtt://host:port of a running broker"),
     http_port: int = typer.Option(8080, "--http-port", help="dashboard/API port (a free one if this is taken)"),
     rate: float = typer.Option(25.0, "--rate", min=1, max=500, help="inferences per second sent to each agent"),
+    soak_s: float = typer.Option(0.0, "--soak", min=0, help="after the story, keep the traffic running this many "
+                                 "seconds; fail if a re-analysis starts or a box ends alerting unacknowledged"),
     verbose: int = typer.Option(0, "-v", count=True, help="-v info, -vv debug logging"),
 ) -> None:
     """Run the fleet story: analyse, deploy to three agents, traffic, drift, re-analysis, redeploy."""
+    from toco_cli import demo_soak
     from toco_cli import demo_story as story
     from toco_cli.demo_fleet import DemoFleet
     from toco_cli.demo_traffic import Traffic
@@ -72,8 +78,20 @@ def demo(
         story.clean_traffic(fleet, traffic, log)
         console.rule("7. drift: one camera's inputs rotate")
         story.shift_until_redeploy(fleet, traffic, log)
+        console.rule("8. new data: the camera box's lighting fails")
+        story.new_data(fleet, traffic, log)
+        soaked = None
+        if soak_s > 0:
+            console.rule(f"9. soak: {soak_s:.0f} s more traffic, the rotated and the dimmed camera included")
+            soaked = demo_soak.soak(fleet, soak_s)
+            console.print(demo_soak.soak_table(soaked))
+            for line in soaked.actions:
+                console.print(f"  operator: {line}")
         console.rule("summary")
         console.print(story.plans_table(fleet, "the fleet after the drift and the redeploy"))
+        if soaked is not None:
+            demo_soak.check(soaked)
+            log.done("soak: quiet", f"no re-analysis in {soak_s:.0f} s, every box in band or acknowledged")
         console.print(f"{len(log.steps)} steps done: {', '.join(log.steps)}")
         console.print(f"dashboard: [bold]{fleet.url}/[/bold]   API docs: {fleet.url}/docs   "
                       f"logs: {workdir / 'agents'}")

@@ -26,6 +26,7 @@ from toco_core.probe import probe_device
 from toco_core.units import format_size, parse_size
 
 SHIFT_KIND = "rotate"
+DATA_SHIFT_KIND = "dim"  # the base and its compressions agree on dimmed digits: data drift, not fidelity
 
 
 @dataclass
@@ -217,6 +218,12 @@ def shift_until_redeploy(fleet: DemoFleet, traffic: dict[str, Traffic], log: Sto
         point = wait_for(f"a drift alert from {SHIFTED}", lambda: _alert(fleet), 300, step=1.0)
     log.done("drift alert", f"{SHIFTED}: {', '.join(point.get('out_of_band') or [])} out of band, "
                             f"agreement {_pct(point.get('agreement'))}")
+    alert = wait_for(f"the server's verdict on {SHIFTED}'s alert", lambda: _classified(fleet, SHIFTED), 120, step=1.0)
+    console.print(f"  the server calls it {alert['kind']} drift: {alert['decision']}")
+    if alert["kind"] != "fidelity" and alert["status"] != "reanalysing":
+        # the base model itself is unsure of rotated digits: the operator decides to re-analyse anyway
+        fleet.call("POST", f"/api/drift-alerts/{alert['alert_id']}/reanalyse")
+        console.print("  the operator re-analyses anyway (POST /api/drift-alerts/{id}/reanalyse)")
 
     def reanalysis():
         rs = [r for r in fleet.call("GET", "/api/reanalyses") if SHIFTED in r["trigger_devices"]]
@@ -235,6 +242,33 @@ def shift_until_redeploy(fleet: DemoFleet, traffic: dict[str, Traffic], log: Sto
     follow_deployment(fleet, r["deployment_id"], expect, log, "redeployed to the drifting group")
     log.reanalysis = r
     return r
+
+
+def _classified(fleet: DemoFleet, device_id: str) -> dict | None:
+    """The device's newest active drift alert once the server has classified it (None before)."""
+    alerts = fleet.call("GET", "/api/drift-alerts", params={"device_id": device_id, "active": "true"})
+    return next((a for a in alerts if a["status"] != "classifying"), None)
+
+
+def new_data(fleet: DemoFleet, traffic: dict[str, Traffic], log: StoryLog, timeout: float = 300) -> dict:
+    """The camera box's lighting fails (dim digits): the server raises "new data" and starts no
+    re-analysis; the operator accepts the data as normal (the box rebases its reference). Returns the alert.
+
+    Raises DemoError when the alert does not come, is not data drift, or a re-analysis starts.
+    """
+    before = len(fleet.call("GET", "/api/reanalyses"))
+    traffic[CAMERA].shift(DATA_SHIFT_KIND)
+    console.print(f"  {CAMERA}'s lighting fails: its digits arrive dimmed to 35% (the base model never saw such)")
+    with console.status(f"waiting for {CAMERA}'s drift alert"):
+        alert = wait_for(f"a drift alert from {CAMERA}", lambda: _classified(fleet, CAMERA), timeout, step=1.0)
+    if alert["kind"] != "data":
+        raise DemoError(f"{CAMERA}'s dimmed inputs were judged {alert['kind']} drift: {alert['why']}")
+    if len(fleet.call("GET", "/api/reanalyses")) != before:
+        raise DemoError(f"a re-analysis started for {CAMERA}'s new data", "data drift must wait for the operator")
+    log.done("new data, no re-analysis", f"{CAMERA}: {alert['why']}")
+    fleet.call("POST", f"/api/drift-alerts/{alert['alert_id']}/accept", json={"scope": "device"})
+    log.done("accepted as normal", f"the operator accepted {CAMERA}'s new data; it rebases its drift reference")
+    return alert
 
 
 def _alert(fleet: DemoFleet) -> dict | None:

@@ -40,7 +40,7 @@ class Traffic:
         return self
 
     def shift(self, kind: str) -> None:
-        """From now on send ``kind`` (rotate | invert | noise) copies of the digits. Raises ValueError."""
+        """From now on send ``kind`` (rotate | invert | noise | dim) copies of the digits. Raises ValueError."""
         self.source = shifted_digits(self.clean, kind)
         self.shift_kind = kind
 

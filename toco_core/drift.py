@@ -176,6 +176,10 @@ class DriftReport(BaseModel):
     out_of_band: list[str] = Field(default_factory=list, description="names of the checks outside their band")
     consecutive_out_of_band: int = Field(0, ge=0)
     alert: bool = False
+    # what the alert means (toco_core.drift_kind): None on windows without an alert, from boxes
+    # that cannot tell (no shadow run) and from agents older than this field; the server decides then
+    kind: Literal["fidelity", "data"] | None = Field(None, description="fidelity drift (the compressed model "
+                                                      "stops agreeing with the base) or data drift (new inputs)")
     disputed: list[DisputedSample] = Field(default_factory=list, max_length=MAX_DISPUTED)
 
 

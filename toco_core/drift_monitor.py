@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from toco_core.drift import DriftReference, DriftReport, DriftSettings, evaluate_window
+from toco_core.drift_kind import classify
+from toco_core.drift_rebase import FIELD_WINDOWS, FieldSummary, rebase, summarise
 from toco_core.drift_window import DriftWindow
 from toco_core.errors import PoolError
 
@@ -36,9 +38,13 @@ class DriftMonitor:
     """
 
     def __init__(self, reference: DriftReference, settings: DriftSettings | None = None,
-                 seed: int | None = None, now: float | None = None) -> None:
+                 seed: int | None = None, now: float | None = None,
+                 field: deque[FieldSummary] | None = None) -> None:
+        """``field``: summaries of earlier closed windows to keep (a new bundle's monitor inherits
+        the previous one's, so the box can rebase on the inputs that made it drift)."""
         self.reference, self.settings = reference, settings or DriftSettings()
         self.history: deque[DriftReport] = deque(maxlen=self.settings.history)
+        self.field: deque[FieldSummary] = deque(field or (), maxlen=FIELD_WINDOWS)
         # The stdlib generator (already loaded by pydantic), not numpy's: numpy.random costs the
         # edge daemon about 2 MB resident for this one coin flip per inference.
         self._rng = random.Random(seed)
@@ -84,6 +90,19 @@ class DriftMonitor:
         with self._lock:
             return self._maybe_close(time.time() if now is None else now)
 
+    def rebase(self, windows: int = FIELD_WINDOWS, now: float | None = None) -> DriftReference:
+        """Judge from now on against a reference moved onto the last ``windows`` closed windows.
+
+        The out-of-band streak restarts and the open window is dropped (it was judged against the
+        old reference). Returns the new reference. Raises PoolError when no window closed yet.
+        """
+        with self._lock:
+            recent = list(self.field)[-max(windows, 1):]
+            self.reference = rebase(self.reference, recent, self.settings)
+            self._streak = 0
+            self.window = DriftWindow(self.settings, time.time() if now is None else now, self.reference.output_kind)
+            return self.reference
+
     @property
     def alerting(self) -> bool:
         """Whether the last K closed windows were all out of band."""
@@ -98,6 +117,10 @@ class DriftMonitor:
         self._streak = self._streak + 1 if report.out_of_band else 0
         report = report.model_copy(update={"window_index": self._index, "consecutive_out_of_band": self._streak,
                                            "alert": self.alerting})
+        report = report.model_copy(update={"kind": classify(report)})
+        summary = summarise(window)
+        if summary is not None:
+            self.field.append(summary)
         self._index += 1
         self.history.append(report)
         inputs = window.inputs_of([d.ref for d in report.disputed])

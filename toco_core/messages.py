@@ -402,6 +402,17 @@ class UploadSamplesCommand(ServerCommand):
     max_bytes: int = Field(1_000_000, gt=0, le=MAX_JSON_PAYLOAD // 2)
 
 
+class RebaseDriftCommand(ServerCommand):
+    """Judge drift from now on against a reference moved onto the last ``windows`` closed windows
+    (toco_core.drift_rebase): an operator accepted the new data as normal, or a re-analysis built
+    for these inputs is now served (convergence)."""
+
+    command: Literal["rebase-drift"] = "rebase-drift"
+    windows: int = Field(4, ge=1, le=4, description="closed windows to pool into the new reference")
+    reason: Literal["accepted", "converged"] = "accepted"
+    alert_id: str | None = Field(None, pattern=ID_PATTERN, description="the server's drift alert this answers")
+
+
 class TrustedKey(BaseModel):
     """One Ed25519 public key a device trusts: its 32 raw bytes as hex, and their fingerprint."""
 
@@ -425,7 +436,8 @@ class TrustKeysCommand(ServerCommand):
 
 
 Command = Annotated[
-    DeployCommand | RecompressCommand | RollbackCommand | UploadSamplesCommand | TrustKeysCommand,
+    DeployCommand | RecompressCommand | RollbackCommand | UploadSamplesCommand | TrustKeysCommand
+    | RebaseDriftCommand,
     Field(discriminator="command"),
 ]
 
@@ -543,7 +555,7 @@ _KIND_OF = {StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEM
             DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES, BundleManifest: MessageKind.MANIFEST,
             ChunkRequest: MessageKind.GET, Chunk: MessageKind.CHUNK, DeployCommand: MessageKind.CMD,
             RecompressCommand: MessageKind.CMD, RollbackCommand: MessageKind.CMD, UploadSamplesCommand: MessageKind.CMD,
-            TrustKeysCommand: MessageKind.CMD,
+            TrustKeysCommand: MessageKind.CMD, RebaseDriftCommand: MessageKind.CMD,
             PartRequest: MessageKind.GET, Part: MessageKind.PART}
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from fleet_server.drift_policy import trigger_reason
 from tests.fleet.conftest import device_json, succeed, wait_until
-from toco_core.messages import DisputedRef, DriftMessage, UploadSamplesCommand
+from toco_core.messages import DisputedRef, DriftMessage, RebaseDriftCommand, UploadSamplesCommand
 
 
 def _window(agreement: float, shadowed: int, alert: bool = False) -> DriftMessage:
@@ -37,6 +37,10 @@ def test_a_held_alert_triggers_whatever_the_agreement():
 def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices, lenet):
     fleet.server.policy.mode = "approval"
     group, aid, bid = "g-drift", fleet.analysis["analysis_id"], fleet.analysis["bundle_id"]
+
+    def mine() -> list[dict]:  # the fleet is shared by the session's tests: this group's re-analyses
+        return [r for r in fleet.api.get("/api/reanalyses").json() if r["group"] == group]
+
     devs = [devices(f"drift{i}", group=group, responder=succeed) for i in range(2)]
     assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 2)
     dep = fleet.api.post("/api/deployments", json={"analysis_id": aid, "target": {"group": group}}).json()
@@ -46,8 +50,8 @@ def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices
     refs = [DisputedRef(ref=f"drift1-1-{i}", reason="disagreement", confidence=0.4, model_class=1, base_class=7)
             for i in range(6)]
     shifted.drift(1, bid, alert=True, agreement=0.7, disputed=refs)
-    assert wait_until(lambda: any(r["status"] == "pending_approval" for r in fleet.api.get("/api/reanalyses").json()))
-    r = next(r for r in fleet.api.get("/api/reanalyses").json() if r["status"] == "pending_approval")
+    assert wait_until(lambda: any(r["status"] == "pending_approval" for r in mine()))
+    r = next(r for r in mine() if r["status"] == "pending_approval")
     assert r["trigger_devices"] == ["drift1"] and "drift alert" in r["why"] and r["analysis_id"] is None
     assert device_json(fleet, "drift1")["state"] == "alert"
     # the shifted device is asked for its disputed inputs and sends them (rotated digits)
@@ -57,24 +61,38 @@ def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices
     shifted.samples(lenet["x"][:6, :, ::-1, :], window=1)
     shifted.drift(2, bid, alert=True, agreement=0.6)  # the alert holds: no second re-analysis for this bundle
     assert wait_until(lambda: fleet.server.ingest.stats["samples"] >= 6)
-    assert len(fleet.api.get("/api/reanalyses").json()) == 1
-    assert fleet.api.get("/api/reanalyses").json()[0]["status"] == "pending_approval"  # waits for a person
+    assert len(mine()) == 1
+    assert mine()[0]["status"] == "pending_approval"  # waits for a person
     approved = fleet.api.post(f"/api/reanalyses/{r['reanalysis_id']}/approve").json()
     assert approved["status"] == "queued"
     assert fleet.api.post(f"/api/reanalyses/{r['reanalysis_id']}/approve").status_code == 409
-    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["analysis_id"] is not None, timeout=10)
-    new_aid = fleet.api.get("/api/reanalyses").json()[0]["analysis_id"]
+    assert wait_until(lambda: mine()[0]["analysis_id"] is not None, timeout=10)
+    new_aid = mine()[0]["analysis_id"]
     a = fleet.api.get(f"/api/analyses/{new_aid}").json()
     assert a["reason"] == "drift: drift1" and a["field_samples"] == 6
-    assert wait_until(lambda: fleet.api.get("/api/reanalyses").json()[0]["status"] in ("deployed", "failed"), timeout=150,
+    # its bundle goes to the trigger device first (canary): one device of two is no quorum for the group
+    assert wait_until(lambda: mine()[0]["status"] in ("canary", "failed"), timeout=150,
                       step=0.5)
-    final = fleet.api.get("/api/reanalyses").json()[0]
-    assert final["status"] == "deployed", fleet.api.get(f"/api/analyses/{new_aid}").json()["error"]
+    final = mine()[0]
+    assert final["status"] == "canary", fleet.api.get(f"/api/analyses/{new_aid}").json()["error"]
+    assert final["quorum"] == {"votes": 1, "online": 2, "needed": 2}
     a = fleet.api.get(f"/api/analyses/{new_aid}").json()
     assert a["bundle_id"] != bid and a["manifest"]["pool_size"] == 120 + 6
-    redeploy = fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()
-    assert redeploy["target"] == {"group": group} and redeploy["bundle_id"] == a["bundle_id"]
+    canary = fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()
+    assert canary["target"] == {"devices": ["drift1"]} and canary["bundle_id"] == a["bundle_id"]
     assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['deployment_id']}").json()["stage"] == "done")
     assert device_json(fleet, "drift1")["active"]["bundle_id"] == a["bundle_id"]
+    assert device_json(fleet, "drift0")["active"]["bundle_id"] == bid
+    # the canary device activated the bundle built for its inputs: its reference is rebased on them
+    assert wait_until(lambda: any(isinstance(c, RebaseDriftCommand) and c.reason == "converged"
+                                  for c in shifted.commands))
+    # an operator approves the group redeploy without a quorum
+    fleet.api.post(f"/api/reanalyses/{r['reanalysis_id']}/approve").raise_for_status()
+    assert wait_until(lambda: mine()[0]["status"] == "deployed")
+    final = mine()[0]
+    redeploy = fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()
+    assert redeploy["target"] == {"group": group} and redeploy["bundle_id"] == a["bundle_id"]
+    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()["stage"] == "done")
+    assert device_json(fleet, "drift0")["active"]["bundle_id"] == a["bundle_id"]
     assert not device_json(fleet, "drift1")["alert"]
     fleet.server.policy.mode = "auto"

@@ -38,7 +38,9 @@ def mnist_splits(seed: int = 0, n_train: int = 3000, n_pool: int = 1000) -> Digi
 def shifted_digits(x: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     """Distribution-shifted copies of digits for drift demos and tests.
 
-    kind: "rotate" (90 degrees), "invert" (1 - x), or "noise" (Gaussian sigma 0.5, clipped).
+    kind: "rotate" (90 degrees), "invert" (1 - x), "noise" (Gaussian sigma 0.5, clipped), or "dim"
+    (x * 0.35: a camera whose lighting failed; the digits stay readable, a compressed model keeps
+    agreeing with its base, but the inputs are unlike the training data: data drift).
     Raises ValueError for another kind.
     """
     if kind == "rotate":
@@ -48,4 +50,6 @@ def shifted_digits(x: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     if kind == "noise":
         rng = np.random.default_rng(seed)
         return np.clip(x + rng.normal(0, 0.5, x.shape), 0, 1).astype(np.float32)
-    raise ValueError(f"unknown shift {kind!r}: use rotate, invert or noise")
+    if kind == "dim":
+        return (np.asarray(x) * 0.35).astype(np.float32)
+    raise ValueError(f"unknown shift {kind!r}: use rotate, invert, noise or dim")

@@ -5,7 +5,7 @@ import { h, mount, api, debounce, badge, card, facts, shortId, errorBox, isNum,
   fmtBytes, fmtPct, fmtAgo, fmtNum, fmtTime } from "./dom.js";
 import { lineChart, chartWidth } from "./charts.js";
 import { on } from "./live.js";
-import { measuredAgreement } from "./overview.js";
+import { measuredAgreement, KIND_TEXT } from "./overview.js";
 
 const MAX_POINTS = 500;
 
@@ -109,6 +109,30 @@ function lastDriftFacts(p) {
   ]);
 }
 
+const ACTION_TEXT = { accept: "Accept as normal", acknowledge: "Acknowledge", reanalyse: "Re-analyse" };
+
+// The device's drift alerts: kind, why, what the server decided, and the operator's actions.
+function alertsTable(alerts, reload) {
+  if (!alerts.length) return h("p", { class: "muted" }, "No drift alert on this device.");
+  const act = async (a, action, btn) => {
+    btn.disabled = true;
+    try { await api(`/api/drift-alerts/${encodeURIComponent(a.alert_id)}/${action}`, { method: "POST" }); reload(); }
+    catch (err) { btn.replaceWith(errorBox(err.message)); }
+  };
+  return h("table", { class: "grid-table compact", id: "drift-alerts" },
+    h("thead", {}, h("tr", {}, ["When", "Kind", "Status", "Why", "Decision", "Actions"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, alerts.slice(0, 10).map((a) => h("tr", { "data-kind": a.kind },
+      h("td", {}, fmtTime(a.created_at)),
+      h("td", {}, badge("alert", KIND_TEXT[a.kind] || a.kind)),
+      h("td", {}, a.status),
+      h("td", {}, a.why),
+      h("td", {}, a.decision || "–"),
+      h("td", {}, (a.actions || []).map((x) => h("button", { class: "btn small", "data-action": x,
+        onclick: (ev) => act(a, x, ev.currentTarget) }, ACTION_TEXT[x] || x)),
+        (a.actions || []).length ? h("div", { class: "sub", title: "register a retrained model version" },
+          `new version: ${a.new_version}`) : null)))));
+}
+
 function historyTable(items) {
   if (!items.length) return h("p", { class: "muted" }, "No deployment to this device yet.");
   return h("table", { class: "grid-table compact", id: "history" },
@@ -151,11 +175,13 @@ export async function render(root) {
   });
   on("status", (v) => { if (mine(v)) reload(); });
   on("deployment", reload);
+  on("drift_alert", (a) => { if (mine(a)) reload(); });
   window.addEventListener("resize", debounce(() => { if (d) { drawDrift(); drawTelemetry(); } }, 200));
 
   function drawHead() {
     mount(slots.head, h("div", { class: "page-head" },
       h("h1", {}, d.device_id), badge(d.state, d.state),
+      d.drift_kind ? badge("alert", KIND_TEXT[d.drift_kind] || d.drift_kind) : null,
       h("span", { class: "muted" }, `group ${d.group || "default"} · last seen ${fmtAgo(d.last_seen)}`)));
     mount(slots.hw, hardwareFacts(d));
     mount(slots.active, activeFacts(d.active, d.model_version));
@@ -175,6 +201,8 @@ export async function render(root) {
     drawDrift();
     drawTelemetry();
     mount(slots.hist, historyTable(d.deployments || []));
+    const alerts = await api(`/api/drift-alerts?device_id=${encodeURIComponent(id)}`).catch(() => []);
+    mount(slots.alerts, alertsTable(alerts, reload));
   }
 
   mount(root,
@@ -182,6 +210,7 @@ export async function render(root) {
     slot("head"),
     h("div", { class: "columns three" },
       card("Hardware", slot("hw")), card("Active model", slot("active")), card("Last drift window", slot("last"))),
+    card("Drift alerts", h("p", { class: "hint" }, "Fidelity drift (the compressed model stops agreeing with the base) is re-analysed with this device's field samples; new data (the base model sees inputs unlike its training data) waits for you: accept it as normal (the device rebases its drift reference on it), re-analyse anyway, or register a retrained model version."), slot("alerts")),
     card("Drift", h("p", { class: "hint" }, "Green areas are the normal bands the agent checks each window against; red points are out of band; red strips mark windows in which the agent raised a drift alert."), slot("drift", "chart-grid cols-3")),
     card("Resources", slot("tel", "chart-grid cols-2")),
     card("Deployment history", slot("hist")));

@@ -1,7 +1,7 @@
 // One EventSource on /api/events for the page; views register handlers per event kind.
 // The browser reconnects by itself; the pill in the top bar says whether updates flow.
 
-const KINDS = ["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis"];
+const KINDS = ["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert"];
 const handlers = new Map(KINDS.map((k) => [k, []]));
 let source = null;
 

@@ -75,7 +75,30 @@ function deviceRow(d) {
     hardwareCell(d.hardware),
     ...planCells(d),
     driftCell(d.last_drift),
-    h("td", {}, d.alert ? badge("alert", "ALERT") : h("span", { class: "ok" }, "ok")));
+    h("td", {}, d.alert || d.drift_kind ? badge("alert", KIND_TEXT[d.drift_kind] || "ALERT") : h("span", { class: "ok" }, "ok")));
+}
+
+// What a drift alert means (fleet_server.drift_classify): the kind decides what happens next.
+export const KIND_TEXT = { fidelity: "fidelity drift", data: "new data", unclassified: "classifying" };
+
+function kindCounts(devices) {
+  const n = { fidelity: 0, data: 0, unclassified: 0 };
+  for (const d of devices) if (d.drift_kind in n) n[d.drift_kind] += 1;
+  return h("div", { class: "counts kinds", id: "alert-kinds" },
+    Object.entries(n).map(([k, v]) => h("div", { class: `count c-${v ? "alert" : "online"}`, "data-kind": k },
+      h("b", {}, String(v)), h("span", {}, `alert: ${KIND_TEXT[k]}`))));
+}
+
+// Alerts that started no re-analysis, with the reason (data drift, cooldown, daily cap, escalation).
+function decisionsTable(alerts) {
+  const shown = alerts.filter((a) => a.status !== "reanalysing");
+  if (!shown.length) return h("p", { class: "muted" }, "No open drift alert without a re-analysis.");
+  return h("table", { class: "grid-table compact", id: "drift-decisions" },
+    h("thead", {}, h("tr", {}, ["Device", "Kind", "Status", "Why no re-analysis"].map((c) => h("th", {}, c)))),
+    h("tbody", {}, shown.slice(0, 12).map((a) => h("tr", {},
+      h("td", {}, h("a", { href: `/devices/${encodeURIComponent(a.device_id)}` }, a.device_id)),
+      h("td", {}, KIND_TEXT[a.kind] || a.kind), h("td", {}, badge("alert", a.status)),
+      h("td", {}, a.decision || "–")))));
 }
 
 function countsBar(devices) {
@@ -126,13 +149,15 @@ function reanalysesTable(items, refresh) {
   return h("table", { class: "grid-table compact", id: "reanalyses" },
     h("thead", {}, h("tr", {}, ["When", "Why", "Devices", "Status", "Analysis"].map((c) => h("th", {}, c)))),
     h("tbody", {}, items.slice(0, 10).map((r) => {
-      const btn = r.status === "pending_approval"
-        ? h("button", { class: "btn small", onclick: (ev) => approve(r.reanalysis_id, ev.currentTarget) }, "Approve") : null;
+      const label = r.status === "pending_approval" ? "Approve" : r.status === "canary" && !r.group_approved_at ? "Approve group" : null;
+      const btn = label ? h("button", { class: "btn small", onclick: (ev) => approve(r.reanalysis_id, ev.currentTarget) }, label) : null;
+      const q = r.quorum || {};
+      const quorum = r.status === "canary" ? h("div", { class: "sub" }, `canary on its trigger devices · quorum ${q.votes ?? "?"} of ${q.needed ?? "?"} (group online ${q.online ?? "?"})`) : null;
       return h("tr", {},
         h("td", {}, fmtTime(r.created_at)),
         h("td", {}, r.why || "–"),
         h("td", {}, (r.trigger_devices || []).map((id) => h("a", { href: `/devices/${encodeURIComponent(id)}`, class: "chip" }, id))),
-        h("td", {}, badge(r.status, r.status.replace("_", " ")), btn),
+        h("td", {}, badge(r.status, r.status.replace("_", " ")), btn, quorum),
         h("td", {}, r.analysis_id ? h("a", { href: `/analyses/${encodeURIComponent(r.analysis_id)}` }, r.analysis_id) : "–"));
     })));
 }
@@ -140,6 +165,7 @@ function reanalysesTable(items, refresh) {
 function targetText(t) {
   if (!t) return "–";
   if (t.device) return `device ${t.device}`;
+  if (t.devices) return `canary: ${t.devices.join(", ")}`;
   if (t.group) return `group ${t.group}`;
   return "all devices";
 }
@@ -177,21 +203,23 @@ async function optional(path) {
 /** Draw the overview into `root` and keep it current. */
 export async function render(root) {
   const refresh = debounce(load, 250);
-  for (const kind of ["device", "drift", "status", "deployment", "analysis", "reanalysis"]) on(kind, refresh);
+  for (const kind of ["device", "drift", "status", "deployment", "analysis", "reanalysis", "drift_alert"]) on(kind, refresh);
 
   async function load() {
-    const [devices, analyses, reanalyses, deployments, versions] = await Promise.all([
+    const [devices, analyses, reanalyses, deployments, versions, alerts] = await Promise.all([
       api("/api/devices"), optional("/api/analyses"), optional("/api/reanalyses"), optional("/api/deployments"),
-      optional("/api/groups/versions")]);
+      optional("/api/groups/versions"), optional("/api/drift-alerts?active=true")]);
     mount(root,
       h("div", { class: "page-head" }, h("h1", {}, "Fleet overview"),
         h("span", { class: "muted" }, `updated ${new Date().toLocaleTimeString()}`)),
       countsBar(devices),
+      kindCounts(devices),
       card("Devices", devicesTable(devices)),
       card("Model versions per group", versionsTable(versions)),
       h("div", { class: "columns" },
         card("Analyses", analysesTable(analyses)),
         card("Re-analyses triggered by drift", reanalysesTable(reanalyses, refresh))),
+      card("Drift alerts that started no re-analysis", decisionsTable(alerts)),
       card("Deployments", deploymentsTable(deployments)));
   }
   await load();
