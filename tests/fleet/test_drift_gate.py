@@ -153,7 +153,7 @@ def test_alerts_cli_lists_acknowledges_and_reanalyses_with_one_line_errors(fleet
 
     from fleet_server.cli import app
 
-    run, url, bid = CliRunner(), ["--server", fleet.http.url], fleet.analysis["bundle_id"]
+    run, url, bid = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}), ["--server", fleet.http.url], fleet.analysis["bundle_id"]
     (box,) = deployed_group(fleet, devices, "g-cli", 1)
     window(box, 1, bid, agreement=0.995, alert=True)
     assert wait_until(lambda: bool(alerts(fleet, box.id)))
