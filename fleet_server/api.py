@@ -24,6 +24,7 @@ from fleet_server import login, registry
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
 from fleet_server.model_versions import group_versions
+from fleet_server.sample_gallery import recent_samples, sample_image
 from fleet_server.uploads import BodyLimitMiddleware, MissingPartError, UploadTooLargeError, receive_form
 from fleet_server.version_rollback import rollback_group
 from fleet_server.whatif import hardware_profile, what_if
@@ -166,6 +167,15 @@ def create_app(server) -> FastAPI:
     @app.get("/api/devices/{device_id}")
     def device(device_id: str) -> dict:
         return registry.get_device(db, device_id=device_id)
+
+    @app.get("/api/devices/{device_id}/samples", summary="The device's newest uploaded field samples (evidence)")
+    def device_samples(device_id: str, limit: int = 24) -> list[dict]:
+        registry.get_device(db, device_id=device_id)  # 404 for an unknown device
+        return recent_samples(db, device_id, limit=max(1, min(limit, 200)))
+
+    @app.get("/api/samples/{sample_id}/image.png", summary="A field sample drawn as an image (image inputs only)")
+    def sample_png_route(sample_id: int) -> Response:
+        return Response(sample_image(db, sample_id), media_type="image/png")
 
     @app.get("/api/models")
     def models() -> list[dict]:

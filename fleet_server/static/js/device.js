@@ -133,6 +133,15 @@ function alertsTable(alerts, reload) {
           `new version: ${a.new_version}`) : null)))));
 }
 
+// The field samples the device uploaded: what the model actually saw (image inputs drawn).
+function samplesGallery(samples) {
+  if (!samples.length) return h("p", { class: "muted" }, "No field sample uploaded by this device.");
+  return h("div", { class: "gallery", id: "samples" }, samples.map((x) => h("figure", { "data-sample": x.sample_id },
+    x.image ? h("img", { src: `/api/samples/${x.sample_id}/image.png`, alt: `sample ${x.sample_id}`, loading: "lazy" })
+      : h("div", { class: "muted" }, `${x.dtype} ${JSON.stringify(x.shape)}`),
+    h("figcaption", {}, `#${x.window ?? "–"} · ${x.reason}`))));
+}
+
 function historyTable(items) {
   if (!items.length) return h("p", { class: "muted" }, "No deployment to this device yet.");
   return h("table", { class: "grid-table compact", id: "history" },
@@ -203,6 +212,8 @@ export async function render(root) {
     mount(slots.hist, historyTable(d.deployments || []));
     const alerts = await api(`/api/drift-alerts?device_id=${encodeURIComponent(id)}`).catch(() => []);
     mount(slots.alerts, alertsTable(alerts, reload));
+    const samples = await api(`/api/devices/${encodeURIComponent(id)}/samples`).catch(() => []);
+    mount(slots.samples, samplesGallery(samples));
   }
 
   mount(root,
@@ -211,6 +222,7 @@ export async function render(root) {
     h("div", { class: "columns three" },
       card("Hardware", slot("hw")), card("Active model", slot("active")), card("Last drift window", slot("last"))),
     card("Drift alerts", h("p", { class: "hint" }, "Fidelity drift (the compressed model stops agreeing with the base) is re-analysed with this device's field samples; new data (the base model sees inputs unlike its training data) waits for you: accept it as normal (the device rebases its drift reference on it), re-analyse anyway, or register a retrained model version."), slot("alerts")),
+    card("Field samples", h("p", { class: "hint" }, "The newest inputs this device uploaded as evidence (disputed or drifting windows), window and reason below each: what the base model is seeing."), slot("samples")),
     card("Drift", h("p", { class: "hint" }, "Green areas are the normal bands the agent checks each window against; red points are out of band; red strips mark windows in which the agent raised a drift alert."), slot("drift", "chart-grid cols-3")),
     card("Resources", slot("tel", "chart-grid cols-2")),
     card("Deployment history", slot("hist")));
