@@ -151,10 +151,12 @@ def models_rollback(name: str = typer.Argument(..., help="the model's name"),
 @app.command()
 @cli_errors
 def analyze(model_id: str, budget: Optional[float] = typer.Option(None), max_rounds: Optional[int] = typer.Option(None),
-            field_samples: bool = typer.Option(False), wait: bool = typer.Option(True), server: str = SERVER) -> None:
+            field_samples: bool = typer.Option(False), wait: bool = typer.Option(True),
+            output: Optional[str] = typer.Option(None, help="the output the analysis scores (default: detected)"),
+            server: str = SERVER) -> None:
     """Queue an analysis and (by default) follow its progress until the bundle is built."""
     a = _call(server, "POST", f"/api/models/{model_id}/analyses",
-              json={"budget": budget, "max_rounds": max_rounds, "field_samples": field_samples})
+              json={"budget": budget, "max_rounds": max_rounds, "field_samples": field_samples, "output": output})
     console.print(f"analysis {a['analysis_id']} queued")
     if not wait:
         return

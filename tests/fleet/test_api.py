@@ -69,6 +69,12 @@ def test_analysis_bad_input(fleet):
     assert r.status_code == 404 and "m-nope" in r.json()["detail"]
     r = fleet.api.get("/api/analyses/a-nope")
     assert r.status_code == 404 and "a-nope" in r.json()["detail"]
+    # the scored output is passed through to the analysis, which names a wrong one in its error
+    a = fleet.api.post(f"/api/models/{mid}/analyses", json={"output": "no-such-tensor"}).json()
+    assert wait_until(lambda: fleet.api.get(f"/api/analyses/{a['analysis_id']}").json()["status"] in ("done", "failed"),
+                      timeout=120, step=0.5)
+    done = fleet.api.get(f"/api/analyses/{a['analysis_id']}").json()
+    assert done["status"] == "failed" and "'no-such-tensor' is no tensor" in done["error"], done["error"]
 
 
 def test_whatif(fleet):
