@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fleet_server.cli_alerts import make_alerts_app
+from fleet_server.cli_database import DATA_DIR, DB_URL, database_url, db_app, opening, tokens_app
 from fleet_server.cli_keys import keys_app
 from toco_core.cli_support import cli_errors, console
 from toco_core.errors import ConfigError, TocoError
@@ -23,16 +22,13 @@ app = typer.Typer(help="TOCO fleet server: registry, analyses, signed bundles, s
                   no_args_is_help=True)
 models_app = typer.Typer(help="Registered models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-db_app = typer.Typer(help="The fleet database's schema (Alembic revisions; `serve` also upgrades on start).",
-                     no_args_is_help=True)
 app.add_typer(db_app, name="db")
 devices_app = typer.Typer(help="The fleet's devices: list them (over HTTP); enroll and revoke them (offline, on "
                           "--data-dir, with their mosquitto password).", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="tokens")
 SERVER = typer.Option("http://127.0.0.1:8080", "--server", envvar="TOCO_FLEET_URL", help="fleet server URL")
-DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (its fleet.db)")
-DB_URL = typer.Option(None, "--db-url", help="SQLAlchemy URL, instead of {data-dir}/fleet.db (or TOCO_FLEET_DB_URL)")
 
 
 def _call(server: str, method: str, path: str, **kw):
@@ -233,81 +229,6 @@ def drift(device: Optional[str] = typer.Option(None), model: Optional[str] = typ
 
 
 
-def _open_database(data_dir: Path, db_url: Optional[str], create: bool = False):
-    """The fleet database ``serve`` would open with these options, upgraded to this release. It must exist
-    unless ``create`` (the first admin token is made before the server ever ran: the data dir is made too)."""
-    from fleet_server.db import Database
-
-    if create and not db_url:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    url = _database_url(data_dir, db_url, must_exist=not create)
-    with _opening(url):
-        return Database(url)
-
-
-tokens_app = typer.Typer(help="API tokens of the HTTP API and dashboard (offline, on the database: works before "
-                         "the server runs).", no_args_is_help=True)
-app.add_typer(tokens_app, name="tokens")
-
-
-@tokens_app.command("create")
-@cli_errors
-def tokens_create(role: str = typer.Option(..., help="viewer (read), operator (also change the fleet) or admin"),
-                  name: Optional[str] = typer.Option(None, help="who or what uses it, for `tokens list`"),
-                  data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
-    """Make an API token and print it once (only its hash is stored)."""
-    from fleet_server.auth import check_role, create_token
-    from fleet_server.client_token import ENV
-    from fleet_server.migrate import describe_url
-
-    check_role(role)
-    db = _open_database(data_dir, db_url, create=True)
-    try:
-        token, view = create_token(db, role=role, name=name)
-    finally:
-        db.close()
-    console.print(f"token {view['token_id']} ({view['role']}, {view['name']!r}) in {describe_url(str(db.engine.url))}; "
-                  "shown once, keep it secret:", highlight=False, soft_wrap=True)
-    print(token)
-    console.print(f"use it with: export {ENV}=<token>   (or log in to the dashboard with it)", highlight=False,
-                  soft_wrap=True)
-
-
-@tokens_app.command("list")
-@cli_errors
-def tokens_list(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
-    """List the API tokens: id, name, role, when made, last used, revoked (never the secret)."""
-    from fleet_server.auth import list_tokens
-
-    db = _open_database(data_dir, db_url)
-    try:
-        views = list_tokens(db)
-    finally:
-        db.close()
-    when = lambda t: "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
-    t = Table("token", "name", "role", "created", "last used", "revoked")
-    t.columns[0].no_wrap = True  # the id is what `tokens revoke` takes: copyable in one piece
-    for v in views:
-        t.add_row(v["token_id"], v["name"], v["role"], when(v["created_at"]), when(v["last_used_at"]),
-                  when(v["revoked_at"]))
-    console.print(t)
-
-
-@tokens_app.command("revoke")
-@cli_errors
-def tokens_revoke(token_id: str = typer.Argument(..., help="the token's id, from `tokens list`"),
-                  data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
-    """Revoke an API token: its requests and its dashboard sessions are refused from now on."""
-    from fleet_server.auth import revoke_token
-
-    db = _open_database(data_dir, db_url)
-    try:
-        view = revoke_token(db, token_id=token_id)
-    finally:
-        db.close()
-    console.print(f"token {view['token_id']} ({view['name']!r}) revoked", highlight=False)
-
-
 def _version_id(server: str, name: Optional[str], version: int) -> str:
     """The model id of ``name`` v``version``. Raises ConfigError without --model, TocoError for an unknown version."""
     if not name:
@@ -318,78 +239,6 @@ def _version_id(server: str, name: Optional[str], version: int) -> str:
         have = ", ".join(f"v{m['version']}" for m in sorted(found, key=lambda m: m["version"])) or "no versions"
         raise TocoError(f"model {name!r} has no version v{version} ({have})")
     return match[0]
-
-
-def _database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str:
-    """The URL ``serve`` would open with these options. Raises ConfigError for a URL SQLAlchemy cannot
-    parse, or a SQLite file that is missing (``must_exist``) or whose folder is missing: a mistyped
-    --data-dir must not look like a new fleet."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from fleet_server.config import FleetSettings
-
-    url = FleetSettings(data_dir=data_dir, **({"db_url": db_url} if db_url else {})).database_url
-    try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigError(f"invalid database URL {url!r}: {exc}", "give a SQLAlchemy URL, e.g. "
-                          "postgresql+psycopg://user@host/fleet") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database)
-        if must_exist and not path.exists():
-            raise ConfigError(f"no fleet database at {path}", "check --data-dir / --db-url; `toco-fleet db upgrade` "
-                              "or `toco-fleet serve` creates one")
-        if not path.parent.is_dir():
-            raise ConfigError(f"folder {path.parent} does not exist", "check --data-dir / --db-url")
-    return url
-
-
-@contextmanager
-def _opening(url: str) -> Iterator[None]:
-    """Turn a database that cannot be reached (driver missing, server down, file unreadable) into one ConfigError."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from fleet_server.migrate import describe_url
-
-    try:
-        yield
-    except (SQLAlchemyError, ImportError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise ConfigError(f"cannot open the fleet database {describe_url(url)}: {reason}",
-                          "check --data-dir / --db-url and that the database's driver is installed") from None
-
-
-@db_app.command("upgrade")
-@cli_errors
-def db_upgrade(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
-    """Bring the database to this release's schema: create it, adopt a pre-Alembic one, or upgrade."""
-    from fleet_server.db import Database
-    from fleet_server.migrate import describe_url
-
-    url = _database_url(data_dir, db_url, must_exist=False)
-    with _opening(url):
-        db = Database(url)
-    db.close()
-    console.print(f"{describe_url(url)}: {db.schema.summary()}", soft_wrap=True, highlight=False)
-
-
-@db_app.command("current")
-@cli_errors
-def db_current(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
-    """Print the database's schema revision against this release's head; changes nothing."""
-    from sqlalchemy import create_engine
-
-    from fleet_server.migrate import describe_url, schema_state
-
-    url = _database_url(data_dir, db_url, must_exist=True)
-    with _opening(url):
-        engine = create_engine(url)
-        try:
-            state = schema_state(engine)
-        finally:
-            engine.dispose()
-    console.print(f"{describe_url(url)}: {state.summary()}", soft_wrap=True, highlight=False)
 
 
 PASSWD = typer.Option(None, "--passwd", help="mosquitto password file to add the device to / remove it from, e.g. "
@@ -419,7 +268,7 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
     from fleet_server.enrollment import check_device_name, enroll
 
     check_device_name(name)
-    url = _database_url(data_dir, db_url, must_exist=False)
+    url = database_url(data_dir, db_url, must_exist=False)
     if passwd is not None:  # the broker first: a missing mosquitto_passwd must leave no half-enrolled device
         if password_file is not None:
             password = password_file.read_text().splitlines()[0].strip() if password_file.exists() else ""
@@ -435,7 +284,7 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
             bp.write_password_out(out, password)
             console.print(f"password for {name} written to {out} (copy it to the box, then delete it here)")
         console.print(f"{name} in {passwd}")
-    with _opening(url):
+    with opening(url):
         db = Database(url)
     try:
         d = enroll(db, name, group, allow)
@@ -458,8 +307,8 @@ def devices_revoke(name: str = typer.Argument(..., help="device id"), passwd: Op
     from fleet_server.db import Database
     from fleet_server.enrollment import revoke
 
-    url = _database_url(data_dir, db_url, must_exist=True)
-    with _opening(url):
+    url = database_url(data_dir, db_url, must_exist=True)
+    with opening(url):
         db = Database(url)
     try:  # the server's record first: from this commit on, whatever the device still sends is ignored
         revoke(db, name)
