@@ -29,6 +29,7 @@ from agent.outbox import Outbox
 from toco_core.atomic_files import atomic_write
 from toco_core.messages import (AgentMessage, ChunkRequest, MessageError, MessageKind, PartRequest, StateMessage, encode,
                                 kind_of)
+from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
 
 log = logging.getLogger("toco.agent.mqtt")
@@ -66,14 +67,11 @@ class MqttLink:
         self._birth = self._read_birth()
         self._connected = threading.Event()
         self._stopping = False
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id, clean_session=False,
-                                   protocol=mqtt.MQTTv311)
-        user = username if username is not None else self.broker.username
-        if user:
-            self._client.username_pw_set(user, password if password is not None else self.broker.password)
-        if self.broker.tls:
-            self._client.tls_set(ca_certs=ca_file)
-        self._client.reconnect_delay_set(reconnect_min, reconnect_max)  # type: ignore[arg-type]
+        # a persistent session: commands queued while the device was away arrive after it reconnects.
+        # The will is set in start() and after each disconnect: it carries the birth of its connection.
+        self._client = make_mqtt_client(self.device_id, self.broker, username=username, password=password,
+                                        ca_file=ca_file, persistent_session=True, reconnect_min=reconnect_min,
+                                        reconnect_max=reconnect_max)
         self._client.suppress_exceptions = True  # a bug in a callback is logged by paho, the loop lives on
         self._client.enable_logger(_PAHO_LOG)
         self._client.on_connect = self._on_connect

@@ -22,6 +22,7 @@ from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
 from toco_core.errors import BundleError
 from toco_core.messages import (MAX_CHUNKS_PER_REQUEST, ChunkRequest, MessageError, MessageKind, PartRequest, encode,
                                 encode_chunk, encode_part, parse_message)
+from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.bundles")
@@ -153,13 +154,8 @@ class MqttBundleServer:
         self.broker = broker
         self.topics = Topics(fleet)
         self.connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-        user = username if username is not None else broker.username
-        if user:
-            self.client.username_pw_set(user, password if password is not None else broker.password)
-        if broker.tls:
-            self.client.tls_set(ca_certs=ca_file)
-        self.client.reconnect_delay_set(1, 10)
+        self.client = make_mqtt_client(client_id, broker, username=username, password=password, ca_file=ca_file,
+                                       reconnect_min=1, reconnect_max=10)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from toco_core.messages import Message, MessageError, MessageKind, encode
+from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.mqtt")
@@ -31,16 +32,11 @@ class FleetMqtt:
         self.topics = topics
         self.on_device, self.on_get, self.on_connected = on_device, on_get, on_connect
         self.connected = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-        user = username if username is not None else self.broker.username
-        if user:
-            self.client.username_pw_set(user, password if password is not None else self.broker.password)
-        if self.broker.tls:
-            self.client.tls_set(ca_certs=ca_file)
+        self.client = make_mqtt_client(client_id, self.broker, username=username, password=password, ca_file=ca_file,
+                                       reconnect_min=1, reconnect_max=10)
         # a burst of 1,000 births must not be throttled by paho's default in-flight window
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(1, 10)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
