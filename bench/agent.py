@@ -50,7 +50,9 @@ sys.path.insert(0, str(ROOT))  # bench/_common and the checkout's packages when 
 
 from bench._agent_rig import DEVICE, FLEET, MB, Publisher, StatusWatch, bare_idle, demo_bundle, idle_profile  # noqa: E402
 from bench._common import RESULTS, cached_analysis  # noqa: E402
-from tests.protocol.conftest import MOSQUITTO, Broker, free_port, wait_until  # noqa: E402  (the tests' mosquitto)
+from tests.support.broker import MOSQUITTO, Broker  # noqa: E402  (the tests' mosquitto)
+from tests.support.processes import free_port, stop_process  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, save_public_key  # noqa: E402
 from toco_core.demo.train import demo_model  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model  # noqa: E402
@@ -147,12 +149,7 @@ def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int
     finally:
         watch.close()
         publisher.close()
-        agent.terminate()
-        try:
-            out["exit_code"] = agent.wait(30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            out["exit_code"] = agent.wait(5)
+        out["exit_code"] = stop_process(agent, 30)
         log.close()
     return out
 

@@ -39,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench._agent_rig import DEVICE, FLEET, MB, Publisher, StatusWatch, demo_bundle  # noqa: E402
 from bench._common import RESULTS  # noqa: E402
-from tests.protocol.conftest import Broker, free_port, wait_until  # noqa: E402  (the tests' mosquitto)
+from tests.support.broker import Broker  # noqa: E402  (the tests' mosquitto)
+from tests.support.processes import free_port, stop_process  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 from toco_core.bundle import generate_private_key, save_public_key  # noqa: E402
 from toco_core.topics import Topics  # noqa: E402
 
@@ -160,12 +162,7 @@ def run(minutes: float, rate: float, every: float) -> dict:
         for part in (load, watch, publisher):
             if part is not None:
                 part.close()
-        if agent is not None:
-            agent.terminate()
-            try:
-                agent.wait(30)
-            except subprocess.TimeoutExpired:
-                agent.kill()
+        stop_process(agent, 30)
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 

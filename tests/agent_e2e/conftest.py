@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from fleet_server.bundle_publisher import MqttBundleServer
-from tests.protocol.conftest import MOSQUITTO, Broker, Listener, wait_until
+from tests.support.broker import MOSQUITTO, Broker, Listener
+from tests.support.processes import free_port, stop_process
+from tests.support.waiting import wait_until
 from toco_core.analysis_result import save_result
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, save_public_key
 from toco_core.calibration import CalibrationCurve
@@ -168,8 +170,6 @@ def fleet(keys) -> Iterator[Fleet]:
 
 
 def free_api_port() -> int:
-    from tests.protocol.conftest import free_port
-
     return free_port()
 
 
@@ -236,15 +236,9 @@ class AgentProcess:
         self.proc.wait(10)
 
     def stop(self) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = stop_process(self.proc, 20)
         self.log.close()
-        return self.proc.returncode if self.proc else 0
+        return code if code is not None else 0
 
     def log_text(self, tail: int | None = 4000) -> str:
         path = self.root / "agent.log"
