@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.protocol.conftest import Broker
+from tests.support.broker import Broker
 
 STEPS = ("server up", "analysed", "agents online", "deployed to every agent", "three different compressions",
          "clean traffic, no drift", "drift alert", "re-analysed with field samples", "redeployed to the drifting group",

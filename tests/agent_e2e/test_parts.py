@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_e2e.conftest import FLEET, CHUNK, AgentProcess, wait_for
-from tests.protocol.conftest import Listener
+from tests.support.broker import Listener
 from toco_core.bundle import make_manifest, pack_bundle
 from toco_core.messages import RecompressCommand
 from toco_core.model_bundle import BundleInfo

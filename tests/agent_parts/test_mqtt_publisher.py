@@ -8,7 +8,8 @@ import time
 import pytest
 
 from agent.mqtt_link import MqttLink
-from tests.protocol.conftest import MOSQUITTO, Broker, Listener, wait_until
+from tests.support.broker import MOSQUITTO, Broker, Listener
+from tests.support.waiting import wait_until
 from toco_core.messages import Phase, StatusMessage
 from toco_core.topics import Topics
 

@@ -24,7 +24,8 @@ from fleet_server.auth import create_token
 from fleet_server.config import FleetSettings
 from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
-from tests.protocol.conftest import MOSQUITTO, Broker, wait_until
+from tests.support.broker import MOSQUITTO, Broker
+from tests.support.waiting import wait_until
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.messages import (ActiveModel, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary,
                                 StateMessage, TelemetryMessage, encode)

@@ -6,7 +6,7 @@ import time
 
 from fleet_server.enrollment import enroll
 from tests.dashboard.conftest import HARDWARE, PLANS, SimDevice, screenshot
-from tests.protocol.conftest import wait_until
+from tests.support.waiting import wait_until
 
 
 def open_view(page, url: str) -> None:

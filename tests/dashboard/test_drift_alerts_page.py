@@ -8,7 +8,7 @@ import time
 from fleet_server.db import DeviceRow, DriftAlertRow
 from tests.dashboard.conftest import screenshot
 from tests.dashboard.test_dashboard import open_view
-from tests.protocol.conftest import wait_until
+from tests.support.waiting import wait_until
 
 
 def test_device_page_shows_the_alert_kind_and_acknowledging_closes_it(fleet, devices, page, tmp_path):

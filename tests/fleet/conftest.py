@@ -20,7 +20,9 @@ from fleet_server.auth import create_token
 from fleet_server.config import FleetSettings
 from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
-from tests.protocol.conftest import MOSQUITTO, Broker, free_port, wait_until
+from tests.support.broker import MOSQUITTO, Broker
+from tests.support.processes import free_port
+from tests.support.waiting import wait_until
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.messages import (DeployCommand, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary, Sample,
                                 SamplesMessage, StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)

@@ -17,7 +17,8 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.protocol.conftest import free_port, wait_until
+from tests.support.processes import free_port
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 UPLOAD_CAP = 50 << 20

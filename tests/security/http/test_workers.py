@@ -7,7 +7,7 @@ import signal
 
 import psutil
 
-from tests.protocol.conftest import wait_until
+from tests.support.waiting import wait_until
 from tests.security.http.conftest import ServerProcess, make_tokens
 
 

@@ -15,7 +15,7 @@ from fleet_server.cli import app
 from fleet_server.config import FleetSettings
 from fleet_server.server import FleetServer
 from tests.agent_e2e.conftest import FLEET, AgentProcess, Broker, wait_for
-from tests.protocol.conftest import free_port
+from tests.support.processes import free_port
 from toco_core.messages import UploadSamplesCommand
 
 
