@@ -4,6 +4,7 @@ broker, and SimDevice: a small paho client speaking toco_core.messages (not a fu
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import threading
 import time
@@ -20,6 +21,7 @@ from fleet_server.auth import create_token
 from fleet_server.config import FleetSettings
 from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
+from tests.fleet.postgres import PostgresCluster, PostgresUnavailable, postgres_cluster
 from tests.protocol.conftest import MOSQUITTO, Broker, free_port, wait_until
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.messages import (DeployCommand, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary, Sample,
@@ -225,3 +227,24 @@ def device_json(fleet: Fleet, device_id: str) -> dict:
 
 
 __all__ += ["PLAN", "Fleet", "SimDevice", "succeed", "fail", "device_json", "MOSQUITTO", "json"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throw-away PostgreSQL cluster for the session (tests/fleet/postgres.py); skipped only when
+    PostgreSQL is not installed (`make system-deps` installs it), never when it fails to start."""
+    try:
+        with postgres_cluster() as cluster:
+            yield cluster
+    except PostgresUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """The SQLAlchemy URL of a new, empty database on the session's cluster, one per test."""
+    return postgres.create_database(f"t{next(_PG_DATABASES)}")
+
+
+_PG_DATABASES = itertools.count()
+__all__ += ["PostgresCluster"]
