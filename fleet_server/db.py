@@ -239,7 +239,8 @@ class EventRow(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     t: Mapped[float] = mapped_column(Float, default=time.time)
-    kind: Mapped[str] = mapped_column(String(16))
+    # 32: "reanalysis_skipped" (18) outgrew the 16 of 5092848; PostgreSQL refuses a longer value, SQLite never did
+    kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict] = mapped_column(JSON)
 
 

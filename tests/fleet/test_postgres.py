@@ -125,3 +125,17 @@ def test_a_server_on_postgresql_registers_models_tokens_and_devices(pg_url, lene
         if dev is not None:
             dev.close()
         fleet.stop()
+
+
+def test_every_event_kind_the_server_logs_fits_its_column_on_postgresql(pg_url):
+    # PostgreSQL enforces VARCHAR lengths (SQLite does not): the longest kind logged, by the drift policy
+    from fleet_server.registry import log_event
+
+    db = Database(pg_url)
+    try:
+        with db.session(write=True) as s:
+            log_event(s, "reanalysis_skipped", {"alert_id": "al-1", "why": "cooldown"})
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT kind FROM events")).scalar_one() == "reanalysis_skipped"
+    finally:
+        db.close()
