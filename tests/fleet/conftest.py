@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import json
 import threading
 import time
@@ -91,12 +92,18 @@ class Fleet:
 
 @pytest.fixture(scope="session", params=["embedded", "mosquitto"])
 def fleet(request, lenet, tmp_path_factory) -> Iterator[Fleet]:
-    """A running server per broker kind, with the LeNet registered and analysed (``fleet.analysis``)."""
+    """A running server per broker kind, with the LeNet registered and analysed (``fleet.analysis``).
+
+    On SQLite in its data dir; on a database of the session's PostgreSQL cluster with TOCO_FLEET_TEST_DB=postgres.
+    """
     mosq = None
     if request.param == "mosquitto":
         mosq = Broker()
         mosq.start()
-    f = Fleet(tmp_path_factory.mktemp(f"fleet-{request.param}"), mosq.url if mosq else "embedded")
+    db = {}
+    if os.environ.get("TOCO_FLEET_TEST_DB") == "postgres":  # the whole suite on PostgreSQL (deploy/README.md)
+        db = {"db_url": request.getfixturevalue("postgres").create_database(f"fleet_{request.param}")}
+    f = Fleet(tmp_path_factory.mktemp(f"fleet-{request.param}"), mosq.url if mosq else "embedded", **db)
     f.kind = request.param
     f.analysis = f.analyse(lenet)
     yield f
