@@ -4,6 +4,8 @@ adopted and upgraded; the offline commands and a running server do registry work
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 from alembic import command
 from typer.testing import CliRunner
@@ -38,7 +40,13 @@ INSERT INTO events (t, kind, data) VALUES (9.0, 'deploy', '{"deployment_id": "d-
 
 def cli(*args: str) -> tuple[int, str]:
     """``toco-fleet ARGS``; returns (exit code, output stripped)."""
-    out = CliRunner().invoke(app, list(args))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        out = CliRunner().invoke(app, list(args))
+    finally:  # the CLI logs to the runner's stderr, closed afterwards: a server started next would log into it
+        root.handlers[:] = handlers
+        root.setLevel(level)
     return out.exit_code, out.output.strip()
 
 
@@ -51,6 +59,9 @@ def test_the_migration_chain_applies_goes_back_to_base_and_applies_again(pg_url)
     assert differences(pg_url) == []  # the migrated tables are exactly the declared ones, types included
     engine = sa.create_engine(pg_url)
     try:
+        with engine.connect() as conn:  # a serial's own sequence is not compared above; 0006 widened it too
+            types = dict(conn.execute(sa.text("SELECT sequencename, data_type::text FROM pg_sequences")).all())
+        assert types["telemetry_id_seq"] == "bigint" and types["events_id_seq"] == "bigint", types
         with engine.begin() as conn:
             command.downgrade(alembic_config(connection=conn), "base")
         assert sa.inspect(engine).get_table_names() == ["alembic_version"]
