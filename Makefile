@@ -3,7 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.toco-installed
-APT_PACKAGES := mosquitto mosquitto-clients chromium
+# postgresql: the fleet tests start throw-away clusters with its initdb/pg_ctl (tests/fleet/postgres.py)
+APT_PACKAGES := mosquitto mosquitto-clients chromium postgresql
 
 .PHONY: setup system-deps lint test demo bench clean
 

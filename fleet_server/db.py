@@ -14,10 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fleet_server.migrate import upgrade_database
+
+
+# 64-bit integers on every backend: byte counts (6 GiB free on a box), counters and the ids of the tables that grow
+# by a row per message (10,000 devices' telemetry passes 2**31 rows in weeks) overflow PostgreSQL's 32-bit INTEGER.
+# SQLite's INTEGER is already 64-bit, and only an INTEGER primary key is its auto-numbered rowid, so it keeps INTEGER.
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def new_id(prefix: str) -> str:
@@ -36,8 +42,8 @@ class ModelRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
-    weights: Mapped[int] = mapped_column(Integer)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    weights: Mapped[int] = mapped_column(BigInt)
+    size_bytes: Mapped[int] = mapped_column(BigInt)
     pool_size: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(Text)
     pool_path: Mapped[str] = mapped_column(Text)
@@ -76,7 +82,7 @@ class BundleRow(Base):
     analysis_id: Mapped[str] = mapped_column(ForeignKey("analyses.id"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInt)
     manifest: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
@@ -105,12 +111,12 @@ class DeviceRow(Base):
 
 class TelemetryRow(Base):
     __tablename__ = "telemetry"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64))
     t: Mapped[float] = mapped_column(Float)
     cpu_percent: Mapped[float] = mapped_column(Float)
-    available_memory: Mapped[int] = mapped_column(Integer)
-    inferences: Mapped[int] = mapped_column(Integer)
+    available_memory: Mapped[int] = mapped_column(BigInt)
+    inferences: Mapped[int] = mapped_column(BigInt)
     p50_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     __table_args__ = (Index("ix_telemetry_device_t", "device_id", "t"),)
 
@@ -151,7 +157,7 @@ class TimelineRow(Base):
     """Every phase a device went through in a deployment (the per-device status timeline)."""
 
     __tablename__ = "deployment_timeline"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     deployment_id: Mapped[str] = mapped_column(String(40), index=True)
     device_id: Mapped[str] = mapped_column(String(64), index=True)
     phase: Mapped[str] = mapped_column(String(16))
@@ -161,7 +167,7 @@ class TimelineRow(Base):
 
 class DriftRow(Base):
     __tablename__ = "drift_reports"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64))
     bundle_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     window: Mapped[int] = mapped_column(Integer)
@@ -176,7 +182,7 @@ class SampleRow(Base):
     """One uploaded field input (raw bytes as the agent sent them)."""
 
     __tablename__ = "field_samples"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), index=True)
     ref: Mapped[str] = mapped_column(String(128))
     window: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -231,9 +237,10 @@ class EventRow(Base):
     """The event log: what happened, for people (telemetry is not logged here)."""
 
     __tablename__ = "events"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     t: Mapped[float] = mapped_column(Float, default=time.time)
-    kind: Mapped[str] = mapped_column(String(16))
+    # 32: "reanalysis_skipped" (18) outgrew the 16 of 5092848; PostgreSQL refuses a longer value, SQLite never did
+    kind: Mapped[str] = mapped_column(String(32))
     data: Mapped[dict] = mapped_column(JSON)
 
 

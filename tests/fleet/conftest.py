@@ -4,6 +4,8 @@ broker, and SimDevice: a small paho client speaking toco_core.messages (not a fu
 from __future__ import annotations
 
 import io
+import itertools
+import os
 import json
 import threading
 import time
@@ -20,6 +22,7 @@ from fleet_server.auth import create_token
 from fleet_server.config import FleetSettings
 from fleet_server.enrollment import enroll
 from fleet_server.server import FleetServer, HttpThread
+from tests.fleet.postgres import PostgresCluster, PostgresUnavailable, postgres_cluster
 from tests.support.broker import MOSQUITTO, Broker
 from tests.support.processes import free_port
 from tests.support.waiting import wait_until
@@ -91,12 +94,18 @@ class Fleet:
 
 @pytest.fixture(scope="session", params=["embedded", "mosquitto"])
 def fleet(request, lenet, tmp_path_factory) -> Iterator[Fleet]:
-    """A running server per broker kind, with the LeNet registered and analysed (``fleet.analysis``)."""
+    """A running server per broker kind, with the LeNet registered and analysed (``fleet.analysis``).
+
+    On SQLite in its data dir; on a database of the session's PostgreSQL cluster with TOCO_FLEET_TEST_DB=postgres.
+    """
     mosq = None
     if request.param == "mosquitto":
         mosq = Broker()
         mosq.start()
-    f = Fleet(tmp_path_factory.mktemp(f"fleet-{request.param}"), mosq.url if mosq else "embedded")
+    db = {}
+    if os.environ.get("TOCO_FLEET_TEST_DB") == "postgres":  # the whole suite on PostgreSQL (deploy/README.md)
+        db = {"db_url": request.getfixturevalue("postgres").create_database(f"fleet_{request.param}")}
+    f = Fleet(tmp_path_factory.mktemp(f"fleet-{request.param}"), mosq.url if mosq else "embedded", **db)
     f.kind = request.param
     f.analysis = f.analyse(lenet)
     yield f
@@ -227,3 +236,24 @@ def device_json(fleet: Fleet, device_id: str) -> dict:
 
 
 __all__ += ["PLAN", "Fleet", "SimDevice", "succeed", "fail", "device_json", "MOSQUITTO", "json"]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throw-away PostgreSQL cluster for the session (tests/fleet/postgres.py). A missing
+    PostgreSQL fails the tests, never skips them (`make system-deps` installs it)."""
+    try:
+        with postgres_cluster() as cluster:
+            yield cluster
+    except PostgresUnavailable as e:
+        pytest.fail(f"{e} (run `make system-deps`)")
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """The SQLAlchemy URL of a new, empty database on the session's cluster, one per test."""
+    return postgres.create_database(f"t{next(_PG_DATABASES)}")
+
+
+_PG_DATABASES = itertools.count()
+__all__ += ["PostgresCluster"]
