@@ -199,6 +199,7 @@ def devices_list(server: str = SERVER) -> None:
     """The fleet as a table: state (quarantined: never enrolled; revoked), model version, hardware, active plan,
     agreement."""
     t = Table("device", "group", "state", "model", "memory", "cores", "plan", "predicted", "measured")
+    t.columns[0].no_wrap = True  # the id is what every other command takes: whole, on narrow terminals too
     for d in _call(server, "GET", "/api/devices"):
         hw, act, ver = d["hardware"], d["active"] or {}, d.get("model_version")
         pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731

@@ -50,3 +50,15 @@ def mlp_analysis(mlp, digits):
 
     settings = AnalysisSettings(max_rounds=2, samples_per_round=48, initial_samples=48)
     return analyze(mlp, digits.x_pool, digits.y_pool, settings, model_name="mlp")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium, one for the session (tests/support/browser.py says why one)."""
+    from tests.support.browser import chromium
+
+    try:
+        with chromium() as b:
+            yield b
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

@@ -31,9 +31,6 @@ from toco_core.messages import (ActiveModel, DriftCheck, DriftMessage, HardwareI
                                 StateMessage, TelemetryMessage, encode)
 from toco_core.topics import DELIVERY, Topics
 
-CHROMIUM = "/usr/bin/chromium"
-CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-quic"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 FLEET = "dash"
 # the smallest analysis that still has rounds, tolerances and curves to draw
@@ -185,17 +182,6 @@ def devices(fleet) -> Iterator[dict[str, SimDevice]]:
     yield made
     for dev in made.values():
         dev.close()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """Headless Debian chromium."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
-        yield b
-        b.close()
 
 
 def log_in(pg, url: str, token: str) -> None:

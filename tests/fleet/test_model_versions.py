@@ -26,6 +26,13 @@ def v2(fleet, lenet) -> dict:
     return fleet.v2
 
 
+def newest_bundle(fleet: Fleet, model_id: str) -> str:
+    """The newest bundle of a model version (what a rollback to it deploys): the fleet fixture is shared,
+    so earlier tests' re-analyses may have made bundles after the fixture's own analysis."""
+    done = [a for a in fleet.api.get("/api/analyses").json() if a["model_id"] == model_id and a["bundle_id"]]
+    return max(done, key=lambda a: a["finished_at"] or 0)["bundle_id"]
+
+
 def bundle_manifest(fleet: Fleet, bundle_id: str) -> dict:
     """The signed manifest the server stored for ``bundle_id``."""
     import json
@@ -88,7 +95,7 @@ def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command
     assert out.exit_code == 0, out.output
     assert "from lenet5 v2 to v1" in out.output
     dep = next(d for d in fleet.api.get("/api/deployments").json() if d["command"] == "rollback")
-    assert dep["bundle_id"] == fleet.analysis["bundle_id"] and dep["target"] == {"group": group}
+    assert dep["bundle_id"] == newest_bundle(fleet, fleet.analysis["model_id"]) and dep["target"] == {"group": group}
     assert dep["counts"]["pending"] == 3
     answered: set = set()
     url = f"/api/deployments/{dep['deployment_id']}"
@@ -159,6 +166,6 @@ def test_a_real_agent_takes_v2_refuses_v1_as_a_downgrade_and_rolls_back_to_it_on
         dep = run({"name": "lenet5", "group": group}, "/api/models/rollback")
         assert dep["command"] == "rollback" and dep["counts"]["succeeded"] == 1, (dep, agent.log_text())
         assert wait_until(lambda: group_rows(fleet, group) == {1: 1})
-        assert agent.get("/v1/ready")[1]["model_version"].startswith(fleet.analysis["bundle_id"])
+        assert agent.get("/v1/ready")[1]["model_version"].startswith(newest_bundle(fleet, fleet.analysis["model_id"]))
     finally:
         agent.stop()

@@ -3,25 +3,6 @@ the login form, the cookie flags, CSRF on the page's own writes, a forged cross-
 
 from __future__ import annotations
 
-import os
-
-import pytest
-
-from tests.dashboard.conftest import CHROME_ARGS, CHROMIUM
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Debian chromium."""
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
-        yield b
-        b.close()
-
 
 def test_login_session_cookie_csrf_and_logout_in_chromium(http_fleet, browser):
     ctx = browser.new_context()
