@@ -95,7 +95,8 @@ def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command
     assert out.exit_code == 0, out.output
     assert "from lenet5 v2 to v1" in out.output
     dep = next(d for d in fleet.api.get("/api/deployments").json() if d["command"] == "rollback")
-    assert dep["bundle_id"] == newest_bundle(fleet, fleet.analysis["model_id"]) and dep["target"] == {"group": group}
+    v1_bundle = newest_bundle(fleet, fleet.analysis["model_id"])
+    assert dep["bundle_id"] == v1_bundle and dep["target"] == {"group": group}
     assert dep["counts"]["pending"] == 3
     answered: set = set()
     url = f"/api/deployments/{dep['deployment_id']}"
@@ -107,7 +108,7 @@ def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command
     assert wait_until(finished, timeout=20)
     assert len(answered) == 4
     sent = [c for d in devs for c in d.commands if isinstance(c, RollbackCommand)]
-    assert {c.bundle_id for c in sent} == {fleet.analysis["bundle_id"]}
+    assert {c.bundle_id for c in sent} == {v1_bundle}
     assert all(c.signature and c.deployment_id == dep["deployment_id"] for c in sent)
     assert sum(isinstance(c, DeployCommand) for d in devs for c in d.commands) == 8  # two rollouts, nothing more
     assert wait_until(lambda: group_rows(fleet, group) == {1: 4})
