@@ -317,8 +317,8 @@ class DriftMessage(AgentMessage, DriftReport):
 
     bundle_id: BundleId | None = None
     # the report's nested types again, as strict versioned wire types (same fields)
-    checks: list[DriftCheck] = Field(default_factory=list)
-    disputed: list[DisputedRef] = Field(default_factory=list, max_length=MAX_DISPUTED)
+    checks: list[DriftCheck] = Field(default_factory=list)  # type: ignore[assignment]  # narrower wire type
+    disputed: list[DisputedRef] = Field(default_factory=list, max_length=MAX_DISPUTED)  # type: ignore[assignment]
 
     @classmethod
     def from_report(cls, report: DriftReport, *, device_id: str, bundle_id: str | None) -> DriftMessage:
@@ -540,7 +540,7 @@ class MessageKind(StrEnum):
     PART = "part"
 
 
-_ADAPTERS: dict[MessageKind, TypeAdapter] = {
+_ADAPTERS: dict[MessageKind, TypeAdapter[Any]] = {
     MessageKind.STATE: TypeAdapter(StateMessage),
     MessageKind.TELEMETRY: TypeAdapter(TelemetryMessage),
     MessageKind.STATUS: TypeAdapter(StatusMessage),
@@ -616,7 +616,8 @@ def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
     if len(payload) > MAX_JSON_PAYLOAD:
         raise MessageError(f"{kind.value} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}", "send less per message")
     try:
-        return _ADAPTERS[kind].validate_json(payload)
+        message: Message = _ADAPTERS[kind].validate_json(payload)
+        return message
     except ValidationError as exc:
         if exc.errors() and exc.errors()[0].get("type") == "json_invalid":
             raise MessageError(f"{kind.value} payload is not valid JSON: {exc.errors()[0].get('msg')}",
@@ -624,7 +625,7 @@ def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
         raise MessageError(_explain(kind.value, exc), "the sender must follow docs/protocol.md") from None
 
 
-def _frame(payload: bytes, what: str, max_data: int) -> tuple[dict, bytes]:
+def _frame(payload: bytes, what: str, max_data: int) -> tuple[dict[str, Any], bytes]:
     """Split a binary frame into its JSON header object and its data. Raises MessageError."""
     head, sep, data = payload.partition(b"\n")
     if not sep or len(head) > 1024:

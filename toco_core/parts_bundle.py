@@ -69,7 +69,7 @@ def _unlz(data: bytes, what: str) -> bytes:
 def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """Named arrays, losslessly: npz (no pickle) under LZMA."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     return _lz(buf.getvalue())
 
 

@@ -23,6 +23,7 @@ storage it comes after the measured runtimes: it is chosen where memory limits n
 from __future__ import annotations
 
 import numpy as np
+from typing import Any
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import KL_NOISE_FLOOR, PLANNED, CurvePoint, int8_scale, noise_floor
@@ -117,7 +118,7 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
     return plans
 
 
-def _plan(**fields) -> CompressionPlan:
+def _plan(**fields: Any) -> CompressionPlan:
     # the solver computes every field itself; skipping validation keeps planning in milliseconds
     return CompressionPlan.model_construct(**fields)
 
@@ -138,7 +139,7 @@ def _samples(result: AnalysisResult) -> int:
     return min((c.samples for c in result.curves.values()), default=1)
 
 
-def _rank_key(plan: CompressionPlan, objective: str, floor: float):
+def _rank_key(plan: CompressionPlan, objective: str, floor: float) -> tuple[float, ...]:
     if objective == "size":
         return (plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory, plan.predicted_disagreement)
     # differences a curve cannot resolve (d <= 1/n, KL below its floor) are ties: the smaller plan

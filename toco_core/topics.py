@@ -55,7 +55,7 @@ class ParsedTopic(NamedTuple):
     kind: MessageKind
     device_id: str | None = None
     bundle_id: str | None = None
-    index: int | None = None
+    index: int | None = None  # type: ignore[assignment]  # the field shadows tuple.index on purpose
 
 
 def check_id(value: str, what: str = "device id") -> str:

@@ -70,6 +70,9 @@ def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
     ladders = {n: CodeLadder(infos[n].out_axis, master=master_codes(weights[n], table.master_steps[n], infos[n].out_axis))
                for n in table.tensors}
     if classes is None:
-        classes = {n: prune_classes(result.tolerances.prune_rank[n], table.prune_grid) for n in table.tensors}
+        if result.tolerances is None:
+            raise AnalysisError("the analysis has no tolerance map to take prune classes from", "give the prune classes")
+        tmap = result.tolerances
+        classes = {n: prune_classes(tmap.prune_rank[n], table.prune_grid) for n in table.tensors}
     base_out = run_model(fidelity_view(model, result.manifest.scored_output), result.heldout_x)
     return WeightSource(model, True, ladders, classes, base_out)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from typing import Any
 
 from toco_core.errors import ModelError
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """The value of attribute ``name`` of ``node``, or ``default`` when it is absent."""
     for a in node.attribute:
         if a.name == name:
@@ -21,7 +22,7 @@ def attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     """Set (or add) attribute ``name`` of ``node`` to ``value``."""
     for i, a in enumerate(node.attribute):
         if a.name == name:
