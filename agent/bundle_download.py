@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 from agent.bundle_admission import refusal
 from agent.download_job import DownloadJob, saved_jobs
@@ -137,8 +137,10 @@ class BundleDownloader:
                 job.open(manifest)
             except OSError as exc:
                 return self._fail(job, _disk_reason(exc), f"cannot create the download file: {exc}")
-            self.stats["chunks_resumed"] += job.bitmap.count  # type: ignore[union-attr]
-            self._status(job, Phase.DOWNLOADING, progress=job.bitmap.count / job.bitmap.n)
+            bitmap = job.bitmap
+            assert bitmap is not None  # open() made it
+            self.stats["chunks_resumed"] += bitmap.count
+            self._status(job, Phase.DOWNLOADING, progress=bitmap.count / bitmap.n)
             self._pump(job)
 
     def _on_chunk(self, topic: str, chunk: Chunk) -> None:
@@ -255,7 +257,7 @@ class BundleDownloader:
         self.link.off(self.link.topics.manifest(job.bundle_id))
         self.link.off(self.link.topics.chunk(job.bundle_id))
 
-    def _status(self, job: DownloadJob, phase: Phase, **fields) -> None:
+    def _status(self, job: DownloadJob, phase: Phase, **fields: Any) -> None:
         self.link.send(StatusMessage(device_id=self.link.device_id, phase=phase, deployment_id=job.deployment_id,
                                      bundle_id=job.bundle_id, **fields))
 

@@ -38,7 +38,7 @@ class ModelCommands:
     """
 
     def __init__(self, config: AgentConfig, store: ModelStore, engine: InferenceEngine, deployer: Deployer,
-                 reporter: DriftReporter, status: StatusReport, enqueue: Callable[[Callable[[], None]], None],
+                 reporter: DriftReporter, status: StatusReport, enqueue: Callable[[Callable[[], object]], None],
                  attach: Callable[[SlotInfo], None], downloader: Callable[[], BundleDownloader | None],
                  guard: CommandGuard) -> None:
         self.config, self.store, self.engine, self.deployer = config, store, engine, deployer
@@ -92,7 +92,9 @@ class ModelCommands:
             self._enqueue(lambda: self.deployer.deploy(journal))
         else:
             write_journal(self.config.state_dir, journal)
-            self._downloader().download(bundle_id, deployment_id)
+            downloader = self._downloader()
+            assert downloader is not None, "the daemon starts the downloader before it takes commands"
+            downloader.download(bundle_id, deployment_id)
 
     def _rollback_to(self, cmd: RollbackCommand) -> None:
         """A signed rollback naming a bundle: allow it although it is older, then deploy it: from the copy

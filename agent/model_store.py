@@ -232,6 +232,7 @@ class ModelStore:
                 raise StoreError(f"cannot activate slot {slot}: {reason}", "install a candidate first")
             serving, _ = self._serving(keep_bytes=False)
             old = self.pointer()
+            previous: tuple[Slot | None, str | None]
             if serving is not None and serving.slot != slot:
                 previous = (serving.slot, serving.meta.sha256)
             else:
@@ -276,7 +277,7 @@ class ModelStore:
     def _check_name(slot: str) -> Slot:
         if slot not in SLOTS:
             raise StoreError(f"unknown slot {slot!r}", "slots are 'a' and 'b'")
-        return slot  # type: ignore[return-value]
+        return slot
 
     def _write_pointer(self, slot: Slot, previous: tuple[Slot | None, str | None], old: Pointer | None,
                        record: RollbackRecord | None = None) -> None:
@@ -320,11 +321,11 @@ class ModelStore:
                 return None, None  # never activated: the fresh-box state, not a fault
             candidates = list(SLOTS)
             problem = "the active pointer is unreadable"
-        found = [r for r in (self._read_slot(s, keep_bytes) for s in candidates) if r[0] is not None]
+        found = [(info, data) for info, data, _ in (self._read_slot(s, keep_bytes) for s in candidates) if info is not None]
         if not found:
             log.error("%s and no other valid slot exists", problem)
             return None, None
-        info, data, _ = max(found, key=lambda r: r[0].meta.created_at)
+        info, data = max(found, key=lambda r: r[0].meta.created_at)
         log.error("%s; serving slot %s instead", problem, info.slot)
         return SlotInfo(info.slot, info.model_path, info.meta, fallback_reason=problem), data
 

@@ -17,6 +17,7 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -25,7 +26,7 @@ from toco_core.topics import Topics
 
 log = logging.getLogger("toco.agent.mqtt")
 
-Handler = Callable[[str, Message], None]
+Handler = Callable[[str, Any], None]  # called with the parsed message of the kind it was registered for
 _CONNECTED = object()  # dispatcher marker: run the on-connect hooks
 _STOP = object()
 
@@ -41,7 +42,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._handlers: dict[str, tuple[MessageKind, Handler, int]] = {}
         self._hooks: list[Callable[[], None]] = []
-        self._inbox: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._loop, name=f"mqtt-dispatch-{device_id}", daemon=True)
 
     # ---- the handler table -----------------------------------------------------------------

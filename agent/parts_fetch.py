@@ -55,7 +55,7 @@ class _Fetch:
     manifest: BundleManifest
     partials: dict[str, PartialPart]
     inflight: dict[tuple[str, int], float] = field(default_factory=dict)  # (part, range) -> monotonic request time
-    retries: Counter = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
     stalls: int = 0
     received: int = 0  # bytes received and not yet added to the store's count
     total: int = 0  # bytes received by this fetch

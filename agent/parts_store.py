@@ -74,7 +74,7 @@ class PartialPart:
         except (FileNotFoundError, ValueError, KeyError, TypeError, TransferError):
             ok = False
         self.bitmap = bitmap if ok else ChunkBitmap(n)
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd: int | None = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, size)
         self.unsynced = 0
 
@@ -84,6 +84,7 @@ class PartialPart:
 
     def write(self, i: int, data: bytes) -> None:
         """Write range ``i`` at its offset and mark it present; ``persist`` records it. Raises OSError."""
+        assert self.fd is not None, "written after close()"
         os.pwrite(self.fd, data, i * self.range_size)
         self.bitmap.set(i)
         self.unsynced += 1
@@ -111,6 +112,7 @@ class PartialPart:
     def finish(self, entry: FileEntry) -> bool:
         """Check the complete part against its signed size and SHA-256; a good one becomes the file at its
         name, a bad one is deleted (to be fetched again). Returns whether it was good. Raises OSError."""
+        assert self.fd is not None, "finished after close()"
         os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = None

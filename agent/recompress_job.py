@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 from pydantic import BaseModel, ConfigDict
@@ -40,7 +41,12 @@ from toco_core.device import DeviceProfile
 from toco_core.drift import DriftReference, DriftSettings
 from toco_core.errors import TocoError
 from toco_core.messages import FailureReason
-from toco_core.plan import CompressionReport, Policy
+from toco_core.plan import CompressionPlan, CompressionReport, Policy
+
+if TYPE_CHECKING:  # the child imports these where it needs them
+    from toco_core.analysis_result import AnalysisResult
+    from toco_core.model_bundle import BundleInfo
+    from toco_core.weight_source import WeightSource
 
 log = logging.getLogger("toco.agent.recompress")
 Progress = Callable[[str, int, int], None]
@@ -86,7 +92,7 @@ class JobResult:
     reference: DriftReference
     model_name: str
     peak_rss: int
-    preprocessing: dict | None = None
+    preprocessing: dict[str, Any] | None = None
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -133,7 +139,9 @@ def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent, cwd=os.getcwd())
     proc = psutil.Process(child.pid)
     err_tail: list[bytes] = []
-    threading.Thread(target=lambda: err_tail.extend(child.stderr.readlines()[-20:]), daemon=True).start()
+    stderr = child.stderr
+    assert stderr is not None  # stderr=PIPE
+    threading.Thread(target=lambda: err_tail.extend(stderr.readlines()[-20:]), daemon=True).start()
     threading.Thread(target=_forward_progress, args=(child.stdout, progress), daemon=True).start()
     peak, start, verdict = 0, time.monotonic(), None
     while child.poll() is None:
@@ -153,7 +161,7 @@ def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
     return _collect(job_dir, child.returncode, peak, b"".join(err_tail))
 
 
-def _forward_progress(stream, progress: Progress) -> None:
+def _forward_progress(stream: IO[bytes], progress: Progress) -> None:
     for line in stream:
         try:
             event = json.loads(line)
@@ -193,7 +201,8 @@ class _Missing(TocoError):
         self.parts = parts
 
 
-def _open_parts(spec: JobSpec):
+def _open_parts(spec: JobSpec,
+                ) -> tuple[WeightSource, AnalysisResult, BundleInfo, Callable[[CompressionPlan], None]]:
     """(WeightSource, analysis, info, before_build) from the parts held, re-checked against the signed
     manifest. Raises BundleError for a damaged or unlisted part."""
     from toco_core.messages import MessageKind, parse_message
@@ -206,7 +215,7 @@ def _open_parts(spec: JobSpec):
     source, analysis, info = source_from_parts(parts)
     head = BundleHead(parts["head"])
 
-    def before_build(plan) -> None:
+    def before_build(plan: CompressionPlan) -> None:
         missing = [n for n in head.parts_for_plan(plan) if n not in parts]
         if missing:
             raise _Missing(missing)
