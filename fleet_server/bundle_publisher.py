@@ -108,9 +108,8 @@ class BundlePublisher:
             if i >= manifest.n_chunks:
                 continue
             self.requests[(manifest.bundle_id, i)] += 1
-            payload_out: bytes | None = encode_chunk(manifest.bundle_id, i, chunk_bytes(data, manifest, i))
-            if self.fault is not None:
-                payload_out = self.fault(manifest.bundle_id, i, payload_out)
+            chunk = encode_chunk(manifest.bundle_id, i, chunk_bytes(data, manifest, i))
+            payload_out = chunk if self.fault is None else self.fault(manifest.bundle_id, i, chunk)
             if payload_out is None:
                 continue
             self.send(self.topics.chunk(manifest.bundle_id, i), payload_out, DELIVERY[MessageKind.CHUNK].qos, False)
@@ -132,9 +131,8 @@ class BundlePublisher:
                                                                       "device": request.device_id, "why": why}})
                 continue
             start = entry.offset + r.offset
-            out: bytes | None = encode_part(manifest.bundle_id, r.part, r.offset, data[start:start + r.length])
-            if self.part_fault is not None:
-                out = self.part_fault(manifest.bundle_id, r.part, r.offset, out)
+            part = encode_part(manifest.bundle_id, r.part, r.offset, data[start:start + r.length])
+            out = part if self.part_fault is None else self.part_fault(manifest.bundle_id, r.part, r.offset, part)
             if out is None:
                 continue
             self.part_bytes[(manifest.bundle_id, request.device_id, r.part)] += r.length
@@ -186,6 +184,6 @@ class MqttBundleServer:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.publisher.handle_get(msg.topic, msg.payload)
+            self.publisher.handle_get(msg.topic, bytes(msg.payload))
         except Exception:  # never let one request take the network thread down
             log.exception("serving a chunk request failed", extra={"fields": {"topic": msg.topic}})

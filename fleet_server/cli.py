@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -93,7 +93,7 @@ def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML fil
              "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
              "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
              "analysis_concurrency": concurrency}
-    flags = {k: v for k, v in given.items() if v is not None}
+    flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if mqtt_password_file is not None:  # the flag beats a password from the environment or the file
         flags["mqtt_password"] = None
     settings = load_settings(config, **flags)
@@ -282,6 +282,7 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
                               "(it is never printed)")
         bp.set_password(passwd, name, password)
         if password_file is None:
+            assert out is not None  # no --password-file: --out was checked above
             bp.write_password_out(out, password)
             console.print(f"password for {name} written to {out} (copy it to the box, then delete it here)")
         console.print(f"{name} in {passwd}")

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -43,7 +43,8 @@ def database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str
 
     from fleet_server.config import FleetSettings
 
-    url = FleetSettings(data_dir=data_dir, **({"db_url": db_url} if db_url else {})).database_url
+    given: dict[str, Any] = {"db_url": db_url} if db_url else {}
+    url = FleetSettings(data_dir=data_dir, **given).database_url
     try:
         parsed = make_url(url)
     except ArgumentError as exc:

@@ -29,8 +29,8 @@ from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryR
 from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.views import device_view
-from toco_core.messages import (DriftMessage, MessageError, MessageKind, SamplesMessage, StateMessage, TelemetryMessage,
-                                parse_message)
+from toco_core.messages import (AgentMessage, DriftMessage, Message, MessageError, MessageKind, SamplesMessage,
+                                StateMessage, TelemetryMessage, parse_message)
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
@@ -113,10 +113,13 @@ class Ingest:
             self._process(items)
 
     def _process(self, items: list[tuple[MessageKind, str, bytes]]) -> None:
-        parsed = []
+        parsed: list[tuple[MessageKind, str, Message | None]] = []
+        msg: Message | None
         for kind, device_id, payload in items:
             try:
                 msg = parse_message(kind, payload)
+                if not isinstance(msg, AgentMessage):
+                    raise MessageError(f"{kind.value} is not a device message", "devices publish device messages")
                 if msg.device_id != device_id:
                     raise MessageError(f"payload names device {msg.device_id!r} on the topic of {device_id!r}",
                                        "a device publishes only on its own topics")
