@@ -122,10 +122,9 @@ def _child(task: str, args: list[str]) -> bytes:
         return json.dumps({"fingerprint": key_fingerprint(key), "public_key": public_key_raw(key).hex()}).encode()
     if task == "verify":
         from toco_core.bundle import load_public_key, verify_manifest
-        from toco_core.messages import BundleManifest, MessageKind, parse_message
+        from toco_core.messages import MessageKind, parse_message
 
         manifest = parse_message(MessageKind.MANIFEST, sys.stdin.buffer.read())
-        assert isinstance(manifest, BundleManifest)
         if args[0].endswith(".json"):
             trusted = _trusted_keys(args[0])
             if manifest.signature and manifest.signer not in trusted:
@@ -139,11 +138,9 @@ def _child(task: str, args: list[str]) -> bytes:
         return b"ok"
     if task == "verify-command":
         from toco_core.command_signing import verify_command
-        from toco_core.messages import MessageKind, ServerCommand, parse_message
+        from toco_core.messages import MessageKind, parse_message
 
-        command = parse_message(MessageKind.CMD, sys.stdin.buffer.read())
-        assert isinstance(command, ServerCommand)
-        verify_command(command, _trusted_keys(args[0]))
+        verify_command(parse_message(MessageKind.CMD, sys.stdin.buffer.read()), _trusted_keys(args[0]))
         return b"ok"
     if task == "extract":
         from toco_core.atomic_files import atomic_write

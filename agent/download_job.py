@@ -72,7 +72,7 @@ class DownloadJob:
         if not saved.exists():
             return None
         try:
-            return parse_message(MessageKind.MANIFEST, saved.read_bytes())  # type: ignore[return-value]
+            return parse_message(MessageKind.MANIFEST, saved.read_bytes())
         except MessageError:
             saved.unlink()
             (self.dir / "bitmap.json").unlink(missing_ok=True)

@@ -151,7 +151,7 @@ class PartsStore:
     def manifest(self, bundle_id: str) -> BundleManifest | None:
         """The saved manifest of a bundle, or None (also for an unreadable one)."""
         try:
-            return parse_message(MessageKind.MANIFEST, (self.dir(bundle_id) / "manifest.json").read_bytes())  # type: ignore[return-value]
+            return parse_message(MessageKind.MANIFEST, (self.dir(bundle_id) / "manifest.json").read_bytes())
         except (OSError, MessageError):
             return None
 

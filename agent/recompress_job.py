@@ -211,7 +211,7 @@ def _open_parts(spec: JobSpec,
     folder = Path(spec.parts_dir)  # type: ignore[arg-type]
     manifest = parse_message(MessageKind.MANIFEST, (folder / "manifest.json").read_bytes())
     parts = {n: (folder / n).read_bytes() for n in spec.parts}
-    verify_parts(parts, manifest)  # type: ignore[arg-type]
+    verify_parts(parts, manifest)
     source, analysis, info = source_from_parts(parts)
     head = BundleHead(parts["head"])
 

@@ -83,7 +83,7 @@ class BundlePublisher:
         """
         try:
             where = self.topics.parse(topic)
-            request: ChunkRequest | PartRequest = parse_message(MessageKind.GET, payload)  # type: ignore[assignment]
+            request: ChunkRequest | PartRequest = parse_message(MessageKind.GET, payload)
             if where.kind is not MessageKind.GET:
                 raise MessageError(f"{topic} is not a chunk request topic", "publish requests on bundles/+/get/+")
         except MessageError as exc:

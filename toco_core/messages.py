@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -598,7 +598,29 @@ def _explain(kind: str, exc: ValidationError) -> str:
     return f"invalid {kind} message: " + "; ".join(parts) + more
 
 
-def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
+@overload
+def parse_message(kind: Literal[MessageKind.STATE], payload: bytes | bytearray) -> StateMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.TELEMETRY], payload: bytes | bytearray) -> TelemetryMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.STATUS], payload: bytes | bytearray) -> StatusMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.DRIFT], payload: bytes | bytearray) -> DriftMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.SAMPLES], payload: bytes | bytearray) -> SamplesMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.CMD], payload: bytes | bytearray) -> ServerCommand: ...
+@overload
+def parse_message(kind: Literal[MessageKind.MANIFEST], payload: bytes | bytearray) -> BundleManifest: ...
+@overload
+def parse_message(kind: Literal[MessageKind.GET], payload: bytes | bytearray) -> ChunkRequest | PartRequest: ...
+@overload
+def parse_message(kind: Literal[MessageKind.CHUNK], payload: bytes | bytearray) -> Chunk: ...
+@overload
+def parse_message(kind: Literal[MessageKind.PART], payload: bytes | bytearray) -> Part: ...
+@overload
+def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Message: ...
+def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Message:
     """Validate wire bytes as the payload type of ``kind`` (a MessageKind value).
 
     Returns the model (for ``cmd`` the concrete command class; for ``chunk`` a Chunk).
