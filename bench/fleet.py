@@ -115,6 +115,7 @@ class Connection:
             m = parse_message(MessageKind.MANIFEST, msg.payload)
             self.manifests[m.bundle_id] = m
         elif where.kind is MessageKind.CHUNK:
+            assert where.bundle_id is not None and where.index is not None  # a chunk topic names both
             with self.lock:
                 self.chunks.setdefault(where.bundle_id, set()).add(where.index)
 
