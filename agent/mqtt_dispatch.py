@@ -26,7 +26,7 @@ from toco_core.topics import Topics
 
 log = logging.getLogger("toco.agent.mqtt")
 
-Handler = Callable[[str, Any], None]  # called with the parsed message of the kind it was registered for
+Handler = Callable[[str, Any], object]  # called with the parsed message of the kind it was registered for
 _CONNECTED = object()  # dispatcher marker: run the on-connect hooks
 _STOP = object()
 
@@ -146,7 +146,7 @@ class Dispatcher:
                 continue
             self._run(lambda: handler(topic, message), f"handler for {topic}")
 
-    def _run(self, fn: Callable[[], None], what: str) -> None:
+    def _run(self, fn: Callable[[], object], what: str) -> None:
         try:
             fn()
         except Exception:  # a handler bug is logged with its traceback, the link keeps running

@@ -212,7 +212,7 @@ class AgentProcess:
             st = json.loads((self.state_dir / "status.json").read_text())
         except (OSError, ValueError):
             return False
-        return st["connected"] and st["pid"] == self.proc.pid
+        return st["connected"] and self.proc is not None and st["pid"] == self.proc.pid
 
     def get(self, path: str) -> tuple[int, dict]:
         try:
@@ -232,6 +232,7 @@ class AgentProcess:
             return json.loads(r.read())
 
     def kill9(self) -> None:
+        assert self.proc is not None, "start() first"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 

@@ -27,7 +27,7 @@ class Client:
     """A keep-alive HTTP client for one server (one connection per thread)."""
 
     def __init__(self, server: InferenceServer) -> None:
-        self.host, self.port = server.server_address[:2]
+        self.host, self.port = server.host, server.server_address[1]
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
 
     def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,

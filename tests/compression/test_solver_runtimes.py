@@ -12,7 +12,8 @@ from toco_core.probe import probe_device
 from toco_core.recompress import build, fitting_after_overshoot, recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
-from toco_core.solver import enumerate_plans, feasible_plans, noise_floor, plans_for
+from toco_core.calibration import noise_floor
+from toco_core.solver import enumerate_plans, feasible_plans, plans_for
 
 
 @pytest.fixture(scope="module")

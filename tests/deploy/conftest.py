@@ -155,7 +155,7 @@ class Installed:
 
     def args(self, **changes: str | None) -> list[str]:
         """The install command line; ``changes`` replace or (with None) drop ``--flag value`` pairs."""
-        flags = {"--device-id": "cam-07", "--fleet": "plant1", "--broker-url": "mqtt://127.0.0.1:1883",
+        flags: dict[str, str | None] = {"--device-id": "cam-07", "--fleet": "plant1", "--broker-url": "mqtt://127.0.0.1:1883",
                  "--password-file": str(self.password_file), "--public-key": str(self.key),
                  "--memory-cap": "64MB", "--fidelity-budget": "1%", "--prefix": str(self.prefix),
                  "--etc-dir": str(self.etc), "--state-dir": str(self.state),

@@ -61,7 +61,7 @@ def test_manifest_signed_and_verified(key) -> None:
     assert {e.name for e in m.files} == set(files())
     verify_manifest(m, key.public_key())
     # the signature survives the wire: JSON out, JSON in
-    verify_manifest(parse_message("manifest", encode(m)), key.public_key())  # type: ignore[arg-type]
+    verify_manifest(parse_message("manifest", encode(m)), key.public_key())
     assert b"signature" not in canonical_manifest_bytes(m)
     for i in range(m.n_chunks):
         assert accept_chunk(m, i, chunk_bytes(data, m, i)) is ChunkCheck.OK
