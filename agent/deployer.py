@@ -260,11 +260,13 @@ class Deployer:
         except FetchFailed as exc:
             raise JobFailed(exc.reason, str(exc)) from None
 
-    def _activate(self, journal: Journal, job: JobResult, summary: PlanSummary, numbers: dict[str, Any]) -> SlotInfo | None:
+    def _activate(self, journal: Journal, job: JobResult, summary: PlanSummary,
+                  numbers: dict[str, Any]) -> SlotInfo | None:
         return self.activate(journal, job.candidate.read_bytes(), summary, numbers, job.reference, job.preprocessing)
 
     def activate(self, journal: Journal, data: bytes, summary: PlanSummary, numbers: dict[str, Any],
-                 reference: DriftReference | None = None, preprocessing: dict[str, Any] | None = None) -> SlotInfo | None:
+                 reference: DriftReference | None = None,
+                 preprocessing: dict[str, Any] | None = None) -> SlotInfo | None:
         """Test-run, install, switch to and serve a candidate that passed its self-test.
 
         ``summary`` is the plan summary kept in the slot, ``numbers`` extra StatusMessage fields.

@@ -75,7 +75,8 @@ class DriftReporter:
         self._base_model: bytes | None = None  # what it is made from; None: no shadow run
         self.shadow_mode = "none"  # what the shadow runs: fp32 (the base), master, none
         self._base_used = 0.0
-        self._kept: OrderedDict[int, tuple[list[DisputedSample], np.ndarray]] = OrderedDict()  # window -> (disputed, inputs)
+        # window -> (disputed, inputs)
+        self._kept: OrderedDict[int, tuple[list[DisputedSample], np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._worker = threading.Thread(target=self._loop, name="drift-worker", daemon=True)

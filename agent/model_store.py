@@ -321,7 +321,8 @@ class ModelStore:
                 return None, None  # never activated: the fresh-box state, not a fault
             candidates = list(SLOTS)
             problem = "the active pointer is unreadable"
-        found = [(info, data) for info, data, _ in (self._read_slot(s, keep_bytes) for s in candidates) if info is not None]
+        found = [(info, data) for info, data, _ in (self._read_slot(s, keep_bytes) for s in candidates)
+                 if info is not None]
         if not found:
             log.error("%s and no other valid slot exists", problem)
             return None, None

@@ -74,7 +74,8 @@ def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict]
     if not paths["result_dir"]:
         return []
     try:
-        return expected_infeasible(result_dir=paths["result_dir"], model_path=paths["model_path"] or "", hardware=hardware,
+        return expected_infeasible(result_dir=paths["result_dir"], model_path=paths["model_path"] or "",
+                                   hardware=hardware,
                                    budget=budget)
     except (TocoError, OSError) as exc:
         log.warning("no feasibility check for this deployment", extra={"fields": {"error": str(exc)}})
@@ -148,7 +149,8 @@ class Deployments:
             bundle = fetch(s, BundleRow, a.bundle_id, "bundle")
             devices = sorted(self._targets(s, target, a.model_id))
             budget = float(a.settings.get("budget", 0.01))
-            hardware: dict[str, dict[str, Any]] = dict(s.execute(select(DeviceRow.id, DeviceRow.hardware).where(DeviceRow.id.in_(devices))).all())
+            hardware: dict[str, dict[str, Any]] = dict(
+                s.execute(select(DeviceRow.id, DeviceRow.hardware).where(DeviceRow.id.in_(devices))).all())
             paths = {"result_dir": a.result_dir, "model_path": fetch(s, ModelRow, a.model_id, "model").path}
         manifest = BundleManifest.model_validate(bundle.manifest)
         with open(bundle.path, "rb") as f:

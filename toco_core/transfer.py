@@ -70,7 +70,8 @@ class ChunkBitmap:
             raise TransferError(f"bitmap state is malformed: {exc}", "delete the partial download") from None
 
 
-def missing_chunks(bitmap: ChunkBitmap, limit: int | None = None, skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
+def missing_chunks(bitmap: ChunkBitmap, limit: int | None = None,
+                   skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """Indices not yet present (and not in ``skip``), ascending, at most ``limit`` of them."""
     out = []
     for i in range(bitmap.n):

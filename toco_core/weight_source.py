@@ -71,7 +71,8 @@ def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
                for n in table.tensors}
     if classes is None:
         if result.tolerances is None:
-            raise AnalysisError("the analysis has no tolerance map to take prune classes from", "give the prune classes")
+            raise AnalysisError("the analysis has no tolerance map to take prune classes from",
+                                "give the prune classes")
         tmap = result.tolerances
         classes = {n: prune_classes(tmap.prune_rank[n], table.prune_grid) for n in table.tensors}
     base_out = run_model(fidelity_view(model, result.manifest.scored_output), result.heldout_x)

@@ -170,8 +170,9 @@ class SimDevice:
             threading.Thread(target=self.responder, args=(self, cmd), daemon=True).start()
 
     def send(self, message) -> None:
-        kinds: dict[type, MessageKind] = {StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEMETRY, StatusMessage: MessageKind.STATUS,
-                DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES}
+        kinds: dict[type, MessageKind] = {
+            StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEMETRY, StatusMessage: MessageKind.STATUS,
+            DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES}
         kind = kinds[type(message)]
         message = message.model_copy(update={"seq": self.seq})
         self.seq += 1

@@ -82,7 +82,8 @@ class _Model:
     def update(self, mask: np.ndarray, ctx: tuple[int, np.ndarray] | None, lo: int, hi: int,
                symbols: np.ndarray) -> None:
         if ctx is not None:
-            np.add.at(self.mask_counts, (ctx[0], ctx[1], mask), 1.0)  # type: ignore[arg-type]  # numpy stubs: no index tuples
+            # numpy's stubs take no index tuple for ufunc.at
+            np.add.at(self.mask_counts, (ctx[0], ctx[1], mask), 1.0)  # type: ignore[arg-type]
         self.col_nnz += mask
         self.rows_seen += 1
         if symbols.size:

@@ -150,7 +150,8 @@ def quantize_matmul_nbits(model: onnx.ModelProto, choices: dict[str, tuple[int, 
         idx = next(i for i, n in enumerate(new.graph.node) if n.output[0] == node.output[0])
         replacements[idx] = _nbits_nodes(g, node, name, w_kn.astype(np.float32), bits, block, accuracy_level)
         dead.add(name)
-    const_nodes: dict[int, list[onnx.NodeProto]] = {i: [] for i, n in enumerate(new.graph.node) if n.op_type == "Constant" and n.output[0] in dead}
+    const_nodes: dict[int, list[onnx.NodeProto]] = {
+        i: [] for i, n in enumerate(new.graph.node) if n.op_type == "Constant" and n.output[0] in dead}
     replace_nodes(new.graph, {**replacements, **const_nodes})
     drop_unused_initializers(new)
     ensure_opset(new, "com.microsoft", 1)

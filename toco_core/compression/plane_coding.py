@@ -123,7 +123,8 @@ def decode_bit_plane(data: bytes, truncated: list[np.ndarray]) -> list[np.ndarra
     probs = _probs(counts)
     bits = np.asarray(dec.decode(family, probs[all_ctx]), dtype=np.int64) if n_bits else np.zeros(0, np.int64)
     news = [(c == 0) & (bits[sum(x.size for x in ctxs[:t]):][:c.size] == 1) for t, c in enumerate(ctxs)]
-    sign_ctx: np.ndarray | list[int] = np.concatenate([np.full(int(m.sum()), 3 + 4 * t) for t, m in enumerate(news)]) if news else []
+    sign_ctx: np.ndarray | list[int] = (np.concatenate([np.full(int(m.sum()), 3 + 4 * t) for t, m in enumerate(news)])
+                                        if news else [])
     signs = np.asarray(dec.decode(family, probs[sign_ctx]), dtype=np.int64) if len(sign_ctx) else np.zeros(0, np.int64)
     out, pos, spos = [], 0, 0
     for t, new in zip(truncated, news):

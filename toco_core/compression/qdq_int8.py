@@ -53,7 +53,8 @@ class _Samples(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ship
     """Feeds the calibration samples to onnxruntime's calibrator in batches."""
 
     def __init__(self, name: str, x: np.ndarray, batch: int = 64) -> None:
-        self._batches: Iterator[dict[str, np.ndarray]] = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
+        self._batches: Iterator[dict[str, np.ndarray]] = iter([{name: x[i : i + batch]}
+                                                               for i in range(0, len(x), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)

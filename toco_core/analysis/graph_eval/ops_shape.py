@@ -176,7 +176,7 @@ def tile(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def range_(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Range: start + i delta for i < max(ceil((limit - start) / delta), 0)."""
-    start, limit, delta = (static_floats(node, t, "a Range bound")[0] for t in (need(node, inputs, i) for i in range(3)))
+    start, limit, delta = (static_floats(node, need(node, inputs, i), "a Range bound")[0] for i in range(3))
     count = max(math.ceil((limit - start) / delta), 0)
     return (start + torch.arange(count, dtype=torch.float64) * delta).to(need(node, inputs, 0).dtype)
 
