@@ -37,7 +37,7 @@ from agent.trust_store import TrustStore
 from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
-from toco_core.messages import AgentMessage, Message, MessageKind
+from toco_core.messages import AgentMessage, MessageKind
 
 log = logging.getLogger("toco.agent")
 _STOP = object()

@@ -21,7 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from toco_core.messages import Message, MessageError, MessageKind, parse_message
+from toco_core.messages import MessageError, MessageKind, parse_message
 from toco_core.topics import Topics
 
 log = logging.getLogger("toco.agent.mqtt")

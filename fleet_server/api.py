@@ -294,7 +294,7 @@ def create_app(server) -> FastAPI:
                 while not await request.is_disconnected():
                     try:
                         kind, data = await asyncio.wait_for(sub.queue.get(), 10)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
                     yield sse_frame(kind, data)

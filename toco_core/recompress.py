@@ -199,7 +199,7 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
     gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement, policy.budget, ctx.kind)
     if not gate.passed:
-        return gate, None, None, "self-test {:.2%} > {:.2%} + {:.2%}".format(gate.measured, gate.predicted, gate.margin)
+        return gate, None, None, f"self-test {gate.measured:.2%} > {gate.predicted:.2%} + {gate.margin:.2%}"
     if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
         return gate, None, None, f"storage {format_size(len(built.storage))} over the limit"
     p50 = _fair_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads, ctx.base_p50)

@@ -179,7 +179,7 @@ def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: i
     needed = {"storage": storage_limit, "memory": memory_limit, "budget": policy.budget}
     best = {} if smallest is None else {"storage": smallest.predicted_storage, "memory": smallest.predicted_memory,
                                         "disagreement": smallest.predicted_disagreement}
-    msg = "no plan within the fidelity budget {:.2%} meets the limits".format(policy.budget)
+    msg = f"no plan within the fidelity budget {policy.budget:.2%} meets the limits"
     if smallest is not None:
         lightest = min(within, key=lambda p: p.predicted_memory)
         parts = []

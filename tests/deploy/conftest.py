@@ -34,7 +34,7 @@ def public_key_pem(path: Path) -> Path:
 
 
 def _cert(subject: str, pub, issuer: str, signer, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
          .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(pub)
          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))

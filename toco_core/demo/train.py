@@ -11,7 +11,8 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
+from collections.abc import Callable
 
 import numpy as np
 import torch
