@@ -38,6 +38,7 @@ from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
 from toco_core.messages import AgentMessage, MessageKind
+import contextlib
 
 log = logging.getLogger("toco.agent")
 _STOP = object()
@@ -50,10 +51,8 @@ def release_memory() -> None:
     sessions, validation objects); glibc keeps them unless asked. Called after every job.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Agent:

@@ -144,7 +144,7 @@ class Dispatcher:
                 self.stats["dropped"] += 1
                 log.warning("dropped invalid payload", extra={"fields": {"topic": topic, "error": str(exc)}})
                 continue
-            self._run(lambda: handler(topic, message), f"handler for {topic}")
+            self._run(lambda: handler(topic, message), f"handler for {topic}")  # noqa: B023 - run at once
 
     def _run(self, fn: Callable[[], object], what: str) -> None:
         try:

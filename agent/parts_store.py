@@ -14,6 +14,7 @@ what ``have`` lists is always verified. Not thread-safe: agent.parts_fetch holds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,10 +51,8 @@ def dir_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):  # removed while we walked
                 total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:  # removed while we walked
-                pass
     return total
 
 
@@ -102,10 +101,8 @@ class PartialPart:
         """Record what is on disk and close the file; never raises."""
         if self.fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # the unrecorded ranges are fetched again
             self.persist()
-        except OSError:  # the unrecorded ranges are fetched again
-            pass
         os.close(self.fd)
         self.fd = None
 

@@ -42,6 +42,7 @@ from toco_core.drift import DriftReference, DriftSettings
 from toco_core.errors import TocoError
 from toco_core.messages import FailureReason
 from toco_core.plan import CompressionPlan, CompressionReport, Policy
+import contextlib
 
 if TYPE_CHECKING:  # the child imports these where it needs them
     from toco_core.analysis_result import AnalysisResult
@@ -98,10 +99,8 @@ class JobResult:
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
     return total
 
 
@@ -111,18 +110,14 @@ def _kill_tree(proc: psutil.Process) -> None:
     except psutil.NoSuchProcess:
         kids = []
     for p in [*kids, proc]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the agent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,

@@ -115,7 +115,7 @@ def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int
                                  f"shadow_idle_seconds = {SHADOW_IDLE_S}"]) + "\n")
     exe = Path(sys.executable).with_name("toco-agent")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
-    log = open(work / "agent.log", "wb")
+    log = open(work / "agent.log", "wb")  # noqa: SIM115 - the agent process writes it until it ends
     agent = subprocess.Popen([*cmd, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=work)
     publisher = Publisher(broker.url, [(manifest, data)])
     watch = StatusWatch(broker.port, Topics(FLEET))

@@ -119,7 +119,7 @@ def _analyse(spec: dict, aid: str) -> dict:
 
     model = load_model(Path(spec["model_path"]))
     with np.load(spec["pool_path"], allow_pickle=False) as z:
-        x, y = z["x"], (z["y"] if "y" in z else None)
+        x, y = z["x"], z.get("y")
     if spec.get("field_path"):
         with np.load(spec["field_path"], allow_pickle=False) as z:
             field = z["x"].astype(x.dtype)

@@ -76,7 +76,7 @@ def _read_pool(pool_bytes: bytes, model) -> tuple[np.ndarray, np.ndarray | None]
         with np.load(io.BytesIO(pool_bytes), allow_pickle=False) as z:
             if "x" not in z:
                 raise PoolError(f"the pool .npz holds {list(z.keys())}, not an array 'x'", "save it with np.savez(f, x=..., y=...)")
-            x, y = z["x"], (z["y"] if "y" in z else None)
+            x, y = z["x"], z.get("y")
     except PoolError:
         raise
     except Exception as exc:  # numpy raises ValueError / BadZipFile / OSError for garbage

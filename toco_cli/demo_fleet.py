@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 
 from toco_core.errors import TocoError
+import contextlib
 
 if TYPE_CHECKING:
     from fleet_server.server import FleetServer, HttpThread
@@ -71,10 +72,8 @@ def _stop_with_parent() -> None:
     The demo's own shutdown stops its agents; this covers a ``kill -9`` of the demo, which
     would otherwise leave three daemons running. Elsewhere: nothing.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,7 +130,7 @@ class AgentProcess:
 
     def start(self) -> None:
         """Spawn the daemon (it keeps running until ``stop``)."""
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      preexec_fn=_stop_with_parent)

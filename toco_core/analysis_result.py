@@ -143,7 +143,7 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
         curves = {k: CalibrationCurve.model_validate(v) for k, v in json.loads((path / "calibration.json").read_text()).items()}
         with np.load(path / "samples.npz", allow_pickle=False) as z:
             ax, hx = z["analysis_x"], z["heldout_x"]
-            hy = z["heldout_y"] if "heldout_y" in z else None
+            hy = z.get("heldout_y")
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
     return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,

@@ -31,7 +31,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 if not keys:
                     raise PoolError(f"pool {path} holds no arrays", "save the inputs as array 'x'")
                 x = z["x"] if "x" in z else z[keys[0]]
-                y = z["y"] if "y" in z else None
+                y = z.get("y")
                 return x, y
     except PoolError:
         raise

@@ -199,7 +199,7 @@ class AgentProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.log = open(self.root / "agent.log", "ab")
+        self.log = open(self.root / "agent.log", "ab")  # noqa: SIM115 - the agent process writes it
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         assert wait_until(lambda: self.get("/v1/health")[0] == 200, 30, 0.1), self.log_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from fleet_server.bundle_publisher import BundlePublisher
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
@@ -68,7 +69,7 @@ def test_part_frames_and_ranges_are_validated() -> None:
         parse_message(MessageKind.PART, b"no header")
     with pytest.raises(MessageError, match="exceeds"):
         parse_message(MessageKind.PART, encode_part(bid, "head", 0, b"x" * (256 * 1024 + 1)))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         PartRange(part="head", offset=0, length=256 * 1024 + 1)
     assert T.parse(T.part(bid, "cam-1")).kind is MessageKind.PART
 
