@@ -20,15 +20,24 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.bundle_admission import refusal
 from agent.download_job import DownloadJob, saved_jobs
-from agent.parts_store import is_parts_bundle
 from agent.mqtt_link import MqttLink
+from agent.parts_store import is_parts_bundle
 from toco_core.errors import TransferError
-from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
-                                MessageKind, Phase, StatusMessage)
+from toco_core.messages import (
+    SHA256_PATTERN,
+    BundleManifest,
+    Chunk,
+    ChunkRequest,
+    FailureReason,
+    MessageError,
+    MessageKind,
+    Phase,
+    StatusMessage,
+)
 from toco_core.transfer import ChunkCheck, accept_chunk, missing_chunks, verify_assembled
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ pointer switched by ``toco-agent rollback``/``recompress`` from a shell).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -38,7 +39,6 @@ from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
 from toco_core.messages import AgentMessage, MessageKind
-import contextlib
 
 log = logging.getLogger("toco.agent")
 _STOP = object()

@@ -37,8 +37,8 @@ from agent.model_store import CandidateMeta, ModelStore, SlotInfo, StoreError
 from agent.parts_fetch import FetchClosed, FetchFailed, PartsFetcher
 from agent.parts_store import PartsStore, dir_bytes
 from agent.recompress_job import JobFailed, JobResult, JobSpec, NeedsParts, run_job
-from toco_core.atomic_files import atomic_write
 from agent.status import Journal, read_journal, write_journal
+from toco_core.atomic_files import atomic_write
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.drift import DriftReference
 from toco_core.errors import ModelError, TocoError

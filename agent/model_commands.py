@@ -22,8 +22,18 @@ from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.status import Journal, read_journal, write_journal
 from agent.status_report import StatusReport
 from toco_core.errors import ModelError, PoolError
-from toco_core.messages import (BundleManifest, DeployCommand, FailureReason, Message, Phase, RebaseDriftCommand,
-                                RecompressCommand, RollbackCommand, ServerCommand, UploadSamplesCommand)
+from toco_core.messages import (
+    BundleManifest,
+    DeployCommand,
+    FailureReason,
+    Message,
+    Phase,
+    RebaseDriftCommand,
+    RecompressCommand,
+    RollbackCommand,
+    ServerCommand,
+    UploadSamplesCommand,
+)
 
 log = logging.getLogger("toco.agent")
 

@@ -30,8 +30,16 @@ from agent.mqtt_dispatch import Dispatcher, Handler
 from agent.mqtt_publisher import Publisher
 from agent.outbox import Outbox
 from toco_core.atomic_files import atomic_write
-from toco_core.messages import (AgentMessage, ChunkRequest, MessageError, MessageKind, PartRequest, StateMessage, encode,
-                                kind_of)
+from toco_core.messages import (
+    AgentMessage,
+    ChunkRequest,
+    MessageError,
+    MessageKind,
+    PartRequest,
+    StateMessage,
+    encode,
+    kind_of,
+)
 from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
 

@@ -29,8 +29,16 @@ from dataclasses import dataclass, field
 from agent.mqtt_link import MqttLink
 from agent.parts_store import PartialPart, PartsStore, part_entry
 from toco_core.errors import TocoError, TransferError
-from toco_core.messages import (MAX_RANGE_LENGTH, MAX_RANGES_PER_REQUEST, BundleManifest, FailureReason, MessageKind,
-                                Part, PartRange, PartRequest)
+from toco_core.messages import (
+    MAX_RANGE_LENGTH,
+    MAX_RANGES_PER_REQUEST,
+    BundleManifest,
+    FailureReason,
+    MessageKind,
+    Part,
+    PartRange,
+    PartRequest,
+)
 
 log = logging.getLogger("toco.agent.parts")
 Progress = Callable[[int, int], None]  # (bytes here, bytes wanted)

@@ -18,6 +18,7 @@ names them (``needs``), the parent raises NeedsParts, fetches them and runs the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -42,7 +43,6 @@ from toco_core.drift import DriftReference, DriftSettings
 from toco_core.errors import TocoError
 from toco_core.messages import FailureReason
 from toco_core.plan import CompressionPlan, CompressionReport, Policy
-import contextlib
 
 if TYPE_CHECKING:  # the child imports these where it needs them
     from toco_core.analysis_result import AnalysisResult

@@ -25,8 +25,15 @@ from agent.parts_store import PartsStore, dir_bytes
 from agent.status import AgentStatus, Journal, write_status
 from agent.trust_store import TrustStore
 from toco_core.device import DeviceProfile
-from toco_core.messages import (ActiveModel, AgentMessage, HardwareInfo, Phase, PlanSummary, StatusMessage,
-                                TelemetryMessage)
+from toco_core.messages import (
+    ActiveModel,
+    AgentMessage,
+    HardwareInfo,
+    Phase,
+    PlanSummary,
+    StatusMessage,
+    TelemetryMessage,
+)
 
 log = logging.getLogger("toco.agent")
 

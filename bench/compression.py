@@ -23,8 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._common an
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from bench._common import PROFILES, RESULTS, Row, cached_analysis, codes_of_quantized, magnitude_uniform, measure, \
-    quantize_dynamic_model  # noqa: E402
+from bench._common import (
+    PROFILES,
+    RESULTS,
+    Row,
+    cached_analysis,
+    codes_of_quantized,
+    magnitude_uniform,
+    measure,
+    quantize_dynamic_model,  # noqa: E402
+)
 from toco_core.analysis.settings import AnalysisSettings  # noqa: E402
 from toco_core.compression.qdq_int8 import quantize_qdq_int8  # noqa: E402
 from toco_core.compression.storage import encode_model  # noqa: E402

@@ -20,8 +20,17 @@ import paho.mqtt.client as mqtt
 
 from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
 from toco_core.errors import BundleError
-from toco_core.messages import (MAX_CHUNKS_PER_REQUEST, ChunkRequest, MessageError, MessageKind, PartRequest, encode,
-                                encode_chunk, encode_part, parse_message)
+from toco_core.messages import (
+    MAX_CHUNKS_PER_REQUEST,
+    ChunkRequest,
+    MessageError,
+    MessageKind,
+    PartRequest,
+    encode,
+    encode_chunk,
+    encode_part,
+    parse_message,
+)
 from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 

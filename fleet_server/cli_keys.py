@@ -7,7 +7,7 @@ from then on and sends every online device the new trusted set (fleet_server.key
 from __future__ import annotations
 
 import time
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer

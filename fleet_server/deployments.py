@@ -20,8 +20,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow,
-                             TimelineRow, new_id)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeploymentDeviceRow,
+    DeploymentRow,
+    DeviceRow,
+    ModelRow,
+    TimelineRow,
+    new_id,
+)
 from fleet_server.enrollment import ENROLLED
 from fleet_server.enrollment import may_run as may_run_model
 from fleet_server.events import EventBus

@@ -36,10 +36,28 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow,
-                             DriftAlertRow, ReanalysisRow, SampleRow, new_id)
-from fleet_server.drift_alerts import (ACTIVE, active_alert, add_evidence, alert_view, decide, latest_alert, new_alert,
-                                      settled)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeploymentDeviceRow,
+    DeploymentRow,
+    DeviceRow,
+    DriftAlertRow,
+    ReanalysisRow,
+    SampleRow,
+    new_id,
+)
+from fleet_server.drift_alerts import (
+    ACTIVE,
+    active_alert,
+    add_evidence,
+    alert_view,
+    decide,
+    latest_alert,
+    new_alert,
+    settled,
+)
 from fleet_server.drift_classify import UNCLASSIFIED, Verdict, agreement_upper_bound, verdict
 from fleet_server.events import EventBus
 from fleet_server.ingest import drift_point

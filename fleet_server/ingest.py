@@ -29,8 +29,17 @@ from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryR
 from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.views import device_view
-from toco_core.messages import (AgentMessage, DriftMessage, Message, MessageError, MessageKind, SamplesMessage,
-                                StateMessage, TelemetryMessage, parse_message)
+from toco_core.messages import (
+    AgentMessage,
+    DriftMessage,
+    Message,
+    MessageError,
+    MessageKind,
+    SamplesMessage,
+    StateMessage,
+    TelemetryMessage,
+    parse_message,
+)
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)

@@ -21,8 +21,18 @@ from pydantic import ValidationError
 from sqlalchemy import Text, cast, select
 from sqlalchemy.exc import IntegrityError
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
-                             new_id)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeviceRow,
+    DriftRow,
+    EventRow,
+    ModelRow,
+    SampleRow,
+    TelemetryRow,
+    new_id,
+)
 from fleet_server.views import analysis_view, device_view, model_view
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.atomic_files import atomic_write

@@ -53,7 +53,6 @@ def analyze(
     """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
     from toco_core.analysis.pipeline import analyze as run_analysis
     from toco_core.analysis.settings import AnalysisSettings
-
     from toco_core.output_tail import scored_output
 
     settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output)

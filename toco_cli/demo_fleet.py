@@ -7,6 +7,7 @@ server's broker and serving inference over their loopback HTTP API.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
@@ -23,7 +24,6 @@ import httpx
 import numpy as np
 
 from toco_core.errors import TocoError
-import contextlib
 
 if TYPE_CHECKING:
     from fleet_server.server import FleetServer, HttpThread
@@ -206,9 +206,8 @@ class DemoFleet:
     def start_server(self) -> None:
         """Server with its broker, then the HTTP API and dashboard."""
         from fleet_server.api import create_app
-        from fleet_server.server import FleetServer, HttpThread
-
         from fleet_server.auth import create_token
+        from fleet_server.server import FleetServer, HttpThread
 
         self.server = server = FleetServer(self.settings).start()
         self.http = http = HttpThread(create_app(server), self.settings.http_host, self.settings.http_port).start()

@@ -21,7 +21,7 @@ from toco_core.compression.matmul_nbits import quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8
 from toco_core.compression.storage import dequantize, encode_model
-from toco_core.compression.structured import remove_output_channels, removable_channels
+from toco_core.compression.structured import removable_channels, remove_output_channels
 from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.fidelity import OutputKind
@@ -29,8 +29,8 @@ from toco_core.measure import p50_latency, session_rss
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
-from toco_core.selftest import self_test
 from toco_core.plan_table import PlanTable, plan_codes
+from toco_core.selftest import self_test
 from toco_core.solver import SESSION_OVERHEAD, device_limits, is_base_plan, less_aggressive, plans_for_device
 from toco_core.units import format_size
 from toco_core.weight_source import WeightSource, from_base_model, require_plans

@@ -22,8 +22,9 @@ storage it comes after the measured runtimes: it is chosen where memory limits n
 
 from __future__ import annotations
 
-import numpy as np
 from typing import Any
+
+import numpy as np
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.calibration import KL_NOISE_FLOOR, PLANNED, CurvePoint, int8_scale, noise_floor

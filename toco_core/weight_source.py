@@ -21,8 +21,8 @@ import onnx
 from toco_core.analysis_result import AnalysisResult
 from toco_core.compression.nested import CodeLadder, master_codes, prune_classes
 from toco_core.errors import AnalysisError
-from toco_core.output_tail import fidelity_view
 from toco_core.onnx_model import compressible_weights, model_hash, read_weights
+from toco_core.output_tail import fidelity_view
 from toco_core.plan_table import PlanTable
 from toco_core.runtime import run_model
 

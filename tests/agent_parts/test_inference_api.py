@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from agent.inference import InferenceEngine, NotReadyError
-from agent.inference_input import InputError
 from agent.inference_api import ApiSettings, InferenceServer
+from agent.inference_input import InputError
 from toco_core.preprocessing import Preprocessing
 
 DIGIT_PREP = Preprocessing(size=(28, 28), color="grayscale", scale=1 / 255, mean=(0.0,), std=(1.0,))

@@ -28,8 +28,17 @@ from fleet_server.server import FleetServer, HttpThread
 from tests.support.broker import MOSQUITTO, Broker
 from tests.support.waiting import wait_until
 from toco_core.analysis.settings import AnalysisSettings
-from toco_core.messages import (ActiveModel, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary,
-                                StateMessage, TelemetryMessage, encode)
+from toco_core.messages import (
+    ActiveModel,
+    DriftCheck,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    PlanSummary,
+    StateMessage,
+    TelemetryMessage,
+    encode,
+)
 from toco_core.topics import DELIVERY, Topics
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -28,9 +28,22 @@ from tests.support.broker import MOSQUITTO, Broker
 from tests.support.processes import free_port
 from tests.support.waiting import wait_until
 from toco_core.analysis.settings import AnalysisSettings
-from toco_core.messages import (DeployCommand, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary,
-                                RollbackCommand, Sample, SamplesMessage, StateMessage, StatusMessage, TelemetryMessage,
-                                encode, parse_message)
+from toco_core.messages import (
+    DeployCommand,
+    DriftCheck,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    PlanSummary,
+    RollbackCommand,
+    Sample,
+    SamplesMessage,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    encode,
+    parse_message,
+)
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 FAST = AnalysisSettings(initial_samples=16, samples_per_round=16, max_rounds=1, max_heldout=60, prune_rounds=1,

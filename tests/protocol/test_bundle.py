@@ -10,9 +10,21 @@ import stat
 import numpy as np
 import pytest
 
-from toco_core.bundle import (canonical_manifest_bytes, chunk_bytes, generate_private_key, key_fingerprint,
-                              load_private_key, load_public_key, make_manifest, pack_bundle, public_key_raw,
-                              save_private_key, save_public_key, unpack_bundle, verify_manifest)
+from toco_core.bundle import (
+    canonical_manifest_bytes,
+    chunk_bytes,
+    generate_private_key,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+    make_manifest,
+    pack_bundle,
+    public_key_raw,
+    save_private_key,
+    save_public_key,
+    unpack_bundle,
+    verify_manifest,
+)
 from toco_core.errors import BundleError, TransferError
 from toco_core.messages import FailureReason, encode, parse_message
 from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks, verify_assembled

@@ -8,11 +8,35 @@ from typing import Any
 import pytest
 
 from toco_core.errors import ConfigError
-from toco_core.messages import (SCHEMA_VERSION, ActiveModel, BundleManifest, Chunk, ChunkRequest, DeployCommand,
-                                DisputedRef, DriftCheck, DriftMessage, FailureReason, HardwareInfo, MessageError,
-                                MessageKind, Phase, PlanSummary, RecompressCommand, RollbackCommand, Sample,
-                                SamplesMessage, StateMessage, StatusMessage, TelemetryMessage, UploadSamplesCommand,
-                                encode, encode_chunk, kind_of, parse_message)
+from toco_core.messages import (
+    SCHEMA_VERSION,
+    ActiveModel,
+    BundleManifest,
+    Chunk,
+    ChunkRequest,
+    DeployCommand,
+    DisputedRef,
+    DriftCheck,
+    DriftMessage,
+    FailureReason,
+    HardwareInfo,
+    MessageError,
+    MessageKind,
+    Phase,
+    PlanSummary,
+    RecompressCommand,
+    RollbackCommand,
+    Sample,
+    SamplesMessage,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    UploadSamplesCommand,
+    encode,
+    encode_chunk,
+    kind_of,
+    parse_message,
+)
 from toco_core.topics import Topics, parse_broker_url
 
 BID = "ab" * 32

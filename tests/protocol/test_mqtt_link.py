@@ -16,8 +16,19 @@ from agent.bundle_download import BundleDownloader
 from agent.mqtt_link import MqttLink
 from fleet_server.bundle_publisher import MqttBundleServer
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
-from toco_core.messages import (DeployCommand, DriftMessage, HardwareInfo, MessageKind, Phase, StateMessage,
-                                StatusMessage, TelemetryMessage, encode, encode_chunk, parse_message)
+from toco_core.messages import (
+    DeployCommand,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    Phase,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    encode,
+    encode_chunk,
+    parse_message,
+)
 from toco_core.topics import Topics
 
 from .conftest import Broker, Listener, wait_until

@@ -9,8 +9,16 @@ from pydantic import ValidationError
 
 from fleet_server.bundle_publisher import BundlePublisher
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
-from toco_core.messages import (MessageError, MessageKind, Part, PartRange, PartRequest, encode, encode_part,
-                                parse_message)
+from toco_core.messages import (
+    MessageError,
+    MessageKind,
+    Part,
+    PartRange,
+    PartRequest,
+    encode,
+    encode_part,
+    parse_message,
+)
 from toco_core.topics import Topics
 from toco_core.transfer import download_size
 

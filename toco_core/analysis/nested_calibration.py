@@ -15,9 +15,10 @@ Numpy + onnxruntime (no torch): the per-point work is the same a box does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
-from collections.abc import Callable
 
 from toco_core.calibration import KL_NOISE_FLOOR, CurvePoint
 from toco_core.compression.bias_correction import BiasCorrection
@@ -32,7 +33,6 @@ from toco_core.onnx_model import WeightInfo
 from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.runtime import run_with_weights
 from toco_core.tolerance_map import ToleranceMap
-
 
 
 def kept_shares(infos: list[WeightInfo], classes: dict[str, np.ndarray], levels: int) -> np.ndarray:

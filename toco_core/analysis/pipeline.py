@@ -22,20 +22,20 @@ import torch
 from toco_core.analysis.fisher import FisherAccumulator
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.input_moments import InputMoments
+from toco_core.analysis.nested_calibration import NestedCalibration
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
-from toco_core.analysis.nested_calibration import NestedCalibration
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
+from toco_core.plan_table import PlanTable
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
-from toco_core.plan_table import PlanTable
 from toco_core.tolerance_map import ToleranceMap, as_stored
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,11 @@ attribute; both are read and replaced the same way, keyed by their ONNX name.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from typing import Any
 
 from toco_core.errors import ModelError
 

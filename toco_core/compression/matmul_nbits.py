@@ -21,8 +21,14 @@ import onnx
 from onnx import helper
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-from toco_core.compression.graph_edit import (GraphIndex, attr, clear_value_info, drop_unused_initializers,
-                                              ensure_opset, replace_nodes)
+from toco_core.compression.graph_edit import (
+    GraphIndex,
+    attr,
+    clear_value_info,
+    drop_unused_initializers,
+    ensure_opset,
+    replace_nodes,
+)
 from toco_core.errors import ConfigError, ModelError
 
 BITS = (4, 8)

@@ -19,8 +19,9 @@ one float32 multiply of an exact code by an exact power-of-two multiple of the m
 
 from __future__ import annotations
 
-import numpy as np
 from collections.abc import Sequence
+
+import numpy as np
 
 MAX_CODE = 4095  # the storage coder's limit (13-bit codes); the master never exceeds it
 MAX_OCTAVE = 12  # 2^12 > MAX_CODE: at octave 12 every code is 0 or +-1

@@ -26,8 +26,14 @@ import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from toco_core.compression.channel_routes import ChannelPath, ChannelRoute, Unsupported, expand_features, \
-    structured_support, trace_route
+from toco_core.compression.channel_routes import (
+    ChannelPath,
+    ChannelRoute,
+    Unsupported,
+    expand_features,
+    structured_support,
+    trace_route,
+)
 from toco_core.compression.graph_edit import GraphIndex, attr, clear_value_info, replace_nodes, set_attr, static_shapes
 from toco_core.errors import ModelError
 from toco_core.onnx_model import compressible_weights

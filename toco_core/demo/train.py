@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
-from collections.abc import Callable
 
 import numpy as np
 import torch
