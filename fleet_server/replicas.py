@@ -66,6 +66,19 @@ def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"toco-fleet:{name}".encode()).digest()[:8], "big", signed=True)
 
 
+DRIFT_POLICY = "drift-policy"  # the transaction lock of everything that reads or writes re-analyses
+
+
+def transaction_lock(s, name: str) -> None:
+    """Hold the lock ``name`` until the session's transaction ends (``pg_advisory_xact_lock``; a no-op on
+    SQLite, where one process writes). Serialises work that replicas may do at once on the same rows.
+
+    Takes the session and the lock's name. Returns None. Raises what the database raises.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(name)})
+
+
 class DataDirLock:
     """One serve per SQLite data dir: an exclusive ``flock`` on ``{data_dir}/serve.lock``, always the leader."""
 
