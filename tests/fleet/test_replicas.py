@@ -172,13 +172,17 @@ def test_two_replicas_share_ingest_elect_one_leader_and_take_over(broker, pg_url
         assert "another replica already connects to the broker as 'toco-server-2'" in clash.output(), clash.output()
         clash.stop()
 
+        log = httpx.get(f"http://127.0.0.1:{second.port}/api/event-log", params={"kind": "enrollment"},
+                        headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert sorted(e["data"]["device_id"] for e in log.json()) == ["cam-1", "cam-2", "cam-3"], log.text
         streams = [EventStream(r.port, token) for r in replicas]
         devices = [Device(broker.port, cam) for cam in ("cam-1", "cam-2", "cam-3")]
         base = time.time() - 1000
         sent = {(d.id, base + 100 * i + k) for i, d in enumerate(devices) for k in range(8)}
         for i, d in enumerate(devices):
             d.telemetry([base + 100 * i + k for k in range(8)])
-        assert wait_until(lambda: len(telemetry_rows(engine)) >= len(sent), 20, 0.1)
+        assert wait_until(lambda: len(telemetry_rows(engine)) >= len(sent), 20, 0.1), \
+            (len(telemetry_rows(engine)), [r.health()["messages"] for r in replicas])
         time.sleep(0.5)  # a duplicate delivered late would land now
         rows = telemetry_rows(engine)
         assert sorted(rows) == sorted(sent), "each message stored exactly once"
