@@ -175,7 +175,8 @@ class FleetServer:
         self.started = False
 
     def health(self) -> dict:
-        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters}``."""
+        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters, "fleet",
+        "broker_url", "replica": {"id", "replicas", "leader"}}`` (leader: this process runs the singleton duties)."""
         return {"status": "ok", "broker": "connected" if self.mqtt.connected.is_set() else "disconnected",
                 "messages": dict(self.ingest.stats), "fleet": self.settings.fleet, "broker_url": self.broker_url,
                 "replica": {"id": self.settings.replica_id, "replicas": self.settings.replicas,
