@@ -83,26 +83,33 @@ def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML fil
           port: Optional[int] = typer.Option(None, help="HTTP port [8080]"),
           fleet: Optional[str] = typer.Option(None, help="fleet name (topic root toco/v1/{fleet}) [default]"),
           drift_policy: Optional[str] = typer.Option(None, help="auto | approval [auto]"),
-          concurrency: Optional[int] = typer.Option(None, help="analysis worker processes [1]")) -> None:
+          concurrency: Optional[int] = typer.Option(None, help="analysis worker processes [1]"),
+          db_url: Optional[str] = typer.Option(None, "--db-url", help="SQLAlchemy URL [sqlite in --data-dir]"),
+          replicas: Optional[bool] = typer.Option(None, "--replicas/--no-replicas", help="one of several serves on "
+                                                  "one PostgreSQL (--db-url) and one external broker [off]"),
+          replica_id: Optional[str] = typer.Option(None, help="this replica's name [hostname-pid]")) -> None:
     """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
     from fleet_server.config import load_settings
+    from fleet_server.replicas import check_replica_setup
     from fleet_server.server import serve as run
 
     given = {"data_dir": data_dir, "broker": broker, "broker_host": broker_host, "broker_port": broker_port,
              "broker_password_file": broker_password_file, "mqtt_username": mqtt_username,
              "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
              "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
-             "analysis_concurrency": concurrency}
+             "analysis_concurrency": concurrency, "db_url": db_url, "replicas": replicas, "replica_id": replica_id}
     flags = {k: v for k, v in given.items() if v is not None}
     if mqtt_password_file is not None:  # the flag beats a password from the environment or the file
         flags["mqtt_password"] = None
     settings = load_settings(config, **flags)
+    check_replica_setup(settings)
     if settings.broker == "embedded":  # refused before anything is started or printed
         from fleet_server.broker import check_bind
 
         check_bind(settings.broker_host, settings.broker_password_file)
+    who = f", replica {settings.replica_id}" if settings.replicas else ""
     console.print(f"fleet server on http://{settings.http_host}:{settings.http_port} (docs /docs), broker "
-                  f"{settings.broker}, data {settings.data_dir}", highlight=False)
+                  f"{settings.broker}, data {settings.data_dir}{who}", highlight=False)
     run(settings)
 
 

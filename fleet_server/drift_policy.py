@@ -43,6 +43,7 @@ from fleet_server.events import EventBus
 from fleet_server.ingest import drift_point
 from fleet_server.reanalysis_gate import GateSettings, group_online, held_by, open_reanalysis, quorum_needed
 from fleet_server.registry import ConflictError, add_analysis_row, fetch, log_event
+from fleet_server.replicas import DRIFT_POLICY, transaction_lock
 from fleet_server.views import reanalysis_view
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.drift_kind import DATA, FIDELITY
@@ -205,6 +206,7 @@ class DriftPolicy:
         """Approve a pending re-analysis (queued at the next tick), or, once its canary is deployed, the group
         redeploy without a quorum. Raises NotFoundError / ConflictError."""
         with self.db.session(write=True) as s:
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             r = fetch(s, ReanalysisRow, reanalysis_id, "reanalysis")
             if r.status == "pending_approval":
                 r.status, r.approved_at = "queued", time.time()
@@ -224,6 +226,7 @@ class DriftPolicy:
         now = time.time() if now is None else now
         changed, group_deploys, after = [], [], []
         with self.db.session(write=True) as s:
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             for r in s.scalars(select(ReanalysisRow).where(ReanalysisRow.status.in_(("queued", "running")))):
                 if r.analysis_id is None:
                     if self._ready(s, r, now):
@@ -298,6 +301,7 @@ class DriftPolicy:
                                                                                      "error": str(exc)}})
             why = f" -> group redeploy failed: {exc}"
         with self.db.session(write=True) as s:
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             r = s.get(ReanalysisRow, rid)
             r.status, r.group_deployment_id, r.why = ("deployed" if dep_id else "failed"), dep_id, r.why + why
             log_event(s, "reanalysis", {"reanalysis_id": rid, "status": r.status, "group_deployment_id": dep_id})
@@ -342,6 +346,7 @@ class DriftPolicy:
             except Exception as exc:
                 log.warning("redeploy after re-analysis failed", extra={"fields": {"reanalysis": rid, "error": str(exc)}})
         with self.db.session(write=True) as s:
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             r = s.get(ReanalysisRow, rid)
             r.status, r.deployment_id = new_status, dep_id
             log_event(s, "reanalysis", {"reanalysis_id": rid, "status": new_status, "deployment_id": dep_id})
