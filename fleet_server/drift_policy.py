@@ -17,7 +17,9 @@ A re-analysis asks its trigger devices for their disputed inputs (upload-samples
 
 - ``approval`` mode: waits in ``pending_approval`` until POST /api/reanalyses/{id}/approve;
 - ``auto`` mode (and after approval): waits until every trigger device uploaded samples, or
-  ``samples_wait_s``, then queues an analysis whose pool = the model's pool + those samples.
+  ``samples_wait_s``, then queues an analysis whose pool = the model's pool + those samples, held to
+  the budget scaled to their share of it, so that the field inputs stay within the operator's budget
+  (fleet_server.field_budget).
 
 Its bundle goes to the trigger devices first (canary, status ``canary``), and to the rest of the
 group once a quorum of the group's devices triggered too, or an operator approved it
@@ -35,11 +37,12 @@ from typing import Any
 from sqlalchemy import select
 
 from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow,
-                             DriftAlertRow, ReanalysisRow, SampleRow, new_id)
+                             DriftAlertRow, ModelRow, ReanalysisRow, SampleRow, new_id)
 from fleet_server.drift_alerts import (ACTIVE, active_alert, add_evidence, alert_view, decide, latest_alert, new_alert,
                                       settled)
 from fleet_server.drift_classify import UNCLASSIFIED, Verdict, agreement_upper_bound, verdict
 from fleet_server.events import EventBus
+from fleet_server.field_budget import field_budget, operator_budget
 from fleet_server.ingest import drift_point
 from fleet_server.reanalysis_gate import GateSettings, group_online, held_by, open_reanalysis, quorum_needed
 from fleet_server.registry import ConflictError, add_analysis_row, fetch, log_event
@@ -264,11 +267,17 @@ class DriftPolicy:
         ids = list(s.scalars(select(SampleRow.id).where(SampleRow.device_id.in_(r.trigger_devices),
                                                         SampleRow.t >= parent.created_at)
                              .order_by(SampleRow.id.desc()).limit(MAX_FIELD_SAMPLES)))
-        settings = AnalysisSettings.model_validate(parent.settings)
+        # the field samples are a minority of the pool: held to the operator's budget they could flip far more
+        # than it, on the very inputs the trigger devices now see (fleet_server.field_budget)
+        budget = operator_budget(s, parent)
+        held = field_budget(budget, s.get(ModelRow, r.model_id).pool_size, len(ids))
+        settings = AnalysisSettings.model_validate(parent.settings).model_copy(update={"budget": held})
         row = add_analysis_row(s, model_id=r.model_id, settings=settings,
                                reason=f"drift: {', '.join(r.trigger_devices)}", field_sample_ids=ids)
         r.analysis_id = row.id
         r.why += f" -> re-analysis with {len(ids)} field samples"
+        if held < budget:
+            r.why += f" (budget {held:.2%} on the pool: {budget:.1%} on the field samples)"
 
     def _group_due(self, s, r: ReanalysisRow, changed: list) -> bool:
         """Whether a deployed canary's group redeploy may start now (quorum or approval); marks the
