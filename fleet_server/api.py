@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from fleet_server import login, registry
+from fleet_server import event_log, login, registry
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
 from fleet_server.model_versions import group_versions
@@ -304,6 +304,7 @@ def create_app(server) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.include_router(login.router)
+    app.include_router(event_log.router)
     _include_dashboard(app)
     return app
 

@@ -8,6 +8,8 @@ the file, and command-line flags override both.
 
 from __future__ import annotations
 
+import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -62,7 +64,17 @@ class FleetSettings(BaseSettings):
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings, description="defaults of every analysis")
     chunk_size: int = Field(256 * 1024, ge=64 * 1024, le=256 * 1024, description="bundle chunk size, bytes")
     tick_s: float = Field(1.0, gt=0, le=60, description="period of the deployment/drift housekeeping loop")
-    telemetry_keep: int = Field(500, ge=10, description="telemetry points kept per device")
+    telemetry_keep: int = Field(500, ge=10, description="telemetry points kept per device; older ones are deleted "
+                                "by the retention housekeeping")
+    events_keep_days: float = Field(90.0, gt=0, description="days the event log (GET /api/event-log) keeps an event")
+    retention_interval_s: float = Field(60.0, gt=0, le=86400, description="period of the retention housekeeping")
+    replicas: bool = Field(False, description="this serve is one of several replicas sharing one PostgreSQL "
+                           "database and one external broker (docs/design_notes.md, Replicas)")
+    replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+                            description="this replica's name in logs, /health and its MQTT client id "
+                            "[hostname-pid]")
+    lease_check_s: float = Field(2.0, gt=0, le=60, description="how often a replica checks (or tries to take) "
+                                 "the leader lease of the singleton duties")
     trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API answers, "
                                      "besides localhost, 127.0.0.1 and http_host (DNS rebinding guard); "
                                      "'*.example.com' allows subdomains")
@@ -76,6 +88,12 @@ class FleetSettings(BaseSettings):
     def _fleet_is_topic_safe(cls, v: str) -> str:
         check_id(v, "fleet name")
         return v
+
+    @field_validator("replica_id")
+    @classmethod
+    def _replica_id_is_topic_safe(cls, v: str) -> str:
+        # it ends up in the MQTT client id (toco-fleet-{fleet}-{replica_id}) and in logs
+        return check_id(v, "replica id")
 
     @field_validator("broker")
     @classmethod

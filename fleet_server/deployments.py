@@ -7,6 +7,12 @@ it. A device silent for ``timeout_s`` while in progress is failed (reason ``time
 deployment stays in progress forever. ``rollback`` sends the rollback command to every device
 that got the bundle. Per-device phases come from the agents' status messages (idempotent by
 deployment and phase: nothing moves a device out of a terminal outcome).
+
+Replicas: status messages are ingested on any replica while the leader's tick fails silent devices,
+so every path that changes a deployment's devices first locks the deployment's row
+(``lock_deployments``: ``SELECT ... FOR UPDATE``, in id order). Two replicas never count one wave's
+outcomes at the same time (which could send the next wave twice), and the fixed order cannot deadlock.
+SQLite has no row locks; there the one serve process is the only writer.
 """
 
 from __future__ import annotations
@@ -43,6 +49,17 @@ from toco_core.errors import TocoError
 from toco_core.messages import FAILING_PHASES, DeployCommand, Phase, RollbackCommand, StatusMessage
 
 log = logging.getLogger("toco.fleet.deployments")
+
+
+def lock_deployments(s, deployment_ids) -> None:
+    """Lock these deployments' rows until the session commits (PostgreSQL; a no-op on SQLite), in id order.
+
+    Takes the session and the ids. Returns None. Raises what the database raises.
+    """
+    ids = sorted(set(deployment_ids))
+    if ids:
+        s.execute(select(DeploymentRow.id).where(DeploymentRow.id.in_(ids)).order_by(DeploymentRow.id)
+                  .with_for_update())
 TERMINAL = ("succeeded", "failed")
 OPEN_STAGES = ("canary", "rest")
 
@@ -262,7 +279,8 @@ class Deployments:
         """Ingest hook: record a device's status in its deployment and move the deployment on."""
         if not msg.deployment_id:
             return
-        m = s.get(DeploymentDeviceRow, (msg.deployment_id, device.id))
+        lock_deployments(s, [msg.deployment_id])  # before its members are read (see the module's docstring)
+        m = s.get(DeploymentDeviceRow, (msg.deployment_id, device.id), populate_existing=True)
         if m is None:
             log.info("status for a deployment this device is not part of",
                      extra={"fields": {"device": device.id, "deployment": msg.deployment_id}})
@@ -301,8 +319,12 @@ class Deployments:
         now = time.time() if now is None else now
         after: list = []
         with self.db.session(write=True) as s:
-            late = s.scalars(select(DeploymentDeviceRow).where(DeploymentDeviceRow.outcome == "in_progress",
-                                                               DeploymentDeviceRow.updated_at < now - self.timeout_s)).all()
+            late_q = select(DeploymentDeviceRow).where(DeploymentDeviceRow.outcome == "in_progress",
+                                                       DeploymentDeviceRow.updated_at < now - self.timeout_s)
+            late = s.scalars(late_q).all()
+            if late:  # lock their deployments, then read them again: a replica's ingest may just have moved them
+                lock_deployments(s, [m.deployment_id for m in late])
+                late = s.scalars(late_q.execution_options(populate_existing=True)).all()
             touched = set()
             for m in late:
                 m.phase, m.outcome, m.updated_at = "failed", "failed", now
@@ -322,6 +344,7 @@ class Deployments:
     def rollback(self, *, deployment_id: str) -> dict[str, Any]:
         """Send the rollback command to every device that got the bundle; the stage becomes rolled_back."""
         with self.db.session(write=True) as s:
+            lock_deployments(s, [deployment_id])
             dep = fetch(s, DeploymentRow, deployment_id, "deployment")
             if dep.stage == "rolled_back":
                 raise ConflictError(f"deployment {deployment_id!r} is already rolled back")

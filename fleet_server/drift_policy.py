@@ -17,7 +17,9 @@ A re-analysis asks its trigger devices for their disputed inputs (upload-samples
 
 - ``approval`` mode: waits in ``pending_approval`` until POST /api/reanalyses/{id}/approve;
 - ``auto`` mode (and after approval): waits until every trigger device uploaded samples, or
-  ``samples_wait_s``, then queues an analysis whose pool = the model's pool + those samples.
+  ``samples_wait_s``, then queues an analysis whose pool = the model's pool + those samples, held to
+  the budget scaled to their share of it, so that the field inputs stay within the operator's budget
+  (fleet_server.field_budget).
 
 Its bundle goes to the trigger devices first (canary, status ``canary``), and to the rest of the
 group once a quorum of the group's devices triggered too, or an operator approved it
@@ -28,41 +30,23 @@ command: its drift reference then includes the field distribution the bundle was
 
 from __future__ import annotations
 
-import builtins
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.db import (
-    AnalysisRow,
-    BundleRow,
-    Database,
-    DeploymentDeviceRow,
-    DeploymentRow,
-    DeviceRow,
-    DriftAlertRow,
-    ReanalysisRow,
-    SampleRow,
-    new_id,
-)
-from fleet_server.drift_alerts import (
-    ACTIVE,
-    active_alert,
-    add_evidence,
-    alert_view,
-    decide,
-    latest_alert,
-    new_alert,
-    settled,
-)
+from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow,
+                             DriftAlertRow, ModelRow, ReanalysisRow, SampleRow, new_id)
+from fleet_server.drift_alerts import (ACTIVE, active_alert, add_evidence, alert_view, decide, latest_alert, new_alert,
+                                      settled)
 from fleet_server.drift_classify import UNCLASSIFIED, Verdict, agreement_upper_bound, verdict
 from fleet_server.events import EventBus
+from fleet_server.field_budget import field_budget, operator_budget
 from fleet_server.ingest import drift_point
 from fleet_server.reanalysis_gate import GateSettings, group_online, held_by, open_reanalysis, quorum_needed
 from fleet_server.registry import ConflictError, add_analysis_row, fetch, log_event
+from fleet_server.replicas import DRIFT_POLICY, transaction_lock
 from fleet_server.views import reanalysis_view
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.drift_kind import DATA, FIDELITY
@@ -112,7 +96,7 @@ class DriftPolicy:
             device.drift_kind = alert.kind
             return
         last = latest_alert(s, device.id, msg.bundle_id)
-        if last is not None and settled(last, v.kind, msg.opened_at):  # the operator decided already: no new alert
+        if settled(last, v.kind, msg.opened_at):  # the operator decided already: no new alert
             add_evidence(last, drift_point(msg))
             return
         if v.kind == FIDELITY and any(r.trigger_bundles.get(device.id) == msg.bundle_id for r in s.scalars(
@@ -120,7 +104,7 @@ class DriftPolicy:
             return  # a device triggers at most one re-analysis per bundle it runs
         alert = new_alert(s, device, model_id=bundle.model_id, bundle_id=msg.bundle_id, kind=v.kind, why=v.why,
                           point=drift_point(msg))
-        alert.evidence = {**(alert.evidence or {}), "disputed": [{"ref": d.ref, "model_class": d.model_class,
+        alert.evidence = {**alert.evidence, "disputed": [{"ref": d.ref, "model_class": d.model_class,
                                                           "confidence": d.confidence} for d in msg.disputed]}
         refs = [d.ref for d in msg.disputed] or None
         if v.kind == DATA:
@@ -225,6 +209,7 @@ class DriftPolicy:
         """Approve a pending re-analysis (queued at the next tick), or, once its canary is deployed, the group
         redeploy without a quorum. Raises NotFoundError / ConflictError."""
         with self.db.session(write=True) as s:
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             r = fetch(s, ReanalysisRow, reanalysis_id, "reanalysis")
             if r.status == "pending_approval":
                 r.status, r.approved_at = "queued", time.time()
@@ -242,16 +227,15 @@ class DriftPolicy:
         """Queue analyses whose samples are in; follow running ones; move canaries to their group; rebase
         the devices that activated a re-analysis's bundle; score unshadowed boxes' samples."""
         now = time.time() if now is None else now
-        changed: builtins.list[ReanalysisRow] = []
-        group_deploys: builtins.list[tuple[str, Any, str]] = []
-        after: builtins.list[Callable[[], None]] = []
+        changed, group_deploys, after = [], [], []
         with self.db.session(write=True) as s:
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             for r in s.scalars(select(ReanalysisRow).where(ReanalysisRow.status.in_(("queued", "running")))):
                 if r.analysis_id is None:
                     if self._ready(s, r, now):
                         self._queue_analysis(s, r)
                         changed.append(r)
-                elif r.status == "queued" and fetch(s, AnalysisRow, r.analysis_id, "analysis").status == "running":
+                elif r.status == "queued" and s.get(AnalysisRow, r.analysis_id).status == "running":
                     r.status = "running"
                     changed.append(r)
             for r in s.scalars(select(ReanalysisRow).where(ReanalysisRow.status.in_(("canary", "deployed")))):
@@ -283,13 +267,19 @@ class DriftPolicy:
         ids = list(s.scalars(select(SampleRow.id).where(SampleRow.device_id.in_(r.trigger_devices),
                                                         SampleRow.t >= parent.created_at)
                              .order_by(SampleRow.id.desc()).limit(MAX_FIELD_SAMPLES)))
-        settings = AnalysisSettings.model_validate(parent.settings)
+        # the field samples are a minority of the pool: held to the operator's budget they could flip far more
+        # than it, on the very inputs the trigger devices now see (fleet_server.field_budget)
+        budget = operator_budget(s, parent)
+        held = field_budget(budget, s.get(ModelRow, r.model_id).pool_size, len(ids))
+        settings = AnalysisSettings.model_validate(parent.settings).model_copy(update={"budget": held})
         row = add_analysis_row(s, model_id=r.model_id, settings=settings,
                                reason=f"drift: {', '.join(r.trigger_devices)}", field_sample_ids=ids)
         r.analysis_id = row.id
         r.why += f" -> re-analysis with {len(ids)} field samples"
+        if held < budget:
+            r.why += f" (budget {held:.2%} on the pool: {budget:.1%} on the field samples)"
 
-    def _group_due(self, s, r: ReanalysisRow, changed: builtins.list[ReanalysisRow]) -> bool:
+    def _group_due(self, s, r: ReanalysisRow, changed: list) -> bool:
         """Whether a deployed canary's group redeploy may start now (quorum or approval); marks the
         re-analysis deployed when its canary already covers the group, failed when the canary stopped."""
         dep = s.get(DeploymentRow, r.deployment_id or "")
@@ -320,13 +310,14 @@ class DriftPolicy:
                                                                                      "error": str(exc)}})
             why = f" -> group redeploy failed: {exc}"
         with self.db.session(write=True) as s:
-            r = fetch(s, ReanalysisRow, rid, "re-analysis")
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
+            r = s.get(ReanalysisRow, rid)
             r.status, r.group_deployment_id, r.why = ("deployed" if dep_id else "failed"), dep_id, r.why + why
             log_event(s, "reanalysis", {"reanalysis_id": rid, "status": r.status, "group_deployment_id": dep_id})
             view = self._view(s, r)
         self.events.publish("reanalysis", view)
 
-    def _rebase_converged(self, s, r: ReanalysisRow, after: builtins.list[Callable[..., Any]]) -> None:
+    def _rebase_converged(self, s, r: ReanalysisRow, after: list) -> None:
         """Send each trigger device that activated the re-analysis's bundle one rebase-drift command."""
         done = set(r.rebased or [])
         deps = [d for d in (r.deployment_id, r.group_deployment_id) if d]
@@ -353,7 +344,7 @@ class DriftPolicy:
             r = s.scalars(select(ReanalysisRow).where(ReanalysisRow.analysis_id == analysis_id)).first()
             if r is None:
                 return
-            status, rid, devices = fetch(s, AnalysisRow, analysis_id, "analysis").status, r.id, list(r.trigger_devices)
+            status, rid, devices = s.get(AnalysisRow, analysis_id).status, r.id, list(r.trigger_devices)
         dep_id, new_status = None, "failed"
         if status == "done":
             try:
@@ -364,7 +355,8 @@ class DriftPolicy:
             except Exception as exc:
                 log.warning("redeploy after re-analysis failed", extra={"fields": {"reanalysis": rid, "error": str(exc)}})
         with self.db.session(write=True) as s:
-            r = fetch(s, ReanalysisRow, rid, "re-analysis")
+            transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
+            r = s.get(ReanalysisRow, rid)
             r.status, r.deployment_id = new_status, dep_id
             log_event(s, "reanalysis", {"reanalysis_id": rid, "status": new_status, "deployment_id": dep_id})
             view = self._view(s, r)

@@ -4,6 +4,8 @@ Publishers are plain threads (MQTT ingest, the job runner, the housekeeping loop
 subscribers are asyncio consumers in uvicorn's loop. ``publish`` hands each event to every
 subscriber's loop with ``call_soon_threadsafe``; a subscriber that falls behind by more than
 ``maxsize`` events loses the oldest ones (a dashboard must never slow the server down).
+With replicas, ``relay`` also hands each event to the other replicas (fleet_server.event_relay),
+which ``deliver`` theirs to their own subscribers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 
 EventKind = Literal["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert"]
@@ -41,6 +44,7 @@ class EventBus:
         self._lock = threading.Lock()
         self.maxsize = maxsize
         self.counts: Counter[str] = Counter()
+        self.relay: Callable[[str, dict[str, Any]], None] | None = None  # set by FleetServer with replicas
 
     def subscribe(self) -> Subscription:
         """Register a subscriber for the running event loop (call from inside that loop)."""
@@ -58,6 +62,12 @@ class EventBus:
         """Send one event to every subscriber; thread-safe, never blocks. Raises ValueError for an unknown kind."""
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}; use one of {KINDS}")
+        self.deliver(kind, data)
+        if self.relay is not None:
+            self.relay(kind, data)
+
+    def deliver(self, kind: str, data: dict[str, Any]) -> None:
+        """Hand one event to this process's subscribers only (publish, and events relayed from a replica)."""
         self.counts[kind] += 1
         with self._lock:
             subs = list(self._subs)

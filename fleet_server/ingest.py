@@ -27,7 +27,9 @@ from sqlalchemy import select
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
 from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
+from fleet_server.deployments import lock_deployments
 from fleet_server.events import EventBus
+from fleet_server.replicas import DRIFT_POLICY, transaction_lock
 from fleet_server.views import device_view
 from toco_core.messages import (
     AgentMessage,
@@ -142,6 +144,13 @@ class Ingest:
         after: After = []
         try:
             with self.db.session(write=True) as s:
+                if any(kind is MessageKind.DRIFT and msg is not None for kind, _, msg in parsed):
+                    # the drift policy (cooldowns, caps, quorums) runs here on any replica: one batch at a
+                    # time, and before any deployment row lock, so lock orders never cross
+                    transaction_lock(s, DRIFT_POLICY)
+                # and the deployments its status messages move, all now and in id order, never one by one
+                lock_deployments(s, [msg.deployment_id for kind, _, msg in parsed
+                                     if kind is MessageKind.STATUS and msg is not None and msg.deployment_id])
                 # one query for the batch's devices: the handlers' lookups then hit the identity map
                 # (which holds objects weakly: ``known`` keeps them alive for the batch)
                 ids = list({device_id for _, device_id, _ in parsed})

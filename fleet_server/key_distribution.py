@@ -31,10 +31,17 @@ class KeyDistributor:
         self.db, self.signer, self.send, self.on_reload, self.clock = db, signer, send, on_reload, clock
         self._sent: dict[str, tuple[int, tuple[str, ...]]] = {}  # device -> (birth, fingerprints) last pushed
 
-    def tick(self) -> int:
-        """Reload the ring if it changed and push the set to devices that lack it. Returns how many were sent."""
+    def reload(self) -> None:
+        """Reload the ring if it changed (``on_reload`` then gets the new active key); sends nothing.
+
+        What a replica that is not the leader runs: it signs commands too, with the current key.
+        """
         if self.signer.reload() and self.on_reload is not None:
             self.on_reload(self.signer.active_key)
+
+    def tick(self) -> int:
+        """Reload the ring if it changed and push the set to devices that lack it. Returns how many were sent."""
+        self.reload()
         if not self.signer.rotated():
             return 0
         keys = self.signer.ring.trusted_keys(self.clock())

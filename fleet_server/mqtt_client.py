@@ -3,6 +3,11 @@
 paho 2.x, callback API v2, ``connect_async`` + ``loop_start`` so paho reconnects by itself.
 Device messages go to the Ingest queue (the network thread never touches the DB); chunk
 requests are answered on the spot by the BundlePublisher, which needs no DB.
+
+With replicas (``shared_group`` set) the device topics and chunk requests are subscribed as
+``$share/{group}/{filter}``: the broker hands each message to one replica of the group, so each is
+stored (and each chunk request answered) once. The relay topic (fleet_server.event_relay) is
+subscribed plainly: every replica hears every other replica's dashboard events.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ class FleetMqtt:
     def __init__(self, url: str, topics: Topics, *, on_device: Callable[[MessageKind, str, bytes], None],
                  on_get: Callable[[str, bytes], None], on_connect: Callable[[], None] | None = None,
                  client_id: str = "toco-fleet-server", username: str | None = None, password: str | None = None,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, shared_group: str | None = None,
+                 on_relay: Callable[[bytes], None] | None = None) -> None:
+        """``shared_group``: subscribe ingest and chunk requests as ``$share/{group}/...`` (replicas);
+        ``on_relay(payload)`` receives the other replicas' events on ``topics.server_events()``."""
         self.broker = parse_broker_url(url)
+        self.shared_group, self.on_relay = shared_group, on_relay
         self.topics = topics
         self.on_device, self.on_get, self.on_connected = on_device, on_get, on_connect
         self.connected = threading.Event()
@@ -69,6 +78,10 @@ class FleetMqtt:
             return
         subs = [(self.topics.device(k), DELIVERY[k].qos) for k in INGEST_KINDS]
         subs.append((self.topics.get(), DELIVERY[MessageKind.GET].qos))
+        if self.shared_group is not None:
+            subs = [(f"$share/{self.shared_group}/{topic}", qos) for topic, qos in subs]
+        if self.on_relay is not None:
+            subs.append((self.topics.server_events(), 0))
         client.subscribe(subs)
         self.connected.set()
         if self.on_connected is not None:
@@ -80,6 +93,12 @@ class FleetMqtt:
         log.log(level, "disconnected from the broker", extra={"fields": {"reason": str(reason_code)}})
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if self.on_relay is not None and msg.topic == self.topics.server_events():
+            try:
+                self.on_relay(bytes(msg.payload))
+            except Exception:
+                log.exception("a relayed event could not be delivered")
+            return
         try:
             where = self.topics.parse(msg.topic)
         except MessageError as exc:

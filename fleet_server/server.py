@@ -1,6 +1,9 @@
 """Wiring: config -> DB, signing key, broker (embedded or external), MQTT client, ingest,
 deployments, drift policy, analysis jobs, housekeeping loop, and the FastAPI app on uvicorn.
 
+Every process ingests, serves the API and signs commands; the singleton duties (housekeeping loop
+steps, analysis job dispatch) run only while ``lease.is_leader`` (fleet_server.replicas).
+
 ``FleetServer(settings).start()`` brings everything up (tests and the demo use this);
 ``serve(settings)`` also runs uvicorn in the foreground until Ctrl-C.
 """
@@ -9,27 +12,32 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import signal
 import socket
 import threading
 import time
 
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.bundle_publisher import BundlePublisher
-from fleet_server.command_signer import CommandSigner
 from fleet_server.config import FleetSettings
 from fleet_server.db import Database
 from fleet_server.deployments import Deployments
 from fleet_server.drift_actions import DriftActions
 from fleet_server.drift_policy import DriftPolicy
+from fleet_server.reanalysis_gate import gate_settings
+from fleet_server.sample_scoring import SampleScorer
 from fleet_server.events import EventBus
 from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
+from fleet_server.command_signer import CommandSigner
 from fleet_server.key_distribution import KeyDistributor
 from fleet_server.keys import public_key_path
 from fleet_server.mqtt_client import FleetMqtt
-from fleet_server.reanalysis_gate import gate_settings
+from fleet_server.event_relay import EventRelay
 from fleet_server.registry import Store
-from fleet_server.sample_scoring import SampleScorer
+from fleet_server.replicas import check_replica_setup, make_lease
+from fleet_server.retention import Retention
 from toco_core.errors import ConfigError
 from toco_core.topics import Topics
 
@@ -41,6 +49,7 @@ class FleetServer:
 
     def __init__(self, settings: FleetSettings | None = None) -> None:
         self.settings = s = settings or FleetSettings()
+        check_replica_setup(s)  # replicas on SQLite or the embedded broker: refused before anything is made
         # first: an embedded broker that may not listen where asked must stop us before anything is made
         self.broker = (EmbeddedBroker(s.broker_host, s.broker_port, s.broker_password_file) if s.broker == "embedded"
                        else None)
@@ -56,9 +65,18 @@ class FleetServer:
         self.topics = Topics(s.fleet)
         self.broker_url = self.broker.url if self.broker else s.broker
         self.ingest = Ingest(self.db, self.events)
+        # replicas: each its own client id (a broker with use_username_as_clientid makes it the username, so
+        # each replica also needs its own MQTT user); ingest shared among them, events relayed to all
+        self.relay: EventRelay | None = None
         self.mqtt = FleetMqtt(self.broker_url, self.topics, on_device=self.ingest.submit, on_get=self._on_get,
                               on_connect=self._on_connect, username=s.mqtt_username, password=s.broker_password,
-                              ca_file=s.mqtt_ca_file, client_id=f"toco-fleet-{s.fleet}")
+                              ca_file=s.mqtt_ca_file,
+                              client_id=f"toco-fleet-{s.fleet}-{s.replica_id}" if s.replicas else f"toco-fleet-{s.fleet}",
+                              shared_group="toco-fleet" if s.replicas else None,
+                              on_relay=self._on_relay if s.replicas else None)
+        if s.replicas:
+            self.relay = EventRelay(self.events, self.topics, s.replica_id, self.mqtt.send)
+            self.events.relay = self.relay.forward
         self.publisher = BundlePublisher(self.topics, self.mqtt.send)
         # every command leaves signed, addressed, sequenced and expiring (fleet_server.command_signer)
         send_command = self.signer.sender(self.mqtt.send_command)
@@ -76,6 +94,10 @@ class FleetServer:
                               chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done)
         self.policy.jobs = self.jobs
         self.key_distributor = KeyDistributor(self.db, self.signer, send_command, on_reload=self._use_key)
+        self.retention = Retention(self.db, telemetry_keep=s.telemetry_keep, events_keep_s=s.events_keep_days * 86400,
+                                   interval_s=s.retention_interval_s)
+        self.lease = make_lease(s, self.db.engine.url, on_lost=self._lease_lost)
+        self.exit_on_lease_loss = False  # serve() sets it: the process ends, its supervisor restarts it
         self._stop = threading.Event()
         self._tick_thread: threading.Thread | None = None
         self.started = False
@@ -95,13 +117,32 @@ class FleetServer:
     def _on_connect(self) -> None:
         log.info("connected to the broker", extra={"fields": {"url": self.broker_url}})
 
+    def _on_relay(self, payload: bytes) -> None:
+        if self.relay is not None:
+            self.relay.receive(payload)
+
+    def _lease_lost(self, reason: str) -> None:
+        """The leader lease's session broke: no duty runs here any more; under serve() the process ends."""
+        log.error("replica lease lost; the singleton duties stop here", extra={"fields": {"reason": reason[:200]}})
+        if self.exit_on_lease_loss:
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def start(self) -> FleetServer:
-        """Start broker (if embedded), ingest, MQTT, jobs and the housekeeping loop. Returns self."""
-        if self.broker is not None:
-            self.broker.start()
-        self.ingest.start()
-        self.mqtt.start()
-        self.jobs.start()
+        """Take the lease, start broker (if embedded), ingest, MQTT and the housekeeping loop; the leader
+        also dispatches analysis jobs. Returns self. Raises ReplicaError when this serve may not run
+        (a second one on a SQLite data dir, an MQTT identity another replica holds)."""
+        self.lease.acquire(solo=not self.settings.replicas)
+        try:
+            if self.broker is not None:
+                self.broker.start()
+            self.ingest.start()
+            self.mqtt.start()
+            # the job runner starts when this process leads: it re-queues analyses a dead leader left
+            # running, so it must never start on two replicas at once
+            self.lease.start(on_gained=self.jobs.start)
+        except BaseException:
+            self.lease.stop()
+            raise
         self._tick_thread = threading.Thread(target=self._tick_loop, name="housekeeping", daemon=True)
         self._tick_thread.start()
         self.started = True
@@ -109,7 +150,11 @@ class FleetServer:
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.settings.tick_s):
-            for step in (self.deployments.tick, self.policy.tick, self.key_distributor.tick):
+            if self.lease.is_leader:
+                steps = (self.deployments.tick, self.policy.tick, self.key_distributor.tick, self.retention.tick)
+            else:  # a follower still signs commands (ingest, API): it follows key rotations
+                steps = (self.key_distributor.reload,)
+            for step in steps:
                 try:
                     step()
                 except Exception:  # housekeeping must keep running
@@ -125,13 +170,17 @@ class FleetServer:
         self.ingest.stop()
         if self.broker is not None:
             self.broker.stop()
+        self.lease.stop()
         self.db.close()
         self.started = False
 
     def health(self) -> dict:
-        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters}``."""
+        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters, "fleet",
+        "broker_url", "replica": {"id", "replicas", "leader"}}`` (leader: this process runs the singleton duties)."""
         return {"status": "ok", "broker": "connected" if self.mqtt.connected.is_set() else "disconnected",
-                "messages": dict(self.ingest.stats), "fleet": self.settings.fleet, "broker_url": self.broker_url}
+                "messages": dict(self.ingest.stats), "fleet": self.settings.fleet, "broker_url": self.broker_url,
+                "replica": {"id": self.settings.replica_id, "replicas": self.settings.replicas,
+                            "leader": self.lease.is_leader}}
 
 
 class HttpThread:
@@ -186,8 +235,6 @@ def _exit_on_sigterm(signum, frame) -> None:
 def serve(settings: FleetSettings) -> None:
     """Run the whole server until Ctrl-C or SIGTERM (uvicorn in the foreground), then stop every part,
     the analysis worker processes included."""
-    import signal
-
     import uvicorn
 
     from fleet_server.api import create_app
@@ -195,7 +242,9 @@ def serve(settings: FleetSettings) -> None:
     # uvicorn ends its loop on SIGTERM and then raises the signal again with the handler found at start;
     # the default one would end the process before the `finally` below and leave the workers running
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    server = FleetServer(settings).start()
+    server = FleetServer(settings)
+    server.exit_on_lease_loss = True
+    server.start()
     app = create_app(server)
     freeze_startup_heap()
     try:

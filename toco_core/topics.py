@@ -103,6 +103,10 @@ class Topics:
         """``.../bundles/{bundle_id}/part/{device_id}``: the ranges one device asked for, seen by it alone."""
         return f"{self.prefix}/bundles/{bundle_id}/part/{device_id}"
 
+    def server_events(self) -> str:
+        """``.../server/events``: fleet server replicas share their dashboard events here (no device reads it)."""
+        return f"{self.prefix}/server/events"
+
     def parse(self, topic: str) -> ParsedTopic:
         """Take a concrete topic of this fleet apart. Raises MessageError for anything else."""
         head = self.prefix + "/"
@@ -124,14 +128,17 @@ class Topics:
                 return ParsedTopic(MessageKind.CHUNK, bundle_id=parts[1], index=int(rest[1]))
         raise MessageError(f"topic {topic!r} does not follow the toco/v1 scheme", "see docs/protocol.md")
 
-    def acl_lines(self, server_user: str = "toco-server") -> list[str]:
+    def acl_lines(self, server_user: str = "toco-server", *more_server_users: str) -> list[str]:
         """mosquitto ACL lines: each device (MQTT username = device id = client id) only its own topics.
 
         ``%u`` is the authenticated username, so a device cannot pose as another by choosing a
-        client id. The server user may read and write the whole fleet tree.
+        client id. Each server user (one per fleet server replica: the broker makes the client id
+        the username, so replicas cannot share one) may read and write the whole fleet tree.
         """
         p = self.prefix
-        lines = [f"user {server_user}", f"topic readwrite {p}/#", ""]
+        lines = []
+        for user in (server_user, *more_server_users):
+            lines += [f"user {user}", f"topic readwrite {p}/#", ""]
         for kind in (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.DRIFT,
                      MessageKind.SAMPLES):
             lines.append(f"pattern write {p}/devices/%u/{kind.value}")

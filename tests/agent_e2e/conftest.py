@@ -174,15 +174,20 @@ def free_api_port() -> int:
 
 
 class AgentProcess:
-    """``python -m agent.cli run --config FILE`` with its own state dir; log in state_dir/agent.log."""
+    """``python -m agent.cli run --config FILE`` with its own state dir; log in state_dir/agent.log.
 
-    def __init__(self, root: Path, device: str, broker_url: str, public_key: Path, **extra) -> None:
+    ``fleet`` is the topic root's fleet name (a fleet server's ``fleet`` setting); ``extra`` are more
+    config keys, a dict one a TOML table, ``drift`` the [drift] section.
+    """
+
+    def __init__(self, root: Path, device: str, broker_url: str, public_key: Path, fleet: str = FLEET,
+                 **extra) -> None:
         self.root, self.device = root, device
         self.state_dir = root / "state"
         self.port = free_api_port()
         self.config = root / "agent.toml"
         drift = extra.pop("drift", {})
-        lines = [f'device_id = "{device}"', f'fleet = "{FLEET}"', f'broker_url = "{broker_url}"',
+        lines = [f'device_id = "{device}"', f'fleet = "{fleet}"', f'broker_url = "{broker_url}"',
                  f'state_dir = "{self.state_dir}"', f'public_key = "{public_key}"', f"api_port = {self.port}",
                  "telemetry_seconds = 2", "probe_benchmark = false", "threads = 1"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items() if not isinstance(v, dict)]

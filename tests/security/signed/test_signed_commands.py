@@ -1,6 +1,6 @@
 """Signed commands, anti-rollback and key rotation against a real mosquitto and a real agent process.
 
-Issue 13: the agent refuses replayed, expired, foreign-device, unsigned and badly signed commands
+The agent refuses replayed, expired, foreign-device, unsigned and badly signed commands
 (counted in its status, logged with a reason), an older validly signed bundle after a newer one
 (unless a signed rollback names it), and, after a key rotation, the retired key.
 """
