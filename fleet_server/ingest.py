@@ -26,8 +26,8 @@ from typing import Any
 from sqlalchemy import select
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
-from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.deployments import lock_deployments
+from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.replicas import DRIFT_POLICY, transaction_lock
 from fleet_server.views import device_view
@@ -39,6 +39,7 @@ from toco_core.messages import (
     MessageKind,
     SamplesMessage,
     StateMessage,
+    StatusMessage,
     TelemetryMessage,
     parse_message,
 )
@@ -150,7 +151,8 @@ class Ingest:
                     transaction_lock(s, DRIFT_POLICY)
                 # and the deployments its status messages move, all now and in id order, never one by one
                 lock_deployments(s, [msg.deployment_id for kind, _, msg in parsed
-                                     if kind is MessageKind.STATUS and msg is not None and msg.deployment_id])
+                                     if kind is MessageKind.STATUS and isinstance(msg, StatusMessage)
+                                     and msg.deployment_id])
                 # one query for the batch's devices: the handlers' lookups then hit the identity map
                 # (which holds objects weakly: ``known`` keeps them alive for the batch)
                 ids = list({device_id for _, device_id, _ in parsed})
