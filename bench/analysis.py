@@ -91,7 +91,7 @@ def pruned_weights(weights: dict, method: str, sparsity: float, ranks: dict) -> 
     if method == "tolerance":
         return {k: np.where(ranks[k] <= sparsity, np.float32(0), w).astype(np.float32) for k, w in weights.items()}
     thresholds = magnitude_thresholds(weights, sparsity, layerwise=method == "layer-wise magnitude")
-    return prune(weights, {k: np.float32(t) for k, t in thresholds.items()})
+    return prune(weights, {k: np.array(t, dtype=np.float32) for k, t in thresholds.items()})
 
 
 def agreement_curves(model_path: Path, result_dir: Path, x: np.ndarray) -> dict:
@@ -102,7 +102,9 @@ def agreement_curves(model_path: Path, result_dir: Path, x: np.ndarray) -> dict:
     model = load_model(model_path)
     kind = output_kind(model)
     weights = read_weights(model)
-    ranks = load_result(result_dir).tolerances.prune_rank
+    tmap = load_result(result_dir).tolerances
+    assert tmap is not None, "an analysis on disk has its tolerance map"
+    ranks = tmap.prune_rank
     base = run_model(model, x)
     grid = sorted(set(FINE_SPARSITY) | set(TABLE_SPARSITY))
     total = sum(w.size for w in weights.values())

@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fleet_server import event_log, login, registry
@@ -294,7 +293,7 @@ def create_app(server) -> FastAPI:
                 while not await request.is_disconnected():
                     try:
                         kind, data = await asyncio.wait_for(sub.queue.get(), 10)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
                     yield sse_frame(kind, data)

@@ -14,11 +14,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fleet_server.migrate import upgrade_database
-
 
 # 64-bit integers on every backend: byte counts (6 GiB free on a box), counters and the ids of the tables that grow
 # by a row per message (10,000 devices' telemetry passes 2**31 rows in weeks) overflow PostgreSQL's 32-bit INTEGER.

@@ -13,6 +13,7 @@ Devices do not report a version: the server derives it from the bundle a device 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import select
@@ -51,7 +52,7 @@ def version_ref(row: ModelRow) -> dict[str, Any]:
     return {"model_id": row.id, "name": row.name, "version": row.version}
 
 
-def bundle_versions(s, bundle_ids: set[str]) -> dict[str, dict[str, Any]]:
+def bundle_versions(s, bundle_ids: Collection[str | None]) -> dict[str, dict[str, Any]]:
     """bundle id -> the ModelVersion it was built from, for the bundles of ``bundle_ids`` the server built
     (a bundle it does not know, say from a wiped database, is left out)."""
     if not bundle_ids:
@@ -77,7 +78,8 @@ def group_versions(db: Database) -> list[dict[str, Any]]:
         known = bundle_versions(s, bundles)
     counts: Counter[tuple] = Counter()
     for group, active in devices:
-        v = known.get((active or {}).get("bundle_id"))
+        bundle_id = (active or {}).get("bundle_id")
+        v = known.get(bundle_id) if bundle_id else None
         counts[(group, v["name"], v["version"], v["model_id"]) if v else (group, None, None, None)] += 1
     out = [{"group": g, "name": n, "version": v, "model_id": m, "devices": c} for (g, n, v, m), c in counts.items()]
     return sorted(out, key=lambda r: (r["group"], r["name"] or "", r["version"] or 0))

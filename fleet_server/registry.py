@@ -21,8 +21,18 @@ from pydantic import ValidationError
 from sqlalchemy import Text, cast, select
 from sqlalchemy.exc import IntegrityError
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
-                             new_id)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeviceRow,
+    DriftRow,
+    EventRow,
+    ModelRow,
+    SampleRow,
+    TelemetryRow,
+    new_id,
+)
 from fleet_server.views import analysis_view, device_view, model_view
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.atomic_files import atomic_write
@@ -76,7 +86,7 @@ def _read_pool(pool_bytes: bytes, model) -> tuple[np.ndarray, np.ndarray | None]
         with np.load(io.BytesIO(pool_bytes), allow_pickle=False) as z:
             if "x" not in z:
                 raise PoolError(f"the pool .npz holds {list(z.keys())}, not an array 'x'", "save it with np.savez(f, x=..., y=...)")
-            x, y = z["x"], (z["y"] if "y" in z else None)
+            x, y = z["x"], z.get("y")
     except PoolError:
         raise
     except Exception as exc:  # numpy raises ValueError / BadZipFile / OSError for garbage
@@ -115,7 +125,7 @@ def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_bytes)
     arrays = {"x": x} if y is None else {"x": x, "y": y}
-    np.savez(folder / "pool.npz", **arrays)
+    np.savez(folder / "pool.npz", **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     from fleet_server.model_versions import next_version  # model_versions imports registry
 
     row = ModelRow(id=model_id, name=name, sha256=model_hash(model), weights=sum(i.size for i in infos),
@@ -242,7 +252,9 @@ def devices_json(db: Database) -> bytes:
         m = r._mapping
         row = SimpleNamespace(**m, hardware=orjson.Fragment(m["hardware_json"] or "{}"),
                               last_drift=orjson.Fragment(m["last_drift_json"] or "null"))
-        views.append({**device_view(row), "model_version": versions.get((m["active"] or {}).get("bundle_id"))})
+        bundle_id = (m["active"] or {}).get("bundle_id")
+        views.append({**device_view(row),  # type: ignore[arg-type]  # row: a DeviceRow's columns
+                      "model_version": versions.get(bundle_id) if bundle_id else None})
     return orjson.dumps(views, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -292,7 +304,7 @@ def analysis_paths(db: Database, *, analysis_id: str) -> dict[str, str]:
         if a.status != "done" or not a.result_dir:
             raise ConflictError(f"analysis {analysis_id!r} is {a.status}; the what-if needs a finished analysis",
                                 "wait until it is done")
-        return {"result_dir": a.result_dir, "model_path": s.get(ModelRow, a.model_id).path}
+        return {"result_dir": a.result_dir, "model_path": fetch(s, ModelRow, a.model_id, "model").path}
 
 
 def field_sample_ids_for_model(db: Database, *, model_id: str, limit: int = 2000) -> list[int]:

@@ -55,6 +55,8 @@ class SampleScorer:
                 if r.ref in disputed]
         if not rows:
             return None
+        if alert.model_id is None:
+            raise ValueError("the alert names no model to score its samples against")
         sess = self.base_session(s, alert.model_id)
         out = sess.run(None, {sess.get_inputs()[0].name: _inputs(rows)})[0]
         base = out.reshape(len(rows), -1).argmax(-1) if out.ndim == 2 else out.reshape(len(rows), -1, out.shape[-1])[:, 0].argmax(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from toco_cli.main import app
@@ -53,7 +53,6 @@ def analyze(
     """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
     from toco_core.analysis.pipeline import analyze as run_analysis
     from toco_core.analysis.settings import AnalysisSettings
-
     from toco_core.output_tail import scored_output
 
     settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output)
@@ -62,7 +61,7 @@ def analyze(
     x, y = load_pool(pool, input_spec(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
     with Progress(TextColumn("{task.description:16s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:

@@ -17,8 +17,10 @@ def plot_analysis(result: AnalysisResult, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(result.tolerances.quant)
-    data = [np.log10(np.maximum(result.tolerances.quant[k].ravel(), 1e-12)) for k in names]
+    tmap = result.tolerances
+    assert tmap is not None, "a finished analysis has its tolerance map"
+    names = list(tmap.quant)
+    data = [np.log10(np.maximum(tmap.quant[k].ravel(), 1e-12)) for k in names]
     ax1.boxplot(data, showfliers=False)
     ax1.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
     ax1.set_ylabel("log10 tau_hat")

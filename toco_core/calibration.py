@@ -61,7 +61,8 @@ def _isotonic(x: list[float], y: list[float]) -> np.ndarray:
     """
     from sklearn.isotonic import IsotonicRegression  # analysis side only
 
-    return IsotonicRegression(increasing=True).fit_transform(np.asarray(x, float), np.asarray(y, float))
+    result: np.ndarray = IsotonicRegression(increasing=True).fit_transform(np.asarray(x, float), np.asarray(y, float))
+    return result
 
 
 def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
@@ -83,7 +84,8 @@ def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
     for p in points:
         rows.setdefault(p.prune_scale, []).append(p)
     fitted = {ps: monotone(row, "quant_scale") for ps, row in sorted(rows.items())}
-    out, best = [], {}
+    out: list[CurvePoint] = []
+    best: dict[float, tuple[float, float]] = {}
     for ps in sorted(fitted):
         for p in fitted[ps]:
             d = max(p.disagreement, best.get(p.quant_scale, (0.0, 0.0))[0])

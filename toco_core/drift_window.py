@@ -103,7 +103,8 @@ class DriftWindow:
         st = output_stats(outputs, self.kind)
         feats = input_features(x, self.settings.input_features)
         xv = np.asarray(x, dtype=np.float64)
-        base_top1 = dis = None
+        base_top1: np.ndarray | None = None
+        dis: np.ndarray | None = None
         if base_outputs is not None:
             base_lp = as_log_probs(base_outputs, self.kind)
             dis = per_sample_disagreement(base_lp, st.log_probs)
@@ -121,7 +122,7 @@ class DriftWindow:
             elif len(self._top1) < 4 * self.settings.window_max_samples:  # awaits feedback
                 self._top1[refs[i]] = int(st.top1[i])
             kept = _Kept(refs[i], np.asarray(x[i]), float(st.confidence[i]), int(st.top1[i]))
-            if dis is not None:
+            if dis is not None and base_top1 is not None:
                 kept.base_class, kept.disagreement = int(base_top1[i]), float(dis[i])
                 if dis[i] > 0:
                     self._push(self._disagree, kept)

@@ -20,6 +20,8 @@ The CLI prints ``str(err)`` on one line and exits with ``err.exit_code``.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TocoError(Exception):
     """Base class: ``message`` says what is wrong, ``hint`` what to do about it."""
@@ -77,7 +79,7 @@ class InfeasibleError(TocoError):
 
     exit_code = 3
 
-    def __init__(self, message: str, needed: dict | None = None, best: dict | None = None) -> None:
+    def __init__(self, message: str, needed: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> None:
         super().__init__(message, "relax the limits or the fidelity budget")
         self.needed = needed or {}
         self.best = best or {}

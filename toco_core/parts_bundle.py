@@ -31,7 +31,6 @@ import lzma
 import numpy as np
 import onnx
 
-
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
 from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, deltas_from_arrays
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
@@ -47,8 +46,15 @@ from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
-from toco_core.weight_planes import (LadderLayout, classes_from_planes, ladders_from_planes, lowest_bits,
-                                     plane_names, top_codes, weight_parts)
+from toco_core.weight_planes import (
+    LadderLayout,
+    classes_from_planes,
+    ladders_from_planes,
+    lowest_bits,
+    plane_names,
+    top_codes,
+    weight_parts,
+)
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
 FORMAT = 2  # bundle.json's parts format; 1 is the fp32 model + analysis directory
@@ -69,7 +75,7 @@ def _unlz(data: bytes, what: str) -> bytes:
 def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """Named arrays, losslessly: npz (no pickle) under LZMA."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     return _lz(buf.getvalue())
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,5 +93,5 @@ class CompressionReport(BaseModel):
     p50_s: float | None = None
     self_test: SelfTestResult
     attempts: int
-    heldout_fidelity: dict | None = None
+    heldout_fidelity: dict[str, Any] | None = None
     seconds: float

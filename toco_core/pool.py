@@ -8,11 +8,15 @@ what is wrong with which file and what the model expects.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from toco_core.errors import PoolError
 from toco_core.onnx_model import InputSpec
+
+if TYPE_CHECKING:
+    from toco_core.preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -27,7 +31,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 if not keys:
                     raise PoolError(f"pool {path} holds no arrays", "save the inputs as array 'x'")
                 x = z["x"] if "x" in z else z[keys[0]]
-                y = z["y"] if "y" in z else None
+                y = z.get("y")
                 return x, y
     except PoolError:
         raise
@@ -36,7 +40,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     raise PoolError(f"pool {path} has an unknown suffix {path.suffix!r}", "use .npy, .npz or an image folder")
 
 
-def _load_images(folder: Path, preprocessing) -> np.ndarray:
+def _load_images(folder: Path, preprocessing: Preprocessing) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     from toco_core.preprocessing import preprocess
@@ -78,7 +82,7 @@ def load_pool(
     source: str | Path,
     spec: InputSpec,
     labels: str | Path | None = None,
-    preprocessing=None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Load a pool for a model input: returns (x, y or None).
 

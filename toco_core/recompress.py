@@ -21,15 +21,16 @@ from toco_core.compression.matmul_nbits import quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8
 from toco_core.compression.storage import dequantize, encode_model
-from toco_core.compression.structured import remove_output_channels, removable_channels
+from toco_core.compression.structured import removable_channels, remove_output_channels
 from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
+from toco_core.fidelity import OutputKind
 from toco_core.measure import p50_latency, session_rss
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
-from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
-from toco_core.selftest import self_test
+from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
 from toco_core.plan_table import PlanTable, plan_codes
+from toco_core.selftest import self_test
 from toco_core.solver import SESSION_OVERHEAD, device_limits, is_base_plan, less_aggressive, plans_for_device
 from toco_core.units import format_size
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
@@ -154,7 +155,8 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     return BuiltModel(runnable, storage, layers)
 
 
-def _fair_p50(candidate, base, x1, threads: int, base_p50: float) -> float:
+def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: np.ndarray, threads: int,
+              base_p50: float) -> float:
     """Candidate p50; when it looks slower, measure both again and keep the candidate's best
     ratio (shared machines are noisy; one unlucky run must not reject a good model)."""
     p50 = p50_latency(candidate, x1, threads)
@@ -181,22 +183,23 @@ class _Context:
     base_bytes: bytes
     base_out: np.ndarray
     x: np.ndarray
-    kind: str
+    kind: OutputKind
     threads: int
     base_p50: float
     memory: int
     storage: int
     weight_bytes: int
     measure_memory: bool
-    base_rss: list  # [] until first measured, then [bytes or None]
+    base_rss: list[int | None]  # [] until first measured, then [bytes or None]
     scored: str | None = None  # the analysis' scored tensor (toco_core.output_tail); None: the first output
 
 
-def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy):
+def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy,
+           ) -> tuple[SelfTestResult, float | None, int | None, str | None]:
     """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
     gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement, policy.budget, ctx.kind)
     if not gate.passed:
-        return gate, None, None, "self-test {:.2%} > {:.2%} + {:.2%}".format(gate.measured, gate.predicted, gate.margin)
+        return gate, None, None, f"self-test {gate.measured:.2%} > {gate.predicted:.2%} + {gate.margin:.2%}"
     if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
         return gate, None, None, f"storage {format_size(len(built.storage))} over the limit"
     p50 = _fair_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads, ctx.base_p50)
@@ -210,7 +213,7 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
             ctx.base_rss.append(session_rss(ctx.base_bytes, ctx.x[:1].shape))
         rss = session_rss(model_bytes(built.runnable), ctx.x[:1].shape)
         heavier = rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0] and plan.runtime != "fp32"
-        if heavier or (rss is not None and rss > ctx.memory):
+        if rss is not None and (heavier or rss > ctx.memory):  # heavier implies an RSS
             return gate, p50, rss, f"session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"
     return gate, p50, rss, None
 
@@ -256,6 +259,7 @@ def recompress(
     infos = compressible_weights(model)
     base_bytes = model_bytes(model)
     mem, sto = device_limits(profile, policy)
+    assert mem is not None and sto is not None, "a device profile gives both limits"
     plans = plans_for_device(result, infos, len(base_bytes), profile, policy)
     all_plans = list(plans)
     x = result.heldout_x

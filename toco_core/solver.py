@@ -22,6 +22,8 @@ storage it comes after the measured runtimes: it is chosen where memory limits n
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from toco_core.analysis_result import AnalysisResult
@@ -117,7 +119,7 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
     return plans
 
 
-def _plan(**fields) -> CompressionPlan:
+def _plan(**fields: Any) -> CompressionPlan:
     # the solver computes every field itself; skipping validation keeps planning in milliseconds
     return CompressionPlan.model_construct(**fields)
 
@@ -138,7 +140,7 @@ def _samples(result: AnalysisResult) -> int:
     return min((c.samples for c in result.curves.values()), default=1)
 
 
-def _rank_key(plan: CompressionPlan, objective: str, floor: float):
+def _rank_key(plan: CompressionPlan, objective: str, floor: float) -> tuple[float, ...]:
     if objective == "size":
         return (plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory, plan.predicted_disagreement)
     # differences a curve cannot resolve (d <= 1/n, KL below its floor) are ties: the smaller plan
@@ -178,7 +180,7 @@ def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: i
     needed = {"storage": storage_limit, "memory": memory_limit, "budget": policy.budget}
     best = {} if smallest is None else {"storage": smallest.predicted_storage, "memory": smallest.predicted_memory,
                                         "disagreement": smallest.predicted_disagreement}
-    msg = "no plan within the fidelity budget {:.2%} meets the limits".format(policy.budget)
+    msg = f"no plan within the fidelity budget {policy.budget:.2%} meets the limits"
     if smallest is not None:
         lightest = min(within, key=lambda p: p.predicted_memory)
         parts = []

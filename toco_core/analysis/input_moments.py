@@ -64,7 +64,7 @@ def _conv_patches(node: OpNode, x: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     x = F.pad(x, torch_pad_list(spatial_pads(node, x.shape[2:], kernel, strides, dilations)))
     if n == 1:  # a 1-D conv is a 2-D conv of height 1
         x, kernel, strides, dilations = x.unsqueeze(2), [1, *kernel], [1, *strides], [1, *dilations]
-    return F.unfold(x, kernel, dilation=dilations, stride=strides)
+    return F.unfold(x, tuple(kernel), dilation=tuple(dilations), stride=tuple(strides))
 
 
 class InputMoments:
@@ -85,7 +85,7 @@ class InputMoments:
         if name in self._seen or a is None or a.shape[-1] > self.max_columns:
             self.skipped.add(name)
         self._seen.add(name)
-        if name in self.skipped:
+        if name in self.skipped or a is None:  # a is None: skipped above
             self.sums.pop(name, None)
             return
         self.layouts[name] = layout
@@ -100,6 +100,7 @@ class InputMoments:
                 self._use(node.inputs[i], RowLayout(False, 1), None)
             return
         x, w, name = args[0], args[1], node.inputs[1]
+        assert x is not None and w is not None, "Conv, Gemm and MatMul always have inputs 0 and 1"
         if node.op_type == "Conv":
             self._use(name, RowLayout(False, node.attr("group", 1)), self._conv_moments(node, x, w))
         elif node.op_type == "Gemm":
@@ -107,8 +108,8 @@ class InputMoments:
             self._use(name, RowLayout(not node.attr("transB", 0), 1), (u.T @ u)[None])
         else:
             ok = w.dim() == 2 and x.dim() >= 2
-            u = x.reshape(-1, x.shape[-1]) if ok else None
-            self._use(name, RowLayout(True, 1), None if u is None else (u.T @ u)[None])
+            rows = x.reshape(-1, x.shape[-1]) if ok else None
+            self._use(name, RowLayout(True, 1), None if rows is None else (rows.T @ rows)[None])
 
     def _conv_moments(self, node: OpNode, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         groups = node.attr("group", 1)

@@ -22,20 +22,20 @@ import torch
 from toco_core.analysis.fisher import FisherAccumulator
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.input_moments import InputMoments
+from toco_core.analysis.nested_calibration import NestedCalibration
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
-from toco_core.analysis.nested_calibration import NestedCalibration
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
-from toco_core.fidelity import as_log_probs
-from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights
+from toco_core.fidelity import OutputKind, as_log_probs
+from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
+from toco_core.plan_table import PlanTable
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
-from toco_core.plan_table import PlanTable
 from toco_core.tolerance_map import ToleranceMap, as_stored
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: np.ndarray) 
                          f"(relative error {err:.2g})", "please report the model; analysis would be wrong")
 
 
-def _committee_scale(model, weights, tau_hat, x, base_lp, kind, s: AnalysisSettings,
+def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray],
+                     x: np.ndarray, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
                      previous: float | None = None) -> tuple[float, float]:
     """Bisect log2 s until the committee disagrees with the base on ~committee_target of x.
 
@@ -92,7 +93,9 @@ def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: np
     return acc
 
 
-def qbc_rounds(model, ev, weights, kind, pool_x, heldout_x, s: AnalysisSettings, progress: Progress):
+def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: OutputKind,
+               pool_x: np.ndarray, heldout_x: np.ndarray, s: AnalysisSettings, progress: Progress,
+               ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[RoundStats]]:
     """Grow the analysis set by committee disagreement. Returns (S indices, fisher, tau_hat, rounds)."""
     rng = np.random.default_rng(s.seed)
     base_pool = as_log_probs(run_model(model, pool_x), kind)
@@ -133,7 +136,8 @@ def qbc_rounds(model, ev, weights, kind, pool_x, heldout_x, s: AnalysisSettings,
     return chosen, fisher, closed_form_tolerance(fisher, weights, floor_rel=s.floor_rel), rounds
 
 
-def prune_ranks(ev, weights, fisher, kind, x, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
+def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict[str, np.ndarray], kind: OutputKind,
+                x: np.ndarray, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
     """Pruning order from the K-FAC greedy scores (prune_order.py); r_i = the sparsity at which
     weight i is pruned (exact zeros: 0).
 
@@ -177,7 +181,8 @@ def prune_grid() -> list[float]:
     return sorted(set(PRUNE_GRID) | set(COMBO_PRUNE))
 
 
-def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress,
+def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
+              kind: OutputKind, x: np.ndarray, y: np.ndarray | None, progress: Progress,
               correction_x: np.ndarray | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
@@ -190,7 +195,7 @@ def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: P
     nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid())
     step = {"n": 0, "total": 2 * len(QUANT_GRID) + len(PRUNE_GRID) + len(COMBO_PRUNE) * len(COMBO_QUANT)}
 
-    def tick(*_):
+    def tick(*_: object) -> None:
         step["n"] += 1
         progress("calibrate", step["n"], step["total"])
 

@@ -76,7 +76,8 @@ def biased_layers(model: onnx.ModelProto, infos: list[WeightInfo]) -> list[Biase
 
 def _channel_sums(y: np.ndarray) -> np.ndarray:
     """Sum of an (N, C, ...) output over everything but the channel axis, in float64."""
-    return np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).sum(axis=1, dtype=np.float64)
+    result: np.ndarray = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).sum(axis=1, dtype=np.float64)
+    return result
 
 
 def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
