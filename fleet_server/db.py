@@ -107,6 +107,10 @@ class DeviceRow(Base):
     enrolled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     allowed_models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # model ids; None = any model
     drift_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # fidelity | data | unclassified
+    # the device listing's counts read this index, never the JSON-laden rows (migration 0008; it also adds
+    # ix_devices_active_bundle, an expression index over ``active`` that is not declared here)
+    __table_args__ = (Index("ix_devices_overview", "group", "enrollment", "online", "deploy_state", "alert",
+                            "drift_kind", "id"),)
 
 
 class TelemetryRow(Base):
