@@ -68,12 +68,15 @@ def seed_fleet(db: Database, n: int) -> list[dict[str, Any]]:
     now = time.time()
     rows = seeded_devices(n, now)
     with db.session(write=True) as s:
-        for model_id, version in MODELS.items():
-            s.add(ModelRow(id=model_id, name="lenet5", version=version, sha256="0" * 64, weights=1, size_bytes=1,
+        # one flush per table: the tables declare no relationships, so only this order satisfies
+        # PostgreSQL's foreign keys (an analysis names its model, a bundle both)
+        s.add_all(ModelRow(id=model_id, name="lenet5", version=version, sha256="0" * 64, weights=1, size_bytes=1,
                            pool_size=1, path="-", pool_path="-", created_at=now, lineage_id="m-seed-v1",
-                           parent_id=None if version == 1 else "m-seed-v1"))
-            s.add(AnalysisRow(id=f"a-{model_id}", model_id=model_id, status="done", settings={}, created_at=now))
-        s.flush()  # the bundles name the analyses and models (foreign keys on PostgreSQL)
+                           parent_id=None if version == 1 else "m-seed-v1") for model_id, version in MODELS.items())
+        s.flush()
+        s.add_all(AnalysisRow(id=f"a-{model_id}", model_id=model_id, status="done", settings={}, created_at=now)
+                  for model_id in MODELS)
+        s.flush()
         for model_id, bundle in BUNDLES.items():
             s.add(BundleRow(id=bundle, analysis_id=f"a-{model_id}", model_id=model_id, path="-", size=1, manifest={},
                             created_at=now))
