@@ -57,7 +57,7 @@ function versionsTable(rows) {
     h("thead", {}, h("tr", {}, ["Group", "Model version", "Devices"].map((c) => h("th", {}, c)))),
     h("tbody", {}, rows.map((r) => h("tr", { "data-group": r.group, "data-version": r.version ?? "" },
       h("td", {}, r.group),
-      h("td", { class: r.version ? "" : "muted" }, versionText(r) || "no known version"),
+      h("td", { class: r.version ? "" : "muted" }, versionText(r.version ? r : null) || "no known version"),
       h("td", { class: "num" }, String(r.devices))))));
 }
 
