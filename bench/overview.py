@@ -66,9 +66,10 @@ def measure(backend: str, db_url: str | None, devices: int, requests: int, broke
     """Seed ``devices`` devices into a new server's database, then time every scenario; returns table rows
     (backend, scenario, requests, p50 ms, p99 ms, max ms)."""
     with tempfile.TemporaryDirectory() as tmp:
-        kw = {"db_url": db_url} if db_url else {}
-        server = FleetServer(FleetSettings(data_dir=Path(tmp), broker=broker_url, http_port=0, fleet="bench-overview",
-                                           **kw)).start()
+        settings = FleetSettings(data_dir=Path(tmp), broker=broker_url, http_port=0, fleet="bench-overview")
+        if db_url:
+            settings = settings.model_copy(update={"db_url": db_url})
+        server = FleetServer(settings).start()
         http = HttpThread(create_app(server), "127.0.0.1", 0).start()
         try:
             t = time.perf_counter()

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import String, and_, case, func, literal_column, not_, or_, select
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from fleet_server.db import BundleRow, Database, DeviceRow, ModelRow
@@ -155,7 +156,7 @@ def _filters(query: DeviceQuery, dialect: str) -> dict[str, ColumnElement[bool]]
     return out
 
 
-def _counts(s, key: ColumnElement, where: list[ColumnElement[bool]]) -> dict[Any, int]:
+def _counts(s, key: ColumnElement[Any] | InstrumentedAttribute[Any], where: list[ColumnElement[bool]]) -> dict[Any, int]:
     rows = s.execute(select(key, func.count()).where(*where).group_by(key)).all()
     return {value: n for value, n in rows}
 
@@ -205,6 +206,7 @@ def device_page(db: Database, query: DeviceQuery) -> DevicePage:
         more, rows = len(rows) > query.limit, rows[:query.limit]
         versions = bundle_versions(s, {(r.active or {}).get("bundle_id") for r in rows} - {None})
         facets = _facets(s, filters, dialect) if query.facets else None
-    devices = [{**device_view(r), "model_version": versions.get((r.active or {}).get("bundle_id"))} for r in rows]
+    devices = [{**device_view(r), "model_version": versions.get((r.active or {}).get("bundle_id") or "")}
+               for r in rows]
     return DevicePage(devices=devices, total=total, limit=query.limit, facets=facets,
                       next_cursor=page_cursor(rows[-1].id) if more else None)
