@@ -253,27 +253,31 @@ def analyze(
     _check_evaluator(ev, model, pool_x[:8])
     timings = {}
     t = time.perf_counter()
-    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, pool_x[cand], pool_x[held], s, progress)
+    # one copy of each split for the whole analysis: a 400-image RGB 224x224 pool is 241 MB, and
+    # indexing it afresh per phase held up to three copies at once
+    held_x, cand_x = pool_x[held], pool_x[cand]
+    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, cand_x, held_x, s, progress)
     timings["qbc"] = time.perf_counter() - t
     t = time.perf_counter()
-    analysis_x = pool_x[cand][chosen]
+    analysis_x = cand_x[chosen]
+    del cand_x
     ranks = prune_ranks(ev, weights, fisher, kind, analysis_x[: s.prune_round_samples], s, progress)
     timings["prune_rounds"] = time.perf_counter() - t
     tmap = as_stored(ToleranceMap(quant=tau_hat, prune_rank=ranks))
     t = time.perf_counter()
     hy = None if pool_y is None else pool_y[held]
-    curves, table = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress,
+    curves, table = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
                               analysis_x if s.bias_correction else None)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
     base_acc = None
     if hy is not None:
-        base_acc = float((run_model(model, pool_x[held]).argmax(1) == hy).mean())
+        base_acc = float((run_model(model, held_x).argmax(1) == hy).mean())
     manifest = AnalysisManifest(
         model_name=model_name, model_sha256=sha, input_name=spec.name,
         input_shape=list(spec.shape), output_kind=kind, scored_output=scored, weights=sum(w.size for w in infos),
         settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
     )
-    return AnalysisResult(manifest, tmap, curves, analysis_x, pool_x[held], hy, plans=table)
+    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table)

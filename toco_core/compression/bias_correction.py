@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from toco_core.onnx_model import WeightInfo, with_outputs
-from toco_core.runtime import session_with_weights
+from toco_core.runtime import BATCH_BYTES, rows_per_batch, session_with_weights
 
 # op -> index of its bias input; their outputs are (N, C, ...), channels on axis 1
 _BIASED_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
@@ -92,8 +92,10 @@ def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.
     feed = sess.get_inputs()[0].name
     sums = [np.zeros(0)] * len(names)
     counts = [0] * len(names)
-    for i in range(0, len(x), batch_size):
-        for k, y in enumerate(sess.run(names, {feed: x[i:i + batch_size]})):
+    # every layer's output of a batch is held at once: a quarter of run_batches' input bytes
+    step = rows_per_batch(x, limit=batch_size, batch_bytes=BATCH_BYTES // 4)
+    for i in range(0, len(x), step):
+        for k, y in enumerate(sess.run(names, {feed: x[i:i + step]})):
             part = _channel_sums(y)
             sums[k] = part if counts[k] == 0 else sums[k] + part
             counts[k] += y.size // y.shape[1]
