@@ -19,9 +19,10 @@ from toco_core.curve_operators import PLANNED as PLANNED  # the curves a plan is
 from toco_core.curve_operators import CurveOperator, curve_operator
 from toco_core.fidelity import OutputKind, compare_outputs
 from toco_core.runtime import run_model
+from toco_core.runtime_forms import INT8
 
-# calibration samples onnxruntime's int8 calibrator sees (activation ranges); more add time, not accuracy
-INT8_CALIBRATION_SAMPLES = 100
+# calibration samples onnxruntime's int8 calibrator sees (activation ranges), as a box's int8 build
+INT8_CALIBRATION_SAMPLES = INT8.range_samples
 # Besides the PLANNED curves an analysis holds ``master``, the sweep that fixed the master
 # precision (its points are not functions of the final master), and ``int8``, a runtime's own cost.
 
