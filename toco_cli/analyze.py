@@ -11,6 +11,7 @@ from rich.table import Table
 from toco_cli.main import app
 from toco_core.analysis_result import AnalysisResult, load_result, save_result
 from toco_core.cli_support import cli_errors, console
+from toco_core.curve_operators import CurveOperator
 from toco_core.errors import ConfigError
 from toco_core.onnx_model import input_spec, load_model
 from toco_core.pool import load_pool
@@ -77,13 +78,13 @@ def analyze(
 
 
 def _print_curves(result: AnalysisResult, budget: float) -> None:
-    for name in ("prune", "quantize"):
-        curve = result.curves[name]
-        t = Table(title=f"calibration: {name} (measured on {curve.samples} held-out samples)")
+    for op in (CurveOperator.PRUNE, CurveOperator.QUANTIZE):
+        curve = result.curves[op]
+        t = Table(title=f"calibration: {op} (measured on {curve.samples} held-out samples)")
         for col in ("scale", "sparsity", "bits/weight", "disagreement", "KL", "accuracy"):
             t.add_column(col, justify="right")
         for p in curve.points:
-            scale = p.prune_scale if name == "prune" else p.quant_scale
+            scale = getattr(p, op.spec.scale)
             style = None if p.disagreement <= budget else "dim"
             bits = "32" if p.entropy_bits >= 32 else f"{p.entropy_bits:.2f}"
             acc = "-" if p.accuracy is None else f"{p.accuracy:.1%}"

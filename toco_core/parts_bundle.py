@@ -34,7 +34,7 @@ import onnx
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
 from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, deltas_from_arrays
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
-from toco_core.calibration import INT8_CALIBRATION_SAMPLES, PLANNED, CalibrationCurve
+from toco_core.calibration import PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
 from toco_core.compression.nested import channel_axis_shape, octave_steps
 from toco_core.compression.storage import QuantizedTensor, _strip
@@ -45,6 +45,7 @@ from toco_core.onnx_model import compressible_weights, load_model, model_bytes, 
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
+from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
 from toco_core.weight_planes import (
     LadderLayout,
@@ -146,7 +147,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
             "analysis/manifest.json": result.manifest.model_copy(update={"rounds": [], "tensors": []})
             .model_dump_json().encode(),
             "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()
-                                                     if k in (*PLANNED, "int8")}).encode(),
+                                                     if k in (*PLANNED, *cost_curves())}).encode(),
             "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
             "ladder.json": layout.model_dump_json().encode()}
     parts["head"] = _lz(pack_bundle(head))
@@ -158,7 +159,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
     parts["calib/heldout"] = encode_calibration(held)
-    n_analysis = INT8_CALIBRATION_SAMPLES if "int8" in result.curves else 0
+    n_analysis = range_samples_needed(result.curves)
     if n_analysis:
         parts["calib/analysis"] = encode_calibration({"x": result.analysis_x[:n_analysis]})
     if include_base:
@@ -211,7 +212,7 @@ class BundleHead:
                                                                          self.layout.prune_tree)]
             if self.bias_correction and self.layout.bias_parts:
                 names.append(bias_part_name(self.table, i))
-            if (self.bias_correction and not self.layout.bias_parts) or plan.runtime == "int8":
+            if (self.bias_correction and not self.layout.bias_parts) or runtime_form(plan.runtime).range_samples > 0:
                 names.append("calib/analysis")
         else:
             bits = [0] * len(self.layout.tensors)
