@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from toco_core.runtime import make_session
+from toco_core.runtime import input_dtype, make_session
 
 
 def p50_latency(model: onnx.ModelProto | bytes, x1: np.ndarray, threads: int = 0, runs: int = 100,
@@ -58,8 +58,10 @@ def _child(path: str, shape: str) -> None:
     data = Path(path).read_bytes()
     before = proc.memory_info().rss
     sess = make_session(data, 1)
-    x = np.random.default_rng(0).random(tuple(int(d) for d in shape.split(",")), dtype=np.float32)
-    sess.run(None, {sess.get_inputs()[0].name: x})
+    inp = sess.get_inputs()[0]
+    # in the input's own dtype: a uint8 camera model refuses float data (and the RSS would be lost)
+    x = np.random.default_rng(0).integers(0, 2, tuple(int(d) for d in shape.split(","))).astype(input_dtype(inp))
+    sess.run(None, {inp.name: x})
     print(proc.memory_info().rss - before)
 
 

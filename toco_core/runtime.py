@@ -17,6 +17,24 @@ if TYPE_CHECKING:
     import onnx
 
 
+# onnxruntime's type names of the numeric tensor inputs a served model may take
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+              "tensor(bool)": np.bool_}
+
+
+def input_dtype(node: ort.NodeArg) -> np.dtype:
+    """The numpy dtype a session input takes (``session.get_inputs()[i]``).
+
+    Raises ModelError for a type that is not a numeric tensor (strings, sequences, maps).
+    """
+    dtype = ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise ModelError(f"model input {node.name!r} has type {node.type}", "serve models with numeric tensor inputs")
+    return np.dtype(dtype)
+
+
 def make_session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
     """Create a CPU session; ``threads`` = 0 lets onnxruntime choose.
 
