@@ -57,7 +57,8 @@ def _load_images(folder: Path, preprocessing) -> np.ndarray:
 def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     """Check ``x`` against the model input (batch axis first) and cast to its dtype.
 
-    Raises PoolError when the pool is empty or a fixed dimension differs.
+    Raises PoolError when the pool is empty, a fixed dimension differs, or an integer input
+    (e.g. uint8) would not hold the values exactly.
     """
     if x.ndim == 0 or len(x) == 0:
         raise PoolError(f"pool {source} is empty", "give at least a few dozen samples")
@@ -71,7 +72,12 @@ def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
         )
     if not np.issubdtype(x.dtype, np.number):
         raise PoolError(f"pool {source} has non-numeric dtype {x.dtype}")
-    return np.ascontiguousarray(x.astype(spec.dtype, copy=False))
+    fitted = np.ascontiguousarray(x.astype(spec.dtype, copy=False))
+    # an integer input (uint8 camera bytes) given floats scaled to 0..1 would be analysed on zeros
+    if spec.dtype.kind in "iu" and not np.array_equal(fitted, x):
+        raise PoolError(f"pool {source} holds {x.dtype} values the {spec.dtype} model input {spec.name!r} "
+                        "cannot hold exactly", f"save the pool as {spec.dtype}, as the device feeds it")
+    return fitted
 
 
 def load_pool(
