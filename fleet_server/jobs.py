@@ -122,7 +122,7 @@ def _analyse(spec: dict, aid: str) -> dict:
         x, y = z["x"], (z["y"] if "y" in z else None)
     if spec.get("field_path"):
         with np.load(spec["field_path"], allow_pickle=False) as z:
-            field = z["x"].astype(x.dtype)
+            field = z["x"]  # already in the model input's dtype (field_samples_array)
         x = np.concatenate([x, field])
         y = None  # field samples carry no labels; accuracy columns need one label per pool sample
     progress("load", 1, 1)
@@ -132,24 +132,34 @@ def _analyse(spec: dict, aid: str) -> dict:
     return {"samples_used": m.samples_used, "pool_size": m.pool_size, "timings": m.timings, "rounds": len(m.rounds)}
 
 
-def field_samples_array(rows: list[SampleRow], input_shape: list) -> np.ndarray:
-    """Decode uploaded samples into one batch shaped like the model input; samples that do not fit are skipped."""
+def field_samples_array(rows: list[SampleRow], input_shape: list, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Decode uploaded samples into one batch shaped like the model input, in the input's ``dtype``.
+
+    Samples that do not decode or fit the shape are skipped (logged). A float input takes any
+    sample; an integer one (uint8 camera bytes) takes samples whose values it holds exactly:
+    casting 0..1 floats to uint8 would re-analyse on zeros.
+    """
     tail = [int(d) if isinstance(d, int) else None for d in input_shape[1:]]
     per = int(np.prod([d for d in tail if d])) if tail else 1
+    dtype = np.dtype(dtype)
     out = []
     for r in rows:
         try:
-            a = np.frombuffer(r.data, dtype=r.dtype).reshape(r.shape).astype(np.float32)
+            a = np.frombuffer(r.data, dtype=np.dtype(r.dtype).newbyteorder("<")).reshape(r.shape)
         except ValueError:
             log.warning("field sample does not decode", extra={"fields": {"device": r.device_id, "ref": r.ref}})
             continue
-        if None not in tail and a.size % per == 0:
-            out.append(a.reshape(-1, *tail))
+        cast = a.astype(dtype)
+        if dtype.kind != "f" and not np.array_equal(cast, a):
+            log.warning("field sample values do not fit the model input's dtype",
+                        extra={"fields": {"device": r.device_id, "ref": r.ref, "dtype": r.dtype, "input": str(dtype)}})
+        elif None not in tail and a.size % per == 0:
+            out.append(cast.reshape(-1, *tail))
         else:
             log.warning("field sample does not fit the model input",
                         extra={"fields": {"device": r.device_id, "ref": r.ref, "shape": r.shape}})
     if not out:
-        return np.zeros((0, *[d or 1 for d in tail]), np.float32)
+        return np.zeros((0, *[d or 1 for d in tail]), dtype)
     return np.concatenate(out)
 
 
@@ -268,7 +278,8 @@ class JobRunner:
             from toco_core.onnx_model import input_spec, load_model
 
             rows = s.scalars(select(SampleRow).where(SampleRow.id.in_(a.field_sample_ids))).all()
-            arr = field_samples_array(rows, list(input_spec(load_model(Path(model.path))).shape))
+            spec = input_spec(load_model(Path(model.path)))
+            arr = field_samples_array(rows, list(spec.shape), spec.dtype)
             if len(arr):
                 field_path = str(out / "field.npz")
                 np.savez(field_path, x=arr)
