@@ -38,12 +38,16 @@ class InputError(TocoError):
 def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     """Convert ``x`` to the model's dtype and check it against the input spec.
 
-    Returns a C-contiguous array. Raises InputError naming what is wrong: not numeric (complex,
-    object or string arrays included: never cast with a loss), wrong rank, a fixed dimension that
-    differs, an empty or too large batch, NaN/inf.
+    A float input takes any numeric data; an integer input (e.g. uint8 camera bytes) takes
+    integers within its range only, never floats (see _exact_integers). Returns a C-contiguous
+    array. Raises InputError naming what is wrong: not numeric (complex, object or string arrays
+    included: never cast with a loss), floats or out-of-range values for an integer input, wrong
+    rank, a fixed dimension that differs, an empty or too large batch, NaN/inf.
     """
     if isinstance(x, np.ndarray) and (x.dtype.kind not in NUMERIC_KINDS or x.dtype.fields is not None):
         raise InputError(f"inputs of dtype {x.dtype} are not accepted", "send bool, integer or float data")
+    if spec.dtype.kind in "iu":
+        x = _exact_integers(x, spec)
     try:
         arr = np.ascontiguousarray(np.asarray(x, dtype=spec.dtype))
     except (TypeError, ValueError) as exc:
@@ -62,6 +66,30 @@ def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
                          "split the request into smaller batches")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise InputError("inputs contain NaN or infinity", "send finite numbers")
+    return arr
+
+
+def _exact_integers(x: Any, spec: InputSpec) -> np.ndarray:
+    """``x`` as an integer array every value of which the integer model input holds exactly.
+
+    A model that takes uint8 camera bytes and receives floats was almost always sent data scaled
+    for another model (0..1 instead of 0..255): casting would truncate it to zeros and answer
+    confidently wrong, so floats are refused whatever their values, and so are out-of-range integers.
+    Raises InputError naming the dtype the model takes.
+    """
+    try:
+        arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"inputs are not a numeric array of {spec.dtype}: {exc}",
+                         "send a rectangular nested list of numbers") from exc
+    if arr.dtype.kind not in "biu":
+        raise InputError(f"inputs are {arr.dtype} data, but model input {spec.name!r} takes {spec.dtype}",
+                         f"send the {spec.dtype} values as the sensor delivers them (an .npy of {spec.dtype}, "
+                         "or a JSON list of integers), not data scaled for a float model")
+    info = np.iinfo(spec.dtype)
+    if arr.size and arr.dtype.kind != "b" and (arr.min() < info.min or arr.max() > info.max):
+        raise InputError(f"inputs hold values {arr.min()}..{arr.max()}; model input {spec.name!r} takes "
+                         f"{spec.dtype} ({info.min}..{info.max})", f"send values within {info.min}..{info.max}")
     return arr
 
 
