@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import get_args
 
 import numpy as np
 import psutil
@@ -28,7 +29,7 @@ import psutil
 from toco_core.drift import DriftReference, DriftReport, DriftSettings
 from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
-from toco_core.messages import AgentMessage, DriftMessage, Sample, SamplesMessage, UploadSamplesCommand
+from toco_core.messages import AgentMessage, DriftMessage, Sample, SampleDtype, SamplesMessage, UploadSamplesCommand
 from toco_core.runtime import make_session
 
 log = logging.getLogger("toco.agent.drift")
@@ -321,10 +322,14 @@ class DriftReporter:
             for d, x in zip(disputed, inputs):
                 if wanted and d.ref not in wanted:
                     continue
-                arr = np.ascontiguousarray(x, dtype=np.float32)
-                samples.append(Sample(ref=d.ref, dtype="float32", shape=list(arr.shape),
-                                      data_b64=base64.b64encode(arr.astype("<f4").tobytes()).decode(),
-                                      reason=d.reason))
+                # in the served input's own dtype: the server re-analyses with these very values
+                # (uint8 camera bytes cast to float32 would be 4x the upload and a different input)
+                arr = np.asarray(x)
+                if arr.dtype.name not in get_args(SampleDtype):
+                    arr = arr.astype(np.float32)
+                wire = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+                samples.append(Sample(ref=d.ref, dtype=arr.dtype.name, shape=list(arr.shape),
+                                      data_b64=base64.b64encode(wire.tobytes()).decode(), reason=d.reason))
         limit = min(cmd.max_bytes, self.batch_bytes)
         batches: list[list[Sample]] = [[]]
         size = 0
