@@ -1,7 +1,8 @@
 """Sample pools for analysis and evaluation: .npy / .npz arrays or an image folder.
 
-A pool holds unlabeled inputs in the model's input layout; labels are optional
-(a ``y`` array in the .npz, or a separate .npy). Every problem is a PoolError that says
+A pool holds unlabeled inputs in the model's input layout and dtype; labels are optional
+(a ``y`` array in the .npz, or a separate .npy). A model with several inputs takes an .npz
+with one array per input name. Every problem is a PoolError that says
 what is wrong with which file and what the model expects.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from toco_core.errors import PoolError
+from toco_core.model_inputs import Batch, ModelInputs
 from toco_core.onnx_model import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -80,21 +82,48 @@ def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     return fitted
 
 
+def _load_named(path: Path, specs: list[InputSpec]) -> tuple[ModelInputs, np.ndarray | None]:
+    """A pool of several inputs: an .npz with one array per input name (and optional ``y``)."""
+    names = [s.name for s in specs]
+    if path.suffix != ".npz" or path.is_dir():
+        raise PoolError(f"pool {path} is not an .npz, but the model takes several inputs {names}",
+                        "save one array per input name with numpy.savez(f, **{name: array}, y=labels)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.keys()}
+    except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors
+        raise PoolError(f"pool {path} is not a readable numpy file: {exc}", "write it with numpy.savez") from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise PoolError(f"pool {path} holds {sorted(arrays)}, not the model inputs {missing}",
+                        "save one array per input name with numpy.savez(f, **{name: array}, y=labels)")
+    x = ModelInputs({s.name: fit_to_input(arrays[s.name], s, f"{path}[{s.name!r}]") for s in specs})
+    return x, arrays.get("y")
+
+
 def load_pool(
     source: str | Path,
-    spec: InputSpec,
+    spec: InputSpec | list[InputSpec],
     labels: str | Path | None = None,
     preprocessing=None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Load a pool for a model input: returns (x, y or None).
+) -> tuple[Batch, np.ndarray | None]:
+    """Load a pool for the model inputs: returns (x, y or None).
 
-    ``source`` is a .npy/.npz file or an image folder (then ``preprocessing``, a
-    toco_core.preprocessing.Preprocessing, is required). ``labels`` is an optional .npy.
-    Raises PoolError for a missing, unreadable, empty or mis-shaped pool or labels.
+    ``spec`` is the model's input, or its inputs (toco_core.onnx_model.input_specs). For one input
+    ``source`` is a .npy/.npz file (array ``x`` or the first) or an image folder (then
+    ``preprocessing``, a toco_core.preprocessing.Preprocessing, is required) and x an array; for
+    several it is an .npz with one array per input name (plus optional ``y``) and x a ModelInputs.
+    ``labels`` is an optional .npy. Raises PoolError for a missing, unreadable, empty or
+    mis-shaped pool or labels.
     """
+    specs = spec if isinstance(spec, list) else [spec]
     path = Path(source)
     if not path.exists():
         raise PoolError(f"pool {path} does not exist", "check the path")
+    if len(specs) > 1:
+        x, y = _load_named(path, specs)
+        return _with_labels(x, y, labels)
+    spec = specs[0]
     if path.is_dir():
         if preprocessing is None:
             raise PoolError(f"pool {path} is an image folder but no preprocessing was declared",
@@ -102,7 +131,10 @@ def load_pool(
         x, y = _load_images(path, preprocessing), None
     else:
         x, y = _load_arrays(path)
-    x = fit_to_input(x, spec, str(path))
+    return _with_labels(fit_to_input(x, spec, str(path)), y, labels)
+
+
+def _with_labels(x: Batch, y: np.ndarray | None, labels: str | Path | None) -> tuple[Batch, np.ndarray | None]:
     if labels is not None:
         lpath = Path(labels)
         if not lpath.is_file():

@@ -25,6 +25,7 @@ from toco_core.compression.structured import remove_output_channels, removable_c
 from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.measure import p50_latency, session_rss
+from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
@@ -180,7 +181,7 @@ class _Context:
     model: onnx.ModelProto
     base_bytes: bytes
     base_out: np.ndarray
-    x: np.ndarray
+    x: Batch
     kind: str
     threads: int
     base_p50: float
@@ -207,8 +208,8 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     rss = None
     if ctx.measure_memory and _rss_matters(plan, ctx.memory, ctx.weight_bytes):
         if not ctx.base_rss:
-            ctx.base_rss.append(session_rss(ctx.base_bytes, ctx.x[:1].shape))
-        rss = session_rss(model_bytes(built.runnable), ctx.x[:1].shape)
+            ctx.base_rss.append(session_rss(ctx.base_bytes, shapes(ctx.x[:1])))
+        rss = session_rss(model_bytes(built.runnable), shapes(ctx.x[:1]))
         heavier = rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0] and plan.runtime != "fp32"
         if heavier or (rss is not None and rss > ctx.memory):
             return gate, p50, rss, f"session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from toco_core.errors import ModelError
+from toco_core.model_inputs import Batch, feed
 
 if TYPE_CHECKING:
     import onnx
@@ -56,14 +57,18 @@ def make_session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.Infere
         raise ModelError(f"onnxruntime cannot load the model: {exc}", "check the model's opset and ops") from exc
 
 
-def run_batches(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Run the first output over ``x`` in batches; returns the concatenated output."""
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+def run_batches(session: ort.InferenceSession, x: Batch, batch_size: int = 256) -> np.ndarray:
+    """Run the first output over ``x`` in batches; returns the concatenated output.
+
+    ``x`` is an array for the first input or a ModelInputs for every input. Raises PoolError
+    when a ModelInputs does not name the session's inputs.
+    """
+    names = [i.name for i in session.get_inputs()]
+    outs = [session.run(None, feed(x[i : i + batch_size], names))[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)
 
 
-def run_model(model: onnx.ModelProto | bytes, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def run_model(model: onnx.ModelProto | bytes, x: Batch, batch_size: int = 256) -> np.ndarray:
     """One-shot convenience: session + batched run of the first output."""
     return run_batches(make_session(model), x, batch_size)
 
@@ -99,7 +104,7 @@ def session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray])
     return sess
 
 
-def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
+def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: Batch,
                      batch_size: int = 256) -> np.ndarray:
     """Run ``model``'s first output over ``x`` with some initializers replaced (no model copy).
 

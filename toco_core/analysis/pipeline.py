@@ -23,6 +23,7 @@ from toco_core.analysis.fisher import FisherAccumulator
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.input_moments import InputMoments
 from toco_core.analysis.prune_order import prune_scores
+from toco_core.analysis.torch_inputs import to_torch
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.analysis.nested_calibration import NestedCalibration
@@ -30,6 +31,7 @@ from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import as_log_probs
+from toco_core.model_inputs import Batch
 from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
@@ -54,10 +56,10 @@ def _noop(phase: str, done: int, total: int) -> None:
     pass
 
 
-def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: np.ndarray) -> None:
+def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: Batch) -> None:
     """Refuse to analyse if the torch evaluation differs from onnxruntime (never a silent wrong answer)."""
     with torch.no_grad():
-        mine = ev(torch.from_numpy(x)).numpy()
+        mine = ev(to_torch(x)).numpy()
     ref = run_model(model, x)
     err = float(np.abs(mine - ref).max()) / max(1.0, float(np.abs(ref).max()))
     if err > 1e-3:
@@ -84,7 +86,7 @@ def _committee_scale(model, weights, tau_hat, x, base_lp, kind, s: AnalysisSetti
     return scale, dis
 
 
-def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: np.ndarray, seed: int,
+def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: Batch, seed: int,
             sampled: bool = False) -> FisherAccumulator:
     acc = FisherAccumulator(ev, {k: torch.from_numpy(v) for k, v in weights.items()}, kind=kind, seed=seed,
                             sampled=sampled)
@@ -178,7 +180,7 @@ def prune_grid() -> list[float]:
 
 
 def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress,
-              correction_x: np.ndarray | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
+              correction_x: Batch | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
 
@@ -215,7 +217,7 @@ def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: P
 
 def analyze(
     model: onnx.ModelProto,
-    pool_x: np.ndarray,
+    pool_x: Batch,
     pool_y: np.ndarray | None = None,
     settings: AnalysisSettings | None = None,
     progress: Progress = _noop,
