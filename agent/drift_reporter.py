@@ -29,6 +29,7 @@ import psutil
 from toco_core.drift import DriftReference, DriftReport, DriftSettings
 from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
+from toco_core.model_inputs import concat, feed
 from toco_core.messages import AgentMessage, DriftMessage, Sample, SampleDtype, SamplesMessage, UploadSamplesCommand
 from toco_core.runtime import make_session
 
@@ -263,11 +264,11 @@ class DriftReporter:
             else:
                 scored = monitor.reference.scored_output
                 shadowed.append((*item, base.run(None if scored is None else [scored],
-                                                 {base.get_inputs()[0].name: item[1]})[0]))
+                                                 feed(item[1], [i.name for i in base.get_inputs()]))[0]))
         last = group[-1][3]
         batches = sorted((b for b in (shadowed, plain) if b), key=lambda b: b[-1][3] == last)
         for batch in batches:
-            x = np.concatenate([i[1] for i in batch])
+            x = concat(i[1] for i in batch)
             out = np.concatenate([i[2] for i in batch])
             base_out = np.concatenate([i[4] for i in batch]) if batch is shadowed else None
             refs = [f"{i[3]}.{k}" for i in batch for k in range(len(i[1]))]

@@ -101,3 +101,11 @@ def from_arrays(key: str, arrays: dict[str, Any]) -> Batch:
     if not named:
         raise KeyError(key)
     return ModelInputs(named)
+
+
+def flat_values(x: Batch) -> np.ndarray:
+    """What drift statistics read: a plain batch as it is; several inputs as float64 ``[N, D]``,
+    each sample's values of every input flattened and joined in input order."""
+    if not isinstance(x, ModelInputs):
+        return x
+    return np.concatenate([np.asarray(v, dtype=np.float64).reshape(len(v), -1) for v in x.arrays.values()], axis=1)
