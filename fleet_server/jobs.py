@@ -33,6 +33,7 @@ from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
 from fleet_server.registry import Store, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
+from toco_core.model_inputs import concat, from_arrays
 from toco_core.model_bundle import BundleInfo
 
 log = logging.getLogger("toco.fleet.jobs")
@@ -119,11 +120,11 @@ def _analyse(spec: dict, aid: str) -> dict:
 
     model = load_model(Path(spec["model_path"]))
     with np.load(spec["pool_path"], allow_pickle=False) as z:
-        x, y = z["x"], (z["y"] if "y" in z else None)
+        x, y = from_arrays("x", z), (z["y"] if "y" in z else None)
     if spec.get("field_path"):
         with np.load(spec["field_path"], allow_pickle=False) as z:
-            field = z["x"]  # already in the model input's dtype (field_samples_array)
-        x = np.concatenate([x, field])
+            field = from_arrays("x", z)  # already in the model input's dtype (field_samples_array)
+        x = concat([x, field])
         y = None  # field samples carry no labels; accuracy columns need one label per pool sample
     progress("load", 1, 1)
     result = analyze(model, x, y, AnalysisSettings(**spec["settings"]), progress, spec["model_name"])
@@ -275,11 +276,14 @@ class JobRunner:
         out.mkdir(parents=True, exist_ok=True)
         field_path = None
         if a.field_sample_ids:
-            from toco_core.onnx_model import input_spec, load_model
+            from toco_core.onnx_model import input_specs, load_model
 
             rows = s.scalars(select(SampleRow).where(SampleRow.id.in_(a.field_sample_ids))).all()
-            spec = input_spec(load_model(Path(model.path)))
-            arr = field_samples_array(rows, list(spec.shape), spec.dtype)
+            specs = input_specs(load_model(Path(model.path)))
+            # agents upload one array per disputed sample: a model with several inputs re-analyses on its pool
+            arr = field_samples_array(rows, list(specs[0].shape), specs[0].dtype) if len(specs) == 1 else []
+            if len(specs) > 1:
+                log.warning("field samples unused: the model has several inputs", extra={"fields": {"analysis": a.id}})
             if len(arr):
                 field_path = str(out / "field.npz")
                 np.savez(field_path, x=arr)
