@@ -29,7 +29,7 @@ import psutil
 from toco_core.drift import DriftReference, DriftReport, DriftSettings
 from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
-from toco_core.model_inputs import concat, feed
+from toco_core.model_inputs import ModelInputs, concat, feed
 from toco_core.messages import AgentMessage, DriftMessage, Sample, SampleDtype, SamplesMessage, UploadSamplesCommand
 from toco_core.runtime import make_session
 
@@ -323,14 +323,10 @@ class DriftReporter:
             for d, x in zip(disputed, inputs):
                 if wanted and d.ref not in wanted:
                     continue
-                # in the served input's own dtype: the server re-analyses with these very values
-                # (uint8 camera bytes cast to float32 would be 4x the upload and a different input)
-                arr = np.asarray(x)
-                if arr.dtype.name not in get_args(SampleDtype):
-                    arr = arr.astype(np.float32)
-                wire = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-                samples.append(Sample(ref=d.ref, dtype=arr.dtype.name, shape=list(arr.shape),
-                                      data_b64=base64.b64encode(wire.tobytes()).decode(), reason=d.reason))
+                # several inputs: one Sample per input, ref "REF/NAME" (the server joins them again)
+                parts = {f"{d.ref}/{k}": v[0] for k, v in x.arrays.items()} if isinstance(x, ModelInputs) \
+                    else {d.ref: x}
+                samples += [_sample(ref, arr, d.reason) for ref, arr in parts.items()]
         limit = min(cmd.max_bytes, self.batch_bytes)
         batches: list[list[Sample]] = [[]]
         size = 0
@@ -345,3 +341,14 @@ class DriftReporter:
             self.send(SamplesMessage(device_id=self.device_id, cmd_id=cmd.cmd_id, window=cmd.window, batch=i,
                                      last=i == len(batches) - 1, samples=batch))
         return len(samples)
+
+
+def _sample(ref: str, x: np.ndarray, reason: str) -> Sample:
+    """One uploaded input in its own dtype: the server re-analyses with these very values
+    (uint8 camera bytes cast to float32 would be 4x the upload and a different input)."""
+    arr = np.asarray(x)
+    if arr.dtype.name not in get_args(SampleDtype):
+        arr = arr.astype(np.float32)
+    wire = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return Sample(ref=ref, dtype=arr.dtype.name, shape=list(arr.shape),
+                  data_b64=base64.b64encode(wire.tobytes()).decode(), reason=reason)

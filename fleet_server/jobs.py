@@ -33,7 +33,7 @@ from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
 from fleet_server.registry import Store, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
-from toco_core.model_inputs import concat, from_arrays
+from toco_core.model_inputs import concat, from_arrays, to_arrays
 from toco_core.model_bundle import BundleInfo
 
 log = logging.getLogger("toco.fleet.jobs")
@@ -280,13 +280,15 @@ class JobRunner:
 
             rows = s.scalars(select(SampleRow).where(SampleRow.id.in_(a.field_sample_ids))).all()
             specs = input_specs(load_model(Path(model.path)))
-            # agents upload one array per disputed sample: a model with several inputs re-analyses on its pool
-            arr = field_samples_array(rows, list(specs[0].shape), specs[0].dtype) if len(specs) == 1 else []
-            if len(specs) > 1:
-                log.warning("field samples unused: the model has several inputs", extra={"fields": {"analysis": a.id}})
+            if len(specs) == 1:
+                arr = field_samples_array(rows, list(specs[0].shape), specs[0].dtype)
+            else:  # one uploaded array per input, joined again
+                from fleet_server.field_inputs import field_sample_inputs
+
+                arr = field_sample_inputs(rows, specs) or []
             if len(arr):
                 field_path = str(out / "field.npz")
-                np.savez(field_path, x=arr)
+                np.savez(field_path, **to_arrays("x", arr))
         return {"analysis_id": a.id, "model_path": model.path, "pool_path": model.pool_path, "field_path": field_path,
                 "settings": a.settings, "out_dir": str(out), "model_name": model.name}
 

@@ -28,7 +28,7 @@ class WindowResult:
     """A closed window: its report and the inputs of its disputed samples (same order)."""
 
     report: DriftReport
-    disputed_inputs: np.ndarray
+    disputed_inputs: Batch
 
 
 class DriftMonitor:
@@ -67,8 +67,7 @@ class DriftMonitor:
         Raises PoolError when the samples are shaped unlike the reference's (nothing is added).
         """
         now = time.time() if now is None else now
-        x = flat_values(x)  # several inputs: one flat row of values per sample
-        shape = tuple(np.shape(x)[1:])
+        shape = tuple(np.shape(flat_values(x))[1:])  # several inputs: one flat row of values per sample
         if shape != tuple(self.reference.sample_shape):
             want = list(self.reference.sample_shape)
             raise PoolError(f"drift samples have shape {list(shape)}, the reference {want}",

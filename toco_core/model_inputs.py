@@ -8,7 +8,7 @@ is the one place either becomes an onnxruntime feed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -47,6 +47,10 @@ class ModelInputs:
         if isinstance(index, (int, np.integer)):
             index = slice(int(index), int(index) + 1 or None)  # keep the batch axis
         return ModelInputs({k: v[index] for k, v in self.arrays.items()})
+
+    def __iter__(self) -> Iterator[ModelInputs]:
+        """The samples one by one, each a batch of one."""
+        return (self[i] for i in range(len(self)))
 
     def nbytes(self) -> int:
         """Bytes held by all arrays."""

@@ -5,6 +5,7 @@ with the base model as shadow.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import io
 import json
@@ -19,7 +20,7 @@ from agent.inference_api import ApiSettings, InferenceServer
 from tests.agent_parts.conftest import quant_noise
 from toco_core.demo.layouts import two_input_digits, two_input_model
 from toco_core.drift import DriftSettings, build_reference
-from toco_core.messages import DriftMessage
+from toco_core.messages import DriftMessage, SamplesMessage, UploadSamplesCommand
 from toco_core.model_inputs import flat_values
 from toco_core.onnx_model import load_model, model_bytes
 from toco_core.runtime import make_session, run_model
@@ -111,3 +112,24 @@ def test_drift_windows_read_every_input_and_shadow_the_base_on_both(served, two)
     flat = flat_values(x)  # pixels (0..255) and gauge readings, one row per sample
     assert window.input_mean == pytest.approx(float(flat.mean()), rel=1e-9)
     assert window.input_std == pytest.approx(float(flat.std()), rel=1e-9)
+
+
+def test_disputed_samples_are_uploaded_one_array_per_input_in_its_own_dtype(served, two):
+    server, sent = served
+    x = two[2].x_heldout[500:560]
+    for i in range(0, 60, 20):
+        assert post(server, npz(**x[i:i + 20].arrays), "application/x-npz")[0] == 200
+    deadline = time.monotonic() + 10
+    while not any(isinstance(m, DriftMessage) for m in sent) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    window = next(m for m in sent if isinstance(m, DriftMessage))
+    assert window.disputed
+    reporter = server.engine.hook.__self__
+    assert reporter.upload(UploadSamplesCommand(cmd_id="u1", window=window.window_index, max_bytes=1 << 20)) > 0
+    samples = [s for m in sent if isinstance(m, SamplesMessage) for s in m.samples]
+    by_ref = {s.ref: s for s in samples}
+    for d in window.disputed:
+        pixels, gauge = by_ref[f"{d.ref}/pixels"], by_ref[f"{d.ref}/gauge"]
+        assert (pixels.dtype, pixels.shape, gauge.dtype, gauge.shape) == ("uint8", [28, 28, 1], "float32", [4])
+        values = np.frombuffer(base64.b64decode(pixels.data_b64), np.uint8).reshape(28, 28, 1)
+        assert any(np.array_equal(values, p) for p in x.arrays["pixels"])  # the very bytes that were served
