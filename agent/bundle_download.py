@@ -20,15 +20,24 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.bundle_admission import refusal
 from agent.download_job import DownloadJob, saved_jobs
-from agent.parts_store import is_parts_bundle
 from agent.mqtt_link import MqttLink
+from agent.parts_store import is_parts_bundle
 from toco_core.errors import TransferError
-from toco_core.messages import (SHA256_PATTERN, BundleManifest, Chunk, ChunkRequest, FailureReason, MessageError,
-                                MessageKind, Phase, StatusMessage)
+from toco_core.messages import (
+    SHA256_PATTERN,
+    BundleManifest,
+    Chunk,
+    ChunkRequest,
+    FailureReason,
+    MessageError,
+    MessageKind,
+    Phase,
+    StatusMessage,
+)
 from toco_core.transfer import ChunkCheck, accept_chunk, missing_chunks, verify_assembled
 
 if TYPE_CHECKING:
@@ -137,8 +146,10 @@ class BundleDownloader:
                 job.open(manifest)
             except OSError as exc:
                 return self._fail(job, _disk_reason(exc), f"cannot create the download file: {exc}")
-            self.stats["chunks_resumed"] += job.bitmap.count  # type: ignore[union-attr]
-            self._status(job, Phase.DOWNLOADING, progress=job.bitmap.count / job.bitmap.n)
+            bitmap = job.bitmap
+            assert bitmap is not None  # open() made it
+            self.stats["chunks_resumed"] += bitmap.count
+            self._status(job, Phase.DOWNLOADING, progress=bitmap.count / bitmap.n)
             self._pump(job)
 
     def _on_chunk(self, topic: str, chunk: Chunk) -> None:
@@ -255,7 +266,7 @@ class BundleDownloader:
         self.link.off(self.link.topics.manifest(job.bundle_id))
         self.link.off(self.link.topics.chunk(job.bundle_id))
 
-    def _status(self, job: DownloadJob, phase: Phase, **fields) -> None:
+    def _status(self, job: DownloadJob, phase: Phase, **fields: Any) -> None:
         self.link.send(StatusMessage(device_id=self.link.device_id, phase=phase, deployment_id=job.deployment_id,
                                      bundle_id=job.bundle_id, **fields))
 

@@ -17,8 +17,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from toco_core.errors import BundleError, ConfigError, DeviceError, SignatureError, TocoError
+
+if TYPE_CHECKING:  # the parent imports these lazily, where it needs them
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from toco_core.device import DeviceProfile
+    from toco_core.messages import TrustedKey
 
 _ERRORS: dict[str, type[TocoError]] = {"BundleError": BundleError, "ConfigError": ConfigError,
                                        "DeviceError": DeviceError, "SignatureError": SignatureError}
@@ -42,7 +49,7 @@ def _run(task: str, args: list[str], stdin: bytes = b"", timeout: float = 120.0)
     return out.stdout
 
 
-def check_public_key(path: Path):
+def check_public_key(path: Path) -> TrustedKey:
     """Load the provisioned Ed25519 public key in a child; returns it as a TrustedKey (fingerprint, hex).
 
     Raises ConfigError when the file is missing or not an Ed25519 key.
@@ -88,7 +95,7 @@ def master_model(parts_dir: Path, names: list[str], out: Path) -> None:
     _run("master", [str(parts_dir), str(out), *names])
 
 
-def probe(state_dir: Path, benchmark: bool, device_id: str | None):
+def probe(state_dir: Path, benchmark: bool, device_id: str | None) -> DeviceProfile:
     """toco_core.probe.probe_device in a child; returns the DeviceProfile. Raises DeviceError."""
     from toco_core.device import DeviceProfile
 
@@ -97,7 +104,7 @@ def probe(state_dir: Path, benchmark: bool, device_id: str | None):
 
 
 # ----------------------------------------------------------------------------- child side
-def _trusted_keys(trust_file: str) -> dict:
+def _trusted_keys(trust_file: str) -> dict[str, Ed25519PublicKey]:
     """``{fingerprint: Ed25519PublicKey}`` of the key set in the agent's trust.json (child side)."""
     from agent.trust_store import TrustState
     from toco_core.command_signing import public_keys
@@ -124,7 +131,7 @@ def _child(task: str, args: list[str]) -> bytes:
                 raise BundleError(f"bundle {manifest.bundle_id[:12]} is signed by key {manifest.signer}, which this "
                                   f"device does not trust ({', '.join(sorted(trusted))})",
                                   "a retired or foreign key; re-provision the device if the server's key is new to it")
-            key = trusted.get(manifest.signer) or next(iter(trusted.values()))
+            key = (trusted.get(manifest.signer) if manifest.signer else None) or next(iter(trusted.values()))
         else:
             key = load_public_key(args[0])
         verify_manifest(manifest, key)

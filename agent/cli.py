@@ -74,7 +74,7 @@ def status(config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, 
         shadow = {"fp32": "fp32 base", "master": "master model", "none": "none (confidence/entropy/input checks)"}
         rows += [("state dir", f"{storage.get('state_dir_bytes', 0):,} bytes"),
                  ("downloaded", "-" if storage.get("download_bytes") is None else f"{storage['download_bytes']:,} bytes"),
-                 ("drift shadow", shadow.get(storage.get("shadow"), "-"))]
+                 ("drift shadow", shadow.get(str(storage.get("shadow")), "-"))]
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

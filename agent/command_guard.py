@@ -45,7 +45,7 @@ class CommandRefused(TocoError):
 class CommandGuard:
     """Admits or refuses this device's commands; ``verify(command)`` checks the signature (a child task)."""
 
-    def __init__(self, device_id: str, trust: TrustStore, verify: Callable[[ServerCommand], None],
+    def __init__(self, device_id: str, trust: TrustStore, verify: Callable[[ServerCommand], object],
                  clock: Callable[[], float] = time.time) -> None:
         """``verify`` raises SignatureError for a bad signature, TocoError when the check could not run."""
         self.device_id, self.trust, self.verify, self.clock = device_id, trust, verify, clock

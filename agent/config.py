@@ -17,7 +17,7 @@ import json
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,7 +33,7 @@ ENV_PREFIX = "TOCO_AGENT_"
 DEFAULT_PATH = Path("/etc/toco/agent.toml")
 
 
-def _as_value_error(parse):
+def _as_value_error(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Wrap a units parser so pydantic reports its ConfigError as a field error."""
     def run(value: Any) -> Any:
         if value is None or value == "":

@@ -12,6 +12,7 @@ pointer switched by ``toco-agent rollback``/``recompress`` from a shell).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -37,7 +38,7 @@ from agent.trust_store import TrustStore
 from toco_core import __version__
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.errors import ModelError
-from toco_core.messages import Message, MessageKind
+from toco_core.messages import AgentMessage, MessageKind
 
 log = logging.getLogger("toco.agent")
 _STOP = object()
@@ -50,10 +51,8 @@ def release_memory() -> None:
     sessions, validation objects); glibc keeps them unless asked. Called after every job.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class Agent:
@@ -85,9 +84,9 @@ class Agent:
         self.status = StatusReport(config, self.store, self.engine, self.reporter, self._send, lambda: self.link,
                                    lambda: self.server, lambda: self.profile)
         self.status.trust = self.trust
-        self.deployer = Deployer(config, self.store, lambda: self.profile, self.status.report, self.engine,
+        self.deployer = Deployer(config, self.store, self._probed_profile, self.status.report, self.engine,
                                  self._attach)
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue[object] = queue.Queue()  # jobs (callables) and _STOP
         self.commands = ModelCommands(config, self.store, self.engine, self.deployer, self.reporter, self.status,
                                       self._jobs.put, self._attach, lambda: self.downloader, self.guard)
         # Set here, not in the engine's constructor: the commands need the engine first.
@@ -186,13 +185,18 @@ class Agent:
         self.status.write()
 
     # ---------------------------------------------------------------- messages
-    def _send(self, message: Message) -> bool:
+    def _send(self, message: AgentMessage) -> bool:
         if self.link is None:
             return False
         return self.link.send(message)
 
     # ---------------------------------------------------------------- loops
+    def _probed_profile(self) -> DeviceProfile:
+        assert self.profile is not None, "start() probes the device before any deployment"
+        return self.profile
+
     def _resume(self) -> None:
+        assert self.downloader is not None, "start() made the downloader"
         pending = self.deployer.resume()
         if pending is not None:
             self.downloader.download(pending.bundle_id, pending.deployment_id)

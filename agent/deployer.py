@@ -37,12 +37,12 @@ from agent.model_store import CandidateMeta, ModelStore, SlotInfo, StoreError
 from agent.parts_fetch import FetchClosed, FetchFailed, PartsFetcher
 from agent.parts_store import PartsStore, dir_bytes
 from agent.recompress_job import JobFailed, JobResult, JobSpec, NeedsParts, run_job
-from toco_core.atomic_files import atomic_write
 from agent.status import Journal, read_journal, write_journal
+from toco_core.atomic_files import atomic_write
 from toco_core.device import DeviceProfile, with_budgets
 from toco_core.drift import DriftReference
 from toco_core.errors import ModelError, TocoError
-from toco_core.messages import FailureReason, Phase, PlanSummary
+from toco_core.messages import BundleManifest, FailureReason, Phase, PlanSummary
 from toco_core.plan import Policy
 from toco_core.runtime import input_dtype, make_session
 
@@ -174,13 +174,15 @@ class Deployer:
         returns None then.
         """
         if not self.has_bundle(journal.bundle_id):
-            return self._fail(journal, Phase.FAILED, FailureReason.INTERNAL, "the verified bundle is missing on disk")
+            self._fail(journal, Phase.FAILED, FailureReason.INTERNAL, "the verified bundle is missing on disk")
+            return None
         if journal.attempts == 0:  # what this deployment receives is counted from here, across restarts
             journal = journal.model_copy(update={"received_before": self.parts.received(journal.bundle_id)})
         journal = journal.model_copy(update={"attempts": journal.attempts + 1, "phase": Phase.RECOMPRESSING.value})
         if journal.attempts > MAX_ATTEMPTS:
-            return self._fail(journal, Phase.FAILED, FailureReason.INTERNAL,
-                              f"interrupted {MAX_ATTEMPTS} times (agent restarts); not trying again")
+            self._fail(journal, Phase.FAILED, FailureReason.INTERNAL,
+                       f"interrupted {MAX_ATTEMPTS} times (agent restarts); not trying again")
+            return None
         write_journal(self.root, journal)
         self.report(Phase.RECOMPRESSING, journal, progress=0.0, detail=f"attempt {journal.attempts}")
         profile, policy = self.limits(journal.policy)
@@ -194,7 +196,8 @@ class Deployer:
             log.info("deployment paused: the agent is stopping; it resumes at the next start")
             return None
         except JobFailed as exc:
-            return self._fail(journal, Phase.FAILED, exc.reason, str(exc))
+            self._fail(journal, Phase.FAILED, exc.reason, str(exc))
+            return None
         summary = plan_summary(job)
         numbers = {"predicted_agreement": 1 - job.report.self_test.predicted,
                    "measured_agreement": 1 - job.report.self_test.measured, "plan": summary}
@@ -230,7 +233,7 @@ class Deployer:
         raise JobFailed(FailureReason.INTERNAL, f"the plans still needed parts after {max_tries + 2} fetches: "
                         f"{', '.join(names)}")
 
-    def _fetch(self, journal: Journal, manifest, names: list[str]) -> None:
+    def _fetch(self, journal: Journal, manifest: BundleManifest, names: list[str]) -> None:
         """Fetch the named parts that are not here. Raises JobFailed (with the fetch's reason, or
         bad_command when there is no fetcher, e.g. ``toco-agent recompress`` from a shell), FetchClosed."""
         sizes = {f.name: f.size for f in manifest.files}
@@ -257,11 +260,13 @@ class Deployer:
         except FetchFailed as exc:
             raise JobFailed(exc.reason, str(exc)) from None
 
-    def _activate(self, journal: Journal, job: JobResult, summary: PlanSummary, numbers: dict) -> SlotInfo | None:
+    def _activate(self, journal: Journal, job: JobResult, summary: PlanSummary,
+                  numbers: dict[str, Any]) -> SlotInfo | None:
         return self.activate(journal, job.candidate.read_bytes(), summary, numbers, job.reference, job.preprocessing)
 
-    def activate(self, journal: Journal, data: bytes, summary: PlanSummary, numbers: dict,
-                 reference: DriftReference | None = None, preprocessing: dict | None = None) -> SlotInfo | None:
+    def activate(self, journal: Journal, data: bytes, summary: PlanSummary, numbers: dict[str, Any],
+                 reference: DriftReference | None = None,
+                 preprocessing: dict[str, Any] | None = None) -> SlotInfo | None:
         """Test-run, install, switch to and serve a candidate that passed its self-test.
 
         ``summary`` is the plan summary kept in the slot, ``numbers`` extra StatusMessage fields.
@@ -277,9 +282,11 @@ class Deployer:
             session.run(None, {inp.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in inp.shape],
                                                   input_dtype(inp)) for inp in session.get_inputs()})
         except ModelError as exc:
-            return self._fail(journal, Phase.FAILED, FailureReason.LOAD_FAILED, str(exc))
+            self._fail(journal, Phase.FAILED, FailureReason.LOAD_FAILED, str(exc))
+            return None
         except Exception as exc:  # onnxruntime's run errors share no base class
-            return self._fail(journal, Phase.FAILED, FailureReason.RUNTIME_ERROR, f"candidate failed a test run: {exc}")
+            self._fail(journal, Phase.FAILED, FailureReason.RUNTIME_ERROR, f"candidate failed a test run: {exc}")
+            return None
         sha = hashlib.sha256(data).hexdigest()
         if reference is not None:
             atomic_write(self.root / "references" / f"{sha}.json", reference.model_dump_json().encode())
@@ -289,15 +296,17 @@ class Deployer:
             self._pause(Phase.ACTIVATING)  # fault injection: the window between install and the pointer switch
             info = self.store.activate(slot)
         except StoreError as exc:
-            return self._fail(journal, Phase.FAILED, FailureReason.NO_DISK if "disk" in (exc.hint or "") else
-                              FailureReason.INTERNAL, str(exc))
+            self._fail(journal, Phase.FAILED, FailureReason.NO_DISK if "disk" in (exc.hint or "") else
+                       FailureReason.INTERNAL, str(exc))
+            return None
         if self.engine is not None:
             try:
                 self.engine.load(data, info.version, info.meta.preprocessing, trial=self.config.trial_runs,
                                  context=journal)
             except ModelError as exc:
                 self._roll_back(f"load failed: {exc}")
-                return self._fail(journal, Phase.ROLLED_BACK, FailureReason.LOAD_FAILED, str(exc))
+                self._fail(journal, Phase.ROLLED_BACK, FailureReason.LOAD_FAILED, str(exc))
+                return None
         self.on_activated(info)
         write_journal(self.root, None)
         # the state dir keeps the two slots, the parts to re-derive from and the drift references only
@@ -362,7 +371,7 @@ class Deployer:
         """Delete stored bundles and references no slot uses any more."""
         keep_bundles, keep_refs = set(), set()
         for slot in ("a", "b"):
-            info, _ = self.store.verify(slot)  # type: ignore[arg-type]
+            info, _ = self.store.verify(slot)
             if info is not None:
                 keep_bundles.add(info.meta.bundle_id)
                 keep_refs.add(info.meta.sha256)

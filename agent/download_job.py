@@ -49,7 +49,7 @@ class DownloadJob:
     bitmap: ChunkBitmap | None = None
     fd: int | None = None
     inflight: dict[int, float] = field(default_factory=dict)  # chunk index -> time.monotonic() of its request
-    retries: Counter = field(default_factory=Counter)
+    retries: Counter[int] = field(default_factory=Counter)
     stalls: int = 0
     unsynced: int = 0  # chunks written but not yet fsynced and recorded in bitmap.json
     reported: int = -1  # last progress decile reported
@@ -72,7 +72,7 @@ class DownloadJob:
         if not saved.exists():
             return None
         try:
-            return parse_message(MessageKind.MANIFEST, saved.read_bytes())  # type: ignore[return-value]
+            return parse_message(MessageKind.MANIFEST, saved.read_bytes())
         except MessageError:
             saved.unlink()
             (self.dir / "bitmap.json").unlink(missing_ok=True)

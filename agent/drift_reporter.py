@@ -21,17 +21,20 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import psutil
 
-from toco_core.drift import DriftReference, DriftReport, DriftSettings
+from toco_core.drift import DisputedSample, DriftReference, DriftReport, DriftSettings
 from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
-from toco_core.model_inputs import ModelInputs, concat, feed
 from toco_core.messages import AgentMessage, DriftMessage, Sample, SampleDtype, SamplesMessage, UploadSamplesCommand
+from toco_core.model_inputs import ModelInputs, concat, feed
 from toco_core.runtime import make_session
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("toco.agent.drift")
 Send = Callable[[AgentMessage], bool]
@@ -69,13 +72,14 @@ class DriftReporter:
         self.on_report: Callable[[DriftReport], None] = lambda report: None
         self._bundle_id: str | None = None
         self._monitor: DriftMonitor | None = None
-        self._base = None  # the shadow session, while in use
+        self._base: ort.InferenceSession | None = None  # the shadow session, while in use
         self._base_model: bytes | None = None  # what it is made from; None: no shadow run
         self.shadow_mode = "none"  # what the shadow runs: fp32 (the base), master, none
         self._base_used = 0.0
-        self._kept: OrderedDict[int, tuple[list, np.ndarray]] = OrderedDict()  # window -> (disputed, inputs)
+        # window -> (disputed, inputs)
+        self._kept: OrderedDict[int, tuple[list[DisputedSample], np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._worker = threading.Thread(target=self._loop, name="drift-worker", daemon=True)
         self._worker.start()
 
@@ -151,10 +155,10 @@ class DriftReporter:
             if stop:
                 return
 
-    def _gather(self) -> list:
+    def _gather(self) -> list[Any]:
         """Whatever else arrives within ``gather_s``: the monitor then works on one batch, not on
         every request, which keeps this thread off the interpreter lock the request threads need."""
-        items: list = []
+        items: list[Any] = []
         deadline = time.monotonic() + self.gather_s
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -166,9 +170,9 @@ class DriftReporter:
                 break
         return items
 
-    def _handle_all(self, items: list) -> None:
+    def _handle_all(self, items: list[Any]) -> None:
         """Handle queued items in order; consecutive observations go to the monitor together."""
-        observed: list = []
+        observed: list[tuple[Any, ...]] = []
         for item in items:
             if item[0] == "observe":
                 observed.append(item)
@@ -178,7 +182,7 @@ class DriftReporter:
             self._handle(item)
         self._observe(observed)
 
-    def _shadow_session(self):
+    def _shadow_session(self) -> ort.InferenceSession | None:
         """The base model's session for a shadow run, loaded on first need; None when it cannot be.
 
         Worker thread only. Too little free memory skips this run (memory may free up later);
@@ -214,7 +218,7 @@ class DriftReporter:
         self.release()
         log.debug("shadow session dropped after idle time")
 
-    def _handle(self, item: tuple) -> None:
+    def _handle(self, item: tuple[Any, ...]) -> None:
         """A tick (closes a window on time, drops an idle shadow) or feedback labels."""
         if item[0] == "tick":
             self._drop_idle_shadow()
@@ -231,7 +235,7 @@ class DriftReporter:
         if result is not None:
             self._publish(result, bundle_id)
 
-    def _observe(self, items: list[tuple]) -> None:
+    def _observe(self, items: list[tuple[Any, ...]]) -> None:
         """Feed observed requests to the monitor, a window's worth at a time.
 
         A group ends with the request that fills the open window, so windows close where they
@@ -242,7 +246,7 @@ class DriftReporter:
             monitor, bundle_id = self._monitor, self._bundle_id
         if monitor is None or not items:
             return
-        group: list[tuple] = []
+        group: list[tuple[Any, ...]] = []
         room = monitor.room()
         for item in items:
             group.append(item)
@@ -252,11 +256,11 @@ class DriftReporter:
                 group, room = [], monitor.room()
         self._observe_group(monitor, bundle_id, group)
 
-    def _observe_group(self, monitor: DriftMonitor, bundle_id: str | None, group: list[tuple]) -> None:
+    def _observe_group(self, monitor: DriftMonitor, bundle_id: str | None, group: list[tuple[Any, ...]]) -> None:
         if not group:
             return
-        shadowed: list[tuple] = []
-        plain: list[tuple] = []
+        shadowed: list[tuple[Any, ...]] = []
+        plain: list[tuple[Any, ...]] = []
         for item in group:
             base = self._shadow_session() if monitor.should_shadow() else None
             if base is None:

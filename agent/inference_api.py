@@ -226,6 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
     def infer(self) -> tuple[HTTPStatus, dict[str, Any]]:
         """POST /v1/infer: JSON {"inputs": ...}, an .npy body, or an .npz body (several inputs)."""
         body, ctype = self._body(), self._content_type()
+        x: np.ndarray | list[Any]
         if ctype == NPY_TYPE:
             try:
                 x = load_npy(body)
@@ -295,15 +296,20 @@ class InferenceServer(ThreadingHTTPServer):
     def __init__(self, engine: InferenceEngine, settings: ApiSettings | None = None) -> None:
         self.engine, self.settings = engine, settings or ApiSettings()
         super().__init__((self.settings.host, self.settings.port), _Handler)
-        if self.settings.token is None and not ipaddress.ip_address(self.server_address[0]).is_loopback:
+        if self.settings.token is None and not ipaddress.ip_address(self.host).is_loopback:
             log.warning("the inference API listens on %s without a token: anyone on that network may call it; "
                         "set api_token_file", self.server_address[0])
 
     @property
+    def host(self) -> str:
+        """The address it listens on (an IPv4 server's is always a str)."""
+        host = self.server_address[0]
+        return host if isinstance(host, str) else bytes(host).decode()
+
+    @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:8080``."""
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self.host}:{self.server_address[1]}"
 
     def start(self) -> threading.Thread:
         """Serve in a daemon thread; returns it. Stop with ``stop()``."""
@@ -317,7 +323,7 @@ class InferenceServer(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up mid-request is routine (debug); anything else is logged once, not printed."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError)):

@@ -22,8 +22,18 @@ from agent.model_store import ModelStore, SlotInfo, StoreError
 from agent.status import Journal, read_journal, write_journal
 from agent.status_report import StatusReport
 from toco_core.errors import ModelError, PoolError
-from toco_core.messages import (BundleManifest, DeployCommand, FailureReason, Message, Phase, RebaseDriftCommand,
-                                RecompressCommand, RollbackCommand, ServerCommand, UploadSamplesCommand)
+from toco_core.messages import (
+    BundleManifest,
+    DeployCommand,
+    FailureReason,
+    Message,
+    Phase,
+    RebaseDriftCommand,
+    RecompressCommand,
+    RollbackCommand,
+    ServerCommand,
+    UploadSamplesCommand,
+)
 
 log = logging.getLogger("toco.agent")
 
@@ -38,7 +48,7 @@ class ModelCommands:
     """
 
     def __init__(self, config: AgentConfig, store: ModelStore, engine: InferenceEngine, deployer: Deployer,
-                 reporter: DriftReporter, status: StatusReport, enqueue: Callable[[Callable[[], None]], None],
+                 reporter: DriftReporter, status: StatusReport, enqueue: Callable[[Callable[[], object]], None],
                  attach: Callable[[SlotInfo], None], downloader: Callable[[], BundleDownloader | None],
                  guard: CommandGuard) -> None:
         self.config, self.store, self.engine, self.deployer = config, store, engine, deployer
@@ -92,7 +102,9 @@ class ModelCommands:
             self._enqueue(lambda: self.deployer.deploy(journal))
         else:
             write_journal(self.config.state_dir, journal)
-            self._downloader().download(bundle_id, deployment_id)
+            downloader = self._downloader()
+            assert downloader is not None, "the daemon starts the downloader before it takes commands"
+            downloader.download(bundle_id, deployment_id)
 
     def _rollback_to(self, cmd: RollbackCommand) -> None:
         """A signed rollback naming a bundle: allow it although it is older, then deploy it: from the copy

@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,7 +206,7 @@ class ModelStore:
             serving, _ = self._serving(keep_bytes=False)
             slot = _other(serving.slot) if serving else "a"
             full = SlotMeta(**cand.model_dump(), sha256=hashlib.sha256(model_bytes).hexdigest(),
-                            size=len(model_bytes), created_at=datetime.now(timezone.utc))
+                            size=len(model_bytes), created_at=datetime.now(UTC))
             folder = self.slot_dir(slot)
             try:
                 # Meta goes first and comes back last: it is the slot's commit mark.
@@ -232,6 +232,7 @@ class ModelStore:
                 raise StoreError(f"cannot activate slot {slot}: {reason}", "install a candidate first")
             serving, _ = self._serving(keep_bytes=False)
             old = self.pointer()
+            previous: tuple[Slot | None, str | None]
             if serving is not None and serving.slot != slot:
                 previous = (serving.slot, serving.meta.sha256)
             else:
@@ -264,7 +265,7 @@ class ModelStore:
                 raise StoreError(f"cannot roll back to slot {target}: {why}",
                                  "the previous model is gone; deploy a bundle again")
             record = RollbackRecord(from_slot=serving.slot, bundle_id=serving.meta.bundle_id,
-                                    sha256=serving.meta.sha256, reason=reason, at=datetime.now(timezone.utc))
+                                    sha256=serving.meta.sha256, reason=reason, at=datetime.now(UTC))
             # No way back to a rolled-back model by rollback again: only an explicit activate.
             self._write_pointer(target, (None, None), old, record)
         log.warning("rolled back from slot %s to %s: %s", serving.slot, target, reason or "no reason given")
@@ -276,13 +277,13 @@ class ModelStore:
     def _check_name(slot: str) -> Slot:
         if slot not in SLOTS:
             raise StoreError(f"unknown slot {slot!r}", "slots are 'a' and 'b'")
-        return slot  # type: ignore[return-value]
+        return slot
 
     def _write_pointer(self, slot: Slot, previous: tuple[Slot | None, str | None], old: Pointer | None,
                        record: RollbackRecord | None = None) -> None:
         ptr = Pointer(slot=slot, previous=previous[0], previous_sha256=previous[1],
                       generation=(old.generation + 1) if old else 1,
-                      switched_at=datetime.now(timezone.utc),
+                      switched_at=datetime.now(UTC),
                       last_rollback=record or (old.last_rollback if old else None))
         try:
             atomic_write(self.root / _POINTER, ptr.model_dump_json(indent=1).encode())
@@ -320,11 +321,12 @@ class ModelStore:
                 return None, None  # never activated: the fresh-box state, not a fault
             candidates = list(SLOTS)
             problem = "the active pointer is unreadable"
-        found = [r for r in (self._read_slot(s, keep_bytes) for s in candidates) if r[0] is not None]
+        found = [(info, data) for info, data, _ in (self._read_slot(s, keep_bytes) for s in candidates)
+                 if info is not None]
         if not found:
             log.error("%s and no other valid slot exists", problem)
             return None, None
-        info, data, _ = max(found, key=lambda r: r[0].meta.created_at)
+        info, data = max(found, key=lambda r: r[0].meta.created_at)
         log.error("%s; serving slot %s instead", problem, info.slot)
         return SlotInfo(info.slot, info.model_path, info.meta, fallback_reason=problem), data
 

@@ -17,15 +17,16 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from toco_core.messages import Message, MessageError, MessageKind, parse_message
+from toco_core.messages import MessageError, MessageKind, parse_message
 from toco_core.topics import Topics
 
 log = logging.getLogger("toco.agent.mqtt")
 
-Handler = Callable[[str, Message], None]
+Handler = Callable[[str, Any], object]  # called with the parsed message of the kind it was registered for
 _CONNECTED = object()  # dispatcher marker: run the on-connect hooks
 _STOP = object()
 
@@ -41,7 +42,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._handlers: dict[str, tuple[MessageKind, Handler, int]] = {}
         self._hooks: list[Callable[[], None]] = []
-        self._inbox: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._loop, name=f"mqtt-dispatch-{device_id}", daemon=True)
 
     # ---- the handler table -----------------------------------------------------------------
@@ -143,9 +144,9 @@ class Dispatcher:
                 self.stats["dropped"] += 1
                 log.warning("dropped invalid payload", extra={"fields": {"topic": topic, "error": str(exc)}})
                 continue
-            self._run(lambda: handler(topic, message), f"handler for {topic}")
+            self._run(lambda: handler(topic, message), f"handler for {topic}")  # noqa: B023 - run at once
 
-    def _run(self, fn: Callable[[], None], what: str) -> None:
+    def _run(self, fn: Callable[[], object], what: str) -> None:
         try:
             fn()
         except Exception:  # a handler bug is logged with its traceback, the link keeps running

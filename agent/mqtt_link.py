@@ -20,15 +20,26 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.mqtt_dispatch import Dispatcher, Handler
 from agent.mqtt_publisher import Publisher
 from agent.outbox import Outbox
 from toco_core.atomic_files import atomic_write
-from toco_core.messages import (AgentMessage, ChunkRequest, MessageError, MessageKind, PartRequest, StateMessage, encode,
-                                kind_of)
+from toco_core.messages import (
+    AgentMessage,
+    ChunkRequest,
+    MessageError,
+    MessageKind,
+    PartRequest,
+    StateMessage,
+    encode,
+    kind_of,
+)
 from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, check_id, parse_broker_url
 
@@ -50,7 +61,7 @@ class MqttLink:
 
     def __init__(self, *, url: str, fleet: str, device_id: str, state_dir: str | Path, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None, agent_version: str | None = None,
-                 birth: Callable[[], dict] | None = None, keepalive: int = 30, reconnect_min: float = 1.0,
+                 birth: Callable[[], dict[str, Any]] | None = None, keepalive: int = 30, reconnect_min: float = 1.0,
                  reconnect_max: float = 60.0, queue_size: int = 256) -> None:
         """``birth()`` returns extra StateMessage fields (hardware, active) for every birth. Raises ConfigError."""
         self.device_id = check_id(device_id)
@@ -198,7 +209,8 @@ class MqttLink:
                               qos=1, retain=True)
 
     # ---- paho callbacks (network thread: keep them short) ----------------------------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
         if reason_code.is_failure:
             log.error("broker refused the connection", extra={"fields": {"reason": str(reason_code)}})
             return
@@ -217,7 +229,8 @@ class MqttLink:
             self._publisher.hand_row(row, topic, kind, payload, qos, retain)
         self._dispatcher.connected()
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags, reason_code: ReasonCode,
+                       properties: Properties | None) -> None:
         was = self._connected.is_set()
         self._connected.clear()
         if self._stopping:
@@ -227,11 +240,12 @@ class MqttLink:
             self._set_will()
         log.warning("disconnected, paho reconnects", extra={"fields": {"reason": str(reason_code)}})
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Properties) -> None:
         self._publisher.acked(mid)
 
-    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
-        self._dispatcher.put(msg.topic, msg.payload)
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._dispatcher.put(msg.topic, bytes(msg.payload))
 
     # ---- incoming (agent.mqtt_dispatch) ----------------------------------------------------
     def owns(self, topic: str) -> MessageKind | None:

@@ -35,6 +35,7 @@ class Outbox:
                 log.warning("outbox full, dropping oldest", extra={"fields": {"dropped": n - self.max_rows}})
                 self._db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)",
                                  (n - self.max_rows,))
+            assert cur.lastrowid is not None, "an INSERT sets lastrowid"
             return int(cur.lastrowid)
 
     def pending(self) -> list[tuple[int, str, str, bytes, int, bool]]:

@@ -29,8 +29,16 @@ from dataclasses import dataclass, field
 from agent.mqtt_link import MqttLink
 from agent.parts_store import PartialPart, PartsStore, part_entry
 from toco_core.errors import TocoError, TransferError
-from toco_core.messages import (MAX_RANGE_LENGTH, MAX_RANGES_PER_REQUEST, BundleManifest, FailureReason, MessageKind,
-                                Part, PartRange, PartRequest)
+from toco_core.messages import (
+    MAX_RANGE_LENGTH,
+    MAX_RANGES_PER_REQUEST,
+    BundleManifest,
+    FailureReason,
+    MessageKind,
+    Part,
+    PartRange,
+    PartRequest,
+)
 
 log = logging.getLogger("toco.agent.parts")
 Progress = Callable[[int, int], None]  # (bytes here, bytes wanted)
@@ -55,7 +63,7 @@ class _Fetch:
     manifest: BundleManifest
     partials: dict[str, PartialPart]
     inflight: dict[tuple[str, int], float] = field(default_factory=dict)  # (part, range) -> monotonic request time
-    retries: Counter = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
     stalls: int = 0
     received: int = 0  # bytes received and not yet added to the store's count
     total: int = 0  # bytes received by this fetch

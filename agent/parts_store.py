@@ -14,6 +14,7 @@ what ``have`` lists is always verified. Not thread-safe: agent.parts_fetch holds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,10 +51,8 @@ def dir_bytes(folder: Path) -> int:
     total = 0
     for root, _, files in os.walk(folder):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):  # removed while we walked
                 total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:  # removed while we walked
-                pass
     return total
 
 
@@ -74,7 +73,7 @@ class PartialPart:
         except (FileNotFoundError, ValueError, KeyError, TypeError, TransferError):
             ok = False
         self.bitmap = bitmap if ok else ChunkBitmap(n)
-        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd: int | None = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, size)
         self.unsynced = 0
 
@@ -84,6 +83,7 @@ class PartialPart:
 
     def write(self, i: int, data: bytes) -> None:
         """Write range ``i`` at its offset and mark it present; ``persist`` records it. Raises OSError."""
+        assert self.fd is not None, "written after close()"
         os.pwrite(self.fd, data, i * self.range_size)
         self.bitmap.set(i)
         self.unsynced += 1
@@ -101,16 +101,15 @@ class PartialPart:
         """Record what is on disk and close the file; never raises."""
         if self.fd is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # the unrecorded ranges are fetched again
             self.persist()
-        except OSError:  # the unrecorded ranges are fetched again
-            pass
         os.close(self.fd)
         self.fd = None
 
     def finish(self, entry: FileEntry) -> bool:
         """Check the complete part against its signed size and SHA-256; a good one becomes the file at its
         name, a bad one is deleted (to be fetched again). Returns whether it was good. Raises OSError."""
+        assert self.fd is not None, "finished after close()"
         os.fdatasync(self.fd)
         os.close(self.fd)
         self.fd = None
@@ -149,7 +148,7 @@ class PartsStore:
     def manifest(self, bundle_id: str) -> BundleManifest | None:
         """The saved manifest of a bundle, or None (also for an unreadable one)."""
         try:
-            return parse_message(MessageKind.MANIFEST, (self.dir(bundle_id) / "manifest.json").read_bytes())  # type: ignore[return-value]
+            return parse_message(MessageKind.MANIFEST, (self.dir(bundle_id) / "manifest.json").read_bytes())
         except (OSError, MessageError):
             return None
 

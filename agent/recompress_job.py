@@ -18,6 +18,7 @@ names them (``needs``), the parent raises NeedsParts, fetches them and runs the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 from pydantic import BaseModel, ConfigDict
@@ -40,7 +42,12 @@ from toco_core.device import DeviceProfile
 from toco_core.drift import DriftReference, DriftSettings
 from toco_core.errors import TocoError
 from toco_core.messages import FailureReason
-from toco_core.plan import CompressionReport, Policy
+from toco_core.plan import CompressionPlan, CompressionReport, Policy
+
+if TYPE_CHECKING:  # the child imports these where it needs them
+    from toco_core.analysis_result import AnalysisResult
+    from toco_core.model_bundle import BundleInfo
+    from toco_core.weight_source import WeightSource
 
 log = logging.getLogger("toco.agent.recompress")
 Progress = Callable[[str, int, int], None]
@@ -86,16 +93,14 @@ class JobResult:
     reference: DriftReference
     model_name: str
     peak_rss: int
-    preprocessing: dict | None = None
+    preprocessing: dict[str, Any] | None = None
 
 
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
     return total
 
 
@@ -105,18 +110,14 @@ def _kill_tree(proc: psutil.Process) -> None:
     except psutil.NoSuchProcess:
         kids = []
     for p in [*kids, proc]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the agent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
@@ -133,7 +134,9 @@ def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
                              stderr=subprocess.PIPE, preexec_fn=_die_with_parent, cwd=os.getcwd())
     proc = psutil.Process(child.pid)
     err_tail: list[bytes] = []
-    threading.Thread(target=lambda: err_tail.extend(child.stderr.readlines()[-20:]), daemon=True).start()
+    stderr = child.stderr
+    assert stderr is not None  # stderr=PIPE
+    threading.Thread(target=lambda: err_tail.extend(stderr.readlines()[-20:]), daemon=True).start()
     threading.Thread(target=_forward_progress, args=(child.stdout, progress), daemon=True).start()
     peak, start, verdict = 0, time.monotonic(), None
     while child.poll() is None:
@@ -153,7 +156,7 @@ def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
     return _collect(job_dir, child.returncode, peak, b"".join(err_tail))
 
 
-def _forward_progress(stream, progress: Progress) -> None:
+def _forward_progress(stream: IO[bytes], progress: Progress) -> None:
     for line in stream:
         try:
             event = json.loads(line)
@@ -193,7 +196,8 @@ class _Missing(TocoError):
         self.parts = parts
 
 
-def _open_parts(spec: JobSpec):
+def _open_parts(spec: JobSpec,
+                ) -> tuple[WeightSource, AnalysisResult, BundleInfo, Callable[[CompressionPlan], None]]:
     """(WeightSource, analysis, info, before_build) from the parts held, re-checked against the signed
     manifest. Raises BundleError for a damaged or unlisted part."""
     from toco_core.messages import MessageKind, parse_message
@@ -202,11 +206,11 @@ def _open_parts(spec: JobSpec):
     folder = Path(spec.parts_dir)  # type: ignore[arg-type]
     manifest = parse_message(MessageKind.MANIFEST, (folder / "manifest.json").read_bytes())
     parts = {n: (folder / n).read_bytes() for n in spec.parts}
-    verify_parts(parts, manifest)  # type: ignore[arg-type]
+    verify_parts(parts, manifest)
     source, analysis, info = source_from_parts(parts)
     head = BundleHead(parts["head"])
 
-    def before_build(plan) -> None:
+    def before_build(plan: CompressionPlan) -> None:
         missing = [n for n in head.parts_for_plan(plan) if n not in parts]
         if missing:
             raise _Missing(missing)

@@ -8,7 +8,6 @@ progress, so a restart after kill -9 knows where it was. Both are written atomic
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -98,8 +97,3 @@ def write_journal(state_dir: Path, journal: Journal | None) -> None:
         path.unlink(missing_ok=True)
     else:
         atomic_write(path, journal.model_dump_json().encode())
-
-
-def dump(obj: Any) -> str:
-    """Compact JSON for log fields."""
-    return json.dumps(obj, separators=(",", ":"), default=str)

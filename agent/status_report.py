@@ -25,7 +25,15 @@ from agent.parts_store import PartsStore, dir_bytes
 from agent.status import AgentStatus, Journal, write_status
 from agent.trust_store import TrustStore
 from toco_core.device import DeviceProfile
-from toco_core.messages import ActiveModel, HardwareInfo, Message, Phase, PlanSummary, StatusMessage, TelemetryMessage
+from toco_core.messages import (
+    ActiveModel,
+    AgentMessage,
+    HardwareInfo,
+    Phase,
+    PlanSummary,
+    StatusMessage,
+    TelemetryMessage,
+)
 
 log = logging.getLogger("toco.agent")
 
@@ -40,7 +48,11 @@ def temperature() -> float | None:
     return max(values) if values else None
 
 
-def _plan_json(plan: PlanSummary | None) -> dict | None:
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and v != float("inf") else None
+
+
+def _plan_json(plan: PlanSummary | None) -> dict[str, Any] | None:
     return None if plan is None else plan.model_dump(mode="json", exclude_none=True)
 
 
@@ -53,7 +65,7 @@ class StatusReport:
     """
 
     def __init__(self, config: AgentConfig, store: ModelStore, engine: InferenceEngine, reporter: DriftReporter,
-                 send: Callable[[Message], bool], link: Callable[[], MqttLink | None],
+                 send: Callable[[AgentMessage], bool], link: Callable[[], MqttLink | None],
                  server: Callable[[], InferenceServer | None], profile: Callable[[], DeviceProfile | None]) -> None:
         self.config, self.store, self.engine, self.reporter = config, store, engine, reporter
         self._send, self._link, self._server, self._profile = send, link, server, profile
@@ -61,7 +73,7 @@ class StatusReport:
         self.trust: TrustStore | None = None  # set by the daemon: refusal counts and trusted keys for status
         self._lock = threading.Lock()
 
-    def report(self, phase: Phase, journal: Journal, **fields) -> None:
+    def report(self, phase: Phase, journal: Journal, **fields: Any) -> None:
         """Send a deployment's ``phase`` (with StatusMessage ``fields``) and remember it for status.json.
 
         Raises pydantic's ValidationError for fields a StatusMessage does not take.
@@ -78,7 +90,7 @@ class StatusReport:
         self.last_deployment = step
         self.write()
 
-    def birth(self) -> dict:
+    def birth(self) -> dict[str, Any]:
         """The link's birth payload: StateMessage fields ``hardware`` (HardwareInfo or None), ``group``
         (the configured one; the server decides) and ``active`` (ActiveModel or None)."""
         active = self.store.active()
@@ -94,12 +106,11 @@ class StatusReport:
     def telemetry(self) -> None:
         """Send one TelemetryMessage: free memory and disk, CPU load, temperature, inference counts and latency."""
         stats = self.engine.stats.snapshot()
-        finite = lambda v: v if v is not None and v != float("inf") else None  # noqa: E731
         self._send(TelemetryMessage(device_id=self.config.device_id, mem_available=psutil.virtual_memory().available,
                                     disk_free=shutil.disk_usage(self.config.state_dir).free,
                                     cpu_load=psutil.cpu_percent(None) / 100.0, temperature_c=temperature(),
-                                    inferences=stats["samples"], latency_ms_p50=finite(stats["p50_ms"]),
-                                    latency_ms_p99=finite(stats["p99_ms"]),
+                                    inferences=stats["samples"], latency_ms_p50=_finite(stats["p50_ms"]),
+                                    latency_ms_p99=_finite(stats["p99_ms"]),
                                     refused_commands=dict(self.trust.state.refused) if self.trust else {}))
 
     def storage(self, bundle_id: str | None) -> dict[str, Any]:

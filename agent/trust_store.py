@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -77,7 +78,7 @@ class TrustStore:
     def _save(self) -> None:
         atomic_write(self.path, self.state.model_dump_json(indent=1).encode())
 
-    def _update(self, **fields) -> None:
+    def _update(self, **fields: Any) -> None:
         with self._lock:
             self.state = self.state.model_copy(update=fields)
             self._save()

@@ -75,7 +75,12 @@ class StatusWatch:
         self.seen: list = []
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{os.getpid()}")
         ok = threading.Event()
-        self.c.on_connect = lambda c, u, f, rc, p: (c.subscribe(topics.device(MessageKind.STATUS, DEVICE), 1), ok.set())
+
+        def on_connect(c, u, f, rc, p):
+            c.subscribe(topics.device(MessageKind.STATUS, DEVICE), 1)
+            ok.set()
+
+        self.c.on_connect = on_connect
         self.c.on_message = lambda c, u, m: self.seen.append(parse_message(MessageKind.STATUS, m.payload))
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
@@ -124,7 +129,7 @@ def demo_bundle(key) -> tuple:
 def tree_sample(proc: psutil.Process) -> tuple[int, float]:
     """(RSS bytes, CPU seconds) of a process and its children."""
     procs = [proc, *proc.children(recursive=True)]
-    rss = cpu = 0
+    rss, cpu = 0, 0.0
     for p in procs:
         try:
             rss += p.memory_info().rss

@@ -108,7 +108,7 @@ def codes_of_quantized(base: onnx.ModelProto, quantized: onnx.ModelProto) -> lis
     inits = _initializers(quantized)
     out = []
     for info in compressible_weights(base):
-        for stem, flip in ((info.name, False), (f"{info.name}_Transposed", True)):
+        for stem, flip in ((info.name, False), (f"{info.name}_Transposed", True)):  # noqa: B007 - read after the break
             if f"{stem}_quantized" in inits:
                 break
         else:
@@ -154,7 +154,7 @@ def dequantized(tensors: list[QuantizedTensor]) -> dict[str, np.ndarray]:
 
 
 def magnitude_uniform(base: onnx.ModelProto, target: int, x: np.ndarray, base_out: np.ndarray,
-                      bits_range=range(2, 9), grid=np.arange(0.0, 0.991, 0.01)):
+                      bits_range=range(2, 9), grid=np.arange(0.0, 0.991, 0.01)):  # noqa: B008 - read only
     """Global magnitude pruning + uniform per-channel bits at a transfer size <= ``target``.
 
     For each bit width, binary-searches the lowest sparsity on ``grid`` whose encoded size fits

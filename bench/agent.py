@@ -115,7 +115,7 @@ def agent_run(broker: Broker, key, manifest, data, digits, idle_s: float, n: int
                                  f"shadow_idle_seconds = {SHADOW_IDLE_S}"]) + "\n")
     exe = Path(sys.executable).with_name("toco-agent")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
-    log = open(work / "agent.log", "wb")
+    log = open(work / "agent.log", "wb")  # noqa: SIM115 - the agent process writes it until it ends
     agent = subprocess.Popen([*cmd, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=work)
     publisher = Publisher(broker.url, [(manifest, data)])
     watch = StatusWatch(broker.port, Topics(FLEET))
@@ -316,14 +316,14 @@ def main() -> None:
     ap.add_argument("--commands-only", action="store_true", help="only the signed command check (5)")
     args = ap.parse_args()
     if args.commands_only:
-        res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commands": command_cost()}
+        res: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commands": command_cost()}
         console.print(table(res))
         return
     if not os.path.exists(MOSQUITTO):
         sys.exit(f"{MOSQUITTO} is missing: apt-get install mosquitto mosquitto-clients")
     RESULTS.mkdir(parents=True, exist_ok=True)
     key = generate_private_key()
-    res: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv])}
+    res = {"command": " ".join([Path(sys.executable).name, *sys.argv])}
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     broker = Broker()
     broker.start()

@@ -21,12 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._common and the checkout's packages
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from _common import PROFILES, RESULTS, cached_analysis  # noqa: E402
+from bench._common import PROFILES, RESULTS, cached_analysis  # noqa: E402
 from toco_core.analysis_result import save_result  # noqa: E402
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle  # noqa: E402
 from toco_core.device import load_profile, with_budgets  # noqa: E402
@@ -98,7 +98,7 @@ def bench_model(name: str, reanalyze: bool) -> dict:
     full_w, full_c = _split(parts, parts)
     full_w += manifest
     base_held = run_model(model, hx)
-    row = {"model": name, "weights": result.manifest.weights, "fp32_file": fp32, "today_bundle": today,
+    row: dict = {"model": name, "weights": result.manifest.weights, "fp32_file": fp32, "today_bundle": today,
            "parts_weights": full_w, "parts_calibration": full_c, "manifest": manifest,
            "parts_biases": sum(len(v) for k, v in parts.items() if k.startswith("bias/")),
            "heldout_samples": len(decode_calibration(parts["calib/heldout"], "calib/heldout")["x"]), "devices": []}

@@ -18,13 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._common and the checkout's packages
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from _common import PROFILES, RESULTS, Row, cached_analysis, codes_of_quantized, magnitude_uniform, measure, \
-    quantize_dynamic_model  # noqa: E402
+from bench._common import (
+    PROFILES,
+    RESULTS,
+    Row,
+    cached_analysis,
+    codes_of_quantized,
+    magnitude_uniform,
+    measure,
+    quantize_dynamic_model,  # noqa: E402
+)
 from toco_core.analysis.settings import AnalysisSettings  # noqa: E402
 from toco_core.compression.qdq_int8 import quantize_qdq_int8  # noqa: E402
 from toco_core.compression.storage import encode_model  # noqa: E402
@@ -106,8 +114,10 @@ def bench_model(name: str, d, here, runs: int, fresh: bool) -> dict:
     analysis_s = time.perf_counter() - t
     base_out = run_model(model, d.x_heldout)
     rows = baseline_rows(model, path, d, base_out, runs)
+    base = rows[0].file_bytes
+    assert base is not None  # the fp32 row has its file
     toco, extras = [], {}
-    for label, profile, policy in toco_setups(rows[0].file_bytes, here):
+    for label, profile, policy in toco_setups(base, here):
         row, extra = toco_row(label, model, result, profile, policy, d, base_out, runs)
         toco.append(row)
         extras[label] = extra
@@ -138,6 +148,7 @@ def _fmt(v, kind: str) -> str:
 def print_table(name: str, rows: list[Row], weights: int, trained: bool, hit: bool, analysis_s: float) -> None:
     """One rich table: a row per method, sizes with their ratio to the fp32 file."""
     base = rows[0].file_bytes
+    assert base is not None  # the fp32 row has its file
     note = "" if trained else " - random init: agreement/accuracy are not meaningful"
     t = Table(title=f"{name}: {weights:,} weights, analysis {'cached' if hit else f'{analysis_s:.0f} s'}{note}")
     for col in ("method", "file", "transfer", "vs fp32", "session RSS", "p50 ms", "agree", "accuracy", "time s", "plan / note"):

@@ -32,8 +32,19 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.processes import free_port  # noqa: E402
-from toco_core.messages import (BundleManifest, ChunkRequest, DeployCommand, DriftMessage, HardwareInfo,  # noqa: E402
-                                MessageKind, StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
+from toco_core.messages import (  # noqa: E402
+    BundleManifest,
+    ChunkRequest,
+    DeployCommand,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    encode,
+    parse_message,
+)
 from toco_core.topics import Topics  # noqa: E402
 
 FLEET = "bench"
@@ -115,6 +126,7 @@ class Connection:
             m = parse_message(MessageKind.MANIFEST, msg.payload)
             self.manifests[m.bundle_id] = m
         elif where.kind is MessageKind.CHUNK:
+            assert where.bundle_id is not None and where.index is not None  # a chunk topic names both
             with self.lock:
                 self.chunks.setdefault(where.bundle_id, set()).add(where.index)
 

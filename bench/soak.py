@@ -130,7 +130,7 @@ def run(minutes: float, rate: float, every: float) -> dict:
             "[drift]", "window_max_samples = 256", "window_seconds = 60"]) + "\n")
         exe = Path(sys.executable).with_name("toco-agent")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
-        log = open(work / "agent.log", "wb")
+        log = open(work / "agent.log", "wb")  # noqa: SIM115 - the agent process writes it until it ends
         agent = subprocess.Popen([*cmd, "run", "--config", str(work / "agent.toml")], stdout=log,
                                  stderr=subprocess.STDOUT, cwd=work)
         publisher = Publisher(broker.url, [(manifest, data)])

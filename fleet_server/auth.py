@@ -122,7 +122,9 @@ def _identity(db: Database, token_id: str, digest: str | None) -> Identity | Non
         stale = row.last_used_at is None or time.time() - row.last_used_at > _TOUCH_EVERY_S
     if stale:
         with db.session(write=True) as s:
-            s.get(ApiTokenRow, token_id).last_used_at = time.time()
+            row = s.get(ApiTokenRow, token_id)
+            if row is not None:  # deleted since it was read: nothing to touch
+                row.last_used_at = time.time()
     return ident
 
 

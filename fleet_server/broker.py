@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 from toco_core.errors import ConfigError
 
@@ -69,7 +70,7 @@ class EmbeddedBroker:
         self.host, self.port, self.password_file = host, port, password_file
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._broker = None
+        self._broker: Any = None  # amqtt.broker.Broker (amqtt ships no types)
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -95,6 +96,7 @@ class EmbeddedBroker:
 
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
+        auth: dict[str, dict[str, Any]]
         if self.password_file is None:  # check_bind made sure this is 127.0.0.1
             auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         else:

@@ -20,8 +20,17 @@ import paho.mqtt.client as mqtt
 
 from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
 from toco_core.errors import BundleError
-from toco_core.messages import (MAX_CHUNKS_PER_REQUEST, ChunkRequest, MessageError, MessageKind, PartRequest, encode,
-                                encode_chunk, encode_part, parse_message)
+from toco_core.messages import (
+    MAX_CHUNKS_PER_REQUEST,
+    ChunkRequest,
+    MessageError,
+    MessageKind,
+    PartRequest,
+    encode,
+    encode_chunk,
+    encode_part,
+    parse_message,
+)
 from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
@@ -83,7 +92,7 @@ class BundlePublisher:
         """
         try:
             where = self.topics.parse(topic)
-            request: ChunkRequest | PartRequest = parse_message(MessageKind.GET, payload)  # type: ignore[assignment]
+            request: ChunkRequest | PartRequest = parse_message(MessageKind.GET, payload)
             if where.kind is not MessageKind.GET:
                 raise MessageError(f"{topic} is not a chunk request topic", "publish requests on bundles/+/get/+")
         except MessageError as exc:
@@ -108,9 +117,8 @@ class BundlePublisher:
             if i >= manifest.n_chunks:
                 continue
             self.requests[(manifest.bundle_id, i)] += 1
-            payload_out: bytes | None = encode_chunk(manifest.bundle_id, i, chunk_bytes(data, manifest, i))
-            if self.fault is not None:
-                payload_out = self.fault(manifest.bundle_id, i, payload_out)
+            chunk = encode_chunk(manifest.bundle_id, i, chunk_bytes(data, manifest, i))
+            payload_out = chunk if self.fault is None else self.fault(manifest.bundle_id, i, chunk)
             if payload_out is None:
                 continue
             self.send(self.topics.chunk(manifest.bundle_id, i), payload_out, DELIVERY[MessageKind.CHUNK].qos, False)
@@ -132,9 +140,8 @@ class BundlePublisher:
                                                                       "device": request.device_id, "why": why}})
                 continue
             start = entry.offset + r.offset
-            out: bytes | None = encode_part(manifest.bundle_id, r.part, r.offset, data[start:start + r.length])
-            if self.part_fault is not None:
-                out = self.part_fault(manifest.bundle_id, r.part, r.offset, out)
+            part = encode_part(manifest.bundle_id, r.part, r.offset, data[start:start + r.length])
+            out = part if self.part_fault is None else self.part_fault(manifest.bundle_id, r.part, r.offset, part)
             if out is None:
                 continue
             self.part_bytes[(manifest.bundle_id, request.device_id, r.part)] += r.length
@@ -186,6 +193,6 @@ class MqttBundleServer:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         try:
-            self.publisher.handle_get(msg.topic, msg.payload)
+            self.publisher.handle_get(msg.topic, bytes(msg.payload))
         except Exception:  # never let one request take the network thread down
             log.exception("serving a chunk request failed", extra={"fields": {"topic": msg.topic}})

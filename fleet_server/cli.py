@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,28 +66,28 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 
 @app.command()
 @cli_errors
-def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML file of FleetSettings keys (e.g. "
+def serve(config: Path | None = typer.Option(None, "--config", help="TOML file of FleetSettings keys (e.g. "
                                                 "/etc/toco-fleet/fleet.toml); TOCO_FLEET_* and these flags override it"),
-          data_dir: Optional[Path] = typer.Option(None, help="database, bundles, keys [fleet-data]"),
-          broker: Optional[str] = typer.Option(None, help="'embedded' or mqtt://host:port / mqtts://host:port [embedded]"),
-          broker_host: Optional[str] = typer.Option(None, help="embedded broker address; any but 127.0.0.1 needs "
+          data_dir: Path | None = typer.Option(None, help="database, bundles, keys [fleet-data]"),
+          broker: str | None = typer.Option(None, help="'embedded' or mqtt://host:port / mqtts://host:port [embedded]"),
+          broker_host: str | None = typer.Option(None, help="embedded broker address; any but 127.0.0.1 needs "
                                                     "--broker-password-file [127.0.0.1]"),
-          broker_port: Optional[int] = typer.Option(None, help="embedded broker port [1883]"),
-          broker_password_file: Optional[Path] = typer.Option(None, help="the embedded broker's users "
+          broker_port: int | None = typer.Option(None, help="embedded broker port [1883]"),
+          broker_password_file: Path | None = typer.Option(None, help="the embedded broker's users "
                                                               "(user:argon2-hash lines)"),
-          mqtt_username: Optional[str] = typer.Option(None, help="the server's own MQTT user (toco-server)"),
-          mqtt_password_file: Optional[Path] = typer.Option(None, help="file whose first line is its password "
+          mqtt_username: str | None = typer.Option(None, help="the server's own MQTT user (toco-server)"),
+          mqtt_password_file: Path | None = typer.Option(None, help="file whose first line is its password "
                                                             "(or TOCO_FLEET_MQTT_PASSWORD; never a flag: `ps` shows flags)"),
-          mqtt_ca_file: Optional[Path] = typer.Option(None, help="CA that signed the broker's certificate (mqtts://)"),
-          host: Optional[str] = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
-          port: Optional[int] = typer.Option(None, help="HTTP port [8080]"),
-          fleet: Optional[str] = typer.Option(None, help="fleet name (topic root toco/v1/{fleet}) [default]"),
-          drift_policy: Optional[str] = typer.Option(None, help="auto | approval [auto]"),
-          concurrency: Optional[int] = typer.Option(None, help="analysis worker processes [1]"),
-          db_url: Optional[str] = typer.Option(None, "--db-url", help="SQLAlchemy URL [sqlite in --data-dir]"),
-          replicas: Optional[bool] = typer.Option(None, "--replicas/--no-replicas", help="one of several serves on "
+          mqtt_ca_file: Path | None = typer.Option(None, help="CA that signed the broker's certificate (mqtts://)"),
+          host: str | None = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
+          port: int | None = typer.Option(None, help="HTTP port [8080]"),
+          fleet: str | None = typer.Option(None, help="fleet name (topic root toco/v1/{fleet}) [default]"),
+          drift_policy: str | None = typer.Option(None, help="auto | approval [auto]"),
+          concurrency: int | None = typer.Option(None, help="analysis worker processes [1]"),
+          db_url: str | None = typer.Option(None, "--db-url", help="SQLAlchemy URL [sqlite in --data-dir]"),
+          replicas: bool | None = typer.Option(None, "--replicas/--no-replicas", help="one of several serves on "
                                                   "one PostgreSQL (--db-url) and one external broker [off]"),
-          replica_id: Optional[str] = typer.Option(None, help="this replica's name [hostname-pid]")) -> None:
+          replica_id: str | None = typer.Option(None, help="this replica's name [hostname-pid]")) -> None:
     """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
     from fleet_server.config import load_settings
     from fleet_server.replicas import check_replica_setup
@@ -98,7 +98,7 @@ def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML fil
              "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
              "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
              "analysis_concurrency": concurrency, "db_url": db_url, "replicas": replicas, "replica_id": replica_id}
-    flags = {k: v for k, v in given.items() if v is not None}
+    flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if mqtt_password_file is not None:  # the flag beats a password from the environment or the file
         flags["mqtt_password"] = None
     settings = load_settings(config, **flags)
@@ -116,7 +116,7 @@ def serve(config: Optional[Path] = typer.Option(None, "--config", help="TOML fil
 @models_app.command("add")
 @cli_errors
 def models_add(model: Path = typer.Argument(..., exists=True, dir_okay=False), pool: Path = typer.Option(..., exists=True),
-               name: Optional[str] = typer.Option(None), server: str = SERVER) -> None:
+               name: str | None = typer.Option(None), server: str = SERVER) -> None:
     """Register an ONNX model with its analysis pool (.npz with x[, y]); an existing --name gets a new version."""
     m = _call(server, "POST", "/api/models", data={"name": name or model.stem},
               files={"file": (model.name, model.read_bytes()), "pool": (pool.name, pool.read_bytes())})
@@ -141,7 +141,7 @@ def models_list(server: str = SERVER) -> None:
 @cli_errors
 def models_rollback(name: str = typer.Argument(..., help="the model's name"),
                     group: str = typer.Option(..., "--group", help="the group to take back to the previous version"),
-                    canary: Optional[float] = typer.Option(None), threshold: Optional[float] = typer.Option(None),
+                    canary: float | None = typer.Option(None), threshold: float | None = typer.Option(None),
                     server: str = SERVER) -> None:
     """Roll a group back to the previous version of a model: its newest bundle, staged like a deployment."""
     d = _call(server, "POST", "/api/models/rollback", json={"name": name, "group": group, "canary_share": canary,
@@ -153,9 +153,9 @@ def models_rollback(name: str = typer.Argument(..., help="the model's name"),
 
 @app.command()
 @cli_errors
-def analyze(model_id: str, budget: Optional[float] = typer.Option(None), max_rounds: Optional[int] = typer.Option(None),
+def analyze(model_id: str, budget: float | None = typer.Option(None), max_rounds: int | None = typer.Option(None),
             field_samples: bool = typer.Option(False), wait: bool = typer.Option(True),
-            output: Optional[str] = typer.Option(None, help="the output the analysis scores (default: detected)"),
+            output: str | None = typer.Option(None, help="the output the analysis scores (default: detected)"),
             server: str = SERVER) -> None:
     """Queue an analysis and (by default) follow its progress until the bundle is built."""
     a = _call(server, "POST", f"/api/models/{model_id}/analyses",
@@ -178,9 +178,9 @@ def analyze(model_id: str, budget: Optional[float] = typer.Option(None), max_rou
 
 @app.command()
 @cli_errors
-def deploy(analysis_id: str, device: Optional[str] = typer.Option(None), group: Optional[str] = typer.Option(None),
-           all_devices: bool = typer.Option(False, "--all"), canary: Optional[float] = typer.Option(None),
-           threshold: Optional[float] = typer.Option(None), server: str = SERVER) -> None:
+def deploy(analysis_id: str, device: str | None = typer.Option(None), group: str | None = typer.Option(None),
+           all_devices: bool = typer.Option(False, "--all"), canary: float | None = typer.Option(None),
+           threshold: float | None = typer.Option(None), server: str = SERVER) -> None:
     """Deploy an analysis's bundle to a device, a group or all devices (staged: canary first)."""
     target = {"device": device} if device else {"group": group} if group else {"all": True} if all_devices else None
     if target is None:
@@ -219,8 +219,8 @@ def devices_list(server: str = SERVER) -> None:
 
 @app.command()
 @cli_errors
-def drift(device: Optional[str] = typer.Option(None), model: Optional[str] = typer.Option(None, help="model name"),
-          version: Optional[int] = typer.Option(None, help="only windows measured on this version of --model"),
+def drift(device: str | None = typer.Option(None), model: str | None = typer.Option(None, help="model name"),
+          version: int | None = typer.Option(None, help="only windows measured on this version of --model"),
           last: int = typer.Option(10), server: str = SERVER) -> None:
     """Drift windows per device: agreement, confidence, input shift, alert (optionally of one model version)."""
     params = {"device_id": device} if device else {}
@@ -237,7 +237,7 @@ def drift(device: Optional[str] = typer.Option(None), model: Optional[str] = typ
 
 
 
-def _version_id(server: str, name: Optional[str], version: int) -> str:
+def _version_id(server: str, name: str | None, version: int) -> str:
     """The model id of ``name`` v``version``. Raises ConfigError without --model, TocoError for an unknown version."""
     if not name:
         raise ConfigError("--version needs --model", "give --model NAME --version N")
@@ -259,14 +259,14 @@ PASSWD = typer.Option(None, "--passwd", help="mosquitto password file to add the
 def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT username and client id"),
                    group: str = typer.Option(..., "--group", help="the device's group (the server's, whatever the "
                                              "device's config says)"),
-                   allow: Optional[list[str]] = typer.Option(None, "--allow", help="a model id the device may run "
+                   allow: list[str] | None = typer.Option(None, "--allow", help="a model id the device may run "
                                                              "(repeat; default: any model)"),
-                   passwd: Optional[Path] = PASSWD,
-                   password_file: Optional[Path] = typer.Option(None, help="use the password in this file's first line"),
-                   out: Optional[Path] = typer.Option(None, help="write a generated password here (mode 0600) to "
+                   passwd: Path | None = PASSWD,
+                   password_file: Path | None = typer.Option(None, help="use the password in this file's first line"),
+                   out: Path | None = typer.Option(None, help="write a generated password here (mode 0600) to "
                                                       "provision the box with install-agent.sh --password-file"),
                    reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password counts at once"),
-                   data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+                   data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Enroll a device: its broker password (with --passwd) and its server record (group, allowed models).
 
     Enrolling it again replaces its password, group and allowed models. Works without the server running.
@@ -289,6 +289,7 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
                               "(it is never printed)")
         bp.set_password(passwd, name, password)
         if password_file is None:
+            assert out is not None  # no --password-file: --out was checked above
             bp.write_password_out(out, password)
             console.print(f"password for {name} written to {out} (copy it to the box, then delete it here)")
         console.print(f"{name} in {passwd}")
@@ -307,9 +308,9 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
 
 @devices_app.command("revoke")
 @cli_errors
-def devices_revoke(name: str = typer.Argument(..., help="device id"), passwd: Optional[Path] = PASSWD,
+def devices_revoke(name: str = typer.Argument(..., help="device id"), passwd: Path | None = PASSWD,
                    reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password is gone at once"),
-                   data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+                   data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Revoke a device: the server ignores it from now on, and (with --passwd) its broker password is removed."""
     from fleet_server import broker_passwords as bp
     from fleet_server.db import Database

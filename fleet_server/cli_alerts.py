@@ -11,7 +11,7 @@ A retrained model is registered with ``toco-fleet models add``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -28,7 +28,7 @@ def make_alerts_app(call: Call, server_option) -> typer.Typer:
 
     @app.command("list")
     @cli_errors
-    def alerts_list(device: Optional[str] = typer.Option(None, help="one device's alerts"),
+    def alerts_list(device: str | None = typer.Option(None, help="one device's alerts"),
                     all_alerts: bool = typer.Option(False, "--all", help="closed alerts too"),
                     server: str = server_option) -> None:
         """Active drift alerts: kind, status, and what the server decided and why."""

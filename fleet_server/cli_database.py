@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -22,7 +22,7 @@ db_app = typer.Typer(help="The fleet database's schema (Alembic revisions; `serv
                      no_args_is_help=True)
 
 
-def open_database(data_dir: Path, db_url: Optional[str], create: bool = False):
+def open_database(data_dir: Path, db_url: str | None, create: bool = False):
     """The fleet database ``serve`` would open with these options, upgraded to this release. It must exist
     unless ``create`` (the first admin token is made before the server ever ran: the data dir is made too)."""
     from fleet_server.db import Database
@@ -34,7 +34,7 @@ def open_database(data_dir: Path, db_url: Optional[str], create: bool = False):
         return Database(url)
 
 
-def database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str:
+def database_url(data_dir: Path, db_url: str | None, must_exist: bool) -> str:
     """The URL ``serve`` would open with these options. Raises ConfigError for a URL SQLAlchemy cannot
     parse, or a SQLite file that is missing (``must_exist``) or whose folder is missing: a mistyped
     --data-dir must not look like a new fleet."""
@@ -43,7 +43,8 @@ def database_url(data_dir: Path, db_url: Optional[str], must_exist: bool) -> str
 
     from fleet_server.config import FleetSettings
 
-    url = FleetSettings(data_dir=data_dir, **({"db_url": db_url} if db_url else {})).database_url
+    given: dict[str, Any] = {"db_url": db_url} if db_url else {}
+    url = FleetSettings(data_dir=data_dir, **given).database_url
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -76,7 +77,7 @@ def opening(url: str) -> Iterator[None]:
 
 @db_app.command("upgrade")
 @cli_errors
-def db_upgrade(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+def db_upgrade(data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Bring the database to this release's schema: create it, adopt a pre-Alembic one, or upgrade."""
     from fleet_server.db import Database
     from fleet_server.migrate import describe_url
@@ -90,7 +91,7 @@ def db_upgrade(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> Non
 
 @db_app.command("current")
 @cli_errors
-def db_current(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+def db_current(data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Print the database's schema revision against this release's head; changes nothing."""
     from sqlalchemy import create_engine
 
@@ -113,8 +114,8 @@ tokens_app = typer.Typer(help="API tokens of the HTTP API and dashboard (offline
 @tokens_app.command("create")
 @cli_errors
 def tokens_create(role: str = typer.Option(..., help="viewer (read), operator (also change the fleet) or admin"),
-                  name: Optional[str] = typer.Option(None, help="who or what uses it, for `tokens list`"),
-                  data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+                  name: str | None = typer.Option(None, help="who or what uses it, for `tokens list`"),
+                  data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Make an API token and print it once (only its hash is stored)."""
     from fleet_server.auth import check_role, create_token
     from fleet_server.client_token import ENV
@@ -135,7 +136,7 @@ def tokens_create(role: str = typer.Option(..., help="viewer (read), operator (a
 
 @tokens_app.command("list")
 @cli_errors
-def tokens_list(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+def tokens_list(data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """List the API tokens: id, name, role, when made, last used, revoked (never the secret)."""
     from fleet_server.auth import list_tokens
 
@@ -156,7 +157,7 @@ def tokens_list(data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> No
 @tokens_app.command("revoke")
 @cli_errors
 def tokens_revoke(token_id: str = typer.Argument(..., help="the token's id, from `tokens list`"),
-                  data_dir: Path = DATA_DIR, db_url: Optional[str] = DB_URL) -> None:
+                  data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Revoke an API token: its requests and its dashboard sessions are refused from now on."""
     from fleet_server.auth import revoke_token
 

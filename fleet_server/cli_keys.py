@@ -7,9 +7,8 @@ from then on and sends every online device the new trusted set (fleet_server.key
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -23,7 +22,7 @@ DATA_DIR = typer.Option(Path("fleet-data"), help="the server's data directory (k
 KEY_PATH = typer.Option(None, "--key-path", help="the original signing key, instead of {data-dir}/keys/server.pem")
 
 
-def _key_path(data_dir: Path, key_path: Optional[Path]) -> Path:
+def _key_path(data_dir: Path, key_path: Path | None) -> Path:
     path = key_path or data_dir / "keys" / "server.pem"
     if not path.exists():
         raise ConfigError(f"no signing key at {path}", "check --data-dir / --key-path (the server makes it on first start)")
@@ -39,7 +38,7 @@ def overlap_seconds(text: str) -> float:
     Raises ConfigError for anything else or a negative value.
     """
     t = text.strip().lower()
-    unit = _UNITS.get(t[-1:], None)
+    unit = _UNITS.get(t[-1:])
     try:
         value = float(t[:-1] if unit else t) * (unit or 1)
     except ValueError:
@@ -50,12 +49,12 @@ def overlap_seconds(text: str) -> float:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @keys_app.command("list")
 @cli_errors
-def keys_list(data_dir: Path = DATA_DIR, key_path: Optional[Path] = KEY_PATH) -> None:
+def keys_list(data_dir: Path = DATA_DIR, key_path: Path | None = KEY_PATH) -> None:
     """The keyring: which key signs, which are trusted until when, which are retired."""
     from fleet_server.keys import load_keyring
 
@@ -71,7 +70,7 @@ def keys_list(data_dir: Path = DATA_DIR, key_path: Optional[Path] = KEY_PATH) ->
 @keys_app.command("rotate")
 @cli_errors
 def keys_rotate(overlap: str = typer.Option("7d", help="how long devices keep trusting the old key(s), e.g. 24h, 7d"),
-                data_dir: Path = DATA_DIR, key_path: Optional[Path] = KEY_PATH) -> None:
+                data_dir: Path = DATA_DIR, key_path: Path | None = KEY_PATH) -> None:
     """Make a new signing key the active one; the old one stays trusted for the overlap, then is retired."""
     from fleet_server.keys import public_key_path, rotate_key
 
@@ -86,7 +85,7 @@ def keys_rotate(overlap: str = typer.Option("7d", help="how long devices keep tr
 
 @keys_app.command("retire")
 @cli_errors
-def keys_retire(fingerprint: str, data_dir: Path = DATA_DIR, key_path: Optional[Path] = KEY_PATH) -> None:
+def keys_retire(fingerprint: str, data_dir: Path = DATA_DIR, key_path: Path | None = KEY_PATH) -> None:
     """Retire a key now (not the active one): devices stop trusting it at their next trust-keys command."""
     from fleet_server.keys import retire_key
 

@@ -14,11 +14,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import orjson
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fleet_server.migrate import upgrade_database
-
 
 # 64-bit integers on every backend: byte counts (6 GiB free on a box), counters and the ids of the tables that grow
 # by a row per message (10,000 devices' telemetry passes 2**31 rows in weeks) overflow PostgreSQL's 32-bit INTEGER.
@@ -107,6 +120,11 @@ class DeviceRow(Base):
     enrolled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     allowed_models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # model ids; None = any model
     drift_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # fidelity | data | unclassified
+    # the device listing's counts read the first index, never the JSON-laden rows; the second is the bundle a
+    # device runs, written as PostgreSQL reflects it (migration 0008 writes SQLite's json_extract there)
+    __table_args__ = (Index("ix_devices_overview", "group", "enrollment", "online", "deploy_state", "alert",
+                            "drift_kind", "id"),
+                      Index("ix_devices_active_bundle", text("(active ->> 'bundle_id'::text)")))
 
 
 class TelemetryRow(Base):

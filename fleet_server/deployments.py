@@ -17,15 +17,26 @@ SQLite has no row locks; there the one serve process is the only writer.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow, ModelRow,
-                             TimelineRow, new_id)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeploymentDeviceRow,
+    DeploymentRow,
+    DeviceRow,
+    ModelRow,
+    TimelineRow,
+    new_id,
+)
 from fleet_server.enrollment import ENROLLED
 from fleet_server.enrollment import may_run as may_run_model
 from fleet_server.events import EventBus
@@ -89,7 +100,8 @@ def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict]
     if not paths["result_dir"]:
         return []
     try:
-        return expected_infeasible(result_dir=paths["result_dir"], model_path=paths["model_path"], hardware=hardware,
+        return expected_infeasible(result_dir=paths["result_dir"], model_path=paths["model_path"] or "",
+                                   hardware=hardware,
                                    budget=budget)
     except (TocoError, OSError) as exc:
         log.warning("no feasibility check for this deployment", extra={"fields": {"error": str(exc)}})
@@ -160,11 +172,12 @@ class Deployments:
             if a.status != "done" or not a.bundle_id:
                 raise ConflictError(f"analysis {analysis_id!r} is {a.status}; only a finished analysis has a bundle",
                                     "wait until it is done")
-            bundle = s.get(BundleRow, a.bundle_id)
+            bundle = fetch(s, BundleRow, a.bundle_id, "bundle")
             devices = sorted(self._targets(s, target, a.model_id))
             budget = float(a.settings.get("budget", 0.01))
-            hardware = dict(s.execute(select(DeviceRow.id, DeviceRow.hardware).where(DeviceRow.id.in_(devices))).all())
-            paths = {"result_dir": a.result_dir, "model_path": s.get(ModelRow, a.model_id).path}
+            hardware: dict[str, dict[str, Any]] = dict(
+                s.execute(select(DeviceRow.id, DeviceRow.hardware).where(DeviceRow.id.in_(devices))).all())
+            paths = {"result_dir": a.result_dir, "model_path": fetch(s, ModelRow, a.model_id, "model").path}
         manifest = BundleManifest.model_validate(bundle.manifest)
         with open(bundle.path, "rb") as f:
             self.publisher.announce(manifest, f.read())
@@ -202,7 +215,7 @@ class Deployments:
             return [deployment_view(d, self._members(s, d.id)) for d in deps]
 
     @staticmethod
-    def _members(s, deployment_id: str) -> list[DeploymentDeviceRow]:
+    def _members(s, deployment_id: str) -> builtins.list[DeploymentDeviceRow]:
         return list(s.scalars(select(DeploymentDeviceRow).where(DeploymentDeviceRow.deployment_id == deployment_id)
                               .order_by(DeploymentDeviceRow.device_id)))
 
@@ -262,7 +275,7 @@ class Deployments:
         log_event(s, "deployment", {"deployment_id": dep.id, "stage": "done", "failed": failed})
         return True
 
-    def on_status(self, s, device: DeviceRow, msg: StatusMessage, after: list) -> None:
+    def on_status(self, s, device: DeviceRow, msg: StatusMessage, after: builtins.list[Callable[[], None]]) -> None:
         """Ingest hook: record a device's status in its deployment and move the deployment on."""
         if not msg.deployment_id:
             return
@@ -294,7 +307,7 @@ class Deployments:
             device.deploy_state = "failed" if msg.phase is not Phase.ROLLED_BACK else None
         self._after_change(s, m.deployment_id, after)
 
-    def _after_change(self, s, deployment_id: str, after: list) -> None:
+    def _after_change(self, s, deployment_id: str, after: builtins.list[Callable[[], None]]) -> None:
         dep = s.get(DeploymentRow, deployment_id)
         self._advance(s, dep)
         s.flush()

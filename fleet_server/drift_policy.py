@@ -30,16 +30,37 @@ command: its drift reference then includes the field distribution the bundle was
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeploymentDeviceRow, DeploymentRow, DeviceRow,
-                             DriftAlertRow, ModelRow, ReanalysisRow, SampleRow, new_id)
-from fleet_server.drift_alerts import (ACTIVE, active_alert, add_evidence, alert_view, decide, latest_alert, new_alert,
-                                      settled)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeploymentDeviceRow,
+    DeploymentRow,
+    DeviceRow,
+    DriftAlertRow,
+    ModelRow,
+    ReanalysisRow,
+    SampleRow,
+    new_id,
+)
+from fleet_server.drift_alerts import (
+    ACTIVE,
+    active_alert,
+    add_evidence,
+    alert_view,
+    decide,
+    latest_alert,
+    new_alert,
+    settled,
+)
 from fleet_server.drift_classify import UNCLASSIFIED, Verdict, agreement_upper_bound, verdict
 from fleet_server.events import EventBus
 from fleet_server.field_budget import field_budget, operator_budget
@@ -96,7 +117,7 @@ class DriftPolicy:
             device.drift_kind = alert.kind
             return
         last = latest_alert(s, device.id, msg.bundle_id)
-        if settled(last, v.kind, msg.opened_at):  # the operator decided already: no new alert
+        if last is not None and settled(last, v.kind, msg.opened_at):  # the operator decided already: no new alert
             add_evidence(last, drift_point(msg))
             return
         if v.kind == FIDELITY and any(r.trigger_bundles.get(device.id) == msg.bundle_id for r in s.scalars(
@@ -104,7 +125,7 @@ class DriftPolicy:
             return  # a device triggers at most one re-analysis per bundle it runs
         alert = new_alert(s, device, model_id=bundle.model_id, bundle_id=msg.bundle_id, kind=v.kind, why=v.why,
                           point=drift_point(msg))
-        alert.evidence = {**alert.evidence, "disputed": [{"ref": d.ref, "model_class": d.model_class,
+        alert.evidence = {**(alert.evidence or {}), "disputed": [{"ref": d.ref, "model_class": d.model_class,
                                                           "confidence": d.confidence} for d in msg.disputed]}
         refs = [d.ref for d in msg.disputed] or None
         if v.kind == DATA:
@@ -227,7 +248,9 @@ class DriftPolicy:
         """Queue analyses whose samples are in; follow running ones; move canaries to their group; rebase
         the devices that activated a re-analysis's bundle; score unshadowed boxes' samples."""
         now = time.time() if now is None else now
-        changed, group_deploys, after = [], [], []
+        changed: builtins.list[ReanalysisRow] = []
+        group_deploys: builtins.list[tuple[str, Any, str]] = []
+        after: builtins.list[Callable[[], None]] = []
         with self.db.session(write=True) as s:
             transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             for r in s.scalars(select(ReanalysisRow).where(ReanalysisRow.status.in_(("queued", "running")))):
@@ -235,7 +258,7 @@ class DriftPolicy:
                     if self._ready(s, r, now):
                         self._queue_analysis(s, r)
                         changed.append(r)
-                elif r.status == "queued" and s.get(AnalysisRow, r.analysis_id).status == "running":
+                elif r.status == "queued" and fetch(s, AnalysisRow, r.analysis_id, "analysis").status == "running":
                     r.status = "running"
                     changed.append(r)
             for r in s.scalars(select(ReanalysisRow).where(ReanalysisRow.status.in_(("canary", "deployed")))):
@@ -279,7 +302,7 @@ class DriftPolicy:
         if held < budget:
             r.why += f" (budget {held:.2%} on the pool: {budget:.1%} on the field samples)"
 
-    def _group_due(self, s, r: ReanalysisRow, changed: list) -> bool:
+    def _group_due(self, s, r: ReanalysisRow, changed: builtins.list[ReanalysisRow]) -> bool:
         """Whether a deployed canary's group redeploy may start now (quorum or approval); marks the
         re-analysis deployed when its canary already covers the group, failed when the canary stopped."""
         dep = s.get(DeploymentRow, r.deployment_id or "")
@@ -311,13 +334,13 @@ class DriftPolicy:
             why = f" -> group redeploy failed: {exc}"
         with self.db.session(write=True) as s:
             transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
-            r = s.get(ReanalysisRow, rid)
+            r = fetch(s, ReanalysisRow, rid, "re-analysis")
             r.status, r.group_deployment_id, r.why = ("deployed" if dep_id else "failed"), dep_id, r.why + why
             log_event(s, "reanalysis", {"reanalysis_id": rid, "status": r.status, "group_deployment_id": dep_id})
             view = self._view(s, r)
         self.events.publish("reanalysis", view)
 
-    def _rebase_converged(self, s, r: ReanalysisRow, after: list) -> None:
+    def _rebase_converged(self, s, r: ReanalysisRow, after: builtins.list[Callable[..., Any]]) -> None:
         """Send each trigger device that activated the re-analysis's bundle one rebase-drift command."""
         done = set(r.rebased or [])
         deps = [d for d in (r.deployment_id, r.group_deployment_id) if d]
@@ -344,7 +367,7 @@ class DriftPolicy:
             r = s.scalars(select(ReanalysisRow).where(ReanalysisRow.analysis_id == analysis_id)).first()
             if r is None:
                 return
-            status, rid, devices = s.get(AnalysisRow, analysis_id).status, r.id, list(r.trigger_devices)
+            status, rid, devices = fetch(s, AnalysisRow, analysis_id, "analysis").status, r.id, list(r.trigger_devices)
         dep_id, new_status = None, "failed"
         if status == "done":
             try:
@@ -356,7 +379,7 @@ class DriftPolicy:
                 log.warning("redeploy after re-analysis failed", extra={"fields": {"reanalysis": rid, "error": str(exc)}})
         with self.db.session(write=True) as s:
             transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
-            r = s.get(ReanalysisRow, rid)
+            r = fetch(s, ReanalysisRow, rid, "re-analysis")
             r.status, r.deployment_id = new_status, dep_id
             log_event(s, "reanalysis", {"reanalysis_id": rid, "status": new_status, "deployment_id": dep_id})
             view = self._view(s, r)

@@ -149,7 +149,7 @@ class AuthMiddleware:
             return None, None
         session = self.sessions.read(cookies[SESSION_COOKIE])
         ident = identity_of(self.db, session["tid"]) if session else None
-        if ident is None:
+        if ident is None or session is None:
             return None, None  # expired, forged or revoked: the same as no session, i.e. log in again
         if method not in SAFE_METHODS:
             origin = headers.get("origin")

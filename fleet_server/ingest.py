@@ -26,13 +26,23 @@ from typing import Any
 from sqlalchemy import select
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
-from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.deployments import lock_deployments
+from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.replicas import DRIFT_POLICY, transaction_lock
 from fleet_server.views import device_view
-from toco_core.messages import (DriftMessage, MessageError, MessageKind, SamplesMessage, StateMessage, TelemetryMessage,
-                                parse_message)
+from toco_core.messages import (
+    AgentMessage,
+    DriftMessage,
+    Message,
+    MessageError,
+    MessageKind,
+    SamplesMessage,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    parse_message,
+)
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
@@ -115,10 +125,13 @@ class Ingest:
             self._process(items)
 
     def _process(self, items: list[tuple[MessageKind, str, bytes]]) -> None:
-        parsed = []
+        parsed: list[tuple[MessageKind, str, Message | None]] = []
+        msg: Message | None
         for kind, device_id, payload in items:
             try:
                 msg = parse_message(kind, payload)
+                if not isinstance(msg, AgentMessage):
+                    raise MessageError(f"{kind.value} is not a device message", "devices publish device messages")
                 if msg.device_id != device_id:
                     raise MessageError(f"payload names device {msg.device_id!r} on the topic of {device_id!r}",
                                        "a device publishes only on its own topics")
@@ -138,7 +151,8 @@ class Ingest:
                     transaction_lock(s, DRIFT_POLICY)
                 # and the deployments its status messages move, all now and in id order, never one by one
                 lock_deployments(s, [msg.deployment_id for kind, _, msg in parsed
-                                     if kind is MessageKind.STATUS and msg is not None and msg.deployment_id])
+                                     if kind is MessageKind.STATUS and isinstance(msg, StatusMessage)
+                                     and msg.deployment_id])
                 # one query for the batch's devices: the handlers' lookups then hit the identity map
                 # (which holds objects weakly: ``known`` keeps them alive for the batch)
                 ids = list({device_id for _, device_id, _ in parsed})

@@ -31,10 +31,10 @@ from sqlalchemy import select
 from fleet_server.bundle_sequence import bundle_model_id, next_bundle_sequence
 from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
-from fleet_server.registry import Store, store_bundle, update_analysis
+from fleet_server.registry import Store, fetch, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
-from toco_core.model_inputs import concat, from_arrays, to_arrays
 from toco_core.model_bundle import BundleInfo
+from toco_core.model_inputs import concat, from_arrays, to_arrays
 
 log = logging.getLogger("toco.fleet.jobs")
 _PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
@@ -120,7 +120,7 @@ def _analyse(spec: dict, aid: str) -> dict:
 
     model = load_model(Path(spec["model_path"]))
     with np.load(spec["pool_path"], allow_pickle=False) as z:
-        x, y = from_arrays("x", z), (z["y"] if "y" in z else None)
+        x, y = from_arrays("x", z), z.get("y")
     if spec.get("field_path"):
         with np.load(spec["field_path"], allow_pickle=False) as z:
             field = from_arrays("x", z)  # already in the model input's dtype (field_samples_array)
@@ -259,6 +259,7 @@ class JobRunner:
             self.events.publish("analysis", view)
             try:
                 try:
+                    assert self._pool is not None, "start() made the pool"
                     fut = self._pool.submit(run_analysis_job, spec)
                 except BrokenProcessPool:
                     self._pool = self._new_pool()
@@ -327,8 +328,8 @@ class JobRunner:
         from toco_core.parts_bundle import pack_parts
 
         with self.db.session() as s:
-            a = s.get(AnalysisRow, analysis_id)
-            m = s.get(ModelRow, a.model_id)
+            a = fetch(s, AnalysisRow, analysis_id, "analysis")
+            m = fetch(s, ModelRow, a.model_id, "model")
             budget, reason, model_id = a.settings.get("budget", 0.01), a.reason, a.model_id
             model_path, name, sha, prep, out = m.path, m.name, m.sha256, m.preprocessing, a.result_dir
         info = BundleInfo(model_name=name, model_sha256=sha, analysis_id=analysis_id, budget=budget,

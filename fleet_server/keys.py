@@ -12,8 +12,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field
 
 from toco_core.atomic_files import atomic_write
-from toco_core.bundle import (generate_private_key, key_fingerprint, load_private_key, public_key_raw, save_private_key,
-                              save_public_key)
+from toco_core.bundle import (
+    generate_private_key,
+    key_fingerprint,
+    load_private_key,
+    public_key_raw,
+    save_private_key,
+    save_public_key,
+)
 from toco_core.errors import BundleError
 from toco_core.messages import TrustedKey
 

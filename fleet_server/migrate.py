@@ -128,6 +128,7 @@ def upgrade_database(engine: Engine) -> UpgradeResult:
             _adopt(conn)
         command.upgrade(alembic_config(connection=conn), "head")
         after = MigrationContext.configure(conn).get_current_revision()
+        assert after is not None, "upgraded to head"
     return UpgradeResult(before=BASELINE if state.legacy else state.current, after=after, adopted=state.legacy)
 
 

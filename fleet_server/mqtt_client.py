@@ -106,8 +106,9 @@ class FleetMqtt:
             return
         try:
             if where.kind is MessageKind.GET:
-                self.on_get(msg.topic, msg.payload)
+                self.on_get(msg.topic, bytes(msg.payload))
             elif where.kind in INGEST_KINDS:
+                assert where.device_id is not None  # a device topic names the device
                 self.on_device(where.kind, where.device_id, bytes(msg.payload))
         except Exception:  # never let one message take the network thread down
             log.exception("handling a message failed", extra={"fields": {"topic": msg.topic}})

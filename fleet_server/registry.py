@@ -21,8 +21,18 @@ from pydantic import ValidationError
 from sqlalchemy import Text, cast, select
 from sqlalchemy.exc import IntegrityError
 
-from fleet_server.db import (AnalysisRow, BundleRow, Database, DeviceRow, DriftRow, EventRow, ModelRow, SampleRow, TelemetryRow,
-                             new_id)
+from fleet_server.db import (
+    AnalysisRow,
+    BundleRow,
+    Database,
+    DeviceRow,
+    DriftRow,
+    EventRow,
+    ModelRow,
+    SampleRow,
+    TelemetryRow,
+    new_id,
+)
 from fleet_server.views import analysis_view, device_view, model_view
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.atomic_files import atomic_write
@@ -77,7 +87,7 @@ def _read_pool(pool_bytes: bytes, model) -> tuple[Batch, np.ndarray | None]:
     specs = input_specs(model)
     try:
         with np.load(io.BytesIO(pool_bytes), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.keys()}
+            arrays = {k: z[k] for k in z.files}
     except Exception as exc:  # numpy raises ValueError / BadZipFile / OSError for garbage
         raise PoolError(f"the pool is not a readable .npz file: {exc}", "upload np.savez(f, x=inputs[, y=labels])") from None
     y = arrays.get("y")
@@ -124,7 +134,7 @@ def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_bytes)
     arrays = to_arrays("x", x) if y is None else {**to_arrays("x", x), "y": y}
-    np.savez(folder / "pool.npz", **arrays)
+    np.savez(folder / "pool.npz", **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     from fleet_server.model_versions import next_version  # model_versions imports registry
 
     row = ModelRow(id=model_id, name=name, sha256=model_hash(model), weights=sum(i.size for i in infos),
@@ -251,7 +261,9 @@ def devices_json(db: Database) -> bytes:
         m = r._mapping
         row = SimpleNamespace(**m, hardware=orjson.Fragment(m["hardware_json"] or "{}"),
                               last_drift=orjson.Fragment(m["last_drift_json"] or "null"))
-        views.append({**device_view(row), "model_version": versions.get((m["active"] or {}).get("bundle_id"))})
+        bundle_id = (m["active"] or {}).get("bundle_id")
+        views.append({**device_view(row),  # type: ignore[arg-type]  # row: a DeviceRow's columns
+                      "model_version": versions.get(bundle_id) if bundle_id else None})
     return orjson.dumps(views, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -301,7 +313,7 @@ def analysis_paths(db: Database, *, analysis_id: str) -> dict[str, str]:
         if a.status != "done" or not a.result_dir:
             raise ConflictError(f"analysis {analysis_id!r} is {a.status}; the what-if needs a finished analysis",
                                 "wait until it is done")
-        return {"result_dir": a.result_dir, "model_path": s.get(ModelRow, a.model_id).path}
+        return {"result_dir": a.result_dir, "model_path": fetch(s, ModelRow, a.model_id, "model").path}
 
 
 def field_sample_ids_for_model(db: Database, *, model_id: str, limit: int = 2000) -> list[int]:

@@ -21,6 +21,7 @@ and is always the leader; a second serve on the same data dir refuses with one c
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -161,6 +162,7 @@ class LeaderLease:
                                "stop it, or start every serve on it with --replicas and an external broker")
 
     def _try(self, name: str) -> bool:
+        assert self._conn is not None, "the lease's session is open"
         return bool(self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_key(name)}).scalar())
 
     def start(self, on_gained: Callable[[], None]) -> None:
@@ -182,7 +184,10 @@ class LeaderLease:
         while not self._stop.wait(self.check_s):
             try:
                 if self.is_leader:
-                    self._conn.execute(text("SELECT 1"))  # the session, and so the lock, is still there
+                    conn = self._conn
+                    if conn is None:  # stop() ended the session
+                        return
+                    conn.execute(text("SELECT 1"))  # the session, and so the lock, is still there
                 elif self._try("leader"):
                     self._leader.set()
                     self._gained()
@@ -200,10 +205,8 @@ class LeaderLease:
         self._stop.set()
         self._leader.clear()
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken session is released by PostgreSQL anyway
                 self._conn.close()
-            except Exception:  # a broken session is released by PostgreSQL anyway
-                pass
             self._conn = None
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)

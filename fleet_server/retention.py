@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 
 from fleet_server.db import Database, DeviceRow, EventRow, TelemetryRow
 
@@ -42,7 +43,8 @@ class Retention:
             devices = s.scalars(select(DeviceRow.id)).all()
         telemetry = sum(self._trim_device(device_id) for device_id in devices)
         with self.db.session(write=True) as s:
-            events = s.execute(delete(EventRow).where(EventRow.t < now - self.events_keep_s)).rowcount
+            result = cast(CursorResult[Any], s.execute(delete(EventRow).where(EventRow.t < now - self.events_keep_s)))
+            events = result.rowcount
         if telemetry or events:
             log.info("retention deleted old rows", extra={"fields": {"telemetry": telemetry, "events": events}})
         return {"telemetry": telemetry, "events": events}
@@ -55,5 +57,6 @@ class Retention:
                               .order_by(TelemetryRow.t.desc()).offset(self.telemetry_keep).limit(1))
             if cutoff is None:
                 return 0
-            return s.execute(delete(TelemetryRow).where(TelemetryRow.device_id == device_id,
-                                                        TelemetryRow.t <= cutoff)).rowcount
+            result = cast(CursorResult[Any], s.execute(delete(TelemetryRow).where(TelemetryRow.device_id == device_id,
+                                                                                  TelemetryRow.t <= cutoff)))
+            return result.rowcount

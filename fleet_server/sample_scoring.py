@@ -56,6 +56,8 @@ class SampleScorer:
                 if r.ref in disputed]
         if not rows:
             return None
+        if alert.model_id is None:
+            raise ValueError("the alert names no model to score its samples against")
         sess = self.base_session(s, alert.model_id)
         inp = sess.get_inputs()[0]
         out = sess.run(None, {inp.name: _inputs(rows, input_dtype(inp))})[0]

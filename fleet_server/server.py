@@ -17,27 +17,28 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.bundle_publisher import BundlePublisher
+from fleet_server.command_signer import CommandSigner
 from fleet_server.config import FleetSettings
 from fleet_server.db import Database
 from fleet_server.deployments import Deployments
 from fleet_server.drift_actions import DriftActions
 from fleet_server.drift_policy import DriftPolicy
-from fleet_server.reanalysis_gate import gate_settings
-from fleet_server.sample_scoring import SampleScorer
+from fleet_server.event_relay import EventRelay
 from fleet_server.events import EventBus
 from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
-from fleet_server.command_signer import CommandSigner
 from fleet_server.key_distribution import KeyDistributor
 from fleet_server.keys import public_key_path
 from fleet_server.mqtt_client import FleetMqtt
-from fleet_server.event_relay import EventRelay
+from fleet_server.reanalysis_gate import gate_settings
 from fleet_server.registry import Store
 from fleet_server.replicas import check_replica_setup, make_lease
 from fleet_server.retention import Retention
+from fleet_server.sample_scoring import SampleScorer
 from toco_core.errors import ConfigError
 from toco_core.topics import Topics
 
@@ -150,6 +151,7 @@ class FleetServer:
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.settings.tick_s):
+            steps: tuple[Callable[[], object], ...]
             if self.lease.is_leader:
                 steps = (self.deployments.tick, self.policy.tick, self.key_distributor.tick, self.retention.tick)
             else:  # a follower still signs commands (ingest, API): it follows key rotations

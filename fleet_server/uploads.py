@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -25,6 +25,9 @@ from starlette.requests import Request
 
 from toco_core.errors import TocoError
 from toco_core.units import format_size
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 _MAX_FIELD_BYTES = 64 * 1024  # text fields (name, preprocessing JSON) are small
 
@@ -75,7 +78,7 @@ class _Parts:
         self._sink: BinaryIO | None = None
         self._text: bytearray | None = None
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {"on_part_begin": self._begin, "on_header_field": self._hfield, "on_header_value": self._hvalue,
                 "on_header_end": self._hend, "on_headers_finished": self._headers_done,
                 "on_part_data": self._data, "on_part_end": self._end}
@@ -120,7 +123,7 @@ class _Parts:
     def _end(self) -> None:
         if self._sink is not None:
             self._sink.close()
-        elif self._text is not None:
+        elif self._text is not None and self._name is not None:
             self.form.fields[self._name] = self._text.decode("utf-8", "replace")
         self._sink, self._text = None, None
 

@@ -32,6 +32,7 @@ def run_demo_until_up_then_kill(workdir) -> subprocess.CompletedProcess:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "160"})
     lines = []
+    assert proc.stdout is not None
     for line in proc.stdout:  # ends early (EOF) if the demo fails before the end of the story
         lines.append(line)
         if "press Ctrl-C to stop" in line:

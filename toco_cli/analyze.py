@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from toco_cli.main import app
 from toco_core.analysis_result import AnalysisResult, load_result, save_result
 from toco_core.cli_support import cli_errors, console
+from toco_core.curve_operators import CurveOperator
 from toco_core.errors import ConfigError
 from toco_core.onnx_model import input_specs, load_model
 from toco_core.pool import load_pool
@@ -53,7 +54,6 @@ def analyze(
     """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
     from toco_core.analysis.pipeline import analyze as run_analysis
     from toco_core.analysis.settings import AnalysisSettings
-
     from toco_core.output_tail import scored_output
 
     settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output)
@@ -62,7 +62,7 @@ def analyze(
     x, y = load_pool(pool, input_specs(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
     with Progress(TextColumn("{task.description:16s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
@@ -78,13 +78,13 @@ def analyze(
 
 
 def _print_curves(result: AnalysisResult, budget: float) -> None:
-    for name in ("prune", "quantize"):
-        curve = result.curves[name]
-        t = Table(title=f"calibration: {name} (measured on {curve.samples} held-out samples)")
+    for op in (CurveOperator.PRUNE, CurveOperator.QUANTIZE):
+        curve = result.curves[op]
+        t = Table(title=f"calibration: {op} (measured on {curve.samples} held-out samples)")
         for col in ("scale", "sparsity", "bits/weight", "disagreement", "KL", "accuracy"):
             t.add_column(col, justify="right")
         for p in curve.points:
-            scale = p.prune_scale if name == "prune" else p.quant_scale
+            scale = getattr(p, op.spec.scale)
             style = None if p.disagreement <= budget else "dim"
             bits = "32" if p.entropy_bits >= 32 else f"{p.entropy_bits:.2f}"
             acc = "-" if p.accuracy is None else f"{p.accuracy:.1%}"

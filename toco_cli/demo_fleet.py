@@ -7,6 +7,7 @@ server's broker and serving inference over their loopback HTTP API.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
@@ -17,12 +18,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
 
 from toco_core.errors import TocoError
+
+if TYPE_CHECKING:
+    from fleet_server.server import FleetServer, HttpThread
 
 FLEET = "demo"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -68,10 +72,8 @@ def _stop_with_parent() -> None:
     The demo's own shutdown stops its agents; this covers a ``kill -9`` of the demo, which
     would otherwise leave three daemons running. Elsewhere: nothing.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -107,7 +109,7 @@ class AgentProcess:
         self.config_path = root / "agent.toml"
         self.api_port = free_port()
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
         d = device
         values = {"device_id": d.device_id, "fleet": FLEET, "group": d.group, "broker_url": broker_url,
                   "state_dir": self.state_dir, "public_key": public_key, "api_port": self.api_port,
@@ -128,7 +130,7 @@ class AgentProcess:
 
     def start(self) -> None:
         """Spawn the daemon (it keeps running until ``stop``)."""
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      preexec_fn=_stop_with_parent)
@@ -190,8 +192,8 @@ class DemoFleet:
             kw["analysis"] = analysis
         self.settings = FleetSettings(**kw)
         self.drift = drift or {}
-        self.server = None
-        self.http = None
+        self.server: FleetServer | None = None
+        self.http: HttpThread | None = None
         self.api: httpx.Client | None = None
         self.token = ""  # the admin API token start_server makes
         self.agents: dict[str, AgentProcess] = {}
@@ -204,30 +206,32 @@ class DemoFleet:
     def start_server(self) -> None:
         """Server with its broker, then the HTTP API and dashboard."""
         from fleet_server.api import create_app
+        from fleet_server.auth import create_token
         from fleet_server.server import FleetServer, HttpThread
 
-        from fleet_server.auth import create_token
-
-        self.server = FleetServer(self.settings).start()
-        self.http = HttpThread(create_app(self.server), self.settings.http_host, self.settings.http_port).start()
+        self.server = server = FleetServer(self.settings).start()
+        self.http = http = HttpThread(create_app(server), self.settings.http_host, self.settings.http_port).start()
         # the API and the dashboard need a token: the demo makes an admin one and prints how to use it
-        self.token, _ = create_token(self.server.db, role="admin", name="demo admin")
-        self.api = httpx.Client(base_url=self.http.url, timeout=60, headers={"Authorization": f"Bearer {self.token}"})
+        self.token, _ = create_token(server.db, role="admin", name="demo admin")
+        self.api = httpx.Client(base_url=http.url, timeout=60, headers={"Authorization": f"Bearer {self.token}"})
 
     def start_agents(self) -> None:
         """One agent process per device in ``self.devices``, enrolled in its group and provisioned with the
         server's public key (as an operator does with `toco-fleet devices enroll`; no auto-enroll)."""
         from fleet_server.enrollment import enroll
 
+        server = self.server
+        assert server is not None, "start_server() first"
         for d in self.devices:
-            enroll(self.server.db, d.device_id, d.group)
-            agent = AgentProcess(d, self.workdir / "agents" / d.device_id, self.server.broker_url,
-                                 self.server.public_key_path, self.drift)
+            enroll(server.db, d.device_id, d.group)
+            agent = AgentProcess(d, self.workdir / "agents" / d.device_id, server.broker_url,
+                                 server.public_key_path, self.drift)
             agent.start()
             self.agents[d.device_id] = agent
 
     def call(self, method: str, path: str, **kw) -> Any:
         """One API call; a 4xx/5xx becomes a DemoError with the server's message."""
+        assert self.api is not None, "start_server() first"
         r = self.api.request(method, path, **kw)
         if r.status_code >= 400:
             raise DemoError(f"{method} {path} answered {r.status_code}: {r.text[:300]}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from rich import box
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from toco_cli.demo_fleet import CAMERA, SHIFTED, DemoDevice, DemoError, DemoFleet, wait_for
@@ -67,7 +67,7 @@ def follow_analysis(fleet: DemoFleet, analysis_id: str, timeout: float) -> dict:
     end = time.monotonic() + timeout
     with Progress(TextColumn("  {task.description:18s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
         while True:
             a = fleet.call("GET", f"/api/analyses/{analysis_id}")
             p = a["progress"]
@@ -113,9 +113,13 @@ def size_camera_box(fleet: DemoFleet, analysis_id: str, budget: float = 0.01) ->
     if None in others.values():
         missing = sorted(k for k, v in others.items() if not v)
         raise DemoError(f"the what-if finds no plan within {budget:.0%} for {missing}")
-    taken = {p.label for p in others.values()}
+    plans = {k: v for k, v in others.items() if v is not None}  # all of them (checked above)
+    taken = {p.label for p in plans.values()}
     camera = next(d for d in fleet.devices if d.device_id == CAMERA)
-    for kb in range((others[SHIFTED].predicted_storage_bytes - 1) // 1000, 0, -1):
+    shifted_bytes = plans[SHIFTED].predicted_storage_bytes
+    if shifted_bytes is None:
+        raise DemoError("the what-if gave the line PC's plan no storage size")
+    for kb in range((shifted_bytes - 1) // 1000, 0, -1):
         plan = best_plan(camera, kb * 1000)
         if plan is None:
             break

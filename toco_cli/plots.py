@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from toco_core.analysis_result import AnalysisResult
+from toco_core.curve_operators import CurveOperator
 
 
 def plot_analysis(result: AnalysisResult, path: Path) -> Path:
@@ -17,15 +18,17 @@ def plot_analysis(result: AnalysisResult, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(result.tolerances.quant)
-    data = [np.log10(np.maximum(result.tolerances.quant[k].ravel(), 1e-12)) for k in names]
+    tmap = result.tolerances
+    assert tmap is not None, "a finished analysis has its tolerance map"
+    names = list(tmap.quant)
+    data = [np.log10(np.maximum(tmap.quant[k].ravel(), 1e-12)) for k in names]
     ax1.boxplot(data, showfliers=False)
     ax1.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right", fontsize=8)
     ax1.set_ylabel("log10 tau_hat")
     ax1.set_title("per-layer tolerance")
-    prune = result.curves["prune"].points
+    prune = result.curves[CurveOperator.PRUNE].points
     ax2.plot([p.sparsity for p in prune], [p.disagreement for p in prune], "o-", label="prune (x = sparsity)")
-    quant = result.curves["quantize"].points
+    quant = result.curves[CurveOperator.QUANTIZE].points
     ax2.plot([1 - p.entropy_bits / 32 for p in quant], [p.disagreement for p in quant], "s-",
              label="quantize (x = 1 - bits/32)")
     budget = result.manifest.settings.get("budget", 0.01)

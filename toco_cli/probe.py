@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -58,7 +59,7 @@ def probe(
 ) -> None:
     """Probe this box (memory, storage, CPU, onnxruntime formats, GEMM speed) and print its profile."""
     # Parse the budgets first: a typo should fail before the probe spends any time.
-    budgets = dict(
+    budgets: dict[str, Any] = dict(
         memory=parse_size(memory) if memory is not None else None,
         storage=parse_size(storage) if storage is not None else None,
         latency_s=parse_duration(latency) if latency is not None else None,

@@ -117,6 +117,7 @@ def _inputs(model: Path | None, analysis: Path | None, bundle: Path | None, budg
         parts = unpack_bundle(bundle.read_bytes())
         source, result, _ = source_from_parts(parts)
         return parts, source, result
+    assert model is not None and analysis is not None  # checked above
     base, result = load_model(model), load_result(analysis)
     from toco_core.recompress import as_source
 

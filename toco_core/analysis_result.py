@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
@@ -25,6 +26,7 @@ from toco_core import __version__
 from toco_core.atomic_files import atomic_write
 from toco_core.calibration import CalibrationCurve
 from toco_core.errors import AnalysisError
+from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch, from_arrays, to_arrays
 from toco_core.plan_table import PlanTable, load_plan_table, save_plan_table
 from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_tolerance_map
@@ -57,19 +59,19 @@ class AnalysisManifest(BaseModel):
     model_sha256: str
     input_name: str
     input_shape: list[int | None]
-    output_kind: str
+    output_kind: OutputKind
     # the tensor every fidelity figure is measured on (toco_core.output_tail); None in analyses made
     # before output selection, which scored the first graph output
     scored_output: str | None = None
     weights: int
-    settings: dict
+    settings: dict[str, Any]
     rounds: list[RoundStats]
     samples_used: int
     pool_size: int
     heldout_size: int
     base_accuracy: float | None = None
     timings: dict[str, float]
-    tensors: list[dict]
+    tensors: list[dict[str, Any]]
     files: dict[str, str] = {}
 
 
@@ -101,12 +103,14 @@ def _sha(path: Path) -> str:
 def save_result(result: AnalysisResult, out: Path) -> Path:
     """Write the directory atomically enough: arrays first, manifest (with file hashes) last."""
     out.mkdir(parents=True, exist_ok=True)
+    if result.tolerances is None:
+        raise ValueError("only an analysis with its tolerance map can be saved")
     save_tolerance_map(result.tolerances, out / "tolerance.safetensors")
     (out / "calibration.json").write_text(json.dumps({k: c.model_dump() for k, c in result.curves.items()}, indent=1))
     arrays = {**to_arrays("analysis_x", result.analysis_x), **to_arrays("heldout_x", result.heldout_x)}
     if result.heldout_y is not None:
         arrays["heldout_y"] = result.heldout_y
-    np.savez_compressed(out / "samples.npz", **arrays)
+    np.savez_compressed(out / "samples.npz", **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     if result.plans is None:
         raise AnalysisError("the analysis has no plan table", "re-run the analysis with this version")
     save_plan_table(result.plans, out / "plans.safetensors")
@@ -141,7 +145,7 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
         curves = {k: CalibrationCurve.model_validate(v) for k, v in json.loads((path / "calibration.json").read_text()).items()}
         with np.load(path / "samples.npz", allow_pickle=False) as z:
             ax, hx = from_arrays("analysis_x", z), from_arrays("heldout_x", z)
-            hy = z["heldout_y"] if "heldout_y" in z else None
+            hy = z.get("heldout_y")
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
     return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,

@@ -9,22 +9,23 @@ conservative reading for a device predicting its fidelity.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 from pydantic import BaseModel, Field
 
+from toco_core.curve_operators import PLANNED as PLANNED  # the curves a plan is taken from
+from toco_core.curve_operators import CurveOperator, curve_operator
 from toco_core.fidelity import OutputKind, compare_outputs
 from toco_core.runtime import run_model
+from toco_core.runtime_forms import INT8
 
-Operator = Literal["prune", "quantize", "prune+quantize", "int8"]
-# calibration samples onnxruntime's int8 calibrator sees (activation ranges); more add time, not accuracy
-INT8_CALIBRATION_SAMPLES = 100
-# the curves a plan is taken from; ``master`` is the sweep that fixed the master precision
-# (its points are not functions of the final master) and ``int8`` a runtime's own cost
-PLANNED = ("prune", "quantize", "prune+quantize")
+# calibration samples onnxruntime's int8 calibrator sees (activation ranges), as a box's int8 build
+INT8_CALIBRATION_SAMPLES = INT8.range_samples
+# Besides the PLANNED curves an analysis holds ``master``, the sweep that fixed the master
+# precision (its points are not functions of the final master), and ``int8``, a runtime's own cost.
+
 # KL(base || compressed) below this (nats per sample) is indistinguishable from float rounding
 # and sample noise on a few hundred samples: the int8 runtime alone measures 1e-5-1.2e-4. At
 # 1e-3 the MLP's roomy plan flipped 0.4% of unseen digits while its curve said 0.07%.
@@ -49,7 +50,7 @@ class CurvePoint(BaseModel):
 class CalibrationCurve(BaseModel):
     """Measured points of one operator, ordered by its scale, with a monotone disagreement."""
 
-    operator: Operator
+    operator: CurveOperator
     samples: int
     points: list[CurvePoint]
 
@@ -61,7 +62,8 @@ def _isotonic(x: list[float], y: list[float]) -> np.ndarray:
     """
     from sklearn.isotonic import IsotonicRegression  # analysis side only
 
-    return IsotonicRegression(increasing=True).fit_transform(np.asarray(x, float), np.asarray(y, float))
+    result: np.ndarray = IsotonicRegression(increasing=True).fit_transform(np.asarray(x, float), np.asarray(y, float))
+    return result
 
 
 def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
@@ -83,7 +85,8 @@ def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
     for p in points:
         rows.setdefault(p.prune_scale, []).append(p)
     fitted = {ps: monotone(row, "quant_scale") for ps, row in sorted(rows.items())}
-    out, best = [], {}
+    out: list[CurvePoint] = []
+    best: dict[float, tuple[float, float]] = {}
     for ps in sorted(fitted):
         for p in fitted[ps]:
             d = max(p.disagreement, best.get(p.quant_scale, (0.0, 0.0))[0])
@@ -109,7 +112,7 @@ def measure_int8(model: onnx.ModelProto, x: np.ndarray, base_out: np.ndarray, la
     fid = compare_outputs(base_out, run_model(q, x), labels, kind)
     point = CurvePoint(disagreement=fid.disagreement, kl=fid.kl, accuracy=fid.accuracy, sparsity=0.0,
                        entropy_bits=32.0, fixed_bits=8.0)
-    return CalibrationCurve(operator="int8", samples=len(x), points=[point])
+    return CalibrationCurve(operator=CurveOperator.INT8, samples=len(x), points=[point])
 
 
 def noise_floor(samples: int) -> float:
@@ -117,13 +120,13 @@ def noise_floor(samples: int) -> float:
     return 1.0 / max(samples, 1)
 
 
-def int8_scale(curves: dict[str, CalibrationCurve]) -> float:
+def int8_scale(curves: Mapping[str, CalibrationCurve]) -> float:
     """Quant scale up to which the quantize curve measured no cost beyond its noise floor.
 
     The int8 runtime keeps a layer in int8 only where its weight error is within tau_hat times
     this scale (or the plan's own quant scale, if larger). 0 when no such point exists.
     """
-    curve = curves.get("quantize")
+    curve = curves.get(CurveOperator.QUANTIZE)
     if curve is None:
         return 0.0
     free = [p.quant_scale for p in curve.points
@@ -131,15 +134,18 @@ def int8_scale(curves: dict[str, CalibrationCurve]) -> float:
     return max(free, default=0.0)
 
 
-def monotone_curve(operator: Operator, points: list[CurvePoint], samples: int) -> CalibrationCurve:
-    """A curve of already measured points, made monotone in its operator's scale."""
-    key = "prune_scale" if operator == "prune" else "quant_scale"
-    fitted = monotone_2d(points) if operator == "prune+quantize" else monotone(points, key)
-    return CalibrationCurve(operator=operator, samples=samples, points=fitted)
+def monotone_curve(operator: str, points: list[CurvePoint], samples: int) -> CalibrationCurve:
+    """A curve of already measured points, made monotone in its operator's scale (both for a joint one).
+
+    Raises UnregisteredNameError for an operator name no registry holds.
+    """
+    op = curve_operator(operator)
+    fitted = monotone_2d(points) if op.spec.joint else monotone(points, op.spec.scale)
+    return CalibrationCurve(operator=op, samples=samples, points=fitted)
 
 
 def measure_curve(
-    operator: Operator,
+    operator: str,
     grid: list[tuple[float, float]],
     measure: Callable[[float, float], CurvePoint],
     samples: int,
@@ -149,14 +155,16 @@ def measure_curve(
     """Measure ``grid`` (prune, quant) scale pairs in order; stop a 1-D sweep once it is useless.
 
     For single operators the grid is sorted by aggression and the sweep stops after the first
-    point whose disagreement exceeds ``stop_above``.
+    point whose disagreement exceeds ``stop_above``. Raises UnregisteredNameError for an
+    operator name no registry holds.
     """
+    joint = curve_operator(operator).spec.joint
     points: list[CurvePoint] = []
     for i, (ps, qs) in enumerate(grid):
         p = measure(ps, qs)
         points.append(p)
         if on_point:
             on_point(i + 1, len(grid))
-        if operator != "prune+quantize" and p.disagreement > stop_above:
+        if not joint and p.disagreement > stop_above:
             break
     return monotone_curve(operator, points, samples)

@@ -238,7 +238,9 @@ def _checks(window: DriftWindow, ref: DriftReference, s: DriftSettings) -> list[
                             in_band=psi <= high))
     # Under no shift each standardized feature mean z_j has variance <= v = 1/n + 1/n_ref, so
     # shift^2 = mean_j z_j^2 <= v (1 + k sqrt(2)) even if all features move together.
-    shift = input_shift(window.feature_mean(), ref, s.std_floor)
+    window_mean = window.feature_mean()
+    assert window_mean is not None, "the drift checks run on a window with samples"
+    shift = input_shift(window_mean, ref, s.std_floor)
     high = s.input_shift_margin + np.sqrt(v * (1 + k * np.sqrt(2)))
     checks.append(StatCheck(name="input_shift", value=shift, reference=0.0, low=0.0, high=float(high), n=n,
                             in_band=shift <= high))

@@ -1,4 +1,4 @@
-"""The kind of a drift alert: fidelity drift or data drift (issue 14).
+"""The kind of a drift alert: fidelity drift or data drift.
 
 Re-analysing with field samples fixes *fidelity drift*: the compressed model stops agreeing
 with its base on the new inputs, and a new compression fitted on them agrees again. It cannot fix

@@ -1,6 +1,6 @@
 """Rebase a drift reference on field windows: the new inputs become "in distribution".
 
-Two uses (issue 14): an operator accepts a data-drift alert's new data as normal, and, after a
+Two uses: an operator accepts a data-drift alert's new data as normal, and, after a
 re-analysis with field samples is deployed, the box's reference must include the field
 distribution so that a stable new distribution is in band (convergence: without it the box
 would alert again on the very bundle built for its inputs).

@@ -106,7 +106,8 @@ class DriftWindow:
         flat = flat_values(x)
         feats = input_features(flat, self.settings.input_features)
         xv = np.asarray(flat, dtype=np.float64)
-        base_top1 = dis = None
+        base_top1: np.ndarray | None = None
+        dis: np.ndarray | None = None
         if base_outputs is not None:
             base_lp = as_log_probs(base_outputs, self.kind)
             dis = per_sample_disagreement(base_lp, st.log_probs)
@@ -126,7 +127,7 @@ class DriftWindow:
             # the input as served (each input of a several-input model in its own dtype) for uploads
             sample = x[i] if isinstance(x, ModelInputs) else np.asarray(x[i])
             kept = _Kept(refs[i], sample, float(st.confidence[i]), int(st.top1[i]))
-            if dis is not None:
+            if dis is not None and base_top1 is not None:
                 kept.base_class, kept.disagreement = int(base_top1[i]), float(dis[i])
                 if dis[i] > 0:
                     self._push(self._disagree, kept)

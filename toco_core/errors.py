@@ -8,6 +8,7 @@ Hierarchy::
     ├── PoolError                a sample pool is missing, empty or does not fit the model input
     ├── AnalysisError            an analysis result directory is missing, corrupt or inconsistent
     ├── ConfigError              a configuration value or command-line option is invalid
+    ├── UnregisteredNameError    a runtime form or curve operator name no registry holds
     ├── DeviceError              a device profile cannot be probed or loaded
     ├── InfeasibleError          no compression plan meets the device limits within the fidelity budget
     ├── SelfTestError            a compressed model failed the self-test gate
@@ -19,6 +20,8 @@ The CLI prints ``str(err)`` on one line and exits with ``err.exit_code``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class TocoError(Exception):
@@ -65,6 +68,20 @@ class ConfigError(TocoError):
     """Raised when a configuration value or command-line option is invalid."""
 
 
+class UnregisteredNameError(TocoError):
+    """Raised when a runtime form or curve operator name is in no registry of this release.
+
+    ``kind`` says which registry (``"runtime form"``, ``"curve operator"``), ``name`` the name
+    asked for and ``known`` the registered ones.
+    """
+
+    def __init__(self, kind: str, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown {kind} {name!r}", "known: " + ", ".join(known))
+        self.kind = kind
+        self.name = name
+        self.known = known
+
+
 class DeviceError(TocoError):
     """Raised when a device profile cannot be probed or loaded."""
 
@@ -77,7 +94,7 @@ class InfeasibleError(TocoError):
 
     exit_code = 3
 
-    def __init__(self, message: str, needed: dict | None = None, best: dict | None = None) -> None:
+    def __init__(self, message: str, needed: dict[str, Any] | None = None, best: dict[str, Any] | None = None) -> None:
         super().__init__(message, "relax the limits or the fidelity budget")
         self.needed = needed or {}
         self.best = best or {}

@@ -8,7 +8,7 @@ positions whose top-1 differs from the base, and KL is averaged over positions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -28,11 +28,13 @@ def as_log_probs(out: np.ndarray, kind: OutputKind = "logits") -> np.ndarray:
     else:
         out = out[:, None, :]
     if kind == "probs":
-        return np.log(np.clip(out, 1e-12, None))
+        result: np.ndarray = np.log(np.clip(out, 1e-12, None))
+        return result
     if kind == "logprobs":
         return out
     z = out - out.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    result = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return result
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Fidelity:
         """1 - agreement."""
         return 1.0 - self.agreement
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON reports."""
         d = asdict(self)
         d["disagreement"] = self.disagreement
@@ -59,12 +61,14 @@ class Fidelity:
 
 def per_sample_disagreement(base_lp: np.ndarray, cand_lp: np.ndarray) -> np.ndarray:
     """Share of positions per sample where top-1 differs; inputs ``[N, P, C]``; returns ``[N]``."""
-    return (base_lp.argmax(-1) != cand_lp.argmax(-1)).mean(axis=1)
+    result: np.ndarray = (base_lp.argmax(-1) != cand_lp.argmax(-1)).mean(axis=1)
+    return result
 
 
 def per_sample_kl(base_lp: np.ndarray, cand_lp: np.ndarray) -> np.ndarray:
     """KL(p_base || p_cand) = sum_c p_b (log p_b - log p_c), mean over positions; returns ``[N]``."""
-    return (np.exp(base_lp) * (base_lp - cand_lp)).sum(-1).mean(axis=1)
+    result: np.ndarray = (np.exp(base_lp) * (base_lp - cand_lp)).sum(-1).mean(axis=1)
+    return result
 
 
 def compare_outputs(

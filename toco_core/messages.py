@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -317,8 +317,8 @@ class DriftMessage(AgentMessage, DriftReport):
 
     bundle_id: BundleId | None = None
     # the report's nested types again, as strict versioned wire types (same fields)
-    checks: list[DriftCheck] = Field(default_factory=list)
-    disputed: list[DisputedRef] = Field(default_factory=list, max_length=MAX_DISPUTED)
+    checks: list[DriftCheck] = Field(default_factory=list)  # type: ignore[assignment]  # narrower wire type
+    disputed: list[DisputedRef] = Field(default_factory=list, max_length=MAX_DISPUTED)  # type: ignore[assignment]
 
     @classmethod
     def from_report(cls, report: DriftReport, *, device_id: str, bundle_id: str | None) -> DriftMessage:
@@ -544,7 +544,7 @@ class MessageKind(StrEnum):
     PART = "part"
 
 
-_ADAPTERS: dict[MessageKind, TypeAdapter] = {
+_ADAPTERS: dict[MessageKind, TypeAdapter[Any]] = {
     MessageKind.STATE: TypeAdapter(StateMessage),
     MessageKind.TELEMETRY: TypeAdapter(TelemetryMessage),
     MessageKind.STATUS: TypeAdapter(StatusMessage),
@@ -602,7 +602,30 @@ def _explain(kind: str, exc: ValidationError) -> str:
     return f"invalid {kind} message: " + "; ".join(parts) + more
 
 
-def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
+@overload
+def parse_message(kind: Literal[MessageKind.STATE, "state"], payload: bytes | bytearray) -> StateMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.TELEMETRY, "telemetry"],
+                  payload: bytes | bytearray) -> TelemetryMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.STATUS, "status"], payload: bytes | bytearray) -> StatusMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.DRIFT, "drift"], payload: bytes | bytearray) -> DriftMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.SAMPLES, "samples"], payload: bytes | bytearray) -> SamplesMessage: ...
+@overload
+def parse_message(kind: Literal[MessageKind.CMD, "cmd"], payload: bytes | bytearray) -> ServerCommand: ...
+@overload
+def parse_message(kind: Literal[MessageKind.MANIFEST, "manifest"], payload: bytes | bytearray) -> BundleManifest: ...
+@overload
+def parse_message(kind: Literal[MessageKind.GET, "get"], payload: bytes | bytearray) -> ChunkRequest | PartRequest: ...
+@overload
+def parse_message(kind: Literal[MessageKind.CHUNK, "chunk"], payload: bytes | bytearray) -> Chunk: ...
+@overload
+def parse_message(kind: Literal[MessageKind.PART, "part"], payload: bytes | bytearray) -> Part: ...
+@overload
+def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Message: ...
+def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Message:
     """Validate wire bytes as the payload type of ``kind`` (a MessageKind value).
 
     Returns the model (for ``cmd`` the concrete command class; for ``chunk`` a Chunk).
@@ -620,7 +643,8 @@ def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
     if len(payload) > MAX_JSON_PAYLOAD:
         raise MessageError(f"{kind.value} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}", "send less per message")
     try:
-        return _ADAPTERS[kind].validate_json(payload)
+        message: Message = _ADAPTERS[kind].validate_json(payload)
+        return message
     except ValidationError as exc:
         if exc.errors() and exc.errors()[0].get("type") == "json_invalid":
             raise MessageError(f"{kind.value} payload is not valid JSON: {exc.errors()[0].get('msg')}",
@@ -628,7 +652,7 @@ def parse_message(kind: MessageKind | str, payload: bytes) -> Message:
         raise MessageError(_explain(kind.value, exc), "the sender must follow docs/protocol.md") from None
 
 
-def _frame(payload: bytes, what: str, max_data: int) -> tuple[dict, bytes]:
+def _frame(payload: bytes, what: str, max_data: int) -> tuple[dict[str, Any], bytes]:
     """Split a binary frame into its JSON header object and its data. Raises MessageError."""
     head, sep, data = payload.partition(b"\n")
     if not sep or len(head) > 1024:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -52,12 +52,13 @@ class ModelInputs:
         """The samples one by one, each a batch of one."""
         return (self[i] for i in range(len(self)))
 
+    @property
     def nbytes(self) -> int:
-        """Bytes held by all arrays."""
+        """Bytes held by all arrays (as an array's ``nbytes``: batch sizing reads ``x[0].nbytes``)."""
         return sum(v.nbytes for v in self.arrays.values())
 
 
-Batch = Union[np.ndarray, ModelInputs]
+Batch = np.ndarray | ModelInputs
 
 
 def feed(x: Batch, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -101,7 +102,7 @@ def from_arrays(key: str, arrays: dict[str, Any]) -> Batch:
     if key in arrays:
         return np.asarray(arrays[key])
     prefix = f"{key}/"
-    named = {k[len(prefix):]: np.asarray(arrays[k]) for k in arrays.keys() if k.startswith(prefix)}
+    named = {k[len(prefix):]: np.asarray(arrays[k]) for k in arrays if k.startswith(prefix)}
     if not named:
         raise KeyError(key)
     return ModelInputs(named)

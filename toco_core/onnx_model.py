@@ -69,7 +69,8 @@ def load_model(source: str | Path | bytes) -> onnx.ModelProto:
 
 def model_bytes(model: onnx.ModelProto) -> bytes:
     """Serialize a model deterministically."""
-    return model.SerializeToString(deterministic=True)
+    result: bytes = model.SerializeToString(deterministic=True)
+    return result
 
 
 def model_hash(model: onnx.ModelProto | bytes) -> str:
@@ -229,5 +230,6 @@ def output_kind(model: onnx.ModelProto) -> Literal["logits", "probs", "logprobs"
     out = model.graph.output[0].name
     for node in model.graph.node:
         if out in node.output:
-            return {"Softmax": "probs", "LogSoftmax": "logprobs"}.get(node.op_type, "logits")
+            kinds: dict[str, Literal["logits", "probs", "logprobs"]] = {"Softmax": "probs", "LogSoftmax": "logprobs"}
+            return kinds.get(node.op_type, "logits")
     return "logits"

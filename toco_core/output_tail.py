@@ -55,7 +55,7 @@ def detect_scored_output(model: onnx.ModelProto) -> str:
     """
     for out in model.graph.output:
         if _is_float_tensor(out.type):
-            return out.name
+            return str(out.name)
     types = _tensor_types(model)  # shape inference only where an internal tensor is needed
     producers = _producers(model)
     inits = {t.name for t in model.graph.initializer}
@@ -72,7 +72,7 @@ def detect_scored_output(model: onnx.ModelProto) -> str:
                     continue
                 seen.add(src)
                 if _is_float_tensor(types.get(src)):
-                    return src
+                    return str(src)
                 nxt.append(src)
         frontier = nxt
     raise ModelError(f"model {model.graph.name!r} has no float output or float tensor feeding its outputs",

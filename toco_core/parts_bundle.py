@@ -31,25 +31,32 @@ import lzma
 import numpy as np
 import onnx
 
-
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult
 from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, deltas_from_arrays
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
-from toco_core.calibration import INT8_CALIBRATION_SAMPLES, PLANNED, CalibrationCurve
+from toco_core.calibration import PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
 from toco_core.compression.nested import channel_axis_shape, octave_steps
 from toco_core.compression.storage import QuantizedTensor, _strip
 from toco_core.errors import BundleError
 from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.model_bundle import BundleInfo
+from toco_core.model_inputs import from_arrays, to_arrays
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
-from toco_core.model_inputs import from_arrays, to_arrays
+from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
-from toco_core.weight_planes import (LadderLayout, classes_from_planes, ladders_from_planes, lowest_bits,
-                                     plane_names, top_codes, weight_parts)
+from toco_core.weight_planes import (
+    LadderLayout,
+    classes_from_planes,
+    ladders_from_planes,
+    lowest_bits,
+    plane_names,
+    top_codes,
+    weight_parts,
+)
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
 FORMAT = 2  # bundle.json's parts format; 1 is the fp32 model + analysis directory
@@ -70,7 +77,7 @@ def _unlz(data: bytes, what: str) -> bytes:
 def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
     """Named arrays, losslessly: npz (no pickle) under LZMA."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     return _lz(buf.getvalue())
 
 
@@ -141,7 +148,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
             "analysis/manifest.json": result.manifest.model_copy(update={"rounds": [], "tensors": []})
             .model_dump_json().encode(),
             "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()
-                                                     if k in (*PLANNED, "int8")}).encode(),
+                                                     if k in (*PLANNED, *cost_curves())}).encode(),
             "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
             "ladder.json": layout.model_dump_json().encode()}
     parts["head"] = _lz(pack_bundle(head))
@@ -153,7 +160,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
     parts["calib/heldout"] = encode_calibration(held)
-    n_analysis = INT8_CALIBRATION_SAMPLES if "int8" in result.curves else 0
+    n_analysis = range_samples_needed(result.curves)
     if n_analysis:
         parts["calib/analysis"] = encode_calibration(to_arrays("x", result.analysis_x[:n_analysis]))
     if include_base:
@@ -206,7 +213,7 @@ class BundleHead:
                                                                          self.layout.prune_tree)]
             if self.bias_correction and self.layout.bias_parts:
                 names.append(bias_part_name(self.table, i))
-            if (self.bias_correction and not self.layout.bias_parts) or plan.runtime == "int8":
+            if (self.bias_correction and not self.layout.bias_parts) or runtime_form(plan.runtime).range_samples > 0:
                 names.append("calib/analysis")
         else:
             bits = [0] * len(self.layout.tensors)

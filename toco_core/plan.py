@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Runtime = Literal["fp32", "nbits", "int8"]
+from toco_core.runtime_forms import Runtime as Runtime  # the runtime forms' wire names
+from toco_core.runtime_forms import runtime_form
 
 
 class Policy(BaseModel):
@@ -28,7 +29,7 @@ class CompressionPlan(BaseModel):
 
     prune_scale: float = Field(ge=0, description="pruning scale = sparsity share (prune ranks <= s are zeroed)")
     quant_scale: float = Field(ge=0, description="mixed precision scale on tau_hat (0 = keep float)")
-    runtime: Runtime = "fp32"
+    runtime: Runtime = "fp32"  # toco_core.runtime_forms.FLOAT
     int8_scale: float = Field(0.0, ge=0, description="int8 runtime: scale on tau_hat the int8 weight error must stay within")
     structured: bool = True
     predicted_disagreement: float
@@ -40,13 +41,16 @@ class CompressionPlan(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short human name, e.g. ``prune 60% + quant s=0.28 / fp32``."""
+        """Short human name, e.g. ``prune 60% + quant s=0.28 / fp32`` (the form's label last).
+
+        Raises UnregisteredNameError for a runtime no registry holds (only unvalidated plans have one).
+        """
         parts = []
         if self.prune_scale > 0:
             parts.append(f"prune {self.prune_scale:.0%}")
         if self.quant_scale > 0:
             parts.append(f"quant s={self.quant_scale:.3g}")
-        return (" + ".join(parts) or "base") + f" / {self.runtime}"
+        return (" + ".join(parts) or "base") + f" / {runtime_form(self.runtime).label}"
 
 
 class LayerDecision(BaseModel):
@@ -93,5 +97,5 @@ class CompressionReport(BaseModel):
     p50_s: float | None = None
     self_test: SelfTestResult
     attempts: int
-    heldout_fidelity: dict | None = None
+    heldout_fidelity: dict[str, Any] | None = None
     seconds: float

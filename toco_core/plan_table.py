@@ -88,14 +88,16 @@ def plan_codes(table: PlanTable, ladders: dict[str, CodeLadder], classes: dict[s
 
 def plan_table_bytes(table: PlanTable) -> bytes:
     """The table as safetensors bytes with the scalars in its metadata."""
-    tensors = {"int8": table.int8.astype(np.uint8), "nbits_block": table.nbits_block.astype(np.uint16),
-               "kept_share": table.kept_share.astype(np.float64)}
+    tensors: dict[str, np.ndarray] = {"int8": table.int8.astype(np.uint8),
+                                      "nbits_block": table.nbits_block.astype(np.uint16),
+                                      "kept_share": table.kept_share.astype(np.float64)}
     for name in table.tensors:
         tensors[f"steps/{name}"] = table.master_steps[name].astype(np.float32)
         tensors[f"octaves/{name}"] = table.octaves[name].astype(np.uint8)
-    meta = {"format": FORMAT, "master_scale": repr(table.master_scale),
-            "prune_grid": json.dumps(list(table.prune_grid)), "points": json.dumps([list(p) for p in table.points]),
-            "tensors": json.dumps(list(table.tensors)), "out_axes": json.dumps(list(table.out_axes))}
+    meta: dict[str, str] = {"format": FORMAT, "master_scale": repr(table.master_scale),
+                            "prune_grid": json.dumps(list(table.prune_grid)),
+                            "points": json.dumps([list(p) for p in table.points]),
+                            "tensors": json.dumps(list(table.tensors)), "out_axes": json.dumps(list(table.out_axes))}
     # one metadata key: safetensors writes a metadata map in per-process hash order, and a bundle's
     # bytes must not depend on the process that packed it
     return save(tensors, metadata={"toco": json.dumps(meta, sort_keys=True)})

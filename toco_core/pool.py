@@ -9,12 +9,16 @@ what is wrong with which file and what the model expects.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from toco_core.errors import PoolError
 from toco_core.model_inputs import Batch, ModelInputs
 from toco_core.onnx_model import InputSpec
+
+if TYPE_CHECKING:
+    from toco_core.preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -29,7 +33,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 if not keys:
                     raise PoolError(f"pool {path} holds no arrays", "save the inputs as array 'x'")
                 x = z["x"] if "x" in z else z[keys[0]]
-                y = z["y"] if "y" in z else None
+                y = z.get("y")
                 return x, y
     except PoolError:
         raise
@@ -38,7 +42,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     raise PoolError(f"pool {path} has an unknown suffix {path.suffix!r}", "use .npy, .npz or an image folder")
 
 
-def _load_images(folder: Path, preprocessing) -> np.ndarray:
+def _load_images(folder: Path, preprocessing: Preprocessing) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     from toco_core.preprocessing import preprocess
@@ -90,7 +94,7 @@ def _load_named(path: Path, specs: list[InputSpec]) -> tuple[ModelInputs, np.nda
                         "save one array per input name with numpy.savez(f, **{name: array}, y=labels)")
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.keys()}
+            arrays = {k: z[k] for k in z.files}
     except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors
         raise PoolError(f"pool {path} is not a readable numpy file: {exc}", "write it with numpy.savez") from None
     missing = [n for n in names if n not in arrays]
@@ -105,7 +109,7 @@ def load_pool(
     source: str | Path,
     spec: InputSpec | list[InputSpec],
     labels: str | Path | None = None,
-    preprocessing=None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[Batch, np.ndarray | None]:
     """Load a pool for the model inputs: returns (x, y or None).
 

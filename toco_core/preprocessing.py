@@ -79,7 +79,8 @@ def convert_color(img: np.ndarray, color: Literal["grayscale", "rgb"]) -> np.nda
 def _box_shrink(img: np.ndarray, fy: int, fx: int) -> np.ndarray:
     h, w = (img.shape[0] // fy) * fy, (img.shape[1] // fx) * fx
     c = img.shape[2]
-    return img[:h, :w].reshape(h // fy, fy, w // fx, fx, c).mean(axis=(1, 3))
+    result: np.ndarray = img[:h, :w].reshape(h // fy, fy, w // fx, fx, c).mean(axis=(1, 3))
+    return result
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,7 +106,8 @@ def resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     y0, y1, wy = _axis_weights(img.shape[0], th)
     x0, x1, wx = _axis_weights(img.shape[1], tw)
     rows = img[y0] * (1 - wy)[:, None, None] + img[y1] * wy[:, None, None]
-    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    result: np.ndarray = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    return result
 
 
 def preprocess(image: np.ndarray, prep: Preprocessing) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ _ORT_ERRORS = (ModelError, RuntimeError, ValueError, ort.capi.onnxruntime_pybind
 _OPSET = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
 
 
-def _model(nodes: list, inputs: list, outputs: list, inits: list) -> onnx.ModelProto:
+def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
+           inits: list[onnx.TensorProto]) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "probe", inputs, outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=_OPSET, ir_version=8)
 
@@ -55,8 +57,8 @@ def _matmul_integer_model(n: int) -> onnx.ModelProto:
 
 def _qdq_model() -> onnx.ModelProto:
     w = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.float32(0.05), "s"),
-             numpy_helper.from_array(np.int8(0), "z")]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"]),
@@ -91,7 +93,7 @@ def _runs(model: onnx.ModelProto) -> bool:
 
 def supported_formats() -> list[RuntimeFormat]:
     """The RuntimeFormats whose kernels this onnxruntime loads and runs."""
-    checks = {
+    checks: dict[RuntimeFormat, Callable[[], bool]] = {
         RuntimeFormat.FP32: lambda: True,
         RuntimeFormat.QDQ_INT8: lambda: _runs(_qdq_model()) and _runs(_matmul_integer_model(8)),
         RuntimeFormat.MATMUL_NBITS4: lambda: _runs(_matmul_nbits_model(4)),
@@ -100,7 +102,7 @@ def supported_formats() -> list[RuntimeFormat]:
     return [fmt for fmt, check in checks.items() if check()]
 
 
-def _best_time(session: ort.InferenceSession, feeds: dict, budget_s: float) -> float:
+def _best_time(session: ort.InferenceSession, feeds: dict[str, np.ndarray], budget_s: float) -> float:
     session.run(None, feeds)  # warm-up: pre-packing and arena allocation
     best, start = float("inf"), time.perf_counter()
     for _ in range(50):

@@ -44,12 +44,14 @@ def vote_entropy(member_lp: np.ndarray) -> np.ndarray:
     share = np.stack([(votes == k).mean(0) for k in range(c)], axis=-1)  # [N, P, C]
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(share > 0, share * np.log(share), 0.0).sum(-1)
-    return h.mean(-1)
+    result: np.ndarray = h.mean(-1)
+    return result
 
 
 def mean_kl_to_base(base_lp: np.ndarray, member_lp: np.ndarray) -> np.ndarray:
     """Mean over members of KL(p_base || p_member) per sample; ``[N]``."""
-    return np.mean([per_sample_kl(base_lp, lp) for lp in member_lp], axis=0)
+    result: np.ndarray = np.mean([per_sample_kl(base_lp, lp) for lp in member_lp], axis=0)
+    return result
 
 
 def disagreement_score(base_lp: np.ndarray, member_lp: np.ndarray) -> np.ndarray:
@@ -58,7 +60,8 @@ def disagreement_score(base_lp: np.ndarray, member_lp: np.ndarray) -> np.ndarray
     Vote entropy is 0 for most samples at a small committee scale; the KL term orders them.
     """
     all_lp = np.concatenate([base_lp[None], member_lp])
-    return vote_entropy(all_lp) + mean_kl_to_base(base_lp, member_lp)
+    result: np.ndarray = vote_entropy(all_lp) + mean_kl_to_base(base_lp, member_lp)
+    return result
 
 
 def committee_disagreement(base_lp: np.ndarray, member_lp: np.ndarray) -> float:

@@ -15,22 +15,21 @@ import numpy as np
 import onnx
 
 from toco_core.analysis_result import AnalysisResult
-from toco_core.calibration import INT8_CALIBRATION_SAMPLES
 from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts
-from toco_core.compression.matmul_nbits import quantize_matmul_nbits
 from toco_core.compression.mixed_precision import channel_bits
-from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8
 from toco_core.compression.storage import dequantize, encode_model
-from toco_core.compression.structured import remove_output_channels, removable_channels
+from toco_core.compression.structured import removable_channels, remove_output_channels
 from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
+from toco_core.fidelity import OutputKind
 from toco_core.measure import p50_latency, session_rss
 from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
-from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy
+from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
+from toco_core.plan_table import plan_codes
+from toco_core.runtime_forms import FLOAT, BuildStep, runtime_form
 from toco_core.selftest import self_test
-from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.solver import SESSION_OVERHEAD, device_limits, is_base_plan, less_aggressive, plans_for_device
 from toco_core.units import format_size
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
@@ -45,14 +44,6 @@ class BuiltModel:
     runnable: onnx.ModelProto
     storage: bytes
     layers: list[LayerDecision]
-
-
-def _int8_layers(table: PlanTable, i: int) -> list[str]:
-    return [t for k, t in enumerate(table.tensors) if table.int8[i, k]]
-
-
-def _nbits_layers(table: PlanTable, i: int) -> dict[str, tuple[int, int]]:
-    return {t: (4, int(table.nbits_block[i, k])) for k, t in enumerate(table.tensors) if table.nbits_block[i, k]}
 
 
 def _correction(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo]) -> BiasCorrection:
@@ -95,7 +86,7 @@ def fit_point_deltas(model: onnx.ModelProto | WeightSource, result: AnalysisResu
 def _base_built(source: WeightSource, infos: list[WeightInfo]) -> BuiltModel:
     """The base plan: the fp32 base itself, or the master model where only parts are at hand."""
     layers = [LayerDecision(name=i.name, op_type=i.op_type, weights=i.size, sparsity=0.0, mean_bits=32.0,
-                            channels_kept=i.shape[i.out_axis], channels=i.shape[i.out_axis], runtime_format="fp32")
+                            channels_kept=i.shape[i.out_axis], channels=i.shape[i.out_axis], runtime_format=FLOAT.name)
               for i in infos]
     return BuiltModel(source.reference, model_bytes(source.reference), layers)
 
@@ -107,10 +98,11 @@ def as_source(model: onnx.ModelProto | WeightSource, result: AnalysisResult) -> 
 
 def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: CompressionPlan) -> BuiltModel:
     """Apply a plan: the point's codes from the master (toco_core.plan_table.plan_codes), corrected
-    biases, dead channels removed, the runtime format the analysis chose per layer, storage form.
+    biases, dead channels removed, the plan's runtime form (its build step, toco_core.runtime_forms)
+    on the layers the analysis chose for it, storage form.
 
     Takes the fp32 base or a WeightSource (parts). Raises AnalysisError for a point the analysis
-    did not measure or an analysis without a plan table.
+    did not measure or an analysis without a plan table, UnregisteredNameError for an unknown form.
     """
     source = as_source(model, result)
     table = require_plans(result)
@@ -130,21 +122,9 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
         if any(m.any() for m in drop.values()):
             runnable = remove_output_channels(float_model, drop)
             kept = {k: int((~m).sum()) for k, m in drop.items()}
-    formats = {i.name: "fp32" for i in infos}
-    if plan.runtime == "int8":
-        # activation ranges from the analysis samples, not the calibration samples: the self-test
-        # on the latter must stay out of sample (ranges fitted to them looked 0.5 points better
-        # than on unseen digits for the MLP)
-        nodes = nodes_of_weights(runnable, _int8_layers(table, i))
-        if nodes:
-            runnable = quantize_qdq_int8(runnable, nodes, result.analysis_x[:INT8_CALIBRATION_SAMPLES])
-            formats.update({k: "qdq_int8" for k in _int8_layers(table, i)})
-    if plan.runtime == "nbits":
-        shrunk = {w.name for w in compressible_weights(runnable)}
-        choices = {k: c for k, c in _nbits_layers(table, i).items() if k in shrunk}
-        if choices:
-            runnable = quantize_matmul_nbits(runnable, choices)
-            formats.update({k: f"nbits{b}/b{blk}" for k, (b, blk) in choices.items()})
+    formats = {i.name: FLOAT.name for i in infos}
+    runnable, converted = runtime_form(plan.runtime).build(BuildStep(runnable, table, i, result.analysis_x))
+    formats.update(converted)
     by_name = {q.name: q for q in tensors}
     layers = [LayerDecision(
         name=i.name, op_type=i.op_type, weights=i.size, sparsity=float((by_name[i.name].codes == 0).mean()),
@@ -155,7 +135,8 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     return BuiltModel(runnable, storage, layers)
 
 
-def _fair_p50(candidate, base, x1, threads: int, base_p50: float) -> float:
+def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: np.ndarray, threads: int,
+              base_p50: float) -> float:
     """Candidate p50; when it looks slower, measure both again and keep the candidate's best
     ratio (shared machines are noisy; one unlucky run must not reject a good model)."""
     p50 = p50_latency(candidate, x1, threads)
@@ -171,7 +152,7 @@ def _rss_matters(plan: CompressionPlan, memory_limit: int, weight_bytes: int) ->
     """Measure session RSS (a child process, ~1 s) only where it can decide something: the estimate
     is within 2x of the limit, or the weights are a visible part of RSS and the runtime is not
     fp32 (heavier than the base?). Small models far below their limit skip it."""
-    return plan.predicted_memory * 2 > memory_limit or (plan.runtime != "fp32" and weight_bytes > SESSION_OVERHEAD)
+    return plan.predicted_memory * 2 > memory_limit or (plan.runtime != FLOAT.name and weight_bytes > SESSION_OVERHEAD)
 
 
 @dataclass
@@ -182,22 +163,23 @@ class _Context:
     base_bytes: bytes
     base_out: np.ndarray
     x: Batch
-    kind: str
+    kind: OutputKind
     threads: int
     base_p50: float
     memory: int
     storage: int
     weight_bytes: int
     measure_memory: bool
-    base_rss: list  # [] until first measured, then [bytes or None]
+    base_rss: list[int | None]  # [] until first measured, then [bytes or None]
     scored: str | None = None  # the analysis' scored tensor (toco_core.output_tail); None: the first output
 
 
-def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy):
+def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy,
+           ) -> tuple[SelfTestResult, float | None, int | None, str | None]:
     """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
     gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement, policy.budget, ctx.kind)
     if not gate.passed:
-        return gate, None, None, "self-test {:.2%} > {:.2%} + {:.2%}".format(gate.measured, gate.predicted, gate.margin)
+        return gate, None, None, f"self-test {gate.measured:.2%} > {gate.predicted:.2%} + {gate.margin:.2%}"
     if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
         return gate, None, None, f"storage {format_size(len(built.storage))} over the limit"
     p50 = _fair_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads, ctx.base_p50)
@@ -210,8 +192,8 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
         if not ctx.base_rss:
             ctx.base_rss.append(session_rss(ctx.base_bytes, shapes(ctx.x[:1])))
         rss = session_rss(model_bytes(built.runnable), shapes(ctx.x[:1]))
-        heavier = rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0] and plan.runtime != "fp32"
-        if heavier or (rss is not None and rss > ctx.memory):
+        heavier = rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0] and plan.runtime != FLOAT.name
+        if rss is not None and (heavier or rss > ctx.memory):  # heavier implies an RSS
             return gate, p50, rss, f"session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"
     return gate, p50, rss, None
 
@@ -257,6 +239,7 @@ def recompress(
     infos = compressible_weights(model)
     base_bytes = model_bytes(model)
     mem, sto = device_limits(profile, policy)
+    assert mem is not None and sto is not None, "a device profile gives both limits"
     plans = plans_for_device(result, infos, len(base_bytes), profile, policy)
     all_plans = list(plans)
     x = result.heldout_x
@@ -273,9 +256,9 @@ def recompress(
         if before_build is not None:
             before_build(plan)
         built = build(source, result, plan)
-        if plan.runtime != "fp32" and all(layer.runtime_format == "fp32" for layer in built.layers):
+        if plan.runtime != FLOAT.name and all(layer.runtime_format == FLOAT.name for layer in built.layers):
             # no layer fitted the format: this is the fp32 plan of the same scales, say so
-            plan = next((p for p in all_plans if p.runtime == "fp32" and (p.prune_scale, p.quant_scale)
+            plan = next((p for p in all_plans if p.runtime == FLOAT.name and (p.prune_scale, p.quant_scale)
                          == (plan.prune_scale, plan.quant_scale)), plan)
         gate, p50, rss, failure = _check(ctx, plan, built, policy)
         if failure is None:

@@ -43,6 +43,7 @@ import lzma
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -156,7 +157,7 @@ def _unshuffle(buf: bytes, width: int) -> bytes:
     return np.frombuffer(buf, np.uint8).reshape(width, -1).T.tobytes()
 
 
-def _lzma_filters(dict_size: int) -> list[dict]:
+def _lzma_filters(dict_size: int) -> list[dict[str, Any]]:
     return [{"id": lzma.FILTER_LZMA2, "preset": _PRESET, "dict_size": dict_size}]
 
 
@@ -212,11 +213,11 @@ def _forms(x: np.ndarray) -> list[_Form]:
     """The storage forms worth trying: a float's table form and raw (all distinct values make the
     table larger than raw); an integer's offset form (never larger than raw); else raw."""
     if x.dtype.kind == "f" and x.dtype.itemsize in (2, 4, 8):
-        form = _table_form(x)
-        return ([] if form is None else [_Form("table", form[1], form[0])]) + [_Form("raw", x)]
+        table = _table_form(x)
+        return ([] if table is None else [_Form("table", table[1], table[0])]) + [_Form("raw", x)]
     if x.dtype.kind in "iu":
-        form = _offset_form(x)
-        return [_Form("raw", x) if form is None else _Form("offset", form[1], lo=form[0])]
+        offset = _offset_form(x)
+        return [_Form("raw", x) if offset is None else _Form("offset", offset[1], lo=offset[0])]
     return [_Form("raw", x.view(np.uint8) if x.dtype.kind == "b" else x)]
 
 
@@ -227,7 +228,7 @@ def _pack(forms: list[_Form], n_trial: int) -> tuple[_Form, str, bool, tuple[int
     winner is then compressed on the whole array, unless the prefix was the whole array.
     Transforms apply to table and offset codes (image-like integers), not to raw words.
     """
-    best = None
+    best: tuple[_Form, str, bool, tuple[int, int, bytes], bool] | None = None
     for form in forms:
         trial = _prefix(form.codes, n_trial)
         transforms = _transforms(trial) if form.mode != "raw" else ("none",)
@@ -237,6 +238,7 @@ def _pack(forms: list[_Form], n_trial: int) -> tuple[_Form, str, bool, tuple[int
                 packed = _compress(_body(form.table_bytes, trial, t, sh))
                 if best is None or len(packed[2]) < len(best[3][2]):  # ties keep the simpler form (listed first)
                     best = (form, t, sh, packed, trial is form.codes)
+    assert best is not None, "there is always at least the raw form"
     form, t, sh, packed, whole = best
     if not whole:
         packed = _compress(_body(form.table_bytes, form.codes, t, sh))

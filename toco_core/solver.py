@@ -2,12 +2,16 @@
 
 Planning reads only numbers (curve points, the prune ranks, byte counts); nothing is
 compressed or run here, so it takes milliseconds. Every candidate is a measured curve point
-(prune scale, quant scale) in one of the runtime forms:
+(prune scale, quant scale) in one of the runtime forms of toco_core.runtime_forms, each
+offered when the box runs its format and the analysis has what it needs:
 
 - ``fp32``: float weights at run time, zero channels removed (real RAM and time saving);
 - ``nbits``: as fp32, with MatMul/Gemm weights in MatMulNBits 4-bit (saves RAM);
 - ``int8``: full QDQ int8 (weights and activations; QLinearConv / QGemm at run time), offered
   when the box runs that format and the analysis measured its cost (the ``int8`` curve).
+
+The forms' memory predictions, point predictions and tie ranks are read from the registry; the
+storage prediction is the point's, whatever the form.
 
 Predictions are the isotonic curve values themselves: a fair estimate of the held-out
 disagreement (the self-test compares it with a measurement). Feasible: predicted
@@ -17,30 +21,28 @@ or memory) than the base. Objective ``fidelity`` ranks by predicted disagreement
 where differences below the measurement's noise floor are ties, then by storage and memory
 (the smaller plan wins a tie); ``size`` ranks by storage, then memory, then disagreement.
 ``nbits`` has no measured cost of its own (its prediction is the fp32 point's), so at equal
-storage it comes after the measured runtimes: it is chosen where memory limits need it.
+storage it comes after the measured runtimes (RuntimeForm.measured): it is chosen where memory
+limits need it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from toco_core.analysis_result import AnalysisResult
-from toco_core.calibration import KL_NOISE_FLOOR, PLANNED, CurvePoint, int8_scale, noise_floor
-from toco_core.device import DeviceProfile, RuntimeFormat, usable_memory, usable_storage
+from toco_core.calibration import KL_NOISE_FLOOR, PLANNED, CurvePoint, noise_floor
+from toco_core.device import DeviceProfile, usable_memory, usable_storage
 from toco_core.errors import InfeasibleError
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan import CompressionPlan, Policy
+from toco_core.runtime_forms import FLOAT, INT8, NBITS, RUNTIME_FORMS, RuntimeForm, offered_shares, runtime_form
+from toco_core.runtime_forms import SESSION_OVERHEAD as SESSION_OVERHEAD  # recompress reads it here
 from toco_core.units import format_size
 from toco_core.weight_source import require_plans
 
-# onnxruntime's own session + arena cost for a small CPU model, measured here (13.3-14 MB RSS
-# growth for LeNet-5 and the MLP, whose weights are < 1 MB).
-SESSION_OVERHEAD = 13 * 1024 * 1024
-# RSS per byte of run-time weights: onnxruntime keeps the initializer and a repacked copy
-# (NCHWc / prepacked GEMM), plus activations; measured on the 5M CNN: fp32 44.8 MB over the
-# overhead for 18 MB of weights, QDQ int8 12.1 MB for 4.5 MB.
-FP32_RSS_FACTOR = 2.5
-INT8_RSS_FACTOR = 2.7
 # Per output channel in the storage form: a float16 step (2 B) and LZMA-packed side information
 # (~1.3 B); the non-weight bytes of the ONNX file (graph, biases) shrink to ~0.6 under LZMA
 # (measured on LeNet-5: 2553 -> 1500 B); the coder's adaptive tables cost a few % over the static
@@ -64,36 +66,39 @@ def candidate_points(result: AnalysisResult) -> list[CurvePoint]:
     return [base] + [p for k, c in result.curves.items() if k in PLANNED for p in c.points]
 
 
-def memory_estimate(runtime: str, n_kept: float, other_bytes: int, nbits_share: float = 0.0) -> int:
-    """Session RSS estimate: overhead + factor * run-time weight bytes (+ the non-weight bytes).
+def memory_estimate(runtime: str, n_kept: float, other_bytes: int, share: float = 0.0) -> int:
+    """Session RSS estimate of a registered runtime form (RuntimeForm.predict_memory).
 
-    fp32: 4 B per kept weight; nbits: 0.56 B (4-bit + block scales) on the MatMul/Gemm share;
-    int8: 1 B per kept weight. Factors: see FP32_RSS_FACTOR / INT8_RSS_FACTOR.
+    Takes the form's wire name, the kept weights, the non-weight bytes and the share of the
+    weights the form holds (MatMulNBits' MatMul/Gemm share; ignored by fp32 and int8). Returns
+    bytes. Raises UnregisteredNameError for an unknown form.
     """
-    if runtime == "int8":
-        weights = INT8_RSS_FACTOR * 1.0 * n_kept
-    elif runtime == "nbits":
-        weights = FP32_RSS_FACTOR * (4.0 * (1 - nbits_share) + 0.56 * nbits_share) * n_kept
-    else:
-        weights = FP32_RSS_FACTOR * 4.0 * n_kept
-    return int(SESSION_OVERHEAD + other_bytes + weights)
+    return runtime_form(runtime).predict_memory(n_kept, other_bytes, share)
+
+
+def _flag_shares(nbits_share: float, int8: bool) -> dict[str, float]:
+    # the older spelling of the offered forms: fp32 always, nbits by its share, int8 by a flag
+    return {FLOAT.name: 1.0, NBITS.name: nbits_share, INT8.name: 1.0 if int8 else 0.0}
 
 
 def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
-                    nbits_share: float = 0.0, int8: bool = False) -> list[CompressionPlan]:
-    """Every candidate plan with its predictions (unfiltered).
+                    nbits_share: float = 0.0, int8: bool = False, *, shares: Mapping[str, float] | None = None,
+                    forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS) -> list[CompressionPlan]:
+    """Every candidate plan with its predictions (unfiltered): each curve point in each offered form.
 
-    ``nbits_share`` is the share of weights in MatMul/Gemm layers eligible for 4-bit MatMulNBits
-    (0 disables the nbits runtime). ``int8`` offers the full QDQ int8 runtime (the box runs it);
-    it needs the analysis' ``int8`` curve, whose measured cost is added to each point's:
-    d = d_point + d_int8, KL = KL_point + KL_int8.
+    ``shares`` maps the offered forms to the share of the weights each holds
+    (toco_core.runtime_forms.offered_shares; a form absent or at 0 is not offered). Without it,
+    fp32, nbits at ``nbits_share`` (MatMul/Gemm weights eligible for 4-bit MatMulNBits) and, when
+    ``int8``, full QDQ int8. A form is also left out where the analysis lacks what it needs (int8:
+    its measured cost curve, added to each point's). ``forms`` is the registry to read. Returns
+    the plans point by point, a point's forms in registry order.
     """
+    offered = _flag_shares(nbits_share, int8) if shares is None else shares
     n = sum(i.size for i in infos)
     channels = sum(i.shape[i.out_axis] for i in infos)
     other = max(base_file_bytes - 4 * n, 0)
-    int8_curve = result.curves.get("int8") if int8 else None
-    i8 = int8_curve.points[0] if int8_curve is not None and int8_curve.points else None
-    i8_scale = int8_scale(result.curves) if i8 is not None else 0.0
+    predictors = [(form, offered[name], predict) for name, form in forms.items()
+                  if offered.get(name, 0.0) > 0 and (predict := form.predictor(result.curves)) is not None]
     kept_share = require_plans(result).kept
     plans = []
     for p in candidate_points(result):
@@ -101,23 +106,15 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
         common = dict(prune_scale=p.prune_scale, quant_scale=p.quant_scale,
                       predicted_storage=_storage(p, n, channels, other), sparsity=p.sparsity,
                       entropy_bits=p.entropy_bits)
-        plans.append(_plan(**common, runtime="fp32", predicted_disagreement=p.disagreement,
-                                     predicted_kl=p.kl, predicted_memory=memory_estimate("fp32", kept, other)))
-        if p.quant_scale == 0:
-            continue  # the base point runs as it is; every runtime form starts from the master's point
-        if nbits_share > 0:
-            plans.append(_plan(**common, runtime="nbits", predicted_disagreement=p.disagreement,
-                                         predicted_kl=p.kl,
-                                         predicted_memory=memory_estimate("nbits", kept, other, nbits_share)))
-        if i8 is not None and max(i8_scale, p.quant_scale) > 0:
-            plans.append(_plan(**common, runtime="int8", int8_scale=max(i8_scale, p.quant_scale),
-                                         predicted_disagreement=min(1.0, p.disagreement + i8.disagreement),
-                                         predicted_kl=p.kl + i8.kl,
-                                         predicted_memory=memory_estimate("int8", kept, other)))
+        for form, share, predict in predictors:
+            cost = predict(p)
+            if cost is not None:
+                plans.append(_plan(**common, runtime=form.name, **cost.fields, predicted_disagreement=cost.disagreement,
+                                   predicted_kl=cost.kl, predicted_memory=form.predict_memory(kept, other, share)))
     return plans
 
 
-def _plan(**fields) -> CompressionPlan:
+def _plan(**fields: Any) -> CompressionPlan:
     # the solver computes every field itself; skipping validation keeps planning in milliseconds
     return CompressionPlan.model_construct(**fields)
 
@@ -138,29 +135,34 @@ def _samples(result: AnalysisResult) -> int:
     return min((c.samples for c in result.curves.values()), default=1)
 
 
-def _rank_key(plan: CompressionPlan, objective: str, floor: float):
+def _rank_key(plan: CompressionPlan, objective: str, floor: float,
+              forms: Mapping[str, RuntimeForm]) -> tuple[float, ...]:
+    unmeasured = not runtime_form(plan.runtime, forms).measured
     if objective == "size":
-        return (plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory, plan.predicted_disagreement)
+        return (plan.predicted_storage, unmeasured, plan.predicted_memory, plan.predicted_disagreement)
     # differences a curve cannot resolve (d <= 1/n, KL below its floor) are ties: the smaller plan
-    # (storage, then run-time memory) wins them. nbits' own rounding is not on any curve (its
-    # prediction is the fp32 point's), so among ties it comes after the measured forms.
+    # (storage, then run-time memory) wins them. A form whose own rounding is not on any curve
+    # (nbits: its prediction is the fp32 point's) comes after the measured forms among ties.
     d = 0.0 if plan.predicted_disagreement <= floor else round(plan.predicted_disagreement, 6)
     kl = 0.0 if plan.predicted_kl <= KL_NOISE_FLOOR else round(plan.predicted_kl, 5)
-    return (d, kl, plan.predicted_storage, plan.runtime == "nbits", plan.predicted_memory)
+    return (d, kl, plan.predicted_storage, unmeasured, plan.predicted_memory)
 
 
 def is_base_plan(plan: CompressionPlan) -> bool:
     """True for the plan that keeps the base model as it is (no pruning, no quantization, fp32)."""
-    return plan.runtime == "fp32" and plan.prune_scale == 0 and plan.quant_scale == 0
+    return plan.runtime == FLOAT.name and plan.prune_scale == 0 and plan.quant_scale == 0
 
 
 def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: int | None,
-                   storage_limit: int | None, base_file_bytes: int, samples: int = 500) -> list[CompressionPlan]:
+                   storage_limit: int | None, base_file_bytes: int, samples: int = 500,
+                   forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS) -> list[CompressionPlan]:
     """Plans within budget and limits, best first. Raises InfeasibleError with the numbers.
 
     ``samples`` is the calibration curves' sample count (its 1/n is the tie floor of the
-    fidelity objective). A plan never uses more storage or estimated memory than the base plan,
-    which is always within the fidelity budget (it is the base model), however few the samples.
+    fidelity objective); ``forms`` the registry the plans' runtimes are in. A plan never uses
+    more storage or estimated memory than the base plan, which is always within the fidelity
+    budget (it is the base model), however few the samples. Raises UnregisteredNameError for a
+    plan whose runtime is not in ``forms``.
     """
     base_memory = max((p.predicted_memory for p in plans if is_base_plan(p)), default=None)
     # the base plan is the base model itself: nothing measured, nothing to bound
@@ -173,12 +175,12 @@ def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: i
           and (base_memory is None or p.predicted_memory <= base_memory)]
     if ok:
         floor = noise_floor(samples)
-        return sorted(ok, key=lambda p: _rank_key(p, policy.objective, floor))
+        return sorted(ok, key=lambda p: _rank_key(p, policy.objective, floor, forms))
     smallest = min(within, key=lambda p: (p.predicted_storage, p.predicted_memory), default=None)
     needed = {"storage": storage_limit, "memory": memory_limit, "budget": policy.budget}
     best = {} if smallest is None else {"storage": smallest.predicted_storage, "memory": smallest.predicted_memory,
                                         "disagreement": smallest.predicted_disagreement}
-    msg = "no plan within the fidelity budget {:.2%} meets the limits".format(policy.budget)
+    msg = f"no plan within the fidelity budget {policy.budget:.2%} meets the limits"
     if smallest is not None:
         lightest = min(within, key=lambda p: p.predicted_memory)
         parts = []
@@ -193,10 +195,11 @@ def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: i
 
 def plans_for(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int, policy: Policy,
               memory_limit: int | None, storage_limit: int | None, nbits_share: float = 0.0,
-              int8: bool = False) -> list[CompressionPlan]:
+              int8: bool = False, *, shares: Mapping[str, float] | None = None,
+              forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS) -> list[CompressionPlan]:
     """enumerate_plans + feasible_plans with the tie floor taken from the curves' sample count."""
-    return feasible_plans(enumerate_plans(result, infos, base_file_bytes, nbits_share, int8), policy,
-                          memory_limit, storage_limit, base_file_bytes, _samples(result))
+    plans = enumerate_plans(result, infos, base_file_bytes, nbits_share, int8, shares=shares, forms=forms)
+    return feasible_plans(plans, policy, memory_limit, storage_limit, base_file_bytes, _samples(result), forms)
 
 
 def device_limits(profile: DeviceProfile | None, policy: Policy) -> tuple[int | None, int | None]:
@@ -210,25 +213,17 @@ def device_limits(profile: DeviceProfile | None, policy: Policy) -> tuple[int | 
     return tighter(usable_memory(profile), policy.memory), tighter(usable_storage(profile), policy.storage)
 
 
-def nbits_share(infos: list[WeightInfo], profile: DeviceProfile | None) -> float:
-    """Share of the weights MatMulNBits could hold (2-D MatMul/Gemm) when the box runs that format, else 0."""
-    if profile is None or RuntimeFormat.MATMUL_NBITS4 not in profile.formats:
-        return 0.0
-    total = sum(i.size for i in infos)
-    return sum(i.size for i in infos if i.op_type in ("MatMul", "Gemm") and len(i.shape) == 2) / total
-
-
 def plans_for_device(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
                      profile: DeviceProfile | None, policy: Policy) -> list[CompressionPlan]:
     """The plans a box gets, best first: its runtime forms, its limits (device_limits), the curves' tie floor.
 
     The one planning path of the agent's recompression and the server's what-if, so a what-if
-    answer is the plan the box will try first. ``profile=None``: the policy's limits, fp32 plans only.
+    answer is the plan the box will try first. ``profile=None``: the policy's limits, and only the
+    forms that need no device format (fp32).
     Raises InfeasibleError with the numbers when no plan fits.
     """
     memory, storage = device_limits(profile, policy)
-    int8 = profile is not None and RuntimeFormat.QDQ_INT8 in profile.formats
-    return plans_for(result, infos, base_file_bytes, policy, memory, storage, nbits_share(infos, profile), int8)
+    return plans_for(result, infos, base_file_bytes, policy, memory, storage, shares=offered_shares(infos, profile))
 
 
 def less_aggressive(plans: list[CompressionPlan], failed: CompressionPlan) -> list[CompressionPlan]:

@@ -17,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -33,7 +34,7 @@ class ToleranceMap:
     quant: dict[str, np.ndarray]
     prune_rank: dict[str, np.ndarray]
 
-    def summary(self) -> list[dict]:
+    def summary(self) -> list[dict[str, Any]]:
         """Per-tensor summary: size, tolerance quantiles (quant), median prune rank."""
         rows = []
         for k, t in self.quant.items():

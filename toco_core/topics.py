@@ -55,7 +55,7 @@ class ParsedTopic(NamedTuple):
     kind: MessageKind
     device_id: str | None = None
     bundle_id: str | None = None
-    index: int | None = None
+    index: int | None = None  # type: ignore[assignment]  # the field shadows tuple.index on purpose
 
 
 def check_id(value: str, what: str = "device id") -> str:
@@ -113,9 +113,9 @@ class Topics:
         if not topic.startswith(head):
             raise MessageError(f"topic {topic!r} is not under {head}", "check the fleet name")
         parts = topic[len(head):].split("/")
-        if len(parts) == 3 and parts[0] == "devices" and _ID.fullmatch(parts[1]):
-            if parts[2] in {k.value for k in DEVICE_KINDS}:
-                return ParsedTopic(MessageKind(parts[2]), device_id=parts[1])
+        if (len(parts) == 3 and parts[0] == "devices" and _ID.fullmatch(parts[1])
+                and parts[2] in {k.value for k in DEVICE_KINDS}):
+            return ParsedTopic(MessageKind(parts[2]), device_id=parts[1])
         if len(parts) >= 3 and parts[0] == "bundles" and _SHA.fullmatch(parts[1]):
             rest = parts[2:]
             if rest == ["manifest"]:

@@ -9,6 +9,7 @@ import base64
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from toco_core.errors import TransferError
 from toco_core.messages import BundleManifest, FailureReason
@@ -56,12 +57,12 @@ class ChunkBitmap:
         """True when every chunk is present."""
         return self.count == self.n
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """``{"n": n, "bits": base64}`` for a JSON state file."""
         return {"n": self.n, "bits": base64.b64encode(bytes(self._bits)).decode()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> ChunkBitmap:
+    def from_dict(cls, d: dict[str, Any]) -> ChunkBitmap:
         """Inverse of to_dict. Raises TransferError for a malformed dict."""
         try:
             return cls(int(d["n"]), base64.b64decode(d["bits"], validate=True))
@@ -69,7 +70,8 @@ class ChunkBitmap:
             raise TransferError(f"bitmap state is malformed: {exc}", "delete the partial download") from None
 
 
-def missing_chunks(bitmap: ChunkBitmap, limit: int | None = None, skip: set[int] | frozenset = frozenset()) -> list[int]:
+def missing_chunks(bitmap: ChunkBitmap, limit: int | None = None,
+                   skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """Indices not yet present (and not in ``skip``), ascending, at most ``limit`` of them."""
     out = []
     for i in range(bitmap.n):

@@ -48,7 +48,8 @@ def _rows(codes: np.ndarray, axis: int) -> np.ndarray:
 
 def truncate(q: np.ndarray, b: int) -> np.ndarray:
     """sign(q) * (|q| >> b): the codes known down to bit b."""
-    return (np.sign(q) * np.right_shift(np.abs(q.astype(np.int64)), b)).astype(np.int32)
+    result: np.ndarray = (np.sign(q) * np.right_shift(np.abs(q.astype(np.int64)), b)).astype(np.int32)
+    return result
 
 
 def lowest_bits(table: PlanTable, i: int) -> list[int]:
@@ -65,7 +66,9 @@ def weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
     names = list(table.tensors)
     top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
     axes = dict(zip(names, table.out_axes))
-    masters = [ladders[n].master for n in names]
+    masters = [m for n in names if (m := ladders[n].master) is not None]
+    if len(masters) != len(names):
+        raise ValueError("writing the weight planes needs every tensor's master codes")
     # codes/top holds, per tensor, every bit all points read (the finest octave of the coarsest point
     # decides): one row-coded part instead of a plane part per bit (LeNet-5: 30 parts fewer in
     # the manifest every box receives)
@@ -135,7 +138,7 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
     tree = planes.prune_tree(lay.prune_levels, lay.prune_tree)
     if not any(f"prune/{t}" in parts for _, _, t in tree):
         return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
-    applied = set()
+    applied: set[tuple[int, int, int]] = set()
     for lo, hi, t in tree:  # parents first: a split applies once its range is known
         parent_known = (lo, hi) == (0, lay.prune_levels) or any(
             (lo == plo and hi == pt) or (lo == pt + 1 and hi == phi) for plo, phi, pt in applied)

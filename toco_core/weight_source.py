@@ -21,8 +21,8 @@ import onnx
 from toco_core.analysis_result import AnalysisResult
 from toco_core.compression.nested import CodeLadder, master_codes, prune_classes
 from toco_core.errors import AnalysisError
-from toco_core.output_tail import fidelity_view
 from toco_core.onnx_model import compressible_weights, model_hash, read_weights
+from toco_core.output_tail import fidelity_view
 from toco_core.plan_table import PlanTable
 from toco_core.runtime import run_model
 
@@ -70,6 +70,10 @@ def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
     ladders = {n: CodeLadder(infos[n].out_axis, master=master_codes(weights[n], table.master_steps[n], infos[n].out_axis))
                for n in table.tensors}
     if classes is None:
-        classes = {n: prune_classes(result.tolerances.prune_rank[n], table.prune_grid) for n in table.tensors}
+        if result.tolerances is None:
+            raise AnalysisError("the analysis has no tolerance map to take prune classes from",
+                                "give the prune classes")
+        tmap = result.tolerances
+        classes = {n: prune_classes(tmap.prune_rank[n], table.prune_grid) for n in table.tensors}
     base_out = run_model(fidelity_view(model, result.manifest.scored_output), result.heldout_x)
     return WeightSource(model, True, ladders, classes, base_out)

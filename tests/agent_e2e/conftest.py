@@ -204,7 +204,7 @@ class AgentProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.log = open(self.root / "agent.log", "ab")
+        self.log = open(self.root / "agent.log", "ab")  # noqa: SIM115 - the agent process writes it
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
                                      cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         assert wait_until(lambda: self.get("/v1/health")[0] == 200, 30, 0.1), self.log_text()
@@ -217,7 +217,7 @@ class AgentProcess:
             st = json.loads((self.state_dir / "status.json").read_text())
         except (OSError, ValueError):
             return False
-        return st["connected"] and st["pid"] == self.proc.pid
+        return st["connected"] and self.proc is not None and st["pid"] == self.proc.pid
 
     def get(self, path: str) -> tuple[int, dict]:
         try:
@@ -237,6 +237,7 @@ class AgentProcess:
             return json.loads(r.read())
 
     def kill9(self) -> None:
+        assert self.proc is not None, "start() first"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 

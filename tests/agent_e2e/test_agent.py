@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,8 +27,9 @@ from toco_core.runtime import make_session
 
 DEVICE = "box-1"
 STORAGE_CAP = 60_000
-DRIFT = {"window_max_samples": 100, "window_min_samples": 20, "window_seconds": 600, "shadow_fraction": 0.5,
-         "consecutive_windows": 2, "max_disputed": 8, "min_shadow_samples": 10}
+DRIFT: dict[str, Any] = {
+    "window_max_samples": 100, "window_min_samples": 20, "window_seconds": 600, "shadow_fraction": 0.5,
+    "consecutive_windows": 2, "max_disputed": 8, "min_shadow_samples": 10}
 state: dict = {}
 
 

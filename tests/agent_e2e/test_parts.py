@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_e2e.conftest import FLEET, CHUNK, AgentProcess, wait_for
+from tests.agent_e2e.conftest import CHUNK, FLEET, AgentProcess, wait_for
 from tests.support.broker import Listener
 from toco_core.bundle import make_manifest, pack_bundle
 from toco_core.messages import RecompressCommand

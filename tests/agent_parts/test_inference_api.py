@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from agent.inference import InferenceEngine, NotReadyError
-from agent.inference_input import InputError
 from agent.inference_api import ApiSettings, InferenceServer
+from agent.inference_input import InputError
 from toco_core.preprocessing import Preprocessing
 
 DIGIT_PREP = Preprocessing(size=(28, 28), color="grayscale", scale=1 / 255, mean=(0.0,), std=(1.0,))
@@ -27,7 +27,7 @@ class Client:
     """A keep-alive HTTP client for one server (one connection per thread)."""
 
     def __init__(self, server: InferenceServer) -> None:
-        self.host, self.port = server.server_address[:2]
+        self.host, self.port = server.host, server.server_address[1]
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
 
     def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ from torch import nn
 
 from toco_core.runtime import run_model
 
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS: tuple[Literal["torchscript"], Literal["dynamo"]] = ("torchscript", "dynamo")
 
 
 class MixNet(nn.Module):
@@ -64,6 +65,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                assert m.running_mean is not None and m.running_var is not None  # track_running_stats
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -74,7 +76,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def export(model: nn.Module, path: Path, exporter: str) -> onnx.ModelProto:
     """Export with a dynamic batch dimension (input [N, 1, 28, 28]) and load the result."""
     dummy = torch.rand(2, 1, 28, 28)
-    kwargs = dict(input_names=["image"], output_names=["logits"])
+    kwargs: dict[str, Any] = dict(input_names=["image"], output_names=["logits"])
     if exporter == "dynamo":
         torch.onnx.export(model, (dummy,), str(path), dynamo=True, external_data=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **kwargs)

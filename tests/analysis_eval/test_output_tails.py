@@ -119,7 +119,7 @@ def _serve(device: bytes, x, scored: str, served: bool) -> None:
     assert body["label"][0].startswith("digit-")
     values = scored_values(outputs, scored)
     if served:
-        assert values.shape == (3, 10)
+        assert values is not None and values.shape == (3, 10)
     else:  # internal (ZipMap'd probabilities, logits): drift is not fed label strings or maps
         assert values is None and len(body["probabilities"]) == 3
 

@@ -10,14 +10,13 @@ from toco_core.compression.storage import decode_model
 from toco_core.device import with_budgets
 from toco_core.errors import InfeasibleError
 from toco_core.fidelity import compare_outputs
-from toco_core.onnx_model import load_model, model_bytes, read_weights, with_weights
+from toco_core.onnx_model import compressible_weights, load_model, model_bytes, read_weights, with_weights
 from toco_core.plan import Policy
 from toco_core.probe import probe_device
 from toco_core.recompress import recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import enumerate_plans, feasible_plans
-from toco_core.onnx_model import compressible_weights
 
 
 @pytest.fixture(scope="module")

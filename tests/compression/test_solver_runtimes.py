@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from toco_core.calibration import noise_floor
 from toco_core.errors import InfeasibleError, SelfTestError
 from toco_core.measure import session_rss
 from toco_core.onnx_model import compressible_weights, model_bytes
@@ -12,7 +13,7 @@ from toco_core.probe import probe_device
 from toco_core.recompress import build, fitting_after_overshoot, recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
-from toco_core.solver import enumerate_plans, feasible_plans, noise_floor, plans_for
+from toco_core.solver import enumerate_plans, feasible_plans, plans_for
 
 
 @pytest.fixture(scope="module")

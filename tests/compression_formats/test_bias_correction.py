@@ -33,7 +33,7 @@ def conv_gemm_matmul() -> onnx.ModelProto:
 def test_biased_layers_are_conv_and_gemm_with_per_channel_bias_in_graph_order():
     model = conv_gemm_matmul()
     layers = biased_layers(model, compressible_weights(model))
-    assert [(l.weight, l.bias, l.output) for l in layers] == [("cw", "cb", "c"), ("gw", "gb", "g")]
+    assert [(layer.weight, layer.bias, layer.output) for layer in layers] == [("cw", "cb", "c"), ("gw", "gb", "g")]
     # a Constant-node bias is left alone (nothing to overwrite in place)
     assert biased_layers(initializers_as_constants(model), compressible_weights(initializers_as_constants(model))) == []
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from tests.compression_formats.graphs import init_shapes, initializers_as_constants, make_model, op_counts
-from toco_core.compression.structured import remove_output_channels, removable_channels, structured_support
+from toco_core.compression.structured import removable_channels, remove_output_channels, structured_support
 from toco_core.errors import ModelError
 from toco_core.onnx_model import compressible_weights, read_weights, with_weights
 from toco_core.runtime import run_model

@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,8 +28,17 @@ from fleet_server.server import FleetServer, HttpThread
 from tests.support.broker import MOSQUITTO, Broker
 from tests.support.waiting import wait_until
 from toco_core.analysis.settings import AnalysisSettings
-from toco_core.messages import (ActiveModel, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary,
-                                StateMessage, TelemetryMessage, encode)
+from toco_core.messages import (
+    ActiveModel,
+    DriftCheck,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    PlanSummary,
+    StateMessage,
+    TelemetryMessage,
+    encode,
+)
 from toco_core.topics import DELIVERY, Topics
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -89,6 +99,8 @@ class SimDevice:
 class Fleet:
     """The started server, its HTTP address and an API client."""
 
+    port: int  # the broker's, set by the fixture
+
     def __init__(self, tmp: Path, broker_url: str) -> None:
         self.server = FleetServer(FleetSettings(data_dir=tmp, broker=broker_url, http_port=0, fleet=FLEET,
                                                 analysis=FAST, tick_s=0.5)).start()
@@ -138,7 +150,7 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         broker.cleanup()
 
 
-HARDWARE = {
+HARDWARE: dict[str, dict[str, Any]] = {
     "line-pc": {"total_memory": 8 << 30, "available_memory": 5 << 30, "free_storage": 200 << 30, "physical_cores": 4,
                 "logical_cores": 8, "cpu_model": "Intel Core i5-8500T", "ort_version": "1.32.0",
                 "formats": ["fp32", "qdq_int8", "matmul_nbits4"]},

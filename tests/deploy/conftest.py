@@ -34,7 +34,7 @@ def public_key_pem(path: Path) -> Path:
 
 
 def _cert(subject: str, pub, issuer: str, signer, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
          .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(pub)
          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -155,11 +155,12 @@ class Installed:
 
     def args(self, **changes: str | None) -> list[str]:
         """The install command line; ``changes`` replace or (with None) drop ``--flag value`` pairs."""
-        flags = {"--device-id": "cam-07", "--fleet": "plant1", "--broker-url": "mqtt://127.0.0.1:1883",
-                 "--password-file": str(self.password_file), "--public-key": str(self.key),
-                 "--memory-cap": "64MB", "--fidelity-budget": "1%", "--prefix": str(self.prefix),
-                 "--etc-dir": str(self.etc), "--state-dir": str(self.state),
-                 "--source": str(getattr(self, "source", REPO))}
+        flags: dict[str, str | None] = {
+            "--device-id": "cam-07", "--fleet": "plant1", "--broker-url": "mqtt://127.0.0.1:1883",
+            "--password-file": str(self.password_file), "--public-key": str(self.key),
+            "--memory-cap": "64MB", "--fidelity-budget": "1%", "--prefix": str(self.prefix),
+            "--etc-dir": str(self.etc), "--state-dir": str(self.state),
+            "--source": str(getattr(self, "source", REPO))}
         flags.update({f"--{k.replace('_', '-')}": v for k, v in changes.items()})
         out = [str(DEPLOY / "install-agent.sh")]
         for k, v in flags.items():

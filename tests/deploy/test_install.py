@@ -85,7 +85,7 @@ def test_bad_arguments_fail_before_touching_anything(tmp_path) -> None:
     inst.key, inst.password_file = public_key_pem(tmp_path / "key.pem"), tmp_path / "pw"
     inst.password_file.write_text("pw\n")
     (tmp_path / "bad.pem").write_text("not a key\n")
-    cases = {
+    cases: dict[str, dict[str, str | None]] = {
         "--device-id is required": dict(device_id=None),
         "device id 'cam/07' is not usable": dict(device_id="cam/07"),
         "must look like mqtt://host[:port]": dict(broker_url="http://broker:1883"),

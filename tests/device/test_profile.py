@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from toco_core.device import (DeviceProfile, has_fast_int8, load_profile, parse_cpuinfo, save_profile,
-                              usable_memory, usable_storage, with_budgets)
+from toco_core.device import (
+    DeviceProfile,
+    has_fast_int8,
+    load_profile,
+    parse_cpuinfo,
+    save_profile,
+    usable_memory,
+    usable_storage,
+    with_budgets,
+)
 from toco_core.errors import ConfigError, DeviceError
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -27,8 +28,22 @@ from tests.support.broker import MOSQUITTO, Broker
 from tests.support.processes import free_port
 from tests.support.waiting import wait_until
 from toco_core.analysis.settings import AnalysisSettings
-from toco_core.messages import (DeployCommand, DriftCheck, DriftMessage, HardwareInfo, MessageKind, PlanSummary, Sample,
-                                SamplesMessage, StateMessage, StatusMessage, TelemetryMessage, encode, parse_message)
+from toco_core.messages import (
+    DeployCommand,
+    DriftCheck,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    PlanSummary,
+    RollbackCommand,
+    Sample,
+    SamplesMessage,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    encode,
+    parse_message,
+)
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 FAST = AnalysisSettings(initial_samples=16, samples_per_round=16, max_rounds=1, max_heldout=60, prune_rounds=1,
@@ -59,8 +74,11 @@ def lenet() -> dict:
 class Fleet:
     """A started server + HTTP API + broker URL."""
 
+    kind: str  # the fixtures' broker ("embedded", "mosquitto")
+    analysis: dict  # the fixtures' finished analysis
+
     def __init__(self, tmp: Path, broker: str, **overrides) -> None:
-        kw = dict(data_dir=tmp, broker=broker, broker_port=free_port(), http_port=0, fleet="test",
+        kw: dict[str, Any] = dict(data_dir=tmp, broker=broker, broker_port=free_port(), http_port=0, fleet="test",
                   analysis=FAST, tick_s=0.2, samples_wait_s=2.0, deploy_timeout_s=30)
         kw.update(overrides)
         self.server = FleetServer(FleetSettings(**kw)).start()
@@ -130,8 +148,12 @@ class SimDevice:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
         offline = StateMessage(device_id=device_id, state="offline", birth=1)
         self.c.will_set(self.topics.device(MessageKind.STATE, device_id), encode(offline), qos=1, retain=True)
-        self.c.on_connect = lambda c, u, f, rc, p: (c.subscribe(self.topics.device(MessageKind.CMD, device_id), 1),
-                                                    self.ready.set())
+
+        def on_connect(c, u, f, rc, p):
+            c.subscribe(self.topics.device(MessageKind.CMD, device_id), 1)
+            self.ready.set()
+
+        self.c.on_connect = on_connect
         self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
@@ -161,8 +183,10 @@ class SimDevice:
             threading.Thread(target=self.responder, args=(self, cmd), daemon=True).start()
 
     def send(self, message) -> None:
-        kind = {StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEMETRY, StatusMessage: MessageKind.STATUS,
-                DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES}[type(message)]
+        kinds: dict[type, MessageKind] = {
+            StateMessage: MessageKind.STATE, TelemetryMessage: MessageKind.TELEMETRY, StatusMessage: MessageKind.STATUS,
+            DriftMessage: MessageKind.DRIFT, SamplesMessage: MessageKind.SAMPLES}
+        kind = kinds[type(message)]
         message = message.model_copy(update={"seq": self.seq})
         self.seq += 1
         rule = DELIVERY[kind]
@@ -171,7 +195,7 @@ class SimDevice:
     def raw(self, kind: str, payload: bytes) -> None:
         self.c.publish(self.topics.device(kind, self.id), payload, qos=1).wait_for_publish(5)
 
-    def status(self, cmd: DeployCommand, phase: str, **kw) -> None:
+    def status(self, cmd: DeployCommand | RollbackCommand, phase: str, **kw) -> None:
         self.send(StatusMessage(device_id=self.id, phase=phase, deployment_id=cmd.deployment_id, bundle_id=cmd.bundle_id,
                                 **kw))
 
@@ -198,7 +222,7 @@ class SimDevice:
         self.c.loop_stop()
 
 
-def succeed(dev: SimDevice, cmd: DeployCommand) -> None:
+def succeed(dev: SimDevice, cmd: DeployCommand | RollbackCommand) -> None:
     """Responder: received -> downloading -> active (the download itself is the agent's job, tested elsewhere)."""
     for phase in ("received", "downloading", "self_test"):
         dev.status(cmd, phase)

@@ -17,8 +17,17 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine
 
-from fleet_server.db import (AnalysisRow, Base, Database, DeploymentDeviceRow, DeviceRow, EventRow, ModelRow, SampleRow,
-                             TelemetryRow)
+from fleet_server.db import (
+    AnalysisRow,
+    Base,
+    Database,
+    DeploymentDeviceRow,
+    DeviceRow,
+    EventRow,
+    ModelRow,
+    SampleRow,
+    TelemetryRow,
+)
 from fleet_server.migrate import BASELINE, alembic_config, head_revision, schema_state
 from toco_core.errors import DatabaseError
 

@@ -109,7 +109,7 @@ def alerts(fleet, device: str) -> list[dict]:
 
 def timeline(msgs: list[DriftMessage], t0: float) -> str:
     """The windows in words, for failure messages."""
-    return "\n".join(f"{m.opened_at - t0:6.1f}s {m.bundle_id[:6]} w{m.window_index} alert={m.alert} "
+    return "\n".join(f"{m.opened_at - t0:6.1f}s {(m.bundle_id or '-')[:6]} w{m.window_index} alert={m.alert} "
                      f"out={','.join(m.out_of_band) or '-'} agreement={m.measured_agreement}" for m in msgs)
 
 

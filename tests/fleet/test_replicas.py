@@ -60,7 +60,7 @@ class Replica:
 
     def __init__(self, tmp: Path, name: str, *args: str, env: dict | None = None) -> None:
         self.name, self.port = name, free_port()
-        self.log = open(tmp / f"{name}.log", "w+b")
+        self.log = open(tmp / f"{name}.log", "w+b")  # noqa: SIM115 - the serve process writes it
         env = {**os.environ, "PYTHONPATH": str(REPO), "TOCO_FLEET_TICK_S": "0.2", "TOCO_FLEET_LEASE_CHECK_S": "0.5",
                "TOCO_FLEET_RETENTION_INTERVAL_S": "0.5", "TOCO_FLEET_TELEMETRY_KEEP": str(KEEP), **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET, "--port",

@@ -16,8 +16,10 @@ BID = "cd" * 32
 def test_active_view_reads_the_typed_plan() -> None:
     """From a birth (ActiveModel: a plan, no agreements of its own)."""
     view = active_view({"bundle_id": BID, "model_name": None, "slot": "a", "plan": PLAN.model_dump(mode="json")})
+    assert view is not None
     assert view["plan_label"] == PLAN.label and view["model_name"] == "lenet5"
     assert (view["storage_bytes"], view["base_file_bytes"]) == (PLAN.storage_bytes, PLAN.base_file_bytes)
+    assert PLAN.predicted_disagreement is not None and PLAN.measured_disagreement is not None
     assert view["predicted_agreement"] == pytest.approx(1 - PLAN.predicted_disagreement)
     assert view["measured_agreement"] == pytest.approx(1 - PLAN.measured_disagreement)
 
@@ -27,6 +29,7 @@ def test_active_view_never_shows_a_prediction_as_a_measurement() -> None:
     view = active_view({"bundle_id": BID, "plan": {"label": "prune 50% / fp32", "predicted_storage": 60_000,
                                                    "base_bytes": 248_433},
                         "predicted_agreement": 0.99, "measured_agreement": 0.985})
+    assert view is not None
     assert view["storage_bytes"] is None and view["plan"]["predicted_storage_bytes"] == 60_000
     assert view["base_file_bytes"] == 248_433
     assert (view["predicted_agreement"], view["measured_agreement"]) == (0.99, 0.985)  # the status's, as a fallback
@@ -34,6 +37,7 @@ def test_active_view_never_shows_a_prediction_as_a_measurement() -> None:
 
 def test_active_view_survives_a_plan_it_cannot_read() -> None:
     view = active_view({"bundle_id": BID, "model_name": "lenet5", "plan": {"ops": []}, "measured_agreement": 0.98})
+    assert view is not None
     assert view["bundle_id"] == BID and view["plan"] is None and view["plan_label"] is None
     assert view["measured_agreement"] == 0.98
     assert active_view({"bundle_id": None, "plan": PLAN.model_dump(mode="json")}) is None
@@ -47,5 +51,5 @@ def test_active_view_survives_a_plan_it_cannot_read() -> None:
 ])
 def test_the_server_owns_the_group(stored: str, reported: str | None, mismatch: bool) -> None:
     device = SimpleNamespace(id="cam-1", group=stored, enrollment="enrolled")
-    assert note_claimed_group(device, reported) is mismatch
+    assert note_claimed_group(device, reported) is mismatch  # type: ignore[arg-type]  # a stand-in DeviceRow
     assert device.group == stored

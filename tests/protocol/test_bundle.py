@@ -10,9 +10,21 @@ import stat
 import numpy as np
 import pytest
 
-from toco_core.bundle import (canonical_manifest_bytes, chunk_bytes, generate_private_key, key_fingerprint,
-                              load_private_key, load_public_key, make_manifest, pack_bundle, public_key_raw,
-                              save_private_key, save_public_key, unpack_bundle, verify_manifest)
+from toco_core.bundle import (
+    canonical_manifest_bytes,
+    chunk_bytes,
+    generate_private_key,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+    make_manifest,
+    pack_bundle,
+    public_key_raw,
+    save_private_key,
+    save_public_key,
+    unpack_bundle,
+    verify_manifest,
+)
 from toco_core.errors import BundleError, TransferError
 from toco_core.messages import FailureReason, encode, parse_message
 from toco_core.transfer import ChunkBitmap, ChunkCheck, accept_chunk, fits, missing_chunks, verify_assembled
@@ -61,7 +73,7 @@ def test_manifest_signed_and_verified(key) -> None:
     assert {e.name for e in m.files} == set(files())
     verify_manifest(m, key.public_key())
     # the signature survives the wire: JSON out, JSON in
-    verify_manifest(parse_message("manifest", encode(m)), key.public_key())  # type: ignore[arg-type]
+    verify_manifest(parse_message("manifest", encode(m)), key.public_key())
     assert b"signature" not in canonical_manifest_bytes(m)
     for i in range(m.n_chunks):
         assert accept_chunk(m, i, chunk_bytes(data, m, i)) is ChunkCheck.OK

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from toco_core.errors import ConfigError
-from toco_core.messages import (SCHEMA_VERSION, ActiveModel, BundleManifest, Chunk, ChunkRequest, DeployCommand,
-                                DisputedRef, DriftCheck, DriftMessage, FailureReason, HardwareInfo, MessageError,
-                                MessageKind, Phase, PlanSummary, RecompressCommand, RollbackCommand, Sample,
-                                SamplesMessage, StateMessage, StatusMessage, TelemetryMessage, UploadSamplesCommand,
-                                encode, encode_chunk, kind_of, parse_message)
+from toco_core.messages import (
+    SCHEMA_VERSION,
+    ActiveModel,
+    BundleManifest,
+    Chunk,
+    ChunkRequest,
+    DeployCommand,
+    DisputedRef,
+    DriftCheck,
+    DriftMessage,
+    FailureReason,
+    HardwareInfo,
+    MessageError,
+    MessageKind,
+    Phase,
+    PlanSummary,
+    RecompressCommand,
+    RollbackCommand,
+    Sample,
+    SamplesMessage,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    UploadSamplesCommand,
+    encode,
+    encode_chunk,
+    kind_of,
+    parse_message,
+)
 from toco_core.topics import Topics, parse_broker_url
 
 BID = "ab" * 32
@@ -212,9 +237,11 @@ def state_body(**change) -> dict:
 
 def test_plan_summary_refuses_unknown_and_out_of_range_figures() -> None:
     plan = PLAN.model_dump(mode="json")
-    for change, needle in [({"size": 74_000}, "size"), ({"measured_agreement": 0.99}, "measured_agreement"),
-                           ({"storage_bytes": -1}, "storage_bytes"), ({"predicted_disagreement": 2}, "disagreement"),
-                           ({"label": ""}, "label"), ({"runtime": "fp16"}, "runtime")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"size": 74_000}, "size"), ({"measured_agreement": 0.99}, "measured_agreement"),
+        ({"storage_bytes": -1}, "storage_bytes"), ({"predicted_disagreement": 2}, "disagreement"),
+        ({"label": ""}, "label"), ({"runtime": "fp16"}, "runtime")]
+    for change, needle in cases:
         body = state_body(active={"bundle_id": BID, "plan": plan | change})
         with pytest.raises(MessageError, match=needle):
             parse_message("state", json.dumps(body).encode())
@@ -230,10 +257,12 @@ def test_an_older_agents_loose_plan_and_hardware_are_accepted() -> None:
     del body["group"]
     msg = parse_message("state", json.dumps(body).encode())
     assert msg.group == "line-1" and msg.hardware == HARDWARE
+    assert msg.active is not None and msg.active.plan is not None
     assert (msg.active.plan.runnable_bytes, msg.active.plan.recompress_seconds,
             msg.active.plan.recompress_peak_rss) == (120_000, 2.5, 80 << 20)
     status = json.loads(encode(examples()[5])) | {"plan": {"label": "sim", "predicted_storage": 60_000}}
-    assert parse_message("status", json.dumps(status).encode()).plan.predicted_storage_bytes == 60_000
+    status_plan = parse_message("status", json.dumps(status).encode()).plan
+    assert status_plan is not None and status_plan.predicted_storage_bytes == 60_000
     # the birth's own group field wins over one an old-style hardware dict also carries
     both = state_body(hardware=old_hardware | {"group": "elsewhere"})
     assert parse_message("state", json.dumps(both).encode()).group == "line-1"
@@ -248,8 +277,9 @@ def test_an_old_and_a_new_spelling_of_one_figure_together_are_refused() -> None:
 def test_hardware_is_the_probes_profile() -> None:
     from toco_core.device import DeviceProfile
 
-    for change, needle in [({"cores": 1}, "cores"), ({"total_memory": 0}, "total_memory"),
-                           ({"formats": ["tpu"]}, "formats")]:
+    cases: list[tuple[dict[str, Any], str]] = [({"cores": 1}, "cores"), ({"total_memory": 0}, "total_memory"),
+                                                ({"formats": ["tpu"]}, "formats")]
+    for change, needle in cases:
         with pytest.raises(MessageError, match=needle):
             parse_message("state", json.dumps(state_body(hardware=HARDWARE.model_dump(mode="json") | change)).encode())
     profile = HARDWARE.to_profile()

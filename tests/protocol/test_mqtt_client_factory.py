@@ -112,7 +112,7 @@ def test_will_on_abrupt_disconnect(broker) -> None:
         assert listener.on("f/will") == []
         client.loop_stop()  # no reconnect: the broker must see the socket die, not a DISCONNECT
         sock = client.socket()
-        assert sock is not None
+        assert isinstance(sock, socket.socket)
         sock.shutdown(socket.SHUT_RDWR)
         sock.close()
         assert wait_until(lambda: listener.on("f/will") == [b"gone"], 5)

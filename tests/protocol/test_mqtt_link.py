@@ -16,8 +16,19 @@ from agent.bundle_download import BundleDownloader
 from agent.mqtt_link import MqttLink
 from fleet_server.bundle_publisher import MqttBundleServer
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
-from toco_core.messages import (DeployCommand, DriftMessage, HardwareInfo, MessageKind, Phase, StateMessage,
-                                StatusMessage, TelemetryMessage, encode, encode_chunk, parse_message)
+from toco_core.messages import (
+    DeployCommand,
+    DriftMessage,
+    HardwareInfo,
+    MessageKind,
+    Phase,
+    StateMessage,
+    StatusMessage,
+    TelemetryMessage,
+    encode,
+    encode_chunk,
+    parse_message,
+)
 from toco_core.topics import Topics
 
 from .conftest import Broker, Listener, wait_until
@@ -42,7 +53,7 @@ CHILD = textwrap.dedent("""
 
 
 def states(eyes: Listener) -> list[StateMessage]:
-    return [parse_message("state", p) for p in eyes.on("/state")]  # type: ignore[misc]
+    return [parse_message("state", p) for p in eyes.on("/state")]
 
 
 def test_birth_and_last_will_after_kill_9(broker, tmp_path) -> None:
@@ -51,7 +62,7 @@ def test_birth_and_last_will_after_kill_9(broker, tmp_path) -> None:
     def run_child() -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-c", CHILD, broker.url, str(tmp_path), HARDWARE.model_dump_json()],
                              stdout=subprocess.PIPE, text=True)
-        assert p.stdout.readline().strip() == "up"
+        assert p.stdout is not None and p.stdout.readline().strip() == "up"
         return p
 
     child = run_child()
@@ -84,8 +95,8 @@ def test_clean_stop_publishes_offline_and_seq_counts_up(broker, tmp_path) -> Non
         assert link.send(StatusMessage(device_id=DEV, phase=Phase.DOWNLOADING, progress=i / 3))
     assert link.send(TelemetryMessage(device_id=DEV, mem_available=1, disk_free=1, cpu_load=0.5))
     assert wait_until(lambda: len(eyes.on("/telemetry")) == 1 and len(eyes.on("/status")) == 3, 5)
-    seqs = [parse_message("status", p).seq for p in eyes.on("/status")]  # type: ignore[attr-defined]
-    assert seqs == [1, 2, 3] and parse_message("telemetry", eyes.on("/telemetry")[0]).seq == 4  # type: ignore
+    seqs = [parse_message("status", p).seq for p in eyes.on("/status")]
+    assert seqs == [1, 2, 3] and parse_message("telemetry", eyes.on("/telemetry")[0]).seq == 4
     with pytest.raises(Exception, match="another|device"):
         link.send(StatusMessage(device_id="someone-else", phase=Phase.ACTIVE))
     assert wait_until(lambda: link.outbox_size() == 0, 5)
@@ -112,9 +123,9 @@ def test_outbox_survives_broker_outage_and_restart(tmp_path) -> None:
         again = MqttLink(url=broker.url, fleet=FLEET, device_id=DEV, state_dir=tmp_path, reconnect_min=0.2)
         again.start()
         assert wait_until(lambda: len(eyes.on("/status")) == 4 and len(eyes.on("/drift")) == 1, 10)
-        progress = [parse_message("status", p).progress for p in eyes.on("/status")]  # type: ignore[attr-defined]
+        progress = [parse_message("status", p).progress for p in eyes.on("/status")]
         assert progress == [0, 0.25, 0.5, 0.75]  # in the order they were queued
-        assert parse_message("drift", eyes.on("/drift")[0]).alert  # type: ignore[attr-defined]
+        assert parse_message("drift", eyes.on("/drift")[0]).alert
         assert wait_until(lambda: again.outbox_size() == 0, 5)
         assert states(eyes)[0].birth == 1  # the offline run's birth was 0
         again.stop()

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from fleet_server.bundle_publisher import BundlePublisher
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
-from toco_core.messages import (MessageError, MessageKind, Part, PartRange, PartRequest, encode, encode_part,
-                                parse_message)
+from toco_core.messages import (
+    MessageError,
+    MessageKind,
+    Part,
+    PartRange,
+    PartRequest,
+    encode,
+    encode_part,
+    parse_message,
+)
 from toco_core.topics import Topics
 from toco_core.transfer import download_size
 
@@ -68,7 +77,7 @@ def test_part_frames_and_ranges_are_validated() -> None:
         parse_message(MessageKind.PART, b"no header")
     with pytest.raises(MessageError, match="exceeds"):
         parse_message(MessageKind.PART, encode_part(bid, "head", 0, b"x" * (256 * 1024 + 1)))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         PartRange(part="head", offset=0, length=256 * 1024 + 1)
     assert T.parse(T.part(bid, "cam-1")).kind is MessageKind.PART
 

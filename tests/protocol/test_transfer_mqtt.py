@@ -84,7 +84,7 @@ def server(broker):
 
 
 def statuses(listener: Listener) -> list[StatusMessage]:
-    return [parse_message("status", p) for p in listener.on(f"/devices/{DEV}/status")]  # type: ignore[misc]
+    return [parse_message("status", p) for p in listener.on(f"/devices/{DEV}/status")]
 
 
 def requested(srv: MqttBundleServer, bundle_id: str, n: int) -> list[int]:

@@ -138,7 +138,12 @@ def _accepted(broker: DeployBroker, user: str) -> bool:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv311)
     c.username_pw_set(user, broker.passwords[user])
     c.tls_set(ca_certs=str(broker.ca))
-    c.on_connect = lambda cl, u, f, rc, p: (answer.setdefault("ok", not rc.is_failure), done.set())
+
+    def on_connect(cl, u, f, rc, p):
+        answer.setdefault("ok", not rc.is_failure)
+        done.set()
+
+    c.on_connect = on_connect
     c.connect("127.0.0.1", broker.tls)
     c.loop_start()
     done.wait(5)

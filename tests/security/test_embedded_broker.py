@@ -38,7 +38,12 @@ def _connect(port: int, host: str, user: str | None, password: str | None) -> bo
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"probe-{user}")
     if user is not None:
         c.username_pw_set(user, password)
-    c.on_connect = lambda cl, u, f, rc, p: (answer.setdefault("ok", not rc.is_failure), done.set())
+
+    def on_connect(cl, u, f, rc, p):
+        answer.setdefault("ok", not rc.is_failure)
+        done.set()
+
+    c.on_connect = on_connect
     c.connect(host, port)
     c.loop_start()
     assert done.wait(5), "no CONNACK"

@@ -13,8 +13,14 @@ import pytest
 from toco_core import sample_codec as sc
 from toco_core.demo.data import mnist_splits
 from toco_core.errors import BundleError, ConfigError
-from toco_core.sample_codec import (decode_outputs, decode_samples, encode_outputs, encode_samples,
-                                    self_test_margin, self_test_samples)
+from toco_core.sample_codec import (
+    decode_outputs,
+    decode_samples,
+    encode_outputs,
+    encode_samples,
+    self_test_margin,
+    self_test_samples,
+)
 
 
 def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:

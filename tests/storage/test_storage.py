@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import lzma
 import struct
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from toco_core.compression import storage
-from toco_core.compression.storage import (QuantizedTensor, decode_model, dequantize, encode_model,
-                                           quantize_to_codes)
+from toco_core.compression.storage import QuantizedTensor, decode_model, dequantize, encode_model, quantize_to_codes
 from toco_core.demo.data import mnist_splits
 from toco_core.errors import BundleError, ConfigError, ModelError
 from toco_core.onnx_model import model_bytes, read_weights, with_weights

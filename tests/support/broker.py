@@ -49,7 +49,8 @@ class Broker:
 
     def _listening(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited: {self.proc.stdout.read().decode(errors='replace')}")
+            out = self.proc.stdout.read() if self.proc.stdout else b""
+            raise RuntimeError(f"mosquitto exited: {out.decode(errors='replace')}")
         with socket.socket() as s:
             s.settimeout(0.2)
             return s.connect_ex(("127.0.0.1", self.port)) == 0
@@ -74,8 +75,13 @@ class Listener:
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"listener-{time.monotonic_ns()}")
-        self.client.on_connect = lambda c, u, f, rc, p: (filters and c.subscribe([(t, 1) for t in filters]),
-                                                         self.ready.set())
+
+        def on_connect(c, u, f, rc, p):
+            if filters:
+                c.subscribe([(t, 1) for t in filters])
+            self.ready.set()
+
+        self.client.on_connect = on_connect
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", url_port)
         self.client.loop_start()

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> bool:
+def wait_until(cond: Callable[[], object], timeout: float = 10.0, step: float = 0.02) -> bool:
     """Poll ``cond`` every ``step`` s until it is true or ``timeout`` s passed.
 
     Returns the last value of ``cond`` (checked once more at the deadline, so a condition that

@@ -27,6 +27,7 @@ from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.graph_eval.node import OpNode, spatial_pads, torch_pad_list
 from toco_core.analysis.torch_inputs import to_torch
 from toco_core.model_inputs import Batch
+from toco_core.runtime import BATCH_BYTES, rows_per_batch
 
 _CHUNK_FLOATS = 16_000_000  # unfolded patches held at once (64 MB)
 
@@ -66,7 +67,7 @@ def _conv_patches(node: OpNode, x: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     x = F.pad(x, torch_pad_list(spatial_pads(node, x.shape[2:], kernel, strides, dilations)))
     if n == 1:  # a 1-D conv is a 2-D conv of height 1
         x, kernel, strides, dilations = x.unsqueeze(2), [1, *kernel], [1, *strides], [1, *dilations]
-    return F.unfold(x, kernel, dilation=dilations, stride=strides)
+    return F.unfold(x, tuple(kernel), dilation=tuple(dilations), stride=tuple(strides))
 
 
 class InputMoments:
@@ -87,7 +88,7 @@ class InputMoments:
         if name in self._seen or a is None or a.shape[-1] > self.max_columns:
             self.skipped.add(name)
         self._seen.add(name)
-        if name in self.skipped:
+        if name in self.skipped or a is None:  # a is None: skipped above
             self.sums.pop(name, None)
             return
         self.layouts[name] = layout
@@ -102,6 +103,7 @@ class InputMoments:
                 self._use(node.inputs[i], RowLayout(False, 1), None)
             return
         x, w, name = args[0], args[1], node.inputs[1]
+        assert x is not None and w is not None, "Conv, Gemm and MatMul always have inputs 0 and 1"
         if node.op_type == "Conv":
             self._use(name, RowLayout(False, node.attr("group", 1)), self._conv_moments(node, x, w))
         elif node.op_type == "Gemm":
@@ -109,8 +111,8 @@ class InputMoments:
             self._use(name, RowLayout(not node.attr("transB", 0), 1), (u.T @ u)[None])
         else:
             ok = w.dim() == 2 and x.dim() >= 2
-            u = x.reshape(-1, x.shape[-1]) if ok else None
-            self._use(name, RowLayout(True, 1), None if u is None else (u.T @ u)[None])
+            rows = x.reshape(-1, x.shape[-1]) if ok else None
+            self._use(name, RowLayout(True, 1), None if rows is None else (rows.T @ rows)[None])
 
     def _conv_moments(self, node: OpNode, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
         groups = node.attr("group", 1)
@@ -128,8 +130,11 @@ class InputMoments:
             total = a if total is None else total + a
         return total
 
-    def add_batch(self, x: Batch, chunk: int = 32) -> None:
-        """Run the model on ``x`` (numpy in the model's input layout, or a ModelInputs) and add the input moments."""
+    def add_batch(self, x: Batch, chunk: int | None = None) -> None:
+        """Run the model on ``x`` (numpy in the model's input layout, or a ModelInputs) and add the
+        input moments, ``chunk`` samples per forward pass (default: up to 32, about 4 MiB of input:
+        every activation of a chunk is alive at once, 32 RGB 224x224 images held 940 MiB)."""
+        chunk = chunk or rows_per_batch(x, limit=32, batch_bytes=BATCH_BYTES // 4)
         with torch.no_grad():
             for i in range(0, len(x), chunk):
                 self._seen = set()

@@ -15,6 +15,8 @@ Numpy + onnxruntime (no torch): the per-point work is the same a box does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 
@@ -31,7 +33,6 @@ from toco_core.onnx_model import WeightInfo
 from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.runtime import run_with_weights
 from toco_core.tolerance_map import ToleranceMap
-
 
 
 def kept_shares(infos: list[WeightInfo], classes: dict[str, np.ndarray], levels: int) -> np.ndarray:
@@ -89,7 +90,8 @@ class NestedCalibration:
                                            steps[info.name], info.out_axis))
         return self._measure(tensors, 0.0, scale), steps
 
-    def choose_master(self, grid: list[float], noise_floor: float, on_point=None) -> list[CurvePoint]:
+    def choose_master(self, grid: list[float], noise_floor: float,
+                      on_point: Callable[[], object] | None = None) -> list[CurvePoint]:
         """Sweep ``grid`` (ascending) until a point leaves the noise floor; fix the master at the
         last point on it (the first grid point when none is). Returns the measured sweep."""
         swept, chosen = [], None
@@ -118,7 +120,9 @@ class NestedCalibration:
                 out[info.name] = np.zeros(channels, np.uint8)
                 continue
             keep = self.classes[info.name] > level
-            out[info.name] = choose_octaves(self.weights[info.name], self.ladders[info.name].master,
+            master = self.ladders[info.name].master
+            assert master is not None, "the server's ladders hold the master codes"
+            out[info.name] = choose_octaves(self.weights[info.name], master,
                                             self.steps[info.name], self.tmap.quant[info.name] * np.float32(qs), keep,
                                             info.out_axis, self.coverage)
         return out

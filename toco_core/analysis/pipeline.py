@@ -22,22 +22,22 @@ import torch
 from toco_core.analysis.fisher import FisherAccumulator
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.input_moments import InputMoments
-from toco_core.analysis.prune_order import prune_scores
-from toco_core.analysis.torch_inputs import to_torch
-from toco_core.analysis.settings import AnalysisSettings
-from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.analysis.nested_calibration import NestedCalibration
+from toco_core.analysis.prune_order import prune_scores
+from toco_core.analysis.settings import AnalysisSettings
+from toco_core.analysis.torch_inputs import to_torch
+from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
-from toco_core.fidelity import as_log_probs
+from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.model_inputs import Batch
-from toco_core.onnx_model import compressible_weights, input_spec, model_hash, output_kind, read_weights
+from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
+from toco_core.plan_table import PlanTable
 from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
 from toco_core.runtime import run_model
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
-from toco_core.plan_table import PlanTable
 from toco_core.tolerance_map import ToleranceMap, as_stored
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: Batch) -> No
                          f"(relative error {err:.2g})", "please report the model; analysis would be wrong")
 
 
-def _committee_scale(model, weights, tau_hat, x, base_lp, kind, s: AnalysisSettings,
+def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray],
+                     x: np.ndarray, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
                      previous: float | None = None) -> tuple[float, float]:
     """Bisect log2 s until the committee disagrees with the base on ~committee_target of x.
 
@@ -94,7 +95,9 @@ def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: Ba
     return acc
 
 
-def qbc_rounds(model, ev, weights, kind, pool_x, heldout_x, s: AnalysisSettings, progress: Progress):
+def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: OutputKind,
+               pool_x: np.ndarray, heldout_x: np.ndarray, s: AnalysisSettings, progress: Progress,
+               ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[RoundStats]]:
     """Grow the analysis set by committee disagreement. Returns (S indices, fisher, tau_hat, rounds)."""
     rng = np.random.default_rng(s.seed)
     base_pool = as_log_probs(run_model(model, pool_x), kind)
@@ -135,7 +138,8 @@ def qbc_rounds(model, ev, weights, kind, pool_x, heldout_x, s: AnalysisSettings,
     return chosen, fisher, closed_form_tolerance(fisher, weights, floor_rel=s.floor_rel), rounds
 
 
-def prune_ranks(ev, weights, fisher, kind, x, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
+def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict[str, np.ndarray], kind: OutputKind,
+                x: np.ndarray, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
     """Pruning order from the K-FAC greedy scores (prune_order.py); r_i = the sparsity at which
     weight i is pruned (exact zeros: 0).
 
@@ -179,7 +183,8 @@ def prune_grid() -> list[float]:
     return sorted(set(PRUNE_GRID) | set(COMBO_PRUNE))
 
 
-def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: Progress,
+def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
+              kind: OutputKind, x: Batch, y: np.ndarray | None, progress: Progress,
               correction_x: Batch | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
@@ -192,7 +197,7 @@ def calibrate(model, infos, weights, tmap: ToleranceMap, kind, x, y, progress: P
     nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid())
     step = {"n": 0, "total": 2 * len(QUANT_GRID) + len(PRUNE_GRID) + len(COMBO_PRUNE) * len(COMBO_QUANT)}
 
-    def tick(*_):
+    def tick(*_: object) -> None:
         step["n"] += 1
         progress("calibrate", step["n"], step["total"])
 
@@ -250,27 +255,31 @@ def analyze(
     _check_evaluator(ev, model, pool_x[:8])
     timings = {}
     t = time.perf_counter()
-    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, pool_x[cand], pool_x[held], s, progress)
+    # one copy of each split for the whole analysis: a 400-image RGB 224x224 pool is 241 MB, and
+    # indexing it afresh per phase held up to three copies at once
+    held_x, cand_x = pool_x[held], pool_x[cand]
+    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, cand_x, held_x, s, progress)
     timings["qbc"] = time.perf_counter() - t
     t = time.perf_counter()
-    analysis_x = pool_x[cand][chosen]
+    analysis_x = cand_x[chosen]
+    del cand_x
     ranks = prune_ranks(ev, weights, fisher, kind, analysis_x[: s.prune_round_samples], s, progress)
     timings["prune_rounds"] = time.perf_counter() - t
     tmap = as_stored(ToleranceMap(quant=tau_hat, prune_rank=ranks))
     t = time.perf_counter()
     hy = None if pool_y is None else pool_y[held]
-    curves, table = calibrate(model, infos, weights, tmap, kind, pool_x[held], hy, progress,
+    curves, table = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
                               analysis_x if s.bias_correction else None)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
     base_acc = None
     if hy is not None:
-        base_acc = float((run_model(model, pool_x[held]).argmax(1) == hy).mean())
+        base_acc = float((run_model(model, held_x).argmax(1) == hy).mean())
     manifest = AnalysisManifest(
         model_name=model_name, model_sha256=sha, input_name=spec.name,
         input_shape=list(spec.shape), output_kind=kind, scored_output=scored, weights=sum(w.size for w in infos),
         settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
     )
-    return AnalysisResult(manifest, tmap, curves, analysis_x, pool_x[held], hy, plans=table)
+    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table)

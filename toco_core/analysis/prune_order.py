@@ -104,7 +104,8 @@ def row_scale(fisher_rows: np.ndarray, a: np.ndarray, floor_rel: float) -> np.nd
     g = fisher_rows.astype(np.float64).sum(1) / max(float(np.trace(a)), 1e-300)
     positive = g[g > 0]
     floor = floor_rel * float(np.median(positive)) if positive.size else 1e-30
-    return np.maximum(g, max(floor, 1e-30))
+    result: np.ndarray = np.maximum(g, max(floor, 1e-30))
+    return result
 
 
 def kfac_scores(

@@ -30,7 +30,7 @@ import onnx
 
 from toco_core.model_inputs import Batch, feed
 from toco_core.onnx_model import WeightInfo, with_outputs
-from toco_core.runtime import session_with_weights
+from toco_core.runtime import BATCH_BYTES, rows_per_batch, session_with_weights
 
 # op -> index of its bias input; their outputs are (N, C, ...), channels on axis 1
 _BIASED_OPS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
@@ -77,7 +77,8 @@ def biased_layers(model: onnx.ModelProto, infos: list[WeightInfo]) -> list[Biase
 
 def _channel_sums(y: np.ndarray) -> np.ndarray:
     """Sum of an (N, C, ...) output over everything but the channel axis, in float64."""
-    return np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).sum(axis=1, dtype=np.float64)
+    result: np.ndarray = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).sum(axis=1, dtype=np.float64)
+    return result
 
 
 def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: Batch,
@@ -92,8 +93,10 @@ def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: Bat
     inputs = [i.name for i in sess.get_inputs()]
     sums = [np.zeros(0)] * len(names)
     counts = [0] * len(names)
-    for i in range(0, len(x), batch_size):
-        for k, y in enumerate(sess.run(names, feed(x[i:i + batch_size], inputs))):
+    # every layer's output of a batch is held at once: a quarter of run_batches' input bytes
+    step = rows_per_batch(x, limit=batch_size, batch_bytes=BATCH_BYTES // 4)
+    for i in range(0, len(x), step):
+        for k, y in enumerate(sess.run(names, feed(x[i:i + step], inputs))):
             part = _channel_sums(y)
             sums[k] = part if counts[k] == 0 else sums[k] + part
             counts[k] += y.size // y.shape[1]

@@ -13,6 +13,7 @@ it into the reader's bias) and every constant that shrinks with the channels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,7 +36,7 @@ class Unsupported(Exception):
 class ChannelPath:
     """One way from the layer to a reader, and how the channel constant changes on it."""
 
-    steps: list  # ("node", node, pos, rank, input index) or ("repeat", n): how the constant k changes
+    steps: list[tuple[Any, ...]]  # ("node", node, pos, rank, input index) or ("repeat", n): how the constant k changes
     reader: onnx.NodeProto
     block: int  # features per channel at the reader's input
 
@@ -53,12 +54,14 @@ class ChannelRoute:
     reshapes: list[tuple[str, int]] = field(default_factory=list)  # (shape constant, block)
 
 
-def trace_route(g: GraphIndex, shapes: dict, weight: str) -> ChannelRoute:
+def trace_route(g: GraphIndex, shapes: dict[str, tuple[int | None, ...]], weight: str) -> ChannelRoute:
     """The route of ``weight``'s output channels to their readers. Raises Unsupported where it cannot follow them."""
     uses = g.consumers(weight)
     if len(uses) != 1 or uses[0][1] != 1:
         raise Unsupported("the weight is shared or not a layer's weight input")
     node, w = uses[0][0], g.tensor(weight)
+    if w is None:
+        raise Unsupported("the weight is not a constant")
     op = node.op_type
     if op in ("Conv", "ConvTranspose") and attr(node, "group", 1) == 1:
         out_axis, pos, rank = (0 if op == "Conv" else 1), 1, w.ndim
@@ -86,7 +89,8 @@ def _need_const(g: GraphIndex, name: str, private: bool = True) -> np.ndarray:
     return value
 
 
-def _follow(g, shapes, tensor, pos, rank, feats, block, steps, route) -> None:
+def _follow(g: GraphIndex, shapes: dict[str, tuple[int | None, ...]], tensor: str, pos: int, rank: int, feats: int,
+            block: int, steps: list[tuple[Any, ...]], route: ChannelRoute) -> None:
     """Walk every reader of ``tensor`` (channel axis ``pos`` of ``rank``, ``feats`` = C*block)."""
     if g.is_graph_output(tensor):
         raise Unsupported(f"the channels reach the graph output {tensor!r}")
@@ -130,12 +134,13 @@ def _follow(g, shapes, tensor, pos, rank, feats, block, steps, route) -> None:
         _follow(g, shapes, node.output[0], *nxt, new_steps, route)
 
 
-def _flatten(g, shapes, node, tensor, rank, feats, block, route) -> tuple[int, int, int, int]:
+def _flatten(g: GraphIndex, shapes: dict[str, tuple[int | None, ...]], node: onnx.NodeProto, tensor: str, rank: int,
+             feats: int, block: int, route: ChannelRoute) -> tuple[int, int, int, int]:
     """Channel c of [N, C, *S] -> features [c*prod(S), (c+1)*prod(S)) of [N, C*prod(S)]."""
     in_shape = shapes.get(tensor)
     if in_shape is None or any(d is None for d in in_shape[1:]):
         raise Unsupported(f"{node.op_type} {node.name!r}: input shape unknown")
-    per_channel = int(np.prod(in_shape[2:], dtype=np.int64))
+    per_channel = int(np.prod([d for d in in_shape[2:] if d is not None], dtype=np.int64))
     total = feats * per_channel
     if node.op_type == "Flatten":
         if attr(node, "axis", 1) != 1:
@@ -150,7 +155,8 @@ def _flatten(g, shapes, node, tensor, rank, feats, block, route) -> tuple[int, i
     return 1, 2, total, block * per_channel
 
 
-def _reader(g, node, pos, rank, block, route, steps) -> ChannelPath:
+def _reader(g: GraphIndex, node: onnx.NodeProto, pos: int, rank: int, block: int, route: ChannelRoute,
+            steps: list[tuple[Any, ...]]) -> ChannelPath:
     w = _need_const(g, node.input[1])
     if len(node.input) > 2 and node.input[2]:
         _need_const(g, node.input[2])

@@ -21,6 +21,7 @@ bit-identical models on any platform.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import constriction
 import numpy as np
@@ -81,7 +82,8 @@ class _Model:
     def update(self, mask: np.ndarray, ctx: tuple[int, np.ndarray] | None, lo: int, hi: int,
                symbols: np.ndarray) -> None:
         if ctx is not None:
-            np.add.at(self.mask_counts, (ctx[0], ctx[1], mask), 1.0)
+            # numpy's stubs take no index tuple for ufunc.at
+            np.add.at(self.mask_counts, (ctx[0], ctx[1], mask), 1.0)  # type: ignore[arg-type]
         self.col_nnz += mask
         self.rows_seen += 1
         if symbols.size:
@@ -99,7 +101,7 @@ def _from_symbols(symbols: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.where(symbols < half, symbols - hi, symbols - half + lo).astype(np.int32)
 
 
-def _categorical(probs: np.ndarray):
+def _categorical(probs: np.ndarray) -> Any:
     return constriction.stream.model.Categorical(probs, perfect=False)
 
 
@@ -126,7 +128,8 @@ def encode_rows(rows: np.ndarray, side: SideInfo) -> bytes:
             symbols = _to_symbols(rows[r][mask.astype(bool)], lo, hi)
             enc.encode(symbols, _categorical(model.value_probs(lo, hi)))
         model.update(mask, ctx, lo, hi, symbols)
-    return enc.get_compressed().astype("<u4").tobytes()
+    result: bytes = enc.get_compressed().astype("<u4").tobytes()
+    return result
 
 
 def _check_side(side: SideInfo, r: int, n_cols: int) -> tuple[int, int, int]:

@@ -6,6 +6,8 @@ attribute; both are read and replaced the same way, keyed by their ONNX name.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -13,7 +15,7 @@ from onnx import helper, numpy_helper
 from toco_core.errors import ModelError
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """The value of attribute ``name`` of ``node``, or ``default`` when it is absent."""
     for a in node.attribute:
         if a.name == name:
@@ -21,7 +23,7 @@ def attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
     """Set (or add) attribute ``name`` of ``node`` to ``value``."""
     for i, a in enumerate(node.attribute):
         if a.name == name:

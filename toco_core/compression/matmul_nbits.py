@@ -14,14 +14,21 @@ because every weight may get its own (bits, block_size).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-from toco_core.compression.graph_edit import (GraphIndex, attr, clear_value_info, drop_unused_initializers,
-                                              ensure_opset, replace_nodes)
+from toco_core.compression.graph_edit import (
+    GraphIndex,
+    attr,
+    clear_value_info,
+    drop_unused_initializers,
+    ensure_opset,
+    replace_nodes,
+)
 from toco_core.errors import ConfigError, ModelError
 
 BITS = (4, 8)
@@ -56,7 +63,7 @@ def _unpack(data: np.ndarray, bits: int) -> np.ndarray:
     return np.stack([data & 0x0F, data >> 4], axis=-1).reshape(*data.shape[:-1], -1).astype(np.int32)
 
 
-def _dequantize(packed, scales, zero_points, bits: int, k: int) -> np.ndarray:
+def _dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int) -> np.ndarray:
     """(q - z) * s back to B [K, N] (float32)."""
     n, blocks, _ = packed.shape
     q = _unpack(packed, bits)  # [N, blocks, block]
@@ -84,7 +91,8 @@ def nbits_weight_error(w: np.ndarray, bits: int, block_size: int, k_axis: int = 
     w_kn = _as_kn(w, k_axis)
     deq = _dequantize(*_quantize(w_kn, bits, block_size), bits, w_kn.shape[0])
     err = np.abs(w_kn - deq)
-    return err if k_axis % 2 == 0 else err.T
+    result: np.ndarray = err if k_axis % 2 == 0 else err.T
+    return result
 
 
 def nbits_nbytes(k: int, n: int, bits: int, block_size: int) -> int:
@@ -148,7 +156,8 @@ def quantize_matmul_nbits(model: onnx.ModelProto, choices: dict[str, tuple[int, 
         idx = next(i for i, n in enumerate(new.graph.node) if n.output[0] == node.output[0])
         replacements[idx] = _nbits_nodes(g, node, name, w_kn.astype(np.float32), bits, block, accuracy_level)
         dead.add(name)
-    const_nodes = {i: [] for i, n in enumerate(new.graph.node) if n.op_type == "Constant" and n.output[0] in dead}
+    const_nodes: dict[int, list[onnx.NodeProto]] = {
+        i: [] for i, n in enumerate(new.graph.node) if n.op_type == "Constant" and n.output[0] in dead}
     replace_nodes(new.graph, {**replacements, **const_nodes})
     drop_unused_initializers(new)
     ensure_opset(new, "com.microsoft", 1)
@@ -168,7 +177,7 @@ def _nbits_nodes(g: GraphIndex, node: onnx.NodeProto, name: str, w_kn: np.ndarra
     out = node.output[0]
     has_c = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
     mm_out = g.unique_name(f"{out}_matmul") if has_c else out
-    kwargs = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    kwargs: dict[str, Any] = {"accuracy_level": accuracy_level} if accuracy_level else {}
     nodes = [helper.make_node("MatMulNBits", inputs, [mm_out], name=g.unique_name(f"{node.name or name}_Q{bits}"),
                               domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, **kwargs)]
     if has_c:

@@ -81,7 +81,8 @@ def quantize(w: np.ndarray, steps: np.ndarray, out_axis: int) -> tuple[np.ndarra
 def channel_bits(codes: np.ndarray, out_axis: int) -> np.ndarray:
     """Bits per output channel for a fixed-width signed code: ceil(log2(2 max|code| + 1))."""
     m = np.abs(_channels_first(codes, out_axis)).max(axis=1)
-    return np.ceil(np.log2(2 * m + 1)).astype(np.int32)
+    result: np.ndarray = np.ceil(np.log2(2 * m + 1)).astype(np.int32)
+    return result
 
 
 def code_entropy_bits(codes: np.ndarray) -> float:

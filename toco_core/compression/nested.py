@@ -19,6 +19,8 @@ one float32 multiply of an exact code by an exact power-of-two multiple of the m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 MAX_CODE = 4095  # the storage coder's limit (13-bit codes); the master never exceeds it
@@ -57,7 +59,8 @@ def octave_codes(q: np.ndarray, octaves: np.ndarray, out_axis: int) -> np.ndarra
     k = k.reshape(channel_axis_shape(q.ndim, out_axis))
     half = np.where(k > 0, np.left_shift(np.int64(1), np.maximum(k - 1, 0)), 0)
     mag = np.right_shift(np.abs(q.astype(np.int64)) + half, k)
-    return (np.sign(q) * mag).astype(np.int32)
+    result: np.ndarray = (np.sign(q) * mag).astype(np.int32)
+    return result
 
 
 def octave_steps(steps: np.ndarray, octaves: np.ndarray) -> np.ndarray:
@@ -69,10 +72,11 @@ def octave_values(q: np.ndarray, steps: np.ndarray, octaves: np.ndarray, out_axi
     """float32 weights of octave k per channel: c_k * (2^k * D_c)."""
     codes = octave_codes(q, octaves, out_axis)
     scale = octave_steps(steps, octaves).reshape(channel_axis_shape(q.ndim, out_axis))
-    return codes.astype(np.float32) * scale
+    result: np.ndarray = codes.astype(np.float32) * scale
+    return result
 
 
-def prune_classes(rank: np.ndarray, grid: list[float] | np.ndarray) -> np.ndarray:
+def prune_classes(rank: np.ndarray, grid: Sequence[float] | np.ndarray) -> np.ndarray:
     """class_i = min { j : rank_i <= grid_j }, len(grid) when no grid scale prunes weight i (uint8).
 
     Pruning at grid scale grid_j zeroes exactly the weights whose class is <= j. ``grid`` must be
@@ -84,7 +88,7 @@ def prune_classes(rank: np.ndarray, grid: list[float] | np.ndarray) -> np.ndarra
     return np.searchsorted(g, rank.astype(np.float64), side="left").astype(np.uint8)
 
 
-def prune_level(grid: list[float] | np.ndarray, prune_scale: float) -> int:
+def prune_level(grid: Sequence[float] | np.ndarray, prune_scale: float) -> int:
     """The grid index j of a plan's prune scale (-1 for no pruning). Raises ValueError off the grid."""
     if prune_scale <= 0:
         return -1
@@ -135,11 +139,12 @@ class CodeLadder:
                  bit: int = 0) -> None:
         """Give ``master`` codes, or the ``truncated`` codes known down to bit ``bit``.
         Raises ValueError when neither is given."""
-        if master is None and truncated is None:
+        codes = master if master is not None else truncated
+        if codes is None:
             raise ValueError("a code ladder needs the master codes or truncated codes")
         self.out_axis = out_axis
         self.master = master
-        self.truncated = master if master is not None else truncated
+        self.truncated = codes
         self.bit = 0 if master is not None else bit
 
     @property
@@ -166,7 +171,8 @@ class CodeLadder:
         mag = np.abs(self.truncated.astype(np.int64))
         shifted = np.right_shift(mag, np.maximum(k - 1 - self.bit, 0))
         coarse = np.where(k == 0, mag, np.right_shift(shifted + 1, 1))
-        return (np.sign(self.truncated) * coarse).astype(np.int32)
+        result: np.ndarray = (np.sign(self.truncated) * coarse).astype(np.int32)
+        return result
 
 
 def nested_steps_ok(steps: np.ndarray) -> bool:

@@ -36,7 +36,8 @@ _PRIOR = 0.5  # pseudo count: a symbol a plane never used still has a (tiny) cod
 def _probs(counts: np.ndarray) -> np.ndarray:
     """Rows of probabilities from rows of symbol counts (float64, each row sums to 1)."""
     c = counts.astype(np.float64) + _PRIOR
-    return c / c.sum(axis=-1, keepdims=True)
+    result: np.ndarray = c / c.sum(axis=-1, keepdims=True)
+    return result
 
 
 def _encode(symbols: np.ndarray, contexts: np.ndarray, counts: np.ndarray) -> bytes:
@@ -44,7 +45,8 @@ def _encode(symbols: np.ndarray, contexts: np.ndarray, counts: np.ndarray) -> by
     if symbols.size:
         family = constriction.stream.model.Categorical(perfect=False)
         enc.encode(symbols.astype(np.int32), family, _probs(counts)[contexts])
-    return enc.get_compressed().astype("<u4").tobytes()
+    result: bytes = enc.get_compressed().astype("<u4").tobytes()
+    return result
 
 
 def _decode(data: bytes, contexts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -121,7 +123,8 @@ def decode_bit_plane(data: bytes, truncated: list[np.ndarray]) -> list[np.ndarra
     probs = _probs(counts)
     bits = np.asarray(dec.decode(family, probs[all_ctx]), dtype=np.int64) if n_bits else np.zeros(0, np.int64)
     news = [(c == 0) & (bits[sum(x.size for x in ctxs[:t]):][:c.size] == 1) for t, c in enumerate(ctxs)]
-    sign_ctx = np.concatenate([np.full(int(m.sum()), 3 + 4 * t) for t, m in enumerate(news)]) if news else []
+    sign_ctx: np.ndarray | list[int] = (np.concatenate([np.full(int(m.sum()), 3 + 4 * t) for t, m in enumerate(news)])
+                                        if news else [])
     signs = np.asarray(dec.decode(family, probs[sign_ctx]), dtype=np.int64) if len(sign_ctx) else np.zeros(0, np.int64)
     out, pos, spos = [], 0, 0
     for t, new in zip(truncated, news):

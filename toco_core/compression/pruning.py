@@ -10,7 +10,8 @@ import numpy as np
 
 def prune_mask(w: np.ndarray, tau: np.ndarray) -> np.ndarray:
     """Boolean mask of the weights to zero: |w| <= tau (same shape as w)."""
-    return np.abs(w) <= tau
+    result: np.ndarray = np.abs(w) <= tau
+    return result
 
 
 def prune(weights: dict[str, np.ndarray], tau: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

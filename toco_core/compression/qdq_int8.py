@@ -46,16 +46,18 @@ def int8_weight_error(w: np.ndarray, out_axis: int, per_channel: bool = True) ->
     scale = (2.0 * absmax.astype(np.float64) / (2 * _QMAX)).astype(np.float32)
     scale = np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale)
     q = np.clip(np.round(w / scale), -_QMAX, _QMAX)
-    return np.abs(w - (q * scale).astype(np.float32))
+    result: np.ndarray = np.abs(w - (q * scale).astype(np.float32))
+    return result
 
 
-class _Samples(CalibrationDataReader):
+class _Samples(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
     """Feeds the calibration samples to onnxruntime's calibrator in batches."""
 
     def __init__(self, names: list[str], x: Batch, batch: int = 64) -> None:
-        self._batches: Iterator[dict] = iter([feed(x[i : i + batch], names) for i in range(0, len(x), batch)])
+        self._batches: Iterator[dict[str, np.ndarray]] = iter([feed(x[i : i + batch], names)
+                                                               for i in range(0, len(x), batch)])
 
-    def get_next(self) -> dict | None:
+    def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
 
 

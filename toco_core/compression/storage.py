@@ -90,7 +90,8 @@ def quantize_to_codes(w: np.ndarray, steps: np.ndarray, out_axis: int, name: str
 def dequantize(q: QuantizedTensor) -> np.ndarray:
     """float32 weight = codes * steps[channel]. Raises ConfigError for inconsistent steps."""
     steps = _check_steps(q.steps, q.codes.shape, q.out_axis, q.name)
-    return q.codes.astype(np.float32) * _per_channel(steps, q.codes.ndim, q.out_axis)
+    result: np.ndarray = q.codes.astype(np.float32) * _per_channel(steps, q.codes.ndim, q.out_axis)
+    return result
 
 
 def _rows(q: QuantizedTensor) -> np.ndarray:
@@ -105,7 +106,8 @@ def _rows(q: QuantizedTensor) -> np.ndarray:
 def _find_tensor(model: onnx.ModelProto, name: str) -> onnx.TensorProto | None:
     for tensor in model.graph.initializer:
         if tensor.name == name:
-            return tensor
+            result: onnx.TensorProto = tensor
+            return result
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
             return next((a.t for a in node.attribute if a.name == "value"), None)

@@ -19,14 +19,21 @@ Which layers qualify and what moves with their channels: toco_core.compression.c
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from toco_core.compression.channel_routes import ChannelPath, ChannelRoute, Unsupported, expand_features, \
-    structured_support, trace_route
+from toco_core.compression.channel_routes import (
+    ChannelPath,
+    ChannelRoute,
+    Unsupported,
+    expand_features,
+    structured_support,
+    trace_route,
+)
 from toco_core.compression.graph_edit import GraphIndex, attr, clear_value_info, replace_nodes, set_attr, static_shapes
 from toco_core.errors import ModelError
 from toco_core.onnx_model import compressible_weights
@@ -66,14 +73,18 @@ class _Work:
     """Working copies of the constants being edited (float64 for float tensors), written back once."""
 
     def __init__(self, g: GraphIndex) -> None:
-        self.g, self.arrays, self.dtypes = g, {}, {}
+        self.g = g
+        self.arrays: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, np.dtype[Any]] = {}
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.arrays:
             value = self.g.tensor(name)
+            assert value is not None, f"{name} was checked to be a constant"
             self.dtypes[name] = value.dtype
             self.arrays[name] = value.astype(np.float64) if value.dtype.kind == "f" else value.copy()
-        return self.arrays[name]
+        result: np.ndarray = self.arrays[name]
+        return result
 
     def as_stored(self, name: str) -> np.ndarray:
         return self.get(name).astype(self.dtypes[name])
@@ -97,25 +108,29 @@ def _layer_constant(work: _Work, route: ChannelRoute) -> np.ndarray:
     return np.zeros(route.channels)
 
 
-def _apply_step(work: _Work, opset: int, step: tuple, k: np.ndarray) -> np.ndarray:
+def _apply_step(work: _Work, opset: int, step: tuple[Any, ...], k: np.ndarray) -> np.ndarray:
     """Push the per-feature constants ``k`` through one op with onnx's reference evaluator."""
     if step[0] == "repeat":
         return np.repeat(k, step[1])
     _, node, pos, rank, idx = step
     shape = [1] * rank
     shape[pos] = len(k)
-    feeds, names = {}, []
+    feeds: dict[str, np.ndarray] = {}
+    names: list[str] = []
     for i, name in enumerate(node.input):
         names.append(f"in{i}" if name else "")
         if name:
             feeds[f"in{i}"] = k.reshape(shape).astype(np.float32) if i == idx else work.as_stored(name)
     probe = helper.make_node(node.op_type, names, ["out"], domain=node.domain)
     probe.attribute.extend(node.attribute)
-    out = ReferenceEvaluator(probe, opsets={"": opset}).run(None, feeds)[0]
+    outs = ReferenceEvaluator(probe, opsets={"": opset}).run(None, feeds)
+    assert isinstance(outs, list)
+    out = outs[0]
     return np.asarray(out, dtype=np.float64).reshape(-1)
 
 
-def _fold(g: GraphIndex, work: _Work, path: ChannelPath, k: np.ndarray, mask: np.ndarray, pending: list) -> None:
+def _fold(g: GraphIndex, work: _Work, path: ChannelPath, k: np.ndarray, mask: np.ndarray,
+          pending: list[tuple[str, np.ndarray, str]]) -> None:
     """Add the removed features' constant contribution to the reader's bias (see module doc)."""
     node, feats = path.reader, expand_features(mask, path.block)
     kd = k[feats]
@@ -154,7 +169,7 @@ def _fold(g: GraphIndex, work: _Work, path: ChannelPath, k: np.ndarray, mask: np
     pending.append((node.output[0], contrib, node.input[1]))
 
 
-def _insert_adds(g: GraphIndex, pending: list, masks: dict[str, np.ndarray]) -> None:
+def _insert_adds(g: GraphIndex, pending: list[tuple[str, np.ndarray, str]], masks: dict[str, np.ndarray]) -> None:
     """MatMul readers without a bias Add get one: MatMul -> Add(folded constant) -> old output."""
     by_output = {}
     for out, contrib, weight in pending:
@@ -204,7 +219,7 @@ def remove_output_channels(model: onnx.ModelProto, drop: dict[str, np.ndarray]) 
     work = _Work(g)
     for route, mask in routes:  # the result must equal the model with these channels zeroed
         np.moveaxis(work.get(route.weight), route.out_axis, 0)[mask] = 0.0
-    pending: list = []
+    pending: list[tuple[str, np.ndarray, str]] = []
     for route, mask in routes:
         base = _layer_constant(work, route)
         for path in route.paths:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ def export(model: nn.Module, path: Path, exporter: Exporter = "torchscript",
     """Export to ONNX with a dynamic batch dimension, input ``image`` [N, *image_shape], output ``logits``."""
     dummy = torch.zeros(1, *image_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(input_names=["image"], output_names=["logits"])
+    kwargs: dict[str, Any] = dict(input_names=["image"], output_names=["logits"])
     if exporter == "dynamo":
         torch.onnx.export(model, (dummy,), str(path), dynamo=True, external_data=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False, **kwargs)

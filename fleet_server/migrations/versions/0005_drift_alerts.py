@@ -1,4 +1,4 @@
-"""Drift alerts of two kinds, and the re-analysis gate (issue 14).
+"""Drift alerts of two kinds, and the re-analysis gate.
 
 A drift alert is now a record of its own (``drift_alerts``): fidelity drift (the compressed model
 stops agreeing with its base: re-analysis with field samples) or data drift (the base sees new

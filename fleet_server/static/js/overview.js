@@ -1,9 +1,10 @@
-// Fleet overview: counts by state, every device with its plan and drift, analyses,
-// re-analyses (with why) and deployments. Refreshes on live events, no reload.
+// Fleet overview: counts by state, the devices (a page at a time, filtered) with their plan and
+// drift, analyses, re-analyses (with why) and deployments. Refreshes on live events, no reload.
 
 import { h, mount, api, debounce, badge, card, shortId, errorBox, isNum,
   fmtBytes, fmtPct, fmtAgo, fmtNum, fmtTime } from "./dom.js";
 import { on } from "./live.js";
+import { devicePages } from "./device_pages.js";
 
 const STATES = ["online", "deploying", "alert", "failed", "offline"];
 // quarantined (never enrolled) and revoked devices get a badge but no count box: they are not part of the fleet
@@ -56,7 +57,7 @@ function versionsTable(rows) {
     h("thead", {}, h("tr", {}, ["Group", "Model version", "Devices"].map((c) => h("th", {}, c)))),
     h("tbody", {}, rows.map((r) => h("tr", { "data-group": r.group, "data-version": r.version ?? "" },
       h("td", {}, r.group),
-      h("td", { class: r.version ? "" : "muted" }, versionText(r) || "no known version"),
+      h("td", { class: r.version ? "" : "muted" }, versionText(r.version ? r : null) || "no known version"),
       h("td", { class: "num" }, String(r.devices))))));
 }
 
@@ -81,12 +82,12 @@ function deviceRow(d) {
 // What a drift alert means (fleet_server.drift_classify): the kind decides what happens next.
 export const KIND_TEXT = { fidelity: "fidelity drift", data: "new data", unclassified: "classifying" };
 
-function kindCounts(devices) {
-  const n = { fidelity: 0, data: 0, unclassified: 0 };
-  for (const d of devices) if (d.drift_kind in n) n[d.drift_kind] += 1;
+// Counted by the server (the listing's facets); a click filters the device table by that kind.
+function kindCounts(facets, pick) {
+  const n = { fidelity: 0, data: 0, unclassified: 0, ...facets.alert };
   return h("div", { class: "counts kinds", id: "alert-kinds" },
-    Object.entries(n).map(([k, v]) => h("div", { class: `count c-${v ? "alert" : "online"}`, "data-kind": k },
-      h("b", {}, String(v)), h("span", {}, `alert: ${KIND_TEXT[k]}`))));
+    Object.entries(n).map(([k, v]) => h("div", { class: `count pick c-${v ? "alert" : "online"}`, "data-kind": k,
+      onclick: () => pick("alert", k) }, h("b", {}, v.toLocaleString("en-US")), h("span", {}, `alert: ${KIND_TEXT[k]}`))));
 }
 
 // Alerts that started no re-analysis, with the reason (data drift, cooldown, daily cap, escalation).
@@ -101,25 +102,18 @@ function decisionsTable(alerts) {
       h("td", {}, a.decision || "–")))));
 }
 
-function countsBar(devices) {
-  const n = Object.fromEntries(STATES.map((st) => [st, 0]));
-  for (const d of devices) n[d.state] = (n[d.state] || 0) + 1;
+// The counts are the server's (devices per state under the other filters); a click filters by that state.
+function countsBar(facets, pick) {
+  const n = facets.state;
+  const all = Object.values(n).reduce((a, b) => a + b, 0);
   return h("div", { class: "counts" },
-    h("div", { class: "count total" }, h("b", {}, String(devices.length)), h("span", {}, "devices")),
-    STATES.map((st) => h("div", { class: `count c-${st}`, "data-state": st }, h("b", {}, String(n[st] || 0)), h("span", {}, STATE_TEXT[st]))));
+    h("div", { class: "count total pick", onclick: () => pick("state", "") }, h("b", {}, all.toLocaleString("en-US")), h("span", {}, "devices")),
+    STATES.map((st) => h("div", { class: `count pick c-${st}`, "data-state": st, onclick: () => pick("state", st) },
+      h("b", {}, (n[st] || 0).toLocaleString("en-US")), h("span", {}, STATE_TEXT[st]))));
 }
 
-function devicesTable(devices) {
-  if (!devices.length) {
-    return h("p", { class: "muted" }, "No device has reported yet. Agents appear here as soon as they connect to the broker.");
-  }
-  const order = (d) => ({ alert: 0, failed: 1, deploying: 2, online: 3, offline: 4 }[d.state] ?? 5);
-  const rows = [...devices].sort((a, b) => order(a) - order(b) || a.device_id.localeCompare(b.device_id));
-  return h("div", { class: "table-wrap" }, h("table", { id: "devices", class: "grid-table" },
-    h("thead", {}, h("tr", {}, ["Device", "State", "Hardware", "Active model / plan", "Size vs base",
-      "Agreement", "Last drift window", "Alert"].map((c) => h("th", {}, c)))),
-    h("tbody", {}, rows.map(deviceRow))));
-}
+const DEVICE_COLUMNS = ["Device", "State", "Hardware", "Active model / plan", "Size vs base", "Agreement",
+  "Last drift window", "Alert"];
 
 function progressText(a) {
   const p = a.progress || {};
@@ -204,17 +198,23 @@ async function optional(path) {
 export async function render(root) {
   const refresh = debounce(load, 250);
   for (const kind of ["device", "drift", "status", "deployment", "analysis", "reanalysis", "drift_alert"]) on(kind, refresh);
+  // built once: the filter controls keep their state (and the search box its focus) across live refreshes
+  const updated = h("span", { class: "muted" });
+  const counts = h("div", { id: "state-counts" });
+  const kinds = h("div");
+  const devices = devicePages({ renderRow: deviceRow, columns: DEVICE_COLUMNS, stateText: STATE_TEXT,
+    onPage: (page) => { mount(counts, countsBar(page.facets, pick)); mount(kinds, kindCounts(page.facets, pick)); } });
+  const pick = (name, value) => devices.setFilter(name, value);
+  const rest = h("div");
+  mount(root, h("div", { class: "page-head" }, h("h1", {}, "Fleet overview"), updated),
+    counts, kinds, card("Devices", devices.element), rest);
 
   async function load() {
-    const [devices, analyses, reanalyses, deployments, versions, alerts] = await Promise.all([
-      api("/api/devices"), optional("/api/analyses"), optional("/api/reanalyses"), optional("/api/deployments"),
+    const [, analyses, reanalyses, deployments, versions, alerts] = await Promise.all([
+      devices.load(), optional("/api/analyses"), optional("/api/reanalyses"), optional("/api/deployments"),
       optional("/api/groups/versions"), optional("/api/drift-alerts?active=true")]);
-    mount(root,
-      h("div", { class: "page-head" }, h("h1", {}, "Fleet overview"),
-        h("span", { class: "muted" }, `updated ${new Date().toLocaleTimeString()}`)),
-      countsBar(devices),
-      kindCounts(devices),
-      card("Devices", devicesTable(devices)),
+    updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    mount(rest,
       card("Model versions per group", versionsTable(versions)),
       h("div", { class: "columns" },
         card("Analyses", analysesTable(analyses)),

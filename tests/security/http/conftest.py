@@ -49,6 +49,8 @@ def make_tokens(data_dir: Path, roles: tuple[str, ...]) -> dict[str, str]:
 class ServerProcess:
     """`toco-fleet serve` on free ports, its data dir, and clients per role."""
 
+    tokens: dict  # role -> token, set by the fixture that makes them
+
     def __init__(self, data_dir: Path, *extra: str, env: dict | None = None) -> None:
         self.data_dir, self.extra, self.env = data_dir, extra, env or {}
         self.port = free_port()
@@ -60,17 +62,18 @@ class ServerProcess:
         env = {**os.environ, **self.env,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--data-dir",
-                                      str(self.data_dir), "--port", str(self.port), "--broker-port", str(free_port()),
-                                      *self.extra], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = proc = subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--data-dir",
+                                             str(self.data_dir), "--port", str(self.port), "--broker-port",
+                                             str(free_port()), *self.extra],
+                                            env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
         def up() -> bool:
             try:
                 return httpx.get(self.url + "/api/health", timeout=2).status_code == 200
             except httpx.HTTPError:
-                return self.proc.poll() is not None
+                return proc.poll() is not None
 
-        assert wait_until(up, 60, 0.1) and self.proc.poll() is None, self.output()
+        assert wait_until(up, 60, 0.1) and proc.poll() is None, self.output()
         return self
 
     def client(self, token: str | None) -> httpx.Client:
@@ -80,6 +83,7 @@ class ServerProcess:
 
     @property
     def process(self) -> psutil.Process:
+        assert self.proc is not None, "start() first"
         return psutil.Process(self.proc.pid)
 
     def output(self) -> str:
@@ -88,6 +92,7 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Send ``sig`` and wait for the exit; returns the exit code (killed after ``timeout``)."""
+        assert self.proc is not None, "start() first"
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

@@ -28,7 +28,7 @@ def api():
 
 
 def post(srv: InferenceServer, body: bytes) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
+    conn = http.client.HTTPConnection(srv.host, srv.server_address[1], timeout=10)
     try:
         conn.request("POST", "/v1/infer", body=body, headers={"Content-Type": "application/x-npy"})
         resp = conn.getresponse()

@@ -7,8 +7,8 @@ import signal
 
 import psutil
 
-from tests.support.waiting import wait_until
 from tests.security.http.conftest import ServerProcess, make_tokens
+from tests.support.waiting import wait_until
 
 
 def workers(server: ServerProcess) -> list[psutil.Process]:

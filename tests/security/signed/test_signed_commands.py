@@ -1,6 +1,6 @@
 """Signed commands, anti-rollback and key rotation against a real mosquitto and a real agent process.
 
-Issue 13: the agent refuses replayed, expired, foreign-device, unsigned and badly signed commands
+The agent refuses replayed, expired, foreign-device, unsigned and badly signed commands
 (counted in its status, logged with a reason), an older validly signed bundle after a newer one
 (unless a signed rollback names it), and, after a key rotation, the retired key.
 """
@@ -18,8 +18,14 @@ from fleet_server.command_signer import CommandSigner
 from fleet_server.keys import retire_key, rotate_key
 from tests.agent_e2e.conftest import REPO, AgentProcess, signed, wait_for
 from toco_core.bundle import generate_private_key, make_manifest, save_private_key
-from toco_core.messages import (DeployCommand, MessageKind, RollbackCommand, TrustKeysCommand, UploadSamplesCommand,
-                                encode)
+from toco_core.messages import (
+    DeployCommand,
+    MessageKind,
+    RollbackCommand,
+    TrustKeysCommand,
+    UploadSamplesCommand,
+    encode,
+)
 
 DEVICE = "box-sec"
 MODEL = "m-lenet5"

@@ -72,6 +72,14 @@ def arg(inputs: list[Value], i: int) -> Value:
     return inputs[i] if i < len(inputs) else None
 
 
+def need(node: OpNode, inputs: list[Value], i: int) -> torch.Tensor:
+    """Input ``i``, which the op requires; raises ModelError when the model omits it."""
+    value = arg(inputs, i)
+    if value is None:
+        raise node.error(f"required input {i} is missing", "give the node all its required inputs")
+    return value
+
+
 def static_ints(node: OpNode, value: torch.Tensor, what: str) -> list[int]:
     """The values of a constant integer tensor as a flat list of ints.
 
@@ -122,7 +130,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 # ONNX TensorProto element type -> torch dtype, for Cast and ConstantOfShape.
-TORCH_DTYPES = {
+TORCH_DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32,
     onnx.TensorProto.DOUBLE: torch.float64,
     onnx.TensorProto.FLOAT16: torch.float16,

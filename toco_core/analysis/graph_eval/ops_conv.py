@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from toco_core.analysis.graph_eval.node import OpNode, Value, arg, spatial_pads, torch_pad_list
+from toco_core.analysis.graph_eval.node import OpNode, Value, arg, need, spatial_pads, torch_pad_list
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -24,7 +24,7 @@ def conv(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     Asymmetric padding (SAME_* with an odd total, or unequal pads) is applied by ``F.pad``
     before a padding-free convolution, since torch pads both sides alike.
     """
-    x, w, b = inputs[0], inputs[1], arg(inputs, 2)
+    x, w, b = need(node, inputs, 0), need(node, inputs, 1), arg(inputs, 2)
     n = _spatial_rank(node, w)
     kernel = list(node.attr("kernel_shape", w.shape[2:]))
     strides = list(node.attr("strides", [1] * n))
@@ -68,7 +68,7 @@ def conv_transpose(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     Full size per axis: (in - 1) s + (k - 1) d + 1 + output_padding; the crop comes from
     ``pads``, ``output_shape`` or ``auto_pad``. The bias is added after cropping.
     """
-    x, w, b = inputs[0], inputs[1], arg(inputs, 2)
+    x, w, b = need(node, inputs, 0), need(node, inputs, 1), arg(inputs, 2)
     n = _spatial_rank(node, w)
     strides = list(node.attr("strides", [1] * n))
     dilations = list(node.attr("dilations", [1] * n))
@@ -87,7 +87,7 @@ def conv_transpose(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def gemm(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Gemm: Y = alpha op(A) op(B) + beta C, op = transpose when transA/transB; C broadcasts."""
-    a, b, c = inputs[0], inputs[1], arg(inputs, 2)
+    a, b, c = need(node, inputs, 0), need(node, inputs, 1), arg(inputs, 2)
     if node.attr("transA", 0):
         a = a.transpose(0, 1)
     if node.attr("transB", 0):
@@ -103,7 +103,7 @@ def gemm(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def matmul(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """MatMul with numpy semantics (batched, 1-D operands promoted and squeezed)."""
-    return torch.matmul(inputs[0], inputs[1])
+    return torch.matmul(need(node, inputs, 0), need(node, inputs, 1))
 
 
 OPS = {"Conv": conv, "ConvTranspose": conv_transpose, "Gemm": gemm, "MatMul": matmul}

@@ -5,30 +5,31 @@ All of them broadcast the numpy way, like ONNX.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import reduce
 
 import torch
 
-from toco_core.analysis.graph_eval.node import OpNode, Value, torch_dtype
+from toco_core.analysis.graph_eval.node import Handler, OpNode, Value, need, torch_dtype
 
 
-def _binary(fn):
+def _binary(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Handler:
     def handler(node: OpNode, inputs: list[Value]) -> torch.Tensor:
-        return fn(inputs[0], inputs[1])
+        return fn(need(node, inputs, 0), need(node, inputs, 1))
 
     handler.__doc__ = f"Element-wise {fn.__name__} with broadcasting."
     return handler
 
 
-def _unary(fn):
+def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> Handler:
     def handler(node: OpNode, inputs: list[Value]) -> torch.Tensor:
-        return fn(inputs[0])
+        return fn(need(node, inputs, 0))
 
     handler.__doc__ = f"Element-wise {fn.__name__}."
     return handler
 
 
-def _variadic(fn):
+def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Handler:
     def handler(node: OpNode, inputs: list[Value]) -> torch.Tensor:
         return reduce(fn, [t for t in inputs if t is not None])
 
@@ -38,7 +39,7 @@ def _variadic(fn):
 
 def div(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Div: true division for floats; integer division truncates toward zero as in onnxruntime."""
-    a, b = inputs[0], inputs[1]
+    a, b = need(node, inputs, 0), need(node, inputs, 1)
     if a.is_floating_point():
         return a / b
     return torch.div(a, b, rounding_mode="trunc")
@@ -46,13 +47,13 @@ def div(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def pow_(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Pow: a ** b, with the type of the base (the exponent may be of another type)."""
-    a, b = inputs[0], inputs[1]
+    a, b = need(node, inputs, 0), need(node, inputs, 1)
     return torch.pow(a, b).to(a.dtype)
 
 
 def mod(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Mod: sign of the divisor (fmod=0, Python's %) or of the dividend (fmod=1, C's fmod)."""
-    a, b = inputs[0], inputs[1]
+    a, b = need(node, inputs, 0), need(node, inputs, 1)
     return torch.fmod(a, b) if node.attr("fmod", 0) else torch.remainder(a, b)
 
 
@@ -64,27 +65,27 @@ def mean(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def where(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Where: condition ? X : Y, broadcast."""
-    return torch.where(inputs[0], inputs[1], inputs[2])
+    return torch.where(need(node, inputs, 0), need(node, inputs, 1), need(node, inputs, 2))
 
 
 def cast(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Cast to the element type in ``to`` (differentiable between float types)."""
-    return inputs[0].to(torch_dtype(node, node.attr("to")))
+    return need(node, inputs, 0).to(torch_dtype(node, node.attr("to")))
 
 
 def cast_like(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """CastLike: cast the first input to the type of the second."""
-    return inputs[0].to(inputs[1].dtype)
+    return need(node, inputs, 0).to(need(node, inputs, 1).dtype)
 
 
 def identity(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Identity."""
-    return inputs[0]
+    return need(node, inputs, 0)
 
 
 def dropout(node: OpNode, inputs: list[Value]) -> tuple[torch.Tensor, ...]:
     """Dropout in inference mode: the input unchanged, and an all-true mask when asked for."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     if len(node.outputs) > 1:
         return x, torch.ones(x.shape, dtype=torch.bool)
     return (x,)

@@ -3,9 +3,11 @@ and the Reduce*/Arg* family."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from toco_core.analysis.graph_eval.node import OpNode, Value, arg, axes_arg, norm_axis
+from toco_core.analysis.graph_eval.node import OpNode, Value, arg, axes_arg, need, norm_axis
 
 
 def _per_channel(p: torch.Tensor, rank: int) -> torch.Tensor:
@@ -19,7 +21,7 @@ def batch_normalization(node: OpNode, inputs: list[Value]) -> tuple[torch.Tensor
     y = (x - mean) / sqrt(var + epsilon) * scale + B, the parameters along axis 1. When the
     node asks for the running statistics too, they are passed through unchanged.
     """
-    x, scale, bias, mean, var = inputs[:5]
+    x, scale, bias, mean, var = (need(node, inputs, i) for i in range(5))
     r = x.dim()
     eps = node.attr("epsilon", 1e-5)
     y = (x - _per_channel(mean, r)) * _per_channel(scale / torch.sqrt(var + eps), r) + _per_channel(bias, r)
@@ -31,7 +33,7 @@ def layer_normalization(node: OpNode, inputs: list[Value]) -> tuple[torch.Tensor
 
     The optional Mean and InvStdDev outputs keep the reduced axes as size 1.
     """
-    x, scale, bias = inputs[0], inputs[1], arg(inputs, 2)
+    x, scale, bias = need(node, inputs, 0), need(node, inputs, 1), arg(inputs, 2)
     axis = norm_axis(node, node.attr("axis", -1), x.dim())
     dims = tuple(range(axis, x.dim()))
     mu = x.mean(dim=dims, keepdim=True)
@@ -44,7 +46,7 @@ def layer_normalization(node: OpNode, inputs: list[Value]) -> tuple[torch.Tensor
 
 def instance_normalization(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """InstanceNormalization: per sample and channel over the spatial axes, then scale and B."""
-    x, scale, bias = inputs[:3]
+    x, scale, bias = (need(node, inputs, i) for i in range(3))
     dims = tuple(range(2, x.dim()))
     mu = x.mean(dim=dims, keepdim=True)
     var = ((x - mu) ** 2).mean(dim=dims, keepdim=True)
@@ -59,7 +61,7 @@ def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
     return x
 
 
-_REDUCERS = {
+_REDUCERS: dict[str, tuple[Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor], int]] = {
     # op type: (function(x, dims, keepdim), first opset with axes as an input)
     "ReduceMean": (lambda x, d, k: x.mean(dim=d, keepdim=k), 18),
     "ReduceSum": (lambda x, d, k: x.sum(dim=d, keepdim=k), 13),
@@ -79,7 +81,7 @@ def reduce(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     No axes: reduce over all axes, or return the input when noop_with_empty_axes = 1.
     """
     fn, since = _REDUCERS[node.op_type]
-    x = inputs[0]
+    x = need(node, inputs, 0)
     axes = axes_arg(node, inputs, since)
     if not axes:
         if node.attr("noop_with_empty_axes", 0):
@@ -91,7 +93,7 @@ def reduce(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def arg_extreme(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """ArgMax / ArgMin along ``axis`` (int64, keepdims default 1, first or last index on ties)."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     axis = norm_axis(node, node.attr("axis", 0), x.dim())
     fn = torch.argmax if node.op_type == "ArgMax" else torch.argmin
     keep = bool(node.attr("keepdims", 1))

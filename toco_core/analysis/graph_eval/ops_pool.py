@@ -13,14 +13,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from toco_core.analysis.graph_eval.node import OpNode, Value, spatial_pads, torch_pad_list
+from toco_core.analysis.graph_eval.node import OpNode, Value, need, spatial_pads, torch_pad_list
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _geometry(node: OpNode, x: torch.Tensor):
+def _geometry(
+    node: OpNode, x: torch.Tensor
+) -> tuple[list[int], list[int], list[int], list[tuple[int, int]], list[int]]:
     """kernel, strides, dilations, (begin, end) pads and the ceil-mode overhang per spatial axis."""
     n = x.dim() - 2
     if n not in _MAX:
@@ -46,7 +48,7 @@ def max_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """MaxPool: the maximum over each window; padding never wins (it is -inf)."""
     if len(node.outputs) > 1 and node.outputs[1]:
         raise node.error("the Indices output is not supported", "export the model without pooling indices")
-    x = inputs[0]
+    x = need(node, inputs, 0)
     kernel, strides, dilations, pads, overhang = _geometry(node, x)
     padded = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang)]
     x = F.pad(x, torch_pad_list(padded), value=-math.inf)
@@ -69,7 +71,7 @@ def average_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     The count covers the real input, plus the declared pads when count_include_pad = 1;
     ceil_mode's overhang is never counted (onnxruntime's rule).
     """
-    x = inputs[0]
+    x = need(node, inputs, 0)
     kernel, strides, dilations, pads, overhang = _geometry(node, x)
     padded = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang)]
     total = _window_sum(F.pad(x, torch_pad_list(padded)), kernel, strides, dilations)
@@ -85,13 +87,13 @@ def average_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def global_average_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """GlobalAveragePool: mean over all spatial axes, kept as size 1."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
 def global_max_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """GlobalMaxPool: max over all spatial axes, kept as size 1."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
 
 

@@ -12,11 +12,13 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import NDArray
 
 from toco_core.analysis.graph_eval.node import (
     OpNode,
     Value,
     arg,
+    need,
     norm_axis,
     static_floats,
     static_ints,
@@ -43,12 +45,12 @@ def pad(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     pads = [begin_0, ..., begin_k, end_0, ..., end_k] over ``axes`` (opset 18) or all axes;
     pads are an attribute before opset 11, an input from 11 on.
     """
-    x = inputs[0]
+    x = need(node, inputs, 0)
     mode = node.attr("mode", "constant")
     if node.opset < 11:
         pads, value, axes = list(node.attr("pads")), float(node.attr("value", 0.0)), None
     else:
-        pads = static_ints(node, inputs[1], "the pads")
+        pads = static_ints(node, need(node, inputs, 1), "the pads")
         cv = arg(inputs, 2)
         value = static_floats(node, cv, "the pad value")[0] if cv is not None and cv.numel() else 0.0
         axes_t = arg(inputs, 3)
@@ -66,7 +68,7 @@ def pad(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     return x
 
 
-def _source_coords(node: OpNode, mode: str, out: int, size: int, scale: float) -> np.ndarray:
+def _source_coords(node: OpNode, mode: str, out: int, size: int, scale: float) -> NDArray[np.float32]:
     """c(i) for i < out in float32 (onnxruntime's precision), by coordinate_transformation_mode."""
     i = np.arange(out, dtype=np.float32)
     s = np.float32(scale)
@@ -85,15 +87,20 @@ def _source_coords(node: OpNode, mode: str, out: int, size: int, scale: float) -
     raise node.error(f"coordinate_transformation_mode {mode!r} is not supported", "see docs/ops.md")
 
 
-def _nearest(node: OpNode, c: np.ndarray) -> np.ndarray:
+def _nearest(node: OpNode, c: NDArray[np.float32]) -> NDArray[np.float32]:
     rule = node.attr("nearest_mode", "round_prefer_floor")
+    rounded: NDArray[np.float32]
     if rule == "round_prefer_floor":
-        return np.ceil(c - 0.5)
-    if rule == "round_prefer_ceil":
-        return np.floor(c + 0.5)
-    if rule in ("floor", "ceil"):
-        return getattr(np, rule)(c)
-    raise node.error(f"nearest_mode {rule!r} is unknown", "use round_prefer_floor/ceil, floor or ceil")
+        rounded = np.ceil(c - 0.5)
+    elif rule == "round_prefer_ceil":
+        rounded = np.floor(c + 0.5)
+    elif rule == "floor":
+        rounded = np.floor(c)
+    elif rule == "ceil":
+        rounded = np.ceil(c)
+    else:
+        raise node.error(f"nearest_mode {rule!r} is unknown", "use round_prefer_floor/ceil, floor or ceil")
+    return rounded
 
 
 def _resize_axis(node: OpNode, x: torch.Tensor, axis: int, out: int, scale: float) -> torch.Tensor:
@@ -111,8 +118,10 @@ def _resize_axis(node: OpNode, x: torch.Tensor, axis: int, out: int, scale: floa
 
 def _targets(node: OpNode, x: torch.Tensor, inputs: list[Value], axes: list[int]) -> tuple[list[int], list[float]]:
     """Output size and scale per resized axis, from ``sizes`` (with keep_aspect_ratio_policy) or ``scales``."""
+    scales_t: Value
+    sizes_t: Value
     if node.opset < 11:
-        scales_t, sizes_t = inputs[1], None
+        scales_t, sizes_t = need(node, inputs, 1), None
     else:
         scales_t, sizes_t = arg(inputs, 2), arg(inputs, 3)
     in_sizes = [x.shape[a] for a in axes]
@@ -135,7 +144,7 @@ def resize(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
     Not supported (ModelError): cubic, antialias, tf_crop_and_resize.
     """
-    x = inputs[0]
+    x = need(node, inputs, 0)
     if node.attr("mode", "nearest") not in ("nearest", "linear") or node.attr("antialias", 0):
         raise node.error(f"mode {node.attr('mode')!r} with antialias={node.attr('antialias', 0)} is not supported",
                          "use nearest or linear without antialias")

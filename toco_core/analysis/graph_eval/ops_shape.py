@@ -16,6 +16,7 @@ from toco_core.analysis.graph_eval.node import (
     Value,
     arg,
     axes_arg,
+    need,
     norm_axis,
     static_floats,
     static_ints,
@@ -36,26 +37,26 @@ def constant(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def constant_of_shape(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """ConstantOfShape: a tensor of the given shape filled with ``value`` (default float32 0)."""
-    shape = static_ints(node, inputs[0], "the shape")
+    shape = static_ints(node, need(node, inputs, 0), "the shape")
     fill = to_tensor(np.asarray(node.attr("value", np.zeros(1, np.float32))).reshape(-1))
     return torch.full(shape, fill[0].item(), dtype=fill.dtype)
 
 
 def shape(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Shape: the dimensions [start:end] as int64 (Python slicing rules = ONNX's clamping)."""
-    dims = list(inputs[0].shape)[node.attr("start", 0) : node.attr("end", None)]
+    dims = list(need(node, inputs, 0).shape)[node.attr("start", 0) : node.attr("end", None)]
     return torch.tensor(dims, dtype=torch.int64)
 
 
 def size(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Size: the number of elements as an int64 scalar."""
-    return torch.tensor(math.prod(inputs[0].shape), dtype=torch.int64)
+    return torch.tensor(math.prod(need(node, inputs, 0).shape), dtype=torch.int64)
 
 
 def reshape(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Reshape: 0 copies the input dimension (unless allowzero = 1), -1 is inferred."""
-    x = inputs[0]
-    target = static_ints(node, inputs[1], "the target shape")
+    x = need(node, inputs, 0)
+    target = static_ints(node, need(node, inputs, 1), "the target shape")
     if not node.attr("allowzero", 0):
         target = [x.shape[i] if t == 0 else t for i, t in enumerate(target)]
     return x.reshape(target)
@@ -63,7 +64,7 @@ def reshape(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def flatten(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Flatten: [d0 ... d(axis-1)] x [d(axis) ...] -> 2-D; axis may be negative."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     axis = node.attr("axis", 1)
     axis = axis + x.dim() if axis < 0 else axis
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
@@ -71,7 +72,7 @@ def flatten(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def transpose(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Transpose by ``perm`` (default: reverse the axes)."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     return x.permute(node.attr("perm", list(range(x.dim()))[::-1]))
 
 
@@ -86,7 +87,7 @@ def split(node: OpNode, inputs: list[Value]) -> tuple[torch.Tensor, ...]:
 
     Equal parts: ceil(d / n) each, the last one smaller when d is not divisible (opset 18).
     """
-    x = inputs[0]
+    x = need(node, inputs, 0)
     axis = norm_axis(node, node.attr("axis", 0), x.dim())
     sizes_t = arg(inputs, 1)
     if node.opset >= 13 and sizes_t is not None:
@@ -102,7 +103,7 @@ def split(node: OpNode, inputs: list[Value]) -> tuple[torch.Tensor, ...]:
 
 def squeeze(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Squeeze the given axes, or every axis of size 1 when none are given."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     axes = axes_arg(node, inputs, 13)
     if axes is None:
         return x.squeeze()
@@ -111,7 +112,7 @@ def squeeze(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def unsqueeze(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Unsqueeze: insert size-1 axes at the given positions of the output."""
-    x = inputs[0]
+    x = need(node, inputs, 0)
     axes = axes_arg(node, inputs, 13)
     if axes is None:
         raise node.error("no axes given", "set the axes input or attribute")
@@ -126,15 +127,15 @@ def slice_(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
     Clamping: step > 0: start, end in [0, d]; step < 0: start in [0, d-1], end in [-1, d-1].
     """
-    x = inputs[0]
+    x = need(node, inputs, 0)
     if node.opset < 10:
         starts, ends = node.attr("starts"), node.attr("ends")
         axes, steps = node.attr("axes"), None
     else:
-        starts = static_ints(node, inputs[1], "the starts")
-        ends = static_ints(node, inputs[2], "the ends")
-        axes = None if arg(inputs, 3) is None else static_ints(node, inputs[3], "the axes")
-        steps = None if arg(inputs, 4) is None else static_ints(node, inputs[4], "the steps")
+        starts = static_ints(node, need(node, inputs, 1), "the starts")
+        ends = static_ints(node, need(node, inputs, 2), "the ends")
+        axes = None if arg(inputs, 3) is None else static_ints(node, need(node, inputs, 3), "the axes")
+        steps = None if arg(inputs, 4) is None else static_ints(node, need(node, inputs, 4), "the steps")
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
     for start, end, axis, step in zip(starts, ends, axes, steps):
@@ -154,7 +155,7 @@ def slice_(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def gather(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Gather along ``axis``: out shape = x.shape[:axis] + indices.shape + x.shape[axis+1:]."""
-    x, idx = inputs[0], inputs[1].long()
+    x, idx = need(node, inputs, 0), need(node, inputs, 1).long()
     axis = norm_axis(node, node.attr("axis", 0), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
     picked = x.index_select(axis, idx.reshape(-1))
@@ -163,21 +164,21 @@ def gather(node: OpNode, inputs: list[Value]) -> torch.Tensor:
 
 def expand(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Expand: broadcast x against the given shape."""
-    x = inputs[0]
-    target = static_ints(node, inputs[1], "the shape")
+    x = need(node, inputs, 0)
+    target = static_ints(node, need(node, inputs, 1), "the shape")
     return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(target)))
 
 
 def tile(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Tile: repeat x the given number of times along each axis."""
-    return inputs[0].repeat(static_ints(node, inputs[1], "the repeats"))
+    return need(node, inputs, 0).repeat(static_ints(node, need(node, inputs, 1), "the repeats"))
 
 
 def range_(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """Range: start + i delta for i < max(ceil((limit - start) / delta), 0)."""
-    start, limit, delta = (static_floats(node, t, "a Range bound")[0] for t in inputs[:3])
+    start, limit, delta = (static_floats(node, need(node, inputs, i), "a Range bound")[0] for i in range(3))
     count = max(math.ceil((limit - start) / delta), 0)
-    return (start + torch.arange(count, dtype=torch.float64) * delta).to(inputs[0].dtype)
+    return (start + torch.arange(count, dtype=torch.float64) * delta).to(need(node, inputs, 0).dtype)
 
 
 OPS = {

@@ -1,0 +1,212 @@
+"""The paged, filtered device listing: what the overview shows of a fleet of 10,000 devices.
+
+A page is at most ``limit`` devices in device-id order after a cursor (keyset paging: a deep page
+costs what the first does, and a device that joins or leaves between two requests neither repeats
+nor skips another), with the number of devices the filter matches and the facet counts (devices
+per state, alert kind, group and model version). Every count is a GROUP BY in the database; no
+request reads more device rows than the page it returns.
+
+A facet counts under every filter but its own, so the state counts still show the other states
+while one state is selected (the dashboard's counts stay a way to switch between them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy import String, and_, case, func, literal_column, not_, or_, select
+from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.sql.elements import ColumnElement
+
+from fleet_server.db import BundleRow, Database, DeviceRow, ModelRow
+from fleet_server.model_versions import bundle_versions
+from fleet_server.views import device_view
+
+STATES = ("online", "deploying", "alert", "failed", "offline", "quarantined", "revoked")
+ALERT_KINDS = ("fidelity", "data", "unclassified")
+NO_VERSION = "none"  # the version filter's value for devices running no version the server built
+
+StateName = Literal["online", "deploying", "alert", "failed", "offline", "quarantined", "revoked"]
+
+
+class DeviceQuery(BaseModel):
+    """The query string of ``GET /api/devices``: filters (all optional, combined with AND) and the page."""
+
+    model_config = ConfigDict(extra="forbid")
+    state: StateName | None = Field(None, description="the device's state (fleet_server.views.device_state)")
+    group: str | None = Field(None, max_length=64, description="the device's group, exactly")
+    alert: Literal["fidelity", "data", "unclassified", "any", "none"] | None = Field(
+        None, description="the kind of the device's drift alert; any: some alert; none: no alert")
+    version: str | None = Field(None, max_length=40, description="the model_id of the version the device runs, "
+                                                                 "or 'none' for no version the server built")
+    q: str | None = Field(None, max_length=64, description="part of the device id (case-insensitive)")
+    limit: int = Field(50, ge=1, le=200, description="devices per page")
+    cursor: str | None = Field(None, max_length=200, description="next_cursor of the previous page")
+    facets: bool = Field(True, description="count devices per state, alert kind, group and version")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, data: Any) -> Any:
+        # a form or a URL template sends "state=" for "any state"
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v != ""}
+        return data
+
+    @field_validator("cursor")
+    @classmethod
+    def _readable_cursor(cls, cursor: str | None) -> str | None:
+        if cursor is not None:
+            cursor_position(cursor)
+        return cursor
+
+
+class VersionCount(BaseModel):
+    """Devices running one model version (model_id None: no version the server built)."""
+
+    model_id: str | None
+    name: str | None
+    version: int | None
+    devices: int
+
+
+class Facets(BaseModel):
+    """Device counts per value of each filter, each under every filter but its own."""
+
+    state: dict[str, int]
+    alert: dict[str, int]
+    group: dict[str, int]
+    version: list[VersionCount]
+
+
+class DevicePage(BaseModel):
+    """One page of the device listing: Device objects (fleet_server.views.device_view, with
+    ``model_version``) in device-id order, the filter's total, and the cursor of the next page."""
+
+    devices: list[dict[str, Any]]
+    total: int = Field(description="devices matching the filters, on every page")
+    limit: int
+    next_cursor: str | None = Field(description="the cursor of the next page; null on the last page")
+    facets: Facets | None = None
+
+
+def page_cursor(device_id: str) -> str:
+    """The opaque cursor of the position just after ``device_id`` (URL-safe base64, no padding)."""
+    return base64.urlsafe_b64encode(device_id.encode()).decode().rstrip("=")
+
+
+def cursor_position(cursor: str) -> str:
+    """The device id a cursor of page_cursor points after. Raises ValueError naming the problem
+    (the API's 422) for anything page_cursor did not make."""
+    try:
+        position = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        position = ""
+    if not position:
+        raise ValueError("not a cursor of this listing: pass next_cursor of the previous page as it is")
+    return position
+
+
+def state_expression() -> ColumnElement[str]:
+    """fleet_server.views.device_state as SQL (the same precedence), so a state is filtered and counted
+    by the database."""
+    d = DeviceRow
+    return case((d.enrollment.in_(("revoked", "quarantined")), d.enrollment),
+                (not_(d.online), "offline"),
+                (d.deploy_state == "deploying", "deploying"),
+                (d.alert, "alert"),
+                (d.deploy_state == "failed", "failed"),
+                else_="online")
+
+
+def bundle_expression(dialect: str) -> ColumnElement[str]:
+    """The bundle a device reports active (``active.bundle_id``; NULL when it reports none) on the
+    database ``dialect`` (sqlite | postgresql).
+
+    Written out as migration 0008 indexed it, with the path a literal: the databases use an index on
+    an expression only for that same expression, and SQLAlchemy's ``active["bundle_id"]`` binds it.
+    """
+    if dialect == "postgresql":
+        return DeviceRow.active.op("->>", return_type=String)(literal_column("'bundle_id'"))
+    return func.json_extract(DeviceRow.active, literal_column("'$.bundle_id'"), type_=String)
+
+
+def _filters(query: DeviceQuery, dialect: str) -> dict[str, ColumnElement[bool]]:
+    """The WHERE clause of each given filter, by facet name (``q`` has no facet)."""
+    d, out = DeviceRow, {}
+    if query.state is not None:
+        out["state"] = state_expression() == query.state
+    if query.group is not None:
+        out["group"] = d.group == query.group
+    if query.alert == "any":
+        out["alert"] = or_(d.alert, d.drift_kind.is_not(None))
+    elif query.alert == "none":
+        out["alert"] = and_(not_(d.alert), d.drift_kind.is_(None))
+    elif query.alert is not None:
+        out["alert"] = d.drift_kind == query.alert
+    if query.version == NO_VERSION:
+        bundle = bundle_expression(dialect)
+        out["version"] = or_(bundle.is_(None), bundle.not_in(select(BundleRow.id)))
+    elif query.version is not None:
+        out["version"] = bundle_expression(dialect).in_(select(BundleRow.id).where(BundleRow.model_id == query.version))
+    if query.q is not None:
+        out["q"] = d.id.icontains(query.q, autoescape=True)
+    return out
+
+
+def _counts(s, key: ColumnElement[Any] | InstrumentedAttribute[Any], where: list[ColumnElement[bool]]) -> dict[Any, int]:
+    rows = s.execute(select(key, func.count()).where(*where).group_by(key)).all()
+    return {value: n for value, n in rows}
+
+
+def _version_counts(s, where: list[ColumnElement[bool]], dialect: str) -> list[VersionCount]:
+    """Devices per version: a GROUP BY bundle (a fleet runs a handful), then the bundles' versions."""
+    per_bundle = _counts(s, bundle_expression(dialect), where)
+    known = {b: m for b, m in s.execute(select(BundleRow.id, ModelRow).join(ModelRow, ModelRow.id == BundleRow.model_id)
+                                        .where(BundleRow.id.in_([b for b in per_bundle if b is not None])))}
+    merged: dict[str | None, VersionCount] = {}
+    for bundle, n in per_bundle.items():
+        m = known.get(bundle)
+        key = m.id if m is not None else None
+        if key not in merged:
+            merged[key] = VersionCount(model_id=key, name=m.name if m else None, version=m.version if m else None,
+                                       devices=0)
+        merged[key].devices += n
+    return sorted(merged.values(), key=lambda v: (v.name or "~", v.version or 0))
+
+
+def _facets(s, filters: dict[str, ColumnElement[bool]], dialect: str) -> Facets:
+    def others(name: str) -> list[ColumnElement[bool]]:
+        return [clause for key, clause in filters.items() if key != name]
+
+    states = _counts(s, state_expression(), others("state"))
+    kinds = _counts(s, DeviceRow.drift_kind, others("alert"))
+    return Facets(state={st: states.get(st, 0) for st in STATES},
+                  alert={k: kinds.get(k, 0) for k in ALERT_KINDS},
+                  group=dict(sorted(_counts(s, DeviceRow.group, others("group")).items())),
+                  version=_version_counts(s, others("version"), dialect))
+
+
+def device_page(db: Database, query: DeviceQuery) -> DevicePage:
+    """The page of devices ``query`` asks for, with the filter's total and (``query.facets``) the facets.
+
+    Takes the Database and a validated DeviceQuery; returns a DevicePage. Raises nothing for a filter
+    that matches no device (an empty page, total 0).
+    """
+    dialect = db.engine.dialect.name
+    filters = _filters(query, dialect)
+    where = list(filters.values())
+    after = [DeviceRow.id > cursor_position(query.cursor)] if query.cursor else []
+    with db.session() as s:
+        total = s.scalar(select(func.count()).select_from(DeviceRow).where(*where))
+        # one row past the page says whether there is a next page, without a second query
+        rows = list(s.scalars(select(DeviceRow).where(*where, *after).order_by(DeviceRow.id).limit(query.limit + 1)))
+        more, rows = len(rows) > query.limit, rows[:query.limit]
+        versions = bundle_versions(s, {(r.active or {}).get("bundle_id") for r in rows} - {None})
+        facets = _facets(s, filters, dialect) if query.facets else None
+    devices = [{**device_view(r), "model_version": versions.get((r.active or {}).get("bundle_id") or "")}
+               for r in rows]
+    return DevicePage(devices=devices, total=total, limit=query.limit, facets=facets,
+                      next_cursor=page_cursor(rows[-1].id) if more else None)
