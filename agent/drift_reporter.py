@@ -30,7 +30,7 @@ from toco_core.drift import DisputedSample, DriftReference, DriftReport, DriftSe
 from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
 from toco_core.messages import AgentMessage, DriftMessage, Sample, SampleDtype, SamplesMessage, UploadSamplesCommand
-from toco_core.model_inputs import ModelInputs, concat, feed
+from toco_core.model_inputs import Batch, ModelInputs, concat, feed
 from toco_core.runtime import make_session
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class DriftReporter:
         self.shadow_mode = "none"  # what the shadow runs: fp32 (the base), master, none
         self._base_used = 0.0
         # window -> (disputed, inputs)
-        self._kept: OrderedDict[int, tuple[list[DisputedSample], np.ndarray]] = OrderedDict()
+        self._kept: OrderedDict[int, tuple[list[DisputedSample], Batch]] = OrderedDict()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._worker = threading.Thread(target=self._loop, name="drift-worker", daemon=True)
@@ -114,7 +114,7 @@ class DriftReporter:
         """Whether the shadow session is in memory now."""
         return self._base is not None
 
-    def hook(self, x: np.ndarray, outputs: dict[str, np.ndarray], request_id: str) -> None:
+    def hook(self, x: Batch, outputs: dict[str, np.ndarray], request_id: str) -> None:
         """InferenceEngine hook: queue the batch (dropped and counted when the queue is full)."""
         monitor = self._monitor
         if monitor is None:

@@ -30,13 +30,13 @@ from agent.inference_input import InputError, InputSpec, check_inputs, session_i
 from agent.latency_stats import LatencyStats
 from agent.recent_requests import RecentRequests
 from toco_core.errors import TocoError
-from toco_core.model_inputs import feed
+from toco_core.model_inputs import Batch, feed
 from toco_core.preprocessing import Preprocessing
 from toco_core.runtime import make_session
 
 log = logging.getLogger(__name__)
 
-InferHook = Callable[[np.ndarray, dict[str, np.ndarray], str], None]
+InferHook = Callable[[Batch, dict[str, np.ndarray], str], None]  # the inputs as checked: an array or ModelInputs
 FeedbackHook = Callable[[str, list[int]], None]
 TrialFailureHook = Callable[[Any, str, str], None]  # (context given to load, version, error text)
 

@@ -226,7 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
     def infer(self) -> tuple[HTTPStatus, dict[str, Any]]:
         """POST /v1/infer: JSON {"inputs": ...}, an .npy body, or an .npz body (several inputs)."""
         body, ctype = self._body(), self._content_type()
-        x: np.ndarray | list[Any]
+        x: np.ndarray | list[Any] | dict[str, Any]
         if ctype == NPY_TYPE:
             try:
                 x = load_npy(body)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from fleet_server.db import SampleRow
-from toco_core.model_inputs import ModelInputs, concat
+from toco_core.model_inputs import ModelInputs
 from toco_core.onnx_model import InputSpec
 
 log = logging.getLogger("toco.fleet.jobs")
@@ -35,4 +37,4 @@ def field_sample_inputs(rows: list[SampleRow], specs: list[InputSpec]) -> ModelI
             log.warning("field sample lacks an input or does not fit", extra={"fields": {"ref": ref}})
     if not kept:
         return None
-    return concat(kept)
+    return ModelInputs({n: np.concatenate([k.arrays[n] for k in kept]) for n in names})

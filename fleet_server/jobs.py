@@ -34,7 +34,7 @@ from fleet_server.events import EventBus
 from fleet_server.registry import Store, fetch, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
 from toco_core.model_bundle import BundleInfo
-from toco_core.model_inputs import concat, from_arrays, to_arrays
+from toco_core.model_inputs import Batch, concat, from_arrays, to_arrays
 
 log = logging.getLogger("toco.fleet.jobs")
 _PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
@@ -281,15 +281,16 @@ class JobRunner:
 
             rows = s.scalars(select(SampleRow).where(SampleRow.id.in_(a.field_sample_ids))).all()
             specs = input_specs(load_model(Path(model.path)))
+            arr: Batch | None
             if len(specs) == 1:
                 arr = field_samples_array(rows, list(specs[0].shape), specs[0].dtype)
             else:  # one uploaded array per input, joined again
                 from fleet_server.field_inputs import field_sample_inputs
 
-                arr = field_sample_inputs(rows, specs) or []
-            if len(arr):
+                arr = field_sample_inputs(rows, specs)
+            if arr is not None and len(arr):
                 field_path = str(out / "field.npz")
-                np.savez(field_path, **to_arrays("x", arr))
+                np.savez(field_path, **to_arrays("x", arr))  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
         return {"analysis_id": a.id, "model_path": model.path, "pool_path": model.pool_path, "field_path": field_path,
                 "settings": a.settings, "out_dir": str(out), "model_name": model.name}
 

@@ -202,4 +202,4 @@ class DriftWindow:
             raise PoolError(f"inputs of {missing[:3]} were not kept by this window", "ask for disputed refs only")
         if refs and isinstance(kept[refs[0]], ModelInputs):
             return concat(kept[r] for r in refs)
-        return np.stack([kept[r] for r in refs]) if refs else np.zeros((0,))
+        return np.stack([np.asarray(kept[r]) for r in refs]) if refs else np.zeros((0,))

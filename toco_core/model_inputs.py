@@ -78,9 +78,12 @@ def feed(x: Batch, names: Sequence[str]) -> dict[str, np.ndarray]:
 def concat(batches: Iterable[Batch]) -> Batch:
     """The batches one after the other (all plain arrays, or all ModelInputs of the same names)."""
     parts = list(batches)
-    if not isinstance(parts[0], ModelInputs):
-        return np.concatenate(parts)
-    return ModelInputs({k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].names})
+    named = [p for p in parts if isinstance(p, ModelInputs)]
+    if not named:
+        return np.concatenate([p for p in parts if isinstance(p, np.ndarray)])
+    if len(named) != len(parts):
+        raise PoolError("plain arrays and named model inputs cannot be joined", "give every batch the same form")
+    return ModelInputs({k: np.concatenate([p.arrays[k] for p in named]) for k in named[0].names})
 
 
 def shapes(x: Batch) -> dict[str, tuple[int, ...]] | tuple[int, ...]:

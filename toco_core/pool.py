@@ -125,9 +125,8 @@ def load_pool(
     if not path.exists():
         raise PoolError(f"pool {path} does not exist", "check the path")
     if len(specs) > 1:
-        x, y = _load_named(path, specs)
-        return _with_labels(x, y, labels)
-    spec = specs[0]
+        named, y = _load_named(path, specs)
+        return _with_labels(named, y, labels)
     if path.is_dir():
         if preprocessing is None:
             raise PoolError(f"pool {path} is an image folder but no preprocessing was declared",
@@ -135,7 +134,7 @@ def load_pool(
         x, y = _load_images(path, preprocessing), None
     else:
         x, y = _load_arrays(path)
-    return _with_labels(fit_to_input(x, spec, str(path)), y, labels)
+    return _with_labels(fit_to_input(x, specs[0], str(path)), y, labels)
 
 
 def _with_labels(x: Batch, y: np.ndarray | None, labels: str | Path | None) -> tuple[Batch, np.ndarray | None]:

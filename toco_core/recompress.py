@@ -135,7 +135,7 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     return BuiltModel(runnable, storage, layers)
 
 
-def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: np.ndarray, threads: int,
+def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch, threads: int,
               base_p50: float) -> float:
     """Candidate p50; when it looks slower, measure both again and keep the candidate's best
     ratio (shared machines are noisy; one unlucky run must not reject a good model)."""

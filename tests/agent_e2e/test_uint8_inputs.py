@@ -112,7 +112,7 @@ def _drift(fleet) -> list:
 def _align(agent, fleet, digits) -> int:
     """Feed clean batches until a window closes: the next window starts exactly at a batch edge."""
     seen = len(_drift(fleet))
-    for b in range(DRIFT["window_max_samples"] // 20 + 1):
+    for b in range(int(DRIFT["window_max_samples"]) // 20 + 1):
         post(agent, npy(digits.x_heldout[500 + 20 * b:520 + 20 * b]), "application/x-npy")
         if wait_for(lambda: len(_drift(fleet)) > seen, 0.5, 0.05):
             return len(_drift(fleet))

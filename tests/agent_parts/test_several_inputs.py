@@ -65,7 +65,7 @@ def post(server, body: bytes, ctype: str) -> tuple[int, dict]:
 
 def npz(compressed: bool = False, **arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     return buf.getvalue()
 
 

@@ -76,7 +76,7 @@ class FisherAccumulator:
         for _ in range(self.y_samples):
             y = torch.multinomial(torch.exp(lp), 1, generator=self.gen).reshape(rows(x), positions)
 
-            def picked(w: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            def picked(w: dict[str, torch.Tensor], xi: TorchBatch, yi: torch.Tensor) -> torch.Tensor:
                 return _log_probs(self.forward(with_batch_axis(xi), w), self.kind).gather(1, yi[:, None]).sum()
 
             g = vmap(grad(picked), in_dims=(None, 0, 0))(self.weights, x, y)

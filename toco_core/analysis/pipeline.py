@@ -68,7 +68,7 @@ def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: Batch) -> No
 
 
 def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray],
-                     x: np.ndarray, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
+                     x: Batch, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
                      previous: float | None = None) -> tuple[float, float]:
     """Bisect log2 s until the committee disagrees with the base on ~committee_target of x.
 
@@ -96,7 +96,7 @@ def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: Ba
 
 
 def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: OutputKind,
-               pool_x: np.ndarray, heldout_x: np.ndarray, s: AnalysisSettings, progress: Progress,
+               pool_x: Batch, heldout_x: Batch, s: AnalysisSettings, progress: Progress,
                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[RoundStats]]:
     """Grow the analysis set by committee disagreement. Returns (S indices, fisher, tau_hat, rounds)."""
     rng = np.random.default_rng(s.seed)
@@ -139,7 +139,7 @@ def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np
 
 
 def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict[str, np.ndarray], kind: OutputKind,
-                x: np.ndarray, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
+                x: Batch, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
     """Pruning order from the K-FAC greedy scores (prune_order.py); r_i = the sparsity at which
     weight i is pruned (exact zeros: 0).
 

@@ -11,8 +11,9 @@ Trained in a few seconds on the CPU and cached like the other demo models.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class Nhwc8Classifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels``: uint8 [N, H, W, 1]; returns logits [N, 10]."""
         x = pixels.to(torch.float32) / 255.0
-        return self.head(self.features(x.permute(0, 3, 1, 2)))
+        return cast(torch.Tensor, self.head(self.features(x.permute(0, 3, 1, 2))))
 
 
 def as_nhwc_uint8(x: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ class TwoInputClassifier(nn.Module):
     def forward(self, pixels: torch.Tensor, gauge: torch.Tensor) -> torch.Tensor:
         """``pixels``: uint8 [N, H, W, 1]; ``gauge``: float32 [N, 4]; returns logits [N, 10]."""
         x = (pixels.to(torch.float32) / 255.0).permute(0, 3, 1, 2)
-        return self.head(torch.cat([self.image(x), self.gauge(gauge)], dim=1))
+        return cast(torch.Tensor, self.head(torch.cat([self.image(x), self.gauge(gauge)], dim=1)))
 
 
 def gauge_readings(labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -96,15 +97,27 @@ def gauge_readings(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return hints + np.random.default_rng(seed).normal(0, 0.35, hints.shape).astype(np.float32)
 
 
-def two_input_digits(seed: int = 0) -> DigitSplits:
-    """The uint8 NHWC splits with gauge readings: x_* are ModelInputs {pixels, gauge}."""
+@dataclass(frozen=True)
+class TwoInputSplits:
+    """DigitSplits with ModelInputs {pixels, gauge} for inputs: train, unlabeled pool, held-out."""
+
+    x_train: ModelInputs
+    y_train: np.ndarray
+    x_pool: ModelInputs
+    y_pool: np.ndarray
+    x_heldout: ModelInputs
+    y_heldout: np.ndarray
+
+
+def two_input_digits(seed: int = 0) -> TwoInputSplits:
+    """The uint8 NHWC splits with gauge readings."""
     s = nhwc_uint8_digits(seed)
 
     def both(x: np.ndarray, y: np.ndarray, k: int) -> ModelInputs:
         return ModelInputs({"pixels": x, "gauge": gauge_readings(y, seed + k)})
 
-    return replace(s, x_train=both(s.x_train, s.y_train, 1), x_pool=both(s.x_pool, s.y_pool, 2),
-                   x_heldout=both(s.x_heldout, s.y_heldout, 3))
+    return TwoInputSplits(both(s.x_train, s.y_train, 1), s.y_train, both(s.x_pool, s.y_pool, 2), s.y_pool,
+                          both(s.x_heldout, s.y_heldout, 3), s.y_heldout)
 
 
 class _TrainPair(nn.Module):
@@ -114,7 +127,7 @@ class _TrainPair(nn.Module):
         self.inner = inner
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        return self.inner(packed[:, :784].reshape(-1, 28, 28, 1), packed[:, 784:])
+        return cast(torch.Tensor, self.inner(packed[:, :784].reshape(-1, 28, 28, 1), packed[:, 784:]))
 
 
 def two_input_model(exporter: Exporter = "torchscript") -> Path:
@@ -141,7 +154,7 @@ def _export_uint8(model: nn.Module, path: Path, exporter: Exporter, gauge: bool 
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     names = ["pixels", "gauge"] if gauge else ["pixels"]
     dummy = (torch.zeros(1, 28, 28, 1, dtype=torch.uint8), torch.zeros(1, 4))[:len(names)]
-    kwargs = dict(input_names=names, output_names=["logits"])
+    kwargs: dict[str, Any] = dict(input_names=names, output_names=["logits"])
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
         torch.onnx.export(model, dummy, str(tmp), dynamo=True, external_data=False,
