@@ -44,7 +44,7 @@ from toco_core.drift import DriftReference
 from toco_core.errors import ModelError, TocoError
 from toco_core.messages import BundleManifest, FailureReason, Phase, PlanSummary
 from toco_core.plan import Policy
-from toco_core.runtime import make_session
+from toco_core.runtime import input_dtype, make_session
 
 log = logging.getLogger("toco.agent.deploy")
 MAX_ATTEMPTS = 2
@@ -278,9 +278,9 @@ class Deployer:
         self.report(Phase.ACTIVATING, journal, **numbers)
         try:  # a candidate that does not load or run here is never activated
             session = make_session(data, self.config.threads)
-            inp = session.get_inputs()[0]
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
-            session.run(None, {inp.name: np.zeros(shape, np.float32)})
+            # every input in its own dtype: a uint8 camera model refuses float zeros
+            session.run(None, {inp.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in inp.shape],
+                                                  input_dtype(inp)) for inp in session.get_inputs()})
         except ModelError as exc:
             self._fail(journal, Phase.FAILED, FailureReason.LOAD_FAILED, str(exc))
             return None

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import psutil
@@ -29,7 +29,8 @@ import psutil
 from toco_core.drift import DisputedSample, DriftReference, DriftReport, DriftSettings
 from toco_core.drift_monitor import DriftMonitor, WindowResult
 from toco_core.errors import PoolError
-from toco_core.messages import AgentMessage, DriftMessage, Sample, SamplesMessage, UploadSamplesCommand
+from toco_core.messages import AgentMessage, DriftMessage, Sample, SampleDtype, SamplesMessage, UploadSamplesCommand
+from toco_core.model_inputs import Batch, ModelInputs, concat, feed
 from toco_core.runtime import make_session
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class DriftReporter:
         self.shadow_mode = "none"  # what the shadow runs: fp32 (the base), master, none
         self._base_used = 0.0
         # window -> (disputed, inputs)
-        self._kept: OrderedDict[int, tuple[list[DisputedSample], np.ndarray]] = OrderedDict()
+        self._kept: OrderedDict[int, tuple[list[DisputedSample], Batch]] = OrderedDict()
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._worker = threading.Thread(target=self._loop, name="drift-worker", daemon=True)
@@ -113,7 +114,7 @@ class DriftReporter:
         """Whether the shadow session is in memory now."""
         return self._base is not None
 
-    def hook(self, x: np.ndarray, outputs: dict[str, np.ndarray], request_id: str) -> None:
+    def hook(self, x: Batch, outputs: dict[str, np.ndarray], request_id: str) -> None:
         """InferenceEngine hook: queue the batch (dropped and counted when the queue is full)."""
         monitor = self._monitor
         if monitor is None:
@@ -267,11 +268,11 @@ class DriftReporter:
             else:
                 scored = monitor.reference.scored_output
                 shadowed.append((*item, base.run(None if scored is None else [scored],
-                                                 {base.get_inputs()[0].name: item[1]})[0]))
+                                                 feed(item[1], [i.name for i in base.get_inputs()]))[0]))
         last = group[-1][3]
         batches = sorted((b for b in (shadowed, plain) if b), key=lambda b: b[-1][3] == last)
         for batch in batches:
-            x = np.concatenate([i[1] for i in batch])
+            x = concat(i[1] for i in batch)
             out = np.concatenate([i[2] for i in batch])
             base_out = np.concatenate([i[4] for i in batch]) if batch is shadowed else None
             refs = [f"{i[3]}.{k}" for i in batch for k in range(len(i[1]))]
@@ -326,10 +327,10 @@ class DriftReporter:
             for d, x in zip(disputed, inputs):
                 if wanted and d.ref not in wanted:
                     continue
-                arr = np.ascontiguousarray(x, dtype=np.float32)
-                samples.append(Sample(ref=d.ref, dtype="float32", shape=list(arr.shape),
-                                      data_b64=base64.b64encode(arr.astype("<f4").tobytes()).decode(),
-                                      reason=d.reason))
+                # several inputs: one Sample per input, ref "REF/NAME" (the server joins them again)
+                parts = {f"{d.ref}/{k}": v[0] for k, v in x.arrays.items()} if isinstance(x, ModelInputs) \
+                    else {d.ref: x}
+                samples += [_sample(ref, arr, d.reason) for ref, arr in parts.items()]
         limit = min(cmd.max_bytes, self.batch_bytes)
         batches: list[list[Sample]] = [[]]
         size = 0
@@ -344,3 +345,14 @@ class DriftReporter:
             self.send(SamplesMessage(device_id=self.device_id, cmd_id=cmd.cmd_id, window=cmd.window, batch=i,
                                      last=i == len(batches) - 1, samples=batch))
         return len(samples)
+
+
+def _sample(ref: str, x: np.ndarray, reason: str) -> Sample:
+    """One uploaded input in its own dtype: the server re-analyses with these very values
+    (uint8 camera bytes cast to float32 would be 4x the upload and a different input)."""
+    arr = np.asarray(x)
+    if arr.dtype.name not in get_args(SampleDtype):
+        arr = arr.astype(np.float32)
+    wire = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return Sample(ref=ref, dtype=arr.dtype.name, shape=list(arr.shape),
+                  data_b64=base64.b64encode(wire.tobytes()).decode(), reason=reason)

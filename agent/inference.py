@@ -26,16 +26,17 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from agent.inference_input import InputError, InputSpec, check_input, session_input_spec
+from agent.inference_input import InputError, InputSpec, check_inputs, session_input_specs
 from agent.latency_stats import LatencyStats
 from agent.recent_requests import RecentRequests
 from toco_core.errors import TocoError
+from toco_core.model_inputs import Batch, feed
 from toco_core.preprocessing import Preprocessing
 from toco_core.runtime import make_session
 
 log = logging.getLogger(__name__)
 
-InferHook = Callable[[np.ndarray, dict[str, np.ndarray], str], None]
+InferHook = Callable[[Batch, dict[str, np.ndarray], str], None]  # the inputs as checked: an array or ModelInputs
 FeedbackHook = Callable[[str, list[int]], None]
 TrialFailureHook = Callable[[Any, str, str], None]  # (context given to load, version, error text)
 
@@ -70,7 +71,8 @@ class InferenceResult(NamedTuple):
 class _Loaded:
     session: ort.InferenceSession
     version: str
-    spec: InputSpec
+    spec: InputSpec  # the first input
+    specs: tuple[InputSpec, ...]  # every input, in graph order
     output_names: tuple[str, ...]
     preprocessing: Preprocessing | None
 
@@ -105,10 +107,10 @@ class InferenceEngine:
         cannot load it (the old model keeps serving).
         """
         session = make_session(model, self.threads)
-        spec = session_input_spec(session)
+        specs = session_input_specs(session)
         names = tuple(o.name for o in session.get_outputs())
         with self._swap_lock:
-            self._loaded = _Loaded(session, version, spec, names, preprocessing)
+            self._loaded = _Loaded(session, version, specs[0], specs, names, preprocessing)
             with self._trial_lock:
                 self._trial = _Trial(version, trial, context) if trial > 0 else None
         self.stats.count_swap()
@@ -144,7 +146,8 @@ class InferenceEngine:
 
     # ------------------------------------------------------------- inference
     def infer(self, x: Any) -> InferenceResult:
-        """Run the serving model on a batch ``x`` (array or nested list, batch axis first).
+        """Run the serving model on a batch ``x`` (array or nested list, batch axis first; for a model
+        with several inputs a mapping of input name -> array, see inference_input.check_inputs).
 
         Returns InferenceResult(outputs by name, model_version, request_id).
         Raises NotReadyError without a model, InputError for a bad input.
@@ -154,13 +157,13 @@ class InferenceEngine:
             self.stats.count_error()
             raise NotReadyError("no model is loaded yet", "wait for a deployment or check /v1/ready")
         try:
-            arr = check_input(x, loaded.spec, self.max_batch)
+            arr = check_inputs(x, loaded.specs, self.max_batch)
         except InputError:
             self.stats.count_error()
             raise
         start = time.perf_counter()
         try:
-            values = loaded.session.run(None, {loaded.spec.name: arr})
+            values = loaded.session.run(None, feed(arr, [spec.name for spec in loaded.specs]))
         except Exception as exc:  # onnxruntime's run errors share no base class
             self.stats.count_error()
             self._trial_run(loaded.version, exc)

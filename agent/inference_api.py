@@ -2,7 +2,9 @@
 
 Routes (JSON responses; every error is ``{"error": "..."}`` saying what is wrong)::
 
-    POST /v1/infer         {"inputs": nested list} or an .npy body (Content-Type application/x-npy)
+    POST /v1/infer         {"inputs": nested list} or an .npy body (Content-Type application/x-npy);
+                           several model inputs: {"inputs": {name: nested list}} or an .npz body
+                           (application/x-npz, numpy.savez with one array per input name)
     POST /v1/infer/image   PNG/JPEG body, preprocessed as the serving model's bundle declares
     POST /v1/feedback      {"request_id": "...", "label": 3 | [3, 1, ...]}
     GET  /v1/health        liveness: the process answers
@@ -30,13 +32,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from agent.inference import InferenceEngine, NotReadyError, UnknownRequestError
-from agent.inference_input import InputError, load_npy
+from agent.inference_input import InputError, load_npy, load_npz
 from toco_core.errors import TocoError
 from toco_core.preprocessing import preprocess
 
 log = logging.getLogger(__name__)
 
 NPY_TYPE = "application/x-npy"
+NPZ_TYPE = "application/x-npz"
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 
 
@@ -58,7 +61,8 @@ class InferRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: list[Any] = Field(description="batch of samples, batch axis first")
+    inputs: list[Any] | dict[str, list[Any]] = Field(
+        description="batch of samples, batch axis first; one such batch per input name for several inputs")
 
 
 class FeedbackRequest(BaseModel):
@@ -220,14 +224,19 @@ class _Handler(BaseHTTPRequestHandler):
         return HTTPStatus.OK, self.server.engine.stats.snapshot()
 
     def infer(self) -> tuple[HTTPStatus, dict[str, Any]]:
-        """POST /v1/infer: JSON {"inputs": ...} or an .npy body."""
+        """POST /v1/infer: JSON {"inputs": ...}, an .npy body, or an .npz body (several inputs)."""
         body, ctype = self._body(), self._content_type()
-        x: np.ndarray | list[Any]
+        x: np.ndarray | list[Any] | dict[str, Any]
         if ctype == NPY_TYPE:
             try:
                 x = load_npy(body)
             except ValueError as exc:
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not a valid .npy array: {exc}") from exc
+        elif ctype == NPZ_TYPE:
+            try:
+                x = load_npz(body)
+            except ValueError as exc:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not a valid .npz of arrays: {exc}") from exc
         elif ctype in ("application/json", ""):
             try:
                 x = InferRequest.model_validate_json(body).inputs
@@ -235,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(HTTPStatus.BAD_REQUEST, _validation_message(exc)) from exc
         else:
             raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                           f"Content-Type {ctype!r} is not accepted; use application/json or {NPY_TYPE}")
+                           f"Content-Type {ctype!r} is not accepted; use application/json, {NPY_TYPE} or {NPZ_TYPE}")
         return self._answer(x)
 
     def infer_image(self) -> tuple[HTTPStatus, dict[str, Any]]:

@@ -34,6 +34,7 @@ from fleet_server.events import EventBus
 from fleet_server.registry import Store, fetch, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
 from toco_core.model_bundle import BundleInfo
+from toco_core.model_inputs import Batch, concat, from_arrays, to_arrays
 
 log = logging.getLogger("toco.fleet.jobs")
 _PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
@@ -119,11 +120,11 @@ def _analyse(spec: dict, aid: str) -> dict:
 
     model = load_model(Path(spec["model_path"]))
     with np.load(spec["pool_path"], allow_pickle=False) as z:
-        x, y = z["x"], z.get("y")
+        x, y = from_arrays("x", z), z.get("y")
     if spec.get("field_path"):
         with np.load(spec["field_path"], allow_pickle=False) as z:
-            field = z["x"].astype(x.dtype)
-        x = np.concatenate([x, field])
+            field = from_arrays("x", z)  # already in the model input's dtype (field_samples_array)
+        x = concat([x, field])
         y = None  # field samples carry no labels; accuracy columns need one label per pool sample
     progress("load", 1, 1)
     result = analyze(model, x, y, AnalysisSettings(**spec["settings"]), progress, spec["model_name"])
@@ -132,24 +133,34 @@ def _analyse(spec: dict, aid: str) -> dict:
     return {"samples_used": m.samples_used, "pool_size": m.pool_size, "timings": m.timings, "rounds": len(m.rounds)}
 
 
-def field_samples_array(rows: list[SampleRow], input_shape: list) -> np.ndarray:
-    """Decode uploaded samples into one batch shaped like the model input; samples that do not fit are skipped."""
+def field_samples_array(rows: list[SampleRow], input_shape: list, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Decode uploaded samples into one batch shaped like the model input, in the input's ``dtype``.
+
+    Samples that do not decode or fit the shape are skipped (logged). A float input takes any
+    sample; an integer one (uint8 camera bytes) takes samples whose values it holds exactly:
+    casting 0..1 floats to uint8 would re-analyse on zeros.
+    """
     tail = [int(d) if isinstance(d, int) else None for d in input_shape[1:]]
     per = int(np.prod([d for d in tail if d])) if tail else 1
+    dtype = np.dtype(dtype)
     out = []
     for r in rows:
         try:
-            a = np.frombuffer(r.data, dtype=r.dtype).reshape(r.shape).astype(np.float32)
+            a = np.frombuffer(r.data, dtype=np.dtype(r.dtype).newbyteorder("<")).reshape(r.shape)
         except ValueError:
             log.warning("field sample does not decode", extra={"fields": {"device": r.device_id, "ref": r.ref}})
             continue
-        if None not in tail and a.size % per == 0:
-            out.append(a.reshape(-1, *tail))
+        cast = a.astype(dtype)
+        if dtype.kind != "f" and not np.array_equal(cast, a):
+            log.warning("field sample values do not fit the model input's dtype",
+                        extra={"fields": {"device": r.device_id, "ref": r.ref, "dtype": r.dtype, "input": str(dtype)}})
+        elif None not in tail and a.size % per == 0:
+            out.append(cast.reshape(-1, *tail))
         else:
             log.warning("field sample does not fit the model input",
                         extra={"fields": {"device": r.device_id, "ref": r.ref, "shape": r.shape}})
     if not out:
-        return np.zeros((0, *[d or 1 for d in tail]), np.float32)
+        return np.zeros((0, *[d or 1 for d in tail]), dtype)
     return np.concatenate(out)
 
 
@@ -266,13 +277,20 @@ class JobRunner:
         out.mkdir(parents=True, exist_ok=True)
         field_path = None
         if a.field_sample_ids:
-            from toco_core.onnx_model import input_spec, load_model
+            from toco_core.onnx_model import input_specs, load_model
 
             rows = s.scalars(select(SampleRow).where(SampleRow.id.in_(a.field_sample_ids))).all()
-            arr = field_samples_array(rows, list(input_spec(load_model(Path(model.path))).shape))
-            if len(arr):
+            specs = input_specs(load_model(Path(model.path)))
+            arr: Batch | None
+            if len(specs) == 1:
+                arr = field_samples_array(rows, list(specs[0].shape), specs[0].dtype)
+            else:  # one uploaded array per input, joined again
+                from fleet_server.field_inputs import field_sample_inputs
+
+                arr = field_sample_inputs(rows, specs)
+            if arr is not None and len(arr):
                 field_path = str(out / "field.npz")
-                np.savez(field_path, x=arr)
+                np.savez(field_path, **to_arrays("x", arr))  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
         return {"analysis_id": a.id, "model_path": model.path, "pool_path": model.pool_path, "field_path": field_path,
                 "settings": a.settings, "out_dir": str(out), "model_name": model.name}
 

@@ -37,7 +37,8 @@ from fleet_server.views import analysis_view, device_view, model_view
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.atomic_files import atomic_write
 from toco_core.errors import ConfigError, PoolError, TocoError
-from toco_core.onnx_model import compressible_weights, input_spec, load_model, model_hash
+from toco_core.model_inputs import Batch, ModelInputs, to_arrays
+from toco_core.onnx_model import compressible_weights, input_specs, load_model, model_hash
 from toco_core.pool import fit_to_input
 from toco_core.preprocessing import Preprocessing
 
@@ -81,17 +82,25 @@ def log_event(s, kind: str, data: dict[str, Any]) -> None:
 
 # --- models ----------------------------------------------------------------------------------------
 
-def _read_pool(pool_bytes: bytes, model) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_pool(pool_bytes: bytes, model) -> tuple[Batch, np.ndarray | None]:
+    """The uploaded pool fitted to the model inputs: ``x`` (one input) or one array per input name."""
+    specs = input_specs(model)
     try:
         with np.load(io.BytesIO(pool_bytes), allow_pickle=False) as z:
-            if "x" not in z:
-                raise PoolError(f"the pool .npz holds {list(z.keys())}, not an array 'x'", "save it with np.savez(f, x=..., y=...)")
-            x, y = z["x"], z.get("y")
-    except PoolError:
-        raise
+            arrays = {k: z[k] for k in z.files}
     except Exception as exc:  # numpy raises ValueError / BadZipFile / OSError for garbage
         raise PoolError(f"the pool is not a readable .npz file: {exc}", "upload np.savez(f, x=inputs[, y=labels])") from None
-    x = fit_to_input(x, input_spec(model), "the uploaded pool")
+    y = arrays.get("y")
+    if len(specs) > 1:
+        missing = [s.name for s in specs if s.name not in arrays]
+        if missing:
+            raise PoolError(f"the pool .npz holds {sorted(arrays)}, not the model inputs {missing}",
+                            "save one array per input name: np.savez(f, **{name: inputs}, y=labels)")
+        x: Batch = ModelInputs({s.name: fit_to_input(arrays[s.name], s, f"pool input {s.name!r}") for s in specs})
+        return x, y
+    if "x" not in arrays:
+        raise PoolError(f"the pool .npz holds {sorted(arrays)}, not an array 'x'", "save it with np.savez(f, x=..., y=...)")
+    x = fit_to_input(arrays["x"], specs[0], "the uploaded pool")
     if y is not None and len(y) != len(x):
         raise PoolError(f"the pool has {len(x)} inputs but {len(y)} labels", "give one label per input or none")
     return x, y
@@ -124,7 +133,7 @@ def add_model(db: Database, store: Store, *, name: str, onnx_bytes: bytes, pool_
     folder = store.model_dir(model_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(onnx_bytes)
-    arrays = {"x": x} if y is None else {"x": x, "y": y}
+    arrays = to_arrays("x", x) if y is None else {**to_arrays("x", x), "y": y}
     np.savez(folder / "pool.npz", **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
     from fleet_server.model_versions import next_version  # model_versions imports registry
 

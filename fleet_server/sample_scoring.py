@@ -20,15 +20,16 @@ from fleet_server.db import DriftAlertRow, ModelRow, SampleRow
 from fleet_server.drift_alerts import decide
 from fleet_server.drift_classify import Verdict, agreement_upper_bound
 from toco_core.drift_kind import DATA, FIDELITY
-from toco_core.runtime import make_session
+from toco_core.runtime import input_dtype, make_session
 
 log = logging.getLogger("toco.fleet.scoring")
 MIN_SCORED = 8
 
 
-def _inputs(rows: list[SampleRow]) -> np.ndarray:
+def _inputs(rows: list[SampleRow], dtype: np.dtype) -> np.ndarray:
+    # in the base input's own dtype: a uint8 camera model refuses float32 and fails every score
     return np.stack([np.frombuffer(r.data, dtype=np.dtype(r.dtype).newbyteorder("<")).reshape(r.shape)
-                     for r in rows]).astype(np.float32)
+                     for r in rows]).astype(dtype)
 
 
 class SampleScorer:
@@ -58,7 +59,8 @@ class SampleScorer:
         if alert.model_id is None:
             raise ValueError("the alert names no model to score its samples against")
         sess = self.base_session(s, alert.model_id)
-        out = sess.run(None, {sess.get_inputs()[0].name: _inputs(rows)})[0]
+        inp = sess.get_inputs()[0]
+        out = sess.run(None, {inp.name: _inputs(rows, input_dtype(inp))})[0]
         base = out.reshape(len(rows), -1).argmax(-1) if out.ndim == 2 else out.reshape(len(rows), -1, out.shape[-1])[:, 0].argmax(-1)
         agree = float(np.mean([int(b) == int(disputed[r.ref]) for b, r in zip(base, rows)]))
         return agree, len(rows)

@@ -13,7 +13,7 @@ from toco_core.analysis_result import AnalysisResult, load_result, save_result
 from toco_core.cli_support import cli_errors, console
 from toco_core.curve_operators import CurveOperator
 from toco_core.errors import ConfigError
-from toco_core.onnx_model import input_spec, load_model
+from toco_core.onnx_model import input_specs, load_model
 from toco_core.pool import load_pool
 from toco_core.units import parse_fraction
 
@@ -37,7 +37,7 @@ def _preprocessing(size: str | None, scale: float, mean: str, std: str, color: s
 @cli_errors
 def analyze(
     model: Path = typer.Argument(..., help="trained ONNX model"),
-    pool: Path = typer.Option(..., "--pool", help=".npy/.npz inputs in the model's layout, or an image folder"),
+    pool: Path = typer.Option(..., "--pool", help=".npy/.npz inputs in the model's layout and dtype (one array per input name for several inputs), or an image folder"),
     out: Path = typer.Option(..., "-o", "--out", help="result directory"),
     labels: Path | None = typer.Option(None, "--labels", help="optional .npy labels: adds accuracy columns"),
     budget: str = typer.Option("1%", "--budget", help="fleet fidelity budget: max top-1 disagreement"),
@@ -59,7 +59,7 @@ def analyze(
     settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output)
     onnx_model = load_model(model)
     scored_output(onnx_model, output)  # an unknown --output fails now, before the pool is read
-    x, y = load_pool(pool, input_spec(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
+    x, y = load_pool(pool, input_specs(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
     with Progress(TextColumn("{task.description:16s}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
         tasks: dict[str, TaskID] = {}

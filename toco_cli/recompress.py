@@ -10,7 +10,7 @@ from rich.table import Table
 from toco_cli.main import app
 from toco_core.analysis_result import load_result
 from toco_core.cli_support import cli_errors, console
-from toco_core.onnx_model import input_spec, load_model
+from toco_core.onnx_model import input_specs, load_model
 from toco_core.plan import CompressionReport, Policy
 from toco_core.units import format_size, parse_duration, parse_fraction, parse_size
 
@@ -144,7 +144,7 @@ def evaluate(
 
     b = load_model(base)
     m = decode_model(model.read_bytes()) if model.suffix == ".toco" else load_model(model)
-    x, y = load_pool(pool, input_spec(b), labels)
+    x, y = load_pool(pool, input_specs(b), labels)
     scored = scored_output(b)  # the tensor an analysis would score, not a label after it
     b, m = fidelity_view(b, scored), fidelity_view(m, scored)
     fid = compare_outputs(run_model(b, x), run_model(m, x), y, output_kind(b))

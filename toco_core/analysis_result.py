@@ -4,6 +4,7 @@
     OUT/tolerance.safetensors  ToleranceMap (log-quantized, no pickle)
     OUT/calibration.json       measured CalibrationCurve per operator
     OUT/samples.npz            calibration samples: the QBC analysis set and the held-out set
+                               (analysis_x/NAME, heldout_x/NAME per input for several inputs)
     OUT/plans.safetensors      PlanTable: master steps and every curve point's build decisions
 
 Numpy only: the agent reads it too.
@@ -26,6 +27,7 @@ from toco_core.atomic_files import atomic_write
 from toco_core.calibration import CalibrationCurve
 from toco_core.errors import AnalysisError
 from toco_core.fidelity import OutputKind
+from toco_core.model_inputs import Batch, from_arrays, to_arrays
 from toco_core.plan_table import PlanTable, load_plan_table, save_plan_table
 from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_tolerance_map
 
@@ -80,8 +82,8 @@ class AnalysisResult:
     manifest: AnalysisManifest
     tolerances: ToleranceMap | None  # None on a box that built from parts: the plan table decides instead
     curves: dict[str, CalibrationCurve]
-    analysis_x: np.ndarray
-    heldout_x: np.ndarray
+    analysis_x: Batch  # an array, or one per input name for a model with several (toco_core.model_inputs)
+    heldout_x: Batch
     heldout_y: np.ndarray | None = None
     plans: PlanTable | None = None
 
@@ -105,7 +107,7 @@ def save_result(result: AnalysisResult, out: Path) -> Path:
         raise ValueError("only an analysis with its tolerance map can be saved")
     save_tolerance_map(result.tolerances, out / "tolerance.safetensors")
     (out / "calibration.json").write_text(json.dumps({k: c.model_dump() for k, c in result.curves.items()}, indent=1))
-    arrays = {"analysis_x": result.analysis_x, "heldout_x": result.heldout_x}
+    arrays = {**to_arrays("analysis_x", result.analysis_x), **to_arrays("heldout_x", result.heldout_x)}
     if result.heldout_y is not None:
         arrays["heldout_y"] = result.heldout_y
     np.savez_compressed(out / "samples.npz", **arrays)  # type: ignore[arg-type]  # numpy: **kwds may name allow_pickle
@@ -142,7 +144,7 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
     try:
         curves = {k: CalibrationCurve.model_validate(v) for k, v in json.loads((path / "calibration.json").read_text()).items()}
         with np.load(path / "samples.npz", allow_pickle=False) as z:
-            ax, hx = z["analysis_x"], z["heldout_x"]
+            ax, hx = from_arrays("analysis_x", z), from_arrays("heldout_x", z)
             hy = z.get("heldout_y")
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None

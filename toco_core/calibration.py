@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from toco_core.curve_operators import PLANNED as PLANNED  # the curves a plan is taken from
 from toco_core.curve_operators import CurveOperator, curve_operator
 from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.model_inputs import Batch
 from toco_core.runtime import run_model
 from toco_core.runtime_forms import INT8
 
@@ -96,7 +97,7 @@ def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
     return out
 
 
-def measure_int8(model: onnx.ModelProto, x: np.ndarray, base_out: np.ndarray, labels: np.ndarray | None,
+def measure_int8(model: onnx.ModelProto, x: Batch, base_out: np.ndarray, labels: np.ndarray | None,
                  kind: OutputKind) -> CalibrationCurve:
     """The measured cost of the full QDQ int8 runtime (weights per channel + activations) on x.
 

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from toco_core.drift_window import DriftWindow, input_features, output_stats
 from toco_core.errors import PoolError
 from toco_core.fidelity import OutputKind
+from toco_core.model_inputs import Batch, flat_values
 
 __all__ = ["MAX_DISPUTED", "DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow", "StatCheck",
            "build_reference", "evaluate_window"]
@@ -101,7 +102,7 @@ class DriftReference(BaseModel):
     feature_std: list[float]
 
 
-def build_reference(inputs: np.ndarray, outputs: np.ndarray, expected_agreement: float,
+def build_reference(inputs: Batch, outputs: np.ndarray, expected_agreement: float,
                     settings: DriftSettings | None = None, kind: OutputKind = "logits",
                     expected_accuracy: float | None = None, scored_output: str | None = None) -> DriftReference:
     """Reference statistics from calibration ``inputs`` and the deployed model's ``outputs``.
@@ -112,6 +113,7 @@ def build_reference(inputs: np.ndarray, outputs: np.ndarray, expected_agreement:
     Raises PoolError for fewer than 2 samples or mismatched counts.
     """
     s = settings or DriftSettings()
+    inputs = flat_values(inputs)  # several inputs: one flat row of values per sample, as the monitor sees them
     if len(inputs) < 2 or len(inputs) != len(outputs):
         raise PoolError(f"reference needs >= 2 matching inputs/outputs, got {len(inputs)}/{len(outputs)}",
                         "pass the calibration samples and the model's outputs on them")

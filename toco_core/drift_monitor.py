@@ -20,6 +20,7 @@ from toco_core.drift_kind import classify
 from toco_core.drift_rebase import FIELD_WINDOWS, FieldSummary, rebase, summarise
 from toco_core.drift_window import DriftWindow
 from toco_core.errors import PoolError
+from toco_core.model_inputs import Batch, flat_values
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class WindowResult:
     """A closed window: its report and the inputs of its disputed samples (same order)."""
 
     report: DriftReport
-    disputed_inputs: np.ndarray
+    disputed_inputs: Batch
 
 
 class DriftMonitor:
@@ -58,7 +59,7 @@ class DriftMonitor:
         with self._lock:
             return bool(self._rng.random() < self.settings.shadow_fraction)
 
-    def observe(self, x: np.ndarray, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
+    def observe(self, x: Batch, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
                 labels: np.ndarray | None = None, refs: list[str] | None = None,
                 now: float | None = None) -> WindowResult | None:
         """Add a batch; returns the WindowResult when this batch closed the window, else None.
@@ -66,7 +67,7 @@ class DriftMonitor:
         Raises PoolError when the samples are shaped unlike the reference's (nothing is added).
         """
         now = time.time() if now is None else now
-        shape = tuple(np.shape(x)[1:])
+        shape = tuple(np.shape(flat_values(x))[1:])  # several inputs: one flat row of values per sample
         if shape != tuple(self.reference.sample_shape):
             want = list(self.reference.sample_shape)
             raise PoolError(f"drift samples have shape {list(shape)}, the reference {want}",

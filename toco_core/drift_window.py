@@ -16,6 +16,7 @@ import numpy as np
 
 from toco_core.errors import PoolError
 from toco_core.fidelity import OutputKind, as_log_probs, per_sample_disagreement
+from toco_core.model_inputs import Batch, ModelInputs, concat, flat_values
 
 if TYPE_CHECKING:
     from toco_core.drift import DriftSettings
@@ -55,7 +56,7 @@ class _Kept:
     """A sample kept as a dispute candidate (inputs are kept only for these)."""
 
     ref: str
-    x: np.ndarray
+    x: np.ndarray | ModelInputs  # one sample; a ModelInputs is a batch of one
     confidence: float
     model_class: int
     base_class: int | None = None
@@ -84,9 +85,10 @@ class DriftWindow:
         self._low: list[tuple[float, int, _Kept]] = []  # max-heap on confidence via negation
         self._disagree: list[tuple[float, int, _Kept]] = []
 
-    def add(self, x: np.ndarray, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
+    def add(self, x: Batch, outputs: np.ndarray, base_outputs: np.ndarray | None = None,
             labels: np.ndarray | None = None, refs: list[str] | None = None) -> None:
-        """Add a batch: inputs ``[N, ...]``, model outputs, optional base outputs and labels.
+        """Add a batch: inputs ``[N, ...]`` (or a ModelInputs: statistics read every input's values,
+        flattened and joined), model outputs, optional base outputs and labels.
 
         ``refs`` name the samples (e.g. request ids) for feedback and disputed-sample lists.
         Raises PoolError when the batch sizes or output shapes differ.
@@ -101,8 +103,9 @@ class DriftWindow:
                             "shadow-run the base model on the same batch")
         # Everything is computed before anything is recorded, so a bad batch leaves no trace.
         st = output_stats(outputs, self.kind)
-        feats = input_features(x, self.settings.input_features)
-        xv = np.asarray(x, dtype=np.float64)
+        flat = flat_values(x)
+        feats = input_features(flat, self.settings.input_features)
+        xv = np.asarray(flat, dtype=np.float64)
         base_top1: np.ndarray | None = None
         dis: np.ndarray | None = None
         if base_outputs is not None:
@@ -121,7 +124,9 @@ class DriftWindow:
                 self._correct.append(int(st.top1[i]) == int(labels[i]))
             elif len(self._top1) < 4 * self.settings.window_max_samples:  # awaits feedback
                 self._top1[refs[i]] = int(st.top1[i])
-            kept = _Kept(refs[i], np.asarray(x[i]), float(st.confidence[i]), int(st.top1[i]))
+            # the input as served (each input of a several-input model in its own dtype) for uploads
+            sample = x[i] if isinstance(x, ModelInputs) else np.asarray(x[i])
+            kept = _Kept(refs[i], sample, float(st.confidence[i]), int(st.top1[i]))
             if dis is not None and base_top1 is not None:
                 kept.base_class, kept.disagreement = int(base_top1[i]), float(dis[i])
                 if dis[i] > 0:
@@ -152,7 +157,10 @@ class DriftWindow:
             heapq.heapreplace(heap, item)
         else:
             return
-        if kept.x.base is not None:  # a view would keep the caller's whole batch alive
+        # a view would keep the caller's whole batch alive
+        if isinstance(kept.x, ModelInputs):
+            kept.x = ModelInputs({k: v.copy() for k, v in kept.x.arrays.items()})
+        elif kept.x.base is not None:
             kept.x = kept.x.copy()
 
     # Read-only views used by evaluate_window.
@@ -186,10 +194,12 @@ class DriftWindow:
         key = lambda k: k.confidence  # noqa: E731
         return sorted((k for *_, k in self._disagree), key=key), sorted((k for *_, k in self._low), key=key)
 
-    def inputs_of(self, refs: list[str]) -> np.ndarray:
-        """Stack the kept inputs of ``refs`` (disputed samples); ``[len(refs), ...]``."""
+    def inputs_of(self, refs: list[str]) -> Batch:
+        """Stack the kept inputs of ``refs`` (disputed samples); ``[len(refs), ...]`` or a ModelInputs."""
         kept = {k.ref: k.x for *_, k in [*self._disagree, *self._low]}
         missing = [r for r in refs if r not in kept]
         if missing:
             raise PoolError(f"inputs of {missing[:3]} were not kept by this window", "ask for disputed refs only")
-        return np.stack([kept[r] for r in refs]) if refs else np.zeros((0,))
+        if refs and isinstance(kept[refs[0]], ModelInputs):
+            return concat(kept[r] for r in refs)
+        return np.stack([np.asarray(kept[r]) for r in refs]) if refs else np.zeros((0,))

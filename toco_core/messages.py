@@ -326,11 +326,15 @@ class DriftMessage(AgentMessage, DriftReport):
         return cls(device_id=device_id, bundle_id=bundle_id, **report.model_dump(exclude={"schema_version"}))
 
 
+# the numeric dtypes a model input (and so an uploaded field sample) may have
+SampleDtype = Literal["float32", "uint8", "float16", "float64", "int8", "uint16", "int16", "int32", "int64"]
+
+
 class Sample(Message):
     """One uploaded input array (raw little-endian bytes, base64)."""
 
     ref: str = Field(min_length=1, max_length=128, description="DisputedRef.ref")
-    dtype: Literal["float32", "uint8", "float16"]
+    dtype: SampleDtype = Field(description="the model input's own dtype: uint8 camera bytes stay uint8")
     shape: list[int] = Field(max_length=8)
     data_b64: str
     reason: Literal["disagreement", "low_confidence", "requested"] = "disagreement"

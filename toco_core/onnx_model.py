@@ -206,15 +206,23 @@ class InputSpec:
 
 def input_spec(model: onnx.ModelProto) -> InputSpec:
     """Describe the model's first non-initializer input. Raises ModelError if there is none."""
+    return input_specs(model)[0]
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """Describe every non-initializer graph input, in graph order. Raises ModelError if there is none."""
     inits = {t.name for t in model.graph.initializer}
+    specs = []
     for inp in model.graph.input:
         if inp.name in inits:
             continue
         ttype = inp.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
-        return InputSpec(inp.name, dims, np.dtype(dtype))
-    raise ModelError(f"model {model.graph.name!r} has no graph input", "export it with an input")
+        specs.append(InputSpec(inp.name, dims, np.dtype(dtype)))
+    if not specs:
+        raise ModelError(f"model {model.graph.name!r} has no graph input", "export it with an input")
+    return specs
 
 
 def output_kind(model: onnx.ModelProto) -> Literal["logits", "probs", "logprobs"]:

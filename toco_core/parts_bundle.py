@@ -41,6 +41,7 @@ from toco_core.compression.storage import QuantizedTensor, _strip
 from toco_core.errors import BundleError
 from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.model_bundle import BundleInfo
+from toco_core.model_inputs import from_arrays, to_arrays
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
@@ -154,14 +155,14 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     for name, points in bias_parts_of(table, fit_point_deltas(source, result)).items():
         parts[name] = encode_arrays(bias_arrays(points))
     n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
-    held = {"x": result.heldout_x[:n_test], "base_out": compact_outputs(source.base_out[:n_test],
-                                                                        result.manifest.output_kind)}
+    held = {**to_arrays("x", result.heldout_x[:n_test]),
+            "base_out": compact_outputs(source.base_out[:n_test], result.manifest.output_kind)}
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
     parts["calib/heldout"] = encode_calibration(held)
     n_analysis = range_samples_needed(result.curves)
     if n_analysis:
-        parts["calib/analysis"] = encode_calibration({"x": result.analysis_x[:n_analysis]})
+        parts["calib/analysis"] = encode_calibration(to_arrays("x", result.analysis_x[:n_analysis]))
     if include_base:
         parts["base"] = model_bytes(model)
     return parts
@@ -245,9 +246,10 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
         raise BundleError(f"the bundle parts lack {', '.join(missing)}", "fetch them from the fleet server")
     head = BundleHead(parts["head"])
     held = decode_calibration(parts["calib/heldout"], "calib/heldout")
-    ax = decode_calibration(parts["calib/analysis"], "calib/analysis")["x"] if "calib/analysis" in parts \
-        else held["x"][:0]
-    result = AnalysisResult(head.manifest, None, head.curves, ax, held["x"], held.get("y"), plans=head.table)
+    hx = from_arrays("x", held)
+    ax = from_arrays("x", decode_calibration(parts["calib/analysis"], "calib/analysis")) \
+        if "calib/analysis" in parts else hx[:0]
+    result = AnalysisResult(head.manifest, None, head.curves, ax, hx, held.get("y"), plans=head.table)
     ladders = ladders_from_planes(head.layout, parts, top_codes(head.layout, parts))
     classes = classes_from_planes(head.layout, parts, ladders)
     if "base" in parts:

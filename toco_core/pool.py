@@ -1,7 +1,8 @@
 """Sample pools for analysis and evaluation: .npy / .npz arrays or an image folder.
 
-A pool holds unlabeled inputs in the model's input layout; labels are optional
-(a ``y`` array in the .npz, or a separate .npy). Every problem is a PoolError that says
+A pool holds unlabeled inputs in the model's input layout and dtype; labels are optional
+(a ``y`` array in the .npz, or a separate .npy). A model with several inputs takes an .npz
+with one array per input name. Every problem is a PoolError that says
 what is wrong with which file and what the model expects.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toco_core.errors import PoolError
+from toco_core.model_inputs import Batch, ModelInputs
 from toco_core.onnx_model import InputSpec
 
 if TYPE_CHECKING:
@@ -61,7 +63,8 @@ def _load_images(folder: Path, preprocessing: Preprocessing) -> np.ndarray:
 def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
     """Check ``x`` against the model input (batch axis first) and cast to its dtype.
 
-    Raises PoolError when the pool is empty or a fixed dimension differs.
+    Raises PoolError when the pool is empty, a fixed dimension differs, or an integer input
+    (e.g. uint8) would not hold the values exactly.
     """
     if x.ndim == 0 or len(x) == 0:
         raise PoolError(f"pool {source} is empty", "give at least a few dozen samples")
@@ -75,24 +78,55 @@ def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
         )
     if not np.issubdtype(x.dtype, np.number):
         raise PoolError(f"pool {source} has non-numeric dtype {x.dtype}")
-    return np.ascontiguousarray(x.astype(spec.dtype, copy=False))
+    fitted = np.ascontiguousarray(x.astype(spec.dtype, copy=False))
+    # an integer input (uint8 camera bytes) given floats scaled to 0..1 would be analysed on zeros
+    if spec.dtype.kind in "iu" and not np.array_equal(fitted, x):
+        raise PoolError(f"pool {source} holds {x.dtype} values the {spec.dtype} model input {spec.name!r} "
+                        "cannot hold exactly", f"save the pool as {spec.dtype}, as the device feeds it")
+    return fitted
+
+
+def _load_named(path: Path, specs: list[InputSpec]) -> tuple[ModelInputs, np.ndarray | None]:
+    """A pool of several inputs: an .npz with one array per input name (and optional ``y``)."""
+    names = [s.name for s in specs]
+    if path.suffix != ".npz" or path.is_dir():
+        raise PoolError(f"pool {path} is not an .npz, but the model takes several inputs {names}",
+                        "save one array per input name with numpy.savez(f, **{name: array}, y=labels)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors
+        raise PoolError(f"pool {path} is not a readable numpy file: {exc}", "write it with numpy.savez") from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise PoolError(f"pool {path} holds {sorted(arrays)}, not the model inputs {missing}",
+                        "save one array per input name with numpy.savez(f, **{name: array}, y=labels)")
+    x = ModelInputs({s.name: fit_to_input(arrays[s.name], s, f"{path}[{s.name!r}]") for s in specs})
+    return x, arrays.get("y")
 
 
 def load_pool(
     source: str | Path,
-    spec: InputSpec,
+    spec: InputSpec | list[InputSpec],
     labels: str | Path | None = None,
     preprocessing: Preprocessing | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Load a pool for a model input: returns (x, y or None).
+) -> tuple[Batch, np.ndarray | None]:
+    """Load a pool for the model inputs: returns (x, y or None).
 
-    ``source`` is a .npy/.npz file or an image folder (then ``preprocessing``, a
-    toco_core.preprocessing.Preprocessing, is required). ``labels`` is an optional .npy.
-    Raises PoolError for a missing, unreadable, empty or mis-shaped pool or labels.
+    ``spec`` is the model's input, or its inputs (toco_core.onnx_model.input_specs). For one input
+    ``source`` is a .npy/.npz file (array ``x`` or the first) or an image folder (then
+    ``preprocessing``, a toco_core.preprocessing.Preprocessing, is required) and x an array; for
+    several it is an .npz with one array per input name (plus optional ``y``) and x a ModelInputs.
+    ``labels`` is an optional .npy. Raises PoolError for a missing, unreadable, empty or
+    mis-shaped pool or labels.
     """
+    specs = spec if isinstance(spec, list) else [spec]
     path = Path(source)
     if not path.exists():
         raise PoolError(f"pool {path} does not exist", "check the path")
+    if len(specs) > 1:
+        named, y = _load_named(path, specs)
+        return _with_labels(named, y, labels)
     if path.is_dir():
         if preprocessing is None:
             raise PoolError(f"pool {path} is an image folder but no preprocessing was declared",
@@ -100,7 +134,10 @@ def load_pool(
         x, y = _load_images(path, preprocessing), None
     else:
         x, y = _load_arrays(path)
-    x = fit_to_input(x, spec, str(path))
+    return _with_labels(fit_to_input(x, specs[0], str(path)), y, labels)
+
+
+def _with_labels(x: Batch, y: np.ndarray | None, labels: str | Path | None) -> tuple[Batch, np.ndarray | None]:
     if labels is not None:
         lpath = Path(labels)
         if not lpath.is_file():

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from toco_core.fidelity import OutputKind, as_log_probs, per_sample_disagreement, per_sample_kl
+from toco_core.model_inputs import Batch
 from toco_core.runtime import run_with_weights
 
 
@@ -23,7 +24,7 @@ def committee_log_probs(
     model: onnx.ModelProto,
     weights: dict[str, np.ndarray],
     tau: dict[str, np.ndarray],
-    x: np.ndarray,
+    x: Batch,
     members: int,
     seed: int,
     kind: OutputKind = "logits",

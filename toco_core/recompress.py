@@ -23,6 +23,7 @@ from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.fidelity import OutputKind
 from toco_core.measure import p50_latency, session_rss
+from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
@@ -134,7 +135,7 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     return BuiltModel(runnable, storage, layers)
 
 
-def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: np.ndarray, threads: int,
+def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch, threads: int,
               base_p50: float) -> float:
     """Candidate p50; when it looks slower, measure both again and keep the candidate's best
     ratio (shared machines are noisy; one unlucky run must not reject a good model)."""
@@ -161,7 +162,7 @@ class _Context:
     model: onnx.ModelProto
     base_bytes: bytes
     base_out: np.ndarray
-    x: np.ndarray
+    x: Batch
     kind: OutputKind
     threads: int
     base_p50: float
@@ -189,8 +190,8 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     rss = None
     if ctx.measure_memory and _rss_matters(plan, ctx.memory, ctx.weight_bytes):
         if not ctx.base_rss:
-            ctx.base_rss.append(session_rss(ctx.base_bytes, ctx.x[:1].shape))
-        rss = session_rss(model_bytes(built.runnable), ctx.x[:1].shape)
+            ctx.base_rss.append(session_rss(ctx.base_bytes, shapes(ctx.x[:1])))
+        rss = session_rss(model_bytes(built.runnable), shapes(ctx.x[:1]))
         heavier = rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0] and plan.runtime != FLOAT.name
         if rss is not None and (heavier or rss > ctx.memory):  # heavier implies an RSS
             return gate, p50, rss, f"session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"

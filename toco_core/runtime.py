@@ -12,9 +12,28 @@ import numpy as np
 import onnxruntime as ort
 
 from toco_core.errors import ModelError
+from toco_core.model_inputs import Batch, feed
 
 if TYPE_CHECKING:
     import onnx
+
+
+# onnxruntime's type names of the numeric tensor inputs a served model may take
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+              "tensor(bool)": np.bool_}
+
+
+def input_dtype(node: ort.NodeArg) -> np.dtype:
+    """The numpy dtype a session input takes (``session.get_inputs()[i]``).
+
+    Raises ModelError for a type that is not a numeric tensor (strings, sequences, maps).
+    """
+    dtype = ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise ModelError(f"model input {node.name!r} has type {node.type}", "serve models with numeric tensor inputs")
+    return np.dtype(dtype)
 
 
 def make_session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
@@ -46,23 +65,27 @@ MAX_BATCH_ROWS = 256
 BATCH_BYTES = 16 * 2**20
 
 
-def rows_per_batch(x: np.ndarray, limit: int = MAX_BATCH_ROWS, batch_bytes: int = BATCH_BYTES) -> int:
-    """Rows of ``x`` per run so that a batch holds about ``batch_bytes`` of input:
-    clamp(batch_bytes // bytes per row, 1, limit)."""
+def rows_per_batch(x: Batch, limit: int = MAX_BATCH_ROWS, batch_bytes: int = BATCH_BYTES) -> int:
+    """Rows of ``x`` per run so that a batch holds about ``batch_bytes`` of input (every input's
+    bytes for a ModelInputs): clamp(batch_bytes // bytes per row, 1, limit)."""
     row = x[0].nbytes if len(x) else 1
     return int(max(1, min(limit, batch_bytes // max(row, 1))))
 
 
-def run_batches(session: ort.InferenceSession, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+def run_batches(session: ort.InferenceSession, x: Batch, batch_size: int | None = None) -> np.ndarray:
     """Run the first output over ``x`` in batches (``batch_size`` rows, default rows_per_batch(x));
-    returns the concatenated output."""
-    name = session.get_inputs()[0].name
+    returns the concatenated output.
+
+    ``x`` is an array for the first input or a ModelInputs for every input. Raises PoolError
+    when a ModelInputs does not name the session's inputs.
+    """
+    names = [i.name for i in session.get_inputs()]
     step = batch_size or rows_per_batch(x)
-    outs = [session.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)]
+    outs = [session.run(None, feed(x[i : i + step], names))[0] for i in range(0, len(x), step)]
     return np.concatenate(outs, axis=0)
 
 
-def run_model(model: onnx.ModelProto | bytes, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+def run_model(model: onnx.ModelProto | bytes, x: Batch, batch_size: int | None = None) -> np.ndarray:
     """One-shot convenience: session + batched run of the first output (batches as run_batches)."""
     return run_batches(make_session(model), x, batch_size)
 
@@ -98,7 +121,7 @@ def session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray])
     return sess
 
 
-def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
+def run_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: Batch,
                      batch_size: int | None = None) -> np.ndarray:
     """Run ``model``'s first output over ``x`` with some initializers replaced (no model copy).
 

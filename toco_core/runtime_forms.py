@@ -28,10 +28,10 @@ from toco_core.device import DeviceProfile, RuntimeFormat
 from toco_core.errors import UnregisteredNameError
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
 
     from toco_core.calibration import CalibrationCurve, CurvePoint
+    from toco_core.model_inputs import Batch
     from toco_core.onnx_model import WeightInfo
     from toco_core.plan_table import PlanTable
 
@@ -68,7 +68,7 @@ class BuildStep:
     runnable: onnx.ModelProto  # dead channels already removed
     table: PlanTable
     point: int  # the point's row in the table
-    range_x: np.ndarray  # the analysis samples: activation ranges, never the self-test's samples
+    range_x: Batch  # the analysis samples: activation ranges, never the self-test's samples
 
 
 # the model in the form, and the per-layer format of each layer it converted (others stay fp32)

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.model_inputs import Batch
 from toco_core.plan import SelfTestResult
 from toco_core.runtime import run_model
 
@@ -22,7 +23,7 @@ def gate_margin(predicted: float, budget: float, n: int) -> float:
 def self_test(
     candidate: onnx.ModelProto | bytes,
     base_out: np.ndarray,
-    x: np.ndarray,
+    x: Batch,
     predicted: float,
     budget: float,
     kind: OutputKind = "logits",

@@ -86,14 +86,20 @@ def test_data_dependent_shape_under_vmap_names_the_node():
         torch.func.vmap(ev)(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
 
 
-def test_second_graph_input_is_refused():
-    node = oh.make_node("Add", ["x", "z"], ["y"], name="adder")
+def test_several_graph_inputs_are_fed_by_name_and_one_tensor_is_refused():
+    node = oh.make_node("Sub", ["x", "z"], ["y"], name="subtract")
     graph = oh.make_graph([node], "two_inputs", [oh.make_tensor_value_info("x", F32, [2]),
                                                  oh.make_tensor_value_info("z", F32, [2])],
                           [oh.make_tensor_value_info("y", F32, [2])])
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
-    with pytest.raises(ModelError, match="adder.*'z'"):
-        GraphEvaluator(model, trainable=[])
+    ev = GraphEvaluator(model, trainable=[])
+    assert ev.input_names == ["x", "z"]
+    out = ev({"x": torch.tensor([3.0, 1.0]), "z": torch.tensor([1.0, 1.0])})
+    assert out.tolist() == [2.0, 0.0]
+    with pytest.raises(ModelError, match="one tensor given.*'x', 'z'"):
+        ev(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ModelError, match="inputs \\['x'\\] given"):
+        ev({"x": torch.tensor([1.0, 2.0])})
 
 
 def test_docs_list_exactly_the_supported_ops():

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from torch.func import grad, jacrev, vmap
 
-Forward = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+from toco_core.analysis.torch_inputs import TorchBatch, rows, to_torch, with_batch_axis
+from toco_core.model_inputs import Batch
+
+Forward = Callable[[TorchBatch, dict[str, torch.Tensor]], torch.Tensor]
 _FLOATS_PER_CHUNK = 40_000_000
 _EXACT_LIMIT = 20_000_000  # bounds the Jacobian memory: chunk * classes * weights floats
 
@@ -55,9 +58,9 @@ class FisherAccumulator:
         self.count = 0
         self._n = sum(v.numel() for v in self.weights.values())
 
-    def _exact(self, x: torch.Tensor) -> None:
+    def _exact(self, x: TorchBatch) -> None:
         def log_p(w: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-            return _log_probs(self.forward(xi[None], w), self.kind)[0]  # [C]
+            return _log_probs(self.forward(with_batch_axis(xi), w), self.kind)[0]  # [C]
 
         with torch.no_grad():
             p = torch.exp(_log_probs(self.forward(x, self.weights), self.kind))  # [B, C]
@@ -66,34 +69,34 @@ class FisherAccumulator:
             pw = p.reshape(p.shape + (1,) * (j.dim() - 2))
             self.sums[k] += (pw * j.detach().double() ** 2).sum(dim=(0, 1))
 
-    def _sampled(self, x: torch.Tensor) -> None:
+    def _sampled(self, x: TorchBatch) -> None:
         with torch.no_grad():
             lp = _log_probs(self.forward(x, self.weights), self.kind)  # [B*P, C]
-        positions = lp.shape[0] // x.shape[0]
+        positions = lp.shape[0] // rows(x)
         for _ in range(self.y_samples):
-            y = torch.multinomial(torch.exp(lp), 1, generator=self.gen).reshape(x.shape[0], positions)
+            y = torch.multinomial(torch.exp(lp), 1, generator=self.gen).reshape(rows(x), positions)
 
-            def picked(w: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-                return _log_probs(self.forward(xi[None], w), self.kind).gather(1, yi[:, None]).sum()
+            def picked(w: dict[str, torch.Tensor], xi: TorchBatch, yi: torch.Tensor) -> torch.Tensor:
+                return _log_probs(self.forward(with_batch_axis(xi), w), self.kind).gather(1, yi[:, None]).sum()
 
             g = vmap(grad(picked), in_dims=(None, 0, 0))(self.weights, x, y)
             for k, gk in g.items():
                 self.sums[k] += (gk.detach().double() ** 2).sum(0) / self.y_samples
 
-    def add_batch(self, x: np.ndarray) -> None:
-        """Add the Fisher contribution of a batch of inputs (numpy, the model's input layout)."""
-        xt = torch.from_numpy(np.ascontiguousarray(x))
+    def add_batch(self, x: Batch) -> None:
+        """Add the Fisher contribution of a batch of inputs (numpy in the model's input layout, or
+        a ModelInputs for a model with several inputs)."""
         with torch.no_grad():
-            probe = self.forward(xt[:1], self.weights)
+            probe = self.forward(to_torch(x[:1]), self.weights)
         classes, positions = probe.shape[1], probe[0, 0].numel()
         # The exact expectation costs one backward pass per class; past ~20M Jacobian entries per
         # sample (a 5M-weight CNN with 10 classes) sampling y is 5x cheaper for the same ranking.
         exact = not self.sampled and positions == 1 and classes <= self.max_exact_classes and self._n * classes <= _EXACT_LIMIT
         per = self._n * (classes if exact else 1)
         chunk = max(1, min(64, _FLOATS_PER_CHUNK // max(per, 1)))
-        for i in range(0, len(xt), chunk):
-            (self._exact if exact else self._sampled)(xt[i : i + chunk])
-        self.count += len(xt)
+        for i in range(0, len(x), chunk):
+            (self._exact if exact else self._sampled)(to_torch(x[i : i + chunk]))
+        self.count += len(x)
 
     def result(self) -> dict[str, np.ndarray]:
         """The mean Fisher per weight tensor (float64 numpy). Raises ValueError before any batch."""

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.graph_eval.node import OpNode, spatial_pads, torch_pad_list
+from toco_core.analysis.torch_inputs import to_torch
+from toco_core.model_inputs import Batch
 from toco_core.runtime import BATCH_BYTES, rows_per_batch
 
 _CHUNK_FLOATS = 16_000_000  # unfolded patches held at once (64 MB)
@@ -128,17 +130,16 @@ class InputMoments:
             total = a if total is None else total + a
         return total
 
-    def add_batch(self, x: np.ndarray, chunk: int | None = None) -> None:
-        """Run the model on ``x`` (numpy, the model's input layout) and add the input moments,
-        ``chunk`` samples per forward pass (default: up to 32, about 4 MiB of input: every
-        activation of a chunk is alive at once, 32 RGB 224x224 images held 940 MiB)."""
-        xt = torch.from_numpy(np.ascontiguousarray(x))
+    def add_batch(self, x: Batch, chunk: int | None = None) -> None:
+        """Run the model on ``x`` (numpy in the model's input layout, or a ModelInputs) and add the
+        input moments, ``chunk`` samples per forward pass (default: up to 32, about 4 MiB of input:
+        every activation of a chunk is alive at once, 32 RGB 224x224 images held 940 MiB)."""
         chunk = chunk or rows_per_batch(x, limit=32, batch_bytes=BATCH_BYTES // 4)
         with torch.no_grad():
-            for i in range(0, len(xt), chunk):
+            for i in range(0, len(x), chunk):
                 self._seen = set()
-                self.ev(xt[i : i + chunk], tap=self._tap)
-        self.count += len(xt)
+                self.ev(to_torch(x[i : i + chunk]), tap=self._tap)
+        self.count += len(x)
 
     def result(self) -> dict[str, Moments]:
         """A = the mean over samples, per covered weight. Raises ValueError before any batch."""

@@ -29,6 +29,7 @@ from toco_core.compression.qdq_int8 import int8_fits
 from toco_core.compression.storage import QuantizedTensor, dequantize
 from toco_core.compression.tolerance_compress import CompressedTensor, summary
 from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.model_inputs import Batch
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.runtime import run_with_weights
@@ -57,7 +58,7 @@ class NestedCalibration:
     """Measures points built from the master codes; collects the octaves of the plan table."""
 
     def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray],
-                 tmap: ToleranceMap, kind: OutputKind, x: np.ndarray, y: np.ndarray | None,
+                 tmap: ToleranceMap, kind: OutputKind, x: Batch, y: np.ndarray | None,
                  base_out: np.ndarray, correction: BiasCorrection | None, prune_grid: list[float],
                  coverage: float = 0.99) -> None:
         self.model, self.infos, self.weights, self.tmap = model, infos, weights, tmap

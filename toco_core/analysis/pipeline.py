@@ -25,11 +25,13 @@ from toco_core.analysis.input_moments import InputMoments
 from toco_core.analysis.nested_calibration import NestedCalibration
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
+from toco_core.analysis.torch_inputs import to_torch
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import OutputKind, as_log_probs
+from toco_core.model_inputs import Batch
 from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
 from toco_core.plan_table import PlanTable
@@ -54,10 +56,10 @@ def _noop(phase: str, done: int, total: int) -> None:
     pass
 
 
-def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: np.ndarray) -> None:
+def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: Batch) -> None:
     """Refuse to analyse if the torch evaluation differs from onnxruntime (never a silent wrong answer)."""
     with torch.no_grad():
-        mine = ev(torch.from_numpy(x)).numpy()
+        mine = ev(to_torch(x)).numpy()
     ref = run_model(model, x)
     err = float(np.abs(mine - ref).max()) / max(1.0, float(np.abs(ref).max()))
     if err > 1e-3:
@@ -66,7 +68,7 @@ def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: np.ndarray) 
 
 
 def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray],
-                     x: np.ndarray, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
+                     x: Batch, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
                      previous: float | None = None) -> tuple[float, float]:
     """Bisect log2 s until the committee disagrees with the base on ~committee_target of x.
 
@@ -85,7 +87,7 @@ def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau
     return scale, dis
 
 
-def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: np.ndarray, seed: int,
+def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: Batch, seed: int,
             sampled: bool = False) -> FisherAccumulator:
     acc = FisherAccumulator(ev, {k: torch.from_numpy(v) for k, v in weights.items()}, kind=kind, seed=seed,
                             sampled=sampled)
@@ -94,7 +96,7 @@ def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: np
 
 
 def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: OutputKind,
-               pool_x: np.ndarray, heldout_x: np.ndarray, s: AnalysisSettings, progress: Progress,
+               pool_x: Batch, heldout_x: Batch, s: AnalysisSettings, progress: Progress,
                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[RoundStats]]:
     """Grow the analysis set by committee disagreement. Returns (S indices, fisher, tau_hat, rounds)."""
     rng = np.random.default_rng(s.seed)
@@ -137,7 +139,7 @@ def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np
 
 
 def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict[str, np.ndarray], kind: OutputKind,
-                x: np.ndarray, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
+                x: Batch, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
     """Pruning order from the K-FAC greedy scores (prune_order.py); r_i = the sparsity at which
     weight i is pruned (exact zeros: 0).
 
@@ -182,8 +184,8 @@ def prune_grid() -> list[float]:
 
 
 def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
-              kind: OutputKind, x: np.ndarray, y: np.ndarray | None, progress: Progress,
-              correction_x: np.ndarray | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
+              kind: OutputKind, x: Batch, y: np.ndarray | None, progress: Progress,
+              correction_x: Batch | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
 
@@ -220,7 +222,7 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
 
 def analyze(
     model: onnx.ModelProto,
-    pool_x: np.ndarray,
+    pool_x: Batch,
     pool_y: np.ndarray | None = None,
     settings: AnalysisSettings | None = None,
     progress: Progress = _noop,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from toco_core.model_inputs import Batch, feed
 from toco_core.onnx_model import WeightInfo, with_outputs
 from toco_core.runtime import BATCH_BYTES, rows_per_batch, session_with_weights
 
@@ -80,7 +81,7 @@ def _channel_sums(y: np.ndarray) -> np.ndarray:
     return result
 
 
-def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.ndarray,
+def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: Batch,
                   names: list[str], batch_size: int = 64) -> list[np.ndarray]:
     """Per-channel means of the named (N, C, ...) tensors over ``x``, weights replaced.
 
@@ -89,13 +90,13 @@ def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: np.
     Raises ModelError when onnxruntime cannot run the model.
     """
     sess = session_with_weights(model, weights)
-    feed = sess.get_inputs()[0].name
+    inputs = [i.name for i in sess.get_inputs()]
     sums = [np.zeros(0)] * len(names)
     counts = [0] * len(names)
     # every layer's output of a batch is held at once: a quarter of run_batches' input bytes
     step = rows_per_batch(x, limit=batch_size, batch_bytes=BATCH_BYTES // 4)
     for i in range(0, len(x), step):
-        for k, y in enumerate(sess.run(names, {feed: x[i:i + step]})):
+        for k, y in enumerate(sess.run(names, feed(x[i:i + step], inputs))):
             part = _channel_sums(y)
             sums[k] = part if counts[k] == 0 else sums[k] + part
             counts[k] += y.size // y.shape[1]
@@ -115,7 +116,7 @@ class BiasCorrection:
     the base once, ``biases`` then costs ``passes`` runs of the compressed model.
     """
 
-    def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], x: np.ndarray,
+    def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], x: Batch,
                  base_means: list[np.ndarray] | None = None) -> None:
         """Find the biased layers and measure the base model's channel means on the first
         correction_samples(infos) of ``x``, or take them as given (``base_means``, in layer order:

@@ -20,6 +20,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from toco_core.errors import ModelError, PoolError
+from toco_core.model_inputs import Batch, ModelInputs, feed
 from toco_core.onnx_model import input_spec
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul")
@@ -52,8 +53,8 @@ def int8_weight_error(w: np.ndarray, out_axis: int, per_channel: bool = True) ->
 class _Samples(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
     """Feeds the calibration samples to onnxruntime's calibrator in batches."""
 
-    def __init__(self, name: str, x: np.ndarray, batch: int = 64) -> None:
-        self._batches: Iterator[dict[str, np.ndarray]] = iter([{name: x[i : i + batch]}
+    def __init__(self, names: list[str], x: Batch, batch: int = 64) -> None:
+        self._batches: Iterator[dict[str, np.ndarray]] = iter([feed(x[i : i + batch], names)
                                                                for i in range(0, len(x), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -67,13 +68,13 @@ def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE and len(n.input) > 1 and n.input[1] in consts]
 
 
-def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calibration_x: np.ndarray,
+def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calibration_x: Batch,
                       per_channel: bool = True) -> onnx.ModelProto:
     """Quantize the named nodes to int8 QDQ: weights (symmetric, per channel by default) and activations.
 
     Takes the model, the node names to quantize (None = every Conv/Gemm/MatMul with a constant
-    weight) and calibration inputs for the first graph input (activation ranges = MinMax over
-    them). Activations are unsigned int8 (asymmetric), weights signed int8 (symmetric), the
+    weight) and calibration inputs: an array for the first graph input or a ModelInputs for
+    every input (activation ranges = MinMax over them). Activations are unsigned int8 (asymmetric), weights signed int8 (symmetric), the
     pairing onnxruntime recommends for x86 CPUs. Returns the QDQ model; onnxruntime fuses it
     into QLinearConv / QGemm / integer MatMul when the session starts.
     Raises ModelError for an unknown node name or when onnxruntime cannot quantize the model,
@@ -87,17 +88,23 @@ def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calib
         raise ModelError(f"nodes {unknown} are not Conv/Gemm/MatMul nodes with a constant weight",
                          f"choose among {sorted(known)}")
     spec = input_spec(named)
-    x = np.asarray(calibration_x, dtype=spec.dtype)
-    if len(x) == 0 or x.ndim != len(spec.shape) or any(d and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
-        raise PoolError(f"calibration samples of shape {x.shape} do not fit input {spec.name!r} {spec.shape}",
-                        "pass a non-empty batch shaped like the model input")
+    names = [i.name for i in named.graph.input if i.name not in {t.name for t in named.graph.initializer}]
+    if isinstance(calibration_x, ModelInputs):  # a pool of several inputs was fitted to them when loaded
+        x: Batch = calibration_x
+        if len(x) == 0:
+            raise PoolError("no calibration samples", "pass a non-empty batch of the model inputs")
+    else:
+        x = np.asarray(calibration_x, dtype=spec.dtype)
+        if len(x) == 0 or x.ndim != len(spec.shape) or any(d and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
+            raise PoolError(f"calibration samples of shape {x.shape} do not fit input {spec.name!r} {spec.shape}",
+                            "pass a non-empty batch shaped like the model input")
     if not targets:
         return named
     with tempfile.TemporaryDirectory(prefix="toco-qdq-") as tmp:
         out = Path(tmp) / "qdq.onnx"
         try:
             with _quiet_root_warnings():
-                quantize_static(named, str(out), _Samples(spec.name, x), quant_format=QuantFormat.QDQ,
+                quantize_static(named, str(out), _Samples(names, x), quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, nodes_to_quantize=targets,
                                 calibrate_method=CalibrationMethod.MinMax,

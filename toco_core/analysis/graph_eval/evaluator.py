@@ -37,11 +37,12 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 class GraphEvaluator:
-    """Differentiable evaluation of an ONNX model's first output from its first input.
+    """Differentiable evaluation of an ONNX model's first output from its graph inputs.
 
     Attributes:
         weights: float32 copies of the trainable weights, keyed by ONNX name.
-        input_name, output_name: the graph input fed with ``x`` and the output returned.
+        input_names: the graph inputs, in order; ``input_name`` the first (fed by a bare tensor).
+        output_name: the output returned.
         opset: the model's default-domain opset, which picks each op's semantics.
     """
 
@@ -72,6 +73,7 @@ class GraphEvaluator:
         if not feeds:
             raise ModelError(f"model {model_name!r} has no graph input to feed", "export it with an input")
         self.input_name = feeds[0]
+        self.input_names = feeds
         self.output_name = graph.output[0].name
 
         names = [w.name for w in compressible_weights(model)] if trainable is None else list(dict.fromkeys(trainable))
@@ -95,24 +97,23 @@ class GraphEvaluator:
                 keep.append(op)
                 wanted.update(n for n in op.inputs if n)
         plan = [op for op in reversed(keep) if op.op_type != "Constant"]
-        known = {self.input_name, *self._constants, *self.weights}
+        known = {*self.input_names, *self._constants, *self.weights}
         for op in plan:
             for name in op.inputs:
                 if name and name not in known:
                     raise ModelError(f"{op.op_type} node {op.name!r} reads {name!r}, which no node, initializer "
-                                     f"or first input of {model_name!r} provides",
-                                     "the evaluator feeds only the first graph input")
+                                     f"or graph input of {model_name!r} provides", "export the model again")
             known.update(op.outputs)
         return plan
 
-    def __call__(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+    def __call__(self, x: torch.Tensor | dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None,
                  tap: Tap | None = None) -> torch.Tensor:
-        """Evaluate the first output with ``x`` as the first input.
+        """Evaluate the first output with ``x`` as the first input, or ``x[name]`` as each named input.
 
         ``weights`` overrides some or all trainable weights (by ONNX name); the rest keep the
         model's values. ``tap(node, inputs)``, when given, sees every node's input values just
         before the node runs (e.g. to collect the activations a weight multiplies). Raises
-        ModelError for an unknown weight name or when an op fails.
+        ModelError for an unknown weight name, inputs that are not the graph's, or when an op fails.
         """
         env = {**self._constants, **self.weights}
         if weights is not None:
@@ -121,7 +122,15 @@ class GraphEvaluator:
                 raise ModelError(f"weights {sorted(unknown)} are not trainable weights of this evaluator",
                                  "pass them in `trainable` when building it")
             env.update(weights)
-        env[self.input_name] = x
+        if isinstance(x, dict):
+            if set(x) != set(self.input_names):
+                raise ModelError(f"inputs {sorted(x)} given, the graph takes {self.input_names}",
+                                 "feed one tensor per graph input, by name")
+            env.update(x)
+        elif len(self.input_names) > 1:
+            raise ModelError(f"one tensor given, the graph takes {self.input_names}", "feed a dict by input name")
+        else:
+            env[self.input_name] = x
         for op in self._plan:
             args = [env[name] if name else None for name in op.inputs]
             if tap is not None:
