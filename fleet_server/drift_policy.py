@@ -63,7 +63,7 @@ from fleet_server.drift_alerts import (
 )
 from fleet_server.drift_classify import UNCLASSIFIED, Verdict, agreement_upper_bound, verdict
 from fleet_server.events import EventBus
-from fleet_server.field_budget import field_budget, operator_budget
+from fleet_server.field_budget import field_budget, heldout_size, operator_budget
 from fleet_server.ingest import drift_point
 from fleet_server.reanalysis_gate import GateSettings, group_online, held_by, open_reanalysis, quorum_needed
 from fleet_server.registry import ConflictError, add_analysis_row, fetch, log_event
@@ -293,8 +293,10 @@ class DriftPolicy:
         # the field samples are a minority of the pool: held to the operator's budget they could flip far more
         # than it, on the very inputs the trigger devices now see (fleet_server.field_budget)
         budget = operator_budget(s, parent)
-        held = field_budget(budget, s.get(ModelRow, r.model_id).pool_size, len(ids))
-        settings = AnalysisSettings.model_validate(parent.settings).model_copy(update={"budget": held})
+        pool = s.get(ModelRow, r.model_id).pool_size
+        parent_settings = AnalysisSettings.model_validate(parent.settings)
+        held = field_budget(budget, pool, len(ids), heldout_size(parent_settings, pool + len(ids)))
+        settings = parent_settings.model_copy(update={"budget": held})
         row = add_analysis_row(s, model_id=r.model_id, settings=settings,
                                reason=f"drift: {', '.join(r.trigger_devices)}", field_sample_ids=ids)
         r.analysis_id = row.id

@@ -187,8 +187,11 @@ def test_a_persistent_rotation_reanalyses_once_then_stays_in_band(fleet, lenet, 
     after = [m for m in small if m.opened_at >= t_rebased]
     assert {m.bundle_id for m in after} == {new_bundle}
     assert not any(m.alert for m in after), timeline(small, t0)
-    (alert,) = alerts(fleet, SMALL)
-    assert (alert["kind"], alert["status"], alert["reanalysis_id"]) == ("fidelity", "resolved", r["reanalysis_id"])
+    # a window that alerts again on the old bundle while the re-analysis runs may file a second alert
+    # (under load); every one is fidelity drift, none is left open, the re-analysis' own is resolved
+    small_alerts = alerts(fleet, SMALL)
+    assert {a["kind"] for a in small_alerts} == {"fidelity"} and all(a["status"] != "open" for a in small_alerts)
+    alert = next(a for a in small_alerts if a["reanalysis_id"] == r["reanalysis_id"] and a["status"] == "resolved")
     assert "converged" in alert["decision"] and not device_json(fleet, SMALL)["alert"]
     # what the re-analysis fixed: on the rotated digits the box's new model is within the operator's budget
     # (the pool's budget is scaled to the field samples' share of it: fleet_server.field_budget)

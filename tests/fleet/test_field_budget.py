@@ -18,6 +18,15 @@ def test_the_pool_budget_holds_the_budget_on_the_field_samples(pool, field, held
     assert field_budget(0.05, pool, field) == pytest.approx(held)
 
 
+@pytest.mark.parametrize(("heldout", "held"), [
+    (1000, 0.05 * 32 / 152),  # 2 / 1000 is finer than the scaled budget: the scaled budget holds
+    (76, 2 / 76),             # the scaled 1.05% would leave only the base model plannable on 76 samples
+    (20, 0.05),               # never above the operator's budget
+])
+def test_the_pool_budget_never_falls_below_what_the_heldout_samples_resolve(heldout, held):
+    assert field_budget(0.05, 120, 32, heldout) == pytest.approx(held)
+
+
 def test_a_second_reanalysis_scales_the_operators_budget_not_the_first_reanalysiss(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
     with db.session(write=True) as s:
