@@ -70,7 +70,9 @@ def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices
     new_aid = mine()[0]["analysis_id"]
     a = fleet.api.get(f"/api/analyses/{new_aid}").json()
     assert a["reason"] == "drift: drift1" and a["field_samples"] == 6
-    assert a["budget"] == pytest.approx(0.05 * 6 / 126)  # the analysed pool's 5%, held on the 6 field samples
+    # the analysed pool's 5%, held on the 6 field samples, but never below what its held-out samples resolve
+    # (fleet_server.field_budget: between the scaled budget and the operator's)
+    assert 0.05 * 6 / 126 - 1e-12 <= a["budget"] < 0.05
     # its bundle goes to the trigger device first (canary): one device of two is no quorum for the group
     assert wait_until(lambda: mine()[0]["status"] in ("canary", "failed"), timeout=150,
                       step=0.5)
