@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
 from fleet_server.deployments import lock_deployments
@@ -47,6 +48,8 @@ from toco_core.messages import (
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
 DEFAULT_GROUP = "default"  # the group of a device before it is enrolled (it is quarantined then)
+BATCH_ATTEMPTS = 4  # a batch aborted by a lock conflict is written again this many times in all
+RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
 BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy", "input_shift": "input_shift"}
 
 
@@ -71,6 +74,16 @@ def drift_point(msg: DriftMessage) -> dict[str, Any]:
             "n_shadowed": msg.n_shadowed, "bands": bands}
 
 
+def retryable(exc: OperationalError) -> bool:
+    """True when the database aborted the transaction over a lock conflict that a retry resolves.
+
+    PostgreSQL says so with a SQLSTATE (serialization failure, deadlock, lock not available); SQLite
+    with "database is locked". Takes the SQLAlchemy error. Returns the verdict. Raises nothing.
+    """
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return state in RETRYABLE_SQLSTATES or "database is locked" in str(exc.orig)
+
+
 class Ingest:
     """Validates and stores device messages. ``stats`` counts received/dropped per kind."""
 
@@ -80,6 +93,7 @@ class Ingest:
         self.on_status, self.on_drift = on_status, on_drift
         self.batch = batch
         self.stats: Counter[str] = Counter()
+        self._tally: Counter[str] = Counter()
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self.idle = threading.Event()
@@ -142,43 +156,66 @@ class Ingest:
                 log.warning("dropped a bad message", extra={"fields": {"device": device_id, "kind": kind.value,
                                                                        "error": str(exc)[:300]}})
                 parsed.append((kind, device_id, None))
-        after: After = []
-        try:
-            with self.db.session(write=True) as s:
-                if any(kind is MessageKind.DRIFT and msg is not None for kind, _, msg in parsed):
-                    # the drift policy (cooldowns, caps, quorums) runs here on any replica: one batch at a
-                    # time, and before any deployment row lock, so lock orders never cross
-                    transaction_lock(s, DRIFT_POLICY)
-                # and the deployments its status messages move, all now and in id order, never one by one
-                lock_deployments(s, [msg.deployment_id for kind, _, msg in parsed
-                                     if kind is MessageKind.STATUS and isinstance(msg, StatusMessage)
-                                     and msg.deployment_id])
-                # one query for the batch's devices: the handlers' lookups then hit the identity map
-                # (which holds objects weakly: ``known`` keeps them alive for the batch)
-                ids = list({device_id for _, device_id, _ in parsed})
-                known = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(ids))).all()  # noqa: F841
-                for kind, device_id, msg in parsed:
-                    if kind is MessageKind.TELEMETRY and msg is not None:
-                        # the bulk of the traffic, and it only adds a row: no savepoint (a flush per
-                        # message would halve ingest throughput); its rows are inserted in one flush
-                        self._handle(s, kind, device_id, msg, after)
-                        continue
-                    try:
-                        with s.begin_nested():
-                            self._handle(s, kind, device_id, msg, after)
-                    except Exception:
-                        self.stats["errors"] += 1
-                        log.exception("ingest handler failed", extra={"fields": {"device": device_id, "kind": kind.value}})
-        except Exception:
-            self.stats["errors"] += 1
-            log.exception("ingest batch failed to commit", extra={"fields": {"messages": len(items)}})
-            return
+        for attempt in range(1, BATCH_ATTEMPTS + 1):
+            after: After = []
+            self._tally = Counter()  # what the handlers count, kept only if the batch commits
+            try:
+                self._write(parsed, after)
+                break
+            except OperationalError as exc:
+                # two replicas' batches (or a batch and the deployment controller) touching the same rows
+                # in different orders: PostgreSQL aborts one (deadlock, serialization failure); the batch
+                # is whole in memory, so write it again rather than lose its rows
+                if attempt == BATCH_ATTEMPTS or not retryable(exc):
+                    self.stats["errors"] += 1
+                    log.exception("ingest batch failed to commit", extra={"fields": {"messages": len(items)}})
+                    return
+                self.stats["retried"] += 1
+                log.info("ingest batch retried", extra={"fields": {"attempt": attempt, "error": str(exc.orig)[:200]}})
+                time.sleep(0.05 * attempt)
+            except Exception:
+                self.stats["errors"] += 1
+                log.exception("ingest batch failed to commit", extra={"fields": {"messages": len(items)}})
+                return
+        self.stats.update(self._tally)
         for fn in after:
             try:
                 fn()
             except Exception:
                 log.exception("post-commit action failed")
         self.stats["stored"] += sum(1 for p in parsed if p[2] is not None)
+
+    def _write(self, parsed: list[tuple[MessageKind, str, Message | None]], after: After) -> None:
+        """Write one batch in one transaction (a savepoint per message but telemetry); raises what commit raises."""
+        with self.db.session(write=True) as s:
+            if any(kind is MessageKind.DRIFT and msg is not None for kind, _, msg in parsed):
+                # the drift policy (cooldowns, caps, quorums) runs here on any replica: one batch at a
+                # time, and before any deployment row lock, so lock orders never cross
+                transaction_lock(s, DRIFT_POLICY)
+            # and the deployments its status messages move, all now and in id order, never one by one
+            lock_deployments(s, [msg.deployment_id for kind, _, msg in parsed
+                                 if kind is MessageKind.STATUS and isinstance(msg, StatusMessage)
+                                 and msg.deployment_id])
+            # one query for the batch's devices, their rows locked in id order (PostgreSQL), so two replicas'
+            # batches wait for each other instead of deadlocking; the handlers' lookups then hit the identity
+            # map (which holds objects weakly: ``known`` keeps them alive for the batch)
+            ids = sorted({device_id for _, device_id, _ in parsed})
+            known = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(ids)).order_by(DeviceRow.id)  # noqa: F841
+                              .with_for_update()).all()
+            for kind, device_id, msg in parsed:
+                if kind is MessageKind.TELEMETRY and msg is not None:
+                    # the bulk of the traffic, and it only adds a row: no savepoint (a flush per
+                    # message would halve ingest throughput); its rows are inserted in one flush
+                    self._handle(s, kind, device_id, msg, after)
+                    continue
+                try:
+                    with s.begin_nested():
+                        self._handle(s, kind, device_id, msg, after)
+                except OperationalError:
+                    raise  # the transaction is aborted: the whole batch is retried
+                except Exception:
+                    self._tally["errors"] += 1
+                    log.exception("ingest handler failed", extra={"fields": {"device": device_id, "kind": kind.value}})
 
     def _device(self, s, device_id: str) -> DeviceRow:
         d = s.get(DeviceRow, device_id)
@@ -187,7 +224,7 @@ class Ingest:
             d = DeviceRow(id=device_id, group=DEFAULT_GROUP, online=True, birth=0, last_seen=time.time(), hardware={},
                           alert=False, bad_messages=0, enrollment=QUARANTINED)
             s.add(d)
-            self.stats["quarantined"] += 1
+            self._tally["quarantined"] += 1
             log.warning("unknown device quarantined; enroll it with `toco-fleet devices enroll`",
                         extra={"fields": {"device": device_id}})
         return d
@@ -200,7 +237,7 @@ class Ingest:
             return
         d = self._device(s, device_id)
         if d.enrollment == REVOKED:
-            self.stats["ignored.revoked"] += 1
+            self._tally["ignored.revoked"] += 1
             return
         trusted = d.enrollment == ENROLLED  # a quarantined device is recorded, but its reports trigger nothing
         if kind is MessageKind.STATE:
@@ -217,7 +254,7 @@ class Ingest:
             if trusted:  # field samples feed re-analyses: only from devices the server enrolled
                 self._samples(s, d, msg)
             else:
-                self.stats["ignored.quarantined_samples"] += 1
+                self._tally["ignored.quarantined_samples"] += 1
 
     def _state(self, d: DeviceRow, msg: StateMessage, after: After) -> None:
         if msg.state == "offline" and msg.birth < d.birth:
@@ -230,7 +267,7 @@ class Ingest:
             if msg.hardware is not None:
                 d.hardware = msg.hardware.model_dump(mode="json")
             if note_claimed_group(d, msg.group):
-                self.stats["group_mismatch"] += 1
+                self._tally["group_mismatch"] += 1
             if msg.active is not None:
                 d.active = {**(d.active or {}), **msg.active.model_dump(mode="json")} if msg.active.bundle_id else None
         view = device_view(d)
@@ -260,9 +297,9 @@ class Ingest:
             try:
                 data = base64.b64decode(smp.data_b64, validate=True)
             except (binascii.Error, ValueError):
-                self.stats["dropped.sample"] += 1
+                self._tally["dropped.sample"] += 1
                 log.warning("field sample is not base64", extra={"fields": {"device": d.id, "ref": smp.ref}})
                 continue
             s.add(SampleRow(device_id=d.id, ref=smp.ref, window=msg.window, dtype=smp.dtype, shape=list(smp.shape),
                             data=data, reason=smp.reason, t=time.time()))
-        self.stats["samples"] += len(msg.samples)
+        self._tally["samples"] += len(msg.samples)

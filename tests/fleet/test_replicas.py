@@ -148,10 +148,6 @@ def telemetry_rows(engine: sa.Engine) -> list[tuple[str, float]]:
         return [tuple(r) for r in conn.execute(sa.text("SELECT device_id, t FROM telemetry"))]
 
 
-# A known bug, not a flaky harness: in about 1 of 12 runs one replica's ingest batch fails ("errors": 1 in
-# its counters) and the telemetry of that batch is not stored. Until it is found and fixed the test reports
-# it (XFAIL) instead of failing the suite; when it passes it shows as XPASS.
-@pytest.mark.xfail(strict=False, reason="a replica's ingest batch sometimes fails and its rows are lost")
 def test_two_replicas_share_ingest_elect_one_leader_and_take_over(broker, pg_url, tmp_path):
     data = tmp_path / "data"  # shared: models, bundles and the signing key are files
     db = Database(pg_url)  # the schema, a token and the enrolled devices, as `toco-fleet` would make them
