@@ -5,18 +5,20 @@ Bias correction fits every point's biases on the analysis samples (toco_core.com
 bias_correction). A box building from parts would need those samples to fit them again: 256
 MNIST digits, 40 KB of LeNet-5's bundle, against 0.5 KB of deltas per point. The server fits
 them once per point when it packs, and a box fetches the part of its prune level. Exact by
-construction: the fit rounds each delta to float16, the form it travels in, and both builds turn
+construction: the fit rounds each layer's deltas to a power-of-two grid, the form they travel in
+(int8 codes and one exponent per layer; bias_correction.on_delta_grid), and both builds turn
 deltas into biases with one formula (bias_correction.apply_deltas).
 
-Part ``bias/{j}`` holds the points pruned at grid level j, ``bias/none`` the unpruned ones: a
-float16 matrix of deltas, a row per point (the whole part under LZMA; float16 noise barely
-compresses: 0.47 KB a point on LeNet-5).
+Part ``bias/{j}`` holds the points pruned at grid level j, ``bias/none`` the unpruned ones: their
+int8 codes, channel-major, and the exponents, under LZMA. Bundles packed before the grid carry a
+float16 matrix of deltas instead (0.47 KB a point on LeNet-5), and still open.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from toco_core.compression.bias_correction import DELTA_CODE, delta_exponent
 from toco_core.compression.nested import prune_level
 from toco_core.plan_table import PlanTable
 
@@ -37,15 +39,58 @@ def bias_parts_of(table: PlanTable, deltas: PointDeltas) -> dict[str, PointDelta
     return out
 
 
+def _grid_codes(names: list[str], rows: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(exponents int8 [points, biases], codes int8 [points, channels]) when every delta lies on
+    its layer's grid (on_delta_grid), else None (deltas fitted before the grid: sent as float16)."""
+    exps, codes = np.zeros((len(rows), len(names)), np.int8), []
+    for p, row in enumerate(rows):
+        parts = []
+        for k, n in enumerate(names):
+            d = np.asarray(row[n], np.float16).ravel().astype(np.float64)
+            e = delta_exponent(d)
+            q = d / 2.0**e
+            if not (np.array_equal(q, np.rint(q)) and np.abs(q).max(initial=0) <= DELTA_CODE):
+                return None
+            exps[p, k] = e
+            parts.append(q.astype(np.int8))
+        codes.append(np.concatenate(parts) if parts else np.zeros(0, np.int8))
+    return exps, np.stack(codes) if codes else np.zeros((0, 0), np.int8)
+
+
 def bias_arrays(points: PointDeltas) -> dict[str, np.ndarray]:
     """The arrays of one bias part: ``names`` (the bias names, sorted, '\n'-joined, as uint8),
-    ``points`` (int32 point indices) and ``deltas`` (float16 [points, channels of every bias in
-    name order]: one array, so the part pays one header, not one per point and layer)."""
+    ``points`` (int32 point indices) and either ``exponents`` (int8 [points, biases]) with ``codes``
+    (int8 [channels of every bias in name order, points]: delta = code * 2^exponent, a channel's
+    codes side by side, as its shift varies little from point to point) or, for deltas not on the
+    grid, ``deltas`` (float16 [points, channels]). One array each, so the part pays one header."""
     names = sorted({n for d in points.values() for n in d})
     order = sorted(points)
+    head: dict[str, np.ndarray] = {"names": np.frombuffer("\n".join(names).encode(), np.uint8), "points": np.asarray(order, np.int32)}
+    grid = _grid_codes(names, [points[i] for i in order])
+    if grid is not None:
+        return {**head, "exponents": grid[0], "codes": np.ascontiguousarray(grid[1].T)}
     rows = [np.concatenate([np.asarray(points[i][n], np.float16).ravel() for n in names]) for i in order]
-    return {"names": np.frombuffer("\n".join(names).encode(), np.uint8), "points": np.asarray(order, np.int32),
-            "deltas": np.stack(rows) if rows else np.zeros((0, 0), np.float16)}
+    return {**head, "deltas": np.stack(rows) if rows else np.zeros((0, 0), np.float16)}
+
+
+def _deltas_of(arrays: dict[str, np.ndarray], sizes: list[int]) -> np.ndarray:
+    """float16 [points, channels] from either form of bias_arrays. Raises ValueError when the
+    arrays do not fit ``sizes``, KeyError when one is missing."""
+    n_points = len(arrays["points"])
+    if "deltas" in arrays:
+        deltas = arrays["deltas"]
+        if deltas.dtype != np.float16 or deltas.shape != (n_points, sum(sizes)):
+            raise ValueError(f"deltas of shape {deltas.shape}, {deltas.dtype}; the graph's biases need "
+                             f"({n_points}, {sum(sizes)}) float16")
+        return deltas
+    exps, codes = arrays["exponents"], arrays["codes"]
+    if exps.shape != (n_points, len(sizes)) or codes.shape != (sum(sizes), n_points) \
+            or exps.dtype != np.int8 or codes.dtype != np.int8:
+        raise ValueError(f"bias codes of shape {codes.shape} and exponents of shape {exps.shape}; the graph's "
+                         f"biases need ({sum(sizes)}, {n_points}) and ({n_points}, {len(sizes)}) int8")
+    steps = np.repeat(2.0 ** exps.astype(np.float64), sizes, axis=1)
+    result: np.ndarray = (codes.T.astype(np.float64) * steps).astype(np.float16)
+    return result
 
 
 def deltas_from_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> PointDeltas:
@@ -59,10 +104,7 @@ def deltas_from_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[in
     if unknown:
         raise ValueError(f"the part names biases the graph lacks: {unknown}")
     sizes = [int(np.prod(shapes[n])) for n in names]
-    deltas, order = arrays["deltas"], arrays["points"]
-    if deltas.dtype != np.float16 or deltas.shape != (len(order), sum(sizes)):
-        raise ValueError(f"deltas of shape {deltas.shape}, {deltas.dtype}; the graph's biases need "
-                         f"({len(order)}, {sum(sizes)}) float16")
+    deltas, order = _deltas_of(arrays, sizes), arrays["points"]
     ends = np.cumsum(sizes)
     return {int(i): {n: row[e - k:e].reshape(shapes[n]) for n, k, e in zip(names, sizes, ends)}
             for i, row in zip(order, deltas)}

@@ -7,7 +7,8 @@ import onnx
 from onnx import helper
 
 from tests.compression_formats.graphs import initializers_as_constants, make_model
-from toco_core.compression.bias_correction import BiasCorrection, biased_layers, channel_means
+from toco_core.compression.bias_correction import (BiasCorrection, biased_layers, channel_means, delta_exponent,
+                                                   on_delta_grid)
 from toco_core.onnx_model import compressible_weights, read_weights, with_outputs, with_weights
 from toco_core.runtime import run_model
 
@@ -53,9 +54,24 @@ def test_corrected_biases_restore_every_layers_channel_means_on_the_fitted_sampl
     new = channel_means(exposed, {**shrunk, **biases}, x, ["c", "g"])
     for b, r, n in zip(base, raw, new):
         assert np.abs(r - b).max() > 0.05
-        assert np.abs(n - b).max() < 1e-4
+        # the deltas travel on a grid of at most 1/64 of the layer's largest delta (on_delta_grid)
+        assert np.abs(n - b).max() < np.abs(r - b).max() / 64
     # the weights themselves are not touched: the correction only returns biases
     assert all(np.array_equal(shrunk[k], v * np.float32(0.7)) for k, v in w.items())
+
+
+def test_deltas_lie_on_a_power_of_two_grid_exact_in_float16():
+    rng = np.random.default_rng(11)
+    for scale in (1e-9, 1e-5, 0.3, 40.0):
+        d = rng.normal(size=50) * scale
+        g = on_delta_grid(d)
+        assert g.dtype == np.float16
+        step = 2.0 ** delta_exponent(d)
+        q = g.astype(np.float64) / step
+        assert np.array_equal(q, np.rint(q)) and np.abs(q).max() <= 127
+        assert step <= max(np.abs(d).max() / 63, 2.0**-24)
+        assert np.abs(g.astype(np.float64) - d).max() <= step / 2 + 1e-12
+    assert not on_delta_grid(np.zeros(3)).any()
 
 
 def test_no_samples_or_no_biased_layer_returns_nothing():

@@ -139,8 +139,8 @@ class BiasCorrection:
 
     def deltas(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
         """Bias deltas {name: float16} for the weights ``values`` (see module doc): the corrected
-        bias minus the original, rounded to float16, the form they travel in (toco_core.bias_parts;
-        a relative rounding of 2^-11 of a mean shift, far below the shift's own sampling noise).
+        bias minus the original, on the layer's power-of-two grid (on_delta_grid), the form they
+        travel in (toco_core.bias_parts).
 
         Each pass runs the model with the biases so far and moves every layer's bias by its
         remaining mean shift; pass k makes layer k exact, later layers converge. Returns {} when
@@ -154,7 +154,7 @@ class BiasCorrection:
             now = channel_means(self.model, {**values, **current}, self.x, self.outputs)
             for layer, base, cur in zip(self.layers, self.base_means, now):
                 biases[layer.bias] += base - cur
-        return {k: (v - self.base_bias[k]).astype(np.float16) for k, v in biases.items()}
+        return {k: on_delta_grid(v - self.base_bias[k]) for k, v in biases.items()}
 
     def biases(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
         """Corrected biases {name: float32}: apply_deltas of ``deltas(values, passes)``."""
@@ -166,6 +166,32 @@ class BiasCorrection:
         the layers whose bias is in ``biases``."""
         return {layer.weight: float(np.abs(biases[layer.bias] - self.base_bias[layer.bias]).max())
                 for layer in self.layers if layer.bias in biases}
+
+
+DELTA_CODE = 127  # a layer's deltas travel as int8 codes times a power of two (toco_core.bias_parts)
+_MIN_EXPONENT = -24  # float16's smallest subnormal: every code times 2^e, e >= -24, is exact in float16
+
+
+def delta_exponent(d: np.ndarray) -> int:
+    """The grid exponent of one layer's deltas: the smallest e >= -24 with max|d| / 2^e <= 127."""
+    top = float(np.abs(d).max(initial=0.0))
+    if top == 0 or not np.isfinite(top):
+        return _MIN_EXPONENT
+    return max(_MIN_EXPONENT, int(np.ceil(np.log2(top / DELTA_CODE))))
+
+
+def on_delta_grid(d: np.ndarray) -> np.ndarray:
+    """One layer's deltas rounded to the grid they travel on: q * 2^e, q = rint(d / 2^e) in
+    -127..127, e = delta_exponent(d). Returned as float16, which holds every such value exactly.
+
+    The step is at most max|d| / 64: a rounding of under 1/128 of the layer's largest shift, far
+    below the shift's own sampling noise (the mean over 32-256 correction samples), and it lets a
+    point's deltas travel in 8 bits each instead of float16's 16 (toco_core.bias_parts).
+    """
+    e = delta_exponent(d)
+    q = np.clip(np.rint(np.asarray(d, np.float64) / 2.0**e), -DELTA_CODE, DELTA_CODE) + 0.0  # no -0.0
+    result: np.ndarray = (q * 2.0**e).astype(np.float16)
+    return result
 
 
 def apply_deltas(base: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
