@@ -7,8 +7,13 @@ import onnx
 from onnx import helper
 
 from tests.compression_formats.graphs import initializers_as_constants, make_model
-from toco_core.compression.bias_correction import (BiasCorrection, biased_layers, channel_means, delta_exponent,
-                                                   on_delta_grid)
+from toco_core.compression.bias_correction import (
+    BiasCorrection,
+    biased_layers,
+    channel_means,
+    delta_exponent,
+    on_delta_grid,
+)
 from toco_core.onnx_model import compressible_weights, read_weights, with_outputs, with_weights
 from toco_core.runtime import run_model
 
