@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
 from enum import StrEnum
 from typing import Annotated, Any, Literal, overload
 
@@ -33,7 +34,7 @@ MAX_JSON_PAYLOAD = 4 * 1024 * 1024  # larger JSON is refused before parsing (mem
 MAX_CHUNKS_PER_REQUEST = 64
 MAX_RANGE_LENGTH = 256 * 1024  # one part reply frame at most; as large as a chunk
 MAX_RANGES_PER_REQUEST = 64
-PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+){0,2}$"  # head, codes/top, codes/3, codes/3/7 (bit 3 of tensor 7), prune/0, calib/heldout, base
+PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+){0,2}$"  # head, band/3 and fine/3 (class 3), prune/0, calib/heldout, base; codes/top, codes/3/7 of older bundles
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 BundleId = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256 hex of the packed bundle")]
@@ -572,7 +573,11 @@ def kind_of(message: Message) -> MessageKind:
 
 
 def encode(message: Message) -> bytes:
-    """Wire bytes of a message: compact JSON, or the binary frame for a Chunk."""
+    """Wire bytes of a message: compact JSON, deflated for a bundle manifest (its part hashes are
+    hex: every box receives a manifest before any part, 8.3 KB of JSON for LeNet-5's 54 parts, 3.1
+    KB deflated), or the binary frame for a Chunk or Part."""
+    if isinstance(message, BundleManifest):
+        return zlib.compress(message.model_dump_json(exclude_none=False).encode(), 9)
     if isinstance(message, Chunk):
         return encode_chunk(message.bundle_id, message.index, message.data)
     if isinstance(message, Part):
@@ -642,6 +647,8 @@ def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Messag
         return _parse_part(payload)
     if len(payload) > MAX_JSON_PAYLOAD:
         raise MessageError(f"{kind.value} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}", "send less per message")
+    if kind is MessageKind.MANIFEST and payload[:1] == b"\x78":  # zlib's header; JSON starts with "{"
+        payload = _inflate(payload, kind.value)
     try:
         message: Message = _ADAPTERS[kind].validate_json(payload)
         return message
@@ -650,6 +657,19 @@ def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Messag
             raise MessageError(f"{kind.value} payload is not valid JSON: {exc.errors()[0].get('msg')}",
                                "the sender must send UTF-8 JSON") from None
         raise MessageError(_explain(kind.value, exc), "the sender must follow docs/protocol.md") from None
+
+
+def _inflate(payload: bytes, what: str) -> bytes:
+    """A deflated JSON payload inflated, at most MAX_JSON_PAYLOAD bytes. Raises MessageError."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(payload, MAX_JSON_PAYLOAD)
+    except zlib.error as exc:
+        raise MessageError(f"{what} payload does not inflate: {exc}", "the sender must deflate whole JSON") from None
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise MessageError(f"{what} payload inflates beyond {MAX_JSON_PAYLOAD} bytes or is cut short",
+                           "send a complete manifest of at most 4 MiB")
+    return out
 
 
 def _frame(payload: bytes, what: str, max_data: int) -> tuple[dict[str, Any], bytes]:

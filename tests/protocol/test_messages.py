@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from toco_core.messages import (
     DriftCheck,
     DriftMessage,
     FailureReason,
+    FileEntry,
     HardwareInfo,
     MessageError,
     MessageKind,
@@ -85,7 +87,23 @@ def examples() -> list:
 def test_round_trip(msg) -> None:
     back = parse_message(kind_of(msg), encode(msg))
     assert back == msg and type(back) is type(msg)
-    assert json.loads(encode(msg))["schema_version"] == SCHEMA_VERSION
+    wire = zlib.decompress(encode(msg)) if isinstance(msg, BundleManifest) else encode(msg)
+    assert json.loads(wire)["schema_version"] == SCHEMA_VERSION
+
+
+def test_a_manifest_travels_deflated_and_plain_json_still_parses() -> None:
+    files = [FileEntry(name=f"band/{c}", offset=100 * c, size=100, sha256=f"{c:064x}") for c in range(40)]
+    m = examples()[-1].model_copy(update={"files": files})
+    plain = m.model_dump_json().encode()
+    assert len(encode(m)) < len(plain) / 2
+    assert parse_message("manifest", encode(m)) == m == parse_message("manifest", plain)
+    with pytest.raises(MessageError, match="cut short"):
+        parse_message("manifest", encode(m)[:-20])
+    with pytest.raises(MessageError, match="does not inflate"):
+        parse_message("manifest", b"\x78\x9c" + b"garbage" * 10)
+    bomb = zlib.compress(b'{"a":"' + b"0" * (5 * 1024 * 1024) + b'"}', 9)  # 5 MiB from a few KB
+    with pytest.raises(MessageError, match="beyond"):
+        parse_message("manifest", bomb)
 
 
 def test_chunk_is_binary_framed() -> None:
@@ -144,7 +162,7 @@ def test_command_union_rejections() -> None:
 
 
 def test_manifest_and_request_rejections() -> None:
-    m = json.loads(encode(examples()[-1]))
+    m = json.loads(zlib.decompress(encode(examples()[-1])))
     with pytest.raises(MessageError, match="expected 4"):
         parse_message("manifest", json.dumps(m | {"size": 200_000}).encode())
     with pytest.raises(MessageError, match="chunk_size"):
