@@ -73,6 +73,8 @@ class PartialPart:
         except (FileNotFoundError, ValueError, KeyError, TypeError, TransferError):
             ok = False
         self.bitmap = bitmap if ok else ChunkBitmap(n)
+        if size == 0:  # nothing to ask for (a range is at least one byte): complete as it is
+            self.bitmap.set(0)
         self.fd: int | None = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o600)
         os.ftruncate(self.fd, size)
         self.unsynced = 0
