@@ -92,6 +92,9 @@ class AgentConfig(BaseModel):
         256 * 1024, gt=1024, le=4 * 1024**2, description="size cap of one samples message")
     shadow_min_free_memory: Annotated[int, BeforeValidator(_as_value_error(parse_size))] = Field(
         128 * 1024**2, ge=0, description="run the base model as shadow only while this much memory stays free")
+    keep_master: bool = Field(False, description="also fetch every weight part of a parts bundle, so the drift "
+                                                 "monitor can shadow the master model (a pruned plan fetches "
+                                                 "only the codes it keeps; this costs the rest once)")
     shadow_idle_seconds: float = Field(
         60.0, gt=0, description="drop the shadow (base model) session after this long without traffic")
     telemetry_seconds: float = Field(30.0, ge=0.5, le=3600, description="telemetry interval")

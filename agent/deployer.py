@@ -48,7 +48,8 @@ from toco_core.runtime import input_dtype, make_session
 
 log = logging.getLogger("toco.agent.deploy")
 MAX_ATTEMPTS = 2
-ALWAYS_PARTS = ("head", "codes/top", "calib/heldout")  # what a box plans and self-tests with
+# what a box plans and self-tests with (codes/top: bundles whose planes hold every weight)
+ALWAYS_PARTS = ("head", "codes/top", "calib/heldout")
 Report = Callable[..., None]  # report(phase, journal, **StatusMessage fields)
 
 
@@ -93,8 +94,11 @@ class Deployer:
         have = self.parts.have(bundle_id)
         if "base" in have:
             return "fp32"
-        planes = {f.name for f in manifest.files if f.name.startswith("codes/")}
-        return "master" if planes and planes | set(ALWAYS_PARTS) <= have else "none"
+        listed = {f.name for f in manifest.files}
+        # the master needs every weight's codes; in the band layout also every prune mask, to place them
+        banded = any(n.startswith("band/") for n in listed)
+        planes = {n for n in listed if n.startswith(("codes/", "band/", "fine/")) or (banded and n.startswith("prune/"))}
+        return "master" if planes and planes | (set(ALWAYS_PARTS) & listed) <= have else "none"
 
     def storage_fields(self, bundle_id: str, received: int | None = None) -> dict[str, Any]:
         """StatusMessage fields on this box's storage: bytes received, state dir bytes, shadow mode."""
@@ -192,6 +196,8 @@ class Deployer:
                 job = self._run(journal, spec.model_copy(update={"bundle_path": str(self.bundle_path(journal.bundle_id))}))
             else:
                 job = self._run_parts(journal, spec, policy.max_tries)
+                if self.config.keep_master:
+                    self._fetch_master(journal)
         except FetchClosed:
             log.info("deployment paused: the agent is stopping; it resumes at the next start")
             return None
@@ -232,6 +238,21 @@ class Deployer:
                 names = exc.parts
         raise JobFailed(FailureReason.INTERNAL, f"the plans still needed parts after {max_tries + 2} fetches: "
                         f"{', '.join(names)}")
+
+    def _fetch_master(self, journal: Journal) -> None:
+        """Fetch the weight parts the plan did not need (config ``keep_master``), so the shadow is the
+        master. A failed fetch only leaves the box without a shadow: it is logged, never raised
+        (but for FetchClosed, the agent stopping)."""
+        manifest = self.parts.manifest(journal.bundle_id)
+        if manifest is None or self.shadow_mode(journal.bundle_id) != "none":
+            return
+        banded = any(f.name.startswith("band/") for f in manifest.files)
+        names = [f.name for f in manifest.files if f.name.startswith(("codes/", "band/", "fine/"))
+                 or (banded and f.name.startswith("prune/"))]
+        try:
+            self._fetch(journal, manifest, names)
+        except JobFailed as exc:
+            log.warning("no master for the shadow: its parts did not arrive", extra={"fields": {"error": str(exc)}})
 
     def _fetch(self, journal: Journal, manifest: BundleManifest, names: list[str]) -> None:
         """Fetch the named parts that are not here. Raises JobFailed (with the fetch's reason, or

@@ -31,6 +31,7 @@ from toco_core.analysis_result import save_result  # noqa: E402
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle  # noqa: E402
 from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.fidelity import compare_outputs  # noqa: E402
+from toco_core.messages import encode  # noqa: E402
 from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
 from toco_core.onnx_model import load_model, model_hash, output_kind  # noqa: E402
 from toco_core.parts_bundle import BundleHead, decode_calibration, pack_parts, source_from_parts  # noqa: E402
@@ -93,8 +94,9 @@ def bench_model(name: str, reanalyze: bool) -> dict:
     today = len(pack_bundle(bundle_files(Path(path), adir, info)))
     parts = pack_parts(model, result, info)
     head = BundleHead(parts["head"])
-    # every box receives the signed manifest (a line per part) before any part: counted as weights
-    manifest = len(make_manifest(pack_bundle(parts), private_key=generate_private_key()).model_dump_json())
+    # every box receives the signed manifest (a line per part, deflated on the wire) before any part:
+    # counted as weights
+    manifest = len(encode(make_manifest(pack_bundle(parts), private_key=generate_private_key())))
     full_w, full_c = _split(parts, parts)
     full_w += manifest
     base_held = run_model(model, hx)

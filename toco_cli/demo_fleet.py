@@ -49,13 +49,14 @@ class DemoDevice:
     storage_cap: str | None = None
     threads: int = 1
     objective: str = "fidelity"
+    keep_master: bool = False  # fetch every weight part, so the drift monitor shadows the master
 
 
 # Three boxes that must end up with three different models from the same analysis. The camera
 # box's model storage is sized from the analysis (demo_story.size_camera_box): a fixed number of
 # KB lands above the line PC's plan on some machines, where training rounds differently.
 DEVICES = (
-    DemoDevice("line-pc", "assembly", "roomy line PC with the line camera, no limits", threads=2),
+    DemoDevice("line-pc", "assembly", "roomy line PC with the line camera, no limits", threads=2, keep_master=True),
     DemoDevice("camera-box", "inspection", "256 MB camera box", memory_cap="256MB"),
     DemoDevice("handheld", "mobile", "64 MB one-core handheld, smallest model", memory_cap="64MB", objective="size"),
 )
@@ -114,7 +115,8 @@ class AgentProcess:
         values = {"device_id": d.device_id, "fleet": FLEET, "group": d.group, "broker_url": broker_url,
                   "state_dir": self.state_dir, "public_key": public_key, "api_port": self.api_port,
                   "threads": d.threads, "objective": d.objective, "telemetry_seconds": 3.0,
-                  "upload_samples": True, "log_verbosity": 1, "memory_cap": d.memory_cap, "storage_cap": d.storage_cap}
+                  "upload_samples": True, "log_verbosity": 1, "memory_cap": d.memory_cap, "storage_cap": d.storage_cap,
+                  "keep_master": d.keep_master or None}
         lines = [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
         lines += ["", "[drift]", *(f"{k} = {_toml_value(v)}" for k, v in drift.items())]
         root.mkdir(parents=True, exist_ok=True)

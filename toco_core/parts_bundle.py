@@ -6,10 +6,10 @@ SHA-256 of every part):
     head               LZMA of an inner container: the graph without its compressible weights,
                        the plan table, the analysis manifest and curves, bundle.json and the
                        code layout (ladder.json)
-    prune/{t}          the prune tree's split at grid level t (toco_core.compression.plane_coding)
-    codes/top          every weight's sign(q) (|q| >> B), B = T - 1 for the top octave T
-    codes/{b}/{k}      bit plane b of tensor k's |q| (b = B-1 .. 0): octave k needs the planes
-                       down to k - 1
+    prune/{j}          j = G-1 .. 0: among the weights of class <= j + 1, those of class <= j
+    band/{c}           the master codes of the weights of prune class c, down to each tensor's
+                       top bit (the finest every point reads), and fine/{c} the bits
+                       below (toco_core.weight_bands)
     bias/{j}, bias/none the corrected biases of the points pruned at level j / not pruned
                        (toco_core.bias_parts)
     calib/heldout      self-test samples, the base model's outputs on them (and labels)
@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import lzma
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -36,7 +37,7 @@ from toco_core.bias_parts import bias_arrays, bias_part_name, bias_parts_of, del
 from toco_core.bundle import BundleManifest, pack_bundle, unpack_bundle
 from toco_core.calibration import PLANNED, CalibrationCurve
 from toco_core.compression import plane_coding as planes
-from toco_core.compression.nested import channel_axis_shape, octave_steps
+from toco_core.compression.nested import channel_axis_shape, octave_steps, prune_level
 from toco_core.compression.storage import QuantizedTensor, _strip
 from toco_core.errors import BundleError
 from toco_core.fidelity import OutputKind, as_log_probs
@@ -48,12 +49,15 @@ from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
 from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
+from toco_core.weight_bands import band_names, band_parts, decode_bands
 from toco_core.weight_planes import (
     LadderLayout,
+    _top_bits,
     classes_from_planes,
     ladders_from_planes,
     lowest_bits,
     plane_names,
+    shared_top_bits,
     top_codes,
     weight_parts,
 )
@@ -124,22 +128,31 @@ def _graph_shapes(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str
 
 
 def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo, budget: float | None = None,
-               include_base: bool = False) -> dict[str, bytes]:
+               include_base: bool = False, planes_layout: Literal["band", "tensor"] = "band") -> dict[str, bytes]:
     """Every part of the bundle of ``model`` and its analysis (see module doc).
 
     Takes the fp32 base, its analysis (with a plan table), the bundle info, the fleet budget the
-    self-test samples are sized for (default: the info's) and whether to add the fp32 base.
+    self-test samples are sized for (default: the info's), whether to add the fp32 base and the
+    weights' layout (``tensor``: bit planes of all weights, as bundles were packed before bands).
     Raises AnalysisError for an analysis of another model or without a plan table.
     """
     source = from_base_model(model, result)
     table = require_plans(result)
     infos = compressible_weights(model)
-    parts, top, top_bits, node_bits = weight_parts(source.ladders, source.classes, table)
+    top_bits = shared_top_bits(table)
     by_name = {i.name: i for i in infos}
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
-                          out_axes=list(table.out_axes), top_octave=top, top_bits=top_bits, prune_levels=len(table.prune_grid),
-                          prune_context_bit=0, prune_node_bits=node_bits,
-                          bias_parts=result.bias_correction, prune_tree="balanced", plane_parts="tensor")
+                          out_axes=list(table.out_axes), top_octave=max(top_bits, default=0) + 1, top_bits=top_bits,
+                          prune_levels=len(table.prune_grid), prune_context_bit=0, bias_parts=result.bias_correction,
+                          prune_tree="chain", plane_parts="band")
+    if planes_layout == "band":
+        masters = [source.ladders[n].master for n in table.tensors]
+        parts = band_parts([m for m in masters if m is not None], [source.classes[n] for n in table.tensors],
+                           len(table.prune_grid), top_bits)
+    else:  # the layout of bundles packed before bands (kept to test that they still open)
+        parts, top, _, node_bits = weight_parts(source.ladders, source.classes, table)
+        layout = layout.model_copy(update={"top_octave": top, "prune_tree": "balanced", "plane_parts": "tensor",
+                                           "prune_node_bits": node_bits})
     graph = _strip(model, [QuantizedTensor(n, np.zeros(by_name[n].shape, np.int32), table.master_steps[n],
                                            by_name[n].out_axis) for n in table.tensors])
     head = {"graph.onnx": model_bytes(graph), "plans.safetensors": plan_table_bytes(table),
@@ -197,26 +210,33 @@ class BundleHead:
         """Whether plans are built with bias correction (so the correction samples are needed)."""
         return bool(self.manifest.settings.get("bias_correction", False))
 
+    @property
+    def always(self) -> list[str]:
+        """The parts every plan reads: the head, the self-test samples and, in the bit-plane layouts,
+        the top codes."""
+        return ["head", "calib/heldout"] + ([] if self.layout.plane_parts == "band" else ["codes/top"])
+
     def parts_for_plan(self, plan: CompressionPlan) -> list[str]:
         """The parts a box needs to build ``plan``: head, the prune planes down to its level, the
-        weight planes down to its finest octave, the self-test samples, its point's bias part where
-        plans correct biases (the correction samples in bundles packed before bias parts), the
-        int8 range samples where it runs int8. The base plan needs every weight plane."""
-        names = ["head", "codes/top", "calib/heldout"]
+        weight codes down to its finest octave (in the band layout: of the classes it keeps only),
+        the self-test samples, its point's bias part where plans correct biases (the correction
+        samples in bundles packed before bias parts), the int8 range samples where it runs int8.
+        The base plan needs every weight plane."""
+        names = self.always
+        level, bits = -1, [0] * len(self.layout.tensors)
         if plan.prune_scale > 0 or plan.quant_scale > 0:
             i = self.table.point_index(plan.prune_scale, plan.quant_scale)
             bits = lowest_bits(self.table, i)
-            level = next(j for j, p in enumerate(self.table.prune_grid) if abs(p - plan.prune_scale) <= 1e-9) \
-                if plan.prune_scale > 0 else self.layout.prune_levels
-            if level < self.layout.prune_levels:
+            level = prune_level(self.table.prune_grid, plan.prune_scale)
+            if level >= 0 and self.layout.plane_parts != "band":
                 names += [f"prune/{t}" for _, _, t in planes.prune_path(self.layout.prune_levels, level,
                                                                          self.layout.prune_tree)]
             if self.bias_correction and self.layout.bias_parts:
                 names.append(bias_part_name(self.table, i))
             if (self.bias_correction and not self.layout.bias_parts) or runtime_form(plan.runtime).range_samples > 0:
                 names.append("calib/analysis")
-        else:
-            bits = [0] * len(self.layout.tensors)
+        if self.layout.plane_parts == "band":
+            return names + band_names(self.layout.prune_levels, level, bits, _top_bits(self.layout))
         return names + plane_names(self.layout, bits)
 
 
@@ -234,24 +254,29 @@ def _point_deltas(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[s
 
 
 def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisResult, BundleInfo]:
-    """A box's WeightSource, analysis and bundle info from the parts it holds (at least ``head``,
-    ``codes/top`` and ``calib/heldout``). With the ``base`` part the fp32 base is the reference.
+    """A box's WeightSource, analysis and bundle info from the parts it holds (at least
+    BundleHead.always). With the ``base`` part the fp32 base is the reference.
 
     The reference model is the graph with each weight at the finest octave the parts reach (the
     master when all refinements are present): dense fp32 like the base, so p50 and RSS gates hold.
     Raises BundleError naming the missing or damaged part.
     """
-    missing = [n for n in ("head", "codes/top", "calib/heldout") if n not in parts]
-    if missing:
+    head = BundleHead(parts["head"]) if "head" in parts else None
+    missing = [n for n in (head.always if head else ["head", "calib/heldout"]) if n not in parts]
+    if head is None or missing:
         raise BundleError(f"the bundle parts lack {', '.join(missing)}", "fetch them from the fleet server")
-    head = BundleHead(parts["head"])
     held = decode_calibration(parts["calib/heldout"], "calib/heldout")
     hx = from_arrays("x", held)
     ax = from_arrays("x", decode_calibration(parts["calib/analysis"], "calib/analysis")) \
         if "calib/analysis" in parts else hx[:0]
     result = AnalysisResult(head.manifest, None, head.curves, ax, hx, held.get("y"), plans=head.table)
-    ladders = ladders_from_planes(head.layout, parts, top_codes(head.layout, parts))
-    classes = classes_from_planes(head.layout, parts, ladders)
+    lay = head.layout
+    if lay.plane_parts == "band":
+        ladder_list, class_list = decode_bands(lay.shapes, lay.out_axes, parts, lay.prune_levels, _top_bits(lay))
+        ladders, classes = dict(zip(lay.tensors, ladder_list)), dict(zip(lay.tensors, class_list))
+    else:
+        ladders = ladders_from_planes(lay, parts, top_codes(lay, parts))
+        classes = classes_from_planes(lay, parts, ladders)
     if "base" in parts:
         source = from_base_model(load_model(parts["base"]), result, classes)
         return dataclasses.replace(source, point_deltas=_point_deltas(head, parts)), result, head.info

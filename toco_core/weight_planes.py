@@ -38,8 +38,9 @@ class LadderLayout(BaseModel):
     prune_tree: Literal["chain", "balanced"] = Field("chain", description="the shape of the prune planes' tree")
     prune_node_bits: dict[str, list[int]] | None = Field(None, description="per prune split t, per tensor "
                                                          "(else prune_context_bit for all)")
-    plane_parts: Literal["plane", "tensor"] = Field("plane", description="codes/{b} for all tensors, or "
-                                                                           "codes/{b}/{k} per tensor k")
+    plane_parts: Literal["plane", "tensor", "band"] = Field(
+        "plane", description="codes/{b} for all tensors, codes/{b}/{k} per tensor k, or band/{c} per prune "
+                             "class c (toco_core.weight_bands)")
 
 
 def _rows(codes: np.ndarray, axis: int) -> np.ndarray:
@@ -58,6 +59,14 @@ def lowest_bits(table: PlanTable, i: int) -> list[int]:
     return [max(int(table.octaves[t][i].min()) - 1, 0) if table.octaves[t].shape[1] else 0 for t in table.tensors]
 
 
+def shared_top_bits(table: PlanTable) -> list[int]:
+    """Per tensor, the finest bit every point reads (the finest octave of the coarsest point decides):
+    what the top part holds, so no point needs a separate part per bit above it (LeNet-5: 30 parts
+    fewer in the manifest every box receives)."""
+    every = [lowest_bits(table, i) for i in range(len(table.points))]
+    return [max([bits[k] for bits in every] + [0]) for k in range(len(table.tensors))]
+
+
 def weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
                  table: PlanTable) -> tuple[dict[str, bytes], int, list[int], dict[str, list[int]]]:
     """codes/top, codes/{b}/{k} (bit plane b of tensor k) and prune/{t} (a balanced prune tree) of
@@ -69,11 +78,7 @@ def weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
     masters = [m for n in names if (m := ladders[n].master) is not None]
     if len(masters) != len(names):
         raise ValueError("writing the weight planes needs every tensor's master codes")
-    # codes/top holds, per tensor, every bit all points read (the finest octave of the coarsest point
-    # decides): one row-coded part instead of a plane part per bit (LeNet-5: 30 parts fewer in
-    # the manifest every box receives)
-    every = [lowest_bits(table, i) for i in range(len(table.points))]
-    top_bits = [max([bits[k] for bits in every] + [0]) for k in range(len(names))]
+    top_bits = shared_top_bits(table)
     parts = {"codes/top": planes.encode_top([_rows(truncate(q, tb), axes[n])
                                              for q, tb, n in zip(masters, top_bits, names)])}
     # a plane per tensor: a point's channels of one layer often need a finer octave than the rest

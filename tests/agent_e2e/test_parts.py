@@ -22,7 +22,7 @@ from toco_core.preprocessing import Preprocessing
 from toco_core.topics import Topics
 
 DEVICE, OTHER = "parts-1", "parts-2"
-FIRST = ("head", "codes/top", "calib/heldout")  # what a box plans with
+FIRST = ("head", "calib/heldout")  # what a box plans with
 T = Topics(FLEET)
 state: dict = {}
 
@@ -60,7 +60,7 @@ def faults(fleet):
 
 @pytest.fixture(scope="module")
 def agent(fleet, keys, tmp_path_factory):
-    a = AgentProcess(tmp_path_factory.mktemp("parts1"), DEVICE, fleet.broker.url, keys[1], storage_cap="20KB",
+    a = AgentProcess(tmp_path_factory.mktemp("parts1"), DEVICE, fleet.broker.url, keys[1], storage_cap="17KB",
                      bundle_disk_cap="24MB")
     a.start()
     yield a
@@ -91,7 +91,7 @@ def test_first_deploy_refuses_a_tampered_part_resumes_after_kill9_and_fetches_on
     stalled = {"on": True}
 
     def fault(part: str, offset: int, payload: bytes) -> bytes | None:
-        if part == "codes/top" and not tampered:
+        if part == "head" and not tampered:
             tampered.append(offset)
             return tamper(payload)
         if stalled["on"] and part not in FIRST:
@@ -115,14 +115,16 @@ def test_first_deploy_refuses_a_tampered_part_resumes_after_kill9_and_fetches_on
     size = sizes(manifest)
     after = sent(fleet, bid)
     # the tampered part was refused and fetched again; what was verified before the kill never again
-    assert after["codes/top"] == 2 * size["codes/top"] and len(tampered) == 1
+    assert after["head"] == 2 * size["head"] and len(tampered) == 1
     assert all(after[p] == first[p] for p in FIRST)
     assert "base" not in after  # the fp32 part is never fetched by default
     have = held(agent, bid)
-    # bit plane 1 of some tensor (per-tensor planes, codes/{b}/{k}, since 3ce91d9)
-    assert set(FIRST) <= have and any(n.startswith("codes/1/") for n in have) and "base" not in have
+    # the codes of the prune classes the plan keeps, not of those it zeroes (bands, docs/bundles.md)
+    bands = {f.name for f in manifest.files if f.name.startswith("band/")}
+    top = max(bands, key=lambda n: int(n.split("/")[1]))  # the class no plan prunes
+    assert set(FIRST) <= have and "base" not in have and top in have and bands - have
     # received = each held part once (+ the tampered copy), and only what the plan needs
-    assert active.download_bytes == sum(size[p] for p in have) + size["codes/top"]
+    assert active.download_bytes == sum(size[p] for p in have) + size["head"]
     assert active.download_bytes < manifest.size - size["base"]
     assert active.shadow == _shadow(manifest, have)
     assert active.state_dir_bytes and active.state_dir_bytes > 0
@@ -137,8 +139,9 @@ def test_first_deploy_refuses_a_tampered_part_resumes_after_kill9_and_fetches_on
 
 
 def _shadow(manifest, have: set[str]) -> str:
-    """The master is the shadow exactly when every code part of the bundle is on the box."""
-    codes = {f.name for f in manifest.files if f.name.startswith("codes/")}
+    """The master is the shadow exactly when every code part and prune mask (which place the codes)
+    of the bundle is on the box."""
+    codes = {f.name for f in manifest.files if f.name.startswith(("band/", "fine/", "prune/"))}
     return "master" if codes <= have else "none"
 
 

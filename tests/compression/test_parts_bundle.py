@@ -16,6 +16,7 @@ from toco_core.onnx_model import compressible_weights, model_bytes, model_hash
 from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts, verify_parts
 from toco_core.recompress import build
 from toco_core.solver import enumerate_plans
+from toco_core.weight_bands import band_names
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +58,45 @@ def test_every_plan_on_the_curve_grid_builds_bit_identically_from_its_parts(name
     assert built > 40
 
 
-def test_an_aggressive_plan_downloads_a_prefix(lenet5, lenet5_analysis, parts):
+def test_an_aggressive_plan_downloads_only_the_codes_of_the_weights_it_keeps(lenet5, lenet5_analysis, parts):
     head = BundleHead(parts["head"])
     plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)))
-    coarse = lambda p: head.table.finest_octave(head.table.point_index(p.prune_scale, p.quant_scale))  # noqa: E731
-    smallest = max((p for p in plans if p.prune_scale > 0), key=lambda p: (coarse(p), -p.predicted_storage))
-    assert coarse(smallest) >= 2
+    smallest = max((p for p in plans if p.prune_scale > 0), key=lambda p: (p.prune_scale, -p.predicted_storage))
     gentlest = next(p for p in plans if p.prune_scale == 0 and p.quant_scale == head.table.master_scale)
     small, full = head.parts_for_plan(smallest), head.parts_for_plan(gentlest)
-    finest = lambda names: min(int(n.split("/")[1]) for n in names if n.count("/") == 2)  # noqa: E731
-    assert finest(full) == 0 and finest(small) > 0  # the master needs every bit plane
-    assert "prune/0" not in small and "prune/0" not in full  # neither prunes at the gentlest level
-    # the aggressive plan adds only its prune planes and the biases of its prune level
-    assert set(small) - set(full) == {n for n in small if n.startswith(("prune/", "bias/"))}
-    assert [n for n in small if n.startswith("bias/")] == [f"bias/{prune_level(head.table.prune_grid, smallest.prune_scale)}"]
+    level, levels = prune_level(head.table.prune_grid, smallest.prune_scale), len(head.table.prune_grid)
+    # the unpruned master reads every class's codes and every mask (to place them)
+    assert {n for n in parts if n.startswith(("codes/", "prune/"))} <= set(full)
+    # the aggressive plan: the masks down to its level, the bands of the classes it keeps
+    assert sorted(n for n in small if n.startswith("prune/")) == sorted(f"prune/{j}" for j in range(level, levels))
+    kept = {int(n.split("/")[1]) for n in small if n.startswith("band/")}
+    assert kept == set(range(level + 1, levels + 1))
+    assert [n for n in small if n.startswith("bias/")] == [f"bias/{level}"]
     weights = lambda names: sum(len(parts[n]) for n in names if not n.startswith("calib/"))  # noqa: E731
-    assert weights(small) < 0.6 * weights(parts)
+    assert weights(small) < 0.4 * weights(parts)
+    # a box may stop above a tensor's top bit: a plan whose octaves are all coarse skips the fine bits
+    top_bits = head.layout.top_bits or []
+    assert any(top_bits)
+    assert not any(n.startswith("fine/") for n in band_names(levels, level, top_bits, top_bits))
+    master = band_names(levels, level, [0] * len(top_bits), top_bits)
+    assert {n for n in master if n.startswith("fine/")} == {f"fine/{c}/{b}" for c in range(level + 1, levels + 1)
+                                                          for b in range(max(top_bits))}
+    one = [max(t - 1, 0) for t in top_bits]  # one bit below each top: the fine part of that bit only
+    assert {n.split("/")[2] for n in band_names(levels, level, one, top_bits) if n.startswith("fine/")} \
+        == {str(t - 1) for t in top_bits if t > 0}
+
+
+def test_bundles_packed_with_bit_planes_of_every_weight_still_open(lenet5, lenet5_analysis, parts):
+    """Bundles packed before bands (a bit plane per tensor, a prune tree) decode to the same builds."""
+    old = pack_parts(lenet5, lenet5_analysis, BundleInfo(model_name="lenet5", model_sha256=model_hash(lenet5)),
+                     planes_layout="tensor")
+    head, new_head = BundleHead(old["head"]), BundleHead(parts["head"])
+    assert head.layout.plane_parts == "tensor" and "codes/top" in old and "codes/top" not in parts
+    plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)))
+    for plan in [p for p in plans if p.prune_scale > 0][::9]:
+        a = build(*source_from_parts({n: old[n] for n in head.parts_for_plan(plan)})[:2], plan)
+        b = build(*source_from_parts({n: parts[n] for n in new_head.parts_for_plan(plan)})[:2], plan)
+        assert _initializers(a.runnable) == _initializers(b.runnable), plan.label
 
 
 def test_a_tampered_part_is_refused(parts):
@@ -92,7 +116,7 @@ def test_a_tampered_part_is_refused(parts):
 
 def test_missing_parts_are_named(parts):
     with pytest.raises(BundleError, match="lack calib/heldout"):
-        source_from_parts({"head": parts["head"], "codes/top": parts["codes/top"]})
+        source_from_parts({"head": parts["head"], "prune/11": parts["prune/11"]})
     with pytest.raises(BundleError, match="head"):
         source_from_parts({**parts, "head": parts["head"][:100]})
 

@@ -31,7 +31,7 @@ def test_analysis_produces_a_signed_bundle(fleet):
     verify_bundle_bytes(data, manifest)
     parts = unpack_bundle(data)  # a parts bundle: every part listed in the signed manifest
     verify_parts(parts, manifest)
-    assert {"head", "codes/top", "calib/heldout", "base"} <= set(parts)
+    assert {"head", "band/0", "calib/heldout", "base"} <= set(parts)
     source, result, info = source_from_parts(parts)
     assert info.model_name == "lenet5" and info.analysis_id == a["analysis_id"] and info.budget == 0.05
     assert info.format == 2 and source.is_base  # the optional fp32 part is in the server's bundle

@@ -3,12 +3,13 @@ degrees from then on) on real agent processes, against a real server on a real m
 
 The same rotation is fed to two boxes of the same analysis:
 
-- a small box (objective size: a 13 KB quantized model, only its bit planes downloaded, so it shadows
-  nothing): its compressed model flips on rotated digits, the server scores its uploaded samples
-  against the base and calls it fidelity drift; exactly one re-analysis with its field samples, the
+- a small box (objective size: a 13 KB pruned and quantized model, only the codes of the weights it
+  keeps downloaded, so it shadows nothing): its compressed model flips on rotated digits, the server
+  scores its uploaded samples against the base and calls it fidelity drift; exactly one re-analysis
+  with its field samples, the
   box runs the bundle built for them (within the budget on rotated digits), its reference is rebased,
   and every window after that is quiet;
-- a near-lossless box (objective fidelity, shadowing the master model): its model keeps agreeing with
+- a near-lossless box (objective fidelity, also shadowing the master): its model keeps agreeing with
   the base on rotated digits, so the server calls it data drift: an operator alert, no re-analysis.
 
 The gate's cooldown and daily cap are lifted, so nothing but convergence (the re-analysed bundle, the
@@ -113,12 +114,12 @@ def timeline(msgs: list[DriftMessage], t0: float) -> str:
                      f"out={','.join(m.out_of_band) or '-'} agreement={m.measured_agreement}" for m in msgs)
 
 
-def start_box(fleet, tmp_path, device: str, objective: str) -> AgentProcess:
+def start_box(fleet, tmp_path, device: str, objective: str, **extra) -> AgentProcess:
     """An enrolled agent process on the fleet's broker, running the fleet's analysed bundle."""
     enroll(fleet.server.db, device, GROUPS[device])
     (tmp_path / device).mkdir()
     agent = AgentProcess(tmp_path / device, device, fleet.server.broker_url, fleet.server.public_key_path,
-                         fleet="test", group=GROUPS[device], objective=objective, upload_samples=True, drift=DRIFT)
+                         fleet="test", group=GROUPS[device], objective=objective, upload_samples=True, drift=DRIFT, **extra)
     agent.start()
     return agent
 
@@ -132,16 +133,18 @@ def test_a_persistent_rotation_reanalyses_once_then_stays_in_band(fleet, lenet, 
     boxes: dict[str, AgentProcess] = {}
     lines: list[Line] = []
     try:
+        # the lossless box keeps the master as its shadow (keep_master); the small box holds only the codes
+        # of the weights its pruned plan keeps, so the server scores its uploaded samples
         boxes = {SMALL: start_box(fleet, tmp_path, SMALL, "size"),
-                 LOSSLESS: start_box(fleet, tmp_path, LOSSLESS, "fidelity")}
+                 LOSSLESS: start_box(fleet, tmp_path, LOSSLESS, "fidelity", keep_master=True)}
         assert wait_until(lambda: all(device_json(fleet, d).get("online") for d in boxes), 15)
         deps = [fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
                                                          "target": {"group": g}}).json() for g in GROUPS.values()]
         assert wait_until(lambda: all(fleet.api.get(f"/api/deployments/{d['deployment_id']}").json()["stage"] == "done"
                                       for d in deps), 60, 0.2), [b.log_text() for b in boxes.values()]
         old_bundle = fleet.analysis["bundle_id"]
-        assert device_json(fleet, SMALL)["active"]["shadow"] == "none"  # only its bit planes are on the box
-        assert device_json(fleet, LOSSLESS)["active"]["shadow"] != "none"
+        assert device_json(fleet, SMALL)["active"]["shadow"] == "none", device_json(fleet, SMALL)["active"]["plan"]
+        assert device_json(fleet, LOSSLESS)["active"]["shadow"] == "master"
         old_small = boxes[SMALL].served_model()
         digits = mnist_splits().x_heldout
         lines = [Line(boxes[d].url, digits).start() for d in (SMALL, LOSSLESS)]
