@@ -8,8 +8,8 @@ SHA-256 of every part):
                        code layout (ladder.json)
     prune/{j}          j = G-1 .. 0: among the weights of class <= j + 1, those of class <= j
     band/{c}           the master codes of the weights of prune class c, down to each tensor's
-                       top bit (the finest every point reads), and fine/{c} the bits
-                       below (toco_core.weight_bands)
+                       top bit (the finest every point reads), and fine/{c}/{b} their bit b
+                       below it (toco_core.weight_bands)
     bias/{j}, bias/none the corrected biases of the points pruned at level j / not pruned
                        (toco_core.bias_parts)
     calib/heldout      self-test samples, the base model's outputs on them (and labels)
@@ -52,9 +52,9 @@ from toco_core.sample_codec import decode_samples, encode_samples, self_test_sam
 from toco_core.weight_bands import band_names, band_parts, decode_bands
 from toco_core.weight_planes import (
     LadderLayout,
-    _top_bits,
     classes_from_planes,
     ladders_from_planes,
+    layout_top_bits,
     lowest_bits,
     plane_names,
     shared_top_bits,
@@ -146,9 +146,10 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
                           prune_levels=len(table.prune_grid), prune_context_bit=0, bias_parts=result.bias_correction,
                           prune_tree="chain", plane_parts="band")
     if planes_layout == "band":
-        masters = [source.ladders[n].master for n in table.tensors]
-        parts = band_parts([m for m in masters if m is not None], [source.classes[n] for n in table.tensors],
-                           len(table.prune_grid), top_bits)
+        masters = [m for n in table.tensors if (m := source.ladders[n].master) is not None]
+        if len(masters) != len(table.tensors):
+            raise ValueError("writing the weight bands needs every tensor's master codes")
+        parts = band_parts(masters, [source.classes[n] for n in table.tensors], len(table.prune_grid), top_bits)
     else:  # the layout of bundles packed before bands (kept to test that they still open)
         parts, top, _, node_bits = weight_parts(source.ladders, source.classes, table)
         layout = layout.model_copy(update={"top_octave": top, "prune_tree": "balanced", "plane_parts": "tensor",
@@ -236,7 +237,7 @@ class BundleHead:
             if (self.bias_correction and not self.layout.bias_parts) or runtime_form(plan.runtime).range_samples > 0:
                 names.append("calib/analysis")
         if self.layout.plane_parts == "band":
-            return names + band_names(self.layout.prune_levels, level, bits, _top_bits(self.layout))
+            return names + band_names(self.layout.prune_levels, level, bits, layout_top_bits(self.layout))
         return names + plane_names(self.layout, bits)
 
 
@@ -272,7 +273,7 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     result = AnalysisResult(head.manifest, None, head.curves, ax, hx, held.get("y"), plans=head.table)
     lay = head.layout
     if lay.plane_parts == "band":
-        ladder_list, class_list = decode_bands(lay.shapes, lay.out_axes, parts, lay.prune_levels, _top_bits(lay))
+        ladder_list, class_list = decode_bands(lay.shapes, lay.out_axes, parts, lay.prune_levels, layout_top_bits(lay))
         ladders, classes = dict(zip(lay.tensors, ladder_list)), dict(zip(lay.tensors, class_list))
     else:
         ladders = ladders_from_planes(lay, parts, top_codes(lay, parts))

@@ -5,6 +5,9 @@ tree's splits (prune/{t}) with toco_core.compression.plane_coding; ``LadderLayou
 ladder.json) says how; ``top_codes``, ``ladders_from_planes`` and ``classes_from_planes`` decode
 whatever contiguous planes a box holds. Bundles packed with one plane for all tensors
 (codes/{b}) or a chain of prune planes say so in their layout and still decode.
+
+This is the layout of bundles packed before bands (toco_core.weight_bands, where a pruning box
+reads only the codes it keeps); ``LadderLayout`` and ``lowest_bits`` serve both.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def top_codes(lay: LadderLayout, parts: dict[str, bytes]) -> list[np.ndarray]:
 
 def ladders_from_planes(lay: LadderLayout, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, CodeLadder]:
     """Code ladders from the top codes and, per tensor, the bit planes present contiguously from the top."""
-    top_bits = _top_bits(lay)
+    top_bits = layout_top_bits(lay)
     current, bits = list(top), list(top_bits)
     for b in range(max(top_bits + [0]) - 1, -1, -1):
         for k in range(len(top)) if lay.plane_parts == "tensor" else [None]:
@@ -164,11 +167,12 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
 
 def plane_names(lay: LadderLayout, bits: list[int]) -> list[str]:
     """The bit-plane parts a box needs to read tensor k down to bit ``bits[k]``."""
-    top_bits = _top_bits(lay)
+    top_bits = layout_top_bits(lay)
     if lay.plane_parts == "plane":
         return [f"codes/{b}" for b in range(top_bits[0] - 1, min(bits + top_bits) - 1, -1)]
     return [f"codes/{b}/{k}" for k, (bit, tb) in enumerate(zip(bits, top_bits)) for b in range(tb - 1, bit - 1, -1)]
 
 
-def _top_bits(lay: LadderLayout) -> list[int]:
+def layout_top_bits(lay: LadderLayout) -> list[int]:
+    """Per tensor, the bit the layout's top part (codes/top or band/{c}) reaches down to."""
     return lay.top_bits if lay.top_bits is not None else [max(lay.top_octave - 1, 0)] * len(lay.tensors)
