@@ -27,9 +27,8 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, validates
 
 from fleet_server.migrate import upgrade_database
 
@@ -120,11 +119,17 @@ class DeviceRow(Base):
     enrolled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     allowed_models: Mapped[list | None] = mapped_column(JSON, nullable=True)  # model ids; None = any model
     drift_kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # fidelity | data | unclassified
-    # the device listing's counts read the first index, never the JSON-laden rows; the second is the bundle a
-    # device runs, written as PostgreSQL reflects it (migration 0008 writes SQLite's json_extract there)
+    # active["bundle_id"] kept in a column of its own (set with ``active``): the version filter and counts of
+    # the device listing read it instead of parsing every device's JSON (migration 0009)
+    active_bundle: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # the device listing's counts read this index, never the JSON-laden rows
     __table_args__ = (Index("ix_devices_overview", "group", "enrollment", "online", "deploy_state", "alert",
-                            "drift_kind", "id"),
-                      Index("ix_devices_active_bundle", text("(active ->> 'bundle_id'::text)")))
+                            "drift_kind", "id"),)
+
+    @validates("active")
+    def _keep_active_bundle(self, _key: str, active: dict | None) -> dict | None:
+        self.active_bundle = (active or {}).get("bundle_id")
+        return active
 
 
 class TelemetryRow(Base):

@@ -17,7 +17,7 @@ import binascii
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import String, and_, case, func, literal_column, not_, or_, select
+from sqlalchemy import and_, case, func, not_, or_, select
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -121,19 +121,14 @@ def state_expression() -> ColumnElement[str]:
                 else_="online")
 
 
-def bundle_expression(dialect: str) -> ColumnElement[str]:
-    """The bundle a device reports active (``active.bundle_id``; NULL when it reports none) on the
-    database ``dialect`` (sqlite | postgresql).
-
-    Written out as migration 0008 indexed it, with the path a literal: the databases use an index on
-    an expression only for that same expression, and SQLAlchemy's ``active["bundle_id"]`` binds it.
-    """
-    if dialect == "postgresql":
-        return DeviceRow.active.op("->>", return_type=String)(literal_column("'bundle_id'"))
-    return func.json_extract(DeviceRow.active, literal_column("'$.bundle_id'"), type_=String)
+def bundle_expression() -> InstrumentedAttribute[str | None]:
+    """The bundle a device reports active (``active.bundle_id``; NULL when it reports none): its own
+    indexed column, kept with ``active`` (migration 0009; an expression over the JSON parsed every
+    row: 82 ms of a 10,000-device filter on PostgreSQL)."""
+    return DeviceRow.active_bundle
 
 
-def _filters(query: DeviceQuery, dialect: str) -> dict[str, ColumnElement[bool]]:
+def _filters(query: DeviceQuery) -> dict[str, ColumnElement[bool]]:
     """The WHERE clause of each given filter, by facet name (``q`` has no facet)."""
     d, out = DeviceRow, {}
     if query.state is not None:
@@ -147,10 +142,10 @@ def _filters(query: DeviceQuery, dialect: str) -> dict[str, ColumnElement[bool]]
     elif query.alert is not None:
         out["alert"] = d.drift_kind == query.alert
     if query.version == NO_VERSION:
-        bundle = bundle_expression(dialect)
+        bundle = bundle_expression()
         out["version"] = or_(bundle.is_(None), bundle.not_in(select(BundleRow.id)))
     elif query.version is not None:
-        out["version"] = bundle_expression(dialect).in_(select(BundleRow.id).where(BundleRow.model_id == query.version))
+        out["version"] = bundle_expression().in_(select(BundleRow.id).where(BundleRow.model_id == query.version))
     if query.q is not None:
         out["q"] = d.id.icontains(query.q, autoescape=True)
     return out
@@ -161,9 +156,9 @@ def _counts(s, key: ColumnElement[Any] | InstrumentedAttribute[Any], where: list
     return {value: n for value, n in rows}
 
 
-def _version_counts(s, where: list[ColumnElement[bool]], dialect: str) -> list[VersionCount]:
+def _version_counts(s, where: list[ColumnElement[bool]]) -> list[VersionCount]:
     """Devices per version: a GROUP BY bundle (a fleet runs a handful), then the bundles' versions."""
-    per_bundle = _counts(s, bundle_expression(dialect), where)
+    per_bundle = _counts(s, bundle_expression(), where)
     known = {b: m for b, m in s.execute(select(BundleRow.id, ModelRow).join(ModelRow, ModelRow.id == BundleRow.model_id)
                                         .where(BundleRow.id.in_([b for b in per_bundle if b is not None])))}
     merged: dict[str | None, VersionCount] = {}
@@ -177,7 +172,7 @@ def _version_counts(s, where: list[ColumnElement[bool]], dialect: str) -> list[V
     return sorted(merged.values(), key=lambda v: (v.name or "~", v.version or 0))
 
 
-def _facets(s, filters: dict[str, ColumnElement[bool]], dialect: str) -> Facets:
+def _facets(s, filters: dict[str, ColumnElement[bool]]) -> Facets:
     def others(name: str) -> list[ColumnElement[bool]]:
         return [clause for key, clause in filters.items() if key != name]
 
@@ -186,7 +181,7 @@ def _facets(s, filters: dict[str, ColumnElement[bool]], dialect: str) -> Facets:
     return Facets(state={st: states.get(st, 0) for st in STATES},
                   alert={k: kinds.get(k, 0) for k in ALERT_KINDS},
                   group=dict(sorted(_counts(s, DeviceRow.group, others("group")).items())),
-                  version=_version_counts(s, others("version"), dialect))
+                  version=_version_counts(s, others("version")))
 
 
 def device_page(db: Database, query: DeviceQuery) -> DevicePage:
@@ -195,8 +190,7 @@ def device_page(db: Database, query: DeviceQuery) -> DevicePage:
     Takes the Database and a validated DeviceQuery; returns a DevicePage. Raises nothing for a filter
     that matches no device (an empty page, total 0).
     """
-    dialect = db.engine.dialect.name
-    filters = _filters(query, dialect)
+    filters = _filters(query)
     where = list(filters.values())
     after = [DeviceRow.id > cursor_position(query.cursor)] if query.cursor else []
     with db.session() as s:
@@ -205,7 +199,7 @@ def device_page(db: Database, query: DeviceQuery) -> DevicePage:
         rows = list(s.scalars(select(DeviceRow).where(*where, *after).order_by(DeviceRow.id).limit(query.limit + 1)))
         more, rows = len(rows) > query.limit, rows[:query.limit]
         versions = bundle_versions(s, {(r.active or {}).get("bundle_id") for r in rows} - {None})
-        facets = _facets(s, filters, dialect) if query.facets else None
+        facets = _facets(s, filters) if query.facets else None
     devices = [{**device_view(r), "model_version": versions.get((r.active or {}).get("bundle_id") or "")}
                for r in rows]
     return DevicePage(devices=devices, total=total, limit=query.limit, facets=facets,

@@ -72,9 +72,7 @@ def group_versions(db: Database) -> list[dict[str, Any]]:
     """Versions per group: one GroupVersion (group, name, version, model_id, devices) per version a
     group's enrolled devices run, plus devices running no known version (name and version None).
     Sorted by group, then name and version."""
-    from fleet_server.device_listing import bundle_expression  # device_listing imports this module
-
-    bundle = bundle_expression(db.engine.dialect.name)
+    bundle = DeviceRow.active_bundle
     with db.session() as s:
         # counted per (group, bundle) by the database: a fleet of 10,000 devices runs a handful of bundles
         per_bundle = s.execute(select(DeviceRow.group, bundle, func.count()).where(DeviceRow.enrollment == ENROLLED)
