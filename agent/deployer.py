@@ -53,6 +53,13 @@ ALWAYS_PARTS = ("head", "codes/top", "calib/heldout")
 Report = Callable[..., None]  # report(phase, journal, **StatusMessage fields)
 
 
+def master_parts(listed: set[str]) -> set[str]:
+    """The parts of a parts bundle (``listed``: its manifest's names) that build the master: every
+    weight's codes and, in the band layout, every prune mask (they place the codes)."""
+    banded = any(n.startswith("band/") for n in listed)
+    return {n for n in listed if n.startswith(("codes/", "band/", "fine/")) or (banded and n.startswith("prune/"))}
+
+
 def plan_summary(job: JobResult) -> PlanSummary:
     """The plan summary carried in status, state and the slot's meta: the report's predictions and
     measurements, the model's name and the recompression child's peak RSS."""
@@ -95,9 +102,7 @@ class Deployer:
         if "base" in have:
             return "fp32"
         listed = {f.name for f in manifest.files}
-        # the master needs every weight's codes; in the band layout also every prune mask, to place them
-        banded = any(n.startswith("band/") for n in listed)
-        planes = {n for n in listed if n.startswith(("codes/", "band/", "fine/")) or (banded and n.startswith("prune/"))}
+        planes = master_parts(listed)
         return "master" if planes and planes | (set(ALWAYS_PARTS) & listed) <= have else "none"
 
     def storage_fields(self, bundle_id: str, received: int | None = None) -> dict[str, Any]:
@@ -246,11 +251,8 @@ class Deployer:
         manifest = self.parts.manifest(journal.bundle_id)
         if manifest is None or self.shadow_mode(journal.bundle_id) != "none":
             return
-        banded = any(f.name.startswith("band/") for f in manifest.files)
-        names = [f.name for f in manifest.files if f.name.startswith(("codes/", "band/", "fine/"))
-                 or (banded and f.name.startswith("prune/"))]
         try:
-            self._fetch(journal, manifest, names)
+            self._fetch(journal, manifest, sorted(master_parts({f.name for f in manifest.files})))
         except JobFailed as exc:
             log.warning("no master for the shadow: its parts did not arrive", extra={"fields": {"error": str(exc)}})
 
