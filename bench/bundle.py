@@ -11,6 +11,9 @@ no limits), the plan its recompression from parts picks, the bytes it downloads 
 calibration apart), whether its build from parts is bit-identical to the server's build, and its
 disagreement with the base on held-out inputs (never in the analysis pool) against the prediction.
 Last, the bytes a handheld that later recompresses to the line PC's plan fetches on top.
+The bundle is laid out for its fleet, the three boxes (band bounds at their planned prune levels,
+toco_core.band_layout), as the fleet server packs it; "no fleet" is the weights download of each
+box from the layout the server uses when it knows no box (every level a bound).
 Writes bench/results/bundle.json (a row per model, replacing that model's row of an earlier run).
 """
 
@@ -28,19 +31,20 @@ from rich.table import Table  # noqa: E402
 
 from bench._common import PROFILES, RESULTS, cached_analysis  # noqa: E402
 from toco_core.analysis_result import save_result  # noqa: E402
+from toco_core.band_layout import planned_levels  # noqa: E402
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle  # noqa: E402
 from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.fidelity import compare_outputs  # noqa: E402
 from toco_core.messages import encode  # noqa: E402
 from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
-from toco_core.onnx_model import load_model, model_hash, output_kind  # noqa: E402
+from toco_core.onnx_model import compressible_weights, load_model, model_hash, output_kind  # noqa: E402
 from toco_core.parts_bundle import BundleHead, decode_calibration, pack_parts, source_from_parts  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
 from toco_core.recompress import build, recompress  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.units import format_size, parse_size  # noqa: E402
 
-console = Console(width=170)
+console = Console(width=200)
 
 
 def load_case(name: str):
@@ -92,20 +96,26 @@ def bench_model(name: str, reanalyze: bool) -> dict:
     info = BundleInfo(model_name=name, model_sha256=model_hash(model))
     adir = save_result(result, RESULTS / f"analysis-{name}")
     today = len(pack_bundle(bundle_files(Path(path), adir, info)))
-    parts = pack_parts(model, result, info)
+    boxes = devices(fp32)
+    bounds = planned_levels(result, compressible_weights(model), fp32, [(p, q) for _, p, q in boxes]) or None
+    parts = pack_parts(model, result, info, band_bounds=bounds)
+    generic = pack_parts(model, result, info)
     head = BundleHead(parts["head"])
     # every box receives the signed manifest (a line per part, deflated on the wire) before any part:
     # counted as weights
-    manifest = len(encode(make_manifest(pack_bundle(parts), private_key=generate_private_key())))
+    key = generate_private_key()
+    manifest = len(encode(make_manifest(pack_bundle(parts), private_key=key)))
+    generic_manifest = len(encode(make_manifest(pack_bundle(generic), private_key=key)))
     full_w, full_c = _split(parts, parts)
     full_w += manifest
     base_held = run_model(model, hx)
     row: dict = {"model": name, "weights": result.manifest.weights, "fp32_file": fp32, "today_bundle": today,
            "parts_weights": full_w, "parts_calibration": full_c, "manifest": manifest,
            "parts_biases": sum(len(v) for k, v in parts.items() if k.startswith("bias/")),
-           "heldout_samples": len(decode_calibration(parts["calib/heldout"], "calib/heldout")["x"]), "devices": []}
+           "heldout_samples": len(decode_calibration(parts["calib/heldout"], "calib/heldout")["x"]), "devices": [],
+           "band_bounds": bounds}
     held_by = {}
-    for dev, profile, policy in devices(fp32):
+    for dev, profile, policy in boxes:
         # the box plans from the head, fetches what its best plan lists, and builds from those parts
         source, res, _ = source_from_parts(parts)
         built, report = recompress(source, res, profile, policy, measure_memory=False)
@@ -117,8 +127,10 @@ def bench_model(name: str, reanalyze: bool) -> dict:
         w, c = _split(parts, plans_parts)
         w += manifest
         held_by[dev] = set(plans_parts)
+        generic_w = _split(generic, BundleHead(generic["head"]).parts_for_plan(report.plan))[0] + generic_manifest
         row["devices"].append({"device": dev, "plan": report.plan.label, "storage_form": report.storage_bytes,
                                "download_weights": w, "download_calibration": c, "exact": exact,
+                               "download_weights_no_fleet": generic_w,
                                "predicted": report.plan.predicted_disagreement, "heldout": fid.disagreement,
                                "heldout_n": fid.n})
     extra = held_by["line-pc"] - held_by["handheld"]
@@ -141,8 +153,8 @@ def print_table(rows: list[dict]) -> None:
                   str(r["heldout_samples"]))
     console.print(t)
     t = Table(title="per box: the plan built from parts, what it downloads, held-out fidelity")
-    for col in ("model", "box", "plan", "storage form", "download: weights", "download: calib", "download: total",
-                "exact", "predicted", "held-out"):
+    for col in ("model", "box", "plan", "storage form", "download: weights", "no fleet: weights", "download: calib",
+                "download: total", "exact", "predicted", "held-out"):
         t.add_column(col, justify="left" if col in ("model", "box", "plan") else "right")
     for r in rows:
         f = r["fp32_file"]
@@ -150,11 +162,12 @@ def print_table(rows: list[dict]) -> None:
             total = d["download_weights"] + d["download_calibration"]
             t.add_row(r["model"], d["device"], d["plan"], format_size(d["storage_form"]),
                       f"{format_size(d['download_weights'])} ({d['download_weights'] / f:.3f}x)",
+                      f"{format_size(d['download_weights_no_fleet'])} ({d['download_weights_no_fleet'] / f:.3f}x)",
                       format_size(d["download_calibration"]), f"{format_size(total)} ({total / f:.2f}x)",
                       "yes" if d["exact"] else "NO", f"{d['predicted']:.2%}",
                       f"{d['heldout']:.2%} of {d['heldout_n']}")
         t.add_row(r["model"], "handheld -> line-pc", "recompress to a roomier plan", "",
-                  f"+{format_size(r['roomier_extra'])}", "", "", "", "", "")
+                  f"+{format_size(r['roomier_extra'])}", "", "", "", "", "", "")
     console.print(t)
 
 

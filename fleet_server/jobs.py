@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 from sqlalchemy import select
 
+from fleet_server.bundle_layout import fleet_band_bounds
 from fleet_server.bundle_sequence import bundle_model_id, next_bundle_sequence
 from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
@@ -320,7 +321,8 @@ class JobRunner:
                     log.exception("after-analysis hook failed", extra={"fields": {"analysis": aid}})
 
     def build_bundle(self, analysis_id: str) -> str:
-        """Pack, sign and store the parts bundle of a finished analysis. Returns its id (sha256).
+        """Pack, sign and store the parts bundle of a finished analysis, its bands laid out for the
+        enrolled boxes (fleet_server.bundle_layout). Returns its id (sha256).
 
         Raises AnalysisError for an analysis without a plan table (made before schema 2).
         """
@@ -335,7 +337,9 @@ class JobRunner:
             model_path, name, sha, prep, out = m.path, m.name, m.sha256, m.preprocessing, a.result_dir
         info = BundleInfo(model_name=name, model_sha256=sha, analysis_id=analysis_id, budget=budget,
                           preprocessing=prep, reason=reason)
-        parts = pack_parts(load_model(Path(model_path)), load_result(Path(out)), info, include_base=True)
+        model, result = load_model(Path(model_path)), load_result(Path(out))
+        bounds = fleet_band_bounds(self.db, model_id, result, model, Path(model_path).stat().st_size, budget)
+        parts = pack_parts(model, result, info, include_base=True, band_bounds=bounds)
         data = pack_bundle(parts)
         manifest = make_manifest(data, self.chunk_size, self.key,
                                  metadata={"model_name": name, "analysis_id": analysis_id, "reason": reason,

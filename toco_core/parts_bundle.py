@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import lzma
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -49,7 +50,7 @@ from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
 from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
-from toco_core.weight_bands import band_names, band_parts, decode_bands
+from toco_core.weight_bands import band_names, band_parts, decode_bands, normalized_bounds
 from toco_core.weight_planes import (
     LadderLayout,
     classes_from_planes,
@@ -128,13 +129,16 @@ def _graph_shapes(graph: onnx.ModelProto, stripped: tuple[str, ...]) -> dict[str
 
 
 def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo, budget: float | None = None,
-               include_base: bool = False, planes_layout: Literal["band", "tensor"] = "band") -> dict[str, bytes]:
+               include_base: bool = False, planes_layout: Literal["band", "tensor"] = "band",
+               band_bounds: Sequence[int] | None = None) -> dict[str, bytes]:
     """Every part of the bundle of ``model`` and its analysis (see module doc).
 
     Takes the fp32 base, its analysis (with a plan table), the bundle info, the fleet budget the
-    self-test samples are sized for (default: the info's), whether to add the fp32 base and the
-    weights' layout (``tensor``: bit planes of all weights, as bundles were packed before bands).
-    Raises AnalysisError for an analysis of another model or without a plan table.
+    self-test samples are sized for (default: the info's), whether to add the fp32 base, the
+    weights' layout (``tensor``: bit planes of all weights, as bundles were packed before bands)
+    and the bands' group bounds (prune grid levels; default every level: see weight_bands).
+    Raises AnalysisError for an analysis of another model or without a plan table, ValueError for
+    bounds off the prune grid.
     """
     source = from_base_model(model, result)
     table = require_plans(result)
@@ -144,12 +148,15 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
                           out_axes=list(table.out_axes), top_octave=max(top_bits, default=0) + 1, top_bits=top_bits,
                           prune_levels=len(table.prune_grid), prune_context_bit=0, bias_parts=result.bias_correction,
-                          prune_tree="chain", plane_parts="band")
+                          prune_tree="chain", plane_parts="band",
+                          band_bounds=None if band_bounds is None else
+                          normalized_bounds(band_bounds, len(table.prune_grid)))
     if planes_layout == "band":
         masters = [m for n in table.tensors if (m := source.ladders[n].master) is not None]
         if len(masters) != len(table.tensors):
             raise ValueError("writing the weight bands needs every tensor's master codes")
-        parts = band_parts(masters, [source.classes[n] for n in table.tensors], len(table.prune_grid), top_bits)
+        parts = band_parts(masters, [source.classes[n] for n in table.tensors], len(table.prune_grid), top_bits,
+                           layout.band_bounds)
     else:  # the layout of bundles packed before bands (kept to test that they still open)
         parts, top, _, node_bits = weight_parts(source.ladders, source.classes, table)
         layout = layout.model_copy(update={"top_octave": top, "prune_tree": "balanced", "plane_parts": "tensor",
@@ -237,7 +244,8 @@ class BundleHead:
             if (self.bias_correction and not self.layout.bias_parts) or runtime_form(plan.runtime).range_samples > 0:
                 names.append("calib/analysis")
         if self.layout.plane_parts == "band":
-            return names + band_names(self.layout.prune_levels, level, bits, layout_top_bits(self.layout))
+            return names + band_names(self.layout.prune_levels, level, bits, layout_top_bits(self.layout),
+                                      self.layout.band_bounds)
         return names + plane_names(self.layout, bits)
 
 
@@ -273,7 +281,8 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     result = AnalysisResult(head.manifest, None, head.curves, ax, hx, held.get("y"), plans=head.table)
     lay = head.layout
     if lay.plane_parts == "band":
-        ladder_list, class_list = decode_bands(lay.shapes, lay.out_axes, parts, lay.prune_levels, layout_top_bits(lay))
+        ladder_list, class_list = decode_bands(lay.shapes, lay.out_axes, parts, lay.prune_levels, layout_top_bits(lay),
+                                                lay.band_bounds)
         ladders, classes = dict(zip(lay.tensors, ladder_list)), dict(zip(lay.tensors, class_list))
     else:
         ladders = ladders_from_planes(lay, parts, top_codes(lay, parts))

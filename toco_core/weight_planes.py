@@ -44,6 +44,8 @@ class LadderLayout(BaseModel):
     plane_parts: Literal["plane", "tensor", "band"] = Field(
         "plane", description="codes/{b} for all tensors, codes/{b}/{k} per tensor k, or band/{c} per prune "
                              "class c (toco_core.weight_bands)")
+    band_bounds: list[int] | None = Field(None, description="the band layout's group bounds, grid levels "
+                                                            "highest first (None: every level)")
 
 
 def _rows(codes: np.ndarray, axis: int) -> np.ndarray:

@@ -29,11 +29,13 @@ def _initializers(model):
     return {t.name: t.SerializeToString() for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mlp"])
-def test_every_plan_on_the_curve_grid_builds_bit_identically_from_its_parts(name, request):
-    """Conv + Gemm (LeNet-5) and Gemm only (the MLP): fp32 at every point, int8/nbits per prune level."""
+@pytest.mark.parametrize(("name", "bounds"), [("lenet5", None), ("mlp", None), ("lenet5", [9, 4, 3])])
+def test_every_plan_on_the_curve_grid_builds_bit_identically_from_its_parts(name, bounds, request):
+    """Conv + Gemm (LeNet-5) and Gemm only (the MLP): fp32 at every point, int8/nbits per prune level;
+    with every level a band bound and with three bounds (plans at, between, above and below them)."""
     lenet5, lenet5_analysis = request.getfixturevalue(name), request.getfixturevalue(f"{name}_analysis")
-    parts = pack_parts(lenet5, lenet5_analysis, BundleInfo(model_name=name, model_sha256=model_hash(lenet5)))
+    parts = pack_parts(lenet5, lenet5_analysis, BundleInfo(model_name=name, model_sha256=model_hash(lenet5)),
+                       band_bounds=bounds)
     head = BundleHead(parts["head"])
     plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)), 0.4, True)
     sources = {}
@@ -84,6 +86,36 @@ def test_an_aggressive_plan_downloads_only_the_codes_of_the_weights_it_keeps(len
     one = [max(t - 1, 0) for t in top_bits]  # one bit below each top: the fine part of that bit only
     assert {n.split("/")[2] for n in band_names(levels, level, one, top_bits) if n.startswith("fine/")} \
         == {str(t - 1) for t in top_bits if t > 0}
+
+
+def test_a_bundle_laid_out_for_a_fleet_costs_its_boxes_one_split(lenet5, lenet5_analysis, parts):
+    """Bounds at the fleet's levels: a box at a bound reads the bounds at and above its level and the
+    bands above it; a box between bounds reads its group's band and the splits inside it."""
+    head = BundleHead(parts["head"])
+    levels = len(head.table.prune_grid)
+    bounds = [levels // 2, 2]
+    laid = pack_parts(lenet5, lenet5_analysis, BundleInfo(model_name="lenet5", model_sha256=model_hash(lenet5)),
+                      band_bounds=bounds)
+    lhead = BundleHead(laid["head"])
+    assert lhead.layout.band_bounds == bounds
+    plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)))
+    at = next(p for p in plans if prune_level(head.table.prune_grid, p.prune_scale) == bounds[0])
+    names = lhead.parts_for_plan(at)
+    assert [n for n in names if n.startswith("prune/")] == [f"prune/{bounds[0]}"]
+    assert [n for n in names if n.startswith("band/")] == [f"band/{levels}"]
+    weights = lambda ps, ns: sum(len(ps[n]) for n in ns if not n.startswith("calib/"))  # noqa: E731
+    assert weights(laid, names) < 0.85 * weights(parts, head.parts_for_plan(at))
+    between = next(p for p in plans if prune_level(head.table.prune_grid, p.prune_scale) == bounds[0] + 1)
+    names = lhead.parts_for_plan(between)
+    assert [n for n in names if n.startswith("prune/")] == [f"prune/{j}" for j in [bounds[0], *range(levels - 1, bounds[0], -1)]]
+    assert [n for n in names if n.startswith("band/")] == [f"band/{levels}"]
+    below = next(p for p in plans if prune_level(head.table.prune_grid, p.prune_scale) == 0)
+    names = lhead.parts_for_plan(below)
+    assert [n for n in names if n.startswith("band/")] == [f"band/{levels}", f"band/{bounds[0]}", "band/2"]
+    assert {f"prune/{j}" for j in (*bounds, 0, 1)} <= set(names)
+    with pytest.raises(ValueError, match="not levels"):
+        pack_parts(lenet5, lenet5_analysis, BundleInfo(model_name="lenet5", model_sha256=model_hash(lenet5)),
+                   band_bounds=[levels])
 
 
 def test_bundles_packed_with_bit_planes_of_every_weight_still_open(lenet5, lenet5_analysis, parts):

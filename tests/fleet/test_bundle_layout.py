@@ -1,0 +1,48 @@
+"""The fleet server lays a bundle's bands out for its enrolled boxes (fleet_server.bundle_layout)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fleet_server.bundle_layout import fleet_band_bounds
+from fleet_server.db import Database, DeviceRow
+from toco_core.band_layout import planned_levels
+from toco_core.device import load_profile
+from toco_core.model_bundle import BundleInfo
+from toco_core.onnx_model import compressible_weights, model_bytes
+from toco_core.parts_bundle import BundleHead, pack_parts
+from toco_core.plan import Policy
+
+PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
+
+
+def _device(s, device_id: str, profile: str | None, enrollment: str = "enrolled", allowed=None) -> None:
+    hardware = json.loads((PROFILES / f"{profile}.json").read_text()) if profile else {"cpu_model": "x"}
+    s.add(DeviceRow(id=device_id, group="line", online=True, birth=1, last_seen=time.time(), hardware=hardware,
+                    enrollment=enrollment, allowed_models=allowed))
+
+
+def test_bounds_follow_the_enrolled_boxes_that_may_run_the_model(tmp_path, lenet5, lenet5_analysis):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    size = len(model_bytes(lenet5))
+    assert fleet_band_bounds(db, "m1", lenet5_analysis, lenet5, size, 0.01) is None  # no box: every level
+    with db.session(write=True) as s:
+        for i in range(3):
+            _device(s, f"hand-{i}", "handheld")
+        _device(s, "pc-1", "line-pc")
+        _device(s, "odd-1", None)  # no readable profile: left out, no error
+        _device(s, "new-1", "camera-box", enrollment="quarantined")
+        _device(s, "other-1", "camera-box", allowed=["m2"])
+    bounds = fleet_band_bounds(db, "m1", lenet5_analysis, lenet5, size, 0.01)
+    policy = Policy(budget=0.01)
+    mine = [load_profile(PROFILES / f"{p}.json") for p in ("handheld", "line-pc")]
+    expected = planned_levels(lenet5_analysis, compressible_weights(lenet5), size, [(p, policy) for p in mine])
+    assert bounds and bounds == expected
+    assert bounds[0] == planned_levels(lenet5_analysis, compressible_weights(lenet5), size, [(mine[0], policy)])[0]
+    # the bundle the server packs with them says so, and a handheld's plan reads one split
+    head = BundleHead(pack_parts(lenet5, lenet5_analysis, BundleInfo(model_name="lenet5", model_sha256="0" * 64),
+                                 band_bounds=bounds)["head"])
+    assert head.layout.band_bounds == sorted(bounds, reverse=True)
+    db.close()
