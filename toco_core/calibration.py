@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_serializer
 
 from toco_core.curve_operators import PLANNED as PLANNED  # the curves a plan is taken from
 from toco_core.curve_operators import CurveOperator, curve_operator
@@ -31,6 +31,11 @@ INT8_CALIBRATION_SAMPLES = INT8.range_samples
 # and sample noise on a few hundred samples: the int8 runtime alone measures 1e-5-1.2e-4. At
 # 1e-3 the MLP's roomy plan flipped 0.4% of unseen digits while its curve said 0.07%.
 KL_NOISE_FLOOR = 2e-4
+# Significant digits a curve point's measurements keep when written. They come from a few hundred
+# samples, so the seventh digit is noise; every box reads the curves in its bundle head (LeNet-5:
+# 3.6 -> 1.9 KB after LZMA). Rounded on every write, so the server's what-if (from the analysis
+# directory) and a box (from its bundle) plan from the same numbers.
+MEASURED_DIGITS = 6
 
 
 class CurvePoint(BaseModel):
@@ -46,6 +51,10 @@ class CurvePoint(BaseModel):
     coded_bits: float | None = Field(None, description="bits per weight the storage coder writes (estimate); "
                                                        "None in older analyses: use entropy_bits")
     fixed_bits: float = Field(description="mean fixed-width bits per weight")
+
+    @field_serializer("disagreement", "kl", "accuracy", "sparsity", "entropy_bits", "coded_bits", "fixed_bits")
+    def _measured(self, v: float | None) -> float | None:
+        return None if v is None else float(f"{v:.{MEASURED_DIGITS}g}")
 
 
 class CalibrationCurve(BaseModel):
