@@ -66,6 +66,9 @@ class FleetSettings(BaseSettings):
     tick_s: float = Field(1.0, gt=0, le=60, description="period of the deployment/drift housekeeping loop")
     telemetry_keep: int = Field(500, ge=10, description="telemetry points kept per device; older ones are deleted "
                                 "by the retention housekeeping")
+    drift_keep: int = Field(2000, ge=10, description="drift windows kept per device; older ones are deleted by the "
+                            "retention housekeeping")
+    drift_keep_days: float = Field(30.0, gt=0, description="days a device's drift windows are kept at most")
     events_keep_days: float = Field(90.0, gt=0, description="days the event log (GET /api/event-log) keeps an event")
     retention_interval_s: float = Field(60.0, gt=0, le=86400, description="period of the retention housekeeping")
     replicas: bool = Field(False, description="this serve is one of several replicas sharing one PostgreSQL "

@@ -1,8 +1,10 @@
-"""Retention housekeeping (a singleton duty): old telemetry points and old event-log rows are deleted.
+"""Retention housekeeping (a singleton duty): old telemetry points, drift windows and event-log rows are deleted.
 
 Telemetry grows by a row per device message; ``telemetry_keep`` newest points per device are what the
-dashboard's charts and GET /api/devices/{id} show, so older ones are deleted. The event log
-(GET /api/event-log) keeps ``events_keep_days``. Runs from the leader's housekeeping loop every
+dashboard's charts and GET /api/devices/{id} show, so older ones are deleted. Drift windows (a row per
+box per window, GET /api/drift and the device page's history) keep ``drift_keep`` per device and
+nothing older than ``drift_keep_days``: no duty reads them back (the drift policy keeps its own
+state). The event log (GET /api/event-log) keeps ``events_keep_days``. Runs from the leader's housekeeping loop every
 ``interval_s``; each device is trimmed in its own short transaction, so ingest on other replicas (or
 other threads) never waits long behind it.
 """
@@ -13,18 +15,21 @@ import logging
 import time
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import CursorResult, delete, or_, select
 
-from fleet_server.db import Database, DeviceRow, EventRow, TelemetryRow
+from fleet_server.db import Database, DeviceRow, DriftRow, EventRow, TelemetryRow
 
 log = logging.getLogger("toco.fleet.retention")
 
 
 class Retention:
-    """Deletes telemetry beyond ``telemetry_keep`` per device and events older than ``events_keep_s``."""
+    """Deletes telemetry beyond ``telemetry_keep`` per device, drift windows beyond ``drift_keep`` per
+    device or older than ``drift_keep_s``, and events older than ``events_keep_s``."""
 
-    def __init__(self, db: Database, *, telemetry_keep: int, events_keep_s: float, interval_s: float) -> None:
+    def __init__(self, db: Database, *, telemetry_keep: int, events_keep_s: float, interval_s: float,
+                 drift_keep: int = 2000, drift_keep_s: float = 30 * 86400) -> None:
         self.db, self.telemetry_keep, self.events_keep_s, self.interval_s = db, telemetry_keep, events_keep_s, interval_s
+        self.drift_keep, self.drift_keep_s = drift_keep, drift_keep_s
         self._next = 0.0
 
     def tick(self, now: float | None = None) -> dict[str, int] | None:
@@ -37,26 +42,31 @@ class Retention:
         return self.run(now)
 
     def run(self, now: float | None = None) -> dict[str, int]:
-        """Trim telemetry and the event log now. Returns ``{"telemetry": n, "events": m}`` rows deleted."""
+        """Trim telemetry, drift windows and the event log now. Returns the rows deleted,
+        ``{"telemetry": n, "drift": k, "events": m}``."""
         now = time.time() if now is None else now
-        with self.db.session() as s:  # every telemetry row belongs to a device row (ingest makes it first)
+        with self.db.session() as s:  # every telemetry and drift row belongs to a device row (ingest makes it first)
             devices = s.scalars(select(DeviceRow.id)).all()
-        telemetry = sum(self._trim_device(device_id) for device_id in devices)
+        telemetry = sum(self._trim(TelemetryRow, d, self.telemetry_keep, None) for d in devices)
+        drift = sum(self._trim(DriftRow, d, self.drift_keep, now - self.drift_keep_s) for d in devices)
         with self.db.session(write=True) as s:
             result = cast(CursorResult[Any], s.execute(delete(EventRow).where(EventRow.t < now - self.events_keep_s)))
             events = result.rowcount
-        if telemetry or events:
-            log.info("retention deleted old rows", extra={"fields": {"telemetry": telemetry, "events": events}})
-        return {"telemetry": telemetry, "events": events}
+        if telemetry or drift or events:
+            log.info("retention deleted old rows",
+                     extra={"fields": {"telemetry": telemetry, "drift": drift, "events": events}})
+        return {"telemetry": telemetry, "drift": drift, "events": events}
 
-    def _trim_device(self, device_id: str) -> int:
-        # the (device_id, t) index finds the newest point beyond the ones kept; everything older goes.
-        # Points with that very timestamp go too, so at most telemetry_keep points remain
+    def _trim(self, table: type[TelemetryRow] | type[DriftRow], device_id: str, keep: int, before: float | None) -> int:
+        # the (device_id, t) index finds the newest row beyond the ones kept; everything older goes.
+        # Rows with that very timestamp go too, so at most ``keep`` rows remain
+        # (``before``: rows older than it go as well)
         with self.db.session(write=True) as s:
-            cutoff = s.scalar(select(TelemetryRow.t).where(TelemetryRow.device_id == device_id)
-                              .order_by(TelemetryRow.t.desc()).offset(self.telemetry_keep).limit(1))
-            if cutoff is None:
+            cutoff = s.scalar(select(table.t).where(table.device_id == device_id)
+                              .order_by(table.t.desc()).offset(keep).limit(1))
+            old = [table.t <= cutoff] if cutoff is not None else []
+            old += [table.t < before] if before is not None else []
+            if not old:
                 return 0
-            result = cast(CursorResult[Any], s.execute(delete(TelemetryRow).where(TelemetryRow.device_id == device_id,
-                                                                                  TelemetryRow.t <= cutoff)))
+            result = cast(CursorResult[Any], s.execute(delete(table).where(table.device_id == device_id, or_(*old))))
             return result.rowcount

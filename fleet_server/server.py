@@ -96,7 +96,8 @@ class FleetServer:
         self.policy.jobs = self.jobs
         self.key_distributor = KeyDistributor(self.db, self.signer, send_command, on_reload=self._use_key)
         self.retention = Retention(self.db, telemetry_keep=s.telemetry_keep, events_keep_s=s.events_keep_days * 86400,
-                                   interval_s=s.retention_interval_s)
+                                   interval_s=s.retention_interval_s, drift_keep=s.drift_keep,
+                                   drift_keep_s=s.drift_keep_days * 86400)
         self.lease = make_lease(s, self.db.engine.url, on_lost=self._lease_lost)
         self.exit_on_lease_loss = False  # serve() sets it: the process ends, its supervisor restarts it
         self._stop = threading.Event()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from fleet_server.db import Database, DeviceRow, EventRow, TelemetryRow
+from fleet_server.db import Database, DeviceRow, DriftRow, EventRow, TelemetryRow
 from fleet_server.event_log import recent_events
 from fleet_server.retention import Retention
 
@@ -22,7 +22,7 @@ def test_retention_trims_telemetry_per_device_and_old_events(tmp_path):
                    EventRow(t=now - 10, kind="deployment", data={"n": 1}),
                    EventRow(t=now - 5, kind="analysis", data={"n": 2})])
     retention = Retention(db, telemetry_keep=10, events_keep_s=2 * 86400, interval_s=60)
-    assert retention.tick(now) == {"telemetry": 15, "events": 1}
+    assert retention.tick(now) == {"telemetry": 15, "drift": 0, "events": 1}
     assert retention.tick(now + 1) is None  # not due again before interval_s
     with db.session() as s:
         kept = sorted(s.query(TelemetryRow.t).filter(TelemetryRow.device_id == "cam-1").all())
@@ -32,4 +32,26 @@ def test_retention_trims_telemetry_per_device_and_old_events(tmp_path):
     assert [e["data"] for e in events] == [{"n": 2}, {"n": 1}]
     assert [e["kind"] for e in recent_events(db, kind="deployment")] == ["deployment"]
     assert recent_events(db, limit=1, before=events[0]["id"])[0]["data"] == {"n": 1}
+    db.close()
+
+
+def test_retention_keeps_drift_windows_by_count_and_age(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    now = time.time()
+    with db.session(write=True) as s:
+        for dev in ("cam-1", "cam-2"):
+            s.add(DeviceRow(id=dev, group="line", online=True, birth=1, last_seen=now, hardware={}))
+        # cam-1: 30 recent windows; cam-2: 4 recent ones and 3 from 40 days ago
+        s.add_all(DriftRow(device_id="cam-1", bundle_id=None, window=i, t=now - 300 * (30 - i), alert=False, point={})
+                  for i in range(30))
+        s.add_all(DriftRow(device_id="cam-2", bundle_id=None, window=i, t=now - (40 * 86400 if i < 3 else 10 - i),
+                           alert=False, point={}) for i in range(7))
+    retention = Retention(db, telemetry_keep=10, events_keep_s=86400, interval_s=60, drift_keep=12,
+                          drift_keep_s=30 * 86400)
+    assert retention.run(now)["drift"] == 18 + 3
+    with db.session() as s:
+        windows = lambda dev: sorted(w for (w,) in s.query(DriftRow.window).filter(DriftRow.device_id == dev).all())  # noqa: E731
+        assert windows("cam-1") == list(range(18, 30))
+        assert windows("cam-2") == [3, 4, 5, 6]
+    assert retention.run(now)["drift"] == 0
     db.close()
