@@ -19,7 +19,6 @@ from toco_core.band_layout import planned_levels
 from toco_core.device import DeviceProfile
 from toco_core.errors import DeviceError
 from toco_core.onnx_model import compressible_weights
-from toco_core.plan import Policy
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ def fleet_band_bounds(db: Database, model_id: str, result: AnalysisResult, model
             profiles.append(hardware_profile(device_id, hardware or {}))
         except DeviceError:
             continue
-    policy = Policy(budget=budget)
-    levels = planned_levels(result, compressible_weights(model), model_file_bytes, [(p, policy) for p in profiles])
+    levels = planned_levels(result, compressible_weights(model), model_file_bytes, profiles, budget)
     log.info("bundle band layout", extra={"fields": {"model": model_id, "boxes": len(profiles), "bounds": levels}})
     return levels or None
