@@ -69,6 +69,9 @@ class FleetSettings(BaseSettings):
     drift_keep: int = Field(2000, ge=10, description="drift windows kept per device; older ones are deleted by the "
                             "retention housekeeping")
     drift_keep_days: float = Field(30.0, gt=0, description="days a device's drift windows are kept at most")
+    bundles_keep: int = Field(3, ge=1, description="bundles kept per model version besides those a device runs or "
+                              "an unfinished deployment sends; older ones are deleted by the retention housekeeping")
+    bundle_min_age_days: float = Field(7.0, ge=0, description="days a superseded bundle is kept at least")
     events_keep_days: float = Field(90.0, gt=0, description="days the event log (GET /api/event-log) keeps an event")
     retention_interval_s: float = Field(60.0, gt=0, le=86400, description="period of the retention housekeeping")
     replicas: bool = Field(False, description="this serve is one of several replicas sharing one PostgreSQL "

@@ -116,6 +116,9 @@ class Deployments:
         self.db, self.events = db, events
         self.publisher, self.send_command = publisher, send_command
         self.timeout_s = timeout_s
+        # packs an analysis' bundle again when retention deleted it (fleet_server.bundle_retention);
+        # the server sets it once its job runner exists
+        self.repack: Callable[[str], str] | None = None
 
     # --- create / read ----------------------------------------------------------------------
 
@@ -164,15 +167,24 @@ class Deployments:
         the bundle instead (an older version's bundle, which devices refuse through a deploy command;
         fleet_server.version_rollback). Staging, timeouts and the failure threshold are the same.
 
+        A finished analysis whose bundle retention deleted is packed again first.
         Raises NotFoundError for an unknown analysis/device/group, ConflictError when the analysis
         has no bundle yet or no device is online.
         """
         with self.db.session() as s:
             a = fetch(s, AnalysisRow, analysis_id, "analysis")
-            if a.status != "done" or not a.bundle_id:
-                raise ConflictError(f"analysis {analysis_id!r} is {a.status}; only a finished analysis has a bundle",
-                                    "wait until it is done")
-            bundle = fetch(s, BundleRow, a.bundle_id, "bundle")
+            status, bundle_id = a.status, a.bundle_id
+        if status != "done":
+            raise ConflictError(f"analysis {analysis_id!r} is {status}; only a finished analysis has a bundle",
+                                "wait until it is done")
+        if not bundle_id:
+            if self.repack is None:
+                raise ConflictError(f"the bundle of analysis {analysis_id!r} was deleted as superseded",
+                                    "deploy it from a running fleet server, which packs it again")
+            bundle_id = self.repack(analysis_id)
+        with self.db.session() as s:
+            a = fetch(s, AnalysisRow, analysis_id, "analysis")
+            bundle = fetch(s, BundleRow, bundle_id or "", "bundle")
             devices = sorted(self._targets(s, target, a.model_id))
             budget = float(a.settings.get("budget", 0.01))
             hardware: dict[str, dict[str, Any]] = dict(

@@ -13,13 +13,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, or_, select
 
+from fleet_server.bundle_retention import delete_bundles, superseded_bundles
 from fleet_server.db import Database, DeviceRow, DriftRow, EventRow, TelemetryRow
 
 log = logging.getLogger("toco.fleet.retention")
+
+
+@dataclass(frozen=True)
+class BundleRetention:
+    """Bundles kept per model version besides those in use, the age below which none is deleted, and
+    how to stop serving one (fleet_server.bundle_retention)."""
+
+    keep: int
+    min_age_s: float
+    withdraw: Callable[[str], None]
 
 
 class Retention:
@@ -27,9 +40,9 @@ class Retention:
     device or older than ``drift_keep_s``, and events older than ``events_keep_s``."""
 
     def __init__(self, db: Database, *, telemetry_keep: int, events_keep_s: float, interval_s: float,
-                 drift_keep: int = 2000, drift_keep_s: float = 30 * 86400) -> None:
+                 drift_keep: int = 2000, drift_keep_s: float = 30 * 86400, bundles: BundleRetention | None = None) -> None:
         self.db, self.telemetry_keep, self.events_keep_s, self.interval_s = db, telemetry_keep, events_keep_s, interval_s
-        self.drift_keep, self.drift_keep_s = drift_keep, drift_keep_s
+        self.drift_keep, self.drift_keep_s, self.bundles = drift_keep, drift_keep_s, bundles
         self._next = 0.0
 
     def tick(self, now: float | None = None) -> dict[str, int] | None:
@@ -42,8 +55,8 @@ class Retention:
         return self.run(now)
 
     def run(self, now: float | None = None) -> dict[str, int]:
-        """Trim telemetry, drift windows and the event log now. Returns the rows deleted,
-        ``{"telemetry": n, "drift": k, "events": m}``."""
+        """Trim telemetry, drift windows and the event log now, and delete superseded bundles (when
+        configured). Returns what was deleted, ``{"telemetry": n, "drift": k, "events": m, "bundles": b}``."""
         now = time.time() if now is None else now
         with self.db.session() as s:  # every telemetry and drift row belongs to a device row (ingest makes it first)
             devices = s.scalars(select(DeviceRow.id)).all()
@@ -52,10 +65,14 @@ class Retention:
         with self.db.session(write=True) as s:
             result = cast(CursorResult[Any], s.execute(delete(EventRow).where(EventRow.t < now - self.events_keep_s)))
             events = result.rowcount
+        bundles = 0
+        if self.bundles is not None:
+            b = self.bundles
+            bundles = len(delete_bundles(self.db, superseded_bundles(self.db, b.keep, b.min_age_s, now), b.withdraw))
         if telemetry or drift or events:
             log.info("retention deleted old rows",
                      extra={"fields": {"telemetry": telemetry, "drift": drift, "events": events}})
-        return {"telemetry": telemetry, "drift": drift, "events": events}
+        return {"telemetry": telemetry, "drift": drift, "events": events, "bundles": bundles}
 
     def _trim(self, table: type[TelemetryRow] | type[DriftRow], device_id: str, keep: int, before: float | None) -> int:
         # the (device_id, t) index finds the newest row beyond the ones kept; everything older goes.

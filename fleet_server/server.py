@@ -35,9 +35,9 @@ from fleet_server.key_distribution import KeyDistributor
 from fleet_server.keys import public_key_path
 from fleet_server.mqtt_client import FleetMqtt
 from fleet_server.reanalysis_gate import gate_settings
-from fleet_server.registry import Store
+from fleet_server.registry import Store, update_analysis
 from fleet_server.replicas import check_replica_setup, make_lease
-from fleet_server.retention import Retention
+from fleet_server.retention import BundleRetention, Retention
 from fleet_server.sample_scoring import SampleScorer
 from toco_core.errors import ConfigError
 from toco_core.topics import Topics
@@ -94,10 +94,13 @@ class FleetServer:
         self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
                               chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done)
         self.policy.jobs = self.jobs
+        self.deployments.repack = self._repack
         self.key_distributor = KeyDistributor(self.db, self.signer, send_command, on_reload=self._use_key)
         self.retention = Retention(self.db, telemetry_keep=s.telemetry_keep, events_keep_s=s.events_keep_days * 86400,
                                    interval_s=s.retention_interval_s, drift_keep=s.drift_keep,
-                                   drift_keep_s=s.drift_keep_days * 86400)
+                                   drift_keep_s=s.drift_keep_days * 86400,
+                                   bundles=BundleRetention(s.bundles_keep, s.bundle_min_age_days * 86400,
+                                                           self.publisher.withdraw))
         self.lease = make_lease(s, self.db.engine.url, on_lost=self._lease_lost)
         self.exit_on_lease_loss = False  # serve() sets it: the process ends, its supervisor restarts it
         self._stop = threading.Event()
@@ -112,6 +115,12 @@ class FleetServer:
     def _use_key(self, key) -> None:
         """A rotation was picked up: new bundles are signed with the new active key too."""
         self.key = self.jobs.key = key
+
+    def _repack(self, analysis_id: str) -> str:
+        """Pack an analysis' bundle again (retention deleted it); the analysis points at the new one."""
+        bundle_id = self.jobs.build_bundle(analysis_id)
+        update_analysis(self.db, analysis_id=analysis_id, bundle_id=bundle_id)
+        return bundle_id
 
     def _on_get(self, topic: str, payload: bytes) -> None:
         self.publisher.handle_get(topic, payload)

@@ -22,7 +22,7 @@ def test_retention_trims_telemetry_per_device_and_old_events(tmp_path):
                    EventRow(t=now - 10, kind="deployment", data={"n": 1}),
                    EventRow(t=now - 5, kind="analysis", data={"n": 2})])
     retention = Retention(db, telemetry_keep=10, events_keep_s=2 * 86400, interval_s=60)
-    assert retention.tick(now) == {"telemetry": 15, "drift": 0, "events": 1}
+    assert retention.tick(now) == {"telemetry": 15, "drift": 0, "events": 1, "bundles": 0}
     assert retention.tick(now + 1) is None  # not due again before interval_s
     with db.session() as s:
         kept = sorted(s.query(TelemetryRow.t).filter(TelemetryRow.device_id == "cam-1").all())
