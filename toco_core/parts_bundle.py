@@ -171,7 +171,8 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
             "analysis/calibration.json": json.dumps({k: c.model_dump() for k, c in result.curves.items()
                                                      if k in (*PLANNED, *cost_curves())}).encode(),
             "bundle.json": info.model_copy(update={"format": FORMAT}).model_dump_json().encode(),
-            "ladder.json": layout.model_dump_json().encode()}
+            # without unset keys: agents from before band bounds open a bundle laid out with every level a bound
+            "ladder.json": layout.model_dump_json(exclude_none=True).encode()}
     parts["head"] = _lz(pack_bundle(head))
     for name, points in bias_parts_of(table, fit_point_deltas(source, result)).items():
         parts[name] = encode_arrays(bias_arrays(points))

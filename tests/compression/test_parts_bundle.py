@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from toco_core.analysis_result import save_result
-from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, verify_manifest
+from toco_core.bundle import generate_private_key, make_manifest, pack_bundle, unpack_bundle, verify_manifest
 from toco_core.compression.nested import prune_level
 from toco_core.errors import AnalysisError, BundleError
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes, model_hash
-from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts, verify_parts
+from toco_core.parts_bundle import BundleHead, _unlz, pack_parts, source_from_parts, verify_parts
 from toco_core.recompress import build
 from toco_core.solver import enumerate_plans
 from toco_core.weight_bands import band_names
@@ -98,6 +98,8 @@ def test_a_bundle_laid_out_for_a_fleet_costs_its_boxes_one_split(lenet5, lenet5_
                       band_bounds=bounds)
     lhead = BundleHead(laid["head"])
     assert lhead.layout.band_bounds == bounds
+    # laid out with every level a bound, the layout names no bounds: agents from before bounds open it
+    assert b"band_bounds" not in unpack_bundle(_unlz(parts["head"], "head"))["ladder.json"]
     plans = enumerate_plans(lenet5_analysis, compressible_weights(lenet5), len(model_bytes(lenet5)))
     at = next(p for p in plans if prune_level(head.table.prune_grid, p.prune_scale) == bounds[0])
     names = lhead.parts_for_plan(at)
