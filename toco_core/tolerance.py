@@ -59,11 +59,6 @@ def closed_form_tolerance(
     return out
 
 
-def quadratic_kl(fisher: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> float:
-    """Second-order prediction of the KL a weight change causes: 1/2 sum_i F_i delta_i^2."""
-    return 0.5 * float(sum((fisher[k].astype(np.float64) * delta[k].astype(np.float64) ** 2).sum() for k in delta))
-
-
 def scaled(tau_hat: dict[str, np.ndarray], s: float) -> dict[str, np.ndarray]:
     """tau = s * tau_hat for every tensor."""
     return {k: (v * np.float32(s)) for k, v in tau_hat.items()}
