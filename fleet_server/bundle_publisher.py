@@ -5,7 +5,9 @@ downloader of the bundle; a PartRequest (parts bundles) range by range on the as
 ``bundles/{b}/part/{device}``, so a box receives only the bytes it asked for.
 
 ``BundlePublisher`` knows nothing of paho: it gets a ``send(topic, payload, qos, retain)``
-function, so the fleet server can plug it into its own MQTT client. ``MqttBundleServer`` is
+function, so the fleet server can plug it into its own MQTT client. With ``load`` it also serves a
+stored bundle it never announced: replicas share requests (``$share``), so the replica a request
+reaches is often not the one whose deployment announced the bundle, or that one is gone. ``MqttBundleServer`` is
 the thin paho wiring for tests, benchmarks and a stand-alone publisher.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -36,6 +39,9 @@ from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.bundles")
 SendFn = Callable[[str, bytes, int, bool], None]
+# (bundle_id) -> its stored manifest and bytes, or None when not stored
+LoadFn = Callable[[str], tuple[BundleManifest, bytes] | None]
+_MISS_TTL_S = 10.0  # a bundle found not stored is not looked up again for this long (requests repeat)
 # Fault injection for tests and benchmarks: (bundle_id, index, payload) -> payload to send, or None to drop it.
 ChunkFault = Callable[[str, int, bytes], bytes | None]
 # The same for part ranges: (bundle_id, part, offset, payload) -> payload to send, or None to drop it.
@@ -47,9 +53,11 @@ class BundlePublisher:
     asked for, ``part_bytes`` the bytes of part ranges sent per (bundle_id, device, part)."""
 
     def __init__(self, topics: Topics, send: SendFn, fault: ChunkFault | None = None,
-                 part_fault: PartFault | None = None) -> None:
+                 part_fault: PartFault | None = None, load: LoadFn | None = None) -> None:
         self.topics = topics
         self.send = send
+        self.load = load
+        self._missing: dict[str, float] = {}
         self.fault = fault
         self.part_fault = part_fault
         self.requests: Counter[tuple[str, int]] = Counter()
@@ -71,6 +79,7 @@ class BundlePublisher:
         """Stop serving a bundle and clear its retained manifest (an empty retained payload)."""
         with self._lock:
             self._bundles.pop(bundle_id, None)
+            self._missing[bundle_id] = time.monotonic() + _MISS_TTL_S
         self.send(self.topics.manifest(bundle_id), b"", 1, True)
 
     def republish(self) -> None:
@@ -103,8 +112,7 @@ class BundlePublisher:
             self.stats["dropped"] += 1
             log.warning("chunk request payload disagrees with its topic", extra={"fields": {"topic": topic}})
             return 0
-        with self._lock:
-            entry = self._bundles.get(request.bundle_id)
+        entry = self._entry(request.bundle_id)
         if entry is None:
             self.stats["unknown_bundle"] += 1
             log.info("chunk request for a bundle not served", extra={"fields": {"bundle": request.bundle_id[:12]}})
@@ -125,6 +133,28 @@ class BundlePublisher:
             sent += 1
         self.stats["chunks_sent"] += sent
         return sent
+
+    def _entry(self, bundle_id: str) -> tuple[BundleManifest, bytes] | None:
+        """The bundle served from memory, else loaded from the store (then kept), else None."""
+        with self._lock:
+            entry = self._bundles.get(bundle_id)
+            if entry is not None or self.load is None or time.monotonic() < self._missing.get(bundle_id, 0.0):
+                return entry
+        loaded = self.load(bundle_id)
+        if loaded is None:
+            with self._lock:
+                self._missing[bundle_id] = time.monotonic() + _MISS_TTL_S
+            return None
+        try:
+            verify_bundle_bytes(loaded[1], loaded[0])
+        except BundleError as exc:
+            log.error("stored bundle does not match its manifest", extra={"fields": {"bundle": bundle_id[:12],
+                                                                                     "error": str(exc)}})
+            return None
+        with self._lock:
+            self._bundles[bundle_id] = loaded
+        self.stats["loaded"] += 1
+        return loaded
 
     def _send_parts(self, request: PartRequest, manifest: BundleManifest, data: bytes) -> int:
         """Send each requested range that lies inside a part of the manifest to the asker alone."""

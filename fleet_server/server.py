@@ -18,12 +18,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.bundle_publisher import BundlePublisher
 from fleet_server.command_signer import CommandSigner
 from fleet_server.config import FleetSettings
-from fleet_server.db import Database
+from fleet_server.db import BundleRow, Database
 from fleet_server.deployments import Deployments
 from fleet_server.drift_actions import DriftActions
 from fleet_server.drift_policy import DriftPolicy
@@ -39,6 +40,7 @@ from fleet_server.registry import Store, update_analysis
 from fleet_server.replicas import check_replica_setup, make_lease
 from fleet_server.retention import BundleRetention, Retention
 from fleet_server.sample_scoring import SampleScorer
+from toco_core.bundle import BundleManifest
 from toco_core.errors import ConfigError
 from toco_core.topics import Topics
 
@@ -78,7 +80,7 @@ class FleetServer:
         if s.replicas:
             self.relay = EventRelay(self.events, self.topics, s.replica_id, self.mqtt.send)
             self.events.relay = self.relay.forward
-        self.publisher = BundlePublisher(self.topics, self.mqtt.send)
+        self.publisher = BundlePublisher(self.topics, self.mqtt.send, load=self._stored_bundle)
         # every command leaves signed, addressed, sequenced and expiring (fleet_server.command_signer)
         send_command = self.signer.sender(self.mqtt.send_command)
         self.deployments = Deployments(self.db, self.events, publisher=self.publisher,
@@ -115,6 +117,19 @@ class FleetServer:
     def _use_key(self, key) -> None:
         """A rotation was picked up: new bundles are signed with the new active key too."""
         self.key = self.jobs.key = key
+
+    def _stored_bundle(self, bundle_id: str) -> tuple[BundleManifest, bytes] | None:
+        """A stored bundle's manifest and bytes for the publisher (None: not stored, or its file is gone)."""
+        with self.db.session() as s:
+            row = s.get(BundleRow, bundle_id)
+            found = None if row is None else (row.manifest, row.path)
+        if found is None:
+            return None
+        try:
+            return BundleManifest.model_validate(found[0]), Path(found[1]).read_bytes()
+        except OSError as exc:
+            log.error("stored bundle unreadable", extra={"fields": {"bundle": bundle_id[:12], "error": str(exc)}})
+            return None
 
     def _repack(self, analysis_id: str) -> str:
         """Pack an analysis' bundle again (retention deleted it); the analysis points at the new one."""
