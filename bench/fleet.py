@@ -4,10 +4,12 @@ against a real mosquitto + the fleet server (its own process), all on loopback.
 1. N devices (default 1,000) send births, telemetry every 10 s and drift reports every 60 s
    for --duration s; measured: messages lost (sent vs received by the server), server CPU and
    RSS, p50/p99 latency of GET /api/devices (the overview) polled meanwhile.
-2. A bundle deployment to 200 of them at once: each requests the chunks, waits for them and
+2. A bundle deployment to 200 of them at once: each requests its part ranges, waits for them and
    reports received -> downloading -> verified -> active; measured: time to all-complete.
 
-Devices are multiplexed, 50 per MQTT connection, to keep the bench process light.
+Every device has an MQTT connection of its own (client id, will, subscriptions), so the broker and
+the server see 1,000 sessions; the deployed devices fetch the parts bundle (all but its optional
+fp32 part) by ranges on their own part topics, as agents do.
 Run: ``.venv/bin/python bench/fleet.py`` (about 3 min) or ``--quick`` (200 devices, 30 s).
 """
 
@@ -33,12 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.processes import free_port  # noqa: E402
 from toco_core.messages import (  # noqa: E402
+    MAX_RANGE_LENGTH,
+    MAX_RANGES_PER_REQUEST,
     BundleManifest,
-    ChunkRequest,
     DeployCommand,
     DriftMessage,
     HardwareInfo,
     MessageKind,
+    PartRange,
+    PartRequest,
     StateMessage,
     StatusMessage,
     TelemetryMessage,
@@ -73,80 +78,97 @@ def run_server(data_dir: str, broker_url: str, http_port: int, groups: dict[str,
         time.sleep(3600)
 
 
-class Connection:
-    """One MQTT connection carrying many simulated devices."""
+class Totals:
+    """Messages sent per kind by every simulated device (one lock: paho threads count concurrently)."""
 
-    def __init__(self, port: int, ids: list[str], group: str) -> None:
-        self.ids, self.t, self.group = ids, Topics(FLEET), group
+    def __init__(self) -> None:
         self.sent: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.manifests: dict[str, BundleManifest] = {}
-        self.chunks: dict[str, set[int]] = {}
-        self.waiting: dict[str, list[DeployCommand]] = {}
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-{ids[0]}")
-        self.c.max_inflight_messages_set(1000)
-        self.c.on_message = self._on_message
-        self.c.connect("127.0.0.1", port, 60)
-        self.c.subscribe([(self.t.device(MessageKind.CMD, "+"), 1), (self.t.manifest(), 1), (self.t.chunk(), 0)])
-        self.c.loop_start()
+
+    def count(self, kind: str, n: int = 1) -> None:
+        with self.lock:
+            self.sent[kind] = self.sent.get(kind, 0) + n
+
+
+class SimBox:
+    """One simulated device on an MQTT connection of its own: its own session, client id, will
+    (retained offline state) and subscriptions, as an agent has."""
+
+    def __init__(self, port: int, device_id: str, group: str, totals: Totals) -> None:
+        self.id, self.t, self.group, self.totals = device_id, Topics(FLEET), group, totals
         self.seq = 0
+        self.manifest: BundleManifest | None = None
+        self.received = 0
+        self.connected = threading.Event()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id)
+        offline = StateMessage(device_id=device_id, state="offline", birth=1)
+        self.c.will_set(self.t.device(MessageKind.STATE, device_id), encode(offline), qos=1, retain=True)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self.c.connect_async("127.0.0.1", port, 60)
+        self.c.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason, props) -> None:
+        client.subscribe(self.t.device(MessageKind.CMD, self.id), 1)
+        self.connected.set()
 
     def send(self, kind: MessageKind, msg, qos: int = 1) -> None:
         self.seq += 1
         self.c.publish(self.t.device(kind, msg.device_id), encode(msg.model_copy(update={"seq": self.seq})), qos=qos,
                        retain=kind is MessageKind.STATE)
-        with self.lock:
-            self.sent[kind.value] = self.sent.get(kind.value, 0) + 1
+        self.totals.count(kind.value)
 
-    def births(self) -> None:
-        for i in self.ids:
-            self.send(MessageKind.STATE, StateMessage(device_id=i, state="online", birth=1, agent_version="sim",
-                                                      hardware=HardwareInfo(**HW, device_id=i), group=self.group))
+    def birth(self) -> None:
+        self.send(MessageKind.STATE, StateMessage(device_id=self.id, state="online", birth=1, agent_version="sim",
+                                                  hardware=HardwareInfo(**HW, device_id=self.id), group=self.group))
 
     def telemetry(self) -> None:
-        for i in self.ids:
-            self.send(MessageKind.TELEMETRY, TelemetryMessage(device_id=i, mem_available=300 << 20, disk_free=1 << 30,
-                                                              cpu_load=0.3, inferences=100, latency_ms_p50=2.0), qos=0)
+        self.send(MessageKind.TELEMETRY, TelemetryMessage(device_id=self.id, mem_available=300 << 20, disk_free=1 << 30,
+                                                          cpu_load=0.3, inferences=100, latency_ms_p50=2.0), qos=0)
 
     def drift(self, window: int) -> None:
         now = time.time()
-        for i in self.ids:
-            self.send(MessageKind.DRIFT, DriftMessage(device_id=i, window_index=window, opened_at=now - 60, closed_at=now,
-                                                      n_samples=256, n_shadowed=26, measured_agreement=0.99,
-                                                      predicted_agreement=0.99, mean_confidence=0.9, mean_entropy=0.3,
-                                                      input_mean=0.1, input_std=0.3))
+        self.send(MessageKind.DRIFT, DriftMessage(device_id=self.id, window_index=window, opened_at=now - 60, closed_at=now,
+                                                  n_samples=256, n_shadowed=26, measured_agreement=0.99,
+                                                  predicted_agreement=0.99, mean_confidence=0.9, mean_entropy=0.3,
+                                                  input_mean=0.1, input_std=0.3))
 
     def _on_message(self, client, userdata, msg) -> None:
         where = self.t.parse(msg.topic)
-        if where.kind is MessageKind.CMD and where.device_id in self.ids:
+        if where.kind is MessageKind.CMD:
             cmd = parse_message(MessageKind.CMD, msg.payload)
             if isinstance(cmd, DeployCommand):
-                threading.Thread(target=self._deploy, args=(cmd, where.device_id), daemon=True).start()
+                threading.Thread(target=self._deploy, args=(cmd,), daemon=True).start()
         elif where.kind is MessageKind.MANIFEST and msg.payload:
-            m = parse_message(MessageKind.MANIFEST, msg.payload)
-            self.manifests[m.bundle_id] = m
-        elif where.kind is MessageKind.CHUNK:
-            assert where.bundle_id is not None and where.index is not None  # a chunk topic names both
-            with self.lock:
-                self.chunks.setdefault(where.bundle_id, set()).add(where.index)
+            self.manifest = parse_message(MessageKind.MANIFEST, msg.payload)
+        elif where.kind is MessageKind.PART:
+            self.received += len(msg.payload.partition(b"\n")[2])
 
-    def _status(self, cmd: DeployCommand, dev: str, phase: str) -> None:
-        self.send(MessageKind.STATUS, StatusMessage(device_id=dev, phase=phase, deployment_id=cmd.deployment_id,
+    def _status(self, cmd: DeployCommand, phase: str) -> None:
+        self.send(MessageKind.STATUS, StatusMessage(device_id=self.id, phase=phase, deployment_id=cmd.deployment_id,
                                                     bundle_id=cmd.bundle_id))
 
-    def _deploy(self, cmd: DeployCommand, dev: str) -> None:
-        self._status(cmd, dev, "received")
-        end = time.monotonic() + 60
-        while cmd.bundle_id not in self.manifests and time.monotonic() < end:
+    def _deploy(self, cmd: DeployCommand) -> None:
+        """As an agent fetching a whole parts bundle but its optional fp32 part: ranges of its own."""
+        self._status(cmd, "received")
+        self.c.subscribe([(self.t.manifest(cmd.bundle_id), 1), (self.t.part(cmd.bundle_id, self.id), 1)])
+        end = time.monotonic() + 120
+        while self.manifest is None and time.monotonic() < end:
             time.sleep(0.05)
-        n = self.manifests[cmd.bundle_id].n_chunks
-        self._status(cmd, dev, "downloading")
-        req = ChunkRequest(device_id=dev, bundle_id=cmd.bundle_id, chunks=list(range(min(n, 64))))
-        self.c.publish(self.t.get(cmd.bundle_id, dev), encode(req), qos=1)
-        while len(self.chunks.get(cmd.bundle_id, ())) < n and time.monotonic() < end:
+        if self.manifest is None:
+            return
+        self._status(cmd, "downloading")
+        ranges = [PartRange(part=f.name, offset=o, length=min(MAX_RANGE_LENGTH, f.size - o))
+                  for f in self.manifest.files if f.name != "base" for o in range(0, f.size, MAX_RANGE_LENGTH)]
+        want = sum(r.length for r in ranges)
+        for i in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
+            req = PartRequest(device_id=self.id, bundle_id=cmd.bundle_id, ranges=ranges[i:i + MAX_RANGES_PER_REQUEST])
+            self.c.publish(self.t.get(cmd.bundle_id, self.id), encode(req), qos=1)
+        while self.received < want and time.monotonic() < end:
             time.sleep(0.05)
+        self.totals.count("part_bytes", self.received)
         for phase in ("verified", "self_test", "active"):
-            self._status(cmd, dev, phase)
+            self._status(cmd, phase)
 
     def close(self) -> None:
         self.c.disconnect()
@@ -199,8 +221,8 @@ def main() -> None:
     token = make_token(tmp)  # before the server starts, as an operator makes the first one
     http_port = free_port()
     ids = [f"dev{i:04d}" for i in range(args.devices)]
-    # the first --deploy-devices devices form group "deploy" (50 per connection keeps groups whole)
-    groups = {d: "deploy" if i // 50 * 50 < args.deploy_devices else "bench" for i, d in enumerate(ids)}
+    # the first --deploy-devices devices form group "deploy"
+    groups = {d: "deploy" if i < args.deploy_devices else "bench" for i, d in enumerate(ids)}
     proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port, groups))
     proc.start()
     url = f"http://127.0.0.1:{http_port}"
@@ -213,35 +235,37 @@ def main() -> None:
             pass
         time.sleep(0.1)
     ps = psutil.Process(proc.pid)
-    conns = [Connection(broker.port, ids[i:i + 50], groups[ids[i]])
-             for i in range(0, len(ids), 50)]
+    totals = Totals()
+    t_conn = time.monotonic()
+    boxes = [SimBox(broker.port, d, groups[d], totals) for d in ids]
+    if not all(b.connected.wait(max(0.1, 120 - (time.monotonic() - t_conn))) for b in boxes):
+        raise SystemExit(f"only {sum(b.connected.is_set() for b in boxes)} of {len(boxes)} devices connected in 120 s")
+    connect_s = time.monotonic() - t_conn
+    print(f"{len(boxes)} devices connected, one MQTT connection each, in {connect_s:.1f} s", flush=True)
     ctx = mp.get_context("spawn")
     stop, lat_q = ctx.Event(), ctx.Queue()
     poller = ctx.Process(target=poll_api, args=(url, token, stop, lat_q), daemon=True)
     ps.cpu_percent()
     cpu0 = sum(ps.cpu_times()[:2])
     t_start = time.monotonic()
-    for c in conns:
-        c.births()
+    for b in boxes:
+        b.birth()
     poller.start()
     next_tel, next_drift, window, rss = t_start, t_start + args.drift_s, 0, 0
     while time.monotonic() - t_start < args.duration:
         now = time.monotonic()
         if now >= next_tel:
-            for c in conns:
-                c.telemetry()
+            for b in boxes:
+                b.telemetry()
             next_tel += args.telemetry_s
         if now >= next_drift:
-            for c in conns:
-                c.drift(window)
+            for b in boxes:
+                b.drift(window)
             window, next_drift = window + 1, next_drift + args.drift_s
         rss = max(rss, ps.memory_info().rss + sum(ch.memory_info().rss for ch in ps.children(recursive=True)))
         time.sleep(0.05)
     elapsed = time.monotonic() - t_start
-    sent: dict[str, int] = {}
-    for c in conns:
-        for k, v in c.sent.items():
-            sent[k] = sent.get(k, 0) + v
+    sent = {k: v for k, v in totals.sent.items() if k != "part_bytes"}
     time.sleep(3)  # let the server drain its ingest queue
     cpu = 100 * (sum(ps.cpu_times()[:2]) - cpu0) / (elapsed + 3)
     stop.set()
@@ -284,13 +308,15 @@ def main() -> None:
             ("GET /api/devices p50 ms", f"{statistics.median(lat):.1f}"),
             ("GET /api/devices p99 ms", f"{np.percentile(lat, 99):.1f}"), ("API samples", len(lat)),
             ("deployment devices", n_dep), ("deployment stage", cur["stage"]), ("deployment counts", cur["counts"]),
-            ("deployment time to all-complete s", f"{dep_s:.1f}")]
+            ("deployment time to all-complete s", f"{dep_s:.1f}"),
+            ("part bytes received by the deployed devices", totals.sent.get("part_bytes", 0)),
+            ("MQTT connections (one per device)", len(boxes)), ("connect time s", f"{connect_s:.1f}")]
     print("| metric | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")
     print(json.dumps({"lost_by_kind": lost}))
-    for c in conns:
-        c.close()
+    for b in boxes:
+        b.close()
     for child in ps.children(recursive=True):  # analysis workers would outlive a terminated server
         child.terminate()
     proc.terminate()
