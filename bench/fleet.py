@@ -1,16 +1,20 @@
 """Fleet server load benchmark: simulated devices (protocol-speaking paho clients, not agents)
-against a real mosquitto + the fleet server (its own process), all on loopback.
+against a real mosquitto + the fleet server (its own process, SQLite), or ``--replicas N`` serve
+processes on a throw-away PostgreSQL, all on loopback.
 
 1. N devices (default 1,000) send births, telemetry every 10 s and drift reports every 60 s
-   for --duration s; measured: messages lost (sent vs received by the server), server CPU and
-   RSS, p50/p99 latency of GET /api/devices (the overview) polled meanwhile.
+   for --duration s; measured: messages lost (sent vs stored in the database), server CPU and
+   RSS, p50/p99 latency of GET /api/devices (the overview) polled meanwhile. ``--kill-leader``:
+   the replica leading the singleton duties is SIGKILLed halfway; measured: seconds until
+   another one leads, and what its death lost.
 2. A bundle deployment to 200 of them at once: each requests its part ranges, waits for them and
    reports received -> downloading -> verified -> active; measured: time to all-complete.
 
 Every device has an MQTT connection of its own (client id, will, subscriptions), so the broker and
 the server see 1,000 sessions; the deployed devices fetch the parts bundle (all but its optional
 fp32 part) by ranges on their own part topics, as agents do.
-Run: ``.venv/bin/python bench/fleet.py`` (about 3 min) or ``--quick`` (200 devices, 30 s).
+Run: ``.venv/bin/python bench/fleet.py`` (about 3 min) or ``--quick`` (200 devices, 30 s);
+``--replicas 2 --kill-leader`` for two replicas and the leader's death.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ import argparse
 import io
 import json
 import multiprocessing as mp
+import multiprocessing.process
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -53,24 +62,24 @@ from toco_core.messages import (  # noqa: E402
 from toco_core.topics import Topics  # noqa: E402
 
 FLEET = "bench"
+REPO = Path(__file__).resolve().parents[1]
+# small analysis settings: the deployment phase measures transfer, not the analysis
+FAST = {"initial_samples": 16, "samples_per_round": 16, "max_rounds": 1, "max_heldout": 60, "prune_rounds": 1,
+        "prune_round_samples": 16, "committee_members": 2}
 HW = {"total_memory": 512 << 20, "available_memory": 300 << 20, "free_storage": 1 << 30, "physical_cores": 1,
       "logical_cores": 1, "cpu_model": "sim", "ort_version": "1.0"}
 
 
-def run_server(data_dir: str, broker_url: str, http_port: int, groups: dict[str, str]) -> None:
-    """Child process: the fleet server with small analysis settings, ``groups`` (device -> group) enrolled."""
+def run_server(data_dir: str, broker_url: str, http_port: int) -> None:
+    """Child process: the fleet server (SQLite in ``data_dir``) with small analysis settings."""
     from fleet_server.api import create_app
     from fleet_server.config import FleetSettings
-    from fleet_server.enrollment import enroll
     from fleet_server.server import FleetServer, HttpThread, freeze_startup_heap
     from toco_core.analysis.settings import AnalysisSettings
 
-    fast = AnalysisSettings(initial_samples=16, samples_per_round=16, max_rounds=1, max_heldout=60, prune_rounds=1,
-                            prune_round_samples=16, committee_members=2)
+    fast = AnalysisSettings(**FAST)
     server = FleetServer(FleetSettings(data_dir=Path(data_dir), broker=broker_url, fleet=FLEET, analysis=fast,
                                        deploy_timeout_s=120))
-    for device_id, group in groups.items():  # unenrolled devices would be quarantined and never deployed to
-        enroll(server.db, device_id, group)
     server.start()
     HttpThread(create_app(server), "127.0.0.1", http_port).start()
     freeze_startup_heap()  # as `toco-fleet serve` does
@@ -175,19 +184,6 @@ class SimBox:
         self.c.loop_stop()
 
 
-def make_token(data_dir: str) -> str:
-    """An operator API token in the server's database, made before the server starts (as an operator would)."""
-    from fleet_server.auth import create_token
-    from fleet_server.config import FleetSettings
-    from fleet_server.db import Database
-
-    db = Database(FleetSettings(data_dir=Path(data_dir)).database_url)
-    try:
-        return create_token(db, role="operator", name="bench")[0]
-    finally:
-        db.close()
-
-
 def poll_api(url: str, token: str, stop, out) -> None:
     """Child process: GET /api/devices every 0.25 s until ``stop`` is set; the latencies (ms) go to ``out``.
 
@@ -204,82 +200,148 @@ def poll_api(url: str, token: str, stop, out) -> None:
     out.put(lat)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--devices", type=int, default=1000)
-    ap.add_argument("--duration", type=float, default=130.0, help="seconds of steady traffic")
-    ap.add_argument("--telemetry-s", type=float, default=10.0)
-    ap.add_argument("--drift-s", type=float, default=60.0)
-    ap.add_argument("--deploy-devices", type=int, default=200)
-    ap.add_argument("--quick", action="store_true", help="200 devices, 30 s, drift every 15 s")
-    args = ap.parse_args()
-    if args.quick:
-        args.devices, args.duration, args.drift_s, args.deploy_devices = 200, 30.0, 15.0, 100
-    broker = Broker()
-    broker.start()
-    tmp = tempfile.mkdtemp(prefix="toco-bench-")
-    token = make_token(tmp)  # before the server starts, as an operator makes the first one
-    http_port = free_port()
-    ids = [f"dev{i:04d}" for i in range(args.devices)]
-    # the first --deploy-devices devices form group "deploy"
-    groups = {d: "deploy" if i < args.deploy_devices else "bench" for i, d in enumerate(ids)}
-    proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker.url, http_port, groups))
-    proc.start()
-    url = f"http://127.0.0.1:{http_port}"
-    api = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"})
-    for _ in range(300):
+@dataclass
+class Servers:
+    """The fleet server processes of a run: their API URLs, processes, database URL and an operator token."""
+
+    urls: list[str]
+    procs: list[subprocess.Popen | mp.process.BaseProcess]
+    db_url: str
+    token: str
+    cleanup: list = field(default_factory=list)
+
+    def alive(self) -> list[psutil.Process]:
+        """The processes still running, with their children (analysis workers)."""
+        out = []
+        for p in self.procs:
+            try:
+                proc = psutil.Process(p.pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    out += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+        return out
+
+    def health(self, k: int) -> dict:
+        """GET /api/health of server k ({} while it does not answer)."""
         try:
-            if api.get("/api/health").json()["broker"] == "connected":
-                break
+            return httpx.get(f"{self.urls[k]}/api/health", timeout=2).json()
         except httpx.HTTPError:
-            pass
+            return {}
+
+    def stop(self) -> None:
+        for proc in self.alive():  # analysis workers would outlive a terminated server
+            proc.terminate()
+        for p in self.procs:
+            p.join(10) if isinstance(p, mp.process.BaseProcess) else p.wait(10)
+        for f in self.cleanup:
+            f()
+
+
+def _prepare_db(db_url: str, groups: dict[str, str]) -> str:
+    """Schema, the enrolled devices and an operator token in the database, as an operator makes them
+    before the server runs (unenrolled devices would be quarantined and never deployed to)."""
+    from fleet_server.auth import create_token
+    from fleet_server.db import Database
+    from fleet_server.enrollment import enroll
+
+    db = Database(db_url)
+    try:
+        for device_id, group in groups.items():
+            enroll(db, device_id, group)
+        return create_token(db, role="operator", name="bench")[0]
+    finally:
+        db.close()
+
+
+def start_single(tmp: str, broker_url: str, groups: dict[str, str]) -> Servers:
+    """One fleet server (SQLite, its own process)."""
+    from fleet_server.config import FleetSettings
+
+    db_url = FleetSettings(data_dir=Path(tmp)).database_url
+    token = _prepare_db(db_url, groups)
+    port = free_port()
+    proc = mp.get_context("spawn").Process(target=run_server, args=(tmp, broker_url, port))
+    proc.start()
+    return Servers([f"http://127.0.0.1:{port}"], [proc], db_url, token)
+
+
+def start_replicas(n: int, tmp: str, broker_url: str, groups: dict[str, str], stack: ExitStack) -> Servers:
+    """``n`` ``toco-fleet serve --replicas`` processes on a throw-away PostgreSQL (tests/fleet/postgres.py)."""
+    from tests.fleet.postgres import postgres_cluster
+
+    pg = stack.enter_context(postgres_cluster())
+    db_url = pg.create_database("bench")
+    token = _prepare_db(db_url, groups)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOCO_FLEET_DEPLOY_TIMEOUT_S": "120",
+           **{f"TOCO_FLEET_ANALYSIS__{k.upper()}": str(v) for k, v in FAST.items()}}
+    urls: list[str] = []
+    procs: list[subprocess.Popen | mp.process.BaseProcess] = []
+    for k in range(n):
+        port = free_port()
+        log = open(Path(tmp) / f"replica-{k + 1}.log", "wb")  # noqa: SIM115 - the serve process writes it
+        procs.append(subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET, "--port", str(port),
+                                       "--data-dir", str(Path(tmp) / "data"), "--db-url", db_url, "--broker", broker_url,
+                                       "--replicas", "--replica-id", f"r{k + 1}"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))
+        urls.append(f"http://127.0.0.1:{port}")
+        servers = Servers(urls, procs, db_url, token)
+        wait_for(lambda k=k: servers.health(k).get("broker") == "connected", 60, f"replica r{k + 1} did not start")
+    return Servers(urls, procs, db_url, token)
+
+
+def wait_for(check, timeout: float, what: str) -> float:
+    """Poll ``check`` every 0.1 s; the seconds it took. Raises SystemExit with ``what`` on timeout."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(what)
         time.sleep(0.1)
-    ps = psutil.Process(proc.pid)
-    totals = Totals()
-    t_conn = time.monotonic()
-    boxes = [SimBox(broker.port, d, groups[d], totals) for d in ids]
-    if not all(b.connected.wait(max(0.1, 120 - (time.monotonic() - t_conn))) for b in boxes):
-        raise SystemExit(f"only {sum(b.connected.is_set() for b in boxes)} of {len(boxes)} devices connected in 120 s")
-    connect_s = time.monotonic() - t_conn
-    print(f"{len(boxes)} devices connected, one MQTT connection each, in {connect_s:.1f} s", flush=True)
-    ctx = mp.get_context("spawn")
-    stop, lat_q = ctx.Event(), ctx.Queue()
-    poller = ctx.Process(target=poll_api, args=(url, token, stop, lat_q), daemon=True)
-    ps.cpu_percent()
-    cpu0 = sum(ps.cpu_times()[:2])
-    t_start = time.monotonic()
-    for b in boxes:
-        b.birth()
-    poller.start()
-    next_tel, next_drift, window, rss = t_start, t_start + args.drift_s, 0, 0
-    while time.monotonic() - t_start < args.duration:
-        now = time.monotonic()
-        if now >= next_tel:
-            for b in boxes:
-                b.telemetry()
-            next_tel += args.telemetry_s
-        if now >= next_drift:
-            for b in boxes:
-                b.drift(window)
-            window, next_drift = window + 1, next_drift + args.drift_s
-        rss = max(rss, ps.memory_info().rss + sum(ch.memory_info().rss for ch in ps.children(recursive=True)))
-        time.sleep(0.05)
-    elapsed = time.monotonic() - t_start
-    sent = {k: v for k, v in totals.sent.items() if k != "part_bytes"}
-    time.sleep(3)  # let the server drain its ingest queue
-    cpu = 100 * (sum(ps.cpu_times()[:2]) - cpu0) / (elapsed + 3)
-    stop.set()
-    lat: list[float] = lat_q.get(timeout=60)
-    poller.join(5)
-    got = api.get("/api/health").json()["messages"]
-    print(f"traffic phase done after {elapsed:.0f} s; analysing the demo model for the deployment", flush=True)
-    lost = {k: v - got.get(f"received.{k}", 0) for k, v in sent.items()}
-    dropped = got.get("dropped", 0)
-    # --- deployment to many devices at once
-    pool = io.BytesIO()
+    return time.monotonic() - t0
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
+    """User + system CPU seconds per process (those that ended meanwhile left out)."""
+    out = {}
+    for p in procs:
+        try:
+            out[p.pid] = sum(p.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return out
+
+
+def stored_rows(db_url: str) -> dict[str, int]:
+    """What the database holds of the devices' messages: devices (births), telemetry points, drift windows."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return {"state": conn.execute(sa.text("SELECT count(*) FROM devices WHERE birth > 0")).scalar_one(),
+                    "telemetry": conn.execute(sa.text("SELECT count(*) FROM telemetry")).scalar_one(),
+                    "drift": conn.execute(sa.text("SELECT count(*) FROM drift_reports")).scalar_one()}
+    finally:
+        engine.dispose()
+
+
+def kill_leader(servers: Servers) -> dict:
+    """SIGKILL the replica holding the leader lease; the seconds until another one leads."""
+    leader = next(k for k in range(len(servers.urls)) if servers.health(k).get("replica", {}).get("leader"))
+    servers.procs[leader].kill()
+    others = [k for k in range(len(servers.urls)) if k != leader]
+    took = wait_for(lambda: any(servers.health(k).get("replica", {}).get("leader") for k in others), 60,
+                    "no replica took the lead within 60 s")
+    print(f"killed the leader r{leader + 1} (SIGKILL); another replica led after {took:.1f} s", flush=True)
+    return {"killed": f"r{leader + 1}", "takeover_s": took}
+
+
+def deploy_demo_model(api: httpx.Client) -> tuple[dict, float]:
+    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once; (final deployment, seconds to done)."""
     from toco_core.demo.data import mnist_splits
     from toco_core.demo.train import demo_model
 
+    pool = io.BytesIO()
     d = mnist_splits()
     np.savez(pool, x=d.x_pool[:120], y=d.y_pool[:120])
     m = api.post("/api/models", files={"file": ("m.onnx", Path(demo_model("lenet5")).read_bytes()),
@@ -295,33 +357,113 @@ def main() -> None:
     # the whole group at once (canary_share 1): this measures transfer + status handling, not staging
     dep = api.post("/api/deployments", json={"analysis_id": a["analysis_id"], "target": {"group": "deploy"},
                                              "canary_share": 1.0}).json()
-    n_dep = sum(dep["counts"].values())
     while True:
         cur = api.get(f"/api/deployments/{dep['deployment_id']}").json()
         if cur["stage"] in ("done", "stopped") or time.monotonic() - t_dep > 180:
-            break
+            return cur, time.monotonic() - t_dep
         time.sleep(0.2)
-    dep_s = time.monotonic() - t_dep
-    rows = [("devices", args.devices), ("duration s", f"{elapsed:.0f}"), ("messages sent", sum(sent.values())),
-            ("messages lost", sum(max(v, 0) for v in lost.values())), ("messages dropped (invalid)", dropped),
-            ("server CPU % (of one core)", f"{cpu:.0f}"), ("server peak RSS MB (incl. workers)", f"{rss / 1e6:.0f}"),
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--duration", type=float, default=130.0, help="seconds of steady traffic")
+    ap.add_argument("--telemetry-s", type=float, default=10.0)
+    ap.add_argument("--drift-s", type=float, default=60.0)
+    ap.add_argument("--deploy-devices", type=int, default=200)
+    ap.add_argument("--replicas", type=int, default=1, help="N > 1: N serve --replicas processes on PostgreSQL")
+    ap.add_argument("--kill-leader", action="store_true", help="with --replicas: SIGKILL the leader halfway")
+    ap.add_argument("--quick", action="store_true", help="200 devices, 30 s, drift every 15 s")
+    args = ap.parse_args()
+    if args.quick:
+        args.devices, args.duration, args.drift_s, args.deploy_devices = 200, 30.0, 15.0, 100
+    with ExitStack() as stack:
+        broker = Broker()
+        broker.start()
+        stack.callback(broker.cleanup)
+        tmp = tempfile.mkdtemp(prefix="toco-bench-")
+        ids = [f"dev{i:04d}" for i in range(args.devices)]
+        # the first --deploy-devices devices form group "deploy"
+        groups = {d: "deploy" if i < args.deploy_devices else "bench" for i, d in enumerate(ids)}
+        servers = (start_replicas(args.replicas, tmp, broker.url, groups, stack) if args.replicas > 1
+                   else start_single(tmp, broker.url, groups))
+        stack.callback(servers.stop)
+        wait_for(lambda: servers.health(0).get("broker") == "connected", 60, "the server did not start")
+        run(args, broker, servers, ids, groups, stack)
+
+
+def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str, str], stack: ExitStack) -> None:
+    """Traffic, optionally the leader's death, then the deployment; prints the table."""
+    url = servers.urls[-1]  # the API the bench uses: with replicas, the one that is never killed
+    api = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {servers.token}"})
+    totals = Totals()
+    t_conn = time.monotonic()
+    boxes = [SimBox(broker.port, d, groups[d], totals) for d in ids]
+    for b in boxes:
+        stack.callback(b.close)
+    if not all(b.connected.wait(max(0.1, 120 - (time.monotonic() - t_conn))) for b in boxes):
+        raise SystemExit(f"only {sum(b.connected.is_set() for b in boxes)} of {len(boxes)} devices connected in 120 s")
+    connect_s = time.monotonic() - t_conn
+    print(f"{len(boxes)} devices connected, one MQTT connection each, in {connect_s:.1f} s", flush=True)
+    ctx = mp.get_context("spawn")
+    stop, lat_q = ctx.Event(), ctx.Queue()
+    poller = ctx.Process(target=poll_api, args=(url, servers.token, stop, lat_q), daemon=True)
+    # CPU seconds per server process as last seen (a killed replica keeps what it used before it died)
+    cpu0 = cpu_seconds(servers.alive())
+    cpu_seen = dict(cpu0)
+    t_start = time.monotonic()
+    for b in boxes:
+        b.birth()
+    poller.start()
+    next_tel, next_drift, window, rss, killed = t_start, t_start + args.drift_s, 0, 0, None
+    while time.monotonic() - t_start < args.duration:
+        now = time.monotonic()
+        if now >= next_tel:
+            for b in boxes:
+                b.telemetry()
+            next_tel += args.telemetry_s
+        if now >= next_drift:
+            for b in boxes:
+                b.drift(window)
+            window, next_drift = window + 1, next_drift + args.drift_s
+        if args.kill_leader and killed is None and now - t_start > args.duration / 2:
+            killed = kill_leader(servers)
+        alive = servers.alive()
+        cpu_seen.update(cpu_seconds(alive))
+        rss = max(rss, sum(p.memory_info().rss for p in alive if p.is_running()))
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t_start
+    sent = {k: v for k, v in totals.sent.items() if k != "part_bytes"}
+    time.sleep(3)  # let the servers drain their ingest queues
+    cpu_seen.update(cpu_seconds(servers.alive()))
+    cpu = 100 * sum(v - cpu0.get(pid, 0.0) for pid, v in cpu_seen.items()) / (elapsed + 3)
+    stop.set()
+    lat: list[float] = lat_q.get(timeout=60)
+    poller.join(5)
+    stored = stored_rows(servers.db_url)
+    lost = {k: v - stored.get(k, 0) for k, v in sent.items()}
+    dropped = sum(servers.health(k).get("messages", {}).get("dropped", 0) for k in range(len(servers.urls)))
+    print(f"traffic phase done after {elapsed:.0f} s; analysing the demo model for the deployment", flush=True)
+    cur, dep_s = deploy_demo_model(api)
+    rows = [("devices", args.devices), ("MQTT connections (one per device)", len(boxes)),
+            ("connect time s", f"{connect_s:.1f}"), ("server processes", len(servers.urls)),
+            ("duration s", f"{elapsed:.0f}"), ("messages sent", sum(sent.values())),
+            ("messages lost (sent, not in the database)", sum(max(v, 0) for v in lost.values())),
+            ("messages dropped (invalid)", dropped),
+            ("server CPU % (of one core, all processes)", f"{cpu:.0f}"),
+            ("server peak RSS MB (incl. workers)", f"{rss / 1e6:.0f}"),
             ("GET /api/devices p50 ms", f"{statistics.median(lat):.1f}"),
             ("GET /api/devices p99 ms", f"{np.percentile(lat, 99):.1f}"), ("API samples", len(lat)),
-            ("deployment devices", n_dep), ("deployment stage", cur["stage"]), ("deployment counts", cur["counts"]),
-            ("deployment time to all-complete s", f"{dep_s:.1f}"),
-            ("part bytes received by the deployed devices", totals.sent.get("part_bytes", 0)),
-            ("MQTT connections (one per device)", len(boxes)), ("connect time s", f"{connect_s:.1f}")]
+            ("deployment devices", sum(cur["counts"].values())), ("deployment stage", cur["stage"]),
+            ("deployment counts", cur["counts"]), ("deployment time to all-complete s", f"{dep_s:.1f}"),
+            ("part bytes received by the deployed devices", totals.sent.get("part_bytes", 0))]
+    if killed:
+        rows += [("leader killed (SIGKILL) at", f"{args.duration / 2:.0f} s"),
+                 ("another replica led after s", f"{killed['takeover_s']:.1f}")]
     print("| metric | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")
     print(json.dumps({"lost_by_kind": lost}))
-    for b in boxes:
-        b.close()
-    for child in ps.children(recursive=True):  # analysis workers would outlive a terminated server
-        child.terminate()
-    proc.terminate()
-    proc.join(10)
-    broker.cleanup()
 
 
 if __name__ == "__main__":
