@@ -311,6 +311,17 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
     return out
 
 
+def rss_bytes(procs: list[psutil.Process]) -> int:
+    """Summed RSS of the processes (those that ended meanwhile left out)."""
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
 def stored_rows(db_url: str) -> dict[str, int]:
     """What the database holds of the devices' messages: devices (births), telemetry points, drift windows."""
     import sqlalchemy as sa
@@ -430,7 +441,7 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
             killed = kill_leader(servers)
         alive = servers.alive()
         cpu_seen.update(cpu_seconds(alive))
-        rss = max(rss, sum(p.memory_info().rss for p in alive if p.is_running()))
+        rss = max(rss, rss_bytes(alive))
         time.sleep(0.05)
     elapsed = time.monotonic() - t_start
     sent = {k: v for k, v in totals.sent.items() if k != "part_bytes"}
