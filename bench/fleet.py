@@ -14,7 +14,8 @@ Every device has an MQTT connection of its own (client id, will, subscriptions),
 the server see 1,000 sessions; the deployed devices fetch the parts bundle (all but its optional
 fp32 part) by ranges on their own part topics, as agents do.
 Run: ``.venv/bin/python bench/fleet.py`` (about 3 min) or ``--quick`` (200 devices, 30 s);
-``--replicas 2 --kill-leader`` for two replicas and the leader's death.
+``--replicas 2 --kill-leader`` for two replicas and the leader's death; ``--duration 3600
+--sample-seconds 60`` for the server soak (RSS, descriptors, threads, DB size every minute).
 """
 
 from __future__ import annotations
@@ -405,6 +406,48 @@ def stored_rows(db_url: str) -> dict[str, int]:
         engine.dispose()
 
 
+def db_bytes(db_url: str) -> int:
+    """Size of the database: the SQLite file with its WAL and shared-memory files, or PostgreSQL's
+    ``pg_database_size`` of the bench database."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        base = Path(url.database or "")
+        return sum(f.stat().st_size for f in (base, Path(f"{base}-wal"), Path(f"{base}-shm")) if f.exists())
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def soak_sample(servers: Servers, elapsed: float) -> dict:
+    """One row of the soak table: RSS, descriptors and threads of the server processes, DB size and rows."""
+    alive = servers.alive()
+    fds = threads = 0
+    for p in alive:
+        with suppress(psutil.Error):
+            fds, threads = fds + p.num_fds(), threads + p.num_threads()
+    return {"minute": elapsed / 60, "rss_mb": rss_bytes(alive) / 1e6, "fds": fds, "threads": threads,
+            "db_mb": db_bytes(servers.db_url) / 1e6, **stored_rows(servers.db_url)}
+
+
+def print_soak(samples: list[dict]) -> None:
+    """The soak table: every sample as a difference against the first (after warm-up), then the verdict."""
+    print("| minute | server RSS MB | ΔRSS MB | fds | threads | DB MB | telemetry rows | drift rows |\n"
+          "|---|---|---|---|---|---|---|---|")
+    first = samples[0]
+    for s in samples:
+        print(f"| {s['minute']:.1f} | {s['rss_mb']:.1f} | {s['rss_mb'] - first['rss_mb']:+.1f} | {s['fds']} | "
+              f"{s['threads']} | {s['db_mb']:.1f} | {s['telemetry']} | {s['drift']} |")
+    last = samples[-1]
+    print(f"RSS growth {last['rss_mb'] - first['rss_mb']:+.1f} MB, descriptors {last['fds'] - first['fds']:+d}, "
+          f"threads {last['threads'] - first['threads']:+d}, DB {last['db_mb'] - first['db_mb']:+.1f} MB "
+          f"over {last['minute'] - first['minute']:.1f} min", flush=True)
+
+
 def kill_leader(servers: Servers) -> dict:
     """SIGKILL the replica holding the leader lease; the seconds until another one leads."""
     leader = next(k for k in range(len(servers.urls)) if servers.health(k).get("replica", {}).get("leader"))
@@ -454,6 +497,8 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=1, help="N > 1: N serve --replicas processes on PostgreSQL")
     ap.add_argument("--kill-leader", action="store_true", help="with --replicas: SIGKILL the leader halfway")
     ap.add_argument("--quick", action="store_true", help="200 devices, 30 s, drift every 15 s")
+    ap.add_argument("--sample-seconds", type=float, default=0.0,
+                    help="soak: sample server RSS, descriptors, threads and DB size this often (0: off)")
     args = ap.parse_args()
     if args.quick:
         args.devices, args.duration, args.drift_s, args.deploy_devices = 200, 30.0, 15.0, 100
@@ -495,8 +540,16 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     devices.ask("birth")
     poller.start()
     next_tel, next_drift, window, rss, killed = t_start, t_start + args.drift_s, 0, 0, None
+    # the first soak sample after a minute: births, first telemetry and the import-time heap are warm-up
+    soak: list[dict] = []
+    next_sample = t_start + 60 if args.sample_seconds else float("inf")
     while time.monotonic() - t_start < args.duration:
         now = time.monotonic()
+        if now >= next_sample:
+            soak.append(soak_sample(servers, now - t_start))
+            print(f"soak minute {soak[-1]['minute']:.0f}: RSS {soak[-1]['rss_mb']:.1f} MB, "
+                  f"DB {soak[-1]['db_mb']:.1f} MB", flush=True)
+            next_sample += args.sample_seconds
         if now >= next_tel:
             devices.ask("telemetry")
             next_tel += args.telemetry_s
@@ -542,6 +595,8 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     for k, v in rows:
         print(f"| {k} | {v} |")
     print(json.dumps({"lost_by_kind": lost}))
+    if len(soak) > 1:
+        print_soak(soak)
 
 
 if __name__ == "__main__":
