@@ -23,14 +23,22 @@ from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.fidelity import OutputKind
 from toco_core.measure import p50_latency, session_rss
+from toco_core.memory_anchors import Shapes, measure_anchors, memory_may_bind
 from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
 from toco_core.plan_table import plan_codes
-from toco_core.runtime_forms import FLOAT, BuildStep, runtime_form
+from toco_core.runtime_forms import FLOAT, INT8, BuildStep, MemoryAnchor, offered_shares, runtime_form
 from toco_core.selftest import self_test
-from toco_core.solver import SESSION_OVERHEAD, device_limits, is_base_plan, less_aggressive, plans_for_device
+from toco_core.solver import (
+    SESSION_OVERHEAD,
+    device_limits,
+    enumerate_plans,
+    is_base_plan,
+    less_aggressive,
+    plans_for_device,
+)
 from toco_core.units import format_size
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
@@ -198,6 +206,23 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     return gate, p50, rss, None
 
 
+def _anchors(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], base_bytes: bytes,
+             profile: DeviceProfile, memory_limit: int, x1_shapes: Shapes,
+             ) -> dict[str, MemoryAnchor]:
+    """This box's session memory of the base (and of an int8 build when it may run int8) where the
+    memory limit can decide the plan (toco_core.memory_anchors); {} where it cannot."""
+    n = sum(i.size for i in infos)
+    prediction = FLOAT.predict_memory(n, max(len(base_bytes) - 4 * n, 0))
+    if not memory_may_bind(memory_limit, prediction, 4 * n):
+        return {}
+    shares = offered_shares(infos, profile)
+    int8_plans = ([p for p in enumerate_plans(result, infos, len(base_bytes), shares=shares) if p.runtime == INT8.name]
+                  if INT8.name in shares else [])
+    kept_share = require_plans(result).kept
+    return measure_anchors(base_bytes, x1_shapes, n, shares, int8_plans, lambda p: n * kept_share(p.prune_scale),
+                           lambda p: model_bytes(build(source, result, p).runnable))
+
+
 def fitting_after_overshoot(plans: list[CompressionPlan], predicted: int, measured: int,
                             limit: int) -> list[CompressionPlan]:
     """The plans still expected to fit the storage limit once a built model overshot its prediction.
@@ -240,14 +265,16 @@ def recompress(
     base_bytes = model_bytes(model)
     mem, sto = device_limits(profile, policy)
     assert mem is not None and sto is not None, "a device profile gives both limits"
-    plans = plans_for_device(result, infos, len(base_bytes), profile, policy)
-    all_plans = list(plans)
     x = result.heldout_x
+    anchors = _anchors(source, result, infos, base_bytes, profile, mem, shapes(x[:1])) if measure_memory else {}
+    plans = plans_for_device(result, infos, len(base_bytes), profile, policy, anchors)
+    all_plans = list(plans)
     threads = 1 if profile.physical_cores <= 1 else 0
     scored = result.manifest.scored_output
+    base_rss: list[int | None] = [anchors[FLOAT.name].rss] if FLOAT.name in anchors else []
     ctx = _Context(model, base_bytes, source.base_out, x, output_kind(fidelity_view(model, scored)), threads,
-                   p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos), measure_memory, [],
-                   scored)
+                   p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos), measure_memory,
+                   base_rss, scored)
     attempts, why = 0, []
     while plans and attempts < policy.max_tries:
         plan = plans[0]

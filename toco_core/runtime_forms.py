@@ -50,6 +50,20 @@ INT8_RSS_FACTOR = 2.7
 
 
 @dataclass(frozen=True)
+class MemoryAnchor:
+    """A session RSS measured on this box for one build in a form: what that form's memory
+    predictions start from instead of the constants above (toco_core.memory_anchors).
+
+    ``rss``: measured session RSS growth, bytes (toco_core.measure.session_rss); ``kept``: the
+    run-time weights of that build; ``share``: the share of them the form held.
+    """
+
+    rss: int
+    kept: float
+    share: float = 0.0
+
+
+@dataclass(frozen=True)
 class Prediction:
     """A form's predicted cost at one curve point, plus plan fields only that form sets."""
 
@@ -101,13 +115,26 @@ class RuntimeForm:
     cost_curve: CurveOperator | None = None
     range_samples: int = 0
 
-    def predict_memory(self, n_kept: float, other_bytes: int, share: float = 0.0) -> int:
-        """Session RSS estimate: overhead + the non-weight bytes + the form's weight RSS.
+    def predict_memory(self, n_kept: float, other_bytes: int, share: float = 0.0,
+                       anchor: MemoryAnchor | None = None, fallback: MemoryAnchor | None = None) -> int:
+        """Session RSS estimate: what does not scale with the weights + the form's weight RSS.
 
         Takes the kept weights, the model's non-weight bytes and the share the form holds
-        (``holds``); returns bytes.
+        (``holds``); returns bytes. Without anchors the rest is SESSION_OVERHEAD + ``other_bytes``
+        (constants measured on other models: 20-26 % low for LeNet-5 under onnxruntime 1.2x). With
+        ``anchor`` (a build in this form measured on this box) it is what that measurement leaves
+        after its own weights, ``rest = anchor.rss - weight_rss(anchor.kept, anchor.share)``, which
+        holds the session, the activations and the graph as this box's onnxruntime lays them out;
+        ``fallback`` (the fp32 base measured here) stands in for a form with no anchor of its own:
+        ``rest = fallback.rss - FP32.weight_rss(fallback.kept)``.
         """
-        return int(SESSION_OVERHEAD + other_bytes + self.weight_rss(n_kept, share))
+        if anchor is not None:
+            rest = anchor.rss - self.weight_rss(anchor.kept, anchor.share)
+        elif fallback is not None:
+            rest = fallback.rss - FP32_RSS_FACTOR * 4.0 * fallback.kept
+        else:
+            rest = SESSION_OVERHEAD + other_bytes
+        return int(max(rest, 0) + self.weight_rss(n_kept, share))
 
 
 def _all_weights(infos: Sequence[WeightInfo]) -> float:

@@ -38,7 +38,16 @@ from toco_core.device import DeviceProfile, usable_memory, usable_storage
 from toco_core.errors import InfeasibleError
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan import CompressionPlan, Policy
-from toco_core.runtime_forms import FLOAT, INT8, NBITS, RUNTIME_FORMS, RuntimeForm, offered_shares, runtime_form
+from toco_core.runtime_forms import (
+    FLOAT,
+    INT8,
+    NBITS,
+    RUNTIME_FORMS,
+    MemoryAnchor,
+    RuntimeForm,
+    offered_shares,
+    runtime_form,
+)
 from toco_core.runtime_forms import SESSION_OVERHEAD as SESSION_OVERHEAD  # recompress reads it here
 from toco_core.units import format_size
 from toco_core.weight_source import require_plans
@@ -83,15 +92,18 @@ def _flag_shares(nbits_share: float, int8: bool) -> dict[str, float]:
 
 def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
                     nbits_share: float = 0.0, int8: bool = False, *, shares: Mapping[str, float] | None = None,
-                    forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS) -> list[CompressionPlan]:
+                    forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS,
+                    anchors: Mapping[str, MemoryAnchor] | None = None) -> list[CompressionPlan]:
     """Every candidate plan with its predictions (unfiltered): each curve point in each offered form.
 
     ``shares`` maps the offered forms to the share of the weights each holds
     (toco_core.runtime_forms.offered_shares; a form absent or at 0 is not offered). Without it,
     fp32, nbits at ``nbits_share`` (MatMul/Gemm weights eligible for 4-bit MatMulNBits) and, when
     ``int8``, full QDQ int8. A form is also left out where the analysis lacks what it needs (int8:
-    its measured cost curve, added to each point's). ``forms`` is the registry to read. Returns
-    the plans point by point, a point's forms in registry order.
+    its measured cost curve, added to each point's). ``forms`` is the registry to read;
+    ``anchors`` maps form names to session RSS measured on the box (RuntimeForm.predict_memory;
+    the fp32 one stands in for forms without their own). Returns the plans point by point, a
+    point's forms in registry order.
     """
     offered = _flag_shares(nbits_share, int8) if shares is None else shares
     n = sum(i.size for i in infos)
@@ -100,6 +112,7 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
     predictors = [(form, offered[name], predict) for name, form in forms.items()
                   if offered.get(name, 0.0) > 0 and (predict := form.predictor(result.curves)) is not None]
     kept_share = require_plans(result).kept
+    anchored = anchors or {}
     plans = []
     for p in candidate_points(result):
         kept = n * kept_share(p.prune_scale)
@@ -110,7 +123,8 @@ def enumerate_plans(result: AnalysisResult, infos: list[WeightInfo], base_file_b
             cost = predict(p)
             if cost is not None:
                 plans.append(_plan(**common, runtime=form.name, **cost.fields, predicted_disagreement=cost.disagreement,
-                                   predicted_kl=cost.kl, predicted_memory=form.predict_memory(kept, other, share)))
+                                   predicted_kl=cost.kl, predicted_memory=form.predict_memory(
+                                       kept, other, share, anchored.get(form.name), anchored.get(FLOAT.name))))
     return plans
 
 
@@ -196,9 +210,11 @@ def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: i
 def plans_for(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int, policy: Policy,
               memory_limit: int | None, storage_limit: int | None, nbits_share: float = 0.0,
               int8: bool = False, *, shares: Mapping[str, float] | None = None,
-              forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS) -> list[CompressionPlan]:
+              forms: Mapping[str, RuntimeForm] = RUNTIME_FORMS,
+              anchors: Mapping[str, MemoryAnchor] | None = None) -> list[CompressionPlan]:
     """enumerate_plans + feasible_plans with the tie floor taken from the curves' sample count."""
-    plans = enumerate_plans(result, infos, base_file_bytes, nbits_share, int8, shares=shares, forms=forms)
+    plans = enumerate_plans(result, infos, base_file_bytes, nbits_share, int8, shares=shares, forms=forms,
+                            anchors=anchors)
     return feasible_plans(plans, policy, memory_limit, storage_limit, base_file_bytes, _samples(result), forms)
 
 
@@ -214,16 +230,19 @@ def device_limits(profile: DeviceProfile | None, policy: Policy) -> tuple[int | 
 
 
 def plans_for_device(result: AnalysisResult, infos: list[WeightInfo], base_file_bytes: int,
-                     profile: DeviceProfile | None, policy: Policy) -> list[CompressionPlan]:
+                     profile: DeviceProfile | None, policy: Policy,
+                     anchors: Mapping[str, MemoryAnchor] | None = None) -> list[CompressionPlan]:
     """The plans a box gets, best first: its runtime forms, its limits (device_limits), the curves' tie floor.
 
     The one planning path of the agent's recompression and the server's what-if, so a what-if
     answer is the plan the box will try first. ``profile=None``: the policy's limits, and only the
-    forms that need no device format (fp32).
+    forms that need no device format (fp32). ``anchors``: session RSS the box measured
+    (toco_core.memory_anchors); the what-if has none and predicts memory from constants.
     Raises InfeasibleError with the numbers when no plan fits.
     """
     memory, storage = device_limits(profile, policy)
-    return plans_for(result, infos, base_file_bytes, policy, memory, storage, shares=offered_shares(infos, profile))
+    return plans_for(result, infos, base_file_bytes, policy, memory, storage, shares=offered_shares(infos, profile),
+                     anchors=anchors)
 
 
 def less_aggressive(plans: list[CompressionPlan], failed: CompressionPlan) -> list[CompressionPlan]:
