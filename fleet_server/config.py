@@ -85,7 +85,7 @@ class FleetSettings(BaseSettings):
                                        description="seconds the external broker keeps this server's MQTT session "
                                        "(MQTT 5) after it vanished: a restart within them receives the device "
                                        "messages it had not stored; 0: a clean MQTT 3.1.1 session, as before "
-                                       "(docs/ops.md, Restarts and killed replicas)")
+                                       "(docs/design_notes.md, Acknowledge after commit)")
     trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API answers, "
                                      "besides localhost, 127.0.0.1 and http_host (DNS rebinding guard); "
                                      "'*.example.com' allows subdomains")
