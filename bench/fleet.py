@@ -6,7 +6,9 @@ processes on a throw-away PostgreSQL, all on loopback.
    for --duration s; measured: messages lost (sent vs stored in the database), server CPU and
    RSS, p50/p99 latency of GET /api/devices (the overview) polled meanwhile. ``--kill-leader``:
    the replica leading the singleton duties is SIGKILLed halfway; measured: seconds until
-   another one leads, and what its death lost.
+   another one leads, and what its death lost. The broker keeps a killed replica's unacknowledged
+   messages (and its share of later ones) for its session until it comes back: ``--restart-killed S``
+   restarts it S seconds after the kill, as its supervisor would (docs/ops.md).
 2. A bundle deployment to 200 of them at once: each requests its part ranges, waits for them and
    reports received -> downloading -> verified -> active; measured: time to all-complete.
 
@@ -32,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +213,7 @@ class Servers:
     db_url: str
     token: str
     cleanup: list = field(default_factory=list)
+    launch: Callable[[int], subprocess.Popen] | None = None  # starts replica k (again)
 
     def alive(self) -> list[psutil.Process]:
         """The processes still running, with their children (analysis workers)."""
@@ -276,19 +280,22 @@ def start_replicas(n: int, tmp: str, broker_url: str, groups: dict[str, str], st
     token = _prepare_db(db_url, groups)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOCO_FLEET_DEPLOY_TIMEOUT_S": "120",
            **{f"TOCO_FLEET_ANALYSIS__{k.upper()}": str(v) for k, v in FAST.items()}}
-    urls: list[str] = []
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(n)]
+
+    def launch(k: int) -> subprocess.Popen:
+        # the same replica id (so the same MQTT client id and broker session) and port on a restart
+        log = open(Path(tmp) / f"replica-{k + 1}.log", "ab")  # noqa: SIM115 - the serve process writes it
+        return subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET, "--port",
+                                 urls[k].rsplit(":", 1)[1], "--data-dir", str(Path(tmp) / "data"), "--db-url", db_url,
+                                 "--broker", broker_url, "--replicas", "--replica-id", f"r{k + 1}"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
     procs: list[subprocess.Popen | mp.process.BaseProcess] = []
+    servers = Servers(urls, procs, db_url, token, launch=launch)
     for k in range(n):
-        port = free_port()
-        log = open(Path(tmp) / f"replica-{k + 1}.log", "wb")  # noqa: SIM115 - the serve process writes it
-        procs.append(subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET, "--port", str(port),
-                                       "--data-dir", str(Path(tmp) / "data"), "--db-url", db_url, "--broker", broker_url,
-                                       "--replicas", "--replica-id", f"r{k + 1}"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))
-        urls.append(f"http://127.0.0.1:{port}")
-        servers = Servers(urls, procs, db_url, token)
+        procs.append(launch(k))
         wait_for(lambda k=k: servers.health(k).get("broker") == "connected", 60, f"replica r{k + 1} did not start")
-    return Servers(urls, procs, db_url, token)
+    return servers
 
 
 def wait_for(check, timeout: float, what: str) -> float:
@@ -456,7 +463,18 @@ def kill_leader(servers: Servers) -> dict:
     took = wait_for(lambda: any(servers.health(k).get("replica", {}).get("leader") for k in others), 60,
                     "no replica took the lead within 60 s")
     print(f"killed the leader r{leader + 1} (SIGKILL); another replica led after {took:.1f} s", flush=True)
-    return {"killed": f"r{leader + 1}", "takeover_s": took}
+    return {"killed": f"r{leader + 1}", "index": leader, "at": time.monotonic() - took, "takeover_s": took}
+
+
+def restart_killed(servers: Servers, killed: dict) -> float:
+    """Start the killed replica again under its own id; the seconds until it is connected to the broker."""
+    assert servers.launch is not None, "only replicas are killed"
+    k = killed["index"]
+    t0 = time.monotonic()
+    servers.procs[k] = servers.launch(k)
+    took = wait_for(lambda: servers.health(k).get("broker") == "connected", 60, f"replica r{k + 1} did not restart")
+    print(f"restarted r{k + 1}; connected after {took:.1f} s", flush=True)
+    return time.monotonic() - t0
 
 
 def deploy_demo_model(api: httpx.Client) -> tuple[dict, float]:
@@ -496,6 +514,8 @@ def main() -> None:
     ap.add_argument("--deploy-devices", type=int, default=200)
     ap.add_argument("--replicas", type=int, default=1, help="N > 1: N serve --replicas processes on PostgreSQL")
     ap.add_argument("--kill-leader", action="store_true", help="with --replicas: SIGKILL the leader halfway")
+    ap.add_argument("--restart-killed", type=float, default=None, metavar="S",
+                    help="with --kill-leader: start the killed replica again S seconds after the kill")
     ap.add_argument("--quick", action="store_true", help="200 devices, 30 s, drift every 15 s")
     ap.add_argument("--sample-seconds", type=float, default=0.0,
                     help="soak: sample server RSS, descriptors, threads and DB size this often (0: off)")
@@ -539,7 +559,7 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     t_start = time.monotonic()
     devices.ask("birth")
     poller.start()
-    next_tel, next_drift, window, rss, killed = t_start, t_start + args.drift_s, 0, 0, None
+    next_tel, next_drift, window, rss, killed, restarted = t_start, t_start + args.drift_s, 0, 0, None, None
     # the first soak sample after a minute: births, first telemetry and the import-time heap are warm-up
     soak: list[dict] = []
     next_sample = t_start + 60 if args.sample_seconds else float("inf")
@@ -558,6 +578,9 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
             window, next_drift = window + 1, next_drift + args.drift_s
         if args.kill_leader and killed is None and now - t_start > args.duration / 2:
             killed = kill_leader(servers)
+        if (killed and restarted is None and args.restart_killed is not None
+                and now - killed["at"] >= args.restart_killed):
+            restarted = restart_killed(servers, killed)
         alive = servers.alive()
         cpu_seen.update(cpu_seconds(alive))
         rss = max(rss, rss_bytes(alive))
@@ -590,7 +613,9 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
             ("part bytes received by the deployed devices", part_bytes)]
     if killed:
         rows += [("leader killed (SIGKILL) at", f"{args.duration / 2:.0f} s"),
-                 ("another replica led after s", f"{killed['takeover_s']:.1f}")]
+                 ("another replica led after s", f"{killed['takeover_s']:.1f}"),
+                 ("killed replica restarted", "no" if restarted is None else
+                  f"{args.restart_killed:.0f} s after the kill, connected {restarted:.1f} s later")]
     print("| metric | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

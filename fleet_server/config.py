@@ -81,6 +81,11 @@ class FleetSettings(BaseSettings):
                             "[hostname-pid]")
     lease_check_s: float = Field(2.0, gt=0, le=60, description="how often a replica checks (or tries to take) "
                                  "the leader lease of the singleton duties")
+    mqtt_session_expiry_s: int = Field(60, ge=0, le=7 * 86400,
+                                       description="seconds the external broker keeps this server's MQTT session "
+                                       "(MQTT 5) after it vanished: a restart within them receives the device "
+                                       "messages it had not stored; 0: a clean MQTT 3.1.1 session, as before "
+                                       "(docs/design_notes.md, Acknowledge after commit)")
     trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API answers, "
                                      "besides localhost, 127.0.0.1 and http_host (DNS rebinding guard); "
                                      "'*.example.com' allows subdomains")

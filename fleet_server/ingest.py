@@ -6,6 +6,16 @@ device id, and dropped. Messages are queued by the network thread and written by
 thread in batches (one transaction per batch, a savepoint per message, so one bad message or
 handler bug never loses the rest of the batch). Events and commands go out after the commit.
 
+Each message comes with its acknowledgement (fleet_server.mqtt_client), called once its batch is
+committed: a server killed with messages queued or in an uncommitted batch never acknowledged
+them, and the broker delivers them again to the restarted server. A batch that cannot be committed
+after its retries is acknowledged all the same (and counted in ``errors``): holding it would stall
+the broker's in-flight window to this server until the next reconnect, and a message that breaks
+the batch would come back after every reconnect. A message may so arrive twice (killed after the
+commit, before the acknowledgement): a drift report is recognised by device, window and close
+time, a field sample by device, ref and window, and stored once; state and status messages are
+idempotent (a repeated birth or deployment phase changes nothing but a timeline line).
+
 Who sent it matters (fleet_server.enrollment): a revoked device is ignored; a device never
 enrolled is recorded as quarantined and its status, drift and samples reach no hook; an
 enrolled device keeps its enrolled group whatever its state message claims.
@@ -47,6 +57,7 @@ from toco_core.messages import (
 
 log = logging.getLogger("toco.fleet.ingest")
 After = list[Callable[[], None]]  # work to do once the batch is committed (events, commands)
+Ack = Callable[[], None]  # tells the broker one message is safely stored (fleet_server.mqtt_client)
 DEFAULT_GROUP = "default"  # the group of a device before it is enrolled (it is quarantined then)
 BATCH_ATTEMPTS = 4  # a batch aborted by a lock conflict is written again this many times in all
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
@@ -95,6 +106,7 @@ class Ingest:
         self.stats: Counter[str] = Counter()
         self._tally: Counter[str] = Counter()
         self._q: queue.Queue = queue.Queue()
+        self._stored: set[tuple] = set()  # the batch's keys already in the database (_already_stored)
         self._thread: threading.Thread | None = None
         self.idle = threading.Event()
 
@@ -109,11 +121,11 @@ class Ingest:
         if self._thread is not None:
             self._thread.join(10)
 
-    def submit(self, kind: MessageKind, device_id: str, payload: bytes) -> None:
-        """Queue one message from the network thread (never blocks)."""
+    def submit(self, kind: MessageKind, device_id: str, payload: bytes, ack: Ack | None = None) -> None:
+        """Queue one message from the network thread (never blocks); ``ack()`` runs once it is committed."""
         self.stats[f"received.{kind.value}"] += 1
         self.idle.clear()
-        self._q.put((kind, device_id, payload))
+        self._q.put((kind, device_id, payload, ack))
 
     def pending(self) -> int:
         """Messages waiting to be written."""
@@ -133,10 +145,20 @@ class Ingest:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._process(items)
+                    self._commit(items)
                     return
                 items.append(nxt)
-            self._process(items)
+            self._commit(items)
+
+    def _commit(self, items: list[tuple[MessageKind, str, bytes, Ack | None]]) -> None:
+        """Write one batch, then acknowledge its messages (never before: see the module's docstring)."""
+        self._process([(kind, device_id, payload) for kind, device_id, payload, _ in items])
+        for *_, ack in items:
+            if ack is not None:
+                try:
+                    ack()
+                except Exception:  # the broker delivers it again after a reconnect; ingest knows it then
+                    log.exception("acknowledging a stored message failed")
 
     def _process(self, items: list[tuple[MessageKind, str, bytes]]) -> None:
         parsed: list[tuple[MessageKind, str, Message | None]] = []
@@ -202,6 +224,7 @@ class Ingest:
             ids = sorted({device_id for _, device_id, _ in parsed})
             known = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(ids)).order_by(DeviceRow.id)  # noqa: F841
                               .with_for_update()).all()
+            self._stored = self._already_stored(s, parsed)
             for kind, device_id, msg in parsed:
                 if kind is MessageKind.TELEMETRY and msg is not None:
                     # the bulk of the traffic, and it only adds a row: no savepoint (a flush per
@@ -216,6 +239,24 @@ class Ingest:
                 except Exception:
                     self._tally["errors"] += 1
                     log.exception("ingest handler failed", extra={"fields": {"device": device_id, "kind": kind.value}})
+
+    def _already_stored(self, s, parsed: list[tuple[MessageKind, str, Message | None]]) -> set[tuple]:
+        """Keys of the batch's drift reports and field samples the database already holds (messages the
+        broker delivered again): ``("drift", device, window, closed_at)`` and ``("sample", device, ref, window)``.
+        One query per kind present, on the rows' device indexes."""
+        drift = [m for k, _, m in parsed if k is MessageKind.DRIFT and isinstance(m, DriftMessage)]
+        samples = [m for k, _, m in parsed if k is MessageKind.SAMPLES and isinstance(m, SamplesMessage)]
+        found: set[tuple] = set()
+        if drift:
+            rows = s.execute(select(DriftRow.device_id, DriftRow.window, DriftRow.t).where(
+                DriftRow.device_id.in_({m.device_id for m in drift}), DriftRow.t.in_({m.closed_at for m in drift})))
+            found.update(("drift", *row) for row in rows)
+        if samples:
+            rows = s.execute(select(SampleRow.device_id, SampleRow.ref, SampleRow.window).where(
+                SampleRow.device_id.in_({m.device_id for m in samples}),
+                SampleRow.ref.in_({smp.ref for m in samples for smp in m.samples})))
+            found.update(("sample", *row) for row in rows)
+        return found
 
     def _device(self, s, device_id: str) -> DeviceRow:
         d = s.get(DeviceRow, device_id)
@@ -284,6 +325,11 @@ class Ingest:
         after.append(lambda: self.events.publish("telemetry", {"device_id": d.id, **point}))
 
     def _drift(self, s, d: DeviceRow, msg: DriftMessage, after: After, trusted: bool) -> None:
+        key = ("drift", d.id, msg.window_index, msg.closed_at)
+        if key in self._stored:  # delivered again: stored, and acted on, the first time
+            self._tally["duplicates"] += 1
+            return
+        self._stored.add(key)
         point = drift_point(msg)
         s.add(DriftRow(device_id=d.id, bundle_id=msg.bundle_id, window=msg.window_index, t=msg.closed_at,
                        alert=msg.alert, point=point, disputed=[r.model_dump(mode="json") for r in msg.disputed]))
@@ -293,6 +339,9 @@ class Ingest:
             self.on_drift(s, d, msg, after)
 
     def _samples(self, s, d: DeviceRow, msg: SamplesMessage) -> None:
+        if msg.samples and all(("sample", d.id, smp.ref, msg.window) in self._stored for smp in msg.samples):
+            self._tally["duplicates"] += 1  # delivered again
+            return
         for smp in msg.samples:
             try:
                 data = base64.b64decode(smp.data_b64, validate=True)

@@ -8,6 +8,15 @@ With replicas (``shared_group`` set) the device topics and chunk requests are su
 ``$share/{group}/{filter}``: the broker hands each message to one replica of the group, so each is
 stored (and each chunk request answered) once. The relay topic (fleet_server.event_relay) is
 subscribed plainly: every replica hears every other replica's dashboard events.
+
+QoS 1 device messages are acknowledged only once the ingest batch holding them is committed
+(paho's manual acknowledgement): a server killed with messages still queued leaves them un-acked,
+and the broker delivers them again. That needs a session the broker keeps across the server's
+death (``session_expiry_s``: MQTT 5, clean_start=False) under a client id that the restarted
+process asks for again. Everything else (chunk requests, relayed events) is acknowledged as soon
+as it has been handled. A PUBACK names a packet id of one connection: an acknowledgement that
+comes after the connection it arrived on has dropped is not sent (the broker delivers the
+message again on the new connection, and ingest recognises it).
 """
 
 from __future__ import annotations
@@ -19,30 +28,40 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from toco_core.messages import Message, MessageError, MessageKind, encode
-from toco_core.mqtt_client_factory import make_mqtt_client
+from toco_core.mqtt_client_factory import make_mqtt_client, session_connect_args
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.mqtt")
 INGEST_KINDS = (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.DRIFT, MessageKind.SAMPLES)
+Ack = Callable[[], None]  # acknowledges one received QoS 1 message to the broker (a no-op for QoS 0)
 
 
 class FleetMqtt:
-    """Connects to ``url``; ``on_device(kind, device_id, payload)`` and ``on_get(topic, payload)`` receive traffic."""
+    """Connects to ``url``; ``on_device(kind, device_id, payload, ack)`` and ``on_get(topic, payload)`` receive
+    traffic. ``on_device`` owns ``ack``: it calls it once the message is safely stored (or given up on)."""
 
-    def __init__(self, url: str, topics: Topics, *, on_device: Callable[[MessageKind, str, bytes], None],
+    def __init__(self, url: str, topics: Topics, *, on_device: Callable[[MessageKind, str, bytes, Ack], None],
                  on_get: Callable[[str, bytes], None], on_connect: Callable[[], None] | None = None,
                  client_id: str = "toco-fleet-server", username: str | None = None, password: str | None = None,
                  ca_file: str | None = None, shared_group: str | None = None,
-                 on_relay: Callable[[bytes], None] | None = None) -> None:
+                 on_relay: Callable[[bytes], None] | None = None, session_expiry_s: int | None = None) -> None:
         """``shared_group``: subscribe ingest and chunk requests as ``$share/{group}/...`` (replicas);
-        ``on_relay(payload)`` receives the other replicas' events on ``topics.server_events()``."""
+        ``on_relay(payload)`` receives the other replicas' events on ``topics.server_events()``;
+        ``session_expiry_s``: keep the broker-held session (MQTT 5) that long after a disconnect, so a
+        restarted server under the same ``client_id`` gets the messages it never acknowledged (None:
+        MQTT 3.1.1 and a clean session, as the embedded broker needs)."""
         self.broker = parse_broker_url(url)
         self.shared_group, self.on_relay = shared_group, on_relay
         self.topics = topics
         self.on_device, self.on_get, self.on_connected = on_device, on_get, on_connect
         self.connected = threading.Event()
+        self.session_expiry_s = session_expiry_s
+        # which connection a packet id belongs to: bumped (under the lock) on every connect and disconnect
+        self._ack_lock = threading.Lock()
+        self._connection = 0
         self.client = make_mqtt_client(client_id, self.broker, username=username, password=password, ca_file=ca_file,
-                                       reconnect_min=1, reconnect_max=10)
+                                       reconnect_min=1, reconnect_max=10, session_expiry_s=session_expiry_s,
+                                       manual_ack=True)
         # a burst of 1,000 births must not be throttled by paho's default in-flight window
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
@@ -52,7 +71,7 @@ class FleetMqtt:
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect in the background and wait up to ``timeout`` s. Raises TimeoutError if the broker is unreachable."""
-        self.client.connect_async(self.broker.host, self.broker.port, 30)
+        self.client.connect_async(self.broker.host, self.broker.port, 30, **session_connect_args(self.session_expiry_s))
         self.client.loop_start()
         if not self.connected.wait(timeout):
             raise TimeoutError(f"the fleet server could not reach the broker at {self.broker.host}:{self.broker.port}")
@@ -76,6 +95,10 @@ class FleetMqtt:
         if reason_code.is_failure:
             log.error("broker refused the fleet server", extra={"fields": {"reason": str(reason_code)}})
             return
+        with self._ack_lock:
+            self._connection += 1
+        if self.session_expiry_s is not None:
+            log.info("broker session", extra={"fields": {"resumed": bool(flags.session_present)}})
         subs = [(self.topics.device(k), DELIVERY[k].qos) for k in INGEST_KINDS]
         subs.append((self.topics.get(), DELIVERY[MessageKind.GET].qos))
         if self.shared_group is not None:
@@ -88,27 +111,57 @@ class FleetMqtt:
             self.on_connected()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._ack_lock:
+            self._connection += 1
         self.connected.clear()
         level = logging.WARNING if reason_code.is_failure else logging.INFO  # our own stop() is not news
         log.log(level, "disconnected from the broker", extra={"fields": {"reason": str(reason_code)}})
 
+    def _acker(self, msg: mqtt.MQTTMessage) -> Ack:
+        """The acknowledgement of ``msg``, bound to the connection it arrived on."""
+        if msg.qos == 0:
+            return _no_ack
+        mid, qos = msg.mid, msg.qos
+        with self._ack_lock:
+            connection = self._connection
+
+        def ack() -> None:
+            with self._ack_lock:
+                # a packet id names a message of one connection only: on a newer one it may name another
+                if connection == self._connection:
+                    self.client.ack(mid, qos)
+        return ack
+
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        ack = self._acker(msg)
+        try:
+            if self._dispatch(msg, ack):
+                return  # ingest owns the acknowledgement now
+        except Exception:  # never let one message take the network thread down
+            log.exception("handling a message failed", extra={"fields": {"topic": msg.topic}})
+        ack()
+
+    def _dispatch(self, msg: mqtt.MQTTMessage, ack: Ack) -> bool:
+        """Hand ``msg`` to its handler. Returns True when ingest took it (and will call ``ack``)."""
         if self.on_relay is not None and msg.topic == self.topics.server_events():
             try:
                 self.on_relay(bytes(msg.payload))
             except Exception:
                 log.exception("a relayed event could not be delivered")
-            return
+            return False
         try:
             where = self.topics.parse(msg.topic)
         except MessageError as exc:
             log.warning("message on an unknown topic dropped", extra={"fields": {"topic": msg.topic, "error": str(exc)}})
-            return
-        try:
-            if where.kind is MessageKind.GET:
-                self.on_get(msg.topic, bytes(msg.payload))
-            elif where.kind in INGEST_KINDS:
-                assert where.device_id is not None  # a device topic names the device
-                self.on_device(where.kind, where.device_id, bytes(msg.payload))
-        except Exception:  # never let one message take the network thread down
-            log.exception("handling a message failed", extra={"fields": {"topic": msg.topic}})
+            return False
+        if where.kind is MessageKind.GET:
+            self.on_get(msg.topic, bytes(msg.payload))
+        elif where.kind in INGEST_KINDS:
+            assert where.device_id is not None  # a device topic names the device
+            self.on_device(where.kind, where.device_id, bytes(msg.payload), ack)
+            return True
+        return False
+
+
+def _no_ack() -> None:
+    """QoS 0 messages have no acknowledgement."""

@@ -47,6 +47,33 @@ from toco_core.topics import Topics
 log = logging.getLogger("toco.fleet.server")
 
 
+def mqtt_session(settings: FleetSettings) -> tuple[str, int | None]:
+    """The server's MQTT client id, and the expiry of the broker-held session it resumes (None: a clean one).
+
+    A kept session is what brings a killed server's unacknowledged messages back, and only a
+    restart that asks for the same client id gets them: the id is ``toco-fleet-{fleet}``, with
+    replicas ``toco-fleet-{fleet}-{mqtt user}`` (the identity fleet_server.replicas locks) or, without
+    an MQTT user, ``-{replica_id}``. A replica id left at its default (hostname-pid) changes with every
+    restart: such a replica gets a clean session, and a warning, because its abandoned session would
+    go on being handed its share of the shared subscriptions with nobody to deliver them to. The
+    embedded broker dies with the process (nothing to resume) and speaks MQTT 3.1.1 only.
+    Takes the settings. Returns (client id, expiry seconds or None). Raises nothing.
+    """
+    s = settings
+    if not s.replicas:
+        client_id = f"toco-fleet-{s.fleet}"
+    else:
+        client_id = f"toco-fleet-{s.fleet}-{s.mqtt_username or s.replica_id}"
+    if s.broker == "embedded" or s.mqtt_session_expiry_s == 0:
+        return client_id, None
+    if s.replicas and not s.mqtt_username and "replica_id" not in s.model_fields_set:
+        log.warning("this replica's MQTT client id changes with every restart, so the broker cannot keep its "
+                    "unacknowledged messages for it; give it --replica-id (or its own --mqtt-username)",
+                    extra={"fields": {"client_id": client_id}})
+        return client_id, None
+    return client_id, s.mqtt_session_expiry_s
+
+
 class FleetServer:
     """Every running part of the server; ``start()`` / ``stop()`` in dependency order."""
 
@@ -71,10 +98,10 @@ class FleetServer:
         # replicas: each its own client id (a broker with use_username_as_clientid makes it the username, so
         # each replica also needs its own MQTT user); ingest shared among them, events relayed to all
         self.relay: EventRelay | None = None
+        client_id, expiry = mqtt_session(s)
         self.mqtt = FleetMqtt(self.broker_url, self.topics, on_device=self.ingest.submit, on_get=self._on_get,
                               on_connect=self._on_connect, username=s.mqtt_username, password=s.broker_password,
-                              ca_file=s.mqtt_ca_file,
-                              client_id=f"toco-fleet-{s.fleet}-{s.replica_id}" if s.replicas else f"toco-fleet-{s.fleet}",
+                              ca_file=s.mqtt_ca_file, client_id=client_id, session_expiry_s=expiry,
                               shared_group="toco-fleet" if s.replicas else None,
                               on_relay=self._on_relay if s.replicas else None)
         if s.replicas:
@@ -193,8 +220,10 @@ class FleetServer:
         if self._tick_thread is not None:
             self._tick_thread.join(5)
         self.jobs.stop()
-        self.mqtt.stop()
+        # ingest first: what it stores now is acknowledged while the connection is still up; what
+        # arrives meanwhile stays unacknowledged and comes back with the next start
         self.ingest.stop()
+        self.mqtt.stop()
         if self.broker is not None:
             self.broker.stop()
         self.lease.stop()
