@@ -62,7 +62,7 @@ class SampleScorer:
         inp = sess.get_inputs()[0]
         out = sess.run(None, {inp.name: _inputs(rows, input_dtype(inp))})[0]
         base = out.reshape(len(rows), -1).argmax(-1) if out.ndim == 2 else out.reshape(len(rows), -1, out.shape[-1])[:, 0].argmax(-1)
-        agree = float(np.mean([int(b) == int(disputed[r.ref]) for b, r in zip(base, rows)]))
+        agree = float(np.mean([int(b) == int(disputed[r.ref]) for b, r in zip(base, rows, strict=True)]))
         return agree, len(rows)
 
     def tick(self, s, policy, now: float, after: list) -> None:

@@ -106,5 +106,5 @@ def deltas_from_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[in
     sizes = [int(np.prod(shapes[n])) for n in names]
     deltas, order = _deltas_of(arrays, sizes), arrays["points"]
     ends = np.cumsum(sizes)
-    return {int(i): {n: row[e - k:e].reshape(shapes[n]) for n, k, e in zip(names, sizes, ends)}
-            for i, row in zip(order, deltas)}
+    return {int(i): {n: row[e - k:e].reshape(shapes[n]) for n, k, e in zip(names, sizes, ends, strict=True)}
+            for i, row in zip(order, deltas, strict=True)}

@@ -156,7 +156,7 @@ class NestedCalibration:
         for i, (ps, qs) in enumerate(points):
             tensors = plan_codes(bare, self.ladders, self.classes, ps, qs)
             scale = np.float32(max(int8_scale, qs))
-            for t, (info, q) in enumerate(zip(self.infos, tensors)):
+            for t, (info, q) in enumerate(zip(self.infos, tensors, strict=True)):
                 values = dequantize(q)
                 tau = self.tmap.quant[info.name]
                 int8[i, t] = scale > 0 and int8_fits(values, tau * scale, info.out_axis, self.coverage)

@@ -161,7 +161,7 @@ def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict
             fisher = _fisher(ev, current, kind, x, s.seed + j, sampled=n > 300_000).result()
         acc = InputMoments(ev, names)
         acc.add_batch(x)
-        masks = {k: m.reshape(weights[k].shape) for k, m in zip(names, np.split(pruned, sizes))}
+        masks = {k: m.reshape(weights[k].shape) for k, m in zip(names, np.split(pruned, sizes), strict=True)}
         score = prune_scores(current, fisher, acc.result(), masks, s.floor_rel)
         order = np.argsort(np.concatenate([score[k].ravel() for k in names]), kind="stable")
         order = order[~pruned[order]]  # survivors, least important first
@@ -173,9 +173,9 @@ def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict
         pruned[take] = True
         done += len(take)
         current = {k: np.where(m.reshape(weights[k].shape), 0, weights[k]).astype(np.float32)
-                   for k, m in zip(names, np.split(pruned, sizes))}
+                   for k, m in zip(names, np.split(pruned, sizes), strict=True)}
         progress("prune", j, s.prune_rounds)
-    return {k: r.reshape(weights[k].shape).astype(np.float32) for k, r in zip(names, np.split(rank, sizes))}
+    return {k: r.reshape(weights[k].shape).astype(np.float32) for k, r in zip(names, np.split(rank, sizes), strict=True)}
 
 
 def prune_grid() -> list[float]:

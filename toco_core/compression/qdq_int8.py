@@ -95,7 +95,7 @@ def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calib
             raise PoolError("no calibration samples", "pass a non-empty batch of the model inputs")
     else:
         x = np.asarray(calibration_x, dtype=spec.dtype)
-        if len(x) == 0 or x.ndim != len(spec.shape) or any(d and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
+        if len(x) == 0 or x.ndim != len(spec.shape) or any(d and d != s for d, s in zip(spec.shape[1:], x.shape[1:], strict=True)):
             raise PoolError(f"calibration samples of shape {x.shape} do not fit input {spec.name!r} {spec.shape}",
                             "pass a non-empty batch shaped like the model input")
     if not targets:
