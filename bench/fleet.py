@@ -137,8 +137,9 @@ class SimBox:
 
     def drift(self, window: int) -> None:
         now = time.time()
-        self.send(MessageKind.DRIFT, DriftMessage(device_id=self.id, window_index=window, opened_at=now - 60, closed_at=now,
-                                                  n_samples=256, n_shadowed=26, measured_agreement=0.99,
+        self.send(MessageKind.DRIFT, DriftMessage(device_id=self.id, window_index=window, opened_at=now - 60,
+                                                  closed_at=now, n_samples=256, n_shadowed=26,
+                                                  measured_agreement=0.99,
                                                   predicted_agreement=0.99, mean_confidence=0.9, mean_entropy=0.3,
                                                   input_mean=0.1, input_std=0.3))
 
@@ -280,8 +281,9 @@ def start_replicas(n: int, tmp: str, broker_url: str, groups: dict[str, str], st
     for k in range(n):
         port = free_port()
         log = open(Path(tmp) / f"replica-{k + 1}.log", "wb")  # noqa: SIM115 - the serve process writes it
-        procs.append(subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET, "--port", str(port),
-                                       "--data-dir", str(Path(tmp) / "data"), "--db-url", db_url, "--broker", broker_url,
+        procs.append(subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET,
+                                       "--port", str(port), "--data-dir", str(Path(tmp) / "data"),
+                                       "--db-url", db_url, "--broker", broker_url,
                                        "--replicas", "--replica-id", f"r{k + 1}"], env=env, stdout=log,
                                       stderr=subprocess.STDOUT))
         urls.append(f"http://127.0.0.1:{port}")
