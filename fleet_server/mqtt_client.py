@@ -102,7 +102,8 @@ class FleetMqtt:
         try:
             where = self.topics.parse(msg.topic)
         except MessageError as exc:
-            log.warning("message on an unknown topic dropped", extra={"fields": {"topic": msg.topic, "error": str(exc)}})
+            log.warning("message on an unknown topic dropped",
+                        extra={"fields": {"topic": msg.topic, "error": str(exc)}})
             return
         try:
             if where.kind is MessageKind.GET:

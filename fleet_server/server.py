@@ -74,7 +74,8 @@ class FleetServer:
         self.mqtt = FleetMqtt(self.broker_url, self.topics, on_device=self.ingest.submit, on_get=self._on_get,
                               on_connect=self._on_connect, username=s.mqtt_username, password=s.broker_password,
                               ca_file=s.mqtt_ca_file,
-                              client_id=f"toco-fleet-{s.fleet}-{s.replica_id}" if s.replicas else f"toco-fleet-{s.fleet}",
+                              client_id=(f"toco-fleet-{s.fleet}-{s.replica_id}" if s.replicas
+                                         else f"toco-fleet-{s.fleet}"),
                               shared_group="toco-fleet" if s.replicas else None,
                               on_relay=self._on_relay if s.replicas else None)
         if s.replicas:
@@ -112,7 +113,8 @@ class FleetServer:
     @property
     def public_key_path(self):
         """The active signing key's public half (PEM): what a newly provisioned device is given."""
-        return public_key_path(self.settings.signing_key_path.with_name(self.signer.ring.entry(self.signer.ring.active).file))
+        active = self.signer.ring.entry(self.signer.ring.active)
+        return public_key_path(self.settings.signing_key_path.with_name(active.file))
 
     def _use_key(self, key) -> None:
         """A rotation was picked up: new bundles are signed with the new active key too."""
