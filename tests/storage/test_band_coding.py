@@ -24,7 +24,8 @@ def test_a_band_decodes_exactly_and_stops_at_any_bit_each_tensor_asks_for():
     assert all(np.array_equal(a, b) for a, b in zip(exact, codes, strict=True))
     for stop, have in (([2, 0, 1, 3], {}), ([1, 0, 1, 2], {2: fine[2], 1: fine[1]}), ([2, 0, 0, 3], {0: fine[0]})):
         got = decode_band(top, have, sizes, top_bits, stop)
-        assert all(np.array_equal(g, np.sign(c) * (np.abs(c) >> s)) for g, c, s in zip(got, codes, stop, strict=True)), stop
+        assert all(np.array_equal(g, np.sign(c) * (np.abs(c) >> s))
+                   for g, c, s in zip(got, codes, stop, strict=True)), stop
     with pytest.raises(ValueError, match="fine bit 1"):
         decode_band(top, {2: fine[2]}, sizes, top_bits, [1, 0, 1, 2])
     with pytest.raises(ValueError, match="another bit"):
