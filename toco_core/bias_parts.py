@@ -65,7 +65,8 @@ def bias_arrays(points: PointDeltas) -> dict[str, np.ndarray]:
     grid, ``deltas`` (float16 [points, channels]). One array each, so the part pays one header."""
     names = sorted({n for d in points.values() for n in d})
     order = sorted(points)
-    head: dict[str, np.ndarray] = {"names": np.frombuffer("\n".join(names).encode(), np.uint8), "points": np.asarray(order, np.int32)}
+    head: dict[str, np.ndarray] = {"names": np.frombuffer("\n".join(names).encode(), np.uint8),
+                                   "points": np.asarray(order, np.int32)}
     grid = _grid_codes(names, [points[i] for i in order])
     if grid is not None:
         return {**head, "exponents": grid[0], "codes": np.ascontiguousarray(grid[1].T)}

@@ -87,7 +87,8 @@ def band_parts(masters: list[np.ndarray], classes: list[np.ndarray], levels: int
     for j, (lo, hi) in _intervals(split_order(b, levels), levels).items():
         parts[f"prune/{j}"] = bands.encode_mask([c[(c > lo) & (c <= hi)] <= j for c in flat])
     for lo, hi in groups(b, levels):
-        top, fine = bands.encode_band([q.ravel()[(k > lo) & (k <= hi)] for q, k in zip(masters, flat, strict=True)], top_bits)
+        in_band = [q.ravel()[(k > lo) & (k <= hi)] for q, k in zip(masters, flat, strict=True)]
+        top, fine = bands.encode_band(in_band, top_bits)
         parts[f"band/{hi}"] = top
         parts.update({f"fine/{hi}/{bit}": data for bit, data in fine.items()})
     return parts
@@ -131,7 +132,8 @@ def _spans_of_weights(parts: dict[str, bytes], sizes: list[int], levels: int,
         try:
             below = bands.decode_mask(parts[f"prune/{j}"], [c.size for c in cand])
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"prune split {j} of the bundle does not decode: {exc}", "fetch the bundle again") from None
+            raise BundleError(f"prune split {j} of the bundle does not decode: {exc}",
+                              "fetch the bundle again") from None
         for a, z, c, m in zip(lo, hi, cand, below, strict=True):
             z[c[m]] = j
             a[c[~m]] = j
@@ -166,13 +168,15 @@ def decode_bands(shapes: list[list[int]], out_axes: list[int], parts: dict[str, 
     codes = [np.zeros(n, np.int64) for n in sizes]
     placed = []
     for glo, ghi in groups(b, levels):
-        straddle = any(((a < glo) & (glo < z)).any() or ((a < ghi) & (ghi < z)).any() for a, z in zip(lo, hi, strict=True))
+        straddle = any(((a < glo) & (glo < z)).any() or ((a < ghi) & (ghi < z)).any()
+                       for a, z in zip(lo, hi, strict=True))
         if f"band/{ghi}" in parts and not straddle:
             placed.append((glo, ghi))
     stop = _stop_bits(parts, [g for _, g in placed], top_bits)
     for glo, ghi in placed:
         members = [(a >= glo) & (z <= ghi) for a, z in zip(lo, hi, strict=True)]
-        fine = {bit: parts[f"fine/{ghi}/{bit}"] for bit in range(max(top_bits, default=0)) if f"fine/{ghi}/{bit}" in parts}
+        fine = {bit: parts[f"fine/{ghi}/{bit}"] for bit in range(max(top_bits, default=0))
+                if f"fine/{ghi}/{bit}" in parts}
         try:
             got = bands.decode_band(parts[f"band/{ghi}"], fine, [int(m.sum()) for m in members], top_bits, stop)
         except (ValueError, RuntimeError) as exc:

@@ -109,7 +109,8 @@ def _context_bits(table: PlanTable, levels: range, n: int) -> list[int]:
 
 def top_codes(lay: LadderLayout, parts: dict[str, bytes]) -> list[np.ndarray]:
     """Every tensor's codes/top codes in its own shape."""
-    moved = [(s[a],) + tuple(d for i, d in enumerate(s) if i != a) for s, a in zip(lay.shapes, lay.out_axes, strict=True)]
+    moved = [(s[a],) + tuple(d for i, d in enumerate(s) if i != a)
+             for s, a in zip(lay.shapes, lay.out_axes, strict=True)]
     try:
         rows = planes.decode_top(parts["codes/top"], [(m[0], int(np.prod(m[1:]))) for m in moved])
     except (ValueError, RuntimeError) as exc:
@@ -134,10 +135,12 @@ def ladders_from_planes(lay: LadderLayout, parts: dict[str, bytes], top: list[np
                                   "fetch the bundle again") from None
             for t, c in zip(tensors, decoded, strict=True):
                 current[t], bits[t] = c, b
-    return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c, bit in zip(lay.tensors, lay.out_axes, current, bits, strict=True)}
+    return {n: CodeLadder(a, truncated=c, bit=bit)
+            for n, a, c, bit in zip(lay.tensors, lay.out_axes, current, bits, strict=True)}
 
 
-def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
+def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes],
+                        ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
     """Prune classes as far as the prune planes present resolve them: a weight's class is the top
     of its known interval, so pruning at any level the planes resolve (class <= level) reads true.
 
@@ -162,7 +165,8 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
         try:
             known = planes.decode_prune_plane(parts[f"prune/{t}"], known, top, (lo, hi, t))
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"prune plane {t} of the bundle does not decode: {exc}", "fetch the bundle again") from None
+            raise BundleError(f"prune plane {t} of the bundle does not decode: {exc}",
+                              "fetch the bundle again") from None
         applied.add((lo, hi, t))
     return {n: hi for n, (_, hi) in zip(lay.tensors, known, strict=True)}
 
@@ -172,7 +176,8 @@ def plane_names(lay: LadderLayout, bits: list[int]) -> list[str]:
     top_bits = layout_top_bits(lay)
     if lay.plane_parts == "plane":
         return [f"codes/{b}" for b in range(top_bits[0] - 1, min(bits + top_bits) - 1, -1)]
-    return [f"codes/{b}/{k}" for k, (bit, tb) in enumerate(zip(bits, top_bits, strict=True)) for b in range(tb - 1, bit - 1, -1)]
+    return [f"codes/{b}/{k}" for k, (bit, tb) in enumerate(zip(bits, top_bits, strict=True))
+            for b in range(tb - 1, bit - 1, -1)]
 
 
 def layout_top_bits(lay: LadderLayout) -> list[int]:

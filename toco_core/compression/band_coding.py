@@ -175,7 +175,8 @@ def _decode_top(top: bytes, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if pos >= len(top) or top[pos] > MAX_LENGTH + 1 or pos + 1 + top[pos] > len(top):
             raise ValueError("the band's count table is truncated")
         n = top[pos]
-        tables.append(np.pad(np.frombuffer(top[pos + 1:pos + 1 + n], np.uint8).astype(np.int64), (0, MAX_LENGTH + 1 - n)))
+        table = np.frombuffer(top[pos + 1:pos + 1 + n], np.uint8).astype(np.int64)
+        tables.append(np.pad(table, (0, MAX_LENGTH + 1 - n)))
         pos += 1 + n
     if pos + 4 > len(top):
         raise ValueError("the band is truncated")

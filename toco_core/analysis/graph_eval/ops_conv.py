@@ -75,7 +75,8 @@ def conv_transpose(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     out_pad = list(node.attr("output_padding", [0] * n))
     in_sizes = list(x.shape[2:])
     kernel = list(w.shape[2:])
-    full = [(i - 1) * s + (k - 1) * d + 1 + p for i, s, k, d, p in zip(in_sizes, strides, kernel, dilations, out_pad, strict=True)]
+    full = [(i - 1) * s + (k - 1) * d + 1 + p
+            for i, s, k, d, p in zip(in_sizes, strides, kernel, dilations, out_pad, strict=True)]
     crops = _transpose_pads(node, full, in_sizes, strides)
     y = _CONV_T[n](x, w, None, strides, 0, 0, node.attr("group", 1), dilations)
     # output_padding appends zeros at the end; negative F.pad values crop.
