@@ -30,7 +30,8 @@ def _config(path: Path | None) -> AgentConfig:
 
 @app.command()
 @cli_errors
-def run(config: Path | None = ConfigOpt, verbose: int = typer.Option(None, "-v", count=True, help="-v info, -vv debug")) -> None:
+def run(config: Path | None = ConfigOpt,
+        verbose: int = typer.Option(None, "-v", count=True, help="-v info, -vv debug")) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT (then shut down cleanly)."""
     if config is None and DEFAULT_PATH.exists():
         config = DEFAULT_PATH
@@ -46,7 +47,8 @@ def run(config: Path | None = ConfigOpt, verbose: int = typer.Option(None, "-v",
 
 @app.command()
 @cli_errors
-def status(config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
+def status(config: Path | None = ConfigOpt,
+           as_json: bool = typer.Option(False, "--json", help="print the raw JSON")) -> None:
     """Active model, slot, last drift window and connection, from the daemon's status.json."""
     from agent.status import read_status
 
@@ -73,7 +75,8 @@ def status(config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, 
     if storage:
         shadow = {"fp32": "fp32 base", "master": "master model", "none": "none (confidence/entropy/input checks)"}
         rows += [("state dir", f"{storage.get('state_dir_bytes', 0):,} bytes"),
-                 ("downloaded", "-" if storage.get("download_bytes") is None else f"{storage['download_bytes']:,} bytes"),
+                 ("downloaded",
+                  "-" if storage.get("download_bytes") is None else f"{storage['download_bytes']:,} bytes"),
                  ("drift shadow", shadow.get(str(storage.get("shadow")), "-"))]
     for k, v in rows:
         t.add_row(k, v)

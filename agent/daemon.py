@@ -69,7 +69,8 @@ class Agent:
         self.trust = TrustStore(self.state_dir, provisioned)
         self.public_key = self.trust.path
         self.guard = CommandGuard(config.device_id, self.trust,
-                                  lambda cmd: child_tasks.verify_command(self.trust.path, cmd.model_dump_json().encode()))
+                                  lambda cmd: child_tasks.verify_command(self.trust.path,
+                                                                         cmd.model_dump_json().encode()))
         self.profile: DeviceProfile | None = None
         self.store = ModelStore(self.state_dir)
         self.reporter = DriftReporter(self._send, config.device_id, config.drift, config.upload_samples,
@@ -179,7 +180,8 @@ class Agent:
         ptr = self.store.pointer()
         self._serving_generation = ptr.generation if ptr else None
         self.reporter.attach(info.meta.bundle_id, self.deployer.reference_for(info.meta.sha256),
-                             self.deployer.base_model(info.meta.bundle_id), self.deployer.shadow_mode(info.meta.bundle_id))
+                             self.deployer.base_model(info.meta.bundle_id),
+                             self.deployer.shadow_mode(info.meta.bundle_id))
         if self.link is not None:
             self.link.republish_state()
         self.status.write()

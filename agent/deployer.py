@@ -195,10 +195,12 @@ class Deployer:
         write_journal(self.root, journal)
         self.report(Phase.RECOMPRESSING, journal, progress=0.0, detail=f"attempt {journal.attempts}")
         profile, policy = self.limits(journal.policy)
-        spec = JobSpec(profile=profile, policy=policy, drift=self.config.drift, measure_memory=policy.memory is not None)
+        spec = JobSpec(profile=profile, policy=policy, drift=self.config.drift,
+                       measure_memory=policy.memory is not None)
         try:
             if self.bundle_path(journal.bundle_id).exists():
-                job = self._run(journal, spec.model_copy(update={"bundle_path": str(self.bundle_path(journal.bundle_id))}))
+                bundle_path = str(self.bundle_path(journal.bundle_id))
+                job = self._run(journal, spec.model_copy(update={"bundle_path": bundle_path}))
             else:
                 job = self._run_parts(journal, spec, policy.max_tries)
                 if self.config.keep_master:
@@ -238,7 +240,8 @@ class Deployer:
             self._fetch(journal, manifest, names)
             have = sorted(self.parts.have(bid) & listed)
             try:
-                return self._run(journal, spec.model_copy(update={"parts_dir": str(self.parts.dir(bid)), "parts": have}))
+                parts_spec = spec.model_copy(update={"parts_dir": str(self.parts.dir(bid)), "parts": have})
+                return self._run(journal, parts_spec)
             except NeedsParts as exc:
                 names = exc.parts
         raise JobFailed(FailureReason.INTERNAL, f"the plans still needed parts after {max_tries + 2} fetches: "

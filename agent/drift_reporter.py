@@ -324,7 +324,7 @@ class DriftReporter:
         for window, (disputed, inputs) in kept:
             if cmd.window is not None and window != cmd.window:
                 continue
-            for d, x in zip(disputed, inputs):
+            for d, x in zip(disputed, inputs, strict=True):
                 if wanted and d.ref not in wanted:
                     continue
                 # several inputs: one Sample per input, ref "REF/NAME" (the server joins them again)

@@ -172,7 +172,7 @@ class InferenceEngine:
         self.stats.record((time.perf_counter() - start) * 1e3, len(arr))
         if self._trial is not None:
             self._trial_run(loaded.version, None)
-        outputs = dict(zip(loaded.output_names, values))
+        outputs = dict(zip(loaded.output_names, values, strict=True))
         request_id = self._requests.add(len(arr))
         if self.hook is not None:
             try:

@@ -58,7 +58,7 @@ def check_input(x: Any, spec: InputSpec, max_batch: int) -> np.ndarray:
     if arr.ndim != len(spec.shape):
         raise InputError(f"inputs have shape {list(arr.shape)} ({arr.ndim} dims); the model input "
                          f"{spec.name!r} is {want}", "add or remove axes; the first axis is the batch")
-    for axis, (got, need) in enumerate(zip(arr.shape, spec.shape)):
+    for axis, (got, need) in enumerate(zip(arr.shape, spec.shape, strict=True)):
         if need is not None and got != need:
             raise InputError(f"inputs have shape {list(arr.shape)}; the model input {spec.name!r} is {want} "
                              f"(axis {axis} must be {need}, got {got})", "resize the input to the model's shape")

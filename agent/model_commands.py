@@ -58,7 +58,8 @@ class ModelCommands:
 
     # ---------------------------------------------------------------- dispatcher thread
     def on_command(self, topic: str, cmd: Message) -> None:
-        """Link handler for the device's command topic: admit (or refuse), validate and queue; the worker does the work."""
+        """Link handler for the device's command topic: admit (or refuse), validate and queue; the
+        worker does the work."""
         log.info("command", extra={"fields": {"cmd": type(cmd).__name__, "id": getattr(cmd, "cmd_id", "")}})
         if not isinstance(cmd, ServerCommand) or not self.guard.admit(cmd):
             return

@@ -72,8 +72,9 @@ class Dispatcher:
         """The kind of ``topic`` when this device may receive on it, else None.
 
         Ours are: this fleet's ``devices/{own id}/cmd``, its ``bundles/{sha}/manifest`` and
-        ``.../chunk/{i}`` topics and ``bundles/{sha}/part/{own id}``, plus any topic routed by its exact name (a deliberate choice
-        of the caller). Everything else (another device, another fleet, a topic the agent
+        ``.../chunk/{i}`` topics and ``bundles/{sha}/part/{own id}``, plus any topic routed by its
+        exact name (a deliberate choice of the caller). Everything else (another device, another
+        fleet, a topic the agent
         publishes itself, a malformed one) is foreign.
         """
         with self._lock:

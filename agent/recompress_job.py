@@ -8,8 +8,9 @@ leaves no orphan writing into the state dir.
 
 Child (``_child_main``): opens the bundle (a format-1 container, or the parts of a parts bundle
 held in the state dir, checked again against the signed manifest), runs
-``toco_core.recompress.recompress`` with the box's profile and policy, builds the drift reference from the candidate's outputs on the
-calibration samples, and writes ``candidate.onnx``, ``reference.json`` and last
+``toco_core.recompress.recompress`` with the box's profile and policy, builds the drift
+reference from the candidate's outputs on the calibration samples, and writes
+``candidate.onnx``, ``reference.json`` and last
 ``result.json`` (the commit mark), each atomically. An expected failure (infeasible,
 self-test, bad bundle) is written to ``error.json`` with its FailureReason. From parts, the
 search stops at the first plan that needs parts the box does not hold: ``error.json`` then
@@ -146,7 +147,8 @@ def run_job(spec: JobSpec, job_dir: Path, memory_limit: int, timeout: float,
             verdict = JobFailed(FailureReason.NO_MEMORY, f"recompression used {rss >> 20} MiB, the limit is "
                                 f"{memory_limit >> 20} MiB; it was stopped", "raise recompress_memory or the box's RAM")
         elif time.monotonic() - start > timeout:
-            verdict = JobFailed(FailureReason.INTERNAL, f"recompression took longer than {timeout:.0f} s; it was stopped",
+            verdict = JobFailed(FailureReason.INTERNAL,
+                                f"recompression took longer than {timeout:.0f} s; it was stopped",
                                 "raise recompress_timeout")
         if verdict is not None:
             _kill_tree(proc)

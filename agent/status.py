@@ -44,7 +44,8 @@ class AgentStatus(BaseModel):
     storage: dict[str, Any] | None = Field(None, description="state_dir_bytes, download_bytes (parts received "
                                                              "for the active bundle), shadow (fp32|master|none)")
     refused_commands: dict[str, int] = Field(default_factory=dict, description="commands refused, per reason "
-                                             "(unsigned, foreign_device, expired, replay, untrusted_key, bad_signature)")
+                                             "(unsigned, foreign_device, expired, replay, untrusted_key, "
+                                             "bad_signature)")
     trusted_keys: list[str] = Field(default_factory=list, description="fingerprints of the keys trusted for commands")
 
 

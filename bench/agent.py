@@ -244,7 +244,8 @@ def transfer(broker: Broker, key, work: Path, reps: int = 3) -> dict:
         publisher.close()
     raw = [raw_transfer(broker.port, blob, len(data)) for _ in range(reps)]
     t, r = statistics.median(toco), statistics.median(raw)
-    return {"bytes": len(data), "toco_s": t, "raw_s": r, "toco_mb_s": len(data) / t / MB, "raw_mb_s": len(data) / r / MB,
+    return {"bytes": len(data), "toco_s": t, "raw_s": r, "toco_mb_s": len(data) / t / MB,
+            "raw_mb_s": len(data) / r / MB,
             "ratio": r / t, "toco_all_s": toco, "raw_all_s": raw}
 
 

@@ -68,7 +68,8 @@ def load_case(name: str):
 def devices(base_file: int):
     """(name, profile, policy) of the three demo boxes."""
     hand = load_profile(PROFILES / "handheld.json")
-    camera = with_budgets(load_profile(PROFILES / "camera-box.json"), memory=parse_size("256MB"), storage=base_file // 10)
+    camera = with_budgets(load_profile(PROFILES / "camera-box.json"), memory=parse_size("256MB"),
+                          storage=base_file // 10)
     line = load_profile(PROFILES / "line-pc.json")
     return [("handheld", hand, Policy(objective="size", memory=hand.memory_budget)),
             ("camera-box", camera, Policy(storage=camera.storage_budget, memory=camera.memory_budget)),
@@ -150,7 +151,8 @@ def print_table(rows: list[dict]) -> None:
         f = r["fp32_file"]
         ratio = lambda v: f"{format_size(v)} ({v / f:.2f}x)"  # noqa: E731
         t.add_row(r["model"], f"{r['weights']:,}", format_size(f), ratio(r["today_bundle"]), ratio(r["parts_weights"]),
-                  ratio(r["parts_biases"]), ratio(r["parts_calibration"]), ratio(r["parts_weights"] + r["parts_calibration"]),
+                  ratio(r["parts_biases"]), ratio(r["parts_calibration"]),
+                  ratio(r["parts_weights"] + r["parts_calibration"]),
                   str(r["heldout_samples"]))
     console.print(t)
     t = Table(title="per box: the plan built from parts, what it downloads, held-out fidelity")

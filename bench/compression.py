@@ -59,7 +59,8 @@ SIZE_ROW = "TOCO size, budget 1%"
 
 def toco_setups(base_file: int, here) -> list[tuple[str, object, Policy]]:
     """(row name, device profile, policy) of the TOCO rows, budgets set as `toco recompress` does."""
-    camera = with_budgets(load_profile(PROFILES / "camera-box.json"), memory=parse_size("256MB"), storage=base_file // 10)
+    camera = with_budgets(load_profile(PROFILES / "camera-box.json"), memory=parse_size("256MB"),
+                          storage=base_file // 10)
     hand = with_budgets(load_profile(PROFILES / "handheld.json"), storage=base_file // 20)
 
     def limits(p, **kw):
@@ -151,7 +152,8 @@ def print_table(name: str, rows: list[Row], weights: int, trained: bool, hit: bo
     assert base is not None  # the fp32 row has its file
     note = "" if trained else " - random init: agreement/accuracy are not meaningful"
     t = Table(title=f"{name}: {weights:,} weights, analysis {'cached' if hit else f'{analysis_s:.0f} s'}{note}")
-    for col in ("method", "file", "transfer", "vs fp32", "session RSS", "p50 ms", "agree", "accuracy", "time s", "plan / note"):
+    for col in ("method", "file", "transfer", "vs fp32", "session RSS", "p50 ms", "agree", "accuracy", "time s",
+                "plan / note"):
         t.add_column(col, justify="left" if col in ("method", "plan / note") else "right")
     for r in rows:
         ratio = f"{base / r.transfer_bytes:.1f}x" if r.transfer_bytes else "-"
@@ -186,7 +188,8 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
         best = max(ok, key=lambda r: base / r["transfer_bytes"], default=None)
         text = "no TOCO row within 1% on held-out" if best is None else \
             f"{best['name']}: {base / best['transfer_bytes']:.1f}x at {1 - best['agreement']:.1%} disagreement"
-        out.append(("LeNet-5 transfer >= 20x smaller at <= 1% disagreement", best is not None and base / best["transfer_bytes"] >= 20, text))
+        out.append(("LeNet-5 transfer >= 20x smaller at <= 1% disagreement",
+                    best is not None and base / best["transfer_bytes"] >= 20, text))
     for name, res in results.items():
         if not res["trained"]:
             # the issue: random init is fine for size/latency/RSS rows, fidelity rows need training
@@ -212,9 +215,11 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
             out.append(("5M CNN handheld RSS and p50 below base", None, hand["note"]))
         else:
             ok = hand["rss"] < base["rss"] and hand["p50_s"] < base["p50_s"]
-            one = f"; 1 thread (recompress): {rep['p50_s'] * 1e3:.2f} vs {rep['base_p50_s'] * 1e3:.2f} ms" if rep else ""
+            one = (f"; 1 thread (recompress): {rep['p50_s'] * 1e3:.2f} vs {rep['base_p50_s'] * 1e3:.2f} ms"
+                   if rep else "")
             out.append(("5M CNN handheld RSS and p50 below base", ok,
-                        f"RSS {format_size(hand['rss'])} vs {format_size(base['rss'])}, p50 {hand['p50_s'] * 1e3:.2f} vs "
+                        f"RSS {format_size(hand['rss'])} vs {format_size(base['rss'])}, "
+                        f"p50 {hand['p50_s'] * 1e3:.2f} vs "
                         f"{base['p50_s'] * 1e3:.2f} ms{one}"))
     for name, res in results.items():
         # "1M parameters under 2 s": a model up to 1M weights gets 2 s, a larger one 2 s per 1M
@@ -250,7 +255,8 @@ def main() -> None:
         t.add_row(what, {True: "yes", False: "NO", None: "n/a"}[ok], text)
     console.print(t)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("compression-quick.json" if args.quick else "compression.json")  # a quick run never clobbers a full one
+    # a quick run never clobbers a full one
+    out = RESULTS / ("compression-quick.json" if args.quick else "compression.json")
     out.write_text(json.dumps({"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0, "models": results,
                                "checks": [{"target": w, "met": ok, "numbers": x} for w, ok, x in found]}, indent=1))
     console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s")

@@ -141,8 +141,9 @@ class SimBox:
 
     def drift(self, window: int) -> None:
         now = time.time()
-        self.send(MessageKind.DRIFT, DriftMessage(device_id=self.id, window_index=window, opened_at=now - 60, closed_at=now,
-                                                  n_samples=256, n_shadowed=26, measured_agreement=0.99,
+        self.send(MessageKind.DRIFT, DriftMessage(device_id=self.id, window_index=window, opened_at=now - 60,
+                                                  closed_at=now, n_samples=256, n_shadowed=26,
+                                                  measured_agreement=0.99,
                                                   predicted_agreement=0.99, mean_confidence=0.9, mean_entropy=0.3,
                                                   input_mean=0.1, input_std=0.3))
 

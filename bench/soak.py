@@ -153,7 +153,8 @@ def run(minutes: float, rate: float, every: float) -> dict:
         with console.status("soaking") as status:
             while True:
                 rows.append(sample(proc, state, load, t0))
-                status.update(f"soaking: minute {rows[-1]['minute']:.1f} of {minutes:g}, RSS {rows[-1]['rss_mb']:.1f} MB")
+                status.update(f"soaking: minute {rows[-1]['minute']:.1f} of {minutes:g}, "
+                              f"RSS {rows[-1]['rss_mb']:.1f} MB")
                 if time.monotonic() >= end or agent.poll() is not None:
                     break
                 time.sleep(min(every, max(0.0, end - time.monotonic())))

@@ -123,7 +123,8 @@ def _profile(server, req: WhatIfRequest) -> DeviceProfile | None:
         return profile_from_dict(req.profile, "the given profile")
     if req.device_id is None:
         return None
-    return hardware_profile(req.device_id, registry.get_device(server.db, device_id=req.device_id, points=0)["hardware"])
+    return hardware_profile(req.device_id,
+                            registry.get_device(server.db, device_id=req.device_id, points=0)["hardware"])
 
 
 def _add_model(db, store, files: dict, fields: dict) -> dict:
@@ -244,7 +245,8 @@ def create_app(server) -> FastAPI:
         return server.deployments.create(
             analysis_id=req.analysis_id, target=req.target.model_dump(exclude_none=True),
             canary_share=req.canary_share if req.canary_share is not None else settings.canary_share,
-            failure_threshold=req.failure_threshold if req.failure_threshold is not None else settings.failure_threshold)
+            failure_threshold=(req.failure_threshold if req.failure_threshold is not None
+                               else settings.failure_threshold))
 
     @app.get("/api/deployments")
     def deployments() -> list[dict]:
@@ -287,7 +289,8 @@ def create_app(server) -> FastAPI:
     def reanalyse_alert(alert_id: str) -> dict:
         return server.drift_actions.reanalyse(alert_id=alert_id)
 
-    @app.get("/api/events", summary="Server-sent events: device, telemetry, drift, status, analysis, deployment, reanalysis")
+    @app.get("/api/events",
+             summary="Server-sent events: device, telemetry, drift, status, analysis, deployment, reanalysis")
     async def events(request: Request) -> StreamingResponse:
         sub = server.events.subscribe()
 

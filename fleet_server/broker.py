@@ -83,7 +83,8 @@ class EmbeddedBroker:
         """Start the broker thread and wait until it listens. Raises ConfigError when the port is taken."""
         with socket.socket() as s:
             if s.connect_ex((self.host, self.port)) == 0:
-                raise ConfigError(f"port {self.port} on {self.host} is already in use; the embedded broker cannot listen",
+                raise ConfigError(f"port {self.port} on {self.host} is already in use; "
+                                  "the embedded broker cannot listen",
                                   "stop the other broker, pick --broker-port, or use --broker mqtt://host:port")
         self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
         self._thread.start()

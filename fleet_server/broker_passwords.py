@@ -25,7 +25,8 @@ class BrokerCredentialsError(ConfigError):
 def _tool() -> str:
     exe = shutil.which("mosquitto_passwd")
     if exe is None:
-        raise BrokerCredentialsError("mosquitto_passwd not found", "apt-get install mosquitto, or leave out --passwd when the broker's users "
+        raise BrokerCredentialsError("mosquitto_passwd not found",
+                                     "apt-get install mosquitto, or leave out --passwd when the broker's users "
                                      "are managed elsewhere")
     return exe
 

@@ -70,7 +70,8 @@ class BundlePublisher:
         """Keep ``data`` for serving and publish its manifest retained. Raises BundleError on a mismatch."""
         verify_bundle_bytes(data, manifest)
         if not manifest.signature:
-            raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned", "sign it with make_manifest(private_key=...)")
+            raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned",
+                              "sign it with make_manifest(private_key=...)")
         with self._lock:
             self._bundles[manifest.bundle_id] = (manifest, data)
         self._send_manifest(manifest)

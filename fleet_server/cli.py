@@ -41,7 +41,8 @@ def _call(server: str, method: str, path: str, **kw):
     try:
         r = httpx.request(method, server.rstrip("/") + path, timeout=60, headers=headers, **kw)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"cannot reach the fleet server at {server}: {exc}", "start it with `toco-fleet serve`") from None
+        raise ConfigError(f"cannot reach the fleet server at {server}: {exc}",
+                          "start it with `toco-fleet serve`") from None
     if r.status_code == 401:
         where = f"set {ENV} or put the token in {token_file()}"
         if token is None:
@@ -67,7 +68,8 @@ def _root(verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="-v
 @app.command()
 @cli_errors
 def serve(config: Path | None = typer.Option(None, "--config", help="TOML file of FleetSettings keys (e.g. "
-                                                "/etc/toco-fleet/fleet.toml); TOCO_FLEET_* and these flags override it"),
+                                                "/etc/toco-fleet/fleet.toml); TOCO_FLEET_* and these flags "
+                                                "override it"),
           data_dir: Path | None = typer.Option(None, help="database, bundles, keys [fleet-data]"),
           broker: str | None = typer.Option(None, help="'embedded' or mqtt://host:port / mqtts://host:port [embedded]"),
           broker_host: str | None = typer.Option(None, help="embedded broker address; any but 127.0.0.1 needs "
@@ -77,7 +79,8 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
                                                               "(user:argon2-hash lines)"),
           mqtt_username: str | None = typer.Option(None, help="the server's own MQTT user (toco-server)"),
           mqtt_password_file: Path | None = typer.Option(None, help="file whose first line is its password "
-                                                            "(or TOCO_FLEET_MQTT_PASSWORD; never a flag: `ps` shows flags)"),
+                                                            "(or TOCO_FLEET_MQTT_PASSWORD; never a flag: "
+                                                            "`ps` shows flags)"),
           mqtt_ca_file: Path | None = typer.Option(None, help="CA that signed the broker's certificate (mqtts://)"),
           host: str | None = typer.Option(None, help="HTTP bind address [127.0.0.1]"),
           port: int | None = typer.Option(None, help="HTTP port [8080]"),
@@ -95,7 +98,8 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
 
     given = {"data_dir": data_dir, "broker": broker, "broker_host": broker_host, "broker_port": broker_port,
              "broker_password_file": broker_password_file, "mqtt_username": mqtt_username,
-             "mqtt_password_file": mqtt_password_file, "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
+             "mqtt_password_file": mqtt_password_file,
+             "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
              "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
              "analysis_concurrency": concurrency, "db_url": db_url, "replicas": replicas, "replica_id": replica_id}
     flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -115,7 +119,8 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
 
 @models_app.command("add")
 @cli_errors
-def models_add(model: Path = typer.Argument(..., exists=True, dir_okay=False), pool: Path = typer.Option(..., exists=True),
+def models_add(model: Path = typer.Argument(..., exists=True, dir_okay=False),
+               pool: Path = typer.Option(..., exists=True),
                name: str | None = typer.Option(None), server: str = SERVER) -> None:
     """Register an ONNX model with its analysis pool (.npz with x[, y]); an existing --name gets a new version."""
     m = _call(server, "POST", "/api/models", data={"name": name or model.stem},
@@ -265,7 +270,8 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
                    password_file: Path | None = typer.Option(None, help="use the password in this file's first line"),
                    out: Path | None = typer.Option(None, help="write a generated password here (mode 0600) to "
                                                       "provision the box with install-agent.sh --password-file"),
-                   reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password counts at once"),
+                   reload: bool = typer.Option(False,
+                                               help="systemctl reload mosquitto, so the password counts at once"),
                    data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Enroll a device: its broker password (with --passwd) and its server record (group, allowed models).
 
@@ -309,7 +315,8 @@ def devices_enroll(name: str = typer.Argument(..., help="device id = its MQTT us
 @devices_app.command("revoke")
 @cli_errors
 def devices_revoke(name: str = typer.Argument(..., help="device id"), passwd: Path | None = PASSWD,
-                   reload: bool = typer.Option(False, help="systemctl reload mosquitto, so the password is gone at once"),
+                   reload: bool = typer.Option(False,
+                                               help="systemctl reload mosquitto, so the password is gone at once"),
                    data_dir: Path = DATA_DIR, db_url: str | None = DB_URL) -> None:
     """Revoke a device: the server ignores it from now on, and (with --passwd) its broker password is removed."""
     from fleet_server import broker_passwords as bp

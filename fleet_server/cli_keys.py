@@ -25,7 +25,8 @@ KEY_PATH = typer.Option(None, "--key-path", help="the original signing key, inst
 def _key_path(data_dir: Path, key_path: Path | None) -> Path:
     path = key_path or data_dir / "keys" / "server.pem"
     if not path.exists():
-        raise ConfigError(f"no signing key at {path}", "check --data-dir / --key-path (the server makes it on first start)")
+        raise ConfigError(f"no signing key at {path}",
+                          "check --data-dir / --key-path (the server makes it on first start)")
     return path
 
 

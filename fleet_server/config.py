@@ -42,15 +42,18 @@ class FleetSettings(BaseSettings):
     mqtt_password: str | None = Field(None, description="its password; prefer mqtt_password_file")
     mqtt_password_file: Path | None = Field(None, description="file whose first line is the server's MQTT password")
     mqtt_ca_file: str | None = Field(None, description="CA bundle that signed the broker's certificate (mqtts://)")
-    key_path: Path | None = Field(None, description="Ed25519 signing key (PEM, 0600); default {data_dir}/keys/server.pem")
+    key_path: Path | None = Field(None, description="Ed25519 signing key (PEM, 0600); "
+                                                    "default {data_dir}/keys/server.pem")
     command_ttl_s: float = Field(3600.0, gt=0, description="seconds a signed command stays valid: a device refuses it "
                                                             "later (an offline device's queued commands expire)")
     http_host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = any free port)")
     deploy_timeout_s: float = Field(120.0, gt=0, description="a device silent this long during a deployment is failed")
-    canary_share: float = Field(0.1, gt=0, le=1, description="default share of a deployment's devices in the canary wave")
+    canary_share: float = Field(0.1, gt=0, le=1,
+                                description="default share of a deployment's devices in the canary wave")
     failure_threshold: float = Field(0.2, ge=0, le=1, description="default failure share that stops a deployment")
-    drift_policy: Literal["auto", "approval"] = Field("auto", description="re-analyse on drift at once or after approval")
+    drift_policy: Literal["auto", "approval"] = Field("auto",
+                                                      description="re-analyse on drift at once or after approval")
     budget: float = Field(0.01, gt=0, lt=1, description="fleet fidelity budget: max disagreement with the base")
     samples_wait_s: float = Field(10.0, ge=0, description="how long a re-analysis waits for requested field samples")
     reanalysis_min_interval_s: float = Field(600.0, ge=0, description="minimum seconds between two re-analyses "

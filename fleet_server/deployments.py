@@ -112,7 +112,8 @@ class Deployments:
     """Creates deployments, follows status messages and timeouts, and moves the stages on."""
 
     def __init__(self, db: Database, events: EventBus, *, publisher, send_command, timeout_s: float) -> None:
-        """``publisher`` is a BundlePublisher; ``send_command(device_id, command)`` publishes on the device's cmd topic."""
+        """``publisher`` is a BundlePublisher; ``send_command(device_id, command)`` publishes on the
+        device's cmd topic."""
         self.db, self.events = db, events
         self.publisher, self.send_command = publisher, send_command
         self.timeout_s = timeout_s
@@ -203,7 +204,8 @@ class Deployments:
             s.add(dep)
             s.flush()
             for i, dev in enumerate(devices):
-                s.add(DeploymentDeviceRow(deployment_id=dep.id, device_id=dev, wave="canary" if i < n_canary else "rest",
+                s.add(DeploymentDeviceRow(deployment_id=dep.id, device_id=dev,
+                                          wave="canary" if i < n_canary else "rest",
                                           phase="pending", outcome="pending", expected_infeasible=expected.get(dev),
                                           updated_at=time.time()))
             s.flush()
@@ -297,9 +299,11 @@ class Deployments:
             log.info("status for a deployment this device is not part of",
                      extra={"fields": {"device": device.id, "deployment": msg.deployment_id}})
             return
-        reason = None if msg.reason is None else (f"{msg.reason.value}: {msg.detail}" if msg.detail else msg.reason.value)
+        reason = None if msg.reason is None else (
+            f"{msg.reason.value}: {msg.detail}" if msg.detail else msg.reason.value)
         now = time.time()
-        s.add(TimelineRow(deployment_id=m.deployment_id, device_id=device.id, phase=msg.phase.value, reason=reason, t=now))
+        s.add(TimelineRow(deployment_id=m.deployment_id, device_id=device.id, phase=msg.phase.value, reason=reason,
+                          t=now))
         status = {"device_id": device.id, "deployment_id": m.deployment_id, "phase": msg.phase.value, "reason": reason,
                   "t": now, "progress": msg.progress}
         after.append(lambda: self.events.publish("status", status))

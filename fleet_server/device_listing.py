@@ -144,7 +144,8 @@ def _filters(query: DeviceQuery) -> dict[str, ColumnElement[bool]]:
     return out
 
 
-def _counts(s, key: ColumnElement[Any] | InstrumentedAttribute[Any], where: list[ColumnElement[bool]]) -> dict[Any, int]:
+def _counts(s, key: ColumnElement[Any] | InstrumentedAttribute[Any],
+            where: list[ColumnElement[bool]]) -> dict[Any, int]:
     rows = s.execute(select(key, func.count()).where(*where).group_by(key)).all()
     return {value: n for value, n in rows}
 

@@ -94,7 +94,8 @@ class DriftPolicy:
         self.db, self.events = db, events
         self.mode, self.budget, self.samples_wait_s = mode, budget, samples_wait_s
         self.send_command, self.deployments, self.jobs = send_command, deployments, jobs
-        self.canary_share, self.failure_threshold, self.agreement_margin = canary_share, failure_threshold, agreement_margin
+        self.canary_share, self.failure_threshold = canary_share, failure_threshold
+        self.agreement_margin = agreement_margin
         self.gate = gate or GateSettings()
         self.scorer = scorer
 
@@ -315,7 +316,8 @@ class DriftPolicy:
             r.why += f" -> canary {dep.stage}: the group keeps its bundle"
             changed.append(r)
             return False
-        canary = set(s.scalars(select(DeploymentDeviceRow.device_id).where(DeploymentDeviceRow.deployment_id == dep.id)))
+        canary = set(s.scalars(select(DeploymentDeviceRow.device_id)
+                               .where(DeploymentDeviceRow.deployment_id == dep.id)))
         online = group_online(s, r.group)
         if not set(online) - canary:
             r.status = "deployed"
@@ -378,7 +380,8 @@ class DriftPolicy:
                                               reason=f"canary after drift re-analysis {rid}: its trigger devices")
                 dep_id, new_status = dep["deployment_id"], "canary"
             except Exception as exc:
-                log.warning("redeploy after re-analysis failed", extra={"fields": {"reanalysis": rid, "error": str(exc)}})
+                log.warning("redeploy after re-analysis failed",
+                            extra={"fields": {"reanalysis": rid, "error": str(exc)}})
         with self.db.session(write=True) as s:
             transaction_lock(s, DRIFT_POLICY)  # replicas: one at a time (fleet_server.replicas)
             r = fetch(s, ReanalysisRow, rid, "re-analysis")

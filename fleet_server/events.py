@@ -18,7 +18,8 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 EventKind = Literal["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert"]
-KINDS: tuple[str, ...] = ("device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert")
+KINDS: tuple[str, ...] = ("device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis",
+                          "drift_alert")
 
 
 class Subscription:

@@ -61,7 +61,8 @@ Ack = Callable[[], None]  # tells the broker one message is safely stored (fleet
 DEFAULT_GROUP = "default"  # the group of a device before it is enrolled (it is quarantined then)
 BATCH_ATTEMPTS = 4  # a batch aborted by a lock conflict is written again this many times in all
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
-BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy", "input_shift": "input_shift"}
+BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy",
+              "input_shift": "input_shift"}
 
 
 def drift_point(msg: DriftMessage) -> dict[str, Any]:
@@ -99,7 +100,8 @@ class Ingest:
     """Validates and stores device messages. ``stats`` counts received/dropped per kind."""
 
     def __init__(self, db: Database, events: EventBus, *, on_status=None, on_drift=None, batch: int = 500) -> None:
-        """``on_status(s, device, msg, after)`` and ``on_drift(s, device, msg, after)`` are the deployment and drift hooks."""
+        """``on_status(s, device, msg, after)`` and ``on_drift(s, device, msg, after)`` are the
+        deployment and drift hooks."""
         self.db, self.events = db, events
         self.on_status, self.on_drift = on_status, on_drift
         self.batch = batch

@@ -48,8 +48,8 @@ def ensure_signing_key(path: Path) -> Ed25519PrivateKey:
         os.chmod(path.parent, 0o700)
         key = generate_private_key()
         save_private_key(key, path)
-        log.warning("generated a new bundle signing key", extra={"fields": {"path": str(path),
-                                                                           "fingerprint": key_fingerprint(key.public_key())}})
+        log.warning("generated a new bundle signing key",
+                    extra={"fields": {"path": str(path), "fingerprint": key_fingerprint(key.public_key())}})
     pub = public_key_path(path)
     if not pub.exists():
         save_public_key(key, pub)

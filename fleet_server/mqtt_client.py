@@ -152,7 +152,8 @@ class FleetMqtt:
         try:
             where = self.topics.parse(msg.topic)
         except MessageError as exc:
-            log.warning("message on an unknown topic dropped", extra={"fields": {"topic": msg.topic, "error": str(exc)}})
+            log.warning("message on an unknown topic dropped",
+                        extra={"fields": {"topic": msg.topic, "error": str(exc)}})
             return False
         if where.kind is MessageKind.GET:
             self.on_get(msg.topic, bytes(msg.payload))

@@ -89,7 +89,8 @@ def _read_pool(pool_bytes: bytes, model) -> tuple[Batch, np.ndarray | None]:
         with np.load(io.BytesIO(pool_bytes), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as exc:  # numpy raises ValueError / BadZipFile / OSError for garbage
-        raise PoolError(f"the pool is not a readable .npz file: {exc}", "upload np.savez(f, x=inputs[, y=labels])") from None
+        raise PoolError(f"the pool is not a readable .npz file: {exc}",
+                        "upload np.savez(f, x=inputs[, y=labels])") from None
     y = arrays.get("y")
     if len(specs) > 1:
         missing = [s.name for s in specs if s.name not in arrays]
@@ -99,7 +100,8 @@ def _read_pool(pool_bytes: bytes, model) -> tuple[Batch, np.ndarray | None]:
         x: Batch = ModelInputs({s.name: fit_to_input(arrays[s.name], s, f"pool input {s.name!r}") for s in specs})
         return x, y
     if "x" not in arrays:
-        raise PoolError(f"the pool .npz holds {sorted(arrays)}, not an array 'x'", "save it with np.savez(f, x=..., y=...)")
+        raise PoolError(f"the pool .npz holds {sorted(arrays)}, not an array 'x'",
+                        "save it with np.savez(f, x=..., y=...)")
     x = fit_to_input(arrays["x"], specs[0], "the uploaded pool")
     if y is not None and len(y) != len(x):
         raise PoolError(f"the pool has {len(x)} inputs but {len(y)} labels", "give one label per input or none")
@@ -183,7 +185,8 @@ def create_analysis(db: Database, *, model_id: str, settings: AnalysisSettings, 
                     field_sample_ids: list[int] | None = None) -> dict[str, Any]:
     """Queue an analysis of a model (the job runner picks it up). Raises NotFoundError for the model."""
     with db.session(write=True) as s:
-        row = add_analysis_row(s, model_id=model_id, settings=settings, reason=reason, field_sample_ids=field_sample_ids)
+        row = add_analysis_row(s, model_id=model_id, settings=settings, reason=reason,
+                               field_sample_ids=field_sample_ids)
         return analysis_view(row)
 
 

@@ -40,8 +40,10 @@ class Retention:
     device or older than ``drift_keep_s``, and events older than ``events_keep_s``."""
 
     def __init__(self, db: Database, *, telemetry_keep: int, events_keep_s: float, interval_s: float,
-                 drift_keep: int = 2000, drift_keep_s: float = 30 * 86400, bundles: BundleRetention | None = None) -> None:
-        self.db, self.telemetry_keep, self.events_keep_s, self.interval_s = db, telemetry_keep, events_keep_s, interval_s
+                 drift_keep: int = 2000, drift_keep_s: float = 30 * 86400,
+                 bundles: BundleRetention | None = None) -> None:
+        self.db, self.telemetry_keep = db, telemetry_keep
+        self.events_keep_s, self.interval_s = events_keep_s, interval_s
         self.drift_keep, self.drift_keep_s, self.bundles = drift_keep, drift_keep_s, bundles
         self._next = 0.0
 

@@ -61,8 +61,11 @@ class SampleScorer:
         sess = self.base_session(s, alert.model_id)
         inp = sess.get_inputs()[0]
         out = sess.run(None, {inp.name: _inputs(rows, input_dtype(inp))})[0]
-        base = out.reshape(len(rows), -1).argmax(-1) if out.ndim == 2 else out.reshape(len(rows), -1, out.shape[-1])[:, 0].argmax(-1)
-        agree = float(np.mean([int(b) == int(disputed[r.ref]) for b, r in zip(base, rows)]))
+        if out.ndim == 2:
+            base = out.reshape(len(rows), -1).argmax(-1)
+        else:
+            base = out.reshape(len(rows), -1, out.shape[-1])[:, 0].argmax(-1)
+        agree = float(np.mean([int(b) == int(disputed[r.ref]) for b, r in zip(base, rows, strict=True)]))
         return agree, len(rows)
 
     def tick(self, s, policy, now: float, after: list) -> None:

@@ -139,7 +139,8 @@ class FleetServer:
     @property
     def public_key_path(self):
         """The active signing key's public half (PEM): what a newly provisioned device is given."""
-        return public_key_path(self.settings.signing_key_path.with_name(self.signer.ring.entry(self.signer.ring.active).file))
+        active = self.signer.ring.entry(self.signer.ring.active)
+        return public_key_path(self.settings.signing_key_path.with_name(active.file))
 
     def _use_key(self, key) -> None:
         """A rotation was picked up: new bundles are signed with the new active key too."""

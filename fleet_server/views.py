@@ -109,7 +109,8 @@ def device_view(d: DeviceRow) -> dict[str, Any]:
 
 
 def deployment_view(dep: DeploymentRow, members: list[DeploymentDeviceRow]) -> dict[str, Any]:
-    """Deployment with its command (deploy | rollback), counts per outcome, every device's current phase, and the devices the server
+    """Deployment with its command (deploy | rollback), counts per outcome, every device's current
+    phase, and the devices the server
     expected to find no plan within budget (``expected_infeasible``: device_id, reason)."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for m in members:

@@ -30,14 +30,16 @@ def _preprocessing(size: str | None, scale: float, mean: str, std: str, color: s
         return Preprocessing(size=(h, w), scale=scale, color=color, layout=layout,
                              mean=tuple(float(v) for v in mean.split(",")), std=tuple(float(v) for v in std.split(",")))
     except ValueError:
-        raise ConfigError(f"--size {size!r}/--mean/--std are malformed", "write --size 28x28 --mean 0.5 --std 0.25") from None
+        raise ConfigError(f"--size {size!r}/--mean/--std are malformed",
+                          "write --size 28x28 --mean 0.5 --std 0.25") from None
 
 
 @app.command()
 @cli_errors
 def analyze(
     model: Path = typer.Argument(..., help="trained ONNX model"),
-    pool: Path = typer.Option(..., "--pool", help=".npy/.npz inputs in the model's layout and dtype (one array per input name for several inputs), or an image folder"),
+    pool: Path = typer.Option(..., "--pool", help=".npy/.npz inputs in the model's layout and dtype (one array per "
+                              "input name for several inputs), or an image folder"),
     out: Path = typer.Option(..., "-o", "--out", help="result directory"),
     labels: Path | None = typer.Option(None, "--labels", help="optional .npy labels: adds accuracy columns"),
     budget: str = typer.Option("1%", "--budget", help="fleet fidelity budget: max top-1 disagreement"),
@@ -49,7 +51,8 @@ def analyze(
     color: str = typer.Option("grayscale", "--color", help="image folders: grayscale or rgb"),
     layout: str = typer.Option("nchw", "--layout", help="image folders: nchw or nhwc"),
     output: str | None = typer.Option(None, "--output", help="tensor to score: a graph output or an intermediate "
-                                      "float tensor (default: the float output, or the probabilities behind the label)"),
+                                      "float tensor (default: the float output, or the probabilities behind "
+                                      "the label)"),
 ) -> None:
     """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
     from toco_core.analysis.pipeline import analyze as run_analysis
@@ -88,7 +91,8 @@ def _print_curves(result: AnalysisResult, budget: float) -> None:
             style = None if p.disagreement <= budget else "dim"
             bits = "32" if p.entropy_bits >= 32 else f"{p.entropy_bits:.2f}"
             acc = "-" if p.accuracy is None else f"{p.accuracy:.1%}"
-            t.add_row(f"{scale:.4g}", f"{p.sparsity:.1%}", bits, f"{p.disagreement:.2%}", f"{p.kl:.4f}", acc, style=style)
+            t.add_row(f"{scale:.4g}", f"{p.sparsity:.1%}", bits, f"{p.disagreement:.2%}", f"{p.kl:.4f}", acc,
+                      style=style)
         console.print(t)
 
 
@@ -112,7 +116,8 @@ def inspect(
     for col in ("round", "samples", "committee scale", "held-out disagreement", "score selected", "score random"):
         r.add_column(col, justify="right")
     for rs in m.rounds:
-        r.add_row(str(rs.round), str(rs.samples), f"{rs.committee_scale:.3g}", f"{rs.committee_disagreement_heldout:.1%}",
+        r.add_row(str(rs.round), str(rs.samples), f"{rs.committee_scale:.3g}",
+                  f"{rs.committee_disagreement_heldout:.1%}",
                   f"{rs.selected_score_mean:.3f}", f"{rs.random_score_mean:.3f}")
     console.print(r)
     _print_curves(result, budget=m.settings.get("budget", 0.01))

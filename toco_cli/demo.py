@@ -30,7 +30,8 @@ DRIFT = {"window_max_samples": 64, "window_min_samples": 32, "window_seconds": 2
 @cli_errors
 def demo(
     workdir: Path = typer.Option(Path("demo-output"), "--workdir", help="server data, agents' state and logs go here"),
-    once: bool = typer.Option(False, "--once", help="run the story to the end and exit (0 only if every step happened)"),
+    once: bool = typer.Option(False, "--once",
+                              help="run the story to the end and exit (0 only if every step happened)"),
     broker: str = typer.Option("embedded", "--broker", help="'embedded' or mqtt://host:port of a running broker"),
     http_port: int = typer.Option(8080, "--http-port", help="dashboard/API port (a free one if this is taken)"),
     rate: float = typer.Option(25.0, "--rate", min=1, max=500, help="inferences per second sent to each agent"),

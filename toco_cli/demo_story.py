@@ -201,9 +201,11 @@ def clean_traffic(fleet: DemoFleet, traffic: dict[str, Traffic], log: StoryLog, 
         for d in fleet.devices:
             last = seen[d.device_id].get("last_drift") or {}
             if last.get("alert"):
-                raise DemoError(f"{d.device_id} raised a drift alert on clean held-out digits: {last.get('out_of_band')}",
+                raise DemoError(f"{d.device_id} raised a drift alert on clean held-out digits: "
+                                f"{last.get('out_of_band')}",
                                 "the drift bands are too narrow for this model; see docs/ops.md")
-        progress = {d.device_id: (seen[d.device_id].get("last_drift") or {}).get("window", -1) - start.get(d.device_id, -1)
+        progress = {d.device_id: ((seen[d.device_id].get("last_drift") or {}).get("window", -1)
+                                  - start.get(d.device_id, -1))
                     for d in fleet.devices}
         status.update("clean traffic, drift windows so far: " + ", ".join(f"{k} {v}" for k, v in progress.items()))
         return all(v >= windows for v in progress.values())

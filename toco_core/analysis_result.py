@@ -142,7 +142,8 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
             raise AnalysisError(f"{path / f} does not match its hash in the manifest (corrupt or edited)",
                                 "re-run the analysis or fetch the bundle again")
     try:
-        curves = {k: CalibrationCurve.model_validate(v) for k, v in json.loads((path / "calibration.json").read_text()).items()}
+        raw_curves = json.loads((path / "calibration.json").read_text())
+        curves = {k: CalibrationCurve.model_validate(v) for k, v in raw_curves.items()}
         with np.load(path / "samples.npz", allow_pickle=False) as z:
             ax, hx = from_arrays("analysis_x", z), from_arrays("heldout_x", z)
             hy = z.get("heldout_y")

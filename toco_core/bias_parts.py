@@ -65,7 +65,8 @@ def bias_arrays(points: PointDeltas) -> dict[str, np.ndarray]:
     grid, ``deltas`` (float16 [points, channels]). One array each, so the part pays one header."""
     names = sorted({n for d in points.values() for n in d})
     order = sorted(points)
-    head: dict[str, np.ndarray] = {"names": np.frombuffer("\n".join(names).encode(), np.uint8), "points": np.asarray(order, np.int32)}
+    head: dict[str, np.ndarray] = {"names": np.frombuffer("\n".join(names).encode(), np.uint8),
+                                   "points": np.asarray(order, np.int32)}
     grid = _grid_codes(names, [points[i] for i in order])
     if grid is not None:
         return {**head, "exponents": grid[0], "codes": np.ascontiguousarray(grid[1].T)}
@@ -106,5 +107,5 @@ def deltas_from_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[in
     sizes = [int(np.prod(shapes[n])) for n in names]
     deltas, order = _deltas_of(arrays, sizes), arrays["points"]
     ends = np.cumsum(sizes)
-    return {int(i): {n: row[e - k:e].reshape(shapes[n]) for n, k, e in zip(names, sizes, ends)}
-            for i, row in zip(order, deltas)}
+    return {int(i): {n: row[e - k:e].reshape(shapes[n]) for n, k, e in zip(names, sizes, ends, strict=True)}
+            for i, row in zip(order, deltas, strict=True)}

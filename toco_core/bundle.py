@@ -165,11 +165,13 @@ def verify_manifest(manifest: BundleManifest, public_key: Ed25519PublicKey) -> N
     Raises BundleError when it is unsigned, the signature is garbled, or it does not verify.
     """
     if not manifest.signature:
-        raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned", "only deploy bundles signed by the fleet server")
+        raise BundleError(f"bundle {manifest.bundle_id[:12]} is unsigned",
+                          "only deploy bundles signed by the fleet server")
     try:
         sig = base64.b64decode(manifest.signature, validate=True)
     except ValueError:
-        raise BundleError(f"bundle {manifest.bundle_id[:12]} has a signature that is not base64", "re-sign it") from None
+        raise BundleError(f"bundle {manifest.bundle_id[:12]} has a signature that is not base64",
+                          "re-sign it") from None
     expected = key_fingerprint(public_key)
     try:
         public_key.verify(sig, canonical_manifest_bytes(manifest))
@@ -237,7 +239,8 @@ def load_private_key(source: str | Path | bytes) -> Ed25519PrivateKey:
     except (ValueError, TypeError) as exc:
         raise BundleError(f"cannot read the signing key: {exc}", "give an unencrypted Ed25519 PEM file") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise BundleError(f"the signing key is {type(key).__name__}, not Ed25519", "generate one with generate_private_key")
+        raise BundleError(f"the signing key is {type(key).__name__}, not Ed25519",
+                          "generate one with generate_private_key")
     return key
 
 
@@ -258,7 +261,8 @@ def load_public_key(source: str | Path | bytes) -> Ed25519PublicKey:
         else:
             raise ValueError(f"{len(data)} bytes is neither PEM, 32 raw bytes nor 64 hex digits")
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"cannot read the bundle public key: {exc}", "provision the server's public key PEM") from None
+        raise BundleError(f"cannot read the bundle public key: {exc}",
+                          "provision the server's public key PEM") from None
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError(f"the bundle public key is {type(key).__name__}, not Ed25519", "provision the Ed25519 key")
     return key

@@ -82,7 +82,8 @@ def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
     xs = [getattr(p, key) for p in pts]
     dis = _isotonic(xs, [p.disagreement for p in pts])
     kl = _isotonic(xs, [p.kl for p in pts])
-    return [p.model_copy(update={"disagreement": float(d), "kl": float(k)}) for p, d, k in zip(pts, dis, kl)]
+    return [p.model_copy(update={"disagreement": float(d), "kl": float(k)})
+            for p, d, k in zip(pts, dis, kl, strict=True)]
 
 
 def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:

@@ -60,7 +60,8 @@ def public_keys(trusted: Iterable[TrustedKey]) -> dict[str, Ed25519PublicKey]:
     try:
         return {k.fingerprint: Ed25519PublicKey.from_public_bytes(bytes.fromhex(k.public_key)) for k in trusted}
     except ValueError as exc:
-        raise CommandSignatureError(f"a trusted key is not an Ed25519 key: {exc}", "provision the key set again") from None
+        raise CommandSignatureError(f"a trusted key is not an Ed25519 key: {exc}",
+                                    "provision the key set again") from None
 
 
 def verify_command(command: ServerCommand, keys: dict[str, Ed25519PublicKey]) -> str:
@@ -71,12 +72,14 @@ def verify_command(command: ServerCommand, keys: dict[str, Ed25519PublicKey]) ->
     does not verify.
     """
     if not command.signature or not command.signer:
-        raise CommandSignatureError(f"command {command.cmd_id} is unsigned", "only the fleet server's signed commands run")
+        raise CommandSignatureError(f"command {command.cmd_id} is unsigned",
+                                    "only the fleet server's signed commands run")
     key = keys.get(command.signer)
     if key is None:
         raise CommandSignatureError(f"command {command.cmd_id} is signed by key {command.signer}, which this device "
                                     f"does not trust (trusted: {', '.join(sorted(keys)) or 'none'})",
-                                    "a retired or foreign key; re-provision the device if the server's key is new to it")
+                                    "a retired or foreign key; "
+                                    "re-provision the device if the server's key is new to it")
     try:
         sig = base64.b64decode(command.signature, validate=True)
         key.verify(sig, canonical_command_bytes(command))

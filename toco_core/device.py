@@ -124,7 +124,8 @@ def load_profile(path: str | Path) -> DeviceProfile:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DeviceError(f"device profile {path} does not exist", "check the path or run `toco probe --json`") from None
+        raise DeviceError(f"device profile {path} does not exist",
+                          "check the path or run `toco probe --json`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DeviceError(f"device profile {path} cannot be read: {exc}", "check the file") from None
     try:

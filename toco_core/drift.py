@@ -23,7 +23,8 @@ Statistics (per sample, over output positions when there are several):
 - accuracy when feedback labels arrive.
 
 An alert is raised only after ``consecutive_windows`` out-of-band windows in a row
-(toco_core.drift_monitor keeps the streak). Pure numpy + pydantic, no I/O; times are passed in (the wall clock when omitted).
+(toco_core.drift_monitor keeps the streak). Pure numpy + pydantic, no I/O; times are passed in
+(the wall clock when omitted).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from toco_core.errors import PoolError
 from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch, flat_values
 
-__all__ = ["MAX_DISPUTED", "DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow", "StatCheck",
+__all__ = ["MAX_DISPUTED", "DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow",
+           "StatCheck",
            "build_reference", "evaluate_window"]
 
 # A window's report travels as one MQTT message (toco_core.messages.DriftMessage, which takes
@@ -122,7 +124,8 @@ def build_reference(inputs: Batch, outputs: np.ndarray, expected_agreement: floa
     q = np.quantile(st.entropy, np.linspace(0, 1, s.entropy_bins + 1)[1:-1])
     x = np.asarray(inputs, dtype=np.float64)
     return DriftReference(
-        n_samples=len(inputs), output_kind=kind, scored_output=scored_output, sample_shape=tuple(int(d) for d in inputs.shape[1:]),
+        n_samples=len(inputs), output_kind=kind, scored_output=scored_output,
+        sample_shape=tuple(int(d) for d in inputs.shape[1:]),
         expected_agreement=float(expected_agreement), expected_accuracy=expected_accuracy,
         confidence_mean=float(st.confidence.mean()), confidence_std=float(st.confidence.std()),
         entropy_mean=float(st.entropy.mean()), entropy_std=float(st.entropy.std()),

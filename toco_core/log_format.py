@@ -18,7 +18,8 @@ class KeyValueFormatter(logging.Formatter):
         """The line for one record (the exception's repr is appended at ERROR and above)."""
         extra = getattr(record, "fields", None) or {}
         fields = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}" for k, v in extra.items())
-        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7s} {record.name}: {record.getMessage()}"
+        base = (f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():7s} "
+                f"{record.name}: {record.getMessage()}")
         if record.exc_info and record.levelno >= logging.ERROR:
             base += " exc=" + repr(record.exc_info[1])
         return f"{base} {fields}".rstrip()

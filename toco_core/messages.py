@@ -34,7 +34,8 @@ MAX_JSON_PAYLOAD = 4 * 1024 * 1024  # larger JSON is refused before parsing (mem
 MAX_CHUNKS_PER_REQUEST = 64
 MAX_RANGE_LENGTH = 256 * 1024  # one part reply frame at most; as large as a chunk
 MAX_RANGES_PER_REQUEST = 64
-PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+){0,2}$"  # head, band/3 and fine/3 (class 3), prune/0, calib/heldout, base; codes/top, codes/3/7 of older bundles
+# head, band/3 and fine/3 (class 3), prune/0, calib/heldout, base; codes/top, codes/3/7 of older bundles
+PART_NAME_PATTERN = r"^[a-z]+(/[a-z0-9]+){0,2}$"
 
 DeviceId = Annotated[str, Field(pattern=ID_PATTERN)]
 BundleId = Annotated[str, Field(pattern=SHA256_PATTERN, description="sha256 hex of the packed bundle")]
@@ -462,7 +463,8 @@ class BundleManifest(Message):
     bundle_id: BundleId
     size: int = Field(gt=0)
     chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    chunks: list[Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(min_length=1, description="sha256 hex per chunk")
+    chunks: list[Annotated[str, Field(pattern=SHA256_PATTERN)]] = Field(min_length=1,
+                                                                       description="sha256 hex per chunk")
     files: list[FileEntry]
     created_at: float
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -569,7 +571,8 @@ def kind_of(message: Message) -> MessageKind:
     try:
         return _KIND_OF[type(message)]
     except KeyError:
-        raise MessageError(f"{type(message).__name__} is not sent on its own topic", "send the enclosing message") from None
+        raise MessageError(f"{type(message).__name__} is not sent on its own topic",
+                           "send the enclosing message") from None
 
 
 def encode(message: Message) -> bytes:
@@ -587,7 +590,8 @@ def encode(message: Message) -> bytes:
 
 def encode_chunk(bundle_id: str, index: int, data: bytes) -> bytes:
     """``{"schema_version":1,"bundle_id":..,"index":..}\\n`` followed by the raw chunk bytes."""
-    header = json.dumps({"schema_version": SCHEMA_VERSION, "bundle_id": bundle_id, "index": index}, separators=(",", ":"))
+    header = json.dumps({"schema_version": SCHEMA_VERSION, "bundle_id": bundle_id, "index": index},
+                        separators=(",", ":"))
     return header.encode() + b"\n" + bytes(data)
 
 
@@ -646,7 +650,8 @@ def parse_message(kind: MessageKind | str, payload: bytes | bytearray) -> Messag
     if kind is MessageKind.PART:
         return _parse_part(payload)
     if len(payload) > MAX_JSON_PAYLOAD:
-        raise MessageError(f"{kind.value} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}", "send less per message")
+        raise MessageError(f"{kind.value} payload of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}",
+                           "send less per message")
     if kind is MessageKind.MANIFEST and payload[:1] == b"\x78":  # zlib's header; JSON starts with "{"
         payload = _inflate(payload, kind.value)
     try:

@@ -30,7 +30,8 @@ class BundleInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int = 1
-    format: int = Field(1, ge=1, le=2, description="1: fp32 model + analysis directory; 2: parts (toco_core.parts_bundle)")
+    format: int = Field(1, ge=1, le=2,
+                        description="1: fp32 model + analysis directory; 2: parts (toco_core.parts_bundle)")
     model_name: str
     model_sha256: str
     analysis_id: str | None = None

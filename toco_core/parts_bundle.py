@@ -209,7 +209,8 @@ class BundleHead:
                            for k, v in json.loads(files["analysis/calibration.json"]).items()}
             self.graph = onnx.load_from_string(files["graph.onnx"])
         except (ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-            raise BundleError(f"the bundle head is malformed: {exc}", "re-pack the bundle on the fleet server") from None
+            raise BundleError(f"the bundle head is malformed: {exc}",
+                              "re-pack the bundle on the fleet server") from None
         self.table = plan_table_from_bytes(files["plans.safetensors"])
         means = decode_arrays(files["means.npz"], "head/means.npz") if "means.npz" in files else None
         self.base_means = None if means is None else [means[f"m{k}"] for k in range(len(means))]
@@ -284,7 +285,8 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
     if lay.plane_parts == "band":
         ladder_list, class_list = decode_bands(lay.shapes, lay.out_axes, parts, lay.prune_levels, layout_top_bits(lay),
                                                 lay.band_bounds)
-        ladders, classes = dict(zip(lay.tensors, ladder_list)), dict(zip(lay.tensors, class_list))
+        ladders = dict(zip(lay.tensors, ladder_list, strict=True))
+        classes = dict(zip(lay.tensors, class_list, strict=True))
     else:
         ladders = ladders_from_planes(lay, parts, top_codes(lay, parts))
         classes = classes_from_planes(lay, parts, ladders)
@@ -292,7 +294,7 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
         source = from_base_model(load_model(parts["base"]), result, classes)
         return dataclasses.replace(source, point_deltas=_point_deltas(head, parts)), result, head.info
     values = {}
-    for n, a in zip(head.layout.tensors, head.layout.out_axes):
+    for n, a in zip(head.layout.tensors, head.layout.out_axes, strict=True):
         finest = np.full(ladders[n].shape[a], ladders[n].finest)
         codes = ladders[n].codes(finest).astype(np.float32)
         values[n] = codes * octave_steps(head.table.master_steps[n], finest).reshape(channel_axis_shape(codes.ndim, a))

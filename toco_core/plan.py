@@ -30,7 +30,8 @@ class CompressionPlan(BaseModel):
     prune_scale: float = Field(ge=0, description="pruning scale = sparsity share (prune ranks <= s are zeroed)")
     quant_scale: float = Field(ge=0, description="mixed precision scale on tau_hat (0 = keep float)")
     runtime: Runtime = "fp32"  # toco_core.runtime_forms.FLOAT
-    int8_scale: float = Field(0.0, ge=0, description="int8 runtime: scale on tau_hat the int8 weight error must stay within")
+    int8_scale: float = Field(0.0, ge=0,
+                              description="int8 runtime: scale on tau_hat the int8 weight error must stay within")
     structured: bool = True
     predicted_disagreement: float
     predicted_kl: float = Field(0.0, description="measured KL(base || compressed) at this point")

@@ -77,7 +77,7 @@ def plan_codes(table: PlanTable, ladders: dict[str, CodeLadder], classes: dict[s
     i = table.point_index(prune_scale, quant_scale)
     level = prune_level(table.prune_grid, prune_scale)
     out = []
-    for name, axis in zip(table.tensors, table.out_axes):
+    for name, axis in zip(table.tensors, table.out_axes, strict=True):
         k = table.octaves[name][i]
         codes = ladders[name].codes(k)
         if level >= 0:

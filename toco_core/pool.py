@@ -70,7 +70,7 @@ def fit_to_input(x: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
         raise PoolError(f"pool {source} is empty", "give at least a few dozen samples")
     want = spec.shape[1:]
     got = x.shape[1:]
-    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got, strict=True)):
         shown = "x".join("?" if d is None else str(d) for d in spec.shape)
         raise PoolError(
             f"pool {source} has samples shaped {tuple(got)}, but model input {spec.name!r} is {shown}",

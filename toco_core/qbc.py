@@ -15,7 +15,8 @@ from toco_core.model_inputs import Batch
 from toco_core.runtime import run_with_weights
 
 
-def noisy_weights(weights: dict[str, np.ndarray], tau: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def noisy_weights(weights: dict[str, np.ndarray], tau: dict[str, np.ndarray],
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One committee member: w + U(-tau, +tau) per weight."""
     return {k: (w + rng.uniform(-1.0, 1.0, w.shape) * tau[k]).astype(np.float32) for k, w in weights.items()}
 

@@ -185,7 +185,8 @@ class _Context:
 def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy,
            ) -> tuple[SelfTestResult, float | None, int | None, str | None]:
     """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
-    gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement, policy.budget, ctx.kind)
+    gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement,
+                     policy.budget, ctx.kind)
     if not gate.passed:
         return gate, None, None, f"self-test {gate.measured:.2%} > {gate.predicted:.2%} + {gate.margin:.2%}"
     if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
@@ -200,7 +201,8 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
         if not ctx.base_rss:
             ctx.base_rss.append(session_rss(ctx.base_bytes, shapes(ctx.x[:1])))
         rss = session_rss(model_bytes(built.runnable), shapes(ctx.x[:1]))
-        heavier = rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0] and plan.runtime != FLOAT.name
+        heavier = (rss is not None and ctx.base_rss[0] is not None and rss > ctx.base_rss[0]
+                   and plan.runtime != FLOAT.name)
         if rss is not None and (heavier or rss > ctx.memory):  # heavier implies an RSS
             return gate, p50, rss, f"session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"
     return gate, p50, rss, None
@@ -250,7 +252,8 @@ def recompress(
     limit, it is not slower than the base (p50 at batch 1), meets the latency limit, and -
     where session RSS is measured (see _rss_matters; ``measure_memory=False`` never measures) -
     is not heavier than the base nor over the memory limit. The self-test compares the analysis'
-    scored tensor; the built model keeps the base's post-processing tail and every output. ``model`` is the fp32 base or a
+    scored tensor; the built model keeps the base's post-processing tail and every output.
+    ``model`` is the fp32 base or a
     WeightSource built from parts, whose master model stands in for the base in the p50 and RSS
     gates. ``before_build(plan)`` runs before each candidate is built and may raise to stop the
     search (a box holding only some parts stops at the first plan needing parts it lacks).

@@ -111,7 +111,7 @@ def session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray])
     # OrtValues borrow the numpy buffers: both must outlive the session (the session keeps them)
     arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in weights.values()]
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-    for name, value in zip(weights, values):
+    for name, value in zip(weights, values, strict=True):
         opts.add_initializer(name, value)
     try:
         sess = ort.InferenceSession(_cached_bytes(model), opts, providers=["CPUExecutionProvider"])

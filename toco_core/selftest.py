@@ -41,9 +41,11 @@ def self_test(
     try:
         out = run_model(candidate, x)
     except Exception:  # a candidate that cannot run is simply a failing candidate
-        return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin, kl=float("inf"))
+        return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin,
+                              kl=float("inf"))
     if out.shape != base_out.shape or not np.isfinite(out).all():
-        return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin, kl=float("inf"))
+        return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin,
+                              kl=float("inf"))
     fid = compare_outputs(base_out, out, kind=kind)
     ok = fid.disagreement <= predicted + margin and fid.disagreement <= budget + 1.0 / n + 1e-12
     return SelfTestResult(passed=ok, samples=n, predicted=predicted,

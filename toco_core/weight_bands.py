@@ -45,7 +45,7 @@ def normalized_bounds(bounds: Sequence[int] | None, levels: int) -> list[int]:
 def groups(bounds: list[int], levels: int) -> list[tuple[int, int]]:
     """The class groups (lo, hi] (classes lo + 1 .. hi), top-down: (b_1, G], (b_2, b_1], .., (-1, b_m]."""
     tops = [levels, *bounds]
-    return [(lo, hi) for hi, lo in zip(tops, [*bounds, -1])]
+    return [(lo, hi) for hi, lo in zip(tops, [*bounds, -1], strict=True)]
 
 
 def split_order(bounds: list[int], levels: int) -> list[int]:
@@ -87,7 +87,8 @@ def band_parts(masters: list[np.ndarray], classes: list[np.ndarray], levels: int
     for j, (lo, hi) in _intervals(split_order(b, levels), levels).items():
         parts[f"prune/{j}"] = bands.encode_mask([c[(c > lo) & (c <= hi)] <= j for c in flat])
     for lo, hi in groups(b, levels):
-        top, fine = bands.encode_band([q.ravel()[(k > lo) & (k <= hi)] for q, k in zip(masters, flat)], top_bits)
+        in_band = [q.ravel()[(k > lo) & (k <= hi)] for q, k in zip(masters, flat, strict=True)]
+        top, fine = bands.encode_band(in_band, top_bits)
         parts[f"band/{hi}"] = top
         parts.update({f"fine/{hi}/{bit}": data for bit, data in fine.items()})
     return parts
@@ -97,7 +98,7 @@ def fine_bits(bits: list[int], top_bits: list[int]) -> list[int]:
     """The fine bits a box reads to get tensor t down to ``bits[t]``: b with bits[t] <= b < top_bits[t]
     for some t, highest first."""
     return [b for b in range(max(top_bits, default=0) - 1, -1, -1)
-            if any(bit <= b < tb for bit, tb in zip(bits, top_bits))]
+            if any(bit <= b < tb for bit, tb in zip(bits, top_bits, strict=True))]
 
 
 def band_names(levels: int, level: int, bits: list[int], top_bits: list[int],
@@ -127,12 +128,13 @@ def _spans_of_weights(parts: dict[str, bytes], sizes: list[int], levels: int,
     for j in order:
         if f"prune/{j}" not in parts or not _ancestors(j, spans) <= used:
             continue
-        cand = [np.flatnonzero((a < j) & (j < z)) for a, z in zip(lo, hi)]
+        cand = [np.flatnonzero((a < j) & (j < z)) for a, z in zip(lo, hi, strict=True)]
         try:
             below = bands.decode_mask(parts[f"prune/{j}"], [c.size for c in cand])
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"prune split {j} of the bundle does not decode: {exc}", "fetch the bundle again") from None
-        for a, z, c, m in zip(lo, hi, cand, below):
+            raise BundleError(f"prune split {j} of the bundle does not decode: {exc}",
+                              "fetch the bundle again") from None
+        for a, z, c, m in zip(lo, hi, cand, below, strict=True):
             z[c[m]] = j
             a[c[~m]] = j
         used.add(j)
@@ -166,19 +168,21 @@ def decode_bands(shapes: list[list[int]], out_axes: list[int], parts: dict[str, 
     codes = [np.zeros(n, np.int64) for n in sizes]
     placed = []
     for glo, ghi in groups(b, levels):
-        straddle = any(((a < glo) & (glo < z)).any() or ((a < ghi) & (ghi < z)).any() for a, z in zip(lo, hi))
+        straddle = any(((a < glo) & (glo < z)).any() or ((a < ghi) & (ghi < z)).any()
+                       for a, z in zip(lo, hi, strict=True))
         if f"band/{ghi}" in parts and not straddle:
             placed.append((glo, ghi))
     stop = _stop_bits(parts, [g for _, g in placed], top_bits)
     for glo, ghi in placed:
-        members = [(a >= glo) & (z <= ghi) for a, z in zip(lo, hi)]
-        fine = {bit: parts[f"fine/{ghi}/{bit}"] for bit in range(max(top_bits, default=0)) if f"fine/{ghi}/{bit}" in parts}
+        members = [(a >= glo) & (z <= ghi) for a, z in zip(lo, hi, strict=True)]
+        fine = {bit: parts[f"fine/{ghi}/{bit}"] for bit in range(max(top_bits, default=0))
+                if f"fine/{ghi}/{bit}" in parts}
         try:
             got = bands.decode_band(parts[f"band/{ghi}"], fine, [int(m.sum()) for m in members], top_bits, stop)
         except (ValueError, RuntimeError) as exc:
             raise BundleError(f"band {ghi} of the bundle does not decode: {exc}", "fetch the bundle again") from None
-        for q, m, g in zip(codes, members, got):
+        for q, m, g in zip(codes, members, got, strict=True):
             q[m] = g
     ladders = [CodeLadder(a, truncated=q.reshape(s).astype(np.int32), bit=bit)
-               for q, s, a, bit in zip(codes, shapes, out_axes, stop)]
-    return ladders, [z.reshape(s) for z, s in zip(hi, shapes)]
+               for q, s, a, bit in zip(codes, shapes, out_axes, stop, strict=True)]
+    return ladders, [z.reshape(s) for z, s in zip(hi, shapes, strict=True)]

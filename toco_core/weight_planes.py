@@ -79,16 +79,16 @@ def weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
     per prune split the bits its contexts use."""
     names = list(table.tensors)
     top = max([int(table.octaves[n].max(initial=0)) for n in names] + [0])
-    axes = dict(zip(names, table.out_axes))
+    axes = dict(zip(names, table.out_axes, strict=True))
     masters = [m for n in names if (m := ladders[n].master) is not None]
     if len(masters) != len(names):
         raise ValueError("writing the weight planes needs every tensor's master codes")
     top_bits = shared_top_bits(table)
     parts = {"codes/top": planes.encode_top([_rows(truncate(q, tb), axes[n])
-                                             for q, tb, n in zip(masters, top_bits, names)])}
+                                             for q, tb, n in zip(masters, top_bits, names, strict=True)])}
     # a plane per tensor: a point's channels of one layer often need a finer octave than the rest
     # (LeNet-5's handheld: 9 channels of one layer at octave 3, every other at 4 or coarser)
-    for k, (q, tb) in enumerate(zip(masters, top_bits)):
+    for k, (q, tb) in enumerate(zip(masters, top_bits, strict=True)):
         for b in range(tb - 1, -1, -1):
             parts[f"codes/{b}/{k}"] = planes.encode_bit_plane([q], b)
     node_bits = {}
@@ -96,7 +96,7 @@ def weight_parts(ladders: dict[str, CodeLadder], classes: dict[str, np.ndarray],
         # a split's contexts use the coarsest bit every point reading it reads anyway: points at
         # the levels below it in the tree, so deeper splits get finer contexts than the root
         node_bits[str(node[2])] = bits = _context_bits(table, range(node[0], node[1]), len(names))
-        coarse = [truncate(q, cb) for q, cb in zip(masters, bits)]
+        coarse = [truncate(q, cb) for q, cb in zip(masters, bits, strict=True)]
         parts[f"prune/{node[2]}"] = planes.encode_prune_plane([classes[n] for n in names], coarse, node)
     return parts, top, top_bits, node_bits
 
@@ -109,12 +109,13 @@ def _context_bits(table: PlanTable, levels: range, n: int) -> list[int]:
 
 def top_codes(lay: LadderLayout, parts: dict[str, bytes]) -> list[np.ndarray]:
     """Every tensor's codes/top codes in its own shape."""
-    moved = [(s[a],) + tuple(d for i, d in enumerate(s) if i != a) for s, a in zip(lay.shapes, lay.out_axes)]
+    moved = [(s[a],) + tuple(d for i, d in enumerate(s) if i != a)
+             for s, a in zip(lay.shapes, lay.out_axes, strict=True)]
     try:
         rows = planes.decode_top(parts["codes/top"], [(m[0], int(np.prod(m[1:]))) for m in moved])
     except (ValueError, RuntimeError) as exc:
         raise BundleError(f"the bundle's codes/top part does not decode: {exc}", "fetch the bundle again") from None
-    return [np.moveaxis(r.reshape(m), 0, a) for r, m, a in zip(rows, moved, lay.out_axes)]
+    return [np.moveaxis(r.reshape(m), 0, a) for r, m, a in zip(rows, moved, lay.out_axes, strict=True)]
 
 
 def ladders_from_planes(lay: LadderLayout, parts: dict[str, bytes], top: list[np.ndarray]) -> dict[str, CodeLadder]:
@@ -132,12 +133,14 @@ def ladders_from_planes(lay: LadderLayout, parts: dict[str, bytes], top: list[np
             except (ValueError, RuntimeError) as exc:
                 raise BundleError(f"bit plane {name} of the bundle does not decode: {exc}",
                                   "fetch the bundle again") from None
-            for t, c in zip(tensors, decoded):
+            for t, c in zip(tensors, decoded, strict=True):
                 current[t], bits[t] = c, b
-    return {n: CodeLadder(a, truncated=c, bit=bit) for n, a, c, bit in zip(lay.tensors, lay.out_axes, current, bits)}
+    return {n: CodeLadder(a, truncated=c, bit=bit)
+            for n, a, c, bit in zip(lay.tensors, lay.out_axes, current, bits, strict=True)}
 
 
-def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
+def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes],
+                        ladders: dict[str, CodeLadder]) -> dict[str, np.ndarray]:
     """Prune classes as far as the prune planes present resolve them: a weight's class is the top
     of its known interval, so pruning at any level the planes resolve (class <= level) reads true.
 
@@ -147,7 +150,7 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
     known = planes.all_unknown([tuple(s) for s in lay.shapes], lay.prune_levels)
     tree = planes.prune_tree(lay.prune_levels, lay.prune_tree)
     if not any(f"prune/{t}" in parts for _, _, t in tree):
-        return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
+        return {n: hi for n, (_, hi) in zip(lay.tensors, known, strict=True)}
     applied: set[tuple[int, int, int]] = set()
     for lo, hi, t in tree:  # parents first: a split applies once its range is known
         parent_known = (lo, hi) == (0, lay.prune_levels) or any(
@@ -155,16 +158,17 @@ def classes_from_planes(lay: LadderLayout, parts: dict[str, bytes], ladders: dic
         if f"prune/{t}" not in parts or not parent_known:
             continue
         context = (lay.prune_node_bits or {}).get(str(t), [lay.prune_context_bit] * len(lay.tensors))
-        if any(ladders[n].bit > c for n, c in zip(lay.tensors, context)):
+        if any(ladders[n].bit > c for n, c in zip(lay.tensors, context, strict=True)):
             raise BundleError(f"prune plane {t} needs the weight bit planes down to {context}",
                               "fetch the parts the plan lists")
-        top = [truncate(ladders[n].truncated, c - ladders[n].bit) for n, c in zip(lay.tensors, context)]
+        top = [truncate(ladders[n].truncated, c - ladders[n].bit) for n, c in zip(lay.tensors, context, strict=True)]
         try:
             known = planes.decode_prune_plane(parts[f"prune/{t}"], known, top, (lo, hi, t))
         except (ValueError, RuntimeError) as exc:
-            raise BundleError(f"prune plane {t} of the bundle does not decode: {exc}", "fetch the bundle again") from None
+            raise BundleError(f"prune plane {t} of the bundle does not decode: {exc}",
+                              "fetch the bundle again") from None
         applied.add((lo, hi, t))
-    return {n: hi for n, (_, hi) in zip(lay.tensors, known)}
+    return {n: hi for n, (_, hi) in zip(lay.tensors, known, strict=True)}
 
 
 def plane_names(lay: LadderLayout, bits: list[int]) -> list[str]:
@@ -172,7 +176,8 @@ def plane_names(lay: LadderLayout, bits: list[int]) -> list[str]:
     top_bits = layout_top_bits(lay)
     if lay.plane_parts == "plane":
         return [f"codes/{b}" for b in range(top_bits[0] - 1, min(bits + top_bits) - 1, -1)]
-    return [f"codes/{b}/{k}" for k, (bit, tb) in enumerate(zip(bits, top_bits)) for b in range(tb - 1, bit - 1, -1)]
+    return [f"codes/{b}/{k}" for k, (bit, tb) in enumerate(zip(bits, top_bits, strict=True))
+            for b in range(tb - 1, bit - 1, -1)]
 
 
 def layout_top_bits(lay: LadderLayout) -> list[int]:

@@ -67,7 +67,8 @@ def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
     table = require_plans(result)
     infos = {i.name: i for i in compressible_weights(model)}
     weights = read_weights(model, list(infos.values()))
-    ladders = {n: CodeLadder(infos[n].out_axis, master=master_codes(weights[n], table.master_steps[n], infos[n].out_axis))
+    ladders = {n: CodeLadder(infos[n].out_axis,
+                             master=master_codes(weights[n], table.master_steps[n], infos[n].out_axis))
                for n in table.tensors}
     if classes is None:
         if result.tolerances is None:

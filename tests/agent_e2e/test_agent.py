@@ -148,7 +148,8 @@ def test_malformed_payloads_on_every_subscribed_topic_are_dropped(agent, fleet):
         fleet.listener.publish(t.device(MessageKind.CMD, DEVICE), payload)
         fleet.listener.publish(t.manifest(unknown), payload)
         fleet.listener.publish(t.chunk(unknown, 0), payload)
-    fleet.listener.publish(t.chunk(unknown, 0), b'{"schema_version":1,"bundle_id":"%s","index":0}\nxx' % unknown.encode())
+    fleet.listener.publish(t.chunk(unknown, 0),
+                           b'{"schema_version":1,"bundle_id":"%s","index":0}\nxx' % unknown.encode())
     # Still alive, still serving, still obeying a valid command afterwards.
     fleet.command(DEVICE, UploadSamplesCommand(cmd_id="after-garbage", max_bytes=4096))
     assert wait_for(lambda: any(m.cmd_id == "after-garbage" for m in fleet.messages(DEVICE, "samples")), 10)

@@ -56,7 +56,8 @@ def test_bilinear_upscale_keeps_range_and_bad_inputs_are_refused():
 def test_edge_modules_import_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"  # importing torch now raises ImportError
-        "import agent.model_store, agent.inference, agent.inference_api, toco_core.drift_monitor, toco_core.preprocessing\n"
+        "import agent.model_store, agent.inference, agent.inference_api, toco_core.drift_monitor, "
+        "toco_core.preprocessing\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
         "print('ok')\n"
     )

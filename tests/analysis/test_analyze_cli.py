@@ -54,7 +54,8 @@ def test_model_without_compressible_weights(tmp_path, pool_file):
 def test_pool_that_does_not_fit_the_input(tmp_path, lenet5_path):
     pool = tmp_path / "flat.npy"
     np.save(pool, np.zeros((50, 784), np.float32))
-    assert_one_line_error(toco("analyze", lenet5_path, "--pool", pool, "-o", tmp_path / "o"), "shaped (784,)", "1x28x28")
+    assert_one_line_error(toco("analyze", lenet5_path, "--pool", pool, "-o", tmp_path / "o"),
+                          "shaped (784,)", "1x28x28")
 
 
 def test_empty_pool(tmp_path, lenet5_path):
@@ -76,7 +77,8 @@ def test_unsupported_op_is_named(tmp_path, pool_file, lenet5):
 
 @pytest.mark.parametrize("budget", ["150%", "abc"])
 def test_bad_budget(tmp_path, lenet5_path, pool_file, budget):
-    assert_one_line_error(toco("analyze", lenet5_path, "--pool", pool_file, "-o", tmp_path / "o", "--budget", budget), "share")
+    assert_one_line_error(toco("analyze", lenet5_path, "--pool", pool_file, "-o", tmp_path / "o", "--budget", budget),
+                          "share")
 
 
 def test_inspect_missing_directory(tmp_path):

@@ -57,7 +57,8 @@ def _label_tail(probs: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _with_tail(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+def _with_tail(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+               outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
     g = model.graph
     g.node.extend(nodes)
     del g.output[:]

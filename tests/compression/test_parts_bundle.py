@@ -109,7 +109,8 @@ def test_a_bundle_laid_out_for_a_fleet_costs_its_boxes_one_split(lenet5, lenet5_
     assert weights(laid, names) < 0.85 * weights(parts, head.parts_for_plan(at))
     between = next(p for p in plans if prune_level(head.table.prune_grid, p.prune_scale) == bounds[0] + 1)
     names = lhead.parts_for_plan(between)
-    assert [n for n in names if n.startswith("prune/")] == [f"prune/{j}" for j in [bounds[0], *range(levels - 1, bounds[0], -1)]]
+    splits = [bounds[0], *range(levels - 1, bounds[0], -1)]
+    assert [n for n in names if n.startswith("prune/")] == [f"prune/{j}" for j in splits]
     assert [n for n in names if n.startswith("band/")] == [f"band/{levels}"]
     below = next(p for p in plans if prune_level(head.table.prune_grid, p.prune_scale) == 0)
     names = lhead.parts_for_plan(below)
@@ -184,7 +185,8 @@ def test_toco_pack_and_recompress_from_the_bundle(tmp_path, lenet5_path, lenet5_
     profile = json.loads((Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "line-pc.json").read_text())
     (tmp_path / "fp32-box.json").write_text(json.dumps({**profile, "formats": ["fp32"]}))
     reports = {}
-    for how, args in (("bundle", ["--bundle", str(bundle)]), ("model", [str(lenet5_path), "--analysis", str(analysis)])):
+    for how, args in (("bundle", ["--bundle", str(bundle)]),
+                      ("model", [str(lenet5_path), "--analysis", str(analysis)])):
         out = tmp_path / how / "model.onnx"
         done = subprocess.run([*toco, "recompress", *args, "-o", str(out), "--storage", "20KB", "--objective", "size",
                                "--profile", str(tmp_path / "fp32-box.json")],

@@ -41,7 +41,8 @@ def test_too_few_samples_to_bound_any_compression_leave_the_base_model(lenet5, l
     is the base model itself, remains; a storage limit below it then says what it needs."""
     base = len(model_bytes(lenet5))
     plans = _plans(lenet5, lenet5_analysis)
-    assert [p.label for p in feasible_plans(plans, Policy(budget=0.02), None, None, base, samples=40)] == ["base / fp32"]
+    feasible = feasible_plans(plans, Policy(budget=0.02), None, None, base, samples=40)
+    assert [p.label for p in feasible] == ["base / fp32"]
     assert len(feasible_plans(plans, Policy(budget=0.02), None, None, base, samples=500)) > 1
     with pytest.raises(InfeasibleError, match="storage"):
         feasible_plans(plans, Policy(budget=0.02), None, base // 2, base, samples=40)

@@ -57,7 +57,7 @@ def test_corrected_biases_restore_every_layers_channel_means_on_the_fitted_sampl
     base = channel_means(exposed, {}, x, ["c", "g"])
     raw = channel_means(exposed, shrunk, x, ["c", "g"])
     new = channel_means(exposed, {**shrunk, **biases}, x, ["c", "g"])
-    for b, r, n in zip(base, raw, new):
+    for b, r, n in zip(base, raw, new, strict=True):
         assert np.abs(r - b).max() > 0.05
         # the deltas travel on a grid of at most 1/64 of the layer's largest delta (on_delta_grid)
         assert np.abs(n - b).max() < np.abs(r - b).max() / 64

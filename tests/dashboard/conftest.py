@@ -188,7 +188,8 @@ def devices(fleet) -> Iterator[dict[str, SimDevice]]:
                           p50_ms=float(2 + 3 * k + rng.random()), inferences=100 * i)
         for w in range(12):
             drifting = name == "camera-256" and w >= 9
-            dev.drift(w, now - (12 - w) * 60, agreement=float(0.99 - 0.005 * rng.random() - (0.05 * (w - 8) if drifting else 0)),
+            dev.drift(w, now - (12 - w) * 60,
+                      agreement=float(0.99 - 0.005 * rng.random() - (0.05 * (w - 8) if drifting else 0)),
                       shift=float(0.05 + 0.03 * rng.random() + (0.15 * (w - 8) if drifting else 0)))
     assert wait_until(lambda: len(fleet.api.get("/api/drift").json()) >= 36, 15), "the server did not store the drift"
     yield made

@@ -77,7 +77,8 @@ def test_each_filter_returns_exactly_its_devices(big_fleet):
         ("alert", "data"): {r["id"] for r in rows if r["drift_kind"] == "data"},
         ("alert", "any"): {r["id"] for r in rows if r["alert"] or r["drift_kind"]},
         ("group", "line-03"): {r["id"] for r in rows if r["group"] == "line-03"},
-        ("version", "m-seed-v1"): {r["id"] for r in rows if (r["active"] or {}).get("bundle_id") == BUNDLES["m-seed-v1"]},
+        ("version", "m-seed-v1"): {r["id"] for r in rows
+                                   if (r["active"] or {}).get("bundle_id") == BUNDLES["m-seed-v1"]},
         ("version", "none"): {r["id"] for r in rows if (r["active"] or {}).get("bundle_id") not in BUNDLES.values()},
         ("q", "DEV-0424"): {r["id"] for r in rows if "dev-0424" in r["id"]},
     }

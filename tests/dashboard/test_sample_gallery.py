@@ -43,7 +43,8 @@ def test_uploaded_samples_are_listed_and_image_inputs_drawn(fleet, devices, page
     page.wait_for_selector("#samples figure")
     for i in ids[:2]:
         img = page.locator(f"#samples figure[data-sample='{i}'] img")
-        page.wait_for_function(f"document.querySelector(\"#samples figure[data-sample='{i}'] img\").naturalWidth === 28",
+        page.wait_for_function(f"document.querySelector(\"#samples figure[data-sample='{i}'] img\")"
+                               ".naturalWidth === 28",
                                timeout=10_000)
         assert img.get_attribute("alt") == f"sample {i}"
     assert page.locator(f"#samples figure[data-sample='{ids[2]}'] img").count() == 0

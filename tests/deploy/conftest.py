@@ -90,7 +90,8 @@ class DeployBroker:
         self.passwords: dict[str, str] = {}
         for user in self.USERS:
             out = self.root / f"{user}.password"
-            subprocess.run([str(DEPLOY / "mosquitto" / "add-device.sh"), user, "--passwd", str(self.root / "etc/passwd"),
+            subprocess.run([str(DEPLOY / "mosquitto" / "add-device.sh"), user,
+                            "--passwd", str(self.root / "etc/passwd"),
                             "--out", str(out)], check=True, capture_output=True, text=True)
             self.passwords[user] = out.read_text().strip()
         shutil.copy(DEPLOY / "mosquitto" / "acl", self.root / "etc" / "acl")

@@ -119,7 +119,7 @@ def test_device_cannot_write_another_devices_topics(deploy_broker, server) -> No
 def test_server_reads_every_device(deploy_broker, server) -> None:
     server.subscribe(f"{T.prefix}/#")
     devices = [device(deploy_broker, n) for n in ("cam-07", "cam-08")]
-    for d, name in zip(devices, ("cam-07", "cam-08")):
+    for d, name in zip(devices, ("cam-07", "cam-08"), strict=True):
         d.publish(T.device("telemetry", name), f"tele-{name}".encode())
         d.publish(T.device("drift", name), f"drift-{name}".encode())
     want = {b"tele-cam-07", b"tele-cam-08", b"drift-cam-07", b"drift-cam-08"}

@@ -29,7 +29,8 @@ def directives(text: str) -> dict[str, list[str]]:
 def test_unit_has_the_hardening_and_restart_policy() -> None:
     d = directives(UNIT.read_text())
     want = {"User": "toco", "Restart": "always", "StateDirectory": "toco-agent", "ProtectSystem": "strict",
-            "ProtectHome": "yes", "NoNewPrivileges": "yes", "PrivateTmp": "yes", "ReadWritePaths": "/var/lib/toco-agent",
+            "ProtectHome": "yes", "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+            "ReadWritePaths": "/var/lib/toco-agent",
             "OOMPolicy": "continue", "CapabilityBoundingSet": "", "KillSignal": "SIGTERM",
             "StartLimitIntervalSec": "0"}
     for key, value in want.items():

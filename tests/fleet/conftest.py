@@ -100,7 +100,8 @@ class Fleet:
                           data={"name": "lenet5"})
         m.raise_for_status()
         a = self.api.post(f"/api/models/{m.json()['model_id']}/analyses", json={"budget": 0.05}).json()
-        assert wait_until(lambda: self.api.get(f"/api/analyses/{a['analysis_id']}").json()["status"] in ("done", "failed"),
+        assert wait_until(lambda: self.api.get(f"/api/analyses/{a['analysis_id']}").json()["status"]
+                          in ("done", "failed"),
                           timeout=120, step=0.5)
         return m.json(), self.api.get(f"/api/analyses/{a['analysis_id']}").json()
 
@@ -196,11 +197,12 @@ class SimDevice:
         self.c.publish(self.topics.device(kind, self.id), payload, qos=1).wait_for_publish(5)
 
     def status(self, cmd: DeployCommand | RollbackCommand, phase: str, **kw) -> None:
-        self.send(StatusMessage(device_id=self.id, phase=phase, deployment_id=cmd.deployment_id, bundle_id=cmd.bundle_id,
-                                **kw))
+        self.send(StatusMessage(device_id=self.id, phase=phase, deployment_id=cmd.deployment_id,
+                                bundle_id=cmd.bundle_id, **kw))
 
     def drift(self, window: int, bundle_id: str, alert: bool, agreement: float = 0.99, disputed=()) -> None:
-        checks = [DriftCheck(name="agreement", value=agreement, reference=0.99, low=0.95, high=1.0, n=50, in_band=not alert),
+        checks = [DriftCheck(name="agreement", value=agreement, reference=0.99, low=0.95, high=1.0, n=50,
+                             in_band=not alert),
                   DriftCheck(name="input_shift", value=0.9 if alert else 0.05, reference=0.0, low=0.0, high=0.3, n=50,
                              in_band=not alert)]
         self.send(DriftMessage(device_id=self.id, bundle_id=bundle_id, window_index=window, opened_at=time.time() - 5,

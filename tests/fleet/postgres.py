@@ -86,7 +86,8 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     """
     bindir = pg_bin()
     if bindir is None:
-        raise PostgresUnavailable("PostgreSQL is not installed (Debian: apt-get install postgresql; `make system-deps`)")
+        raise PostgresUnavailable("PostgreSQL is not installed "
+                                  "(Debian: apt-get install postgresql; `make system-deps`)")
     if os.geteuid() == 0:
         _ensure_user()
         user = PG_USER

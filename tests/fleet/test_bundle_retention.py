@@ -58,7 +58,8 @@ def head_range(fleet: Fleet, bundle_id: str, device_id: str, length: int = 4096)
     c.loop_start()
     try:
         ready.wait(5)
-        ask = PartRequest(device_id=device_id, bundle_id=bundle_id, ranges=[PartRange(part="head", offset=0, length=length)])
+        ask = PartRequest(device_id=device_id, bundle_id=bundle_id,
+                          ranges=[PartRange(part="head", offset=0, length=length)])
         c.publish(fleet.topics.get(bundle_id, device_id), encode(ask), qos=1).wait_for_publish(5)
         wait_until(lambda: bool(got), timeout=5)
     finally:
@@ -82,8 +83,8 @@ def test_superseded_bundles_go_and_a_deploy_packs_its_bundle_again(lenet, tmp_pa
         assert wait_until(lambda: device_json(fleet, "keeper").get("online"), timeout=10)
         fleet.api.post("/api/deployments", json={"analysis_id": first["analysis_id"], "target": {"device": "keeper"}},
                        ).raise_for_status()
-        assert wait_until(lambda: (device_json(fleet, "keeper").get("active") or {}).get("bundle_id") == first["bundle_id"],
-                          timeout=30)
+        assert wait_until(lambda: (device_json(fleet, "keeper").get("active") or {}).get("bundle_id")
+                          == first["bundle_id"], timeout=30)
         later = []
         for budget in (0.04, 0.03):  # two more analyses of the same model: two more bundles
             a = fleet.api.post(f"/api/models/{model['model_id']}/analyses", json={"budget": budget}).json()
@@ -96,8 +97,9 @@ def test_superseded_bundles_go_and_a_deploy_packs_its_bundle_again(lenet, tmp_pa
         # replicas share part requests, so the one a request reaches may never have announced the bundle:
         # it serves a stored one all the same (here: the newest, never deployed)
         stored = store.bundle_path(newest["bundle_id"]).read_bytes()
-        head = next(f for f in BundleManifest.model_validate(json.loads(
-            store.bundle_path(newest["bundle_id"]).with_suffix(".manifest.json").read_text())).files if f.name == "head")
+        manifest_path = store.bundle_path(newest["bundle_id"]).with_suffix(".manifest.json")
+        head = next(f for f in BundleManifest.model_validate(json.loads(manifest_path.read_text())).files
+                    if f.name == "head")
         assert head_range(fleet, newest["bundle_id"], "reader-1", 100) == stored[head.offset:head.offset + 100]
         assert head_range(fleet, "0" * 64, "reader-1") is None  # nobody stored it
 
@@ -122,7 +124,8 @@ def test_superseded_bundles_go_and_a_deploy_packs_its_bundle_again(lenet, tmp_pa
         # the first bundle is run by nobody now, and the re-packed one is the newest packed: the first
         # and the last analysis' bundles go, and the broker forgets the announced one's manifest
         assert fleet.server.retention.run()["bundles"] == 2
-        assert not store.bundle_path(first["bundle_id"]).exists() and not store.bundle_path(newest["bundle_id"]).exists()
+        assert not store.bundle_path(first["bundle_id"]).exists()
+        assert not store.bundle_path(newest["bundle_id"]).exists()
         assert head_range(fleet, newest["bundle_id"], "reader-1") is None  # deleted: no longer served
         assert retained(fleet.port, fleet.topics.manifest(first["bundle_id"])) is None
         assert retained(fleet.port, fleet.topics.manifest(middle["bundle_id"])) is not None

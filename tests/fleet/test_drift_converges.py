@@ -119,7 +119,8 @@ def start_box(fleet, tmp_path, device: str, objective: str, **extra) -> AgentPro
     enroll(fleet.server.db, device, GROUPS[device])
     (tmp_path / device).mkdir()
     agent = AgentProcess(tmp_path / device, device, fleet.server.broker_url, fleet.server.public_key_path,
-                         fleet="test", group=GROUPS[device], objective=objective, upload_samples=True, drift=DRIFT, **extra)
+                         fleet="test", group=GROUPS[device], objective=objective, upload_samples=True, drift=DRIFT,
+                         **extra)
     agent.start()
     return agent
 

@@ -35,7 +35,8 @@ def window(dev, index: int, bundle_id: str, *, agreement: float, alert: bool, ou
 def deployed_group(fleet, devices, group: str, n: int) -> list:
     """``n`` SimDevices in ``group`` running the fleet's analysed bundle."""
     devs = [devices(f"{group}-{i}", group=group, responder=succeed) for i in range(n)]
-    assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == n)
+    assert wait_until(lambda: sum(d["group"] == group and d["online"]
+                                  for d in fleet.api.get("/api/devices").json()) == n)
     dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
                                                    "target": {"group": group}}).json()
     assert wait_until(lambda: fleet.api.get(f"/api/deployments/{dep['deployment_id']}").json()["stage"] == "done")
@@ -153,7 +154,8 @@ def test_alerts_cli_lists_acknowledges_and_reanalyses_with_one_line_errors(fleet
 
     from fleet_server.cli import app
 
-    run, url, bid = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}), ["--server", fleet.http.url], fleet.analysis["bundle_id"]
+    run, url = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}), ["--server", fleet.http.url]
+    bid = fleet.analysis["bundle_id"]
     (box,) = deployed_group(fleet, devices, "g-cli", 1)
     window(box, 1, bid, agreement=0.995, alert=True)
     assert wait_until(lambda: bool(alerts(fleet, box.id)))
@@ -197,8 +199,10 @@ def test_an_unshadowed_box_is_classified_by_scoring_its_samples_against_the_base
         assert wait_until(lambda: alerts(fleet, agreeing.id)[0]["status"] != "classifying", timeout=15)
         assert wait_until(lambda: alerts(fleet, flipping.id)[0]["status"] != "classifying", timeout=15)
         ok, bad = alerts(fleet, agreeing.id)[0], alerts(fleet, flipping.id)[0]
-        assert ok["kind"] == "data" and ok["status"] == "open" and "10 samples: agreement with the base 100%" in ok["why"]
-        assert bad["kind"] == "fidelity" and bad["status"] == "reanalysing" and "agreement with the base 0%" in bad["why"]
+        assert ok["kind"] == "data" and ok["status"] == "open"
+        assert "10 samples: agreement with the base 100%" in ok["why"]
+        assert bad["kind"] == "fidelity" and bad["status"] == "reanalysing"
+        assert "agreement with the base 0%" in bad["why"]
         assert [r["trigger_devices"] for r in reanalyses(fleet, "g-score")] == [[flipping.id]]
     finally:
         policy.mode, policy.gate = saved

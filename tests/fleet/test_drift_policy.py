@@ -42,7 +42,8 @@ def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices
         return [r for r in fleet.api.get("/api/reanalyses").json() if r["group"] == group]
 
     devs = [devices(f"drift{i}", group=group, responder=succeed) for i in range(2)]
-    assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 2)
+    assert wait_until(lambda: sum(d["group"] == group and d["online"]
+                                  for d in fleet.api.get("/api/devices").json()) == 2)
     dep = fleet.api.post("/api/deployments", json={"analysis_id": aid, "target": {"group": group}}).json()
     assert wait_until(lambda: fleet.api.get(f"/api/deployments/{dep['deployment_id']}").json()["stage"] == "done")
     calm, shifted = devs
@@ -95,7 +96,8 @@ def test_drift_alert_reanalysis_waits_for_approval_then_redeploys(fleet, devices
     final = mine()[0]
     redeploy = fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()
     assert redeploy["target"] == {"group": group} and redeploy["bundle_id"] == a["bundle_id"]
-    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()["stage"] == "done")
+    assert wait_until(lambda: fleet.api.get(f"/api/deployments/{final['group_deployment_id']}").json()["stage"]
+                      == "done")
     assert device_json(fleet, "drift0")["active"]["bundle_id"] == a["bundle_id"]
     assert not device_json(fleet, "drift1")["alert"]
     fleet.server.policy.mode = "auto"

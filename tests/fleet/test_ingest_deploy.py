@@ -36,8 +36,10 @@ def test_staged_rollout_stops_at_the_failure_threshold(fleet, devices):
     group = f"g-fail-{fleet.kind}"
     for i in range(10):
         devices(f"f{i}-{fleet.kind}", group=group, responder=fail)
-    assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 10)
-    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"], "target": {"group": group},
+    assert wait_until(lambda: sum(d["group"] == group and d["online"]
+                                  for d in fleet.api.get("/api/devices").json()) == 10)
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
+                                                   "target": {"group": group},
                                                    "canary_share": 0.2, "failure_threshold": 0.2}).json()
     assert dep["counts"]["pending"] == 8 and dep["counts"]["in_progress"] + dep["counts"]["failed"] == 2
     url = f"/api/deployments/{dep['deployment_id']}"
@@ -55,9 +57,10 @@ def test_staged_rollout_stops_at_the_failure_threshold(fleet, devices):
 def test_staged_rollout_goes_canary_then_rest(fleet, devices):
     group = f"g-ok-{fleet.kind}"
     devs = [devices(f"s{i}-{fleet.kind}", group=group, responder=succeed) for i in range(5)]
-    assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 5)
-    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"], "target": {"group": group},
-                                                   "canary_share": 0.2}).json()
+    assert wait_until(lambda: sum(d["group"] == group and d["online"]
+                                  for d in fleet.api.get("/api/devices").json()) == 5)
+    dep = fleet.api.post("/api/deployments", json={"analysis_id": fleet.analysis["analysis_id"],
+                                                   "target": {"group": group}, "canary_share": 0.2}).json()
     url = f"/api/deployments/{dep['deployment_id']}"
     assert wait_until(lambda: fleet.api.get(url).json()["stage"] == "done")
     final = fleet.api.get(url).json()

@@ -72,7 +72,8 @@ def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command
     devs = [devices(f"ver-{i}", group=group, responder=succeed) for i in range(4)]
     # allowed the model by its v1 id: every version of it (the group rollouts below reach all four)
     enroll(fleet.server.db, "ver-3", group, allowed_models=[fleet.analysis["model_id"]])
-    assert wait_until(lambda: sum(d["group"] == group and d["online"] for d in fleet.api.get("/api/devices").json()) == 4)
+    assert wait_until(lambda: sum(d["group"] == group and d["online"]
+                                  for d in fleet.api.get("/api/devices").json()) == 4)
 
     def deploy(analysis_id: str) -> dict:
         dep = fleet.api.post("/api/deployments", json={"analysis_id": analysis_id, "target": {"group": group},
@@ -90,8 +91,9 @@ def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command
     assert device_json(fleet, "ver-1")["model_version"]["version"] == 2
 
     # one command: back to v1's newest bundle, staged, through rollback commands naming it
-    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["models", "rollback", "lenet5", "--group", group, "--canary", "0.25",
-                                   "--server", fleet.http.url])
+    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["models", "rollback", "lenet5",
+                                                                        "--group", group, "--canary", "0.25",
+                                                                        "--server", fleet.http.url])
     assert out.exit_code == 0, out.output
     assert "from lenet5 v2 to v1" in out.output
     dep = next(d for d in fleet.api.get("/api/deployments").json() if d["command"] == "rollback")
@@ -114,7 +116,8 @@ def test_a_version_rolled_out_staged_to_a_group_and_rolled_back_with_one_command
     assert wait_until(lambda: group_rows(fleet, group) == {1: 4})
 
     # a group already at v1 has nothing before it: one clear line, non-zero exit
-    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["models", "rollback", "lenet5", "--group", group, "--server", fleet.http.url])
+    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["models", "rollback", "lenet5",
+                                                                        "--group", group, "--server", fleet.http.url])
     assert out.exit_code != 0 and "no previous version" in out.output
 
 
@@ -132,10 +135,12 @@ def test_drift_history_is_kept_per_version(fleet, devices, v2):
 
     assert windows(fleet.analysis["model_id"]) == [1]
     assert windows(v2["model"]["model_id"]) == [2, 3]
-    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["drift", "--device", "ver-drift", "--model", "lenet5", "--version", "2",
-                                   "--server", fleet.http.url])
+    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["drift", "--device", "ver-drift",
+                                                                        "--model", "lenet5", "--version", "2",
+                                                                        "--server", fleet.http.url])
     assert out.exit_code == 0 and "ver-drift" in out.output
-    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["drift", "--model", "lenet5", "--version", "7", "--server", fleet.http.url])
+    out = CliRunner(env={"TOCO_FLEET_TOKEN": fleet.token}).invoke(app, ["drift", "--model", "lenet5", "--version", "7",
+                                                                        "--server", fleet.http.url])
     assert out.exit_code != 0 and "no version v7" in out.output
 
 

@@ -30,7 +30,8 @@ def database_at_0003(path: Path) -> str:
             db.execute("INSERT INTO models VALUES (?, ?, 'ab', 1, 2, 3, '/m.onnx', '/p.npz', NULL, ?)",
                        (model_id, name, t))
         db.execute("INSERT INTO analyses (id, model_id, status, phase, done, total, reason, settings, "
-                   "field_sample_ids, created_at) VALUES ('a-1', 'm-a', 'done', 'done', 1, 1, 'initial', '{}', '[]', 1)")
+                   "field_sample_ids, created_at) "
+                   "VALUES ('a-1', 'm-a', 'done', 'done', 1, 1, 'initial', '{}', '[]', 1)")
         db.execute("INSERT INTO deployments VALUES ('d-1', 'a-1', 'b1', '{\"group\": \"line\"}', 'done', 0.1, 0.2, "
                    "NULL, 6.0, 7.0)")
     db.close()

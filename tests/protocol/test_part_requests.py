@@ -63,7 +63,8 @@ def test_unknown_parts_ranges_outside_and_malformed_requests_are_dropped(served)
                 json.dumps({"device_id": "cam-1", "bundle_id": manifest.bundle_id,
                             "ranges": [{"part": "../etc", "offset": 0, "length": 1}]}).encode()):
         assert pub.handle_get(topic, bad) == 0
-    req = PartRequest(device_id="cam-2", bundle_id=manifest.bundle_id, ranges=[PartRange(part="head", offset=0, length=1)])
+    req = PartRequest(device_id="cam-2", bundle_id=manifest.bundle_id,
+                      ranges=[PartRange(part="head", offset=0, length=1)])
     assert pub.handle_get(topic, encode(req)) == 0  # payload names another device than its topic
     assert pub.stats["dropped"] == 4 and not out
 

@@ -58,8 +58,8 @@ class Agent:
         self.link = MqttLink(url=url, fleet=FLEET, device_id=DEV, state_dir=state_dir, reconnect_min=0.2,
                              reconnect_max=1.0, agent_version="test")
         self.dl = BundleDownloader(self.link, state_dir, public_key, lambda m, d: self.done.put((m, d)),
-                                   lambda b, r, d: self.failed.put((r, d)), request_timeout=kw.pop("request_timeout", 2.0),
-                                   **kw)
+                                   lambda b, r, d: self.failed.put((r, d)),
+                                   request_timeout=kw.pop("request_timeout", 2.0), **kw)
         self.link.start()
         assert self.link.wait_connected(5)
 

@@ -28,7 +28,8 @@ def test_an_anonymous_embedded_broker_listens_on_loopback_only(tmp_path, host):
     assert not (tmp_path / "fleet").exists(), "refused, yet it made its data directory first"
     out = CliRunner().invoke(app, ["serve", "--broker-host", host, "--data-dir", str(tmp_path / "fleet")])
     assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
-    assert out.output.startswith("error: the embedded broker admits anonymous clients") and "--broker-password-file" in out.output
+    assert out.output.startswith("error: the embedded broker admits anonymous clients")
+    assert "--broker-password-file" in out.output
 
 
 def _connect(port: int, host: str, user: str | None, password: str | None) -> bool:

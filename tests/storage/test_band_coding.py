@@ -21,10 +21,11 @@ def test_a_band_decodes_exactly_and_stops_at_any_bit_each_tensor_asks_for():
     sizes = [c.size for c in codes]
     assert sorted(fine) == [0, 1, 2]
     exact = decode_band(top, fine, sizes, top_bits, [0, 0, 0, 0])
-    assert all(np.array_equal(a, b) for a, b in zip(exact, codes))
+    assert all(np.array_equal(a, b) for a, b in zip(exact, codes, strict=True))
     for stop, have in (([2, 0, 1, 3], {}), ([1, 0, 1, 2], {2: fine[2], 1: fine[1]}), ([2, 0, 0, 3], {0: fine[0]})):
         got = decode_band(top, have, sizes, top_bits, stop)
-        assert all(np.array_equal(g, np.sign(c) * (np.abs(c) >> s)) for g, c, s in zip(got, codes, stop)), stop
+        assert all(np.array_equal(g, np.sign(c) * (np.abs(c) >> s))
+                   for g, c, s in zip(got, codes, stop, strict=True)), stop
     with pytest.raises(ValueError, match="fine bit 1"):
         decode_band(top, {2: fine[2]}, sizes, top_bits, [1, 0, 1, 2])
     with pytest.raises(ValueError, match="another bit"):
@@ -48,7 +49,7 @@ def test_masks_round_trip_and_damage_is_refused():
     masks = [RNG.random(50) < 0.2, np.zeros(0, bool), RNG.random(3000) < 0.9]
     data = encode_mask(masks)
     back = decode_mask(data, [m.size for m in masks])
-    assert all(np.array_equal(a, b) for a, b in zip(masks, back))
+    assert all(np.array_equal(a, b) for a, b in zip(masks, back, strict=True))
     with pytest.raises(ValueError, match="tensors"):
         decode_mask(data, [50, 3000])
     with pytest.raises(ValueError):

@@ -97,9 +97,9 @@ def test_bit_planes_round_trip_and_nest():
     current = [(np.sign(q) * (np.abs(q) >> top_bit)).astype(np.int32) for q in masters]
     for b in range(top_bit - 1, -1, -1):
         current = planes.decode_bit_plane(planes.encode_bit_plane(masters, b), current)
-        for got, q in zip(current, masters):
+        for got, q in zip(current, masters, strict=True):
             assert np.array_equal(got, np.sign(q) * (np.abs(q) >> b))
-    assert all(np.array_equal(c, q) for c, q in zip(current, masters))
+    assert all(np.array_equal(c, q) for c, q in zip(current, masters, strict=True))
 
 
 def test_the_planes_cost_about_the_entropy_of_the_codes():
@@ -128,7 +128,7 @@ def test_prune_planes_resolve_any_level_from_its_path(shape):
         known = planes.all_unknown([r.shape for r in ranks], len(grid))
         for node in path:
             known = planes.decode_prune_plane(parts[node], known, coarse, node)
-        for (lo, hi), c in zip(known, classes):
+        for (lo, hi), c in zip(known, classes, strict=True):
             assert ((lo <= c) & (c <= hi)).all()  # every interval holds the true class
             assert np.array_equal(hi <= level, c <= level)  # and is on the right side of the level
 

@@ -50,7 +50,8 @@ def seeded_device(i: int, now: float) -> dict[str, Any]:
     active = None if bundle is None else {"bundle_id": bundle, "model_name": "lenet5", "slot": "a", "plan": PLAN}
     return {"id": device_id(i), "group": f"line-{i % GROUPS:02d}", "online": i % 7 != 3, "birth": 1,
             "last_seen": now - i % 600, "agent_version": "sim-1", "hardware": {**HARDWARE, "device_id": device_id(i)},
-            "active": active, "active_bundle": bundle, "alert": kind is not None, "drift_kind": kind, "deploy_state": deploy_state,
+            "active": active, "active_bundle": bundle, "alert": kind is not None, "drift_kind": kind,
+            "deploy_state": deploy_state,
             "last_drift": {"window": 11, "t": now - 60, "agreement": 0.99, "input_shift": 0.05, "alert": bool(kind)},
             "bad_messages": 0, "enrollment": enrollment, "enrolled_at": None if enrollment == "quarantined" else now,
             "allowed_models": None}

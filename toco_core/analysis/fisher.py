@@ -91,7 +91,8 @@ class FisherAccumulator:
         classes, positions = probe.shape[1], probe[0, 0].numel()
         # The exact expectation costs one backward pass per class; past ~20M Jacobian entries per
         # sample (a 5M-weight CNN with 10 classes) sampling y is 5x cheaper for the same ranking.
-        exact = not self.sampled and positions == 1 and classes <= self.max_exact_classes and self._n * classes <= _EXACT_LIMIT
+        exact = (not self.sampled and positions == 1 and classes <= self.max_exact_classes
+                 and self._n * classes <= _EXACT_LIMIT)
         per = self._n * (classes if exact else 1)
         chunk = max(1, min(64, _FLOATS_PER_CHUNK // max(per, 1)))
         for i in range(0, len(x), chunk):

@@ -75,7 +75,8 @@ class NestedCalibration:
         if self.correction is not None:
             values.update(self.correction.biases(values))
         fid = compare_outputs(self.base_out, run_with_weights(self.model, values, self.x), self.y, self.kind)
-        stats = summary({q.name: CompressedTensor(q.name, values[q.name], q.codes, q.steps, q.out_axis) for q in tensors})
+        stats = summary({q.name: CompressedTensor(q.name, values[q.name], q.codes, q.steps, q.out_axis)
+                         for q in tensors})
         return CurvePoint(prune_scale=ps, quant_scale=qs, disagreement=fid.disagreement, kl=fid.kl,
                           accuracy=fid.accuracy, sparsity=stats["sparsity"], entropy_bits=stats["entropy_bits"],
                           coded_bits=stats["coded_bits"], fixed_bits=stats["fixed_bits"])
@@ -156,7 +157,7 @@ class NestedCalibration:
         for i, (ps, qs) in enumerate(points):
             tensors = plan_codes(bare, self.ladders, self.classes, ps, qs)
             scale = np.float32(max(int8_scale, qs))
-            for t, (info, q) in enumerate(zip(self.infos, tensors)):
+            for t, (info, q) in enumerate(zip(self.infos, tensors, strict=True)):
                 values = dequantize(q)
                 tau = self.tmap.quant[info.name]
                 int8[i, t] = scale > 0 and int8_fits(values, tau * scale, info.out_axis, self.coverage)

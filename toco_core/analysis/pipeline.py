@@ -82,7 +82,8 @@ def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau
     scale, dis = 1.0, 0.0
     for _ in range(steps):
         scale = float(np.exp2((lo + hi) / 2))
-        dis = committee_disagreement(base_lp, committee_log_probs(model, weights, scaled(tau_hat, scale), x, 4, s.seed, kind))
+        dis = committee_disagreement(base_lp,
+                                     committee_log_probs(model, weights, scaled(tau_hat, scale), x, 4, s.seed, kind))
         lo, hi = (np.log2(scale), hi) if dis < s.committee_target else (lo, np.log2(scale))
     return scale, dis
 
@@ -114,7 +115,8 @@ def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np
         # the round's held-out figure (a second committee on all of them cost 8 more model runs)
         scale, held_dis = _committee_scale(model, weights, tau_hat, heldout_x[:_SCALE_SAMPLES], base_held, kind, s,
                                            rounds[-1].committee_scale if rounds else None)
-        members = committee_log_probs(model, weights, scaled(tau_hat, scale), pool_x, s.committee_members, s.seed + r, kind)
+        members = committee_log_probs(model, weights, scaled(tau_hat, scale), pool_x, s.committee_members, s.seed + r,
+                                      kind)
         scores = disagreement_score(base_pool, members)
         room = np.setdiff1d(np.arange(len(pool_x)), chosen)
         pick = select_top(scores, s.samples_per_round, exclude=chosen)
@@ -161,7 +163,7 @@ def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict
             fisher = _fisher(ev, current, kind, x, s.seed + j, sampled=n > 300_000).result()
         acc = InputMoments(ev, names)
         acc.add_batch(x)
-        masks = {k: m.reshape(weights[k].shape) for k, m in zip(names, np.split(pruned, sizes))}
+        masks = {k: m.reshape(weights[k].shape) for k, m in zip(names, np.split(pruned, sizes), strict=True)}
         score = prune_scores(current, fisher, acc.result(), masks, s.floor_rel)
         order = np.argsort(np.concatenate([score[k].ravel() for k in names]), kind="stable")
         order = order[~pruned[order]]  # survivors, least important first
@@ -173,9 +175,10 @@ def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict
         pruned[take] = True
         done += len(take)
         current = {k: np.where(m.reshape(weights[k].shape), 0, weights[k]).astype(np.float32)
-                   for k, m in zip(names, np.split(pruned, sizes))}
+                   for k, m in zip(names, np.split(pruned, sizes), strict=True)}
         progress("prune", j, s.prune_rounds)
-    return {k: r.reshape(weights[k].shape).astype(np.float32) for k, r in zip(names, np.split(rank, sizes))}
+    return {k: r.reshape(weights[k].shape).astype(np.float32)
+            for k, r in zip(names, np.split(rank, sizes), strict=True)}
 
 
 def prune_grid() -> list[float]:

@@ -87,7 +87,8 @@ def _greedy_rows(w: torch.Tensor, at: torch.Tensor, pruned: torch.Tensor, k: int
             wj = torch.where(ok, w.gather(1, j), 0.0)
             coef[:, t : t + 1] = wj
             cc.scatter_(1, i, torch.inf)
-            cc += 2 * wc * wj * acc.gather(1, i[:, :, None].expand(-1, 1, m))[:, 0]  # err on candidates += w_j A[j, cand]
+            # err on candidates += w_j A[j, cand]
+            cc += 2 * wc * wj * acc.gather(1, i[:, :, None].expand(-1, 1, m))[:, 0]
             sel = ok[:, 0]
             out[sel, j[sel, 0]] = level[sel, 0].double()
             blocked[sel, j[sel, 0]] = True

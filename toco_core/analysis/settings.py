@@ -20,10 +20,12 @@ class AnalysisSettings(BaseModel):
     committee_target: float = Field(0.05, gt=0, lt=0.5, description="committee disagreement the scale aims at")
     tolerance_change_stop: float = Field(0.02, ge=0, description="stop QBC when the median |dlog tau| falls below")
     floor_rel: float = Field(1e-2, gt=0, le=1, description="Fisher floor relative to the tensor's median")
-    prune_rounds: int = Field(1, ge=1, le=20, description="pruning rounds, Fisher and input moments re-measured at the pruned point")
+    prune_rounds: int = Field(1, ge=1, le=20, description="pruning rounds, Fisher and input moments re-measured "
+                                                          "at the pruned point")
     prune_round_samples: int = Field(128, ge=8, description="analysis samples used per pruning round")
     max_sparsity: float = Field(0.95, gt=0, lt=1)
-    coverage: float = Field(0.99, gt=0, le=1, description="share of a channel's weights whose rounding stays in tolerance")
+    coverage: float = Field(0.99, gt=0, le=1,
+                            description="share of a channel's weights whose rounding stays in tolerance")
     bias_correction: bool = Field(True, description="curves (and devices) correct each layer's bias for the mean "
                                                     "shift compression causes, fitted on the analysis samples")
     seed: int = 0

@@ -44,7 +44,7 @@ def bit_lengths(mag: np.ndarray) -> np.ndarray:
 def encode_mask(masks: list[np.ndarray]) -> bytes:
     """Boolean masks (one per tensor, any length), each coded with its own share of ones."""
     ones = [int(m.sum()) for m in masks]
-    counts = np.array([[m.size - k, k] for m, k in zip(masks, ones)], np.int64).reshape(-1, 2)
+    counts = np.array([[m.size - k, k] for m, k in zip(masks, ones, strict=True)], np.int64).reshape(-1, 2)
     syms = np.concatenate([m.astype(np.int64) for m in masks]) if masks else np.zeros(0, np.int64)
     ctx = np.concatenate([np.full(m.size, t) for t, m in enumerate(masks)]) if masks else np.zeros(0, np.int64)
     return struct.pack("<I", len(masks)) + np.asarray(ones, "<u4").tobytes() + _encode(syms, ctx, counts)
@@ -107,7 +107,7 @@ def encode_band(codes: list[np.ndarray], top_bits: list[int]) -> tuple[bytes, di
     """
     head, syms, ctxs, tables, raw = [struct.pack("<I", len(codes))], [], [], [], []
     fine: dict[int, list[np.ndarray]] = {b: [] for b in range(max(top_bits, default=0) - 1, -1, -1)}
-    for t, (q, tb) in enumerate(zip(codes, top_bits)):
+    for t, (q, tb) in enumerate(zip(codes, top_bits, strict=True)):
         mag = np.abs(q.astype(np.int64))
         if mag.size and int(mag.max()) >= 1 << (MAX_LENGTH - 1):
             raise ValueError(f"a code of {int(mag.max())} does not fit the band coder")
@@ -139,7 +139,7 @@ def decode_band(top: bytes, fine: dict[int, bytes], sizes: list[int], top_bits: 
     stop = list(top_bits) if stop_bits is None else list(stop_bits)
     lengths_all, raw = _decode_top(top, sizes)
     out, mags, rpos = [], [], 0
-    for lengths, tb in zip(np.split(lengths_all, np.cumsum(sizes)[:-1]) if sizes else [], top_bits):
+    for lengths, tb in zip(np.split(lengths_all, np.cumsum(sizes)[:-1]) if sizes else [], top_bits, strict=True):
         nz = lengths > 0
         signs = raw[rpos:rpos + int(nz.sum())]
         if signs.size != int(nz.sum()):
@@ -151,17 +151,17 @@ def decode_band(top: bytes, fine: dict[int, bytes], sizes: list[int], top_bits: 
         sign[np.flatnonzero(nz)[signs == 1]] = -1
         mags.append((mag, lengths, sign))
     for b in range(max(top_bits, default=0) - 1, -1, -1):
-        if not any(st <= b < tb for st, tb in zip(stop, top_bits)):
+        if not any(st <= b < tb for st, tb in zip(stop, top_bits, strict=True)):
             continue
         if b not in fine:
             raise ValueError(f"the band's fine bit {b} is missing")
         if fine[b][:1] != struct.pack("<B", b):
             raise ValueError(f"the band's fine part for bit {b} holds another bit")
         bits, pos = np.unpackbits(np.frombuffer(fine[b][1:], np.uint8)), 0
-        for (mag, lengths, _), tb in zip(mags, top_bits):
+        for (mag, lengths, _), tb in zip(mags, top_bits, strict=True):
             if tb > b:
                 pos += _put_bits(mag, lengths, b, b + 1, bits[pos:])
-    for (mag, _, sign), s in zip(mags, stop):
+    for (mag, _, sign), s in zip(mags, stop, strict=True):
         out.append((sign * np.right_shift(mag, s)).astype(np.int32))
     return out
 
@@ -175,7 +175,8 @@ def _decode_top(top: bytes, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if pos >= len(top) or top[pos] > MAX_LENGTH + 1 or pos + 1 + top[pos] > len(top):
             raise ValueError("the band's count table is truncated")
         n = top[pos]
-        tables.append(np.pad(np.frombuffer(top[pos + 1:pos + 1 + n], np.uint8).astype(np.int64), (0, MAX_LENGTH + 1 - n)))
+        table = np.frombuffer(top[pos + 1:pos + 1 + n], np.uint8).astype(np.int64)
+        tables.append(np.pad(table, (0, MAX_LENGTH + 1 - n)))
         pos += 1 + n
     if pos + 4 > len(top):
         raise ValueError("the band is truncated")

@@ -100,7 +100,7 @@ def channel_means(model: onnx.ModelProto, weights: dict[str, np.ndarray], x: Bat
             part = _channel_sums(y)
             sums[k] = part if counts[k] == 0 else sums[k] + part
             counts[k] += y.size // y.shape[1]
-    return [total / max(n, 1) for total, n in zip(sums, counts)]
+    return [total / max(n, 1) for total, n in zip(sums, counts, strict=True)]
 
 
 def correction_samples(infos: list[WeightInfo]) -> int:
@@ -152,7 +152,7 @@ class BiasCorrection:
         for _ in range(max(passes, 1)):
             current = {k: v.astype(np.float32) for k, v in biases.items()}
             now = channel_means(self.model, {**values, **current}, self.x, self.outputs)
-            for layer, base, cur in zip(self.layers, self.base_means, now):
+            for layer, base, cur in zip(self.layers, self.base_means, now, strict=True):
                 biases[layer.bias] += base - cur
         return {k: on_delta_grid(v - self.base_bias[k]) for k, v in biases.items()}
 

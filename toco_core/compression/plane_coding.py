@@ -127,7 +127,7 @@ def decode_bit_plane(data: bytes, truncated: list[np.ndarray]) -> list[np.ndarra
                                         if news else [])
     signs = np.asarray(dec.decode(family, probs[sign_ctx]), dtype=np.int64) if len(sign_ctx) else np.zeros(0, np.int64)
     out, pos, spos = [], 0, 0
-    for t, new in zip(truncated, news):
+    for t, new in zip(truncated, news, strict=True):
         mag = 2 * np.abs(t.ravel().astype(np.int64)) + bits[pos:pos + t.size]
         sign = np.sign(t.ravel().astype(np.int64))
         k = int(new.sum())
@@ -193,7 +193,7 @@ def encode_prune_plane(classes: list[np.ndarray], top: list[np.ndarray], node: P
     down to the layout's prune context bit, which every pruning plan fetches anyway)."""
     lo, hi, t = node
     syms, ctxs, counts = [], [], []
-    for k, (cls, tc) in enumerate(zip(classes, top)):
+    for k, (cls, tc) in enumerate(zip(classes, top, strict=True)):
         c = cls.ravel()
         sel = (c >= lo) & (c <= hi)
         bits = (c[sel] <= t).astype(np.int64)
@@ -219,10 +219,10 @@ def decode_prune_plane(data: bytes, known: list[tuple[np.ndarray, np.ndarray]], 
     flat, stream = _unpack(data, len(known), 2 * _PRUNE_CONTEXTS)
     counts = flat.reshape(-1, 2)
     open_ = [(a.ravel() == lo) & (b.ravel() == hi) for a, b in known]
-    ctx = [_prune_contexts(tc)[m] + _PRUNE_CONTEXTS * k for k, (tc, m) in enumerate(zip(top, open_))]
+    ctx = [_prune_contexts(tc)[m] + _PRUNE_CONTEXTS * k for k, (tc, m) in enumerate(zip(top, open_, strict=True))]
     bits = _decode(stream, np.concatenate(ctx) if ctx else np.zeros(0, int), counts)
     out, pos = [], 0
-    for (known_a, known_b), m in zip(known, open_):
+    for (known_a, known_b), m in zip(known, open_, strict=True):
         a, b = known_a.ravel().copy(), known_b.ravel().copy()
         n = int(m.sum())
         below = bits[pos:pos + n] == 1

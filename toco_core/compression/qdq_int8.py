@@ -74,7 +74,8 @@ def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calib
 
     Takes the model, the node names to quantize (None = every Conv/Gemm/MatMul with a constant
     weight) and calibration inputs: an array for the first graph input or a ModelInputs for
-    every input (activation ranges = MinMax over them). Activations are unsigned int8 (asymmetric), weights signed int8 (symmetric), the
+    every input (activation ranges = MinMax over them). Activations are unsigned int8
+    (asymmetric), weights signed int8 (symmetric), the
     pairing onnxruntime recommends for x86 CPUs. Returns the QDQ model; onnxruntime fuses it
     into QLinearConv / QGemm / integer MatMul when the session starts.
     Raises ModelError for an unknown node name or when onnxruntime cannot quantize the model,
@@ -95,7 +96,8 @@ def quantize_qdq_int8(model: onnx.ModelProto, nodes: Sequence[str] | None, calib
             raise PoolError("no calibration samples", "pass a non-empty batch of the model inputs")
     else:
         x = np.asarray(calibration_x, dtype=spec.dtype)
-        if len(x) == 0 or x.ndim != len(spec.shape) or any(d and d != s for d, s in zip(spec.shape[1:], x.shape[1:])):
+        if len(x) == 0 or x.ndim != len(spec.shape) or any(
+                d and d != s for d, s in zip(spec.shape[1:], x.shape[1:], strict=True)):
             raise PoolError(f"calibration samples of shape {x.shape} do not fit input {spec.name!r} {spec.shape}",
                             "pass a non-empty batch shaped like the model input")
     if not targets:

@@ -43,7 +43,8 @@ def summary(tensors: dict[str, CompressedTensor]) -> dict[str, float]:
     zeros = sum(int((t.values == 0).sum()) for t in tensors.values())
     ent = sum(t.entropy_bits * t.values.size for t in tensors.values()) / n
     fixed = [
-        float(np.mean(channel_bits(t.codes, t.out_axis))) * t.values.size if t.codes is not None else 32.0 * t.values.size
+        float(np.mean(channel_bits(t.codes, t.out_axis))) * t.values.size if t.codes is not None
+        else 32.0 * t.values.size
         for t in tensors.values()
     ]
     coded = sum(t.values.size * 32.0 if t.codes is None else

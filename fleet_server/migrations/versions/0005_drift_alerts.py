@@ -26,8 +26,8 @@ def upgrade() -> None:
     """Create ``drift_alerts``; add ``devices.drift_kind`` and the group stage of ``reanalyses``.
 
     Existing re-analyses keep their meaning: their ``deployment_id`` was a group redeploy, nothing
-    marks them as waiting for a quorum, and their devices are not sent a convergence rebase. Devices alerting before the upgrade show no kind
-    until their next window.
+    marks them as waiting for a quorum, and their devices are not sent a convergence rebase.
+    Devices alerting before the upgrade show no kind until their next window.
     """
     op.create_table(
         "drift_alerts",

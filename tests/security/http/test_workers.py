@@ -31,7 +31,8 @@ def analysing(server: ServerProcess, api, analysis_id: str) -> list[psutil.Proce
     """Wait until a worker is inside the analysis (past start-up); returns the workers."""
     def inside() -> bool:
         a = api.get(f"/api/analyses/{analysis_id}").json()
-        return a["status"] == "running" and a["progress"]["phase"] not in ("queued", "starting") and bool(workers(server))
+        return (a["status"] == "running" and a["progress"]["phase"] not in ("queued", "starting")
+                and bool(workers(server)))
 
     assert wait_until(inside, 90, 0.2), server.output()
     return workers(server)

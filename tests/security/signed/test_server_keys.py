@@ -85,7 +85,8 @@ def test_bundle_sequence_grows_per_model_and_is_signed(tmp_path, key_path):
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
     with db.session(write=True) as s:
         for m in ("m-a", "m-b"):
-            s.add(ModelRow(id=m, name=m, sha256="0" * 64, weights=1, size_bytes=1, pool_size=1, path="x", pool_path="y"))
+            s.add(ModelRow(id=m, name=m, sha256="0" * 64, weights=1, size_bytes=1, pool_size=1,
+                           path="x", pool_path="y"))
             s.add(AnalysisRow(id=f"a-{m}", model_id=m, settings={}))
     assert next_bundle_sequence(db, "m-a") == 1
     key = ensure_signing_key(key_path)

@@ -141,7 +141,9 @@ class GraphEvaluator:
                 raise op.error(f"failed on inputs of shapes {[None if a is None else tuple(a.shape) for a in args]}: "
                                f"{exc}", "check the model with onnxruntime; see docs/ops.md") from exc
             outs = (result,) if isinstance(result, torch.Tensor) else result
-            for name, value in zip(op.outputs, outs):
+            # an op computes only the outputs it supports: optional trailing ones (MaxPool's unnamed
+            # Indices, BatchNormalization's training stats) are dropped on purpose
+            for name, value in zip(op.outputs, outs, strict=False):
                 if name:
                     env[name] = value
         return env[self.output_name]

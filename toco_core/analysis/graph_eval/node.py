@@ -172,7 +172,7 @@ def spatial_pads(
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
         raise node.error(f"auto_pad {auto!r} is unknown", "use NOTSET, VALID, SAME_UPPER or SAME_LOWER")
     out = []
-    for size, k, s, d in zip(in_sizes, kernel, strides, dilations):
+    for size, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=True):
         total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
         small, big = total // 2, total - total // 2
         out.append((small, big) if auto == "SAME_UPPER" else (big, small))

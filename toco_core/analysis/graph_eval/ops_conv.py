@@ -47,11 +47,11 @@ def _transpose_pads(node: OpNode, full: list[int], in_sizes: list[int], strides:
     auto = node.attr("auto_pad", "NOTSET")
     target = node.attr("output_shape")
     if target is None and auto in ("SAME_UPPER", "SAME_LOWER"):
-        target = [i * s for i, s in zip(in_sizes, strides)]
+        target = [i * s for i, s in zip(in_sizes, strides, strict=True)]
     if target is not None:
         target = list(target)[-n:]
         out = []
-        for f, t in zip(full, target):
+        for f, t in zip(full, target, strict=True):
             total = f - t
             small, big = total // 2, total - total // 2
             out.append((small, big) if auto == "SAME_UPPER" else (big, small))
@@ -75,11 +75,12 @@ def conv_transpose(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     out_pad = list(node.attr("output_padding", [0] * n))
     in_sizes = list(x.shape[2:])
     kernel = list(w.shape[2:])
-    full = [(i - 1) * s + (k - 1) * d + 1 + p for i, s, k, d, p in zip(in_sizes, strides, kernel, dilations, out_pad)]
+    full = [(i - 1) * s + (k - 1) * d + 1 + p
+            for i, s, k, d, p in zip(in_sizes, strides, kernel, dilations, out_pad, strict=True)]
     crops = _transpose_pads(node, full, in_sizes, strides)
     y = _CONV_T[n](x, w, None, strides, 0, 0, node.attr("group", 1), dilations)
     # output_padding appends zeros at the end; negative F.pad values crop.
-    y = F.pad(y, torch_pad_list([(-c0, p - c1) for (c0, c1), p in zip(crops, out_pad)]))
+    y = F.pad(y, torch_pad_list([(-c0, p - c1) for (c0, c1), p in zip(crops, out_pad, strict=True)]))
     if b is not None:
         y = y + b.reshape(1, -1, *([1] * n))
     return y

@@ -35,7 +35,7 @@ def _geometry(
     pads = spatial_pads(node, x.shape[2:], kernel, strides, [1] * n)
     ceil_mode = node.attr("ceil_mode", 0)
     overhang = []
-    for size, (p0, p1), k, s, d in zip(x.shape[2:], pads, kernel, strides, dilations):
+    for size, (p0, p1), k, s, d in zip(x.shape[2:], pads, kernel, strides, dilations, strict=True):
         span = size + p0 + p1 - ((k - 1) * d + 1)
         out = (-(-span // s) if ceil_mode else span // s) + 1
         if ceil_mode and (out - 1) * s >= size + p0:
@@ -50,7 +50,7 @@ def max_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
         raise node.error("the Indices output is not supported", "export the model without pooling indices")
     x = need(node, inputs, 0)
     kernel, strides, dilations, pads, overhang = _geometry(node, x)
-    padded = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang)]
+    padded = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang, strict=True)]
     x = F.pad(x, torch_pad_list(padded), value=-math.inf)
     return _MAX[len(kernel)](x, kernel, strides, 0, dilations)
 
@@ -73,13 +73,13 @@ def average_pool(node: OpNode, inputs: list[Value]) -> torch.Tensor:
     """
     x = need(node, inputs, 0)
     kernel, strides, dilations, pads, overhang = _geometry(node, x)
-    padded = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang)]
+    padded = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang, strict=True)]
     total = _window_sum(F.pad(x, torch_pad_list(padded)), kernel, strides, dilations)
     if node.attr("count_include_pad", 0):
         counted = [(0, o) for o in overhang]
-        inner = [size + p0 + p1 for size, (p0, p1) in zip(x.shape[2:], pads)]
+        inner = [size + p0 + p1 for size, (p0, p1) in zip(x.shape[2:], pads, strict=True)]
     else:
-        counted = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang)]
+        counted = [(p0, p1 + o) for (p0, p1), o in zip(pads, overhang, strict=True)]
         inner = list(x.shape[2:])
     mask = F.pad(torch.ones((1, 1, *inner), dtype=x.dtype), torch_pad_list(counted))
     return total / _window_sum(mask, kernel, strides, dilations)

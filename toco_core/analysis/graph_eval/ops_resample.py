@@ -129,14 +129,14 @@ def _targets(node: OpNode, x: torch.Tensor, inputs: list[Value], axes: list[int]
         sizes = static_ints(node, sizes_t, "the sizes")
         policy = node.attr("keep_aspect_ratio_policy", "stretch")
         if policy == "stretch":
-            return sizes, [o / i for o, i in zip(sizes, in_sizes)]
+            return sizes, [o / i for o, i in zip(sizes, in_sizes, strict=True)]
         pick = min if policy == "not_larger" else max
-        s = pick(o / i for o, i in zip(sizes, in_sizes))
+        s = pick(o / i for o, i in zip(sizes, in_sizes, strict=True))
         return [int(math.floor(s * i + 0.5)) for i in in_sizes], [s] * len(axes)
     if scales_t is None or not scales_t.numel():
         raise node.error("neither scales nor sizes are given", "give one of them")
     scales = static_floats(node, scales_t, "the scales")
-    return [int(math.floor(i * s)) for i, s in zip(in_sizes, scales)], scales
+    return [int(math.floor(i * s)) for i, s in zip(in_sizes, scales, strict=True)], scales
 
 
 def resize(node: OpNode, inputs: list[Value]) -> torch.Tensor:
@@ -150,7 +150,7 @@ def resize(node: OpNode, inputs: list[Value]) -> torch.Tensor:
                          "use nearest or linear without antialias")
     axes = [norm_axis(node, a, x.dim()) for a in node.attr("axes", range(x.dim()))]
     outs, scales = _targets(node, x, inputs, axes)
-    for axis, out, scale in zip(axes, outs, scales):
+    for axis, out, scale in zip(axes, outs, scales, strict=True):
         if out != x.shape[axis] or scale != 1.0:
             x = _resize_axis(node, x, axis, out, scale)
     return x

@@ -138,7 +138,7 @@ def slice_(node: OpNode, inputs: list[Value]) -> torch.Tensor:
         steps = None if arg(inputs, 4) is None else static_ints(node, need(node, inputs, 4), "the steps")
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
-    for start, end, axis, step in zip(starts, ends, axes, steps):
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
         axis = norm_axis(node, axis, x.dim())
         d = x.shape[axis]
         start, end = start + d if start < 0 else start, end + d if end < 0 else end
