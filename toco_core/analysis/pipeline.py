@@ -251,9 +251,12 @@ def analysis_task(model: onnx.ModelProto, pool_x: Batch, s: AnalysisSettings) ->
     whole pool. Raises ConfigError for a kind the output cannot have, PoolError for a constant
     output where a scale is needed.
     """
-    base = run_model(model, pool_x)
-    kind = parse_task_kind(s.task) if s.task else detect_task_kind(_producer_op(model), output_width(base),
+    # one sample tells the width; only a regression's or score's scale needs the whole pool's outputs
+    # (a classifier's analysis does not pay an extra pass over a large image pool)
+    first = run_model(model, pool_x[:1])
+    kind = parse_task_kind(s.task) if s.task else detect_task_kind(_producer_op(model), output_width(first),
                                                                    s.threshold)
+    base = run_model(model, pool_x) if kind in (TaskKind.REGRESSION, TaskKind.SCORE) else first
     return task_spec(kind, base, s.task_tolerance, s.threshold)
 
 
