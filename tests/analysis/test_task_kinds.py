@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def anomaly(tmp_path_factory):
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "task: score" in proc.stdout
-    return model, load_result(out), hx
+    return model, load_result(out), hx, (path, out)
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +121,25 @@ def test_regression_recompressed_for_each_demo_profile(regression):
 
 
 def test_anomaly_score_recompressed_for_each_demo_profile(anomaly):
-    model, result, hx = anomaly
+    model, result, hx, _ = anomaly
     assert result.task.kind is TaskKind.SCORE and result.task.threshold is not None
     _recompress_each_profile(model, result, hx)
+
+
+def test_evaluate_cli_measures_in_the_analysis_task(anomaly, tmp_path):
+    model, result, hx, (path, out) = anomaly
+    prof = load_profile(REPO / "deploy" / "profiles" / "handheld.json")
+    built, _ = recompress(model, result, prof, Policy(budget=BUDGET, objective="size"), measure_memory=False)
+    small = tmp_path / "small.onnx"
+    small.write_bytes(built.runnable.SerializeToString())
+    np.save(tmp_path / "held.npy", hx)
+    proc = subprocess.run([sys.executable, "-m", "toco_cli", "evaluate", str(small), str(path), "--pool",
+                           str(tmp_path / "held.npy"), "--analysis", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "(score)" in proc.stdout
+    want = 1 - disagreement(result.task, run_model(model, hx), run_model(built.runnable, hx))
+    assert f"{want:.2%}" in proc.stdout
 
 
 def test_embedding_recompressed_for_each_demo_profile(embedding):

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,18 @@ def digit_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[:1000], y[:1000], x[1000:], y[1000:]
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Train on one thread: these models are small enough that torch's threads only contend on a
+    shared machine (the autoencoder: 53 s -> 4 s on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _export(net: nn.Module, example: torch.Tensor, path: Path, output: str) -> onnx.ModelProto:
     torch.onnx.export(net, (example,), str(path), input_names=["x"], output_names=[output],
                       dynamic_axes={"x": {0: "n"}, output: {0: "n"}}, dynamo=False)
@@ -50,10 +64,11 @@ def regression_model(path: Path) -> onnx.ModelProto:
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)[:, None]
     mu, sd = float(yt.mean()), float(yt.std())
-    for _ in range(400):
-        opt.zero_grad()
-        nn.functional.mse_loss(net(xt), (yt - mu) / sd).backward()
-        opt.step()
+    with _one_thread():
+        for _ in range(400):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(xt), (yt - mu) / sd).backward()
+            opt.step()
 
     class Scaled(nn.Module):
         def __init__(self) -> None:
@@ -94,9 +109,7 @@ def autoencoder_score_model(path: Path) -> onnx.ModelProto:
     x, y, _, _ = digit_images()
     x = x[y < 8][:400]  # a few seconds of training on a shared 2-core machine
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: threads only contend (53 s -> 4 s on 2 shared cores)
-    try:
+    with _one_thread():
         ae = _AutoEncoder()
         opt = torch.optim.Adam(ae.parameters(), lr=2e-2)
         xt = torch.from_numpy(x)
@@ -104,8 +117,6 @@ def autoencoder_score_model(path: Path) -> onnx.ModelProto:
             opt.zero_grad()
             nn.functional.mse_loss(ae(xt), xt).backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     return _export(_ReconstructionError(ae).eval(), torch.rand(2, 1, 8, 8), path, "score")
 
 
@@ -119,10 +130,11 @@ def embedding_model(path: Path) -> onnx.ModelProto:
     head = nn.Linear(16, 10)
     opt = torch.optim.Adam([*body.parameters(), *head.parameters()], lr=1e-2)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(200):
-        opt.zero_grad()
-        nn.functional.cross_entropy(head(nn.functional.normalize(body(xt), dim=1) * 8), yt).backward()
-        opt.step()
+    with _one_thread():
+        for _ in range(200):
+            opt.zero_grad()
+            nn.functional.cross_entropy(head(nn.functional.normalize(body(xt), dim=1) * 8), yt).backward()
+            opt.step()
 
     class Embed(nn.Module):
         def __init__(self) -> None:
