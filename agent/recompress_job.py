@@ -247,7 +247,8 @@ def _child_main(job_dir: Path) -> int:
         scored = analysis.manifest.scored_output
         outputs = run_model(fidelity_view(built.runnable, scored), analysis.heldout_x)
         reference = build_reference(analysis.heldout_x, outputs, 1.0 - report.self_test.measured, spec.drift,
-                                    output_kind(fidelity_view(base, scored)), scored_output=scored)
+                                    output_kind(fidelity_view(base, scored)), scored_output=scored,
+                                    task=analysis.manifest.task)
     except _Missing as exc:
         atomic_write(job_dir / "error.json", json.dumps({"reason": FailureReason.INTERNAL.value, "message": str(exc),
                                                          "needs": exc.parts}).encode())

@@ -42,7 +42,8 @@ def analyze(
                               "input name for several inputs), or an image folder"),
     out: Path = typer.Option(..., "-o", "--out", help="result directory"),
     labels: Path | None = typer.Option(None, "--labels", help="optional .npy labels: adds accuracy columns"),
-    budget: str = typer.Option("1%", "--budget", help="fleet fidelity budget: max top-1 disagreement"),
+    budget: str = typer.Option("1%", "--budget", help="fleet fidelity budget: max share of samples that disagree "
+                               "with the base (top-1 for a classifier; see --task)"),
     rounds: int = typer.Option(4, "--rounds", min=1, max=50, help="QBC rounds at most"),
     size: str | None = typer.Option(None, "--size", help="image folders: HxW"),
     scale: float = typer.Option(1 / 255, "--scale", help="image folders: pixel scale"),
@@ -53,13 +54,26 @@ def analyze(
     output: str | None = typer.Option(None, "--output", help="tensor to score: a graph output or an intermediate "
                                       "float tensor (default: the float output, or the probabilities behind "
                                       "the label)"),
+    task: str | None = typer.Option(None, "--task", help="task kind of the scored output: classifier, regression, "
+                                    "score or embedding (default: detected; docs/analysis.md#task-kinds)"),
+    tolerance: float | None = typer.Option(None, "--tolerance", help="per-sample error above which a sample "
+                                           "disagrees: relative error for regression/score (default 0.1), "
+                                           "1 - cosine for embedding (default 0.02)"),
+    threshold: float | None = typer.Option(None, "--threshold", help="score: decision threshold; a flipped "
+                                           "decision also counts as a disagreement (implies --task score "
+                                           "for a 1-wide output)"),
 ) -> None:
     """Analyse MODEL once: QBC sample selection, per-weight tolerances, calibration curves."""
     from toco_core.analysis.pipeline import analyze as run_analysis
     from toco_core.analysis.settings import AnalysisSettings
     from toco_core.output_tail import scored_output
+    from toco_core.task_kind import parse_task_kind
 
-    settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output)
+    kind = None if task is None else parse_task_kind(task).value
+    if tolerance is not None and tolerance <= 0:
+        raise ConfigError(f"--tolerance {tolerance} must be positive", "give e.g. --tolerance 0.1")
+    settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output, task=kind,
+                                task_tolerance=tolerance, threshold=threshold)
     onnx_model = load_model(model)
     scored_output(onnx_model, output)  # an unknown --output fails now, before the pool is read
     x, y = load_pool(pool, input_specs(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
@@ -76,7 +90,7 @@ def analyze(
     save_result(result, out)
     m = result.manifest
     console.print(f"analysed {m.weights:,} weights on {m.samples_used} QBC-selected samples "
-                  f"in {m.timings['total']:.1f} s -> {out}")
+                  f"in {m.timings['total']:.1f} s -> {out} (task: {result.task.kind.value})")
     _print_curves(result, budget=settings.budget)
 
 

@@ -133,22 +133,29 @@ def evaluate(
     base: Path = typer.Argument(..., help="the base model it should agree with"),
     pool: Path = typer.Option(..., "--pool", help=".npy/.npz inputs (labels as 'y' add accuracy)"),
     labels: Path | None = typer.Option(None, "--labels"),
+    analysis: Path | None = typer.Option(None, "--analysis", help="measure in this analysis' task kind and scored "
+                                         "output (default: a classifier's top-1 on the detected output)"),
 ) -> None:
-    """Agreement, KL and accuracy of MODEL against BASE on a pool."""
+    """Agreement, KL and accuracy of MODEL against BASE on a pool (agreement and KL in the task
+    kind's metric with --analysis: docs/analysis.md#task-kinds)."""
     from toco_core.compression.storage import decode_model
-    from toco_core.fidelity import compare_outputs
     from toco_core.onnx_model import output_kind
     from toco_core.output_tail import fidelity_view, scored_output
     from toco_core.pool import load_pool
     from toco_core.runtime import run_model
+    from toco_core.task_kind import CLASSIFIER, compare
 
     b = load_model(base)
     m = decode_model(model.read_bytes()) if model.suffix == ".toco" else load_model(model)
     x, y = load_pool(pool, input_specs(b), labels)
-    scored = scored_output(b)  # the tensor an analysis would score, not a label after it
+    task, scored = CLASSIFIER, None
+    if analysis is not None:
+        result = load_result(analysis, verify=False)
+        task, scored = result.task, result.manifest.scored_output
+    scored = scored_output(b, scored)  # the tensor an analysis would score, not a label after it
     b, m = fidelity_view(b, scored), fidelity_view(m, scored)
-    fid = compare_outputs(run_model(b, x), run_model(m, x), y, output_kind(b))
-    t = Table(title=f"{model.name} vs {base.name} on {fid.n} samples")
+    fid = compare(task, run_model(b, x), run_model(m, x), y, output_kind(b))
+    t = Table(title=f"{model.name} vs {base.name} on {fid.n} samples ({task.kind.value})")
     for col in ("agreement", "disagreement", "KL", "accuracy", "base accuracy"):
         t.add_column(col, justify="right")
     pct = lambda v: "-" if v is None else f"{v:.2%}"  # noqa: E731

@@ -29,6 +29,7 @@ from toco_core.errors import AnalysisError
 from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch, from_arrays, to_arrays
 from toco_core.plan_table import PlanTable, load_plan_table, save_plan_table
+from toco_core.task_kind import CLASSIFIER, TaskSpec
 from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_tolerance_map
 
 # 2: nested quantiser (plans.safetensors); a schema-1 analysis must be re-run
@@ -73,6 +74,9 @@ class AnalysisManifest(BaseModel):
     timings: dict[str, float]
     tensors: list[dict[str, Any]]
     files: dict[str, str] = {}
+    # the task kind and its metric's numbers (toco_core.task_kind); None: a classifier, as every
+    # analysis made before task kinds
+    task: TaskSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,11 @@ class AnalysisResult:
     heldout_x: Batch
     heldout_y: np.ndarray | None = None
     plans: PlanTable | None = None
+
+    @property
+    def task(self) -> TaskSpec:
+        """The task kind every fidelity figure of this analysis is measured in (a classifier when unsaid)."""
+        return self.manifest.task or CLASSIFIER
 
     @property
     def bias_correction(self) -> bool:

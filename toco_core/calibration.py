@@ -2,7 +2,9 @@
 
 The quadratic prediction 1/2 sum F delta^2 is 10-100x too optimistic once many weights move
 (docs/design_notes.md), so each operator is applied for real on a grid of scales and the
-disagreement, KL (and accuracy with labels) against the base are measured with onnxruntime.
+disagreement, KL (and accuracy with labels) against the base are measured with onnxruntime, in
+the analysis' task kind (toco_core.task_kind: for the kinds that are not classifiers ``kl``
+holds the kind's continuous divergence, also in nats).
 Curves are stored as a monotone envelope (disagreement never decreases with the scale), the
 conservative reading for a device predicting its fidelity.
 """
@@ -17,10 +19,11 @@ from pydantic import BaseModel, Field, field_serializer
 
 from toco_core.curve_operators import PLANNED as PLANNED  # the curves a plan is taken from
 from toco_core.curve_operators import CurveOperator, curve_operator
-from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch
 from toco_core.runtime import run_model
 from toco_core.runtime_forms import INT8
+from toco_core.task_kind import CLASSIFIER, TaskSpec, compare
 
 # calibration samples onnxruntime's int8 calibrator sees (activation ranges), as a box's int8 build
 INT8_CALIBRATION_SAMPLES = INT8.range_samples
@@ -108,7 +111,7 @@ def monotone_2d(points: list[CurvePoint]) -> list[CurvePoint]:
 
 
 def measure_int8(model: onnx.ModelProto, x: Batch, base_out: np.ndarray, labels: np.ndarray | None,
-                 kind: OutputKind) -> CalibrationCurve:
+                 kind: OutputKind, task: TaskSpec = CLASSIFIER) -> CalibrationCurve:
     """The measured cost of the full QDQ int8 runtime (weights per channel + activations) on x.
 
     Activation ranges come from the first INT8_CALIBRATION_SAMPLES of x, as a device builds
@@ -120,7 +123,7 @@ def measure_int8(model: onnx.ModelProto, x: Batch, base_out: np.ndarray, labels:
     from toco_core.compression.qdq_int8 import quantize_qdq_int8  # onnxruntime.quantization: slow import
 
     q = quantize_qdq_int8(model, None, x[:INT8_CALIBRATION_SAMPLES])
-    fid = compare_outputs(base_out, run_model(q, x), labels, kind)
+    fid = compare(task, base_out, run_model(q, x), labels, kind)
     point = CurvePoint(disagreement=fid.disagreement, kl=fid.kl, accuracy=fid.accuracy, sparsity=0.0,
                        entropy_bits=32.0, fixed_bits=8.0)
     return CalibrationCurve(operator=CurveOperator.INT8, samples=len(x), points=[point])

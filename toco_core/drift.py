@@ -14,7 +14,10 @@ statistic's own noise term is stated where it is computed). The window itself li
 
 Statistics (per sample, over output positions when there are several):
 
-- agreement with the base model on the shadowed fraction: 1 - share of top-1 changes;
+- agreement with the base model on the shadowed fraction: 1 - share of top-1 changes (for the
+  other task kinds, 1 - share of samples disagreeing in the kind's metric, toco_core.task_kind;
+  they have no classes, so confidence is 1 and the entropy PSI watches an output summary,
+  toco_core.drift_window.output_summary);
 - confidence: max_c p(c|x);  entropy: H = -sum_c p log p (nats), compared as a
   distribution by PSI over reference quantile bins: PSI = sum_b (q_b - r_b) ln(q_b / r_b);
 - input shift: RMS over input features of the standardized mean shift
@@ -38,6 +41,7 @@ from toco_core.drift_window import DriftWindow, input_features, output_stats
 from toco_core.errors import PoolError
 from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch, flat_values
+from toco_core.task_kind import TaskSpec
 
 __all__ = ["MAX_DISPUTED", "DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow",
            "StatCheck",
@@ -90,6 +94,9 @@ class DriftReference(BaseModel):
     output_kind: OutputKind = "logits"
     # the output the statistics describe (the analysis' scored tensor); None: the first output
     scored_output: str | None = None
+    # the metric of the agreement check (toco_core.task_kind); None: a classifier (references
+    # made before task kinds)
+    task: TaskSpec | None = None
     sample_shape: tuple[int, ...]
     expected_agreement: float = Field(ge=0, le=1, description="predicted fidelity (top-1 agreement)")
     expected_accuracy: float | None = Field(None, ge=0, le=1)
@@ -106,12 +113,14 @@ class DriftReference(BaseModel):
 
 def build_reference(inputs: Batch, outputs: np.ndarray, expected_agreement: float,
                     settings: DriftSettings | None = None, kind: OutputKind = "logits",
-                    expected_accuracy: float | None = None, scored_output: str | None = None) -> DriftReference:
+                    expected_accuracy: float | None = None, scored_output: str | None = None,
+                    task: TaskSpec | None = None) -> DriftReference:
     """Reference statistics from calibration ``inputs`` and the deployed model's ``outputs``.
 
     Use held-out-like calibration samples: samples picked for being disputed (QBC) are less
     confident than live traffic and would make clean windows look drifted.
-    ``scored_output`` names the model output ``outputs`` are (the agent observes that one).
+    ``scored_output`` names the model output ``outputs`` are (the agent observes that one);
+    ``task`` is the analysis' task kind, whose metric the shadow agreement check uses (None: a classifier).
     Raises PoolError for fewer than 2 samples or mismatched counts.
     """
     s = settings or DriftSettings()
@@ -119,12 +128,12 @@ def build_reference(inputs: Batch, outputs: np.ndarray, expected_agreement: floa
     if len(inputs) < 2 or len(inputs) != len(outputs):
         raise PoolError(f"reference needs >= 2 matching inputs/outputs, got {len(inputs)}/{len(outputs)}",
                         "pass the calibration samples and the model's outputs on them")
-    st = output_stats(outputs, kind)
+    st = output_stats(outputs, kind, task) if task is not None else output_stats(outputs, kind)
     feats = input_features(inputs, s.input_features)
     q = np.quantile(st.entropy, np.linspace(0, 1, s.entropy_bins + 1)[1:-1])
     x = np.asarray(inputs, dtype=np.float64)
     return DriftReference(
-        n_samples=len(inputs), output_kind=kind, scored_output=scored_output,
+        n_samples=len(inputs), output_kind=kind, scored_output=scored_output, task=task,
         sample_shape=tuple(int(d) for d in inputs.shape[1:]),
         expected_agreement=float(expected_agreement), expected_accuracy=expected_accuracy,
         confidence_mean=float(st.confidence.mean()), confidence_std=float(st.confidence.std()),

@@ -52,7 +52,8 @@ class DriftMonitor:
         self._lock = threading.Lock()
         self._streak = 0
         self._index = 0
-        self.window = DriftWindow(self.settings, time.time() if now is None else now, reference.output_kind)
+        self.window = DriftWindow(self.settings, time.time() if now is None else now, reference.output_kind,
+                                  self.reference.task)
 
     def should_shadow(self) -> bool:
         """True with probability ``shadow_fraction``: run the base model on this input too."""
@@ -101,7 +102,8 @@ class DriftMonitor:
             recent = list(self.field)[-max(windows, 1):]
             self.reference = rebase(self.reference, recent, self.settings)
             self._streak = 0
-            self.window = DriftWindow(self.settings, time.time() if now is None else now, self.reference.output_kind)
+            self.window = DriftWindow(self.settings, time.time() if now is None else now,
+                                      self.reference.output_kind, self.reference.task)
             return self.reference
 
     @property
@@ -113,7 +115,7 @@ class DriftMonitor:
         if not self.window.should_close(now):
             return None
         window = self.window
-        self.window = DriftWindow(self.settings, now, self.reference.output_kind)
+        self.window = DriftWindow(self.settings, now, self.reference.output_kind, self.reference.task)
         report = evaluate_window(window, self.reference, self.settings, closed_at=now)
         self._streak = self._streak + 1 if report.out_of_band else 0
         report = report.model_copy(update={"window_index": self._index, "consecutive_out_of_band": self._streak,

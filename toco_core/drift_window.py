@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from toco_core.errors import PoolError
-from toco_core.fidelity import OutputKind, as_log_probs, per_sample_disagreement
+from toco_core.fidelity import OutputKind, as_log_probs
 from toco_core.model_inputs import Batch, ModelInputs, concat, flat_values
+from toco_core.task_kind import CLASSIFIER, TaskKind, TaskSpec, prepare, sample_disagreement
 
 if TYPE_CHECKING:
     from toco_core.drift import DriftSettings
@@ -24,7 +25,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class OutputStats:
-    """Per-sample confidence, entropy, top-1 (first position) and log-probs ``[N, P, C]``."""
+    """Per-sample confidence, entropy, top-1 (first position) and log-probs ``[N, P, C]``.
+
+    For the task kinds that are not classifiers (toco_core.task_kind) there are no classes:
+    ``confidence`` is 1, ``entropy`` holds a scalar summary of the output whose distribution the
+    entropy PSI check then watches (output_summary), ``top1`` is 0 and ``log_probs`` holds the
+    prepared output the agreement check compares.
+    """
 
     confidence: np.ndarray
     entropy: np.ndarray
@@ -32,8 +39,24 @@ class OutputStats:
     log_probs: np.ndarray
 
 
-def output_stats(outputs: np.ndarray, kind: OutputKind = "logits") -> OutputStats:
-    """Confidence max_c p, entropy -sum_c p ln p (means over positions), top-1 per sample."""
+def output_summary(task: TaskSpec, prepared: np.ndarray) -> np.ndarray:
+    """One number per sample of a prepared non-classifier output ``[N, D]`` whose distribution
+    the drift monitor watches: the mean of z = y / sigma (regression, score) or
+    sqrt(D) * mean of the unit vector's values (embedding: its projection on the diagonal)."""
+    if task.kind is TaskKind.EMBEDDING:
+        result: np.ndarray = prepared.mean(1) * np.sqrt(prepared.shape[1])
+        return result
+    result = prepared.mean(1)
+    return result
+
+
+def output_stats(outputs: np.ndarray, kind: OutputKind = "logits", task: TaskSpec = CLASSIFIER) -> OutputStats:
+    """Confidence max_c p, entropy -sum_c p ln p (means over positions), top-1 per sample (a
+    classifier; the other task kinds as OutputStats says)."""
+    if task.kind is not TaskKind.CLASSIFIER:
+        z = prepare(task, outputs)
+        n = len(z)
+        return OutputStats(np.ones(n), output_summary(task, z), np.zeros(n, np.int64), z)
     lp = as_log_probs(outputs, kind)
     p = np.exp(lp)
     entropy = -(p * lp).sum(-1).mean(axis=1)
@@ -70,8 +93,11 @@ class DriftWindow:
     most ``max_disputed`` disagreeing plus ``max_disputed`` least-confident samples.
     """
 
-    def __init__(self, settings: DriftSettings, opened_at: float, kind: OutputKind = "logits") -> None:
+    def __init__(self, settings: DriftSettings, opened_at: float, kind: OutputKind = "logits",
+                 task: TaskSpec | None = None) -> None:
+        """``task``: the metric of the agreement check (toco_core.task_kind; None: a classifier)."""
         self.settings, self.kind, self.opened_at = settings, kind, opened_at
+        self.task = task or CLASSIFIER
         self.closed_at: float | None = None
         self.count = 0
         self._conf: list[np.ndarray] = []
@@ -102,16 +128,16 @@ class DriftWindow:
             raise PoolError(f"base outputs {np.shape(base_outputs)} differ from outputs {np.shape(outputs)}",
                             "shadow-run the base model on the same batch")
         # Everything is computed before anything is recorded, so a bad batch leaves no trace.
-        st = output_stats(outputs, self.kind)
+        st = output_stats(outputs, self.kind, self.task)
         flat = flat_values(x)
         feats = input_features(flat, self.settings.input_features)
         xv = np.asarray(flat, dtype=np.float64)
         base_top1: np.ndarray | None = None
         dis: np.ndarray | None = None
         if base_outputs is not None:
-            base_lp = as_log_probs(base_outputs, self.kind)
-            dis = per_sample_disagreement(base_lp, st.log_probs)
-            base_top1 = base_lp[:, 0].argmax(-1)
+            base_st = output_stats(base_outputs, self.kind, self.task)
+            dis = sample_disagreement(self.task, base_st.log_probs, st.log_probs)
+            base_top1 = base_st.top1
             self._agree.append(1.0 - dis)
         self._conf.append(st.confidence)
         self._ent.append(st.entropy)
@@ -120,7 +146,9 @@ class DriftWindow:
         self._sumsq += float((xv * xv).sum())
         self._n_values += xv.size
         for i in range(n):
-            if labels is not None:
+            if self.task.kind is not TaskKind.CLASSIFIER:
+                pass  # labels are classes: no accuracy for the other task kinds
+            elif labels is not None:
                 self._correct.append(int(st.top1[i]) == int(labels[i]))
             elif len(self._top1) < 4 * self.settings.window_max_samples:  # awaits feedback
                 self._top1[refs[i]] = int(st.top1[i])

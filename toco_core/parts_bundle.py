@@ -50,6 +50,7 @@ from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
 from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
+from toco_core.task_kind import CLASSIFIER, TaskKind, TaskSpec
 from toco_core.weight_bands import band_names, band_parts, decode_bands, normalized_bounds
 from toco_core.weight_planes import (
     LadderLayout,
@@ -109,11 +110,14 @@ def decode_calibration(data: bytes, what: str) -> dict[str, np.ndarray]:
         raise BundleError(f"bundle part {what}: {exc.message}", exc.hint) from None
 
 
-def compact_outputs(out: np.ndarray, kind: OutputKind) -> np.ndarray:
+def compact_outputs(out: np.ndarray, kind: OutputKind, task: TaskSpec = CLASSIFIER) -> np.ndarray:
     """The base outputs as the self-test needs them: float16 where that keeps every sample's
     predicted class (the gate counts disagreements; checked here, on these very outputs), else
     as they are. Halves them (8.5 KB of LeNet-5's 500 self-test samples); the reported KL moves
-    by rounding of 2^-11 of a logit."""
+    by rounding of 2^-11 of a logit. Other task kinds keep them as they are: their metrics
+    compare the values themselves, and rounding would move samples across the tolerance."""
+    if task.kind is not TaskKind.CLASSIFIER:
+        return out
     half = out.astype(np.float16)
     if out.dtype == np.float32 and np.isfinite(half).all() and np.array_equal(
             as_log_probs(half.astype(np.float32), kind).argmax(-1), as_log_probs(out, kind).argmax(-1)):
@@ -178,7 +182,8 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
         parts[name] = encode_arrays(bias_arrays(points))
     n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
     held = {**to_arrays("x", result.heldout_x[:n_test]),
-            "base_out": compact_outputs(source.base_out[:n_test], result.manifest.output_kind)}
+            "base_out": compact_outputs(source.base_out[:n_test], result.manifest.output_kind,
+                                                          result.task)}
     if result.heldout_y is not None:
         held["y"] = result.heldout_y[:n_test]
     parts["calib/heldout"] = encode_calibration(held)

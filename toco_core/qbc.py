@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from toco_core.fidelity import OutputKind, as_log_probs, per_sample_disagreement, per_sample_kl
+from toco_core.fidelity import OutputKind, per_sample_disagreement, per_sample_kl
 from toco_core.model_inputs import Batch
 from toco_core.runtime import run_with_weights
+from toco_core.task_kind import CLASSIFIER, TaskSpec, prepare
 
 
 def noisy_weights(weights: dict[str, np.ndarray], tau: dict[str, np.ndarray],
@@ -31,8 +32,23 @@ def committee_log_probs(
     kind: OutputKind = "logits",
 ) -> np.ndarray:
     """Log-probabilities of every member on x: ``[M, N, P, C]``."""
+    return committee_outputs(model, weights, tau, x, members, seed, CLASSIFIER, kind)
+
+
+def committee_outputs(
+    model: onnx.ModelProto,
+    weights: dict[str, np.ndarray],
+    tau: dict[str, np.ndarray],
+    x: Batch,
+    members: int,
+    seed: int,
+    task: TaskSpec,
+    kind: OutputKind = "logits",
+) -> np.ndarray:
+    """Every member's output on x as the task's metric compares it (toco_core.task_kind.prepare):
+    ``[M, N, P, C]`` log-probabilities for a classifier, ``[M, N, D]`` otherwise."""
     rng = np.random.default_rng(seed)
-    outs = [as_log_probs(run_with_weights(model, noisy_weights(weights, tau, rng), x), kind) for _ in range(members)]
+    outs = [prepare(task, run_with_weights(model, noisy_weights(weights, tau, rng), x), kind) for _ in range(members)]
     return np.stack(outs)
 
 

@@ -39,6 +39,7 @@ from toco_core.solver import (
     less_aggressive,
     plans_for_device,
 )
+from toco_core.task_kind import TaskSpec
 from toco_core.units import format_size
 from toco_core.weight_source import WeightSource, from_base_model, require_plans
 
@@ -172,6 +173,7 @@ class _Context:
     base_out: np.ndarray
     x: Batch
     kind: OutputKind
+    task: TaskSpec
     threads: int
     base_p50: float
     memory: int
@@ -186,7 +188,7 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
            ) -> tuple[SelfTestResult, float | None, int | None, str | None]:
     """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
     gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x, plan.predicted_disagreement,
-                     policy.budget, ctx.kind)
+                     policy.budget, ctx.kind, ctx.task)
     if not gate.passed:
         return gate, None, None, f"self-test {gate.measured:.2%} > {gate.predicted:.2%} + {gate.margin:.2%}"
     if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
@@ -275,9 +277,9 @@ def recompress(
     threads = 1 if profile.physical_cores <= 1 else 0
     scored = result.manifest.scored_output
     base_rss: list[int | None] = [anchors[FLOAT.name].rss] if FLOAT.name in anchors else []
-    ctx = _Context(model, base_bytes, source.base_out, x, output_kind(fidelity_view(model, scored)), threads,
-                   p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos), measure_memory,
-                   base_rss, scored)
+    ctx = _Context(model, base_bytes, source.base_out, x, output_kind(fidelity_view(model, scored)), result.task,
+                   threads, p50_latency(model, x[:1], threads), mem, sto, 4 * sum(i.size for i in infos),
+                   measure_memory, base_rss, scored)
     attempts, why = 0, []
     while plans and attempts < policy.max_tries:
         plan = plans[0]

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import onnx
 
-from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch
 from toco_core.plan import SelfTestResult
 from toco_core.runtime import run_model
+from toco_core.task_kind import CLASSIFIER, TaskSpec, compare
 
 
 def gate_margin(predicted: float, budget: float, n: int) -> float:
@@ -27,8 +28,10 @@ def self_test(
     predicted: float,
     budget: float,
     kind: OutputKind = "logits",
+    task: TaskSpec = CLASSIFIER,
 ) -> SelfTestResult:
-    """Run the candidate on the calibration samples ``x`` and compare with the base outputs.
+    """Run the candidate on the calibration samples ``x`` and compare with the base outputs in the
+    analysis' task kind (``task``, toco_core.task_kind: a share of disagreeing samples for every kind).
 
     Passes when measured disagreement <= predicted + gate_margin, measured <= budget + 1/n
     (the curves were measured on these same samples, so a measurement over the budget is not
@@ -46,7 +49,7 @@ def self_test(
     if out.shape != base_out.shape or not np.isfinite(out).all():
         return SelfTestResult(passed=False, samples=n, predicted=predicted, measured=1.0, margin=margin,
                               kl=float("inf"))
-    fid = compare_outputs(base_out, out, kind=kind)
+    fid = compare(task, base_out, out, output_kind=kind)
     ok = fid.disagreement <= predicted + margin and fid.disagreement <= budget + 1.0 / n + 1e-12
     return SelfTestResult(passed=ok, samples=n, predicted=predicted,
                           measured=fid.disagreement, margin=margin, kl=fid.kl)

@@ -6,6 +6,14 @@ No labels: y ranges over the model's own prediction. With few classes (and one p
 the expectation over y is exact, through one Jacobian per sample (torch.func.jacrev under
 vmap); otherwise y is sampled from p, ``y_samples`` draws per sample and position.
 Shaped like sparsegpt's solver: add_batch, result, free; no file or ONNX I/O here.
+
+For the task kinds that are not classifiers (toco_core.task_kind) the output is a Gaussian
+mean instead: z = y / sigma (regression, score) or z = y / ||y|| (embedding), and
+
+    F_i = mean_{x in S} sum_k (d z_k(x) / d w_i)^2,
+
+the diagonal of J^T J. Exact through one Jacobian per sample for a narrow output; otherwise
+sampled as E_eps[(eps . dz/dw_i)^2] with eps ~ N(0, I), which has the same expectation.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from torch.func import grad, jacrev, vmap
 
 from toco_core.analysis.torch_inputs import TorchBatch, rows, to_torch, with_batch_axis
 from toco_core.model_inputs import Batch
+from toco_core.task_kind import CLASSIFIER, TaskKind, TaskSpec
 
 Forward = Callable[[TorchBatch, dict[str, torch.Tensor]], torch.Tensor]
 _FLOATS_PER_CHUNK = 40_000_000
@@ -34,8 +43,19 @@ def _log_probs(out: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.log_softmax(out, dim=-1)
 
 
+def _gaussian_mean(out: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """[B, ...] model output -> [B, D] the Gaussian mean z of the task (y / sigma or y / ||y||)."""
+    y = out.reshape(out.shape[0], -1)
+    if task.kind is TaskKind.EMBEDDING:
+        unit: torch.Tensor = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return unit
+    scaled: torch.Tensor = y / task.scale
+    return scaled
+
+
 class FisherAccumulator:
-    """Accumulates sum_x sum_y p(y|x) g_y(x)^2 for the named weights of ``forward``."""
+    """Accumulates sum_x sum_y p(y|x) g_y(x)^2 (a classifier) or sum_x diag(J^T J) (a Gaussian
+    task kind) for the named weights of ``forward``."""
 
     def __init__(
         self,
@@ -46,8 +66,10 @@ class FisherAccumulator:
         y_samples: int = 2,
         seed: int = 0,
         sampled: bool = False,
+        task: TaskSpec = CLASSIFIER,
     ) -> None:
         self.forward = forward
+        self.task = task
         self.weights = {k: v.detach() for k, v in weights.items()}
         self.kind = kind
         self.max_exact_classes = max_exact_classes
@@ -56,6 +78,7 @@ class FisherAccumulator:
         self.gen = torch.Generator().manual_seed(seed)
         self.sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self.weights.items()}
         self.count = 0
+        self._width = 1
         self._n = sum(v.numel() for v in self.weights.values())
 
     def _exact(self, x: TorchBatch) -> None:
@@ -83,11 +106,33 @@ class FisherAccumulator:
             for k, gk in g.items():
                 self.sums[k] += (gk.detach().double() ** 2).sum(0) / self.y_samples
 
+    def _gaussian_exact(self, x: TorchBatch) -> None:
+        def z(w: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            return _gaussian_mean(self.forward(with_batch_axis(xi), w), self.task)[0]  # [D]
+
+        jac = vmap(jacrev(z), in_dims=(None, 0))(self.weights, x)  # name -> [B, D, *shape]
+        for k, j in jac.items():
+            self.sums[k] += (j.detach().double() ** 2).sum(dim=(0, 1))
+
+    def _gaussian_sampled(self, x: TorchBatch) -> None:
+        for _ in range(self.y_samples):
+            eps = torch.randn((rows(x), self._width), generator=self.gen, dtype=torch.float32)
+
+            def projected(w: dict[str, torch.Tensor], xi: TorchBatch, ei: torch.Tensor) -> torch.Tensor:
+                return (_gaussian_mean(self.forward(with_batch_axis(xi), w), self.task)[0] * ei).sum()
+
+            g = vmap(grad(projected), in_dims=(None, 0, 0))(self.weights, x, eps)
+            for k, gk in g.items():
+                self.sums[k] += (gk.detach().double() ** 2).sum(0) / self.y_samples
+
     def add_batch(self, x: Batch) -> None:
         """Add the Fisher contribution of a batch of inputs (numpy in the model's input layout, or
         a ModelInputs for a model with several inputs)."""
         with torch.no_grad():
             probe = self.forward(to_torch(x[:1]), self.weights)
+        if self.task.kind is not TaskKind.CLASSIFIER:
+            self._add_gaussian(x, int(probe[0].numel()))
+            return
         classes, positions = probe.shape[1], probe[0, 0].numel()
         # The exact expectation costs one backward pass per class; past ~20M Jacobian entries per
         # sample (a 5M-weight CNN with 10 classes) sampling y is 5x cheaper for the same ranking.
@@ -97,6 +142,16 @@ class FisherAccumulator:
         chunk = max(1, min(64, _FLOATS_PER_CHUNK // max(per, 1)))
         for i in range(0, len(x), chunk):
             (self._exact if exact else self._sampled)(to_torch(x[i : i + chunk]))
+        self.count += len(x)
+
+    def _add_gaussian(self, x: Batch, width: int) -> None:
+        # as for classes: the exact J^T J costs one backward pass per output value
+        self._width = width
+        exact = not self.sampled and width <= self.max_exact_classes and self._n * width <= _EXACT_LIMIT
+        per = self._n * (width if exact else 1)
+        chunk = max(1, min(64, _FLOATS_PER_CHUNK // max(per, 1)))
+        for i in range(0, len(x), chunk):
+            (self._gaussian_exact if exact else self._gaussian_sampled)(to_torch(x[i : i + chunk]))
         self.count += len(x)
 
     def result(self) -> dict[str, np.ndarray]:

@@ -28,11 +28,12 @@ from toco_core.compression.nested import CodeLadder, choose_octaves, master_code
 from toco_core.compression.qdq_int8 import int8_fits
 from toco_core.compression.storage import QuantizedTensor, dequantize
 from toco_core.compression.tolerance_compress import CompressedTensor, summary
-from toco_core.fidelity import OutputKind, compare_outputs
+from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.runtime import run_with_weights
+from toco_core.task_kind import CLASSIFIER, TaskSpec, compare
 from toco_core.tolerance_map import ToleranceMap
 
 
@@ -60,10 +61,10 @@ class NestedCalibration:
     def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray],
                  tmap: ToleranceMap, kind: OutputKind, x: Batch, y: np.ndarray | None,
                  base_out: np.ndarray, correction: BiasCorrection | None, prune_grid: list[float],
-                 coverage: float = 0.99) -> None:
+                 coverage: float = 0.99, task: TaskSpec = CLASSIFIER) -> None:
         self.model, self.infos, self.weights, self.tmap = model, infos, weights, tmap
         self.kind, self.x, self.y, self.base_out, self.correction = kind, x, y, base_out, correction
-        self.prune_grid, self.coverage = sorted(prune_grid), coverage
+        self.prune_grid, self.coverage, self.task = sorted(prune_grid), coverage, task
         self.classes = {i.name: prune_classes(tmap.prune_rank[i.name], self.prune_grid) for i in infos}
         self.master_scale = 0.0
         self.steps: dict[str, np.ndarray] = {}
@@ -74,7 +75,7 @@ class NestedCalibration:
         values = {q.name: dequantize(q) for q in tensors}
         if self.correction is not None:
             values.update(self.correction.biases(values))
-        fid = compare_outputs(self.base_out, run_with_weights(self.model, values, self.x), self.y, self.kind)
+        fid = compare(self.task, self.base_out, run_with_weights(self.model, values, self.x), self.y, self.kind)
         stats = summary({q.name: CompressedTensor(q.name, values[q.name], q.codes, q.steps, q.out_axis)
                          for q in tensors})
         return CurvePoint(prune_scale=ps, quant_scale=qs, disagreement=fid.disagreement, kl=fid.kl,

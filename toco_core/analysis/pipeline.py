@@ -30,13 +30,25 @@ from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundSta
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
-from toco_core.fidelity import OutputKind, as_log_probs
+from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch
 from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
 from toco_core.plan_table import PlanTable
-from toco_core.qbc import committee_disagreement, committee_log_probs, disagreement_score, select_top
+from toco_core.qbc import committee_outputs, select_top
 from toco_core.runtime import run_model
+from toco_core.task_kind import (
+    CLASSIFIER,
+    TaskKind,
+    TaskSpec,
+    committee_disagreement,
+    committee_score,
+    detect_task_kind,
+    output_width,
+    parse_task_kind,
+    prepare,
+    task_spec,
+)
 from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, scaled
 from toco_core.tolerance_map import ToleranceMap, as_stored
 
@@ -69,7 +81,7 @@ def _check_evaluator(ev: GraphEvaluator, model: onnx.ModelProto, x: Batch) -> No
 
 def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau_hat: dict[str, np.ndarray],
                      x: Batch, base_lp: np.ndarray, kind: OutputKind, s: AnalysisSettings,
-                     previous: float | None = None) -> tuple[float, float]:
+                     previous: float | None = None, task: TaskSpec = CLASSIFIER) -> tuple[float, float]:
     """Bisect log2 s until the committee disagrees with the base on ~committee_target of x.
 
     The first round searches [2^-8, 2^2] in 7 steps; later rounds start from the previous scale
@@ -82,29 +94,32 @@ def _committee_scale(model: onnx.ModelProto, weights: dict[str, np.ndarray], tau
     scale, dis = 1.0, 0.0
     for _ in range(steps):
         scale = float(np.exp2((lo + hi) / 2))
-        dis = committee_disagreement(base_lp,
-                                     committee_log_probs(model, weights, scaled(tau_hat, scale), x, 4, s.seed, kind))
+        members = committee_outputs(model, weights, scaled(tau_hat, scale), x, 4, s.seed, task, kind)
+        dis = committee_disagreement(task, base_lp, members)
         lo, hi = (np.log2(scale), hi) if dis < s.committee_target else (lo, np.log2(scale))
     return scale, dis
 
 
 def _fisher(ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: str, x: Batch, seed: int,
-            sampled: bool = False) -> FisherAccumulator:
+            sampled: bool = False, task: TaskSpec = CLASSIFIER) -> FisherAccumulator:
     acc = FisherAccumulator(ev, {k: torch.from_numpy(v) for k, v in weights.items()}, kind=kind, seed=seed,
-                            sampled=sampled)
+                            sampled=sampled, task=task)
     acc.add_batch(x)
     return acc
 
 
 def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np.ndarray], kind: OutputKind,
                pool_x: Batch, heldout_x: Batch, s: AnalysisSettings, progress: Progress,
+               task: TaskSpec = CLASSIFIER,
                ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], list[RoundStats]]:
-    """Grow the analysis set by committee disagreement. Returns (S indices, fisher, tau_hat, rounds)."""
+    """Grow the analysis set by committee disagreement (vote entropy for a classifier, committee
+    variance for the other task kinds: toco_core.task_kind.committee_score). Returns (S indices,
+    fisher, tau_hat, rounds)."""
     rng = np.random.default_rng(s.seed)
-    base_pool = as_log_probs(run_model(model, pool_x), kind)
-    base_held = as_log_probs(run_model(model, heldout_x[:_SCALE_SAMPLES]), kind)
+    base_pool = prepare(task, run_model(model, pool_x), kind)
+    base_held = prepare(task, run_model(model, heldout_x[:_SCALE_SAMPLES]), kind)
     chosen = rng.choice(len(pool_x), size=min(s.initial_samples, len(pool_x)), replace=False)
-    acc = _fisher(ev, weights, kind, pool_x[chosen], s.seed)
+    acc = _fisher(ev, weights, kind, pool_x[chosen], s.seed, task=task)
     rounds: list[RoundStats] = []
     tau_prev = None
     for r in range(1, s.max_rounds + 1):
@@ -114,10 +129,10 @@ def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np
         # the bisection's last step measured the committee on held-out samples: its disagreement is
         # the round's held-out figure (a second committee on all of them cost 8 more model runs)
         scale, held_dis = _committee_scale(model, weights, tau_hat, heldout_x[:_SCALE_SAMPLES], base_held, kind, s,
-                                           rounds[-1].committee_scale if rounds else None)
-        members = committee_log_probs(model, weights, scaled(tau_hat, scale), pool_x, s.committee_members, s.seed + r,
-                                      kind)
-        scores = disagreement_score(base_pool, members)
+                                           rounds[-1].committee_scale if rounds else None, task)
+        members = committee_outputs(model, weights, scaled(tau_hat, scale), pool_x, s.committee_members, s.seed + r,
+                                    task, kind)
+        scores = committee_score(task, base_pool, members)
         room = np.setdiff1d(np.arange(len(pool_x)), chosen)
         pick = select_top(scores, s.samples_per_round, exclude=chosen)
         rand = rng.choice(room, size=min(len(pick), len(room)), replace=False) if len(room) else room
@@ -141,7 +156,8 @@ def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np
 
 
 def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict[str, np.ndarray], kind: OutputKind,
-                x: Batch, s: AnalysisSettings, progress: Progress) -> dict[str, np.ndarray]:
+                x: Batch, s: AnalysisSettings, progress: Progress,
+                task: TaskSpec = CLASSIFIER) -> dict[str, np.ndarray]:
     """Pruning order from the K-FAC greedy scores (prune_order.py); r_i = the sparsity at which
     weight i is pruned (exact zeros: 0).
 
@@ -160,7 +176,7 @@ def prune_ranks(ev: GraphEvaluator, weights: dict[str, np.ndarray], fisher: dict
     current = dict(weights)
     for j in range(1, s.prune_rounds + 1):
         if j > 1:
-            fisher = _fisher(ev, current, kind, x, s.seed + j, sampled=n > 300_000).result()
+            fisher = _fisher(ev, current, kind, x, s.seed + j, sampled=n > 300_000, task=task).result()
         acc = InputMoments(ev, names)
         acc.add_batch(x)
         masks = {k: m.reshape(weights[k].shape) for k, m in zip(names, np.split(pruned, sizes), strict=True)}
@@ -188,7 +204,8 @@ def prune_grid() -> list[float]:
 
 def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
               kind: OutputKind, x: Batch, y: np.ndarray | None, progress: Progress,
-              correction_x: Batch | None = None) -> tuple[dict[str, CalibrationCurve], PlanTable]:
+              correction_x: Batch | None = None, task: TaskSpec = CLASSIFIER,
+              ) -> tuple[dict[str, CalibrationCurve], PlanTable]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
 
@@ -197,7 +214,7 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     """
     base = run_model(model, x)
     correction = None if correction_x is None else BiasCorrection(model, infos, correction_x)
-    nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid())
+    nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid(), task=task)
     step = {"n": 0, "total": 2 * len(QUANT_GRID) + len(PRUNE_GRID) + len(COMBO_PRUNE) * len(COMBO_QUANT)}
 
     def tick(*_: object) -> None:
@@ -216,11 +233,34 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
         "prune+quantize": measure_curve("prune+quantize", combos, nested.measure, len(x), on_point=tick),
     }
     try:  # the full int8 runtime's own cost; a model onnxruntime cannot quantize simply has no int8 curve
-        curves["int8"] = measure_int8(model, x, base, y, kind)
+        curves["int8"] = measure_int8(model, x, base, y, kind, task)
     except ModelError as exc:
         log.warning("no int8 calibration: %s", exc)
     points = sorted({(p.prune_scale, p.quant_scale) for k, c in curves.items() if k in PLANNED for p in c.points})
     return curves, nested.final_table(points, int8_scale(curves))
+
+
+def _producer_op(model: onnx.ModelProto) -> str | None:
+    """The op type that produces the model's (the head's) first output; None for a graph input."""
+    out = model.graph.output[0].name
+    return next((str(n.op_type) for n in model.graph.node if out in n.output), None)
+
+
+def analysis_task(model: onnx.ModelProto, pool_x: Batch, s: AnalysisSettings) -> TaskSpec:
+    """The task kind of the analysis of ``model`` (the head at the scored output) with its metric's numbers.
+
+    ``s.task`` or detected (toco_core.task_kind.detect_task_kind) from the scored tensor's
+    producer and width; a regression's or score's scale is the base output's spread on the
+    whole pool. Raises ConfigError for a kind the output cannot have, PoolError for a constant
+    output where a scale is needed.
+    """
+    # one sample tells the width; only a regression's or score's scale needs the whole pool's outputs
+    # (a classifier's analysis does not pay an extra pass over a large image pool)
+    first = run_model(model, pool_x[:1])
+    kind = parse_task_kind(s.task) if s.task else detect_task_kind(_producer_op(model), output_width(first),
+                                                                   s.threshold)
+    base = run_model(model, pool_x) if kind in (TaskKind.REGRESSION, TaskKind.SCORE) else first
+    return task_spec(kind, base, s.task_tolerance, s.threshold)
 
 
 def analyze(
@@ -261,18 +301,20 @@ def analyze(
     # one copy of each split for the whole analysis: a 400-image RGB 224x224 pool is 241 MB, and
     # indexing it afresh per phase held up to three copies at once
     held_x, cand_x = pool_x[held], pool_x[cand]
-    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, cand_x, held_x, s, progress)
+    task = analysis_task(model, pool_x, s)
+    chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, cand_x, held_x, s, progress, task)
     timings["qbc"] = time.perf_counter() - t
     t = time.perf_counter()
     analysis_x = cand_x[chosen]
     del cand_x
-    ranks = prune_ranks(ev, weights, fisher, kind, analysis_x[: s.prune_round_samples], s, progress)
+    ranks = prune_ranks(ev, weights, fisher, kind, analysis_x[: s.prune_round_samples], s, progress, task)
     timings["prune_rounds"] = time.perf_counter() - t
     tmap = as_stored(ToleranceMap(quant=tau_hat, prune_rank=ranks))
     t = time.perf_counter()
-    hy = None if pool_y is None else pool_y[held]
+    # labels are classes: they mean nothing to the other task kinds' metrics
+    hy = None if pool_y is None or task.kind is not TaskKind.CLASSIFIER else pool_y[held]
     curves, table = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
-                              analysis_x if s.bias_correction else None)
+                              analysis_x if s.bias_correction else None, task)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
@@ -284,5 +326,6 @@ def analyze(
         input_shape=list(spec.shape), output_kind=kind, scored_output=scored, weights=sum(w.size for w in infos),
         settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
+        task=None if task == CLASSIFIER else task,
     )
     return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -10,7 +12,8 @@ class AnalysisSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    budget: float = Field(0.01, gt=0, lt=1, description="fleet fidelity budget: max top-1 disagreement")
+    budget: float = Field(0.01, gt=0, lt=1, description="fleet fidelity budget: max share of samples that disagree "
+                                                      "with the base in the task kind's metric (toco_core.task_kind)")
     initial_samples: int = Field(64, ge=8, description="random start of the analysis set")
     samples_per_round: int = Field(64, ge=1, description="disputed samples added per QBC round")
     max_rounds: int = Field(4, ge=1, le=50, description="QBC rounds at most")
@@ -32,3 +35,9 @@ class AnalysisSettings(BaseModel):
     output: str | None = Field(None, description="the tensor the analysis scores (a graph output or an "
                                                  "intermediate float tensor); None: detected "
                                                  "(toco_core.output_tail.detect_scored_output)")
+    task: Literal["classifier", "regression", "score", "embedding"] | None = Field(
+        None, description="task kind of the scored output; None: detected (toco_core.task_kind.detect_task_kind)")
+    task_tolerance: float | None = Field(None, gt=0, description="per-sample error above which a sample disagrees: "
+                                         "relative error (regression, score), 1 - cosine (embedding); None: the "
+                                         "kind's default")
+    threshold: float | None = Field(None, description="score: decision threshold; a flipped decision also disagrees")
