@@ -5,7 +5,7 @@ worker processes), and ``Client.get_executor()`` is a ``concurrent.futures.Execu
 whole analysis is submitted exactly where the local process pool takes it (fleet_server.jobs).
 
 What crosses the wire, since a worker shares no disk with the server: the model, pool and field
-sample bytes go out (scattered once), the analysis's result directory comes back as file bytes
+sample bytes go out with the task, the analysis's result directory comes back as file bytes
 that the server writes into its own analysis folder. Progress cannot use the local mp.Queue:
 the worker logs structured events on the scheduler (``Worker.log_event``) and the server's client
 subscribes to the topic, feeding the same progress thread. Cancellation sets a Dask ``Event`` the
@@ -204,7 +204,7 @@ class ClusterExecutor:
             self._on_progress((aid, "restarted", 0, 0, note))
 
     def submit(self, spec: dict) -> Future:
-        """Submit the analysis of a job spec (fleet_server.jobs); its files are read here and scattered.
+        """Submit the analysis of a job spec (fleet_server.jobs); its files are read here and sent with the task.
 
         Returns a concurrent.futures Future of run_cluster_analysis's result. Raises OSError when a file
         cannot be read.
@@ -214,9 +214,10 @@ class ClusterExecutor:
                    "field": Path(spec["field_path"]).read_bytes() if spec.get("field_path") else None}
         with self._lock:
             self._attempts.pop(spec["analysis_id"], None)
-        # scattered, not inlined in the task: a large pool never travels inside the task graph
-        [data] = self.client.scatter([payload], hash=False)
-        return self.executor.submit(run_cluster_analysis, data)
+        # inlined in the task, not scattered: the scheduler keeps a task's arguments, so when the worker
+        # running it dies the task re-runs elsewhere; scattered data dies with the worker holding it
+        # (and the analysis with it). The price: the files pass through the scheduler's memory.
+        return self.executor.submit(run_cluster_analysis, payload)
 
     def cancel(self, analysis_id: str, future: Future) -> None:
         """Cancel an analysis. Not yet started: Dask drops it. Running: Dask cannot interrupt a task's
