@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -32,7 +33,7 @@ class Cluster:
         self.address = f"tcp://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the workers import fleet_server and toco_core
         self.procs: list[subprocess.Popen] = []
-        self.logs = []
+        self.logs: list[BinaryIO] = []
         self._start(tmp / "scheduler.log", ["scheduler", "--host", "127.0.0.1", "--port", str(port),
                                              "--no-dashboard"], env)
         for k in range(2):
