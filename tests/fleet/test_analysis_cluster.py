@@ -182,3 +182,21 @@ def test_worker_killed_mid_analysis(cluster_fleet, cluster, lenet) -> None:
     notes = [e["note"] for e in _events(cluster_fleet, aid) if e.get("note")]
     assert len(notes) == 1 and f"the Dask worker {lost} running this analysis was lost" in notes[0]
     assert any(_phase(e) == "restarted" for e in _events(cluster_fleet, aid))
+
+
+def test_cancel_local_analyses(lenet, tmp_path) -> None:
+    f = Fleet(tmp_path, "embedded")  # executor "local": the spawn process pool, one worker
+    try:
+        aid = _start_analysis(f, lenet)
+        assert wait_until(lambda: f.api.get(f"/api/analyses/{aid}").json()["progress"]["phase"] in ("load", "qbc"),
+                          timeout=60, step=0.2)
+        # a second one waits for the only worker: cancelled while queued, it never starts
+        queued = _start_analysis(f, lenet)
+        q = f.api.post(f"/api/analyses/{queued}/cancel").json()
+        assert (q["status"], q["error"], q["started_at"]) == ("failed", "cancelled", None)
+        assert f.api.post(f"/api/analyses/{aid}/cancel").status_code == 200  # running: its process is ended
+        a = _finished(f, aid, timeout=20)
+        assert (a["status"], a["error"]) == ("failed", "cancelled")
+        assert f.api.get(f"/api/analyses/{queued}").json()["started_at"] is None
+    finally:
+        f.stop()
