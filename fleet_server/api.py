@@ -232,6 +232,10 @@ def create_app(server) -> FastAPI:
     def analysis(analysis_id: str) -> dict:
         return registry.analysis_detail(db, analysis_id=analysis_id)
 
+    @app.post("/api/analyses/{analysis_id}/cancel", summary="Cancel a queued or running analysis (409 once ended)")
+    def cancel_analysis(analysis_id: str) -> dict:
+        return server.jobs.cancel(analysis_id)
+
     @app.post("/api/analyses/{analysis_id}/whatif", summary="The plan a profile or limits would get; nothing is built")
     def whatif(analysis_id: str, req: WhatIfRequest) -> dict:
         paths = registry.analysis_paths(db, analysis_id=analysis_id)

@@ -87,6 +87,8 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
           fleet: str | None = typer.Option(None, help="fleet name (topic root toco/v1/{fleet}) [default]"),
           drift_policy: str | None = typer.Option(None, help="auto | approval [auto]"),
           concurrency: int | None = typer.Option(None, help="analysis worker processes [1]"),
+          executor: str | None = typer.Option(None, help="where analyses run: 'local' worker processes or a "
+                                              "Dask scheduler, tcp://HOST:8786 [local]"),
           db_url: str | None = typer.Option(None, "--db-url", help="SQLAlchemy URL [sqlite in --data-dir]"),
           replicas: bool | None = typer.Option(None, "--replicas/--no-replicas", help="one of several serves on "
                                                   "one PostgreSQL (--db-url) and one external broker [off]"),
@@ -101,7 +103,8 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
              "mqtt_password_file": mqtt_password_file,
              "mqtt_ca_file": None if mqtt_ca_file is None else str(mqtt_ca_file),
              "http_host": host, "http_port": port, "fleet": fleet, "drift_policy": drift_policy,
-             "analysis_concurrency": concurrency, "db_url": db_url, "replicas": replicas, "replica_id": replica_id}
+             "analysis_concurrency": concurrency, "executor": executor, "db_url": db_url, "replicas": replicas,
+             "replica_id": replica_id}
     flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if mqtt_password_file is not None:  # the flag beats a password from the environment or the file
         flags["mqtt_password"] = None
@@ -111,6 +114,11 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
         from fleet_server.broker import check_bind
 
         check_bind(settings.broker_host, settings.broker_password_file)
+    if settings.executor != "local":  # an unreachable scheduler is one line here, before anything starts
+        from fleet_server.analysis_cluster import check_scheduler
+
+        workers = check_scheduler(settings.executor)
+        console.print(f"analyses on the Dask cluster at {settings.executor} ({workers} workers now)", highlight=False)
     who = f", replica {settings.replica_id}" if settings.replicas else ""
     console.print(f"fleet server on http://{settings.http_host}:{settings.http_port} (docs /docs), broker "
                   f"{settings.broker}, data {settings.data_dir}{who}", highlight=False)

@@ -63,7 +63,10 @@ class FleetSettings(BaseSettings):
                                 "alerts a group redeploy needs")
     quorum_min: int = Field(2, ge=1, description="devices a group redeploy needs at least")
     quorum_count: int | None = Field(None, ge=1, description="a fixed number of devices instead of quorum_share")
-    analysis_concurrency: int = Field(1, ge=1, le=16, description="analysis worker processes")
+    analysis_concurrency: int = Field(1, ge=1, le=16, description="analysis worker processes (with a Dask "
+                                      "executor: analyses submitted to the cluster at a time)")
+    executor: str = Field("local", description="where analyses run: 'local' (worker processes of this server) or "
+                          "a Dask scheduler's address, tcp://HOST:PORT (docs/analysis_cluster.md)")
     analysis: AnalysisSettings = Field(default_factory=AnalysisSettings, description="defaults of every analysis")
     chunk_size: int = Field(256 * 1024, ge=64 * 1024, le=256 * 1024, description="bundle chunk size, bytes")
     tick_s: float = Field(1.0, gt=0, le=60, description="period of the deployment/drift housekeeping loop")
@@ -108,6 +111,18 @@ class FleetSettings(BaseSettings):
     def _replica_id_is_topic_safe(cls, v: str) -> str:
         # it ends up in the MQTT client id (toco-fleet-{fleet}-{replica_id}) and in logs
         return check_id(v, "replica id")
+
+    @field_validator("executor")
+    @classmethod
+    def _executor_address(cls, v: str) -> str:
+        if v == "local":
+            return v
+        scheme, _, rest = v.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme not in ("tcp", "tls") or not host or not port.isdigit():
+            raise ConfigError(f"executor {v!r} is neither 'local' nor a Dask scheduler address",
+                              "give tcp://HOST:PORT (the scheduler's default port is 8786)")
+        return v
 
     @field_validator("broker")
     @classmethod

@@ -20,9 +20,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -32,10 +33,14 @@ from fleet_server.bundle_layout import fleet_band_bounds
 from fleet_server.bundle_sequence import bundle_model_id, next_bundle_sequence
 from fleet_server.db import AnalysisRow, Database, ModelRow, SampleRow
 from fleet_server.events import EventBus
-from fleet_server.registry import Store, fetch, store_bundle, update_analysis
+from fleet_server.registry import ConflictError, Store, fetch, store_bundle, update_analysis
 from toco_core.bundle import make_manifest, pack_bundle
 from toco_core.model_bundle import BundleInfo
 from toco_core.model_inputs import Batch, concat, from_arrays, to_arrays
+
+if TYPE_CHECKING:  # the server process never loads the analysis (torch) itself
+    from fleet_server.analysis_cluster import ClusterExecutor
+    from toco_core.analysis.nested_calibration import GridMap
 
 log = logging.getLogger("toco.fleet.jobs")
 _PROGRESS: mp.Queue | None = None  # set in each worker process by _worker_init
@@ -110,14 +115,26 @@ def run_analysis_job(spec: dict) -> dict:
 
 
 def _analyse(spec: dict, aid: str) -> dict:
+    def progress(phase: str, done: int, total: int) -> None:
+        if _PROGRESS is not None:
+            _PROGRESS.put((aid, phase, done, total))
+
+    return analyse_files(spec, progress)
+
+
+def analyse_files(spec: dict, progress: Callable[[str, int, int], None],
+                  grid_map: GridMap = map) -> dict:
+    """Load model + pool (+ field samples) from the spec's paths, analyse, save into ``spec["out_dir"]``.
+
+    The body of both a local worker process and a Dask task (fleet_server.analysis_cluster).
+    ``progress(phase, done, total)`` is called as the analysis advances (it may raise to stop it);
+    ``grid_map`` measures the calibration grid (toco_core GridMap). Returns the manifest's summary.
+    Raises whatever toco_core (or ``progress``) raises.
+    """
     from toco_core.analysis.pipeline import analyze
     from toco_core.analysis.settings import AnalysisSettings
     from toco_core.analysis_result import save_result
     from toco_core.onnx_model import load_model
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if _PROGRESS is not None:
-            _PROGRESS.put((aid, phase, done, total))
 
     model = load_model(Path(spec["model_path"]))
     with np.load(spec["pool_path"], allow_pickle=False) as z:
@@ -128,7 +145,7 @@ def _analyse(spec: dict, aid: str) -> dict:
         x = concat([x, field])
         y = None  # field samples carry no labels; accuracy columns need one label per pool sample
     progress("load", 1, 1)
-    result = analyze(model, x, y, AnalysisSettings(**spec["settings"]), progress, spec["model_name"])
+    result = analyze(model, x, y, AnalysisSettings(**spec["settings"]), progress, spec["model_name"], grid_map)
     save_result(result, Path(spec["out_dir"]))
     m = result.manifest
     return {"samples_used": m.samples_used, "pool_size": m.pool_size, "timings": m.timings, "rounds": len(m.rounds)}
@@ -166,12 +183,24 @@ def field_samples_array(rows: list[SampleRow], input_shape: list, dtype: np.dtyp
 
 
 class JobRunner:
-    """Queue -> worker processes -> signed bundle. ``on_done(analysis_id)`` runs after a bundle is stored."""
+    """Queue -> worker processes (or a Dask cluster) -> signed bundle. ``on_done(analysis_id)`` runs after
+    an analysis ends (a bundle stored, or failed).
+
+    ``executor``: "local" (a spawn-context process pool of ``concurrency`` workers) or the address of a
+    Dask scheduler, tcp://HOST:PORT (fleet_server.analysis_cluster; at most ``concurrency`` analyses
+    are submitted at a time, and each spreads its calibration grid over the cluster).
+    """
 
     def __init__(self, db: Database, store: Store, key, events: EventBus, *, concurrency: int = 1,
-                 chunk_size: int = 256 * 1024, on_done: Callable[[str], None] | None = None) -> None:
+                 chunk_size: int = 256 * 1024, on_done: Callable[[str], None] | None = None,
+                 executor: str = "local") -> None:
         self.db, self.store, self.key, self.events = db, store, key, events
         self.concurrency = concurrency
+        self.executor = executor
+        self._cluster: ClusterExecutor | None = None
+        self._out_dirs: dict[str, str] = {}  # running analysis -> its result folder
+        self._cancelled: set[str] = set()  # running analyses whose cancellation was asked for
+        self._requeue_broken = False  # a cancellation broke the local pool: the others it ran are re-queued
         self.chunk_size = chunk_size
         self.on_done = on_done
         self._ctx = mp.get_context("spawn")
@@ -180,6 +209,7 @@ class JobRunner:
         self._running: dict[str, Future] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # starting queued analyses vs cancelling one
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -188,7 +218,13 @@ class JobRunner:
             for a in s.scalars(select(AnalysisRow).where(AnalysisRow.status == "running")):
                 end_stale_worker(a.result_dir)  # never the same analysis in two processes at once
                 a.status, a.phase = "queued", "queued"
-        self._pool = self._new_pool()
+        if self.executor == "local":
+            self._pool = self._new_pool()
+        else:
+            from fleet_server.analysis_cluster import ClusterExecutor
+
+            # raises ConfigError (one line) when the scheduler does not answer
+            self._cluster = ClusterExecutor(self.executor, self._progress.put)
         for target, name in ((self._dispatch_loop, "jobs-dispatch"), (self._progress_loop, "jobs-progress")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -206,6 +242,11 @@ class JobRunner:
         """Stop dispatching and end the worker processes (a running analysis is lost and re-queued next start)."""
         self._stop.set()
         self._wake.set()
+        if self._cluster is not None:
+            # the scheduler forgets tasks no client wants; a running one ends at its next progress step
+            for aid, fut in list(self._running.items()):
+                self._cluster.cancel(aid, fut)
+            self._cluster.close()
         if self._pool is not None:
             # the executor has no public kill; a half-done analysis has no value, so end the workers now,
             # and wait for them: the server must not exit (or restart) while one still runs
@@ -230,6 +271,8 @@ class JobRunner:
             self._wake.clear()
             try:
                 self._reap()
+                if not self._running:
+                    self._requeue_broken = False
                 self._start_queued()
             except Exception:  # the loop must survive one bad job
                 log.exception("job dispatcher step failed")
@@ -239,14 +282,26 @@ class JobRunner:
             item = self._progress.get()
             if item is None or self._stop.is_set():
                 return
-            aid, phase, done, total = item
+            aid, phase, done, total = item[:4]
+            note = item[4] if len(item) > 4 else None  # a cluster analysis restarted after its worker was lost
+            if aid not in self._running:
+                # a late report of an analysis that ended (cluster events travel apart from the task's
+                # result): it must not turn a done analysis's phase back
+                continue
             try:
                 view = update_analysis(self.db, analysis_id=aid, phase=phase, done=done, total=total)
+                if note:
+                    log.warning(note, extra={"fields": {"analysis": aid}})
+                    view = {**view, "note": note}
                 self.events.publish("analysis", view)
             except Exception:
                 log.exception("progress update failed", extra={"fields": {"analysis": aid}})
 
     def _start_queued(self) -> None:
+        with self._lock:
+            self._start_queued_locked()
+
+    def _start_queued_locked(self) -> None:
         free = self.concurrency - len(self._running)
         if free <= 0:
             return
@@ -259,18 +314,55 @@ class JobRunner:
                                    started_at=time.time(), result_dir=spec["out_dir"])
             self.events.publish("analysis", view)
             try:
-                try:
-                    assert self._pool is not None, "start() made the pool"
-                    fut = self._pool.submit(run_analysis_job, spec)
-                except BrokenProcessPool:
-                    self._pool = self._new_pool()
-                    fut = self._pool.submit(run_analysis_job, spec)
+                fut = self._submit(spec)
             except Exception as exc:  # no worker can start: say so instead of staying "running"
+                where = "a worker process" if self._cluster is None else f"the Dask cluster at {self.executor}"
                 view = update_analysis(self.db, analysis_id=spec["analysis_id"], status="failed",
-                                       finished_at=time.time(), error=f"could not start a worker process: {exc!r}")
+                                       finished_at=time.time(),
+                                       error=f"could not start the analysis on {where}: {exc!r}")
                 self.events.publish("analysis", view)
                 continue
             self._running[spec["analysis_id"]] = fut
+            self._out_dirs[spec["analysis_id"]] = spec["out_dir"]
+
+    def _submit(self, spec: dict) -> Future:
+        if self._cluster is not None:
+            return self._cluster.submit(spec)
+        try:
+            assert self._pool is not None, "start() made the pool"
+            return self._pool.submit(run_analysis_job, spec)
+        except BrokenProcessPool:
+            self._pool = self._new_pool()
+            return self._pool.submit(run_analysis_job, spec)
+
+    def cancel(self, analysis_id: str) -> dict:
+        """Cancel a queued or running analysis; it ends ``failed`` with the error "cancelled".
+
+        Queued: it never starts. Running locally: its worker process is ended (other analyses that
+        pool ran are re-queued). Running on a Dask cluster: see ClusterExecutor.cancel (the task stops
+        at its next progress step). Returns the Analysis. Raises NotFoundError for an unknown id and
+        ConflictError for an analysis that has already ended.
+        """
+        with self._lock:  # the dispatcher must not start it meanwhile
+            fut = self._running.get(analysis_id)
+            if fut is None:
+                with self.db.session() as s:
+                    status = fetch(s, AnalysisRow, analysis_id, "analysis").status
+                if status != "queued":
+                    raise ConflictError(f"analysis {analysis_id} is {status}; only a queued or running one "
+                                        "can be cancelled")
+                view = update_analysis(self.db, analysis_id=analysis_id, status="failed", phase="cancelled",
+                                       error="cancelled", finished_at=time.time())
+                self.events.publish("analysis", view)
+                return view
+            self._cancelled.add(analysis_id)
+        if self._cluster is not None:
+            self._cluster.cancel(analysis_id, fut)
+        elif not fut.cancel():  # running in a worker process: a half-done analysis has no value, end it
+            pid = end_stale_worker(self._out_dirs.get(analysis_id), timeout=5)
+            self._requeue_broken = pid is not None
+        self._wake.set()
+        return update_analysis(self.db, analysis_id=analysis_id, phase="cancelling")
 
     def _spec(self, s, a: AnalysisRow) -> dict:
         model = s.get(ModelRow, a.model_id)
@@ -300,19 +392,48 @@ class JobRunner:
             if not fut.done():
                 continue
             del self._running[aid]
+            out_dir = self._out_dirs.pop(aid, None)
+            cancelled = aid in self._cancelled
+            self._cancelled.discard(aid)
             try:
-                fut.result()
+                out = fut.result()
+                if self._cluster is not None and out_dir is not None:
+                    from fleet_server.analysis_cluster import write_result_files
+
+                    write_result_files(out["files"], Path(out_dir))
+                    log.info("cluster analysis done", extra={"fields": {"analysis": aid, "worker": out["worker"]}})
                 bundle_id = self.build_bundle(aid)
                 view = update_analysis(self.db, analysis_id=aid, status="done", phase="done", bundle_id=bundle_id,
                                        finished_at=time.time())
-            except BrokenProcessPool:
-                self._pool = self._new_pool()
-                view = update_analysis(self.db, analysis_id=aid, status="failed", finished_at=time.time(),
-                                       error="the analysis worker process died (out of memory?)")
+            except (CancelledError, BrokenProcessPool) as exc:
+                if isinstance(exc, BrokenProcessPool) and getattr(self._pool, "_broken", False):
+                    self._pool = self._new_pool()
+                if cancelled:
+                    view = update_analysis(self.db, analysis_id=aid, status="failed", phase="cancelled",
+                                           finished_at=time.time(), error="cancelled")
+                elif isinstance(exc, BrokenProcessPool) and self._requeue_broken:
+                    # another analysis's cancellation ended the pool's workers: this one starts again
+                    view = update_analysis(self.db, analysis_id=aid, status="queued", phase="queued")
+                    self.events.publish("analysis", view)
+                    continue
+                elif isinstance(exc, BrokenProcessPool):
+                    view = update_analysis(self.db, analysis_id=aid, status="failed", finished_at=time.time(),
+                                           error="the analysis worker process died (out of memory?)")
+                else:
+                    view = update_analysis(self.db, analysis_id=aid, status="failed", finished_at=time.time(),
+                                           error="the analysis was cancelled on the Dask cluster")
             except Exception as exc:
-                log.warning("analysis failed", extra={"fields": {"analysis": aid, "error": str(exc)}})
+                explained = self._cluster.explain(exc) if self._cluster is not None else None
+                if cancelled:
+                    explained = "cancelled"
+                log.warning("analysis failed", extra={"fields": {"analysis": aid, "error": explained or str(exc)}})
                 view = update_analysis(self.db, analysis_id=aid, status="failed", finished_at=time.time(),
-                                       error=str(exc) or type(exc).__name__)
+                                       phase="cancelled" if cancelled else "failed",
+                                       error=explained or str(exc) or type(exc).__name__)
+            finally:
+                if self._cluster is not None:
+                    self._cluster.finished(aid)
+            self.events.publish("analysis", view)
             self.events.publish("analysis", view)
             if self.on_done is not None:
                 try:

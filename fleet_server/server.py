@@ -121,7 +121,7 @@ class FleetServer:
         self.ingest.on_drift = self.policy.on_drift
         self.drift_actions = DriftActions(self.db, self.events, send_command, self.policy)
         self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
-                              chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done)
+                              chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done, executor=s.executor)
         self.policy.jobs = self.jobs
         self.deployments.repack = self._repack
         self.key_distributor = KeyDistributor(self.db, self.signer, send_command, on_reload=self._use_key)

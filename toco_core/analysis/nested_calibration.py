@@ -15,7 +15,8 @@ Numpy + onnxruntime (no torch): the per-point work is the same a box does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -35,6 +36,22 @@ from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.runtime import run_with_weights
 from toco_core.task_kind import CLASSIFIER, TaskSpec, compare
 from toco_core.tolerance_map import ToleranceMap
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+Point = tuple[float, float]  # (prune scale, quant scale)
+Octaves = dict[str, np.ndarray]  # per-channel octaves of each weight at one point
+
+
+class GridMap(Protocol):
+    """A ``map``: ``grid_map(fn, items)`` yields ``fn(item)`` for each item, in the items' order.
+
+    The builtin ``map`` is the sequential default. A caller may pass one that runs the calls
+    elsewhere (other processes or machines): ``fn`` is then a picklable bound method whose object
+    holds the model and the held-out samples, so a map should ship it once, not once per item.
+    """
+
+    def __call__(self, fn: Callable[[_T], _R], items: Iterable[_T], /) -> Iterable[_R]: ...
 
 
 def kept_shares(infos: list[WeightInfo], classes: dict[str, np.ndarray], levels: int) -> np.ndarray:
@@ -130,19 +147,50 @@ class NestedCalibration:
                                             info.out_axis, self.coverage)
         return out
 
+    def measure_point(self, point: Point) -> tuple[CurvePoint, Octaves]:
+        """Build ``point`` (ps, qs) from the master codes as a box does and measure it.
+
+        Returns the measured point and its octaves; records nothing (the object is not changed),
+        so it may run in another process on a copy. Call after choose_master.
+        """
+        ps, qs = point
+        octaves = self.point_octaves(ps, qs)
+        table = self.table([point], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16),
+                           {point: octaves})
+        return self._measure(plan_codes(table, self.ladders, self.classes, ps, qs), ps, qs), octaves
+
     def measure(self, ps: float, qs: float) -> CurvePoint:
         """Build point (ps, qs) from the master codes as a box does, measure it, record its octaves."""
-        self.octaves[(ps, qs)] = self.point_octaves(ps, qs)
-        table = self.table([(ps, qs)], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16))
-        return self._measure(plan_codes(table, self.ladders, self.classes, ps, qs), ps, qs)
+        point, self.octaves[(ps, qs)] = self.measure_point((ps, qs))
+        return point
 
-    def table(self, points: list[tuple[float, float]], int8: np.ndarray, nbits: np.ndarray) -> PlanTable:
-        """The plan table of ``points`` (each measured before) with the given runtime decisions."""
+    def measure_grid(self, points: list[Point], grid_map: GridMap = map,
+                     on_point: Callable[[int, int], None] | None = None) -> list[CurvePoint]:
+        """Measure every one of ``points`` (independent of each other) through ``grid_map``; record
+        their octaves. Returns the measured points in the order of ``points``.
+
+        ``on_point(done, total)`` is called as each result arrives. Raises what measure_point or
+        the map raises (a remote map: its own errors, e.g. a cancelled or lost task).
+        """
+        out = []
+        measured_points = grid_map(self.measure_point, points)
+        for i, (point, (measured, octaves)) in enumerate(zip(points, measured_points, strict=True)):
+            self.octaves[point] = octaves
+            out.append(measured)
+            if on_point:
+                on_point(i + 1, len(points))
+        return out
+
+    def table(self, points: list[Point], int8: np.ndarray, nbits: np.ndarray,
+              octaves: dict[Point, Octaves] | None = None) -> PlanTable:
+        """The plan table of ``points`` with the given runtime decisions; their octaves from
+        ``octaves``, else those recorded when each was measured."""
         names = [i.name for i in self.infos]
+        known = self.octaves if octaves is None else octaves
         return PlanTable(
             master_scale=float(self.master_scale), prune_grid=tuple(self.prune_grid), points=tuple(points),
             tensors=tuple(names), out_axes=tuple(i.out_axis for i in self.infos), master_steps=dict(self.steps),
-            octaves={n: np.stack([self.octaves[p][n] for p in points]) for n in names},
+            octaves={n: np.stack([known[p][n] for p in points]) for n in names},
             int8=int8, nbits_block=nbits, kept_share=kept_shares(self.infos, self.classes, len(self.prune_grid)))
 
     def final_table(self, points: list[tuple[float, float]], int8_scale: float) -> PlanTable:

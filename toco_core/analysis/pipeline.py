@@ -22,7 +22,7 @@ import torch
 from toco_core.analysis.fisher import FisherAccumulator
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.input_moments import InputMoments
-from toco_core.analysis.nested_calibration import NestedCalibration
+from toco_core.analysis.nested_calibration import GridMap, NestedCalibration
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis.torch_inputs import to_torch
@@ -205,9 +205,13 @@ def prune_grid() -> list[float]:
 def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
               kind: OutputKind, x: Batch, y: np.ndarray | None, progress: Progress,
               correction_x: Batch | None = None, task: TaskSpec = CLASSIFIER,
-              ) -> tuple[dict[str, CalibrationCurve], PlanTable]:
+              grid_map: GridMap = map) -> tuple[dict[str, CalibrationCurve], PlanTable]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
+
+    The prune+quantize combination grid's points are independent and are measured through
+    ``grid_map`` (default: the builtin, sequential ``map``; a caller may spread them over other
+    processes); the 1-D sweeps stop early on their own results, so they stay sequential here.
 
     Returns the curves (prune scale = sparsity; the ``master`` sweep kept for inspection, never
     planned from) and the plan table of every planned point.
@@ -230,7 +234,7 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
         "master": monotone_curve("quantize", sweep, len(x)),
         "prune": measure_curve("prune", [(p, sm) for p in PRUNE_GRID], nested.measure, len(x), on_point=tick),
         "quantize": measure_curve("quantize", quant, nested.measure, len(x), on_point=tick),
-        "prune+quantize": measure_curve("prune+quantize", combos, nested.measure, len(x), on_point=tick),
+        "prune+quantize": monotone_curve("prune+quantize", nested.measure_grid(combos, grid_map, tick), len(x)),
     }
     try:  # the full int8 runtime's own cost; a model onnxruntime cannot quantize simply has no int8 curve
         curves["int8"] = measure_int8(model, x, base, y, kind, task)
@@ -270,6 +274,7 @@ def analyze(
     settings: AnalysisSettings | None = None,
     progress: Progress = _noop,
     model_name: str = "model",
+    grid_map: GridMap = map,
 ) -> AnalysisResult:
     """Run the full analysis of ``model`` on an unlabeled pool (labels optional).
 
@@ -277,6 +282,7 @@ def analyze(
     works on the sub-graph up to it; post-processing after it is left to the device model.
     Returns the AnalysisResult (not yet saved). Raises ModelError / UnsupportedOpError for a
     model it cannot analyse (or an unknown ``settings.output``) and PoolError for a pool too small to split.
+    ``grid_map`` measures the calibration's combination grid (see calibrate); any map gives the same result.
     """
     s = settings or AnalysisSettings()
     t_start = time.perf_counter()
@@ -314,7 +320,7 @@ def analyze(
     # labels are classes: they mean nothing to the other task kinds' metrics
     hy = None if pool_y is None or task.kind is not TaskKind.CLASSIFIER else pool_y[held]
     curves, table = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
-                              analysis_x if s.bias_correction else None, task)
+                              analysis_x if s.bias_correction else None, task, grid_map)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
