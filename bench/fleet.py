@@ -494,7 +494,9 @@ def deploy_demo_model(api: httpx.Client) -> tuple[dict, float]:
         if time.monotonic() - t_an > 300:
             raise SystemExit(f"analysis did not finish in 300 s: {a}")
         time.sleep(0.5)
-    print(f"analysis {a['status']} in {time.monotonic() - t_an:.0f} s; deploying", flush=True)
+    if a["status"] != "done":
+        raise SystemExit(f"the demo model's analysis failed, nothing to deploy: {a.get('error')}")
+    print(f"analysis done in {time.monotonic() - t_an:.0f} s; deploying", flush=True)
     t_dep = time.monotonic()
     # the whole group at once (canary_share 1): this measures transfer + status handling, not staging
     dep = api.post("/api/deployments", json={"analysis_id": a["analysis_id"], "target": {"group": "deploy"},
@@ -597,6 +599,8 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     stored = stored_rows(servers.db_url)
     lost = {k: v - stored.get(k, 0) for k, v in sent.items()}
     dropped = sum(servers.health(k).get("messages", {}).get("dropped", 0) for k in range(len(servers.urls)))
+    if len(soak) > 1:  # before the deployment, so its failure cannot lose an hour's table
+        print_soak(soak)
     print(f"traffic phase done after {elapsed:.0f} s; analysing the demo model for the deployment", flush=True)
     cur, dep_s = deploy_demo_model(api)
     part_bytes = devices.totals().get("part_bytes", 0)
@@ -621,8 +625,6 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     for k, v in rows:
         print(f"| {k} | {v} |")
     print(json.dumps({"lost_by_kind": lost}))
-    if len(soak) > 1:
-        print_soak(soak)
 
 
 if __name__ == "__main__":
