@@ -8,7 +8,7 @@
    also on two 224x224 models with a 400-image pool of their own digits (toco_core.demo.large:
    grey, 1.57M weights; toco_core.demo.mobile: RGB MobileNet-style, 1.81M), whose peak memory
    has a goal: below 1.6 GB (1,526 MiB). ``--models mobile,lenet5`` runs only those rows.
-   Peak memory is the larger of the command's peak RSS (the kernel's high-water mark, exact)
+   Peak memory is the larger of the command's peak RSS (the kernel's high-water mark, VmHWM)
    and the peak PSS summed over its process tree (polled every 50 ms; a summed RSS would count
    the pages a forked child shares with its parent twice).
 2. Pruning at equal sparsity, no retraining, agreement with the base model on the 1000
@@ -59,16 +59,26 @@ METHODS = ("tolerance", "global magnitude", "layer-wise magnitude")
 console = Console(width=150)
 
 
+def _high_water_mark(pid: int) -> int:
+    """The kernel's peak RSS of a running process (VmHWM), bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def _tree_memory(root: psutil.Process) -> tuple[int, int, int] | None:
-    """(RSS of ``root``, PSS summed over ``root`` and its descendants, processes) in bytes, or
-    None when the tree changed under the read.
+    """(peak RSS of ``root`` so far, PSS summed over ``root`` and its descendants, processes)
+    in bytes, or None when the tree changed under the read.
 
     PSS (proportional set size) counts a page shared by k processes as 1/k in each: summing RSS
     over a forked tree counts every copy-on-write page once per process instead.
     """
     try:
         tree = [root, *root.children(recursive=True)]
-        return root.memory_info().rss, sum(p.memory_full_info().pss for p in tree), len(tree)
+        peak = max(root.memory_info().rss, _high_water_mark(root.pid))
+        return peak, sum(p.memory_full_info().pss for p in tree), len(tree)
     except psutil.Error:  # a process exited between the listing and the read
         return None
 
@@ -78,11 +88,12 @@ def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path, interval: 
 
     Returns wall seconds, CPU seconds (user + sys of the waited child: unlike wall time, not
     inflated by other load on the machine), the 1-minute load average at the start and memory
-    in MiB: ``peak_rss_mb``, the kernel's high-water mark of the command's resident set
-    (ru_maxrss of the waited child: exact, however short the peak); ``peak_rss_sampled_mb`` and
-    ``peak_pss_mb``, the same process' RSS and the PSS summed over its process tree, both polled
-    every ``interval`` s (PSS does not count pages a child shares with its parent twice);
-    ``max_processes`` the largest tree seen. Raises RuntimeError with the log's tail when the
+    in MiB: ``peak_rss_mb``, the kernel's high-water mark of the command's resident set (VmHWM,
+    read every ``interval`` s: exact however short the peak, bar the last interval before exit;
+    the waited child's ru_maxrss is no use, it keeps this process' own peak from before the
+    exec: 9,901 MiB for a command whose RSS, polled, peaked at 1,598); ``peak_pss_mb``, the PSS summed over
+    its process tree, polled every ``interval`` s (PSS does not count pages a child shares with
+    its parent twice); ``max_processes`` the largest tree seen. Raises RuntimeError with the log's tail when the
     command fails.
     """
     cmd = [sys.executable, "-m", "toco_cli", "analyze", str(model), "--pool", str(pool), "-o", str(out)]
@@ -93,8 +104,7 @@ def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path, interval: 
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT.parent)
         root = psutil.Process(proc.pid)
         while True:
-            # wait4 rather than poll(): it hands back this child's own rusage (its ru_maxrss),
-            # where RUSAGE_CHILDREN would report the largest of every row run so far
+            # wait4 rather than poll(): it hands back this child's own CPU times
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -107,8 +117,8 @@ def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path, interval: 
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}:\n{tail}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 2**10,
-            "peak_rss_sampled_mb": peak_rss / 2**20, "peak_pss_mb": peak_pss / 2**20, "max_processes": procs,
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_rss / 2**20,
+            "peak_pss_mb": peak_pss / 2**20, "max_processes": procs,
             "sample_interval_s": interval, "load_avg_1min": load, "command": " ".join(cmd)}
 
 
@@ -211,7 +221,7 @@ def timing_table(rows: list[dict]) -> Table:
     """Rich table of analysis cost per model."""
     t = Table(title="toco analyze: wall time and peak memory (whole command, 2 cores)",
               caption="CPU s = user + sys of the command; load = 1-min load average when it started; "
-                      "peak RSS = the command's own high-water mark (kernel ru_maxrss); peak PSS = proportional "
+                      "peak RSS = the command's own high-water mark (kernel VmHWM); peak PSS = proportional "
                       "set size summed over its process tree (procs: the most processes seen), polled every 50 ms; "
                       "the goal applies to the larger of the two; MiB")
     for col in ("model", "weights", "pool", "wall s", "CPU s", "load", "peak RSS MiB", "peak PSS MiB (procs)",
