@@ -56,9 +56,10 @@ def _gaussian_mean(out: torch.Tensor, task: TaskSpec) -> torch.Tensor:
 def _weighted_square_sum(j: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
     """sum_{b,c} p[b, c] * j[b, c, ...]^2 (p = 1 when None) as float64, shaped like one weight.
 
-    ``j`` is overwritten (squared in place). The squares and the sum over one chunk (at most 64 samples x 64 classes) stay in float32, a
-    relative error near 1e-6 against float64, and only the weight-shaped result is widened:
-    widening the [B, C, *shape] Jacobian first took half of LeNet-5's Fisher time.
+    ``j`` is overwritten (squared in place). The squares and the sum over one chunk (at most 64
+    samples x 64 classes) stay in float32, a relative error near 1e-6 against float64, and only
+    the weight-shaped result is widened: widening the [B, C, *shape] Jacobian first cost two
+    float64 copies of it and about half of LeNet-5's Fisher time.
     """
     flat = j.reshape(j.shape[0] * j.shape[1], -1)
     weights = torch.ones(flat.shape[0], dtype=j.dtype) if p is None else p.reshape(-1).to(j.dtype)
