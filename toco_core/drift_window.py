@@ -1,9 +1,11 @@
 """One drift window: accumulates live samples with memory bounded by the settings.
 
 Per sample it keeps confidence max_c p and entropy -sum_c p ln p (means over output
-positions), agreement with the base on shadowed samples, label correctness, running sums of
-the input features, and the inputs of at most ``max_disputed`` disagreeing plus
-``max_disputed`` least-confident samples. Judging a window is ``toco_core.drift``'s job.
+positions; for the task kinds without classes, 1 and the output summary instead: OutputStats),
+agreement with the base on shadowed samples, label correctness, running sums of the input
+features, and the inputs of at most ``max_disputed`` disagreeing plus ``max_disputed``
+least-confident samples (without classes also their served outputs, which the server compares
+with the base's). Judging a window is ``toco_core.drift``'s job.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class _Kept:
     model_class: int
     base_class: int | None = None
     disagreement: float | None = None
+    output: np.ndarray | None = None  # the served output, flattened: kinds without classes only
 
 
 class DriftWindow:
@@ -155,6 +158,8 @@ class DriftWindow:
             # the input as served (each input of a several-input model in its own dtype) for uploads
             sample = x[i] if isinstance(x, ModelInputs) else np.asarray(x[i])
             kept = _Kept(refs[i], sample, float(st.confidence[i]), int(st.top1[i]))
+            if self.task.kind is not TaskKind.CLASSIFIER:  # no class to report: the output itself is the answer
+                kept.output = np.asarray(outputs[i], dtype=np.float32).reshape(-1)
             if dis is not None and base_top1 is not None:
                 kept.base_class, kept.disagreement = int(base_top1[i]), float(dis[i])
                 if dis[i] > 0:
@@ -190,6 +195,8 @@ class DriftWindow:
             kept.x = ModelInputs({k: v.copy() for k, v in kept.x.arrays.items()})
         elif kept.x.base is not None:
             kept.x = kept.x.copy()
+        if kept.output is not None and kept.output.base is not None:
+            kept.output = kept.output.copy()
 
     # Read-only views used by evaluate_window.
     def confidences(self) -> np.ndarray:
