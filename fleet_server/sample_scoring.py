@@ -13,9 +13,10 @@ the box's, in the task kind of the bundle's analysis (toco_core.task_kind):
   field, or an output too wide to send) is not scored; when no sample can be, the operator
   decides.
 
-The disputed inputs are the box's least confident ones (for a classifier), so this agreement is
-a pessimistic one: when even it holds, the compressed model agrees with the base and the alert
-is data drift.
+The disputed inputs are the box's least sure ones (a classifier's least confident, a thresholded
+score's nearest its decision; a regression's or an embedding's are any of the window's), so this
+agreement is a pessimistic one: when even it holds, the compressed model agrees with the base
+and the alert is data drift.
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ class DriftReference(BaseModel):
     scored_output: str | None = None
     # the metric of the agreement check (toco_core.task_kind); None: a classifier (references
     # made before task kinds). A kind without classes keeps its output summary's statistics in
-    # the entropy_* fields (and confidence 1 +- 0, unused): one layout for every kind, so
-    # references stored on boxes and in bundles stay valid
+    # the entropy_* fields (and in confidence_* 1 +- 0, or a thresholded score's decision margin;
+    # no check reads them): one layout for every kind, so references on boxes and in bundles stay valid
     task: TaskSpec | None = None
     sample_shape: tuple[int, ...]
     expected_agreement: float = Field(ge=0, le=1, description="predicted fidelity (top-1 agreement)")

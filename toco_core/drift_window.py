@@ -30,9 +30,11 @@ class OutputStats:
     """Per-sample confidence, entropy, top-1 (first position) and log-probs ``[N, P, C]``.
 
     For the task kinds that are not classifiers (toco_core.task_kind) there are no classes:
-    ``confidence`` is 1, ``entropy`` holds a scalar summary of the output whose distribution the
-    entropy PSI check then watches (output_summary), ``top1`` is 0 and ``log_probs`` holds the
-    prepared output the agreement check compares.
+    ``confidence`` is 1 (for a score with a threshold, the margin to the decision: decision_margin),
+    ``entropy`` holds a scalar summary of the output whose distribution the output PSI check then
+    watches (output_summary), ``top1`` is 0 and ``log_probs`` holds the prepared output the
+    agreement check compares. Confidence only ranks the samples a window keeps as disputed then:
+    no check judges it.
     """
 
     confidence: np.ndarray
@@ -52,13 +54,23 @@ def output_summary(task: TaskSpec, prepared: np.ndarray) -> np.ndarray:
     return result
 
 
+def decision_margin(task: TaskSpec, prepared: np.ndarray) -> np.ndarray:
+    """Per sample of a thresholded score's prepared output ``[N, D]``: min_k |z_k - t / sigma|, the
+    distance to the decision in units of sigma. The samples nearest a flip are the least sure ones,
+    as the least confident are for a classifier: a window keeps those as disputed."""
+    assert task.threshold is not None, "only a score with a threshold has a decision"
+    result: np.ndarray = np.abs(prepared - task.threshold / task.scale).min(axis=1)
+    return result
+
+
 def output_stats(outputs: np.ndarray, kind: OutputKind = "logits", task: TaskSpec = CLASSIFIER) -> OutputStats:
     """Confidence max_c p, entropy -sum_c p ln p (means over positions), top-1 per sample (a
     classifier; the other task kinds as OutputStats says)."""
     if task.kind is not TaskKind.CLASSIFIER:
         z = prepare(task, outputs)
         n = len(z)
-        return OutputStats(np.ones(n), output_summary(task, z), np.zeros(n, np.int64), z)
+        conf = decision_margin(task, z) if task.threshold is not None else np.ones(n)
+        return OutputStats(conf, output_summary(task, z), np.zeros(n, np.int64), z)
     lp = as_log_probs(outputs, kind)
     p = np.exp(lp)
     entropy = -(p * lp).sum(-1).mean(axis=1)

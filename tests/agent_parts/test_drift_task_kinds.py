@@ -78,6 +78,20 @@ def test_shifted_sensor_readings_are_data_drift_by_the_output_distribution(regre
     assert not any(r.alert for r in after) and all("output_psi" not in r.out_of_band for r in after)
 
 
+def test_a_thresholded_score_window_disputes_the_samples_nearest_its_decision(regression):
+    model, _, _, hx = regression
+    x = sensor_split()[0]
+    out = run_model(model, x)
+    task = task_spec(TaskKind.SCORE, out, threshold=float(np.median(out)))
+    monitor = DriftMonitor(build_reference(x, out, 1.0, SETTINGS, task=task), SETTINGS, seed=0)
+    (report,) = _windows(monitor, model, hx, 1)
+    assert report.task_kind is TaskKind.SCORE and report.mean_confidence is None
+    margin = np.abs(run_model(model, hx[:200])[:, 0] - task.threshold) / task.scale
+    nearest = {f"w0.{i}" for i in np.argsort(margin)[:SETTINGS.max_disputed]}
+    assert {d.ref for d in report.disputed} == nearest
+    assert sorted(d.confidence for d in report.disputed) == pytest.approx(sorted(margin)[:SETTINGS.max_disputed])
+
+
 def test_an_embedding_window_sends_the_whole_vector(tmp_path):
     model = embedding_model(tmp_path / "embedding.onnx")
     x, _, hx, _ = digit_images()
