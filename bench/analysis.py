@@ -8,6 +8,13 @@
    also on two 224x224 models with a 400-image pool of their own digits (toco_core.demo.large:
    grey, 1.57M weights; toco_core.demo.mobile: RGB MobileNet-style, 1.81M), whose peak memory
    has a goal: below 1.6 GB (1,526 MiB). ``--models mobile,lenet5`` runs only those rows.
+   One row per task kind (toco_core.task_kind) on the small test models of
+   tests/analysis_eval (trained here in seconds): a regression MLP, an autoencoder's anomaly
+   score with a decision threshold, an embedding and a digits classifier whose graph ends in
+   ArgMax + a label lookup (``--models regression,score,embedding,labelled``). Each is analysed at
+   a 2% budget and then recompressed for the handheld profile (smallest size within the budget):
+   the table gives its compression ratio (base file / storage form) and its fidelity on held-out
+   samples the analysis never saw, in the kind's own metric.
    Peak memory is the larger of the command's peak RSS (the kernel's high-water mark, VmHWM)
    and the peak PSS summed over its process tree (polled every 50 ms; a summed RSS would count
    the pages a forked child shares with its parent twice).
@@ -36,17 +43,24 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from toco_core.analysis_result import load_result
-from toco_core.compression.pruning import magnitude_thresholds, prune
-from toco_core.demo.data import mnist_splits
-from toco_core.demo.train import demo_model
-from toco_core.fidelity import compare_outputs
-from toco_core.onnx_model import load_model, output_kind, read_weights, with_weights
-from toco_core.runtime import run_model
-
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))  # the checkout's packages (and its tests' models) when run as a script
+
+from toco_core.analysis_result import load_result  # noqa: E402
+from toco_core.compression.pruning import magnitude_thresholds, prune  # noqa: E402
+from toco_core.demo.data import mnist_splits  # noqa: E402
+from toco_core.demo.train import demo_model  # noqa: E402
+from toco_core.fidelity import compare_outputs  # noqa: E402
+from toco_core.onnx_model import load_model, output_kind, read_weights, with_weights  # noqa: E402
+from toco_core.runtime import run_model  # noqa: E402
+
 MODELS = {"lenet5": "LeNet-5", "mlp": "LeNet-300-100", "wide_cnn": "CNN ~5M",
-          "large": "224x224 grey CNN", "mobile": "224x224 RGB MobileNet-style"}
+          "large": "224x224 grey CNN", "mobile": "224x224 RGB MobileNet-style",
+          "regression": "regression MLP", "score": "autoencoder score", "embedding": "embedding MLP",
+          "labelled": "classifier + label tail"}
+TASK_MODELS = ("regression", "score", "embedding", "labelled")
+TASK_BUDGET = 0.02  # the task-kind tests' budget (tests/analysis/test_task_kinds.py)
+TASK_PROFILE = "handheld"  # its size objective takes the most compressed plan within the budget
 LARGE = ("large", "mobile")
 LARGE_POOL = 400
 TIME_TARGET_S = {"lenet5": 30.0, "wide_cnn": 600.0}
@@ -83,8 +97,9 @@ def _tree_memory(root: psutil.Process) -> tuple[int, int, int] | None:
         return None
 
 
-def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path, interval: float = 0.05) -> dict:
-    """Run ``toco analyze MODEL --pool POOL -o OUT`` as a child process.
+def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path, interval: float = 0.05,
+                       extra: tuple[str, ...] = ()) -> dict:
+    """Run ``toco analyze MODEL --pool POOL -o OUT [EXTRA...]`` as a child process.
 
     Returns wall seconds, CPU seconds (user + sys of the waited child: unlike wall time, not
     inflated by other load on the machine), the 1-minute load average at the start and memory
@@ -96,7 +111,7 @@ def analyze_subprocess(model: Path, pool: Path, out: Path, log: Path, interval: 
     its parent twice); ``max_processes`` the largest tree seen. Raises RuntimeError with the log's tail when the
     command fails.
     """
-    cmd = [sys.executable, "-m", "toco_cli", "analyze", str(model), "--pool", str(pool), "-o", str(out)]
+    cmd = [sys.executable, "-m", "toco_cli", "analyze", str(model), "--pool", str(pool), "-o", str(out), *extra]
     peak_rss = peak_pss = procs = 0
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -217,6 +232,95 @@ def model_path(arch: str) -> Path:
     return demo_model(arch, trained=True)
 
 
+def task_case(arch: str, folder: Path) -> tuple[Path, Path, np.ndarray, tuple[str, ...]]:
+    """A task-kind row's model, pool, held-out inputs and ``toco analyze`` arguments.
+
+    Takes the row (one of TASK_MODELS) and a folder for the files. The models are trained here
+    with torch (tests/analysis_eval: seconds each); the pool is the first 800 pool samples.
+    Returns (ONNX path, pool path, held-out inputs, extra arguments).
+    """
+    from tests.analysis_eval.tail_models import digits_split, labelled_classifier, train_mlp
+    from tests.analysis_eval.task_models import (
+        autoencoder_score_model,
+        digit_images,
+        embedding_model,
+        regression_model,
+        sensor_split,
+    )
+
+    path, pool = folder / f"{arch}.onnx", folder / f"{arch}_pool.npz"
+    extra: tuple[str, ...] = ("--budget", f"{TASK_BUDGET:.0%}")
+    if arch == "regression":
+        x, _, hx, _ = sensor_split()
+        regression_model(path)
+        extra += ("--task", "regression")
+    elif arch == "score":
+        x, _, hx, _ = digit_images()
+        model = autoencoder_score_model(path)
+        threshold = float(np.quantile(run_model(model, x), 0.9))  # flag the 10% worst reconstructed
+        extra += ("--task", "score", "--threshold", repr(threshold))
+    elif arch == "embedding":
+        x, _, hx, _ = digit_images()
+        x, hx = x.reshape(len(x), -1), hx.reshape(len(hx), -1)
+        embedding_model(path)
+        extra += ("--task", "embedding")  # normalised by ReduceL2 + Div, which detection does not take for one
+    else:
+        x, y, hx, _ = digits_split()
+        labelled_classifier(train_mlp(x, y), path)
+        np.savez(pool, x=x[:800], y=y[:800])
+        return path, pool, hx, extra
+    np.savez(pool, x=x[:800])
+    return path, pool, hx, extra
+
+
+def task_fidelity(model_path: Path, result_dir: Path, heldout: np.ndarray) -> dict:
+    """Recompress an analysed task-kind model for TASK_PROFILE at TASK_BUDGET; its size and held-out fidelity.
+
+    Returns the task kind, the plan's label, the compression ratio r = base file bytes / storage
+    form bytes, and the held-out agreement 1 - d, d the share of ``heldout`` samples that
+    disagree in the kind's metric (toco_core.task_kind.disagreement) between the base and the
+    built model, both run at the scored tensor.
+    """
+    from toco_core.device import load_profile
+    from toco_core.output_tail import fidelity_view
+    from toco_core.plan import Policy
+    from toco_core.recompress import recompress
+    from toco_core.task_kind import disagreement
+
+    model, result = load_model(model_path), load_result(result_dir)
+    prof = load_profile(ROOT.parent / "deploy" / "profiles" / f"{TASK_PROFILE}.json")
+    policy = Policy(budget=TASK_BUDGET, memory=prof.memory_budget, storage=prof.storage_budget,
+                    latency_s=prof.latency_budget_s)
+    built, report = recompress(model, result, prof, policy, measure_memory=False)
+    scored = result.manifest.scored_output
+    base_out = run_model(fidelity_view(model, scored), heldout)
+    out = run_model(fidelity_view(built.runnable, scored), heldout)
+    d = disagreement(result.task, base_out, out, result.manifest.output_kind)
+    return {"task": result.task.kind.value, "plan": report.plan.label, "budget": TASK_BUDGET,
+            "compression_ratio": report.base_file_bytes / report.storage_bytes,
+            "storage_bytes": report.storage_bytes, "base_file_bytes": report.base_file_bytes,
+            "self_test_disagreement": report.self_test.measured, "heldout_samples": len(heldout),
+            "heldout_agreement": 1.0 - d}
+
+
+def task_table(rows: list[dict]) -> Table:
+    """Rich table of the task-kind rows: analysis cost, compression at the budget, held-out fidelity."""
+    t = Table(title=f"task kinds: toco analyze at a {TASK_BUDGET:.0%} budget, then recompressed for the "
+                    f"{TASK_PROFILE} profile",
+              caption="ratio = base ONNX file / storage form; held-out agreement = 1 - share of held-out samples "
+                      "disagreeing in the kind's metric (classifier: top-1; regression and score: relative error "
+                      "> 0.1 sigma, or a flipped decision; embedding: cosine < 0.98)")
+    for col in ("model", "task", "weights", "wall s", "CPU s", "load", "peak RSS MiB", "plan", "ratio",
+                "held-out agreement (n)"):
+        t.add_column(col, justify="left" if col in ("model", "plan") else "right")
+    for r in rows:
+        f = r["task_fidelity"]
+        t.add_row(r["model"], f["task"], f"{r['weights']:,}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+                  f"{r['load_avg_1min']:.1f}", f"{r['peak_rss_mb']:,.0f}", f["plan"],
+                  f"{f['compression_ratio']:.1f}x", f"{f['heldout_agreement']:.2%} ({f['heldout_samples']})")
+    return t
+
+
 def timing_table(rows: list[dict]) -> Table:
     """Rich table of analysis cost per model."""
     t = Table(title="toco analyze: wall time and peak memory (whole command, 2 cores)",
@@ -282,11 +386,15 @@ def main() -> None:
         work = Path(tmp)
         pool = write_pool(work)
         for arch in archs:
-            path = model_path(arch)
             out = work / arch
             console.print(f"[bold]{MODELS[arch]}[/bold]: toco analyze ...")
-            run = analyze_subprocess(path, write_large_pool(arch, work) if arch in LARGE else pool, out,
-                                     work / f"{arch}.log")
+            if arch in TASK_MODELS:
+                path, task_pool, task_heldout, extra = task_case(arch, work)
+                run = analyze_subprocess(path, task_pool, out, work / f"{arch}.log", extra=extra)
+            else:
+                path = model_path(arch)
+                run = analyze_subprocess(path, write_large_pool(arch, work) if arch in LARGE else pool, out,
+                                         work / f"{arch}.log")
             manifest = load_result(out).manifest
             target, rss_target = TIME_TARGET_S.get(arch), RSS_TARGET_MIB.get(arch)
             run["peak_memory_mb"] = max(run["peak_rss_mb"], run["peak_pss_mb"])
@@ -297,12 +405,18 @@ def main() -> None:
                            "pool_size": manifest.pool_size, "qbc_rounds": len(manifest.rounds), "target_s": target,
                            "rss_target_mib": rss_target,
                            "passed": None if target is None and rss_target is None else passed})
+            if arch in TASK_MODELS:
+                console.print(f"[bold]{MODELS[arch]}[/bold]: recompress at the budget ...")
+                timing[-1]["task_fidelity"] = task_fidelity(path, out, task_heldout)
             if arch in PRUNED_MODELS:
                 console.print(f"[bold]{MODELS[arch]}[/bold]: pruning grid ...")
                 curves = agreement_curves(path, out, heldout)
                 pruning[MODELS[arch]] = {**curves, "verdicts": kept_verdicts(curves)}
-    console.print(timing_table(timing))
-    for table in pruning_tables(pruning):
+    if any(r["arch"] not in TASK_MODELS for r in timing):
+        console.print(timing_table([r for r in timing if r["arch"] not in TASK_MODELS]))
+    if any(r["arch"] in TASK_MODELS for r in timing):
+        console.print(task_table([r for r in timing if r["arch"] in TASK_MODELS]))
+    for table in pruning_tables(pruning) if pruning else ():
         console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": " ".join(["bench/analysis.py", *sys.argv[1:]]), "cpus": os.cpu_count(),

@@ -5,7 +5,8 @@ word for it but classifies again from the window's own checks, and adds the flee
 measured agreement below ``1 - budget - margin`` beyond its sampling noise is fidelity drift
 whether or not the box alerted. A box that shadows nothing cannot measure agreement: its alert
 is ``unclassified`` until the server has scored its uploaded samples against the base
-(fleet_server.sample_scoring).
+(fleet_server.sample_scoring). A model without classes (regression, score, embedding) has no
+confidence or entropy: a report of one whose alert rests on those checks alone triggers nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from toco_core.drift_kind import DATA, FIDELITY, classify
+from toco_core.drift_kind import CLASS_CHECKS, DATA, FIDELITY, classify
 from toco_core.messages import DriftMessage
+from toco_core.task_kind import TaskKind
 
 MIN_SHADOWED = 20
 UNCLASSIFIED = "unclassified"
@@ -44,13 +46,21 @@ def below_floor(agreement: float | None, n: int, floor: float) -> bool:
     return agreement is not None and n >= MIN_SHADOWED and agreement_upper_bound(agreement, n) < floor
 
 
+def classless_alert(msg: DriftMessage) -> bool:
+    """Whether a report of a kind without classes is out of band only on checks its kind does not
+    have (confidence, entropy): a constant confidence is no evidence of anything."""
+    return (msg.task_kind not in (None, TaskKind.CLASSIFIER) and bool(msg.out_of_band)
+            and all(name in CLASS_CHECKS for name in msg.out_of_band))
+
+
 def verdict(msg: DriftMessage, budget: float, margin: float) -> Verdict | None:
     """The server's verdict on one drift report, or None when it triggers nothing.
 
     Takes the report, the fleet budget and the agreement margin. Fidelity: agreement below the
     fleet floor beyond noise, or an alert whose agreement check is out of band. Data: an alert
-    whose input/confidence/entropy checks are out while agreement was judged and held.
-    Unclassified: an alert without any agreement measured.
+    whose input/confidence/entropy/output checks are out while agreement was judged and held.
+    Unclassified: an alert without any agreement measured. None also for an alert of a kind without
+    classes that rests on classifier-only checks (classless_alert).
     """
     floor = 1.0 - budget - margin
     a = msg.measured_agreement
@@ -60,7 +70,7 @@ def verdict(msg: DriftMessage, budget: float, margin: float) -> Verdict | None:
         low = (f"agreement {a:.1%} on {msg.n_shadowed} inputs, clearly below the fleet floor {floor:.1%} "
                f"(budget {budget:.1%})")
         return Verdict(FIDELITY, f"{held}; {low}" if msg.alert else low)
-    if not msg.alert:
+    if not msg.alert or classless_alert(msg):
         return None
     kind = classify(msg)  # from the checks, not from msg.kind
     if kind == FIDELITY:

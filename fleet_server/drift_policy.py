@@ -75,13 +75,20 @@ from toco_core.messages import DriftMessage, RebaseDriftCommand, UploadSamplesCo
 
 log = logging.getLogger("toco.fleet.drift")
 MAX_FIELD_SAMPLES = 2000
-__all__ = ["DriftPolicy", "agreement_upper_bound", "trigger_reason"]
+__all__ = ["DriftPolicy", "agreement_upper_bound", "disputed_evidence", "trigger_reason"]
 
 
 def trigger_reason(msg: DriftMessage, budget: float, margin: float) -> str | None:
     """Why this report triggers anything (an alert, or agreement below the floor), or None."""
     v = verdict(msg, budget, margin)
     return None if v is None else v.why
+
+
+def disputed_evidence(msg: DriftMessage) -> list[dict[str, Any]]:
+    """What an alert keeps of a report's disputed samples for the scorer (fleet_server.sample_scoring):
+    ref, class and confidence, and the served output where the box sent one (a model without classes)."""
+    return [{"ref": d.ref, "model_class": d.model_class, "confidence": d.confidence,
+             **({} if d.output is None else {"output": d.output})} for d in msg.disputed]
 
 
 class DriftPolicy:
@@ -126,8 +133,7 @@ class DriftPolicy:
             return  # a device triggers at most one re-analysis per bundle it runs
         alert = new_alert(s, device, model_id=bundle.model_id, bundle_id=msg.bundle_id, kind=v.kind, why=v.why,
                           point=drift_point(msg))
-        alert.evidence = {**(alert.evidence or {}), "disputed": [{"ref": d.ref, "model_class": d.model_class,
-                                                          "confidence": d.confidence} for d in msg.disputed]}
+        alert.evidence = {**(alert.evidence or {}), "disputed": disputed_evidence(msg)}
         refs = [d.ref for d in msg.disputed] or None
         if v.kind == DATA:
             decide(alert, "open", "data drift: the base model sees new data; no automatic re-analysis (accept it as "

@@ -62,24 +62,29 @@ DEFAULT_GROUP = "default"  # the group of a device before it is enrolled (it is 
 BATCH_ATTEMPTS = 4  # a batch aborted by a lock conflict is written again this many times in all
 RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
 BAND_NAMES = {"agreement": "agreement", "confidence": "confidence", "entropy_psi": "entropy",
-              "input_shift": "input_shift"}
+              "output_psi": "output_psi", "input_shift": "input_shift"}
 
 
 def drift_point(msg: DriftMessage) -> dict[str, Any]:
     """The API's DriftPoint of a report: values, alert, and each check's band [low, high].
 
     ``entropy`` is the entropy PSI check's value when the agent judged it (its band is on PSI),
-    else the window's mean entropy.
+    else the window's mean entropy. A model without classes (``task_kind`` regression, score,
+    embedding) has no confidence or entropy (None): ``output_mean`` / ``output_std`` describe its
+    output summary and ``output_psi`` is its distribution check's value.
     """
     checks = {c.name: c for c in msg.checks}
     bands = {BAND_NAMES[n]: [c.low, c.high] for n, c in checks.items() if n in BAND_NAMES}
     psi = checks.get("entropy_psi")
     shift = checks.get("input_shift")
+    out_psi = checks.get("output_psi")
     return {"t": msg.closed_at, "device_id": msg.device_id, "window": msg.window_index, "bundle_id": msg.bundle_id,
             "agreement": msg.measured_agreement, "predicted_agreement": msg.predicted_agreement,
             "confidence": msg.mean_confidence,
             "entropy": psi.value if psi is not None and psi.value is not None else msg.mean_entropy,
-            "mean_entropy": msg.mean_entropy,
+            "mean_entropy": msg.mean_entropy, "task_kind": None if msg.task_kind is None else msg.task_kind.value,
+            "output_mean": msg.output_mean, "output_std": msg.output_std,
+            "output_psi": None if out_psi is None else out_psi.value,
             "input_shift": shift.value if shift is not None and shift.value is not None else 0.0,
             "accuracy": msg.accuracy, "alert": msg.alert, "out_of_band": list(msg.out_of_band),
             "consecutive_out_of_band": msg.consecutive_out_of_band, "n_samples": msg.n_samples,

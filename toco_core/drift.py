@@ -15,11 +15,13 @@ statistic's own noise term is stated where it is computed). The window itself li
 Statistics (per sample, over output positions when there are several):
 
 - agreement with the base model on the shadowed fraction: 1 - share of top-1 changes (for the
-  other task kinds, 1 - share of samples disagreeing in the kind's metric, toco_core.task_kind;
-  they have no classes, so confidence is 1 and the entropy PSI watches an output summary,
-  toco_core.drift_window.output_summary);
-- confidence: max_c p(c|x);  entropy: H = -sum_c p log p (nats), compared as a
+  other task kinds, 1 - share of samples disagreeing in the kind's metric, toco_core.task_kind);
+- a classifier's confidence: max_c p(c|x);  entropy: H = -sum_c p log p (nats), compared as a
   distribution by PSI over reference quantile bins: PSI = sum_b (q_b - r_b) ln(q_b / r_b);
+- the kinds without classes (regression, score, embedding) have neither: their window reports
+  the mean and spread of an output summary s (toco_core.drift_window.output_summary: the mean
+  of y / sigma, or of the unit embedding), and ``output_psi`` compares its distribution by the
+  same PSI; there is no confidence check and ``mean_confidence`` / ``mean_entropy`` are None;
 - input shift: RMS over input features of the standardized mean shift
   ((mean_window_j - mean_ref_j) / max(std_ref_j, floor)), features = pixels averaged in at
   most ``input_features`` groups;
@@ -41,15 +43,20 @@ from toco_core.drift_window import DriftWindow, input_features, output_stats
 from toco_core.errors import PoolError
 from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch, flat_values
-from toco_core.task_kind import TaskSpec
+from toco_core.task_kind import CLASSIFIER, TaskKind, TaskSpec
 
-__all__ = ["MAX_DISPUTED", "DisputedSample", "DriftReference", "DriftReport", "DriftSettings", "DriftWindow",
-           "StatCheck",
-           "build_reference", "evaluate_window"]
+__all__ = ["MAX_DISPUTED", "MAX_OUTPUT_VALUES", "MAX_REPORT_OUTPUT_VALUES", "DisputedSample", "DriftReference",
+           "DriftReport", "DriftSettings", "DriftWindow", "StatCheck", "build_reference", "evaluate_window",
+           "has_classes"]
 
 # A window's report travels as one MQTT message (toco_core.messages.DriftMessage, which takes
 # its fields and bounds from DriftReport): the disputed list is capped to keep it small.
 MAX_DISPUTED = 1000
+# A disputed sample of a kind without classes carries the served model's output (the server
+# scores it against the base's): at most this many values per sample, and per report in all,
+# which keeps the report well under the wire's 4 MiB JSON limit (~20 bytes per value).
+MAX_OUTPUT_VALUES = 1024
+MAX_REPORT_OUTPUT_VALUES = 65_536
 
 
 class DriftSettings(BaseModel):
@@ -95,7 +102,9 @@ class DriftReference(BaseModel):
     # the output the statistics describe (the analysis' scored tensor); None: the first output
     scored_output: str | None = None
     # the metric of the agreement check (toco_core.task_kind); None: a classifier (references
-    # made before task kinds)
+    # made before task kinds). A kind without classes keeps its output summary's statistics in
+    # the entropy_* fields (and in confidence_* 1 +- 0, or a thresholded score's decision margin;
+    # no check reads them): one layout for every kind, so references on boxes and in bundles stay valid
     task: TaskSpec | None = None
     sample_shape: tuple[int, ...]
     expected_agreement: float = Field(ge=0, le=1, description="predicted fidelity (top-1 agreement)")
@@ -146,7 +155,7 @@ def build_reference(inputs: Batch, outputs: np.ndarray, expected_agreement: floa
 class StatCheck(BaseModel):
     """One statistic of a window against its band; ``in_band`` None = too few samples to judge."""
 
-    name: Literal["agreement", "confidence", "entropy_psi", "input_shift", "accuracy"]
+    name: Literal["agreement", "confidence", "entropy_psi", "output_psi", "input_shift", "accuracy"]
     value: float | None
     reference: float | None
     low: float | None
@@ -163,6 +172,11 @@ class DisputedSample(BaseModel):
     confidence: float
     model_class: int
     base_class: int | None = None
+    # the served model's scored output for this sample, flattened, for the kinds without classes
+    # (whose model_class means nothing): the server compares it with the base's output in the
+    # kind's metric (fleet_server.sample_scoring). None for a classifier, for an output wider than
+    # MAX_OUTPUT_VALUES or past the report's MAX_REPORT_OUTPUT_VALUES, and from older agents
+    output: list[float] | None = Field(None, max_length=MAX_OUTPUT_VALUES)
 
 
 class DriftReport(BaseModel):
@@ -182,8 +196,16 @@ class DriftReport(BaseModel):
     predicted_agreement: float | None = Field(None, ge=0, le=1, description="the served model's self-test agreement")
     measured_agreement: float | None = Field(None, ge=0, le=1, description="on the shadowed inputs")
     accuracy: float | None = Field(None, ge=0, le=1, description="on the labelled inputs")
-    mean_confidence: float
-    mean_entropy: float
+    # the task kind of the served model (toco_core.task_kind); None: a classifier, or an agent older than the field
+    task_kind: TaskKind | None = None
+    mean_confidence: float | None = Field(None, description="a classifier's mean top-1 probability; None for "
+                                                            "the kinds without classes")
+    mean_entropy: float | None = Field(None, description="a classifier's mean entropy (nats); None for the kinds "
+                                                         "without classes")
+    output_mean: float | None = Field(None, description="kinds without classes: mean of the output summary "
+                                                        "(toco_core.drift_window.output_summary); None for a "
+                                                        "classifier")
+    output_std: float | None = Field(None, ge=0, description="its spread (standard deviation over the window)")
     input_mean: float
     input_std: float
     checks: list[StatCheck] = Field(default_factory=list)
@@ -233,21 +255,29 @@ def input_shift(window_mean: np.ndarray, reference: DriftReference, std_floor: f
     return float(np.sqrt((((window_mean - mu) / sigma) ** 2).mean()))
 
 
+def has_classes(task: TaskSpec | None) -> bool:
+    """Whether a task kind has classes, so confidence and entropy mean something (None: a classifier)."""
+    return (task or CLASSIFIER).kind is TaskKind.CLASSIFIER
+
+
 def _checks(window: DriftWindow, ref: DriftReference, s: DriftSettings) -> list[StatCheck]:
     k, n = s.band_sigmas, window.count
     checks = [_lower_check("agreement", window.agreements(), ref.expected_agreement, s.agreement_margin, k,
                            s.min_shadow_samples)]
-    conf = float(window.confidences().mean())
-    half = s.confidence_margin + k * ref.confidence_std * _noise(ref, n)
-    checks.append(StatCheck(name="confidence", value=conf, reference=ref.confidence_mean,
-                            low=ref.confidence_mean - half, high=ref.confidence_mean + half, n=n,
-                            in_band=abs(conf - ref.confidence_mean) <= half))
-    # n * PSI is about chi-square with B - 1 degrees of freedom when nothing changed.
+    classes = has_classes(ref.task)
+    if classes:  # without classes the confidence is 1 on every sample: a check that can never fail
+        conf = float(window.confidences().mean())
+        half = s.confidence_margin + k * ref.confidence_std * _noise(ref, n)
+        checks.append(StatCheck(name="confidence", value=conf, reference=ref.confidence_mean,
+                                low=ref.confidence_mean - half, high=ref.confidence_mean + half, n=n,
+                                in_band=abs(conf - ref.confidence_mean) <= half))
+    # n * PSI is about chi-square with B - 1 degrees of freedom when nothing changed. Without
+    # classes the window keeps the output summary where a classifier keeps the entropy.
     dof, v = len(ref.entropy_edges), _noise(ref, n) ** 2
     psi = entropy_psi(window.entropies(), ref.entropy_edges)
     high = s.entropy_psi_margin + dof * v + k * np.sqrt(2 * dof) * v
-    checks.append(StatCheck(name="entropy_psi", value=psi, reference=0.0, low=0.0, high=float(high), n=n,
-                            in_band=psi <= high))
+    checks.append(StatCheck(name="entropy_psi" if classes else "output_psi", value=psi, reference=0.0, low=0.0,
+                            high=float(high), n=n, in_band=psi <= high))
     # Under no shift each standardized feature mean z_j has variance <= v = 1/n + 1/n_ref, so
     # shift^2 = mean_j z_j^2 <= v (1 + k sqrt(2)) even if all features move together.
     window_mean = window.feature_mean()
@@ -265,12 +295,18 @@ def _checks(window: DriftWindow, ref: DriftReference, s: DriftSettings) -> list[
 def _pick_disputed(window: DriftWindow, limit: int) -> list[DisputedSample]:
     disagree, low = window.dispute_candidates()
     out: dict[str, DisputedSample] = {}
+    values = 0  # output values attached so far (MAX_REPORT_OUTPUT_VALUES)
     for reason, kept in [*(("disagreement", k) for k in disagree), *(("low_confidence", k) for k in low)]:
         if len(out) >= limit:
             break
-        if kept.ref not in out:
-            out[kept.ref] = DisputedSample(ref=kept.ref, reason=reason, confidence=kept.confidence,
-                                           model_class=kept.model_class, base_class=kept.base_class)
+        if kept.ref in out:
+            continue
+        output = None
+        if kept.output is not None and kept.output.size <= MAX_OUTPUT_VALUES \
+                and values + kept.output.size <= MAX_REPORT_OUTPUT_VALUES:
+            output, values = [float(v) for v in kept.output], values + kept.output.size
+        out[kept.ref] = DisputedSample(ref=kept.ref, reason=reason, confidence=kept.confidence,
+                                       model_class=kept.model_class, base_class=kept.base_class, output=output)
     return list(out.values())
 
 
@@ -289,13 +325,20 @@ def evaluate_window(window: DriftWindow, reference: DriftReference, settings: Dr
     checks = _checks(window, reference, settings)
     agree, correct = window.agreements(), window.correct()
     in_mean, in_std = window.input_moments()
+    classes = has_classes(reference.task)
+    summary = window.entropies()  # a classifier's entropies, else the output summaries (see _checks)
+    task_kind = None if reference.task is None else reference.task.kind
     return DriftReport(
         opened_at=window.opened_at, closed_at=closed_at if closed_at is not None else window.opened_at,
         n_samples=window.count, n_shadowed=len(agree), n_labeled=len(correct),
         predicted_agreement=reference.expected_agreement,
         measured_agreement=float(agree.mean()) if len(agree) else None,
         accuracy=float(correct.mean()) if len(correct) else None,
-        mean_confidence=float(window.confidences().mean()), mean_entropy=float(window.entropies().mean()),
+        task_kind=task_kind,
+        mean_confidence=float(window.confidences().mean()) if classes else None,
+        mean_entropy=float(summary.mean()) if classes else None,
+        output_mean=None if classes else float(summary.mean()),
+        output_std=None if classes else float(summary.std()),
         input_mean=in_mean, input_std=in_std, checks=checks,
         out_of_band=[c.name for c in checks if c.in_band is False],
         disputed=_pick_disputed(window, settings.max_disputed),

@@ -1,9 +1,11 @@
 """One drift window: accumulates live samples with memory bounded by the settings.
 
 Per sample it keeps confidence max_c p and entropy -sum_c p ln p (means over output
-positions), agreement with the base on shadowed samples, label correctness, running sums of
-the input features, and the inputs of at most ``max_disputed`` disagreeing plus
-``max_disputed`` least-confident samples. Judging a window is ``toco_core.drift``'s job.
+positions; for the task kinds without classes, 1 and the output summary instead: OutputStats),
+agreement with the base on shadowed samples, label correctness, running sums of the input
+features, and the inputs of at most ``max_disputed`` disagreeing plus ``max_disputed``
+least-confident samples (without classes also their served outputs, which the server compares
+with the base's). Judging a window is ``toco_core.drift``'s job.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ class OutputStats:
     """Per-sample confidence, entropy, top-1 (first position) and log-probs ``[N, P, C]``.
 
     For the task kinds that are not classifiers (toco_core.task_kind) there are no classes:
-    ``confidence`` is 1, ``entropy`` holds a scalar summary of the output whose distribution the
-    entropy PSI check then watches (output_summary), ``top1`` is 0 and ``log_probs`` holds the
-    prepared output the agreement check compares.
+    ``confidence`` is 1 (for a score with a threshold, the margin to the decision: decision_margin),
+    ``entropy`` holds a scalar summary of the output whose distribution the output PSI check then
+    watches (output_summary), ``top1`` is 0 and ``log_probs`` holds the prepared output the
+    agreement check compares. Confidence only ranks the samples a window keeps as disputed then:
+    no check judges it.
     """
 
     confidence: np.ndarray
@@ -50,13 +54,23 @@ def output_summary(task: TaskSpec, prepared: np.ndarray) -> np.ndarray:
     return result
 
 
+def decision_margin(task: TaskSpec, prepared: np.ndarray) -> np.ndarray:
+    """Per sample of a thresholded score's prepared output ``[N, D]``: min_k |z_k - t / sigma|, the
+    distance to the decision in units of sigma. The samples nearest a flip are the least sure ones,
+    as the least confident are for a classifier: a window keeps those as disputed."""
+    assert task.threshold is not None, "only a score with a threshold has a decision"
+    result: np.ndarray = np.abs(prepared - task.threshold / task.scale).min(axis=1)
+    return result
+
+
 def output_stats(outputs: np.ndarray, kind: OutputKind = "logits", task: TaskSpec = CLASSIFIER) -> OutputStats:
     """Confidence max_c p, entropy -sum_c p ln p (means over positions), top-1 per sample (a
     classifier; the other task kinds as OutputStats says)."""
     if task.kind is not TaskKind.CLASSIFIER:
         z = prepare(task, outputs)
         n = len(z)
-        return OutputStats(np.ones(n), output_summary(task, z), np.zeros(n, np.int64), z)
+        conf = decision_margin(task, z) if task.threshold is not None else np.ones(n)
+        return OutputStats(conf, output_summary(task, z), np.zeros(n, np.int64), z)
     lp = as_log_probs(outputs, kind)
     p = np.exp(lp)
     entropy = -(p * lp).sum(-1).mean(axis=1)
@@ -84,6 +98,7 @@ class _Kept:
     model_class: int
     base_class: int | None = None
     disagreement: float | None = None
+    output: np.ndarray | None = None  # the served output, flattened: kinds without classes only
 
 
 class DriftWindow:
@@ -155,6 +170,8 @@ class DriftWindow:
             # the input as served (each input of a several-input model in its own dtype) for uploads
             sample = x[i] if isinstance(x, ModelInputs) else np.asarray(x[i])
             kept = _Kept(refs[i], sample, float(st.confidence[i]), int(st.top1[i]))
+            if self.task.kind is not TaskKind.CLASSIFIER:  # no class to report: the output itself is the answer
+                kept.output = np.asarray(outputs[i], dtype=np.float32).reshape(-1)
             if dis is not None and base_top1 is not None:
                 kept.base_class, kept.disagreement = int(base_top1[i]), float(dis[i])
                 if dis[i] > 0:
@@ -190,6 +207,8 @@ class DriftWindow:
             kept.x = ModelInputs({k: v.copy() for k, v in kept.x.arrays.items()})
         elif kept.x.base is not None:
             kept.x = kept.x.copy()
+        if kept.output is not None and kept.output.base is not None:
+            kept.output = kept.output.copy()
 
     # Read-only views used by evaluate_window.
     def confidences(self) -> np.ndarray:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 from fleet_server.enrollment import enroll
-from tests.dashboard.conftest import HARDWARE, PLANS, SimDevice, screenshot
+from tests.dashboard.conftest import BUNDLE, HARDWARE, PLANS, SimDevice, screenshot
 from tests.support.waiting import wait_until
+from toco_core.messages import DriftCheck, DriftMessage, MessageKind
+from toco_core.task_kind import TaskKind
 
 
 def open_view(page, url: str) -> None:
@@ -85,6 +87,34 @@ def test_device_page_draws_drift_and_appends_a_new_window_live(fleet, devices, p
     assert "#12" in page.locator("#last").inner_text()
     assert "70.0%" in page.locator("#last").inner_text()
     screenshot(page, tmp_path, "device-after-new-window")
+
+
+def test_a_regression_devices_page_draws_its_output_summary_not_a_confidence(fleet, page, tmp_path):
+    """A model without classes reports no confidence (toco_core.drift): its device page charts the
+    output summary's mean and spread instead of an empty confidence chart."""
+    enroll(fleet.server.db, "sensor-1", "default")
+    sensor = SimDevice(fleet.port, "sensor-1", HARDWARE["line-pc"], PLANS["line-pc"])
+    try:
+        now = time.time()
+        for w in range(5):
+            checks = [DriftCheck(name="agreement", value=1.0, reference=1.0, low=0.95, high=1.0, n=64, in_band=True),
+                      DriftCheck(name="output_psi", value=0.02, reference=0.0, low=0.0, high=0.3, n=200, in_band=True),
+                      DriftCheck(name="input_shift", value=0.05, reference=0.0, low=0.0, high=0.3, n=200,
+                                 in_band=True)]
+            sensor.send(MessageKind.DRIFT, DriftMessage(
+                device_id="sensor-1", bundle_id=BUNDLE, window_index=w, opened_at=now - (6 - w) * 60,
+                closed_at=now - (5 - w) * 60, n_samples=200, n_shadowed=64, predicted_agreement=0.99,
+                measured_agreement=1.0, task_kind=TaskKind.REGRESSION, output_mean=3.1 + 0.01 * w, output_std=1.0,
+                input_mean=0.5, input_std=0.29, checks=checks))
+        assert wait_until(lambda: len(fleet.api.get("/api/drift", params={"device_id": "sensor-1"}).json()) >= 5, 15)
+        open_view(page, fleet.url + "/devices/sensor-1")
+        assert page.locator("[data-chart='drift-output'] circle").count() >= 5
+        assert page.locator("[data-chart='drift-confidence']").count() == 0
+        last = page.locator("#last").inner_text()
+        assert "Output summary" in last and "3.140" in last and "Confidence" not in last
+        screenshot(page, tmp_path, "device-regression")
+    finally:
+        sensor.close()
 
 
 def test_unknown_device_page_says_so(fleet, page):

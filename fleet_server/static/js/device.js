@@ -22,8 +22,10 @@ function band(points, key) {
 }
 
 function driftCharts(points, width) {
-  const pick = (key) => points.filter((p) => isNum(p[key]))
-    .map((p) => ({ x: p.t, y: p[key], alert: (p.out_of_band || []).includes(key), label: `window ${p.window}` }));
+  const pick = (key, check = key) => points.filter((p) => isNum(p[key]))
+    .map((p) => ({ x: p.t, y: p[key], alert: (p.out_of_band || []).includes(check), label: `window ${p.window}` }));
+  // a model without classes (regression, score, embedding) reports its output summary, not a confidence
+  const classless = points.some((p) => isNum(p.output_mean));
   const alerts = points.filter((p) => p.alert).map((p) => p.t);
   const outOf = (key) => points.filter((p) => (p.out_of_band || []).includes(key)).length;
   const note = (key) => (outOf(key) ? ` · ${outOf(key)} window(s) out of band` : "");
@@ -33,9 +35,14 @@ function driftCharts(points, width) {
         { name: "predicted", color: "#8c959f", line: true, points: points.filter((p) => isNum(p.predicted_agreement)).map((p) => ({ x: p.t, y: p.predicted_agreement })) }],
       band: band(points, "agreement"), yFormat: (v) => fmtPct(v, 1),
       empty: "No drift window with shadowed inputs yet." }),
-    lineChart({ id: "drift-confidence", title: `Mean confidence${note("confidence")}`, xTime: true, width, alerts,
-      series: [{ name: "mean top-1 confidence", color: "#2da44e", points: pick("confidence") }],
-      band: band(points, "confidence"), yFormat: (v) => fmtPct(v, 0), empty: "No drift window yet." }),
+    classless
+      ? lineChart({ id: "drift-output", title: `Output summary${note("output_psi")}`, xTime: true, width, alerts,
+        series: [{ name: "mean output summary", color: "#2da44e", points: pick("output_mean", "output_psi") },
+          { name: "spread", color: "#8c959f", line: true, points: pick("output_std", "output_psi") }],
+        yFormat: (v) => fmtNum(v, 2), empty: "No drift window yet." })
+      : lineChart({ id: "drift-confidence", title: `Mean confidence${note("confidence")}`, xTime: true, width, alerts,
+        series: [{ name: "mean top-1 confidence", color: "#2da44e", points: pick("confidence") }],
+        band: band(points, "confidence"), yFormat: (v) => fmtPct(v, 0), empty: "No drift window yet." }),
     lineChart({ id: "drift-shift", title: `Input shift${note("input_shift")}`, xTime: true, width, alerts,
       series: [{ name: "input shift (vs the calibration inputs)", color: "#d9730d", points: pick("input_shift") }],
       band: band(points, "input_shift"), yFormat: (v) => fmtNum(v, 2), empty: "No drift window yet." }),
@@ -102,7 +109,8 @@ function lastDriftFacts(p) {
     ["State", p.alert ? badge("alert", "ALERT: drift holds") : (p.out_of_band || []).length ? badge("deploying", "out of band") : badge("online", "in band")],
     ["Out of band", (p.out_of_band || []).join(", ") || "none"],
     ["Agreement", `${fmtPct(p.agreement)} measured · ${fmtPct(p.predicted_agreement)} predicted`],
-    ["Confidence", fmtPct(p.confidence)],
+    isNum(p.output_mean) ? ["Output summary", `mean ${fmtNum(p.output_mean, 3)} · spread ${fmtNum(p.output_std, 3)}`]
+      : ["Confidence", fmtPct(p.confidence)],
     ["Input shift", fmtNum(p.input_shift, 3)],
     isNum(p.accuracy) ? ["Accuracy (labelled)", fmtPct(p.accuracy)] : null,
     isNum(p.n_samples) ? ["Inputs", `${p.n_samples} (${p.n_shadowed ?? 0} also run on the base)`] : null,
