@@ -12,8 +12,8 @@ deploys), SQL statements it executed (an executemany counts once), commands publ
 ``--statuses`` the seconds to ingest one ``active`` status from every device (batches of 32, the
 broker's in-flight window to a server, each batch one transaction as the ingest writes it).
 
-``--against REV`` runs the same measurement on the code of git revision REV first (its fleet_server,
-toco_core and tests/ extracted to a temp dir), so a before/after comes from one run.
+``--against REV`` runs the same measurement on the code of git revision REV first (its fleet_server and
+toco_core extracted to a temp dir, with this tree's tests/ for the seeding), so a before/after comes from one run.
 
 Run: ``.venv/bin/python bench/deploy_create.py`` (``--devices 500,2000``, ``--no-postgres``,
 ``--against main``, ``--statuses``).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,36 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TREES = ["fleet_server", "toco_core", "tests"]
-
-
-def _seed(server, n: int) -> str:
-    """A model, its finished analysis with a signed bundle on disk, and ``n`` enrolled online devices in
-    group "deploy"; returns the analysis id."""
-    from sqlalchemy import insert
-
-    from fleet_server.db import AnalysisRow, BundleRow, DeviceRow, ModelRow
-    from tests.support.fleet_seed import seeded_device
-    from toco_core.bundle import make_manifest, pack_bundle
-
-    now = time.time()
-    data = pack_bundle({"model.onnx": b"\0" * 70_000})
-    manifest = make_manifest(data, 64 * 1024, server.key)
-    path = server.settings.data_dir / "bench.bundle"
-    path.write_bytes(data)
-    devices = [{**seeded_device(i, now), "group": "deploy", "online": True, "enrollment": "enrolled",
-                "enrolled_at": now, "deploy_state": None} for i in range(n)]
-    with server.db.session(write=True) as s:
-        s.add(ModelRow(id="m-bench", name="lenet5", version=1, sha256="0" * 64, weights=1, size_bytes=1, pool_size=1,
-                       path="-", pool_path="-", created_at=now, lineage_id="m-bench"))
-        s.flush()
-        s.add(AnalysisRow(id="a-bench", model_id="m-bench", status="done", settings={"budget": 0.05}, created_at=now,
-                          bundle_id=manifest.bundle_id))
-        s.flush()
-        s.add(BundleRow(id=manifest.bundle_id, analysis_id="a-bench", model_id="m-bench", path=str(path),
-                        size=len(data), manifest=manifest.model_dump(mode="json"), created_at=now))
-        s.execute(insert(DeviceRow), devices)
-    return "a-bench"
+TREES = ["fleet_server", "toco_core"]  # REV's code; the seeding helpers (tests/) are this tree's
 
 
 def _statuses(server, deployment_id: str, bundle_id: str, device_ids: list[str]) -> float:
@@ -104,7 +76,9 @@ def measure(backend: str, db_url: str | None, n: int, broker_url: str, statuses:
             settings = settings.model_copy(update={"db_url": db_url})
         server = FleetServer(settings).start()
         try:
-            analysis_id = _seed(server, n)
+            from tests.support.fleet_seed import seed_deployable
+
+            analysis_id = seed_deployable(server.db, server.settings.data_dir, n, key=server.key)
             sent = [0]
             send = server.deployments.send_command
 
@@ -188,6 +162,7 @@ def main() -> None:
                                  capture_output=True, text=True).stdout.strip()
             archive = subprocess.run(["git", "archive", rev, *TREES], cwd=REPO, check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            shutil.copytree(REPO / "tests", Path(tmp) / "tests", ignore=shutil.ignore_patterns("__pycache__"))
             rows += run_child(Path(tmp), rev, args)
         rows += run_child(REPO, "this tree", args)
     print(f"\nDeployments.create to a group of enrolled online devices (one wave), on {Path(sys.executable).name}")
