@@ -22,9 +22,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select, update
 
 from fleet_server.db import (
     AnalysisRow,
@@ -106,6 +107,17 @@ def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict]
     except (TocoError, OSError) as exc:
         log.warning("no feasibility check for this deployment", extra={"fields": {"error": str(exc)}})
         return []
+
+
+@dataclass(frozen=True)
+class _PublishView:
+    """An ``after`` action: publish a deployment's view as committed (one per deployment and transaction)."""
+
+    deployments: Deployments
+    deployment_id: str
+
+    def __call__(self) -> None:
+        self.deployments.events.publish("deployment", self.deployments.get(deployment_id=self.deployment_id))
 
 
 class Deployments:
@@ -285,23 +297,28 @@ class Deployments:
         """Stop, open the next wave, or finish. Returns True when the stage changed."""
         if dep.stage not in OPEN_STAGES:
             return False
-        members = self._members(s, dep.id)
-        n = len(members)
-        sent = [m for m in members if m.outcome != "pending"]
-        failed = sum(m.outcome == "failed" for m in members)
-        wave_done = all(m.outcome in TERMINAL for m in sent)
-        if failed / n > dep.failure_threshold or (wave_done and sent and failed / len(sent) > dep.failure_threshold):
+        # the members' outcomes counted by the database (it runs on every status message: loading a large
+        # deployment's every member each time made its statuses quadratic, bench/deploy_create.py --statuses)
+        counts = dict.fromkeys(("pending", "in_progress", "succeeded", "failed"), 0)
+        for outcome, k in s.execute(select(DeploymentDeviceRow.outcome, func.count())
+                                    .where(DeploymentDeviceRow.deployment_id == dep.id)
+                                    .group_by(DeploymentDeviceRow.outcome)):
+            counts[outcome] = k
+        n = sum(counts.values())
+        sent, failed = n - counts["pending"], counts["failed"]
+        wave_done = counts["in_progress"] == 0  # every member sent so far is succeeded or failed
+        if failed / n > dep.failure_threshold or (wave_done and sent and failed / sent > dep.failure_threshold):
             dep.stage, dep.finished_at = "stopped", time.time()
-            dep.reason = (f"stopped: {failed} of {len(sent)} devices failed, share {failed / len(sent):.0%} "
+            dep.reason = (f"stopped: {failed} of {sent} devices failed, share {failed / sent:.0%} "
                           f"passes the threshold {dep.failure_threshold:.0%}")
-            for m in members:
-                if m.outcome == "pending":
-                    m.phase = "not_sent"
+            s.execute(update(DeploymentDeviceRow).where(DeploymentDeviceRow.deployment_id == dep.id,
+                                                        DeploymentDeviceRow.outcome == "pending")
+                      .values(phase="not_sent"))
             log_event(s, "deployment", {"deployment_id": dep.id, "stage": dep.stage, "reason": dep.reason})
             return True
         if not wave_done:
             return False
-        if any(m.outcome == "pending" for m in members):
+        if counts["pending"]:
             dep.stage = "rest"
             budget = float(s.get(AnalysisRow, dep.analysis_id).settings.get("budget", 0.01))
             self._send_wave(s, dep, "rest", budget)
@@ -348,8 +365,10 @@ class Deployments:
         dep = s.get(DeploymentRow, deployment_id)
         self._advance(s, dep)
         s.flush()
-        view = deployment_view(dep, self._members(s, deployment_id))
-        after.append(lambda: self.events.publish("deployment", view))
+        # one "deployment" event per deployment and transaction, its view read once committed: a view of
+        # every member built for every status message made a large deployment's statuses quadratic
+        if not any(isinstance(fn, _PublishView) and fn.deployment_id == deployment_id for fn in after):
+            after.append(_PublishView(self, deployment_id))
 
     def tick(self, now: float | None = None) -> int:
         """Fail devices silent for longer than the timeout and move their deployments on. Returns how many failed."""
