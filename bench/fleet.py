@@ -11,6 +11,8 @@ processes on a throw-away PostgreSQL, all on loopback.
    restarts it S seconds after the kill, as its supervisor would (docs/ops.md).
 2. A bundle deployment to 200 of them at once: each requests its part ranges, waits for them and
    reports received -> downloading -> verified -> active; measured: time to all-complete.
+   The traffic table is printed before this phase starts; a deployment phase that fails (an HTTP
+   error or timeout, a failed analysis) is a row saying what failed, and the bench exits with 1.
 
 Every device has an MQTT connection of its own (client id, will, subscriptions), so the broker and
 the server see 1,000 sessions; the deployed devices fetch the parts bundle (all but its optional
@@ -236,10 +238,30 @@ class Servers:
             return {}
 
     def stop(self) -> None:
-        for proc in self.alive():  # analysis workers would outlive a terminated server
-            proc.terminate()
+        """Terminate every server process and its workers; one still running 10 s later is killed, so a
+        server stuck in a long request cannot turn the bench's cleanup into a TimeoutExpired traceback."""
+        procs = self.alive()
+        for proc in procs:  # analysis workers would outlive a terminated server
+            with suppress(psutil.Error):
+                proc.terminate()
         for p in self.procs:
-            p.join(10) if isinstance(p, mp.process.BaseProcess) else p.wait(10)
+            if isinstance(p, mp.process.BaseProcess):
+                p.join(10)
+                if p.is_alive():
+                    print(f"server process {p.pid} did not exit within 10 s of SIGTERM; killed", flush=True)
+                    p.kill()
+                    p.join(5)
+            else:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    print(f"server process {p.pid} did not exit within 10 s of SIGTERM; killed", flush=True)
+                    p.kill()
+                    p.wait(5)
+        for proc in procs:  # workers whose server was killed before it could end them
+            with suppress(psutil.Error):
+                if proc.is_running():
+                    proc.kill()
         for f in self.cleanup:
             f()
 
@@ -478,31 +500,55 @@ def restart_killed(servers: Servers, killed: dict) -> float:
     return time.monotonic() - t0
 
 
+class DeployFailed(Exception):
+    """The deployment phase could not run to its end: what failed, for the table's row."""
+
+
+# POST /api/deployments signs and publishes a command per device before it answers: thousands of
+# devices on a loaded box take longer than the client's default timeout
+DEPLOY_POST_TIMEOUT_S = 600.0
+
+
+def _checked(r: httpx.Response, what: str) -> dict:
+    """The JSON of a 2xx response. Raises DeployFailed naming ``what`` and the server's answer otherwise."""
+    if r.is_error:
+        raise DeployFailed(f"{what}: HTTP {r.status_code} {r.text[:300]}")
+    return r.json()
+
+
 def deploy_demo_model(api: httpx.Client) -> tuple[dict, float]:
-    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once; (final deployment, seconds to done)."""
+    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once.
+
+    Returns (final deployment, seconds to done). Raises DeployFailed for an HTTP error answer, a failed or
+    unfinished analysis; httpx.HTTPError (a timeout, a refused connection) passes through.
+    """
     from toco_core.demo.data import mnist_splits
     from toco_core.demo.train import demo_model
 
     pool = io.BytesIO()
     d = mnist_splits()
     np.savez(pool, x=d.x_pool[:120], y=d.y_pool[:120])
-    m = api.post("/api/models", files={"file": ("m.onnx", Path(demo_model("lenet5")).read_bytes()),
-                                       "pool": ("p.npz", pool.getvalue())}, data={"name": "lenet5"}).json()
-    a = api.post(f"/api/models/{m['model_id']}/analyses", json={"budget": 0.05}).json()
+    m = _checked(api.post("/api/models", files={"file": ("m.onnx", Path(demo_model("lenet5")).read_bytes()),
+                                                "pool": ("p.npz", pool.getvalue())}, data={"name": "lenet5"}),
+                 "POST /api/models")
+    a = _checked(api.post(f"/api/models/{m['model_id']}/analyses", json={"budget": 0.05}), "POST analyses")
     t_an = time.monotonic()
-    while (a := api.get(f"/api/analyses/{a['analysis_id']}").json())["status"] not in ("done", "failed"):
+    while (a := _checked(api.get(f"/api/analyses/{a['analysis_id']}"), "GET analysis"))["status"] not in (
+            "done", "failed"):
         if time.monotonic() - t_an > 300:
-            raise SystemExit(f"analysis did not finish in 300 s: {a}")
+            raise DeployFailed(f"analysis did not finish in 300 s: status {a['status']}")
         time.sleep(0.5)
     if a["status"] != "done":
-        raise SystemExit(f"the demo model's analysis failed, nothing to deploy: {a.get('error')}")
+        raise DeployFailed(f"the demo model's analysis failed, nothing to deploy: {a.get('error')}")
     print(f"analysis done in {time.monotonic() - t_an:.0f} s; deploying", flush=True)
     t_dep = time.monotonic()
     # the whole group at once (canary_share 1): this measures transfer + status handling, not staging
-    dep = api.post("/api/deployments", json={"analysis_id": a["analysis_id"], "target": {"group": "deploy"},
-                                             "canary_share": 1.0}).json()
+    dep = _checked(api.post("/api/deployments", json={"analysis_id": a["analysis_id"], "target": {"group": "deploy"},
+                                                      "canary_share": 1.0}, timeout=DEPLOY_POST_TIMEOUT_S),
+                   "POST /api/deployments")
+    print(f"deployment {dep['deployment_id']} created in {time.monotonic() - t_dep:.1f} s", flush=True)
     while True:
-        cur = api.get(f"/api/deployments/{dep['deployment_id']}").json()
+        cur = _checked(api.get(f"/api/deployments/{dep['deployment_id']}"), "GET /api/deployments/{id}")
         if cur["stage"] in ("done", "stopped") or time.monotonic() - t_dep > 180:
             return cur, time.monotonic() - t_dep
         time.sleep(0.2)
@@ -537,11 +583,23 @@ def main() -> None:
                    else start_single(tmp, broker.url, groups))
         stack.callback(servers.stop)
         wait_for(lambda: servers.health(0).get("broker") == "connected", 60, "the server did not start")
-        run(args, broker, servers, ids, groups, stack)
+        ok = run(args, broker, servers, ids, groups, stack)
+    if not ok:
+        sys.exit(1)  # after the cleanup: the table said what failed
 
 
-def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str, str], stack: ExitStack) -> None:
-    """Traffic, optionally the leader's death, then the deployment; prints the table."""
+def print_table(title: str, rows: list[tuple[str, object]]) -> None:
+    """A two-column markdown table of (metric, value) under ``title``."""
+    print(f"\n{title}\n| metric | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+    sys.stdout.flush()
+
+
+def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str, str], stack: ExitStack) -> bool:
+    """Traffic, optionally the leader's death, then the deployment. Prints the traffic table before the
+    deployment starts and the deployment's after it; returns False when the deployment phase failed (its
+    row says what failed)."""
     url = servers.urls[-1]  # the API the bench uses: with replicas, the one that is never killed
     api = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {servers.token}"})
     t_conn = time.monotonic()
@@ -601,9 +659,6 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     dropped = sum(servers.health(k).get("messages", {}).get("dropped", 0) for k in range(len(servers.urls)))
     if len(soak) > 1:  # before the deployment, so its failure cannot lose an hour's table
         print_soak(soak)
-    print(f"traffic phase done after {elapsed:.0f} s; analysing the demo model for the deployment", flush=True)
-    cur, dep_s = deploy_demo_model(api)
-    part_bytes = devices.totals().get("part_bytes", 0)
     rows = [("devices", args.devices), ("MQTT connections (one per device)", len(ids)),
             ("connect time s", f"{connect_s:.1f}"), ("server processes", len(servers.urls)),
             ("duration s", f"{elapsed:.0f}"), ("messages sent", sum(sent.values())),
@@ -611,20 +666,36 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
             ("messages dropped (invalid)", dropped),
             ("server CPU % (of one core, all processes)", f"{cpu:.0f}"),
             ("server peak RSS MB (incl. workers)", f"{rss / 1e6:.0f}"),
-            ("GET /api/devices p50 ms", f"{statistics.median(lat):.1f}"),
-            ("GET /api/devices p99 ms", f"{np.percentile(lat, 99):.1f}"), ("API samples", len(lat)),
-            ("deployment devices", sum(cur["counts"].values())), ("deployment stage", cur["stage"]),
-            ("deployment counts", cur["counts"]), ("deployment time to all-complete s", f"{dep_s:.1f}"),
-            ("part bytes received by the deployed devices", part_bytes)]
+            ("GET /api/devices p50 ms", f"{statistics.median(lat):.1f}" if lat else "-"),
+            ("GET /api/devices p99 ms", f"{np.percentile(lat, 99):.1f}" if lat else "-"), ("API samples", len(lat))]
     if killed:
         rows += [("leader killed (SIGKILL) at", f"{args.duration / 2:.0f} s"),
                  ("another replica led after s", f"{killed['takeover_s']:.1f}"),
                  ("killed replica restarted", "no" if restarted is None else
                   f"{args.restart_killed:.0f} s after the kill, connected {restarted:.1f} s later")]
-    print("| metric | value |\n|---|---|")
-    for k, v in rows:
-        print(f"| {k} | {v} |")
-    print(json.dumps({"lost_by_kind": lost}))
+    # printed before the deployment phase, so a deployment that fails cannot lose it
+    print_table(f"traffic phase ({elapsed:.0f} s)", rows)
+    print(json.dumps({"lost_by_kind": lost}), flush=True)
+    print(f"analysing the demo model for the deployment to {args.deploy_devices} devices", flush=True)
+    t_phase = time.monotonic()
+    try:
+        cur, dep_s = deploy_demo_model(api)
+    except (DeployFailed, httpx.HTTPError) as exc:
+        what = str(exc)
+        if isinstance(exc, httpx.HTTPError):  # a timeout's message is often empty: name the error and request
+            try:
+                what = f"{type(exc).__name__} on {exc.request.method} {exc.request.url.path} {what}".strip()
+            except RuntimeError:  # an error raised before its request was built
+                what = f"{type(exc).__name__} {what}".strip()
+        print_table("deployment phase", [("deployment devices", args.deploy_devices),
+                                         ("deployment FAILED", f"{what} (after {time.monotonic() - t_phase:.0f} s)")])
+        return False
+    part_bytes = devices.totals().get("part_bytes", 0)
+    print_table("deployment phase", [
+        ("deployment devices", sum(cur["counts"].values())), ("deployment stage", cur["stage"]),
+        ("deployment counts", cur["counts"]), ("deployment time to all-complete s", f"{dep_s:.1f}"),
+        ("part bytes received by the deployed devices", part_bytes)])
+    return True
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, insert, select, update
 
 from fleet_server.db import (
     AnalysisRow,
@@ -108,6 +109,17 @@ def _expected_infeasible(paths: dict[str, str | None], hardware: dict[str, dict]
         return []
 
 
+@dataclass(frozen=True)
+class _PublishView:
+    """An ``after`` action: publish a deployment's view as committed (one per deployment and transaction)."""
+
+    deployments: Deployments
+    deployment_id: str
+
+    def __call__(self) -> None:
+        self.deployments.events.publish("deployment", self.deployments.get(deployment_id=self.deployment_id))
+
+
 class Deployments:
     """Creates deployments, follows status messages and timeouts, and moves the stages on."""
 
@@ -138,7 +150,11 @@ class Deployments:
                 raise ConflictError(f"device {d.id!r} {why}", "enroll it with `toco-fleet devices enroll`")
             return [d.id]
         if target.get("devices"):  # a drift re-analysis's canary: its trigger devices (fleet_server.drift_policy)
-            rows = [fetch(s, DeviceRow, dev, "device") for dev in target["devices"]]
+            found = {d.id: d for d in s.scalars(select(DeviceRow).where(DeviceRow.id.in_(target["devices"])))}
+            missing = [dev for dev in target["devices"] if dev not in found]
+            if missing:
+                fetch(s, DeviceRow, missing[0], "device")  # raises the NotFoundError naming the first one missing
+            rows = [found[dev] for dev in target["devices"]]
             ids = [d.id for d in rows if d.online and may_run(d, model_id)]
             if not ids:
                 raise ConflictError(f"none of the devices {target['devices']} is online, enrolled and allowed "
@@ -203,12 +219,12 @@ class Deployments:
         with self.db.session(write=True) as s:
             s.add(dep)
             s.flush()
-            for i, dev in enumerate(devices):
-                s.add(DeploymentDeviceRow(deployment_id=dep.id, device_id=dev,
-                                          wave="canary" if i < n_canary else "rest",
-                                          phase="pending", outcome="pending", expected_infeasible=expected.get(dev),
-                                          updated_at=time.time()))
-            s.flush()
+            now = time.time()
+            # one executemany, not an ORM object per device: 2,000 members took seconds (bench/deploy_create.py)
+            s.execute(insert(DeploymentDeviceRow), [
+                {"deployment_id": dep.id, "device_id": dev, "wave": "canary" if i < n_canary else "rest",
+                 "phase": "pending", "outcome": "pending", "expected_infeasible": expected.get(dev), "updated_at": now}
+                for i, dev in enumerate(devices)])
             self._send_wave(s, dep, "canary", budget)
             log_event(s, "deployment", {"deployment_id": dep.id, "target": target, "devices": len(devices),
                                         "expected_infeasible": warnings})
@@ -236,20 +252,37 @@ class Deployments:
     # --- moving on ----------------------------------------------------------------------------
 
     def _send_wave(self, s, dep: DeploymentRow, wave: str, budget: float) -> None:
+        """Mark the wave's pending members sent (or failed when revoked meanwhile) and publish their commands.
+
+        The rows are read in one query and written in bulk, then the commands go out, all inside the caller's
+        transaction: a command that fails to publish rolls every mark back, so a member committed as sent
+        was published. Returns None; raises what the database or ``send_command`` raises.
+        """
         now = time.time()
-        for m in self._members(s, dep.id):
-            if m.wave != wave or m.outcome != "pending":
-                continue
-            dev = s.get(DeviceRow, m.device_id)
+        # the wave's members with their devices in one query (None: the device row is gone); the ORM
+        # flushes the changed rows below as executemany batches instead of a round trip per device
+        wave_rows = s.execute(select(DeploymentDeviceRow, DeviceRow)
+                              .outerjoin(DeviceRow, DeviceRow.id == DeploymentDeviceRow.device_id)
+                              .where(DeploymentDeviceRow.deployment_id == dep.id, DeploymentDeviceRow.wave == wave,
+                                     DeploymentDeviceRow.outcome == "pending")
+                              .order_by(DeploymentDeviceRow.device_id)).all()
+        timeline, to_send = [], []
+        for m, dev in wave_rows:
             if dev is None or dev.enrollment != ENROLLED:  # revoked since the deployment began: nothing is sent
                 m.phase, m.outcome, m.reason, m.updated_at = "failed", "failed", "revoked: not sent", now
-                s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="failed", reason=m.reason, t=now))
+                timeline.append({"deployment_id": dep.id, "device_id": m.device_id, "phase": "failed",
+                                 "reason": m.reason, "t": now})
                 continue
             m.phase, m.outcome, m.sent_at, m.updated_at = "sent", "in_progress", now, now
-            s.add(TimelineRow(deployment_id=dep.id, device_id=m.device_id, phase="sent", t=now))
-            if dev is not None:
-                dev.deploy_state = "deploying"
-            self.send_command(m.device_id, self._command(dep, budget))
+            timeline.append({"deployment_id": dep.id, "device_id": m.device_id, "phase": "sent", "reason": None,
+                             "t": now})
+            dev.deploy_state = "deploying"
+            to_send.append(m.device_id)
+        if timeline:
+            s.execute(insert(TimelineRow), timeline)
+        s.flush()
+        for device_id in to_send:
+            self.send_command(device_id, self._command(dep, budget))
 
     @staticmethod
     def _command(dep: DeploymentRow, budget: float) -> DeployCommand | RollbackCommand:
@@ -264,23 +297,28 @@ class Deployments:
         """Stop, open the next wave, or finish. Returns True when the stage changed."""
         if dep.stage not in OPEN_STAGES:
             return False
-        members = self._members(s, dep.id)
-        n = len(members)
-        sent = [m for m in members if m.outcome != "pending"]
-        failed = sum(m.outcome == "failed" for m in members)
-        wave_done = all(m.outcome in TERMINAL for m in sent)
-        if failed / n > dep.failure_threshold or (wave_done and sent and failed / len(sent) > dep.failure_threshold):
+        # the members' outcomes counted by the database (it runs on every status message: loading a large
+        # deployment's every member each time made its statuses quadratic, bench/deploy_create.py --statuses)
+        counts = dict.fromkeys(("pending", "in_progress", "succeeded", "failed"), 0)
+        for outcome, k in s.execute(select(DeploymentDeviceRow.outcome, func.count())
+                                    .where(DeploymentDeviceRow.deployment_id == dep.id)
+                                    .group_by(DeploymentDeviceRow.outcome)):
+            counts[outcome] = k
+        n = sum(counts.values())
+        sent, failed = n - counts["pending"], counts["failed"]
+        wave_done = counts["in_progress"] == 0  # every member sent so far is succeeded or failed
+        if failed / n > dep.failure_threshold or (wave_done and sent and failed / sent > dep.failure_threshold):
             dep.stage, dep.finished_at = "stopped", time.time()
-            dep.reason = (f"stopped: {failed} of {len(sent)} devices failed, share {failed / len(sent):.0%} "
+            dep.reason = (f"stopped: {failed} of {sent} devices failed, share {failed / sent:.0%} "
                           f"passes the threshold {dep.failure_threshold:.0%}")
-            for m in members:
-                if m.outcome == "pending":
-                    m.phase = "not_sent"
+            s.execute(update(DeploymentDeviceRow).where(DeploymentDeviceRow.deployment_id == dep.id,
+                                                        DeploymentDeviceRow.outcome == "pending")
+                      .values(phase="not_sent"))
             log_event(s, "deployment", {"deployment_id": dep.id, "stage": dep.stage, "reason": dep.reason})
             return True
         if not wave_done:
             return False
-        if any(m.outcome == "pending" for m in members):
+        if counts["pending"]:
             dep.stage = "rest"
             budget = float(s.get(AnalysisRow, dep.analysis_id).settings.get("budget", 0.01))
             self._send_wave(s, dep, "rest", budget)
@@ -327,8 +365,10 @@ class Deployments:
         dep = s.get(DeploymentRow, deployment_id)
         self._advance(s, dep)
         s.flush()
-        view = deployment_view(dep, self._members(s, deployment_id))
-        after.append(lambda: self.events.publish("deployment", view))
+        # one "deployment" event per deployment and transaction, its view read once committed: a view of
+        # every member built for every status message made a large deployment's statuses quadratic
+        if not any(isinstance(fn, _PublishView) and fn.deployment_id == deployment_id for fn in after):
+            after.append(_PublishView(self, deployment_id))
 
     def tick(self, now: float | None = None) -> int:
         """Fail devices silent for longer than the timeout and move their deployments on. Returns how many failed."""
@@ -342,12 +382,15 @@ class Deployments:
                 lock_deployments(s, [m.deployment_id for m in late])
                 late = s.scalars(late_q.execution_options(populate_existing=True)).all()
             touched = set()
+            # their devices in one query, not one per late member (a whole silent wave can time out at once)
+            devices = {d.id: d for d in s.scalars(select(DeviceRow).where(
+                DeviceRow.id.in_(sorted({m.device_id for m in late}))))} if late else {}
             for m in late:
                 m.phase, m.outcome, m.updated_at = "failed", "failed", now
                 m.reason = f"timeout: no status for {self.timeout_s:.0f} s"
                 s.add(TimelineRow(deployment_id=m.deployment_id, device_id=m.device_id, phase="failed", reason=m.reason,
                                   t=now))
-                dev = s.get(DeviceRow, m.device_id)
+                dev = devices.get(m.device_id)
                 if dev is not None:
                     dev.deploy_state = "failed"
                 touched.add(m.deployment_id)

@@ -9,11 +9,14 @@ holds the same ones.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import insert
 
 from fleet_server.db import AnalysisRow, BundleRow, Database, DeviceRow, ModelRow
+from toco_core.bundle import make_manifest, pack_bundle
 from toco_core.messages import PlanSummary
 
 GROUPS = 20
@@ -83,3 +86,30 @@ def seed_fleet(db: Database, n: int) -> list[dict[str, Any]]:
                             created_at=now))
         s.execute(insert(DeviceRow), rows)
     return rows
+
+
+def seed_deployable(db: Database, bundle_dir: Path, n: int, *, key: Ed25519PrivateKey | None = None,
+                    group: str = "deploy") -> str:
+    """What a deployment to ``n`` devices needs, written straight into ``db``: a model, its finished analysis
+    (no result directory, so the advisory feasibility check is skipped), its bundle (a small packed file in
+    ``bundle_dir``, its manifest signed by ``key`` when given) and devices 0..n-1 (seeded_device's rows, but all
+    enrolled, online, not deploying and in ``group``). Returns the analysis id, ``a-deploy``."""
+    now = time.time()
+    data = pack_bundle({"model.onnx": b"\0" * 70_000})
+    manifest = make_manifest(data, 64 * 1024, key)
+    path = Path(bundle_dir) / f"{manifest.bundle_id}.bundle"
+    path.write_bytes(data)
+    devices = [{**seeded_device(i, now), "group": group, "online": True, "enrollment": "enrolled",
+                "enrolled_at": now, "deploy_state": None} for i in range(n)]
+    with db.session(write=True) as s:
+        s.add(ModelRow(id="m-deploy", name="lenet5", version=1, sha256="0" * 64, weights=1, size_bytes=1,
+                       pool_size=1, path="-", pool_path="-", created_at=now, lineage_id="m-deploy"))
+        s.flush()  # PostgreSQL's foreign keys: the model, then its analysis, then the bundle
+        s.add(AnalysisRow(id="a-deploy", model_id="m-deploy", status="done", settings={"budget": 0.05},
+                          created_at=now, bundle_id=manifest.bundle_id))
+        s.flush()
+        s.add(BundleRow(id=manifest.bundle_id, analysis_id="a-deploy", model_id="m-deploy", path=str(path),
+                        size=len(data), manifest=manifest.model_dump(mode="json"), created_at=now))
+        if devices:
+            s.execute(insert(DeviceRow), devices)
+    return "a-deploy"
