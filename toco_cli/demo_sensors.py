@@ -13,7 +13,6 @@ server re-analyses with the box's field samples and redeploys to its group), whi
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 from rich import box
@@ -51,7 +50,8 @@ def shift_rows(x: np.ndarray, kind: str) -> np.ndarray:
 
 
 def run(fleet: DemoFleet, log: story.StoryLog, traffic: dict[str, Traffic], rate: float) -> None:
-    """Steps 2 to 7 of the scenario on a started server; fills ``traffic``. Raises DemoError for a missed step."""
+    """Steps 2 to 7 of the scenario on a started server: takes the fleet, the story log, the dict it fills
+    with each box's Traffic and the inferences per second each box gets. Raises DemoError for a missed step."""
     from toco_core.demo.sensors import FAULT_FEATURES, FAULT_GAIN, FAULT_OFFSET, regression_model, sensor_split
 
     fleet.devices = DEVICES
@@ -61,13 +61,14 @@ def run(fleet: DemoFleet, log: story.StoryLog, traffic: dict[str, Traffic], rate
     x_pool, y_pool, x_heldout, _ = sensor_split()
     console.print(f"  {len(x_pool)} rows for the server's pool, {len(x_heldout)} held out for the agents' traffic")
     console.rule("3. the server analyses it once with task: regression")
-    analysis = story.register_and_analyse(fleet, Path(model), x_pool, y_pool, log, task="regression",
+    analysis = story.register_and_analyse(fleet, model, x_pool, y_pool, log, task="regression",
                                           what="sensor rows")
     task = (fleet.call("GET", f"/api/analyses/{analysis['analysis_id']}")["manifest"] or {}).get("task") or {}
     if task.get("kind") != "regression":
         raise DemoError(f"the analysis ran as {task.get('kind') or 'a classifier'}, not as a regression")
-    log.done("regression metric", f"a row agrees when |estimate - base| <= {task['tolerance']:g} x sigma, "
-                                  f"sigma = {task['scale']:.3f} (the base output's spread on the pool)")
+    log.done("regression metric", f"a row agrees when |estimate - base| <= {task['tolerance']:g} x sigma "
+                                  f"= {task['tolerance'] * task['scale']:.3f}, sigma = {task['scale']:.3f} being the "
+                                  "base output's spread on the pool")
     console.rule("4. three edge agents with different budgets")
     story.start_agents(fleet, log)
     console.rule("5. deploy the bundle; every agent derives its own model")

@@ -76,7 +76,8 @@ class _Scaled(nn.Module):
         self.net, self.mu, self.sd = net, mu, sd
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.net(v) * self.sd + self.mu
+        out: torch.Tensor = self.net(v) * self.sd + self.mu
+        return out
 
 
 def regression_model(path: Path) -> onnx.ModelProto:
