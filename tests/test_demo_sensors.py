@@ -61,3 +61,11 @@ def test_sensor_scenario_deploys_a_regression_model_and_sees_the_sensor_fault(tm
     else:  # fidelity drift: the re-analysis and the redeploy to press-pc's group
         assert kind == "fidelity" and reanalyses == 1 and "done redeployed to the drifting group" in out
     assert all(not s["running"] for s in status.values()), "agents must shut down cleanly"
+
+
+def test_an_unknown_scenario_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "toco_cli", "demo", "--scenario", "turbines", "--once",
+                           "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown scenario 'turbines'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "demo").exists()
