@@ -43,6 +43,9 @@ class AnalysisRequest(BaseModel):
     output: str | None = Field(None, min_length=1, max_length=256,
                                description="the output the analysis scores (default: detected, e.g. the "
                                            "probabilities in front of a label tail)")
+    task: Literal["classifier", "regression", "score", "embedding"] | None = Field(
+        None, description="task kind of the scored output (toco_core.task_kind; default: detected); "
+                          "re-analyses of this analysis keep it")
 
 
 class WhatIfRequest(BaseModel):
@@ -215,8 +218,8 @@ def create_app(server) -> FastAPI:
 
     @app.post("/api/models/{model_id}/analyses", summary="Queue an analysis (runs in a worker process)")
     def start_analysis(model_id: str, req: AnalysisRequest) -> dict:
-        update = {k: v for k, v in (("budget", req.budget), ("max_rounds", req.max_rounds), ("output", req.output))
-                  if v is not None}
+        update = {k: v for k, v in (("budget", req.budget), ("max_rounds", req.max_rounds), ("output", req.output),
+                                    ("task", req.task)) if v is not None}
         ids = registry.field_sample_ids_for_model(db, model_id=model_id) if req.field_samples else []
         view = registry.create_analysis(db, model_id=model_id, settings=settings.analysis.model_copy(update=update),
                                         reason="initial" if not ids else f"field samples: {len(ids)}",

@@ -45,8 +45,9 @@ class StoryLog:
 
 
 def register_and_analyse(fleet: DemoFleet, model: Path, x_pool: np.ndarray, y_pool: np.ndarray,
-                         log: StoryLog, timeout: float = 900) -> dict:
-    """POST the model with its pool, start the analysis and follow its progress. Returns the Analysis.
+                         log: StoryLog, timeout: float = 900, task: str | None = None, what: str = "digits") -> dict:
+    """POST the model with its pool (``what`` names its samples), start the analysis (``task``: its task kind,
+    None: detected) and follow its progress. Returns the Analysis.
 
     Raises DemoError when the server refuses the model or the analysis fails or times out.
     """
@@ -54,8 +55,9 @@ def register_and_analyse(fleet: DemoFleet, model: Path, x_pool: np.ndarray, y_po
     np.savez(buf, x=x_pool, y=y_pool)
     m = fleet.call("POST", "/api/models", files={"file": (model.name, model.read_bytes()),
                                                  "pool": ("pool.npz", buf.getvalue())}, data={"name": model.stem})
-    a = fleet.call("POST", f"/api/models/{m['model_id']}/analyses", json={"budget": 0.01})
-    log.done("model registered", f"{m['name']}: {m['weights']:,} weights, pool of {m['pool_size']} digits")
+    ask = {"budget": 0.01, **({"task": task} if task else {})}
+    a = fleet.call("POST", f"/api/models/{m['model_id']}/analyses", json=ask)
+    log.done("model registered", f"{m['name']}: {m['weights']:,} weights, pool of {m['pool_size']} {what}")
     a = follow_analysis(fleet, a["analysis_id"], timeout)
     log.analysis_id, log.bundle_id = a["analysis_id"], a["bundle_id"]
     log.done("analysed", f"analysis {a['analysis_id']} -> signed bundle {a['bundle_id'][:12]}")
@@ -223,7 +225,7 @@ def shift_until_redeploy(fleet: DemoFleet, traffic: dict[str, Traffic], log: Sto
     with console.status(f"waiting for {SHIFTED}'s drift alert"):
         point = wait_for(f"a drift alert from {SHIFTED}", lambda: _alert(fleet), 300, step=1.0)
     log.done("drift alert", f"{SHIFTED}: {', '.join(point.get('out_of_band') or [])} out of band, "
-                            f"agreement {_pct(point.get('agreement'))}")
+                            f"agreement {pct(point.get('agreement'))}")
     alert = wait_for(f"the server's verdict on {SHIFTED}'s alert", lambda: _classified(fleet, SHIFTED), 120, step=1.0)
     console.print(f"  the server calls it {alert['kind']} drift: {alert['decision']}")
     if alert["kind"] != "fidelity" and alert["status"] != "reanalysing":
@@ -282,7 +284,8 @@ def _alert(fleet: DemoFleet) -> dict | None:
     return d.get("last_drift") if d.get("alert") else None
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
+    """A share as a percentage with one decimal, "-" for None."""
     return "-" if v is None else f"{v:.1%}"
 
 
@@ -304,7 +307,7 @@ def plans_table(fleet: DemoFleet, title: str) -> Table:
         t.add_row(d.device_id, a.get("plan_label") or "-", size_or_dash(size),
                   f"{base / size:.1f}x" if size and base else "-",
                   size_or_dash(a.get("download_bytes")), size_or_dash(a.get("state_dir_bytes")), a.get("shadow") or "-",
-                  _pct(a.get("predicted_agreement")), _pct(a.get("measured_agreement")), _pct(last.get("agreement")),
+                  pct(a.get("predicted_agreement")), pct(a.get("measured_agreement")), pct(last.get("agreement")),
                   "ALERT" if v.get("alert") else ("in band" if last else "-"), (a.get("bundle_id") or "-")[:6])
     return t
 

@@ -1,7 +1,8 @@
-"""Inference traffic for the demo: held-out digits, one at a time, into each agent's HTTP API.
+"""Inference traffic for the demo: held-out samples (digits, sensor rows), one at a time, into each agent's HTTP API.
 
-A line sends parts at a steady pace; ``shift`` swaps the digits for distribution-shifted ones
-(rotated, inverted, noisy) the way a knocked camera would, without stopping the line.
+A line sends parts at a steady pace; ``shift`` swaps the samples for distribution-shifted ones
+(rotated, inverted, noisy digits; faulty sensor readings) the way a knocked camera or a drifting
+sensor would, without stopping the line.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -19,13 +21,16 @@ log = logging.getLogger("toco.demo.traffic")
 
 
 class Traffic:
-    """A background thread posting digits to one agent at ``rate`` per second."""
+    """A background thread posting samples to one agent at ``rate`` per second."""
 
-    def __init__(self, agent, digits: np.ndarray, rate: float = 40.0) -> None:
-        """``agent`` is a demo AgentProcess; ``digits`` float32 [N, 1, 28, 28] held-out digits."""
+    def __init__(self, agent, digits: np.ndarray, rate: float = 40.0,
+                 shifter: Callable[[np.ndarray, str], np.ndarray] = shifted_digits) -> None:
+        """``agent`` is a demo AgentProcess; ``digits`` the held-out samples [N, ...] (float32 [N, 1, 28, 28]
+        digits by default); ``shifter(samples, kind)`` makes the shifted copies ``shift`` sends."""
         self.agent = agent
         self.clean = digits
         self.source = digits
+        self.shifter = shifter
         self.shift_kind: str | None = None
         self.period = 1.0 / rate
         self.sent = 0
@@ -40,8 +45,11 @@ class Traffic:
         return self
 
     def shift(self, kind: str) -> None:
-        """From now on send ``kind`` (rotate | invert | noise | dim) copies of the digits. Raises ValueError."""
-        self.source = shifted_digits(self.clean, kind)
+        """From now on send ``kind`` copies of the samples (digits: rotate | invert | noise | dim).
+
+        Raises what the shifter raises for an unknown kind (shifted_digits: ValueError).
+        """
+        self.source = self.shifter(self.clean, kind)
         self.shift_kind = kind
 
     def _run(self) -> None:

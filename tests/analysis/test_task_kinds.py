@@ -19,16 +19,11 @@ import numpy as np
 import pytest
 
 from tests.analysis_eval.tail_models import digits_split, export_probs, train_mlp
-from tests.analysis_eval.task_models import (
-    autoencoder_score_model,
-    digit_images,
-    embedding_model,
-    regression_model,
-    sensor_split,
-)
+from tests.analysis_eval.task_models import autoencoder_score_model, digit_images, embedding_model
 from toco_core.analysis.pipeline import analysis_task, analyze
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import AnalysisManifest, load_result, save_result
+from toco_core.demo.sensors import regression_model, sensor_split
 from toco_core.device import load_profile
 from toco_core.drift import DriftSettings, build_reference
 from toco_core.drift_monitor import DriftMonitor

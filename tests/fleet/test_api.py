@@ -63,6 +63,8 @@ def test_analysis_bad_input(fleet):
     mid = fleet.analysis["model_id"]
     r = fleet.api.post(f"/api/models/{mid}/analyses", json={"budget": 2})
     assert r.status_code == 422 and "budget" in r.json()["detail"]
+    r = fleet.api.post(f"/api/models/{mid}/analyses", json={"task": "ranking"})
+    assert r.status_code == 422 and "task" in r.json()["detail"]
     r = fleet.api.post(f"/api/models/{mid}/analyses", content=b"{oops", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"].startswith("invalid request")
     r = fleet.api.post("/api/models/m-nope/analyses", json={})
