@@ -240,13 +240,8 @@ def task_case(arch: str, folder: Path) -> tuple[Path, Path, np.ndarray, tuple[st
     Returns (ONNX path, pool path, held-out inputs, extra arguments).
     """
     from tests.analysis_eval.tail_models import digits_split, labelled_classifier, train_mlp
-    from tests.analysis_eval.task_models import (
-        autoencoder_score_model,
-        digit_images,
-        embedding_model,
-        regression_model,
-        sensor_split,
-    )
+    from tests.analysis_eval.task_models import autoencoder_score_model, digit_images, embedding_model
+    from toco_core.demo.sensors import regression_model, sensor_split
 
     path, pool = folder / f"{arch}.onnx", folder / f"{arch}_pool.npz"
     extra: tuple[str, ...] = ("--budget", f"{TASK_BUDGET:.0%}")

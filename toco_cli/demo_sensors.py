@@ -172,6 +172,13 @@ def _reanalysed(fleet: DemoFleet, log: story.StoryLog, before: set[str], timeout
     log.reanalysis = r
 
 
+def _psi(point: dict) -> str:
+    """The output-summary PSI of a drift point (older agents judged it under the entropy check's name)."""
+    value = point.get("output_psi")
+    value = point.get("entropy") if value is None else value
+    return "-" if value is None else f"{value:.2f}"
+
+
 def windows_table(fleet: DemoFleet, title: str, last: int = 3) -> Table:
     """Each box's newest ``last`` drift windows: rows, shadowed rows, agreement with the base in the
     regression metric against its band, input shift against its band, the output-summary PSI, and what
@@ -187,6 +194,6 @@ def windows_table(fleet: DemoFleet, title: str, last: int = 3) -> Table:
             high = (bands.get("input_shift") or [None, None])[1]
             t.add_row(d.device_id, str(p["window"]), str(p["n_samples"]), str(p["n_shadowed"]),
                       story.pct(p["agreement"]), story.pct(low), f"{p['input_shift']:.2f}",
-                      "-" if high is None else f"{high:.2f}", f"{p['entropy']:.2f}",
+                      "-" if high is None else f"{high:.2f}", _psi(p),
                       ", ".join(p["out_of_band"]) or "-")
     return t

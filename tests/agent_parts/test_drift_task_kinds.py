@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests.analysis_eval.tail_models import digits_split, export_probs, train_mlp
-from tests.analysis_eval.task_models import digit_images, embedding_model, regression_model, sensor_split
+from tests.analysis_eval.task_models import digit_images, embedding_model
+from toco_core.demo.sensors import regression_model, sensor_split
 from toco_core.drift import DriftSettings, build_reference
 from toco_core.drift_kind import DATA
 from toco_core.drift_monitor import DriftMonitor

@@ -2,7 +2,7 @@
 of the bundle's analysis, and takes no drift alert of a model without classes from its (constant)
 confidence.
 
-A real regression MLP (tests/analysis_eval/task_models.py) analysed once, a real SQLite registry
+A real regression MLP (toco_core/demo/sensors.py) analysed once, a real SQLite registry
 with its model, analysis and bundle rows, and the box's side as the agent runs it: a drift
 monitor without shadow runs closes a window of the served model's outputs, its report travels as
 wire bytes, the alert keeps its disputed samples (fleet_server.drift_policy.disputed_evidence)
@@ -22,12 +22,13 @@ from fleet_server.drift_classify import verdict
 from fleet_server.drift_policy import disputed_evidence
 from fleet_server.registry import Store, add_analysis_row, add_model
 from fleet_server.sample_scoring import SampleScorer, Unscorable, sample_agreement
-from tests.analysis_eval.task_models import digit_images, embedding_model, regression_model, sensor_split
+from tests.analysis_eval.task_models import digit_images, embedding_model
 from tests.fleet.test_field_sample_dtypes import _row
 from toco_core.analysis.pipeline import analyze
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import save_result
 from toco_core.compression.pruning import magnitude_thresholds, prune
+from toco_core.demo.sensors import regression_model, sensor_split
 from toco_core.drift import DriftSettings, build_reference
 from toco_core.drift_kind import DATA, FIDELITY
 from toco_core.drift_monitor import DriftMonitor
