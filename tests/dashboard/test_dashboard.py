@@ -93,7 +93,8 @@ def test_a_regression_devices_page_draws_its_output_summary_not_a_confidence(fle
     """A model without classes reports no confidence (toco_core.drift): its device page charts the
     output summary's mean and spread instead of an empty confidence chart."""
     enroll(fleet.server.db, "sensor-1", "default")
-    sensor = SimDevice(fleet.port, "sensor-1", HARDWARE["line-pc"], PLANS["line-pc"])
+    # born without an active model: the module's other tests count the devices running BUNDLE
+    sensor = SimDevice(fleet.port, "sensor-1", HARDWARE["line-pc"])
     try:
         now = time.time()
         for w in range(5):
