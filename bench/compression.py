@@ -311,20 +311,18 @@ def print_variants(results: list[dict]) -> dict:
                   _fmt(s["dyn_file_bytes"], "size"), f"{s['dyn_file_ratio']:.1f}x", _fmt(s["dyn_disagreement"], "pct"),
                   "yes" if s["goal_met"] else "NO", s["toco_plan"])
     console.print(t)
-    ratios = [r["summary"]["toco_storage_ratio"] or 0.0 for r in results]
-    worst = [r["summary"]["toco_disagreement"] for r in results]
-    spread = {"toco_storage_ratio_min": min(ratios), "toco_storage_ratio_median": float(np.median(ratios)),
-              "toco_storage_ratio_max": max(ratios),
-              "toco_disagreement_max": max((w for w in worst if w is not None), default=None),
-              "dyn_file_ratio_median": float(np.median([r["summary"]["dyn_file_ratio"] for r in results])),
-              "goal_met_all": all(r["summary"]["goal_met"] for r in results),
-              "missed": [r["name"] for r in results if not r["summary"]["goal_met"]]}
-    console.print(f"TOCO storage form vs fp32 ONNX file: min {spread['toco_storage_ratio_min']:.1f}x, median "
-                  f"{spread['toco_storage_ratio_median']:.1f}x, max {spread['toco_storage_ratio_max']:.1f}x; max "
-                  f"disagreement {_fmt(spread['toco_disagreement_max'], 'pct')}; goal (>= {GOAL_RATIO:.0f}x and <= "
-                  f"{GOAL_DISAGREEMENT:.0%} for every variant): {'met' if spread['goal_met_all'] else 'NOT met'}"
-                  + (f" (missed: {', '.join(spread['missed'])})" if spread["missed"] else ""))
-    return spread
+    ratios = [r["summary"]["toco_storage_ratio"] or 0.0 for r in results]  # no plan counts as 0x
+    worst = max((r["summary"]["toco_disagreement"] for r in results if r["summary"]["toco_disagreement"] is not None),
+                default=None)
+    missed = [r["name"] for r in results if not r["summary"]["goal_met"]]
+    lo, med, hi = min(ratios), float(np.median(ratios)), max(ratios)
+    console.print(f"TOCO storage form vs fp32 ONNX file: min {lo:.1f}x, median {med:.1f}x, max {hi:.1f}x; max "
+                  f"disagreement {_fmt(worst, 'pct')}; goal (>= {GOAL_RATIO:.0f}x and <= {GOAL_DISAGREEMENT:.0%} "
+                  f"for every variant): {'NOT met, missed: ' + ', '.join(missed) if missed else 'met'}")
+    return {"toco_storage_ratio_min": lo, "toco_storage_ratio_median": med, "toco_storage_ratio_max": hi,
+            "toco_disagreement_max": worst,
+            "dyn_file_ratio_median": float(np.median([r["summary"]["dyn_file_ratio"] for r in results])),
+            "goal_met_all": not missed, "missed": missed}
 
 
 def run_variants(args, d, here) -> None:
