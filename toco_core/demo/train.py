@@ -3,6 +3,10 @@
 - ``lenet5``: LeNet-5-style CNN, about 61.7k weights;
 - ``mlp``: LeNet-300-100, about 266k weights;
 - ``wide_cnn``: a ~5M-parameter CNN for size/latency/RSS benchmarks (random init is fine).
+
+``lenet5_variant(seed, batchnorm)`` trains more LeNet-5s (another init and batch order, optionally
+BatchNorm after each conv) so a benchmark is not read off one model; seed 0 without BatchNorm is
+the demo model itself.
 """
 
 from __future__ import annotations
@@ -25,13 +29,18 @@ ARCHITECTURES = ("lenet5", "mlp", "wide_cnn")
 _RECIPE_VERSION = "1"  # bump when the architectures or training change: invalidates the cache
 
 
-def build(arch: str) -> nn.Module:
-    """A fresh, seeded model of the named architecture. Raises ValueError for an unknown one."""
-    torch.manual_seed(0)
+def build(arch: str, seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    """A fresh model of the named architecture initialised from ``seed``; ``batchnorm`` puts a
+    BatchNorm2d after each conv (lenet5 only). Raises ValueError for an unknown one."""
+    torch.manual_seed(seed)
+    if batchnorm and arch != "lenet5":
+        raise ValueError(f"batchnorm is a lenet5 option, not one of {arch!r}")
     if arch == "lenet5":
+        def norm(channels: int) -> list[nn.Module]:
+            return [nn.BatchNorm2d(channels)] if batchnorm else []
         return nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(1, 6, 5, padding=2), *norm(6), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), *norm(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
         )
     if arch == "mlp":
@@ -49,9 +58,10 @@ def build(arch: str) -> nn.Module:
     raise ValueError(f"unknown architecture {arch!r}: use one of {ARCHITECTURES}")
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, batch: int = 64) -> nn.Module:
-    """Adam, cross-entropy, fixed seed; returns the model in eval mode."""
-    torch.manual_seed(0)
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, batch: int = 64,
+          seed: int = 0) -> nn.Module:
+    """Adam, cross-entropy, batch order drawn from ``seed``; returns the model in eval mode."""
+    torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
@@ -114,6 +124,24 @@ def demo_model(arch: str = "lenet5", exporter: Exporter = "torchscript", trained
             epochs = 3 if arch == "wide_cnn" else 8
             model = train(model, s.x_train, s.y_train, epochs=epochs)
         return model
+
+    return cached_export(path, make, exporter)
+
+
+def lenet5_variant(seed: int, batchnorm: bool = False, exporter: Exporter = "torchscript") -> Path:
+    """Path of a cached trained LeNet-5 whose init and batch order come from ``seed``, with a
+    BatchNorm2d after each conv when ``batchnorm``; same data and recipe as ``demo_model("lenet5")``.
+
+    Exported in eval mode like the demo: the TorchScript exporter folds each BatchNorm into the
+    conv before it, so the ONNX graph has the demo's ops (Conv with a bias, Relu, MaxPool, Gemm).
+    """
+    if seed == 0 and not batchnorm:
+        return demo_model("lenet5", exporter)
+    path = cache_dir() / f"v{_RECIPE_VERSION}" / f"lenet5{'-bn' if batchnorm else ''}-s{seed}-trained-{exporter}.onnx"
+
+    def make() -> nn.Module:
+        s = mnist_splits()
+        return train(build("lenet5", seed, batchnorm), s.x_train, s.y_train, epochs=8, seed=seed)
 
     return cached_export(path, make, exporter)
 
