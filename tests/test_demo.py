@@ -1,18 +1,17 @@
-"""`toco demo`: the whole fleet story as a user runs it, on the embedded broker and on mosquitto.
+"""`toco demo`: the whole digits story as a user runs it, on mosquitto.
 
 Real server, real agent processes, real MNIST digits; the test reads what the agents left on
-disk, not only what the demo printed.
+disk, not only what the demo printed. The embedded broker and `make demo`'s stay-up-until-killed
+mode are covered by tests/test_demo_sensors.py on the shorter sensor story, so the suite runs
+the digits story once.
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
 from tests.support.broker import Broker
+from tests.support.demo_run import run_demo
 
 STEPS = ("server up", "analysed", "agents online", "deployed to every agent", "three different compressions",
          "clean traffic, no drift", "drift alert", "re-analysed with field samples", "redeployed to the drifting group",
@@ -20,49 +19,22 @@ STEPS = ("server up", "analysed", "agents online", "deployed to every agent", "t
 SOAK_S = 45  # the rotated line PC's ~2.6 s windows: with the story's, 20+ windows on the shifted inputs
 
 
-def run_demo(workdir, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toco_cli", "demo", "--once", "--http-port", "0",
-                           "--workdir", str(workdir), *extra],
-                          capture_output=True, text=True, timeout=1200, env={**os.environ, "COLUMNS": "160"})
-
-
-def run_demo_until_up_then_kill(workdir) -> subprocess.CompletedProcess:
-    """`toco demo` as `make demo` runs it: wait for "press Ctrl-C", then a plain `kill` (SIGTERM)."""
-    proc = subprocess.Popen([sys.executable, "-m", "toco_cli", "demo", "--http-port", "0", "--workdir", str(workdir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "160"})
-    lines = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # ends early (EOF) if the demo fails before the end of the story
-        lines.append(line)
-        if "press Ctrl-C to stop" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err)
-
-
 def agent_status(workdir, device: str) -> dict:
     return json.loads((workdir / "agents" / device / "state" / "status.json").read_text())
 
 
 @pytest.mark.timeout(1300)
-@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
-def test_demo_runs_the_whole_fleet_story(tmp_path, broker):
-    """Embedded: `toco demo` stays up until killed, then stops its agents. mosquitto: `--once`."""
-    if broker == "embedded":
-        proc = run_demo_until_up_then_kill(tmp_path)
-        assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-2000:]
-    else:
-        mosq = Broker()
-        mosq.start()
-        try:
-            proc = run_demo(tmp_path, "--broker", mosq.url, "--soak", str(SOAK_S))
-        finally:
-            mosq.stop()
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-        # the persistent rotation and the dimmed camera kept going: exactly one re-analysis, then quiet
-        assert "done soak: quiet" in proc.stdout and f"soak: {SOAK_S} s, 0 re-analyses started" in proc.stdout
+def test_demo_runs_the_whole_fleet_story(tmp_path):
+    """`--once` on mosquitto, with a soak after the story: the drift it caused stays converged."""
+    mosq = Broker()
+    mosq.start()
+    try:
+        proc = run_demo(tmp_path, "--http-port", "0", "--broker", mosq.url, "--soak", str(SOAK_S))
+    finally:
+        mosq.stop()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    # the persistent rotation and the dimmed camera kept going: exactly one re-analysis, then quiet
+    assert "done soak: quiet" in proc.stdout and f"soak: {SOAK_S} s, 0 re-analyses started" in proc.stdout
     for step in STEPS:
         assert f"done {step}" in proc.stdout, step
     assert "dashboard: http://127.0.0.1:" in proc.stdout
@@ -84,7 +56,7 @@ def test_demo_runs_the_whole_fleet_story(tmp_path, broker):
 
 
 def test_demo_refuses_a_bad_broker_url_in_one_line(tmp_path):
-    proc = run_demo(tmp_path, "--broker", "ftp://nowhere")
+    proc = run_demo(tmp_path, "--http-port", "0", "--broker", "ftp://nowhere", timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "broker" in proc.stderr.lower() and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

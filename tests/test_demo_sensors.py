@@ -1,18 +1,18 @@
 """`toco demo --scenario sensors`: a regression model's fleet story as a user runs it.
 
 Real server (embedded broker, SQLite), real agent processes, the real wear-estimator MLP; the test
-reads what the server stored and the agents left on disk, not only what the demo printed.
+reads what the server stored and the agents left on disk, not only what the demo printed. It runs
+the demo as `make demo` does (no `--once`: the fleet stays up until a plain `kill`), which is the
+embedded broker's and that mode's whole-story test.
 """
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 
-from toco_cli.demo_fleet import free_port
+from tests.support.demo_run import run_demo, run_demo_until_up_then_kill
+from tests.support.processes import free_port
 
 DEVICES = ("press-pc", "pump-box", "handheld")
 STEPS = ("server up", "analysed", "regression metric", "agents online", "deployed to every agent",
@@ -21,10 +21,10 @@ STEPS = ("server up", "analysed", "regression metric", "agents online", "deploye
 
 @pytest.mark.timeout(600)
 def test_sensor_scenario_deploys_a_regression_model_and_sees_the_sensor_fault(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "toco_cli", "demo", "--scenario", "sensors", "--once",
-                           "--workdir", str(tmp_path), "--http-port", str(free_port())],
-                          capture_output=True, text=True, timeout=540, env={**os.environ, "COLUMNS": "160"})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    proc = run_demo_until_up_then_kill(tmp_path, "--scenario", "sensors", "--http-port", str(free_port()))
+    # SIGTERM after "press Ctrl-C to stop": the demo stops its agents and server, says so, exits 130
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "the fleet keeps running; press Ctrl-C to stop" in proc.stdout
     out = proc.stdout
     for step in STEPS:
         assert f"done {step}" in out, step
@@ -64,8 +64,7 @@ def test_sensor_scenario_deploys_a_regression_model_and_sees_the_sensor_fault(tm
 
 
 def test_an_unknown_scenario_is_refused_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "toco_cli", "demo", "--scenario", "turbines", "--once",
-                           "--workdir", str(tmp_path / "demo")], capture_output=True, text=True, timeout=120)
+    proc = run_demo(tmp_path / "demo", "--scenario", "turbines", timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "unknown scenario 'turbines'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "demo").exists()

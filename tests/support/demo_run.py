@@ -1,0 +1,36 @@
+"""`toco demo` as a user runs it: once to the end (`--once`), or up until a plain `kill`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = {**os.environ, "COLUMNS": "160"}  # rich wraps at the terminal's width: wide enough for the step lines
+
+
+def run_demo(workdir: Path, *extra: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """Runs `toco demo --once --workdir WORKDIR *extra` to its end; returns the finished process (text output)."""
+    return subprocess.run([sys.executable, "-m", "toco_cli", "demo", "--once", "--workdir", str(workdir), *extra],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def run_demo_until_up_then_kill(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`toco demo` as `make demo` runs it: wait for "press Ctrl-C", then a plain `kill` (SIGTERM).
+
+    Returns the finished process with everything it printed (stdout up to the kill, then the rest).
+    If the demo fails before the end of its story, its stdout ends early and no signal is sent.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "toco_cli", "demo", "--workdir", str(workdir), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "press Ctrl-C to stop" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err)
