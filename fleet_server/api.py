@@ -3,14 +3,12 @@
 Errors are ``{"detail": "<message for people>"}``: 404 for an unknown id (the message names
 it), 409 for a valid request the current state forbids, 400 for an unusable upload, 422 for
 a malformed body (the message names the field). ``app.state.server`` is the FleetServer, for
-the dashboard router, which is included when ``fleet_server/dashboard.py`` defines ``router``.
+the dashboard's pages (``fleet_server/dashboard.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
@@ -19,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from fleet_server import event_log, login, registry
+from fleet_server import dashboard, event_log, login, registry
 from fleet_server.device_listing import DevicePage, DeviceQuery, device_page
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
@@ -319,15 +317,5 @@ def create_app(server) -> FastAPI:
 
     app.include_router(login.router)
     app.include_router(event_log.router)
-    _include_dashboard(app)
+    dashboard.include(app)
     return app
-
-
-def _include_dashboard(app: FastAPI) -> None:
-    # the dashboard is built separately; when its module exists, an import error in it must surface
-    if importlib.util.find_spec("fleet_server.dashboard") is None:
-        return
-    module = importlib.import_module("fleet_server.dashboard")
-    router = getattr(module, "router", None)
-    if router is not None:
-        app.include_router(router)

@@ -170,3 +170,18 @@ def test_a_viewer_session_cannot_write_even_with_the_csrf_token(http_fleet):
     r = c.post("/logout")
     assert r.status_code == 303 and "toco_session" not in c.cookies
     assert c.get("/api/models").status_code == 401
+
+
+def test_dashboard_files_need_a_viewer_and_nothing_outside_static_is_served(http_fleet):
+    viewer, anon = http_fleet.client(http_fleet.tokens["viewer"]), http_fleet.client(None)
+    assert anon.get("/static/js/main.js").status_code == 401
+    r = viewer.get("/static/js/main.js")
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"] and r.text
+    assert r.headers["cache-control"] == "no-cache"  # revalidated, so an upgrade never mixes old and new scripts
+    again = viewer.get("/static/js/main.js", headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304
+    assert "text/css" in viewer.get("/static/dashboard.css").headers["content-type"]
+    # the server's own source and anything above the static folder stay unreachable, however spelled
+    for path in ("/static/../api.py", "/static/%2e%2e/api.py", "/static/..%2fapi.py", "/static/js/../../config.py",
+                 "/static/nothing.js"):
+        assert viewer.get(path).status_code == 404, path
