@@ -175,7 +175,7 @@ time.sleep(3600)
 def bare_idle(model_path: Path, seconds: float, libs: bool = False) -> dict:
     """Baseline: python + onnxruntime + the same model, doing nothing else.
 
-    With ``libs`` it also uses, once each, the libraries the issue prescribes for the agent
+    With ``libs`` it also uses, once each, the libraries the agent is built on
     (a pydantic model validated, a paho client made, psutil asked): the floor below which no
     agent built on them can idle.
     """

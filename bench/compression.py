@@ -7,7 +7,7 @@ magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN.
 Prints one table per model and the target checks, writes bench/results/compression.json
 (compression-quick.json with --quick).
 
---variants measures the issue's goal "over 5 LeNet-5 variants (seeds, with and without BatchNorm) the
+--variants measures the project's goal "over 5 LeNet-5 variants (seeds, with and without BatchNorm) the
 size plan at a 1% budget is >= 20x smaller with <= 1% disagreement on 1,000 unseen digits" instead:
 it trains seeds 1-3 without BatchNorm and seeds 1-2 with BatchNorm after each conv
 (toco_core.demo.train.lenet5_variant; the exporter folds BatchNorm into the convs), analyses each
@@ -190,7 +190,7 @@ def dominates(t: dict, b: dict) -> bool:
 
 
 def checks(results: dict) -> list[tuple[str, bool | None, str]]:
-    """The issue's targets: (what, met or None when not measured, the numbers)."""
+    """The project's compression goals: (what, met or None when not measured, the numbers)."""
     out = []
     if "lenet5" in results:
         rows = _rows(results["lenet5"])
@@ -204,7 +204,7 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                     best is not None and base / best["transfer_bytes"] >= 20, text))
     for name, res in results.items():
         if not res["trained"]:
-            # the issue: random init is fine for size/latency/RSS rows, fidelity rows need training
+            # random init is fine for size/latency/RSS rows, fidelity rows need training
             out.append((f"{name}: Pareto against the baselines", None, "random init: agreement is not meaningful"))
             continue
         rows = _rows(res)
