@@ -9,7 +9,9 @@ the dashboard's pages (``fleet_server/dashboard.py``).
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +31,11 @@ from fleet_server.whatif import hardware_profile, what_if
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import TocoError
 from toco_core.plan import Policy
+
+if TYPE_CHECKING:  # the server builds the app: a run-time import would be circular
+    from fleet_server.db import Database
+    from fleet_server.registry import Store
+    from fleet_server.server import FleetServer
 
 
 class AnalysisRequest(BaseModel):
@@ -119,7 +126,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _profile(server, req: WhatIfRequest) -> DeviceProfile | None:
+def _profile(server: FleetServer, req: WhatIfRequest) -> DeviceProfile | None:
     if req.profile is not None:
         return profile_from_dict(req.profile, "the given profile")
     if req.device_id is None:
@@ -128,12 +135,12 @@ def _profile(server, req: WhatIfRequest) -> DeviceProfile | None:
                             registry.get_device(server.db, device_id=req.device_id, points=0)["hardware"])
 
 
-def _add_model(db, store, files: dict, fields: dict) -> dict:
+def _add_model(db: Database, store: Store, files: dict[str, Path], fields: dict[str, str]) -> dict[str, Any]:
     return registry.add_model(db, store, name=fields.get("name", ""), onnx_bytes=files["file"].read_bytes(),
                               pool_bytes=files["pool"].read_bytes(), preprocessing=fields.get("preprocessing"))
 
 
-def create_app(server) -> FastAPI:
+def create_app(server: FleetServer) -> FastAPI:
     """The FastAPI app over a FleetServer: every route but /api/health needs a token (fleet_server.http_auth),
     and only the Host names of ``settings.allowed_hosts`` are answered (400 otherwise: DNS rebinding)."""
     app = FastAPI(title="TOCO Fleet", version="1", description="Fleet server: models, analyses, devices, "
@@ -149,11 +156,11 @@ def create_app(server) -> FastAPI:
     db, store, settings = server.db, server.store, server.settings
 
     @app.exception_handler(TocoError)
-    async def _toco_error(request: Request, exc: TocoError):
+    async def _toco_error(request: Request, exc: TocoError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=STATUS.get(type(exc), 400))
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_request(request: Request, exc: RequestValidationError):
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
 
     @app.get("/api/health")
@@ -299,7 +306,7 @@ def create_app(server) -> FastAPI:
     async def events(request: Request) -> StreamingResponse:
         sub = server.events.subscribe()
 
-        async def stream():
+        async def stream() -> AsyncIterator[str]:
             try:
                 yield ": connected\n\n"
                 while not await request.is_disconnected():

@@ -456,6 +456,8 @@ class JobRunner:
             m = fetch(s, ModelRow, a.model_id, "model")
             budget, reason, model_id = a.settings.get("budget", 0.01), a.reason, a.model_id
             model_path, name, sha, prep, out = m.path, m.name, m.sha256, m.preprocessing, a.result_dir
+        if out is None:
+            raise ConflictError(f"analysis {analysis_id!r} has no result yet: pack its bundle once it is done")
         info = BundleInfo(model_name=name, model_sha256=sha, analysis_id=analysis_id, budget=budget,
                           preprocessing=prep, reason=reason)
         model, result = load_model(Path(model_path)), load_result(Path(out))

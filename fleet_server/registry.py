@@ -13,13 +13,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import onnx
 import orjson
 from pydantic import ValidationError
 from sqlalchemy import Text, cast, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from fleet_server.db import (
     AnalysisRow,
@@ -67,7 +69,10 @@ class Store:
         return self.root / "bundles" / f"{bundle_id}.bundle"
 
 
-def fetch(s, row_type, key: str, what: str):
+RowT = TypeVar("RowT")
+
+
+def fetch(s: Session, row_type: type[RowT], key: str, what: str) -> RowT:
     """The row with primary key ``key`` or NotFoundError('{what} {key!r} does not exist')."""
     row = s.get(row_type, key)
     if row is None:
@@ -75,14 +80,14 @@ def fetch(s, row_type, key: str, what: str):
     return row
 
 
-def log_event(s, kind: str, data: dict[str, Any]) -> None:
+def log_event(s: Session, kind: str, data: dict[str, Any]) -> None:
     """Append to the event log inside the caller's write session."""
     s.add(EventRow(t=time.time(), kind=kind, data=data))
 
 
 # --- models ----------------------------------------------------------------------------------------
 
-def _read_pool(pool_bytes: bytes, model) -> tuple[Batch, np.ndarray | None]:
+def _read_pool(pool_bytes: bytes, model: onnx.ModelProto) -> tuple[Batch, np.ndarray | None]:
     """The uploaded pool fitted to the model inputs: ``x`` (one input) or one array per input name."""
     specs = input_specs(model)
     try:
@@ -169,7 +174,7 @@ def get_model(db: Database, *, model_id: str) -> dict[str, Any]:
 
 # --- analyses --------------------------------------------------------------------------------------
 
-def add_analysis_row(s, *, model_id: str, settings: AnalysisSettings, reason: str = "initial",
+def add_analysis_row(s: Session, *, model_id: str, settings: AnalysisSettings, reason: str = "initial",
                      field_sample_ids: list[int] | None = None) -> AnalysisRow:
     """Insert a queued analysis inside the caller's write session. Raises NotFoundError for the model."""
     fetch(s, ModelRow, model_id, "model")
