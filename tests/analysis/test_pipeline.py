@@ -71,3 +71,36 @@ def test_result_directory_round_trip_and_corruption(lenet5_analysis, tmp_path):
     (out / "manifest.json").write_text(json.dumps({"schema_version": 1}))
     with pytest.raises(AnalysisError, match="malformed"):
         load_result(out)
+
+
+def test_a_split_pool_is_held_once_and_analyses_as_the_pool_does(lenet5, lenet5_analysis, digits):
+    """Split first, drop the pool: no whole pool stays alive in the analysis, the candidates are
+    freed once QBC has picked from them, and the result is the one the pool itself gives."""
+    import weakref
+
+    from toco_core.analysis.pipeline import analyze
+    from toco_core.analysis.pool_split import split_pool
+    from toco_core.analysis.settings import AnalysisSettings
+
+    settings = AnalysisSettings(max_rounds=3, samples_per_round=48, initial_samples=48)  # as lenet5_analysis
+    pool = digits.x_pool.copy()
+    split = split_pool(pool, settings)
+    assert np.array_equal(np.sort(np.concatenate([split.held, split.cand])), np.arange(len(pool)))
+    assert np.array_equal(split.held_x, pool[split.held]) and np.array_equal(split.cand_x, pool[split.cand])
+    pool_ref = weakref.ref(pool)
+    del pool
+    seen = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        seen.append((phase, pool_ref() is None, split.cand_x is None))
+
+    result = analyze(lenet5, split, digits.y_pool, settings, progress, model_name="lenet5")
+    assert seen and all(freed for _, freed, _ in seen), "something in the analysis kept the whole pool"
+    assert all(taken for phase, _, taken in seen if phase in ("prune", "calibrate"))
+    assert result.manifest.pool_size == len(digits.x_pool)
+    assert np.array_equal(result.heldout_x, lenet5_analysis.heldout_x)
+    assert np.array_equal(result.analysis_x, lenet5_analysis.analysis_x)
+    for name, tau in lenet5_analysis.tolerances.quant.items():
+        assert np.array_equal(result.tolerances.quant[name], tau), name
+        assert np.array_equal(result.tolerances.prune_rank[name], lenet5_analysis.tolerances.prune_rank[name]), name
+    assert result.curves == lenet5_analysis.curves

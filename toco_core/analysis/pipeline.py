@@ -23,6 +23,7 @@ from toco_core.analysis.fisher import FisherAccumulator
 from toco_core.analysis.graph_eval import GraphEvaluator
 from toco_core.analysis.input_moments import InputMoments
 from toco_core.analysis.nested_calibration import GridMap, NestedCalibration
+from toco_core.analysis.pool_split import PoolSplit, pool_outputs, split_pool
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis.torch_inputs import to_torch
@@ -250,26 +251,36 @@ def _producer_op(model: onnx.ModelProto) -> str | None:
     return next((str(n.op_type) for n in model.graph.node if out in n.output), None)
 
 
-def analysis_task(model: onnx.ModelProto, pool_x: Batch, s: AnalysisSettings) -> TaskSpec:
+def analysis_task(model: onnx.ModelProto, pool_x: Batch | PoolSplit, s: AnalysisSettings) -> TaskSpec:
     """The task kind of the analysis of ``model`` (the head at the scored output) with its metric's numbers.
 
-    ``s.task`` or detected (toco_core.task_kind.detect_task_kind) from the scored tensor's
-    producer and width; a regression's or score's scale is the base output's spread on the
-    whole pool. Raises ConfigError for a kind the output cannot have, PoolError for a constant
-    output where a scale is needed.
+    ``pool_x`` is the pool or its split (toco_core.analysis.pool_split). ``s.task`` or detected
+    (toco_core.task_kind.detect_task_kind) from the scored tensor's producer and width; a
+    regression's or score's scale is the base output's spread on the whole pool. Raises
+    ConfigError for a kind the output cannot have, PoolError for a constant output where a scale
+    is needed.
     """
     # one sample tells the width; only a regression's or score's scale needs the whole pool's outputs
     # (a classifier's analysis does not pay an extra pass over a large image pool)
-    first = run_model(model, pool_x[:1])
+    first = run_model(model, (pool_x.held_x if isinstance(pool_x, PoolSplit) else pool_x)[:1])
     kind = parse_task_kind(s.task) if s.task else detect_task_kind(_producer_op(model), output_width(first),
                                                                    s.threshold)
-    base = run_model(model, pool_x) if kind in (TaskKind.REGRESSION, TaskKind.SCORE) else first
+    base = _whole_pool_outputs(model, pool_x) if kind in (TaskKind.REGRESSION, TaskKind.SCORE) else first
     return task_spec(kind, base, s.task_tolerance, s.threshold)
+
+
+def _whole_pool_outputs(model: onnx.ModelProto, pool_x: Batch | PoolSplit) -> np.ndarray:
+    if not isinstance(pool_x, PoolSplit):
+        return run_model(model, pool_x)
+    cand_x = pool_x.cand_x
+    if cand_x is None:
+        raise PoolError("this pool split was analysed already", "split the pool again for another analysis")
+    return pool_outputs(pool_x, run_model(model, pool_x.held_x), run_model(model, cand_x))
 
 
 def analyze(
     model: onnx.ModelProto,
-    pool_x: Batch,
+    pool_x: Batch | PoolSplit,
     pool_y: np.ndarray | None = None,
     settings: AnalysisSettings | None = None,
     progress: Progress = _noop,
@@ -280,8 +291,12 @@ def analyze(
 
     The analysis scores one tensor (``settings.output`` or detected, toco_core.output_tail) and
     works on the sub-graph up to it; post-processing after it is left to the device model.
-    Returns the AnalysisResult (not yet saved). Raises ModelError / UnsupportedOpError for a
-    model it cannot analyse (or an unknown ``settings.output``) and PoolError for a pool too small to split.
+    ``pool_x`` is the pool or its split (toco_core.analysis.pool_split.split_pool, with the
+    same ``settings``): a caller that splits first and drops its pool holds the pool once, not
+    twice; both give the same result. The split's candidate half is taken from it (freed once
+    QBC has picked the analysis samples). Returns the AnalysisResult (not yet saved). Raises
+    ModelError / UnsupportedOpError for a model it cannot analyse (or an unknown
+    ``settings.output``) and PoolError for a pool too small to split (or a split analysed already).
     ``grid_map`` measures the calibration's combination grid (see calibrate); any map gives the same result.
     """
     s = settings or AnalysisSettings()
@@ -294,20 +309,16 @@ def analyze(
     infos = compressible_weights(model)
     weights = read_weights(model, infos)
     kind = output_kind(model)
-    if len(pool_x) < 20:
-        raise PoolError(f"the pool has {len(pool_x)} samples; analysis needs at least 20", "give a larger pool")
-    rng = np.random.default_rng(s.seed)
-    order = rng.permutation(len(pool_x))
-    n_held = min(s.max_heldout, max(10, int(len(pool_x) * s.heldout_share)))
-    held, cand = order[:n_held], order[n_held:]
+    # one copy of each half for the whole analysis: a 400-image RGB 224x224 pool is 241 MB, and
+    # indexing it afresh per phase held up to three copies at once
+    split = pool_x if isinstance(pool_x, PoolSplit) else split_pool(pool_x, s)
+    del pool_x  # a caller that split first holds no whole pool at all
+    held, held_x, cand_x = split.held, split.held_x, split.take_candidates()
     ev = GraphEvaluator(model, [w.name for w in infos])
-    _check_evaluator(ev, model, pool_x[:8])
+    _check_evaluator(ev, model, held_x[:8])
     timings = {}
     t = time.perf_counter()
-    # one copy of each split for the whole analysis: a 400-image RGB 224x224 pool is 241 MB, and
-    # indexing it afresh per phase held up to three copies at once
-    held_x, cand_x = pool_x[held], pool_x[cand]
-    task = analysis_task(model, pool_x, s)
+    task = analysis_task(model, PoolSplit(held, split.cand, held_x, cand_x, split.size), s)
     chosen, fisher, tau_hat, rounds = qbc_rounds(model, ev, weights, kind, cand_x, held_x, s, progress, task)
     timings["qbc"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -330,7 +341,7 @@ def analyze(
     manifest = AnalysisManifest(
         model_name=model_name, model_sha256=sha, input_name=spec.name,
         input_shape=list(spec.shape), output_kind=kind, scored_output=scored, weights=sum(w.size for w in infos),
-        settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=len(pool_x),
+        settings=s.model_dump(), rounds=rounds, samples_used=len(chosen), pool_size=split.size,
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
         task=None if task == CLASSIFIER else task,
     )
