@@ -10,9 +10,11 @@ devices overflowed the queue. The limits below are the ones deploy/mosquitto/toc
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
+from contextlib import suppress
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -49,7 +51,10 @@ def start_broker(device_ids: list[str], servers: int) -> Broker:
     users = [*device_ids, *(server_user(k) for k in range(servers)), MONITOR_USER]
     passwd = _password_file(users)
     broker = Broker(security=["allow_anonymous false", f"password_file {passwd}", *BROKER_LIMITS])
-    broker.start()
+    try:
+        broker.start()
+    finally:
+        shutil.rmtree(passwd.parent, ignore_errors=True)  # read once at start (again only on SIGHUP)
     return broker
 
 
@@ -59,25 +64,42 @@ def server_broker_url(broker: Broker, k: int) -> str:
     return f"mqtt://{user}:{bench_password(user)}@127.0.0.1:{broker.port}"
 
 
-def broker_dropped(broker: Broker, wait_s: float = 6.0) -> int | None:
-    """mosquitto's count of messages it dropped for full queues or in-flight windows since it started
-    (``$SYS/broker/publish/messages/dropped``); None if it did not publish it within ``wait_s``."""
-    got: list[int] = []
-    done = threading.Event()
+class DropMonitor:
+    """A client of the bench's monitor user that follows mosquitto's count of messages it dropped for
+    full queues or in-flight windows since it started (``$SYS/broker/publish/messages/dropped``,
+    published every sys_interval), from before the traffic to the table."""
 
-    def on_message(client, userdata, msg) -> None:
-        got.append(int(msg.payload))
-        done.set()
+    def __init__(self, broker: Broker) -> None:
+        """Connect and subscribe (waits up to 10 s for the broker's acceptance)."""
+        self.value: int | None = None
+        self.refused: str | None = None
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=MONITOR_USER)
+        self.c.username_pw_set(MONITOR_USER, bench_password(MONITOR_USER))
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self.ready = threading.Event()
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.loop_start()
+        self.ready.wait(10)
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=MONITOR_USER)
-    c.username_pw_set(MONITOR_USER, bench_password(MONITOR_USER))
-    c.on_connect = lambda client, *a: client.subscribe(DROPPED_TOPIC)
-    c.on_message = on_message
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    try:
-        done.wait(wait_s)
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return got[0] if got else None
+    def _on_connect(self, client, userdata, flags, reason, props) -> None:
+        if reason.is_failure:
+            self.refused = str(reason)
+        else:
+            client.subscribe(DROPPED_TOPIC, 1)
+        self.ready.set()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with suppress(ValueError):
+            self.value = int(msg.payload)
+
+    def dropped(self) -> str:
+        """The last count seen, or why there is none (for the table)."""
+        if self.value is not None:
+            return f"{self.value:,}"
+        return f"- (monitor refused: {self.refused})" if self.refused else "- (not published)"
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        self.c.disconnect()
+        self.c.loop_stop()

@@ -46,7 +46,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._fleet_broker import broker_dropped, server_broker_url, start_broker  # noqa: E402
+from bench._fleet_broker import DropMonitor, server_broker_url, start_broker  # noqa: E402
 from bench._fleet_deploy import deploy_phase  # noqa: E402
 from bench._fleet_loss import TRAFFIC_KINDS, Drain, drain, stored_rows  # noqa: E402
 from bench._fleet_servers import (  # noqa: E402
@@ -155,8 +155,11 @@ def main() -> None:
         broker = start_broker(ids, args.replicas)
         stack.callback(broker.cleanup)
         tmp = tempfile.mkdtemp(prefix="toco-bench-")
-        # the first --deploy-devices devices form group "deploy"
-        groups = {d: "deploy" if i < args.deploy_devices else "bench" for i, d in enumerate(ids)}
+        # every (devices / deploy-devices)-th device is in group "deploy": spread over the simulator's
+        # processes, so the part bytes are not all parsed by one of them
+        stride = max(1, args.devices // max(1, args.deploy_devices))
+        deployed = set(range(0, args.devices, stride)[:args.deploy_devices])
+        groups = {d: "deploy" if i in deployed else "bench" for i, d in enumerate(ids)}
         urls = [server_broker_url(broker, k) for k in range(args.replicas)]
         servers = (start_replicas(urls, tmp, groups, stack) if args.replicas > 1
                    else start_single(tmp, urls[0], groups))
@@ -273,7 +276,7 @@ def _by_kind(counts: dict[str, int]) -> str:
         f"{k} {counts.get(k, 0):,}" for k in TRAFFIC_KINDS) + ")"
 
 
-def traffic_rows(args, n_procs: int, connect_s: float, t: Traffic, d: Drain, sim: dict, dropped: int | None,
+def traffic_rows(args, n_procs: int, connect_s: float, t: Traffic, d: Drain, sim: dict, dropped: str,
                  invalid: int, n_servers: int) -> list[tuple[str, object]]:
     """The traffic table's rows: connections, messages sent / stored at the end / drained / lost, broker
     drops, CPU and RSS per replica, simulator and broker, load, the overview's latency, the leader's death."""
@@ -292,7 +295,7 @@ def traffic_rows(args, n_procs: int, connect_s: float, t: Traffic, d: Drain, sim
         ("stored at end of traffic", _by_kind(d.at_end)),
         ("drained", drained),
         ("messages lost (sent, never stored)", _by_kind(lost)),
-        ("broker dropped (queue/in-flight limits, $SYS)", "-" if dropped is None else dropped),
+        ("broker dropped (queue/in-flight limits, $SYS)", dropped),
         ("messages dropped by the servers (invalid)", invalid),
         ("simulator device disconnects", sim["disconnects"])]
     for k in range(n_servers):
@@ -330,11 +333,14 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     connect_s = time.monotonic() - t_conn
     print(f"{len(ids)} devices connected, one MQTT connection each ({len(devices.procs)} processes), "
           f"in {connect_s:.1f} s", flush=True)
+    monitor = DropMonitor(broker)
+    stack.callback(monitor.close)
     t = traffic_phase(args, broker, servers, devices, url)
     print(f"traffic stopped after {t.elapsed:.0f} s; waiting for the database to drain", flush=True)
     d = drain(servers.db_url, t.sent)
     sim = devices.stats()
-    dropped = broker_dropped(broker)
+    time.sleep(2.5)  # one more sys_interval: the count as of the end of the drain
+    dropped = monitor.dropped()
     invalid = sum(servers.health(k).get("messages", {}).get("dropped", 0) for k in range(len(servers.urls)))
     if len(t.soak) > 1:  # before the deployment, so its failure cannot lose an hour's table
         print_soak(t.soak)

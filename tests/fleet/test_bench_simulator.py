@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from bench._fleet_broker import broker_dropped, server_broker_url, start_broker
+from bench._fleet_broker import DropMonitor, server_broker_url, start_broker
 from bench._fleet_loss import TRAFFIC_KINDS, drain, stored_rows
 from bench._fleet_servers import Servers, start_single, wait_for
 from bench._fleet_sim import Devices
@@ -41,6 +41,7 @@ def server(bench_broker, tmp_path) -> Iterator[Servers]:
 
 def test_simulated_devices_are_stored_and_nothing_counts_as_lost(bench_broker, server) -> None:
     devices = Devices(bench_broker.port, IDS, GROUPS)
+    monitor = DropMonitor(bench_broker)
     try:
         assert sum(devices.ask("connect", 30.0)) == len(IDS)
         devices.ask("start", (1.0, 2.0))  # telemetry every second, a drift window every 2 s
@@ -52,8 +53,10 @@ def test_simulated_devices_are_stored_and_nothing_counts_as_lost(bench_broker, s
         assert result.lost(sent) == {k: 0 for k in TRAFFIC_KINDS}
         assert {k: result.final[k] for k in TRAFFIC_KINDS} == {k: sent[k] for k in TRAFFIC_KINDS}
         assert devices.stats()["failed"] == {}
-        assert broker_dropped(bench_broker) == 0
+        assert wait_until(lambda: monitor.value is not None, 10, step=0.2)
+        assert monitor.value == 0
     finally:
+        monitor.close()
         devices.close()
 
 
