@@ -37,8 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, suppress
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -48,89 +48,23 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._fleet_broker import DropMonitor, server_broker_url, start_broker  # noqa: E402
 from bench._fleet_deploy import deploy_phase  # noqa: E402
-from bench._fleet_loss import TRAFFIC_KINDS, Drain, drain, stored_rows  # noqa: E402
+from bench._fleet_loss import TRAFFIC_KINDS, Drain, drain  # noqa: E402
 from bench._fleet_servers import (  # noqa: E402
     Servers,
-    cpu_seconds,
     kill_leader,
     restart_killed,
-    rss_bytes,
     start_replicas,
     start_single,
     wait_for,
 )
 from bench._fleet_sim import Devices  # noqa: E402
+from bench._fleet_watch import Usage, poll_api, print_soak, processes, soak_sample  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 
 
 def _ms(v: float) -> str:
     """A latency for the table; an unanswered request (inf) as what it is."""
     return "> 30,000 (unanswered)" if math.isinf(v) else f"{v:.1f}"
-
-
-def poll_api(url: str, token: str, stop, out) -> None:
-    """Child process: GET /api/devices every 0.25 s until ``stop`` is set; the latencies (ms) go to ``out``.
-
-    A process of its own, so the simulated devices' publishing does not hold the poller's GIL
-    and the figure is the server's latency, not the bench's.
-    """
-    lat: list[float] = []
-    with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as api:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                api.get("/api/devices").raise_for_status()
-            except httpx.HTTPError:
-                # an unanswered request is the worst latency there is, not the end of the measurement: counted
-                # as infinite (the table's p99 then says "> 30 s"); at 10,000 devices this box's API stopped
-                # answering within 30 s
-                lat.append(float("inf"))
-            else:
-                lat.append(1000 * (time.perf_counter() - t0))
-            stop.wait(0.25)
-    out.put(lat)
-
-
-def db_bytes(db_url: str) -> int:
-    """Size of the database: the SQLite file with its WAL and shared-memory files, or PostgreSQL's
-    ``pg_database_size`` of the bench database."""
-    import sqlalchemy as sa
-
-    url = sa.engine.make_url(db_url)
-    if url.get_backend_name() == "sqlite":
-        base = Path(url.database or "")
-        return sum(f.stat().st_size for f in (base, Path(f"{base}-wal"), Path(f"{base}-shm")) if f.exists())
-    engine = sa.create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.execute(sa.text("SELECT pg_database_size(current_database())")).scalar_one())
-    finally:
-        engine.dispose()
-
-
-def soak_sample(servers: Servers, elapsed: float) -> dict:
-    """One row of the soak table: RSS, descriptors and threads of the server processes, DB size and rows."""
-    alive = servers.alive()
-    fds = threads = 0
-    for p in alive:
-        with suppress(psutil.Error):
-            fds, threads = fds + p.num_fds(), threads + p.num_threads()
-    return {"minute": elapsed / 60, "rss_mb": rss_bytes(alive) / 1e6, "fds": fds, "threads": threads,
-            "db_mb": db_bytes(servers.db_url) / 1e6, **stored_rows(servers.db_url)}
-
-
-def print_soak(samples: list[dict]) -> None:
-    """The soak table: every sample as a difference against the first (after warm-up), then the verdict."""
-    print("| minute | server RSS MB | ΔRSS MB | fds | threads | DB MB | telemetry rows | drift rows |\n"
-          "|---|---|---|---|---|---|---|---|")
-    first = samples[0]
-    for s in samples:
-        print(f"| {s['minute']:.1f} | {s['rss_mb']:.1f} | {s['rss_mb'] - first['rss_mb']:+.1f} | {s['fds']} | "
-              f"{s['threads']} | {s['db_mb']:.1f} | {s['telemetry']} | {s['drift']} |")
-    last = samples[-1]
-    print(f"RSS growth {last['rss_mb'] - first['rss_mb']:+.1f} MB, descriptors {last['fds'] - first['fds']:+d}, "
-          f"threads {last['threads'] - first['threads']:+d}, DB {last['db_mb'] - first['db_mb']:+.1f} MB "
-          f"over {last['minute'] - first['minute']:.1f} min", flush=True)
 
 
 def main() -> None:
@@ -179,39 +113,6 @@ def print_table(title: str, rows: list[tuple[str, object]]) -> None:
 
 
 @dataclass
-class Usage:
-    """CPU seconds per process as last seen (a killed replica keeps what it used before it died) and
-    peak RSS, per owner: server (replica) k, the simulator, the broker."""
-
-    cpu0: dict[int, float] = field(default_factory=dict)
-    cpu: dict[int, float] = field(default_factory=dict)
-    owner: dict[int, str] = field(default_factory=dict)
-    peak_rss: dict[str, int] = field(default_factory=dict)
-
-    def sample(self, groups: dict[str, list[psutil.Process]]) -> None:
-        """Record the CPU seconds and RSS of every process of every owner in ``groups``."""
-        for name, procs in groups.items():
-            seen = cpu_seconds(procs)
-            for pid, v in seen.items():
-                self.cpu0.setdefault(pid, v)
-                self.cpu[pid], self.owner[pid] = v, name
-            self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss_bytes(procs))
-
-    def cpu_pct(self, name: str, seconds: float) -> float:
-        """CPU % of one core of ``name``'s processes over ``seconds`` since their first sample."""
-        used = sum(v - self.cpu0[pid] for pid, v in self.cpu.items() if self.owner[pid] == name)
-        return 100 * used / seconds
-
-
-def _procs(pids: list[int]) -> list[psutil.Process]:
-    out = []
-    for pid in pids:
-        with suppress(psutil.Error):
-            out.append(psutil.Process(pid))
-    return out
-
-
-@dataclass
 class Traffic:
     """What the traffic phase measured."""
 
@@ -231,7 +132,7 @@ def traffic_phase(args, broker: Broker, servers: Servers, devices: Devices, url:
     ctx = mp.get_context("spawn")
     stop, lat_q = ctx.Event(), ctx.Queue()
     poller = ctx.Process(target=poll_api, args=(url, servers.token, stop, lat_q), daemon=True)
-    sim, mosq = _procs(devices.pids()), _procs([broker.proc.pid] if broker.proc else [])
+    sim, mosq = processes(devices.pids()), processes([broker.proc.pid] if broker.proc else [])
 
     def groups() -> dict[str, list[psutil.Process]]:
         return {**{f"r{k + 1}": p for k, p in enumerate(servers.by_server())}, "simulator": sim, "broker": mosq}
