@@ -132,6 +132,7 @@ def analyse_files(spec: dict, progress: Callable[[str, int, int], None],
     Raises whatever toco_core (or ``progress``) raises.
     """
     from toco_core.analysis.pipeline import analyze
+    from toco_core.analysis.pool_split import split_pool
     from toco_core.analysis.settings import AnalysisSettings
     from toco_core.analysis_result import save_result
     from toco_core.onnx_model import load_model
@@ -145,7 +146,10 @@ def analyse_files(spec: dict, progress: Callable[[str, int, int], None],
         x = concat([x, field])
         y = None  # field samples carry no labels; accuracy columns need one label per pool sample
     progress("load", 1, 1)
-    result = analyze(model, x, y, AnalysisSettings(**spec["settings"]), progress, spec["model_name"], grid_map)
+    settings = AnalysisSettings(**spec["settings"])
+    split = split_pool(x, settings)
+    del x  # the analysis holds the halves: keeping the whole pool too would hold it twice for the run
+    result = analyze(model, split, y, settings, progress, spec["model_name"], grid_map)
     save_result(result, Path(spec["out_dir"]))
     m = result.manifest
     return {"samples_used": m.samples_used, "pool_size": m.pool_size, "timings": m.timings, "rounds": len(m.rounds)}
