@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from distributed import Client, Event, KilledWorker, get_worker, worker_client
 
 from toco_core.errors import ConfigError, TocoError
+from toco_core.malloc_tuning import fix_mmap_threshold
 
 log = logging.getLogger("toco.fleet.cluster")
 PROGRESS_TOPIC = "toco-analysis-progress"  # [analysis_id, phase, done, total]
@@ -80,6 +81,9 @@ def check_scheduler(address: str, timeout: float = 10.0) -> int:
 # --- on a worker -----------------------------------------------------------------------------------
 
 def _apply(fn: Callable[[_T], _R], item: _T) -> _R:
+    # a worker measures grid points for many analyses; the same malloc setting as analyze() keeps
+    # its RSS from creeping (toco_core.malloc_tuning)
+    fix_mmap_threshold()
     return fn(item)
 
 

@@ -32,6 +32,7 @@ from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import OutputKind
+from toco_core.malloc_tuning import fix_mmap_threshold
 from toco_core.model_inputs import Batch
 from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, model_hash, output_kind, read_weights
 from toco_core.output_tail import scored_head, scored_output
@@ -301,6 +302,9 @@ def analyze(
     """
     s = settings or AnalysisSettings()
     t_start = time.perf_counter()
+    # the calibration grid creates and frees hundreds of sessions: without a fixed threshold
+    # glibc keeps their freed blocks on the heap and RSS creeps up (toco_core.malloc_tuning)
+    fix_mmap_threshold()
     sha = model_hash(model)  # of the model as given: boxes check it against their base
     scored = scored_output(model, s.output)
     # everything below works on the head: a pass-through tail (ArgMax, label lookup, ZipMap) has
