@@ -262,7 +262,11 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     killed_in_deploy: dict = {}
 
     def watch(view: dict) -> None:
-        # the leader's death halfway through the deployment: the API moves to a replica that lives on
+        # the leader's death halfway through the deployment: the API moves to a replica that lives on; with
+        # --restart-killed the dead one comes back that many seconds later
+        if (killed_in_deploy and args.restart_killed is not None and "restarted" not in killed_in_deploy
+                and time.monotonic() - killed_in_deploy["at"] >= args.restart_killed):
+            killed_in_deploy["restarted"] = restart_killed(servers, killed_in_deploy)
         if (args.kill_leader_in_deploy and not killed_in_deploy
                 and view["counts"].get("succeeded", 0) >= sum(view["counts"].values()) / 2):
             killed_in_deploy.update(kill_leader(servers))
@@ -274,7 +278,10 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     if killed_in_deploy:
         rows.append(("leader killed (SIGKILL) during the deployment", f"{killed_in_deploy['killed']} at "
                      f"{killed_in_deploy['succeeded']:,} succeeded; another replica led after "
-                     f"{killed_in_deploy['takeover_s']:.1f} s"))
+                     f"{killed_in_deploy['takeover_s']:.1f} s; restarted: " +
+                     ("no" if "restarted" not in killed_in_deploy else
+                      f"{args.restart_killed:.0f} s after the kill, connected "
+                      f"{killed_in_deploy['restarted']:.1f} s later")))
     publishing = [servers.health(k).get("publishing", {}) for k in range(len(servers.urls))]
     for key, what in (("refused", "publishes the server's MQTT client refused"),
                       ("dropped_disconnected", "QoS 0 publishes dropped while disconnected"),
