@@ -27,7 +27,8 @@ class RefusingSender:
     """Records the devices commanded; refuses every command once ``budget`` sends are used (None: no limit)."""
 
     def __init__(self, budget: int | None) -> None:
-        self.budget, self.sent = budget, []
+        self.budget = budget
+        self.sent: list[str] = []
 
     def __call__(self, device_id: str, command) -> None:
         if self.budget is not None and len(self.sent) >= self.budget:
@@ -47,7 +48,9 @@ def succeed(db: Database, deployments: Deployments, dep: dict, devices: list[str
     after: list = []
     with db.session(write=True) as s:
         for d in devices:
-            deployments.on_status(s, s.get(DeviceRow, d), StatusMessage(
+            row = s.get(DeviceRow, d)
+            assert row is not None
+            deployments.on_status(s, row, StatusMessage(
                 device_id=d, phase="active", deployment_id=dep["deployment_id"], bundle_id=dep["bundle_id"]), after)
 
 
