@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -29,8 +30,12 @@ def _checked(r: httpx.Response, what: str) -> dict:
     return r.json()
 
 
-def deploy_demo_model(api: httpx.Client) -> tuple[dict, float]:
-    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once.
+# called with the deployment's current view while the bench waits for it (e.g. to kill the leader halfway)
+Watch = Callable[[dict], None]
+
+
+def deploy_demo_model(api: httpx.Client, watch: Watch | None = None) -> tuple[dict, float]:
+    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once; ``watch(view)`` sees every poll.
 
     Returns (final deployment, seconds to done). Raises DeployFailed for an HTTP error answer, a failed or
     unfinished analysis; httpx.HTTPError (a timeout, a refused connection) passes through.
@@ -64,16 +69,19 @@ def deploy_demo_model(api: httpx.Client) -> tuple[dict, float]:
         cur = _checked(api.get(f"/api/deployments/{dep['deployment_id']}"), "GET /api/deployments/{id}")
         if cur["stage"] in ("done", "stopped") or time.monotonic() - t_dep > 180:
             return cur, time.monotonic() - t_dep
+        if watch is not None:
+            watch(cur)
         time.sleep(0.2)
 
 
-def deploy_phase(args, api: httpx.Client, devices: Devices) -> tuple[bool, list[tuple[str, object]]]:
+def deploy_phase(args, api: httpx.Client, devices: Devices,
+                 watch: Watch | None = None) -> tuple[bool, list[tuple[str, object]]]:
     """Analyse the demo model and deploy it to group "deploy". Returns (whether the phase ran to its end,
     the deployment table's rows; a failed phase's row says what failed)."""
     print(f"analysing the demo model for the deployment to {args.deploy_devices} devices", flush=True)
     t_phase = time.monotonic()
     try:
-        cur, dep_s = deploy_demo_model(api)
+        cur, dep_s = deploy_demo_model(api, watch)
     except (DeployFailed, httpx.HTTPError) as exc:
         what = str(exc)
         if isinstance(exc, httpx.HTTPError):  # a timeout's message is often empty: name the error and request
@@ -86,7 +94,8 @@ def deploy_phase(args, api: httpx.Client, devices: Devices) -> tuple[bool, list[
     return True, [
         ("deployment devices", sum(cur["counts"].values())), ("deployment stage", cur["stage"]),
         ("deployment counts", cur["counts"]), ("deployment time to all-complete s", f"{dep_s:.1f}"),
-        ("part bytes received by the deployed devices", devices.stats()["part_bytes"]),
+        ("part bytes received by the deployed devices", f"{(sim := devices.stats())['part_bytes']:,}"),
+        ("part ranges the simulated devices asked for again (unanswered for 10 s)", f"{sim['part_rerequests']:,}"),
         ("box load average (1 min) at the end", f"{os.getloadavg()[0]:.1f}")]
 
 

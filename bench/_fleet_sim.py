@@ -16,6 +16,7 @@ of boxes started at different times does, instead of all devices at the same ins
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import multiprocessing as mp
 import time
@@ -54,6 +55,10 @@ DEVICES_PER_PROCESS = 2500
 CONNECTS_AT_ONCE = 64
 # a QoS 1 publish not acknowledged by the broker within this long is counted as failed
 PUBACK_TIMEOUT_S = 120.0
+# part ranges unanswered this long are asked for again (agent.parts_fetch's request_timeout); a fetch gives up
+# silently after PARTS_GIVE_UP_S
+PART_REQUEST_TIMEOUT_S = 10.0
+PARTS_GIVE_UP_S = 120.0
 
 
 def bench_password(user: str) -> str:
@@ -73,11 +78,13 @@ class Stats:
     connected: int = 0
     disconnects: int = 0
     part_bytes: int = 0
+    part_rerequests: int = 0  # ranges asked for again after PART_REQUEST_TIMEOUT_S
 
     def as_dict(self) -> dict:
         """Plain dict for the pipe to the parent."""
         return {"sent": dict(self.sent), "acked": dict(self.acked), "failed": dict(self.failed),
-                "connected": self.connected, "disconnects": self.disconnects, "part_bytes": self.part_bytes}
+                "connected": self.connected, "disconnects": self.disconnects, "part_bytes": self.part_bytes,
+                "part_rerequests": self.part_rerequests}
 
 
 class SimDevice:
@@ -95,6 +102,7 @@ class SimDevice:
         self.received = 0
         self.want = math.inf
         self.got_parts = asyncio.Event()
+        self.ranges_here: set[tuple[str, int]] = set()  # (part, offset) of the ranges received
 
     async def connection(self) -> None:
         """Connect (again after a drop, one second later) and hand incoming messages to ``_on_message``
@@ -175,37 +183,66 @@ class SimDevice:
             self.manifest = parse_message(MessageKind.MANIFEST, payload)
             self.got_manifest.set()
         elif where.kind is MessageKind.PART:
-            self.received += len(payload.partition(b"\n")[2])
+            head, _, data = payload.partition(b"\n")
+            key = _range_key(head)
+            if key in self.ranges_here:
+                return  # a range asked for twice and answered twice
+            self.ranges_here.add(key)
+            self.received += len(data)
             if self.received >= self.want:
                 self.got_parts.set()
+
+    async def _request(self, bundle_id: str, ranges: list[PartRange]) -> None:
+        """Ask for ``ranges`` in requests of at most MAX_RANGES_PER_REQUEST."""
+        assert self.client is not None  # the caller checked
+        for i in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
+            req = PartRequest(device_id=self.id, bundle_id=bundle_id, ranges=ranges[i:i + MAX_RANGES_PER_REQUEST])
+            await self.client.publish(self.t.get(bundle_id, self.id), encode(req), qos=DELIVERY[MessageKind.GET].qos,
+                                      timeout=60)
 
     def _status(self, cmd: DeployCommand, phase: str) -> None:
         self.send(MessageKind.STATUS, StatusMessage(device_id=self.id, phase=phase, deployment_id=cmd.deployment_id,
                                                     bundle_id=cmd.bundle_id))
 
     async def _deploy(self, cmd: DeployCommand) -> None:
-        """As an agent fetching a whole parts bundle but its optional fp32 part: ranges of its own, then
-        received -> downloading -> verified -> self_test -> active (gives up silently after 120 s)."""
+        """As an agent fetching a whole parts bundle but its optional fp32 part: ranges of its own on its part
+        topic, subscribed at QoS 0 as the agent does, asking again for the ranges that did not arrive within
+        PART_REQUEST_TIMEOUT_S; then received -> downloading -> verified -> self_test -> active (gives up
+        silently after PARTS_GIVE_UP_S)."""
         self._status(cmd, "received")
         if self.client is None:
             return
         with suppress(aiomqtt.MqttError, TimeoutError):
-            await self.client.subscribe([(self.t.manifest(cmd.bundle_id), 1), (self.t.part(cmd.bundle_id, self.id), 1)],
-                                        timeout=60)
+            await self.client.subscribe([(self.t.manifest(cmd.bundle_id), DELIVERY[MessageKind.MANIFEST].qos),
+                                         (self.t.part(cmd.bundle_id, self.id), 0)], timeout=60)
             await asyncio.wait_for(self.got_manifest.wait(), 120)
             assert self.manifest is not None  # set with got_manifest
             self._status(cmd, "downloading")
             ranges = [PartRange(part=f.name, offset=o, length=min(MAX_RANGE_LENGTH, f.size - o))
                       for f in self.manifest.files if f.name != "base" for o in range(0, f.size, MAX_RANGE_LENGTH)]
             self.want = sum(r.length for r in ranges)
-            for i in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
-                req = PartRequest(device_id=self.id, bundle_id=cmd.bundle_id,
-                                  ranges=ranges[i:i + MAX_RANGES_PER_REQUEST])
-                await self.client.publish(self.t.get(cmd.bundle_id, self.id), encode(req), qos=1, timeout=60)
-            await asyncio.wait_for(self.got_parts.wait(), 120)
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + PARTS_GIVE_UP_S
+            todo = ranges
+            while True:
+                await self._request(cmd.bundle_id, todo)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self.got_parts.wait(), min(PART_REQUEST_TIMEOUT_S, give_up - loop.time()))
+                if self.got_parts.is_set():
+                    break
+                if loop.time() >= give_up:
+                    return
+                todo = [r for r in ranges if (r.part, r.offset) not in self.ranges_here]
+                self.stats.part_rerequests += len(todo)
             self.stats.part_bytes += self.received
             for phase in ("verified", "self_test", "active"):
                 self._status(cmd, phase)
+
+
+def _range_key(head: bytes) -> tuple[str, int]:
+    """(part, offset) from a part frame's JSON header line."""
+    meta = json.loads(head)
+    return str(meta["part"]), int(meta["offset"])
 
 
 async def _run_process(port: int, ids: list[str], groups: dict[str, str], first: int, total: int, conn) -> None:
@@ -272,11 +309,11 @@ class Devices:
     def stats(self, cmd: str = "stats", arg=None) -> dict:
         """The summed stats of every process (``cmd`` "stop" ends the traffic first)."""
         out: dict = {"sent": Counter(), "acked": Counter(), "failed": Counter(), "connected": 0, "disconnects": 0,
-                     "part_bytes": 0}
+                     "part_bytes": 0, "part_rerequests": 0}
         for s in self.ask(cmd, arg):
             for k in ("sent", "acked", "failed"):
                 out[k].update(s[k])
-            for k in ("connected", "disconnects", "part_bytes"):
+            for k in ("connected", "disconnects", "part_bytes", "part_rerequests"):
                 out[k] += s[k]
         return out
 

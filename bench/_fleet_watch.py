@@ -14,26 +14,38 @@ import psutil
 from bench._fleet_loss import stored_rows
 from bench._fleet_servers import Servers, cpu_seconds, rss_bytes
 
+# what the dashboard's overview asks for (fleet_server/static/js/device_pages.js): the first page of 50 devices
+# with the facet counts (devices per state, alert kind, group, version), which the API adds by default
+PAGED = "/api/devices?limit=50&facets=true"
+UNPAGED = "/api/devices"  # the bare array of every device (older callers)
+
+
+def _timed_get(api: httpx.Client, path: str) -> float:
+    """Milliseconds for one GET of ``path``; an unanswered or failed request as infinity."""
+    t0 = time.perf_counter()
+    try:
+        api.get(path).raise_for_status()
+    except httpx.HTTPError:
+        # an unanswered request is the worst latency there is, not the end of the measurement: counted
+        # as infinite (the table's p99 then says "> 30 s"); at 10,000 devices this box's API stopped
+        # answering within 30 s
+        return float("inf")
+    return 1000 * (time.perf_counter() - t0)
+
 
 def poll_api(url: str, token: str, stop, out) -> None:
-    """Child process: GET /api/devices every 0.25 s until ``stop`` is set; the latencies (ms) go to ``out``.
+    """Child process: every 0.25 s GET the dashboard's paged overview (PAGED), then the unpaged array
+    (UNPAGED), until ``stop`` is set; ``{"paged": [ms...], "unpaged": [ms...]}`` goes to ``out``.
 
     A process of its own, so the simulated devices' publishing does not hold the poller's GIL
-    and the figure is the server's latency, not the bench's.
+    and the figure is the server's latency, not the bench's. The two are timed apart: the issue's
+    goal (p99 < 200 ms) is the paged request's, the one the dashboard makes.
     """
-    lat: list[float] = []
+    lat: dict[str, list[float]] = {"paged": [], "unpaged": []}
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as api:
         while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                api.get("/api/devices").raise_for_status()
-            except httpx.HTTPError:
-                # an unanswered request is the worst latency there is, not the end of the measurement: counted
-                # as infinite (the table's p99 then says "> 30 s"); at 10,000 devices this box's API stopped
-                # answering within 30 s
-                lat.append(float("inf"))
-            else:
-                lat.append(1000 * (time.perf_counter() - t0))
+            lat["paged"].append(_timed_get(api, PAGED))
+            lat["unpaged"].append(_timed_get(api, UNPAGED))
             stop.wait(0.25)
     out.put(lat)
 

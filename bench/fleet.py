@@ -58,7 +58,7 @@ from bench._fleet_servers import (  # noqa: E402
     wait_for,
 )
 from bench._fleet_sim import Devices  # noqa: E402
-from bench._fleet_watch import Usage, poll_api, print_soak, processes, soak_sample  # noqa: E402
+from bench._fleet_watch import PAGED, UNPAGED, Usage, poll_api, print_soak, processes, soak_sample  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 
 
@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--kill-leader", action="store_true", help="with --replicas: SIGKILL the leader halfway")
     ap.add_argument("--restart-killed", type=float, default=None, metavar="S",
                     help="with --kill-leader: start the killed replica again S seconds after the kill")
+    ap.add_argument("--kill-leader-in-deploy", action="store_true",
+                    help="with --replicas: SIGKILL the leader once half the deployment's devices succeeded")
     ap.add_argument("--quick", action="store_true", help="200 devices, 30 s, drift every 15 s")
     ap.add_argument("--sample-seconds", type=float, default=0.0,
                     help="soak: sample server RSS, descriptors, threads and DB size this often (0: off)")
@@ -119,7 +121,7 @@ class Traffic:
     elapsed: float
     sent: dict[str, int]
     usage: Usage
-    lat: list[float]
+    lat: dict[str, list[float]]  # "paged" (the dashboard's request) and "unpaged" (every device) in ms
     soak: list[dict]
     load_max: float
     killed: dict | None = None
@@ -167,7 +169,7 @@ def traffic_phase(args, broker: Broker, servers: Servers, devices: Devices, url:
     sent = devices.stats("stop")["sent"]
     elapsed = time.monotonic() - t_start
     stop.set()
-    lat: list[float] = lat_q.get(timeout=60)
+    lat: dict[str, list[float]] = lat_q.get(timeout=60)
     poller.join(5)
     return Traffic(elapsed, dict(sent), usage, lat, soak, load_max, killed, restarted)
 
@@ -175,6 +177,15 @@ def traffic_phase(args, broker: Broker, servers: Servers, devices: Devices, url:
 def _by_kind(counts: dict[str, int]) -> str:
     return f"{sum(counts.get(k, 0) for k in TRAFFIC_KINDS):,} (" + ", ".join(
         f"{k} {counts.get(k, 0):,}" for k in TRAFFIC_KINDS) + ")"
+
+
+def _latency_rows(what: str, lat: list[float]) -> list[tuple[str, object]]:
+    """p50 / p99 ms, samples and unanswered requests of one polled request."""
+    if not lat:
+        return [(f"{what} p50 / p99 ms", "-")]
+    p50, p99 = _ms(statistics.median(lat)), _ms(float(np.percentile(lat, 99, method="higher")))
+    return [(f"{what} p50 / p99 ms", f"{p50} / {p99}"),
+            (f"{what} samples / unanswered within 30 s", f"{len(lat)} / {sum(math.isinf(v) for v in lat)}")]
 
 
 def traffic_rows(args, n_procs: int, connect_s: float, t: Traffic, d: Drain, sim: dict, dropped: str,
@@ -185,7 +196,6 @@ def traffic_rows(args, n_procs: int, connect_s: float, t: Traffic, d: Drain, sim
     drained = (f"all stored {d.seconds:.1f} s after the traffic" if d.complete else
                f"last growth {d.seconds:.1f} s after the traffic; " +
                ("still growing at the 120 s timeout" if d.timed_out else "then unchanged for 10 s"))
-    lat = t.lat
     rows: list[tuple[str, object]] = [
         ("devices", args.devices),
         ("MQTT connections (one per device: own client id, user, password, will)", f"{args.devices:,}"),
@@ -208,9 +218,8 @@ def traffic_rows(args, n_procs: int, connect_s: float, t: Traffic, d: Drain, sim
              ("mosquitto CPU % of one core / peak RSS MB",
               f"{t.usage.cpu_pct('broker', t.elapsed):.0f} / {t.usage.peak_rss.get('broker', 0) / 1e6:.0f}"),
              ("box load average (1 min): highest during traffic", f"{t.load_max:.1f}"),
-             ("GET /api/devices p50 ms", _ms(statistics.median(lat)) if lat else "-"),
-             ("GET /api/devices p99 ms", _ms(float(np.percentile(lat, 99, method="higher"))) if lat else "-"),
-             ("API samples", len(lat)), ("API requests unanswered within 30 s", sum(math.isinf(v) for v in lat))]
+             *_latency_rows(f"GET {PAGED} (the dashboard's overview page)", t.lat["paged"]),
+             *_latency_rows(f"GET {UNPAGED} (unpaged array of every device)", t.lat["unpaged"])]
     if t.killed:
         rows += [("leader killed (SIGKILL) at", f"{args.duration / 2:.0f} s"),
                  ("another replica led after s", f"{t.killed['takeover_s']:.1f}"),
@@ -250,7 +259,34 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
                 traffic_rows(args, len(devices.procs), connect_s, t, d, sim, dropped, invalid, len(servers.urls)))
     print(json.dumps({"sent": t.sent, "stored_at_end": d.at_end, "stored": d.final, "lost": d.lost(t.sent),
                       "failed_publishes": dict(sim["failed"])}), flush=True)
-    ok, rows = deploy_phase(args, api, devices)
+    killed_in_deploy: dict = {}
+
+    def watch(view: dict) -> None:
+        # the leader's death halfway through the deployment: the API moves to a replica that lives on; with
+        # --restart-killed the dead one comes back that many seconds later
+        if (killed_in_deploy and args.restart_killed is not None and "restarted" not in killed_in_deploy
+                and time.monotonic() - killed_in_deploy["at"] >= args.restart_killed):
+            killed_in_deploy["restarted"] = restart_killed(servers, killed_in_deploy)
+        if (args.kill_leader_in_deploy and not killed_in_deploy
+                and view["counts"].get("succeeded", 0) >= sum(view["counts"].values()) / 2):
+            killed_in_deploy.update(kill_leader(servers))
+            if killed_in_deploy["index"] == servers.urls.index(str(api.base_url).rstrip("/")):
+                api.base_url = httpx.URL(next(u for k, u in enumerate(servers.urls) if k != killed_in_deploy["index"]))
+            killed_in_deploy["succeeded"] = view["counts"].get("succeeded", 0)
+
+    ok, rows = deploy_phase(args, api, devices, watch)
+    if killed_in_deploy:
+        rows.append(("leader killed (SIGKILL) during the deployment", f"{killed_in_deploy['killed']} at "
+                     f"{killed_in_deploy['succeeded']:,} succeeded; another replica led after "
+                     f"{killed_in_deploy['takeover_s']:.1f} s; restarted: " +
+                     ("no" if "restarted" not in killed_in_deploy else
+                      f"{args.restart_killed:.0f} s after the kill, connected "
+                      f"{killed_in_deploy['restarted']:.1f} s later")))
+    publishing = [servers.health(k).get("publishing", {}) for k in range(len(servers.urls))]
+    for key, what in (("refused", "publishes the server's MQTT client refused"),
+                      ("dropped_disconnected", "QoS 0 publishes dropped while disconnected"),
+                      ("chunks_served", "chunks served"), ("part_ranges_served", "part ranges served")):
+        rows.append((f"{what} (per live server, /api/health)", " / ".join(str(p.get(key, "-")) for p in publishing)))
     print_table("deployment phase", rows)
     return ok
 

@@ -24,6 +24,7 @@ from fleet_server.device_listing import DevicePage, DeviceQuery, device_page
 from fleet_server.events import sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
 from fleet_server.model_versions import group_versions
+from fleet_server.mqtt_client import PublishRefused
 from fleet_server.sample_gallery import recent_samples, sample_image
 from fleet_server.uploads import BodyLimitMiddleware, MissingPartError, UploadTooLargeError, receive_form
 from fleet_server.version_rollback import rollback_group
@@ -108,7 +109,9 @@ class AcceptRequest(BaseModel):
     scope: Literal["device", "group"] = "device"
 
 
-STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409, UploadTooLargeError: 413, MissingPartError: 422}
+# PublishRefused: the MQTT client has no packet id free right now (a rollback's commands); try again shortly
+STATUS = {registry.NotFoundError: 404, registry.ConflictError: 409, UploadTooLargeError: 413, MissingPartError: 422,
+          PublishRefused: 503}
 # the multipart form of POST /api/models, for the OpenAPI docs (the route reads the body itself, streamed)
 _MODEL_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "pool", "name"],

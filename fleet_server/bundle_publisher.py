@@ -38,7 +38,9 @@ from toco_core.mqtt_client_factory import make_mqtt_client
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.bundles")
-SendFn = Callable[[str, bytes, int, bool], None]
+# (topic, payload, qos, retain) -> False when a QoS 0 publish was dropped (e.g. while disconnected); raises
+# when a QoS 1 publish is refused (fleet_server.mqtt_client.PublishRefused)
+SendFn = Callable[[str, bytes, int, bool], bool | None]
 # (bundle_id) -> its stored manifest and bytes, or None when not stored
 LoadFn = Callable[[str], tuple[BundleManifest, bytes] | None]
 _MISS_TTL_S = 10.0  # a bundle found not stored is not looked up again for this long (requests repeat)
@@ -130,8 +132,9 @@ class BundlePublisher:
             payload_out = chunk if self.fault is None else self.fault(manifest.bundle_id, i, chunk)
             if payload_out is None:
                 continue
-            self.send(self.topics.chunk(manifest.bundle_id, i), payload_out, DELIVERY[MessageKind.CHUNK].qos, False)
-            sent += 1
+            if self.send(self.topics.chunk(manifest.bundle_id, i), payload_out, DELIVERY[MessageKind.CHUNK].qos,
+                         False) is not False:
+                sent += 1
         self.stats["chunks_sent"] += sent
         return sent
 
@@ -175,8 +178,9 @@ class BundlePublisher:
             out = part if self.part_fault is None else self.part_fault(manifest.bundle_id, r.part, r.offset, part)
             if out is None:
                 continue
+            if self.send(topic, out, DELIVERY[MessageKind.PART].qos, False) is False:
+                continue  # dropped (counted by the MQTT client); the device asks for it again
             self.part_bytes[(manifest.bundle_id, request.device_id, r.part)] += r.length
-            self.send(topic, out, DELIVERY[MessageKind.PART].qos, False)
             sent += 1
         self.stats["ranges_sent"] += sent
         return sent
@@ -199,8 +203,8 @@ class MqttBundleServer:
         self.client.on_message = self._on_message
         self.publisher = BundlePublisher(self.topics, self._send, fault, part_fault)
 
-    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        return self.client.publish(topic, payload, qos=qos, retain=retain).rc == mqtt.MQTT_ERR_SUCCESS
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect in the background and wait up to ``timeout`` s. Raises TimeoutError if not connected."""

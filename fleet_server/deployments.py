@@ -13,6 +13,11 @@ so every path that changes a deployment's devices first locks the deployment's r
 (``lock_deployments``: ``SELECT ... FOR UPDATE``, in id order). Two replicas never count one wave's
 outcomes at the same time (which could send the next wave twice), and the fixed order cannot deadlock.
 SQLite has no row locks; there the one serve process is the only writer.
+
+A member is marked sent once its command is published. A command the MQTT client refuses
+(PublishRefused: its packet ids are all taken) pauses the wave: that member and the rest stay
+pending, and the next status message of the deployment or the leader's tick sends them again. A
+wave's outcome is judged only once every member of it was sent.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 
 from fleet_server.db import (
     AnalysisRow,
@@ -42,6 +47,7 @@ from fleet_server.enrollment import ENROLLED
 from fleet_server.enrollment import may_run as may_run_model
 from fleet_server.events import EventBus
 from fleet_server.model_versions import lineage_of
+from fleet_server.mqtt_client import PublishRefused
 from fleet_server.registry import ConflictError, NotFoundError, fetch, log_event
 from fleet_server.views import deployment_view
 from fleet_server.whatif import expected_infeasible
@@ -63,6 +69,11 @@ def lock_deployments(s, deployment_ids) -> None:
                   .with_for_update())
 TERMINAL = ("succeeded", "failed")
 OPEN_STAGES = ("canary", "rest")
+
+
+def stage_waves(stage: str) -> tuple[str, ...]:
+    """The waves whose members a stage sends: canary its own, rest both (a whole-group deployment is all canary)."""
+    return ("canary",) if stage == "canary" else ("canary", "rest")
 
 
 def outcome_of(phase: Phase) -> str:
@@ -225,7 +236,7 @@ class Deployments:
                 {"deployment_id": dep.id, "device_id": dev, "wave": "canary" if i < n_canary else "rest",
                  "phase": "pending", "outcome": "pending", "expected_infeasible": expected.get(dev), "updated_at": now}
                 for i, dev in enumerate(devices)])
-            self._send_wave(s, dep, "canary", budget)
+            self._send_wave(s, dep, stage_waves(dep.stage), budget)
             log_event(s, "deployment", {"deployment_id": dep.id, "target": target, "devices": len(devices),
                                         "expected_infeasible": warnings})
         view = self.get(deployment_id=dep.id)
@@ -251,38 +262,47 @@ class Deployments:
 
     # --- moving on ----------------------------------------------------------------------------
 
-    def _send_wave(self, s, dep: DeploymentRow, wave: str, budget: float) -> None:
-        """Mark the wave's pending members sent (or failed when revoked meanwhile) and publish their commands.
+    def _send_wave(self, s, dep: DeploymentRow, waves: tuple[str, ...], budget: float) -> bool:
+        """Publish the commands of the pending members of ``waves`` and mark each one sent once published
+        (or failed when revoked meanwhile: nothing is sent).
 
-        The rows are read in one query and written in bulk, then the commands go out, all inside the caller's
-        transaction: a command that fails to publish rolls every mark back, so a member committed as sent
-        was published. Returns None; raises what the database or ``send_command`` raises.
+        The rows are read in one query and written in bulk, inside the caller's transaction. A command the
+        MQTT client refuses (PublishRefused) stops the wave there: that member and the ones after it stay
+        pending, to be sent again later (module docstring). Returns True when no member is left unsent.
+        Raises what the database raises, and what ``send_command`` raises but PublishRefused (which rolls
+        the caller's transaction back, marks included).
         """
         now = time.time()
         # the wave's members with their devices in one query (None: the device row is gone); the ORM
         # flushes the changed rows below as executemany batches instead of a round trip per device
         wave_rows = s.execute(select(DeploymentDeviceRow, DeviceRow)
                               .outerjoin(DeviceRow, DeviceRow.id == DeploymentDeviceRow.device_id)
-                              .where(DeploymentDeviceRow.deployment_id == dep.id, DeploymentDeviceRow.wave == wave,
-                                     DeploymentDeviceRow.outcome == "pending")
+                              .where(DeploymentDeviceRow.deployment_id == dep.id,
+                                     DeploymentDeviceRow.wave.in_(waves), DeploymentDeviceRow.outcome == "pending")
                               .order_by(DeploymentDeviceRow.device_id)).all()
-        timeline, to_send = [], []
-        for m, dev in wave_rows:
+        timeline = []
+        complete = True
+        for k, (m, dev) in enumerate(wave_rows):
             if dev is None or dev.enrollment != ENROLLED:  # revoked since the deployment began: nothing is sent
                 m.phase, m.outcome, m.reason, m.updated_at = "failed", "failed", "revoked: not sent", now
                 timeline.append({"deployment_id": dep.id, "device_id": m.device_id, "phase": "failed",
                                  "reason": m.reason, "t": now})
                 continue
+            try:
+                self.send_command(m.device_id, self._command(dep, budget))
+            except PublishRefused as exc:
+                complete = False
+                log.warning("deploy wave paused: a command was refused; the rest is sent later",
+                            extra={"fields": {"deployment": dep.id, "unsent": len(wave_rows) - k, "error": str(exc)}})
+                break
             m.phase, m.outcome, m.sent_at, m.updated_at = "sent", "in_progress", now, now
             timeline.append({"deployment_id": dep.id, "device_id": m.device_id, "phase": "sent", "reason": None,
                              "t": now})
             dev.deploy_state = "deploying"
-            to_send.append(m.device_id)
         if timeline:
             s.execute(insert(TimelineRow), timeline)
         s.flush()
-        for device_id in to_send:
-            self.send_command(device_id, self._command(dep, budget))
+        return complete
 
     @staticmethod
     def _command(dep: DeploymentRow, budget: float) -> DeployCommand | RollbackCommand:
@@ -293,6 +313,11 @@ class Deployments:
                                    reason=dep.reason or "rollback to an earlier version")
         return DeployCommand(cmd_id=new_id("c"), deployment_id=dep.id, bundle_id=dep.bundle_id, fidelity_budget=budget)
 
+    @staticmethod
+    def _budget(s, dep: DeploymentRow) -> float:
+        """The fidelity budget of the deployment's analysis (what its deploy commands carry)."""
+        return float(s.get(AnalysisRow, dep.analysis_id).settings.get("budget", 0.01))
+
     def _advance(self, s, dep: DeploymentRow) -> bool:
         """Stop, open the next wave, or finish. Returns True when the stage changed."""
         if dep.stage not in OPEN_STAGES:
@@ -300,13 +325,17 @@ class Deployments:
         # the members' outcomes counted by the database (it runs on every status message: loading a large
         # deployment's every member each time made its statuses quadratic, bench/deploy_create.py --statuses)
         counts = dict.fromkeys(("pending", "in_progress", "succeeded", "failed"), 0)
-        for outcome, k in s.execute(select(DeploymentDeviceRow.outcome, func.count())
-                                    .where(DeploymentDeviceRow.deployment_id == dep.id)
-                                    .group_by(DeploymentDeviceRow.outcome)):
-            counts[outcome] = k
+        unsent = 0  # pending members of the stage's own waves: their commands were refused (see _send_wave)
+        for wave, outcome, k in s.execute(select(DeploymentDeviceRow.wave, DeploymentDeviceRow.outcome, func.count())
+                                          .where(DeploymentDeviceRow.deployment_id == dep.id)
+                                          .group_by(DeploymentDeviceRow.wave, DeploymentDeviceRow.outcome)):
+            counts[outcome] += k
+            if outcome == "pending" and wave in stage_waves(dep.stage):
+                unsent += k
         n = sum(counts.values())
         sent, failed = n - counts["pending"], counts["failed"]
-        wave_done = counts["in_progress"] == 0  # every member sent so far is succeeded or failed
+        # every member of the stage's waves sent, and each one succeeded or failed
+        wave_done = counts["in_progress"] == 0 and unsent == 0
         if failed / n > dep.failure_threshold or (wave_done and sent and failed / sent > dep.failure_threshold):
             dep.stage, dep.finished_at = "stopped", time.time()
             dep.reason = (f"stopped: {failed} of {sent} devices failed, share {failed / sent:.0%} "
@@ -316,12 +345,14 @@ class Deployments:
                       .values(phase="not_sent"))
             log_event(s, "deployment", {"deployment_id": dep.id, "stage": dep.stage, "reason": dep.reason})
             return True
+        if unsent:  # the stage's refused commands, sent again; the stage moves on once they are all out
+            self._send_wave(s, dep, stage_waves(dep.stage), self._budget(s, dep))
+            return False
         if not wave_done:
             return False
         if counts["pending"]:
             dep.stage = "rest"
-            budget = float(s.get(AnalysisRow, dep.analysis_id).settings.get("budget", 0.01))
-            self._send_wave(s, dep, "rest", budget)
+            self._send_wave(s, dep, stage_waves(dep.stage), self._budget(s, dep))
             return True
         dep.stage, dep.finished_at = "done", time.time()
         log_event(s, "deployment", {"deployment_id": dep.id, "stage": "done", "failed": failed})
@@ -371,17 +402,24 @@ class Deployments:
             after.append(_PublishView(self, deployment_id))
 
     def tick(self, now: float | None = None) -> int:
-        """Fail devices silent for longer than the timeout and move their deployments on. Returns how many failed."""
+        """Fail devices silent for longer than the timeout, send what a refused publish left unsent, and move
+        the deployments on. Returns how many devices failed."""
         now = time.time() if now is None else now
         after: list = []
         with self.db.session(write=True) as s:
             late_q = select(DeploymentDeviceRow).where(DeploymentDeviceRow.outcome == "in_progress",
                                                        DeploymentDeviceRow.updated_at < now - self.timeout_s)
             late = s.scalars(late_q).all()
-            if late:  # lock their deployments, then read them again: a replica's ingest may just have moved them
-                lock_deployments(s, [m.deployment_id for m in late])
+            # open deployments with members of their stage's waves still pending: their commands were refused
+            unsent = set(s.scalars(select(DeploymentDeviceRow.deployment_id).distinct()
+                                   .join(DeploymentRow, DeploymentRow.id == DeploymentDeviceRow.deployment_id)
+                                   .where(DeploymentDeviceRow.outcome == "pending",
+                                          DeploymentRow.stage.in_(OPEN_STAGES),
+                                          or_(DeploymentRow.stage == "rest", DeploymentDeviceRow.wave == "canary"))))
+            if late or unsent:  # lock their deployments, then read again: a replica's ingest may just have moved them
+                lock_deployments(s, [*unsent, *(m.deployment_id for m in late)])
                 late = s.scalars(late_q.execution_options(populate_existing=True)).all()
-            touched = set()
+            touched = set(unsent)
             # their devices in one query, not one per late member (a whole silent wave can time out at once)
             devices = {d.id: d for d in s.scalars(select(DeviceRow).where(
                 DeviceRow.id.in_(sorted({m.device_id for m in late}))))} if late else {}

@@ -24,7 +24,7 @@ from fleet_server.events import KINDS, EventBus
 from toco_core.topics import Topics
 
 log = logging.getLogger("toco.fleet.relay")
-SendFn = Callable[[str, bytes, int, bool], None]
+SendFn = Callable[[str, bytes, int, bool], object]  # fleet_server.mqtt_client.FleetMqtt.send; its answer unused
 
 
 class EventRelay:

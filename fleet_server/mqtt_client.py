@@ -17,16 +17,24 @@ process asks for again. Everything else (chunk requests, relayed events) is ackn
 as it has been handled. A PUBACK names a packet id of one connection: an acknowledgement that
 comes after the connection it arrived on has dropped is not sent (the broker delivers the
 message again on the new connection, and ingest recognises it).
+
+Publishing: paho numbers a QoS 1 publish with a packet id (1-65,535) that stays taken until the
+broker's PUBACK, and refuses a publish whose id is still taken (MQTT_ERR_QUEUE_SIZE). A refused
+QoS 1 publish raises PublishRefused (a deploy wave is then not marked sent: fleet_server.deployments);
+a QoS 0 publish refused or made while disconnected is gone and only counted (the downloader asks
+again). ``stats`` holds those counts for /api/health.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
+from toco_core.errors import TocoError
 from toco_core.messages import Message, MessageError, MessageKind, encode
 from toco_core.mqtt_client_factory import make_mqtt_client, session_connect_args
 from toco_core.topics import DELIVERY, Topics, parse_broker_url
@@ -34,6 +42,10 @@ from toco_core.topics import DELIVERY, Topics, parse_broker_url
 log = logging.getLogger("toco.fleet.mqtt")
 INGEST_KINDS = (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.DRIFT, MessageKind.SAMPLES)
 Ack = Callable[[], None]  # acknowledges one received QoS 1 message to the broker (a no-op for QoS 0)
+
+
+class PublishRefused(TocoError):
+    """paho refused a QoS 1 publish (every packet id is taken by a publish the broker has not acknowledged)."""
 
 
 class FleetMqtt:
@@ -56,6 +68,8 @@ class FleetMqtt:
         self.on_device, self.on_get, self.on_connected = on_device, on_get, on_connect
         self.connected = threading.Event()
         self.session_expiry_s = session_expiry_s
+        # refused, dropped_disconnected (QoS 0 gone), queued_disconnected (QoS 1 kept by paho for the reconnect)
+        self.stats: Counter[str] = Counter()
         # which connection a packet id belongs to: bumped (under the lock) on every connect and disconnect
         self._ack_lock = threading.Lock()
         self._connection = 0
@@ -81,15 +95,30 @@ class FleetMqtt:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        """Raw publish (the BundlePublisher's SendFn)."""
-        self.client.publish(topic, payload, qos=qos, retain=retain)
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """Raw publish (the BundlePublisher's SendFn). Returns True when paho took it: written to the socket,
+        or for QoS 1 queued (while disconnected: until the reconnect); False for a QoS 0 publish that is gone
+        (counted). Raises PublishRefused when paho refuses a QoS 1 publish."""
+        rc = self.client.publish(topic, payload, qos=qos, retain=retain).rc
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            return True
+        if rc == mqtt.MQTT_ERR_NO_CONN:
+            # QoS 1 stays in paho's queue and goes out after the reconnect; QoS 0 is lost
+            self.stats["queued_disconnected" if qos else "dropped_disconnected"] += 1
+            return qos > 0
+        self.stats["refused"] += 1
+        if qos == 0:
+            return False
+        log.warning("publish refused", extra={"fields": {"topic": topic, "rc": int(rc)}})
+        raise PublishRefused(f"the MQTT client refused to publish on {topic}: {mqtt.error_string(rc)} (every packet "
+                             "id is taken by a QoS 1 publish the broker has not acknowledged yet)",
+                             "it is sent again once the broker catches up; if it persists, check the broker's "
+                             "health and GET /api/health (mqtt.refused)")
 
     def send_command(self, device_id: str, command: Message) -> None:
-        """Publish a server command on ``devices/{id}/cmd`` with the protocol's QoS."""
+        """Publish a server command on ``devices/{id}/cmd`` with the protocol's QoS. Raises PublishRefused."""
         rule = DELIVERY[MessageKind.CMD]
-        self.client.publish(self.topics.device(MessageKind.CMD, device_id), encode(command), qos=rule.qos,
-                            retain=rule.retain)
+        self.send(self.topics.device(MessageKind.CMD, device_id), encode(command), rule.qos, rule.retain)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

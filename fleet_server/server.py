@@ -232,10 +232,18 @@ class FleetServer:
         self.started = False
 
     def health(self) -> dict:
-        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters, "fleet",
-        "broker_url", "replica": {"id", "replicas", "leader"}}`` (leader: this process runs the singleton duties)."""
+        """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters, "publishing":
+        {"refused", "dropped_disconnected", "queued_disconnected", "chunks_served", "part_ranges_served"}, "fleet",
+        "broker_url", "replica": {"id", "replicas", "leader"}}`` (leader: this process runs the singleton duties).
+        ``refused``: publishes the MQTT client refused (no packet id free); ``dropped_disconnected``: QoS 0
+        publishes lost while disconnected; ``queued_disconnected``: QoS 1 ones kept for the reconnect."""
+        mqtt_stats, served = self.mqtt.stats, self.publisher.stats
+        publishing = {"refused": mqtt_stats["refused"], "dropped_disconnected": mqtt_stats["dropped_disconnected"],
+                      "queued_disconnected": mqtt_stats["queued_disconnected"],
+                      "chunks_served": served["chunks_sent"], "part_ranges_served": served["ranges_sent"]}
         return {"status": "ok", "broker": "connected" if self.mqtt.connected.is_set() else "disconnected",
-                "messages": dict(self.ingest.stats), "fleet": self.settings.fleet, "broker_url": self.broker_url,
+                "messages": dict(self.ingest.stats), "publishing": publishing, "fleet": self.settings.fleet,
+                "broker_url": self.broker_url,
                 "replica": {"id": self.settings.replica_id, "replicas": self.settings.replicas,
                             "leader": self.lease.is_leader}}
 

@@ -44,8 +44,11 @@ DELIVERY: dict[MessageKind, Delivery] = {
     MessageKind.CMD: Delivery(1, False, False),
     MessageKind.MANIFEST: Delivery(1, True, False),
     MessageKind.GET: Delivery(1, False, False),        # re-requested after a reconnect anyway
-    MessageKind.CHUNK: Delivery(1, False, False),
-    MessageKind.PART: Delivery(1, False, False),       # subscribed at QoS 0 like chunks
+    # chunks and part frames go out at QoS 0: downloaders subscribe at QoS 0 and ask again for what does not
+    # arrive, so QoS 1 would only spend the server's packet ids (65,535 in flight at most) and broker state;
+    # thousands of boxes fetching at once used them all up and the server's commands were refused
+    MessageKind.CHUNK: Delivery(0, False, False),
+    MessageKind.PART: Delivery(0, False, False),
 }
 
 
