@@ -50,6 +50,7 @@ from toco_core.plan_table import plan_codes  # noqa: E402
 from toco_core.recompress import as_source, build  # noqa: E402
 from toco_core.runtime import make_session, run_model  # noqa: E402
 from toco_core.solver import disagreement_bound, enumerate_plans, is_base_plan  # noqa: E402
+from toco_core.weight_source import require_plans  # noqa: E402
 
 console = Console(width=200)
 DAMP = 0.01  # GPTQ's dampening: 1% of the mean diagonal keeps H invertible for dead inputs
@@ -120,6 +121,7 @@ def measure_variant(seed: int, batchnorm: bool, d) -> dict:
     infos = compressible_weights(model)
     fp32 = len(model_bytes(model))
     source = as_source(model, result)
+    table = require_plans(result)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     hess = layer_hessians(model, [i.name for i in infos], np.asarray(result.analysis_x))
     correction = BiasCorrection(model, infos, result.analysis_x)
@@ -135,8 +137,8 @@ def measure_variant(seed: int, batchnorm: bool, d) -> dict:
         if is_base_plan(plan) or plan.quant_scale == 0 or key in seen:
             continue
         seen.add(key)
-        plain = plan_codes(result.plans, source.ladders, source.classes, *key)
-        level = prune_level(result.plans.prune_grid, plan.prune_scale)
+        plain = plan_codes(table, source.ladders, source.classes, *key)
+        level = prune_level(table.prune_grid, plan.prune_scale)
         comp = [compensated_codes(weights[q.name], q, source.classes[q.name] > level, hess[q.name])
                 if q.name in hess else q for q in plain]
         values = {q.name: dequantize(q) for q in comp}

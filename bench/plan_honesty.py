@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._common an
 import numpy as np  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from scipy.stats import beta  # noqa: E402
 
 from bench._common import RESULTS, cached_analysis  # noqa: E402
 from bench.compression import REFERENCE, VARIANTS, variant_name  # noqa: E402
@@ -111,9 +111,26 @@ def _se_bound(z: float):
     return bound
 
 
+def _binom_cdf(k: int, n: int, q: float) -> float:
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(q)
+            + (n - i) * math.log1p(-q) for i in range(k + 1)]
+    return float(sum(math.exp(v) for v in logs))
+
+
+def clopper_pearson_upper(k: int, n: int, alpha: float = 0.05) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound of a rate with k events in n: the q where
+    P(X <= k | n, q) = alpha, by bisection (the CDF falls as q grows)."""
+    if k >= n:
+        return 1.0
+    lo, hi = k / n, 1.0 - 1e-12
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _binom_cdf(k, n, mid) > alpha else (lo, mid)
+    return hi
+
+
 def _clopper_pearson(p: dict, n: int, _pts: list[dict], _w: np.ndarray) -> float:
-    k = round(p["plan"].predicted_disagreement * n)
-    return 1.0 if k >= n else float(beta.ppf(0.95, k + 1, n - k))
+    return clopper_pearson_upper(round(p["plan"].predicted_disagreement * n), n)
 
 
 def _size_monotone(p: dict, n: int, pts: list[dict], _w: np.ndarray) -> float:
