@@ -14,8 +14,11 @@ it trains seeds 1-3 without BatchNorm and seeds 1-2 with BatchNorm after each co
 with the demo LeNet-5's settings, recompresses the size row's plan ("TOCO size, budget 1%") and
 measures it and onnxruntime's quantize_dynamic on the held-out digits, plus the demo LeNet-5 (seed 0) as a
 reference row outside the goal; writes
-bench/results/compression-variants.json. The BatchNorm seed-2 variant is the one kept aside: it
-was never run while the mode was written, and no analysis or solver code changed after any result.
+bench/results/compression-variants.json. A sixth variant, BatchNorm seed 4, is kept aside: nobody
+looked at it while developing (bench/plan_honesty.py included), it is measured the same way and printed
+on its own line after the five, labelled "aside", and it is not one of the five the goal counts.
+(BatchNorm seed 2 was the aside variant of an earlier run; it has been looked at since, so it is
+one of the five.) No analysis or solver code changed after any result.
 Fidelity is measured on the 1000 held-out digits (never seen by the analysis); the analyses
 are cached under bench/results/analysis-<model>/. --quick skips the 5M CNN and measures p50
 with fewer runs.
@@ -248,7 +251,8 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
 
 
 VARIANTS = ((1, False), (2, False), (3, False), (1, True), (2, True))  # (seed, BatchNorm after each conv)
-ASIDE = (2, True)  # the variant never looked at while this mode was written (module docstring)
+# kept aside: never looked at while developing (module docstring); measured, printed apart, not in the goal
+ASIDE = (4, True)
 # the demo LeNet-5 (seed 0), the model the project was developed on: a reference row, not one of the 5
 REFERENCE = (0, False)
 GOAL_RATIO, GOAL_DISAGREEMENT = 20.0, 0.01
@@ -301,16 +305,19 @@ def variant_summary(res: dict) -> dict:
     return out
 
 
-def print_variants(results: list[dict], reference: dict) -> dict:
-    """The per-variant table (the reference row last) and the spread over the variants; returns the spread."""
+def print_variants(results: list[dict], aside: dict, reference: dict) -> dict:
+    """The per-variant table (the five, then the aside variant and the reference row on their own lines, both
+    outside the goal) and the spread over the five; returns the spread."""
     t = Table(title="LeNet-5 variants: size plan at a 1% budget vs onnxruntime quantize_dynamic, 1,000 unseen digits")
     for col in ("variant", "base acc", "fp32 file", "TOCO storage form", "fp32 file / storage", "TOCO disagree",
                 "ORT dyn file", "fp32 file / ORT file", "ORT disagree", ">=20x, <=1%", "TOCO plan"):
         t.add_column(col, justify="left" if col in ("variant", "TOCO plan") else "right")
-    for res in [*results, reference]:
+    for res in [*results, aside, reference]:
+        if res is aside:
+            t.add_section()  # the aside variant below a rule: not one of the five
         s = res["summary"]
         ratio = s["toco_storage_ratio"]
-        tag = " (aside)" if res["aside"] else " (demo, not in the goal)" if res["reference"] else ""
+        tag = " (aside, not in the goal)" if res["aside"] else " (demo, not in the goal)" if res["reference"] else ""
         t.add_row(res["name"] + tag, _fmt(s["base_accuracy"], "pct"),
                   _fmt(s["fp32_file_bytes"], "size"), _fmt(s["toco_storage_bytes"], "size"),
                   "-" if ratio is None else f"{ratio:.1f}x", _fmt(s["toco_disagreement"], "pct"),
@@ -322,9 +329,15 @@ def print_variants(results: list[dict], reference: dict) -> dict:
                 default=None)
     missed = [r["name"] for r in results if not r["summary"]["goal_met"]]
     lo, med, hi = min(ratios), float(np.median(ratios)), max(ratios)
-    console.print(f"TOCO storage form vs fp32 ONNX file: min {lo:.1f}x, median {med:.1f}x, max {hi:.1f}x; max "
-                  f"disagreement {_fmt(worst, 'pct')}; goal (>= {GOAL_RATIO:.0f}x and <= {GOAL_DISAGREEMENT:.0%} "
-                  f"for every variant): {'NOT met, missed: ' + ', '.join(missed) if missed else 'met'}")
+    console.print(f"TOCO storage form vs fp32 ONNX file over the {len(results)} variants: min {lo:.1f}x, median "
+                  f"{med:.1f}x, max {hi:.1f}x; max disagreement {_fmt(worst, 'pct')}; goal (>= {GOAL_RATIO:.0f}x and "
+                  f"<= {GOAL_DISAGREEMENT:.0%} for every variant): "
+                  f"{'NOT met, missed: ' + ', '.join(missed) if missed else 'met'}")
+    a = aside["summary"]
+    console.print(f"aside variant {aside['name']} (never looked at while developing): storage form "
+                  f"{'no plan' if a['toco_storage_ratio'] is None else format(a['toco_storage_ratio'], '.1f') + 'x'}"
+                  f" of the fp32 file at {_fmt(a['toco_disagreement'], 'pct')} disagreement; "
+                  f"{'meets' if a['goal_met'] else 'misses'} >= {GOAL_RATIO:.0f}x and <= {GOAL_DISAGREEMENT:.0%}")
     return {"toco_storage_ratio_min": lo, "toco_storage_ratio_median": med, "toco_storage_ratio_max": hi,
             "toco_disagreement_max": worst,
             "dyn_file_ratio_median": float(np.median([r["summary"]["dyn_file_ratio"] for r in results])),
@@ -335,7 +348,7 @@ def run_variants(args, d, here) -> None:
     """--variants: every LeNet-5 variant, the table, the spread and bench/results/compression-variants.json."""
     t0 = time.perf_counter()
     results = []
-    for seed, bn in (REFERENCE, *VARIANTS):
+    for seed, bn in (REFERENCE, *VARIANTS, ASIDE):
         res = bench_variant(seed, bn, d, here, 20, args.reanalyze)
         res["summary"] = variant_summary(res)
         results.append(res)
@@ -343,15 +356,16 @@ def run_variants(args, d, here) -> None:
         # one line per variant as it lands: the run is long and the box is shared
         console.print(f"{res['name']}: analysis {res['analysis_s']:.0f} s, storage ratio "
                       f"{s['toco_storage_ratio'] or 0:.1f}x, disagreement {_fmt(s['toco_disagreement'], 'pct')}")
-    reference, results = results[0], results[1:]
-    spread = print_variants(results, reference)
+    reference, results, aside = results[0], results[1:-1], results[-1]
+    spread = print_variants(results, aside, reference)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "compression-variants.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
                                "ratios": "fp32 ONNX file bytes / the row's bytes: TOCO's storage form (what a box "
                                          "stores and receives), onnxruntime's quantized ONNX file",
                                "held_out_digits": len(d.x_heldout), "aside": variant_name(*ASIDE),
-                               "variants": results, "spread": spread, "reference": reference}, indent=1))
+                               "variants": results, "aside_result": aside, "spread": spread,
+                               "reference": reference}, indent=1))
     console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s")
 
 

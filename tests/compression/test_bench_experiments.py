@@ -1,0 +1,81 @@
+"""The pieces of bench/plan_honesty.py and bench/compensated_rounding.py that decide their numbers:
+the Clopper-Pearson bound, the layer Hessians and the GPTQ-style rounding, on the demo LeNet-5 and real digits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from bench.compensated_rounding import compensated_codes, layer_hessians
+from bench.plan_honesty import clopper_pearson_upper
+from toco_core.compression.storage import quantize_to_codes
+from toco_core.onnx_model import compressible_weights
+
+
+def test_clopper_pearson_zero_events_is_closed_form():
+    # with no event the bound solves (1 - q)^n = alpha
+    assert clopper_pearson_upper(0, 500) == pytest.approx(1 - 0.05 ** (1 / 500), rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 20])
+def test_clopper_pearson_bound_leaves_alpha_below(k):
+    n = 500
+    q = clopper_pearson_upper(k, n)
+    cdf = sum(math.comb(n, i) * q**i * (1 - q) ** (n - i) for i in range(k + 1))
+    assert cdf == pytest.approx(0.05, abs=1e-6)
+    assert k / n < q < clopper_pearson_upper(k + 1, n)
+
+
+@pytest.fixture(scope="module")
+def hessians(lenet5, digits):
+    names = [i.name for i in compressible_weights(lenet5)]
+    return names, layer_hessians(lenet5, names, digits.x_pool[:200])
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_layer_hessians_cover_every_layer_with_its_columns(lenet5, hessians):
+    names, h = hessians
+    w = _weights(lenet5)
+    assert set(h) == set(names)  # the demo LeNet-5 is Conv and Gemm only
+    for name in names:
+        columns = int(np.prod(w[name].shape[1:]))  # Conv: in x kh x kw, Gemm (transB): inputs
+        assert h[name].shape == (columns, columns)
+        assert np.allclose(h[name], h[name].T)
+        assert np.linalg.eigvalsh(h[name]).min() > -1e-6 * np.abs(h[name]).max()
+
+
+def _steps(w: np.ndarray, bits: int) -> np.ndarray:
+    return (np.abs(w.reshape(len(w), -1)).max(axis=1) / (2 ** (bits - 1) - 1)).astype(np.float32)
+
+
+def test_identity_hessian_is_plain_rounding(lenet5):
+    w = _weights(lenet5)["3.weight"]
+    plain = quantize_to_codes(w, _steps(w, 3), 0, "3.weight")
+    h = np.eye(int(np.prod(w.shape[1:])))
+    comp = compensated_codes(w, plain, np.ones(w.shape, bool), h)
+    assert np.array_equal(comp.codes, plain.codes)
+
+
+@pytest.mark.parametrize("name", ["3.weight", "7.weight"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_compensation_lowers_the_layer_output_error(lenet5, hessians, name, pruned):
+    w = _weights(lenet5)[name]
+    h = hessians[1][name]
+    plain = quantize_to_codes(w, _steps(w, 3), 0, name)
+    keep = np.abs(w) > np.quantile(np.abs(w), 0.5) if pruned else np.ones(w.shape, bool)
+    plain_codes = np.where(keep, plain.codes, 0)
+    comp = compensated_codes(w, plain, keep, h)
+    assert not comp.codes[~keep].any()  # the prune mask holds
+
+    def output_error(codes: np.ndarray) -> float:
+        d = (w - codes * plain.steps.reshape(-1, *[1] * (w.ndim - 1))).reshape(len(w), -1)
+        return float(np.einsum("ij,jk,ik->", d, h, d))  # mean squared error of the layer's output
+
+    # measured 0.05-0.21 of plain at 3 bits on these layers; half leaves room for another training run
+    assert output_error(comp.codes) < 0.5 * output_error(plain_codes)
