@@ -92,6 +92,11 @@ class FleetSettings(BaseSettings):
                                        "(MQTT 5) after it vanished: a restart within them receives the device "
                                        "messages it had not stored; 0: a clean MQTT 3.1.1 session, as before "
                                        "(docs/design_notes.md, Acknowledge after commit)")
+    mqtt_peer_password_dir: Path | None = Field(None, description="directory of the replicas' MQTT passwords, "
+                                                "one {user}.password each: the leader logs in as a dead replica's "
+                                                "user to drain its broker-held session (fleet_server.session_drain)")
+    session_drain_grace_s: float = Field(5.0, ge=0, le=3600, description="seconds a replica's database session "
+                                         "must stay gone before the leader takes over and drains its MQTT session")
     trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API answers, "
                                      "besides localhost, 127.0.0.1 and http_host (DNS rebinding guard); "
                                      "'*.example.com' allows subdomains")

@@ -280,6 +280,19 @@ class ApiTokenRow(Base):
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class ReplicaRow(Base):
+    """A replica's MQTT session, registered at start: what another replica needs to drain it once that replica is
+    dead (fleet_server.session_drain). Liveness is not stored: it is the ``mqtt-identity`` advisory lock."""
+
+    __tablename__ = "replicas"
+    client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    replica_id: Mapped[str] = mapped_column(String(100))
+    identity: Mapped[str] = mapped_column(String(128))  # the name of the advisory lock its live process holds
+    mqtt_user: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    session_expiry_s: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 class Database:
     """Engine + session factory. SQLite gets WAL and a busy timeout so threads can share the file."""
 

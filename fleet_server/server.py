@@ -37,12 +37,13 @@ from fleet_server.keys import public_key_path
 from fleet_server.mqtt_client import FleetMqtt
 from fleet_server.reanalysis_gate import gate_settings
 from fleet_server.registry import Store, update_analysis
-from fleet_server.replicas import check_replica_setup, make_lease
+from fleet_server.replicas import LeaderLease, check_replica_setup, make_lease
 from fleet_server.retention import BundleRetention, Retention
 from fleet_server.sample_scoring import SampleScorer
+from fleet_server.session_drain import DeadSessionWatch, register_replica
 from toco_core.bundle import BundleManifest
 from toco_core.errors import ConfigError
-from toco_core.topics import Topics
+from toco_core.topics import Topics, parse_broker_url
 
 log = logging.getLogger("toco.fleet.server")
 
@@ -131,6 +132,16 @@ class FleetServer:
                                    bundles=BundleRetention(s.bundles_keep, s.bundle_min_age_days * 86400,
                                                            self.publisher.withdraw))
         self.lease = make_lease(s, self.db.engine.url, on_lost=self._lease_lost)
+        self.client_id, self.session_expiry_s = client_id, expiry
+        self.drain_watch: DeadSessionWatch | None = None
+        self.identity = self.lease.identity if isinstance(self.lease, LeaderLease) else client_id
+        if isinstance(self.lease, LeaderLease) and s.replicas:
+            # a dead replica's broker-held session keeps its share of the messages: the leader drains it
+            self.drain_watch = DeadSessionWatch(
+                self.db, self.db.engine.url, own_client_id=client_id, broker_url=self.broker_url, topics=self.topics,
+                shared_group="toco-fleet", on_device=self.ingest.submit, on_get=self._on_get,
+                is_leader=lambda: self.lease.is_leader, password_dir=s.mqtt_peer_password_dir,
+                ca_file=s.mqtt_ca_file, check_s=s.lease_check_s, grace_s=s.session_drain_grace_s)
         self.exit_on_lease_loss = False  # serve() sets it: the process ends, its supervisor restarts it
         self._stop = threading.Event()
         self._tick_thread: threading.Thread | None = None
@@ -165,6 +176,10 @@ class FleetServer:
         update_analysis(self.db, analysis_id=analysis_id, bundle_id=bundle_id)
         return bundle_id
 
+    def mqtt_user(self) -> str | None:
+        """The MQTT user this server logs in as (the setting, else the broker URL's), None for anonymous."""
+        return self.settings.mqtt_username or parse_broker_url(self.broker_url).username or None
+
     def _on_get(self, topic: str, payload: bytes) -> None:
         self.publisher.handle_get(topic, payload)
 
@@ -194,6 +209,12 @@ class FleetServer:
             # the job runner starts when this process leads: it re-queues analyses a dead leader left
             # running, so it must never start on two replicas at once
             self.lease.start(on_gained=self.jobs.start)
+            if self.drain_watch is not None:
+                if self.session_expiry_s is not None:  # a clean session leaves nothing behind to drain
+                    register_replica(self.db, client_id=self.client_id, replica_id=self.settings.replica_id,
+                                     identity=self.identity, mqtt_user=self.mqtt_user(),
+                                     session_expiry_s=self.session_expiry_s)
+                self.drain_watch.start()
         except BaseException:
             self.lease.stop()
             raise
@@ -221,6 +242,8 @@ class FleetServer:
         if self._tick_thread is not None:
             self._tick_thread.join(5)
         self.jobs.stop()
+        if self.drain_watch is not None:
+            self.drain_watch.stop()
         # ingest first: what it stores now is acknowledged while the connection is still up; what
         # arrives meanwhile stays unacknowledged and comes back with the next start
         self.ingest.stop()
@@ -245,7 +268,8 @@ class FleetServer:
                 "messages": dict(self.ingest.stats), "publishing": publishing, "fleet": self.settings.fleet,
                 "broker_url": self.broker_url,
                 "replica": {"id": self.settings.replica_id, "replicas": self.settings.replicas,
-                            "leader": self.lease.is_leader}}
+                            "leader": self.lease.is_leader,
+                            "drained_sessions": [] if self.drain_watch is None else list(self.drain_watch.drained)}}
 
 
 class HttpThread:
