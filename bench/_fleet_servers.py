@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
@@ -140,7 +141,15 @@ def start_replicas(broker_urls: list[str], tmp: str, groups: dict[str, str], sta
     pg = stack.enter_context(postgres_cluster())
     db_url = pg.create_database("bench")
     token = _prepare_db(db_url, groups)
+    # each replica's password where the others read it: the leader drains a dead replica's broker session
+    # logged in as that replica's user (fleet_server.session_drain)
+    peers = Path(tmp) / "peer-passwords"
+    peers.mkdir(mode=0o700, exist_ok=True)
+    for url in broker_urls:
+        parsed = urlsplit(url)
+        (peers / f"{parsed.username}.password").write_text(f"{parsed.password}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOCO_FLEET_DEPLOY_TIMEOUT_S": "120",
+           "TOCO_FLEET_MQTT_PEER_PASSWORD_DIR": str(peers),
            **{f"TOCO_FLEET_ANALYSIS__{k.upper()}": str(v) for k, v in FAST.items()}}
     n = len(broker_urls)
     urls = [f"http://127.0.0.1:{free_port()}" for _ in range(n)]

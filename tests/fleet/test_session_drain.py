@@ -90,6 +90,8 @@ def test_a_killed_replicas_queued_messages_are_drained_by_the_survivor(broker, p
         time.sleep(0.5)
         assert sorted(drift_rows(engine)) == sorted(sent), "each message stored exactly once"
         assert received(third) > 0, "the restarted replica gets its share again"
+        time.sleep(2)  # more than the grace period with r1 alive again: the leader leaves its session alone
+        assert len(second.health()["replica"]["drained_sessions"]) == 1, second.health()["replica"]
     finally:
         for d in devices:
             d.close()
