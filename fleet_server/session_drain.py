@@ -109,16 +109,16 @@ class SessionDrain(FleetMqtt):
         with self._count_lock:
             return 0.0 if self._pending else time.monotonic() - self._last
 
-    def drain(self, quiet_s: float, max_s: float) -> bool:
+    def drain(self, quiet_s: float, max_s: float, stop: threading.Event | None = None) -> bool:
         """Connect, take what the session holds until ``quiet_s`` passes with nothing new and nothing
         unacknowledged, then end the session (expiry 0). Returns True when drained; False when it did
-        not go quiet within ``max_s`` (the session is then left to the broker, expiry unchanged, for a
-        later try). Raises TimeoutError if the broker is unreachable."""
+        not go quiet within ``max_s`` or ``stop`` was set (the session is then left to the broker, expiry
+        unchanged, for a later try). Raises TimeoutError if the broker is unreachable."""
         end = time.monotonic() + max_s
         try:
             self.start()
             while self.idle_for() < quiet_s:
-                if time.monotonic() > end:
+                if time.monotonic() > end or (stop is not None and stop.is_set()):
                     return False
                 time.sleep(0.1)
             props = Properties(PacketTypes.DISCONNECT)
@@ -158,10 +158,10 @@ class DeadSessionWatch:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop watching (a drain under way ends first, within its ``max_s``). Idempotent."""
+        """Stop watching (a drain under way is cut short: its session is left for a later try). Idempotent."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.max_s + 5)
+            self._thread.join(10)
         self._engine.dispose()
 
     def _loop(self) -> None:
@@ -219,7 +219,7 @@ class DeadSessionWatch:
         drain = SessionDrain(self.broker_url, self.topics, on_device=self.on_device, on_get=self.on_get,
                              client_id=client_id, username=user, password=password, ca_file=self.ca_file,
                              shared_group=self.shared_group, session_expiry_s=60)
-        done = drain.drain(self.quiet_s, self.max_s)
+        done = drain.drain(self.quiet_s, self.max_s, self._stop)
         took = round(time.monotonic() - t0, 1)
         fields = {"replica": replica_id, "client_id": client_id, "messages": drain.received,
                   "session_present": drain.session_present, "seconds": took}
