@@ -83,7 +83,8 @@ class SessionDrain(FleetMqtt):
         topics = [self.topics.device(k) for k in INGEST_KINDS] + [self.topics.get()]
         if self.shared_group is not None:
             topics = [f"$share/{self.shared_group}/{t}" for t in topics]
-        client.unsubscribe(topics)
+        # and the relay topic, subscribed plainly: every replica's events would keep the drain from going quiet
+        client.unsubscribe([*topics, self.topics.server_events()])
         with self._count_lock:
             self._last = time.monotonic()
         self.connected.set()
@@ -117,16 +118,21 @@ class SessionDrain(FleetMqtt):
         end = time.monotonic() + max_s
         try:
             self.start()
+            drained = False
             while self.idle_for() < quiet_s:
                 if time.monotonic() > end or (stop is not None and stop.is_set()):
-                    return False
+                    break
                 time.sleep(0.1)
+            else:
+                drained = True
             props = Properties(PacketTypes.DISCONNECT)
-            props.SessionExpiryInterval = 0  # the broker drops the session now, with its shared memberships
+            if drained:  # the broker drops the session now, with its shared memberships
+                props.SessionExpiryInterval = 0
             self.client.disconnect(properties=props)
-            while self.connected.is_set() and time.monotonic() < end + 5:  # the DISCONNECT is out
+            deadline = time.monotonic() + 5
+            while self.connected.is_set() and time.monotonic() < deadline:  # the DISCONNECT is out
                 time.sleep(0.05)
-            return True
+            return drained
         finally:
             self.client.loop_stop()
 
@@ -216,9 +222,10 @@ class DeadSessionWatch:
         log.warning("draining the MQTT session of a dead replica", extra={"fields": {
             "replica": replica_id, "client_id": client_id, "dead_for_s": round(idle, 1)}})
         t0 = time.monotonic()
+        # on_relay: the events relayed to the dead replica were for its browsers, which are gone
         drain = SessionDrain(self.broker_url, self.topics, on_device=self.on_device, on_get=self.on_get,
                              client_id=client_id, username=user, password=password, ca_file=self.ca_file,
-                             shared_group=self.shared_group, session_expiry_s=60)
+                             shared_group=self.shared_group, session_expiry_s=60, on_relay=_drop_relayed)
         done = drain.drain(self.quiet_s, self.max_s, self._stop)
         took = round(time.monotonic() - t0, 1)
         fields = {"replica": replica_id, "client_id": client_id, "messages": drain.received,
@@ -231,3 +238,7 @@ class DeadSessionWatch:
         self._dead_since.pop(client_id, None)
         self.drained.append(fields)
         log.warning("drained the dead replica's MQTT session", extra={"fields": fields})
+
+
+def _drop_relayed(payload: bytes) -> None:
+    """A drained session's relayed events: their browsers died with the replica, nobody is left to show them."""

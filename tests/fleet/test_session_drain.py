@@ -7,6 +7,7 @@ MQTT user (client id = username, as shipped), starts a new session and gets its 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import sqlalchemy as sa
@@ -65,8 +66,25 @@ def test_a_killed_replicas_queued_messages_are_drained_by_the_survivor(broker, p
         first.proc.wait(10)
         killed_at = time.monotonic()
         send(100, 10)
-        assert wait_until(lambda: second.health().get("replica", {}).get("leader"), 10, 0.1), second.output()
-        assert wait_until(lambda: second.health()["replica"]["drained_sessions"], 25, 0.2), second.output()
+        # and go on sending during the drain (each stored report is an event the survivor relays: the drain
+        # must not wait on those)
+        steady = threading.Event()
+
+        def keep_sending() -> None:
+            window = 1000
+            while not steady.is_set():
+                send(window, 1)
+                window += 1
+                time.sleep(0.2)
+
+        sender = threading.Thread(target=keep_sending, daemon=True)
+        sender.start()
+        try:
+            assert wait_until(lambda: second.health().get("replica", {}).get("leader"), 10, 0.1), second.output()
+            assert wait_until(lambda: second.health()["replica"]["drained_sessions"], 25, 0.2), second.output()
+        finally:
+            steady.set()
+            sender.join(10)
         drained = second.health()["replica"]["drained_sessions"]
         assert [(d["replica"], d["session_present"]) for d in drained] == [("r1", True)], drained
         assert drained[0]["messages"] > 0, f"nothing waited in the dead session: the test shows nothing {drained}"
