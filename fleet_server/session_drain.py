@@ -69,7 +69,7 @@ class SessionDrain(FleetMqtt):
         self.received = 0
         self.session_present: bool | None = None
         self._pending = 0  # QoS 1 messages handed to ingest and not yet acknowledged
-        self._last = time.monotonic()
+        self._last_message = self._last_progress = time.monotonic()
         self._count_lock = threading.Lock()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -86,14 +86,14 @@ class SessionDrain(FleetMqtt):
         # and the relay topic, subscribed plainly: every replica's events would keep the drain from going quiet
         client.unsubscribe([*topics, self.topics.server_events()])
         with self._count_lock:
-            self._last = time.monotonic()
+            self._last_message = self._last_progress = time.monotonic()
         self.connected.set()
 
     def _acker(self, msg: mqtt.MQTTMessage) -> Ack:
         base = super()._acker(msg)
         with self._count_lock:
             self.received += 1
-            self._last = time.monotonic()
+            self._last_message = self._last_progress = time.monotonic()
             if msg.qos == 0:
                 return base
             self._pending += 1
@@ -102,29 +102,33 @@ class SessionDrain(FleetMqtt):
             base()
             with self._count_lock:
                 self._pending -= 1
-                self._last = time.monotonic()
+                self._last_progress = time.monotonic()
         return ack
 
-    def idle_for(self) -> float:
-        """Seconds since the last message or acknowledgement; 0 while a message is not acknowledged yet."""
+    def state(self) -> tuple[float, int, float]:
+        """(seconds since the last message, messages not acknowledged yet, seconds since the last message
+        or acknowledgement)."""
+        now = time.monotonic()
         with self._count_lock:
-            return 0.0 if self._pending else time.monotonic() - self._last
+            return now - self._last_message, self._pending, now - self._last_progress
 
-    def drain(self, quiet_s: float, max_s: float, stop: threading.Event | None = None) -> bool:
-        """Connect, take what the session holds until ``quiet_s`` passes with nothing new and nothing
-        unacknowledged, then end the session (expiry 0). Returns True when drained; False when it did
-        not go quiet within ``max_s`` or ``stop`` was set (the session is then left to the broker, expiry
-        unchanged, for a later try). Raises TimeoutError if the broker is unreachable."""
-        end = time.monotonic() + max_s
+    def drain(self, quiet_s: float, stall_s: float, stop: threading.Event | None = None) -> bool:
+        """Connect, take what the session holds until ``quiet_s`` passes with no new message and every one
+        is acknowledged (stored by ingest, which may be behind under load: waited for as long as it makes
+        progress), then end the session (expiry 0). Returns True when drained; False when nothing moved
+        for ``stall_s`` or ``stop`` was set (the session is then left to the broker, expiry unchanged, for
+        a later try). Raises TimeoutError if the broker is unreachable."""
         try:
             self.start()
             drained = False
-            while self.idle_for() < quiet_s:
-                if time.monotonic() > end or (stop is not None and stop.is_set()):
+            while not (stop is not None and stop.is_set()):
+                quiet, pending, still = self.state()
+                if quiet >= quiet_s and pending == 0:
+                    drained = True
+                    break
+                if still > stall_s:
                     break
                 time.sleep(0.1)
-            else:
-                drained = True
             props = Properties(PacketTypes.DISCONNECT)
             if drained:  # the broker drops the session now, with its shared memberships
                 props.SessionExpiryInterval = 0
@@ -143,13 +147,14 @@ class DeadSessionWatch:
     def __init__(self, db: Database, url: URL, *, own_client_id: str, broker_url: str, topics, shared_group: str,
                  on_device: Callable[[MessageKind, str, bytes, Ack], None], on_get: Callable[[str, bytes], None],
                  is_leader: Callable[[], bool], password_dir: Path | None, ca_file: str | None,
-                 check_s: float = 2.0, grace_s: float = 5.0, quiet_s: float = 2.0, max_s: float = 60.0) -> None:
-        """``own_client_id``: never drained; ``on_device``/``on_get``: this replica's own handlers;
+                 check_s: float = 2.0, grace_s: float = 5.0, quiet_s: float = 2.0, stall_s: float = 300.0) -> None:
+        """``own_client_id``: never drained; ``on_device``/``on_get``: this replica's own handlers (ingest may
+        be minutes behind under load: ``stall_s`` without a message or an acknowledgement ends a drain);
         ``is_leader()``: only the leader drains; ``password_dir``: the replicas' ``{user}.password`` files."""
         self.db, self.own_client_id, self.broker_url, self.topics = db, own_client_id, broker_url, topics
         self.shared_group, self.on_device, self.on_get, self.is_leader = shared_group, on_device, on_get, is_leader
         self.password_dir, self.ca_file = password_dir, ca_file
-        self.check_s, self.grace_s, self.quiet_s, self.max_s = check_s, grace_s, quiet_s, max_s
+        self.check_s, self.grace_s, self.quiet_s, self.stall_s = check_s, grace_s, quiet_s, stall_s
         # a session of its own for the session-level locks (a pooled one would keep them on another's loan)
         self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         self._dead_since: dict[str, float] = {}
@@ -226,12 +231,15 @@ class DeadSessionWatch:
         drain = SessionDrain(self.broker_url, self.topics, on_device=self.on_device, on_get=self.on_get,
                              client_id=client_id, username=user, password=password, ca_file=self.ca_file,
                              shared_group=self.shared_group, session_expiry_s=60, on_relay=_drop_relayed)
-        done = drain.drain(self.quiet_s, self.max_s, self._stop)
+        done = drain.drain(self.quiet_s, self.stall_s, self._stop)
         took = round(time.monotonic() - t0, 1)
+        quiet, pending, _ = drain.state()
         fields = {"replica": replica_id, "client_id": client_id, "messages": drain.received,
-                  "session_present": drain.session_present, "seconds": took}
+                  "session_present": drain.session_present, "seconds": took, "unacknowledged": pending,
+                  "last_message_s_ago": round(quiet, 1)}
         if not done:
-            log.error("the dead replica's session did not go quiet; it is tried again", extra={"fields": fields})
+            log.error("the dead replica's session drain stalled or was stopped; it is tried again",
+                      extra={"fields": fields})
             return
         with self.db.session(write=True) as s:
             s.execute(delete(ReplicaRow).where(ReplicaRow.client_id == client_id))
