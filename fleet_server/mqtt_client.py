@@ -44,6 +44,17 @@ INGEST_KINDS = (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, Me
 Ack = Callable[[], None]  # acknowledges one received QoS 1 message to the broker (a no-op for QoS 0)
 
 
+def ingest_subscriptions(topics: Topics, shared_group: str | None) -> list[tuple[str, int]]:
+    """The (filter, QoS) pairs a replica's ingest subscribes: device kinds and chunk requests, inside
+    ``$share/{shared_group}/`` when replicas share them. Takes the topic scheme and the group (None: one
+    process). Returns the list; raises nothing. fleet_server.session_drain leaves the same filters."""
+    subs = [(topics.device(k), DELIVERY[k].qos) for k in INGEST_KINDS]
+    subs.append((topics.get(), DELIVERY[MessageKind.GET].qos))
+    if shared_group is not None:
+        subs = [(f"$share/{shared_group}/{topic}", qos) for topic, qos in subs]
+    return subs
+
+
 class PublishRefused(TocoError):
     """paho refused a QoS 1 publish (every packet id is taken by a publish the broker has not acknowledged)."""
 
@@ -128,10 +139,7 @@ class FleetMqtt:
             self._connection += 1
         if self.session_expiry_s is not None:
             log.info("broker session", extra={"fields": {"resumed": bool(flags.session_present)}})
-        subs = [(self.topics.device(k), DELIVERY[k].qos) for k in INGEST_KINDS]
-        subs.append((self.topics.get(), DELIVERY[MessageKind.GET].qos))
-        if self.shared_group is not None:
-            subs = [(f"$share/{self.shared_group}/{topic}", qos) for topic, qos in subs]
+        subs = ingest_subscriptions(self.topics, self.shared_group)
         if self.on_relay is not None:
             subs.append((self.topics.server_events(), 0))
         client.subscribe(subs)

@@ -41,7 +41,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from fleet_server.db import Database, ReplicaRow
-from fleet_server.mqtt_client import INGEST_KINDS, Ack, FleetMqtt
+from fleet_server.mqtt_client import Ack, FleetMqtt, ingest_subscriptions
 from fleet_server.replicas import lock_key
 from toco_core.messages import MessageKind
 
@@ -80,9 +80,7 @@ class SessionDrain(FleetMqtt):
             self._connection += 1
         self.session_present = bool(flags.session_present)
         # the session's own subscriptions stay the broker's routing table: leave every shared group at once
-        topics = [self.topics.device(k) for k in INGEST_KINDS] + [self.topics.get()]
-        if self.shared_group is not None:
-            topics = [f"$share/{self.shared_group}/{t}" for t in topics]
+        topics = [topic for topic, _ in ingest_subscriptions(self.topics, self.shared_group)]
         # and the relay topic, subscribed plainly: every replica's events would keep the drain from going quiet
         client.unsubscribe([*topics, self.topics.server_events()])
         with self._count_lock:
