@@ -1,8 +1,9 @@
 """Compression benchmark: TOCO's device-aware recompression against onnxruntime's quantizers and
 magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN.
 
-    .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp] [--reanalyze]
-    .venv/bin/python bench/compression.py --variants [--reanalyze]
+    .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp] [--reanalyze] [--heldout-share S]
+    .venv/bin/python bench/compression.py --variants [--reanalyze] [--skip-aside]
+        [--heldout-share 0.75 --max-heldout 750]
 
 Prints one table per model and the target checks, writes bench/results/compression.json
 (compression-quick.json with --quick).
@@ -19,6 +20,12 @@ looked at it while developing (bench/plan_honesty.py included), it is measured t
 on its own line after the five, labelled "aside", and it is not one of the five the goal counts.
 (BatchNorm seed 2 was the aside variant of an earlier run; it has been looked at since, so it is
 one of the five.) No analysis or solver code changed after any result.
+--heldout-share / --max-heldout analyse every variant (and the reference) with that calibration split
+instead of the defaults (AnalysisSettings.heldout_share / max_heldout; the same split for every model,
+never chosen per variant); their analyses are cached apart (analysis-<variant>-held<share>-<max>/) and
+the results go to compression-variants-held<share>-<max>.json. Without --variants they set the same
+split for the models' analyses (compression[-quick]-held<share>-<max>.json). --skip-aside leaves the
+aside variant out of an experiment's run so it stays unlooked-at.
 Fidelity is measured on the 1000 held-out digits (never seen by the analysis); the analyses
 are cached under bench/results/analysis-<model>/. --quick skips the 5M CNN and measures p50
 with fewer runs.
@@ -119,14 +126,19 @@ def baseline_rows(model, path, d, base_out, runs) -> list[Row]:
     return rows
 
 
-def bench_model(name: str, d, here, runs: int, fresh: bool) -> dict:
-    """All rows of one model plus the TOCO reports; prints its table."""
+def bench_model(name: str, d, here, runs: int, fresh: bool, split: AnalysisSettings | None = None,
+                suffix: str = "") -> dict:
+    """All rows of one model plus the TOCO reports; prints its table. ``split`` (calibration_split) replaces
+    the model's held-out share and cap; its analysis is cached under the model's name + ``suffix``."""
     trained, settings = MODELS[name]
+    if split is not None:
+        settings = (settings or AnalysisSettings()).model_copy(
+            update={"heldout_share": split.heldout_share, "max_heldout": split.max_heldout})
     path = demo_model(name, trained=trained)
     model = load_model(path)
     weights = sum(i.size for i in compressible_weights(model))
     t = time.perf_counter()
-    result, hit = cached_analysis(name, model, d.x_pool, d.y_pool, settings, fresh)
+    result, hit = cached_analysis(name + suffix, model, d.x_pool, d.y_pool, settings, fresh)
     analysis_s = time.perf_counter() - t
     base_out = run_model(model, d.x_heldout)
     rows = baseline_rows(model, path, d, base_out, runs)
@@ -264,13 +276,30 @@ def variant_name(seed: int, batchnorm: bool) -> str:
     return "lenet5" if (seed, batchnorm) == (0, False) else f"lenet5{'-bn' if batchnorm else ''}-s{seed}"
 
 
-def bench_variant(seed: int, batchnorm: bool, d, here, runs: int, fresh: bool) -> dict:
-    """One LeNet-5 variant: base, onnxruntime's quantize_dynamic and TOCO's size plan at a 1% budget."""
+def calibration_split(heldout_share: float | None, max_heldout: int | None) -> tuple[AnalysisSettings | None, str]:
+    """The analysis settings of a calibration-split experiment and the suffix of its cache and result names.
+
+    (None, "") for the defaults (both None); otherwise AnalysisSettings with the given held-out share and
+    cap (the defaults for the one not given) and "-held<share>-<max>". Raises pydantic's ValidationError
+    for a share outside (0, 1) or a cap below 10.
+    """
+    if heldout_share is None and max_heldout is None:
+        return None, ""
+    default = AnalysisSettings()
+    s = AnalysisSettings(heldout_share=default.heldout_share if heldout_share is None else heldout_share,
+                         max_heldout=default.max_heldout if max_heldout is None else max_heldout)
+    return s, f"-held{s.heldout_share:g}-{s.max_heldout}"
+
+
+def bench_variant(seed: int, batchnorm: bool, d, here, runs: int, fresh: bool,
+                  settings: AnalysisSettings | None = None, suffix: str = "") -> dict:
+    """One LeNet-5 variant: base, onnxruntime's quantize_dynamic and TOCO's size plan at a 1% budget,
+    analysed with ``settings`` (None: the defaults) and cached under the variant's name + ``suffix``."""
     name = variant_name(seed, batchnorm)
     path = lenet5_variant(seed, batchnorm)
     model = load_model(path)
     t = time.perf_counter()
-    result, hit = cached_analysis(name, model, d.x_pool, d.y_pool, None, fresh)
+    result, hit = cached_analysis(name + suffix, model, d.x_pool, d.y_pool, settings, fresh)
     analysis_s = time.perf_counter() - t
     base_out = run_model(model, d.x_heldout)
     # p50 and RSS are not what this mode measures: few runs, no session RSS on the baselines
@@ -285,7 +314,9 @@ def bench_variant(seed: int, batchnorm: bool, d, here, runs: int, fresh: bool) -
     return {"name": name, "seed": seed, "batchnorm": batchnorm, "aside": (seed, batchnorm) == ASIDE,
             "reference": (seed, batchnorm) == REFERENCE,
             "onnx_file": str(path), "onnx_file_bytes": path.stat().st_size, "analysis_cached": hit,
-            "analysis_s": analysis_s, "rows": [r.as_dict() for r in (base, dyn, size)], "toco": extra}
+            "analysis_s": analysis_s, "calibration_samples": len(result.heldout_x),
+            "analysis_samples": len(result.analysis_x), "rows": [r.as_dict() for r in (base, dyn, size)],
+            "toco": extra}
 
 
 def variant_summary(res: dict) -> dict:
@@ -305,15 +336,15 @@ def variant_summary(res: dict) -> dict:
     return out
 
 
-def print_variants(results: list[dict], aside: dict, reference: dict) -> dict:
-    """The per-variant table (the five, then the aside variant and the reference row on their own lines, both
-    outside the goal) and the spread over the five; returns the spread."""
+def print_variants(results: list[dict], aside: dict | None, reference: dict) -> dict:
+    """The per-variant table (the five, then the aside variant, None when skipped, and the reference row on
+    their own lines, both outside the goal) and the spread over the five; returns the spread."""
     t = Table(title="LeNet-5 variants: size plan at a 1% budget vs onnxruntime quantize_dynamic, 1,000 unseen digits")
     for col in ("variant", "base acc", "fp32 file", "TOCO storage form", "fp32 file / storage", "TOCO disagree",
                 "ORT dyn file", "fp32 file / ORT file", "ORT disagree", ">=20x, <=1%", "TOCO plan"):
         t.add_column(col, justify="left" if col in ("variant", "TOCO plan") else "right")
-    for res in [*results, aside, reference]:
-        if res is aside:
+    for res in [*results, *([] if aside is None else [aside]), reference]:
+        if res is aside or (aside is None and res is reference):
             t.add_section()  # the aside variant below a rule: not one of the five
         s = res["summary"]
         ratio = s["toco_storage_ratio"]
@@ -333,11 +364,19 @@ def print_variants(results: list[dict], aside: dict, reference: dict) -> dict:
                   f"{med:.1f}x, max {hi:.1f}x; max disagreement {_fmt(worst, 'pct')}; goal (>= {GOAL_RATIO:.0f}x and "
                   f"<= {GOAL_DISAGREEMENT:.0%} for every variant): "
                   f"{'NOT met, missed: ' + ', '.join(missed) if missed else 'met'}")
+    if aside is None:
+        console.print("aside variant skipped (--skip-aside): still unlooked-at")
+        return spread_of(results, lo, med, hi, worst, missed)
     a = aside["summary"]
     console.print(f"aside variant {aside['name']} (never looked at while developing): storage form "
                   f"{'no plan' if a['toco_storage_ratio'] is None else format(a['toco_storage_ratio'], '.1f') + 'x'}"
                   f" of the fp32 file at {_fmt(a['toco_disagreement'], 'pct')} disagreement; "
                   f"{'meets' if a['goal_met'] else 'misses'} >= {GOAL_RATIO:.0f}x and <= {GOAL_DISAGREEMENT:.0%}")
+    return spread_of(results, lo, med, hi, worst, missed)
+
+
+def spread_of(results: list[dict], lo: float, med: float, hi: float, worst: float | None, missed: list[str]) -> dict:
+    """The spread's JSON record."""
     return {"toco_storage_ratio_min": lo, "toco_storage_ratio_median": med, "toco_storage_ratio_max": hi,
             "toco_disagreement_max": worst,
             "dyn_file_ratio_median": float(np.median([r["summary"]["dyn_file_ratio"] for r in results])),
@@ -347,20 +386,26 @@ def print_variants(results: list[dict], aside: dict, reference: dict) -> dict:
 def run_variants(args, d, here) -> None:
     """--variants: every LeNet-5 variant, the table, the spread and bench/results/compression-variants.json."""
     t0 = time.perf_counter()
+    settings, suffix = calibration_split(args.heldout_share, args.max_heldout)
     results = []
-    for seed, bn in (REFERENCE, *VARIANTS, ASIDE):
-        res = bench_variant(seed, bn, d, here, 20, args.reanalyze)
+    for seed, bn in (REFERENCE, *VARIANTS, *(() if args.skip_aside else (ASIDE,))):
+        res = bench_variant(seed, bn, d, here, 20, args.reanalyze, settings, suffix)
         res["summary"] = variant_summary(res)
         results.append(res)
         s = res["summary"]
         # one line per variant as it lands: the run is long and the box is shared
-        console.print(f"{res['name']}: analysis {res['analysis_s']:.0f} s, storage ratio "
+        console.print(f"{res['name']}: analysis {res['analysis_s']:.0f} s ({res['calibration_samples']} calibration, "
+                      f"{res['analysis_samples']} analysis samples), storage ratio "
                       f"{s['toco_storage_ratio'] or 0:.1f}x, disagreement {_fmt(s['toco_disagreement'], 'pct')}")
-    reference, results, aside = results[0], results[1:-1], results[-1]
+    if args.skip_aside:
+        reference, results, aside = results[0], results[1:], None
+    else:
+        reference, results, aside = results[0], results[1:-1], results[-1]
     spread = print_variants(results, aside, reference)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "compression-variants.json"
+    out = RESULTS / f"compression-variants{suffix}.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0,
+                               "settings": None if settings is None else settings.model_dump(),
                                "ratios": "fp32 ONNX file bytes / the row's bytes: TOCO's storage form (what a box "
                                          "stores and receives), onnxruntime's quantized ONNX file",
                                "held_out_digits": len(d.x_heldout), "aside": variant_name(*ASIDE),
@@ -377,6 +422,12 @@ def main() -> None:
     ap.add_argument("--reanalyze", action="store_true", help="ignore the cached analyses")
     ap.add_argument("--variants", action="store_true",
                     help="the 5 LeNet-5 variants' size plans instead of the models (see the module doc)")
+    ap.add_argument("--heldout-share", type=float, default=None,
+                    help="share of the pool held out for calibration (default: the settings' default)")
+    ap.add_argument("--max-heldout", type=int, default=None,
+                    help="at most this many calibration samples (default: the settings' default)")
+    ap.add_argument("--skip-aside", action="store_true",
+                    help="--variants: leave the aside variant out (experiments; it stays unlooked-at)")
     args = ap.parse_args()
     if args.variants:
         run_variants(args, mnist_splits(), probe_device(benchmark=False))
@@ -384,8 +435,9 @@ def main() -> None:
     names = args.models.split(",") if args.models else [m for m in MODELS if not (args.quick and m == "wide_cnn")]
     runs = 50 if args.quick else 200
     d, here = mnist_splits(), probe_device(benchmark=False)
+    split, suffix = calibration_split(args.heldout_share, args.max_heldout)
     t0 = time.perf_counter()
-    results = {n: bench_model(n, d, here, runs, args.reanalyze) for n in names}
+    results = {n: bench_model(n, d, here, runs, args.reanalyze, split, suffix) for n in names}
     found = checks(results)
     t = Table(title="targets")
     for col in ("target", "met", "numbers"):
@@ -395,7 +447,7 @@ def main() -> None:
     console.print(t)
     RESULTS.mkdir(parents=True, exist_ok=True)
     # a quick run never clobbers a full one
-    out = RESULTS / ("compression-quick.json" if args.quick else "compression.json")
+    out = RESULTS / (f"compression-quick{suffix}.json" if args.quick else f"compression{suffix}.json")
     out.write_text(json.dumps({"command": " ".join(sys.argv), "seconds": time.perf_counter() - t0, "models": results,
                                "checks": [{"target": w, "met": ok, "numbers": x} for w, ok, x in found]}, indent=1))
     console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s")

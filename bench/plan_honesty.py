@@ -1,7 +1,7 @@
 """Why the size plan misses its 1% budget on LeNet-5 variants: the calibration curve's predictions
 against the same points measured on the calibration half and on 1,000 unseen digits.
 
-    .venv/bin/python bench/plan_honesty.py [--budget 0.01]
+    .venv/bin/python bench/plan_honesty.py [--budget 0.01] [--heldout-share 0.75 --max-heldout 750]
 
 For each LeNet-5 variant of ``bench/compression.py --variants`` (its cached analyses, computed when
 missing; the aside variant bn-s4 is left out so it stays unlooked-at) every measured curve point is
@@ -22,7 +22,9 @@ digits. It prints, per variant:
 then the plan each stricter selection rule chooses (1.645 SE, one-sided 95% Clopper-Pearson, a
 size-monotone envelope, calibration samples reweighted to the unseen inputs' base margins) with its
 ratio and unseen disagreement. Ratios are the fp32 ONNX file over the storage form (what a box
-stores and receives). Writes bench/results/plan-honesty.json.
+stores and receives). Writes bench/results/plan-honesty.json. --heldout-share / --max-heldout read
+the analyses of that calibration split (bench/compression.py --variants with the same options; computed
+when missing) and write plan-honesty-held<share>-<max>.json.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench._common import RESULTS, cached_analysis  # noqa: E402
-from bench.compression import REFERENCE, VARIANTS, variant_name  # noqa: E402
+from bench.compression import REFERENCE, VARIANTS, calibration_split, variant_name  # noqa: E402
 from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import lenet5_variant  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes  # noqa: E402
@@ -73,11 +75,12 @@ def margin_weights(cal_margin: np.ndarray, unseen_margin: np.ndarray) -> np.ndar
     return w / w.mean()
 
 
-def measure_variant(seed: int, batchnorm: bool, d, budget: float) -> dict:
-    """Every measured point of one variant built and run on the calibration half and the unseen digits."""
+def measure_variant(seed: int, batchnorm: bool, d, budget: float, settings=None, suffix: str = "") -> dict:
+    """Every measured point of one variant built and run on the calibration half and the unseen digits
+    (the analysis with ``settings``, None: the defaults, cached under the variant's name + ``suffix``)."""
     name = variant_name(seed, batchnorm)
     model = load_model(lenet5_variant(seed, batchnorm))
-    result, _ = cached_analysis(name, model, d.x_pool, d.y_pool)
+    result, _ = cached_analysis(name + suffix, model, d.x_pool, d.y_pool, settings)
     infos = compressible_weights(model)
     fp32_bytes = len(model_bytes(model))
     source = as_source(model, result)
@@ -228,17 +231,22 @@ def main() -> None:
     """Measure every variant's points, print the tables, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=0.01, help="top-1 disagreement budget (default 0.01)")
+    ap.add_argument("--heldout-share", type=float, default=None, help="calibration split (see the module doc)")
+    ap.add_argument("--max-heldout", type=int, default=None, help="calibration samples at most")
     args = ap.parse_args()
+    settings, suffix = calibration_split(args.heldout_share, args.max_heldout)
     t0 = time.perf_counter()
     d = mnist_splits()
     rows = []
     for seed, bn in (*VARIANTS, REFERENCE):
-        rows.append(summarise(measure_variant(seed, bn, d, args.budget), args.budget))
+        rows.append(summarise(measure_variant(seed, bn, d, args.budget, settings, suffix), args.budget))
         console.print(f"{rows[-1]['name']}: {rows[-1]['points']} points in {time.perf_counter() - t0:.0f} s")
     print_tables(rows, args.budget)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "plan-honesty.json"
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "budget": args.budget, "unseen_digits": len(d.x_heldout),
+    out = RESULTS / f"plan-honesty{suffix}.json"
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "budget": args.budget,
+                               "settings": None if settings is None else settings.model_dump(),
+                               "unseen_digits": len(d.x_heldout),
                                "seconds": time.perf_counter() - t0, "variants": rows}, indent=1))
     console.print(f"wrote {out} in {time.perf_counter() - t0:.0f} s")
 
