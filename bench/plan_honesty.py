@@ -19,12 +19,14 @@ digits. It prints, per variant:
 - the oracle: the smallest storage form whose unseen disagreement is within budget, chosen with the
   unseen digits in hand (not a plan anyone can choose; the upper bound of what a better estimate gives);
 
-then the plan each stricter selection rule chooses (1.645 SE, one-sided 95% Clopper-Pearson, a
-size-monotone envelope, calibration samples reweighted to the unseen inputs' base margins) with its
-ratio and unseen disagreement. Ratios are the fp32 ONNX file over the storage form (what a box
-stores and receives). Writes bench/results/plan-honesty.json. --heldout-share / --max-heldout read
-the analyses of that calibration split (bench/compression.py --variants with the same options; computed
-when missing) and write plan-honesty-held<share>-<max>.json.
+then the plan each selection rule chooses (stricter: 1.645 SE, one-sided 95% Clopper-Pearson, a
+size-monotone envelope, calibration samples reweighted to the unseen inputs' base margins; smoother than
+the envelope, from each point's raw calibration-half flips: the raw point, the point pooled with its two
+quant neighbours in its prune row, a monotone logistic curve in ln(quant scale) fitted per prune row by
+binomial maximum likelihood) with its ratio and unseen disagreement. Ratios are the fp32 ONNX file
+over the storage form (what a box stores and receives). Writes bench/results/plan-honesty.json.
+--heldout-share / --max-heldout read the analyses of that calibration split (bench/compression.py
+--variants with the same options; computed when missing) and write plan-honesty-held<share>-<max>.json.
 """
 
 from __future__ import annotations
@@ -148,7 +150,76 @@ def _reweighted(p: dict, n: int, _pts: list[dict], w: np.ndarray) -> float:
     return disagreement_bound(d, n_eff)
 
 
+def _raw(p: dict, n: int, _pts: list[dict], _w: np.ndarray) -> float:
+    # the point's own calibration measurement, no envelope: the noisiest reading, for reference
+    return disagreement_bound(float(p["cal_flips"].mean()), n)
+
+
+def _row(p: dict, pts: list[dict]) -> list[dict]:
+    """The points of p's prune row (every curve's points at p's prune scale), by quant scale."""
+    row = [q for q in pts if q["plan"].prune_scale == p["plan"].prune_scale and q["plan"].quant_scale > 0]
+    return sorted(row, key=lambda q: q["plan"].quant_scale)
+
+
+def _pooled(p: dict, n: int, pts: list[dict], _w: np.ndarray) -> float:
+    # the raw flips of p and its two quant neighbours in its prune row pooled: one third of the noise
+    # variance where the row is locally straight; bounded with n, not 3n (the neighbours are not p)
+    row = _row(p, pts)
+    if p not in row:
+        return _raw(p, n, pts, _w)
+    i = row.index(p)
+    window = row[max(i - 1, 0): i + 2]
+    return disagreement_bound(float(np.mean([q["cal_flips"].mean() for q in window])), n)
+
+
+_FITS: dict[tuple[int, float], dict[float, float]] = {}
+
+
+def logistic_row_fit(log_q: np.ndarray, flips: np.ndarray, n: int) -> np.ndarray:
+    """Binomial maximum-likelihood fit of d(q) = d0 + (1 - d0) sigmoid(a + b ln q), b >= 0, 0 <= d0 < 1, to
+    ``flips`` (counts out of n) at ``log_q`` = ln q; returns the fitted d at each point.
+
+    Monotone in q by construction (b >= 0) and smooth: every point of the row informs every other, so
+    no point's own luck decides its estimate (the winner's curse) and no single bad neighbour lifts it
+    (the isotonic envelope's pessimism). d0 is the row's floor (the pruning's own cost).
+    """
+    from scipy.optimize import minimize  # bench-only dependency, already in the environment
+    from scipy.special import expit
+
+    k = flips.astype(float)
+
+    def curve(theta: np.ndarray) -> np.ndarray:
+        d0 = expit(theta[2])
+        return np.clip(d0 + (1 - d0) * expit(theta[0] + np.exp(theta[1]) * log_q), 1e-9, 1 - 1e-9)
+
+    def nll(theta: np.ndarray) -> float:
+        d = curve(theta)
+        return float(-(k * np.log(d) + (n - k) * np.log1p(-d)).sum())
+
+    rate = np.clip(k / n, 1e-4, 1 - 1e-4)
+    starts = [np.array([np.log(rate[-1] / (1 - rate[-1])) - b * log_q[-1], np.log(b), np.log(rate[0] / 2)])
+              for b in (1.0, 3.0, 8.0)]
+    best = min((minimize(nll, x0, method="Nelder-Mead", options={"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-9})
+                for x0 in starts), key=lambda r: r.fun)
+    return curve(best.x)
+
+
+def _logistic(p: dict, n: int, pts: list[dict], _w: np.ndarray) -> float:
+    row = _row(p, pts)
+    if p not in row or len(row) < 4:  # too few points to fit three parameters: the raw reading
+        return _raw(p, n, pts, _w)
+    key = (id(pts), p["plan"].prune_scale)
+    if key not in _FITS:
+        qs = np.array([q["plan"].quant_scale for q in row])
+        fit = logistic_row_fit(np.log(qs), np.array([int(q["cal_flips"].sum()) for q in row]), n)
+        _FITS[key] = dict(zip(qs.tolist(), fit.tolist(), strict=True))
+    return disagreement_bound(_FITS[key][p["plan"].quant_scale], n)
+
+
 RULES = {"solver: curve + 1 SE": lambda p, n, pts, w: disagreement_bound(p["plan"].predicted_disagreement, n),
+         "raw point + 1 SE": _raw,
+         "row neighbours pooled + 1 SE": _pooled,
+         "row logistic fit + 1 SE": _logistic,
          "curve + 1.645 SE": _se_bound(1.645),
          "Clopper-Pearson 95%": _clopper_pearson,
          "size-monotone curve + 1 SE": _size_monotone,
