@@ -99,3 +99,22 @@ def test_logistic_row_fit_is_monotone_and_beats_the_raw_reading_on_binomial_coun
         fit_err.append(np.abs(fit - truth).mean())
         raw_err.append(np.abs(k / n - truth).mean())
     assert np.mean(fit_err) < 0.75 * np.mean(raw_err)  # measured 0.62x
+
+
+def test_calibration_split_sets_the_held_out_half_the_analysis_splits_off(digits):
+    # the bench's split experiment reaches the pool split the analysis makes (700 of 1,000 pool digits),
+    # and its cache and result names never collide with the defaults'
+    from pydantic import ValidationError
+
+    from bench.compression import calibration_split
+    from toco_core.analysis.pool_split import split_pool
+
+    assert calibration_split(None, None) == (None, "")
+    settings, suffix = calibration_split(0.7, 700)
+    assert settings is not None and suffix == "-held0.7-700"
+    split = split_pool(digits.x_pool, settings)
+    assert (len(split.held), len(split.cand)) == (700, len(digits.x_pool) - 700)
+    capped, _ = calibration_split(0.7, None)  # the default cap (500) still applies
+    assert capped is not None and len(split_pool(digits.x_pool, capped).held) == 500
+    with pytest.raises(ValidationError):
+        calibration_split(1.2, 700)
