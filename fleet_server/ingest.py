@@ -37,7 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
-from fleet_server.deployments import lock_deployments
+from fleet_server.deployment_rules import lock_deployments
 from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.replicas import DRIFT_POLICY, transaction_lock
