@@ -138,10 +138,12 @@ class FleetServer:
         if isinstance(self.lease, LeaderLease) and s.replicas:
             # a dead replica's broker-held session keeps its share of the messages: the leader drains it
             self.drain_watch = DeadSessionWatch(
-                self.db, self.db.engine.url, own_client_id=client_id, broker_url=self.broker_url, topics=self.topics,
+                self.db, self.db.engine.url, replica_id=s.replica_id, own_client_id=client_id,
+                broker_url=self.broker_url, topics=self.topics,
                 shared_group="toco-fleet", on_device=self.ingest.submit, on_get=self._on_get,
                 is_leader=lambda: self.lease.is_leader, password_dir=s.mqtt_peer_password_dir,
-                ca_file=s.mqtt_ca_file, check_s=s.lease_check_s, grace_s=s.session_drain_grace_s)
+                ca_file=s.mqtt_ca_file, check_s=s.lease_check_s, grace_s=s.session_drain_grace_s,
+                quiet_s=s.session_drain_quiet_s)
         self.exit_on_lease_loss = False  # serve() sets it: the process ends, its supervisor restarts it
         self._stop = threading.Event()
         self._tick_thread: threading.Thread | None = None

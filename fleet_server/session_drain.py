@@ -42,7 +42,7 @@ from sqlalchemy.pool import NullPool
 
 from fleet_server.db import Database, ReplicaRow
 from fleet_server.mqtt_client import Ack, FleetMqtt, ingest_subscriptions
-from fleet_server.replicas import lock_key
+from fleet_server.replicas import drain_application_name, lock_key
 from toco_core.messages import MessageKind
 
 log = logging.getLogger("toco.fleet.drain")
@@ -142,19 +142,24 @@ class SessionDrain(FleetMqtt):
 class DeadSessionWatch:
     """The leader's watch over the other replicas' sessions: drains each one whose replica died."""
 
-    def __init__(self, db: Database, url: URL, *, own_client_id: str, broker_url: str, topics, shared_group: str,
+    def __init__(self, db: Database, url: URL, *, replica_id: str, own_client_id: str, broker_url: str, topics,
+                 shared_group: str,
                  on_device: Callable[[MessageKind, str, bytes, Ack], None], on_get: Callable[[str, bytes], None],
                  is_leader: Callable[[], bool], password_dir: Path | None, ca_file: str | None,
                  check_s: float = 2.0, grace_s: float = 5.0, quiet_s: float = 2.0, stall_s: float = 300.0) -> None:
-        """``own_client_id``: never drained; ``on_device``/``on_get``: this replica's own handlers (ingest may
-        be minutes behind under load: ``stall_s`` without a message or an acknowledgement ends a drain);
+        """``replica_id``: this replica's, named in the watch's database session (a replica restarted during a
+        drain sees who drains it); ``own_client_id``: never drained; ``on_device``/``on_get``: this replica's
+        own handlers (ingest may be minutes behind under load: ``stall_s`` without a message or an
+        acknowledgement ends a drain);
         ``is_leader()``: only the leader drains; ``password_dir``: the replicas' ``{user}.password`` files."""
         self.db, self.own_client_id, self.broker_url, self.topics = db, own_client_id, broker_url, topics
         self.shared_group, self.on_device, self.on_get, self.is_leader = shared_group, on_device, on_get, is_leader
         self.password_dir, self.ca_file = password_dir, ca_file
         self.check_s, self.grace_s, self.quiet_s, self.stall_s = check_s, grace_s, quiet_s, stall_s
-        # a session of its own for the session-level locks (a pooled one would keep them on another's loan)
-        self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        # a session of its own for the session-level locks (a pooled one would keep them on another's loan),
+        # named so that a replica waiting for its identity lock can tell a drain from a live twin
+        self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                     connect_args={"application_name": drain_application_name(replica_id)})
         self._dead_since: dict[str, float] = {}
         self._warned: set[str] = set()
         self._stop = threading.Event()
