@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.bundle_publisher import BundlePublisher
+from fleet_server.command_outbox import CommandOutbox
 from fleet_server.command_signer import CommandSigner
 from fleet_server.config import FleetSettings
 from fleet_server.db import BundleRow, Database
@@ -113,14 +114,16 @@ class FleetServer:
         send_command = self.signer.sender(self.mqtt.send_command)
         self.deployments = Deployments(self.db, self.events, publisher=self.publisher,
                                        send_command=send_command, timeout_s=s.deploy_timeout_s)
+        # the drift policy's commands, when refused, are kept in the database for the leader's tick
+        self.outbox = CommandOutbox(self.db, send_command)
         self.policy = DriftPolicy(self.db, self.events, mode=s.drift_policy, budget=s.budget,
-                                  samples_wait_s=s.samples_wait_s, send_command=send_command,
+                                  samples_wait_s=s.samples_wait_s, send_command=self.outbox.send,
                                   deployments=self.deployments, canary_share=s.canary_share,
                                   failure_threshold=s.failure_threshold, gate=gate_settings(s),
                                   scorer=SampleScorer(budget=s.budget, margin=0.05, wait_s=3 * s.samples_wait_s))
         self.ingest.on_status = self.deployments.on_status
         self.ingest.on_drift = self.policy.on_drift
-        self.drift_actions = DriftActions(self.db, self.events, send_command, self.policy)
+        self.drift_actions = DriftActions(self.db, self.events, self.outbox.send, self.policy)
         self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
                               chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done, executor=s.executor)
         self.policy.jobs = self.jobs
@@ -229,7 +232,8 @@ class FleetServer:
         while not self._stop.wait(self.settings.tick_s):
             steps: tuple[Callable[[], object], ...]
             if self.lease.is_leader:
-                steps = (self.deployments.tick, self.policy.tick, self.key_distributor.tick, self.retention.tick)
+                steps = (self.deployments.tick, self.policy.tick, self.outbox.tick, self.key_distributor.tick,
+                         self.retention.tick)
             else:  # a follower still signs commands (ingest, API): it follows key rotations
                 steps = (self.key_distributor.reload,)
             for step in steps:
