@@ -243,17 +243,19 @@ class FleetServer:
                     log.exception("housekeeping step failed", extra={"fields": {"step": step.__qualname__}})
 
     def stop(self) -> None:
-        """Stop everything started, newest first."""
+        """Stop everything started, newest first, each part within a bounded time (a SIGTERM'd serve must end in
+        seconds, whatever the broker or the database do: every thread waited for here is a daemon, so a part
+        that overstays its join does not hold the process)."""
         self._stop.set()
         if self._tick_thread is not None:
-            self._tick_thread.join(5)
+            self._tick_thread.join(3)
         self.jobs.stop()
         if self.drain_watch is not None:
             self.drain_watch.stop()
         # ingest first: what it stores now is acknowledged while the connection is still up; what
-        # arrives meanwhile stays unacknowledged and comes back with the next start
-        self.ingest.stop()
-        self.mqtt.stop()
+        # arrives meanwhile, or waits beyond its time, stays unacknowledged and comes back with the next start
+        self.ingest.stop(timeout=2)
+        self.mqtt.stop(timeout=2)
         if self.broker is not None:
             self.broker.stop()
         self.lease.stop()
@@ -327,6 +329,26 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+SHUTDOWN_GRACE_S = 2  # uvicorn's wait for open requests (event streams) on SIGTERM
+STOP_DEADLINE_S = 8.0  # the whole stop; past it the process ends regardless (its supervisor expects it to)
+
+
+def _exit_if_stuck(deadline_s: float) -> None:
+    """A last resort for the stop: if the process is still running ``deadline_s`` seconds from now (a part that
+    ignored its own bound, a non-daemon thread of a library), log it and end the process with status 1."""
+
+    def stuck() -> None:
+        names = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        log.error("the server did not stop in time; exiting now", extra={"fields": {
+            "deadline_s": deadline_s, "threads": names[:20]}})
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(deadline_s, stuck)
+    timer.daemon = True
+    timer.start()
+
+
 def serve(settings: FleetSettings) -> None:
     """Run the whole server until Ctrl-C or SIGTERM (uvicorn in the foreground), then stop every part,
     the analysis worker processes included."""
@@ -342,7 +364,16 @@ def serve(settings: FleetSettings) -> None:
     server.start()
     app = create_app(server)
     freeze_startup_heap()
+    class Http(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # open dashboard event streams never end by themselves, and uvicorn waits for open responses
+            server.events.close()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning")
+        # the grace period: what still runs after it (a slow request) is cancelled
+        Http(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
     finally:
+        _exit_if_stuck(STOP_DEADLINE_S)
         server.stop()
