@@ -20,7 +20,8 @@ message again on the new connection, and ingest recognises it).
 
 Publishing: paho numbers a QoS 1 publish with a packet id (1-65,535) that stays taken until the
 broker's PUBACK, and refuses a publish whose id is still taken (MQTT_ERR_QUEUE_SIZE). A refused
-QoS 1 publish raises PublishRefused (a deploy wave is then not marked sent: fleet_server.deployments);
+QoS 1 publish raises PublishRefused (a deploy wave is then not marked sent: fleet_server.deployment_waves;
+a drift-policy command is kept for the leader's tick: fleet_server.command_outbox);
 a QoS 0 publish refused or made while disconnected is gone and only counted (the downloader asks
 again). ``stats`` holds those counts for /api/health.
 """
