@@ -34,14 +34,23 @@ def broker() -> Iterator[Broker]:
     b.cleanup()
 
 
-def start_serve(tmp_path, broker: Broker) -> tuple[Replica, str]:
-    """A serve on SQLite in its data dir and the external broker, connected; and an admin API token."""
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path) -> str:
+    """SQLite in the serve's data dir, or a new database on the session's PostgreSQL cluster (the lease's
+    sessions and threads are then part of the stop too)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    (tmp_path / "data").mkdir()
+    return f"sqlite:///{(tmp_path / 'data' / 'fleet.db').resolve()}"
+
+
+def start_serve(tmp_path, broker: Broker, db_url: str) -> tuple[Replica, str]:
+    """A serve on ``db_url`` and the external broker, connected; and an admin API token."""
     data = tmp_path / "data"
-    data.mkdir()
-    db = Database(f"sqlite:///{(data / 'fleet.db').resolve()}")
+    db = Database(db_url)
     token, _ = create_token(db, role="admin", name="tests")
     db.close()
-    serve = Replica(tmp_path, "serve", "--data-dir", str(data), "--broker", broker.url)
+    serve = Replica(tmp_path, "serve", "--data-dir", str(data), "--broker", broker.url, "--db-url", db_url)
     assert wait_until(lambda: serve.health().get("broker") == "connected", 30, 0.2), serve.output()
     return serve, token
 
@@ -85,8 +94,8 @@ class Flood:
         self.c.loop_stop()
 
 
-def test_serve_exits_within_seconds_of_sigterm_with_a_dashboard_stream_open_under_traffic(broker, tmp_path):
-    serve, token = start_serve(tmp_path, broker)
+def test_serve_exits_within_seconds_of_sigterm_with_a_dashboard_stream_open_under_traffic(broker, db_url, tmp_path):
+    serve, token = start_serve(tmp_path, broker, db_url)
     stream = flood = None
     try:
         stream = EventStream(serve.port, token)  # a dashboard's live updates: a response that never ends
@@ -105,8 +114,8 @@ def test_serve_exits_within_seconds_of_sigterm_with_a_dashboard_stream_open_unde
         serve.stop()
 
 
-def test_serve_exits_within_seconds_of_sigterm_with_the_broker_stopped(broker, tmp_path):
-    serve, _ = start_serve(tmp_path, broker)
+def test_serve_exits_within_seconds_of_sigterm_with_the_broker_stopped(broker, db_url, tmp_path):
+    serve, _ = start_serve(tmp_path, broker, db_url)
     try:
         broker.stop()
         assert wait_until(lambda: serve.health().get("broker") == "disconnected", 15, 0.2), serve.output()
@@ -120,8 +129,8 @@ def test_serve_exits_within_seconds_of_sigterm_with_the_broker_stopped(broker, t
         serve.stop()
 
 
-def test_serve_exits_within_seconds_of_sigterm_with_the_broker_frozen(broker, tmp_path):
-    serve, _ = start_serve(tmp_path, broker)
+def test_serve_exits_within_seconds_of_sigterm_with_the_broker_frozen(broker, db_url, tmp_path):
+    serve, _ = start_serve(tmp_path, broker, db_url)
     frozen = False
     try:
         assert broker.proc is not None
