@@ -23,7 +23,7 @@ from toco_core.topics import Topics
 
 T = Topics(FLEET)
 EXIT_WITHIN_S = 10.0
-SIGTERM_STATUS = 128 + signal.SIGTERM  # fleet_server.server._exit_on_sigterm
+SIGTERM_STATUS = 128 + signal.SIGTERM  # fleet_server.serve_process._exit_on_sigterm
 
 
 @pytest.fixture
