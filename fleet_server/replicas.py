@@ -178,7 +178,8 @@ class LeaderLease:
 
     def _claim_identity(self) -> None:
         name = f"mqtt-identity:{self.identity}"
-        deadline: float | None = None
+        deadline = time.monotonic() + self.identity_wait_s
+        logged = False
         delay = 0.2
         while not self._try(name):
             holder = self._holder(name)
@@ -188,18 +189,18 @@ class LeaderLease:
                                    "give each replica its own MQTT user (--mqtt-username, a user of the broker's "
                                    "password file and ACL)")
             now = time.monotonic()
-            if deadline is None and drainer is not None:
-                deadline = now + self.identity_wait_s
+            if drainer is not None and not logged:
+                logged = True
                 log.warning("replica %s: its previous session is being drained by replica %s; waiting up to %.0f s",
                             self.replica_id, drainer, self.identity_wait_s,
                             extra={"fields": {"identity": self.identity, "drained_by": drainer}})
-            if deadline is not None and now >= deadline:
+            if now >= deadline:
                 raise ReplicaError(f"replica {self.replica_id}: its previous session was still being drained by "
                                    f"replica {drainer or 'the leader'} after {self.identity_wait_s:.0f} s",
                                    "start it again once the leader's log says the session was drained, or raise "
                                    "identity_wait_s (TOCO_FLEET_IDENTITY_WAIT_S)")
             # holder None: the lock was released between the two queries; try again soon
-            time.sleep(delay if deadline is None else max(0.0, min(delay, deadline - now)))
+            time.sleep(max(0.0, min(delay, deadline - now)))
             delay = min(delay * 2, 5.0)
 
     def _holder(self, name: str) -> str | None:

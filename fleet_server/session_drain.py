@@ -10,7 +10,8 @@ The fix: every replica registers its session in the ``replicas`` table (client i
 expiry). The leader checks, every ``check_s``, whether each other registered replica is alive: a
 live one holds its ``mqtt-identity`` advisory lock (fleet_server.replicas) on its lease session, which
 PostgreSQL frees the moment the process dies. A replica whose lock has been free for ``grace_s`` is
-dead: the leader takes that lock (so the replica cannot come back, nor anyone else drain, meanwhile),
+dead: the leader takes that lock (so the replica cannot come back, nor anyone else drain, meanwhile: a
+restart waits for it, fleet_server.replicas),
 connects under its client id with clean_start=False (session takeover), unsubscribes the shared
 filters at once (no new messages are routed to it), hands every message the broker delivers to its own
 ingest (the same handler, acknowledged after the commit), and once no message came for ``quiet_s``
