@@ -30,7 +30,8 @@ def run_server(data_dir: str, broker_url: str, http_port: int) -> None:
     """Child process: the fleet server (SQLite in ``data_dir``) with small analysis settings."""
     from fleet_server.api import create_app
     from fleet_server.config import FleetSettings
-    from fleet_server.server import FleetServer, HttpThread, freeze_startup_heap
+    from fleet_server.serve_process import freeze_startup_heap
+    from fleet_server.server import FleetServer, HttpThread
     from toco_core.analysis.settings import AnalysisSettings
 
     fast = AnalysisSettings(**FAST)

@@ -41,7 +41,7 @@ def _statuses(server, deployment_id: str, bundle_id: str, device_ids: list[str])
     from sqlalchemy import select
 
     from fleet_server.db import DeviceRow
-    from fleet_server.deployments import lock_deployments
+    from fleet_server.deployment_rules import lock_deployments
     from toco_core.messages import StatusMessage
 
     t = time.perf_counter()

@@ -21,7 +21,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fleet_server import dashboard, event_log, login, registry
 from fleet_server.device_listing import DevicePage, DeviceQuery, device_page
-from fleet_server.events import sse_frame
+from fleet_server.events import CLOSING, sse_frame
 from fleet_server.http_auth import AuthMiddleware, Sessions, load_session_secret
 from fleet_server.model_versions import group_versions
 from fleet_server.mqtt_client import PublishRefused
@@ -312,12 +312,14 @@ def create_app(server: FleetServer) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             try:
                 yield ": connected\n\n"
-                while not await request.is_disconnected():
+                while not await request.is_disconnected() and not server.events.closed.is_set():
                     try:
                         kind, data = await asyncio.wait_for(sub.queue.get(), 10)
                     except TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if kind == CLOSING:  # the server is stopping: the browser reconnects (to another replica)
+                        return
                     yield sse_frame(kind, data)
             finally:
                 server.events.unsubscribe(sub)

@@ -96,7 +96,7 @@ def serve(config: Path | None = typer.Option(None, "--config", help="TOML file o
     """Run the fleet server (embedded broker + SQLite by default) until Ctrl-C."""
     from fleet_server.config import load_settings
     from fleet_server.replicas import check_replica_setup
-    from fleet_server.server import serve as run
+    from fleet_server.serve_process import serve as run
 
     given = {"data_dir": data_dir, "broker": broker, "broker_host": broker_host, "broker_port": broker_port,
              "broker_password_file": broker_password_file, "mqtt_username": mqtt_username,

@@ -97,6 +97,10 @@ class FleetSettings(BaseSettings):
                                                 "user to drain its broker-held session (fleet_server.session_drain)")
     session_drain_grace_s: float = Field(5.0, ge=0, le=3600, description="seconds a replica's database session "
                                          "must stay gone before the leader takes over and drains its MQTT session")
+    session_drain_quiet_s: float = Field(2.0, gt=0, le=600, description="seconds without a message (and with "
+                                         "every one stored) after which a session drain ends the dead session")
+    identity_wait_s: float = Field(300.0, ge=0, le=86400, description="seconds a restarted replica waits while the "
+                                   "leader drains its previous MQTT session, before it gives up and exits")
     trusted_hosts: list[str] = Field(default_factory=list, description="Host header values the HTTP API answers, "
                                      "besides localhost, 127.0.0.1 and http_host (DNS rebinding guard); "
                                      "'*.example.com' allows subdomains")

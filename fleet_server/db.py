@@ -293,6 +293,19 @@ class ReplicaRow(Base):
     started_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class UnsentCommandRow(Base):
+    """A drift-policy command the MQTT client refused to publish (fleet_server.command_outbox): kept unsigned,
+    signed afresh and sent by the leader's tick once publishing works, then deleted."""
+
+    __tablename__ = "unsent_commands"
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    command: Mapped[bytes] = mapped_column(LargeBinary)  # the unsigned command's wire JSON (toco_core.messages)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+
+
 class Database:
     """Engine + session factory. SQLite gets WAL and a busy timeout so threads can share the file."""
 

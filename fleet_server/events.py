@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 EventKind = Literal["device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis", "drift_alert"]
+CLOSING = "closing"  # not an event: what ``close`` hands every subscriber, so its stream ends
 KINDS: tuple[str, ...] = ("device", "telemetry", "drift", "status", "analysis", "deployment", "reanalysis",
                           "drift_alert")
 
@@ -46,6 +47,7 @@ class EventBus:
         self.maxsize = maxsize
         self.counts: Counter[str] = Counter()
         self.relay: Callable[[str, dict[str, Any]], None] | None = None  # set by FleetServer with replicas
+        self.closed = threading.Event()
 
     def subscribe(self) -> Subscription:
         """Register a subscriber for the running event loop (call from inside that loop)."""
@@ -53,6 +55,18 @@ class EventBus:
         with self._lock:
             self._subs.add(sub)
         return sub
+
+    def close(self) -> None:
+        """The server is stopping: hand every subscriber ``(CLOSING, {})`` so its stream ends now (an event
+        stream never ends by itself, and the HTTP server waits for open responses). Thread-safe, idempotent."""
+        self.closed.set()
+        with self._lock:
+            subs = list(self._subs)
+        for sub in subs:
+            try:
+                sub.loop.call_soon_threadsafe(sub._put, (CLOSING, {}))
+            except RuntimeError:  # its loop is closed already
+                self.unsubscribe(sub)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Forget a subscriber (idempotent)."""

@@ -37,7 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from fleet_server.db import Database, DeviceRow, DriftRow, SampleRow, TelemetryRow
-from fleet_server.deployments import lock_deployments
+from fleet_server.deployment_rules import lock_deployments
 from fleet_server.enrollment import ENROLLED, QUARANTINED, REVOKED, note_claimed_group
 from fleet_server.events import EventBus
 from fleet_server.replicas import DRIFT_POLICY, transaction_lock
@@ -115,6 +115,7 @@ class Ingest:
         self._q: queue.Queue = queue.Queue()
         self._stored: set[tuple] = set()  # the batch's keys already in the database (_already_stored)
         self._thread: threading.Thread | None = None
+        self._deadline: float | None = None  # stop(): no new batch is begun after this (monotonic seconds)
         self.idle = threading.Event()
 
     def start(self) -> None:
@@ -122,11 +123,17 @@ class Ingest:
         self._thread = threading.Thread(target=self._loop, name="ingest", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Process what is queued, then end the thread."""
+    def stop(self, timeout: float = 3.0) -> None:
+        """Process what is queued for up to ``timeout`` seconds, then end the thread (a batch being written is
+        finished). What is left was never acknowledged: a broker-held session delivers it again after the restart.
+        Returns None; raises nothing."""
+        self._deadline = time.monotonic() + timeout
         self._q.put(None)
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(timeout + 2)
+            if self._thread.is_alive():
+                log.warning("ingest did not finish its batch in time; its messages stay unacknowledged",
+                            extra={"fields": {"queued": self._q.qsize()}})
 
     def submit(self, kind: MessageKind, device_id: str, payload: bytes, ack: Ack | None = None) -> None:
         """Queue one message from the network thread (never blocks); ``ack()`` runs once it is committed."""
@@ -144,6 +151,10 @@ class Ingest:
                 self.idle.set()
             first = self._q.get()
             if first is None:
+                return
+            if self._deadline is not None and time.monotonic() > self._deadline:  # stopping, out of time
+                log.info("ingest stopped with messages queued; unacknowledged, the broker delivers them again",
+                         extra={"fields": {"queued": self._q.qsize() + 1}})
                 return
             items = [first]
             while len(items) < self.batch:

@@ -5,6 +5,11 @@ online device gets the current trusted set whenever that set changes (a rotation
 time or by ``toco-fleet keys retire``) and again after each of its births (it may have been offline
 when the set changed). What was sent is kept in memory only: after a server restart every online
 device gets the set once more, which is harmless.
+
+A command the MQTT client refuses (PublishRefused) is not marked sent: the pass stops there with a
+warning and the next tick, which derives again who lacks the current set, sends it and the rest. No
+outbox is needed (fleet_server.command_outbox is the drift policy's): the set to push is the ring's
+state, re-read every tick.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from sqlalchemy import select
 
 from fleet_server.command_signer import CommandSigner, SendFn
 from fleet_server.db import Database, DeviceRow, new_id
+from fleet_server.mqtt_client import PublishRefused
 from toco_core.messages import TrustKeysCommand
 
 log = logging.getLogger("toco.fleet.keys")
@@ -40,7 +46,8 @@ class KeyDistributor:
             self.on_reload(self.signer.active_key)
 
     def tick(self) -> int:
-        """Reload the ring if it changed and push the set to devices that lack it. Returns how many were sent."""
+        """Reload the ring if it changed and push the set to devices that lack it, stopping at a refused publish.
+        Returns how many were sent."""
         self.reload()
         if not self.signer.rotated():
             return 0
@@ -52,7 +59,12 @@ class KeyDistributor:
         for device_id, birth in online:
             if self._sent.get(device_id) == (birth, fps):
                 continue
-            self.send(device_id, TrustKeysCommand(cmd_id=new_id("k"), keys=keys))
+            try:
+                self.send(device_id, TrustKeysCommand(cmd_id=new_id("k"), keys=keys))
+            except PublishRefused as exc:  # not marked: the next tick sends it, and the rest
+                log.warning("trusted key set refused by the MQTT client; the next tick sends it again",
+                            extra={"fields": {"device": device_id, "sent": sent, "error": str(exc)[:200]}})
+                break
             self._sent[device_id] = (birth, fps)
             sent += 1
         if sent:

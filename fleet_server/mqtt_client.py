@@ -20,14 +20,17 @@ message again on the new connection, and ingest recognises it).
 
 Publishing: paho numbers a QoS 1 publish with a packet id (1-65,535) that stays taken until the
 broker's PUBACK, and refuses a publish whose id is still taken (MQTT_ERR_QUEUE_SIZE). A refused
-QoS 1 publish raises PublishRefused (a deploy wave is then not marked sent: fleet_server.deployments);
+QoS 1 publish raises PublishRefused (a deploy wave is then not marked sent: fleet_server.deployment_waves;
+a drift-policy command is kept for the leader's tick: fleet_server.command_outbox);
 a QoS 0 publish refused or made while disconnected is gone and only counted (the downloader asks
 again). ``stats`` holds those counts for /api/health.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -101,10 +104,27 @@ class FleetMqtt:
         if not self.connected.wait(timeout):
             raise TimeoutError(f"the fleet server could not reach the broker at {self.broker.host}:{self.broker.port}")
 
-    def stop(self) -> None:
-        """Disconnect and stop paho's network thread."""
+    def stop(self, timeout: float = 2.0) -> None:
+        """Disconnect and stop paho's network thread, within about ``timeout`` seconds whatever the broker does.
+
+        paho's thread ends only once its output queue is written (the DISCONNECT waits behind every queued
+        packet) and ``loop_stop`` joins it without a limit: a slow or frozen broker would hold the process.
+        After ``timeout`` the socket is shut down, which ends the thread at once; publishes not yet written
+        are lost (QoS 1 device messages not acknowledged are delivered again to the next session).
+        Returns None; raises nothing.
+        """
         self.client.disconnect()
-        self.client.loop_stop()
+        stopper = threading.Thread(target=self.client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            sock = self.client.socket()
+            log.warning("the broker did not take the disconnect in time; closing the connection",
+                        extra={"fields": {"timeout_s": timeout}})
+            if isinstance(sock, socket.socket):  # an SSL socket is one too
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # not close(): paho's thread may still select() on it
+            stopper.join(2)
 
     def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
         """Raw publish (the BundlePublisher's SendFn). Returns True when paho took it: written to the socket,

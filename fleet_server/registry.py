@@ -278,7 +278,7 @@ def devices_json(db: Database) -> bytes:
 def get_device(db: Database, *, device_id: str, points: int = 200) -> dict[str, Any]:
     """DeviceDetail: Device (with the ``model_version`` it runs) + telemetry, drift points and deployment
     history. Raises NotFoundError."""
-    from fleet_server.deployments import device_history  # deployments imports registry
+    from fleet_server.deployment_queries import device_history  # deployment_queries imports registry
     from fleet_server.model_versions import running_version
 
     with db.session() as s:

@@ -13,7 +13,9 @@ TCP keepalives give up (about 15 s, set below). Every other replica tries to tak
 breaks is never "re-won" silently: the replica reports it lost (``toco-fleet serve`` then exits
 and its supervisor restarts it), so two leaders never overlap. The same session holds a second
 lock naming the replica's MQTT identity, so two replicas configured with the same MQTT user (which
-the broker would make kick each other off) refuse to run side by side.
+the broker would make kick each other off) refuse to run side by side. The leader's session drain
+(fleet_server.session_drain) holds a dead replica's identity lock while it drains that replica's MQTT
+session: a replica restarted meanwhile waits for it (``identity_wait_s``) instead of refusing.
 
 SQLite allows one writer process, so a serve on SQLite takes an exclusive file lock in its data dir
 and is always the leader; a second serve on the same data dir refuses with one clear line.
@@ -27,6 +29,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +42,9 @@ from toco_core.errors import ConfigError
 
 log = logging.getLogger("toco.fleet.replicas")
 LEASE_FILE = "serve.lock"
+# the application_name of the leader's session-drain connection (pg_stat_activity): a replica whose identity
+# lock is held by such a session knows its previous MQTT session is being drained, not that it runs twice
+DRAIN_APPLICATION = "toco-fleet-drain "
 
 
 class ReplicaError(ConfigError):
@@ -65,6 +71,11 @@ def check_replica_setup(settings: FleetSettings) -> None:
 def lock_key(name: str) -> int:
     """The signed 64-bit advisory lock key of ``name`` (stable across processes and releases)."""
     return int.from_bytes(hashlib.sha256(f"toco-fleet:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def drain_application_name(replica_id: str) -> str:
+    """The PostgreSQL application_name of replica ``replica_id``'s session-drain connection (63 bytes at most)."""
+    return f"{DRAIN_APPLICATION}{replica_id}"[:63]
 
 
 DRIFT_POLICY = "drift-policy"  # the transaction lock of everything that reads or writes re-analyses
@@ -121,10 +132,12 @@ class LeaderLease:
     """The singleton duties' lease on PostgreSQL: a session advisory lock, retried every ``check_s``."""
 
     def __init__(self, url: URL, *, replica_id: str, identity: str, check_s: float,
-                 on_lost: Callable[[str], None]) -> None:
+                 on_lost: Callable[[str], None], identity_wait_s: float = 0.0) -> None:
         """``identity``: the MQTT identity this replica holds (its user, else its client id);
-        ``on_lost(reason)`` runs once, on the lease thread, when the lease session breaks."""
+        ``on_lost(reason)`` runs once, on the lease thread, when the lease session breaks;
+        ``identity_wait_s``: how long ``acquire`` waits while the leader drains this identity's old session."""
         self.replica_id, self.identity, self.check_s, self.on_lost = replica_id, identity, check_s, on_lost
+        self.identity_wait_s = identity_wait_s
         # a dedicated, unpooled, autocommit session: an idle transaction would pin old row versions for
         # the whole process lifetime; keepalives make a vanished host's locks go within ~15 s
         self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT", connect_args={
@@ -145,21 +158,64 @@ class LeaderLease:
         """Open the lease session and claim this replica's MQTT identity; tries for the lease once.
 
         ``solo``: this serve was not started as a replica, so it must be the only one on the database.
-        Raises ReplicaError when another live replica holds the same MQTT identity, or (``solo``) when
-        another serve already leads on this database.
+        While the leader drains this identity's previous MQTT session (a restart of a replica it found dead),
+        waits for the drain with backoff, up to ``identity_wait_s``, logging one line when it starts waiting.
+        Raises ReplicaError when another live replica holds the same MQTT identity (at once), when the drain
+        still holds it after ``identity_wait_s``, or (``solo``) when another serve already leads on this database.
         """
         self._conn = self._engine.connect()
-        if not self._try(f"mqtt-identity:{self.identity}"):
+        try:
+            self._claim_identity()
+        except BaseException:  # a refusal, or SIGTERM while waiting: the session (and any lock) goes now
             self.stop()
-            raise ReplicaError(f"another replica already connects to the broker as {self.identity!r}",
-                               "give each replica its own MQTT user (--mqtt-username, a user of the broker's "
-                               "password file and ACL)")
+            raise
         if self._try("leader"):
             self._leader.set()
         elif solo:
             self.stop()
             raise ReplicaError("another toco-fleet serve already runs on this database",
                                "stop it, or start every serve on it with --replicas and an external broker")
+
+    def _claim_identity(self) -> None:
+        name = f"mqtt-identity:{self.identity}"
+        deadline = time.monotonic() + self.identity_wait_s
+        logged = False
+        delay = 0.2
+        while not self._try(name):
+            holder = self._holder(name)
+            drainer = holder[len(DRAIN_APPLICATION):] if holder and holder.startswith(DRAIN_APPLICATION) else None
+            if holder is not None and drainer is None:  # a live replica's lease session: a real duplicate
+                raise ReplicaError(f"another replica already connects to the broker as {self.identity!r}",
+                                   "give each replica its own MQTT user (--mqtt-username, a user of the broker's "
+                                   "password file and ACL)")
+            now = time.monotonic()
+            if drainer is not None and not logged:
+                logged = True
+                log.warning("replica %s: its previous session is being drained by replica %s; waiting up to %.0f s",
+                            self.replica_id, drainer, self.identity_wait_s,
+                            extra={"fields": {"identity": self.identity, "drained_by": drainer}})
+            if now >= deadline:
+                raise ReplicaError(f"replica {self.replica_id}: its previous session was still being drained by "
+                                   f"replica {drainer or 'the leader'} after {self.identity_wait_s:.0f} s",
+                                   "start it again once the leader's log says the session was drained, or raise "
+                                   "identity_wait_s (TOCO_FLEET_IDENTITY_WAIT_S)")
+            # holder None: the lock was released between the two queries; try again soon
+            time.sleep(max(0.0, min(delay, deadline - now)))
+            delay = min(delay * 2, 5.0)
+
+    def _holder(self, name: str) -> str | None:
+        """The application_name of the session holding the advisory lock ``name`` on this database, None when
+        no session holds it (any more)."""
+        assert self._conn is not None, "the lease's session is open"
+        key = lock_key(name)
+        # a bigint advisory lock shows in pg_locks as classid = its high 32 bits, objid = its low ones, objsubid 1
+        row = self._conn.execute(text(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = :hi "
+            "AND l.objid::bigint = :lo "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+            {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}).first()
+        return None if row is None else str(row[0] or "")
 
     def _try(self, name: str) -> bool:
         assert self._conn is not None, "the lease's session is open"
@@ -228,4 +284,4 @@ def make_lease(settings: FleetSettings, url: URL, on_lost: Callable[[str], None]
         return DataDirLock(settings.data_dir)
     identity = settings.mqtt_username or f"toco-fleet-{settings.fleet}-{settings.replica_id}"
     return LeaderLease(url, replica_id=settings.replica_id, identity=identity, check_s=settings.lease_check_s,
-                       on_lost=on_lost)
+                       on_lost=on_lost, identity_wait_s=settings.identity_wait_s)

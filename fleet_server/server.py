@@ -5,12 +5,11 @@ Every process ingests, serves the API and signs commands; the singleton duties (
 steps, analysis job dispatch) run only while ``lease.is_leader`` (fleet_server.replicas).
 
 ``FleetServer(settings).start()`` brings everything up (tests and the demo use this);
-``serve(settings)`` also runs uvicorn in the foreground until Ctrl-C.
+``fleet_server.serve_process.serve(settings)`` also runs uvicorn in the foreground until SIGTERM or Ctrl-C.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from fleet_server.broker import EmbeddedBroker
 from fleet_server.bundle_publisher import BundlePublisher
+from fleet_server.command_outbox import CommandOutbox
 from fleet_server.command_signer import CommandSigner
 from fleet_server.config import FleetSettings
 from fleet_server.db import BundleRow, Database
@@ -113,14 +113,16 @@ class FleetServer:
         send_command = self.signer.sender(self.mqtt.send_command)
         self.deployments = Deployments(self.db, self.events, publisher=self.publisher,
                                        send_command=send_command, timeout_s=s.deploy_timeout_s)
+        # the drift policy's commands, when refused, are kept in the database for the leader's tick
+        self.outbox = CommandOutbox(self.db, send_command)
         self.policy = DriftPolicy(self.db, self.events, mode=s.drift_policy, budget=s.budget,
-                                  samples_wait_s=s.samples_wait_s, send_command=send_command,
+                                  samples_wait_s=s.samples_wait_s, send_command=self.outbox.send,
                                   deployments=self.deployments, canary_share=s.canary_share,
                                   failure_threshold=s.failure_threshold, gate=gate_settings(s),
                                   scorer=SampleScorer(budget=s.budget, margin=0.05, wait_s=3 * s.samples_wait_s))
         self.ingest.on_status = self.deployments.on_status
         self.ingest.on_drift = self.policy.on_drift
-        self.drift_actions = DriftActions(self.db, self.events, send_command, self.policy)
+        self.drift_actions = DriftActions(self.db, self.events, self.outbox.send, self.policy)
         self.jobs = JobRunner(self.db, self.store, self.key, self.events, concurrency=s.analysis_concurrency,
                               chunk_size=s.chunk_size, on_done=self.policy.on_analysis_done, executor=s.executor)
         self.policy.jobs = self.jobs
@@ -138,11 +140,13 @@ class FleetServer:
         if isinstance(self.lease, LeaderLease) and s.replicas:
             # a dead replica's broker-held session keeps its share of the messages: the leader drains it
             self.drain_watch = DeadSessionWatch(
-                self.db, self.db.engine.url, own_client_id=client_id, broker_url=self.broker_url, topics=self.topics,
+                self.db, self.db.engine.url, replica_id=s.replica_id, own_client_id=client_id,
+                broker_url=self.broker_url, topics=self.topics,
                 shared_group="toco-fleet", on_device=self.ingest.submit, on_get=self._on_get,
                 is_leader=lambda: self.lease.is_leader, password_dir=s.mqtt_peer_password_dir,
-                ca_file=s.mqtt_ca_file, check_s=s.lease_check_s, grace_s=s.session_drain_grace_s)
-        self.exit_on_lease_loss = False  # serve() sets it: the process ends, its supervisor restarts it
+                ca_file=s.mqtt_ca_file, check_s=s.lease_check_s, grace_s=s.session_drain_grace_s,
+                quiet_s=s.session_drain_quiet_s)
+        self.exit_on_lease_loss = False  # serve_process.serve() sets it: the process ends, its supervisor restarts it
         self._stop = threading.Event()
         self._tick_thread: threading.Thread | None = None
         self.started = False
@@ -227,7 +231,8 @@ class FleetServer:
         while not self._stop.wait(self.settings.tick_s):
             steps: tuple[Callable[[], object], ...]
             if self.lease.is_leader:
-                steps = (self.deployments.tick, self.policy.tick, self.key_distributor.tick, self.retention.tick)
+                steps = (self.deployments.tick, self.policy.tick, self.outbox.tick, self.key_distributor.tick,
+                         self.retention.tick)
             else:  # a follower still signs commands (ingest, API): it follows key rotations
                 steps = (self.key_distributor.reload,)
             for step in steps:
@@ -237,17 +242,19 @@ class FleetServer:
                     log.exception("housekeeping step failed", extra={"fields": {"step": step.__qualname__}})
 
     def stop(self) -> None:
-        """Stop everything started, newest first."""
+        """Stop everything started, newest first, each part within a bounded time (a SIGTERM'd serve must end in
+        seconds, whatever the broker or the database do: every thread waited for here is a daemon, so a part
+        that overstays its join does not hold the process)."""
         self._stop.set()
         if self._tick_thread is not None:
-            self._tick_thread.join(5)
+            self._tick_thread.join(3)
         self.jobs.stop()
         if self.drain_watch is not None:
             self.drain_watch.stop()
         # ingest first: what it stores now is acknowledged while the connection is still up; what
-        # arrives meanwhile stays unacknowledged and comes back with the next start
-        self.ingest.stop()
-        self.mqtt.stop()
+        # arrives meanwhile, or waits beyond its time, stays unacknowledged and comes back with the next start
+        self.ingest.stop(timeout=2)
+        self.mqtt.stop(timeout=2)
         if self.broker is not None:
             self.broker.stop()
         self.lease.stop()
@@ -304,39 +311,3 @@ class HttpThread:
         """Ask uvicorn to exit and join it."""
         self.server.should_exit = True
         self.thread.join(10)
-
-
-def freeze_startup_heap() -> None:
-    """Move every object alive now (modules, ORM metadata, routes) out of the garbage collector's reach.
-
-    They live as long as the process; without this, each full collection walks them all and
-    pauses every thread for 50-100 ms, which is the API's tail latency under MQTT load
-    (measured with bench/fleet.py). Call once, after start-up, in a server process.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-def serve(settings: FleetSettings) -> None:
-    """Run the whole server until Ctrl-C or SIGTERM (uvicorn in the foreground), then stop every part,
-    the analysis worker processes included."""
-    import uvicorn
-
-    from fleet_server.api import create_app
-
-    # uvicorn ends its loop on SIGTERM and then raises the signal again with the handler found at start;
-    # the default one would end the process before the `finally` below and leave the workers running
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    server = FleetServer(settings)
-    server.exit_on_lease_loss = True
-    server.start()
-    app = create_app(server)
-    freeze_startup_heap()
-    try:
-        uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level="warning")
-    finally:
-        server.stop()

@@ -10,7 +10,8 @@ The fix: every replica registers its session in the ``replicas`` table (client i
 expiry). The leader checks, every ``check_s``, whether each other registered replica is alive: a
 live one holds its ``mqtt-identity`` advisory lock (fleet_server.replicas) on its lease session, which
 PostgreSQL frees the moment the process dies. A replica whose lock has been free for ``grace_s`` is
-dead: the leader takes that lock (so the replica cannot come back, nor anyone else drain, meanwhile),
+dead: the leader takes that lock (so the replica cannot come back, nor anyone else drain, meanwhile: a
+restart waits for it, fleet_server.replicas),
 connects under its client id with clean_start=False (session takeover), unsubscribes the shared
 filters at once (no new messages are routed to it), hands every message the broker delivers to its own
 ingest (the same handler, acknowledged after the commit), and once no message came for ``quiet_s``
@@ -42,7 +43,7 @@ from sqlalchemy.pool import NullPool
 
 from fleet_server.db import Database, ReplicaRow
 from fleet_server.mqtt_client import Ack, FleetMqtt, ingest_subscriptions
-from fleet_server.replicas import lock_key
+from fleet_server.replicas import drain_application_name, lock_key
 from toco_core.messages import MessageKind
 
 log = logging.getLogger("toco.fleet.drain")
@@ -142,19 +143,24 @@ class SessionDrain(FleetMqtt):
 class DeadSessionWatch:
     """The leader's watch over the other replicas' sessions: drains each one whose replica died."""
 
-    def __init__(self, db: Database, url: URL, *, own_client_id: str, broker_url: str, topics, shared_group: str,
+    def __init__(self, db: Database, url: URL, *, replica_id: str, own_client_id: str, broker_url: str, topics,
+                 shared_group: str,
                  on_device: Callable[[MessageKind, str, bytes, Ack], None], on_get: Callable[[str, bytes], None],
                  is_leader: Callable[[], bool], password_dir: Path | None, ca_file: str | None,
                  check_s: float = 2.0, grace_s: float = 5.0, quiet_s: float = 2.0, stall_s: float = 300.0) -> None:
-        """``own_client_id``: never drained; ``on_device``/``on_get``: this replica's own handlers (ingest may
-        be minutes behind under load: ``stall_s`` without a message or an acknowledgement ends a drain);
+        """``replica_id``: this replica's, named in the watch's database session (a replica restarted during a
+        drain sees who drains it); ``own_client_id``: never drained; ``on_device``/``on_get``: this replica's
+        own handlers (ingest may be minutes behind under load: ``stall_s`` without a message or an
+        acknowledgement ends a drain);
         ``is_leader()``: only the leader drains; ``password_dir``: the replicas' ``{user}.password`` files."""
         self.db, self.own_client_id, self.broker_url, self.topics = db, own_client_id, broker_url, topics
         self.shared_group, self.on_device, self.on_get, self.is_leader = shared_group, on_device, on_get, is_leader
         self.password_dir, self.ca_file = password_dir, ca_file
         self.check_s, self.grace_s, self.quiet_s, self.stall_s = check_s, grace_s, quiet_s, stall_s
-        # a session of its own for the session-level locks (a pooled one would keep them on another's loan)
-        self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        # a session of its own for the session-level locks (a pooled one would keep them on another's loan),
+        # named so that a replica waiting for its identity lock can tell a drain from a live twin
+        self._engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                     connect_args={"application_name": drain_application_name(replica_id)})
         self._dead_since: dict[str, float] = {}
         self._warned: set[str] = set()
         self._stop = threading.Event()
@@ -170,7 +176,9 @@ class DeadSessionWatch:
         """Stop watching (a drain under way is cut short: its session is left for a later try). Idempotent."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(10)
+            # a drain notices the stop within 0.1 s, then disconnects (a frozen broker: up to 5 s; the
+            # thread is a daemon, so the process need not wait for it)
+            self._thread.join(3)
         self._engine.dispose()
 
     def _loop(self) -> None:
