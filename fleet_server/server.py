@@ -256,14 +256,21 @@ class FleetServer:
 
     def health(self) -> dict:
         """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters, "publishing":
-        {"refused", "dropped_disconnected", "queued_disconnected", "chunks_served", "part_ranges_served"}, "fleet",
+        {"refused", "dropped_disconnected", "queued_disconnected", "chunks_served", "part_ranges_served",
+        "part_ranges_coalesced", "part_requests", "part_requests_late", "part_serve_ms", "part_request_age_max_ms"},
+        "fleet",
         "broker_url", "replica": {"id", "replicas", "leader"}}`` (leader: this process runs the singleton duties).
         ``refused``: publishes the MQTT client refused (no packet id free); ``dropped_disconnected``: QoS 0
         publishes lost while disconnected; ``queued_disconnected``: QoS 1 ones kept for the reconnect."""
         mqtt_stats, served = self.mqtt.stats, self.publisher.stats
         publishing = {"refused": mqtt_stats["refused"], "dropped_disconnected": mqtt_stats["dropped_disconnected"],
                       "queued_disconnected": mqtt_stats["queued_disconnected"],
-                      "chunks_served": served["chunks_sent"], "part_ranges_served": served["ranges_sent"]}
+                      "chunks_served": served["chunks_sent"], "part_ranges_served": served["ranges_sent"],
+                      # duplicates not served again, and the part serving's load: requests, those served more
+                      # than 10 s after the box sent them, ms spent serving, the oldest request served
+                      "part_ranges_coalesced": served["ranges_coalesced"], "part_requests": served["part_requests"],
+                      "part_requests_late": served["part_requests_late"], "part_serve_ms": served["serve_ms"],
+                      "part_request_age_max_ms": served["request_age_max_ms"]}
         return {"status": "ok", "broker": "connected" if self.mqtt.connected.is_set() else "disconnected",
                 "messages": dict(self.ingest.stats), "publishing": publishing, "fleet": self.settings.fleet,
                 "broker_url": self.broker_url,
