@@ -61,7 +61,9 @@ class BundlePublisher:
     asked for, ``part_bytes`` the bytes of part ranges sent per (bundle_id, device, part)."""
 
     def __init__(self, topics: Topics, send: SendFn, fault: ChunkFault | None = None,
-                 part_fault: PartFault | None = None, load: LoadFn | None = None) -> None:
+                 part_fault: PartFault | None = None, load: LoadFn | None = None,
+                 recent: RecentRanges | None = None) -> None:
+        """``recent``: the coalescing rule's memory (default: a 5 s window, a 60 s horizon)."""
         self.topics = topics
         self.send = send
         self.load = load
@@ -75,7 +77,7 @@ class BundlePublisher:
         self.stats: Counter[str] = Counter()
         self._bundles: dict[str, tuple[BundleManifest, bytes]] = {}
         self._lock = threading.Lock()
-        self._recent = RecentRanges()
+        self._recent = recent if recent is not None else RecentRanges()
 
     def announce(self, manifest: BundleManifest, data: bytes) -> None:
         """Keep ``data`` for serving and publish its manifest retained. Raises BundleError on a mismatch."""
