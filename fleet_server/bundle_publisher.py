@@ -25,7 +25,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 
 from fleet_server.recent_ranges import RecentRanges
-from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
+from toco_core.bundle import BundleManifest, FileEntry, chunk_bytes, verify_bundle_bytes
 from toco_core.errors import BundleError
 from toco_core.messages import (
     MAX_CHUNKS_PER_REQUEST,
@@ -78,6 +78,7 @@ class BundlePublisher:
         self._bundles: dict[str, tuple[BundleManifest, bytes]] = {}
         self._lock = threading.Lock()
         self._recent = recent if recent is not None else RecentRanges()
+        self._files: dict[str, dict[str, FileEntry]] = {}  # bundle id -> its manifest's file entries by name
 
     def announce(self, manifest: BundleManifest, data: bytes) -> None:
         """Keep ``data`` for serving and publish its manifest retained. Raises BundleError on a mismatch."""
@@ -93,6 +94,7 @@ class BundlePublisher:
         """Stop serving a bundle and clear its retained manifest (an empty retained payload)."""
         with self._lock:
             self._bundles.pop(bundle_id, None)
+            self._files.pop(bundle_id, None)
             self._missing[bundle_id] = time.monotonic() + _MISS_TTL_S
         self.send(self.topics.manifest(bundle_id), b"", 1, True)
 
@@ -179,7 +181,9 @@ class BundlePublisher:
         self.stats["part_requests"] += 1
         self.stats["part_requests_late"] += age > LATE_REQUEST_S
         self.stats["request_age_max_ms"] = max(self.stats["request_age_max_ms"], int(age * 1000))
-        files = {f.name: f for f in manifest.files}
+        files = self._files.get(manifest.bundle_id)
+        if files is None:  # made once per bundle: every part request looks its ranges up in it
+            files = self._files[manifest.bundle_id] = {f.name: f for f in manifest.files}
         topic = self.topics.part(manifest.bundle_id, request.device_id)
         sent = coalesced = 0
         for r in request.ranges:
