@@ -38,6 +38,7 @@ from toco_core.messages import (
     Phase,
     StatusMessage,
 )
+from toco_core.rerequest import Backoff, QuietTimer
 from toco_core.transfer import ChunkCheck, accept_chunk, missing_chunks, verify_assembled
 
 if TYPE_CHECKING:
@@ -54,14 +55,17 @@ class BundleDownloader:
     def __init__(self, link: MqttLink, state_dir: str | Path, public_key: Ed25519PublicKey | Path,
                  on_complete: Callable[[BundleManifest, bytes], None],
                  on_failed: Callable[[str, FailureReason, str], None] | None = None, *, window: int = 32,
-                 max_retries: int = 3, request_timeout: float = 10.0, max_stalls: int = 6, sync_every: int = 8,
+                 max_retries: int = 3, request_timeout: float = 10.0, backoff_cap: float = 60.0, max_stalls: int = 6,
+                 sync_every: int = 8,
                  disk_budget: int | None = None, mem_budget: int | None = None,
                  on_parts: Callable[[BundleManifest, str | None], None] | None = None,
                  admit: Callable[[BundleManifest], str | None] | None = None) -> None:
         """Up to ``window`` chunks are in flight (32 instead of 16: 70-80% instead of 55% of the raw
         broker throughput on loopback, bench/agent.py; at most 8 MiB buffered at 256 KiB chunks).
-        A chunk failing its hash ``max_retries`` times, or ``max_stalls`` request timeouts in a row
-        while connected, fail the download. Chunks are
+        A chunk failing its hash ``max_retries`` times, or ``max_stalls`` re-requests in a row without a chunk
+        arriving in between while connected, fail the download. The chunks in flight are asked for again only
+        after ``request_timeout`` s without any chunk, then backing off (doubling, jitter) up to ``backoff_cap`` s
+        (toco_core.rerequest): a busy server still answering is not asked twice. Chunks are
         fsynced and recorded ``sync_every`` at a time (a crash re-fetches at most that many).
         ``public_key`` as a PEM file path is checked in a child process (agent.child_tasks), so
         cryptography never loads into the daemon; a key object is used in this process. ``admit(manifest)``,
@@ -76,6 +80,7 @@ class BundleDownloader:
         self.admit = admit
         self.window, self.max_retries, self.sync_every = window, max_retries, sync_every
         self.request_timeout, self.max_stalls = request_timeout, max_stalls
+        self.backoff = Backoff(first=request_timeout, cap=max(request_timeout, backoff_cap))
         self.disk_budget, self.mem_budget = disk_budget, mem_budget
         self.stats: Counter[str] = Counter()
         self._jobs: dict[str, DownloadJob] = {}
@@ -94,6 +99,8 @@ class BundleDownloader:
             if bundle_id in self._jobs:
                 return
             job = DownloadJob.create(self.root, bundle_id, deployment_id)
+            job.timer = QuietTimer(self.backoff)
+            job.timer.progress(time.monotonic())
             self._jobs[bundle_id] = job
             self.link.on(self.link.topics.manifest(bundle_id), MessageKind.MANIFEST, self._on_manifest)
             # QoS 0 on purpose: the broker then never queues chunks for an offline session (up to
@@ -160,7 +167,7 @@ class BundleDownloader:
                 return
             i = chunk.index
             if i < job.bitmap.n and job.bitmap.has(i):
-                self.stats["chunk_duplicate"] += 1
+                self.stats["chunk_duplicate"] += 1  # chunks go to every downloader: not an answer to this one
                 return
             check = accept_chunk(job.manifest, i, chunk.data)  # type: ignore[arg-type]
             if check is not ChunkCheck.OK:
@@ -172,7 +179,7 @@ class BundleDownloader:
             except OSError as exc:
                 return self._fail(job, _disk_reason(exc), f"writing chunk {i} failed: {exc}")
             job.inflight.pop(i, None)
-            job.stalls = 0
+            job.timer.progress(time.monotonic())
             self.stats["chunks_stored"] += 1
             decile = job.bitmap.count * 10 // job.bitmap.n
             if decile > job.reported and not job.bitmap.complete:
@@ -184,6 +191,7 @@ class BundleDownloader:
         with self._lock:
             for job in list(self._jobs.values()):
                 job.inflight.clear()
+                job.timer.progress(time.monotonic())  # a new connection: the silence before it does not count
                 if job.bitmap is not None:
                     self._pump(job)
 
@@ -271,7 +279,8 @@ class BundleDownloader:
                                      bundle_id=job.bundle_id, **fields))
 
     def _watch(self) -> None:
-        """Re-request chunks whose answer is overdue; fail after ``max_stalls`` overdue rounds in a row."""
+        """Ask again for the chunks in flight once none arrived for the backoff's delay; fail after ``max_stalls``
+        re-requests in a row without a chunk."""
         while not self._closed.wait(min(1.0, self.request_timeout / 4)):
             if not self.link.connected:
                 continue
@@ -280,16 +289,18 @@ class BundleDownloader:
                 for job in list(self._jobs.values()):
                     if job.bitmap is None:
                         continue
-                    overdue = [i for i, t in job.inflight.items() if now - t > self.request_timeout]
-                    if overdue:
-                        job.stalls += 1
+                    if job.inflight and job.timer.due(now):
                         self.stats["timeouts"] += 1
-                        if job.stalls > self.max_stalls:
+                        if job.timer.attempts >= self.max_stalls:
                             self._fail(job, FailureReason.TRANSFER_STALLED,
-                                       f"no answer to chunk requests for {job.stalls} x {self.request_timeout:.0f} s")
+                                       f"no chunk arrived for {job.timer.silent_for(now):.0f} s although the "
+                                       f"missing chunks were asked for again {job.timer.attempts} times (after "
+                                       f"{self.backoff.first:.0f} s of silence, backing off to "
+                                       f"{self.backoff.cap:.0f} s)")
                             continue
-                        for i in overdue:
-                            job.inflight.pop(i)
+                        self.stats["chunks_rerequested"] += len(job.inflight)
+                        job.inflight.clear()
+                        job.timer.asked_again(now)
                     self._pump(job)
 
 

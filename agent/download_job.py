@@ -22,6 +22,7 @@ from pathlib import Path
 from toco_core.atomic_files import atomic_write
 from toco_core.errors import TransferError
 from toco_core.messages import BundleManifest, MessageError, MessageKind, parse_message
+from toco_core.rerequest import QuietTimer
 from toco_core.transfer import ChunkBitmap
 
 log = logging.getLogger("toco.agent.download")
@@ -50,7 +51,7 @@ class DownloadJob:
     fd: int | None = None
     inflight: dict[int, float] = field(default_factory=dict)  # chunk index -> time.monotonic() of its request
     retries: Counter[int] = field(default_factory=Counter)
-    stalls: int = 0
+    timer: QuietTimer = field(default_factory=QuietTimer)  # when to ask again for the chunks in flight
     unsynced: int = 0  # chunks written but not yet fsynced and recorded in bitmap.json
     reported: int = -1  # last progress decile reported
 

@@ -11,9 +11,12 @@ missing; parts already verified are never asked for again (a roomier plan later 
 the parts it adds).
 
 A part is checked when its last range arrives: a SHA-256 or size other than the manifest's
-deletes it and asks again, at most ``max_retries`` times (then ``corrupt_chunk``). Requests
-unanswered for ``request_timeout`` are repeated; ``max_stalls`` such rounds in a row while
-connected fail the fetch (``transfer_stalled``). While disconnected nothing times out.
+deletes it and asks again, at most ``max_retries`` times (then ``corrupt_chunk``). The ranges in
+flight are asked for again only once no frame at all has arrived for ``request_timeout`` (a busy
+server that is still streaming answers is not asked twice), and each further re-request without a
+frame in between waits twice as long, up to ``backoff_cap``, with jitter (toco_core.rerequest).
+``max_stalls`` re-requests in a row without a frame, while connected, fail the fetch
+(``transfer_stalled``). While disconnected nothing times out; a reconnect asks again at once.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from toco_core.messages import (
     PartRange,
     PartRequest,
 )
+from toco_core.rerequest import Backoff, QuietTimer
 
 log = logging.getLogger("toco.agent.parts")
 Progress = Callable[[int, int], None]  # (bytes here, bytes wanted)
@@ -62,9 +66,9 @@ class _Fetch:
 
     manifest: BundleManifest
     partials: dict[str, PartialPart]
+    timer: QuietTimer  # when to ask again for the ranges in flight (no frame for a while, then backing off)
     inflight: dict[tuple[str, int], float] = field(default_factory=dict)  # (part, range) -> monotonic request time
     retries: Counter[str] = field(default_factory=Counter)
-    stalls: int = 0
     received: int = 0  # bytes received and not yet added to the store's count
     total: int = 0  # bytes received by this fetch
     error: FetchFailed | None = None
@@ -75,13 +79,16 @@ class PartsFetcher:
     """Fetches parts of parts bundles into a PartsStore through an MqttLink (one fetch per bundle at a time)."""
 
     def __init__(self, link: MqttLink, store: PartsStore, *, range_size: int = MAX_RANGE_LENGTH, window: int = 32,
-                 max_retries: int = 3, request_timeout: float = 10.0, max_stalls: int = 6,
-                 sync_every: int = 8) -> None:
-        """``range_size`` <= 256 KiB per answer; ``window`` ranges in flight (8 MiB at most at 256 KiB)."""
+                 max_retries: int = 3, request_timeout: float = 10.0, backoff_cap: float = 60.0,
+                 max_stalls: int = 6, sync_every: int = 8) -> None:
+        """``range_size`` <= 256 KiB per answer; ``window`` ranges in flight (8 MiB at most at 256 KiB);
+        ``request_timeout`` s without a frame before the first re-request, doubling up to ``backoff_cap`` s.
+        Raises TransferError for a range size or delays out of bounds."""
         if not 0 < range_size <= MAX_RANGE_LENGTH:
             raise TransferError(f"range size {range_size} is outside 1..{MAX_RANGE_LENGTH}", "use at most 256 KiB")
         self.link, self.store = link, store
         self.range_size, self.window, self.max_retries = range_size, window, max_retries
+        self.backoff = Backoff(first=request_timeout, cap=max(request_timeout, backoff_cap))
         self.request_timeout, self.max_stalls, self.sync_every = request_timeout, max_stalls, sync_every
         self.stats: Counter[str] = Counter()
         self._fetches: dict[str, _Fetch] = {}
@@ -115,7 +122,9 @@ class PartsFetcher:
                 raise FetchClosed("the agent is stopping", "the fetch resumes at the next start")
             try:
                 self.store.save_manifest(manifest)
-                job = _Fetch(manifest, {n: self.store.partial(manifest, n, self.range_size) for n in todo})
+                job = _Fetch(manifest, {n: self.store.partial(manifest, n, self.range_size) for n in todo},
+                             QuietTimer(self.backoff))
+                job.timer.progress(time.monotonic())
             except OSError as exc:
                 raise FetchFailed(_disk_reason(exc), f"cannot create the part files: {exc}") from None
             self.stats["ranges_resumed"] += sum(p.bitmap.count for p in job.partials.values())
@@ -162,7 +171,7 @@ class PartsFetcher:
             if partial is None or rem or i >= partial.bitmap.n or len(msg.data) != partial.range_len(i):
                 self.stats["part_ignored"] += 1  # not asked for, or not the range asked for: never written
                 return
-            job.stalls = 0
+            job.timer.progress(time.monotonic())  # any answer, a duplicate too: the server is serving us
             job.inflight.pop((msg.part, i), None)
             if partial.bitmap.has(i):
                 self.stats["part_duplicate"] += 1
@@ -184,6 +193,7 @@ class PartsFetcher:
         with self._lock:
             for job in self._fetches.values():
                 job.inflight.clear()
+                job.timer.progress(time.monotonic())  # a new connection: the silence before it does not count
                 self._pump(job)
 
     # ---- steps (lock held) -----------------------------------------------------------------
@@ -233,19 +243,21 @@ class PartsFetcher:
         self.link.send(PartRequest(device_id=self.link.device_id, bundle_id=job.manifest.bundle_id, ranges=want))
 
     def _watch(self, job: _Fetch) -> None:
-        """Ask again for overdue ranges; fail after ``max_stalls`` overdue rounds in a row while connected."""
+        """Ask again for the ranges in flight once no frame came for the backoff's delay; fail after ``max_stalls``
+        re-requests in a row without a frame while connected."""
         if not self.link.connected or job.done.is_set():
             return
         now = time.monotonic()
-        overdue = [k for k, t in job.inflight.items() if now - t > self.request_timeout]
-        if overdue:
-            job.stalls += 1
+        if job.inflight and job.timer.due(now):
             self.stats["timeouts"] += 1
-            if job.stalls > self.max_stalls:
+            if job.timer.attempts >= self.max_stalls:
                 return self._fail(job, FailureReason.TRANSFER_STALLED,
-                                  f"no answer to part requests for {job.stalls} x {self.request_timeout:.0f} s")
-            for k in overdue:
-                job.inflight.pop(k)
+                                  f"no part frame arrived for {job.timer.silent_for(now):.0f} s although the "
+                                  f"missing ranges were asked for again {job.timer.attempts} times (after "
+                                  f"{self.backoff.first:.0f} s of silence, backing off to {self.backoff.cap:.0f} s)")
+            self.stats["ranges_rerequested"] += len(job.inflight)
+            job.inflight.clear()
+            job.timer.asked_again(now)
         self._pump(job)
 
     def _fail(self, job: _Fetch, reason: FailureReason, detail: str) -> None:

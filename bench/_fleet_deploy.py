@@ -95,7 +95,9 @@ def deploy_phase(args, api: httpx.Client, devices: Devices,
         ("deployment devices", sum(cur["counts"].values())), ("deployment stage", cur["stage"]),
         ("deployment counts", cur["counts"]), ("deployment time to all-complete s", f"{dep_s:.1f}"),
         ("part bytes received by the deployed devices", f"{(sim := devices.stats())['part_bytes']:,}"),
-        ("part ranges the simulated devices asked for again (unanswered for 10 s)", f"{sim['part_rerequests']:,}"),
+        ("part ranges the simulated devices asked for again (no frame for 10 s, then backing off)",
+         f"{sim['part_rerequests']:,}"),
+        ("parts fetches the simulated devices gave up (transfer_stalled)", f"{sim['part_stalls']:,}"),
         ("box load average (1 min) at the end", f"{os.getloadavg()[0]:.1f}")]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.process
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ class Servers:
     token: str
     cleanup: list = field(default_factory=list)
     launch: Callable[[int], subprocess.Popen] | None = None  # starts replica k (again)
+    logs: dict[int, Path] = field(default_factory=dict)  # replica k's stdout and stderr
 
     def alive(self) -> list[psutil.Process]:
         """The processes still running, with their children (analysis workers)."""
@@ -77,6 +79,23 @@ class Servers:
         except httpx.HTTPError:
             return {}
 
+    def _dump_and_kill(self, p: subprocess.Popen) -> None:
+        """A replica that ignored SIGTERM for 10 s: SIGABRT makes its faulthandler (PYTHONFAULTHANDLER) write
+        every thread's stack to its log, which is printed, so the thread that blocks the shutdown is named."""
+        print(f"server process {p.pid} did not exit within 10 s of SIGTERM; its threads' stacks:", flush=True)
+        p.send_signal(signal.SIGABRT)
+        with suppress(subprocess.TimeoutExpired):
+            p.wait(10)
+        k = next((k for k, q in enumerate(self.procs) if q is p), None)
+        log = self.logs.get(k) if k is not None else None
+        if log is not None and log.exists():
+            text = log.read_text(errors="replace")
+            at = text.rfind("Fatal Python error: Aborted")
+            print(text[at:] if at >= 0 else text[-6000:], flush=True)
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
     def stop(self) -> None:
         """Terminate every server process and its workers; one still running 10 s later is killed, so a
         server stuck in a long request cannot turn the bench's cleanup into a TimeoutExpired traceback."""
@@ -95,9 +114,7 @@ class Servers:
                 try:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
-                    print(f"server process {p.pid} did not exit within 10 s of SIGTERM; killed", flush=True)
-                    p.kill()
-                    p.wait(5)
+                    self._dump_and_kill(p)
         for proc in procs:  # workers whose server was killed before it could end them
             with suppress(psutil.Error):
                 if proc.is_running():
@@ -149,7 +166,7 @@ def start_replicas(broker_urls: list[str], tmp: str, groups: dict[str, str], sta
     for url in broker_urls:
         parsed = urlsplit(url)
         (peers / f"{parsed.username}.password").write_text(f"{parsed.password}\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOCO_FLEET_DEPLOY_TIMEOUT_S": "120",
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOCO_FLEET_DEPLOY_TIMEOUT_S": "120", "PYTHONFAULTHANDLER": "1",
            "TOCO_FLEET_MQTT_PEER_PASSWORD_DIR": str(peers),
            **{f"TOCO_FLEET_ANALYSIS__{k.upper()}": str(v) for k, v in FAST.items()}}
     n = len(broker_urls)
@@ -158,7 +175,8 @@ def start_replicas(broker_urls: list[str], tmp: str, groups: dict[str, str], sta
     def launch(k: int) -> subprocess.Popen:
         # the same replica id (so the same MQTT client id and broker session) and port on a restart
         # the URL carries the replica's bench password (visible in ps: a throw-away broker's, nothing else)
-        log = open(Path(tmp) / f"replica-{k + 1}.log", "ab")  # noqa: SIM115 - the serve process writes it
+        servers.logs[k] = Path(tmp) / f"replica-{k + 1}.log"
+        log = open(servers.logs[k], "ab")  # noqa: SIM115 - the serve process writes it
         return subprocess.Popen([sys.executable, "-m", "fleet_server", "serve", "--fleet", FLEET, "--port",
                                  urls[k].rsplit(":", 1)[1], "--data-dir", str(Path(tmp) / "data"), "--db-url", db_url,
                                  "--broker", broker_urls[k], "--replicas", "--replica-id", f"r{k + 1}"], env=env,

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import multiprocessing as mp
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 
 import aiomqtt
 
+from bench._fleet_sim_fetch import SimFetch
 from toco_core.messages import (
-    MAX_RANGE_LENGTH,
     MAX_RANGES_PER_REQUEST,
     BundleManifest,
     DeployCommand,
     DriftMessage,
+    FailureReason,
     HardwareInfo,
     Message,
     MessageKind,
@@ -55,10 +56,6 @@ DEVICES_PER_PROCESS = 2500
 CONNECTS_AT_ONCE = 64
 # a QoS 1 publish not acknowledged by the broker within this long is counted as failed
 PUBACK_TIMEOUT_S = 120.0
-# part ranges unanswered this long are asked for again (agent.parts_fetch's request_timeout); a fetch gives up
-# silently after PARTS_GIVE_UP_S
-PART_REQUEST_TIMEOUT_S = 10.0
-PARTS_GIVE_UP_S = 120.0
 
 
 def bench_password(user: str) -> str:
@@ -78,13 +75,14 @@ class Stats:
     connected: int = 0
     disconnects: int = 0
     part_bytes: int = 0
-    part_rerequests: int = 0  # ranges asked for again after PART_REQUEST_TIMEOUT_S
+    part_rerequests: int = 0  # ranges asked for again after a silence (bench._fleet_sim_fetch)
+    part_stalls: int = 0  # fetches given up as transfer_stalled
 
     def as_dict(self) -> dict:
         """Plain dict for the pipe to the parent."""
         return {"sent": dict(self.sent), "acked": dict(self.acked), "failed": dict(self.failed),
                 "connected": self.connected, "disconnects": self.disconnects, "part_bytes": self.part_bytes,
-                "part_rerequests": self.part_rerequests}
+                "part_rerequests": self.part_rerequests, "part_stalls": self.part_stalls}
 
 
 class SimDevice:
@@ -99,10 +97,8 @@ class SimDevice:
         self.pending: set[asyncio.Task] = set()
         self.manifest: BundleManifest | None = None
         self.got_manifest = asyncio.Event()
-        self.received = 0
-        self.want = math.inf
+        self.fetch: SimFetch | None = None  # the parts fetch of the deployment under way
         self.got_parts = asyncio.Event()
-        self.ranges_here: set[tuple[str, int]] = set()  # (part, offset) of the ranges received
 
     async def connection(self) -> None:
         """Connect (again after a drop, one second later) and hand incoming messages to ``_on_message``
@@ -121,6 +117,8 @@ class SimDevice:
                     if not self.up.is_set():
                         self.stats.connected += 1
                         self.up.set()
+                    elif self.fetch is not None:
+                        self.fetch.reconnected(asyncio.get_running_loop().time())
                     async for msg in client.messages:
                         self._on_message(str(msg.topic), bytes(msg.payload))
             except aiomqtt.MqttError:
@@ -182,33 +180,39 @@ class SimDevice:
         elif where.kind is MessageKind.MANIFEST and payload:
             self.manifest = parse_message(MessageKind.MANIFEST, payload)
             self.got_manifest.set()
-        elif where.kind is MessageKind.PART:
+        elif where.kind is MessageKind.PART and self.fetch is not None:
             head, _, data = payload.partition(b"\n")
-            key = _range_key(head)
-            if key in self.ranges_here:
-                return  # a range asked for twice and answered twice
-            self.ranges_here.add(key)
-            self.received += len(data)
-            if self.received >= self.want:
+            self.fetch.frame(_range_key(head), len(data), asyncio.get_running_loop().time())
+            if self.fetch.done:
                 self.got_parts.set()
 
-    async def _request(self, bundle_id: str, ranges: list[PartRange]) -> None:
-        """Ask for ``ranges`` in requests of at most MAX_RANGES_PER_REQUEST."""
-        assert self.client is not None  # the caller checked
-        for i in range(0, len(ranges), MAX_RANGES_PER_REQUEST):
-            req = PartRequest(device_id=self.id, bundle_id=bundle_id, ranges=ranges[i:i + MAX_RANGES_PER_REQUEST])
-            await self.client.publish(self.t.get(bundle_id, self.id), encode(req), qos=DELIVERY[MessageKind.GET].qos,
-                                      timeout=60)
+    def _ask(self, bundle_id: str) -> Callable[[list[PartRange]], None]:
+        """The fetch's request function: one PartRequest (at most MAX_RANGES_PER_REQUEST ranges) published in a
+        task of its own, as the agent's link sends it without waiting; a request made while disconnected is lost,
+        as the agent's would be (its reconnect asks again)."""
+        def ask(ranges: list[PartRange]) -> None:
+            req = PartRequest(device_id=self.id, bundle_id=bundle_id, ranges=ranges[:MAX_RANGES_PER_REQUEST])
+            task = asyncio.get_running_loop().create_task(self._publish_get(bundle_id, req))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+        return ask
 
-    def _status(self, cmd: DeployCommand, phase: str) -> None:
+    async def _publish_get(self, bundle_id: str, req: PartRequest) -> None:
+        with suppress(aiomqtt.MqttError):
+            if self.client is not None:
+                await self.client.publish(self.t.get(bundle_id, self.id), encode(req),
+                                          qos=DELIVERY[MessageKind.GET].qos, timeout=60)
+
+    def _status(self, cmd: DeployCommand, phase: str, **fields: object) -> None:
         self.send(MessageKind.STATUS, StatusMessage(device_id=self.id, phase=phase, deployment_id=cmd.deployment_id,
-                                                    bundle_id=cmd.bundle_id))
+                                                    bundle_id=cmd.bundle_id, **fields))
 
     async def _deploy(self, cmd: DeployCommand) -> None:
         """As an agent fetching a whole parts bundle but its optional fp32 part: ranges of its own on its part
-        topic, subscribed at QoS 0 as the agent does, asking again for the ranges that did not arrive within
-        PART_REQUEST_TIMEOUT_S; then received -> downloading -> verified -> self_test -> active (gives up
-        silently after PARTS_GIVE_UP_S)."""
+        topic, subscribed at QoS 0 as the agent does, with the agent's window and re-request rule
+        (bench._fleet_sim_fetch) and its downloading status every tenth of the bytes; then received -> downloading
+        -> verified -> self_test -> active, or failed (transfer_stalled) as the agent reports a fetch that got no
+        frame through all its re-requests."""
         self._status(cmd, "received")
         if self.client is None:
             return
@@ -218,23 +222,26 @@ class SimDevice:
             await asyncio.wait_for(self.got_manifest.wait(), 120)
             assert self.manifest is not None  # set with got_manifest
             self._status(cmd, "downloading")
-            ranges = [PartRange(part=f.name, offset=o, length=min(MAX_RANGE_LENGTH, f.size - o))
-                      for f in self.manifest.files if f.name != "base" for o in range(0, f.size, MAX_RANGE_LENGTH)]
-            self.want = sum(r.length for r in ranges)
             loop = asyncio.get_running_loop()
-            give_up = loop.time() + PARTS_GIVE_UP_S
-            todo = ranges
-            while True:
-                await self._request(cmd.bundle_id, todo)
+            self.got_parts.clear()
+            fetch = self.fetch = SimFetch(self.manifest, self._ask(cmd.bundle_id), loop.time())
+            fetch.pump()
+            reported = 0.0
+            while not fetch.done and not fetch.stalled:
                 with suppress(TimeoutError):
-                    await asyncio.wait_for(self.got_parts.wait(), min(PART_REQUEST_TIMEOUT_S, give_up - loop.time()))
-                if self.got_parts.is_set():
-                    break
-                if loop.time() >= give_up:
-                    return
-                todo = [r for r in ranges if (r.part, r.offset) not in self.ranges_here]
-                self.stats.part_rerequests += len(todo)
-            self.stats.part_bytes += self.received
+                    await asyncio.wait_for(self.got_parts.wait(), 1.0)  # the agent's watch period
+                fetch.tick(loop.time())
+                share = fetch.received / fetch.want
+                if share - reported >= 0.1 and share < 1:  # agent.deployer reports every tenth of the fetch
+                    reported = share
+                    self._status(cmd, "downloading", progress=share)
+            self.stats.part_rerequests += fetch.rerequested
+            self.stats.part_bytes += fetch.received
+            if fetch.stalled:
+                self.stats.part_stalls += 1
+                self._status(cmd, "failed", reason=FailureReason.TRANSFER_STALLED,
+                             detail=f"no part frame arrived through {fetch.timer.attempts} re-requests")
+                return
             for phase in ("verified", "self_test", "active"):
                 self._status(cmd, phase)
 
@@ -309,11 +316,11 @@ class Devices:
     def stats(self, cmd: str = "stats", arg=None) -> dict:
         """The summed stats of every process (``cmd`` "stop" ends the traffic first)."""
         out: dict = {"sent": Counter(), "acked": Counter(), "failed": Counter(), "connected": 0, "disconnects": 0,
-                     "part_bytes": 0, "part_rerequests": 0}
+                     "part_bytes": 0, "part_rerequests": 0, "part_stalls": 0}
         for s in self.ask(cmd, arg):
             for k in ("sent", "acked", "failed"):
                 out[k].update(s[k])
-            for k in ("connected", "disconnects", "part_bytes", "part_rerequests"):
+            for k in ("connected", "disconnects", "part_bytes", "part_rerequests", "part_stalls"):
                 out[k] += s[k]
         return out
 

@@ -285,7 +285,12 @@ def run(args, broker: Broker, servers: Servers, ids: list[str], groups: dict[str
     publishing = [servers.health(k).get("publishing", {}) for k in range(len(servers.urls))]
     for key, what in (("refused", "publishes the server's MQTT client refused"),
                       ("dropped_disconnected", "QoS 0 publishes dropped while disconnected"),
-                      ("chunks_served", "chunks served"), ("part_ranges_served", "part ranges served")):
+                      ("chunks_served", "chunks served"), ("part_ranges_served", "part ranges served"),
+                      ("part_ranges_coalesced", "part ranges asked for again and not served twice (coalesced)"),
+                      ("part_requests", "part requests answered"),
+                      ("part_requests_late", "part requests served > 10 s after the device sent them"),
+                      ("part_request_age_max_ms", "oldest part request when served, ms"),
+                      ("part_serve_ms", "ms spent serving part requests")):
         rows.append((f"{what} (per live server, /api/health)", " / ".join(str(p.get(key, "-")) for p in publishing)))
     print_table("deployment phase", rows)
     return ok

@@ -2,7 +2,10 @@
 
 A ChunkRequest (format-1 bundles) is answered on ``bundles/{b}/chunk/{i}``, seen by every
 downloader of the bundle; a PartRequest (parts bundles) range by range on the asker's own
-``bundles/{b}/part/{device}``, so a box receives only the bytes it asked for.
+``bundles/{b}/part/{device}``, so a box receives only the bytes it asked for. A range asked for
+again before its answer could have reached the box is not served twice (coalesced:
+fleet_server.recent_ranges); ``stats`` counts them, the time spent serving and how old requests
+were when served (the server's backlog).
 
 ``BundlePublisher`` knows nothing of paho: it gets a ``send(topic, payload, qos, retain)``
 function, so the fleet server can plug it into its own MQTT client. With ``load`` it also serves a
@@ -21,7 +24,8 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
-from toco_core.bundle import BundleManifest, chunk_bytes, verify_bundle_bytes
+from fleet_server.recent_ranges import RecentRanges
+from toco_core.bundle import BundleManifest, FileEntry, chunk_bytes, verify_bundle_bytes
 from toco_core.errors import BundleError
 from toco_core.messages import (
     MAX_CHUNKS_PER_REQUEST,
@@ -44,6 +48,8 @@ SendFn = Callable[[str, bytes, int, bool], bool | None]
 # (bundle_id) -> its stored manifest and bytes, or None when not stored
 LoadFn = Callable[[str], tuple[BundleManifest, bytes] | None]
 _MISS_TTL_S = 10.0  # a bundle found not stored is not looked up again for this long (requests repeat)
+# a part request served later than this after the box sent it came after the box's own re-request timeout
+LATE_REQUEST_S = 10.0
 # Fault injection for tests and benchmarks: (bundle_id, index, payload) -> payload to send, or None to drop it.
 ChunkFault = Callable[[str, int, bytes], bytes | None]
 # The same for part ranges: (bundle_id, part, offset, payload) -> payload to send, or None to drop it.
@@ -55,7 +61,9 @@ class BundlePublisher:
     asked for, ``part_bytes`` the bytes of part ranges sent per (bundle_id, device, part)."""
 
     def __init__(self, topics: Topics, send: SendFn, fault: ChunkFault | None = None,
-                 part_fault: PartFault | None = None, load: LoadFn | None = None) -> None:
+                 part_fault: PartFault | None = None, load: LoadFn | None = None,
+                 recent: RecentRanges | None = None) -> None:
+        """``recent``: the coalescing rule's memory (default: a 5 s window, a 60 s horizon)."""
         self.topics = topics
         self.send = send
         self.load = load
@@ -64,9 +72,13 @@ class BundlePublisher:
         self.part_fault = part_fault
         self.requests: Counter[tuple[str, int]] = Counter()
         self.part_bytes: Counter[tuple[str, str, str]] = Counter()
+        # ranges_sent, ranges_coalesced, part_requests, part_requests_late (older than LATE_REQUEST_S when
+        # served), serve_ms (time spent answering part requests), request_age_max_ms; plus drops and misses
         self.stats: Counter[str] = Counter()
         self._bundles: dict[str, tuple[BundleManifest, bytes]] = {}
         self._lock = threading.Lock()
+        self._recent = recent if recent is not None else RecentRanges()
+        self._files: dict[str, dict[str, FileEntry]] = {}  # bundle id -> its manifest's file entries by name
 
     def announce(self, manifest: BundleManifest, data: bytes) -> None:
         """Keep ``data`` for serving and publish its manifest retained. Raises BundleError on a mismatch."""
@@ -82,6 +94,7 @@ class BundlePublisher:
         """Stop serving a bundle and clear its retained manifest (an empty retained payload)."""
         with self._lock:
             self._bundles.pop(bundle_id, None)
+            self._files.pop(bundle_id, None)
             self._missing[bundle_id] = time.monotonic() + _MISS_TTL_S
         self.send(self.topics.manifest(bundle_id), b"", 1, True)
 
@@ -161,10 +174,18 @@ class BundlePublisher:
         return loaded
 
     def _send_parts(self, request: PartRequest, manifest: BundleManifest, data: bytes) -> int:
-        """Send each requested range that lies inside a part of the manifest to the asker alone."""
-        files = {f.name: f for f in manifest.files}
+        """Send each requested range that lies inside a part of the manifest to the asker alone, unless it went
+        to the asker lately (coalesced). Returns the ranges published."""
+        t0, wall = time.perf_counter(), time.time()
+        age = wall - request.sent_at
+        self.stats["part_requests"] += 1
+        self.stats["part_requests_late"] += age > LATE_REQUEST_S
+        self.stats["request_age_max_ms"] = max(self.stats["request_age_max_ms"], int(age * 1000))
+        files = self._files.get(manifest.bundle_id)
+        if files is None:  # made once per bundle: every part request looks its ranges up in it
+            files = self._files[manifest.bundle_id] = {f.name: f for f in manifest.files}
         topic = self.topics.part(manifest.bundle_id, request.device_id)
-        sent = 0
+        sent = coalesced = 0
         for r in request.ranges:
             entry = files.get(r.part)
             if entry is None or r.offset + r.length > entry.size:
@@ -173,6 +194,11 @@ class BundlePublisher:
                 log.warning("dropped a part range", extra={"fields": {"bundle": manifest.bundle_id[:12], "part": r.part,
                                                                       "device": request.device_id, "why": why}})
                 continue
+            key = (request.device_id, manifest.bundle_id, r.part, r.offset)
+            with self._lock:
+                if self._recent.is_duplicate(key, request.sent_at, time.monotonic(), wall):
+                    coalesced += 1
+                    continue
             start = entry.offset + r.offset
             part = encode_part(manifest.bundle_id, r.part, r.offset, data[start:start + r.length])
             out = part if self.part_fault is None else self.part_fault(manifest.bundle_id, r.part, r.offset, part)
@@ -180,9 +206,13 @@ class BundlePublisher:
                 continue
             if self.send(topic, out, DELIVERY[MessageKind.PART].qos, False) is False:
                 continue  # dropped (counted by the MQTT client); the device asks for it again
+            with self._lock:
+                self._recent.published(key, time.monotonic(), wall)
             self.part_bytes[(manifest.bundle_id, request.device_id, r.part)] += r.length
             sent += 1
         self.stats["ranges_sent"] += sent
+        self.stats["ranges_coalesced"] += coalesced
+        self.stats["serve_ms"] += int((time.perf_counter() - t0) * 1000)
         return sent
 
 

@@ -84,6 +84,7 @@ class FleetMqtt:
         self.session_expiry_s = session_expiry_s
         # refused, dropped_disconnected (QoS 0 gone), queued_disconnected (QoS 1 kept by paho for the reconnect)
         self.stats: Counter[str] = Counter()
+        self._last_qos0: mqtt.MQTTMessageInfo | None = None  # for wait_written
         # which connection a packet id belongs to: bumped (under the lock) on every connect and disconnect
         self._ack_lock = threading.Lock()
         self._connection = 0
@@ -130,8 +131,11 @@ class FleetMqtt:
         """Raw publish (the BundlePublisher's SendFn). Returns True when paho took it: written to the socket,
         or for QoS 1 queued (while disconnected: until the reconnect); False for a QoS 0 publish that is gone
         (counted). Raises PublishRefused when paho refuses a QoS 1 publish."""
-        rc = self.client.publish(topic, payload, qos=qos, retain=retain).rc
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        rc = info.rc
         if rc == mqtt.MQTT_ERR_SUCCESS:
+            if qos == 0:
+                self._last_qos0 = info
             return True
         if rc == mqtt.MQTT_ERR_NO_CONN:
             # QoS 1 stays in paho's queue and goes out after the reconnect; QoS 0 is lost
@@ -145,6 +149,19 @@ class FleetMqtt:
                              "id is taken by a QoS 1 publish the broker has not acknowledged yet)",
                              "it is sent again once the broker catches up; if it persists, check the broker's "
                              "health and GET /api/health (mqtt.refused)")
+
+    def wait_written(self, timeout: float = 10.0) -> bool:
+        """Block until the last QoS 0 publish taken is written to the socket (or ``timeout`` s, or the connection
+        dropped it). Returns whether it was written. Part serving calls it after each request, so a backlog of
+        frames waits as requests, not as bytes in paho's memory."""
+        info = self._last_qos0
+        if info is None:
+            return True
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):  # not queued, or the connection went away: nothing more to wait for
+            return False
+        return info.is_published()
 
     def send_command(self, device_id: str, command: Message) -> None:
         """Publish a server command on ``devices/{id}/cmd`` with the protocol's QoS. Raises PublishRefused."""

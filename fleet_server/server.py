@@ -30,6 +30,7 @@ from fleet_server.drift_actions import DriftActions
 from fleet_server.drift_policy import DriftPolicy
 from fleet_server.event_relay import EventRelay
 from fleet_server.events import EventBus
+from fleet_server.get_queue import GetQueue
 from fleet_server.ingest import Ingest
 from fleet_server.jobs import JobRunner
 from fleet_server.key_distribution import KeyDistributor
@@ -109,6 +110,8 @@ class FleetServer:
             self.relay = EventRelay(self.events, self.topics, s.replica_id, self.mqtt.send)
             self.events.relay = self.relay.forward
         self.publisher = BundlePublisher(self.topics, self.mqtt.send, load=self._stored_bundle)
+        # chunk and part requests are answered off paho's network thread, which then keeps reading statuses
+        self.get_queue = GetQueue(self.publisher.handle_get, written=self.mqtt.wait_written)
         # every command leaves signed, addressed, sequenced and expiring (fleet_server.command_signer)
         send_command = self.signer.sender(self.mqtt.send_command)
         self.deployments = Deployments(self.db, self.events, publisher=self.publisher,
@@ -185,7 +188,7 @@ class FleetServer:
         return self.settings.mqtt_username or parse_broker_url(self.broker_url).username or None
 
     def _on_get(self, topic: str, payload: bytes) -> None:
-        self.publisher.handle_get(topic, payload)
+        self.get_queue.submit(topic, payload)
 
     def _on_connect(self) -> None:
         log.info("connected to the broker", extra={"fields": {"url": self.broker_url}})
@@ -263,14 +266,23 @@ class FleetServer:
 
     def health(self) -> dict:
         """``{"status": "ok", "broker": "connected"|"disconnected", "messages": ingest counters, "publishing":
-        {"refused", "dropped_disconnected", "queued_disconnected", "chunks_served", "part_ranges_served"}, "fleet",
+        {"refused", "dropped_disconnected", "queued_disconnected", "chunks_served", "part_ranges_served",
+        "part_ranges_coalesced", "part_requests", "part_requests_late", "part_serve_ms", "part_request_age_max_ms",
+        "requests_waiting", "requests_dropped"},
+        "fleet",
         "broker_url", "replica": {"id", "replicas", "leader"}}`` (leader: this process runs the singleton duties).
         ``refused``: publishes the MQTT client refused (no packet id free); ``dropped_disconnected``: QoS 0
         publishes lost while disconnected; ``queued_disconnected``: QoS 1 ones kept for the reconnect."""
         mqtt_stats, served = self.mqtt.stats, self.publisher.stats
         publishing = {"refused": mqtt_stats["refused"], "dropped_disconnected": mqtt_stats["dropped_disconnected"],
                       "queued_disconnected": mqtt_stats["queued_disconnected"],
-                      "chunks_served": served["chunks_sent"], "part_ranges_served": served["ranges_sent"]}
+                      "chunks_served": served["chunks_sent"], "part_ranges_served": served["ranges_sent"],
+                      # duplicates not served again, and the part serving's load: requests, those served more
+                      # than 10 s after the box sent them, ms spent serving, the oldest request served
+                      "part_ranges_coalesced": served["ranges_coalesced"], "part_requests": served["part_requests"],
+                      "part_requests_late": served["part_requests_late"], "part_serve_ms": served["serve_ms"],
+                      "part_request_age_max_ms": served["request_age_max_ms"],
+                      "requests_waiting": len(self.get_queue), "requests_dropped": self.get_queue.stats["dropped"]}
         return {"status": "ok", "broker": "connected" if self.mqtt.connected.is_set() else "disconnected",
                 "messages": dict(self.ingest.stats), "publishing": publishing, "fleet": self.settings.fleet,
                 "broker_url": self.broker_url,

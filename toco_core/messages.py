@@ -12,6 +12,7 @@ payload: a one-line JSON header, ``\\n``, then the raw bytes (no base64 on the h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -596,10 +597,19 @@ def encode_chunk(bundle_id: str, index: int, data: bytes) -> bytes:
 
 
 def encode_part(bundle_id: str, part: str, offset: int, data: bytes) -> bytes:
-    """``{"schema_version":1,"bundle_id":..,"part":..,"offset":..}\\n`` followed by the raw bytes of the range."""
-    header = json.dumps({"schema_version": SCHEMA_VERSION, "bundle_id": bundle_id, "part": part, "offset": offset},
-                        separators=(",", ":"))
-    return header.encode() + b"\n" + bytes(data)
+    """``{"schema_version":1,"bundle_id":..,"part":..,"offset":..}\\n`` followed by the raw bytes of the range.
+
+    Byte for byte what ``json.dumps`` with compact separators gives; the header up to the offset is made once
+    per (bundle, part), since a server answering 2,000 boxes encodes the same one ~100,000 times (json.dumps took a
+    third of its part serving time)."""
+    return b"".join((_part_header_prefix(bundle_id, part), str(int(offset)).encode(), b"}\n", data))
+
+
+@functools.lru_cache(maxsize=4096)
+def _part_header_prefix(bundle_id: str, part: str) -> bytes:
+    """``{"schema_version":1,"bundle_id":"..","part":"..","offset":`` (names JSON-escaped as json.dumps does)."""
+    return (f'{{"schema_version":{SCHEMA_VERSION},"bundle_id":{json.dumps(bundle_id)},'
+            f'"part":{json.dumps(part)},"offset":').encode()
 
 
 def _explain(kind: str, exc: ValidationError) -> str:

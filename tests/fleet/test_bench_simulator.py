@@ -72,3 +72,40 @@ def test_the_bench_broker_refuses_a_device_with_a_wrong_password(bench_broker) -
         assert refused == [True]
     finally:
         c.loop_stop()
+
+
+def test_the_simulated_parts_fetch_keeps_the_agents_window_and_asks_again_only_after_a_silence() -> None:
+    """bench._fleet_sim_fetch mirrors agent.parts_fetch: 32 ranges in flight, refilled once 16 are free, the
+    ranges in flight asked for again only after 10 s without any frame, then 20 s, ...; 6 such re-requests
+    without a frame give up."""
+    from bench._fleet_sim_fetch import MAX_STALLS, WINDOW, SimFetch
+    from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
+
+    data = pack_bundle({"head": b"h" * 1000, **{f"codes/{i}": bytes([i]) * 700 for i in range(99)},
+                        "base": b"b" * 4000})
+    manifest = make_manifest(data, private_key=generate_private_key())
+    asked: list[list[tuple[str, int]]] = []
+    fetch = SimFetch(manifest, lambda ranges: asked.append([(r.part, r.offset) for r in ranges]), now=0.0)
+    assert len(fetch.ranges) == 100 and all(r.part != "base" for r in fetch.ranges)
+    fetch.pump()
+    assert [len(a) for a in asked] == [WINDOW]
+    t = 0.0
+    for key in asked[0][:15]:  # frames keep coming, 0.9 s apart: fewer than half a window free, nothing asked
+        t += 0.9
+        fetch.frame(key, 700, t)
+        fetch.tick(t)
+    assert len(asked) == 1 and fetch.rerequested == 0
+    fetch.frame(asked[0][15], 700, t)  # half a window free: one refill of 16
+    assert [len(a) for a in asked] == [WINDOW, WINDOW // 2]
+    fetch.tick(t + 9.9)
+    assert len(asked) == 2  # 9.9 s of silence: not yet
+    fetch.tick(t + 12.6)  # past 10 s (+ at most a quarter): the 32 in flight asked for again
+    assert [len(a) for a in asked] == [WINDOW, WINDOW // 2, WINDOW] and fetch.rerequested == WINDOW
+    assert set(asked[2]) == set(asked[0][16:]) | set(asked[1])
+    fetch.tick(t + 12.6 + 19.9)
+    assert len(asked) == 3  # the second re-request waits 20 s
+    now = t + 12.6
+    for _ in range(MAX_STALLS):
+        now += 80.0
+        fetch.tick(now)
+    assert fetch.stalled and fetch.timer.attempts == MAX_STALLS and not fetch.done

@@ -11,6 +11,7 @@ members pending (not marked sent), and the tick sends them once the broker is ba
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -23,7 +24,9 @@ from fleet_server.bundle_publisher import BundlePublisher
 from fleet_server.db import Database, DeploymentDeviceRow, TimelineRow
 from fleet_server.deployments import Deployments
 from fleet_server.events import EventBus
+from fleet_server.get_queue import GetQueue
 from fleet_server.mqtt_client import FleetMqtt, PublishRefused
+from fleet_server.recent_ranges import RecentRanges
 from tests.support.broker import Broker, Listener
 from tests.support.fleet_seed import seed_deployable
 from tests.support.waiting import wait_until
@@ -173,3 +176,84 @@ def test_qos1_past_65535_packet_ids_raises_publish_refused_and_the_deployment_se
         cmds.close()
     finally:
         db.close()
+
+
+def test_a_range_asked_for_again_before_its_answer_went_out_arrives_once(broker, server_mqtt):
+    """Coalescing (fleet_server.recent_ranges): duplicates of a range the server just published, or asked for
+    before it published it, are not published again; a request made after the answer went out (the answer was
+    lost) is served once the short window has passed."""
+    data = pack_bundle({"codes/top": b"".join(expected(i * RANGE) for i in range(RANGES))})
+    manifest = make_manifest(data, private_key=generate_private_key())
+    publisher = BundlePublisher(T, server_mqtt.send, recent=RecentRanges(window_s=0.5, horizon_s=60.0))
+    publisher.announce(manifest, data)
+    counter = PartCounter(broker.port, manifest.bundle_id)
+    topic = T.get(manifest.bundle_id, "dev000")
+    ranges = [PartRange(part="codes/top", offset=i * RANGE, length=RANGE) for i in range(10)]
+    try:
+        # a server 30 s behind: the box's request and its re-request 10 s later were both made before the answer
+        # to the first went out, and reach the server after it
+        first = PartRequest(device_id="dev000", bundle_id=manifest.bundle_id, ranges=ranges, sent_at=time.time() - 30)
+        again = first.model_copy(update={"sent_at": first.sent_at + 10})
+        assert publisher.handle_get(topic, encode(first)) == 10
+        assert publisher.handle_get(topic, encode(again)) == 0
+        assert publisher.handle_get(topic, encode(first)) == 0  # the same request delivered twice
+        # another device's identical ranges are its own
+        other = PartRequest(device_id="dev001", bundle_id=manifest.bundle_id, ranges=ranges)
+        assert publisher.handle_get(T.get(manifest.bundle_id, "dev001"), encode(other)) == 10
+        assert publisher.stats["ranges_coalesced"] == 20 and publisher.stats["ranges_sent"] == 20
+        assert wait_until(lambda: counter.total() >= 20, 10, step=0.1)
+        time.sleep(0.6)  # past the window: the late duplicate is still not served, a request made now is
+        assert publisher.handle_get(topic, encode(again)) == 0
+        lost = PartRequest(device_id="dev000", bundle_id=manifest.bundle_id, ranges=ranges[:3])
+        assert publisher.handle_get(topic, encode(lost)) == 3
+        assert wait_until(lambda: counter.total() >= 23, 10, step=0.1)
+        time.sleep(0.3)  # nothing more is on its way
+        assert counter.total() == 23 and counter.bad == 0
+        assert [counter.frames[("dev000", "codes/top", r.offset)] for r in ranges] == [2, 2, 2] + [1] * 7
+        assert publisher.stats["ranges_coalesced"] == 30
+    finally:
+        counter.close()
+
+
+def test_status_messages_are_read_while_part_requests_are_still_being_answered(broker):
+    """fleet_server.get_queue: part requests are answered on a thread of their own, so a status a box sends after
+    a pile of part requests reaches ingest at once, not after every frame was served (the real FleetMqtt, the real
+    publisher with a 10 ms pause per frame, a real broker)."""
+    data = pack_bundle({"codes/top": b"".join(expected(i * RANGE) for i in range(RANGES))})
+    manifest = make_manifest(data, private_key=generate_private_key())
+    statuses: list[tuple[float, int]] = []  # (when, ranges served by then)
+    holder: dict = {}
+
+    def slow(bundle_id: str, part: str, offset: int, payload: bytes) -> bytes:
+        time.sleep(0.01)  # a loaded server: 640 frames take 6.4 s
+        return payload
+
+    def on_device(kind, device, payload, ack) -> None:
+        statuses.append((time.monotonic(), holder["publisher"].stats["ranges_sent"]))
+        ack()
+
+    client = FleetMqtt(broker.url, T, on_device=on_device, on_get=lambda t, p: holder["queue"].submit(t, p),
+                       client_id="toco-fleet-queue")
+    publisher = holder["publisher"] = BundlePublisher(T, client.send, part_fault=slow)
+    queue = holder["queue"] = GetQueue(publisher.handle_get, written=client.wait_written)
+    client.start()
+    publisher.announce(manifest, data)
+    counter = PartCounter(broker.port, manifest.bundle_id)
+    box = Listener(broker.port, [])
+    try:
+        ranges = [PartRange(part="codes/top", offset=i * RANGE, length=RANGE) for i in range(640)]
+        for i in range(0, 640, 64):
+            req = PartRequest(device_id="dev000", bundle_id=manifest.bundle_id, ranges=ranges[i:i + 64])
+            box.publish(T.get(manifest.bundle_id, "dev000"), encode(req))
+        sent_at = time.monotonic()
+        box.publish(T.device(MessageKind.STATUS, "dev000"), b"{}")
+        assert wait_until(lambda: statuses, 10, step=0.05)
+        when, served = statuses[0]
+        assert when - sent_at < 2.0 and served < 640, f"status read after {when - sent_at:.1f} s, {served} served"
+        assert wait_until(lambda: counter.total() >= 640, 25, step=0.2)
+        assert counter.total() == 640 and counter.bad == 0 and queue.stats["queued"] == 10 and len(queue) == 0
+    finally:
+        queue.close()
+        box.close()
+        counter.close()
+        client.stop()

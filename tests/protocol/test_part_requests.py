@@ -72,6 +72,11 @@ def test_unknown_parts_ranges_outside_and_malformed_requests_are_dropped(served)
 def test_part_frames_and_ranges_are_validated() -> None:
     bid = "a" * 64
     frame = encode_part(bid, "codes/3", 65536, b"xyz")
+    # the wire format is compact JSON, whatever makes it (the header prefix is cached per bundle and part)
+    for name, offset in (("codes/3", 65536), ("head", 0), ("calib/heldout", 7)):
+        header = json.dumps({"schema_version": 1, "bundle_id": bid, "part": name, "offset": offset},
+                            separators=(",", ":"))
+        assert encode_part(bid, name, offset, b"\x00\n") == header.encode() + b"\n\x00\n"
     part = parse_message(MessageKind.PART, frame)
     assert isinstance(part, Part) and (part.part, part.offset, part.data) == ("codes/3", 65536, b"xyz")
     with pytest.raises(MessageError, match="part payload has no JSON header"):
