@@ -11,10 +11,11 @@ import time
 DRIFT_EVERY = 7
 
 
-def publish(port: int, fleet: str, devices: int, rate: float, stop, out) -> None:
+def publish(port: int, fleet: str, devices: int, rate: float, ready, stop, out) -> None:
     """Child process: publish to ``fleet``'s device topics on the broker at 127.0.0.1:``port``, ``rate``
     messages a second round-robin over seeded devices 0..devices-1 (telemetry at QoS 0, every DRIFT_EVERY-th
-    a drift window at QoS 1, as devices send them), until ``stop`` is set; puts the count sent on ``out``."""
+    a drift window at QoS 1, as devices send them) from when it sets ``ready`` until ``stop`` is set; puts
+    (messages sent, seconds) on ``out``."""
     import paho.mqtt.client as mqtt
 
     from tests.support.fleet_seed import device_id
@@ -25,6 +26,7 @@ def publish(port: int, fleet: str, devices: int, rate: float, stop, out) -> None
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-overview-ingest")
     client.connect("127.0.0.1", port)
     client.loop_start()
+    ready.set()
     sent, t0 = 0, time.monotonic()
     while not stop.is_set():
         dev, now = device_id(sent % devices), time.time()
@@ -44,23 +46,28 @@ def publish(port: int, fleet: str, devices: int, rate: float, stop, out) -> None
             time.sleep(ahead)
     client.loop_stop()
     client.disconnect()
-    out.put(sent)
+    out.put((sent, time.monotonic() - t0))
 
 
 class IngestLoad:
-    """Start the publisher (``with IngestLoad(...) as load:``); ``load.sent`` after the block."""
+    """Start the publisher and wait until it publishes (``with IngestLoad(...) as load:``); after the block,
+    ``load.sent`` messages in ``load.seconds``. Raises TimeoutError if it is not publishing within 60 s."""
 
     def __init__(self, port: int, fleet: str, devices: int, rate: float) -> None:
         ctx = mp.get_context("spawn")
-        self.stop, self.out = ctx.Event(), ctx.Queue()
-        self.proc = ctx.Process(target=publish, args=(port, fleet, devices, rate, self.stop, self.out), daemon=True)
-        self.sent = 0
+        self.ready, self.stop, self.out = ctx.Event(), ctx.Event(), ctx.Queue()
+        self.proc = ctx.Process(target=publish, args=(port, fleet, devices, rate, self.ready, self.stop, self.out),
+                                daemon=True)
+        self.sent, self.seconds = 0, 0.0
 
     def __enter__(self) -> IngestLoad:
         self.proc.start()
+        if not self.ready.wait(60):
+            self.proc.kill()
+            raise TimeoutError("the ingest publisher did not connect to the broker within 60 s")
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self.sent = self.out.get(timeout=30)
+        self.sent, self.seconds = self.out.get(timeout=30)
         self.proc.join(10)
