@@ -57,18 +57,20 @@ def statements() -> dict[str, object]:
             "one scan (device_facets)": select(*combo, func.count()).group_by(*combo)}
 
 
-def explain(db: Database) -> list[tuple[str, float, int]]:
-    """(statement, execution ms, shared buffers) of EXPLAIN (ANALYZE, BUFFERS) of each of statements()."""
-    out = []
+def explain(db: Database, repeats: int = 7) -> list[tuple[str, float, int]]:
+    """(statement, median execution ms, shared buffers) of EXPLAIN (ANALYZE, BUFFERS) of each of statements(),
+    ``repeats`` rounds over all of them (one run on a busy box is noise)."""
+    runs: dict[str, list[tuple[float, int]]] = {}
     with db.engine.connect() as conn:
-        for name, stmt in statements().items():
-            sql = str(stmt.compile(db.engine, compile_kwargs={"literal_binds": True}))  # type: ignore[attr-defined]
-            plan = [row[0] for row in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql))]
-            ms = float(next(p for p in plan if "Execution Time" in p).split(":")[1].split()[0])
-            buffers = next((p for p in plan if "Buffers:" in p), "")
-            pages = sum(int(part.split("=")[1]) for part in buffers.split() if "=" in part)
-            out.append((name, ms, pages))
-    return out
+        for _ in range(repeats):
+            for name, stmt in statements().items():
+                sql = str(stmt.compile(db.engine, compile_kwargs={"literal_binds": True}))  # type: ignore[attr-defined]
+                plan = [row[0] for row in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql))]
+                ms = float(next(p for p in plan if "Execution Time" in p).split(":")[1].split()[0])
+                buffers = next((p for p in plan if "Buffers:" in p), "")
+                pages = sum(int(part.split("=")[1]) for part in buffers.split() if "=" in part)
+                runs.setdefault(name, []).append((ms, pages))
+    return [(name, statistics.median(ms for ms, _ in r), r[-1][1]) for name, r in runs.items()]
 
 
 def in_process(db: Database, calls: int) -> dict[str, list[float]]:
@@ -121,7 +123,7 @@ def over_http(url: str, token: str, calls: int) -> list[float]:
 def report(phase: str, db: Database, url: str, token: str, calls: int) -> None:
     """Print the three measurements of one phase."""
     p50, p99 = statistics.median, lambda v: float(np.percentile(v, 99))
-    print(f"\n{phase}\n| statement | EXPLAIN ANALYZE ms | shared buffers |\n|---|---|---|")
+    print(f"\n{phase}\n| statement | EXPLAIN ANALYZE ms (median of 7) | shared buffers |\n|---|---|---|")
     for name, ms, pages in explain(db):
         print(f"| {name} | {ms:.1f} | {pages:,} |")
     t = in_process(db, calls)
