@@ -3,8 +3,8 @@
 A page is at most ``limit`` devices in device-id order after a cursor (keyset paging: a deep page
 costs what the first does, and a device that joins or leaves between two requests neither repeats
 nor skips another), with the number of devices the filter matches and the facet counts (devices
-per state, alert kind, group and model version). Every count is a GROUP BY in the database; no
-request reads more device rows than the page it returns.
+per state, alert kind, group and model version). The counts come from one GROUP BY in the database
+(fleet_server.device_facets); no request reads more device rows than the page it returns.
 
 A facet counts under every filter but its own, so the state counts still show the other states
 while one state is selected (the dashboard's counts stay a way to switch between them).
@@ -17,17 +17,19 @@ import binascii
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import and_, case, func, not_, or_, select
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import and_, func, not_, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from fleet_server.db import BundleRow, Database, DeviceRow, ModelRow
+from fleet_server.db import BundleRow, Database, DeviceRow
+from fleet_server.device_facets import (
+    NO_VERSION,
+    Facets,
+    combinations,
+    count_facets,
+    state_expression,
+)
 from fleet_server.model_versions import bundle_versions
 from fleet_server.views import device_view
-
-STATES = ("online", "deploying", "alert", "failed", "offline", "quarantined", "revoked")
-ALERT_KINDS = ("fidelity", "data", "unclassified")
-NO_VERSION = "none"  # the version filter's value for devices running no version the server built
 
 StateName = Literal["online", "deploying", "alert", "failed", "offline", "quarantined", "revoked"]
 
@@ -63,24 +65,6 @@ class DeviceQuery(BaseModel):
         return cursor
 
 
-class VersionCount(BaseModel):
-    """Devices running one model version (model_id None: no version the server built)."""
-
-    model_id: str | None
-    name: str | None
-    version: int | None
-    devices: int
-
-
-class Facets(BaseModel):
-    """Device counts per value of each filter, each under every filter but its own."""
-
-    state: dict[str, int]
-    alert: dict[str, int]
-    group: dict[str, int]
-    version: list[VersionCount]
-
-
 class DevicePage(BaseModel):
     """One page of the device listing: Device objects (fleet_server.views.device_view, with
     ``model_version``) in device-id order, the filter's total, and the cursor of the next page."""
@@ -109,18 +93,6 @@ def cursor_position(cursor: str) -> str:
     return position
 
 
-def state_expression() -> ColumnElement[str]:
-    """fleet_server.views.device_state as SQL (the same precedence), so a state is filtered and counted
-    by the database."""
-    d = DeviceRow
-    return case((d.enrollment.in_(("revoked", "quarantined")), d.enrollment),
-                (not_(d.online), "offline"),
-                (d.deploy_state == "deploying", "deploying"),
-                (d.alert, "alert"),
-                (d.deploy_state == "failed", "failed"),
-                else_="online")
-
-
 def _filters(query: DeviceQuery) -> dict[str, ColumnElement[bool]]:
     """The WHERE clause of each given filter, by facet name (``q`` has no facet)."""
     d, out = DeviceRow, {}
@@ -144,40 +116,6 @@ def _filters(query: DeviceQuery) -> dict[str, ColumnElement[bool]]:
     return out
 
 
-def _counts(s, key: ColumnElement[Any] | InstrumentedAttribute[Any],
-            where: list[ColumnElement[bool]]) -> dict[Any, int]:
-    rows = s.execute(select(key, func.count()).where(*where).group_by(key)).all()
-    return {value: n for value, n in rows}
-
-
-def _version_counts(s, where: list[ColumnElement[bool]]) -> list[VersionCount]:
-    """Devices per version: a GROUP BY bundle (a fleet runs a handful), then the bundles' versions."""
-    per_bundle = _counts(s, DeviceRow.active_bundle, where)
-    known = {b: m for b, m in s.execute(select(BundleRow.id, ModelRow).join(ModelRow, ModelRow.id == BundleRow.model_id)
-                                        .where(BundleRow.id.in_([b for b in per_bundle if b is not None])))}
-    merged: dict[str | None, VersionCount] = {}
-    for bundle, n in per_bundle.items():
-        m = known.get(bundle)
-        key = m.id if m is not None else None
-        if key not in merged:
-            merged[key] = VersionCount(model_id=key, name=m.name if m else None, version=m.version if m else None,
-                                       devices=0)
-        merged[key].devices += n
-    return sorted(merged.values(), key=lambda v: (v.name or "~", v.version or 0))
-
-
-def _facets(s, filters: dict[str, ColumnElement[bool]]) -> Facets:
-    def others(name: str) -> list[ColumnElement[bool]]:
-        return [clause for key, clause in filters.items() if key != name]
-
-    states = _counts(s, state_expression(), others("state"))
-    kinds = _counts(s, DeviceRow.drift_kind, others("alert"))
-    return Facets(state={st: states.get(st, 0) for st in STATES},
-                  alert={k: kinds.get(k, 0) for k in ALERT_KINDS},
-                  group=dict(sorted(_counts(s, DeviceRow.group, others("group")).items())),
-                  version=_version_counts(s, others("version")))
-
-
 def device_page(db: Database, query: DeviceQuery) -> DevicePage:
     """The page of devices ``query`` asks for, with the filter's total and (``query.facets``) the facets.
 
@@ -188,13 +126,27 @@ def device_page(db: Database, query: DeviceQuery) -> DevicePage:
     where = list(filters.values())
     after = [DeviceRow.id > cursor_position(query.cursor)] if query.cursor else []
     with db.session() as s:
-        total = s.scalar(select(func.count()).select_from(DeviceRow).where(*where))
         # one row past the page says whether there is a next page, without a second query
         rows = list(s.scalars(select(DeviceRow).where(*where, *after).order_by(DeviceRow.id).limit(query.limit + 1)))
         more, rows = len(rows) > query.limit, rows[:query.limit]
-        versions = bundle_versions(s, {r.active_bundle for r in rows} - {None})
-        facets = _facets(s, filters) if query.facets else None
+        bundles = {r.active_bundle for r in rows}
+        facets: Facets | None = None
+        if query.facets:
+            # the total and every facet from one GROUP BY (fleet_server.device_facets); only the id search,
+            # which no facet leaves out, is applied by the database
+            combos = combinations(s, [filters["q"]] if "q" in filters else [])
+            versions = bundle_versions(s, (bundles | {c.bundle for c in combos}) - {None})
+            total, facets = count_facets(combos, _selected(query), versions)
+        else:
+            total = s.scalar(select(func.count()).select_from(DeviceRow).where(*where)) or 0
+            versions = bundle_versions(s, bundles - {None})
     devices = [{**device_view(r), "model_version": versions.get(r.active_bundle or "")}
                for r in rows]
     return DevicePage(devices=devices, total=total, limit=query.limit, facets=facets,
                       next_cursor=page_cursor(rows[-1].id) if more else None)
+
+
+def _selected(query: DeviceQuery) -> dict[str, str]:
+    """The facet filters ``query`` sets, by facet name (fleet_server.device_facets.FACETS)."""
+    chosen = {"state": query.state, "group": query.group, "alert": query.alert, "version": query.version}
+    return {name: value for name, value in chosen.items() if value is not None}
