@@ -1,7 +1,7 @@
 """Compression benchmark: TOCO's device-aware recompression against onnxruntime's quantizers and
 magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN.
 
-    .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp] [--reanalyze]
+    .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp,large] [--reanalyze]
     .venv/bin/python bench/compression.py --variants [--reanalyze]
 
 Prints one table per model and the target checks, writes bench/results/compression.json
@@ -21,7 +21,8 @@ on its own line after the five, labelled "aside", and it is not one of the five 
 one of the five.) No analysis or solver code changed after any result.
 Fidelity is measured on the 1000 held-out digits (never seen by the analysis); the analyses
 are cached under bench/results/analysis-<model>/. --quick skips the 5M CNN and measures p50
-with fewer runs.
+with fewer runs. ``--models large`` (opt-in: its analysis takes minutes) adds the 224x224 grey conv
+classifier of bench/analysis.py with its memory-tight row (bench/_compression_large.py).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from bench._common import (
     measure,
     quantize_dynamic_model,  # noqa: E402
 )
+from bench._compression_large import bench_large, memory_tight_check  # noqa: E402
 from toco_core.analysis.settings import AnalysisSettings  # noqa: E402
 from toco_core.compression.qdq_int8 import quantize_qdq_int8  # noqa: E402
 from toco_core.compression.storage import encode_model  # noqa: E402
@@ -68,6 +70,7 @@ MODELS = {  # name: (trained, analysis settings)
     "mlp": (True, None),
     "wide_cnn": (False, AnalysisSettings(max_rounds=2)),
 }
+OPT_IN = ("large",)  # bench/_compression_large.py: only with --models
 BASELINES = ("ort quantize_dynamic", "ort quantize_static QDQ", "magnitude + uniform bits")
 SIZE_ROW = "TOCO size, budget 1%"
 
@@ -121,6 +124,11 @@ def baseline_rows(model, path, d, base_out, runs) -> list[Row]:
 
 def bench_model(name: str, d, here, runs: int, fresh: bool) -> dict:
     """All rows of one model plus the TOCO reports; prints its table."""
+    if name == "large":
+        res = bench_large(here, runs, fresh, baseline_rows, toco_row)
+        print_table(name, [Row(**r) for r in res["rows"]], res["weights"], True, res["analysis_cached"],
+                    res["analysis_s"])
+        return res
     trained, settings = MODELS[name]
     path = demo_model(name, trained=trained)
     model = load_model(path)
@@ -236,6 +244,11 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                         f"RSS {format_size(hand['rss'])} vs {format_size(base['rss'])}, "
                         f"p50 {hand['p50_s'] * 1e3:.2f} vs "
                         f"{base['p50_s'] * 1e3:.2f} ms{one}"))
+    if "large" in results:
+        out.append(memory_tight_check(results["large"]))
+    for name, res in results.items():
+        if res["trained"]:
+            out += int8_file_checks(name, res)
     for name, res in results.items():
         # "1M parameters under 2 s": a model up to 1M weights gets 2 s, a larger one 2 s per 1M
         # (dividing a 61k-weight model's fixed session start-up by 0.06 would measure start-up, not size)
@@ -247,6 +260,33 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
             worst = max(times)
             out.append((f"{name}: recompression of {millions:.2f}M weights < {allowed:.1f} s", worst[0] < allowed,
                         f"worst {worst[0]:.2f} s = {worst[0] / millions:.2f} s/M (build alone {worst[1]:.2f} s)"))
+    return out
+
+
+INT8_BASELINES = BASELINES[:2]  # onnxruntime's int8 files
+
+
+def int8_file_checks(name: str, res: dict) -> list[tuple[str, bool | None, str]]:
+    """Per onnxruntime int8 baseline: is a TOCO row served in int8 no larger (runnable file) at equal or
+    better held-out agreement (within AGREE_TIE)? None when no TOCO row ran int8."""
+    rows = _rows(res)
+    int8 = [r for r in rows.values() if r["name"].startswith("TOCO") and r["file_bytes"]
+            and res["toco"].get(r["name"], {}).get("report", {}).get("plan", {}).get("runtime") == "int8"]
+    out: list[tuple[str, bool | None, str]] = []
+    for b in INT8_BASELINES:
+        br = rows.get(b)
+        if not br or br["file_bytes"] is None:
+            continue
+        what = f"{name}: TOCO int8 runnable file <= {b} file at equal or better agreement"
+        if not int8:
+            out.append((what, None, f"no TOCO row ran int8 ({b}: {format_size(br['file_bytes'])}, "
+                                    f"{br['agreement']:.1%})"))
+            continue
+        ok = [t for t in int8 if t["file_bytes"] <= br["file_bytes"] and t["agreement"] >= br["agreement"] - AGREE_TIE]
+        best = min(ok or int8, key=lambda t: t["file_bytes"])
+        out.append((what, bool(ok), f"{best['name']} {format_size(best['file_bytes'])} / {best['agreement']:.1%} "
+                                    f"vs {format_size(br['file_bytes'])} / {br['agreement']:.1%} "
+                                    "(runnable file / agreement)"))
     return out
 
 
@@ -373,7 +413,7 @@ def main() -> None:
     """Parse the options, run every model, print the checks, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the 5M CNN, fewer latency runs")
-    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join((*MODELS, *OPT_IN)))
     ap.add_argument("--reanalyze", action="store_true", help="ignore the cached analyses")
     ap.add_argument("--variants", action="store_true",
                     help="the 5 LeNet-5 variants' size plans instead of the models (see the module doc)")
