@@ -85,5 +85,7 @@ def memory_tight_check(res: dict) -> tuple[str, bool | None, str]:
         return what, None if not tight["note"] else False, tight["note"] or "not measured"
     rss, p50, dis = tight["rss"] / base["rss"], tight["p50_s"] / base["p50_s"], 1 - tight["agreement"]
     ok = rss < RSS_GOAL and p50 <= P50_GOAL and dis <= 0.01
-    return what, ok, (f"session RSS {rss:.2f}x, p50 {p50:.2f}x of the base, {dis:.2%} disagreement on "
-                      f"{res.get('heldout', 400)} held-out images; {tight['note']}")
+    anon = (f" (anon RSS {tight['anon_rss'] / base['anon_rss']:.2f}x)"
+            if tight.get("anon_rss") and base.get("anon_rss") else "")
+    return what, ok, (f"session RSS {rss:.2f}x{anon}, p50 {p50:.2f}x of the base, {dis:.2%} disagreement on "
+                      f"400 held-out images; {tight['note']}")

@@ -64,7 +64,7 @@ from toco_core.recompress import build, recompress  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.units import format_size, parse_size  # noqa: E402
 
-console = Console(width=160)
+console = Console(width=200)
 MODELS = {  # name: (trained, analysis settings)
     "lenet5": (True, None),
     "mlp": (True, None),
@@ -174,14 +174,20 @@ def print_table(name: str, rows: list[Row], weights: int, trained: bool, hit: bo
     base = rows[0].file_bytes
     assert base is not None  # the fp32 row has its file
     note = "" if trained else " - random init: agreement/accuracy are not meaningful"
-    t = Table(title=f"{name}: {weights:,} weights, analysis {'cached' if hit else f'{analysis_s:.0f} s'}{note}")
-    for col in ("method", "file", "transfer", "vs fp32", "session RSS", "p50 ms", "agree", "accuracy", "time s",
-                "plan / note"):
+    t = Table(title=f"{name}: {weights:,} weights, analysis {'cached' if hit else f'{analysis_s:.0f} s'}{note}",
+              caption="runnable file: the ONNX file onnxruntime runs; storage / transfer: the row's integer codes "
+                      "through TOCO's coder (TOCO: its storage form; fp32: the plain file); session RSS: RSS growth "
+                      "of a fresh process creating the session and running one batch-1 input; anon RSS: its "
+                      "anonymous part (without onnxruntime's ~14 MB of file-backed code pages); p50: batch 1, best of "
+                      "3 medians; agree: top-1 agreement with the fp32 model on held-out inputs")
+    for col in ("method", "runnable file", "storage / transfer", "fp32 file / transfer", "session RSS",
+                "anon RSS", "p50 ms", "agree", "accuracy", "time s", "plan / note"):
         t.add_column(col, justify="left" if col in ("method", "plan / note") else "right")
     for r in rows:
         ratio = f"{base / r.transfer_bytes:.1f}x" if r.transfer_bytes else "-"
         t.add_row(r.name, _fmt(r.file_bytes, "size"), _fmt(r.transfer_bytes, "size"), ratio, _fmt(r.rss, "size"),
-                  _fmt(r.p50_s, "ms"), _fmt(r.agreement, "pct"), _fmt(r.accuracy, "pct"), _fmt(r.seconds, "s"), r.note)
+                  _fmt(r.anon_rss, "size"), _fmt(r.p50_s, "ms"), _fmt(r.agreement, "pct"), _fmt(r.accuracy, "pct"),
+                  _fmt(r.seconds, "s"), r.note)
     console.print(t)
 
 
