@@ -4,8 +4,8 @@ The model is bench/analysis.py's ``large``: the grey 224x224 conv classifier of 
 (1,573,888 weights, trained here and cached), analysed on the first 400 pool images as
 bench/analysis.py analyses it, cached under bench/results/analysis-large/ like the other rows.
 Baselines: the fp32 model, onnxruntime's quantize_dynamic and its quantize_static (per-channel QDQ,
-100 pool images). TOCO rows: the memory-tight plan (memory limit = MEMORY_SHARE of the base's
-session RSS measured in the same run, budget 1%) and the size plan at 1%. Every row is measured
+100 pool images). TOCO rows: the memory-tight plans (memory limit = each of MEMORY_SHARES of the
+base's session RSS measured in the same run, budget 1%) and the size plan at 1%. Every row is measured
 on the 400 held-out images the analysis never saw.
 """
 
@@ -22,9 +22,11 @@ from toco_core.plan import Policy
 from toco_core.runtime import run_model
 
 LARGE_POOL = 400  # bench/analysis.py's pool for the 224x224 models: the same analysis
-MEMORY_SHARE = 0.55  # the memory-tight row's limit, a share of the base's measured session RSS
+# the memory-tight rows' limits, shares of the base's measured session RSS: 0.55x (issue 17's brief)
+# and 0.60x, the goal's own bound (onnxruntime's code pages alone are ~0.50x of this base: docs/analysis.md)
+MEMORY_SHARES = (0.55, 0.60)
 RSS_GOAL, P50_GOAL = 0.6, 1.0  # the issue's goal: RSS below 0.6x of the base's, p50 at most the base's
-MEMORY_ROW = f"TOCO memory-tight ({MEMORY_SHARE:.2f}x base RSS), budget 1%"
+MEMORY_ROWS = tuple(f"TOCO memory-tight ({share:.2f}x base RSS), budget 1%" for share in MEMORY_SHARES)
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def large_images() -> Images:
 def bench_large(here, runs: int, fresh: bool, baseline_rows, toco_row) -> dict:
     """The rows of the 224x224 model; ``baseline_rows`` and ``toco_row`` are bench/compression.py's.
 
-    Returns the same fields as bench/compression.py's bench_model, plus ``memory_limit`` (bytes).
+    Returns the same fields as bench/compression.py's bench_model, plus ``memory_limits`` (bytes per row).
     """
     from toco_core.demo.large import large_model
 
@@ -64,25 +66,32 @@ def bench_large(here, runs: int, fresh: bool, baseline_rows, toco_row) -> dict:
     base_rss = rows[0].rss
     if base_rss is None:
         raise RuntimeError("the base model's session RSS could not be measured: no memory-tight row without it")
-    limit = int(MEMORY_SHARE * base_rss)
+    limits = {row: int(share * base_rss) for row, share in zip(MEMORY_ROWS, MEMORY_SHARES, strict=True)}
     toco, extras = [], {}
-    for label, policy in ((MEMORY_ROW, Policy(memory=limit)), ("TOCO size, budget 1%", Policy(objective="size"))):
+    setups = [*((row, Policy(memory=limit)) for row, limit in limits.items()),
+              ("TOCO size, budget 1%", Policy(objective="size"))]
+    for label, policy in setups:
         row, extra = toco_row(label, model, result, here, policy, d, base_out, runs)
         toco.append(row)
         extras[label] = extra
     rows += [Row("magnitude + uniform bits", note="not run on this model (its search takes minutes)")] + toco
     return {"weights": weights, "trained": True, "analysis_cached": hit, "analysis_s": analysis_s,
-            "rows": [r.as_dict() for r in rows], "toco": extras, "memory_limit": limit}
+            "rows": [r.as_dict() for r in rows], "toco": extras, "memory_limits": limits}
 
 
-def memory_tight_check(res: dict) -> tuple[str, bool | None, str]:
-    """The issue's goal on this model: the memory-tight row's session RSS < 0.6x and p50 <= 1x the base's,
-    within the 1% budget on the held-out images. Returns (what, met or None when no plan, the numbers)."""
+def memory_tight_checks(res: dict) -> list[tuple[str, bool | None, str]]:
+    """The issue's goal on this model, per memory-tight row: session RSS < 0.6x and p50 <= 1x the base's,
+    within the 1% budget on the held-out images. Returns (what, met, the numbers) per row."""
+    return [memory_tight_check(res, row) for row in MEMORY_ROWS]
+
+
+def memory_tight_check(res: dict, row: str) -> tuple[str, bool | None, str]:
+    """memory_tight_checks for one row (a plan that could not be made is a miss, with its error)."""
     rows = {r["name"]: r for r in res["rows"]}
-    base, tight = rows["base fp32"], rows[MEMORY_ROW]
-    what = f"large: memory-tight session RSS < {RSS_GOAL}x base, p50 <= base, <= 1% disagreement"
+    base, tight = rows["base fp32"], rows[row]
+    what = f"large: {row[5:row.index(')') + 1]} session RSS < {RSS_GOAL}x base, p50 <= base, <= 1% disagreement"
     if tight["rss"] is None or tight["p50_s"] is None:
-        return what, None if not tight["note"] else False, tight["note"] or "not measured"
+        return what, False, tight["note"] or "not measured"
     rss, p50, dis = tight["rss"] / base["rss"], tight["p50_s"] / base["p50_s"], 1 - tight["agreement"]
     ok = rss < RSS_GOAL and p50 <= P50_GOAL and dis <= 0.01
     anon = (f" (anon RSS {tight['anon_rss'] / base['anon_rss']:.2f}x)"

@@ -49,7 +49,7 @@ from bench._common import (
     measure,
     quantize_dynamic_model,  # noqa: E402
 )
-from bench._compression_large import bench_large, memory_tight_check  # noqa: E402
+from bench._compression_large import bench_large, memory_tight_checks  # noqa: E402
 from toco_core.analysis.settings import AnalysisSettings  # noqa: E402
 from toco_core.compression.qdq_int8 import quantize_qdq_int8  # noqa: E402
 from toco_core.compression.storage import encode_model  # noqa: E402
@@ -251,7 +251,7 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                         f"p50 {hand['p50_s'] * 1e3:.2f} vs "
                         f"{base['p50_s'] * 1e3:.2f} ms{one}"))
     if "large" in results:
-        out.append(memory_tight_check(results["large"]))
+        out += memory_tight_checks(results["large"])
     for name, res in results.items():
         if res["trained"]:
             out += int8_file_checks(name, res)
