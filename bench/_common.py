@@ -20,7 +20,7 @@ from toco_core.analysis_result import AnalysisResult, load_result, save_result
 from toco_core.compression.pruning import magnitude_thresholds
 from toco_core.compression.storage import QuantizedTensor, encode_model
 from toco_core.fidelity import compare_outputs
-from toco_core.measure import p50_latency, session_rss
+from toco_core.measure import p50_latency, session_memory
 from toco_core.onnx_model import compressible_weights, model_bytes, model_hash, read_weights, with_weights
 from toco_core.runtime import run_model
 
@@ -31,7 +31,8 @@ PROFILES = ROOT / "deploy" / "profiles"
 _ANALYSIS_SOURCES = [*sorted((ROOT / "toco_core" / "analysis").rglob("*.py")),
                      *(ROOT / "toco_core" / f for f in ("tolerance.py", "tolerance_map.py", "calibration.py", "qbc.py",
                                                         "plan_table.py", "compression/nested.py",
-                                                        "compression/bias_correction.py"))]
+                                                        "compression/bias_correction.py",
+                                                        "compression/qdq_int8.py"))]  # the int8 curve
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on every call
 
 
@@ -43,6 +44,7 @@ class Row:
     file_bytes: int | None = None
     transfer_bytes: int | None = None
     rss: int | None = None
+    anon_rss: int | None = None  # the anonymous part of rss: the model's own, without onnxruntime's code pages
     p50_s: float | None = None
     agreement: float | None = None
     accuracy: float | None = None
@@ -192,14 +194,16 @@ def magnitude_uniform(base: onnx.ModelProto, target: int, x: np.ndarray, base_ou
 
 def measure(row: Row, model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, base_out: np.ndarray,
             runs: int = 200, rss: bool = True) -> Row:
-    """Fill the file size, session RSS, p50 at batch 1 and held-out agreement/accuracy of a row.
+    """Fill the file size, session RSS (and its anonymous part), p50 at batch 1 and held-out
+    agreement/accuracy of a row.
 
     p50 is the best of three medians: the 2 cores are shared, and a busy neighbour only ever
     makes a run slower, so the minimum is the steadiest estimate of the model's own speed.
     """
     data = model_bytes(model)
     row.file_bytes = len(data)
-    row.rss = session_rss(data, (1, *x.shape[1:])) if rss else None
+    mem = session_memory(data, (1, *x.shape[1:])) if rss else None
+    row.rss, row.anon_rss = (mem.rss, mem.anon) if mem is not None else (None, None)
     row.p50_s = min(p50_latency(data, x[:1], runs=runs) for _ in range(3))
     fid = compare_outputs(base_out, run_model(data, x), y)
     row.agreement, row.accuracy = fid.agreement, fid.accuracy

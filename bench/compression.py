@@ -1,7 +1,7 @@
 """Compression benchmark: TOCO's device-aware recompression against onnxruntime's quantizers and
 magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN.
 
-    .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp] [--reanalyze] [--heldout-share S]
+    .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp,large] [--reanalyze] [--heldout-share S]
     .venv/bin/python bench/compression.py --variants [--reanalyze] [--skip-aside]
         [--heldout-share 0.75 --max-heldout 750]
 
@@ -28,7 +28,8 @@ split for the models' analyses (compression[-quick]-held<share>-<max>.json). --s
 aside variant out of an experiment's run so it stays unlooked-at.
 Fidelity is measured on the 1000 held-out digits (never seen by the analysis); the analyses
 are cached under bench/results/analysis-<model>/. --quick skips the 5M CNN and measures p50
-with fewer runs.
+with fewer runs. ``--models large`` (opt-in: its analysis takes minutes) adds the 224x224 grey conv
+classifier of bench/analysis.py with its memory-tight row (bench/_compression_large.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from bench._common import (
     measure,
     quantize_dynamic_model,  # noqa: E402
 )
+from bench._compression_large import bench_large, memory_tight_checks  # noqa: E402
 from toco_core.analysis.settings import AnalysisSettings  # noqa: E402
 from toco_core.compression.qdq_int8 import quantize_qdq_int8  # noqa: E402
 from toco_core.compression.storage import encode_model  # noqa: E402
@@ -69,12 +71,13 @@ from toco_core.recompress import build, recompress  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.units import format_size, parse_size  # noqa: E402
 
-console = Console(width=160)
+console = Console(width=200)
 MODELS = {  # name: (trained, analysis settings)
     "lenet5": (True, None),
     "mlp": (True, None),
     "wide_cnn": (False, AnalysisSettings(max_rounds=2)),
 }
+OPT_IN = ("large",)  # bench/_compression_large.py: only with --models
 BASELINES = ("ort quantize_dynamic", "ort quantize_static QDQ", "magnitude + uniform bits")
 SIZE_ROW = "TOCO size, budget 1%"
 
@@ -129,7 +132,13 @@ def baseline_rows(model, path, d, base_out, runs) -> list[Row]:
 def bench_model(name: str, d, here, runs: int, fresh: bool, split: AnalysisSettings | None = None,
                 suffix: str = "") -> dict:
     """All rows of one model plus the TOCO reports; prints its table. ``split`` (calibration_split) replaces
-    the model's held-out share and cap; its analysis is cached under the model's name + ``suffix``."""
+    the model's held-out share and cap; its analysis is cached under the model's name + ``suffix``
+    (not for ``large``, whose analysis keeps bench/analysis.py's settings)."""
+    if name == "large":
+        res = bench_large(here, runs, fresh, baseline_rows, toco_row)
+        print_table(name, [Row(**r) for r in res["rows"]], res["weights"], True, res["analysis_cached"],
+                    res["analysis_s"])
+        return res
     trained, settings = MODELS[name]
     if split is not None:
         settings = (settings or AnalysisSettings()).model_copy(
@@ -178,14 +187,20 @@ def print_table(name: str, rows: list[Row], weights: int, trained: bool, hit: bo
     base = rows[0].file_bytes
     assert base is not None  # the fp32 row has its file
     note = "" if trained else " - random init: agreement/accuracy are not meaningful"
-    t = Table(title=f"{name}: {weights:,} weights, analysis {'cached' if hit else f'{analysis_s:.0f} s'}{note}")
-    for col in ("method", "file", "transfer", "vs fp32", "session RSS", "p50 ms", "agree", "accuracy", "time s",
-                "plan / note"):
+    t = Table(title=f"{name}: {weights:,} weights, analysis {'cached' if hit else f'{analysis_s:.0f} s'}{note}",
+              caption="runnable file: the ONNX file onnxruntime runs; storage / transfer: the row's integer codes "
+                      "through TOCO's coder (TOCO: its storage form; fp32: the plain file); session RSS: RSS growth "
+                      "of a fresh process creating the session and running one batch-1 input; anon RSS: its "
+                      "anonymous part (without onnxruntime's ~14 MB of file-backed code pages); p50: batch 1, best of "
+                      "3 medians; agree: top-1 agreement with the fp32 model on held-out inputs")
+    for col in ("method", "runnable file", "storage / transfer", "fp32 file / transfer", "session RSS",
+                "anon RSS", "p50 ms", "agree", "accuracy", "time s", "plan / note"):
         t.add_column(col, justify="left" if col in ("method", "plan / note") else "right")
     for r in rows:
         ratio = f"{base / r.transfer_bytes:.1f}x" if r.transfer_bytes else "-"
         t.add_row(r.name, _fmt(r.file_bytes, "size"), _fmt(r.transfer_bytes, "size"), ratio, _fmt(r.rss, "size"),
-                  _fmt(r.p50_s, "ms"), _fmt(r.agreement, "pct"), _fmt(r.accuracy, "pct"), _fmt(r.seconds, "s"), r.note)
+                  _fmt(r.anon_rss, "size"), _fmt(r.p50_s, "ms"), _fmt(r.agreement, "pct"), _fmt(r.accuracy, "pct"),
+                  _fmt(r.seconds, "s"), r.note)
     console.print(t)
 
 
@@ -248,6 +263,11 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
                         f"RSS {format_size(hand['rss'])} vs {format_size(base['rss'])}, "
                         f"p50 {hand['p50_s'] * 1e3:.2f} vs "
                         f"{base['p50_s'] * 1e3:.2f} ms{one}"))
+    if "large" in results:
+        out += memory_tight_checks(results["large"])
+    for name, res in results.items():
+        if res["trained"]:
+            out += int8_file_checks(name, res)
     for name, res in results.items():
         # "1M parameters under 2 s": a model up to 1M weights gets 2 s, a larger one 2 s per 1M
         # (dividing a 61k-weight model's fixed session start-up by 0.06 would measure start-up, not size)
@@ -259,6 +279,33 @@ def checks(results: dict) -> list[tuple[str, bool | None, str]]:
             worst = max(times)
             out.append((f"{name}: recompression of {millions:.2f}M weights < {allowed:.1f} s", worst[0] < allowed,
                         f"worst {worst[0]:.2f} s = {worst[0] / millions:.2f} s/M (build alone {worst[1]:.2f} s)"))
+    return out
+
+
+INT8_BASELINES = BASELINES[:2]  # onnxruntime's int8 files
+
+
+def int8_file_checks(name: str, res: dict) -> list[tuple[str, bool | None, str]]:
+    """Per onnxruntime int8 baseline: is a TOCO row served in int8 no larger (runnable file) at equal or
+    better held-out agreement (within AGREE_TIE)? None when no TOCO row ran int8."""
+    rows = _rows(res)
+    int8 = [r for r in rows.values() if r["name"].startswith("TOCO") and r["file_bytes"]
+            and res["toco"].get(r["name"], {}).get("report", {}).get("plan", {}).get("runtime") == "int8"]
+    out: list[tuple[str, bool | None, str]] = []
+    for b in INT8_BASELINES:
+        br = rows.get(b)
+        if not br or br["file_bytes"] is None:
+            continue
+        what = f"{name}: TOCO int8 runnable file <= {b} file at equal or better agreement"
+        if not int8:
+            out.append((what, None, f"no TOCO row ran int8 ({b}: {format_size(br['file_bytes'])}, "
+                                    f"{br['agreement']:.1%})"))
+            continue
+        ok = [t for t in int8 if t["file_bytes"] <= br["file_bytes"] and t["agreement"] >= br["agreement"] - AGREE_TIE]
+        best = min(ok or int8, key=lambda t: t["file_bytes"])
+        out.append((what, bool(ok), f"{best['name']} {format_size(best['file_bytes'])} / {best['agreement']:.1%} "
+                                    f"vs {format_size(br['file_bytes'])} / {br['agreement']:.1%} "
+                                    "(runnable file / agreement)"))
     return out
 
 
@@ -418,7 +465,7 @@ def main() -> None:
     """Parse the options, run every model, print the checks, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the 5M CNN, fewer latency runs")
-    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join((*MODELS, *OPT_IN)))
     ap.add_argument("--reanalyze", action="store_true", help="ignore the cached analyses")
     ap.add_argument("--variants", action="store_true",
                     help="the 5 LeNet-5 variants' size plans instead of the models (see the module doc)")

@@ -1,16 +1,21 @@
 """Measure a model on this box: p50 latency at batch 1 and session memory (in a child process).
 
 Run as ``python -m toco_core.measure FILE`` it prints the RSS growth of creating a session
-and running it once, in bytes: a clean process so nothing else is counted.
+and running it once, in bytes: a clean process so nothing else is counted. The line before it
+splits that growth into anonymous memory (the model's own: weights, packed copies, arena, heap
+glibc keeps) and file-backed pages (onnxruntime's library code the first session and run page in,
+about the same ~13-14 MB for every model on this box, and shared with every process that loaded it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +44,33 @@ def p50_latency(model: onnx.ModelProto | bytes, x1: Batch, threads: int = 0, run
     return float(np.median(times))
 
 
+@dataclass(frozen=True)
+class SessionMemory:
+    """Growth of a fresh process' memory from creating a session and running it once, bytes.
+
+    ``rss``: resident set (what session_rss returns); ``anon``: its anonymous part (RssAnon: the
+    model's weights, packed copies, arena and heap); ``file``: file-backed pages (RssFile: mostly
+    onnxruntime's code, paged in by any model's first session and run). rss = anon + file (+ shmem).
+    """
+
+    rss: int
+    anon: int | None  # None: the kernel does not split RSS (no RssAnon in /proc/self/status)
+    file: int | None
+
+
 def session_rss(model_bytes: bytes, input_shape: tuple[int, ...] | dict[str, tuple[int, ...]]) -> int | None:
     """RSS growth (bytes) of loading and running the model once in a fresh process; None on failure.
 
     ``input_shape``: the first input's shape, or the shape per input name (toco_core.model_inputs.shapes).
     """
+    mem = session_memory(model_bytes, input_shape)
+    return None if mem is None else mem.rss
+
+
+def session_memory(model_bytes: bytes, input_shape: tuple[int, ...] | dict[str, tuple[int, ...]]
+                   ) -> SessionMemory | None:
+    """session_rss split into its anonymous and file-backed parts (SessionMemory); None on failure
+    (the child could not load or run the model)."""
     shapes = input_shape if isinstance(input_shape, dict) else {"": input_shape}
     with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
         f.write(model_bytes)
@@ -52,9 +79,21 @@ def session_rss(model_bytes: bytes, input_shape: tuple[int, ...] | dict[str, tup
                                json.dumps({k: [int(d) for d in v] for k, v in shapes.items()})],
                               capture_output=True, text=True, timeout=120)
     try:
-        return int(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        *_, split, rss = proc.stdout.strip().splitlines()
+        parts = json.loads(split)
+        anon, file = parts["anon"], parts["file"]
+        return SessionMemory(int(rss), None if anon is None else int(anon), None if file is None else int(file))
+    except (ValueError, KeyError, TypeError):  # no output (the child failed), or a line that is not ours
         return None
+
+
+def _status_kib() -> dict[str, int]:
+    # RssAnon / RssFile of this process, bytes (Linux >= 4.5); {} where the kernel has no such split
+    try:
+        with open("/proc/self/status") as fh:
+            return {m[1]: int(m[2]) * 1024 for line in fh if (m := re.match(r"(RssAnon|RssFile):\s+(\d+)", line))}
+    except OSError:
+        return {}
 
 
 def _child(path: str, shapes: str) -> None:
@@ -62,7 +101,7 @@ def _child(path: str, shapes: str) -> None:
 
     proc = psutil.Process()
     data = Path(path).read_bytes()
-    before = proc.memory_info().rss
+    before, split_before = proc.memory_info().rss, _status_kib()
     sess = make_session(data, 1)
     wanted = json.loads(shapes)
     rng = np.random.default_rng(0)
@@ -70,7 +109,10 @@ def _child(path: str, shapes: str) -> None:
     feeds = {inp.name: rng.integers(0, 2, wanted.get(inp.name, wanted.get("", []))).astype(input_dtype(inp))
              for inp in sess.get_inputs()}
     sess.run(None, feeds)
-    print(proc.memory_info().rss - before)
+    after = _status_kib()
+    grew = {k: after[k] - split_before[k] if k in after and k in split_before else None for k in ("RssAnon", "RssFile")}
+    print(json.dumps({"anon": grew["RssAnon"], "file": grew["RssFile"]}))
+    print(proc.memory_info().rss - before)  # last: the line session_rss reads
 
 
 if __name__ == "__main__":
