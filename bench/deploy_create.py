@@ -16,7 +16,8 @@ broker's in-flight window to a server, each batch one transaction as the ingest 
 toco_core extracted to a temp dir, with this tree's tests/ for the seeding), so a before/after comes from one run.
 
 Run: ``.venv/bin/python bench/deploy_create.py`` (``--devices 500,2000``, ``--no-postgres``,
-``--against main``, ``--statuses``).
+``--against main``, ``--statuses``, ``--progress K``: K ``downloading`` statuses per device first, as an agent
+reports its fetch).
 """
 
 from __future__ import annotations
@@ -36,32 +37,35 @@ REPO = Path(__file__).resolve().parents[1]
 TREES = ["fleet_server", "toco_core"]  # REV's code; the seeding helpers (tests/) are this tree's
 
 
-def _statuses(server, deployment_id: str, bundle_id: str, device_ids: list[str]) -> float:
-    """Seconds to ingest an ``active`` status from every device, 32 to a transaction, as the ingest does."""
+def _statuses(server, deployment_id: str, bundle_id: str, device_ids: list[str], progress: int) -> float:
+    """Seconds to ingest ``progress`` ``downloading`` statuses and then an ``active`` one from every device, 32
+    to a transaction, as the ingest does (each round of statuses goes through every device before the next)."""
     from sqlalchemy import select
 
     from fleet_server.db import DeviceRow
     from fleet_server.deployment_rules import lock_deployments
     from toco_core.messages import StatusMessage
 
+    phases = [("downloading", (k + 1) / (progress + 1)) for k in range(progress)] + [("active", None)]
     t = time.perf_counter()
-    for i in range(0, len(device_ids), 32):
-        after: list = []
-        with server.db.session(write=True) as s:
-            lock_deployments(s, [deployment_id])
-            batch = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(device_ids[i:i + 32]))
-                              .order_by(DeviceRow.id)).all()
-            for d in batch:
-                with s.begin_nested():
-                    server.deployments.on_status(s, d, StatusMessage(device_id=d.id, phase="active",
-                                                                     deployment_id=deployment_id,
-                                                                     bundle_id=bundle_id), after)
-        for fn in after:
-            fn()
+    for phase, share in phases:
+        for i in range(0, len(device_ids), 32):
+            after: list = []
+            with server.db.session(write=True) as s:
+                lock_deployments(s, [deployment_id])
+                batch = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(device_ids[i:i + 32]))
+                                  .order_by(DeviceRow.id)).all()
+                for d in batch:
+                    with s.begin_nested():
+                        server.deployments.on_status(s, d, StatusMessage(device_id=d.id, phase=phase, progress=share,
+                                                                         deployment_id=deployment_id,
+                                                                         bundle_id=bundle_id), after)
+            for fn in after:
+                fn()
     return time.perf_counter() - t
 
 
-def measure(backend: str, db_url: str | None, n: int, broker_url: str, statuses: bool) -> dict:
+def measure(backend: str, db_url: str | None, n: int, broker_url: str, statuses: bool, progress: int = 0) -> dict:
     """One fresh server with ``n`` devices; times ``create`` (and the statuses). Returns the table row's fields."""
     from sqlalchemy import event
 
@@ -103,7 +107,7 @@ def measure(backend: str, db_url: str | None, n: int, broker_url: str, statuses:
                    "commands": sent[0], "in_progress": dep["counts"]["in_progress"], "statuses_s": None}
             if statuses:
                 row["statuses_s"] = _statuses(server, dep["deployment_id"], dep["bundle_id"],
-                                              [d["device_id"] for d in dep["devices"]])
+                                              [d["device_id"] for d in dep["devices"]], progress)
                 final = server.deployments.get(deployment_id=dep["deployment_id"])
                 assert final["counts"]["succeeded"] == n and final["stage"] == "done", final["counts"]
             return row
@@ -128,7 +132,7 @@ def child(args) -> None:
         for backend, _ in backends:
             for k, n in enumerate(args.devices):
                 url = cluster.create_database(f"deploy{k}") if backend == "postgresql" else None
-                row = measure(backend, url, n, broker.url, args.statuses)
+                row = measure(backend, url, n, broker.url, args.statuses, args.progress)
                 print(json.dumps(row), flush=True)
 
 
@@ -136,6 +140,7 @@ def run_child(code: Path, label: str, args) -> list[dict]:
     """Run the measurement in a child interpreter importing the project from ``code``; its rows, labelled."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--devices", ",".join(map(str, args.devices))]
     argv += ["--no-postgres"] * args.no_postgres + ["--statuses"] * args.statuses
+    argv += ["--progress", str(args.progress)] if args.progress else []
     out = subprocess.run(argv, cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, check=True,
                          stdout=subprocess.PIPE, text=True).stdout
     return [{"code": label, **json.loads(line)} for line in out.splitlines() if line.startswith("{")]
@@ -148,6 +153,8 @@ def main() -> None:
                     help="comma-separated group sizes (default 2000)")
     ap.add_argument("--no-postgres", action="store_true", help="SQLite only")
     ap.add_argument("--statuses", action="store_true", help="also time an active status from every device")
+    ap.add_argument("--progress", type=int, default=0, metavar="K",
+                    help="with --statuses: K downloading statuses from every device before its active one")
     ap.add_argument("--against", metavar="REV", help="measure git revision REV's code first (before/after)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -152,6 +152,11 @@ def after_change(ctx: WaveContext, s, deployment_id: str, after: list[Callable[[
     """
     advance(ctx, s, s.get(DeploymentRow, deployment_id))
     s.flush()
+    publish_view_after(ctx, deployment_id, after)
+
+
+def publish_view_after(ctx: WaveContext, deployment_id: str, after: list[Callable[[], None]]) -> None:
+    """Add a PublishView of the deployment to the transaction's ``after`` list unless one is there. Returns None."""
     # one "deployment" event per deployment and transaction, its view read once committed: a view of
     # every member built for every status message made a large deployment's statuses quadratic
     if not any(isinstance(fn, PublishView) and fn.deployment_id == deployment_id for fn in after):

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-import fleet_server.server
+import fleet_server.serve_process
 from fleet_server.cli import app
 from fleet_server.config import load_settings
 from toco_core.errors import ConfigError
@@ -56,7 +56,7 @@ def test_bad_config_files_are_refused(config, tmp_path):
 
 def test_serve_flags_reach_the_server(config, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(fleet_server.server, "serve", lambda settings: seen.setdefault("s", settings))
+    monkeypatch.setattr(fleet_server.serve_process, "serve", lambda settings: seen.setdefault("s", settings))
     other = tmp_path / "other.password"
     other.write_text("from-the-flag\n")
     monkeypatch.setenv("TOCO_FLEET_MQTT_PASSWORD", "from-the-env")  # the flag's file still wins
