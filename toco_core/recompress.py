@@ -239,6 +239,19 @@ def fitting_after_overshoot(plans: list[CompressionPlan], predicted: int, measur
     return [p for p in plans if p.predicted_storage * ratio <= limit]
 
 
+def fitting_after_memory_miss(plans: list[CompressionPlan], predicted: int, measured: int,
+                              limit: int) -> list[CompressionPlan]:
+    """The plans still expected to fit the memory limit once a built model's session RSS missed it.
+
+    The miss is carried over as an offset, not a ratio: most of a session's RSS is onnxruntime's own
+    code and arena, the same for every plan of a model (docs/analysis.md), so a plan predicted at P
+    is expected at P + (measured - predicted). What remains is therefore lighter, i.e. more pruned,
+    than the plan that missed: P + measured - predicted <= limit. Returns them in the original order.
+    """
+    offset = measured - predicted
+    return [p for p in plans if p.predicted_memory + offset <= limit]
+
+
 def recompress(
     model: onnx.ModelProto | WeightSource,
     result: AnalysisResult,
@@ -300,6 +313,9 @@ def recompress(
             plans = less_aggressive(plans, plan)
         elif len(built.storage) > ctx.storage:
             plans = fitting_after_overshoot(plans, plan.predicted_storage, len(built.storage), ctx.storage)
+        elif rss is not None and rss > ctx.memory:
+            # stepping down the ranking would try gentler plans, heavier than the one that missed
+            plans = fitting_after_memory_miss(plans, plan.predicted_memory, rss, ctx.memory)
         else:
             plans = plans[1:]
         plans = [p for p in plans if p != plan]

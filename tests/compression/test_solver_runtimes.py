@@ -10,7 +10,7 @@ from toco_core.measure import session_rss
 from toco_core.onnx_model import compressible_weights, model_bytes
 from toco_core.plan import Policy
 from toco_core.probe import probe_device
-from toco_core.recompress import build, fitting_after_overshoot, recompress
+from toco_core.recompress import build, fitting_after_memory_miss, fitting_after_overshoot, recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import enumerate_plans, feasible_plans, plans_for
@@ -123,3 +123,20 @@ def test_after_a_storage_overshoot_only_plans_that_fit_with_the_real_coder_cost_
     assert left and len(left) < len(within)
     assert all(p.predicted_storage * 1.1 <= limit for p in left)
     assert left == [p for p in within if p in left]  # order (the objective's ranking) kept
+
+
+def test_after_a_session_rss_miss_only_lighter_plans_that_fit_with_the_offset_remain(lenet5, lenet5_analysis):
+    plans = _plans(lenet5, lenet5_analysis)
+    by_memory = sorted({p.predicted_memory for p in plans})
+    assert len(by_memory) >= 3, "the LeNet-5 plans differ in predicted memory"
+    missed = next(p for p in plans if p.predicted_memory == by_memory[len(by_memory) // 2])
+    limit = missed.predicted_memory + 1000
+    within = [p for p in plans if p.predicted_memory <= limit]
+    # the plan measured over its prediction by onnxruntime's share, the same for every plan
+    offset = (missed.predicted_memory - by_memory[0]) // 2 + 1000
+    left = fitting_after_memory_miss(within, missed.predicted_memory, missed.predicted_memory + offset, limit)
+    assert left and len(left) < len(within) and missed not in left
+    assert all(p.predicted_memory + offset <= limit and p.predicted_memory < missed.predicted_memory for p in left)
+    assert left == [p for p in within if p in left]  # order (the objective's ranking) kept
+    # a miss with nothing lighter left leaves no plan: the search ends with the RSS in its message
+    assert fitting_after_memory_miss(within, by_memory[0], limit + 1, limit) == []
