@@ -23,7 +23,7 @@ STEPS = ("server up", "analysed", "regression metric", "agents online", "deploye
 def test_sensor_scenario_deploys_a_regression_model_and_sees_the_sensor_fault(tmp_path):
     proc = run_demo_until_up_then_kill(tmp_path, "--scenario", "sensors", "--http-port", str(free_port()))
     # SIGTERM after "press Ctrl-C to stop": the demo stops its agents and server, says so, exits 130
-    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 130 and "interrupted" in proc.stderr, proc.stdout[-4000:] + proc.stderr[-8000:]
     assert "the fleet keeps running; press Ctrl-C to stop" in proc.stdout
     out = proc.stdout
     for step in STEPS:

@@ -13,8 +13,13 @@ until Ctrl-C (``--once`` exits).
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import os
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +38,30 @@ if TYPE_CHECKING:
 DRIFT = {"window_max_samples": 64, "window_min_samples": 32, "window_seconds": 20.0, "shadow_fraction": 0.5,
          "consecutive_windows": 2}
 SCENARIOS = ("digits", "sensors")
+STOP_WITHIN_S = 90.0  # every part's own bound added up (agents 25 s at once, traffic, HTTP, server) and a margin
+
+
+@contextlib.contextmanager
+def stop_within(workdir: Path, seconds: float) -> Iterator[None]:
+    """Bounds the clean-up in the ``with`` block: past ``seconds`` the process leaves (exit 1) with one line on
+    stderr naming a file with every thread's stack (workdir/stop-overdue.txt), instead of hanging a user's
+    terminal or a CI job. The agents end with it (they get SIGTERM when their parent dies).
+    """
+    def overdue() -> None:
+        path = workdir / "stop-overdue.txt"
+        with open(path, "w") as f:
+            faulthandler.dump_traceback(f, all_threads=True)
+        print(f"error: stopping the agents and the server took over {seconds:.0f} s; left without the rest of the "
+              f"clean-up (where each thread was: {path})", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, overdue)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @app.command()
@@ -102,7 +131,7 @@ def demo(
     finally:
         for t in traffic.values():
             t.stop()
-        with console.status("stopping the agents and the server"):
+        with console.status("stopping the agents and the server"), stop_within(workdir, STOP_WITHIN_S):
             fleet.stop()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import io
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from fleet_server.server import FleetServer, HttpThread
 
 FLEET = "demo"
+log = logging.getLogger("toco.demo.fleet")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -157,13 +159,20 @@ class AgentProcess:
         r.raise_for_status()
         return r.json()
 
-    def stop(self) -> int | None:
-        """SIGTERM, wait for the clean shutdown (kill after 20 s). Returns the exit code."""
+    def terminate(self) -> None:
+        """SIGTERM (the daemon starts its clean shutdown); ``stop`` then waits for it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait for the clean shutdown (kill after 20 s). Returns the exit code."""
+        self.terminate()
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
+                log.warning("agent did not stop within 20 s; killed", extra={"fields": {
+                    "device": self.device.device_id, "log": str(self.log_path)}})
                 self.proc.kill()
                 self.proc.wait(5)
         if self._log is not None:
@@ -241,6 +250,8 @@ class DemoFleet:
 
     def stop(self) -> None:
         """Agents first (they publish offline), then the HTTP server and the fleet server."""
+        for agent in self.agents.values():  # all at once: each may take its current job's time to end
+            agent.terminate()
         for agent in self.agents.values():
             agent.stop()
         if self.api is not None:
