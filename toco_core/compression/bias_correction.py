@@ -76,8 +76,11 @@ def biased_layers(model: onnx.ModelProto, infos: list[WeightInfo]) -> list[Biase
 
 
 def _channel_sums(y: np.ndarray) -> np.ndarray:
-    """Sum of an (N, C, ...) output over everything but the channel axis, in float64."""
-    result: np.ndarray = np.moveaxis(y, 1, 0).reshape(y.shape[1], -1).sum(axis=1, dtype=np.float64)
+    """Sum of an (N, C, ...) output over everything but the channel axis, in float64.
+
+    Reduced in place over the other axes: moving the channels first made a copy of every layer
+    output of every batch, a fifth of a LeNet-5 correction pass (measured 6.6 of 25 ms)."""
+    result: np.ndarray = y.sum(axis=(0, *range(2, y.ndim)), dtype=np.float64)
     return result
 
 
