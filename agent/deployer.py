@@ -44,6 +44,7 @@ from toco_core.drift import DriftReference
 from toco_core.errors import ModelError, TocoError
 from toco_core.messages import BundleManifest, FailureReason, Phase, PlanSummary
 from toco_core.plan import Policy
+from toco_core.progress_reports import ProgressReports
 from toco_core.runtime import input_dtype, make_session
 
 log = logging.getLogger("toco.agent.deploy")
@@ -273,12 +274,11 @@ class Deployer:
                             "send the recompress from the fleet server (toco-fleet / the API): the daemon fetches them")
         wanted = sum(sizes.get(n, 0) for n in missing)
         self.report(Phase.DOWNLOADING, journal, progress=0.0, detail=f"fetching {', '.join(missing)} ({wanted} bytes)")
-        last = [0.0]
+        reports = ProgressReports(time.monotonic())
 
         def progress(here: int, total: int) -> None:
             share = here / max(total, 1)
-            if share - last[0] >= 0.1 and share < 1:
-                last[0] = share
+            if reports.due(share, time.monotonic()):
                 self.report(Phase.DOWNLOADING, journal, progress=share)
 
         try:

@@ -44,6 +44,7 @@ from toco_core.messages import (
     encode,
     parse_message,
 )
+from toco_core.progress_reports import ProgressReports
 from toco_core.topics import DELIVERY, Topics
 
 FLEET = "bench"
@@ -210,9 +211,9 @@ class SimDevice:
     async def _deploy(self, cmd: DeployCommand) -> None:
         """As an agent fetching a whole parts bundle but its optional fp32 part: ranges of its own on its part
         topic, subscribed at QoS 0 as the agent does, with the agent's window and re-request rule
-        (bench._fleet_sim_fetch) and its downloading status every tenth of the bytes; then received -> downloading
-        -> verified -> self_test -> active, or failed (transfer_stalled) as the agent reports a fetch that got no
-        frame through all its re-requests."""
+        (bench._fleet_sim_fetch) and its downloading statuses at the agent's cadence (toco_core.progress_reports);
+        then received -> downloading -> verified -> self_test -> active, or failed (transfer_stalled) as the agent
+        reports a fetch that got no frame through all its re-requests."""
         self._status(cmd, "received")
         if self.client is None:
             return
@@ -226,14 +227,13 @@ class SimDevice:
             self.got_parts.clear()
             fetch = self.fetch = SimFetch(self.manifest, self._ask(cmd.bundle_id), loop.time())
             fetch.pump()
-            reported = 0.0
+            reports = ProgressReports(loop.time())
             while not fetch.done and not fetch.stalled:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self.got_parts.wait(), 1.0)  # the agent's watch period
                 fetch.tick(loop.time())
                 share = fetch.received / fetch.want
-                if share - reported >= 0.1 and share < 1:  # agent.deployer reports every tenth of the fetch
-                    reported = share
+                if reports.due(share, loop.time()):  # as agent.deployer reports its fetch
                     self._status(cmd, "downloading", progress=share)
             self.stats.part_rerequests += fetch.rerequested
             self.stats.part_bytes += fetch.received
