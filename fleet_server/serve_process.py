@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import signal
 import threading
 
 from fleet_server.config import FleetSettings
 from fleet_server.server import FleetServer
+from toco_core.stop_deadline import exit_if_stuck
 
 log = logging.getLogger("toco.fleet.server")
 
@@ -34,20 +34,12 @@ SHUTDOWN_GRACE_S = 2  # uvicorn's wait for open requests (event streams) on SIGT
 STOP_DEADLINE_S = 8.0  # the whole stop; past it the process ends regardless (its supervisor expects it to)
 
 
-def _exit_if_stuck(deadline_s: float) -> None:
-    """A last resort for the stop: if the process is still running ``deadline_s`` seconds from now (a part that
-    ignored its own bound, a non-daemon thread of a library), log it and end the process with status 1."""
-
-    def stuck() -> None:
-        names = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
-        log.error("the server did not stop in time; exiting now", extra={"fields": {
-            "deadline_s": deadline_s, "threads": names[:20]}})
-        logging.shutdown()
-        os._exit(1)
-
-    timer = threading.Timer(deadline_s, stuck)
-    timer.daemon = True
-    timer.start()
+def _report_stuck() -> None:
+    """What the stop's deadline says before it ends the process: the threads still running."""
+    names = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+    log.error("the server did not stop in time; exiting now", extra={"fields": {
+        "deadline_s": STOP_DEADLINE_S, "threads": names[:20]}})
+    logging.shutdown()
 
 
 def serve(settings: FleetSettings) -> None:
@@ -76,5 +68,5 @@ def serve(settings: FleetSettings) -> None:
         Http(uvicorn.Config(app, host=settings.http_host, port=settings.http_port, log_level="warning",
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
     finally:
-        _exit_if_stuck(STOP_DEADLINE_S)
+        exit_if_stuck(STOP_DEADLINE_S, _report_stuck)
         server.stop()

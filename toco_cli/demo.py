@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import os
 import signal
 import sys
 import threading
@@ -29,6 +28,7 @@ from toco_cli.main import app
 from toco_core.cli_support import cli_errors, console
 from toco_core.errors import ConfigError
 from toco_core.log_format import configure_logging
+from toco_core.stop_deadline import exit_if_stuck
 
 if TYPE_CHECKING:
     from toco_cli.demo_fleet import DemoFleet
@@ -53,11 +53,8 @@ def stop_within(workdir: Path, seconds: float) -> Iterator[None]:
             faulthandler.dump_traceback(f, all_threads=True)
         print(f"error: stopping the agents and the server took over {seconds:.0f} s; left without the rest of the "
               f"clean-up (where each thread was: {path})", file=sys.stderr, flush=True)
-        os._exit(1)
 
-    timer = threading.Timer(seconds, overdue)
-    timer.daemon = True
-    timer.start()
+    timer = exit_if_stuck(seconds, overdue)
     try:
         yield
     finally:

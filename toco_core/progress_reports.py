@@ -9,7 +9,7 @@ statuses, not the bytes, kept the deployment from completing (docs/topology.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 STEP = 0.25  # a report per quarter of the bytes at most ...
 MIN_GAP_S = 10.0  # ... and not within 10 s of the previous one
@@ -20,12 +20,8 @@ KEEPALIVE_S = 30.0  # a slow fetch that moved at all says so every 30 s, well in
 class ProgressReports:
     """The progress reports of one fetch: ``due`` says when the next one goes out."""
 
-    started: float  # monotonic s: the fetch's own `downloading` status (progress 0) went out then
+    last_t: float  # monotonic s of the last report; at first the fetch's own `downloading` (progress 0)
     last_share: float = 0.0
-    last_t: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.last_t = self.started
 
     def due(self, share: float, now: float) -> bool:
         """Whether a progress status for ``share`` (received / wanted bytes, 0..1) at ``now`` (monotonic s)
