@@ -8,6 +8,8 @@ and signals).
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import logging
 import signal
 import sys
 import threading
@@ -17,6 +19,30 @@ from agent.config import load_config
 from agent.daemon import Agent
 from toco_core.errors import TocoError
 from toco_core.log_format import configure_logging
+from toco_core.stop_deadline import exit_if_stuck
+
+# Under systemd's TimeoutStopSec (30 s, deploy/systemd/toco-agent.service) and the demo's 25 s wait: a
+# stop stuck in one of its parts ends with every thread's stack in the agent's log, not a bare SIGKILL.
+STOP_DEADLINE_S = 20.0
+
+
+def _report_stuck_stop() -> None:
+    """What the stop's deadline leaves in the log before the process ends: where each thread was."""
+    logging.getLogger("toco.agent").error("the agent did not stop within %.0f s of the signal; exiting now "
+                                          "(every thread's stack follows)", STOP_DEADLINE_S)
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    logging.shutdown()
+
+
+def _stop_on_signal(stop: threading.Event) -> None:
+    """SIGTERM or SIGINT sets ``stop`` (the daemon's clean shutdown) and arms the stop's deadline once."""
+    def handler(*_: object) -> None:
+        if not stop.is_set():
+            exit_if_stuck(STOP_DEADLINE_S, _report_stuck_stop)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         configure_logging(cfg.log_verbosity if args.verbose is None else args.verbose)
         stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+        _stop_on_signal(stop)
         Agent(cfg).run_until(stop)
     except TocoError as exc:
         print(f"error: {exc}", file=sys.stderr)

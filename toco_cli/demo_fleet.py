@@ -165,13 +165,14 @@ class AgentProcess:
             self.proc.terminate()
 
     def stop(self) -> int | None:
-        """SIGTERM, wait for the clean shutdown (kill after 20 s). Returns the exit code."""
+        """SIGTERM, wait for the clean shutdown (kill after 25 s: the agent's own stop deadline,
+        agent.run.STOP_DEADLINE_S, logs its threads' stacks at 20 s). Returns the exit code."""
         self.terminate()
         if self.proc is not None and self.proc.poll() is None:
             try:
-                self.proc.wait(20)
+                self.proc.wait(25)
             except subprocess.TimeoutExpired:
-                log.warning("agent did not stop within 20 s; killed", extra={"fields": {
+                log.warning("agent did not stop within 25 s; killed", extra={"fields": {
                     "device": self.device.device_id, "log": str(self.log_path)}})
                 self.proc.kill()
                 self.proc.wait(5)

@@ -68,8 +68,14 @@ def _ensure_user() -> None:
     try:
         pwd.getpwnam(PG_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
-                       check=True, capture_output=True)
+        made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                               PG_USER], capture_output=True)
+        if made.returncode != 0:  # another test process may have made it meanwhile
+            try:
+                pwd.getpwnam(PG_USER)
+            except KeyError:
+                raise RuntimeError(f"cannot create the user {PG_USER} the PostgreSQL test clusters run as: "
+                                   f"{made.stderr.decode(errors='replace').strip()}") from None
 
 
 def _as_pg_user(argv: list[str], **kw) -> subprocess.CompletedProcess:
