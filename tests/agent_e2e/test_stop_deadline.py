@@ -16,7 +16,8 @@ def _signalled(code: str, seconds: float) -> subprocess.CompletedProcess:
     t0 = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=seconds)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err + f"\n[after {time.monotonic() - t0:.1f} s]")
+    took = f"\n[exited {time.monotonic() - t0:.1f} s after SIGTERM]"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err + took)
 
 
 def test_a_stop_stuck_past_the_deadline_exits_1_with_the_stacks_in_the_log():
