@@ -69,14 +69,19 @@ class CalibrationCurve(BaseModel):
 
 
 def _isotonic(x: list[float], y: list[float]) -> np.ndarray:
-    """Least-squares non-decreasing fit of y over x (pool-adjacent-violators, via scikit-learn).
+    """Least-squares non-decreasing fit of y over x (pool-adjacent-violators), one value per x.
 
+    Measurements at one x are pooled first (their mean, weighted by their count), as scikit-learn's
+    IsotonicRegression does; scipy's isotonic_regression then fits the pooled means (scipy.optimize
+    imports in a third of scikit-learn's 1.1 s, a cost every ``toco analyze`` paid).
     Unlike a running maximum it does not ride on the noisiest high measurement.
     """
-    from sklearn.isotonic import IsotonicRegression  # analysis side only
+    from scipy.optimize import isotonic_regression  # analysis side only
 
-    result: np.ndarray = IsotonicRegression(increasing=True).fit_transform(np.asarray(x, float), np.asarray(y, float))
-    return result
+    _, at, counts = np.unique(np.asarray(x, float), return_inverse=True, return_counts=True)
+    means = np.bincount(at, weights=np.asarray(y, float)) / counts
+    fit: np.ndarray = isotonic_regression(means, weights=counts.astype(float), increasing=True).x
+    return fit[at]
 
 
 def monotone(points: list[CurvePoint], key: str) -> list[CurvePoint]:
