@@ -16,8 +16,9 @@
    the table gives its compression ratio (base file / storage form) and its fidelity on held-out
    samples the analysis never saw, in the kind's own metric.
    Peak memory is the larger of the command's peak RSS (the kernel's high-water mark, VmHWM)
-   and the peak PSS summed over its process tree (polled every 50 ms; a summed RSS would count
-   the pages a forked child shares with its parent twice).
+   and the peak PSS summed over its process tree (polled every 0.5 s: each read walks the page
+   tables and slowed the command when taken every 50 ms; a summed RSS would count the pages a
+   forked child shares with its parent twice).
 2. Pruning at equal sparsity, no retraining, agreement with the base model on the 1000
    held-out digits the analysis never sees: tolerance pruning (the analysis' prune ranks,
    zero w_i where r_i <= s) vs global and layer-wise magnitude pruning, measured in the same
@@ -323,7 +324,7 @@ def timing_table(rows: list[dict]) -> Table:
     t = Table(title="toco analyze: wall time and peak memory (whole command, 2 cores)",
               caption="CPU s = user + sys of the command; load = 1-min load average when it started; "
                       "peak RSS = the command's own high-water mark (kernel VmHWM); peak PSS = proportional "
-                      "set size summed over its process tree (procs: the most processes seen), polled every 50 ms; "
+                      "set size summed over its process tree (procs: the most processes seen), polled every 0.5 s; "
                       "the goal applies to the larger of the two; MiB")
     for col in ("model", "weights", "pool", "wall s", "CPU s", "load", "peak RSS MiB", "peak PSS MiB (procs)",
                 "qbc / prune / calib s", "target", "pass/fail"):
