@@ -28,3 +28,18 @@ def test_session_rss_is_the_total_and_none_for_a_model_onnxruntime_cannot_load()
     rss = session_rss(demo_model("lenet5").read_bytes(), (1, 1, 28, 28))
     assert rss is not None and rss > 10 * MIB  # the session and its code pages, whatever the model
     assert session_memory(b"not a model", (1, 1, 28, 28)) is None
+
+
+def test_the_measuring_child_loads_onnxruntime_but_not_onnx():
+    """Every self-test starts the child (base, then each candidate): onnx with ml_dtypes was 0.9 of its 1.3 s."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy\nsys.argv = ['measure', sys.argv[1], '{\"\": [1, 1, 28, 28]}']\n"
+            "runpy.run_module('toco_core.measure', run_name='__main__')\n"
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'ml_dtypes', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(demo_model("lenet5"))], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    *_, rss, loaded = out.stdout.strip().splitlines()
+    assert int(rss) > 10 * MIB and loaded == "['onnxruntime']", out.stdout
