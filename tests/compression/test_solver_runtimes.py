@@ -140,3 +140,6 @@ def test_after_a_session_rss_miss_only_lighter_plans_that_fit_with_the_offset_re
     assert left == [p for p in within if p in left]  # order (the objective's ranking) kept
     # a miss with nothing lighter left leaves no plan: the search ends with the RSS in its message
     assert fitting_after_memory_miss(within, by_memory[0], limit + 1, limit) == []
+    # a miss so large that no plan is expected to fit still measures the lightest plan once
+    lightest = min(within, key=lambda p: p.predicted_memory)
+    assert fitting_after_memory_miss(within, missed.predicted_memory, 2 * limit, limit) == [lightest]
