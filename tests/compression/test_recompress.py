@@ -162,6 +162,11 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     assert flipped == point.disagreement  # the very model the curve point measured
     assert all(not np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(built.runnable).items())
     assert all(layer.bias_shift and layer.bias_shift > 0 for layer in built.layers)  # what the report shows
+    # built only to measure its memory (the anchors): the same weights, the base's biases
+    bare = build(lenet5, result, plan, correct_biases=False)
+    assert all(np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(bare.runnable).items())
+    assert all(np.array_equal(w, read_weights(built.runnable, infos)[k])
+               for k, w in read_weights(bare.runnable, infos).items())
 
     settings = {k: v for k, v in result.manifest.settings.items() if k != "bias_correction"}
     older = dataclasses.replace(result, manifest=result.manifest.model_copy(update={"settings": settings}))
@@ -169,3 +174,13 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     plain = build(lenet5, older, plan)
     assert all(np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(plain.runnable).items())
     assert all(layer.bias_shift is None for layer in plain.layers)
+
+
+def test_recompress_builds_what_build_builds(lenet5, lenet5_analysis, here):
+    """recompress measures the base's bias-correction means once for all its builds: the model it
+    returns is the one build() makes of its plan alone, biases and weights alike."""
+    from toco_core.recompress import build
+
+    built, report = recompress(lenet5, lenet5_analysis, here, Policy(objective="size"))
+    again = build(lenet5, lenet5_analysis, report.plan)
+    assert model_bytes(built.runnable) == model_bytes(again.runnable)
