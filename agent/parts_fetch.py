@@ -11,7 +11,8 @@ missing; parts already verified are never asked for again (a roomier plan later 
 the parts it adds).
 
 A part is checked when its last range arrives: a SHA-256 or size other than the manifest's
-deletes it and asks again, at most ``max_retries`` times (then ``corrupt_chunk``). The ranges in
+deletes it and asks again at once, at most ``max_retries`` times (then ``corrupt_chunk``), marking
+those requests ``refetch`` so the server does not take them for duplicates of what it just sent. The ranges in
 flight are asked for again only once no frame at all has arrived for ``request_timeout`` (a busy
 server that is still streaming answers is not asked twice), and each further re-request without a
 frame in between waits twice as long, up to ``backoff_cap``, with jitter (toco_core.rerequest).
@@ -69,6 +70,7 @@ class _Fetch:
     timer: QuietTimer  # when to ask again for the ranges in flight (no frame for a while, then backing off)
     inflight: dict[tuple[str, int], float] = field(default_factory=dict)  # (part, range) -> monotonic request time
     retries: Counter[str] = field(default_factory=Counter)
+    refetch: set[str] = field(default_factory=set)  # parts refused by their hash, asked for again as refetches
     received: int = 0  # bytes received and not yet added to the store's count
     total: int = 0  # bytes received by this fetch
     error: FetchFailed | None = None
@@ -205,6 +207,7 @@ class PartsFetcher:
             entry = part_entry(job.manifest, name)
             if partial.finish(entry):
                 del job.partials[name]
+                job.refetch.discard(name)
                 self.stats["parts_verified"] += 1
                 continue
             job.retries[name] += 1
@@ -217,6 +220,8 @@ class PartsFetcher:
                 return self._fail(job, FailureReason.CORRUPT_CHUNK,
                                   f"part {name} failed its signed SHA-256 {job.retries[name]} times")
             job.partials[name] = self.store.partial(job.manifest, name, self.range_size)
+            # the server coalesces a range it sent moments ago (fleet_server.recent_ranges): say these are wanted again
+            job.refetch.add(name)
         if not job.partials:
             job.done.set()
 
@@ -240,7 +245,11 @@ class PartsFetcher:
         for r in want:
             job.inflight[(r.part, r.offset // self.range_size)] = now
         self.stats["ranges_requested"] += len(want)
-        self.link.send(PartRequest(device_id=self.link.device_id, bundle_id=job.manifest.bundle_id, ranges=want))
+        again = [r for r in want if r.part in job.refetch]
+        for ranges, refetch in ((again, True), ([r for r in want if r.part not in job.refetch], False)):
+            if ranges:
+                self.link.send(PartRequest(device_id=self.link.device_id, bundle_id=job.manifest.bundle_id,
+                                           ranges=ranges, refetch=refetch))
 
     def _watch(self, job: _Fetch) -> None:
         """Ask again for the ranges in flight once no frame came for the backoff's delay; fail after ``max_stalls``

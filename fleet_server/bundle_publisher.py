@@ -175,7 +175,7 @@ class BundlePublisher:
 
     def _send_parts(self, request: PartRequest, manifest: BundleManifest, data: bytes) -> int:
         """Send each requested range that lies inside a part of the manifest to the asker alone, unless it went
-        to the asker lately (coalesced). Returns the ranges published."""
+        to the asker lately (coalesced) and the request is no refetch. Returns the ranges published."""
         t0, wall = time.perf_counter(), time.time()
         age = wall - request.sent_at
         self.stats["part_requests"] += 1
@@ -195,8 +195,8 @@ class BundlePublisher:
                                                                       "device": request.device_id, "why": why}})
                 continue
             key = (request.device_id, manifest.bundle_id, r.part, r.offset)
-            with self._lock:
-                if self._recent.is_duplicate(key, request.sent_at, time.monotonic(), wall):
+            with self._lock:  # a refetch asks for what it got moments ago: it is no duplicate
+                if not request.refetch and self._recent.is_duplicate(key, request.sent_at, time.monotonic(), wall):
                     coalesced += 1
                     continue
             start = entry.offset + r.offset

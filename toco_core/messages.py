@@ -522,6 +522,8 @@ class PartRequest(AgentMessage):
 
     bundle_id: BundleId
     ranges: list[PartRange] = Field(min_length=1, max_length=MAX_RANGES_PER_REQUEST)
+    refetch: bool = Field(False, description="the box threw these ranges away (their part failed its signed "
+                                             "hash): serve them even if they just went out")
 
 
 class Part(Message):

@@ -176,5 +176,7 @@ def test_a_part_tampered_every_time_fails_the_download_and_the_old_model_keeps_s
     failed = fleet.wait_phase(DEVICE, "p-bad", {"active", "failed", "refused", "rolled_back"}, 60)
     assert failed.phase.value == "failed" and failed.reason.value == "corrupt_chunk", (failed, agent.log_text())
     assert "head" in failed.detail
+    # each refused copy was asked for again at once as a refetch, which the server never coalesces
+    assert fleet.publisher.stats["ranges_coalesced"] == 0, fleet.publisher.stats
     assert agent.get("/v1/health")[1].get("model_version") == version
     assert not (agent.state_dir / "parts" / manifest.bundle_id / "head").exists()

@@ -215,6 +215,29 @@ def test_a_range_asked_for_again_before_its_answer_went_out_arrives_once(broker,
         counter.close()
 
 
+def test_a_refetch_of_ranges_just_sent_is_served_again(broker, server_mqtt):
+    """A box whose part failed its signed hash throws the part away and asks again at once, marked refetch
+    (agent.parts_fetch): inside the coalescing window the server serves it anyway; unmarked, it would not."""
+    data = pack_bundle({"codes/top": b"".join(expected(i * RANGE) for i in range(RANGES))})
+    manifest = make_manifest(data, private_key=generate_private_key())
+    publisher = BundlePublisher(T, server_mqtt.send, recent=RecentRanges(window_s=30.0, horizon_s=60.0))
+    publisher.announce(manifest, data)
+    counter = PartCounter(broker.port, manifest.bundle_id)
+    topic = T.get(manifest.bundle_id, "dev000")
+    ranges = [PartRange(part="codes/top", offset=i * RANGE, length=RANGE) for i in range(4)]
+    try:
+        first = PartRequest(device_id="dev000", bundle_id=manifest.bundle_id, ranges=ranges)
+        assert publisher.handle_get(topic, encode(first)) == 4
+        asked = PartRequest(device_id="dev000", bundle_id=manifest.bundle_id, ranges=ranges)
+        assert publisher.handle_get(topic, encode(asked)) == 0  # a duplicate within the window
+        refetch = PartRequest(device_id="dev000", bundle_id=manifest.bundle_id, ranges=ranges, refetch=True)
+        assert publisher.handle_get(topic, encode(refetch)) == 4
+        assert wait_until(lambda: counter.total() >= 8, 10, step=0.1)
+        assert [counter.frames[("dev000", "codes/top", r.offset)] for r in ranges] == [2] * 4 and counter.bad == 0
+    finally:
+        counter.close()
+
+
 def test_status_messages_are_read_while_part_requests_are_still_being_answered(broker):
     """fleet_server.get_queue: part requests are answered on a thread of their own, so a status a box sends after
     a pile of part requests reaches ingest at once, not after every frame was served (the real FleetMqtt, the real
