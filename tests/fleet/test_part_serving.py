@@ -30,7 +30,7 @@ from fleet_server.recent_ranges import RecentRanges
 from tests.support.broker import Broker, Listener
 from tests.support.fleet_seed import seed_deployable
 from tests.support.waiting import wait_until
-from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
+from toco_core.bundle import BundleManifest, generate_private_key, make_manifest, pack_bundle
 from toco_core.messages import MessageKind, PartRange, PartRequest, encode, parse_message
 from toco_core.topics import Topics
 
@@ -178,15 +178,20 @@ def test_qos1_past_65535_packet_ids_raises_publish_refused_and_the_deployment_se
         db.close()
 
 
+def _coalescing_publisher(broker, server_mqtt, window_s: float) -> tuple[BundlePublisher, BundleManifest, PartCounter]:
+    """A publisher that announced a fresh parts bundle and coalesces within ``window_s``; a counter of its frames."""
+    data = pack_bundle({"codes/top": b"".join(expected(i * RANGE) for i in range(RANGES))})
+    manifest = make_manifest(data, private_key=generate_private_key())
+    publisher = BundlePublisher(T, server_mqtt.send, recent=RecentRanges(window_s=window_s, horizon_s=60.0))
+    publisher.announce(manifest, data)
+    return publisher, manifest, PartCounter(broker.port, manifest.bundle_id)
+
+
 def test_a_range_asked_for_again_before_its_answer_went_out_arrives_once(broker, server_mqtt):
     """Coalescing (fleet_server.recent_ranges): duplicates of a range the server just published, or asked for
     before it published it, are not published again; a request made after the answer went out (the answer was
     lost) is served once the short window has passed."""
-    data = pack_bundle({"codes/top": b"".join(expected(i * RANGE) for i in range(RANGES))})
-    manifest = make_manifest(data, private_key=generate_private_key())
-    publisher = BundlePublisher(T, server_mqtt.send, recent=RecentRanges(window_s=0.5, horizon_s=60.0))
-    publisher.announce(manifest, data)
-    counter = PartCounter(broker.port, manifest.bundle_id)
+    publisher, manifest, counter = _coalescing_publisher(broker, server_mqtt, window_s=0.5)
     topic = T.get(manifest.bundle_id, "dev000")
     ranges = [PartRange(part="codes/top", offset=i * RANGE, length=RANGE) for i in range(10)]
     try:
@@ -218,11 +223,7 @@ def test_a_range_asked_for_again_before_its_answer_went_out_arrives_once(broker,
 def test_a_refetch_of_ranges_just_sent_is_served_again(broker, server_mqtt):
     """A box whose part failed its signed hash throws the part away and asks again at once, marked refetch
     (agent.parts_fetch): inside the coalescing window the server serves it anyway; unmarked, it would not."""
-    data = pack_bundle({"codes/top": b"".join(expected(i * RANGE) for i in range(RANGES))})
-    manifest = make_manifest(data, private_key=generate_private_key())
-    publisher = BundlePublisher(T, server_mqtt.send, recent=RecentRanges(window_s=30.0, horizon_s=60.0))
-    publisher.announce(manifest, data)
-    counter = PartCounter(broker.port, manifest.bundle_id)
+    publisher, manifest, counter = _coalescing_publisher(broker, server_mqtt, window_s=30.0)
     topic = T.get(manifest.bundle_id, "dev000")
     ranges = [PartRange(part="codes/top", offset=i * RANGE, length=RANGE) for i in range(4)]
     try:
