@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.support.broker import Broker
-from tests.support.demo_run import run_demo
+from tests.support.demo_run import run_demo, unstopped_agents
 
 STEPS = ("server up", "analysed", "agents online", "deployed to every agent", "three different compressions",
          "clean traffic, no drift", "drift alert", "re-analysed with field samples", "redeployed to the drifting group",
@@ -45,7 +45,8 @@ def test_demo_runs_the_whole_fleet_story(tmp_path):
     # the line PC's inputs rotated: it (alone, its group) runs the re-analysed bundle
     assert status["line-pc"]["active"]["bundle_id"] != status["camera-box"]["active"]["bundle_id"]
     assert status["handheld"]["active"]["bundle_id"] == status["camera-box"]["active"]["bundle_id"]
-    assert all(not s["running"] for s in status.values()), "agents must shut down cleanly"
+    assert all(not s["running"] for s in status.values()), "agents must shut down cleanly\n" + \
+        unstopped_agents(tmp_path, status)
     # every box fetched the parts of its plan: fewer bytes than the fp32 model's bundle of old, and
     # the summary shows what it downloaded and what its state dir holds
     storage = {d: s["storage"] for d, s in status.items()}

@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 
-from tests.support.demo_run import run_demo, run_demo_until_up_then_kill
+from tests.support.demo_run import run_demo, run_demo_until_up_then_kill, unstopped_agents
 from tests.support.processes import free_port
 
 DEVICES = ("press-pc", "pump-box", "handheld")
@@ -60,7 +60,8 @@ def test_sensor_scenario_deploys_a_regression_model_and_sees_the_sensor_fault(tm
             assert f"done {step}" in out, step
     else:  # fidelity drift: the re-analysis and the redeploy to press-pc's group
         assert kind == "fidelity" and reanalyses == 1 and "done redeployed to the drifting group" in out
-    assert all(not s["running"] for s in status.values()), "agents must shut down cleanly"
+    assert all(not s["running"] for s in status.values()), "agents must shut down cleanly\n" + \
+        unstopped_agents(tmp_path, status)
 
 
 def test_an_unknown_scenario_is_refused_in_one_line(tmp_path):

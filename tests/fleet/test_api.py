@@ -106,8 +106,9 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
     may still step down to another runtime at that point: only it can measure int8's speed."""
     from fleet_server.registry import analysis_paths
     from toco_core.analysis_result import load_result
+    from toco_core.errors import SelfTestError
     from toco_core.onnx_model import load_model
-    from toco_core.plan import Policy
+    from toco_core.plan import CompressionPlan, Policy
     from toco_core.probe import probe_device
     from toco_core.recompress import recompress
 
@@ -117,11 +118,16 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
     for objective in ("fidelity", "size"):
         told = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": objective,
                                                                    "profile": here.model_dump(mode="json")}).json()
-        _, report = recompress(load_model(paths["model_path"]), load_result(paths["result_dir"]), here,
-                               Policy(budget=0.05, objective=objective), measure_memory=False)
-        kept, plan = report.plan, told["plan"]
-        assert (kept.prune_scale, kept.quant_scale) == (plan["prune_scale"], plan["quant_scale"]), objective
-        assert report.attempts == 1 and kept.label == plan["label"] or kept.runtime != plan["runtime"], objective
+        tried: list[CompressionPlan] = []
+        try:
+            recompress(load_model(paths["model_path"]), load_result(paths["result_dir"]), here,
+                       Policy(budget=0.05, objective=objective), measure_memory=False, before_build=tried.append)
+        except SelfTestError as exc:  # on a busy shared machine every candidate can measure slower than the base
+            assert "slower than the base" in str(exc), exc
+        first, plan = tried[0], told["plan"]
+        assert (first.prune_scale, first.quant_scale, first.runtime) == (
+            plan["prune_scale"], plan["quant_scale"], plan["runtime"]), objective
+        assert first.label == plan["label"], objective
 
 
 def test_whatif_for_a_known_device(fleet, devices):

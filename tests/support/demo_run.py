@@ -42,3 +42,15 @@ def run_demo_until_up_then_kill(workdir: Path, *extra: str) -> subprocess.Comple
     if overdue.exists():
         err += "\n" + overdue.read_text()
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + out, err)
+
+
+def unstopped_agents(workdir: Path, status: dict[str, dict]) -> str:
+    """For an assertion's message: the end of the log of every agent whose status.json still says running,
+    where its stop hung (agent.run's stop deadline writes every thread's stack there before it exits)."""
+    tails = []
+    for device, s in status.items():
+        if s.get("running"):
+            log = workdir / "agents" / device / "agent.log"
+            lines = log.read_text(errors="replace").splitlines()[-150:] if log.exists() else ["(no log)"]
+            tails.append(f"--- {device}: {log} ---\n" + "\n".join(lines))
+    return "\n".join(tails)
