@@ -245,9 +245,8 @@ class PartsFetcher:
         for r in want:
             job.inflight[(r.part, r.offset // self.range_size)] = now
         self.stats["ranges_requested"] += len(want)
-        again = [r for r in want if r.part in job.refetch]
-        for ranges, refetch in ((again, True), ([r for r in want if r.part not in job.refetch], False)):
-            if ranges:
+        for refetch in (True, False):
+            if ranges := [r for r in want if (r.part in job.refetch) == refetch]:
                 self.link.send(PartRequest(device_id=self.link.device_id, bundle_id=job.manifest.bundle_id,
                                            ranges=ranges, refetch=refetch))
 
