@@ -74,20 +74,53 @@ def session_memory(model_bytes: bytes, input_shape: tuple[int, ...] | dict[str, 
                    ) -> SessionMemory | None:
     """session_rss split into its anonymous and file-backed parts (SessionMemory); None on failure
     (the child could not load or run the model)."""
-    shapes = input_shape if isinstance(input_shape, dict) else {"": input_shape}
-    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
-        f.write(model_bytes)
-        f.flush()
-        proc = subprocess.run([sys.executable, "-m", "toco_core.measure", f.name,
-                               json.dumps({k: [int(d) for d in v] for k, v in shapes.items()})],
-                              capture_output=True, text=True, timeout=120)
-    try:
-        *_, split, rss = proc.stdout.strip().splitlines()
-        parts = json.loads(split)
-        anon, file = parts["anon"], parts["file"]
-        return SessionMemory(int(rss), None if anon is None else int(anon), None if file is None else int(file))
-    except (ValueError, KeyError, TypeError):  # no output (the child failed), or a line that is not ours
-        return None
+    return PendingMemory(model_bytes, input_shape).result()
+
+
+class PendingMemory:
+    """A session-memory measurement running in its child process while the caller goes on.
+
+    Two children may run side by side: each counts only its own process' growth. Takes what
+    session_memory takes; ``result()`` waits for the child (at most 120 s) and returns its
+    SessionMemory, or None when the child failed or timed out; ``cancel()`` ends it unread.
+    """
+
+    def __init__(self, model_bytes: bytes, input_shape: tuple[int, ...] | dict[str, tuple[int, ...]]) -> None:
+        shapes = input_shape if isinstance(input_shape, dict) else {"": input_shape}
+        with tempfile.NamedTemporaryFile(suffix=".onnx", delete=False) as f:
+            f.write(model_bytes)
+        self._path = Path(f.name)
+        self._proc = subprocess.Popen([sys.executable, "-m", "toco_core.measure", f.name,
+                                       json.dumps({k: [int(d) for d in v] for k, v in shapes.items()})],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def result(self) -> SessionMemory | None:
+        """The child's measurement; None when it failed, printed no measurement or took over 120 s.
+        Read once: a second call (or one after cancel) returns None."""
+        if self._proc.returncode is not None:
+            return None
+        try:
+            out, _ = self._proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            return None
+        finally:
+            self._path.unlink(missing_ok=True)
+        try:
+            *_, split, rss = out.strip().splitlines()
+            parts = json.loads(split)
+            anon, file = parts["anon"], parts["file"]
+            return SessionMemory(int(rss), None if anon is None else int(anon), None if file is None else int(file))
+        except (ValueError, KeyError, TypeError):  # no output (the child failed), or a line that is not ours
+            return None
+
+    def cancel(self) -> None:
+        """End the child without reading it (a candidate that failed another check); after result(),
+        does nothing."""
+        if self._proc.returncode is None:
+            self._proc.kill()
+            self._proc.communicate()
+        self._path.unlink(missing_ok=True)
 
 
 def _status_kib() -> dict[str, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from toco_core.measure import session_rss
+from toco_core.measure import PendingMemory
 from toco_core.plan import CompressionPlan
 from toco_core.runtime_forms import FLOAT, INT8, SESSION_OVERHEAD, MemoryAnchor
 
@@ -49,13 +49,22 @@ def measure_anchors(base_bytes: bytes, shapes: Shapes, n_weights: int, shares: M
     own (the build's errors pass through).
     """
     anchors: dict[str, MemoryAnchor] = {}
-    rss = session_rss(base_bytes, shapes)
-    if rss is not None:
-        anchors[FLOAT.name] = MemoryAnchor(rss=rss, kept=float(n_weights))
-    if shares.get(INT8.name, 0.0) > 0 and int8_candidates:
-        plan = min(int8_candidates, key=lambda p: (p.prune_scale, p.quant_scale))
-        rss = session_rss(runnable(plan), shapes)
-        if rss is not None:
-            anchors[INT8.name] = MemoryAnchor(rss=rss, kept=kept(plan), share=shares[INT8.name])
+    # the base's child runs while the int8 anchor is built and measured (2 cores: ~0.4 s saved)
+    base = PendingMemory(base_bytes, shapes)
+    int8 = None
+    try:
+        if shares.get(INT8.name, 0.0) > 0 and int8_candidates:
+            plan = min(int8_candidates, key=lambda p: (p.prune_scale, p.quant_scale))
+            int8 = (plan, PendingMemory(runnable(plan), shapes))
+    except BaseException:
+        base.cancel()
+        raise
+    base_mem = base.result()
+    if base_mem is not None:
+        anchors[FLOAT.name] = MemoryAnchor(rss=base_mem.rss, kept=float(n_weights))
+    if int8 is not None:
+        int8_mem = int8[1].result()
+        if int8_mem is not None:
+            anchors[INT8.name] = MemoryAnchor(rss=int8_mem.rss, kept=kept(int8[0]), share=shares[INT8.name])
     log.info("memory anchors measured", extra={"fields": {k: a.rss for k, a in anchors.items()}})
     return anchors

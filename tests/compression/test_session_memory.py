@@ -4,7 +4,7 @@ onnxruntime's file-backed code pages."""
 from __future__ import annotations
 
 from toco_core.demo.train import demo_model
-from toco_core.measure import session_memory, session_rss
+from toco_core.measure import PendingMemory, session_memory, session_rss
 from toco_core.onnx_model import compressible_weights, load_model
 
 MIB = 2**20
@@ -43,3 +43,29 @@ def test_the_measuring_child_loads_onnxruntime_but_not_onnx():
     assert out.returncode == 0, out.stderr
     *_, rss, loaded = out.stdout.strip().splitlines()
     assert int(rss) > 10 * MIB and loaded == "['onnxruntime']", out.stdout
+
+
+def test_measurements_side_by_side_each_count_their_own_process():
+    """recompress runs the base's child while the int8 anchor is built and measured: two children at
+    once must each report what one alone reports (their shared library pages are counted in both)."""
+    lenet, mlp = demo_model("lenet5").read_bytes(), demo_model("mlp").read_bytes()
+    alone = [session_memory(m, (1, 1, 28, 28)) for m in (lenet, mlp)]
+    pending = [PendingMemory(m, (1, 1, 28, 28)) for m in (lenet, mlp)]
+    together = [p.result() for p in pending]
+    for a, t in zip(alone, together, strict=True):
+        assert a is not None and t is not None
+        assert abs(a.rss - t.rss) < 2 * MIB, (a, t)
+    # the MLP's extra float weights are in its child's number, not in LeNet-5's
+    extra = 4 * sum(sum(i.size for i in compressible_weights(load_model(demo_model(n)))) * s
+                    for n, s in (("mlp", 1), ("lenet5", -1)))
+    assert together[1].anon - together[0].anon >= 0.5 * extra, (together, extra)
+    assert pending[0].result() is None  # read once
+
+
+def test_a_cancelled_measurement_ends_its_child_and_leaves_no_file():
+    pending = PendingMemory(demo_model("mlp").read_bytes(), (1, 1, 28, 28))
+    path, proc = pending._path, pending._proc
+    assert path.exists()
+    pending.cancel()
+    assert proc.returncode is not None and not path.exists()
+    assert pending.result() is None
