@@ -6,6 +6,8 @@
     OUT/samples.npz            calibration samples: the QBC analysis set and the held-out set
                                (analysis_x/NAME, heldout_x/NAME per input for several inputs)
     OUT/plans.safetensors      PlanTable: master steps and every curve point's build decisions
+    OUT/bias_deltas.safetensors  optional: every point's corrected-bias deltas as the calibration
+                               fitted them, so no build fits them again (absent: builds fit them)
 
 Numpy only: the agent reads it too.
 """
@@ -24,6 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from toco_core import __version__
 from toco_core.atomic_files import atomic_write
+from toco_core.bias_parts import PointDeltas, load_point_deltas, save_point_deltas
 from toco_core.calibration import CalibrationCurve
 from toco_core.errors import AnalysisError
 from toco_core.fidelity import OutputKind
@@ -35,6 +38,7 @@ from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_toler
 # 2: nested quantiser (plans.safetensors); a schema-1 analysis must be re-run
 SCHEMA_VERSION = 2
 FILES = ("tolerance.safetensors", "calibration.json", "samples.npz", "plans.safetensors")
+OPTIONAL_FILES = ("bias_deltas.safetensors",)  # read and hash-checked where the manifest lists them
 
 
 class RoundStats(BaseModel):
@@ -90,6 +94,9 @@ class AnalysisResult:
     heldout_x: Batch
     heldout_y: np.ndarray | None = None
     plans: PlanTable | None = None
+    # the plan table's points' bias deltas as the calibration fitted them (toco_core.bias_parts); None:
+    # an analysis made before they were kept, or without bias correction
+    bias_deltas: PointDeltas | None = None
 
     @property
     def task(self) -> TaskSpec:
@@ -123,7 +130,12 @@ def save_result(result: AnalysisResult, out: Path) -> Path:
     if result.plans is None:
         raise AnalysisError("the analysis has no plan table", "re-run the analysis with this version")
     save_plan_table(result.plans, out / "plans.safetensors")
-    manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in FILES}})
+    files = list(FILES)
+    (out / OPTIONAL_FILES[0]).unlink(missing_ok=True)
+    if result.bias_deltas:
+        save_point_deltas(result.bias_deltas, out / OPTIONAL_FILES[0])
+        files.append(OPTIONAL_FILES[0])
+    manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in files}})
     atomic_write(out / "manifest.json", manifest.model_dump_json(indent=1).encode())
     return out
 
@@ -144,7 +156,7 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
     if manifest.schema_version != SCHEMA_VERSION:
         raise AnalysisError(f"{path} has schema {manifest.schema_version}, this TOCO reads {SCHEMA_VERSION}",
                             "re-run the analysis with this version")
-    for f in FILES:
+    for f in (*FILES, *(f for f in OPTIONAL_FILES if f in manifest.files)):
         if not (path / f).is_file():
             raise AnalysisError(f"{path} lacks {f}", "re-run the analysis")
         if verify and manifest.files.get(f) != _sha(path / f):
@@ -158,5 +170,6 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
             hy = z.get("heldout_y")
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
+    deltas = load_point_deltas(path / OPTIONAL_FILES[0]) if OPTIONAL_FILES[0] in manifest.files else None
     return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,
-                          plans=load_plan_table(path / "plans.safetensors"))
+                          plans=load_plan_table(path / "plans.safetensors"), bias_deltas=deltas)

@@ -16,10 +16,15 @@ float16 matrix of deltas instead (0.47 KB a point on LeNet-5), and still open.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+from safetensors.numpy import load, save
 
 from toco_core.compression.bias_correction import DELTA_CODE, delta_exponent
 from toco_core.compression.nested import prune_level
+from toco_core.errors import AnalysisError
 from toco_core.plan_table import PlanTable
 
 PointDeltas = dict[int, dict[str, np.ndarray]]  # point index -> {bias initializer: float16 deltas}
@@ -109,3 +114,22 @@ def deltas_from_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[in
     ends = np.cumsum(sizes)
     return {int(i): {n: row[e - k:e].reshape(shapes[n]) for n, k, e in zip(names, sizes, ends, strict=True)}
             for i, row in zip(order, deltas, strict=True)}
+
+
+def save_point_deltas(deltas: PointDeltas, path: Path) -> None:
+    """Write every point's deltas (the analysis' own copy, OUT/bias_deltas.safetensors): the arrays
+    of bias_arrays, the biases' shapes in the metadata. Takes PointDeltas and a path; returns None."""
+    shapes = {n: list(np.shape(d)) for point in deltas.values() for n, d in point.items()}
+    Path(path).write_bytes(save(bias_arrays(deltas), metadata={"shapes": json.dumps(shapes, sort_keys=True)}))
+
+
+def load_point_deltas(path: Path) -> PointDeltas:
+    """Read what save_point_deltas wrote. Raises AnalysisError when the file is unreadable."""
+    try:
+        data = Path(path).read_bytes()
+        header = json.loads(bytes(data[8:8 + int.from_bytes(data[:8], "little")]))
+        shapes = {n: tuple(s) for n, s in json.loads(header["__metadata__"]["shapes"]).items()}
+        return deltas_from_arrays(load(data), shapes)
+    except Exception as exc:  # safetensors, json, key and shape errors all mean the same to a user
+        raise AnalysisError(f"the bias deltas {path} are unreadable: {type(exc).__name__}: {exc}",
+                            "re-run the analysis") from None

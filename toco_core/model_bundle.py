@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from toco_core.analysis_result import FILES, AnalysisResult, load_result
+from toco_core.analysis_result import FILES, OPTIONAL_FILES, AnalysisResult, load_result
 from toco_core.errors import BundleError
 from toco_core.onnx_model import load_model, model_hash
 from toco_core.preprocessing import Preprocessing
@@ -43,8 +43,9 @@ class BundleInfo(BaseModel):
 def bundle_files(model_path: Path, analysis_dir: Path, info: BundleInfo) -> dict[str, bytes]:
     """Collect the files of a bundle from a model file and an analysis directory."""
     files = {"model.onnx": Path(model_path).read_bytes(), "bundle.json": info.model_dump_json().encode()}
-    for name in ("manifest.json", *FILES):
-        files[f"analysis/{name}"] = (Path(analysis_dir) / name).read_bytes()
+    for name in ("manifest.json", *FILES, *OPTIONAL_FILES):
+        if name in FILES or (Path(analysis_dir) / name).is_file():
+            files[f"analysis/{name}"] = (Path(analysis_dir) / name).read_bytes()
     return files
 
 

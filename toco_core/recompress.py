@@ -86,14 +86,16 @@ def _point_biases(source: WeightSource, result: AnalysisResult, infos: list[Weig
 
 def fit_point_deltas(model: onnx.ModelProto | WeightSource, result: AnalysisResult,
                      progress: Progress = lambda *a: None) -> dict[int, dict[str, np.ndarray]]:
-    """The float16 bias deltas of every calibrated point, fitted as build() fits them (one
-    BiasCorrection, so the base runs once; BiasCorrection.deltas). Returns {} when the analysis
-    does not correct biases. Raises AnalysisError for an analysis without a plan table or of
-    another model."""
+    """The float16 bias deltas of every calibrated point: the analysis' own (AnalysisResult.bias_deltas)
+    where it kept them for every point, else fitted as build() fits them (one BiasCorrection, so the
+    base runs once; BiasCorrection.deltas). Returns {} when the analysis does not correct biases.
+    Raises AnalysisError for an analysis without a plan table or of another model."""
     source = as_source(model, result)
     table = require_plans(result)
     if not result.bias_correction:
         return {}
+    if result.bias_deltas is not None and set(result.bias_deltas) >= set(range(len(table.points))):
+        return dict(result.bias_deltas)  # the analysis kept what its calibration fitted
     correction = _correction(source, result, compressible_weights(source.reference))
     out = {}
     for i, (p, q) in enumerate(table.points):

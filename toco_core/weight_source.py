@@ -58,7 +58,8 @@ def require_plans(result: AnalysisResult) -> PlanTable:
 def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
                     classes: dict[str, np.ndarray] | None = None) -> WeightSource:
     """The source of a box (or the server) that holds the fp32 base: master codes from its weights,
-    prune classes from the analysis' prune ranks unless given (a box has them from prune planes).
+    prune classes from the analysis' prune ranks unless given (a box has them from prune planes),
+    the analysis' bias deltas where it kept them.
 
     Raises AnalysisError when the analysis belongs to another model or has no plan table.
     """
@@ -77,4 +78,5 @@ def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
         tmap = result.tolerances
         classes = {n: prune_classes(tmap.prune_rank[n], table.prune_grid) for n in table.tensors}
     base_out = run_model(fidelity_view(model, result.manifest.scored_output), result.heldout_x)
-    return WeightSource(model, True, ladders, classes, base_out)
+    # the deltas the calibration fitted, where the analysis kept them: builds apply them instead of fitting
+    return WeightSource(model, True, ladders, classes, base_out, point_deltas=result.bias_deltas)

@@ -184,3 +184,53 @@ def test_recompress_builds_what_build_builds(lenet5, lenet5_analysis, here):
     built, report = recompress(lenet5, lenet5_analysis, here, Policy(objective="size"))
     again = build(lenet5, lenet5_analysis, report.plan)
     assert model_bytes(built.runnable) == model_bytes(again.runnable)
+
+
+def test_the_analysis_keeps_the_bias_deltas_its_curves_were_measured_with(lenet5, lenet5_analysis, tmp_path):
+    """A build from the fp32 base applies the deltas the calibration fitted (kept in the analysis
+    directory) instead of fitting them again: 0.4 s a build on the 224x224 model."""
+    import dataclasses
+
+    from toco_core.analysis.nested_calibration import NestedCalibration
+    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
+    from toco_core.analysis_result import load_result, save_result
+    from toco_core.compression.bias_correction import BiasCorrection
+    from toco_core.errors import AnalysisError
+    from toco_core.plan import CompressionPlan
+    from toco_core.recompress import build, fit_point_deltas
+
+    result = lenet5_analysis
+    table = result.plans
+    assert result.bias_deltas is not None and set(result.bias_deltas) == set(range(len(table.points)))
+    # what a fresh calibration of the same point fits is what the analysis kept for it
+    infos = compressible_weights(lenet5)
+    i, (ps, qs) = next((i, p) for i, p in enumerate(table.points) if p[0] == 0.6 and p[1] > table.master_scale)
+    x = result.heldout_x
+    nested = NestedCalibration(lenet5, infos, read_weights(lenet5, infos), result.tolerances, "logits", x, None,
+                               run_model(lenet5, x), BiasCorrection(lenet5, infos, result.analysis_x), prune_grid())
+    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    nested.measure(ps, qs)
+    kept = result.bias_deltas[i]
+    assert kept.keys() == nested.bias_deltas[(ps, qs)].keys()
+    assert all(np.array_equal(kept[b], nested.bias_deltas[(ps, qs)][b]) for b in kept)
+    fitted = fit_point_deltas(lenet5, result)  # what a bundle's bias parts are packed from
+    assert fitted.keys() == result.bias_deltas.keys() and all(fitted[j] is result.bias_deltas[j] for j in fitted)
+
+    # a build applies the kept deltas: doubled ones show up in its biases
+    doubled = {**result.bias_deltas, i: {b: (2 * d).astype(np.float16) for b, d in kept.items()}}
+    plan = CompressionPlan(prune_scale=ps, quant_scale=qs, structured=False, predicted_disagreement=0.0,
+                           predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
+    built = _biases(build(lenet5, dataclasses.replace(result, bias_deltas=doubled), plan).runnable)
+    base = _biases(lenet5)
+    assert all(np.allclose(built[b], base[b] + 2 * kept[b].astype(np.float32), atol=1e-6) for b in kept)
+
+    # saved and loaded with the directory, hash-checked like its other files
+    loaded = load_result(save_result(result, tmp_path / "a"))
+    assert loaded.bias_deltas is not None and loaded.bias_deltas.keys() == result.bias_deltas.keys()
+    assert all(np.array_equal(loaded.bias_deltas[j][b], d) for j, p in result.bias_deltas.items() for b, d in p.items())
+    (tmp_path / "a" / "bias_deltas.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(AnalysisError, match="bias_deltas.safetensors does not match its hash"):
+        load_result(tmp_path / "a")
+    # an analysis saved before the deltas were kept: builds fit them as before
+    older = load_result(save_result(dataclasses.replace(result, bias_deltas=None), tmp_path / "b"))
+    assert older.bias_deltas is None and not (tmp_path / "b" / "bias_deltas.safetensors").exists()

@@ -157,13 +157,16 @@ def test_cluster_analysis_matches_the_local_calibration(cluster_fleet, lenet) ->
     head = scored_head(model, scored_output(model, settings.output))
     infos = compressible_weights(head)
     assert result.tolerances is not None
-    curves, table = calibrate(head, infos, read_weights(head, infos), result.tolerances, output_kind(head),
+    curves, table, deltas = calibrate(head, infos, read_weights(head, infos), result.tolerances, output_kind(head),
                               result.heldout_x, result.heldout_y, lambda *_: None,
                               result.analysis_x if settings.bias_correction else None)
     assert curves["prune+quantize"].model_dump() == result.curves["prune+quantize"].model_dump()
     assert {k: c.model_dump() for k, c in curves.items()} == {k: c.model_dump() for k, c in result.curves.items()}
     assert result.plans is not None and table.points == result.plans.points
     assert all((table.octaves[n] == result.plans.octaves[n]).all() for n in table.tensors)
+    # the bias deltas measured on the workers came back with their points and were kept
+    assert settings.bias_correction and result.bias_deltas is not None and deltas.keys() == result.bias_deltas.keys()
+    assert all((deltas[i][b] == result.bias_deltas[i][b]).all() for i in deltas for b in deltas[i])
 
 
 def test_worker_killed_mid_analysis(cluster_fleet, cluster, lenet) -> None:

@@ -16,7 +16,7 @@ Numpy + onnxruntime (no torch): the per-point work is the same a box does.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -41,6 +41,16 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 Point = tuple[float, float]  # (prune scale, quant scale)
 Octaves = dict[str, np.ndarray]  # per-channel octaves of each weight at one point
+BiasDeltas = dict[str, np.ndarray]  # {bias initializer: float16 delta} of one point; {} without correction
+
+
+class MeasuredPoint(NamedTuple):
+    """One curve point built from the master codes as a box builds it: its measurement, its octaves
+    and the bias deltas its build applied (kept so no later build has to fit them again)."""
+
+    measured: CurvePoint
+    octaves: Octaves
+    bias_deltas: BiasDeltas
 
 
 class GridMap(Protocol):
@@ -87,17 +97,20 @@ class NestedCalibration:
         self.steps: dict[str, np.ndarray] = {}
         self.ladders: dict[str, CodeLadder] = {}
         self.octaves: dict[tuple[float, float], dict[str, np.ndarray]] = {}
+        self.bias_deltas: dict[Point, BiasDeltas] = {}
 
-    def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> CurvePoint:
+    def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> tuple[CurvePoint, BiasDeltas]:
         values = {q.name: dequantize(q) for q in tensors}
+        deltas = self.correction.deltas(values) if self.correction is not None else {}
         if self.correction is not None:
-            values.update(self.correction.biases(values))
+            values.update(self.correction.with_deltas(deltas))
         fid = compare(self.task, self.base_out, run_with_weights(self.model, values, self.x), self.y, self.kind)
         stats = summary({q.name: CompressedTensor(q.name, values[q.name], q.codes, q.steps, q.out_axis)
                          for q in tensors})
-        return CurvePoint(prune_scale=ps, quant_scale=qs, disagreement=fid.disagreement, kl=fid.kl,
-                          accuracy=fid.accuracy, sparsity=stats["sparsity"], entropy_bits=stats["entropy_bits"],
-                          coded_bits=stats["coded_bits"], fixed_bits=stats["fixed_bits"])
+        point = CurvePoint(prune_scale=ps, quant_scale=qs, disagreement=fid.disagreement, kl=fid.kl,
+                           accuracy=fid.accuracy, sparsity=stats["sparsity"], entropy_bits=stats["entropy_bits"],
+                           coded_bits=stats["coded_bits"], fixed_bits=stats["fixed_bits"])
+        return point, deltas
 
     def master_candidate(self, scale: float) -> tuple[CurvePoint, dict[str, np.ndarray]]:
         """The unpruned model at per-channel steps from scale * tau_hat, measured; and those steps."""
@@ -108,7 +121,7 @@ class NestedCalibration:
                                              self.coverage).astype(np.float32)
             tensors.append(QuantizedTensor(info.name, master_codes(w, steps[info.name], info.out_axis),
                                            steps[info.name], info.out_axis))
-        return self._measure(tensors, 0.0, scale), steps
+        return self._measure(tensors, 0.0, scale)[0], steps
 
     def choose_master(self, grid: list[float], noise_floor: float,
                       on_point: Callable[[], object] | None = None) -> list[CurvePoint]:
@@ -147,39 +160,47 @@ class NestedCalibration:
                                             info.out_axis, self.coverage)
         return out
 
-    def measure_point(self, point: Point) -> tuple[CurvePoint, Octaves]:
+    def measure_point(self, point: Point) -> MeasuredPoint:
         """Build ``point`` (ps, qs) from the master codes as a box does and measure it.
 
-        Returns the measured point and its octaves; records nothing (the object is not changed),
-        so it may run in another process on a copy. Call after choose_master.
+        Returns the MeasuredPoint; records nothing (the object is not changed), so it may run in
+        another process on a copy. Call after choose_master.
         """
         ps, qs = point
         octaves = self.point_octaves(ps, qs)
         table = self.table([point], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16),
                            {point: octaves})
-        return self._measure(plan_codes(table, self.ladders, self.classes, ps, qs), ps, qs), octaves
+        measured, deltas = self._measure(plan_codes(table, self.ladders, self.classes, ps, qs), ps, qs)
+        return MeasuredPoint(measured, octaves, deltas)
+
+    def _record(self, point: Point, result: MeasuredPoint) -> CurvePoint:
+        self.octaves[point], self.bias_deltas[point] = result.octaves, result.bias_deltas
+        return result.measured
 
     def measure(self, ps: float, qs: float) -> CurvePoint:
-        """Build point (ps, qs) from the master codes as a box does, measure it, record its octaves."""
-        point, self.octaves[(ps, qs)] = self.measure_point((ps, qs))
-        return point
+        """Build point (ps, qs) from the master codes as a box does, measure it, record its octaves
+        and bias deltas."""
+        return self._record((ps, qs), self.measure_point((ps, qs)))
 
     def measure_grid(self, points: list[Point], grid_map: GridMap = map,
                      on_point: Callable[[int, int], None] | None = None) -> list[CurvePoint]:
         """Measure every one of ``points`` (independent of each other) through ``grid_map``; record
-        their octaves. Returns the measured points in the order of ``points``.
+        their octaves and bias deltas. Returns the measured points in the order of ``points``.
 
         ``on_point(done, total)`` is called as each result arrives. Raises what measure_point or
         the map raises (a remote map: its own errors, e.g. a cancelled or lost task).
         """
         out = []
-        measured_points = grid_map(self.measure_point, points)
-        for i, (point, (measured, octaves)) in enumerate(zip(points, measured_points, strict=True)):
-            self.octaves[point] = octaves
-            out.append(measured)
+        for i, (point, result) in enumerate(zip(points, grid_map(self.measure_point, points), strict=True)):
+            out.append(self._record(point, result))
             if on_point:
                 on_point(i + 1, len(points))
         return out
+
+    def point_deltas(self, points: list[Point]) -> dict[int, BiasDeltas]:
+        """The recorded bias deltas of ``points`` by their index in that list (a plan table's
+        points); points measured without correction, or not measured, are left out."""
+        return {i: self.bias_deltas[p] for i, p in enumerate(points) if self.bias_deltas.get(p)}
 
     def table(self, points: list[Point], int8: np.ndarray, nbits: np.ndarray,
               octaves: dict[Point, Octaves] | None = None) -> PlanTable:

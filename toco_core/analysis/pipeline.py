@@ -28,6 +28,7 @@ from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis.torch_inputs import to_torch
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
+from toco_core.bias_parts import PointDeltas
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.errors import ModelError, PoolError
@@ -207,7 +208,7 @@ def prune_grid() -> list[float]:
 def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
               kind: OutputKind, x: Batch, y: np.ndarray | None, progress: Progress,
               correction_x: Batch | None = None, task: TaskSpec = CLASSIFIER,
-              grid_map: GridMap = map) -> tuple[dict[str, CalibrationCurve], PlanTable]:
+              grid_map: GridMap = map) -> tuple[dict[str, CalibrationCurve], PlanTable, PointDeltas]:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
 
@@ -216,7 +217,8 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     processes); the 1-D sweeps stop early on their own results, so they stay sequential here.
 
     Returns the curves (prune scale = sparsity; the ``master`` sweep kept for inspection, never
-    planned from) and the plan table of every planned point.
+    planned from), the plan table of every planned point and the bias deltas each was measured
+    with, by table row ({} without correction).
     """
     base = run_model(model, x)
     correction = None if correction_x is None else BiasCorrection(model, infos, correction_x)
@@ -243,7 +245,7 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     except ModelError as exc:
         log.warning("no int8 calibration: %s", exc)
     points = sorted({(p.prune_scale, p.quant_scale) for k, c in curves.items() if k in PLANNED for p in c.points})
-    return curves, nested.final_table(points, int8_scale(curves))
+    return curves, nested.final_table(points, int8_scale(curves)), nested.point_deltas(points)
 
 
 def _producer_op(model: onnx.ModelProto) -> str | None:
@@ -334,7 +336,7 @@ def analyze(
     t = time.perf_counter()
     # labels are classes: they mean nothing to the other task kinds' metrics
     hy = None if pool_y is None or task.kind is not TaskKind.CLASSIFIER else pool_y[held]
-    curves, table = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
+    curves, table, deltas = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
                               analysis_x if s.bias_correction else None, task, grid_map)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
@@ -349,4 +351,4 @@ def analyze(
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
         task=None if task == CLASSIFIER else task,
     )
-    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table)
+    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table, bias_deltas=deltas or None)

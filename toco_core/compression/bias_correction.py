@@ -161,8 +161,12 @@ class BiasCorrection:
 
     def biases(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
         """Corrected biases {name: float32}: apply_deltas of ``deltas(values, passes)``."""
+        return self.with_deltas(self.deltas(values, passes))
+
+    def with_deltas(self, deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The base biases moved by ``deltas`` (float16, as deltas() returns them), {name: float32}."""
         base = {k: v.astype(np.float32) for k, v in self.base_bias.items()}
-        return apply_deltas(base, self.deltas(values, passes))
+        return apply_deltas(base, deltas)
 
     def shifts(self, biases: dict[str, np.ndarray]) -> dict[str, float]:
         """For the report: weight name -> largest |corrected - original| of its layer's bias, for
