@@ -179,7 +179,8 @@ def create_app(server: FleetServer) -> FastAPI:
     def devices(request: Request, query: Annotated[DeviceQuery, Query()]) -> Response:
         # any query string asks for a DevicePage; none keeps the bare array of every device older callers read
         if request.query_params:
-            return Response(device_page(db, query).model_dump_json(), media_type="application/json")
+            page = device_page(db, query, settings.overview_counts_max_age_s)
+            return Response(page.model_dump_json(), media_type="application/json")
         return Response(registry.devices_json(db), media_type="application/json")
 
     @app.get("/api/devices/{device_id}")

@@ -49,6 +49,9 @@ class FleetSettings(BaseSettings):
     http_host: str = Field("127.0.0.1", description="HTTP bind address")
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 = any free port)")
     deploy_timeout_s: float = Field(120.0, gt=0, description="a device silent this long during a deployment is failed")
+    overview_counts_max_age_s: float = Field(2.0, ge=0, le=60, description="the overview's device counts are "
+                                             "reused for up to this long while this replica changes no counted "
+                                             "value; another replica's changes show within it (0: count every time)")
     canary_share: float = Field(0.1, gt=0, le=1,
                                 description="default share of a deployment's devices in the canary wave")
     failure_threshold: float = Field(0.2, ge=0, le=1, description="default failure share that stops a deployment")

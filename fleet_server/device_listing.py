@@ -29,6 +29,7 @@ from fleet_server.device_facets import (
     state_expression,
 )
 from fleet_server.model_versions import bundle_versions
+from fleet_server.overview_cache import cached_combinations
 from fleet_server.views import device_view
 
 StateName = Literal["online", "deploying", "alert", "failed", "offline", "quarantined", "revoked"]
@@ -116,11 +117,12 @@ def _filters(query: DeviceQuery) -> dict[str, ColumnElement[bool]]:
     return out
 
 
-def device_page(db: Database, query: DeviceQuery) -> DevicePage:
+def device_page(db: Database, query: DeviceQuery, counts_max_age_s: float = 0.0) -> DevicePage:
     """The page of devices ``query`` asks for, with the filter's total and (``query.facets``) the facets.
 
-    Takes the Database and a validated DeviceQuery; returns a DevicePage. Raises nothing for a filter
-    that matches no device (an empty page, total 0).
+    Takes the Database, a validated DeviceQuery and how old reused counts may be
+    (fleet_server.overview_cache; 0: counted for this call); returns a DevicePage. Raises nothing for
+    a filter that matches no device (an empty page, total 0).
     """
     filters = _filters(query)
     where = list(filters.values())
@@ -134,7 +136,10 @@ def device_page(db: Database, query: DeviceQuery) -> DevicePage:
         if query.facets:
             # the total and every facet from one GROUP BY (fleet_server.device_facets); only the id search,
             # which no facet leaves out, is applied by the database
-            combos = combinations(s, [filters["q"]] if "q" in filters else [])
+            if "q" in filters:
+                combos = combinations(s, [filters["q"]])
+            else:
+                combos = cached_combinations(db, counts_max_age_s, lambda: combinations(s, []))
             versions = bundle_versions(s, (bundles | {c.bundle for c in combos}) - {None})
             total, facets = count_facets(combos, _selected(query), versions)
         else:
