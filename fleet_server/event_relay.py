@@ -21,10 +21,13 @@ import logging
 from collections.abc import Callable
 
 from fleet_server.events import KINDS, EventBus
+from fleet_server.overview_cache import outdate_counts
 from toco_core.topics import Topics
 
 log = logging.getLogger("toco.fleet.relay")
 SendFn = Callable[[str, bytes, int, bool], object]  # fleet_server.mqtt_client.FleetMqtt.send; its answer unused
+# events that never follow a change of a device's state, alert, drift kind, group or bundle
+UNCOUNTED_KINDS = frozenset({"telemetry", "analysis", "reanalysis"})
 
 
 class EventRelay:
@@ -55,4 +58,6 @@ class EventRelay:
         if origin == self.replica_id or kind not in KINDS or not isinstance(data, dict):
             return
         self.received += 1
+        if kind not in UNCOUNTED_KINDS:  # another replica may have changed what the overview counts
+            outdate_counts()
         self.bus.deliver(kind, data)

@@ -5,12 +5,19 @@ Every overview page with facets runs one GROUP BY over the whole devices table
 ingest, which rewrites device rows with every telemetry point. Telemetry changes none of the values
 counted (state, alert, drift kind, group, bundle), so most polls would recount the same numbers.
 
-A result is reused while both hold:
+A result is reused while all hold:
 - no session of this process has committed a change to those values since it was counted (a flush
   listener on every SQLAlchemy Session marks a commit that adds, deletes or changes a device's
   counted column; the commit moves ``generation``);
-- it is younger than ``max_age_s``: another replica's changes reach this process only through the
-  database, so they show within that age (0 turns the reuse off).
+- no event relayed from another replica that may follow such a change arrived since
+  (fleet_server.event_relay calls ``outdate_counts``): the dashboard reloads the page on those
+  events, and must not be shown the counts from before them;
+- it is younger than ``max_age_s``, for what reaches this process only through the database (a
+  relayed event is best effort; 0 turns the reuse off).
+
+So the counts are reused while the fleet's counted values stand still, as between polls of a quiet
+fleet or under telemetry alone; with two replicas at 10,000 devices relayed drift events outdate
+them many times a second and nearly every poll counts again.
 
 Only the listing without an id search is reused (the search is applied by the database).
 """
@@ -55,6 +62,12 @@ def _changes_counts(session: Session) -> bool:
     return False
 
 
+def outdate_counts() -> None:
+    """Count again at the next call: something this process did not commit may have changed a counted value."""
+    with _lock:
+        _current[0] = next(_generation)
+
+
 @event.listens_for(Session, "after_flush")
 def _note_device_change(session: Session, _context: Any) -> None:
     # after_flush still shows the flushed objects as new / dirty / deleted, with their history
@@ -65,8 +78,7 @@ def _note_device_change(session: Session, _context: Any) -> None:
 @event.listens_for(Session, "after_commit")
 def _bump_generation(session: Session) -> None:
     if session.info.pop(_CHANGED, False):
-        with _lock:
-            _current[0] = next(_generation)
+        outdate_counts()
 
 
 @event.listens_for(Session, "after_rollback")

@@ -88,3 +88,30 @@ def test_the_listing_shows_a_local_change_in_its_facets_at_once(db):
     # the id search is counted by the database every time, whatever is kept
     searched = device_page(db, DeviceQuery(limit=5, q="dev-0000"), counts_max_age_s=60)
     assert searched.total == 10
+
+
+def test_an_event_relayed_from_another_replica_outdates_the_counts_and_telemetry_does_not(db):
+    """The dashboard reloads the overview on live events: after another replica's status event it must not be
+    shown the counts from before it (the change reached this process only through the database)."""
+    import json
+
+    from fleet_server.event_relay import EventRelay
+    from fleet_server.events import EventBus
+    from toco_core.topics import Topics
+
+    relay = EventRelay(EventBus(), Topics("default"), "replica-a", lambda *a: None)
+    calls: list[int] = []
+    _counts(db, 60, calls)
+
+    def relayed(kind: str) -> None:
+        relay.receive(json.dumps({"replica": "replica-b", "kind": kind, "data": {"device_id": "dev-00001"}}).encode())
+
+    relayed("telemetry")
+    _counts(db, 60, calls)
+    assert len(calls) == 1
+    relayed("status")
+    _counts(db, 60, calls)
+    assert len(calls) == 2 and relay.received == 2
+    relay.receive(json.dumps({"replica": "replica-a", "kind": "status", "data": {}}).encode())  # its own echo
+    _counts(db, 60, calls)
+    assert len(calls) == 2
