@@ -34,8 +34,9 @@ def _checked(r: httpx.Response, what: str) -> dict:
 Watch = Callable[[dict], None]
 
 
-def deploy_demo_model(api: httpx.Client, watch: Watch | None = None) -> tuple[dict, float]:
-    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once; ``watch(view)`` sees every poll.
+def deploy_demo_model(api: httpx.Client, watch: Watch | None = None, wait_s: float = 180.0) -> tuple[dict, float]:
+    """Analyse the demo LeNet-5 and deploy it to group "deploy" at once; ``watch(view)`` sees every poll;
+    the deployment is followed for at most ``wait_s`` seconds.
 
     Returns (final deployment, seconds to done). Raises DeployFailed for an HTTP error answer, a failed or
     unfinished analysis; httpx.HTTPError (a timeout, a refused connection) passes through.
@@ -67,7 +68,7 @@ def deploy_demo_model(api: httpx.Client, watch: Watch | None = None) -> tuple[di
     print(f"deployment {dep['deployment_id']} created in {time.monotonic() - t_dep:.1f} s", flush=True)
     while True:
         cur = _checked(api.get(f"/api/deployments/{dep['deployment_id']}"), "GET /api/deployments/{id}")
-        if cur["stage"] in ("done", "stopped") or time.monotonic() - t_dep > 180:
+        if cur["stage"] in ("done", "stopped") or time.monotonic() - t_dep > wait_s:
             return cur, time.monotonic() - t_dep
         if watch is not None:
             watch(cur)
@@ -81,7 +82,7 @@ def deploy_phase(args, api: httpx.Client, devices: Devices,
     print(f"analysing the demo model for the deployment to {args.deploy_devices} devices", flush=True)
     t_phase = time.monotonic()
     try:
-        cur, dep_s = deploy_demo_model(api, watch)
+        cur, dep_s = deploy_demo_model(api, watch, args.deploy_wait)
     except (DeployFailed, httpx.HTTPError) as exc:
         what = str(exc)
         if isinstance(exc, httpx.HTTPError):  # a timeout's message is often empty: name the error and request

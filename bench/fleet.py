@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--telemetry-s", type=float, default=10.0)
     ap.add_argument("--drift-s", type=float, default=60.0)
     ap.add_argument("--deploy-devices", type=int, default=200)
+    ap.add_argument("--deploy-wait", type=float, default=180.0, metavar="S",
+                    help="follow the deployment for at most S seconds (its table says how far it got)")
     ap.add_argument("--replicas", type=int, default=1, help="N > 1: N serve --replicas processes on PostgreSQL")
     ap.add_argument("--kill-leader", action="store_true", help="with --replicas: SIGKILL the leader halfway")
     ap.add_argument("--restart-killed", type=float, default=None, metavar="S",

@@ -49,7 +49,7 @@ def measure_anchors(base_bytes: bytes, shapes: Shapes, n_weights: int, shares: M
     own (the build's errors pass through).
     """
     anchors: dict[str, MemoryAnchor] = {}
-    # the base's child runs while the int8 anchor is built and measured (2 cores: ~0.4 s saved)
+    # the base's child runs while the int8 anchor is built and measured (RSS, not time: overlap is harmless)
     base = PendingMemory(base_bytes, shapes)
     int8 = None
     try:
