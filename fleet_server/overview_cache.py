@@ -42,13 +42,12 @@ from fleet_server.device_facets import Combination
 COUNTED = ("enrollment", "online", "deploy_state", "alert", "drift_kind", "group", "active_bundle")
 _CHANGED = "toco_counted_device_change"
 _lock = threading.Lock()
-_generation = itertools.count(1)
-_current = [0]
+_generation = 0
 
 
 def generation() -> int:
-    """The number of commits in this process that changed a counted device value (monotonic)."""
-    return _current[0]
+    """How often this process' counts were outdated (outdate_counts), monotonic."""
+    return _generation
 
 
 def _changes_counts(session: Session) -> bool:
@@ -63,9 +62,10 @@ def _changes_counts(session: Session) -> bool:
 
 
 def outdate_counts() -> None:
-    """Count again at the next call: something this process did not commit may have changed a counted value."""
+    """Count again at the next call: a counted value may have changed."""
+    global _generation
     with _lock:
-        _current[0] = next(_generation)
+        _generation += 1
 
 
 @event.listens_for(Session, "after_flush")

@@ -38,7 +38,8 @@ from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_toler
 # 2: nested quantiser (plans.safetensors); a schema-1 analysis must be re-run
 SCHEMA_VERSION = 2
 FILES = ("tolerance.safetensors", "calibration.json", "samples.npz", "plans.safetensors")
-OPTIONAL_FILES = ("bias_deltas.safetensors",)  # read and hash-checked where the manifest lists them
+BIAS_DELTAS_FILE = "bias_deltas.safetensors"
+OPTIONAL_FILES = (BIAS_DELTAS_FILE,)  # read and hash-checked where the manifest lists them
 
 
 class RoundStats(BaseModel):
@@ -131,10 +132,10 @@ def save_result(result: AnalysisResult, out: Path) -> Path:
         raise AnalysisError("the analysis has no plan table", "re-run the analysis with this version")
     save_plan_table(result.plans, out / "plans.safetensors")
     files = list(FILES)
-    (out / OPTIONAL_FILES[0]).unlink(missing_ok=True)
+    (out / BIAS_DELTAS_FILE).unlink(missing_ok=True)
     if result.bias_deltas:
-        save_point_deltas(result.bias_deltas, out / OPTIONAL_FILES[0])
-        files.append(OPTIONAL_FILES[0])
+        save_point_deltas(result.bias_deltas, out / BIAS_DELTAS_FILE)
+        files.append(BIAS_DELTAS_FILE)
     manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in files}})
     atomic_write(out / "manifest.json", manifest.model_dump_json(indent=1).encode())
     return out
@@ -170,6 +171,6 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
             hy = z.get("heldout_y")
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
-    deltas = load_point_deltas(path / OPTIONAL_FILES[0]) if OPTIONAL_FILES[0] in manifest.files else None
+    deltas = load_point_deltas(path / BIAS_DELTAS_FILE) if BIAS_DELTAS_FILE in manifest.files else None
     return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,
                           plans=load_plan_table(path / "plans.safetensors"), bias_deltas=deltas)

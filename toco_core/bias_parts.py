@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load, save
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from toco_core.compression.bias_correction import DELTA_CODE, delta_exponent
 from toco_core.compression.nested import prune_level
@@ -126,10 +127,10 @@ def save_point_deltas(deltas: PointDeltas, path: Path) -> None:
 def load_point_deltas(path: Path) -> PointDeltas:
     """Read what save_point_deltas wrote. Raises AnalysisError when the file is unreadable."""
     try:
-        data = Path(path).read_bytes()
-        header = json.loads(bytes(data[8:8 + int.from_bytes(data[:8], "little")]))
-        shapes = {n: tuple(s) for n, s in json.loads(header["__metadata__"]["shapes"]).items()}
-        return deltas_from_arrays(load(data), shapes)
+        with safe_open(str(path), framework="numpy") as f:
+            shapes = {n: tuple(s) for n, s in json.loads(f.metadata()["shapes"]).items()}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  # a safe_open handle, not a dict
+        return deltas_from_arrays(arrays, shapes)
     except Exception as exc:  # safetensors, json, key and shape errors all mean the same to a user
         raise AnalysisError(f"the bias deltas {path} are unreadable: {type(exc).__name__}: {exc}",
                             "re-run the analysis") from None

@@ -43,9 +43,9 @@ class BundleInfo(BaseModel):
 def bundle_files(model_path: Path, analysis_dir: Path, info: BundleInfo) -> dict[str, bytes]:
     """Collect the files of a bundle from a model file and an analysis directory."""
     files = {"model.onnx": Path(model_path).read_bytes(), "bundle.json": info.model_dump_json().encode()}
-    for name in ("manifest.json", *FILES, *OPTIONAL_FILES):
-        if name in FILES or (Path(analysis_dir) / name).is_file():
-            files[f"analysis/{name}"] = (Path(analysis_dir) / name).read_bytes()
+    present = [f for f in OPTIONAL_FILES if (Path(analysis_dir) / f).is_file()]
+    for name in ("manifest.json", *FILES, *present):
+        files[f"analysis/{name}"] = (Path(analysis_dir) / name).read_bytes()
     return files
 
 
