@@ -156,8 +156,8 @@ class MqttLink:
     def send(self, message: AgentMessage) -> bool:
         """Send an agent message on its topic with the QoS/retain/outbox rule of topics.DELIVERY.
 
-        Returns True when sent or queued durably, False when dropped because offline (QoS 0
-        telemetry, chunk requests: they are re-sent later anyway). Raises MessageError when the
+        Returns True when sent or queued durably, False when dropped because offline (telemetry,
+        chunk requests: the next point replaces it, a request is sent again). Raises MessageError when the
         message claims another device.
         """
         if message.device_id != self.device_id:

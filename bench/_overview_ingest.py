@@ -13,14 +13,14 @@ DRIFT_EVERY = 7
 
 def publish(port: int, fleet: str, devices: int, rate: float, ready, stop, out) -> None:
     """Child process: publish to ``fleet``'s device topics on the broker at 127.0.0.1:``port``, ``rate``
-    messages a second round-robin over seeded devices 0..devices-1 (telemetry at QoS 0, every DRIFT_EVERY-th
-    a drift window at QoS 1, as devices send them) from when it sets ``ready`` until ``stop`` is set; puts
-    (messages sent, seconds) on ``out``."""
+    messages a second round-robin over seeded devices 0..devices-1 (telemetry, every DRIFT_EVERY-th a drift
+    window, each at the QoS devices send it with: toco_core.topics.DELIVERY) from when it sets ``ready`` until
+    ``stop`` is set; puts (messages sent, seconds) on ``out``."""
     import paho.mqtt.client as mqtt
 
     from tests.support.fleet_seed import device_id
     from toco_core.messages import DriftMessage, MessageKind, TelemetryMessage, encode
-    from toco_core.topics import Topics
+    from toco_core.topics import DELIVERY, Topics
 
     topics = Topics(fleet)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-overview-ingest")
@@ -35,11 +35,11 @@ def publish(port: int, fleet: str, devices: int, rate: float, ready, stop, out) 
             msg = DriftMessage(device_id=dev, window_index=1000 + sent // devices, opened_at=now - 60, closed_at=now,
                                n_samples=256, n_shadowed=26, measured_agreement=0.99, predicted_agreement=0.99,
                                mean_confidence=0.9, mean_entropy=0.3, input_mean=0.1, input_std=0.3)
-            client.publish(topics.device(MessageKind.DRIFT, dev), encode(msg), qos=1)
+            client.publish(topics.device(MessageKind.DRIFT, dev), encode(msg), qos=DELIVERY[MessageKind.DRIFT].qos)
         else:
             client.publish(topics.device(MessageKind.TELEMETRY, dev), encode(TelemetryMessage(
                 device_id=dev, mem_available=300 << 20, disk_free=1 << 30, cpu_load=0.3, inferences=100,
-                latency_ms_p50=2.0)), qos=0)
+                latency_ms_p50=2.0)), qos=DELIVERY[MessageKind.TELEMETRY].qos)
         sent += 1
         ahead = t0 + sent / rate - time.monotonic()  # hold the rate; a late publisher catches up
         if ahead > 0:

@@ -146,7 +146,7 @@ def run_leg(qos: int, n: int, manifest: BundleManifest, data: bytes, wait_s: flo
         def on_get(topic: str, payload: bytes) -> None:
             publisher.handle_get(topic, payload)
 
-        server = FleetMqtt(broker.url, T, on_device=lambda kind, dev, payload, ack: ack(), on_get=on_get,
+        server = FleetMqtt(broker.url, T, on_device=lambda kind, dev, payload, ack, again: ack(), on_get=on_get,
                            client_id="toco-fleet-partbench")
 
         def send(topic: str, payload: bytes, q: int, retain: bool) -> bool:

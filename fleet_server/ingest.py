@@ -13,7 +13,8 @@ after its retries is acknowledged all the same (and counted in ``errors``): hold
 the broker's in-flight window to this server until the next reconnect, and a message that breaks
 the batch would come back after every reconnect. A message may so arrive twice (killed after the
 commit, before the acknowledgement): a drift report is recognised by device, window and close
-time, a field sample by device, ref and window, and stored once; state and status messages are
+time, a field sample by device, ref and window, a telemetry point the broker flags as sent before
+(DUP) by device and send time, and stored once; state and status messages are
 idempotent (a repeated birth or deployment phase changes nothing but a timeline line).
 
 Who sent it matters (fleet_server.enrollment): a revoked device is ignored; a device never
@@ -135,11 +136,13 @@ class Ingest:
                 log.warning("ingest did not finish its batch in time; its messages stay unacknowledged",
                             extra={"fields": {"queued": self._q.qsize()}})
 
-    def submit(self, kind: MessageKind, device_id: str, payload: bytes, ack: Ack | None = None) -> None:
-        """Queue one message from the network thread (never blocks); ``ack()`` runs once it is committed."""
+    def submit(self, kind: MessageKind, device_id: str, payload: bytes, ack: Ack | None = None,
+               redelivered: bool = False) -> None:
+        """Queue one message from the network thread (never blocks); ``ack()`` runs once it is committed.
+        ``redelivered``: the broker sent it before (MQTT's DUP flag), so it may be stored already."""
         self.stats[f"received.{kind.value}"] += 1
         self.idle.clear()
-        self._q.put((kind, device_id, payload, ack))
+        self._q.put((kind, device_id, payload, ack, redelivered))
 
     def pending(self) -> int:
         """Messages waiting to be written."""
@@ -168,20 +171,22 @@ class Ingest:
                 items.append(nxt)
             self._commit(items)
 
-    def _commit(self, items: list[tuple[MessageKind, str, bytes, Ack | None]]) -> None:
+    def _commit(self, items: list[tuple[MessageKind, str, bytes, Ack | None, bool]]) -> None:
         """Write one batch, then acknowledge its messages (never before: see the module's docstring)."""
-        self._process([(kind, device_id, payload) for kind, device_id, payload, _ in items])
-        for *_, ack in items:
+        self._process([(kind, device_id, payload, redelivered) for kind, device_id, payload, _, redelivered in items])
+        for _, _, _, ack, _ in items:
             if ack is not None:
                 try:
                     ack()
                 except Exception:  # the broker delivers it again after a reconnect; ingest knows it then
                     log.exception("acknowledging a stored message failed")
 
-    def _process(self, items: list[tuple[MessageKind, str, bytes]]) -> None:
+    def _process(self, items: list[tuple[MessageKind, str, bytes, bool]]) -> None:
+        """Parse and store one batch of (kind, device id, payload, redelivered)."""
         parsed: list[tuple[MessageKind, str, Message | None]] = []
+        redelivered: list[Message] = []
         msg: Message | None
-        for kind, device_id, payload in items:
+        for kind, device_id, payload, again in items:
             try:
                 msg = parse_message(kind, payload)
                 if not isinstance(msg, AgentMessage):
@@ -190,6 +195,8 @@ class Ingest:
                     raise MessageError(f"payload names device {msg.device_id!r} on the topic of {device_id!r}",
                                        "a device publishes only on its own topics")
                 parsed.append((kind, device_id, msg))
+                if again:
+                    redelivered.append(msg)
             except MessageError as exc:
                 self.stats[f"dropped.{kind.value}"] += 1
                 self.stats["dropped"] += 1
@@ -200,7 +207,7 @@ class Ingest:
             after: After = []
             self._tally = Counter()  # what the handlers count, kept only if the batch commits
             try:
-                self._write(parsed, after)
+                self._write(parsed, redelivered, after)
                 break
             except OperationalError as exc:
                 # two replicas' batches (or a batch and the deployment controller) touching the same rows
@@ -225,7 +232,8 @@ class Ingest:
                 log.exception("post-commit action failed")
         self.stats["stored"] += sum(1 for p in parsed if p[2] is not None)
 
-    def _write(self, parsed: list[tuple[MessageKind, str, Message | None]], after: After) -> None:
+    def _write(self, parsed: list[tuple[MessageKind, str, Message | None]], redelivered: list[Message],
+               after: After) -> None:
         """Write one batch in one transaction (a savepoint per message but telemetry); raises what commit raises."""
         with self.db.session(write=True) as s:
             if any(kind is MessageKind.DRIFT and msg is not None for kind, _, msg in parsed):
@@ -242,7 +250,7 @@ class Ingest:
             ids = sorted({device_id for _, device_id, _ in parsed})
             known = s.scalars(select(DeviceRow).where(DeviceRow.id.in_(ids)).order_by(DeviceRow.id)  # noqa: F841
                               .with_for_update()).all()
-            self._stored = self._already_stored(s, parsed)
+            self._stored = self._already_stored(s, parsed, redelivered)
             for kind, device_id, msg in parsed:
                 if kind is MessageKind.TELEMETRY and msg is not None:
                     # the bulk of the traffic, and it only adds a row: no savepoint (a flush per
@@ -258,10 +266,12 @@ class Ingest:
                     self._tally["errors"] += 1
                     log.exception("ingest handler failed", extra={"fields": {"device": device_id, "kind": kind.value}})
 
-    def _already_stored(self, s, parsed: list[tuple[MessageKind, str, Message | None]]) -> set[tuple]:
-        """Keys of the batch's drift reports and field samples the database already holds (messages the
-        broker delivered again): ``("drift", device, window, closed_at)`` and ``("sample", device, ref, window)``.
-        One query per kind present, on the rows' device indexes."""
+    def _already_stored(self, s, parsed: list[tuple[MessageKind, str, Message | None]],
+                        redelivered: list[Message]) -> set[tuple]:
+        """Keys of the batch's messages the database already holds (the broker delivered them again):
+        ``("drift", device, window, closed_at)``, ``("sample", device, ref, window)`` and, for telemetry the
+        broker flagged as sent before (``redelivered``; the bulk of the traffic is not looked up),
+        ``("telemetry", device, sent_at)``. One query per kind present, on the rows' device indexes."""
         drift = [m for k, _, m in parsed if k is MessageKind.DRIFT and isinstance(m, DriftMessage)]
         samples = [m for k, _, m in parsed if k is MessageKind.SAMPLES and isinstance(m, SamplesMessage)]
         found: set[tuple] = set()
@@ -274,6 +284,12 @@ class Ingest:
                 SampleRow.device_id.in_({m.device_id for m in samples}),
                 SampleRow.ref.in_({smp.ref for m in samples for smp in m.samples})))
             found.update(("sample", *row) for row in rows)
+        points = [m for m in redelivered if isinstance(m, TelemetryMessage)]
+        if points:
+            rows = s.execute(select(TelemetryRow.device_id, TelemetryRow.t).where(
+                TelemetryRow.device_id.in_({m.device_id for m in points}),
+                TelemetryRow.t.in_({m.sent_at for m in points})))
+            found.update(("telemetry", *row) for row in rows)
         return found
 
     def _device(self, s, device_id: str) -> DeviceRow:
@@ -333,6 +349,11 @@ class Ingest:
         after.append(lambda: self.events.publish("device", view))
 
     def _telemetry(self, s, d: DeviceRow, msg: TelemetryMessage, after: After) -> None:
+        key = ("telemetry", d.id, msg.sent_at)
+        if key in self._stored:  # delivered again: stored the first time
+            self._tally["duplicates"] += 1
+            return
+        self._stored.add(key)  # two copies in one batch (a redelivery right behind its original)
         now = time.time()
         d.last_seen, d.online = now, True
         if d.hardware is not None and d.hardware.get("available_memory") != msg.mem_available:

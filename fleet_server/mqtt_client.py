@@ -45,6 +45,7 @@ from toco_core.topics import DELIVERY, Topics, parse_broker_url
 log = logging.getLogger("toco.fleet.mqtt")
 INGEST_KINDS = (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.DRIFT, MessageKind.SAMPLES)
 Ack = Callable[[], None]  # acknowledges one received QoS 1 message to the broker (a no-op for QoS 0)
+DeviceHandler = Callable[[MessageKind, str, bytes, Ack, bool], None]  # (kind, device, payload, ack, redelivered)
 
 
 def ingest_subscriptions(topics: Topics, shared_group: str | None) -> list[tuple[str, int]]:
@@ -63,10 +64,11 @@ class PublishRefused(TocoError):
 
 
 class FleetMqtt:
-    """Connects to ``url``; ``on_device(kind, device_id, payload, ack)`` and ``on_get(topic, payload)`` receive
-    traffic. ``on_device`` owns ``ack``: it calls it once the message is safely stored (or given up on)."""
+    """Connects to ``url``; ``on_device(kind, device_id, payload, ack, redelivered)`` and ``on_get(topic, payload)``
+    receive traffic. ``on_device`` owns ``ack``: it calls it once the message is safely stored (or given up on);
+    ``redelivered`` is the PUBLISH's DUP flag (sent before, perhaps to a replica that stored it and died)."""
 
-    def __init__(self, url: str, topics: Topics, *, on_device: Callable[[MessageKind, str, bytes, Ack], None],
+    def __init__(self, url: str, topics: Topics, *, on_device: DeviceHandler,
                  on_get: Callable[[str, bytes], None], on_connect: Callable[[], None] | None = None,
                  client_id: str = "toco-fleet-server", username: str | None = None, password: str | None = None,
                  ca_file: str | None = None, shared_group: str | None = None,
@@ -233,7 +235,7 @@ class FleetMqtt:
             self.on_get(msg.topic, bytes(msg.payload))
         elif where.kind in INGEST_KINDS:
             assert where.device_id is not None  # a device topic names the device
-            self.on_device(where.kind, where.device_id, bytes(msg.payload), ack)
+            self.on_device(where.kind, where.device_id, bytes(msg.payload), ack, bool(msg.dup))
             return True
         return False
 

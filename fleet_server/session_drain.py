@@ -42,9 +42,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
 from fleet_server.db import Database, ReplicaRow
-from fleet_server.mqtt_client import Ack, FleetMqtt, ingest_subscriptions
+from fleet_server.mqtt_client import Ack, DeviceHandler, FleetMqtt, ingest_subscriptions
 from fleet_server.replicas import drain_application_name, lock_key
-from toco_core.messages import MessageKind
 
 log = logging.getLogger("toco.fleet.drain")
 
@@ -145,7 +144,7 @@ class DeadSessionWatch:
 
     def __init__(self, db: Database, url: URL, *, replica_id: str, own_client_id: str, broker_url: str, topics,
                  shared_group: str,
-                 on_device: Callable[[MessageKind, str, bytes, Ack], None], on_get: Callable[[str, bytes], None],
+                 on_device: DeviceHandler, on_get: Callable[[str, bytes], None],
                  is_leader: Callable[[], bool], password_dir: Path | None, ca_file: str | None,
                  check_s: float = 2.0, grace_s: float = 5.0, quiet_s: float = 2.0, stall_s: float = 300.0) -> None:
         """``replica_id``: this replica's, named in the watch's database session (a replica restarted during a

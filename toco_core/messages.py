@@ -260,7 +260,7 @@ class StateMessage(AgentMessage):
 
 
 class TelemetryMessage(AgentMessage):
-    """Periodic resources and inference counters (QoS 0: a lost one is replaced by the next)."""
+    """Periodic resources and inference counters (QoS 1, not kept in the outbox: a box offline drops them)."""
 
     mem_available: int = Field(ge=0, description="bytes")
     disk_free: int = Field(ge=0, description="bytes in the state dir's file system")

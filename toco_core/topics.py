@@ -37,7 +37,9 @@ class Delivery(NamedTuple):
 
 DELIVERY: dict[MessageKind, Delivery] = {
     MessageKind.STATE: Delivery(1, True, False),       # re-sent as the birth on every connect
-    MessageKind.TELEMETRY: Delivery(0, False, False),  # the next one replaces a lost one
+    # QoS 1 although the next point replaces a lost one: a replica killed mid-run left its share of QoS 0
+    # telemetry to be dropped by the broker until the survivor drained its session (docs/protocol.md)
+    MessageKind.TELEMETRY: Delivery(1, False, False),
     MessageKind.STATUS: Delivery(1, False, True),
     MessageKind.DRIFT: Delivery(1, False, True),
     MessageKind.SAMPLES: Delivery(1, False, True),

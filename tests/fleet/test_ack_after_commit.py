@@ -1,7 +1,8 @@
 """A serve process killed with QoS 1 device messages received but not yet committed loses none of them:
 it acknowledges a message only after the batch holding it is committed, and its broker-held session
 brings the unacknowledged ones back when it restarts under the same identity. A message delivered
-again after its batch was committed is stored once."""
+again after its batch was committed is stored once: a drift report always, a telemetry point (the bulk of
+the traffic) when the broker flags it as sent before."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fleet_server.ingest import Ingest
 from tests.support.broker import Broker, Listener
 from tests.support.processes import free_port, stop_process
 from tests.support.waiting import wait_until
-from toco_core.messages import DriftCheck, DriftMessage, MessageKind, encode
+from toco_core.messages import DriftCheck, DriftMessage, MessageKind, TelemetryMessage, encode
 from toco_core.topics import Topics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,13 +127,37 @@ def test_a_drift_report_delivered_again_after_its_commit_is_stored_once(tmp_path
     ingest = Ingest(db, EventBus())
     try:
         first, again = drift("cam-1", 3), drift("cam-1", 4)
-        ingest._process([(MessageKind.DRIFT, "cam-1", encode(first)), (MessageKind.DRIFT, "cam-1", encode(again))])
+        ingest._process([(MessageKind.DRIFT, "cam-1", encode(first), False),
+                         (MessageKind.DRIFT, "cam-1", encode(again), False)])
         # the broker delivers both again (the server died before acknowledging them), next to a new one
         newer = drift("cam-1", 5)
-        ingest._process([(MessageKind.DRIFT, "cam-1", encode(m)) for m in (first, again, newer)])
+        ingest._process([(MessageKind.DRIFT, "cam-1", encode(m), m is not newer) for m in (first, again, newer)])
         with db.engine.connect() as conn:
             windows = conn.execute(sa.text("SELECT window FROM drift_reports ORDER BY window")).scalars().all()
         assert windows == [3, 4, 5]
+        assert ingest.stats["duplicates"] == 2
+    finally:
+        db.close()
+
+
+def test_a_telemetry_point_the_broker_flags_as_sent_before_is_stored_once(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    ingest = Ingest(db, EventBus())
+
+    def point(t: float) -> bytes:
+        return encode(TelemetryMessage(device_id="cam-1", mem_available=1 << 20, disk_free=1 << 30, cpu_load=0.1,
+                                       sent_at=t))
+    try:
+        ingest._process([(MessageKind.TELEMETRY, "cam-1", point(t), False) for t in (10.0, 20.0)])
+        # 20.0 again with DUP set (stored before the kill), 30.0 with DUP set but never stored (delivered to the
+        # dead replica, not committed), 40.0 new, and 40.0 once more in the same batch
+        ingest._process([(MessageKind.TELEMETRY, "cam-1", point(20.0), True),
+                         (MessageKind.TELEMETRY, "cam-1", point(30.0), True),
+                         (MessageKind.TELEMETRY, "cam-1", point(40.0), False),
+                         (MessageKind.TELEMETRY, "cam-1", point(40.0), True)])
+        with db.engine.connect() as conn:
+            times = conn.execute(sa.text("SELECT t FROM telemetry ORDER BY t")).scalars().all()
+        assert times == [10.0, 20.0, 30.0, 40.0]
         assert ingest.stats["duplicates"] == 2
     finally:
         db.close()

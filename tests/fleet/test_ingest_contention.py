@@ -18,7 +18,7 @@ DEVICES = [f"cam-{i:02d}" for i in range(24)]
 ROUNDS = 12
 
 
-def batch(order: list[str], t: float) -> list[tuple[MessageKind, str, bytes]]:
+def batch(order: list[str], t: float) -> list[tuple[MessageKind, str, bytes, bool]]:
     """One device at a time: its online state (a savepoint, so its row is written now) then a telemetry point."""
     items = []
     for dev in order:
@@ -26,7 +26,7 @@ def batch(order: list[str], t: float) -> list[tuple[MessageKind, str, bytes]]:
                              hardware=HardwareInfo(**HARDWARE, device_id=dev))
         point = TelemetryMessage(device_id=dev, sent_at=t, cpu_load=0.1, mem_available=1 << 20, disk_free=1 << 30,
                                  inferences=1)
-        items += [(MessageKind.STATE, dev, encode(state)), (MessageKind.TELEMETRY, dev, encode(point))]
+        items += [(MessageKind.STATE, dev, encode(state), False), (MessageKind.TELEMETRY, dev, encode(point), False)]
     return items
 
 

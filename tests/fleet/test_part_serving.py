@@ -53,7 +53,7 @@ def broker() -> Iterator[Broker]:
 @pytest.fixture
 def server_mqtt(broker) -> Iterator[FleetMqtt]:
     """The fleet server's MQTT client, connected; it receives nothing here (the test calls the publisher)."""
-    client = FleetMqtt(broker.url, T, on_device=lambda kind, device, payload, ack: ack(), on_get=lambda t, p: None,
+    client = FleetMqtt(broker.url, T, on_device=lambda kind, dev, payload, ack, again: ack(), on_get=lambda t, p: None,
                        client_id="toco-fleet-parts")
     client.start()
     yield client
@@ -252,7 +252,7 @@ def test_status_messages_are_read_while_part_requests_are_still_being_answered(b
         time.sleep(0.01)  # a loaded server: 640 frames take 6.4 s
         return payload
 
-    def on_device(kind, device, payload, ack) -> None:
+    def on_device(kind, device, payload, ack, redelivered) -> None:
         statuses.append((time.monotonic(), holder["publisher"].stats["ranges_sent"]))
         ack()
 

@@ -29,7 +29,7 @@ from tests.support.broker import Broker
 from tests.support.processes import free_port, stop_process
 from tests.support.waiting import wait_until
 from toco_core.messages import MessageKind, StateMessage, TelemetryMessage, encode
-from toco_core.topics import Topics
+from toco_core.topics import DELIVERY, Topics
 
 REPO = Path(__file__).resolve().parents[2]
 FLEET, KEEP = "test", 10
@@ -101,7 +101,8 @@ class Device:
         self.publish(MessageKind.STATE, StateMessage(device_id=device_id, state="online", birth=1, group="line"))
 
     def publish(self, kind: MessageKind, msg) -> None:
-        info = self.c.publish(T.device(kind, self.id), encode(msg), qos=1, retain=kind is MessageKind.STATE)
+        rule = DELIVERY[kind]
+        info = self.c.publish(T.device(kind, self.id), encode(msg), qos=rule.qos, retain=rule.retain)
         info.wait_for_publish(5)
 
     def telemetry(self, times: list[float]) -> None:

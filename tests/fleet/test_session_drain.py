@@ -1,8 +1,9 @@
-"""A replica SIGKILLed and not restarted strands no QoS 1 device message: mosquitto keeps routing its share of
-the shared subscriptions into its broker-held session, and the surviving replica, once the dead one's database
-session has been gone for the grace period, takes that MQTT session over, stores what waited there (once) and
-ends it, so later messages go to the live replica only. The killed replica, restarted afterwards under the same
-MQTT user (client id = username, as shipped), starts a new session and gets its share again."""
+"""A replica SIGKILLed and not restarted strands no device message (all are QoS 1, telemetry included):
+mosquitto keeps routing its share of the shared subscriptions into its broker-held session, and the surviving
+replica, once the dead one's database session has been gone for the grace period, takes that MQTT session over,
+stores what waited there (once) and ends it, so later messages go to the live replica only. The killed replica,
+restarted afterwards under the same MQTT user (client id = username, as shipped), starts a new session and gets
+its share again."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.support.waiting import wait_until
 from toco_core.messages import MessageKind
 
 CAMS = ("cam-1", "cam-2", "cam-3")
-ENV = {"TOCO_FLEET_SESSION_DRAIN_GRACE_S": "1"}
+ENV = {"TOCO_FLEET_SESSION_DRAIN_GRACE_S": "1", "TOCO_FLEET_TELEMETRY_KEEP": "10000"}  # every point stays to be counted
 
 
 def received(replica: Replica) -> int:
@@ -31,6 +32,15 @@ def received(replica: Replica) -> int:
 def drift_rows(engine: sa.Engine) -> list[tuple[str, int]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(sa.text('SELECT device_id, "window" FROM drift_reports'))]
+
+
+T0 = float(int(time.time()))  # telemetry of window w is sent at T0 + w (recent: retention keeps it)
+
+
+def telemetry_rows(engine: sa.Engine) -> list[tuple[str, int]]:
+    """(device, window) of every stored telemetry point: the test sends one per drift window."""
+    with engine.connect() as conn:
+        return [(d, int(t - T0)) for d, t in conn.execute(sa.text("SELECT device_id, t FROM telemetry"))]
 
 
 def test_a_killed_replicas_queued_messages_are_drained_by_the_survivor(broker, pg_url, tmp_path):  # noqa: F811
@@ -51,10 +61,11 @@ def test_a_killed_replicas_queued_messages_are_drained_by_the_survivor(broker, p
         devices = [Device(broker.port, cam) for cam in CAMS]
         sent: set[tuple[str, int]] = set()
 
-        def send(start: int, n: int) -> None:  # QoS 1 drift reports (telemetry is QoS 0: never queued)
+        def send(start: int, n: int) -> None:  # a drift report and a telemetry point per device and window
             for d in devices:
                 for window in range(start, start + n):
                     d.publish(MessageKind.DRIFT, drift(d.id, window))
+                    d.telemetry([T0 + window])
                     sent.add((d.id, window))
 
         send(0, 6)  # both replicas up: shared between them
@@ -96,6 +107,7 @@ def test_a_killed_replicas_queued_messages_are_drained_by_the_survivor(broker, p
         took = time.monotonic() - killed_at
         time.sleep(0.5)  # a duplicate delivered late would land now
         assert sorted(drift_rows(engine)) == sorted(sent), "each message stored exactly once"
+        assert sorted(telemetry_rows(engine)) == sorted(sent), "each telemetry point stored exactly once"
         assert took < 20, f"stored {took:.1f} s after the kill"
         assert "draining the MQTT session of a dead replica" in second.output()
 
@@ -107,6 +119,7 @@ def test_a_killed_replicas_queued_messages_are_drained_by_the_survivor(broker, p
         assert wait_until(lambda: len(drift_rows(engine)) >= len(sent), 10, 0.1)
         time.sleep(0.5)
         assert sorted(drift_rows(engine)) == sorted(sent), "each message stored exactly once"
+        assert sorted(telemetry_rows(engine)) == sorted(sent), "each telemetry point stored exactly once"
         assert received(third) > 0, "the restarted replica gets its share again"
         time.sleep(2)  # more than the grace period with r1 alive again: the leader leaves its session alone
         assert len(second.health()["replica"]["drained_sessions"]) == 1, second.health()["replica"]
