@@ -46,6 +46,14 @@ log = logging.getLogger("toco.fleet.mqtt")
 INGEST_KINDS = (MessageKind.STATE, MessageKind.TELEMETRY, MessageKind.STATUS, MessageKind.DRIFT, MessageKind.SAMPLES)
 Ack = Callable[[], None]  # acknowledges one received QoS 1 message to the broker (a no-op for QoS 0)
 DeviceHandler = Callable[[MessageKind, str, bytes, Ack, bool], None]  # (kind, device, payload, ack, redelivered)
+# QoS 1 messages the broker may have out to this client unacknowledged (MQTT 5 Receive Maximum, at most 65,535).
+# Device messages are acknowledged only after their batch commits, so the window holds the ingest backlog; at
+# mosquitto's max_inflight_messages (1,000 as shipped) a replica alone under 10,000 devices' QoS 1 telemetry
+# had it full and the broker queued everything behind it, part requests included: a request waited for the
+# backlog. With the window at the protocol's maximum the backlog waits in the ingest queue (in memory: ~300
+# bytes a message) and a request is answered when it arrives. bench/fleet.py, 10,000 devices, the survivor
+# deploying to 2,000 alone: part ranges asked for again 147,104 -> 0, oldest request 16.7 -> 9.3 s.
+RECEIVE_MAXIMUM = 65535
 
 
 def ingest_subscriptions(topics: Topics, shared_group: str | None) -> list[tuple[str, int]]:
@@ -102,7 +110,8 @@ class FleetMqtt:
 
     def start(self, timeout: float = 10.0) -> None:
         """Connect in the background and wait up to ``timeout`` s. Raises TimeoutError if the broker is unreachable."""
-        self.client.connect_async(self.broker.host, self.broker.port, 30, **session_connect_args(self.session_expiry_s))
+        self.client.connect_async(self.broker.host, self.broker.port, 30,
+                                  **session_connect_args(self.session_expiry_s, RECEIVE_MAXIMUM))
         self.client.loop_start()
         if not self.connected.wait(timeout):
             raise TimeoutError(f"the fleet server could not reach the broker at {self.broker.host}:{self.broker.port}")

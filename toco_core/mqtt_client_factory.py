@@ -67,16 +67,20 @@ def make_mqtt_client(client_id: str, broker: BrokerUrl, *, username: str | None 
     return client
 
 
-def session_connect_args(session_expiry_s: int | None) -> dict[str, Any]:
+def session_connect_args(session_expiry_s: int | None, receive_maximum: int | None = None) -> dict[str, Any]:
     """The ``connect_async`` keyword arguments that resume a broker-held MQTT 5 session.
 
-    Takes the ``session_expiry_s`` the client was built with. Returns ``{}`` for None (an MQTT 3.1.1
-    client, whose session kind is fixed at construction), else ``clean_start=False`` (paho's default
-    starts clean on the first connect, which would throw away what the broker kept for a restarted
-    process) and the session expiry as a CONNECT property. Raises nothing.
+    Takes the ``session_expiry_s`` the client was built with and the QoS 1 messages the broker may send
+    it unacknowledged (``receive_maximum``, 1-65,535; None: the broker's choice, mosquitto's
+    ``max_inflight_messages``). Returns ``{}`` for None (an MQTT 3.1.1 client, whose session kind is
+    fixed at construction), else ``clean_start=False`` (paho's default starts clean on the first
+    connect, which would throw away what the broker kept for a restarted process) and the session
+    expiry (and receive maximum) as CONNECT properties. Raises nothing.
     """
     if session_expiry_s is None:
         return {}
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho's constructor is untyped
     props.SessionExpiryInterval = int(session_expiry_s)
+    if receive_maximum is not None:
+        props.ReceiveMaximum = int(receive_maximum)
     return {"clean_start": False, "properties": props}
