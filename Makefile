@@ -33,8 +33,11 @@ lint: setup
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
+# two pytest-xdist workers, each test file on one (its module fixtures: brokers, servers, clusters, made once);
+# TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
 test: setup system-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	$(VENV)/bin/toco demo

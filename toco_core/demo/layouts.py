@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from toco_core.demo.data import DigitSplits, mnist_splits
-from toco_core.demo.train import Exporter, cache_dir, train
+from toco_core.demo.train import Exporter, cache_dir, made_once, train
 from toco_core.model_inputs import ModelInputs
 
 _RECIPE_VERSION = "1"  # bump when the architecture or training change: invalidates the cache
@@ -61,16 +61,15 @@ def nhwc_uint8_model(exporter: Exporter = "torchscript") -> Path:
 
     The graph's input is ``pixels`` uint8 [batch, 28, 28, 1], its output ``logits`` [batch, 10].
     """
-    path = cache_dir() / f"layouts-v{_RECIPE_VERSION}" / f"nhwc_uint8-{exporter}.onnx"
-    if path.is_file():
-        return path
-    s = nhwc_uint8_digits()
-    model = Nhwc8Classifier()
-    # training feeds float copies of the same 0..255 values (autograd wants floats); the graph's own
-    # Cast makes the exported model read the uint8 bytes identically
-    train(model, s.x_train.astype(np.float32), s.y_train, epochs=6)
-    _export_uint8(model.eval(), path, exporter)
-    return path
+    def make(path: Path) -> None:
+        s = nhwc_uint8_digits()
+        model = Nhwc8Classifier()
+        # training feeds float copies of the same 0..255 values (autograd wants floats); the graph's own
+        # Cast makes the exported model read the uint8 bytes identically
+        train(model, s.x_train.astype(np.float32), s.y_train, epochs=6)
+        _export_uint8(model.eval(), path, exporter)
+
+    return made_once(cache_dir() / f"layouts-v{_RECIPE_VERSION}" / f"nhwc_uint8-{exporter}.onnx", make)
 
 
 class TwoInputClassifier(nn.Module):
@@ -133,16 +132,15 @@ class _TrainPair(nn.Module):
 def two_input_model(exporter: Exporter = "torchscript") -> Path:
     """Path of the cached ``two_input`` ONNX model (inputs ``pixels`` uint8 [batch, 28, 28, 1] and
     ``gauge`` float32 [batch, 4], output ``logits``), trained and exported on first use."""
-    path = cache_dir() / f"layouts-v{_RECIPE_VERSION}" / f"two_input-{exporter}.onnx"
-    if path.is_file():
-        return path
-    s = two_input_digits()
-    x = s.x_train.arrays
-    packed = np.concatenate([x["pixels"].reshape(len(x["pixels"]), -1).astype(np.float32), x["gauge"]], axis=1)
-    model = TwoInputClassifier()
-    train(_TrainPair(model), packed, s.y_train, epochs=6)
-    _export_uint8(model.eval(), path, exporter, gauge=True)
-    return path
+    def make(path: Path) -> None:
+        s = two_input_digits()
+        x = s.x_train.arrays
+        packed = np.concatenate([x["pixels"].reshape(len(x["pixels"]), -1).astype(np.float32), x["gauge"]], axis=1)
+        model = TwoInputClassifier()
+        train(_TrainPair(model), packed, s.y_train, epochs=6)
+        _export_uint8(model.eval(), path, exporter, gauge=True)
+
+    return made_once(cache_dir() / f"layouts-v{_RECIPE_VERSION}" / f"two_input-{exporter}.onnx", make)
 
 
 def _export_uint8(model: nn.Module, path: Path, exporter: Exporter, gauge: bool = False) -> None:

@@ -11,6 +11,7 @@ the demo model itself.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import warnings
@@ -96,20 +97,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOCO_CACHE_DIR", Path.home() / ".cache" / "toco"))
 
 
+def made_once(path: Path, make: Callable[[Path], None]) -> Path:
+    """``path`` if it exists, else ``make(path)`` run first, by one process at a time.
+
+    Test workers and benches start side by side on a fresh machine: without the lock (an flock on
+    ``path`` + ".lock") each trained the same model, and one's file replaced another's under a
+    reader that had already hashed the first. ``make`` writes ``path`` whole (a temporary name
+    renamed into place). Returns ``path``; raises what ``make`` raises.
+    """
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():  # another process made it while this one waited
+            make(path)
+    return path
+
+
 def cached_export(path: Path, make: Callable[[], nn.Module], exporter: Exporter = "torchscript",
                   image_shape: tuple[int, ...] = (1, 28, 28)) -> Path:
-    """``path`` if it exists, else ``make()`` (build + train) exported there first.
+    """``path`` if it exists, else ``make()`` (build + train) exported there first (``made_once``).
 
     The export goes to a per-process temporary name and is renamed into place, so concurrent
     callers never read a half-written file.
     """
-    if path.is_file():
-        return path
-    model = make()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    export(model.eval(), tmp, exporter, image_shape)
-    tmp.replace(path)
-    return path
+    def make_file(out: Path) -> None:
+        model = make()
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        export(model.eval(), tmp, exporter, image_shape)
+        tmp.replace(out)
+
+    return made_once(path, make_file)
 
 
 def demo_model(arch: str = "lenet5", exporter: Exporter = "torchscript", trained: bool = True) -> Path:
