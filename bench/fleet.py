@@ -1,6 +1,6 @@
 """Fleet server load benchmark: simulated devices (protocol-speaking MQTT clients, not agents)
 against a real mosquitto + the fleet server (its own process, SQLite), or ``--replicas N`` serve
-processes on a throw-away PostgreSQL, all on loopback.
+processes on a throw-away PostgreSQL (``--db postgres`` for one such process), all on loopback.
 
 1. N devices (default 1,000) send births, telemetry every 10 s and drift reports every 60 s (each
    device at its own phase of the period) for --duration s; measured: messages sent, stored when
@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--deploy-wait", type=float, default=180.0, metavar="S",
                     help="follow the deployment for at most S seconds (its table says how far it got)")
     ap.add_argument("--replicas", type=int, default=1, help="N > 1: N serve --replicas processes on PostgreSQL")
+    ap.add_argument("--db", choices=("sqlite", "postgres"), default=None,
+                    help="the servers' database: sqlite (one process, the default with one replica) or postgres "
+                         "(a throw-away cluster, serve --replicas; the default and the only choice with N > 1)")
     ap.add_argument("--kill-leader", action="store_true", help="with --replicas: SIGKILL the leader halfway")
     ap.add_argument("--restart-killed", type=float, default=None, metavar="S",
                     help="with --kill-leader: start the killed replica again S seconds after the kill")
@@ -86,6 +89,11 @@ def main() -> None:
     ap.add_argument("--sample-seconds", type=float, default=0.0,
                     help="soak: sample server RSS, descriptors, threads and DB size this often (0: off)")
     args = ap.parse_args()
+    db = args.db or ("postgres" if args.replicas > 1 else "sqlite")
+    if db == "sqlite" and args.replicas > 1:
+        ap.error("replicas share one PostgreSQL database: leave --db out or pass --db postgres")
+    if args.replicas < 2 and (args.kill_leader or args.kill_leader_in_deploy):
+        ap.error("killing the leader needs another replica to take over: pass --replicas 2 or more")
     if args.quick:
         args.devices, args.duration, args.drift_s, args.deploy_devices = 200, 30.0, 15.0, 100
     with ExitStack() as stack:
@@ -99,7 +107,7 @@ def main() -> None:
         deployed = set(range(0, args.devices, stride)[:args.deploy_devices])
         groups = {d: "deploy" if i in deployed else "bench" for i, d in enumerate(ids)}
         urls = [server_broker_url(broker, k) for k in range(args.replicas)]
-        servers = (start_replicas(urls, tmp, groups, stack) if args.replicas > 1
+        servers = (start_replicas(urls, tmp, groups, stack) if db == "postgres"
                    else start_single(tmp, urls[0], groups))
         stack.callback(servers.stop)
         wait_for(lambda: servers.health(0).get("broker") == "connected", 60, "the server did not start")

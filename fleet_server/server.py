@@ -213,6 +213,8 @@ class FleetServer:
                 self.broker.start()
             self.ingest.start()
             self.mqtt.start()
+            if self.relay is not None:
+                self.relay.start()
             # the job runner starts when this process leads: it re-queues analyses a dead leader left
             # running, so it must never start on two replicas at once
             self.lease.start(on_gained=self.jobs.start)
@@ -257,6 +259,8 @@ class FleetServer:
         # ingest first: what it stores now is acknowledged while the connection is still up; what
         # arrives meanwhile, or waits beyond its time, stays unacknowledged and comes back with the next start
         self.ingest.stop(timeout=2)
+        if self.relay is not None:
+            self.relay.stop()  # the last batch of events, while the connection is up
         self.mqtt.stop(timeout=2)
         if self.broker is not None:
             self.broker.stop()
