@@ -83,6 +83,8 @@ class FleetSettings(BaseSettings):
     bundle_min_age_days: float = Field(7.0, ge=0, description="days a superseded bundle is kept at least")
     events_keep_days: float = Field(90.0, gt=0, description="days the event log (GET /api/event-log) keeps an event")
     retention_interval_s: float = Field(60.0, gt=0, le=86400, description="period of the retention housekeeping")
+    retention_cycle_s: float = Field(600.0, gt=0, le=7 * 86400, description="seconds within which the retention "
+                                     "housekeeping trims every device once: each run takes its share of the devices")
     replicas: bool = Field(False, description="this serve is one of several replicas sharing one PostgreSQL "
                            "database and one external broker (docs/design_notes.md, Replicas)")
     replica_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",

@@ -133,7 +133,7 @@ class FleetServer:
         self.key_distributor = KeyDistributor(self.db, self.signer, send_command, on_reload=self._use_key)
         self.retention = Retention(self.db, telemetry_keep=s.telemetry_keep, events_keep_s=s.events_keep_days * 86400,
                                    interval_s=s.retention_interval_s, drift_keep=s.drift_keep,
-                                   drift_keep_s=s.drift_keep_days * 86400,
+                                   drift_keep_s=s.drift_keep_days * 86400, cycle_s=s.retention_cycle_s,
                                    bundles=BundleRetention(s.bundles_keep, s.bundle_min_age_days * 86400,
                                                            self.publisher.withdraw))
         self.lease = make_lease(s, self.db.engine.url, on_lost=self._lease_lost)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import sqlalchemy as sa
+
 from fleet_server.db import Database, DeviceRow, DriftRow, EventRow, TelemetryRow
 from fleet_server.event_log import recent_events
 from fleet_server.retention import Retention
@@ -54,4 +56,44 @@ def test_retention_keeps_drift_windows_by_count_and_age(tmp_path):
         assert windows("cam-1") == list(range(18, 30))
         assert windows("cam-2") == [3, 4, 5, 6]
     assert retention.run(now)["drift"] == 0
+    db.close()
+
+
+def test_a_large_fleet_is_trimmed_a_share_per_run_and_whole_within_the_cycle(tmp_path):
+    """Trimming every device every run kept the leader's housekeeping busy for most of each minute at 10,000
+    devices; each run now takes the next share, and every device is trimmed within ``cycle_s``."""
+    from fleet_server.retention import MIN_DEVICES_PER_RUN
+
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    now = time.time()
+    n = 3 * MIN_DEVICES_PER_RUN + 10  # a run at interval 60 / cycle 240 takes a quarter, 153, so the minimum 200
+    devices = [f"dev-{i:05d}" for i in range(n)]
+    with db.session(write=True) as s:
+        for dev in devices:
+            s.add(DeviceRow(id=dev, group="line", online=True, birth=1, last_seen=now, hardware={}))
+            s.add_all(TelemetryRow(device_id=dev, t=now - 100 + i, cpu_percent=1.0, available_memory=1, inferences=i)
+                      for i in range(12))
+    retention = Retention(db, telemetry_keep=10, events_keep_s=86400, interval_s=60, cycle_s=240)
+
+    def over() -> set[str]:
+        with db.session() as s:
+            rows = s.query(TelemetryRow.device_id).group_by(TelemetryRow.device_id).having(
+                sa.func.count() > 10).all()
+            return {d for (d,) in rows}
+
+    trimmed = []
+    for k in range(4):
+        before = over()
+        assert retention.tick(now + 60 * k)["telemetry"] == 2 * len(before - over())
+        trimmed.append(before - over())
+        assert len(trimmed[-1]) == min(MIN_DEVICES_PER_RUN, len(before))
+    assert over() == set(), "every device trimmed within the cycle"
+    assert trimmed[0] == set(devices[:200]) and trimmed[1] == set(devices[200:400]), "in id order, going on"
+    # the fourth share wrapped round: the last 10 devices, then the first 190 again
+    assert trimmed[3] == set(devices[600:]) and retention.next_share(devices)[0] == devices[190]
+    # a direct run trims every device whatever the share
+    with db.session(write=True) as s:
+        s.add_all(TelemetryRow(device_id=dev, t=now + i, cpu_percent=1.0, available_memory=1, inferences=i)
+                  for dev in devices for i in range(2))
+    assert retention.run(now)["telemetry"] == 2 * n
     db.close()
