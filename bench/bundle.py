@@ -1,6 +1,6 @@
 """Bundle benchmark: bytes on the wire of the parts bundle against the fp32 model and today's bundle.
 
-    .venv/bin/python bench/bundle.py [--models lenet5,mlp,large-s0,large-s1,...] [--reanalyze]
+    .venv/bin/python bench/bundle.py [--models lenet5,mlp,large-s0,large-s1,...] [--reanalyze] [--compensated]
 
 Per model, measured in one run: the fp32 model file, the format-1 bundle (fp32 model + analysis
 directory, what the fleet shipped so far) and the parts bundle (weights part = the signed manifest
@@ -14,6 +14,9 @@ Last, the bytes a handheld that later recompresses to the line PC's plan fetches
 The bundle is laid out for its fleet, the three boxes (band bounds at their planned prune levels,
 toco_core.band_layout), as the fleet server packs it; "no fleet" is the weights download of each
 box from the layout the server uses when it knows no box (every level a bound).
+--compensated analyses with compensated rounding (AnalysisSettings.compensated_rounding; cached and
+written apart: analysis-<model>-comp/, model "<model>-comp"), whose per-point rounding parts are shown
+apart like the biases.
 Writes bench/results/bundle.json (a row per model, replacing that model's row of an earlier run).
 """
 
@@ -88,9 +91,14 @@ def _same(a, b) -> bool:
     return ia == {t.name: t.SerializeToString() for t in b.graph.initializer}
 
 
-def bench_model(name: str, reanalyze: bool) -> dict:
+def bench_model(name: str, reanalyze: bool, compensated: bool = False) -> dict:
     """Every number of one model's table (see module doc)."""
+    from toco_core.analysis.settings import AnalysisSettings
+
     path, px, py, hx, settings = load_case(name)
+    if compensated:
+        settings = (settings or AnalysisSettings()).model_copy(update={"compensated_rounding": True})
+        name += "-comp"
     model = load_model(path)
     result, _ = cached_analysis(name, model, px, py, settings, fresh=reanalyze)
     fp32 = len(Path(path).read_bytes())
@@ -114,6 +122,7 @@ def bench_model(name: str, reanalyze: bool) -> dict:
     row: dict = {"model": name, "weights": result.manifest.weights, "fp32_file": fp32, "today_bundle": today,
            "parts_weights": full_w, "parts_calibration": full_c, "manifest": manifest,
            "parts_biases": sum(len(v) for k, v in parts.items() if k.startswith("bias/")),
+           "parts_rounding": sum(len(v) for k, v in parts.items() if k.startswith("round/")),
            "heldout_samples": len(decode_calibration(parts["calib/heldout"], "calib/heldout")["x"]), "devices": [],
            "band_bounds": bounds}
     held_by = {}
@@ -131,6 +140,7 @@ def bench_model(name: str, reanalyze: bool) -> dict:
         held_by[dev] = set(plans_parts)
         generic_w = _split(generic, BundleHead(generic["head"]).parts_for_plan(report.plan))[0] + generic_manifest
         row["devices"].append({"device": dev, "plan": report.plan.label, "storage_form": report.storage_bytes,
+                               "download_rounding": sum(len(parts[n]) for n in plans_parts if n.startswith("round/")),
                                "download_weights": w, "download_calibration": c, "exact": exact,
                                "download_weights_no_fleet": generic_w,
                                "predicted": report.plan.predicted_disagreement, "heldout": fid.disagreement,
@@ -145,18 +155,19 @@ def print_table(rows: list[dict]) -> None:
     """One table for the bundles, one for the boxes."""
     t = Table(title="bundle bytes on the wire (ratios against the fp32 model file, same run)")
     for col in ("model", "weights", "fp32 file", "today's bundle", "parts: weights", "of which biases",
-                "parts: calibration", "parts: total", "self-test samples"):
+                "of which rounding", "parts: calibration", "parts: total", "self-test samples"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         f = r["fp32_file"]
         ratio = lambda v: f"{format_size(v)} ({v / f:.2f}x)"  # noqa: E731
         t.add_row(r["model"], f"{r['weights']:,}", format_size(f), ratio(r["today_bundle"]), ratio(r["parts_weights"]),
-                  ratio(r["parts_biases"]), ratio(r["parts_calibration"]),
+                  ratio(r["parts_biases"]), ratio(r.get("parts_rounding", 0)), ratio(r["parts_calibration"]),
                   ratio(r["parts_weights"] + r["parts_calibration"]),
                   str(r["heldout_samples"]))
     console.print(t)
     t = Table(title="per box: the plan built from parts, what it downloads, held-out fidelity")
-    for col in ("model", "box", "plan", "storage form", "download: weights", "no fleet: weights", "download: calib",
+    for col in ("model", "box", "plan", "storage form", "download: weights", "of which rounding", "no fleet: weights",
+                "download: calib",
                 "download: total", "exact", "predicted", "held-out"):
         t.add_column(col, justify="left" if col in ("model", "box", "plan") else "right")
     for r in rows:
@@ -165,12 +176,13 @@ def print_table(rows: list[dict]) -> None:
             total = d["download_weights"] + d["download_calibration"]
             t.add_row(r["model"], d["device"], d["plan"], format_size(d["storage_form"]),
                       f"{format_size(d['download_weights'])} ({d['download_weights'] / f:.3f}x)",
+                      format_size(d.get("download_rounding", 0)),
                       f"{format_size(d['download_weights_no_fleet'])} ({d['download_weights_no_fleet'] / f:.3f}x)",
                       format_size(d["download_calibration"]), f"{format_size(total)} ({total / f:.2f}x)",
                       "yes" if d["exact"] else "NO", f"{d['predicted']:.2%}",
                       f"{d['heldout']:.2%} of {d['heldout_n']}")
         t.add_row(r["model"], "handheld -> line-pc", "recompress to a roomier plan", "",
-                  f"+{format_size(r['roomier_extra'])}", "", "", "", "", "", "")
+                  f"+{format_size(r['roomier_extra'])}", "", "", "", "", "", "", "")
     console.print(t)
 
 
@@ -179,8 +191,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="lenet5,mlp")
     ap.add_argument("--reanalyze", action="store_true")
+    ap.add_argument("--compensated", action="store_true", help="analyse with compensated rounding (see the module doc)")
     args = ap.parse_args()
-    rows = [bench_model(m, args.reanalyze) for m in args.models.split(",")]
+    rows = [bench_model(m, args.reanalyze, args.compensated) for m in args.models.split(",")]
     print_table(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bundle.json"  # rows by model, so runs over different models add up

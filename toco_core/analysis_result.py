@@ -8,6 +8,8 @@
     OUT/plans.safetensors      PlanTable: master steps and every curve point's build decisions
     OUT/bias_deltas.safetensors  optional: every point's corrected-bias deltas as the calibration
                                fitted them, so no build fits them again (absent: builds fit them)
+    OUT/rounding.safetensors.xz  with compensated rounding only: every point's code differences
+                               (toco_core.rounding_parts); builds add them to the nested codes
 
 Numpy only: the agent reads it too.
 """
@@ -32,6 +34,7 @@ from toco_core.errors import AnalysisError
 from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch, from_arrays, to_arrays
 from toco_core.plan_table import PlanTable, load_plan_table, save_plan_table
+from toco_core.rounding_parts import PointRounding, load_point_rounding, save_point_rounding
 from toco_core.task_kind import CLASSIFIER, TaskSpec
 from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_tolerance_map
 
@@ -39,7 +42,8 @@ from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_toler
 SCHEMA_VERSION = 2
 FILES = ("tolerance.safetensors", "calibration.json", "samples.npz", "plans.safetensors")
 BIAS_DELTAS_FILE = "bias_deltas.safetensors"
-OPTIONAL_FILES = (BIAS_DELTAS_FILE,)  # read and hash-checked where the manifest lists them
+ROUNDING_FILE = "rounding.safetensors.xz"
+OPTIONAL_FILES = (BIAS_DELTAS_FILE, ROUNDING_FILE)  # read and hash-checked where the manifest lists them
 
 
 class RoundStats(BaseModel):
@@ -98,6 +102,8 @@ class AnalysisResult:
     # the plan table's points' bias deltas as the calibration fitted them (toco_core.bias_parts); None:
     # an analysis made before they were kept, or without bias correction
     bias_deltas: PointDeltas | None = None
+    # with compensated rounding: every plan table point's code differences (toco_core.rounding_parts)
+    rounding: PointRounding | None = None
 
     @property
     def task(self) -> TaskSpec:
@@ -111,6 +117,12 @@ class AnalysisResult:
         Analyses from before the setting existed measured without it.
         """
         return bool(self.manifest.settings.get("bias_correction", False))
+
+    @property
+    def compensated_rounding(self) -> bool:
+        """Whether the curves were measured with compensated codes, so a build must add each point's
+        code differences (toco_core.rounding_parts) to its nested codes."""
+        return bool(self.manifest.settings.get("compensated_rounding", False))
 
 
 def _sha(path: Path) -> str:
@@ -136,6 +148,10 @@ def save_result(result: AnalysisResult, out: Path) -> Path:
     if result.bias_deltas:
         save_point_deltas(result.bias_deltas, out / BIAS_DELTAS_FILE)
         files.append(BIAS_DELTAS_FILE)
+    (out / ROUNDING_FILE).unlink(missing_ok=True)
+    if result.rounding is not None:
+        save_point_rounding(result.rounding, out / ROUNDING_FILE)
+        files.append(ROUNDING_FILE)
     manifest = result.manifest.model_copy(update={"files": {f: _sha(out / f) for f in files}})
     atomic_write(out / "manifest.json", manifest.model_dump_json(indent=1).encode())
     return out
@@ -172,5 +188,6 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
     except (ValueError, KeyError, OSError, ValidationError) as exc:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
     deltas = load_point_deltas(path / BIAS_DELTAS_FILE) if BIAS_DELTAS_FILE in manifest.files else None
+    rounding = load_point_rounding(path / ROUNDING_FILE) if ROUNDING_FILE in manifest.files else None
     return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,
-                          plans=load_plan_table(path / "plans.safetensors"), bias_deltas=deltas)
+                          plans=load_plan_table(path / "plans.safetensors"), bias_deltas=deltas, rounding=rounding)

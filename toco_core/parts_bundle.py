@@ -12,6 +12,8 @@ SHA-256 of every part):
                        below it (toco_core.weight_bands)
     bias/{j}, bias/none the corrected biases of the points pruned at level j / not pruned
                        (toco_core.bias_parts)
+    round/{i}          point i's compensated code differences (toco_core.rounding_parts; only
+                       for an analysis with compensated rounding)
     calib/heldout      self-test samples, the base model's outputs on them (and labels)
     calib/analysis     int8 activation-range samples (int8 plans only)
     base               the fp32 model (optional)
@@ -48,6 +50,13 @@ from toco_core.onnx_model import compressible_weights, load_model, model_bytes, 
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
+from toco_core.rounding_parts import (
+    PointRounding,
+    differences_from_arrays,
+    rounding_arrays,
+    rounding_part_name,
+    rounding_parts_of,
+)
 from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
 from toco_core.task_kind import CLASSIFIER, TaskKind, TaskSpec
@@ -152,6 +161,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     layout = LadderLayout(tensors=list(table.tensors), shapes=[list(by_name[n].shape) for n in table.tensors],
                           out_axes=list(table.out_axes), top_octave=max(top_bits, default=0) + 1, top_bits=top_bits,
                           prune_levels=len(table.prune_grid), prune_context_bit=0, bias_parts=result.bias_correction,
+                          rounding_parts=True if result.compensated_rounding else None,
                           prune_tree="chain", plane_parts="band",
                           band_bounds=None if band_bounds is None else
                           normalized_bounds(band_bounds, len(table.prune_grid)))
@@ -180,6 +190,9 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     parts["head"] = _lz(pack_bundle(head))
     for name, points in bias_parts_of(table, fit_point_deltas(source, result)).items():
         parts[name] = encode_arrays(bias_arrays(points))
+    if result.compensated_rounding:
+        for name, differences in rounding_parts_of(len(table.points), result.rounding).items():
+            parts[name] = encode_arrays(rounding_arrays(differences))
     n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
     held = {**to_arrays("x", result.heldout_x[:n_test]),
             "base_out": compact_outputs(source.base_out[:n_test], result.manifest.output_kind,
@@ -234,7 +247,8 @@ class BundleHead:
     def parts_for_plan(self, plan: CompressionPlan) -> list[str]:
         """The parts a box needs to build ``plan``: head, the prune planes down to its level, the
         weight codes down to its finest octave (in the band layout: of the classes it keeps only),
-        the self-test samples, its point's bias part where plans correct biases (the correction
+        the self-test samples, its point's bias part where plans correct biases and its rounding
+        part where the analysis compensated (the correction
         samples in bundles packed before bias parts), the int8 range samples where it runs int8.
         The base plan needs every weight plane."""
         names = self.always
@@ -248,6 +262,8 @@ class BundleHead:
                                                                          self.layout.prune_tree)]
             if self.bias_correction and self.layout.bias_parts:
                 names.append(bias_part_name(self.table, i))
+            if self.layout.rounding_parts:
+                names.append(rounding_part_name(i))
             if (self.bias_correction and not self.layout.bias_parts) or runtime_form(plan.runtime).range_samples > 0:
                 names.append("calib/analysis")
         if self.layout.plane_parts == "band":
@@ -264,6 +280,20 @@ def _point_deltas(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[s
     for name in sorted(n for n in parts if n.startswith("bias/")):
         try:
             out.update(deltas_from_arrays(decode_arrays(parts[name], name), shapes))
+        except (KeyError, ValueError) as exc:
+            raise BundleError(f"bundle part {name} does not fit the graph: {exc}", "fetch the bundle again") from None
+    return out
+
+
+def _point_rounding(head: BundleHead, parts: dict[str, bytes]) -> PointRounding | None:
+    """The code differences of every rounding part present (None for a bundle without them)."""
+    if not head.layout.rounding_parts:
+        return None
+    shapes = dict(zip(head.layout.tensors, (tuple(s) for s in head.layout.shapes), strict=True))
+    out = {}
+    for name in sorted(n for n in parts if n.startswith("round/")):
+        try:
+            out[int(name.split("/", 1)[1])] = differences_from_arrays(decode_arrays(parts[name], name), shapes)
         except (KeyError, ValueError) as exc:
             raise BundleError(f"bundle part {name} does not fit the graph: {exc}", "fetch the bundle again") from None
     return out
@@ -297,7 +327,8 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
         classes = classes_from_planes(lay, parts, ladders)
     if "base" in parts:
         source = from_base_model(load_model(parts["base"]), result, classes)
-        return dataclasses.replace(source, point_deltas=_point_deltas(head, parts)), result, head.info
+        return dataclasses.replace(source, point_deltas=_point_deltas(head, parts),
+                                   point_rounding=_point_rounding(head, parts)), result, head.info
     values = {}
     for n, a in zip(head.layout.tensors, head.layout.out_axes, strict=True):
         finest = np.full(ladders[n].shape[a], ladders[n].finest)
@@ -305,7 +336,7 @@ def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisRe
         values[n] = codes * octave_steps(head.table.master_steps[n], finest).reshape(channel_axis_shape(codes.ndim, a))
     reference = with_weights(head.graph, values)
     source = WeightSource(reference, False, ladders, classes, held["base_out"].astype(np.float32), head.base_means,
-                          _point_deltas(head, parts))
+                          _point_deltas(head, parts), _point_rounding(head, parts))
     return source, result, head.info
 
 

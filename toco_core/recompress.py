@@ -29,7 +29,6 @@ from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
 from toco_core.output_tail import fidelity_view
 from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
-from toco_core.plan_table import plan_codes
 from toco_core.runtime_forms import FLOAT, INT8, BuildStep, MemoryAnchor, offered_shares, runtime_form
 from toco_core.selftest import self_test
 from toco_core.solver import (
@@ -42,7 +41,7 @@ from toco_core.solver import (
 )
 from toco_core.task_kind import TaskSpec
 from toco_core.units import format_size
-from toco_core.weight_source import WeightSource, from_base_model, require_plans
+from toco_core.weight_source import WeightSource, from_base_model, point_codes, require_plans
 
 Progress = Callable[[str, int, int], None]
 
@@ -98,9 +97,9 @@ def fit_point_deltas(model: onnx.ModelProto | WeightSource, result: AnalysisResu
         return dict(result.bias_deltas)  # the analysis kept what its calibration fitted
     correction = _correction(source, result, compressible_weights(source.reference))
     out = {}
-    for i, (p, q) in enumerate(table.points):
+    for i in range(len(table.points)):
         progress("biases", i, len(table.points))
-        values = {t.name: dequantize(t) for t in plan_codes(table, source.ladders, source.classes, p, q)}
+        values = {t.name: dequantize(t) for t in point_codes(source, result, i)}
         out[i] = correction.deltas(values)
     return out
 
@@ -120,7 +119,7 @@ def as_source(model: onnx.ModelProto | WeightSource, result: AnalysisResult) -> 
 
 def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: CompressionPlan,
           correct_biases: bool = True) -> BuiltModel:
-    """Apply a plan: the point's codes from the master (toco_core.plan_table.plan_codes), corrected
+    """Apply a plan: the point's codes from the master (toco_core.weight_source.point_codes), corrected
     biases, dead channels removed, the plan's runtime form (its build step, toco_core.runtime_forms)
     on the layers the analysis chose for it, storage form. ``correct_biases=False`` keeps the base's
     biases: a build made only to measure its session memory, which their values do not change.
@@ -134,7 +133,7 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     if is_base_plan(plan):
         return _base_built(source, infos)
     i = table.point_index(plan.prune_scale, plan.quant_scale)
-    tensors = plan_codes(table, source.ladders, source.classes, plan.prune_scale, plan.quant_scale)
+    tensors = point_codes(source, result, i)
     values = {q.name: dequantize(q) for q in tensors}
     biases = _point_biases(source, result, infos, i, values) if result.bias_correction and correct_biases else {}
     shifts = bias_shifts(source.reference, infos, biases)

@@ -38,6 +38,9 @@ class LadderLayout(BaseModel):
     prune_context_bit: int = Field(description="prune planes are coded in contexts of |q| >> this bit, "
                                                "which every pruning plan's bit planes reach")
     bias_parts: bool = Field(False, description="corrected biases travel per point (bias/*), not as samples")
+    rounding_parts: bool | None = Field(None, description="compensated code differences travel per point "
+                                                          "(round/*); unset without compensated rounding, so "
+                                                          "agents from before it refuse such a layout")
     prune_tree: Literal["chain", "balanced"] = Field("chain", description="the shape of the prune planes' tree")
     prune_node_bits: dict[str, list[int]] | None = Field(None, description="per prune split t, per tensor "
                                                          "(else prune_context_bit for all)")

@@ -19,11 +19,14 @@ import numpy as np
 import onnx
 
 from toco_core.analysis_result import AnalysisResult
+from toco_core.compression.compensated_rounding import with_differences
 from toco_core.compression.nested import CodeLadder, master_codes, prune_classes
+from toco_core.compression.storage import QuantizedTensor
 from toco_core.errors import AnalysisError
 from toco_core.onnx_model import compressible_weights, model_hash, read_weights
 from toco_core.output_tail import fidelity_view
-from toco_core.plan_table import PlanTable
+from toco_core.plan_table import PlanTable, plan_codes
+from toco_core.rounding_parts import PointRounding, rounding_part_name
 from toco_core.runtime import run_model
 
 
@@ -35,7 +38,9 @@ class WeightSource:
     outputs on the analysis' held-out samples; ``base_means`` the bias-correction channel means of
     the base on the correction samples (None: measure them on ``reference``, which is the base);
     ``point_deltas`` the float16 bias deltas of the points a box fetched them for
-    (toco_core.bias_parts; None: fit them on the analysis samples).
+    (toco_core.bias_parts; None: fit them on the analysis samples); ``point_rounding`` the code
+    differences of the points it holds them for (toco_core.rounding_parts; an analysis with
+    compensated rounding only).
     """
 
     reference: onnx.ModelProto
@@ -45,6 +50,7 @@ class WeightSource:
     base_out: np.ndarray
     base_means: list[np.ndarray] | None = None
     point_deltas: dict[int, dict[str, np.ndarray]] | None = None
+    point_rounding: PointRounding | None = None
 
 
 def require_plans(result: AnalysisResult) -> PlanTable:
@@ -79,4 +85,22 @@ def from_base_model(model: onnx.ModelProto, result: AnalysisResult,
         classes = {n: prune_classes(tmap.prune_rank[n], table.prune_grid) for n in table.tensors}
     base_out = run_model(fidelity_view(model, result.manifest.scored_output), result.heldout_x)
     # the deltas the calibration fitted, where the analysis kept them: builds apply them instead of fitting
-    return WeightSource(model, True, ladders, classes, base_out, point_deltas=result.bias_deltas)
+    return WeightSource(model, True, ladders, classes, base_out, point_deltas=result.bias_deltas,
+                        point_rounding=result.rounding)
+
+
+def point_codes(source: WeightSource, result: AnalysisResult, i: int) -> list[QuantizedTensor]:
+    """The codes of plan table point ``i`` as the analysis measured them: its nested codes
+    (plan_codes), plus its code differences where the analysis rounded with compensation.
+
+    Raises AnalysisError when the analysis compensated and this source lacks point i's
+    differences (a box that did not fetch its rounding part), or for an analysis without a plan table.
+    """
+    table = require_plans(result)
+    tensors = plan_codes(table, source.ladders, source.classes, *table.points[i])
+    if not result.compensated_rounding:
+        return tensors
+    if source.point_rounding is None or i not in source.point_rounding:
+        raise AnalysisError(f"the compensated codes of point {i} are not on this box",
+                            f"fetch the part {rounding_part_name(i)} its plan lists")
+    return with_differences(tensors, source.point_rounding[i])

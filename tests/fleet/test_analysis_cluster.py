@@ -148,6 +148,7 @@ def test_cluster_analysis_matches_the_local_calibration(cluster_fleet, lenet) ->
 
     from toco_core.analysis.pipeline import calibrate
     from toco_core.analysis_result import load_result
+    from toco_core.compression.compensated_rounding import layer_hessians
     from toco_core.onnx_model import compressible_weights, output_kind, read_weights
     from toco_core.output_tail import scored_head, scored_output
 
@@ -157,9 +158,11 @@ def test_cluster_analysis_matches_the_local_calibration(cluster_fleet, lenet) ->
     head = scored_head(model, scored_output(model, settings.output))
     infos = compressible_weights(head)
     assert result.tolerances is not None
-    curves, table, deltas = calibrate(head, infos, read_weights(head, infos), result.tolerances, output_kind(head),
-                              result.heldout_x, result.heldout_y, lambda *_: None,
-                              result.analysis_x if settings.bias_correction else None)
+    hessians = layer_hessians(head, infos, result.analysis_x) if settings.compensated_rounding else None
+    curves, table, deltas, rounding = calibrate(head, infos, read_weights(head, infos), result.tolerances,
+                                                output_kind(head), result.heldout_x, result.heldout_y, lambda *_: None,
+                                                result.analysis_x if settings.bias_correction else None,
+                                                hessians=hessians)
     assert curves["prune+quantize"].model_dump() == result.curves["prune+quantize"].model_dump()
     assert {k: c.model_dump() for k, c in curves.items()} == {k: c.model_dump() for k, c in result.curves.items()}
     assert result.plans is not None and table.points == result.plans.points
@@ -167,6 +170,11 @@ def test_cluster_analysis_matches_the_local_calibration(cluster_fleet, lenet) ->
     # the bias deltas measured on the workers came back with their points and were kept
     assert settings.bias_correction and result.bias_deltas is not None and deltas.keys() == result.bias_deltas.keys()
     assert all((deltas[i][b] == result.bias_deltas[i][b]).all() for i in deltas for b in deltas[i])
+    # and so did the code differences of compensated rounding
+    assert (rounding is None) == (result.rounding is None) == (not settings.compensated_rounding)
+    if rounding is not None and result.rounding is not None:
+        assert rounding.keys() == result.rounding.keys()
+        assert all((rounding[i][n] == result.rounding[i][n]).all() for i in rounding for n in rounding[i])
 
 
 def test_worker_killed_mid_analysis(cluster_fleet, cluster, lenet) -> None:

@@ -10,6 +10,9 @@ and the plan table that lets a box rebuild every point from parts.
    master's scale), pruned weights zeroed by prune class, biases corrected, measured. The
    octaves are recorded: a box builds exactly this point.
 3. Per point, the int8 and MatMulNBits decisions that read tolerances are made here too.
+With the layers' input Hessians, each point's codes are rounded against the layer's output
+error (toco_core.compression.compensated_rounding) at the same steps and prune mask, and the
+code differences are recorded: a box adds them to the nested codes.
 Numpy + onnxruntime (no torch): the per-point work is the same a box does.
 """
 
@@ -23,6 +26,12 @@ import onnx
 
 from toco_core.calibration import KL_NOISE_FLOOR, CurvePoint
 from toco_core.compression.bias_correction import BiasCorrection
+from toco_core.compression.compensated_rounding import (
+    code_differences,
+    compensated_codes,
+    inverse_factor,
+    with_differences,
+)
 from toco_core.compression.matmul_nbits import best_nbits_choice
 from toco_core.compression.mixed_precision import channel_steps
 from toco_core.compression.nested import CodeLadder, choose_octaves, master_codes, prune_classes, prune_level
@@ -42,15 +51,18 @@ _R = TypeVar("_R")
 Point = tuple[float, float]  # (prune scale, quant scale)
 Octaves = dict[str, np.ndarray]  # per-channel octaves of each weight at one point
 BiasDeltas = dict[str, np.ndarray]  # {bias initializer: float16 delta} of one point; {} without correction
+CodeDifferences = dict[str, np.ndarray]  # {weight: int16 compensated - plain codes} of one point
 
 
 class MeasuredPoint(NamedTuple):
-    """One curve point built from the master codes as a box builds it: its measurement, its octaves
-    and the bias deltas its build applied (kept so no later build has to fit them again)."""
+    """One curve point built from the master codes as a box builds it: its measurement, its octaves,
+    the bias deltas its build applied (kept so no later build has to fit them again) and, with
+    compensated rounding, its code differences (None without)."""
 
     measured: CurvePoint
     octaves: Octaves
     bias_deltas: BiasDeltas
+    rounding: CodeDifferences | None = None
 
 
 class GridMap(Protocol):
@@ -88,8 +100,12 @@ class NestedCalibration:
     def __init__(self, model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray],
                  tmap: ToleranceMap, kind: OutputKind, x: Batch, y: np.ndarray | None,
                  base_out: np.ndarray, correction: BiasCorrection | None, prune_grid: list[float],
-                 coverage: float = 0.99, task: TaskSpec = CLASSIFIER) -> None:
+                 coverage: float = 0.99, task: TaskSpec = CLASSIFIER,
+                 hessians: dict[str, np.ndarray] | None = None) -> None:
+        """``hessians``: the layers' input Hessians (compensated_rounding.layer_hessians) to round
+        every curve point against; None rounds to nearest."""
         self.model, self.infos, self.weights, self.tmap = model, infos, weights, tmap
+        self.factors = None if hessians is None else {k: inverse_factor(h) for k, h in hessians.items()}
         self.kind, self.x, self.y, self.base_out, self.correction = kind, x, y, base_out, correction
         self.prune_grid, self.coverage, self.task = sorted(prune_grid), coverage, task
         self.classes = {i.name: prune_classes(tmap.prune_rank[i.name], self.prune_grid) for i in infos}
@@ -98,6 +114,7 @@ class NestedCalibration:
         self.ladders: dict[str, CodeLadder] = {}
         self.octaves: dict[tuple[float, float], dict[str, np.ndarray]] = {}
         self.bias_deltas: dict[Point, BiasDeltas] = {}
+        self.rounding: dict[Point, CodeDifferences] = {}
 
     def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> tuple[CurvePoint, BiasDeltas]:
         values = {q.name: dequantize(q) for q in tensors}
@@ -170,11 +187,24 @@ class NestedCalibration:
         octaves = self.point_octaves(ps, qs)
         table = self.table([point], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16),
                            {point: octaves})
-        measured, deltas = self._measure(plan_codes(table, self.ladders, self.classes, ps, qs), ps, qs)
-        return MeasuredPoint(measured, octaves, deltas)
+        plain = plan_codes(table, self.ladders, self.classes, ps, qs)
+        tensors = plain if self.factors is None else self.compensated(plain, ps)
+        measured, deltas = self._measure(tensors, ps, qs)
+        rounding = None if self.factors is None else code_differences(tensors, plain)
+        return MeasuredPoint(measured, octaves, deltas, rounding)
+
+    def compensated(self, plain: list[QuantizedTensor], ps: float) -> list[QuantizedTensor]:
+        """``plain`` (a point's nested codes) rounded against each layer's output error where the
+        layer has a Hessian; steps and the prune mask at ``ps`` unchanged."""
+        assert self.factors is not None, "compensated rounding needs the layers' Hessians"
+        level = prune_level(self.prune_grid, ps)
+        return [compensated_codes(self.weights[q.name], q, self.classes[q.name] > level, self.factors[q.name])
+                if q.name in self.factors else q for q in plain]
 
     def _record(self, point: Point, result: MeasuredPoint) -> CurvePoint:
         self.octaves[point], self.bias_deltas[point] = result.octaves, result.bias_deltas
+        if result.rounding is not None:
+            self.rounding[point] = result.rounding
         return result.measured
 
     def measure(self, ps: float, qs: float) -> CurvePoint:
@@ -202,6 +232,13 @@ class NestedCalibration:
         points); points measured without correction, or not measured, are left out."""
         return {i: self.bias_deltas[p] for i, p in enumerate(points) if self.bias_deltas.get(p)}
 
+    def point_rounding(self, points: list[Point]) -> dict[int, CodeDifferences] | None:
+        """The code differences of ``points`` by their index in that list ({} for a point whose
+        compensated codes equal the plain ones); None without compensated rounding."""
+        if self.factors is None:
+            return None
+        return {i: self.rounding[p] for i, p in enumerate(points) if p in self.rounding}
+
     def table(self, points: list[Point], int8: np.ndarray, nbits: np.ndarray,
               octaves: dict[Point, Octaves] | None = None) -> PlanTable:
         """The plan table of ``points`` with the given runtime decisions; their octaves from
@@ -225,7 +262,8 @@ class NestedCalibration:
         nbits = np.zeros((len(points), len(self.infos)), np.uint16)
         bare = self.table(points, int8, nbits)
         for i, (ps, qs) in enumerate(points):
-            tensors = plan_codes(bare, self.ladders, self.classes, ps, qs)
+            tensors = with_differences(plan_codes(bare, self.ladders, self.classes, ps, qs),
+                                       self.rounding.get((ps, qs), {}))
             scale = np.float32(max(int8_scale, qs))
             for t, (info, q) in enumerate(zip(self.infos, tensors, strict=True)):
                 values = dequantize(q)

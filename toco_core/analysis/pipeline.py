@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -31,6 +32,7 @@ from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundSta
 from toco_core.bias_parts import PointDeltas
 from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
+from toco_core.compression.compensated_rounding import layer_hessians
 from toco_core.errors import ModelError, PoolError
 from toco_core.fidelity import OutputKind
 from toco_core.malloc_tuning import fix_mmap_threshold
@@ -39,6 +41,7 @@ from toco_core.onnx_model import WeightInfo, compressible_weights, input_spec, m
 from toco_core.output_tail import scored_head, scored_output
 from toco_core.plan_table import PlanTable
 from toco_core.qbc import committee_outputs, select_top
+from toco_core.rounding_parts import PointRounding
 from toco_core.runtime import run_model
 from toco_core.task_kind import (
     CLASSIFIER,
@@ -205,10 +208,19 @@ def prune_grid() -> list[float]:
     return sorted(set(PRUNE_GRID) | set(COMBO_PRUNE))
 
 
+class Calibrated(NamedTuple):
+    """What calibrate measured: curves, plan table, per-point bias deltas and code differences."""
+
+    curves: dict[str, CalibrationCurve]
+    table: PlanTable
+    deltas: PointDeltas
+    rounding: PointRounding | None
+
+
 def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str, np.ndarray], tmap: ToleranceMap,
               kind: OutputKind, x: Batch, y: np.ndarray | None, progress: Progress,
               correction_x: Batch | None = None, task: TaskSpec = CLASSIFIER,
-              grid_map: GridMap = map) -> tuple[dict[str, CalibrationCurve], PlanTable, PointDeltas]:
+              grid_map: GridMap = map, hessians: dict[str, np.ndarray] | None = None) -> Calibrated:
     """Fix the master, then measure each operator on the held-out samples as boxes build it
     (toco_core.analysis.nested_calibration), with biases corrected on ``correction_x`` when given.
 
@@ -216,13 +228,18 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     ``grid_map`` (default: the builtin, sequential ``map``; a caller may spread them over other
     processes); the 1-D sweeps stop early on their own results, so they stay sequential here.
 
+    With ``hessians`` (compensated_rounding.layer_hessians) every point is rounded against the
+    layers' output error.
+
     Returns the curves (prune scale = sparsity; the ``master`` sweep kept for inspection, never
-    planned from), the plan table of every planned point and the bias deltas each was measured
-    with, by table row ({} without correction).
+    planned from), the plan table of every planned point, the bias deltas each was measured
+    with, by table row ({} without correction), and the code differences of compensated rounding
+    (None without).
     """
     base = run_model(model, x)
     correction = None if correction_x is None else BiasCorrection(model, infos, correction_x)
-    nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid(), task=task)
+    nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid(), task=task,
+                               hessians=hessians)
     step = {"n": 0, "total": 2 * len(QUANT_GRID) + len(PRUNE_GRID) + len(COMBO_PRUNE) * len(COMBO_QUANT)}
 
     def tick(*_: object) -> None:
@@ -245,7 +262,8 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     except ModelError as exc:
         log.warning("no int8 calibration: %s", exc)
     points = sorted({(p.prune_scale, p.quant_scale) for k, c in curves.items() if k in PLANNED for p in c.points})
-    return curves, nested.final_table(points, int8_scale(curves)), nested.point_deltas(points)
+    return Calibrated(curves, nested.final_table(points, int8_scale(curves)), nested.point_deltas(points),
+                      nested.point_rounding(points))
 
 
 def _producer_op(model: onnx.ModelProto) -> str | None:
@@ -336,8 +354,9 @@ def analyze(
     t = time.perf_counter()
     # labels are classes: they mean nothing to the other task kinds' metrics
     hy = None if pool_y is None or task.kind is not TaskKind.CLASSIFIER else pool_y[held]
-    curves, table, deltas = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
-                              analysis_x if s.bias_correction else None, task, grid_map)
+    hessians = layer_hessians(model, infos, analysis_x) if s.compensated_rounding else None
+    curves, table, deltas, rounding = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
+                                                analysis_x if s.bias_correction else None, task, grid_map, hessians)
     timings["calibrate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
@@ -351,4 +370,5 @@ def analyze(
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
         task=None if task == CLASSIFIER else task,
     )
-    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table, bias_deltas=deltas or None)
+    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table, bias_deltas=deltas or None,
+                          rounding=rounding)

@@ -1,0 +1,155 @@
+"""Error-compensated rounding on the real LeNet-5 and MLP with MNIST digits: it lowers each layer's
+output error at the same steps, the analysis measures every point with it, and a box builds the
+very codes the server measured, from the fp32 base or from its parts."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from toco_core.analysis.pipeline import analyze
+from toco_core.analysis.settings import AnalysisSettings
+from toco_core.analysis_result import ROUNDING_FILE, load_result, save_result
+from toco_core.compression.compensated_rounding import (
+    code_differences,
+    compensated_codes,
+    inverse_factor,
+    layer_hessians,
+    with_differences,
+)
+from toco_core.compression.storage import QuantizedTensor
+from toco_core.errors import AnalysisError
+from toco_core.fidelity import compare_outputs
+from toco_core.model_bundle import BundleInfo
+from toco_core.onnx_model import compressible_weights, model_bytes, model_hash, read_weights
+from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts
+from toco_core.plan import CompressionPlan
+from toco_core.recompress import build
+from toco_core.rounding_parts import differences_from_arrays, rounding_arrays
+from toco_core.runtime import run_model
+from toco_core.solver import enumerate_plans
+
+
+@pytest.fixture(scope="module")
+def compensated(lenet5, digits):
+    """The shortened analysis of the conftest's LeNet-5, with compensated rounding."""
+    settings = AnalysisSettings(max_rounds=3, samples_per_round=48, initial_samples=48, compensated_rounding=True)
+    return analyze(lenet5, digits.x_pool, digits.y_pool, settings, model_name="lenet5")
+
+
+def _coarse(w: np.ndarray, axis: int, levels: int) -> QuantizedTensor:
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    steps = (np.abs(rows).max(axis=1) / levels).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return QuantizedTensor("w", np.rint(w / steps.reshape(shape)).astype(np.int32), steps, axis)
+
+
+def _output_error(w: np.ndarray, q: QuantizedTensor, h: np.ndarray) -> float:
+    shape = [1] * w.ndim
+    shape[q.out_axis] = -1
+    e = np.moveaxis(w - q.codes * q.steps.reshape(shape), q.out_axis, 0).reshape(w.shape[q.out_axis], -1)
+    return float(np.einsum("ri,ij,rj->", e, h, e))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp"])
+def test_compensation_cuts_every_layers_output_error_at_the_same_steps(name, request, digits):
+    """Conv (im2col columns) and Gemm layers at 3-bit steps, whole and with half the weights pruned:
+    the output error e^T H e on real digits falls in every layer (the pruned weights' error is
+    compensated too, within each channel's code range); steps and the prune mask are kept."""
+    model = request.getfixturevalue(name)
+    infos = compressible_weights(model)
+    weights = read_weights(model, infos)
+    hessians = layer_hessians(model, infos, digits.x_pool[:128])
+    assert set(hessians) == {i.name for i in infos}  # every Conv and Gemm of both models
+    rng = np.random.default_rng(0)
+    for info, (share, cut) in ((i, c) for i in infos for c in ((1.0, 0.3), (0.5, 0.8))):
+        w = weights[info.name]
+        keep = rng.random(w.shape) < share
+        plain = _coarse(np.where(keep, w, 0), info.out_axis, 3)
+        comp = compensated_codes(w, plain, keep, inverse_factor(hessians[info.name]))
+        assert np.array_equal(comp.steps, plain.steps)
+        assert not comp.codes[~keep].any()
+        assert np.abs(comp.codes).max() <= np.abs(plain.codes).max()
+        assert _output_error(w, comp, hessians[info.name]) < cut * _output_error(w, plain, hessians[info.name])
+        back = with_differences([plain], {"w": code_differences([comp], [plain])["w"]})[0]
+        assert np.array_equal(back.codes, comp.codes)
+
+
+def test_a_rounding_part_round_trips_and_a_wrong_one_is_refused():
+    small = {"a": np.array([[0, 1], [-1, 0]], np.int16), "b": np.array([2, 0, 0], np.int16)}
+    arrays = rounding_arrays(small)
+    assert arrays["codes"].dtype == np.int8  # differences of a step or two travel in a byte
+    back = differences_from_arrays(arrays, {"a": (2, 2), "b": (3,)})
+    assert all(np.array_equal(back[k], v) for k, v in small.items())
+    wide = rounding_arrays({"b": np.array([300, 0, -2], np.int16)})
+    assert wide["codes"].dtype == np.int16
+    assert differences_from_arrays(wide, {"b": (3,)})["b"][0] == 300
+    with pytest.raises(ValueError, match="graph lacks"):
+        differences_from_arrays(arrays, {"a": (2, 2)})
+    with pytest.raises(ValueError, match="need 7"):
+        differences_from_arrays({**arrays, "codes": arrays["codes"][:3]}, {"a": (2, 2), "b": (3,)})
+
+
+def test_a_built_plan_is_the_compensated_model_its_curve_point_measured(lenet5, compensated):
+    """Every table point has its differences; the build of a pruned, coarse point is the model the
+    calibration measured (same flips, same differences); without its differences it is refused."""
+    from toco_core.analysis.nested_calibration import NestedCalibration
+    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
+    from toco_core.compression.bias_correction import BiasCorrection
+
+    result, table = compensated, compensated.plans
+    assert result.compensated_rounding and set(result.rounding) == set(range(len(table.points)))
+    ps, qs = next(p for p in table.points if p[0] == 0.6 and p[1] > table.master_scale)
+    i = table.point_index(ps, qs)
+    infos = compressible_weights(lenet5)
+    x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
+    nested = NestedCalibration(lenet5, infos, read_weights(lenet5, infos), result.tolerances, "logits", x, None,
+                               base_out, BiasCorrection(lenet5, infos, result.analysis_x), prune_grid(),
+                               hessians=layer_hessians(lenet5, infos, result.analysis_x))
+    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    point = nested.measure(ps, qs)
+    assert result.rounding[i] and result.rounding[i].keys() == nested.rounding[(ps, qs)].keys()
+    plan = CompressionPlan(prune_scale=ps, quant_scale=qs, structured=False, predicted_disagreement=0.0,
+                           predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
+    built = build(lenet5, result, plan)
+    flipped = compare_outputs(base_out, run_model(built.runnable, x), None, "logits").disagreement
+    assert flipped == point.disagreement  # the very model the curve point measured
+    without = dataclasses.replace(result, rounding={k: v for k, v in result.rounding.items() if k != i})
+    with pytest.raises(AnalysisError, match=f"fetch the part round/{i}"):
+        build(lenet5, without, plan)
+
+
+def test_the_analysis_keeps_its_differences_on_disk_and_checks_them(lenet5, compensated, tmp_path):
+    loaded = load_result(save_result(compensated, tmp_path / "a"))
+    assert loaded.rounding is not None and loaded.rounding.keys() == compensated.rounding.keys()
+    assert all(np.array_equal(loaded.rounding[i][n], d) for i, p in compensated.rounding.items() for n, d in p.items())
+    (tmp_path / "a" / ROUNDING_FILE).write_bytes(b"\0" * 64)
+    with pytest.raises(AnalysisError, match="rounding.safetensors.xz does not match its hash"):
+        load_result(tmp_path / "a")
+
+
+def test_every_plan_builds_bit_identically_from_its_parts(lenet5, compensated):
+    """A box fetches its point's round/{i} part and builds the server's model byte for byte; only
+    that one rounding part travels to it."""
+    parts = pack_parts(lenet5, compensated, BundleInfo(model_name="lenet5", model_sha256=model_hash(lenet5)))
+    head = BundleHead(parts["head"])
+    assert head.layout.rounding_parts
+    plans = enumerate_plans(compensated, compressible_weights(lenet5), len(model_bytes(lenet5)), 0.4, True)
+    checked = 0
+    for plan in plans:
+        if plan.runtime != "fp32" or plan.quant_scale == 0 or checked >= 25:
+            continue
+        need = head.parts_for_plan(plan)
+        i = compensated.plans.point_index(plan.prune_scale, plan.quant_scale)
+        assert [n for n in need if n.startswith("round/")] == [f"round/{i}"]
+        source, result, _ = source_from_parts({n: parts[n] for n in need})
+        server, box = build(lenet5, compensated, plan), build(source, result, plan)
+        assert box.storage == server.storage, plan.label
+        checked += 1
+        last = plan, need
+    assert checked == 25
+    plan, need = last
+    source, result, _ = source_from_parts({n: parts[n] for n in need if not n.startswith("round/")})
+    with pytest.raises(AnalysisError, match="round/"):
+        build(source, result, plan)
