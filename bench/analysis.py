@@ -1,6 +1,6 @@
 """Benchmark of the tolerance analysis: its cost, and pruning quality against baselines.
 
-    .venv/bin/python bench/analysis.py [--quick]
+    .venv/bin/python bench/analysis.py [--quick] [--models lenet5,...] [--rounding compensated|nearest]
 
 1. Wall time and peak memory of the whole ``toco analyze`` command (QBC, pruning rounds,
    calibration, process start-up) run as a subprocess on the MNIST pool, for LeNet-5,
@@ -371,7 +371,10 @@ def main() -> None:
     parser.add_argument("--models", help=f"comma-separated rows to run (default: all selected by --quick and "
                                           f"--large) among {', '.join(MODELS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "analysis.json", help="JSON results file")
+    parser.add_argument("--rounding", choices=("compensated", "nearest"), default=None,
+                        help="toco analyze --rounding (default: its default)")
     args = parser.parse_args()
+    rounding = () if args.rounding is None else ("--rounding", args.rounding)
     archs = [a for a in MODELS if not (args.quick and a == "wide_cnn") and (args.large or a not in LARGE)]
     if args.models:
         archs = [a.strip() for a in args.models.split(",")]
@@ -388,11 +391,11 @@ def main() -> None:
             console.print(f"[bold]{MODELS[arch]}[/bold]: toco analyze ...")
             if arch in TASK_MODELS:
                 path, task_pool, task_heldout, extra = task_case(arch, work)
-                run = analyze_subprocess(path, task_pool, out, work / f"{arch}.log", extra=extra)
+                run = analyze_subprocess(path, task_pool, out, work / f"{arch}.log", extra=(*extra, *rounding))
             else:
                 path = model_path(arch)
                 run = analyze_subprocess(path, write_large_pool(arch, work) if arch in LARGE else pool, out,
-                                         work / f"{arch}.log")
+                                         work / f"{arch}.log", extra=rounding)
             manifest = load_result(out).manifest
             target, rss_target = TIME_TARGET_S.get(arch), RSS_TARGET_MIB.get(arch)
             run["peak_memory_mb"] = max(run["peak_rss_mb"], run["peak_pss_mb"])

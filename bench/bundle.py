@@ -1,6 +1,6 @@
 """Bundle benchmark: bytes on the wire of the parts bundle against the fp32 model and today's bundle.
 
-    .venv/bin/python bench/bundle.py [--models lenet5,mlp,large-s0,large-s1,...] [--reanalyze] [--compensated]
+    .venv/bin/python bench/bundle.py [--models lenet5,mlp,large-s0,large-s1,...] [--reanalyze] [--rounding nearest]
 
 Per model, measured in one run: the fp32 model file, the format-1 bundle (fp32 model + analysis
 directory, what the fleet shipped so far) and the parts bundle (weights part = the signed manifest
@@ -14,9 +14,9 @@ Last, the bytes a handheld that later recompresses to the line PC's plan fetches
 The bundle is laid out for its fleet, the three boxes (band bounds at their planned prune levels,
 toco_core.band_layout), as the fleet server packs it; "no fleet" is the weights download of each
 box from the layout the server uses when it knows no box (every level a bound).
---compensated analyses with compensated rounding (AnalysisSettings.compensated_rounding; cached and
-written apart: analysis-<model>-comp/, model "<model>-comp"), whose per-point rounding parts are shown
-apart like the biases.
+The per-point rounding parts of compensated rounding (the analysis default) are shown apart like the
+biases; --rounding nearest|compensated analyses with that rounding instead (cached and written apart:
+analysis-<model>-<rounding>/, model "<model>-<rounding>").
 Writes bench/results/bundle.json (a row per model, replacing that model's row of an earlier run).
 """
 
@@ -91,14 +91,15 @@ def _same(a, b) -> bool:
     return ia == {t.name: t.SerializeToString() for t in b.graph.initializer}
 
 
-def bench_model(name: str, reanalyze: bool, compensated: bool = False) -> dict:
+def bench_model(name: str, reanalyze: bool, rounding: str | None = None) -> dict:
     """Every number of one model's table (see module doc)."""
     from toco_core.analysis.settings import AnalysisSettings
 
     path, px, py, hx, settings = load_case(name)
-    if compensated:
-        settings = (settings or AnalysisSettings()).model_copy(update={"compensated_rounding": True})
-        name += "-comp"
+    if rounding is not None:
+        compensated = rounding == "compensated"
+        settings = (settings or AnalysisSettings()).model_copy(update={"compensated_rounding": compensated})
+        name += f"-{rounding}"
     model = load_model(path)
     result, _ = cached_analysis(name, model, px, py, settings, fresh=reanalyze)
     fp32 = len(Path(path).read_bytes())
@@ -191,9 +192,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="lenet5,mlp")
     ap.add_argument("--reanalyze", action="store_true")
-    ap.add_argument("--compensated", action="store_true", help="analyse with compensated rounding (see the module doc)")
+    ap.add_argument("--rounding", choices=("compensated", "nearest"), default=None,
+                    help="analyse with this rounding (see the module doc)")
     args = ap.parse_args()
-    rows = [bench_model(m, args.reanalyze, args.compensated) for m in args.models.split(",")]
+    rows = [bench_model(m, args.reanalyze, args.rounding) for m in args.models.split(",")]
     print_table(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bundle.json"  # rows by model, so runs over different models add up

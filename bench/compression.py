@@ -2,7 +2,7 @@
 magnitude pruning, on the demo CNN, the MLP and a ~5M-parameter CNN.
 
     .venv/bin/python bench/compression.py [--quick] [--models lenet5,mlp,large] [--reanalyze] [--heldout-share S]
-    .venv/bin/python bench/compression.py --variants [--reanalyze] [--skip-aside] [--compensated]
+    .venv/bin/python bench/compression.py --variants [--reanalyze] [--skip-aside] [--rounding nearest]
         [--heldout-share 0.75 --max-heldout 750]
 
 Prints one table per model and the target checks, writes bench/results/compression.json
@@ -25,8 +25,9 @@ instead of the defaults (AnalysisSettings.heldout_share / max_heldout; the same 
 never chosen per variant); their analyses are cached apart (analysis-<variant>-held<share>-<max>/) and
 the results go to compression-variants-held<share>-<max>.json. Without --variants they set the same
 split for the models' analyses (compression[-quick]-held<share>-<max>.json). --skip-aside leaves the
-aside variant out of an experiment's run so it stays unlooked-at. --compensated analyses every model with
-error-compensated rounding (AnalysisSettings.compensated_rounding), cached and written apart (-comp).
+aside variant out of an experiment's run so it stays unlooked-at. --rounding compensated|nearest analyses
+every model with that rounding (AnalysisSettings.compensated_rounding: compensated is the default), cached
+and written apart (-<rounding>): `--rounding nearest` is the baseline of the compensated default.
 Fidelity is measured on the 1000 held-out digits (never seen by the analysis); the analyses
 are cached under bench/results/analysis-<model>/. --quick skips the 5M CNN and measures p50
 with fewer runs. ``--models large`` (opt-in: its analysis takes minutes) adds the 224x224 grey conv
@@ -325,23 +326,24 @@ def variant_name(seed: int, batchnorm: bool) -> str:
 
 
 def calibration_split(heldout_share: float | None, max_heldout: int | None,
-                      compensated: bool = False) -> tuple[AnalysisSettings | None, str]:
-    """The analysis settings of an experiment (a calibration split, compensated rounding) and the suffix
-    of its cache and result names.
+                      rounding: str | None = None) -> tuple[AnalysisSettings | None, str]:
+    """The analysis settings of an experiment (a calibration split, a rounding) and the suffix of its
+    cache and result names.
 
-    (None, "") for the defaults (both None, not compensated); otherwise AnalysisSettings with the given
-    held-out share and cap (the defaults for the one not given) and "-held<share>-<max>", and with
-    compensated rounding "-comp". Raises pydantic's ValidationError for a share outside (0, 1) or a cap
-    below 10.
+    (None, "") for the defaults (both None, rounding None); otherwise AnalysisSettings with the given
+    held-out share and cap (the defaults for the one not given) and "-held<share>-<max>", and with a
+    rounding ("compensated" or "nearest") "-<rounding>". Raises pydantic's ValidationError for a share
+    outside (0, 1) or a cap below 10.
     """
-    if heldout_share is None and max_heldout is None and not compensated:
+    if heldout_share is None and max_heldout is None and rounding is None:
         return None, ""
     default = AnalysisSettings()
     s = AnalysisSettings(heldout_share=default.heldout_share if heldout_share is None else heldout_share,
                          max_heldout=default.max_heldout if max_heldout is None else max_heldout,
-                         compensated_rounding=compensated)
+                         compensated_rounding=default.compensated_rounding if rounding is None
+                         else rounding == "compensated")
     split = "" if heldout_share is None and max_heldout is None else f"-held{s.heldout_share:g}-{s.max_heldout}"
-    return s, split + ("-comp" if compensated else "")
+    return s, split + ("" if rounding is None else f"-{rounding}")
 
 
 def bench_variant(seed: int, batchnorm: bool, d, here, runs: int, fresh: bool,
@@ -439,7 +441,7 @@ def spread_of(results: list[dict], lo: float, med: float, hi: float, worst: floa
 def run_variants(args, d, here) -> None:
     """--variants: every LeNet-5 variant, the table, the spread and bench/results/compression-variants.json."""
     t0 = time.perf_counter()
-    settings, suffix = calibration_split(args.heldout_share, args.max_heldout, args.compensated)
+    settings, suffix = calibration_split(args.heldout_share, args.max_heldout, args.rounding)
     results = []
     for seed, bn in (REFERENCE, *VARIANTS, *(() if args.skip_aside else (ASIDE,))):
         res = bench_variant(seed, bn, d, here, 20, args.reanalyze, settings, suffix)
@@ -479,9 +481,9 @@ def main() -> None:
                     help="share of the pool held out for calibration (default: the settings' default)")
     ap.add_argument("--max-heldout", type=int, default=None,
                     help="at most this many calibration samples (default: the settings' default)")
-    ap.add_argument("--compensated", action="store_true",
-                    help="analyse with compensated rounding (AnalysisSettings.compensated_rounding); cached and "
-                         "written apart (-comp)")
+    ap.add_argument("--rounding", choices=("compensated", "nearest"), default=None,
+                    help="analyse with this rounding (AnalysisSettings.compensated_rounding; default: the settings' "
+                         "default); cached and written apart (-<rounding>)")
     ap.add_argument("--skip-aside", action="store_true",
                     help="--variants: leave the aside variant out (experiments; it stays unlooked-at)")
     args = ap.parse_args()
@@ -491,7 +493,7 @@ def main() -> None:
     names = args.models.split(",") if args.models else [m for m in MODELS if not (args.quick and m == "wide_cnn")]
     runs = 50 if args.quick else 200
     d, here = mnist_splits(), probe_device(benchmark=False)
-    split, suffix = calibration_split(args.heldout_share, args.max_heldout, args.compensated)
+    split, suffix = calibration_split(args.heldout_share, args.max_heldout, args.rounding)
     t0 = time.perf_counter()
     results = {n: bench_model(n, d, here, runs, args.reanalyze, split, suffix) for n in names}
     found = checks(results)

@@ -59,6 +59,9 @@ def analyze(
     tolerance: float | None = typer.Option(None, "--tolerance", help="per-sample error above which a sample "
                                            "disagrees: relative error for regression/score (default 0.1), "
                                            "1 - cosine for embedding (default 0.02)"),
+    rounding: str = typer.Option("compensated", "--rounding", help="compensated: round each weight against its "
+                                 "layer's output error (GPTQ-style; boxes fetch a small part per plan); nearest: "
+                                 "round each weight on its own"),
     threshold: float | None = typer.Option(None, "--threshold", help="score: decision threshold; a flipped "
                                            "decision also counts as a disagreement (implies --task score "
                                            "for a 1-wide output)"),
@@ -73,8 +76,11 @@ def analyze(
     kind = None if task is None else parse_task_kind(task).value
     if tolerance is not None and tolerance <= 0:
         raise ConfigError(f"--tolerance {tolerance} must be positive", "give e.g. --tolerance 0.1")
+    if rounding not in ("compensated", "nearest"):
+        raise ConfigError(f"--rounding {rounding!r} is not a rounding", "give --rounding compensated or nearest")
     settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output, task=kind,
-                                task_tolerance=tolerance, threshold=threshold)
+                                task_tolerance=tolerance, threshold=threshold,
+                                compensated_rounding=rounding == "compensated")
     onnx_model = load_model(model)
     scored_output(onnx_model, output)  # an unknown --output fails now, before the pool is read
     x, y = load_pool(pool, input_specs(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))

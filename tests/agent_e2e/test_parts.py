@@ -60,7 +60,7 @@ def faults(fleet):
 
 @pytest.fixture(scope="module")
 def agent(fleet, keys, tmp_path_factory):
-    a = AgentProcess(tmp_path_factory.mktemp("parts1"), DEVICE, fleet.broker.url, keys[1], storage_cap="17KB",
+    a = AgentProcess(tmp_path_factory.mktemp("parts1"), DEVICE, fleet.broker.url, keys[1], storage_cap="13KB",
                      bundle_disk_cap="24MB")
     a.start()
     yield a
@@ -122,7 +122,7 @@ def test_first_deploy_refuses_a_tampered_part_resumes_after_kill9_and_fetches_on
     # the codes of the prune classes the plan keeps, not of those it zeroes (bands, docs/bundles.md)
     bands = {f.name for f in manifest.files if f.name.startswith("band/")}
     top = max(bands, key=lambda n: int(n.split("/")[1]))  # the class no plan prunes
-    assert set(FIRST) <= have and "base" not in have and top in have and bands - have
+    assert set(FIRST) <= have and "base" not in have and top in have and bands - have, (active.plan.label, have)
     # received = each held part once (+ the tampered copy), and only what the plan needs
     assert active.download_bytes == sum(size[p] for p in have) + size["head"]
     assert active.download_bytes < manifest.size - size["base"]

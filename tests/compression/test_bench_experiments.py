@@ -118,3 +118,6 @@ def test_calibration_split_sets_the_held_out_half_the_analysis_splits_off(digits
     assert capped is not None and len(split_pool(digits.x_pool, capped).held) == 500
     with pytest.raises(ValidationError):
         calibration_split(1.2, 700)
+    nearest, suffix = calibration_split(None, None, "nearest")  # the baseline of compensated rounding
+    assert nearest is not None and not nearest.compensated_rounding and suffix == "-nearest"
+    assert nearest.heldout_share == 0.5 and nearest.max_heldout == 500

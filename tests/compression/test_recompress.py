@@ -132,6 +132,13 @@ def _biases(model) -> dict[str, np.ndarray]:
             for layer in biased_layers(model, compressible_weights(model))}
 
 
+def _hessians(model, result):
+    """The layers' Hessians the analysis rounded with, as the pipeline computes them (None: nearest rounding)."""
+    from toco_core.compression.compensated_rounding import layer_hessians
+
+    return layer_hessians(model, compressible_weights(model), result.analysis_x) if result.compensated_rounding else None
+
+
 def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analysis):
     """Curves are measured with bias correction (fitted on the analysis samples), so a device builds
     with it too: the built model flips exactly the calibration digits the curve point flipped.
@@ -153,7 +160,8 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
                            predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
     x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
     nested = NestedCalibration(lenet5, infos, weights, result.tolerances, "logits", x, None, base_out,
-                               BiasCorrection(lenet5, infos, result.analysis_x), prune_grid())
+                               BiasCorrection(lenet5, infos, result.analysis_x), prune_grid(),
+                               hessians=_hessians(lenet5, result))
     nested.choose_master(QUANT_GRID, 1.0 / len(x))
     assert nested.master_scale == result.plans.master_scale
     point = nested.measure(ps, qs)
@@ -207,7 +215,8 @@ def test_the_analysis_keeps_the_bias_deltas_its_curves_were_measured_with(lenet5
     i, (ps, qs) = next((i, p) for i, p in enumerate(table.points) if p[0] == 0.6 and p[1] > table.master_scale)
     x = result.heldout_x
     nested = NestedCalibration(lenet5, infos, read_weights(lenet5, infos), result.tolerances, "logits", x, None,
-                               run_model(lenet5, x), BiasCorrection(lenet5, infos, result.analysis_x), prune_grid())
+                               run_model(lenet5, x), BiasCorrection(lenet5, infos, result.analysis_x), prune_grid(),
+                               hessians=_hessians(lenet5, result))
     nested.choose_master(QUANT_GRID, 1.0 / len(x))
     nested.measure(ps, qs)
     kept = result.bias_deltas[i]

@@ -28,7 +28,7 @@ from toco_core.calibration import KL_NOISE_FLOOR, CurvePoint
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.compression.compensated_rounding import (
     code_differences,
-    compensated_codes,
+    compensated_many,
     inverse_factor,
     with_differences,
 )
@@ -52,6 +52,7 @@ Point = tuple[float, float]  # (prune scale, quant scale)
 Octaves = dict[str, np.ndarray]  # per-channel octaves of each weight at one point
 BiasDeltas = dict[str, np.ndarray]  # {bias initializer: float16 delta} of one point; {} without correction
 CodeDifferences = dict[str, np.ndarray]  # {weight: int16 compensated - plain codes} of one point
+_BATCH_WEIGHTS = 8_000_000  # weights of one layer rounded at once over a batch of points (64 MB of float64)
 
 
 class MeasuredPoint(NamedTuple):
@@ -115,6 +116,7 @@ class NestedCalibration:
         self.octaves: dict[tuple[float, float], dict[str, np.ndarray]] = {}
         self.bias_deltas: dict[Point, BiasDeltas] = {}
         self.rounding: dict[Point, CodeDifferences] = {}
+        self._prepared: dict[Point, CodeDifferences] = {}
 
     def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> tuple[CurvePoint, BiasDeltas]:
         values = {q.name: dequantize(q) for q in tensors}
@@ -185,26 +187,54 @@ class NestedCalibration:
         """
         ps, qs = point
         octaves = self.point_octaves(ps, qs)
-        table = self.table([point], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16),
-                           {point: octaves})
-        plain = plan_codes(table, self.ladders, self.classes, ps, qs)
-        tensors = plain if self.factors is None else self.compensated(plain, ps)
-        measured, deltas = self._measure(tensors, ps, qs)
-        rounding = None if self.factors is None else code_differences(tensors, plain)
+        plain = self._plain_codes(point, octaves)
+        if self.factors is None:
+            measured, deltas = self._measure(plain, ps, qs)
+            return MeasuredPoint(measured, octaves, deltas)
+        rounding = self._prepared.get(point)
+        if rounding is None:
+            rounding = self.compensate({point: plain})[point]
+        measured, deltas = self._measure(with_differences(plain, rounding), ps, qs)
         return MeasuredPoint(measured, octaves, deltas, rounding)
 
-    def compensated(self, plain: list[QuantizedTensor], ps: float) -> list[QuantizedTensor]:
-        """``plain`` (a point's nested codes) rounded against each layer's output error where the
-        layer has a Hessian; steps and the prune mask at ``ps`` unchanged."""
+    def _plain_codes(self, point: Point, octaves: Octaves | None = None) -> list[QuantizedTensor]:
+        octaves = self.point_octaves(*point) if octaves is None else octaves
+        table = self.table([point], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16),
+                           {point: octaves})
+        return plan_codes(table, self.ladders, self.classes, *point)
+
+    def compensate(self, plains: dict[Point, list[QuantizedTensor]]) -> dict[Point, CodeDifferences]:
+        """The code differences of compensated rounding of each point's nested codes (``plains``),
+        every layer with a Hessian rounded for all points in one pass; steps and prune masks kept."""
         assert self.factors is not None, "compensated rounding needs the layers' Hessians"
-        level = prune_level(self.prune_grid, ps)
-        return [compensated_codes(self.weights[q.name], q, self.classes[q.name] > level, self.factors[q.name])
-                if q.name in self.factors else q for q in plain]
+        done: dict[Point, list[QuantizedTensor]] = {p: list(codes) for p, codes in plains.items()}
+        for t, info in enumerate(self.infos):
+            if info.name not in self.factors:
+                continue
+            keeps = [self.classes[info.name] > prune_level(self.prune_grid, p[0]) for p in plains]
+            rounded = compensated_many(self.weights[info.name], [c[t] for c in plains.values()], keeps,
+                                       self.factors[info.name])
+            for p, q in zip(plains, rounded, strict=True):
+                done[p][t] = q
+        return {p: code_differences(done[p], plains[p]) for p in plains}
+
+    def prepare(self, points: list[Point]) -> None:
+        """Round ``points`` with compensation ahead of measuring them, all at once (measure_point
+        uses them; the work per point is mostly per column, which a batch shares). Replaces what an
+        earlier call prepared; without Hessians it does nothing."""
+        self._prepared = {} if self.factors is None else self.compensate({p: self._plain_codes(p) for p in points})
+
+    def batches(self, points: list[Point]) -> list[list[Point]]:
+        """``points`` in batches whose rounding holds at most ~8M weights of one layer in flight."""
+        largest = max((i.size for i in self.infos if self.factors and i.name in self.factors), default=1)
+        size = max(1, _BATCH_WEIGHTS // largest)
+        return [points[k:k + size] for k in range(0, len(points), size)]
 
     def _record(self, point: Point, result: MeasuredPoint) -> CurvePoint:
         self.octaves[point], self.bias_deltas[point] = result.octaves, result.bias_deltas
         if result.rounding is not None:
             self.rounding[point] = result.rounding
+        self._prepared.pop(point, None)
         return result.measured
 
     def measure(self, ps: float, qs: float) -> CurvePoint:

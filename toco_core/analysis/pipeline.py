@@ -251,12 +251,21 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     quant = [(0.0, q) for q in QUANT_GRID if q >= sm]
     combos = sorted({(p, max(q, sm)) for p in COMBO_PRUNE for q in COMBO_QUANT})
     step["total"] = step["n"] + len(quant) + len(PRUNE_GRID) + len(combos)
-    curves = {
-        "master": monotone_curve("quantize", sweep, len(x)),
-        "prune": measure_curve("prune", [(p, sm) for p in PRUNE_GRID], nested.measure, len(x), on_point=tick),
-        "quantize": measure_curve("quantize", quant, nested.measure, len(x), on_point=tick),
-        "prune+quantize": monotone_curve("prune+quantize", nested.measure_grid(combos, grid_map, tick), len(x)),
-    }
+    prune = [(p, sm) for p in PRUNE_GRID]
+    nested.prepare(prune)
+    curves = {"master": monotone_curve("quantize", sweep, len(x)),
+              "prune": measure_curve("prune", prune, nested.measure, len(x), on_point=tick)}
+    nested.prepare(quant)
+    curves["quantize"] = measure_curve("quantize", quant, nested.measure, len(x), on_point=tick)
+    if grid_map is map:  # here: compensated rounding in batches of points; elsewhere each worker rounds its own
+        grid = []
+        for batch in nested.batches(combos):
+            nested.prepare(batch)
+            grid += nested.measure_grid(batch, grid_map, tick)
+    else:
+        nested.prepare([])
+        grid = nested.measure_grid(combos, grid_map, tick)
+    curves["prune+quantize"] = monotone_curve("prune+quantize", grid, len(x))
     try:  # the full int8 runtime's own cost; a model onnxruntime cannot quantize simply has no int8 curve
         curves["int8"] = measure_int8(model, x, base, y, kind, task)
     except ModelError as exc:

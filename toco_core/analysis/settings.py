@@ -31,7 +31,7 @@ class AnalysisSettings(BaseModel):
                             description="share of a channel's weights whose rounding stays in tolerance")
     bias_correction: bool = Field(True, description="curves (and devices) correct each layer's bias for the mean "
                                                     "shift compression causes, fitted on the analysis samples")
-    compensated_rounding: bool = Field(False, description="round each point's codes against the layer's output "
+    compensated_rounding: bool = Field(True, description="round each point's codes against the layer's output "
                                                        "error (GPTQ-style, toco_core.compression.compensated_rounding);"
                                                        " boxes then fetch each point's code differences")
     seed: int = 0
