@@ -136,7 +136,9 @@ def _hessians(model, result):
     """The layers' Hessians the analysis rounded with, as the pipeline computes them (None: nearest rounding)."""
     from toco_core.compression.compensated_rounding import layer_hessians
 
-    return layer_hessians(model, compressible_weights(model), result.analysis_x) if result.compensated_rounding else None
+    if not result.compensated_rounding:
+        return None
+    return layer_hessians(model, compressible_weights(model), result.analysis_x)
 
 
 def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analysis):
