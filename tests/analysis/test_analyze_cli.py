@@ -29,6 +29,7 @@ def test_analyze_then_inspect_with_plot(lenet5_path, pool_file, tmp_path):
     proc = toco("analyze", lenet5_path, "--pool", pool_file, "-o", out, "--rounds", "2")
     assert proc.returncode == 0, proc.stderr
     assert (out / "manifest.json").is_file()
+    assert (out / "rounding.safetensors.xz").is_file()  # compensated rounding, the default
     assert "calibration: prune" in proc.stdout
     proc = toco("inspect", out, "--plot", tmp_path / "p.png")
     assert proc.returncode == 0, proc.stderr
@@ -79,6 +80,11 @@ def test_unsupported_op_is_named(tmp_path, pool_file, lenet5):
 def test_bad_budget(tmp_path, lenet5_path, pool_file, budget):
     assert_one_line_error(toco("analyze", lenet5_path, "--pool", pool_file, "-o", tmp_path / "o", "--budget", budget),
                           "share")
+
+
+def test_bad_rounding(tmp_path, lenet5_path, pool_file):
+    assert_one_line_error(toco("analyze", lenet5_path, "--pool", pool_file, "-o", tmp_path / "o", "--rounding", "up"),
+                          "--rounding", "compensated or nearest")
 
 
 def test_inspect_missing_directory(tmp_path):

@@ -7,8 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from toco_core.analysis.pipeline import analyze
-from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis_result import ROUNDING_FILE, load_result, save_result
 from toco_core.compression.compensated_rounding import (
     code_differences,
@@ -17,24 +15,26 @@ from toco_core.compression.compensated_rounding import (
     layer_hessians,
     with_differences,
 )
-from toco_core.compression.storage import QuantizedTensor
+from toco_core.compression.storage import QuantizedTensor, dequantize
 from toco_core.errors import AnalysisError
 from toco_core.fidelity import compare_outputs
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes, model_hash, read_weights
 from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts
 from toco_core.plan import CompressionPlan
+from toco_core.plan_table import plan_codes
 from toco_core.recompress import build
 from toco_core.rounding_parts import differences_from_arrays, rounding_arrays
 from toco_core.runtime import run_model
 from toco_core.solver import enumerate_plans
+from toco_core.weight_source import from_base_model
 
 
 @pytest.fixture(scope="module")
-def compensated(lenet5, digits):
-    """The shortened analysis of the conftest's LeNet-5, with compensated rounding."""
-    settings = AnalysisSettings(max_rounds=3, samples_per_round=48, initial_samples=48, compensated_rounding=True)
-    return analyze(lenet5, digits.x_pool, digits.y_pool, settings, model_name="lenet5")
+def compensated(lenet5_analysis):
+    """The conftest's shortened LeNet-5 analysis: compensated rounding is the default."""
+    assert lenet5_analysis.compensated_rounding
+    return lenet5_analysis
 
 
 def _coarse(w: np.ndarray, axis: int, levels: int) -> QuantizedTensor:
@@ -118,6 +118,15 @@ def test_a_built_plan_is_the_compensated_model_its_curve_point_measured(lenet5, 
     without = dataclasses.replace(result, rounding={k: v for k, v in result.rounding.items() if k != i})
     with pytest.raises(AnalysisError, match=f"fetch the part round/{i}"):
         build(lenet5, without, plan)
+    # an analysis made before compensated rounding (no setting, no differences) builds nearest codes
+    settings = {k: v for k, v in result.manifest.settings.items() if k != "compensated_rounding"}
+    older = dataclasses.replace(result, manifest=result.manifest.model_copy(update={"settings": settings}),
+                                rounding=None)
+    source = from_base_model(lenet5, older)
+    nearest = {t.name: dequantize(t) for t in plan_codes(table, source.ladders, source.classes, ps, qs)}
+    got, comp = read_weights(build(lenet5, older, plan).runnable, infos), read_weights(built.runnable, infos)
+    assert all(np.array_equal(got[n], nearest[n]) for n in nearest)
+    assert any(not np.array_equal(comp[n], nearest[n]) for n in nearest)
 
 
 def test_the_analysis_keeps_its_differences_on_disk_and_checks_them(lenet5, compensated, tmp_path):
