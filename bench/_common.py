@@ -32,6 +32,7 @@ _ANALYSIS_SOURCES = [*sorted((ROOT / "toco_core" / "analysis").rglob("*.py")),
                      *(ROOT / "toco_core" / f for f in ("tolerance.py", "tolerance_map.py", "calibration.py", "qbc.py",
                                                         "plan_table.py", "compression/nested.py",
                                                         "compression/bias_correction.py",
+                                                        "compression/compensated_rounding.py",
                                                         "compression/qdq_int8.py"))]  # the int8 curve
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on every call
 
