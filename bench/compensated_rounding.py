@@ -1,24 +1,22 @@
-"""Error-compensated rounding (GPTQ-style) against the plain nested rounding, at equal steps and masks,
-on the LeNet-5 variants of ``bench/compression.py --variants``.
+"""Error-compensated rounding (the analysis default) against nearest rounding, at equal steps and
+masks, on the LeNet-5 variants of ``bench/compression.py --variants``.
 
-    .venv/bin/python bench/compensated_rounding.py [--budget 0.01]
+    .venv/bin/python bench/compensated_rounding.py [--budget 0.01] [--headroom 1,2,inf]
 
-An experiment, not a build path: nothing in toco_core changes. For every quantized curve point of a
-variant (its cached analysis; the aside variant bn-s4 is left out) the plain codes are the point's
-nested codes (toco_core.plan_table.plan_codes, built by toco_core.recompress.build). The compensated
-codes keep each channel's step and the point's prune mask, but round the weight column by column
-(the layer's input features: in-channel x kernel position for a Conv, inputs for a Gemm) and push
-each column's rounding error onto the columns not yet rounded through the inverse of the layer's
-input Hessian H = X^T X (GPTQ, Frantar et al. 2022; pruned weights are "rounded" to 0 and their error
-is compensated the same way). X are the base model's inputs of the layer on the analysis samples
-(the ones bias correction fits on, never the calibration half), and the compensated model is
-bias-corrected as a box builds it. Both are measured on the calibration half and the unseen digits.
+For every quantized curve point of a variant's nearest-rounding analysis (``--rounding nearest``'s
+cache; the aside variant bn-s4 is left out) the plain codes are the point's nested codes
+(toco_core.plan_table.plan_codes, built by toco_core.recompress.build). The compensated codes keep
+each channel's step and the point's prune mask and are rounded by
+toco_core.compression.compensated_rounding (GPTQ on the layer's input Hessian from the analysis
+samples), with each channel's codes limited to ``headroom`` x its largest plain |code| (the analysis
+uses 1; ``inf`` leaves only the coder's limit). The compensated model is bias-corrected as a box
+builds it. Both are measured on the calibration half and the unseen digits.
 
-Prints per variant: unseen flips summed over the points (plain vs compensated), the storage forms
-(the compensated codes are not the nested octaves, so they would travel as a per-point difference
-part: its LZMA'd size is shown), and the best plan within budget chosen two ways: on the
-calibration half (measurement + 1 SE, as the solver reads a curve) and with the unseen digits in
-hand (the oracle). Ratios: fp32 ONNX file / storage form. Writes bench/results/compensated-rounding.json.
+Prints per variant and headroom: unseen flips summed over the points (plain vs compensated), the
+storage forms, the per-point difference part (LZMA), and the best plan within budget chosen two ways:
+on the calibration half (measurement + 1 SE, as the solver reads a curve) and with the unseen digits
+in hand (the oracle). Ratios: fp32 ONNX file / storage form. Writes
+bench/results/compensated-rounding.json.
 """
 
 from __future__ import annotations
@@ -38,92 +36,35 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench._common import RESULTS, cached_analysis  # noqa: E402
-from bench.compression import VARIANTS, variant_name  # noqa: E402
+from bench.compression import VARIANTS, calibration_split, variant_name  # noqa: E402
 from toco_core.compression.bias_correction import BiasCorrection  # noqa: E402
-from toco_core.compression.graph_edit import attr  # noqa: E402
+from toco_core.compression.compensated_rounding import compensated_many, inverse_factor, layer_hessians  # noqa: E402
 from toco_core.compression.nested import prune_level  # noqa: E402
-from toco_core.compression.storage import QuantizedTensor, dequantize, encode_model  # noqa: E402
+from toco_core.compression.storage import dequantize, encode_model  # noqa: E402
 from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import lenet5_variant  # noqa: E402
-from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_outputs, with_weights  # noqa: E402
+from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights  # noqa: E402
 from toco_core.plan_table import plan_codes  # noqa: E402
 from toco_core.recompress import as_source, build  # noqa: E402
-from toco_core.runtime import make_session, run_model  # noqa: E402
+from toco_core.runtime import run_model  # noqa: E402
 from toco_core.solver import disagreement_bound, enumerate_plans, is_base_plan  # noqa: E402
 from toco_core.weight_source import require_plans  # noqa: E402
 
 console = Console(width=200)
-DAMP = 0.01  # GPTQ's dampening: 1% of the mean diagonal keeps H invertible for dead inputs
 
 
-def layer_hessians(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
-    """H = X^T X / rows of each weight's layer input (im2col rows for a Conv), from the base model on x.
-
-    Conv layers need group 1; a weight whose node is not Conv/Gemm is left out (plain rounding).
-    """
-    nodes = {n.input[1]: n for n in model.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1}
-    graph_inputs = {i.name for i in model.graph.input}
-    wanted = [nodes[w].input[0] for w in names if w in nodes and nodes[w].input[0] not in graph_inputs]
-    exposed = with_outputs(model, wanted)
-    sess = make_session(exposed)
-    acts = dict(zip(wanted, sess.run(wanted, {sess.get_inputs()[0].name: x}), strict=True))
-    out = {}
-    for w in names:
-        node = nodes.get(w)
-        if node is None:
-            continue
-        a = x if node.input[0] in graph_inputs else acts[node.input[0]]
-        if node.op_type == "Gemm":
-            rows = a.reshape(len(a), -1).astype(np.float64)
-        else:
-            if attr(node, "group", 1) != 1 or any(d != 1 for d in attr(node, "dilations", [1, 1])):
-                continue
-            kh, kw = attr(node, "kernel_shape")
-            sh, sw = attr(node, "strides", [1, 1])
-            t, left, b, r = attr(node, "pads", [0, 0, 0, 0])
-            padded = np.pad(a, ((0, 0), (0, 0), (t, b), (left, r)))
-            win = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-            # [N, C, H', W', kh, kw] -> one row per output position, columns (C, kh, kw) as the weight's
-            rows = win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, a.shape[1] * kh * kw).astype(np.float64)
-        out[w] = rows.T @ rows / len(rows)
-    return out
-
-
-def compensated_codes(w: np.ndarray, q: QuantizedTensor, keep: np.ndarray, h: np.ndarray) -> QuantizedTensor:
-    """GPTQ rounding of one weight at q's per-channel steps, zero where ``keep`` is False.
-
-    Rows are output channels, columns the layer's input features; each column is rounded in turn and
-    its error, divided by the Cholesky pivot of H^-1, is subtracted from the later columns.
-    """
-    rows = np.moveaxis(w, q.out_axis, 0).reshape(w.shape[q.out_axis], -1).astype(np.float64)
-    keep_rows = np.moveaxis(keep, q.out_axis, 0).reshape(rows.shape)
-    steps = q.steps.astype(np.float64)[:, None]
-    h = h.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += DAMP * np.mean(np.diag(h)) * np.eye(len(h))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
-    work, codes = rows.copy(), np.zeros(rows.shape, dtype=np.int64)
-    for j in range(rows.shape[1]):
-        c = np.where(keep_rows[:, j], np.rint(work[:, j] / steps[:, 0]), 0)
-        codes[:, j] = c
-        err = (work[:, j] - c * steps[:, 0]) / u[j, j]
-        work[:, j + 1:] -= np.outer(err, u[j, j + 1:])
-    moved = codes.reshape(np.moveaxis(w, q.out_axis, 0).shape)
-    return QuantizedTensor(q.name, np.moveaxis(moved, 0, q.out_axis).astype(np.int32), q.steps, q.out_axis)
-
-
-def measure_variant(seed: int, batchnorm: bool, d) -> dict:
+def measure_variant(seed: int, batchnorm: bool, d, headroom: float) -> dict:
     """Plain vs compensated flips and storage at every quantized point of one variant."""
     name = variant_name(seed, batchnorm)
     model = load_model(lenet5_variant(seed, batchnorm))
-    result, _ = cached_analysis(name, model, d.x_pool, d.y_pool)
+    settings, suffix = calibration_split(None, None, "nearest")
+    result, _ = cached_analysis(name + suffix, model, d.x_pool, d.y_pool, settings)
     infos = compressible_weights(model)
     fp32 = len(model_bytes(model))
     source = as_source(model, result)
     table = require_plans(result)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    hess = layer_hessians(model, [i.name for i in infos], np.asarray(result.analysis_x))
+    factors = {k: inverse_factor(h) for k, h in layer_hessians(model, infos, result.analysis_x).items()}
     correction = BiasCorrection(model, infos, result.analysis_x)
     cal_x, unseen_x = result.heldout_x, d.x_heldout
     tops = (run_model(model, cal_x).argmax(axis=1), run_model(model, unseen_x).argmax(axis=1))
@@ -139,8 +80,9 @@ def measure_variant(seed: int, batchnorm: bool, d) -> dict:
         seen.add(key)
         plain = plan_codes(table, source.ladders, source.classes, *key)
         level = prune_level(table.prune_grid, plan.prune_scale)
-        comp = [compensated_codes(weights[q.name], q, source.classes[q.name] > level, hess[q.name])
-                if q.name in hess else q for q in plain]
+        keeps = {q.name: source.classes[q.name] > level for q in plain}
+        comp = [compensated_many(weights[q.name], [q], [keeps[q.name]], factors[q.name], headroom)[0]
+                if q.name in factors else q for q in plain]
         values = {q.name: dequantize(q) for q in comp}
         float_model = with_weights(model, {**values, **correction.biases(values)})
         diff = np.concatenate([(c.codes - p.codes).ravel() for c, p in zip(comp, plain, strict=True)])
@@ -175,12 +117,14 @@ def main() -> None:
     """Measure every variant, print the table, write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=0.01, help="top-1 disagreement budget (default 0.01)")
+    ap.add_argument("--headroom", default="1", help="comma-separated code-limit factors (default 1, the analysis')")
     args = ap.parse_args()
     t0 = time.perf_counter()
     d = mnist_splits()
     rows = []
-    for seed, bn in VARIANTS:
-        v = measure_variant(seed, bn, d)
+    for (seed, bn), headroom in ((v, float(h)) for v in VARIANTS for h in args.headroom.split(",")):
+        v = measure_variant(seed, bn, d, headroom)
+        v["headroom"] = headroom
         pts = v["points"]
         plain_u, comp_u = sum(p["plain_unseen"] for p in pts), sum(p["comp_unseen"] for p in pts)
         v["summary"] = {
@@ -189,16 +133,17 @@ def main() -> None:
             "diff_part_bytes_range": [min(p["diff_part_bytes"] for p in pts), max(p["diff_part_bytes"] for p in pts)],
             **{f"{k}_{by}": best(v, k, by, args.budget) for k in ("plain", "comp") for by in ("cal", "unseen")}}
         rows.append(v)
-        console.print(f"{v['name']}: {len(pts)} points in {time.perf_counter() - t0:.0f} s")
+        console.print(f"{v['name']} (headroom {headroom:g}): {len(pts)} points in {time.perf_counter() - t0:.0f} s")
     t = Table(title=f"Compensated (GPTQ-style) vs plain nested rounding, same steps and prune masks, budget "
                     f"{args.budget:.0%}: ratio = fp32 ONNX file / storage form, disagreement on 1,000 unseen digits")
-    for col in ("variant", "points", "unseen flips cut", "storage comp / plain (median)", "diff part (LZMA)",
-                "plain: chosen on cal +1 SE", "comp: chosen on cal +1 SE", "plain: oracle", "comp: oracle"):
+    for col in ("variant", "headroom", "points", "unseen flips cut", "storage comp / plain (median)",
+                "diff part (LZMA)", "plain: chosen on cal +1 SE", "comp: chosen on cal +1 SE", "plain: oracle",
+                "comp: oracle"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for v in rows:
         s = v["summary"]
         lo, hi = s["diff_part_bytes_range"]
-        t.add_row(v["name"], str(s["points"]), f"{s['unseen_flips_cut']:.0%}",
+        t.add_row(v["name"], f"{v['headroom']:g}", str(s["points"]), f"{s['unseen_flips_cut']:.0%}",
                   f"{s['storage_comp_over_plain_median']:.3f}", f"{lo / 1024:.1f}-{hi / 1024:.1f} KiB",
                   _fmt(s["plain_cal"]), _fmt(s["comp_cal"]), _fmt(s["plain_unseen"]), _fmt(s["comp_unseen"]))
     console.print(t)

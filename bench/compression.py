@@ -134,7 +134,7 @@ def baseline_rows(model, path, d, base_out, runs) -> list[Row]:
 def bench_model(name: str, d, here, runs: int, fresh: bool, split: AnalysisSettings | None = None,
                 suffix: str = "") -> dict:
     """All rows of one model plus the TOCO reports; prints its table. ``split`` (calibration_split) replaces
-    the model's held-out share and cap; its analysis is cached under the model's name + ``suffix``
+    the model's held-out share, cap and rounding; its analysis is cached under the model's name + ``suffix``
     (not for ``large``, whose analysis keeps bench/analysis.py's settings)."""
     if name == "large":
         res = bench_large(here, runs, fresh, baseline_rows, toco_row)
@@ -144,7 +144,8 @@ def bench_model(name: str, d, here, runs: int, fresh: bool, split: AnalysisSetti
     trained, settings = MODELS[name]
     if split is not None:
         settings = (settings or AnalysisSettings()).model_copy(
-            update={"heldout_share": split.heldout_share, "max_heldout": split.max_heldout})
+            update={"heldout_share": split.heldout_share, "max_heldout": split.max_heldout,
+                    "compensated_rounding": split.compensated_rounding})
     path = demo_model(name, trained=trained)
     model = load_model(path)
     weights = sum(i.size for i in compressible_weights(model))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from toco_core.compression.entropy import MAX_CODE
 from toco_core.compression.graph_edit import attr
 from toco_core.compression.storage import QuantizedTensor
 from toco_core.model_inputs import Batch, ModelInputs
@@ -127,12 +128,14 @@ def compensated_codes(w: np.ndarray, plain: QuantizedTensor, keep: np.ndarray, u
 
 
 def compensated_many(w: np.ndarray, plains: list[QuantizedTensor], keeps: list[np.ndarray],
-                     u: np.ndarray) -> list[QuantizedTensor]:
+                     u: np.ndarray, headroom: float = 1.0) -> list[QuantizedTensor]:
     """compensated_codes of one weight at several points at once (their steps, codes and masks).
 
     Every channel of every point is a row of one matrix: rows do not interact in the rounding, so
     one pass over the columns serves all points (the per-column work is what costs: 90 LeNet-5
-    points one by one took 5 s, at once well under one). Raises ValueError as compensated_codes.
+    points one by one took 5 s, at once well under one). ``headroom`` scales each channel's code
+    limit (ceil(headroom x its largest plain |code|), at most the coder's MAX_CODE; bench/
+    compensated_rounding.py compares them). Raises ValueError as compensated_codes.
     """
     if not plains:
         return []
@@ -148,7 +151,8 @@ def compensated_many(w: np.ndarray, plains: list[QuantizedTensor], keeps: list[n
     live = np.concatenate([np.moveaxis(k, axis, 0).reshape(rows.shape) for k in keeps]) & (steps > 0)[:, None]
     # each channel stays on its plain codes' range, as GPTQ stays on its grid: the error pushed onto
     # few surviving weights must not grow codes past what the channel's coder tables hold
-    limit = np.concatenate([np.abs(np.moveaxis(p.codes, axis, 0).reshape(rows.shape)).max(axis=1) for p in plains])
+    largest = np.concatenate([np.abs(np.moveaxis(p.codes, axis, 0).reshape(rows.shape)).max(axis=1) for p in plains])
+    limit = np.minimum(np.ceil(headroom * largest), MAX_CODE)
     codes = _round_columns(np.tile(rows, (len(plains), 1)), steps, live, limit, u)
     out = []
     for k, plain in enumerate(plains):
