@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from toco_core.demo.train import lenet5_variant  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights  # noqa: E402
 from toco_core.plan_table import plan_codes  # noqa: E402
 from toco_core.recompress import as_source, build  # noqa: E402
+from toco_core.rounding_parts import encode_point  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.solver import disagreement_bound, enumerate_plans, is_base_plan  # noqa: E402
 from toco_core.weight_source import require_plans  # noqa: E402
@@ -90,7 +90,8 @@ def measure_variant(seed: int, batchnorm: bool, d, headroom: float) -> dict:
         (pc, pu), (cc, cu) = flips(built.runnable), flips(float_model)
         points.append({"prune": key[0], "quant": key[1], "label": plan.label,
                        "plain_storage": len(built.storage), "comp_storage": len(encode_model(float_model, comp)),
-                       "diff_part_bytes": len(lzma.compress(np.clip(diff, -128, 127).astype(np.int8).tobytes())),
+                       "diff_part_bytes": len(encode_point({q.name: c.codes - q.codes
+                                                            for c, q in zip(comp, plain, strict=True)})),
                        "codes_changed": float((diff != 0).mean()),
                        "plain_cal": float(pc.mean()), "plain_unseen": float(pu.mean()),
                        "comp_cal": float(cc.mean()), "comp_unseen": float(cu.mean())})

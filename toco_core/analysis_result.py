@@ -8,8 +8,8 @@
     OUT/plans.safetensors      PlanTable: master steps and every curve point's build decisions
     OUT/bias_deltas.safetensors  optional: every point's corrected-bias deltas as the calibration
                                fitted them, so no build fits them again (absent: builds fit them)
-    OUT/rounding.safetensors.xz  with compensated rounding only: every point's code differences
-                               (toco_core.rounding_parts); builds add them to the nested codes
+    OUT/rounding.parts         with compensated rounding only: every point's code differences, as
+                               the parts boxes fetch (toco_core.rounding_parts); builds add them
 
 Numpy only: the agent reads it too.
 """
@@ -42,7 +42,7 @@ from toco_core.tolerance_map import ToleranceMap, load_tolerance_map, save_toler
 SCHEMA_VERSION = 2
 FILES = ("tolerance.safetensors", "calibration.json", "samples.npz", "plans.safetensors")
 BIAS_DELTAS_FILE = "bias_deltas.safetensors"
-ROUNDING_FILE = "rounding.safetensors.xz"
+ROUNDING_FILE = "rounding.parts"
 OPTIONAL_FILES = (BIAS_DELTAS_FILE, ROUNDING_FILE)  # read and hash-checked where the manifest lists them
 
 

@@ -50,13 +50,7 @@ from toco_core.onnx_model import compressible_weights, load_model, model_bytes, 
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
 from toco_core.recompress import fit_point_deltas
-from toco_core.rounding_parts import (
-    PointRounding,
-    differences_from_arrays,
-    rounding_arrays,
-    rounding_part_name,
-    rounding_parts_of,
-)
+from toco_core.rounding_parts import PointRounding, rounding_part_name, rounding_parts_of
 from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples
 from toco_core.task_kind import CLASSIFIER, TaskKind, TaskSpec
@@ -191,8 +185,7 @@ def pack_parts(model: onnx.ModelProto, result: AnalysisResult, info: BundleInfo,
     for name, points in bias_parts_of(table, fit_point_deltas(source, result)).items():
         parts[name] = encode_arrays(bias_arrays(points))
     if result.compensated_rounding:
-        for name, differences in rounding_parts_of(len(table.points), result.rounding).items():
-            parts[name] = encode_arrays(rounding_arrays(differences))
+        parts.update(rounding_parts_of(len(table.points), result.rounding))
     n_test = min(len(result.heldout_x), self_test_samples(budget or info.budget))
     held = {**to_arrays("x", result.heldout_x[:n_test]),
             "base_out": compact_outputs(source.base_out[:n_test], result.manifest.output_kind,
@@ -286,17 +279,11 @@ def _point_deltas(head: BundleHead, parts: dict[str, bytes]) -> dict[int, dict[s
 
 
 def _point_rounding(head: BundleHead, parts: dict[str, bytes]) -> PointRounding | None:
-    """The code differences of every rounding part present (None for a bundle without them)."""
+    """The encoded code differences of every rounding part present (None for a bundle without them;
+    decoded, and checked against the graph, when a build reads them)."""
     if not head.layout.rounding_parts:
         return None
-    shapes = dict(zip(head.layout.tensors, (tuple(s) for s in head.layout.shapes), strict=True))
-    out = {}
-    for name in sorted(n for n in parts if n.startswith("round/")):
-        try:
-            out[int(name.split("/", 1)[1])] = differences_from_arrays(decode_arrays(parts[name], name), shapes)
-        except (KeyError, ValueError) as exc:
-            raise BundleError(f"bundle part {name} does not fit the graph: {exc}", "fetch the bundle again") from None
-    return out
+    return {int(n.split("/", 1)[1]): data for n, data in parts.items() if n.startswith("round/")}
 
 
 def source_from_parts(parts: dict[str, bytes]) -> tuple[WeightSource, AnalysisResult, BundleInfo]:

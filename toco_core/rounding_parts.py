@@ -3,23 +3,30 @@ codes the server measured without the fp32 weights or the layer inputs.
 
 With compensated rounding (toco_core.compression.compensated_rounding) a point's codes are its
 nested codes (toco_core.plan_table.plan_codes) plus small per-weight differences, which depend
-on the fp32 weights and the analysis samples. The server computes them once per point; a box
-fetches the part of its point, ``round/{i}``, and adds them (mostly 0 and +-1: under LZMA a few
-KB for LeNet-5). The analysis keeps every point's differences in OUT/rounding.safetensors.xz.
+on the fp32 weights and the analysis samples. The analysis encodes each point's differences once,
+as the part ``round/{i}`` a box fetches for its plan (PointRounding holds these bytes: LeNet-5's
+91 points are 0.5 MB encoded, 11 MB as int16 arrays, which a 1.57M-weight model's analysis could
+not keep in memory). The analysis directory keeps them all in OUT/rounding.parts.
+
+A part: the names of the weights that differ, then over their differences flattened in that
+order a bitmask of the non-zero ones, a bitmask of which of those are negative, and |d| - 1 of
+each (mostly 0), under LZMA. Differences are mostly 0 and +-1, so the masks carry nearly all of it,
+8x denser than int8 bytes: LZMA of the masks was 15% smaller and 7-10x faster than of the bytes.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import lzma
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load, save
 
-from toco_core.errors import AnalysisError
+from toco_core.bundle import pack_bundle, unpack_bundle
+from toco_core.errors import AnalysisError, BundleError
 
-PointRounding = dict[int, dict[str, np.ndarray]]  # point index -> {weight: int16 code differences}
+PointRounding = dict[int, bytes]  # point index -> its encoded part (encode_point)
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 
 
 def rounding_part_name(i: int) -> str:
@@ -27,72 +34,79 @@ def rounding_part_name(i: int) -> str:
     return f"round/{i}"
 
 
-def rounding_parts_of(points: int, rounding: PointRounding | None) -> dict[str, dict[str, np.ndarray]]:
-    """Part name -> code differences for every one of a plan table's ``points``.
+def encode_point(differences: dict[str, np.ndarray]) -> bytes:
+    """One point's part from its differences (weight name -> integer array, any shape).
 
-    Raises AnalysisError when the analysis lacks a point's differences (a box could not build it).
+    Raises ValueError for a difference of more than 65,536 steps.
     """
-    missing = [i for i in range(points) if rounding is None or i not in rounding]
-    if missing:
-        raise AnalysisError(f"the analysis compensated its rounding but lacks the code differences of "
-                            f"{len(missing)} of its {points} points", "re-run the analysis")
-    assert rounding is not None
-    return {rounding_part_name(i): rounding[i] for i in range(points)}
-
-
-def rounding_arrays(differences: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of one point's part: ``names`` (the weights that differ, '\\n'-joined, as uint8)
-    and ``codes`` (their differences flattened in that order, int8 where they fit, else int16)."""
     names = sorted(differences)
-    flat = [np.asarray(differences[n]).ravel() for n in names]
-    codes = np.concatenate(flat) if flat else np.zeros(0, np.int16)
-    small = np.abs(codes).max(initial=0) <= np.iinfo(np.int8).max
-    return {"names": np.frombuffer("\n".join(names).encode(), np.uint8),
-            "codes": codes.astype(np.int8 if small else np.int16)}
+    flat = np.concatenate([np.asarray(differences[n]).ravel() for n in names]) if names else np.zeros(0, np.int64)
+    values = flat[flat != 0].astype(np.int64)
+    excess = np.abs(values) - 1
+    if excess.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"a compensated code moved {int(excess.max()) + 1} steps from its nested code")
+    arrays = {"names": np.frombuffer("\n".join(names).encode(), np.uint8), "size": np.asarray([flat.size], np.int64),
+              "nonzero": np.packbits(flat != 0), "negative": np.packbits(values < 0),
+              "excess": excess.astype(np.uint8 if excess.max(initial=0) <= 255 else np.uint16)}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    raw = buf.getvalue()
+    # a dictionary the size of the input: preset 6's 8 MB took 3x the time on LeNet-5's 20 KB parts;
+    # the decoder's (preset 6) is larger, which LZMA allows
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[{**_FILTERS[0], "dict_size": max(len(raw), 4096)}])
 
 
-def differences_from_arrays(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Inverse of rounding_arrays, each difference in its weight's shape (``shapes``).
+def decode_point(data: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Inverse of encode_point: int16 differences in the shapes of their weights (``shapes``).
 
-    Raises ValueError when the part names an unknown weight or its codes do not fill the weights,
-    KeyError when an array is missing.
+    Raises ValueError when the part does not decode, names a weight ``shapes`` lacks, or its
+    differences do not fill the weights it names.
     """
+    try:
+        with np.load(io.BytesIO(lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_FILTERS)),
+                     allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("names", "size", "nonzero", "negative", "excess")}
+    except (lzma.LZMAError, OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"the part does not decode: {exc}") from None
     names = bytes(arrays["names"]).decode().split("\n") if arrays["names"].size else []
     unknown = [n for n in names if n not in shapes]
     if unknown:
         raise ValueError(f"the part names weights the graph lacks: {unknown}")
-    codes = arrays["codes"]
     sizes = [int(np.prod(shapes[n])) for n in names]
-    if codes.dtype not in (np.int8, np.int16) or codes.shape != (sum(sizes),):
-        raise ValueError(f"{codes.size} {codes.dtype} code differences; the weights it names need {sum(sizes)}")
+    size = int(arrays["size"][0])
+    nonzero = np.unpackbits(arrays["nonzero"], count=size).astype(bool) if size else np.zeros(0, bool)
+    count = int(nonzero.sum())
+    if size != sum(sizes) or arrays["excess"].shape != (count,):
+        raise ValueError(f"{size} differences ({count} non-zero) for weights that hold {sum(sizes)}")
+    sign = np.where(np.unpackbits(arrays["negative"], count=count).astype(bool), -1, 1)
+    flat = np.zeros(size, np.int64)
+    flat[nonzero] = sign * (arrays["excess"].astype(np.int64) + 1)
     ends = np.cumsum(sizes)
-    return {n: codes[e - k:e].astype(np.int16).reshape(shapes[n]) for n, k, e in zip(names, sizes, ends, strict=True)}
+    return {n: flat[e - k:e].astype(np.int16).reshape(shapes[n]) for n, k, e in zip(names, sizes, ends, strict=True)}
+
+
+def rounding_parts_of(points: int, rounding: PointRounding | None) -> dict[str, bytes]:
+    """Part name -> bytes for every one of a plan table's ``points``.
+
+    Raises AnalysisError when the analysis lacks a point's differences (a box could not build it).
+    """
+    missing = [i for i in range(points) if rounding is None or i not in rounding]
+    if missing or rounding is None:
+        raise AnalysisError(f"the analysis compensated its rounding but lacks the code differences of "
+                            f"{len(missing)} of its {points} points", "re-run the analysis")
+    return {rounding_part_name(i): rounding[i] for i in range(points)}
 
 
 def save_point_rounding(rounding: PointRounding, path: Path) -> None:
-    """Write every point's differences (the analysis' copy, which format-1 bundles carry): tensor
-    ``{i}/{weight}`` = int8 array (int16 where a difference needs it) in safetensors, under LZMA
-    preset 1 (mostly zeros: LeNet-5's 91 points are 5.6 MB raw, 0.5 MB packed in 0.1 s; the default
-    preset 6 saved 0.2 MB for 1.6 s of every analysis)."""
-    arrays = {f"{i}/{n}": np.ascontiguousarray(d, np.int8 if np.abs(d).max(initial=0) <= 127 else np.int16)
-              for i, point in rounding.items() for n, d in point.items()}
-    data = save(arrays, metadata={"points": ",".join(str(i) for i in sorted(rounding))})
-    Path(path).write_bytes(lzma.compress(data, preset=1))
+    """Write every point's part (the analysis' copy, which format-1 bundles carry) in one container."""
+    Path(path).write_bytes(pack_bundle({rounding_part_name(i): d for i, d in sorted(rounding.items())}
+                                       or {"none": b""}))
 
 
 def load_point_rounding(path: Path) -> PointRounding:
-    """Read what save_point_rounding wrote (points whose codes did not change included, empty).
-
-    Raises AnalysisError when the file is unreadable.
-    """
+    """Read what save_point_rounding wrote. Raises AnalysisError when the file is unreadable."""
     try:
-        data = lzma.decompress(Path(path).read_bytes())
-        listed = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}).get("points", "")
-        out: PointRounding = {int(i): {} for i in listed.split(",") if i}
-        for key, value in load(data).items():
-            i, name = key.split("/", 1)
-            out.setdefault(int(i), {})[name] = value.astype(np.int16)
-        return out
-    except Exception as exc:  # safetensors, key and value errors all mean the same to a user
-        raise AnalysisError(f"the rounding differences {path} are unreadable: {type(exc).__name__}: {exc}",
-                            "re-run the analysis") from None
+        files = unpack_bundle(Path(path).read_bytes())
+        return {int(name.split("/", 1)[1]): data for name, data in files.items() if name.startswith("round/")}
+    except (BundleError, OSError, ValueError) as exc:
+        raise AnalysisError(f"the rounding differences {path} are unreadable: {exc}", "re-run the analysis") from None

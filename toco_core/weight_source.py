@@ -26,7 +26,7 @@ from toco_core.errors import AnalysisError
 from toco_core.onnx_model import compressible_weights, model_hash, read_weights
 from toco_core.output_tail import fidelity_view
 from toco_core.plan_table import PlanTable, plan_codes
-from toco_core.rounding_parts import PointRounding, rounding_part_name
+from toco_core.rounding_parts import PointRounding, decode_point, rounding_part_name
 from toco_core.runtime import run_model
 
 
@@ -39,8 +39,8 @@ class WeightSource:
     the base on the correction samples (None: measure them on ``reference``, which is the base);
     ``point_deltas`` the float16 bias deltas of the points a box fetched them for
     (toco_core.bias_parts; None: fit them on the analysis samples); ``point_rounding`` the code
-    differences of the points it holds them for (toco_core.rounding_parts; an analysis with
-    compensated rounding only).
+    differences of the points it holds them for, encoded (toco_core.rounding_parts; an analysis
+    with compensated rounding only).
     """
 
     reference: onnx.ModelProto
@@ -103,4 +103,9 @@ def point_codes(source: WeightSource, result: AnalysisResult, i: int) -> list[Qu
     if source.point_rounding is None or i not in source.point_rounding:
         raise AnalysisError(f"the compensated codes of point {i} are not on this box",
                             f"fetch the part {rounding_part_name(i)} its plan lists")
-    return with_differences(tensors, source.point_rounding[i])
+    try:
+        differences = decode_point(source.point_rounding[i], {t.name: t.codes.shape for t in tensors})
+    except ValueError as exc:
+        raise AnalysisError(f"the part {rounding_part_name(i)} does not fit this model: {exc}",
+                            "fetch the bundle again") from None
+    return with_differences(tensors, differences)

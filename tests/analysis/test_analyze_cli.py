@@ -29,7 +29,7 @@ def test_analyze_then_inspect_with_plot(lenet5_path, pool_file, tmp_path):
     proc = toco("analyze", lenet5_path, "--pool", pool_file, "-o", out, "--rounds", "2")
     assert proc.returncode == 0, proc.stderr
     assert (out / "manifest.json").is_file()
-    assert (out / "rounding.safetensors.xz").is_file()  # compensated rounding, the default
+    assert (out / "rounding.parts").is_file()  # compensated rounding, the default
     assert "calibration: prune" in proc.stdout
     proc = toco("inspect", out, "--plot", tmp_path / "p.png")
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,6 @@
 """The pieces of bench/plan_honesty.py and bench/compensated_rounding.py that decide their numbers:
-the Clopper-Pearson bound, the layer Hessians and the GPTQ-style rounding, on the demo LeNet-5 and real digits."""
+the Clopper-Pearson bound, and the layer Hessians and GPTQ-style rounding (toco_core.compression.
+compensated_rounding, which the experiment reads) on the demo LeNet-5 and real digits."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bench.compensated_rounding import compensated_codes, layer_hessians
 from bench.plan_honesty import clopper_pearson_upper
+from toco_core.compression.compensated_rounding import compensated_codes, inverse_factor, layer_hessians
 from toco_core.compression.storage import quantize_to_codes
 from toco_core.onnx_model import compressible_weights
 
@@ -31,8 +32,8 @@ def test_clopper_pearson_bound_leaves_alpha_below(k):
 
 @pytest.fixture(scope="module")
 def hessians(lenet5, digits):
-    names = [i.name for i in compressible_weights(lenet5)]
-    return names, layer_hessians(lenet5, names, digits.x_pool[:200])
+    infos = compressible_weights(lenet5)
+    return [i.name for i in infos], layer_hessians(lenet5, infos, digits.x_pool[:200])
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -58,7 +59,7 @@ def test_identity_hessian_is_plain_rounding(lenet5):
     w = _weights(lenet5)["3.weight"]
     plain = quantize_to_codes(w, _steps(w, 3), 0, "3.weight")
     h = np.eye(int(np.prod(w.shape[1:])))
-    comp = compensated_codes(w, plain, np.ones(w.shape, bool), h)
+    comp = compensated_codes(w, plain, np.ones(w.shape, bool), inverse_factor(h))
     assert np.array_equal(comp.codes, plain.codes)
 
 
@@ -70,7 +71,7 @@ def test_compensation_lowers_the_layer_output_error(lenet5, hessians, name, prun
     plain = quantize_to_codes(w, _steps(w, 3), 0, name)
     keep = np.abs(w) > np.quantile(np.abs(w), 0.5) if pruned else np.ones(w.shape, bool)
     plain_codes = np.where(keep, plain.codes, 0)
-    comp = compensated_codes(w, plain, keep, h)
+    comp = compensated_codes(w, plain, keep, inverse_factor(h))
     assert not comp.codes[~keep].any()  # the prune mask holds
 
     def output_error(codes: np.ndarray) -> float:

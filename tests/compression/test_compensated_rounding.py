@@ -25,7 +25,7 @@ from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts
 from toco_core.plan import CompressionPlan
 from toco_core.plan_table import plan_codes
 from toco_core.recompress import build
-from toco_core.rounding_parts import differences_from_arrays, rounding_arrays
+from toco_core.rounding_parts import decode_point, encode_point
 from toco_core.runtime import run_model
 from toco_core.solver import enumerate_plans
 from toco_core.weight_source import from_base_model
@@ -78,18 +78,18 @@ def test_compensation_cuts_every_layers_output_error_at_the_same_steps(name, req
 
 
 def test_a_rounding_part_round_trips_and_a_wrong_one_is_refused():
-    small = {"a": np.array([[0, 1], [-1, 0]], np.int16), "b": np.array([2, 0, 0], np.int16)}
-    arrays = rounding_arrays(small)
-    assert arrays["codes"].dtype == np.int8  # differences of a step or two travel in a byte
-    back = differences_from_arrays(arrays, {"a": (2, 2), "b": (3,)})
-    assert all(np.array_equal(back[k], v) for k, v in small.items())
-    wide = rounding_arrays({"b": np.array([300, 0, -2], np.int16)})
-    assert wide["codes"].dtype == np.int16
-    assert differences_from_arrays(wide, {"b": (3,)})["b"][0] == 300
+    small = {"a": np.array([[0, 1], [-1, 0]], np.int16), "b": np.array([2, 0, -300], np.int16)}
+    part = encode_point(small)
+    back = decode_point(part, {"a": (2, 2), "b": (3,), "c": (4,)})
+    assert back.keys() == small.keys() and all(np.array_equal(back[k], v) for k, v in small.items())
+    sparse = {"w": np.where(np.random.default_rng(0).random(60_000) < 0.2, 1, 0).astype(np.int16)}
+    assert len(encode_point(sparse)) < 60_000 / 8 * 1.1  # about the mask's bits: far below a byte a weight
     with pytest.raises(ValueError, match="graph lacks"):
-        differences_from_arrays(arrays, {"a": (2, 2)})
-    with pytest.raises(ValueError, match="need 7"):
-        differences_from_arrays({**arrays, "codes": arrays["codes"][:3]}, {"a": (2, 2), "b": (3,)})
+        decode_point(part, {"a": (2, 2)})
+    with pytest.raises(ValueError, match="hold 8"):
+        decode_point(part, {"a": (2, 2), "b": (4,)})
+    with pytest.raises(ValueError, match="does not decode"):
+        decode_point(part[:-3], {"a": (2, 2), "b": (3,)})
 
 
 def test_a_built_plan_is_the_compensated_model_its_curve_point_measured(lenet5, compensated):
@@ -110,7 +110,8 @@ def test_a_built_plan_is_the_compensated_model_its_curve_point_measured(lenet5, 
                                hessians=layer_hessians(lenet5, infos, result.analysis_x))
     nested.choose_master(QUANT_GRID, 1.0 / len(x))
     point = nested.measure(ps, qs)
-    assert result.rounding[i] and result.rounding[i].keys() == nested.rounding[(ps, qs)].keys()
+    kept = decode_point(result.rounding[i], {n.name: n.shape for n in infos})
+    assert kept and kept.keys() == decode_point(nested.rounding[(ps, qs)], {n.name: n.shape for n in infos}).keys()
     plan = CompressionPlan(prune_scale=ps, quant_scale=qs, structured=False, predicted_disagreement=0.0,
                            predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
     built = build(lenet5, result, plan)
@@ -132,10 +133,9 @@ def test_a_built_plan_is_the_compensated_model_its_curve_point_measured(lenet5, 
 
 def test_the_analysis_keeps_its_differences_on_disk_and_checks_them(lenet5, compensated, tmp_path):
     loaded = load_result(save_result(compensated, tmp_path / "a"))
-    assert loaded.rounding is not None and loaded.rounding.keys() == compensated.rounding.keys()
-    assert all(np.array_equal(loaded.rounding[i][n], d) for i, p in compensated.rounding.items() for n, d in p.items())
+    assert loaded.rounding == compensated.rounding
     (tmp_path / "a" / ROUNDING_FILE).write_bytes(b"\0" * 64)
-    with pytest.raises(AnalysisError, match="rounding.safetensors.xz does not match its hash"):
+    with pytest.raises(AnalysisError, match="rounding.parts does not match its hash"):
         load_result(tmp_path / "a")
 
 

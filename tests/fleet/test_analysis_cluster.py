@@ -172,9 +172,7 @@ def test_cluster_analysis_matches_the_local_calibration(cluster_fleet, lenet) ->
     assert all((deltas[i][b] == result.bias_deltas[i][b]).all() for i in deltas for b in deltas[i])
     # and so did the code differences of compensated rounding
     assert (rounding is None) == (result.rounding is None) == (not settings.compensated_rounding)
-    if rounding is not None and result.rounding is not None:
-        assert rounding.keys() == result.rounding.keys()
-        assert all((rounding[i][n] == result.rounding[i][n]).all() for i in rounding for n in rounding[i])
+    assert rounding == result.rounding
 
 
 def test_worker_killed_mid_analysis(cluster_fleet, cluster, lenet) -> None:

@@ -42,6 +42,7 @@ from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch
 from toco_core.onnx_model import WeightInfo
 from toco_core.plan_table import PlanTable, plan_codes
+from toco_core.rounding_parts import decode_point, encode_point
 from toco_core.runtime import run_with_weights
 from toco_core.task_kind import CLASSIFIER, TaskSpec, compare
 from toco_core.tolerance_map import ToleranceMap
@@ -63,7 +64,7 @@ class MeasuredPoint(NamedTuple):
     measured: CurvePoint
     octaves: Octaves
     bias_deltas: BiasDeltas
-    rounding: CodeDifferences | None = None
+    rounding: bytes | None = None  # toco_core.rounding_parts.encode_point of the differences
 
 
 class GridMap(Protocol):
@@ -107,6 +108,7 @@ class NestedCalibration:
         every curve point against; None rounds to nearest."""
         self.model, self.infos, self.weights, self.tmap = model, infos, weights, tmap
         self.factors = None if hessians is None else {k: inverse_factor(h) for k, h in hessians.items()}
+        self._shapes = {i.name: i.shape for i in infos}
         self.kind, self.x, self.y, self.base_out, self.correction = kind, x, y, base_out, correction
         self.prune_grid, self.coverage, self.task = sorted(prune_grid), coverage, task
         self.classes = {i.name: prune_classes(tmap.prune_rank[i.name], self.prune_grid) for i in infos}
@@ -115,8 +117,8 @@ class NestedCalibration:
         self.ladders: dict[str, CodeLadder] = {}
         self.octaves: dict[tuple[float, float], dict[str, np.ndarray]] = {}
         self.bias_deltas: dict[Point, BiasDeltas] = {}
-        self.rounding: dict[Point, CodeDifferences] = {}
-        self._prepared: dict[Point, CodeDifferences] = {}
+        self.rounding: dict[Point, bytes] = {}  # each measured point's encoded differences
+        self._prepared: dict[Point, tuple[Octaves, list[QuantizedTensor], CodeDifferences]] = {}
 
     def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> tuple[CurvePoint, BiasDeltas]:
         values = {q.name: dequantize(q) for q in tensors}
@@ -186,19 +188,21 @@ class NestedCalibration:
         another process on a copy. Call after choose_master.
         """
         ps, qs = point
-        octaves = self.point_octaves(ps, qs)
-        plain = self._plain_codes(point, octaves)
-        if self.factors is None:
+        rounding: CodeDifferences | None = None
+        if point in self._prepared:
+            octaves, plain, rounding = self._prepared[point]
+        else:
+            octaves = self.point_octaves(ps, qs)
+            plain = self._plain_codes(point, octaves)
+            if self.factors is not None:
+                rounding = self.compensate({point: plain})[point]
+        if rounding is None:
             measured, deltas = self._measure(plain, ps, qs)
             return MeasuredPoint(measured, octaves, deltas)
-        rounding = self._prepared.get(point)
-        if rounding is None:
-            rounding = self.compensate({point: plain})[point]
         measured, deltas = self._measure(with_differences(plain, rounding), ps, qs)
-        return MeasuredPoint(measured, octaves, deltas, rounding)
+        return MeasuredPoint(measured, octaves, deltas, encode_point(rounding))
 
-    def _plain_codes(self, point: Point, octaves: Octaves | None = None) -> list[QuantizedTensor]:
-        octaves = self.point_octaves(*point) if octaves is None else octaves
+    def _plain_codes(self, point: Point, octaves: Octaves) -> list[QuantizedTensor]:
         table = self.table([point], np.zeros((1, len(self.infos)), bool), np.zeros((1, len(self.infos)), np.uint16),
                            {point: octaves})
         return plan_codes(table, self.ladders, self.classes, *point)
@@ -222,7 +226,13 @@ class NestedCalibration:
         """Round ``points`` with compensation ahead of measuring them, all at once (measure_point
         uses them; the work per point is mostly per column, which a batch shares). Replaces what an
         earlier call prepared; without Hessians it does nothing."""
-        self._prepared = {} if self.factors is None else self.compensate({p: self._plain_codes(p) for p in points})
+        self._prepared = {}
+        if self.factors is None:
+            return
+        octaves = {p: self.point_octaves(*p) for p in points}
+        plains = {p: self._plain_codes(p, octaves[p]) for p in points}
+        rounded = self.compensate(plains)
+        self._prepared = {p: (octaves[p], plains[p], rounded[p]) for p in points}
 
     def batches(self, points: list[Point]) -> list[list[Point]]:
         """``points`` in batches whose rounding holds at most ~8M weights of one layer in flight."""
@@ -262,9 +272,9 @@ class NestedCalibration:
         points); points measured without correction, or not measured, are left out."""
         return {i: self.bias_deltas[p] for i, p in enumerate(points) if self.bias_deltas.get(p)}
 
-    def point_rounding(self, points: list[Point]) -> dict[int, CodeDifferences] | None:
-        """The code differences of ``points`` by their index in that list ({} for a point whose
-        compensated codes equal the plain ones); None without compensated rounding."""
+    def point_rounding(self, points: list[Point]) -> dict[int, bytes] | None:
+        """The encoded code differences (toco_core.rounding_parts) of ``points`` by their index in
+        that list; None without compensated rounding."""
         if self.factors is None:
             return None
         return {i: self.rounding[p] for i, p in enumerate(points) if p in self.rounding}
@@ -292,8 +302,9 @@ class NestedCalibration:
         nbits = np.zeros((len(points), len(self.infos)), np.uint16)
         bare = self.table(points, int8, nbits)
         for i, (ps, qs) in enumerate(points):
-            tensors = with_differences(plan_codes(bare, self.ladders, self.classes, ps, qs),
-                                       self.rounding.get((ps, qs), {}))
+            tensors = plan_codes(bare, self.ladders, self.classes, ps, qs)
+            if (ps, qs) in self.rounding:
+                tensors = with_differences(tensors, decode_point(self.rounding[(ps, qs)], self._shapes))
             scale = np.float32(max(int8_scale, qs))
             for t, (info, q) in enumerate(zip(self.infos, tensors, strict=True)):
                 values = dequantize(q)
