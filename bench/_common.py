@@ -33,6 +33,7 @@ _ANALYSIS_SOURCES = [*sorted((ROOT / "toco_core" / "analysis").rglob("*.py")),
                                                         "plan_table.py", "compression/nested.py",
                                                         "compression/bias_correction.py",
                                                         "compression/compensated_rounding.py",
+                                                        "rounding_parts.py",  # stored encoded
                                                         "compression/qdq_int8.py"))]  # the int8 curve
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on every call
 

@@ -189,5 +189,9 @@ def load_result(path: Path, verify: bool = True) -> AnalysisResult:
         raise AnalysisError(f"{path} has an unreadable part: {exc}", "re-run the analysis") from None
     deltas = load_point_deltas(path / BIAS_DELTAS_FILE) if BIAS_DELTAS_FILE in manifest.files else None
     rounding = load_point_rounding(path / ROUNDING_FILE) if ROUNDING_FILE in manifest.files else None
+    if rounding is None and manifest.settings.get("compensated_rounding", False):
+        # without them every build would be refused later, naming a part a server cannot fetch
+        raise AnalysisError(f"{path} was analysed with compensated rounding but lacks its code differences "
+                            f"({ROUNDING_FILE} is not in its manifest)", "re-run the analysis")
     return AnalysisResult(manifest, load_tolerance_map(path / "tolerance.safetensors"), curves, ax, hx, hy,
                           plans=load_plan_table(path / "plans.safetensors"), bias_deltas=deltas, rounding=rounding)

@@ -3,6 +3,7 @@ output error at the same steps, the analysis measures every point with it, and a
 very codes the server measured, from the fp32 base or from its parts."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -136,6 +137,11 @@ def test_the_analysis_keeps_its_differences_on_disk_and_checks_them(lenet5, comp
     assert loaded.rounding == compensated.rounding
     (tmp_path / "a" / ROUNDING_FILE).write_bytes(b"\0" * 64)
     with pytest.raises(AnalysisError, match="rounding.parts does not match its hash"):
+        load_result(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    del manifest["files"][ROUNDING_FILE]
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AnalysisError, match="compensated rounding but lacks its code differences"):
         load_result(tmp_path / "a")
 
 
