@@ -108,7 +108,7 @@ def bench_model(name: str, reanalyze: bool, rounding: str | None = None) -> dict
     today = len(pack_bundle(bundle_files(Path(path), adir, info)))
     boxes = devices(fp32)
     # as the fleet server lays it out: the boxes' profiles (their configured budgets in them), both objectives
-    bounds = planned_levels(result, compressible_weights(model), fp32, [p for _, p, _ in boxes], 0.01) or None
+    bounds = planned_levels(result, compressible_weights(model), fp32, [p for _, p, _ in boxes], 0.01)
     parts = pack_parts(model, result, info, band_bounds=bounds)
     generic = pack_parts(model, result, info)
     head = BundleHead(parts["head"])

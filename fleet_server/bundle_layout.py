@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 def fleet_band_bounds(db: Database, model_id: str, result: AnalysisResult, model: onnx.ModelProto,
                       model_file_bytes: int, budget: float) -> list[int] | None:
     """The band bounds for a bundle of ``model_id``: the levels its enrolled boxes' best plans prune
-    at under the fleet budget (None: no box known, or none prunes). Raises AnalysisError for an
-    analysis without a plan table."""
+    at under the fleet budget. None when no box is known (every level a bound); [] when boxes are
+    known and none prunes: one group, whose unpruned boxes read no prune split at all (every level
+    a bound would make each of them download every split to place its codes). Raises
+    AnalysisError for an analysis without a plan table."""
     with db.session() as s:
         rows = s.execute(select(DeviceRow.id, DeviceRow.hardware, DeviceRow.allowed_models)
                          .where(DeviceRow.enrollment == "enrolled")).all()
@@ -41,4 +43,4 @@ def fleet_band_bounds(db: Database, model_id: str, result: AnalysisResult, model
             continue
     levels = planned_levels(result, compressible_weights(model), model_file_bytes, profiles, budget)
     log.info("bundle band layout", extra={"fields": {"model": model_id, "boxes": len(profiles), "bounds": levels}})
-    return levels or None
+    return levels if profiles else None

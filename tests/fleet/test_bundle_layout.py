@@ -12,7 +12,9 @@ from toco_core.band_layout import planned_levels
 from toco_core.device import load_profile
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes
-from toco_core.parts_bundle import BundleHead, pack_parts
+from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts
+from toco_core.recompress import build
+from toco_core.solver import enumerate_plans
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 
@@ -46,3 +48,29 @@ def test_bounds_follow_the_enrolled_boxes_that_may_run_the_model(tmp_path, lenet
                                  band_bounds=bounds)["head"])
     assert head.layout.band_bounds == sorted(bounds, reverse=True)
     db.close()
+
+
+def test_a_fleet_whose_boxes_do_not_prune_gets_one_group_and_its_boxes_read_no_split(tmp_path, lenet5,
+                                                                                      lenet5_analysis):
+    """Boxes known but none pruning: bounds [] (one group) rather than every level, so an unpruned plan
+    downloads its codes without the prune splits, and still builds exactly the server's model."""
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    size = len(model_bytes(lenet5))
+    with db.session(write=True) as s:
+        s.add(DeviceRow(id="tiny-1", group="line", online=True, birth=1, last_seen=time.time(),
+                        hardware={**json.loads((PROFILES / "handheld.json").read_text()), "memory_budget": 1000},
+                        enrollment="enrolled"))
+    assert fleet_band_bounds(db, "m1", lenet5_analysis, lenet5, size, 0.01) == []  # its plans: none fits
+    db.close()
+    info = BundleInfo(model_name="lenet5", model_sha256="0" * 64)
+    one, every = (pack_parts(lenet5, lenet5_analysis, info, band_bounds=b) for b in ([], None))
+    assert BundleHead(one["head"]).layout.band_bounds == []
+    plan = next(p for p in enumerate_plans(lenet5_analysis, compressible_weights(lenet5), size, 0.4, True)
+                if p.prune_scale == 0 and p.quant_scale > 0 and p.runtime == "fp32")
+    need = BundleHead(one["head"]).parts_for_plan(plan)
+    assert need and not [n for n in need if n.startswith("prune/")]
+    weights = sum(len(one[n]) for n in need if not n.startswith("calib/"))
+    every_need = BundleHead(every["head"]).parts_for_plan(plan)
+    assert weights < sum(len(every[n]) for n in every_need if not n.startswith("calib/"))
+    source, result, _ = source_from_parts({n: one[n] for n in need})
+    assert model_bytes(build(source, result, plan).runnable) == model_bytes(build(lenet5, lenet5_analysis, plan).runnable)
