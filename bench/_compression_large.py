@@ -52,8 +52,9 @@ def large_images() -> Images:
     return Images(s.x_pool[:LARGE_POOL], s.y_pool[:LARGE_POOL], s.x_heldout, s.y_heldout)
 
 
-def bench_large(here, runs: int, fresh: bool, baseline_rows, toco_row) -> dict:
-    """The rows of the 224x224 model; ``baseline_rows`` and ``toco_row`` are bench/compression.py's.
+def bench_large(here, runs: int, fresh: bool, baseline_rows, toco_row, settings=None, suffix: str = "") -> dict:
+    """The rows of the 224x224 model; ``baseline_rows`` and ``toco_row`` are bench/compression.py's;
+    ``settings`` (None: the defaults) analyse it, cached under "large" + ``suffix``.
 
     Returns the same fields as bench/compression.py's bench_model, plus ``memory_limits`` (bytes per row).
     """
@@ -64,7 +65,7 @@ def bench_large(here, runs: int, fresh: bool, baseline_rows, toco_row) -> dict:
     d = large_images()
     weights = sum(i.size for i in compressible_weights(model))
     t = time.perf_counter()
-    result, hit = cached_analysis("large", model, d.x_pool, d.y_pool, None, fresh)
+    result, hit = cached_analysis("large" + suffix, model, d.x_pool, d.y_pool, settings, fresh)
     analysis_s = time.perf_counter() - t
     base_out = run_model(model, d.x_heldout)
     rows = baseline_rows(model, path, d, base_out, runs)

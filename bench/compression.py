@@ -135,9 +135,10 @@ def bench_model(name: str, d, here, runs: int, fresh: bool, split: AnalysisSetti
                 suffix: str = "") -> dict:
     """All rows of one model plus the TOCO reports; prints its table. ``split`` (calibration_split) replaces
     the model's held-out share, cap and rounding; its analysis is cached under the model's name + ``suffix``
-    (not for ``large``, whose analysis keeps bench/analysis.py's settings)."""
+    (``large`` takes only the rounding: its analysis keeps bench/analysis.py's settings otherwise)."""
     if name == "large":
-        res = bench_large(here, runs, fresh, baseline_rows, toco_row)
+        rounding = None if split is None else AnalysisSettings(compensated_rounding=split.compensated_rounding)
+        res = bench_large(here, runs, fresh, baseline_rows, toco_row, rounding, suffix)
         print_table(name, [Row(**r) for r in res["rows"]], res["weights"], True, res["analysis_cached"],
                     res["analysis_s"])
         return res
