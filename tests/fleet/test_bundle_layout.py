@@ -73,4 +73,5 @@ def test_a_fleet_whose_boxes_do_not_prune_gets_one_group_and_its_boxes_read_no_s
     every_need = BundleHead(every["head"]).parts_for_plan(plan)
     assert weights < sum(len(every[n]) for n in every_need if not n.startswith("calib/"))
     source, result, _ = source_from_parts({n: one[n] for n in need})
-    assert model_bytes(build(source, result, plan).runnable) == model_bytes(build(lenet5, lenet5_analysis, plan).runnable)
+    box, server = build(source, result, plan), build(lenet5, lenet5_analysis, plan)
+    assert model_bytes(box.runnable) == model_bytes(server.runnable)
