@@ -15,7 +15,7 @@ from toco_core.curve_operators import CurveOperator
 from toco_core.errors import ConfigError
 from toco_core.onnx_model import input_specs, load_model
 from toco_core.pool import load_pool
-from toco_core.units import parse_fraction
+from toco_core.units import format_size, parse_fraction
 
 PHASES = {"qbc": "QBC rounds", "prune": "pruning rounds", "calibrate": "calibration"}
 
@@ -100,7 +100,19 @@ def analyze(
     m = result.manifest
     console.print(f"analysed {m.weights:,} weights on {m.samples_used} QBC-selected samples "
                   f"in {m.timings['total']:.1f} s -> {out} (task: {result.task.kind.value})")
+    _print_rounding(result)
     _print_curves(result, budget=settings.budget)
+
+
+def _print_rounding(result: AnalysisResult) -> None:
+    # which codes the curves were measured with, and what a box fetches on top of them
+    if not result.compensated_rounding:
+        console.print("rounding: nearest (each point's nested codes as they are)")
+        return
+    sizes = sorted(len(part) for part in (result.rounding or {}).values())
+    spread = f", {format_size(sizes[0])}-{format_size(sizes[-1])} each" if sizes else ""
+    console.print(f"rounding: compensated against each layer's output error; code differences of "
+                  f"{len(sizes)} points{spread} (a box fetches its plan's one)")
 
 
 def _print_curves(result: AnalysisResult, budget: float) -> None:
@@ -143,6 +155,7 @@ def inspect(
                   f"{rs.committee_disagreement_heldout:.1%}",
                   f"{rs.selected_score_mean:.3f}", f"{rs.random_score_mean:.3f}")
     console.print(r)
+    _print_rounding(result)
     _print_curves(result, budget=m.settings.get("budget", 0.01))
     if plot is not None:
         from toco_cli.plots import plot_analysis

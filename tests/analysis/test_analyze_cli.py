@@ -31,9 +31,11 @@ def test_analyze_then_inspect_with_plot(lenet5_path, pool_file, tmp_path):
     assert (out / "manifest.json").is_file()
     assert (out / "rounding.parts").is_file()  # compensated rounding, the default
     assert "calibration: prune" in proc.stdout
+    assert "rounding: compensated" in proc.stdout
     proc = toco("inspect", out, "--plot", tmp_path / "p.png")
     assert proc.returncode == 0, proc.stderr
     assert "per-layer tolerances" in proc.stdout and "7.weight" in proc.stdout
+    assert "rounding: compensated" in proc.stdout
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
