@@ -252,11 +252,9 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     combos = sorted({(p, max(q, sm)) for p in COMBO_PRUNE for q in COMBO_QUANT})
     step["total"] = step["n"] + len(quant) + len(PRUNE_GRID) + len(combos)
     prune = [(p, sm) for p in PRUNE_GRID]
-    nested.prepare(prune)
     curves = {"master": monotone_curve("quantize", sweep, len(x)),
-              "prune": measure_curve("prune", prune, nested.measure, len(x), on_point=tick)}
-    nested.prepare(quant)
-    curves["quantize"] = measure_curve("quantize", quant, nested.measure, len(x), on_point=tick)
+              "prune": measure_curve("prune", prune, nested.sweep_measure(prune), len(x), on_point=tick)}
+    curves["quantize"] = measure_curve("quantize", quant, nested.sweep_measure(quant), len(x), on_point=tick)
     if grid_map is map:  # here: compensated rounding in batches of points; elsewhere each worker rounds its own
         grid = []
         for batch in nested.batches(combos):

@@ -40,7 +40,10 @@ HEADROOM = 2.0
 # (8,400 rows x 400 columns: 0.25 -> 0.13 s) and matched it on a 3,072 x 2,304 one, same codes
 _BLOCK = 64
 MAX_COLUMNS = 8192  # a layer with more inputs keeps plain rounding: its Hessian alone would be 512 MB
-_SAMPLES_PER_RUN = 16  # im2col rows of 16 224x224 images are ~100 MB; the Hessians add up batch by batch
+_SAMPLES_PER_RUN = 16  # model runs of 16 samples; the Hessians add up batch by batch
+# im2col rows in flight per product: the second conv of a 224x224 model (32 channels x 3x3 at 112x112)
+# has 29 MB of float64 rows per image, 460 MB for a whole run of 16 (the analysis' peak RSS, +350 MiB)
+_ROW_BYTES = 64 * 2**20
 
 
 def _consumers(model: onnx.ModelProto, infos: list[WeightInfo]) -> dict[str, onnx.NodeProto]:
@@ -102,10 +105,14 @@ def layer_hessians(model: onnx.ModelProto, infos: list[WeightInfo], x: Batch) ->
             got = dict(zip(names, session.run(names, feed), strict=True))
             acts.update({k: got[k] for k in wanted})
         for w, node in nodes.items():
-            rows = _rows(node, np.asarray(acts[node.input[0]], np.float64), tuple(shapes[w][2:]))
-            part = rows.T @ rows
-            sums[w] = part if w not in sums else sums[w] + part
-            rows_seen[w] += len(rows)
+            a, kernel = acts[node.input[0]], tuple(shapes[w][2:])
+            # an upper bound of one sample's im2col bytes (stride 1, padded to the input's size)
+            step = max(1, _ROW_BYTES // max(1, a[0].size * int(np.prod(kernel)) * 8))
+            for s0 in range(0, len(a), step):
+                rows = _rows(node, np.asarray(a[s0:s0 + step], np.float64), kernel)
+                part = rows.T @ rows
+                sums[w] = part if w not in sums else sums[w] + part
+                rows_seen[w] += len(rows)
     return {w: h / max(rows_seen[w], 1) for w, h in sums.items()}
 
 
@@ -157,10 +164,11 @@ def compensated_many(w: np.ndarray, plains: list[QuantizedTensor], keeps: list[n
             raise ValueError(f"weight {plain.name!r} of shape {w.shape} does not fit a mask of {keep.shape}, "
                              f"a Hessian factor of {u.shape} or {len(plain.steps)} steps along axis {plain.out_axis}")
     steps = np.concatenate([p.steps.astype(np.float64) for p in plains])
-    live = np.concatenate([np.moveaxis(k, axis, 0).reshape(rows.shape) for k in keeps]) & (steps > 0)[:, None]
+    # the points' rows side by side, a column of the weight per row of memory: the pass reads columns
+    live_t = np.concatenate([np.moveaxis(k, axis, 0).reshape(rows.shape).T for k in keeps], axis=1) & (steps > 0)
     largest = np.concatenate([np.abs(np.moveaxis(p.codes, axis, 0).reshape(rows.shape)).max(axis=1) for p in plains])
     limit = np.where(largest > 0, np.minimum(np.ceil(headroom * np.maximum(largest, 1)), MAX_CODE), 0)
-    codes = _round_columns(np.tile(rows, (len(plains), 1)), steps, live, limit, u)
+    codes = _round_columns(np.tile(rows.T, (1, len(plains))), steps, live_t, limit, u).T
     out = []
     for k, plain in enumerate(plains):
         part = codes[k * rows.shape[0]:(k + 1) * rows.shape[0]].reshape(moved.shape)
@@ -168,13 +176,12 @@ def compensated_many(w: np.ndarray, plains: list[QuantizedTensor], keeps: list[n
     return out
 
 
-def _round_columns(rows: np.ndarray, steps: np.ndarray, live: np.ndarray, limit: np.ndarray,
+def _round_columns(work: np.ndarray, steps: np.ndarray, live_t: np.ndarray, limit: np.ndarray,
                    u: np.ndarray) -> np.ndarray:
-    """The GPTQ pass over the columns of ``rows`` (one step, mask and code limit per row); int64 codes."""
-    work = np.ascontiguousarray(rows.T)  # a column per row of memory: the loop reads columns
-    live_t = np.ascontiguousarray(live.T)
+    """The GPTQ pass over the weight columns, ``work`` [columns, rows] (float64, changed in place;
+    one step, code limit and, in ``live_t``, mask per row); returns int32 codes [columns, rows]."""
     safe = np.where(steps > 0, steps, 1.0)
-    codes = np.zeros(work.shape, dtype=np.int64)
+    codes = np.zeros(work.shape, dtype=np.int32)
     # columns in blocks (GPTQ's lazy batch): within a block the error moves column by column, onto
     # the columns after it in one matrix product
     for b0 in range(0, work.shape[0], _BLOCK):
@@ -186,7 +193,7 @@ def _round_columns(rows: np.ndarray, steps: np.ndarray, live: np.ndarray, limit:
             errors[j - b0] = (work[j] - c * steps) / u[j, j]
             work[j + 1:b1] -= u[j, j + 1:b1, None] * errors[j - b0]
         work[b1:] -= u[b0:b1, b1:].T @ errors
-    return codes.T
+    return codes
 
 
 def code_differences(compensated: list[QuantizedTensor], plain: list[QuantizedTensor]) -> dict[str, np.ndarray]:
