@@ -41,8 +41,8 @@ HEADROOM = 2.0
 _BLOCK = 64
 MAX_COLUMNS = 8192  # a layer with more inputs keeps plain rounding: its Hessian alone would be 512 MB
 _SAMPLES_PER_RUN = 16  # model runs of 16 samples; the Hessians add up batch by batch
-# im2col rows in flight per product: the second conv of a 224x224 model (32 channels x 3x3 at 112x112)
-# has 29 MB of float64 rows per image, 460 MB for a whole run of 16 (the analysis' peak RSS, +350 MiB)
+# im2col rows in flight per product. The 224x224 demo model's are small (at most 28 MiB a run of 16),
+# but a 3x3 conv reading 64 channels at 224x224 has 231 MB of float64 rows per image: 3.7 GB a run
 _ROW_BYTES = 64 * 2**20
 
 
