@@ -235,7 +235,7 @@ class NestedCalibration:
         self._prepared = {p: (octaves[p], plains[p], rounded[p]) for p in points}
 
     def batches(self, points: list[Point]) -> list[list[Point]]:
-        """``points`` in batches whose rounding holds at most ~8M weights of one layer in flight."""
+        """``points`` in batches whose rounding holds at most _BATCH_WEIGHTS weights of one layer in flight."""
         largest = max((i.size for i in self.infos if self.factors and i.name in self.factors), default=1)
         size = max(1, _BATCH_WEIGHTS // largest)
         return [points[k:k + size] for k in range(0, len(points), size)]
