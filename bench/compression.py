@@ -137,8 +137,8 @@ def bench_model(name: str, d, here, runs: int, fresh: bool, split: AnalysisSetti
     the model's held-out share, cap and rounding; its analysis is cached under the model's name + ``suffix``
     (``large`` takes only the rounding: its analysis keeps bench/analysis.py's settings otherwise)."""
     if name == "large":
-        rounding = None if split is None else AnalysisSettings(compensated_rounding=split.compensated_rounding)
-        res = bench_large(here, runs, fresh, baseline_rows, toco_row, rounding, suffix)
+        large = None if split is None else AnalysisSettings(compensated_rounding=split.compensated_rounding)
+        res = bench_large(here, runs, fresh, baseline_rows, toco_row, large, suffix)
         print_table(name, [Row(**r) for r in res["rows"]], res["weights"], True, res["analysis_cached"],
                     res["analysis_s"])
         return res

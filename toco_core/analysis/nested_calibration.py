@@ -249,9 +249,9 @@ class NestedCalibration:
 
         def measure(ps: float, qs: float) -> CurvePoint:
             batch = next((b for b in pending if (ps, qs) in b), None)
-            if self.factors is not None and (ps, qs) not in self._prepared and batch is not None:
+            if batch is not None and (ps, qs) not in self._prepared:
                 pending.remove(batch)
-                self.prepare(batch)
+                self.prepare(batch)  # without Hessians it does nothing
             return self.measure(ps, qs)
 
         return measure

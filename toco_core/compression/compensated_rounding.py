@@ -18,6 +18,8 @@ X or the fp32 weights. Numpy only.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 
@@ -79,6 +81,14 @@ def _rows(node: onnx.NodeProto, a: np.ndarray, kernel: tuple[int, ...]) -> np.nd
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, a.shape[1] * kh * kw)
 
 
+def _row_slices(node: onnx.NodeProto, a: np.ndarray, kernel: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """_rows of ``a`` (float64) a few samples at a time, at most about _ROW_BYTES each."""
+    # an upper bound of one sample's im2col bytes (stride 1, padded to the input's size)
+    step = max(1, _ROW_BYTES // max(1, a[0].size * int(np.prod(kernel)) * 8))
+    for s0 in range(0, len(a), step):
+        yield _rows(node, np.asarray(a[s0:s0 + step], np.float64), kernel)
+
+
 def layer_hessians(model: onnx.ModelProto, infos: list[WeightInfo], x: Batch) -> dict[str, np.ndarray]:
     """H = X^T X / rows (float64) of every weight's layer input on the samples ``x``.
 
@@ -105,11 +115,7 @@ def layer_hessians(model: onnx.ModelProto, infos: list[WeightInfo], x: Batch) ->
             got = dict(zip(names, session.run(names, feed), strict=True))
             acts.update({k: got[k] for k in wanted})
         for w, node in nodes.items():
-            a, kernel = acts[node.input[0]], tuple(shapes[w][2:])
-            # an upper bound of one sample's im2col bytes (stride 1, padded to the input's size)
-            step = max(1, _ROW_BYTES // max(1, a[0].size * int(np.prod(kernel)) * 8))
-            for s0 in range(0, len(a), step):
-                rows = _rows(node, np.asarray(a[s0:s0 + step], np.float64), kernel)
+            for rows in _row_slices(node, acts[node.input[0]], tuple(shapes[w][2:])):
                 part = rows.T @ rows
                 sums[w] = part if w not in sums else sums[w] + part
                 rows_seen[w] += len(rows)
