@@ -245,3 +245,26 @@ def test_the_analysis_keeps_the_bias_deltas_its_curves_were_measured_with(lenet5
     # an analysis saved before the deltas were kept: builds fit them as before
     older = load_result(save_result(dataclasses.replace(result, bias_deltas=None), tmp_path / "b"))
     assert older.bias_deltas is None and not (tmp_path / "b" / "bias_deltas.safetensors").exists()
+
+
+def test_rounding_alone_zeroes_whole_units_and_the_build_removes_them(mlp, mlp_analysis, digits):
+    """A hidden unit the pool never activates has an unbounded tolerance, so rounding alone zeroes
+    its weights: a plan without pruning still drops such units (smaller runnable file, same outputs)."""
+    from toco_core.plan import CompressionPlan
+    from toco_core.recompress import build
+
+    quant_only = max(q for p, q in mlp_analysis.plans.points if p == 0.0)
+
+    def built(structured: bool):
+        plan = CompressionPlan(prune_scale=0.0, quant_scale=quant_only, structured=structured,
+                               predicted_disagreement=0.0, predicted_storage=0, predicted_memory=0, sparsity=0.0,
+                               entropy_bits=3.0)
+        return build(mlp, mlp_analysis, plan)
+
+    kept, whole = built(True), built(False)
+    first = kept.layers[0]
+    assert first.channels_kept < first.channels == whole.layers[0].channels_kept == 300
+    assert len(model_bytes(kept.runnable)) < len(model_bytes(whole.runnable))
+    assert kept.storage == whole.storage  # the storage form carries the codes, zeros and all
+    x = digits.x_heldout[:300]
+    np.testing.assert_allclose(run_model(kept.runnable, x), run_model(whole.runnable, x), atol=1e-4)
