@@ -134,12 +134,21 @@ def test_after_a_session_rss_miss_only_lighter_plans_that_fit_with_the_offset_re
     within = [p for p in plans if p.predicted_memory <= limit]
     # the plan measured over its prediction by onnxruntime's share, the same for every plan
     offset = (missed.predicted_memory - by_memory[0]) // 2 + 1000
-    left = fitting_after_memory_miss(within, missed.predicted_memory, missed.predicted_memory + offset, limit)
+    left = fitting_after_memory_miss(within, missed, missed.predicted_memory + offset, limit)
     assert left and len(left) < len(within) and missed not in left
     assert all(p.predicted_memory + offset <= limit and p.predicted_memory < missed.predicted_memory for p in left)
     assert left == [p for p in within if p in left]  # order (the objective's ranking) kept
-    # a miss with nothing lighter left leaves no plan: the search ends with the RSS in its message
-    assert fitting_after_memory_miss(within, by_memory[0], limit + 1, limit) == []
-    # a miss so large that no plan is expected to fit still measures the lightest plan once
-    lightest = min(within, key=lambda p: p.predicted_memory)
-    assert fitting_after_memory_miss(within, missed.predicted_memory, 2 * limit, limit) == [lightest]
+    # a miss so large that no plan is expected to fit still measures the lightest plan once: of the
+    # lightest prediction, the most aggressive (whole channels its rounding zeroes are removed)
+    lightest = min(within, key=lambda p: (p.predicted_memory, -p.prune_scale, -p.quant_scale))
+    assert fitting_after_memory_miss(within, missed, 2 * limit, limit) == [lightest]
+    # a prediction several plans share (one prune level, several quant scales): after the gentlest of
+    # them misses, only those at least as aggressive in both scales are left, the most aggressive first
+    ties = next(t for m in by_memory if len(t := [p for p in within if p.predicted_memory == m
+                                                  and p.runtime == missed.runtime]) > 1)
+    gentle = min(ties, key=lambda p: (p.prune_scale, p.quant_scale))
+    heavier = [p for p in within if p.predicted_memory >= gentle.predicted_memory]
+    again = fitting_after_memory_miss(heavier, gentle, 2 * limit, limit)
+    assert again == [max(ties, key=lambda p: (p.prune_scale, p.quant_scale))] and again != [gentle]
+    # ... and a miss with nothing lighter left leaves no plan: the search ends with the RSS in its message
+    assert fitting_after_memory_miss(within, lightest, limit + 1, limit) == []
