@@ -214,15 +214,17 @@ def _start_memory(ctx: _Context, plan: CompressionPlan, built: BuiltModel) -> li
 
 def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Policy,
            ) -> tuple[SelfTestResult, float | None, int | None, str | None]:
-    """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None)."""
+    """Gate one built candidate. Returns (self-test, p50 or None, RSS or None, why it fails or None);
+    the why starts with the check that failed (fidelity, storage, latency, memory)."""
     pending = _start_memory(ctx, plan, built)
     try:
         gate = self_test(fidelity_view(built.runnable, ctx.scored), ctx.base_out, ctx.x,
                          plan.predicted_disagreement, policy.budget, ctx.kind, ctx.task)
         if not gate.passed:
-            return gate, None, None, f"self-test {gate.measured:.2%} > {gate.predicted:.2%} + {gate.margin:.2%}"
+            return gate, None, None, (f"fidelity: self-test {gate.measured:.2%} > {gate.predicted:.2%} "
+                                      f"+ {gate.margin:.2%}")
         if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
-            return gate, None, None, f"storage {format_size(len(built.storage))} over the limit"
+            return gate, None, None, f"storage: {format_size(len(built.storage))} over the limit"
         # the children end before the p50 runs: a child on the other core would make it noisier
         measured = [m.result() for m in pending]
     finally:
@@ -233,13 +235,16 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
         ctx.base_rss.append(None if measured[1] is None else measured[1].rss)
     p50 = _fair_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads, ctx.base_p50)
     if p50 > ctx.base_p50 * 1.05:
-        return gate, p50, None, "slower than the base"
+        return gate, p50, None, f"latency: slower than the base (p50 {p50 * 1e3:.2f} ms vs {ctx.base_p50 * 1e3:.2f} ms)"
     if policy.latency_s is not None and p50 > policy.latency_s:
-        return gate, p50, None, f"p50 {p50 * 1e3:.2f} ms over the limit"
-    heavier = (rss is not None and bool(ctx.base_rss) and ctx.base_rss[0] is not None and rss > ctx.base_rss[0]
-               and plan.runtime != FLOAT.name)
-    if rss is not None and (heavier or rss > ctx.memory):
-        return gate, p50, rss, f"session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"
+        return gate, p50, None, f"latency: p50 {p50 * 1e3:.2f} ms over the limit {policy.latency_s * 1e3:.2f} ms"
+    if rss is None:
+        return gate, p50, rss, None
+    if rss > ctx.memory:
+        return gate, p50, rss, f"memory: session RSS {format_size(rss)} (limit {format_size(ctx.memory)})"
+    base_rss = ctx.base_rss[0] if ctx.base_rss else None
+    if base_rss is not None and rss > base_rss and plan.runtime != FLOAT.name:
+        return gate, p50, rss, f"memory: session RSS {format_size(rss)} heavier than the base's {format_size(base_rss)}"
     return gate, p50, rss, None
 
 
