@@ -8,7 +8,13 @@ import pytest
 from onnx import helper
 
 from tests.compression_formats.graphs import init_shapes, initializers_as_constants, make_model, op_counts
-from toco_core.compression.structured import removable_channels, remove_output_channels, structured_support
+from toco_core.compression.channel_routes import unread_channels
+from toco_core.compression.structured import (
+    dead_channels,
+    removable_channels,
+    remove_output_channels,
+    structured_support,
+)
 from toco_core.errors import ModelError
 from toco_core.onnx_model import compressible_weights, read_weights, with_weights
 from toco_core.runtime import run_model
@@ -163,3 +169,28 @@ def test_weights_stored_as_constant_nodes(demo, heldout):
     pruned = remove_output_channels(model, masks)
     assert read_weights(pruned)["3.weight"].shape == (16 - 4, 6 - 1, 5, 5)
     np.testing.assert_allclose(run_model(pruned, heldout), run_model(zeroed(model, masks), heldout), atol=1e-4)
+
+
+def test_channels_no_reader_uses_are_found_and_removed_exactly(demo, heldout):
+    """A channel whose readers' weights are all zero carries nothing: it goes, whatever its own weights."""
+    model = demo[("lenet5", "torchscript")]
+    weights = read_weights(model)
+    weights["3.weight"][:, [1, 4]] = 0.0  # conv2 reads nothing of conv1's channels 1 and 4
+    weights["7.weight"][:, 5 * 25:6 * 25] = 0.0  # fc1 reads nothing of conv2's channel 5 (25 features)
+    unused = with_weights(model, weights)
+    unread = unread_channels(unused, weights)
+    assert np.flatnonzero(unread["0.weight"]).tolist() == [1, 4]
+    assert np.flatnonzero(unread["3.weight"]).tolist() == [5]
+    assert not unread["7.weight"].any() and not unread["9.weight"].any()
+    drop = dead_channels(unused, weights)
+    assert all(np.array_equal(drop[k], unread[k]) for k in drop)  # no layer's own weights are all zero here
+    smaller = remove_output_channels(unused, drop)
+    shapes = init_shapes(smaller)
+    assert shapes["0.weight"] == (4, 1, 5, 5) and shapes["3.weight"] == (15, 4, 5, 5)
+    assert shapes["7.weight"] == (120, 375)
+    np.testing.assert_allclose(run_model(smaller, heldout), run_model(unused, heldout), atol=1e-5, rtol=1e-5)
+    # a layer nobody reads keeps one channel: the one with the largest weights
+    weights["9.weight"][:] = 0.0
+    drop = dead_channels(with_weights(model, weights), weights)
+    l1 = np.abs(weights["7.weight"]).sum(axis=1)
+    assert np.flatnonzero(~drop["7.weight"]).tolist() == [int(np.argmax(l1))]

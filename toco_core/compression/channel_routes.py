@@ -160,16 +160,51 @@ def _reader(g: GraphIndex, node: onnx.NodeProto, pos: int, rank: int, block: int
     w = _need_const(g, node.input[1])
     if len(node.input) > 2 and node.input[2]:
         _need_const(g, node.input[2])
-    if node.op_type == "Conv" and pos == 1 and block == 1 and attr(node, "group", 1) == 1:
-        axis = 1
-    elif node.op_type == "Gemm" and rank == 2 and not attr(node, "transA", 0):
-        axis = 1 if attr(node, "transB", 0) else 0
-    elif node.op_type == "MatMul" and w.ndim == 2 and pos == rank - 1:
-        axis = 0
-    else:
+    if not (node.op_type == "Conv" and pos == 1 and block == 1 and attr(node, "group", 1) == 1
+            or node.op_type == "Gemm" and rank == 2 and not attr(node, "transA", 0)
+            or node.op_type == "MatMul" and w.ndim == 2 and pos == rank - 1):
         raise Unsupported(f"{node.op_type} {node.name!r} cannot drop input channels at axis {pos}")
-    route.shrinks.append((node.input[1], axis, block))
+    route.shrinks.append((node.input[1], reader_input_axis(node), block))
     return ChannelPath(list(steps), node, block)
+
+
+def reader_input_axis(reader: onnx.NodeProto) -> int:
+    """The axis of a reader's weight that runs over its input features: Conv 1, Gemm 1 with transB
+    (else 0), MatMul 0."""
+    if reader.op_type == "Conv":
+        return 1
+    return 1 if reader.op_type == "Gemm" and attr(reader, "transB", 0) else 0
+
+
+def unread_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Output channels no reader uses: every reader's weights on the channel's features are zero.
+
+    Takes the model and its weights (ONNX name -> array; a reader's weight missing from it is read
+    from the model). Returns, for every compressible weight, a bool mask over its output channels;
+    layers whose route cannot be traced get all-False masks. Removing such a channel
+    (structured.remove_output_channels) is exact whatever its values: what it carries is multiplied
+    by zeros. Pruning makes them: a reader's whole input column pruned or rounded to zero.
+    """
+    g, shapes = GraphIndex(model), static_shapes(model)
+    masks = {}
+    for info in compressible_weights(model):
+        try:
+            route = trace_route(g, shapes, info.name)
+        except Unsupported:
+            masks[info.name] = np.zeros(info.shape[info.out_axis], dtype=bool)
+            continue
+        unread = np.ones(route.channels, dtype=bool)
+        for path in route.paths:
+            name = path.reader.input[1]
+            w = np.asarray(weights[name] if name in weights else g.tensor(name))
+            axis = reader_input_axis(path.reader)
+            read = np.moveaxis(w != 0, axis, 0).reshape(w.shape[axis], -1).any(axis=1)
+            if read.size != route.channels * path.block:  # not the features the route expects: keep all
+                unread[:] = False
+                break
+            unread &= ~read.reshape(route.channels, path.block).any(axis=1)
+        masks[info.name] = unread
+    return masks
 
 
 def expand_features(mask: np.ndarray, block: int) -> np.ndarray:

@@ -33,12 +33,13 @@ from toco_core.compression.channel_routes import (
     expand_features,
     structured_support,
     trace_route,
+    unread_channels,
 )
 from toco_core.compression.graph_edit import GraphIndex, attr, clear_value_info, replace_nodes, set_attr, static_shapes
 from toco_core.errors import ModelError
 from toco_core.onnx_model import compressible_weights
 
-__all__ = ["remove_output_channels", "removable_channels", "structured_support"]
+__all__ = ["dead_channels", "remove_output_channels", "removable_channels", "structured_support"]
 
 
 def removable_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray],
@@ -66,6 +67,27 @@ def removable_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray],
         if ok.all():
             ok[np.argmax(np.abs(np.moveaxis(w, info.out_axis, 0)).reshape(len(ok), -1).sum(axis=1))] = False
         masks[name] = ok
+    return masks
+
+
+def dead_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Output channels a compressed model can lose: all their weights zero (their constant output
+    is folded into the readers, see the module doc) or no reader using them (channel_routes.unread_channels).
+
+    Takes the model and its compressed weights (ONNX name -> array). Returns name -> bool mask over
+    the output channels, at least one channel of every layer kept (the one with the largest L1 norm).
+    Raises ModelError as removable_channels.
+    """
+    zero = removable_channels(model, weights, {k: np.zeros_like(v) for k, v in weights.items()})
+    unread = unread_channels(model, weights)
+    infos = {w.name: w for w in compressible_weights(model)}
+    masks = {}
+    for name, mask in zero.items():
+        drop = mask | unread.get(name, np.zeros_like(mask))
+        if drop.all():
+            w = np.moveaxis(np.abs(np.asarray(weights[name])), infos[name].out_axis, 0)
+            drop[np.argmax(w.reshape(len(drop), -1).sum(axis=1))] = False
+        masks[name] = drop
     return masks
 
 
