@@ -17,6 +17,7 @@ import onnx
 
 from toco_core.analysis_result import AnalysisResult
 from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts
+from toco_core.compression.input_gather import gather_read_features
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.storage import dequantize, encode_model
 from toco_core.compression.structured import dead_channels, remove_output_channels
@@ -149,6 +150,7 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
         if any(m.any() for m in drop.values()):
             runnable = remove_output_channels(float_model, drop)
             kept = {k: int((~m).sum()) for k, m in drop.items()}
+        runnable, _ = gather_read_features(runnable)  # what no removal reaches: a layer reading the input
     formats = {i.name: FLOAT.name for i in infos}
     runnable, converted = runtime_form(plan.runtime).build(BuildStep(runnable, table, i, result.analysis_x))
     formats.update(converted)
