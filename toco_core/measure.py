@@ -47,6 +47,32 @@ def p50_latency(model: onnx.ModelProto | bytes, x1: Batch, threads: int = 0, run
     return float(np.median(times))
 
 
+def paired_p50_ratio(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch,
+                     threads: int = 0, runs: int = 100, max_seconds: float = 0.5) -> float:
+    """p50(candidate) / p50(base) at batch 1, the two sessions' runs interleaved.
+
+    Alternating the runs exposes both models to the same moments of a shared machine's load, so the
+    ratio holds where two p50s taken one after the other drift apart (a 30 us LeNet-5 measured
+    "slower" than its base in three of three back-to-back pairs). ``runs`` pairs after warm-up,
+    fewer (at least 20) when they would take longer than ``max_seconds``.
+    """
+    sessions = [make_session(m, threads) for m in (candidate, base)]
+    feeds = [feed(x1, [i.name for i in s.get_inputs()]) for s in sessions]
+    t = time.perf_counter()
+    for _ in range(5):
+        for s, f in zip(sessions, feeds, strict=True):
+            s.run(None, f)
+    per_pair = (time.perf_counter() - t) / 5
+    runs = max(20, min(runs, int(max_seconds / max(per_pair, 1e-9))))
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for k, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
+            t = time.perf_counter()
+            s.run(None, f)
+            times[k].append(time.perf_counter() - t)
+    return float(np.median(times[0]) / max(np.median(times[1]), 1e-12))
+
+
 @dataclass(frozen=True)
 class SessionMemory:
     """Growth of a fresh process' memory from creating a session and running it once, bytes.

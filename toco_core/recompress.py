@@ -24,7 +24,7 @@ from toco_core.compression.structured import dead_channels, remove_output_channe
 from toco_core.device import DeviceProfile
 from toco_core.errors import AnalysisError, SelfTestError
 from toco_core.fidelity import OutputKind
-from toco_core.measure import PendingMemory, p50_latency
+from toco_core.measure import PendingMemory, p50_latency, paired_p50_ratio
 from toco_core.memory_anchors import Shapes, measure_anchors, memory_may_bind
 from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
@@ -166,14 +166,14 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
 
 def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch, threads: int,
               base_p50: float) -> float:
-    """Candidate p50; when it looks slower, measure both again and keep the candidate's best
-    ratio (shared machines are noisy; one unlucky run must not reject a good model)."""
+    """Candidate p50; when it looks slower, measure both again, their runs interleaved
+    (paired_p50_ratio), and keep the candidate's best ratio (shared machines are noisy; one
+    unlucky run must not reject a good model)."""
     p50 = p50_latency(candidate, x1, threads)
     for _ in range(2):
         if p50 <= base_p50 * 1.05:
             break
-        ratio = p50_latency(candidate, x1, threads) / p50_latency(base, x1, threads)
-        p50 = min(p50, ratio * base_p50)
+        p50 = min(p50, paired_p50_ratio(candidate, base, x1, threads) * base_p50)
     return p50
 
 
@@ -239,7 +239,7 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
         ctx.base_rss.append(None if measured[1] is None else measured[1].rss)
     p50 = _fair_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads, ctx.base_p50)
     if p50 > ctx.base_p50 * 1.05:
-        return gate, p50, None, f"latency: slower than the base (p50 {p50 * 1e3:.2f} ms vs {ctx.base_p50 * 1e3:.2f} ms)"
+        return gate, p50, None, f"latency: slower than the base (p50 {p50 * 1e3:.3g} ms vs {ctx.base_p50 * 1e3:.3g} ms)"
     if policy.latency_s is not None and p50 > policy.latency_s:
         return gate, p50, None, f"latency: p50 {p50 * 1e3:.2f} ms over the limit {policy.latency_s * 1e3:.2f} ms"
     if rss is None:

@@ -69,3 +69,24 @@ def test_a_cancelled_measurement_ends_its_child_and_leaves_no_file():
     pending.cancel()
     assert proc.returncode is not None and not path.exists()
     assert pending.result() is None
+
+
+def test_paired_latency_ratio_tells_a_heavier_model_from_the_same_one():
+    """The latency gate's re-measure interleaves the two sessions' runs: a model against itself
+    comes out near 1, a chain of four 512x512 products against one clearly above it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toco_core.measure import paired_p50_ratio
+
+    def matmuls(n: int, depth: int) -> bytes:
+        nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}" if i < depth - 1 else "y"])
+                 for i in range(depth)]
+        graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                                  [numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    one, four, x1 = matmuls(512, 1), matmuls(512, 4), np.ones((1, 512), np.float32)
+    assert 0.5 < paired_p50_ratio(one, matmuls(512, 1), x1, threads=1) < 2.0
+    assert paired_p50_ratio(four, one, x1, threads=1) > 1.5
