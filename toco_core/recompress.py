@@ -19,6 +19,7 @@ from toco_core.analysis_result import AnalysisResult
 from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts
 from toco_core.compression.input_gather import gather_read_features
 from toco_core.compression.mixed_precision import channel_bits
+from toco_core.compression.reduced_codes import reduced_codes
 from toco_core.compression.storage import dequantize, encode_model
 from toco_core.compression.structured import dead_channels, remove_output_channels
 from toco_core.device import DeviceProfile
@@ -139,18 +140,12 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     biases = _point_biases(source, result, infos, i, values) if result.bias_correction and correct_biases else {}
     shifts = bias_shifts(source.reference, infos, biases)
     float_model = with_weights(source.reference, {**values, **biases})
-    storage = encode_model(float_model, tensors)
-    runnable, kept = float_model, {i.name: i.shape[i.out_axis] for i in infos}
-    # rounding alone zeroes whole channels too (a unit the pool never activates has an unbounded
-    # tolerance): removing them needs no pruning (MLP demo at quant s=0.19: 26 of 300 hidden units);
-    # pruning also leaves channels whose readers' weights are all zero (LeNet-5 bn-s1 at prune 40%:
-    # 21 of fc1's 120 units unread)
-    if plan.structured:
-        drop = dead_channels(float_model, values)
-        if any(m.any() for m in drop.values()):
-            runnable = remove_output_channels(float_model, drop)
-            kept = {k: int((~m).sum()) for k, m in drop.items()}
-        runnable, _ = gather_read_features(runnable)  # what no removal reaches: a layer reading the input
+    runnable, dropped = _without_dead_parts(float_model, values) if plan.structured else (float_model, {})
+    kept = {i.name: i.shape[i.out_axis] - int(dropped[i.name].sum()) if i.name in dropped else i.shape[i.out_axis]
+            for i in infos}
+    # the storage form codes the model that runs when it can (toco_core.compression.reduced_codes)
+    coded = reduced_codes(runnable, tensors, dropped) if runnable is not float_model else None
+    storage = encode_model(runnable, coded) if coded is not None else encode_model(float_model, tensors)
     formats = {i.name: FLOAT.name for i in infos}
     runnable, converted = runtime_form(plan.runtime).build(BuildStep(runnable, table, i, result.analysis_x))
     formats.update(converted)
@@ -162,6 +157,21 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
         bias_shift=shifts.get(i.name),
     ) for i in infos]
     return BuiltModel(runnable, storage, layers)
+
+
+def _without_dead_parts(float_model: onnx.ModelProto, values: dict[str, np.ndarray],
+                        ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model without its dead channels (structured.dead_channels) and with its dense layers reading
+    only the features their weights use (input_gather); returns it and the output channels removed
+    per weight (bool masks). The model itself when nothing goes."""
+    # rounding alone zeroes whole channels too (a unit the pool never activates has an unbounded
+    # tolerance): removing them needs no pruning (MLP demo at quant s=0.19: 26 of 300 hidden units);
+    # pruning also leaves channels whose readers' weights are all zero (LeNet-5 bn-s1 at prune 40%:
+    # 21 of fc1's 120 units unread)
+    drop = dead_channels(float_model, values)
+    runnable = remove_output_channels(float_model, drop) if any(m.any() for m in drop.values()) else float_model
+    runnable, _ = gather_read_features(runnable)  # what no removal reaches: a layer reading the input
+    return runnable, drop
 
 
 def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch, threads: int,
