@@ -23,7 +23,7 @@ from toco_core.compression.reduced_codes import reduced_codes
 from toco_core.compression.storage import dequantize, encode_model
 from toco_core.compression.structured import dead_channels, remove_output_channels
 from toco_core.device import DeviceProfile
-from toco_core.errors import AnalysisError, SelfTestError
+from toco_core.errors import AnalysisError, InfeasibleError, SelfTestError
 from toco_core.fidelity import OutputKind
 from toco_core.measure import PendingMemory, p50_latency, paired_p50_ratio
 from toco_core.memory_anchors import Shapes, measure_anchors, memory_may_bind
@@ -39,6 +39,7 @@ from toco_core.solver import (
     enumerate_plans,
     is_base_plan,
     less_aggressive,
+    plans_for,
     plans_for_device,
 )
 from toco_core.task_kind import TaskSpec
@@ -291,6 +292,36 @@ def fitting_after_overshoot(plans: list[CompressionPlan], predicted: int, measur
     return [p for p in plans if p.predicted_storage * ratio <= limit]
 
 
+def _fitting_by_measured_storage(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo],
+                                 base_file_bytes: int, profile: DeviceProfile, policy: Policy,
+                                 anchors: dict[str, MemoryAnchor], infeasible: InfeasibleError,
+                                 ) -> list[CompressionPlan]:
+    """The plans expected to fit the storage limit by the coder's measured cost, when their predictions
+    ruled every one out.
+
+    Predicted storage is the analysis' entropy estimate of the full model's codes; the storage form
+    codes the model that runs (reduced_codes) with adaptive contexts, and comes out smaller (LeNet-5's
+    size plan: 13.0 KB predicted, 11.6 KB coded). The smallest plan within budget and memory is built
+    once and every prediction scaled by its measured / predicted ratio (fitting_after_overshoot), as
+    after an overshoot; each try still checks its real storage form. Re-raises ``infeasible`` when
+    memory or the budget rule every plan out, or when none is expected to fit.
+    """
+    memory, storage = device_limits(profile, policy)
+    try:
+        within = plans_for(result, infos, base_file_bytes, policy, memory, None, shares=offered_shares(infos, profile),
+                           anchors=anchors)
+    except InfeasibleError:
+        raise infeasible from None
+    smallest = min(within, key=lambda p: p.predicted_storage)
+    if storage is None or is_base_plan(smallest):
+        raise infeasible
+    measured = len(build(source, result, smallest).storage)
+    fitting = fitting_after_overshoot(within, smallest.predicted_storage, measured, storage)
+    if not fitting:
+        raise infeasible
+    return fitting
+
+
 def fitting_after_memory_miss(plans: list[CompressionPlan], missed: CompressionPlan, measured: int,
                               limit: int) -> list[CompressionPlan]:
     """The plans still expected to fit the memory limit once ``missed``'s session RSS (``measured``) missed it.
@@ -356,7 +387,10 @@ def recompress(
     assert mem is not None and sto is not None, "a device profile gives both limits"
     x = result.heldout_x
     anchors = _anchors(source, result, infos, base_bytes, profile, mem, shapes(x[:1])) if measure_memory else {}
-    plans = plans_for_device(result, infos, len(base_bytes), profile, policy, anchors)
+    try:
+        plans = plans_for_device(result, infos, len(base_bytes), profile, policy, anchors)
+    except InfeasibleError as exc:
+        plans = _fitting_by_measured_storage(source, result, infos, len(base_bytes), profile, policy, anchors, exc)
     all_plans = list(plans)
     threads = 1 if profile.physical_cores <= 1 else 0
     scored = result.manifest.scored_output
