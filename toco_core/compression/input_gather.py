@@ -9,7 +9,8 @@ weights read, and its weight loses the zero columns:
     Gemm(A, B) with column k of B all zero  ==  Gemm(Gather(A, kept, axis=-1), B[kept])
 
 which is exact for finite inputs (0 * x = 0). The runnable file and the layer's work shrink by the
-share of the columns dropped; the storage form is not touched.
+share of the columns dropped, and so does the storage form, which codes the model that runs
+(reduced_codes.py).
 """
 
 from __future__ import annotations
