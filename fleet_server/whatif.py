@@ -1,6 +1,7 @@
 """The what-if panel: the plan a device (or typed budgets) would get from an analysis, without deploying.
 
-Only numbers are read (toco_core.solver over the stored calibration curves); nothing is built.
+Numbers are read (toco_core.solver over the stored calibration curves); one plan is built only where
+the predicted storage rules every plan out, as the box itself does (recompress.plans_by_coded_storage).
 """
 
 from __future__ import annotations
@@ -9,34 +10,42 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from toco_core.analysis_result import AnalysisResult, load_result
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import DeviceError, InfeasibleError
 from toco_core.messages import PlanSummary
 from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
 from toco_core.plan import Policy
+from toco_core.recompress import plans_by_coded_storage
 from toco_core.solver import device_limits, plans_for_device
 
 
 @lru_cache(maxsize=8)
-def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, list[WeightInfo], int]:
+def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, onnx.ModelProto, list[WeightInfo], int]:
     model_file = Path(model_path)
-    return load_result(Path(result_dir)), compressible_weights(load_model(model_file)), model_file.stat().st_size
+    model = load_model(model_file)
+    return load_result(Path(result_dir)), model, compressible_weights(model), model_file.stat().st_size
 
 
 def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, policy: Policy) -> dict[str, Any]:
     """``{"feasible", "plan", "reason", "limits"}``: the solver's best plan within the budget and limits.
 
     ``plan`` is a PlanSummary's JSON with the predictions only (``predicted_*``, the scales,
-    ``base_file_bytes``): nothing is built, so nothing is measured. Limits = the tighter of the
-    profile's usable memory/storage and the policy's. Raises AnalysisError when the result
-    directory is unusable.
+    ``base_file_bytes``): no measured figure is claimed. Limits = the tighter of the profile's usable
+    memory/storage and the policy's. When the predicted storage rules every plan out, the smallest
+    plan is built once to read the coder's real cost, as the box does. Raises AnalysisError when the
+    result directory is unusable.
     """
-    result, infos, base_bytes = _load(result_dir, model_path)
+    result, model, infos, base_bytes = _load(result_dir, model_path)
     mem, sto = device_limits(profile, policy)
     limits = {"memory": mem, "storage": sto}
     try:
-        best = plans_for_device(result, infos, base_bytes, profile, policy)[0]
+        try:
+            best = plans_for_device(result, infos, base_bytes, profile, policy)[0]
+        except InfeasibleError as exc:
+            best = plans_by_coded_storage(model, result, base_bytes, profile, policy, exc)[0]
     except InfeasibleError as exc:
         return {"feasible": False, "plan": None, "reason": str(exc), "limits": limits}
     plan = PlanSummary.from_plan(best, base_file_bytes=base_bytes)
@@ -58,7 +67,8 @@ def expected_infeasible(*, result_dir: str, model_path: str, hardware: dict[str,
 
     ``hardware`` maps device id -> the hardware dict of its birth message (a DeviceProfile with
     the box's caps). Devices without a readable profile are skipped: only the box can tell.
-    Boxes with the same profile are planned once (planning reads only curve numbers: milliseconds).
+    Boxes with the same profile are planned once (planning reads curve numbers: milliseconds, plus one
+    build where only storage rules every plan out).
     Raises AnalysisError when the result directory is unusable.
     """
     verdicts: dict[str, str | None] = {}

@@ -292,10 +292,10 @@ def fitting_after_overshoot(plans: list[CompressionPlan], predicted: int, measur
     return [p for p in plans if p.predicted_storage * ratio <= limit]
 
 
-def _fitting_by_measured_storage(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo],
-                                 base_file_bytes: int, profile: DeviceProfile, policy: Policy,
-                                 anchors: dict[str, MemoryAnchor], infeasible: InfeasibleError,
-                                 ) -> list[CompressionPlan]:
+def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: AnalysisResult, base_file_bytes: int,
+                           profile: DeviceProfile | None, policy: Policy, infeasible: InfeasibleError,
+                           anchors: dict[str, MemoryAnchor] | None = None,
+                           before_build: Callable[[CompressionPlan], None] | None = None) -> list[CompressionPlan]:
     """The plans expected to fit the storage limit by the coder's measured cost, when their predictions
     ruled every one out.
 
@@ -303,9 +303,13 @@ def _fitting_by_measured_storage(source: WeightSource, result: AnalysisResult, i
     codes the model that runs (reduced_codes) with adaptive contexts, and comes out smaller (LeNet-5's
     size plan: 13.0 KB predicted, 11.6 KB coded). The smallest plan within budget and memory is built
     once and every prediction scaled by its measured / predicted ratio (fitting_after_overshoot), as
-    after an overshoot; each try still checks its real storage form. Re-raises ``infeasible`` when
-    memory or the budget rule every plan out, or when none is expected to fit.
+    after an overshoot; each try still checks its real storage form. ``infeasible`` is the planner's
+    error, re-raised when memory or the budget rule every plan out or none is expected to fit;
+    ``anchors`` and ``before_build`` as in recompress (a box missing the smallest plan's parts stops
+    there and fetches them). Returns the plans best first, as plans_for_device.
     """
+    source = as_source(model, result)
+    infos = compressible_weights(source.reference)
     memory, storage = device_limits(profile, policy)
     try:
         within = plans_for(result, infos, base_file_bytes, policy, memory, None, shares=offered_shares(infos, profile),
@@ -315,6 +319,8 @@ def _fitting_by_measured_storage(source: WeightSource, result: AnalysisResult, i
     smallest = min(within, key=lambda p: p.predicted_storage)
     if storage is None or is_base_plan(smallest):
         raise infeasible
+    if before_build is not None:
+        before_build(smallest)
     measured = len(build(source, result, smallest).storage)
     fitting = fitting_after_overshoot(within, smallest.predicted_storage, measured, storage)
     if not fitting:
@@ -390,7 +396,7 @@ def recompress(
     try:
         plans = plans_for_device(result, infos, len(base_bytes), profile, policy, anchors)
     except InfeasibleError as exc:
-        plans = _fitting_by_measured_storage(source, result, infos, len(base_bytes), profile, policy, anchors, exc)
+        plans = plans_by_coded_storage(source, result, len(base_bytes), profile, policy, exc, anchors, before_build)
     all_plans = list(plans)
     threads = 1 if profile.physical_cores <= 1 else 0
     scored = result.manifest.scored_output

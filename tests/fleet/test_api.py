@@ -107,10 +107,11 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
     from fleet_server.registry import analysis_paths
     from toco_core.analysis_result import load_result
     from toco_core.errors import SelfTestError
-    from toco_core.onnx_model import load_model
+    from toco_core.onnx_model import compressible_weights, load_model, model_bytes
     from toco_core.plan import CompressionPlan, Policy
     from toco_core.probe import probe_device
-    from toco_core.recompress import recompress
+    from toco_core.recompress import build, recompress
+    from toco_core.solver import plans_for_device
 
     aid = fleet.analysis["analysis_id"]
     paths = analysis_paths(fleet.server.db, analysis_id=aid)
@@ -128,6 +129,17 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
         assert (first.prune_scale, first.quant_scale, first.runtime) == (
             plan["prune_scale"], plan["quant_scale"], plan["runtime"]), objective
         assert first.label == plan["label"], objective
+    # a storage limit only the coded form meets (predictions are an upper estimate): the what-if builds
+    # the smallest plan once, as the box does, and answers with a plan instead of "infeasible"
+    model, result = load_model(paths["model_path"]), load_result(paths["result_dir"])
+    smallest = plans_for_device(result, compressible_weights(model), len(model_bytes(model)), here,
+                                Policy(budget=0.05, objective="size"))[0]
+    coded = len(build(model, result, smallest).storage)
+    assert coded < smallest.predicted_storage
+    limit = (coded + smallest.predicted_storage) // 2
+    told = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": "size", "storage": limit,
+                                                               "profile": here.model_dump(mode="json")}).json()
+    assert told["feasible"] and told["plan"]["predicted_storage_bytes"] > limit, told
 
 
 def test_whatif_for_a_known_device(fleet, devices):
