@@ -248,7 +248,7 @@ def create_app(server: FleetServer) -> FastAPI:
     def cancel_analysis(analysis_id: str) -> dict:
         return server.jobs.cancel(analysis_id)
 
-    @app.post("/api/analyses/{analysis_id}/whatif", summary="The plan a profile or limits would get; nothing is deployed")
+    @app.post("/api/analyses/{analysis_id}/whatif", summary="The plan a profile or limits would get; no deployment")
     def whatif(analysis_id: str, req: WhatIfRequest) -> dict:
         paths = registry.analysis_paths(db, analysis_id=analysis_id)
         policy = Policy(budget=req.budget, memory=req.memory, storage=req.storage, latency_s=req.latency_s,
