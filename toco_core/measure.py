@@ -32,19 +32,7 @@ def p50_latency(model: onnx.ModelProto | bytes, x1: Batch, threads: int = 0, run
                 max_seconds: float = 0.25) -> float:
     """Median seconds of one batch-1 run after warm-up: ``runs`` timed runs, fewer (at least 20)
     when they would take longer than ``max_seconds`` (a median of 20 is stable to a few %)."""
-    sess = make_session(model, threads)
-    feeds = feed(x1, [i.name for i in sess.get_inputs()])
-    t = time.perf_counter()
-    for _ in range(5):
-        sess.run(None, feeds)
-    per_run = (time.perf_counter() - t) / 5
-    runs = max(20, min(runs, int(max_seconds / max(per_run, 1e-9))))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return _interleaved_medians([model], x1, threads, runs, max_seconds)[0]
 
 
 def paired_p50_ratio(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch,
@@ -53,24 +41,32 @@ def paired_p50_ratio(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto |
 
     Alternating the runs exposes both models to the same moments of a shared machine's load, so the
     ratio holds where two p50s taken one after the other drift apart (with back-to-back re-measures,
-    every try of a 30 us LeNet-5 plan once failed as slower, 0.03 against 0.03 ms). ``runs`` pairs after warm-up,
-    fewer (at least 20) when they would take longer than ``max_seconds``.
+    every try of a 30 us LeNet-5 plan once failed as slower, 0.03 against 0.03 ms). ``runs`` pairs
+    after warm-up, fewer (at least 20) when they would take longer than ``max_seconds``.
     """
-    sessions = [make_session(m, threads) for m in (candidate, base)]
+    cand, base_p50 = _interleaved_medians([candidate, base], x1, threads, runs, max_seconds)
+    return cand / max(base_p50, 1e-12)
+
+
+def _interleaved_medians(models: list[onnx.ModelProto | bytes], x1: Batch, threads: int, runs: int,
+                         max_seconds: float) -> list[float]:
+    """Median seconds of each model's batch-1 run, one run of each in turn per round after 5 warm-up
+    rounds; ``runs`` rounds, fewer (at least 20) when they would take longer than ``max_seconds``."""
+    sessions = [make_session(m, threads) for m in models]
     feeds = [feed(x1, [i.name for i in s.get_inputs()]) for s in sessions]
     t = time.perf_counter()
     for _ in range(5):
         for s, f in zip(sessions, feeds, strict=True):
             s.run(None, f)
-    per_pair = (time.perf_counter() - t) / 5
-    runs = max(20, min(runs, int(max_seconds / max(per_pair, 1e-9))))
-    times: list[list[float]] = [[], []]
+    per_round = (time.perf_counter() - t) / 5
+    runs = max(20, min(runs, int(max_seconds / max(per_round, 1e-9))))
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
         for k, (s, f) in enumerate(zip(sessions, feeds, strict=True)):
             t = time.perf_counter()
             s.run(None, f)
             times[k].append(time.perf_counter() - t)
-    return float(np.median(times[0]) / max(np.median(times[1]), 1e-12))
+    return [float(np.median(ts)) for ts in times]
 
 
 @dataclass(frozen=True)

@@ -189,22 +189,25 @@ def unread_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> d
     masks = {}
     for info in compressible_weights(model):
         try:
-            route = trace_route(g, shapes, info.name)
+            masks[info.name] = unread_on_route(g, trace_route(g, shapes, info.name), weights)
         except Unsupported:
             masks[info.name] = np.zeros(info.shape[info.out_axis], dtype=bool)
-            continue
-        unread = np.ones(route.channels, dtype=bool)
-        for path in route.paths:
-            name = path.reader.input[1]
-            w = np.asarray(weights[name] if name in weights else g.tensor(name))
-            axis = reader_input_axis(path.reader)
-            read = np.moveaxis(w != 0, axis, 0).reshape(w.shape[axis], -1).any(axis=1)
-            if read.size != route.channels * path.block:  # not the features the route expects: keep all
-                unread[:] = False
-                break
-            unread &= ~read.reshape(route.channels, path.block).any(axis=1)
-        masks[info.name] = unread
     return masks
+
+
+def unread_on_route(g: GraphIndex, route: ChannelRoute, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """unread_channels of one traced layer: a bool mask over ``route``'s channels (all False when a
+    reader's weight does not have the features the route expects)."""
+    unread = np.ones(route.channels, dtype=bool)
+    for path in route.paths:
+        name = path.reader.input[1]
+        w = np.asarray(weights[name] if name in weights else g.tensor(name))
+        axis = reader_input_axis(path.reader)
+        read = np.moveaxis(w != 0, axis, 0).reshape(w.shape[axis], -1).any(axis=1)
+        if read.size != route.channels * path.block:
+            return np.zeros(route.channels, dtype=bool)
+        unread &= ~read.reshape(route.channels, path.block).any(axis=1)
+    return unread
 
 
 def expand_features(mask: np.ndarray, block: int) -> np.ndarray:

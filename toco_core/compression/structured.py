@@ -33,7 +33,7 @@ from toco_core.compression.channel_routes import (
     expand_features,
     structured_support,
     trace_route,
-    unread_channels,
+    unread_on_route,
 )
 from toco_core.compression.graph_edit import GraphIndex, attr, clear_value_info, replace_nodes, set_attr, static_shapes
 from toco_core.errors import ModelError
@@ -75,18 +75,27 @@ def dead_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
     is folded into the readers, see the module doc) or no reader using them (channel_routes.unread_channels).
 
     Takes the model and its compressed weights (ONNX name -> array). Returns name -> bool mask over
-    the output channels, at least one channel of every layer kept (the one with the largest L1 norm).
-    Raises ModelError as removable_channels.
+    the output channels of every given weight, at least one channel of every layer kept (the one
+    with the largest L1 norm); layers the surgery cannot rewire get all-False masks. Each layer's
+    route is traced once for both kinds. Raises ModelError for a name that is not a compressible weight.
     """
-    zero = removable_channels(model, weights, {k: np.zeros_like(v) for k, v in weights.items()})
-    unread = unread_channels(model, weights)
     infos = {w.name: w for w in compressible_weights(model)}
+    unknown = sorted(set(weights) - set(infos))
+    if unknown:
+        raise ModelError(f"weight {unknown[0]!r} is not a compressible weight of the model", "use its ONNX name")
+    g, shapes = GraphIndex(model), static_shapes(model)
     masks = {}
-    for name, mask in zero.items():
-        drop = mask | unread.get(name, np.zeros_like(mask))
+    for name, w in weights.items():
+        info = infos[name]
+        try:
+            route = trace_route(g, shapes, name)
+        except Unsupported:
+            masks[name] = np.zeros(info.shape[info.out_axis], dtype=bool)
+            continue
+        rows = np.abs(np.moveaxis(np.asarray(w), info.out_axis, 0)).reshape(route.channels, -1)
+        drop = ~rows.any(axis=1) | unread_on_route(g, route, weights)
         if drop.all():
-            w = np.moveaxis(np.abs(np.asarray(weights[name])), infos[name].out_axis, 0)
-            drop[np.argmax(w.reshape(len(drop), -1).sum(axis=1))] = False
+            drop[np.argmax(rows.sum(axis=1))] = False
         masks[name] = drop
     return masks
 
