@@ -123,9 +123,10 @@ def as_source(model: onnx.ModelProto | WeightSource, result: AnalysisResult) -> 
 def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: CompressionPlan,
           correct_biases: bool = True) -> BuiltModel:
     """Apply a plan: the point's codes from the master (toco_core.weight_source.point_codes), corrected
-    biases, dead channels removed, the plan's runtime form (its build step, toco_core.runtime_forms)
-    on the layers the analysis chose for it, storage form. ``correct_biases=False`` keeps the base's
-    biases: a build made only to measure its session memory, which their values do not change.
+    biases (on float16: bias_correction.apply_deltas), dead channels removed, the plan's runtime form
+    (its build step, toco_core.runtime_forms) on the layers the analysis chose for it, storage form.
+    ``correct_biases=False`` keeps the base's biases: a build made only to measure its session
+    memory, which their values do not change.
 
     Takes the fp32 base or a WeightSource (parts). Raises AnalysisError for a point the analysis
     did not measure or an analysis without a plan table, UnregisteredNameError for an unknown form.
@@ -170,6 +171,8 @@ def _without_dead_parts(float_model: onnx.ModelProto, values: dict[str, np.ndarr
     # pruning also leaves channels whose readers' weights are all zero (LeNet-5 bn-s1 at prune 40%:
     # 21 of fc1's 120 units unread)
     drop = dead_channels(float_model, values)
+    # a removed channel's constant output folds into its readers' biases exactly, in float32: they
+    # leave float16 and cost 4 bytes a channel again, the outputs stay the full model's
     runnable = remove_output_channels(float_model, drop) if any(m.any() for m in drop.values()) else float_model
     runnable, _ = gather_read_features(runnable)  # what no removal reaches: a layer reading the input
     return runnable, drop

@@ -144,10 +144,11 @@ def test_float16_exact_steps_are_stored_in_half(lenet):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def test_side_arrays_use_the_smallest_width_and_version_1_blobs_still_decode(lenet):
-    """Version 2 stores the side arrays as u1 for small codes; a blob written by the version-1
-    writer (committed as a fixture, with the weights that writer's own decoder read back: a tiny
-    conv + gemm model, made by the storage.py of commit 50cede8) decodes to the same weights."""
+def test_side_arrays_use_the_smallest_width_and_older_blobs_still_decode(lenet):
+    """Version 2 stores the side arrays as u1 for small codes; blobs written by the version-1 and
+    version-2 writers (committed as fixtures, with the weights that writer's own decoder read back:
+    a tiny conv + gemm model, made by the storage.py of commits 50cede8 and 18e6535) decode to the
+    same weights."""
     import json
 
     codes = realistic_codes(lenet)
@@ -156,11 +157,31 @@ def test_side_arrays_use_the_smallest_width_and_version_1_blobs_still_decode(len
     (meta_len,) = struct.unpack_from("<I", payload)
     meta = lzma.decompress(payload[4:4 + meta_len], format=lzma.FORMAT_RAW, filters=storage._LZMA_FILTERS)
     head_len, _ = struct.unpack_from("<II", meta)
-    assert {e["side_dtype"] for e in json.loads(meta[8:8 + head_len])} == {"|u1"}
-    old_blob = (FIXTURES / "storage_v1.blob").read_bytes()
-    assert old_blob[5] == 1
-    with np.load(FIXTURES / "storage_v1_weights.npz") as expected:
-        decoded = read_weights(storage.decode_model(old_blob))
-        assert sorted(decoded) == sorted(expected.files)
-        for name in decoded:
-            np.testing.assert_array_equal(decoded[name], expected[name])
+    assert {e["side_dtype"] for e in json.loads(meta[8:8 + head_len]) if "stream" in e} == {"|u1"}
+    for version in (1, 2):
+        old_blob = (FIXTURES / f"storage_v{version}.blob").read_bytes()
+        assert old_blob[5] == version
+        with np.load(FIXTURES / f"storage_v{version}_weights.npz") as expected:
+            decoded = read_weights(storage.decode_model(old_blob))
+            assert sorted(decoded) == sorted(expected.files)
+            for name in decoded:
+                np.testing.assert_array_equal(decoded[name], expected[name])
+
+
+def test_float16_exact_biases_travel_in_half_and_come_back_exact(lenet):
+    """Version 3: a float32 initializer that float16 holds exactly (a build's corrected biases) costs
+    2 bytes a value; one it does not hold stays float32. Both decode to the very same values."""
+    import onnx
+
+    codes = realistic_codes(lenet)
+    biases = {t.name: onnx.numpy_helper.to_array(t) for t in lenet.graph.initializer
+              if len(t.dims) == 1 and t.data_type == onnx.TensorProto.FLOAT}
+    assert biases and not any(np.array_equal(b.astype(np.float16).astype(np.float32), b) for b in biases.values())
+    halved = with_weights(lenet, {k: b.astype(np.float16).astype(np.float32) for k, b in biases.items()})
+    full, half = encode_model(lenet, codes), encode_model(halved, codes)
+    values = sum(b.size for b in biases.values())
+    assert len(full) - len(half) > 1.5 * values  # LZMA cannot pack float32 biases; float16 halves them
+    for model, blob in ((lenet, full), (halved, half)):
+        assert blob[5] == storage.FORMAT_VERSION == 3
+        expected = with_weights(model, {q.name: dequantize(q) for q in codes})
+        assert model_bytes(decode_model(blob)) == model_bytes(expected)

@@ -10,11 +10,15 @@ Container (all integers little-endian)::
         meta length         4 bytes
         meta                raw LZMA2 of: index JSON, graph with the coded weights stripped,
                             per-tensor steps / non-zero counts / min and max |code| arrays
-                            (u1/u2/u4 as the index's side_dtype says; u4 in version 1)
+                            (u1/u2/u4 as the index's side_dtype says; u4 in version 1), then
+                            (version 3) the float16 values of the half entries
         code streams        one range-coded stream per tensor (toco_core.compression.entropy)
 
 Decoding puts ``codes * steps`` (float32) back into the stripped graph, so the decoded model
-is exactly ``with_weights(model, {name: dequantize(q)})``.
+is exactly ``with_weights(model, {name: dequantize(q)})``. Every other float32 initializer whose
+values float16 holds exactly (a build's biases, toco_core.compression.bias_correction.float16_biases)
+travels as float16: an index entry ``{"name", "half": count}`` and 2 bytes a value, put back as
+the same float32 values.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from toco_core.onnx_model import model_bytes, with_weights
 from toco_core.sealed_blob import SealedFormat
 
 MAGIC = b"TOCOQ"
-FORMAT_VERSION = 2  # 2: side arrays in the smallest unsigned width (index key side_dtype); 1 still decodes
+# 2: side arrays in the smallest unsigned width (index key side_dtype); 3: float16-exact float32
+# initializers in 2 bytes (index entries with "half"). Older versions still decode.
+FORMAT_VERSION = 3
 _HEADER = struct.Struct("<5sBI32s")
-_SEALED = SealedFormat(MAGIC, FORMAT_VERSION, (1, FORMAT_VERSION), _HEADER, "compressed model",
+_SEALED = SealedFormat(MAGIC, FORMAT_VERSION, (1, 2, FORMAT_VERSION), _HEADER, "compressed model",
                        "encode_model", "fetch it again", "re-encode the model")
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
@@ -131,6 +137,19 @@ def _strip(model: onnx.ModelProto, tensors: list[QuantizedTensor]) -> onnx.Model
     return stripped
 
 
+def _half_tensors(model: onnx.ModelProto, coded: set[str]) -> list[onnx.TensorProto]:
+    """The float32 initializers besides ``coded`` that float16 holds exactly, value for value."""
+    out = []
+    for tensor in model.graph.initializer:
+        if tensor.name in coded or tensor.data_type != onnx.TensorProto.FLOAT or tensor.data_location:
+            continue
+        values = onnx.numpy_helper.to_array(tensor).ravel()
+        as16 = values.astype(np.float16)
+        if values.size and np.isfinite(as16).all() and np.array_equal(as16.astype(np.float32), values):
+            out.append(tensor)
+    return out
+
+
 def _step_dtype(steps: np.ndarray) -> np.dtype:
     # Steps that float16 holds exactly cost half: the solver may round its steps to get this.
     as16 = steps.astype(np.float16)
@@ -152,8 +171,16 @@ def encode_model(model: onnx.ModelProto, tensors: list[QuantizedTensor]) -> byte
     names = [q.name for q in tensors]
     if len(set(names)) != len(names):
         raise ConfigError("the same weight is listed twice", "give each weight once")
-    graph = model_bytes(_strip(model, tensors))
-    index, arrays, streams = [], [], []
+    stripped = _strip(model, tensors)
+    index: list[dict[str, object]] = []
+    halves = []
+    for tensor in _half_tensors(stripped, set(names)):
+        halves.append(onnx.numpy_helper.to_array(tensor).astype("<f2").tobytes())
+        index.append({"name": tensor.name, "half": len(halves[-1]) // 2})
+        for field in ("raw_data", "float_data"):
+            tensor.ClearField(field)
+    graph = model_bytes(stripped)
+    arrays, streams = [], []
     for q in tensors:
         steps = _check_steps(q.steps, q.codes.shape, q.out_axis, q.name)
         rows = _rows(q)
@@ -171,7 +198,7 @@ def encode_model(model: onnx.ModelProto, tensors: list[QuantizedTensor]) -> byte
                    side.min_abs.astype(side_dt).tobytes(), side.max_abs.astype(side_dt).tobytes()]
         streams.append(stream)
     head = json.dumps(index, separators=(",", ":")).encode()
-    meta = struct.pack("<II", len(head), len(graph)) + head + graph + b"".join(arrays)
+    meta = struct.pack("<II", len(head), len(graph)) + head + graph + b"".join(arrays) + b"".join(halves)
     # a dictionary just larger than the data: same output, without preset 9's 64 MB set-up (30+ ms);
     # the decoder's larger dictionary reads it unchanged
     filters = [{**_LZMA_FILTERS[0], "dict_size": min(max(len(meta), 4096), 64 << 20)}]
@@ -211,7 +238,10 @@ def _decode_payload(payload: bytes) -> onnx.ModelProto:
     graph, mpos = _take(meta, mpos, graph_len)
     model = onnx.load_from_string(graph)
     weights = {}
-    for entry in json.loads(head):
+    entries = json.loads(head)
+    for entry in entries:
+        if "half" in entry:
+            continue
         shape = tuple(entry["shape"])
         axis = entry["out_axis"]
         channels = shape[axis]
@@ -229,6 +259,11 @@ def _decode_payload(payload: bytes) -> onnx.ModelProto:
         moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
         codes = np.moveaxis(rows.reshape(moved), 0, axis)
         weights[entry["name"]] = dequantize(QuantizedTensor(entry["name"], codes, steps, axis))
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for entry in entries:
+        if "half" in entry:
+            raw, mpos = _take(meta, mpos, 2 * int(entry["half"]))
+            weights[entry["name"]] = np.frombuffer(raw, "<f2").astype(np.float32).reshape(dims[entry["name"]])
     if pos != len(payload) or mpos != len(meta):
         raise BundleError("compressed model payload has trailing bytes", "re-encode the model")
     return with_weights(model, weights)
