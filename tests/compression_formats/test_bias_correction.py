@@ -9,6 +9,7 @@ from onnx import helper
 from tests.compression_formats.graphs import initializers_as_constants, make_model
 from toco_core.compression.bias_correction import (
     BiasCorrection,
+    apply_deltas,
     biased_layers,
     channel_means,
     delta_exponent,
@@ -77,6 +78,25 @@ def test_deltas_lie_on_a_power_of_two_grid_exact_in_float16():
         assert step <= max(np.abs(d).max() / 63, 2.0**-24)
         assert np.abs(g.astype(np.float64) - d).max() <= step / 2 + 1e-12
     assert not on_delta_grid(np.zeros(3)).any()
+
+
+def test_corrected_biases_go_to_float16_only_where_the_deltas_grid_is_no_finer():
+    """float16(b + d) where its rounding is within max|d| / 256 (the correction is known no better),
+    else float32(b + d) exactly: large biases with small shifts, and uncorrected layers, stay."""
+    rng = np.random.default_rng(5)
+    b = {"small": rng.normal(size=40).astype(np.float32) * 0.2,
+         "large": (1000 + rng.normal(size=40)).astype(np.float32),
+         "still": rng.normal(size=40).astype(np.float32)}
+    d = {"small": on_delta_grid(rng.normal(size=40) * 0.5), "large": on_delta_grid(rng.normal(size=40) * 0.01),
+         "still": on_delta_grid(np.zeros(40))}
+    out = apply_deltas(b, d)
+    exact = {k: (b[k] + d[k].astype(np.float32)).astype(np.float32) for k in b}
+    half = out["small"].astype(np.float16).astype(np.float32)
+    assert np.array_equal(half, out["small"]) and not np.array_equal(out["small"], exact["small"])
+    assert np.abs(out["small"] - exact["small"]).max() <= np.abs(d["small"].astype(np.float32)).max() / 256
+    # float16's spacing at 1000 is 0.5: far coarser than shifts of ~0.01, so the layer keeps float32
+    assert np.array_equal(out["large"], exact["large"]) and np.array_equal(out["still"], b["still"])
+    assert all(v.dtype == np.float32 for v in out.values())
 
 
 def test_no_samples_or_no_biased_layer_returns_nothing():

@@ -18,8 +18,8 @@ correction at a fraction of its runs. The correction samples must not be the one
 self-test measures on (the analysis samples, not the calibration samples): a gate on the
 fitted samples would flatter.
 
-Corrected biases are float16 values (apply_deltas), so the storage form holds them in 2 bytes
-instead of 4.
+Corrected biases are float16 values where the correction's own grid is no finer (apply_deltas), so
+the storage form holds them in 2 bytes instead of 4.
 """
 
 from __future__ import annotations
@@ -203,26 +203,25 @@ def on_delta_grid(d: np.ndarray) -> np.ndarray:
 
 
 def apply_deltas(base: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Corrected biases from the original float32 biases and float16 deltas: float16(b + d), held
-    as float32 (b + d itself where float16 cannot hold it, |b + d| > 65504). The one formula the
-    calibration, the server's build and a box's build from bias parts share, so all three run the
-    same model.
+    """Corrected biases from the original float32 biases and float16 deltas, {name: float32}: the one
+    formula the calibration, the server's build and a box's build from bias parts share, so all
+    three run the same model.
 
-    Why float16: in the storage form a float32 bias costs 4 bytes a channel against 2-3 bits a weight
-    (LeNet-5's size plans: ~0.7 KB of 12-13 KB); a float16-exact one costs 2
-    (toco_core.compression.storage). The rounding moves a bias by at most 2^-11 of itself, below the
-    shifts the correction gives back (a build's bias_shift: 1e-3 to 10 on LeNet-5's layers).
+    A layer's corrected bias b + d is rounded to float16 where that rounding is no coarser than the
+    grid its deltas travel on (max |fp16(b + d) - (b + d)| <= max|d| / 256, half the finest step
+    on_delta_grid uses): the correction is only known that well, and in the storage form a float16
+    bias costs 2 bytes a channel instead of 4 (toco_core.compression.storage; LeNet-5's size plans:
+    ~0.4 KB of 12-13 KB). A layer with large biases and small shifts keeps float32(b + d).
     """
-    return {k: on_float16(np.asarray(base[k], np.float32) + d.astype(np.float32)) for k, d in deltas.items()}
-
-
-def on_float16(b: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest float16 and held as float32; a value float16 cannot
-    hold (|b| > 65504) keeps itself."""
-    b = np.asarray(b, np.float32)
-    half = b.astype(np.float16).astype(np.float32)
-    result: np.ndarray = np.where(np.isfinite(half), half, b).astype(np.float32)
-    return result
+    out = {}
+    for k, d in deltas.items():
+        d32 = np.asarray(d, np.float32)
+        exact = (np.asarray(base[k], np.float32) + d32).astype(np.float32)
+        half = exact.astype(np.float16).astype(np.float32)
+        tolerance = float(np.abs(d32).max(initial=0.0)) / 256
+        fits = bool(np.isfinite(half).all()) and float(np.abs(half - exact).max(initial=0.0)) <= tolerance
+        out[k] = half if fits else exact
+    return out
 
 
 def bias_shifts(model: onnx.ModelProto, infos: list[WeightInfo], biases: dict[str, np.ndarray]) -> dict[str, float]:
