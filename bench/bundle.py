@@ -43,7 +43,8 @@ from toco_core.model_bundle import BundleInfo, bundle_files  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_hash, output_kind  # noqa: E402
 from toco_core.parts_bundle import BundleHead, decode_calibration, pack_parts, source_from_parts  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
-from toco_core.recompress import build, recompress  # noqa: E402
+from toco_core.plan_build import build  # noqa: E402
+from toco_core.recompress import recompress  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.units import format_size, parse_size  # noqa: E402
 

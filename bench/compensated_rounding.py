@@ -5,7 +5,7 @@ masks, on the LeNet-5 variants of ``bench/compression.py --variants``.
 
 For every quantized curve point of a variant's nearest-rounding analysis (``--rounding nearest``'s
 cache; the aside variant bn-s4 is left out) the plain codes are the point's nested codes
-(toco_core.plan_table.plan_codes, built by toco_core.recompress.build). The compensated codes keep
+(toco_core.plan_table.plan_codes, built by toco_core.plan_build.build). The compensated codes keep
 each channel's step and the point's prune mask and are rounded by
 toco_core.compression.compensated_rounding (GPTQ on the layer's input Hessian from the analysis
 samples), with each channel's codes limited to ``headroom`` x its largest plain |code| (the analysis
@@ -43,8 +43,8 @@ from toco_core.compression.storage import dequantize, encode_model  # noqa: E402
 from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import lenet5_variant  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights  # noqa: E402
+from toco_core.plan_build import as_source, build  # noqa: E402
 from toco_core.plan_table import plan_codes  # noqa: E402
-from toco_core.recompress import as_source, build  # noqa: E402
 from toco_core.rounding_parts import encode_point  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.solver import disagreement_bound, enumerate_plans, is_base_plan  # noqa: E402

@@ -68,8 +68,9 @@ from toco_core.device import load_profile, with_budgets  # noqa: E402
 from toco_core.errors import TocoError  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
+from toco_core.plan_build import build  # noqa: E402
 from toco_core.probe import probe_device  # noqa: E402
-from toco_core.recompress import build, recompress  # noqa: E402
+from toco_core.recompress import recompress  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.units import format_size, parse_size  # noqa: E402
 

@@ -5,7 +5,7 @@ against the same points measured on the calibration half and on 1,000 unseen dig
 
 For each LeNet-5 variant of ``bench/compression.py --variants`` (its cached analyses, computed when
 missing; the aside variant bn-s4 is left out so it stays unlooked-at) every measured curve point is
-built as a box builds it (toco_core.recompress.build, fp32 runtime form: the storage form is the
+built as a box builds it (toco_core.plan_build.build, fp32 runtime form: the storage form is the
 same in every form) and run on the calibration half the curves were measured on and on the unseen
 digits. It prints, per variant:
 
@@ -50,7 +50,7 @@ from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import lenet5_variant  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes  # noqa: E402
 from toco_core.plan import Policy  # noqa: E402
-from toco_core.recompress import as_source, build  # noqa: E402
+from toco_core.plan_build import as_source, build  # noqa: E402
 from toco_core.runtime import run_model  # noqa: E402
 from toco_core.solver import disagreement_bound, enumerate_plans, is_base_plan, plans_for  # noqa: E402
 

@@ -120,7 +120,7 @@ def _inputs(model: Path | None, analysis: Path | None, bundle: Path | None, budg
         return parts, source, result
     assert model is not None and analysis is not None  # checked above
     base, result = load_model(model), load_result(analysis)
-    from toco_core.recompress import as_source
+    from toco_core.plan_build import as_source
 
     # the same bundle `toco pack` writes for this model and budget, so download_bytes agree
     parts = pack_parts(base, result, BundleInfo(model_name=model.stem, model_sha256=model_hash(base), budget=budget))

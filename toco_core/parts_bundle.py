@@ -48,8 +48,8 @@ from toco_core.model_bundle import BundleInfo
 from toco_core.model_inputs import from_arrays, to_arrays
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, with_weights
 from toco_core.plan import CompressionPlan
+from toco_core.plan_build import fit_point_deltas
 from toco_core.plan_table import plan_table_bytes, plan_table_from_bytes
-from toco_core.recompress import fit_point_deltas
 from toco_core.rounding_parts import PointRounding, rounding_part_name, rounding_parts_of
 from toco_core.runtime_forms import cost_curves, range_samples_needed, runtime_form
 from toco_core.sample_codec import decode_samples, encode_samples, self_test_samples

@@ -1,13 +1,12 @@
 """Recompression on the box: plan, build, self-test, measure. Numpy + onnx + onnxruntime.
 
 ``recompress`` is what `toco recompress` and the agent run: it plans from the analysis
-curves (toco_core.solver), builds the best plan, gates it with the self-test, steps down to a
+curves (toco_core.solver), builds the best plan (toco_core.plan_build), gates it with the self-test, steps down to a
 gentler plan when the gate fails (bounded), and reports predicted vs measured numbers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,22 +15,17 @@ import numpy as np
 import onnx
 
 from toco_core.analysis_result import AnalysisResult
-from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts
-from toco_core.compression.input_gather import gather_read_features
-from toco_core.compression.mixed_precision import channel_bits
-from toco_core.compression.reduced_codes import reduced_codes
-from toco_core.compression.storage import dequantize, encode_model
-from toco_core.compression.structured import dead_channels, remove_output_channels
 from toco_core.device import DeviceProfile
-from toco_core.errors import AnalysisError, InfeasibleError, SelfTestError
+from toco_core.errors import InfeasibleError, SelfTestError
 from toco_core.fidelity import OutputKind
 from toco_core.measure import PendingMemory, p50_latency, paired_p50_ratio
 from toco_core.memory_anchors import Shapes, measure_anchors, memory_may_bind
 from toco_core.model_inputs import Batch, shapes
-from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind, with_weights
+from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind
 from toco_core.output_tail import fidelity_view
-from toco_core.plan import CompressionPlan, CompressionReport, LayerDecision, Policy, SelfTestResult
-from toco_core.runtime_forms import FLOAT, INT8, BuildStep, MemoryAnchor, offered_shares, runtime_form
+from toco_core.plan import CompressionPlan, CompressionReport, Policy, SelfTestResult
+from toco_core.plan_build import BuiltModel, Progress, as_source, build, with_base_means
+from toco_core.runtime_forms import FLOAT, INT8, MemoryAnchor, offered_shares
 from toco_core.selftest import self_test
 from toco_core.solver import (
     SESSION_OVERHEAD,
@@ -44,138 +38,7 @@ from toco_core.solver import (
 )
 from toco_core.task_kind import TaskSpec
 from toco_core.units import format_size
-from toco_core.weight_source import WeightSource, from_base_model, point_codes, require_plans
-
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class BuiltModel:
-    """A plan made real: the runnable model, its storage form and per-layer decisions."""
-
-    runnable: onnx.ModelProto
-    storage: bytes
-    layers: list[LayerDecision]
-
-
-def _correction(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo]) -> BiasCorrection:
-    # as the curves were measured: fitted on the analysis samples, never on the self-test's
-    return BiasCorrection(source.reference, infos, result.analysis_x, base_means=source.base_means)
-
-
-def _with_base_means(source: WeightSource, result: AnalysisResult) -> WeightSource:
-    """``source`` with the base's bias-correction channel means measured once, so the builds of one
-    recompression (the int8 anchor, each try) do not run the base again (0.14 s a build on the
-    224x224 model). A source that has them (a box's, from its bundle) is returned as it is."""
-    if not result.bias_correction or source.base_means is not None or not len(result.analysis_x):
-        return source
-    means = _correction(source, result, compressible_weights(source.reference)).base_means
-    return dataclasses.replace(source, base_means=means)
-
-
-def _point_biases(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], i: int,
-                  values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Point i's corrected biases: from shipped deltas (toco_core.bias_parts) where the source has
-    them, else fitted on the analysis samples. Raises AnalysisError when neither is at hand."""
-    if source.point_deltas is not None and i in source.point_deltas:
-        inits = {t.name: t for t in source.reference.graph.initializer}
-        base = {k: onnx.numpy_helper.to_array(inits[k]) for k in source.point_deltas[i]}
-        return apply_deltas(base, source.point_deltas[i])
-    if not len(result.analysis_x):
-        raise AnalysisError(f"the biases of point {i} are not on this box", "fetch the bias part its plan lists")
-    return _correction(source, result, infos).biases(values)
-
-
-def fit_point_deltas(model: onnx.ModelProto | WeightSource, result: AnalysisResult,
-                     progress: Progress = lambda *a: None) -> dict[int, dict[str, np.ndarray]]:
-    """The float16 bias deltas of every calibrated point: the analysis' own (AnalysisResult.bias_deltas)
-    where it kept them for every point, else fitted as build() fits them (one BiasCorrection, so the
-    base runs once; BiasCorrection.deltas). Returns {} when the analysis does not correct biases.
-    Raises AnalysisError for an analysis without a plan table or of another model."""
-    source = as_source(model, result)
-    table = require_plans(result)
-    if not result.bias_correction:
-        return {}
-    if result.bias_deltas is not None and set(result.bias_deltas) >= set(range(len(table.points))):
-        return dict(result.bias_deltas)  # the analysis kept what its calibration fitted
-    correction = _correction(source, result, compressible_weights(source.reference))
-    out = {}
-    for i in range(len(table.points)):
-        progress("biases", i, len(table.points))
-        values = {t.name: dequantize(t) for t in point_codes(source, result, i)}
-        out[i] = correction.deltas(values)
-    return out
-
-
-def _base_built(source: WeightSource, infos: list[WeightInfo]) -> BuiltModel:
-    """The base plan: the fp32 base itself, or the master model where only parts are at hand."""
-    layers = [LayerDecision(name=i.name, op_type=i.op_type, weights=i.size, sparsity=0.0, mean_bits=32.0,
-                            channels_kept=i.shape[i.out_axis], channels=i.shape[i.out_axis], runtime_format=FLOAT.name)
-              for i in infos]
-    return BuiltModel(source.reference, model_bytes(source.reference), layers)
-
-
-def as_source(model: onnx.ModelProto | WeightSource, result: AnalysisResult) -> WeightSource:
-    """A WeightSource for a base model (toco_core.weight_source.from_base_model) or the source itself."""
-    return model if isinstance(model, WeightSource) else from_base_model(model, result)
-
-
-def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: CompressionPlan,
-          correct_biases: bool = True) -> BuiltModel:
-    """Apply a plan: the point's codes from the master (toco_core.weight_source.point_codes), corrected
-    biases (on float16: bias_correction.apply_deltas), dead channels removed, the plan's runtime form
-    (its build step, toco_core.runtime_forms) on the layers the analysis chose for it, storage form.
-    ``correct_biases=False`` keeps the base's biases: a build made only to measure its session
-    memory, which their values do not change.
-
-    Takes the fp32 base or a WeightSource (parts). Raises AnalysisError for a point the analysis
-    did not measure or an analysis without a plan table, UnregisteredNameError for an unknown form.
-    """
-    source = as_source(model, result)
-    table = require_plans(result)
-    infos = compressible_weights(source.reference)
-    if is_base_plan(plan):
-        return _base_built(source, infos)
-    i = table.point_index(plan.prune_scale, plan.quant_scale)
-    tensors = point_codes(source, result, i)
-    values = {q.name: dequantize(q) for q in tensors}
-    biases = _point_biases(source, result, infos, i, values) if result.bias_correction and correct_biases else {}
-    shifts = bias_shifts(source.reference, infos, biases)
-    float_model = with_weights(source.reference, {**values, **biases})
-    runnable, dropped = _without_dead_parts(float_model, values) if plan.structured else (float_model, {})
-    kept = {i.name: i.shape[i.out_axis] - int(dropped[i.name].sum()) if i.name in dropped else i.shape[i.out_axis]
-            for i in infos}
-    # the storage form codes the model that runs when it can (toco_core.compression.reduced_codes)
-    coded = reduced_codes(runnable, tensors, dropped) if runnable is not float_model else None
-    storage = encode_model(runnable, coded) if coded is not None else encode_model(float_model, tensors)
-    formats = {i.name: FLOAT.name for i in infos}
-    runnable, converted = runtime_form(plan.runtime).build(BuildStep(runnable, table, i, result.analysis_x))
-    formats.update(converted)
-    by_name = {q.name: q for q in tensors}
-    layers = [LayerDecision(
-        name=i.name, op_type=i.op_type, weights=i.size, sparsity=float((by_name[i.name].codes == 0).mean()),
-        mean_bits=float(channel_bits(by_name[i.name].codes, i.out_axis).mean()),
-        channels_kept=kept[i.name], channels=i.shape[i.out_axis], runtime_format=formats[i.name],
-        bias_shift=shifts.get(i.name),
-    ) for i in infos]
-    return BuiltModel(runnable, storage, layers)
-
-
-def _without_dead_parts(float_model: onnx.ModelProto, values: dict[str, np.ndarray],
-                        ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The model without its dead channels (structured.dead_channels) and with its dense layers reading
-    only the features their weights use (input_gather); returns it and the output channels removed
-    per weight (bool masks). The model itself when nothing goes."""
-    # rounding alone zeroes whole channels too (a unit the pool never activates has an unbounded
-    # tolerance): removing them needs no pruning (MLP demo at quant s=0.19: 26 of 300 hidden units);
-    # pruning also leaves channels whose readers' weights are all zero (LeNet-5 bn-s1 at prune 40%:
-    # 21 of fc1's 120 units unread)
-    drop = dead_channels(float_model, values)
-    # a removed channel's constant output folds into its readers' biases exactly, in float32: they
-    # leave float16 and cost 4 bytes a channel again, the outputs stay the full model's
-    runnable = remove_output_channels(float_model, drop) if any(m.any() for m in drop.values()) else float_model
-    runnable, _ = gather_read_features(runnable)  # what no removal reaches: a layer reading the input
-    return runnable, drop
+from toco_core.weight_source import WeightSource, require_plans
 
 
 def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch, threads: int,
@@ -388,7 +251,7 @@ def recompress(
     attempt fails.
     """
     t0 = time.perf_counter()
-    source = _with_base_means(as_source(model, result), result)
+    source = with_base_means(as_source(model, result), result)
     model = source.reference
     infos = compressible_weights(model)
     base_bytes = model_bytes(model)

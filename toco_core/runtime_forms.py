@@ -100,7 +100,7 @@ class RuntimeForm:
     ``measured``: its predictions include its own measured cost (else they are the fp32 point's,
     so at equal size it ranks after the measured forms); ``cost_curve``: the curve of that cost;
     ``range_samples``: analysis samples its build reads for activation ranges (0: none);
-    ``build(step)``: the form made real (toco_core.recompress.build).
+    ``build(step)``: the form made real (toco_core.plan_build.build).
     """
 
     name: str

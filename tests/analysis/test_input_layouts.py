@@ -23,8 +23,9 @@ from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, input_spec, load_model, model_bytes, model_hash
 from toco_core.parts_bundle import pack_parts, source_from_parts
 from toco_core.plan import Policy
+from toco_core.plan_build import as_source, build
 from toco_core.pool import load_pool
-from toco_core.recompress import as_source, build, recompress
+from toco_core.recompress import recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import plans_for_device

@@ -24,8 +24,8 @@ from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes, model_hash, read_weights
 from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts
 from toco_core.plan import CompressionPlan
+from toco_core.plan_build import build
 from toco_core.plan_table import plan_codes
-from toco_core.recompress import build
 from toco_core.rounding_parts import decode_point, encode_point
 from toco_core.runtime import run_model
 from toco_core.solver import enumerate_plans

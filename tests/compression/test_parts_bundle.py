@@ -14,7 +14,7 @@ from toco_core.errors import AnalysisError, BundleError
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes, model_hash
 from toco_core.parts_bundle import BundleHead, _unlz, pack_parts, source_from_parts, verify_parts
-from toco_core.recompress import build
+from toco_core.plan_build import build
 from toco_core.solver import enumerate_plans
 from toco_core.weight_bands import band_names
 

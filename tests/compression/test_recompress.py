@@ -12,8 +12,9 @@ from toco_core.errors import InfeasibleError
 from toco_core.fidelity import compare_outputs
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes, read_weights, with_weights
 from toco_core.plan import Policy
+from toco_core.plan_build import build
 from toco_core.probe import probe_device
-from toco_core.recompress import build, recompress
+from toco_core.recompress import recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import enumerate_plans, feasible_plans
@@ -229,7 +230,7 @@ def test_the_analysis_keeps_the_bias_deltas_its_curves_were_measured_with(lenet5
     from toco_core.compression.bias_correction import BiasCorrection
     from toco_core.errors import AnalysisError
     from toco_core.plan import CompressionPlan
-    from toco_core.recompress import build, fit_point_deltas
+    from toco_core.plan_build import build, fit_point_deltas
 
     result = lenet5_analysis
     table = result.plans

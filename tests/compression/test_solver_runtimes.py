@@ -9,8 +9,9 @@ from toco_core.errors import InfeasibleError, SelfTestError
 from toco_core.measure import session_rss
 from toco_core.onnx_model import compressible_weights, model_bytes
 from toco_core.plan import Policy
+from toco_core.plan_build import build
 from toco_core.probe import probe_device
-from toco_core.recompress import build, fitting_after_memory_miss, fitting_after_overshoot, recompress
+from toco_core.recompress import fitting_after_memory_miss, fitting_after_overshoot, recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import enumerate_plans, feasible_plans, plans_for

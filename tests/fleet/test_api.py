@@ -109,8 +109,9 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
     from toco_core.errors import SelfTestError
     from toco_core.onnx_model import compressible_weights, load_model, model_bytes
     from toco_core.plan import CompressionPlan, Policy
+    from toco_core.plan_build import build
     from toco_core.probe import probe_device
-    from toco_core.recompress import build, recompress
+    from toco_core.recompress import recompress
     from toco_core.solver import plans_for_device
 
     aid = fleet.analysis["analysis_id"]

@@ -13,7 +13,7 @@ from toco_core.device import load_profile
 from toco_core.model_bundle import BundleInfo
 from toco_core.onnx_model import compressible_weights, model_bytes
 from toco_core.parts_bundle import BundleHead, pack_parts, source_from_parts
-from toco_core.recompress import build
+from toco_core.plan_build import build
 from toco_core.solver import enumerate_plans
 
 PROFILES = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
