@@ -16,7 +16,7 @@ Container (all integers little-endian)::
 
 Decoding puts ``codes * steps`` (float32) back into the stripped graph, so the decoded model
 is exactly ``with_weights(model, {name: dequantize(q)})``. Every other float32 initializer whose
-values float16 holds exactly (a build's biases, toco_core.compression.bias_correction.float16_biases)
+values float16 holds exactly (a build's corrected biases: bias_correction.apply_deltas)
 travels as float16: an index entry ``{"name", "half": count}`` and 2 bytes a value, put back as
 the same float32 values.
 """
