@@ -129,6 +129,23 @@ def test_conv_fold_with_padding_is_approximate_only_at_the_border():
     assert 0 < diff < full
 
 
+def test_a_zero_channel_stays_where_a_padded_conv_reader_would_see_its_constant():
+    """dead_channels only offers exact removals: a zero-weight channel whose constant (here
+    LeakyRelu(BatchNorm(bias)), non-zero) reaches a padded Conv stays; without padding it goes, and
+    the smaller model computes what the zeroed one does."""
+    x = RNG.normal(size=(6, 2, 8, 8)).astype(np.float32)
+    for pads, dropped in (([0, 0, 0, 0], [1]), ([1, 1, 1, 1], [])):
+        model = _bn_conv_model(pads, RNG.normal(size=4).astype(np.float32))
+        weights = read_weights(model)
+        weights["w1"][1] = 0.0
+        zeroed_model = with_weights(model, weights)
+        drop = dead_channels(zeroed_model, {"w1": weights["w1"]})
+        assert np.flatnonzero(drop["w1"]).tolist() == dropped, pads
+        if dropped:
+            np.testing.assert_allclose(run_model(remove_output_channels(zeroed_model, drop), x),
+                                       run_model(zeroed_model, x), atol=1e-4)
+
+
 def test_matmul_readers_get_the_folded_constant():
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
              helper.make_node("Sigmoid", ["hb"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["y"])]

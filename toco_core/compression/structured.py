@@ -11,7 +11,8 @@ constant's contribution is folded into the reader's bias:
 
 The Conv fold is exact when the reader Conv has no padding; with padding, outputs whose window
 overlaps the border saw zeros instead of k_c, so the fold is approximate there (exact again
-when k_c = 0, e.g. a Relu after a negative bias).
+when k_c = 0, e.g. a Relu after a negative bias). A build only removes what dead_channels offers,
+which keeps such channels: a build's removal is exact.
 
 Which layers qualify and what moves with their channels: toco_core.compression.channel_routes.
 """
@@ -71,8 +72,9 @@ def removable_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
 
 def dead_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Output channels a compressed model can lose: all their weights zero (their constant output
-    is folded into the readers, see the module doc) or no reader using them (channel_routes.unread_channels).
+    """Output channels a compressed model can lose, exactly: all their weights zero (their constant
+    output is folded into the readers, see the module doc; kept where a padded Conv reader would see
+    a non-zero constant) or no reader using them (channel_routes.unread_channels).
 
     Takes the model and its compressed weights (ONNX name -> array). Returns name -> bool mask over
     the output channels of every given weight, at least one channel of every layer kept (the one
@@ -84,6 +86,7 @@ def dead_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
     if unknown:
         raise ModelError(f"weight {unknown[0]!r} is not a compressible weight of the model", "use its ONNX name")
     g, shapes = GraphIndex(model), static_shapes(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     masks = {}
     for name, w in weights.items():
         info = infos[name]
@@ -93,7 +96,10 @@ def dead_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
             masks[name] = np.zeros(info.shape[info.out_axis], dtype=bool)
             continue
         rows = np.abs(np.moveaxis(np.asarray(w), info.out_axis, 0)).reshape(route.channels, -1)
-        drop = ~rows.any(axis=1) | unread_on_route(g, route, weights)
+        zero = ~rows.any(axis=1)
+        if zero.any():  # a removal must stay exact: not where a padded Conv would see the constant
+            zero &= ~_border_constants(_Work(g), opset, route)
+        drop = zero | unread_on_route(g, route, weights)
         if drop.all():
             drop[np.argmax(rows.sum(axis=1))] = False
         masks[name] = drop
@@ -137,6 +143,29 @@ def _layer_constant(work: _Work, route: ChannelRoute) -> np.ndarray:
         bias = np.broadcast_to(work.get(node.input[2]).reshape(-1), (route.channels,)).copy()
         return bias * (attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0)
     return np.zeros(route.channels)
+
+
+def _padded(node: onnx.NodeProto) -> bool:
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    return node.op_type == "Conv" and (any(attr(node, "pads", [0])) or auto not in ("NOTSET", "VALID"))
+
+
+def _border_constants(work: _Work, opset: int, route: ChannelRoute) -> np.ndarray:
+    """Channels whose constant (once their weights are zero) reaches a padded Conv reader non-zero:
+    folding it into that reader's bias would be wrong at the border (module doc), so they stay.
+    Exact folds (k = 0, unpadded Conv, Gemm/MatMul readers) are not flagged."""
+    out = np.zeros(route.channels, dtype=bool)
+    padded = [p for p in route.paths if _padded(p.reader)]
+    if not padded:
+        return out
+    base = _layer_constant(work, route)
+    for path in padded:
+        k = base
+        for step in path.steps:
+            k = _apply_step(work, opset, step, k)
+        out |= (k.reshape(route.channels, -1) != 0).any(axis=1)
+    return out
 
 
 def _apply_step(work: _Work, opset: int, step: tuple[Any, ...], k: np.ndarray) -> np.ndarray:
