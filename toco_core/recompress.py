@@ -170,7 +170,8 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     size plan: 13.0 KB predicted, 11.6 KB coded). The smallest plan within budget and memory is built
     once and every prediction scaled by its measured / predicted ratio (fitting_after_overshoot), as
     after an overshoot; each try still checks its real storage form. ``infeasible`` is the planner's
-    error, re-raised when memory or the budget rule every plan out or none is expected to fit;
+    error, re-raised when memory or the budget rule every plan out; when even the smallest plan's
+    coded form is over the limit, a new InfeasibleError names that coded size (and the prediction);
     ``anchors`` and ``before_build`` as in recompress (a box missing the smallest plan's parts stops
     there and fetches them). Returns the plans best first, as plans_for_device.
     """
@@ -189,8 +190,12 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
         before_build(smallest)
     measured = len(build(source, result, smallest).storage)
     fitting = fitting_after_overshoot(within, smallest.predicted_storage, measured, storage)
-    if not fitting:
-        raise infeasible
+    if not fitting:  # the number that rules them out is now the coded one, not the prediction
+        raise InfeasibleError(
+            f"no plan within the fidelity budget {policy.budget:.2%} meets the limits: the smallest plan "
+            f"within budget codes to {format_size(measured)} (predicted {format_size(smallest.predicted_storage)}) "
+            f"vs {format_size(storage)} allowed",
+            needed=infeasible.needed, best={**infeasible.best, "storage": measured})
     return fitting
 
 

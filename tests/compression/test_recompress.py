@@ -18,6 +18,7 @@ from toco_core.recompress import recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
 from toco_core.solver import enumerate_plans, feasible_plans
+from toco_core.units import format_size
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,11 @@ def test_a_storage_limit_only_the_coded_form_meets_is_met_by_measuring_it(lenet5
     built, report = recompress(lenet5, lenet5_analysis, here, Policy(storage=limit, objective="size"),
                                measure_memory=False)
     assert report.storage_bytes == len(built.storage) <= limit < report.plan.predicted_storage
-    with pytest.raises(InfeasibleError, match="storage"):  # below what the smallest plan codes to: still no
+    # below what the smallest plan codes to: still no, and the error names the coded size, not the prediction
+    with pytest.raises(InfeasibleError, match=f"codes to {format_size(coded)} .predicted "
+                                              f"{format_size(smallest.predicted_storage)}.") as exc:
         recompress(lenet5, lenet5_analysis, here, Policy(storage=coded - 64, objective="size"), measure_memory=False)
+    assert exc.value.best["storage"] == coded
 
 
 def test_solver_never_returns_a_plan_larger_than_the_base_or_over_its_limits(lenet5, lenet5_analysis):
