@@ -105,7 +105,8 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
             return gate, None, None, (f"fidelity: self-test {gate.measured:.2%} > {gate.predicted:.2%} "
                                       f"+ {gate.margin:.2%}")
         if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
-            return gate, None, None, f"storage: {format_size(len(built.storage))} over the limit"
+            return gate, None, None, (f"storage: {format_size(len(built.storage))} over the limit "
+                                      f"{format_size(min(ctx.storage, len(ctx.base_bytes)))}")
         # the children end before the p50 runs: a child on the other core would make it noisier
         measured = [m.result() for m in pending]
     finally:
@@ -118,7 +119,7 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     if p50 > ctx.base_p50 * 1.05:
         return gate, p50, None, f"latency: slower than the base (p50 {p50 * 1e3:.3g} ms vs {ctx.base_p50 * 1e3:.3g} ms)"
     if policy.latency_s is not None and p50 > policy.latency_s:
-        return gate, p50, None, f"latency: p50 {p50 * 1e3:.2f} ms over the limit {policy.latency_s * 1e3:.2f} ms"
+        return gate, p50, None, f"latency: p50 {p50 * 1e3:.3g} ms over the limit {policy.latency_s * 1e3:.3g} ms"
     if rss is None:
         return gate, p50, rss, None
     if rss > ctx.memory:
@@ -192,8 +193,8 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     fitting = fitting_after_overshoot(within, smallest.predicted_storage, measured, storage)
     if not fitting:  # the number that rules them out is now the coded one, not the prediction
         raise InfeasibleError(
-            f"no plan within the fidelity budget {policy.budget:.2%} meets the limits: the smallest plan "
-            f"within budget codes to {format_size(measured)} (predicted {format_size(smallest.predicted_storage)}) "
+            f"no plan within the fidelity budget {policy.budget:.2%} meets the limits: within budget, the smallest "
+            f"plan's storage form is {format_size(measured)} (predicted {format_size(smallest.predicted_storage)}) "
             f"vs {format_size(storage)} allowed",
             needed=infeasible.needed, best={**infeasible.best, "storage": measured})
     return fitting
@@ -229,6 +230,19 @@ def _harsher(plan: CompressionPlan, than: CompressionPlan) -> bool:
     return (plan.runtime == than.runtime and plan.predicted_memory == than.predicted_memory
             and plan.prune_scale >= than.prune_scale and plan.quant_scale >= than.quant_scale
             and (plan.prune_scale, plan.quant_scale) != (than.prune_scale, than.quant_scale))
+
+
+# what to do when every try failed the same check; the failure lines start with its name (_check)
+_HINTS = {"fidelity": "re-run the analysis with more pool samples, or relax the fidelity budget",
+          "storage": "relax the storage limit", "latency": "relax the latency limit or run on a faster box",
+          "memory": "relax the memory limit"}
+
+
+def _failure_hint(why: list[str]) -> str:
+    """The hint for a search that ended without a model: the one check every try failed, else all."""
+    kinds = {line.split(": ", 2)[1] for line in why if line.count(": ") >= 2}
+    return _HINTS[kinds.pop()] if len(kinds) == 1 and kinds <= _HINTS.keys() else \
+        "relax the limits, or re-run the analysis with more pool samples"
 
 
 def recompress(
@@ -302,8 +316,8 @@ def recompress(
             plans = plans[1:]
         plans = [p for p in plans if p != plan]
     else:
-        raise SelfTestError(f"no candidate passed the self-test within {attempts} attempts: " + "; ".join(why),
-                            "re-run the analysis with more pool samples, or relax the limits")
+        raise SelfTestError(f"no candidate passed its checks within {attempts} attempts: " + "; ".join(why),
+                            _failure_hint(why))
     runnable = model_bytes(built.runnable)
     report = CompressionReport(
         model_sha256=result.manifest.model_sha256, plan=plan, layers=built.layers,

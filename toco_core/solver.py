@@ -199,13 +199,14 @@ def feasible_plans(plans: list[CompressionPlan], policy: Policy, memory_limit: i
         lightest = min(within, key=lambda p: p.predicted_memory)
         parts = []
         if storage_limit is not None and smallest.predicted_storage > storage_limit:
-            parts.append(f"storage {format_size(smallest.predicted_storage)} needed "
+            parts.append(f"the smallest plan needs storage {format_size(smallest.predicted_storage)} "
                          f"vs {format_size(storage_limit)} allowed")
         if memory_limit is not None and lightest.predicted_memory > memory_limit:
             best["memory"] = lightest.predicted_memory
-            parts.append(f"memory {format_size(lightest.predicted_memory)} needed "
+            parts.append(f"the lightest needs memory {format_size(lightest.predicted_memory)} "
                          f"vs {format_size(memory_limit)} allowed")
-        msg += ": the smallest plan within budget needs " + ", ".join(parts)
+        if parts:
+            msg += ": within budget, " + "; ".join(parts)
     raise InfeasibleError(msg, needed=needed, best=best)
 
 

@@ -98,7 +98,7 @@ def test_a_storage_limit_only_the_coded_form_meets_is_met_by_measuring_it(lenet5
                                measure_memory=False)
     assert report.storage_bytes == len(built.storage) <= limit < report.plan.predicted_storage
     # below what the smallest plan codes to: still no, and the error names the coded size, not the prediction
-    with pytest.raises(InfeasibleError, match=f"codes to {format_size(coded)} .predicted "
+    with pytest.raises(InfeasibleError, match=f"storage form is {format_size(coded)} .predicted "
                                               f"{format_size(smallest.predicted_storage)}.") as exc:
         recompress(lenet5, lenet5_analysis, here, Policy(storage=coded - 64, objective="size"), measure_memory=False)
     assert exc.value.best["storage"] == coded

@@ -55,8 +55,36 @@ def test_limits_no_plan_can_meet_exit_non_zero_with_the_numbers(lenet5_path, ana
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "storage" in lines[0] and "needed" in lines[0] and "1.0 KB allowed" in lines[0], lines[0]
+    assert "the smallest plan's storage form is" in lines[0] and "vs 1.0 KB allowed" in lines[0], lines[0]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_latency_no_plan_can_meet_says_so_and_what_to_relax(lenet5_path, analysis_dir, tmp_path):
+    """Every try fails the latency check: the one line names it per try, and the hint is that limit's."""
+    proc = toco("recompress", lenet5_path, "--analysis", analysis_dir, "--latency", "0.001ms",
+                "-o", tmp_path / "x.onnx")
+    assert proc.returncode == 4, proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "passed its checks" in lines[0] and "latency: p50" in lines[0] and "over the limit 0.001 ms" in lines[0]
+    # the hint is the latency limit's when every try failed on it (an nbits try may fail fidelity first)
+    only_latency = "fidelity:" not in lines[0] and "memory:" not in lines[0] and "storage:" not in lines[0]
+    assert lines[0].endswith("(relax the latency limit or run on a faster box)" if only_latency else
+                             "(relax the limits, or re-run the analysis with more pool samples)"), lines[0]
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_hint_names_the_check_every_try_failed():
+    from toco_core.recompress import _failure_hint
+
+    lat = "prune 50% + quant s=0.126 / fp32: latency: p50 0.03 ms over the limit 0.001 ms"
+    fid = "quant s=0.189 / nbits: fidelity: self-test 1.20% > 0.16% + 0.89%"
+    mem = "prune 60% + quant s=0.2 / int8: memory: session RSS 21.0 MB (limit 20.5 MB)"
+    assert _failure_hint([lat, lat]) == "relax the latency limit or run on a faster box"
+    assert _failure_hint([fid]).startswith("re-run the analysis with more pool samples")
+    assert _failure_hint([mem]) == "relax the memory limit"
+    generic = "relax the limits, or re-run the analysis with more pool samples"
+    assert _failure_hint([lat, fid]) == _failure_hint([]) == generic
 
 
 def test_a_bad_size_is_one_line(lenet5_path, analysis_dir, tmp_path):
