@@ -1,7 +1,7 @@
 """The what-if panel: the plan a device (or typed budgets) would get from an analysis, without deploying.
 
 Numbers are read (toco_core.solver over the stored calibration curves); one plan is built only where
-a storage limit binds, as the box itself does (recompress.plans_with_coded_storage).
+the predicted storage rules every plan out, as the box itself does (recompress.plans_by_coded_storage).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from toco_core.errors import DeviceError, InfeasibleError
 from toco_core.messages import PlanSummary
 from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
 from toco_core.plan import Policy
-from toco_core.recompress import plans_with_coded_storage
-from toco_core.solver import device_limits
+from toco_core.recompress import plans_by_coded_storage
+from toco_core.solver import device_limits, plans_for_device
 
 
 @lru_cache(maxsize=8)
@@ -34,15 +34,18 @@ def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, 
 
     ``plan`` is a PlanSummary's JSON with the predictions only (``predicted_*``, the scales,
     ``base_file_bytes``): no measured figure is claimed. Limits = the tighter of the profile's usable
-    memory/storage and the policy's. Where a storage limit binds, one plan is built to read the
-    coder's real cost, as the box does (recompress.plans_with_coded_storage). Raises AnalysisError when the
+    memory/storage and the policy's. When the predicted storage rules every plan out, the smallest
+    plan is built once to read the coder's real cost, as the box does. Raises AnalysisError when the
     result directory is unusable.
     """
-    result, model, _, base_bytes = _load(result_dir, model_path)
+    result, model, infos, base_bytes = _load(result_dir, model_path)
     mem, sto = device_limits(profile, policy)
     limits = {"memory": mem, "storage": sto}
     try:
-        best = plans_with_coded_storage(model, result, base_bytes, profile, policy)[0]
+        try:
+            best = plans_for_device(result, infos, base_bytes, profile, policy)[0]
+        except InfeasibleError as exc:
+            best = plans_by_coded_storage(model, result, base_bytes, profile, policy, exc)[0]
     except InfeasibleError as exc:
         return {"feasible": False, "plan": None, "reason": str(exc), "limits": limits}
     plan = PlanSummary.from_plan(best, base_file_bytes=base_bytes)

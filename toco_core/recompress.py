@@ -200,44 +200,6 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     return fitting
 
 
-def plans_with_coded_storage(model: onnx.ModelProto | WeightSource, result: AnalysisResult, base_file_bytes: int,
-                             profile: DeviceProfile | None, policy: Policy,
-                             anchors: dict[str, MemoryAnchor] | None = None,
-                             before_build: Callable[[CompressionPlan], None] | None = None) -> list[CompressionPlan]:
-    """The plans a box gets, best first (solver.plans_for_device), with a binding storage limit judged
-    by the storage form's real size rather than its prediction.
-
-    Predicted storage runs 8-15 % above the coded form, so a limit can rule out plans that would fit
-    and that rank above the first one it lets through (the fidelity objective: on the demo LeNet-5 at
-    16 KB, a plan predicted at 0.47 % instead of one at 0.30 % that codes to 15.9 KB). The best-ranked
-    such plan is built once and every prediction scaled by its coded / predicted ratio, as after an
-    overshoot (fitting_after_overshoot); each try still checks its real form. When predictions rule
-    every plan out, plans_by_coded_storage. The one path of recompress and the fleet server's what-if.
-    ``anchors`` and ``before_build`` as in recompress. Raises InfeasibleError as plans_for_device does.
-    """
-    infos = compressible_weights(model.reference if isinstance(model, WeightSource) else model)
-    try:
-        planned = plans_for_device(result, infos, base_file_bytes, profile, policy, anchors)
-    except InfeasibleError as exc:
-        return plans_by_coded_storage(model, result, base_file_bytes, profile, policy, exc, anchors, before_build)
-    memory, storage = device_limits(profile, policy)
-    if storage is None:
-        return planned
-    unlimited = plans_for(result, infos, base_file_bytes, policy, memory, None, shares=offered_shares(infos, profile),
-                          anchors=anchors)
-    ahead = unlimited[:next((i for i, p in enumerate(unlimited) if p == planned[0]), 0)]
-    ruled_out = [p for p in ahead if p.predicted_storage > storage and not is_base_plan(p)]
-    if not ruled_out:
-        return planned
-    probe = ruled_out[0]
-    if before_build is not None:
-        before_build(probe)
-    measured = len(build(as_source(model, result), result, probe).storage)
-    if measured >= probe.predicted_storage:  # the prediction was not pessimistic here: keep it
-        return planned
-    return fitting_after_overshoot(unlimited, probe.predicted_storage, measured, storage) or planned
-
-
 def fitting_after_memory_miss(plans: list[CompressionPlan], missed: CompressionPlan, measured: int,
                               limit: int) -> list[CompressionPlan]:
     """The plans still expected to fit the memory limit once ``missed``'s session RSS (``measured``) missed it.
@@ -316,7 +278,10 @@ def recompress(
     assert mem is not None and sto is not None, "a device profile gives both limits"
     x = result.heldout_x
     anchors = _anchors(source, result, infos, base_bytes, profile, mem, shapes(x[:1])) if measure_memory else {}
-    plans = plans_with_coded_storage(source, result, len(base_bytes), profile, policy, anchors, before_build)
+    try:
+        plans = plans_for_device(result, infos, len(base_bytes), profile, policy, anchors)
+    except InfeasibleError as exc:
+        plans = plans_by_coded_storage(source, result, len(base_bytes), profile, policy, exc, anchors, before_build)
     all_plans = list(plans)
     threads = 1 if profile.physical_cores <= 1 else 0
     scored = result.manifest.scored_output
