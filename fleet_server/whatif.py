@@ -1,7 +1,7 @@
 """The what-if panel: the plan a device (or typed budgets) would get from an analysis, without deploying.
 
 Numbers are read (toco_core.solver over the stored calibration curves); one plan is built only where
-the predicted storage rules every plan out, as the box itself does (recompress.plans_by_coded_storage).
+the predicted storage rules every plan out, as the box itself does (recompress.device_plans).
 """
 
 from __future__ import annotations
@@ -16,17 +16,16 @@ from toco_core.analysis_result import AnalysisResult, load_result
 from toco_core.device import DeviceProfile, profile_from_dict
 from toco_core.errors import DeviceError, InfeasibleError
 from toco_core.messages import PlanSummary
-from toco_core.onnx_model import WeightInfo, compressible_weights, load_model
+from toco_core.onnx_model import load_model
 from toco_core.plan import Policy
-from toco_core.recompress import plans_by_coded_storage
-from toco_core.solver import device_limits, plans_for_device
+from toco_core.recompress import device_plans
+from toco_core.solver import device_limits
 
 
 @lru_cache(maxsize=8)
-def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, onnx.ModelProto, list[WeightInfo], int]:
+def _load(result_dir: str, model_path: str) -> tuple[AnalysisResult, onnx.ModelProto, int]:
     model_file = Path(model_path)
-    model = load_model(model_file)
-    return load_result(Path(result_dir)), model, compressible_weights(model), model_file.stat().st_size
+    return load_result(Path(result_dir)), load_model(model_file), model_file.stat().st_size
 
 
 def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, policy: Policy) -> dict[str, Any]:
@@ -38,14 +37,11 @@ def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, 
     plan is built once to read the coder's real cost, as the box does. Raises AnalysisError when the
     result directory is unusable.
     """
-    result, model, infos, base_bytes = _load(result_dir, model_path)
+    result, model, base_bytes = _load(result_dir, model_path)
     mem, sto = device_limits(profile, policy)
     limits = {"memory": mem, "storage": sto}
     try:
-        try:
-            best = plans_for_device(result, infos, base_bytes, profile, policy)[0]
-        except InfeasibleError as exc:
-            best = plans_by_coded_storage(model, result, base_bytes, profile, policy, exc)[0]
+        best = device_plans(model, result, base_bytes, profile, policy)[0]
     except InfeasibleError as exc:
         return {"feasible": False, "plan": None, "reason": str(exc), "limits": limits}
     plan = PlanSummary.from_plan(best, base_file_bytes=base_bytes)

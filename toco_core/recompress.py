@@ -1,8 +1,9 @@
 """Recompression on the box: plan, build, self-test, measure. Numpy + onnx + onnxruntime.
 
 ``recompress`` is what `toco recompress` and the agent run: it plans from the analysis
-curves (toco_core.solver), builds the best plan (toco_core.plan_build), gates it with the self-test, steps down to a
-gentler plan when the gate fails (bounded), and reports predicted vs measured numbers.
+curves (toco_core.solver), builds the best plan (toco_core.plan_build), gates it with the
+self-test, steps down to a gentler plan when the gate fails (bounded), and reports predicted vs
+measured numbers.
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
         if not gate.passed:
             return gate, None, None, (f"fidelity: self-test {gate.measured:.2%} > {gate.predicted:.2%} "
                                       f"+ {gate.margin:.2%}")
-        if len(built.storage) > min(ctx.storage, len(ctx.base_bytes)):
+        storage_limit = min(ctx.storage, len(ctx.base_bytes))
+        if len(built.storage) > storage_limit:
             return gate, None, None, (f"storage: {format_size(len(built.storage))} over the limit "
-                                      f"{format_size(min(ctx.storage, len(ctx.base_bytes)))}")
+                                      f"{format_size(storage_limit)}")
         # the children end before the p50 runs: a child on the other core would make it noisier
         measured = [m.result() for m in pending]
     finally:
@@ -200,6 +202,19 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     return fitting
 
 
+def device_plans(model: onnx.ModelProto | WeightSource, result: AnalysisResult, base_file_bytes: int,
+                 profile: DeviceProfile | None, policy: Policy, anchors: dict[str, MemoryAnchor] | None = None,
+                 before_build: Callable[[CompressionPlan], None] | None = None) -> list[CompressionPlan]:
+    """The plans a box tries, best first: solver.plans_for_device, or plans_by_coded_storage where
+    predicted storage alone rules every plan out. The one planning path of recompress and the fleet
+    server's what-if. Raises InfeasibleError as plans_by_coded_storage does."""
+    infos = compressible_weights(model.reference if isinstance(model, WeightSource) else model)
+    try:
+        return plans_for_device(result, infos, base_file_bytes, profile, policy, anchors)
+    except InfeasibleError as exc:
+        return plans_by_coded_storage(model, result, base_file_bytes, profile, policy, exc, anchors, before_build)
+
+
 def fitting_after_memory_miss(plans: list[CompressionPlan], missed: CompressionPlan, measured: int,
                               limit: int) -> list[CompressionPlan]:
     """The plans still expected to fit the memory limit once ``missed``'s session RSS (``measured``) missed it.
@@ -278,10 +293,7 @@ def recompress(
     assert mem is not None and sto is not None, "a device profile gives both limits"
     x = result.heldout_x
     anchors = _anchors(source, result, infos, base_bytes, profile, mem, shapes(x[:1])) if measure_memory else {}
-    try:
-        plans = plans_for_device(result, infos, len(base_bytes), profile, policy, anchors)
-    except InfeasibleError as exc:
-        plans = plans_by_coded_storage(source, result, len(base_bytes), profile, policy, exc, anchors, before_build)
+    plans = device_plans(source, result, len(base_bytes), profile, policy, anchors, before_build)
     all_plans = list(plans)
     threads = 1 if profile.physical_cores <= 1 else 0
     scored = result.manifest.scored_output

@@ -216,7 +216,7 @@ def apply_deltas(base: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> 
     out = {}
     for k, d in deltas.items():
         d32 = np.asarray(d, np.float32)
-        exact = (np.asarray(base[k], np.float32) + d32).astype(np.float32)
+        exact = np.asarray(base[k], np.float32) + d32
         half = exact.astype(np.float16).astype(np.float32)
         tolerance = float(np.abs(d32).max(initial=0.0)) / 256
         fits = bool(np.isfinite(half).all()) and float(np.abs(half - exact).max(initial=0.0)) <= tolerance

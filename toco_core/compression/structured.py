@@ -86,7 +86,7 @@ def dead_channels(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dic
     if unknown:
         raise ModelError(f"weight {unknown[0]!r} is not a compressible weight of the model", "use its ONNX name")
     g, shapes = GraphIndex(model), static_shapes(model)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = _opset(model)
     masks = {}
     for name, w in weights.items():
         info = infos[name]
@@ -143,6 +143,10 @@ def _layer_constant(work: _Work, route: ChannelRoute) -> np.ndarray:
         bias = np.broadcast_to(work.get(node.input[2]).reshape(-1), (route.channels,)).copy()
         return bias * (attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0)
     return np.zeros(route.channels)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
 
 def _padded(node: onnx.NodeProto) -> bool:
@@ -260,7 +264,7 @@ def remove_output_channels(model: onnx.ModelProto, drop: dict[str, np.ndarray]) 
     """
     new = copy.deepcopy(model)
     g, shapes = GraphIndex(new), static_shapes(new)
-    opset = next((o.version for o in new.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = _opset(new)
     order = {w.name: i for i, w in enumerate(compressible_weights(new))}
     routes: list[tuple[ChannelRoute, np.ndarray]] = []
     for name in sorted(drop, key=lambda n: order.get(n, -1)):
