@@ -58,6 +58,12 @@ class Row:
         return asdict(self)
 
 
+def within_budget(disagreement: float, budget: float) -> bool:
+    """disagreement <= budget for shares of a digit count: 10 of 1,000 digits is within 1 %, though
+    1 - 0.99 is 0.010000000000000009 in floats (a plan at exactly 1.0 % was counted a miss)."""
+    return disagreement <= budget + 1e-9
+
+
 def _analysis_key(model: onnx.ModelProto, settings_json: str) -> str:
     h = hashlib.sha256(model_hash(model).encode() + settings_json.encode())
     for path in _ANALYSIS_SOURCES:

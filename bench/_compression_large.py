@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench._common import Row, cached_analysis
+from bench._common import Row, cached_analysis, within_budget
 from toco_core.onnx_model import compressible_weights, load_model
 from toco_core.plan import Policy
 from toco_core.runtime import run_model
@@ -100,7 +100,7 @@ def memory_tight_check(res: dict, row: str) -> tuple[str, bool | None, str]:
     if tight["rss"] is None or tight["p50_s"] is None:
         return what, False, tight["note"] or "not measured"
     rss, p50, dis = tight["rss"] / base["rss"], tight["p50_s"] / base["p50_s"], 1 - tight["agreement"]
-    ok = rss < RSS_GOAL and p50 <= P50_GOAL and dis <= 0.01
+    ok = rss < RSS_GOAL and p50 <= P50_GOAL and within_budget(dis, 0.01)
     anon = (f" (anon RSS {tight['anon_rss'] / base['anon_rss']:.2f}x)"
             if tight.get("anon_rss") and base.get("anon_rss") else "")
     return what, ok, (f"session RSS {rss:.2f}x{anon}, p50 {p50:.2f}x of the base, {dis:.2%} disagreement on "
