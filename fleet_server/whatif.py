@@ -33,9 +33,10 @@ def what_if(*, result_dir: str, model_path: str, profile: DeviceProfile | None, 
 
     ``plan`` is a PlanSummary's JSON with the predictions only (``predicted_*``, the scales,
     ``base_file_bytes``): no measured figure is claimed. Limits = the tighter of the profile's usable
-    memory/storage and the policy's. When the predicted storage rules every plan out, the smallest
-    plan is built once to read the coder's real cost, as the box does. Raises AnalysisError when the
-    result directory is unusable.
+    memory/storage and the policy's. Storage sizes are those of the storage forms the analysis built;
+    in an older analysis, whose sizes are estimates, when they rule every plan out the smallest plan is
+    built once to read the coder's real cost, as the box does. Raises AnalysisError when the result
+    directory is unusable.
     """
     result, model, base_bytes = _load(result_dir, model_path)
     mem, sto = device_limits(profile, policy)

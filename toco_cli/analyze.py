@@ -17,7 +17,7 @@ from toco_core.onnx_model import input_specs, load_model
 from toco_core.pool import load_pool
 from toco_core.units import format_size, parse_fraction
 
-PHASES = {"qbc": "QBC rounds", "prune": "pruning rounds", "calibrate": "calibration"}
+PHASES = {"qbc": "QBC rounds", "prune": "pruning rounds", "calibrate": "calibration", "storage": "storage forms"}
 
 
 def _preprocessing(size: str | None, scale: float, mean: str, std: str, color: str, layout: str):

@@ -54,6 +54,9 @@ class CurvePoint(BaseModel):
     coded_bits: float | None = Field(None, description="bits per weight the storage coder writes (estimate); "
                                                        "None in older analyses: use entropy_bits")
     fixed_bits: float = Field(description="mean fixed-width bits per weight")
+    storage_bytes: int | None = Field(None, ge=0, description="bytes of the storage form a box builds at this "
+                                                               "point, measured by the analysis; None in older "
+                                                               "analyses and on curves no plan reads")
 
     @field_serializer("disagreement", "kl", "accuracy", "sparsity", "entropy_bits", "coded_bits", "fixed_bits")
     def _measured(self, v: float | None) -> float | None:

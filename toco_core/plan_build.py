@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -20,7 +21,7 @@ from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, 
 from toco_core.compression.input_gather import gather_read_features
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.reduced_codes import reduced_codes
-from toco_core.compression.storage import dequantize, encode_model
+from toco_core.compression.storage import QuantizedTensor, dequantize, encode_model
 from toco_core.compression.structured import dead_channels, remove_output_channels
 from toco_core.errors import AnalysisError
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, with_weights
@@ -120,17 +121,10 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
     if is_base_plan(plan):
         return _base_built(source, infos)
     i = table.point_index(plan.prune_scale, plan.quant_scale)
-    tensors = point_codes(source, result, i)
-    values = {q.name: dequantize(q) for q in tensors}
-    biases = _point_biases(source, result, infos, i, values) if result.bias_correction and correct_biases else {}
-    shifts = bias_shifts(source.reference, infos, biases)
-    float_model = with_weights(source.reference, {**values, **biases})
-    runnable, dropped = _without_dead_parts(float_model, values) if plan.structured else (float_model, {})
+    coded = _coded_point(source, result, infos, i, plan.structured, correct_biases)
+    tensors, runnable, storage, dropped = coded.tensors, coded.runnable, coded.storage, coded.dropped
     kept = {i.name: i.shape[i.out_axis] - int(dropped[i.name].sum()) if i.name in dropped else i.shape[i.out_axis]
             for i in infos}
-    # the storage form codes the model that runs when it can (toco_core.compression.reduced_codes)
-    coded = reduced_codes(runnable, tensors, dropped) if runnable is not float_model else None
-    storage = encode_model(runnable, coded) if coded is not None else encode_model(float_model, tensors)
     formats = {i.name: FLOAT.name for i in infos}
     runnable, converted = runtime_form(plan.runtime).build(BuildStep(runnable, table, i, result.analysis_x))
     formats.update(converted)
@@ -139,9 +133,39 @@ def build(model: onnx.ModelProto | WeightSource, result: AnalysisResult, plan: C
         name=i.name, op_type=i.op_type, weights=i.size, sparsity=float((by_name[i.name].codes == 0).mean()),
         mean_bits=float(channel_bits(by_name[i.name].codes, i.out_axis).mean()),
         channels_kept=kept[i.name], channels=i.shape[i.out_axis], runtime_format=formats[i.name],
-        bias_shift=shifts.get(i.name),
+        bias_shift=coded.shifts.get(i.name),
     ) for i in infos]
     return BuiltModel(runnable, storage, layers)
+
+
+class _CodedPoint(NamedTuple):
+    tensors: list[QuantizedTensor]  # the point's codes, before any channel removal
+    runnable: onnx.ModelProto  # fp32 weights, dead parts removed (with structured)
+    storage: bytes
+    dropped: dict[str, np.ndarray]  # output channels removed per weight
+    shifts: dict[str, float]  # bias_correction.bias_shifts
+
+
+def _coded_point(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], i: int, structured: bool,
+                 correct_biases: bool = True) -> _CodedPoint:
+    """Point i's codes, corrected biases, dead parts removed (when ``structured``) and storage form."""
+    tensors = point_codes(source, result, i)
+    values = {q.name: dequantize(q) for q in tensors}
+    biases = _point_biases(source, result, infos, i, values) if result.bias_correction and correct_biases else {}
+    float_model = with_weights(source.reference, {**values, **biases})
+    runnable, dropped = _without_dead_parts(float_model, values) if structured else (float_model, {})
+    # the storage form codes the model that runs when it can (toco_core.compression.reduced_codes)
+    coded = reduced_codes(runnable, tensors, dropped) if runnable is not float_model else None
+    storage = encode_model(runnable, coded) if coded is not None else encode_model(float_model, tensors)
+    return _CodedPoint(tensors, runnable, storage, dropped, bias_shifts(source.reference, infos, biases))
+
+
+def storage_form(source: WeightSource, result: AnalysisResult, i: int) -> bytes:
+    """The storage form a box's build of plan table point ``i`` stores (build's, for any runtime form
+    of a structured plan): the point's codes, corrected biases, dead parts removed, coded.
+
+    Raises AnalysisError as build does."""
+    return _coded_point(source, result, compressible_weights(source.reference), i, True).storage
 
 
 def _without_dead_parts(float_model: onnx.ModelProto, values: dict[str, np.ndarray],

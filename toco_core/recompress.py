@@ -36,6 +36,7 @@ from toco_core.solver import (
     less_aggressive,
     plans_for,
     plans_for_device,
+    storage_is_built,
 )
 from toco_core.task_kind import TaskSpec
 from toco_core.units import format_size
@@ -168,9 +169,10 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     """The plans expected to fit the storage limit by the coder's measured cost, when their predictions
     ruled every one out.
 
-    Predicted storage is the analysis' entropy estimate of the full model's codes; the storage form
-    codes the model that runs (reduced_codes) with adaptive contexts, and comes out smaller (LeNet-5's
-    size plan: 13.0 KB predicted, 11.6 KB coded). The smallest plan within budget and memory is built
+    In an analysis that did not build its points' storage forms (before session 25: solver.storage_is_built)
+    predicted storage is an entropy estimate of the full model's codes; the storage form codes the model
+    that runs (reduced_codes) with adaptive contexts, and comes out smaller (LeNet-5's size plan: 13.0 KB
+    predicted, 11.6 KB coded). The smallest plan within budget and memory is built
     once and every prediction scaled by its measured / predicted ratio (fitting_after_overshoot), as
     after an overshoot; each try still checks its real storage form. ``infeasible`` is the planner's
     error, re-raised when memory or the budget rule every plan out; when even the smallest plan's
@@ -187,7 +189,7 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     except InfeasibleError:
         raise infeasible from None
     smallest = min(within, key=lambda p: p.predicted_storage)
-    if storage is None or is_base_plan(smallest):
+    if storage is None or is_base_plan(smallest) or storage_is_built(result):
         raise infeasible
     if before_build is not None:
         before_build(smallest)

@@ -11,7 +11,8 @@ offered when the box runs its format and the analysis has what it needs:
   when the box runs that format and the analysis measured its cost (the ``int8`` curve).
 
 The forms' memory predictions, point predictions and tie ranks are read from the registry; the
-storage prediction is the point's, whatever the form.
+storage prediction is the point's, whatever the form: the storage form the analysis built at that
+point (CurvePoint.storage_bytes), or in older analyses an estimate from its coded bits.
 
 Predictions are the isotonic curve values themselves: a fair estimate of the held-out
 disagreement (the self-test compares it with a measurement). Feasible: predicted
@@ -52,6 +53,7 @@ from toco_core.runtime_forms import SESSION_OVERHEAD as SESSION_OVERHEAD  # reco
 from toco_core.units import format_size
 from toco_core.weight_source import require_plans
 
+# The estimate of analyses that did not build their points' storage forms (before session 25).
 # Per output channel in the storage form: a float16 step (2 B) and LZMA-packed side information
 # (~1.3 B); the non-weight bytes of the ONNX file (graph, biases) shrink to ~0.6 under LZMA
 # (measured on LeNet-5: 2553 -> 1500 B); the coder's adaptive tables cost a few % over the static
@@ -65,6 +67,8 @@ CODED_BITS_SLACK = 1.03
 def _storage(point: CurvePoint, n_weights: int, n_channels: int, other_bytes: int) -> int:
     if point.quant_scale == 0:
         return other_bytes + 4 * n_weights  # float weights travel as a plain ONNX file
+    if point.storage_bytes is not None:  # the analysis built it: no estimate needed
+        return point.storage_bytes
     bits = point.coded_bits * CODED_BITS_SLACK if point.coded_bits is not None else point.entropy_bits
     return int(OTHER_CODED_SHARE * other_bytes + n_weights * bits / 8 + n_channels * CHANNEL_SIDE_BYTES)
 
@@ -73,6 +77,12 @@ def candidate_points(result: AnalysisResult) -> list[CurvePoint]:
     """Base + every measured weight-level point of the curves (the ``int8`` runtime curve excluded)."""
     base = CurvePoint(disagreement=0.0, kl=0.0, sparsity=0.0, entropy_bits=32.0, fixed_bits=32.0)
     return [base] + [p for k, c in result.curves.items() if k in PLANNED for p in c.points]
+
+
+def storage_is_built(result: AnalysisResult) -> bool:
+    """Whether the analysis built its points' storage forms (CurvePoint.storage_bytes): its storage
+    predictions are then the sizes a box's builds have, so no build finds a plan they ruled out."""
+    return any(p.storage_bytes is not None for p in candidate_points(result))
 
 
 def memory_estimate(runtime: str, n_kept: float, other_bytes: int, share: float = 0.0) -> int:

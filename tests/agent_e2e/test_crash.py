@@ -69,11 +69,13 @@ def test_kill9_during_recompression_or_activation_leaves_a_working_model(agent, 
 
 
 def test_self_test_failure_is_not_activated_and_reported(fleet, keys, bundles, lenet5_path, tmp_path):
-    """Curves claiming 0 disagreement everywhere + a storage cap only aggressive plans meet."""
+    """Curves claiming 0 disagreement everywhere + a box that wants the smallest plan: every try is one of
+    the most aggressive plans, and each fails its self-test. (A 10 KB storage cap did this while storage
+    was an overestimate; at the built sizes moderate plans fit under it and pass.)"""
     store = ModelStore(tmp_path / "state")
     old = store.activate(store.install_candidate(lenet5_path.read_bytes(), CandidateMeta(bundle_id="factory")))
     cfg = load_config(None, device_id="box-3", fleet="e2e", broker_url=fleet.broker.url, state_dir=tmp_path / "state",
-                      public_key=keys[1], storage_cap="10KB", api_port=0, probe_benchmark=False, threads=1)
+                      public_key=keys[1], objective="size", api_port=0, probe_benchmark=False, threads=1)
     agent = Agent(cfg)
     agent.start()
     try:

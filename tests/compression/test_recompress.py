@@ -1,5 +1,6 @@
 """Solver, self-test gate and end-to-end recompression on the real demo models and digits."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from toco_core.probe import probe_device
 from toco_core.recompress import recompress
 from toco_core.runtime import run_model
 from toco_core.selftest import self_test
-from toco_core.solver import enumerate_plans, feasible_plans
+from toco_core.solver import enumerate_plans, feasible_plans, plans_for
 from toco_core.units import format_size
 
 
@@ -82,25 +83,64 @@ def test_infeasible_limits_say_so_with_numbers(lenet5, lenet5_analysis, here):
     assert err.value.best["storage"] > 2_000
 
 
+def as_older_analysis(result):
+    """``result`` as an analysis from before its points' storage forms were built: the solver estimates."""
+    curves = {k: c.model_copy(update={"points": [p.model_copy(update={"storage_bytes": None}) for p in c.points]})
+              for k, c in result.curves.items()}
+    return dataclasses.replace(result, curves=curves)
+
+
+def test_storage_predictions_are_the_storage_forms_a_box_builds(lenet5, lenet5_analysis):
+    infos = compressible_weights(lenet5)
+    plans = [p for p in enumerate_plans(lenet5_analysis, infos, len(model_bytes(lenet5)), int8=True)
+             if p.quant_scale > 0]
+    assert {p.runtime for p in plans} == {"fp32", "int8"}
+    for p in plans[::9]:
+        assert p.predicted_storage == len(build(lenet5, lenet5_analysis, p).storage), p.label
+
+
+def test_a_storage_limit_gets_the_most_faithful_plan_that_fits_where_estimates_lost_it(lenet5, lenet5_analysis, here):
+    """An estimate of the storage form (older analyses) overshoots it, so a box with a storage limit was
+    given a less faithful plan than one that fits; with the built sizes it gets the best that fits."""
+    infos, base = compressible_weights(lenet5), len(model_bytes(lenet5))
+    older = as_older_analysis(lenet5_analysis)
+
+    def best(result, limit):  # the most faithful plan the solver lets through (+inf: none)
+        try:
+            return plans_for(result, infos, base, Policy(storage=limit), None, limit)[0].predicted_disagreement
+        except InfeasibleError:
+            return math.inf
+
+    sizes = sorted({p.predicted_storage for p in enumerate_plans(lenet5_analysis, infos, base) if p.quant_scale > 0})
+    lost = [s for s in sizes if best(lenet5_analysis, s) < best(older, s) < math.inf]
+    assert lost, "the estimates never cost a storage-limited box a plan: nothing left to show"
+    limit = lost[len(lost) // 2]
+    built, report = recompress(lenet5, lenet5_analysis, here, Policy(storage=limit), measure_memory=False)
+    assert report.storage_bytes == len(built.storage) == report.plan.predicted_storage <= limit
+    assert report.plan.predicted_disagreement < best(older, limit)
+
+
 def test_a_storage_limit_only_the_coded_form_meets_is_met_by_measuring_it(lenet5, lenet5_analysis, here):
-    """Predicted storage is an entropy estimate of the full model's codes; the storage form codes the
-    reduced model and comes out smaller. A limit between the two: the box builds the smallest plan
-    once, scales the predictions by what it measured, and ships a plan whose real form fits."""
+    """In an older analysis predicted storage is an entropy estimate of the full model's codes; the
+    storage form codes the reduced model and comes out smaller. A limit between the two: the box builds
+    the smallest plan once, scales the predictions by what it measured, and ships a plan whose real
+    form fits."""
+    older = as_older_analysis(lenet5_analysis)
     infos = compressible_weights(lenet5)
     base = len(model_bytes(lenet5))
-    within = feasible_plans(enumerate_plans(lenet5_analysis, infos, base), Policy(), None, None, base,
-                            min(c.samples for c in lenet5_analysis.curves.values()))
+    within = feasible_plans(enumerate_plans(older, infos, base), Policy(), None, None, base,
+                            min(c.samples for c in older.curves.values()))
     smallest = min(within, key=lambda p: p.predicted_storage)
-    coded = len(build(lenet5, lenet5_analysis, smallest).storage)
+    coded = len(build(lenet5, older, smallest).storage)
     assert coded < 0.97 * smallest.predicted_storage  # the prediction is pessimistic by a few %
     limit = (coded + smallest.predicted_storage) // 2
-    built, report = recompress(lenet5, lenet5_analysis, here, Policy(storage=limit, objective="size"),
+    built, report = recompress(lenet5, older, here, Policy(storage=limit, objective="size"),
                                measure_memory=False)
     assert report.storage_bytes == len(built.storage) <= limit < report.plan.predicted_storage
     # below what the smallest plan codes to: still no, and the error names the coded size, not the prediction
     with pytest.raises(InfeasibleError, match=f"storage form is {format_size(coded)} .predicted "
                                               f"{format_size(smallest.predicted_storage)}.") as exc:
-        recompress(lenet5, lenet5_analysis, here, Policy(storage=coded - 64, objective="size"), measure_memory=False)
+        recompress(lenet5, older, here, Policy(storage=coded - 64, objective="size"), measure_memory=False)
     assert exc.value.best["storage"] == coded
 
 

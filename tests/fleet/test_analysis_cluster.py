@@ -163,8 +163,12 @@ def test_cluster_analysis_matches_the_local_calibration(cluster_fleet, lenet) ->
                                                 output_kind(head), result.heldout_x, result.heldout_y, lambda *_: None,
                                                 result.analysis_x if settings.bias_correction else None,
                                                 hessians=hessians)
-    assert curves["prune+quantize"].model_dump() == result.curves["prune+quantize"].model_dump()
-    assert {k: c.model_dump() for k, c in curves.items()} == {k: c.model_dump() for k, c in result.curves.items()}
+    # the analysis' last step (storage forms) adds each point's built size; calibrate measures the rest
+    saved = result.curves["prune+quantize"]
+    assert all(p.storage_bytes for p in saved.points if p.quant_scale > 0)
+    sizes = {"points": {"__all__": {"storage_bytes"}}}
+    assert {k: c.model_dump(exclude=sizes) for k, c in curves.items()} == \
+        {k: c.model_dump(exclude=sizes) for k, c in result.curves.items()}
     assert result.plans is not None and table.points == result.plans.points
     assert all((table.octaves[n] == result.plans.octaves[n]).all() for n in table.tensors)
     # the bias deltas measured on the workers came back with their points and were kept

@@ -113,6 +113,7 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
     from toco_core.probe import probe_device
     from toco_core.recompress import recompress
     from toco_core.solver import plans_for_device
+    from toco_core.units import format_size
 
     aid = fleet.analysis["analysis_id"]
     paths = analysis_paths(fleet.server.db, analysis_id=aid)
@@ -130,17 +131,22 @@ def test_whatif_names_the_plan_the_box_then_builds(fleet):
         assert (first.prune_scale, first.quant_scale, first.runtime) == (
             plan["prune_scale"], plan["quant_scale"], plan["runtime"]), objective
         assert first.label == plan["label"], objective
-    # a storage limit only the coded form meets (predictions are an upper estimate): the what-if builds
-    # the smallest plan once, as the box does, and answers with a plan instead of "infeasible"
+    # the analysis built every point's storage form: the what-if's sizes are the bytes the box will store,
+    # so a limit at the smallest plan's form gets it and a byte less gets "infeasible" with that size
     model, result = load_model(paths["model_path"]), load_result(paths["result_dir"])
     smallest = plans_for_device(result, compressible_weights(model), len(model_bytes(model)), here,
                                 Policy(budget=0.05, objective="size"))[0]
     coded = len(build(model, result, smallest).storage)
-    assert coded < smallest.predicted_storage
-    limit = (coded + smallest.predicted_storage) // 2
-    told = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": "size", "storage": limit,
-                                                               "profile": here.model_dump(mode="json")}).json()
-    assert told["feasible"] and told["plan"]["predicted_storage_bytes"] > limit, told
+    assert coded == smallest.predicted_storage
+    for limit, feasible in ((coded, True), (coded - 1, False)):
+        told = fleet.api.post(f"/api/analyses/{aid}/whatif", json={"budget": 0.05, "objective": "size",
+                                                                   "storage": limit,
+                                                                   "profile": here.model_dump(mode="json")}).json()
+        assert told["feasible"] is feasible, told
+        if feasible:
+            assert told["plan"]["predicted_storage_bytes"] == coded, told
+        else:
+            assert f"needs storage {format_size(coded)} vs" in told["reason"], told
 
 
 def test_whatif_for_a_known_device(fleet, devices):

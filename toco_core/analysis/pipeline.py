@@ -7,10 +7,13 @@ Phases, each reported to ``progress(phase, done, total)``:
 2. ``prune``: order the weights by the K-FAC greedy pruning score (prune_order.py), in
    ``prune_rounds`` rounds re-measured at the pruned point; the order is the prune rank.
 3. ``calibrate``: each operator applied for real on a grid of scales, measured on held-out.
+4. ``storage``: every planned point's storage form built as a box builds it; its size is the
+   point's storage prediction (storage_forms.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from toco_core.analysis.nested_calibration import GridMap, NestedCalibration
 from toco_core.analysis.pool_split import PoolSplit, pool_outputs, split_pool
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
+from toco_core.analysis.storage_forms import with_storage_forms
 from toco_core.analysis.torch_inputs import to_torch
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.bias_parts import PointDeltas
@@ -329,6 +333,7 @@ def analyze(
     """
     s = settings or AnalysisSettings()
     t_start = time.perf_counter()
+    given = model  # a box builds its plans from the model as given, tail included
     # the calibration grid creates and frees hundreds of sessions: without a fixed threshold
     # glibc keeps their freed blocks on the heap and RSS creeps up (toco_core.malloc_tuning)
     fix_mmap_threshold()
@@ -365,7 +370,6 @@ def analyze(
     curves, table, deltas, rounding = calibrate(model, infos, weights, tmap, kind, held_x, hy, progress,
                                                 analysis_x if s.bias_correction else None, task, grid_map, hessians)
     timings["calibrate"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
     spec = input_spec(model)
     base_acc = None
     if hy is not None:
@@ -377,5 +381,10 @@ def analyze(
         heldout_size=len(held), base_accuracy=base_acc, timings=timings, tensors=tmap.summary(),
         task=None if task == CLASSIFIER else task,
     )
-    return AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table, bias_deltas=deltas or None,
-                          rounding=rounding)
+    result = AnalysisResult(manifest, tmap, curves, analysis_x, held_x, hy, plans=table, bias_deltas=deltas or None,
+                            rounding=rounding)
+    t = time.perf_counter()
+    result = with_storage_forms(given, result, progress)
+    timings["storage_forms"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    return dataclasses.replace(result, manifest=manifest.model_copy(update={"timings": timings}))
