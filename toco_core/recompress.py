@@ -180,16 +180,18 @@ def plans_by_coded_storage(model: onnx.ModelProto | WeightSource, result: Analys
     ``anchors`` and ``before_build`` as in recompress (a box missing the smallest plan's parts stops
     there and fetches them). Returns the plans best first, as plans_for_device.
     """
+    memory, storage = device_limits(profile, policy)
+    if storage is None or storage_is_built(result):  # no storage limit to meet, or no estimate to correct
+        raise infeasible
     source = as_source(model, result)
     infos = compressible_weights(source.reference)
-    memory, storage = device_limits(profile, policy)
     try:
         within = plans_for(result, infos, base_file_bytes, policy, memory, None, shares=offered_shares(infos, profile),
                            anchors=anchors)
     except InfeasibleError:
         raise infeasible from None
     smallest = min(within, key=lambda p: p.predicted_storage)
-    if storage is None or is_base_plan(smallest) or storage_is_built(result):
+    if is_base_plan(smallest):
         raise infeasible
     if before_build is not None:
         before_build(smallest)

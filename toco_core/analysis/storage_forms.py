@@ -35,10 +35,9 @@ def with_storage_forms(model: onnx.ModelProto, result: AnalysisResult,
     """
     table = require_plans(result)
     source = with_base_means(as_source(model, result), result)
-    todo = [(k, j) for k, curve in result.curves.items() if k in PLANNED
-            for j, p in enumerate(curve.points) if p.quant_scale > 0]
-    index = {(k, j): table.point_index(result.curves[k].points[j].prune_scale, result.curves[k].points[j].quant_scale)
-             for k, j in todo}
+    index = {(k, j): table.point_index(p.prune_scale, p.quant_scale)
+             for k, curve in result.curves.items() if k in PLANNED
+             for j, p in enumerate(curve.points) if p.quant_scale > 0}
     points = sorted(set(index.values()))
     built: dict[int, int] = {}
     for n, i in enumerate(points, 1):
