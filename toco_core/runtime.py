@@ -6,6 +6,9 @@ and must not keep onnx (about 6 MB resident) loaded for months.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,13 +39,36 @@ def input_dtype(node: ort.NodeArg) -> np.dtype:
     return np.dtype(dtype)
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
-    """Create a CPU session; ``threads`` = 0 lets onnxruntime choose.
+_LOCAL = threading.local()
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Inside the block, sessions this thread creates without an explicit thread count use
+    ``threads`` intra-op threads (0: onnxruntime chooses, the default outside any block).
+
+    For callers that run sessions side by side in threads: two sessions of onnxruntime's own
+    choice (one thread per core each) spin against each other on the same cores.
+    """
+    before = getattr(_LOCAL, "threads", 0)
+    _LOCAL.threads = threads
+    try:
+        yield
+    finally:
+        _LOCAL.threads = before
+
+
+def _threads(threads: int | None) -> int:
+    return int(getattr(_LOCAL, "threads", 0)) if threads is None else threads
+
+
+def make_session(model: onnx.ModelProto | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """Create a CPU session; ``threads`` = 0 lets onnxruntime choose, None takes intra_op_threads'.
 
     Raises ModelError when onnxruntime cannot load the model.
     """
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = _threads(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     if isinstance(model, bytes):
@@ -103,6 +129,7 @@ def session_with_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray])
     if not set(weights) <= inits:
         return make_session(with_weights(model, weights))
     opts = ort.SessionOptions()
+    opts.intra_op_num_threads = _threads(None)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     # Measured with onnxruntime 1.32: at ORT_ENABLE_ALL the NCHWc Conv rewrite reads the model's own
@@ -134,16 +161,18 @@ _BYTES_CACHE: dict[int, tuple[onnx.ModelProto, bytes]] = {}
 # two models: a calibration sweep alternates between the model and its copy with the layer
 # outputs bias correction reads
 _BYTES_CACHE_SIZE = 2
+_BYTES_LOCK = threading.Lock()  # calibration measures points in threads (toco_core.analysis.side_by_side)
 
 
 def _cached_bytes(model: onnx.ModelProto) -> bytes:
     # Serializing a multi-MB model for every committee member costs more than the run itself.
     from toco_core.onnx_model import model_bytes
 
-    hit = _BYTES_CACHE.pop(id(model), None)
-    if hit is None or hit[0] is not model:
-        hit = (model, model_bytes(model))
-    _BYTES_CACHE[id(model)] = hit  # most recently used last
-    while len(_BYTES_CACHE) > _BYTES_CACHE_SIZE:
-        del _BYTES_CACHE[next(iter(_BYTES_CACHE))]
-    return hit[1]
+    with _BYTES_LOCK:
+        hit = _BYTES_CACHE.pop(id(model), None)
+        if hit is None or hit[0] is not model:
+            hit = (model, model_bytes(model))
+        _BYTES_CACHE[id(model)] = hit  # most recently used last
+        while len(_BYTES_CACHE) > _BYTES_CACHE_SIZE:
+            del _BYTES_CACHE[next(iter(_BYTES_CACHE))]
+        return hit[1]

@@ -169,3 +169,39 @@ def test_every_plan_builds_bit_identically_from_its_parts(lenet5, compensated):
     source, result, _ = source_from_parts({n: parts[n] for n in need if not n.startswith("round/")})
     with pytest.raises(AnalysisError, match="round/"):
         build(source, result, plan)
+
+
+def test_points_measured_side_by_side_are_the_points_measured_one_at_a_time(lenet5, compensated):
+    """A small model's calibration measures two points at once, one onnxruntime thread each
+    (toco_core.analysis.side_by_side): every measurement, octave, bias delta and rounding is the
+    one a single thread measures; a large model's is measured one point at a time."""
+    from toco_core.analysis.nested_calibration import NestedCalibration
+    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
+    from toco_core.analysis.side_by_side import SIDE_BY_SIDE_WEIGHTS, local_map, side_by_side
+    from toco_core.compression.bias_correction import BiasCorrection
+    from toco_core.runtime import intra_op_threads, make_session, session_with_weights
+
+    result = compensated
+    infos = compressible_weights(lenet5)
+    x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
+    nested = NestedCalibration(lenet5, infos, read_weights(lenet5, infos), result.tolerances, "logits", x, None,
+                               base_out, BiasCorrection(lenet5, infos, result.analysis_x), prune_grid(),
+                               hessians=layer_hessians(lenet5, infos, result.analysis_x))
+    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    points = [p for p in result.plans.points if p[0] in (0.55, 0.7) and p[1] > result.plans.master_scale][:6]
+    assert len(points) == 6
+    nested.prepare(points)
+    alone = list(map(nested.measure_point, points))
+    together = list(side_by_side(2)(nested.measure_point, points))
+    for a, b in zip(alone, together, strict=True):
+        assert a.measured == b.measured and a.rounding == b.rounding
+        assert all(np.array_equal(a.octaves[k], b.octaves[k]) for k in a.octaves)
+        assert a.bias_deltas.keys() == b.bias_deltas.keys()
+        assert all(np.array_equal(a.bias_deltas[k], b.bias_deltas[k]) for k in a.bias_deltas)
+    with intra_op_threads(1):
+        inside = [session_with_weights(lenet5, {}), make_session(lenet5)]
+    outside = session_with_weights(lenet5, {})
+    assert [s.get_session_options().intra_op_num_threads for s in inside] == [1, 1]
+    assert outside.get_session_options().intra_op_num_threads == 0
+    assert local_map(SIDE_BY_SIDE_WEIGHTS, cores=2) is map and local_map(61_470, cores=1) is map
+    assert local_map(61_470, cores=2) is not map

@@ -53,6 +53,7 @@ Point = tuple[float, float]  # (prune scale, quant scale)
 Octaves = dict[str, np.ndarray]  # per-channel octaves of each weight at one point
 BiasDeltas = dict[str, np.ndarray]  # {bias initializer: float16 delta} of one point; {} without correction
 CodeDifferences = dict[str, np.ndarray]  # {weight: int16 compensated - plain codes} of one point
+Prepared = tuple[Octaves, list[QuantizedTensor], CodeDifferences]  # a point rounded ahead of its measurement
 _BATCH_WEIGHTS = 4_000_000  # weights of one layer rounded at once over a batch of points (32 MB of float64)
 
 
@@ -118,7 +119,7 @@ class NestedCalibration:
         self.octaves: dict[tuple[float, float], dict[str, np.ndarray]] = {}
         self.bias_deltas: dict[Point, BiasDeltas] = {}
         self.rounding: dict[Point, bytes] = {}  # each measured point's encoded differences
-        self._prepared: dict[Point, tuple[Octaves, list[QuantizedTensor], CodeDifferences]] = {}
+        self._prepared: dict[Point, Prepared] = {}
 
     def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> tuple[CurvePoint, BiasDeltas]:
         values = {q.name: dequantize(q) for q in tensors}
@@ -181,16 +182,19 @@ class NestedCalibration:
                                             info.out_axis, self.coverage)
         return out
 
-    def measure_point(self, point: Point) -> MeasuredPoint:
-        """Build ``point`` (ps, qs) from the master codes as a box does and measure it.
+    def measure_point(self, point: Point, prepared: Prepared | None = None) -> MeasuredPoint:
+        """Build ``point`` (ps, qs) from the master codes as a box does and measure it, with its
+        compensated rounding from ``prepared`` (rounded), else from what ``prepare`` prepared,
+        else rounded here.
 
         Returns the MeasuredPoint; records nothing (the object is not changed), so it may run in
-        another process on a copy. Call after choose_master.
+        another thread, or another process on a copy. Call after choose_master.
         """
         ps, qs = point
         rounding: CodeDifferences | None = None
-        if point in self._prepared:
-            octaves, plain, rounding = self._prepared[point]
+        prepared = prepared or self._prepared.get(point)
+        if prepared is not None:
+            octaves, plain, rounding = prepared
         else:
             octaves = self.point_octaves(ps, qs)
             plain = self._plain_codes(point, octaves)
@@ -222,17 +226,20 @@ class NestedCalibration:
                 done[p][t] = q
         return {p: code_differences(done[p], plains[p]) for p in plains}
 
-    def prepare(self, points: list[Point]) -> None:
-        """Round ``points`` with compensation ahead of measuring them, all at once (measure_point
-        uses them; the work per point is mostly per column, which a batch shares). Replaces what an
-        earlier call prepared; without Hessians it does nothing."""
-        self._prepared = {}
+    def rounded(self, points: list[Point]) -> dict[Point, Prepared]:
+        """``points`` rounded with compensation, all at once (the work per point is mostly per
+        column, which a batch shares): each point's octaves, nested codes and code differences.
+        {} without Hessians. Changes nothing."""
         if self.factors is None:
-            return
+            return {}
         octaves = {p: self.point_octaves(*p) for p in points}
         plains = {p: self._plain_codes(p, octaves[p]) for p in points}
         rounded = self.compensate(plains)
-        self._prepared = {p: (octaves[p], plains[p], rounded[p]) for p in points}
+        return {p: (octaves[p], plains[p], rounded[p]) for p in points}
+
+    def prepare(self, points: list[Point]) -> None:
+        """Round ``points`` ahead of measure_point (``rounded``); replaces what an earlier call prepared."""
+        self._prepared = self.rounded(points)
 
     def batches(self, points: list[Point]) -> list[list[Point]]:
         """``points`` in batches whose rounding holds at most _BATCH_WEIGHTS weights of one layer in flight."""
@@ -244,15 +251,15 @@ class NestedCalibration:
         """``measure`` for a sweep over ``points`` in that order, which may stop early: with
         compensation each batch of points (``batches``) is rounded when the sweep reaches it. A whole
         sweep rounded at once held ~350 MB more on a 1.57M-weight model, and rounded points that an
-        early stop never measures."""
-        pending = self.batches(points)
+        early stop never measures. Sweeps over different points may run side by side in threads."""
+        pending, ready = self.batches(points), {}
 
         def measure(ps: float, qs: float) -> CurvePoint:
             batch = next((b for b in pending if (ps, qs) in b), None)
-            if batch is not None and (ps, qs) not in self._prepared:
+            if batch is not None:
                 pending.remove(batch)
-                self.prepare(batch)  # without Hessians it does nothing
-            return self.measure(ps, qs)
+                ready.update(self.rounded(batch))  # without Hessians: nothing
+            return self._record((ps, qs), self.measure_point((ps, qs), ready.pop((ps, qs), None)))
 
         return measure
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -30,6 +31,7 @@ from toco_core.analysis.nested_calibration import GridMap, NestedCalibration
 from toco_core.analysis.pool_split import PoolSplit, pool_outputs, split_pool
 from toco_core.analysis.prune_order import prune_scores
 from toco_core.analysis.settings import AnalysisSettings
+from toco_core.analysis.side_by_side import local_map
 from toco_core.analysis.storage_forms import with_storage_forms
 from toco_core.analysis.torch_inputs import to_torch
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
@@ -245,25 +247,28 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     nested = NestedCalibration(model, infos, weights, tmap, kind, x, y, base, correction, prune_grid(), task=task,
                                hessians=hessians)
     step = {"n": 0, "total": 2 * len(QUANT_GRID) + len(PRUNE_GRID) + len(COMBO_PRUNE) * len(COMBO_QUANT)}
+    ticks = threading.Lock()  # points measured side by side tick from their threads
 
     def tick(*_: object) -> None:
-        step["n"] += 1
-        progress("calibrate", step["n"], step["total"])
+        with ticks:
+            step["n"] += 1
+            progress("calibrate", step["n"], step["total"])
 
     sweep = nested.choose_master(QUANT_GRID, 1.0 / len(x), tick)
     sm = nested.master_scale
     quant = [(0.0, q) for q in QUANT_GRID if q >= sm]
     combos = sorted({(p, max(q, sm)) for p in COMBO_PRUNE for q in COMBO_QUANT})
     step["total"] = step["n"] + len(quant) + len(PRUNE_GRID) + len(combos)
-    prune = [(p, sm) for p in PRUNE_GRID]
-    curves = {"master": monotone_curve("quantize", sweep, len(x)),
-              "prune": measure_curve("prune", prune, nested.sweep_measure(prune), len(x), on_point=tick)}
-    curves["quantize"] = measure_curve("quantize", quant, nested.sweep_measure(quant), len(x), on_point=tick)
+    sweeps = {"prune": [(p, sm) for p in PRUNE_GRID], "quantize": quant}
+    here = local_map(sum(i.size for i in infos))
+    curves = {"master": monotone_curve("quantize", sweep, len(x))}
+    curves.update(zip(sweeps, here(lambda op: measure_curve(op, sweeps[op], nested.sweep_measure(sweeps[op]), len(x),
+                                                            on_point=tick), list(sweeps)), strict=True))
     if grid_map is map:  # here: compensated rounding in batches of points; elsewhere each worker rounds its own
         grid = []
         for batch in nested.batches(combos):
             nested.prepare(batch)
-            grid += nested.measure_grid(batch, grid_map, tick)
+            grid += nested.measure_grid(batch, here, tick)
     else:
         nested.prepare([])
         grid = nested.measure_grid(combos, grid_map, tick)
