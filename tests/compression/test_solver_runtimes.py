@@ -153,3 +153,25 @@ def test_after_a_session_rss_miss_only_lighter_plans_that_fit_with_the_offset_re
     assert again == [max(ties, key=lambda p: (p.prune_scale, p.quant_scale))] and again != [gentle]
     # ... and a miss with nothing lighter left leaves no plan: the search ends with the RSS in its message
     assert fitting_after_memory_miss(within, lightest, limit + 1, limit) == []
+
+
+def test_a_form_nothing_measured_is_offered_only_where_memory_needs_it(lenet5, lenet5_analysis):
+    """nbits' prediction is the fp32 point's: with room for fp32 no nbits plan is offered (a noisy
+    latency miss of fp32 must not fall back to error nobody measured); under a memory limit that
+    leaves a point's fp32 form out, that point's nbits form is offered."""
+    base = len(model_bytes(lenet5))
+    plans = _plans(lenet5, lenet5_analysis, nbits_share=0.9)
+    nbits = [p for p in plans if p.runtime == "nbits"]
+    assert nbits, "the analysis offers nbits at 90% of the weights"
+    roomy = feasible_plans(plans, Policy(objective="size"), None, None, base)
+    assert roomy and not [p for p in roomy if p.runtime == "nbits"]
+    fp32 = {(p.prune_scale, p.quant_scale): p for p in plans if p.runtime == "fp32"}
+    # a limit between a point's nbits and fp32 memory: that point can only run as nbits (or int8)
+    lighter = next(p for p in sorted(nbits, key=lambda p: p.predicted_memory)
+                   if p.predicted_memory < fp32[(p.prune_scale, p.quant_scale)].predicted_memory
+                   and p.predicted_disagreement <= 0.005)  # well within the 1% budget
+    limit = fp32[(lighter.prune_scale, lighter.quant_scale)].predicted_memory - 1
+    tight = feasible_plans(plans, Policy(objective="size"), limit, None, base)
+    offered = {(p.prune_scale, p.quant_scale) for p in tight if p.runtime == "nbits"}
+    assert (lighter.prune_scale, lighter.quant_scale) in offered
+    assert all(fp32[p].predicted_memory > limit for p in offered)
