@@ -39,6 +39,22 @@ def compensated(lenet5_analysis):
     return lenet5_analysis
 
 
+def _calibration_at_master(model, result):
+    """The analysis' NestedCalibration of ``model`` with its master chosen again, as the analysis
+    chose it; returns it, the weight infos, the calibration samples and the base's outputs on them."""
+    from toco_core.analysis.nested_calibration import NestedCalibration
+    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
+    from toco_core.compression.bias_correction import BiasCorrection
+
+    infos = compressible_weights(model)
+    x, base_out = result.heldout_x, run_model(model, result.heldout_x)
+    nested = NestedCalibration(model, infos, read_weights(model, infos), result.tolerances, "logits", x, None,
+                               base_out, BiasCorrection(model, infos, result.analysis_x), prune_grid(),
+                               hessians=layer_hessians(model, infos, result.analysis_x))
+    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    return nested, infos, x, base_out
+
+
 def _coarse(w: np.ndarray, axis: int, levels: int) -> QuantizedTensor:
     rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     steps = (np.abs(rows).max(axis=1) / levels).astype(np.float32)
@@ -96,20 +112,11 @@ def test_a_rounding_part_round_trips_and_a_wrong_one_is_refused():
 def test_a_built_plan_is_the_compensated_model_its_curve_point_measured(lenet5, compensated):
     """Every table point has its differences; the build of a pruned, coarse point is the model the
     calibration measured (same flips, same differences); without its differences it is refused."""
-    from toco_core.analysis.nested_calibration import NestedCalibration
-    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
-    from toco_core.compression.bias_correction import BiasCorrection
-
     result, table = compensated, compensated.plans
     assert result.compensated_rounding and set(result.rounding) == set(range(len(table.points)))
     ps, qs = next(p for p in table.points if p[0] == 0.6 and p[1] > table.master_scale)
     i = table.point_index(ps, qs)
-    infos = compressible_weights(lenet5)
-    x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
-    nested = NestedCalibration(lenet5, infos, read_weights(lenet5, infos), result.tolerances, "logits", x, None,
-                               base_out, BiasCorrection(lenet5, infos, result.analysis_x), prune_grid(),
-                               hessians=layer_hessians(lenet5, infos, result.analysis_x))
-    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    nested, infos, x, base_out = _calibration_at_master(lenet5, result)
     point = nested.measure(ps, qs)
     kept = decode_point(result.rounding[i], {n.name: n.shape for n in infos})
     assert kept and kept.keys() == decode_point(nested.rounding[(ps, qs)], {n.name: n.shape for n in infos}).keys()
@@ -175,19 +182,11 @@ def test_points_measured_side_by_side_are_the_points_measured_one_at_a_time(lene
     """A small model's calibration measures two points at once, one onnxruntime thread each
     (toco_core.analysis.side_by_side): every measurement, octave, bias delta and rounding is the
     one a single thread measures; a large model's is measured one point at a time."""
-    from toco_core.analysis.nested_calibration import NestedCalibration
-    from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
     from toco_core.analysis.side_by_side import SIDE_BY_SIDE_WEIGHTS, local_map, side_by_side
-    from toco_core.compression.bias_correction import BiasCorrection
     from toco_core.runtime import intra_op_threads, make_session, session_with_weights
 
     result = compensated
-    infos = compressible_weights(lenet5)
-    x, base_out = result.heldout_x, run_model(lenet5, result.heldout_x)
-    nested = NestedCalibration(lenet5, infos, read_weights(lenet5, infos), result.tolerances, "logits", x, None,
-                               base_out, BiasCorrection(lenet5, infos, result.analysis_x), prune_grid(),
-                               hessians=layer_hessians(lenet5, infos, result.analysis_x))
-    nested.choose_master(QUANT_GRID, 1.0 / len(x))
+    nested = _calibration_at_master(lenet5, result)[0]
     points = [p for p in result.plans.points if p[0] in (0.55, 0.7) and p[1] > result.plans.master_scale][:6]
     assert len(points) == 6
     nested.prepare(points)
