@@ -48,6 +48,7 @@ from rich.table import Table  # noqa: E402
 
 from bench._common import RESULTS, cached_analysis  # noqa: E402
 from bench.compression import REFERENCE, VARIANTS, calibration_split, variant_name  # noqa: E402
+from toco_core.analysis.row_fit import logistic_row_fit  # noqa: E402
 from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import lenet5_variant  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes  # noqa: E402
@@ -181,35 +182,6 @@ def _pooled(p: dict, n: int, pts: list[dict], _w: np.ndarray) -> float:
 _FITS: dict[tuple[int, float], dict[float, float]] = {}
 
 
-def logistic_row_fit(log_q: np.ndarray, flips: np.ndarray, n: int) -> np.ndarray:
-    """Binomial maximum-likelihood fit of d(q) = d0 + (1 - d0) sigmoid(a + b ln q), b >= 0, 0 <= d0 < 1, to
-    ``flips`` (counts out of n) at ``log_q`` = ln q; returns the fitted d at each point.
-
-    Monotone in q by construction (b >= 0) and smooth: every point of the row informs every other, so
-    no point's own luck decides its estimate (the winner's curse) and no single bad neighbour lifts it
-    (the isotonic envelope's pessimism). d0 is the row's floor (the pruning's own cost).
-    """
-    from scipy.optimize import minimize  # bench-only dependency, already in the environment
-    from scipy.special import expit
-
-    k = flips.astype(float)
-
-    def curve(theta: np.ndarray) -> np.ndarray:
-        d0 = expit(theta[2])
-        return np.clip(d0 + (1 - d0) * expit(theta[0] + np.exp(theta[1]) * log_q), 1e-9, 1 - 1e-9)
-
-    def nll(theta: np.ndarray) -> float:
-        d = curve(theta)
-        return float(-(k * np.log(d) + (n - k) * np.log1p(-d)).sum())
-
-    rate = np.clip(k / n, 1e-4, 1 - 1e-4)
-    starts = [np.array([np.log(rate[-1] / (1 - rate[-1])) - b * log_q[-1], np.log(b), np.log(rate[0] / 2)])
-              for b in (1.0, 3.0, 8.0)]
-    best = min((minimize(nll, x0, method="Nelder-Mead", options={"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-9})
-                for x0 in starts), key=lambda r: r.fun)
-    return curve(best.x)
-
-
 def _logistic(p: dict, n: int, pts: list[dict], _w: np.ndarray) -> float:
     row = _row(p, pts)
     if p not in row or len(row) < 4:  # too few points to fit three parameters: the raw reading
@@ -240,6 +212,7 @@ def pick(v: dict, rule, budget: float) -> dict | None:
 
 def summarise(v: dict, budget: float) -> dict:
     """The honesty figures of one variant (see the module doc)."""
+    _FITS.clear()  # keyed by the id of a variant's point list, which the next variant's may reuse
     pts = v["points"]
     cal = np.array([p["cal_flips"].mean() for p in pts])
     unseen = np.array([p["unseen_flips"].mean() for p in pts])

@@ -166,15 +166,15 @@ def monotone_curve(operator: str, points: list[CurvePoint], samples: int) -> Cal
     return CalibrationCurve(operator=op, samples=samples, points=fitted)
 
 
-def measure_curve(
+def measure_points(
     operator: str,
     grid: list[tuple[float, float]],
     measure: Callable[[float, float], CurvePoint],
-    samples: int,
     stop_above: float = 0.5,
     on_point: Callable[[int, int], None] | None = None,
-) -> CalibrationCurve:
+) -> list[CurvePoint]:
     """Measure ``grid`` (prune, quant) scale pairs in order; stop a 1-D sweep once it is useless.
+    Returns the measured points as measured (no fit).
 
     For single operators the grid is sorted by aggression and the sweep stops after the first
     point whose disagreement exceeds ``stop_above``. Raises UnregisteredNameError for an
@@ -189,4 +189,16 @@ def measure_curve(
             on_point(i + 1, len(grid))
         if not joint and p.disagreement > stop_above:
             break
-    return monotone_curve(operator, points, samples)
+    return points
+
+
+def measure_curve(
+    operator: str,
+    grid: list[tuple[float, float]],
+    measure: Callable[[float, float], CurvePoint],
+    samples: int,
+    stop_above: float = 0.5,
+    on_point: Callable[[int, int], None] | None = None,
+) -> CalibrationCurve:
+    """measure_points made a curve (monotone_curve). Raises UnregisteredNameError as it does."""
+    return monotone_curve(operator, measure_points(operator, grid, measure, stop_above, on_point), samples)

@@ -14,7 +14,8 @@ The forms' memory predictions, point predictions and tie ranks are read from the
 storage prediction is the point's, whatever the form: the storage form the analysis built at that
 point (CurvePoint.storage_bytes), or in older analyses an estimate from its coded bits.
 
-Predictions are the isotonic curve values themselves: a fair estimate of the held-out
+Predictions are the curve values themselves (each prune row's logistic fit, toco_core.analysis.row_fit;
+the isotonic envelope in analyses before it): a fair estimate of the held-out
 disagreement (the self-test compares it with a measurement). Feasible: predicted
 disagreement plus one standard error of its measurement <= budget (disagreement_bound; the
 base plan needs no bound), storage and estimated memory within limits, and never larger (file

@@ -30,13 +30,14 @@ from toco_core.analysis.input_moments import InputMoments
 from toco_core.analysis.nested_calibration import GridMap, NestedCalibration
 from toco_core.analysis.pool_split import PoolSplit, pool_outputs, split_pool
 from toco_core.analysis.prune_order import prune_scores
+from toco_core.analysis.row_fit import row_fitted_curves
 from toco_core.analysis.settings import AnalysisSettings
 from toco_core.analysis.side_by_side import local_map
 from toco_core.analysis.storage_forms import with_storage_forms
 from toco_core.analysis.torch_inputs import to_torch
 from toco_core.analysis_result import AnalysisManifest, AnalysisResult, RoundStats
 from toco_core.bias_parts import PointDeltas
-from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_curve, measure_int8, monotone_curve
+from toco_core.calibration import PLANNED, CalibrationCurve, int8_scale, measure_int8, measure_points, monotone_curve
 from toco_core.compression.bias_correction import BiasCorrection
 from toco_core.compression.compensated_rounding import layer_hessians
 from toco_core.errors import ModelError, PoolError
@@ -261,9 +262,8 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     step["total"] = step["n"] + len(quant) + len(PRUNE_GRID) + len(combos)
     sweeps = {"prune": [(p, sm) for p in PRUNE_GRID], "quantize": quant}
     here = local_map(sum(i.size for i in infos))
-    curves = {"master": monotone_curve("quantize", sweep, len(x))}
-    curves.update(zip(sweeps, here(lambda op: measure_curve(op, sweeps[op], nested.sweep_measure(sweeps[op]), len(x),
-                                                            on_point=tick), list(sweeps)), strict=True))
+    measured = dict(zip(sweeps, here(lambda op: measure_points(op, sweeps[op], nested.sweep_measure(sweeps[op]),
+                                                               on_point=tick), list(sweeps)), strict=True))
     if grid_map is map:  # here: compensated rounding in batches of points; elsewhere each worker rounds its own
         grid = []
         for batch in nested.batches(combos):
@@ -272,7 +272,8 @@ def calibrate(model: onnx.ModelProto, infos: list[WeightInfo], weights: dict[str
     else:
         nested.prepare([])
         grid = nested.measure_grid(combos, grid_map, tick)
-    curves["prune+quantize"] = monotone_curve("prune+quantize", grid, len(x))
+    measured["prune+quantize"] = grid
+    curves = {"master": monotone_curve("quantize", sweep, len(x)), **row_fitted_curves(measured, len(x))}
     try:  # the full int8 runtime's own cost; a model onnxruntime cannot quantize simply has no int8 curve
         curves["int8"] = measure_int8(model, x, base, y, kind, task)
     except ModelError as exc:
