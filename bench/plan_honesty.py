@@ -48,7 +48,7 @@ from rich.table import Table  # noqa: E402
 
 from bench._common import RESULTS, cached_analysis  # noqa: E402
 from bench.compression import REFERENCE, VARIANTS, calibration_split, variant_name  # noqa: E402
-from toco_core.analysis.row_fit import logistic_row_fit  # noqa: E402
+from toco_core.analysis.row_fit import MIN_ROW, logistic_row_fit  # noqa: E402
 from toco_core.demo.data import mnist_splits  # noqa: E402
 from toco_core.demo.train import lenet5_variant  # noqa: E402
 from toco_core.onnx_model import compressible_weights, load_model, model_bytes  # noqa: E402
@@ -184,7 +184,7 @@ _FITS: dict[tuple[int, float], dict[float, float]] = {}
 
 def _logistic(p: dict, n: int, pts: list[dict], _w: np.ndarray) -> float:
     row = _row(p, pts)
-    if p not in row or len(row) < 4:  # too few points to fit three parameters: the raw reading
+    if p not in row or len(row) < MIN_ROW:  # too few points to fit three parameters: the raw reading
         return _raw(p, n, pts, _w)
     key = (id(pts), p["plan"].prune_scale)
     if key not in _FITS:

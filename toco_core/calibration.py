@@ -191,14 +191,3 @@ def measure_points(
             break
     return points
 
-
-def measure_curve(
-    operator: str,
-    grid: list[tuple[float, float]],
-    measure: Callable[[float, float], CurvePoint],
-    samples: int,
-    stop_above: float = 0.5,
-    on_point: Callable[[int, int], None] | None = None,
-) -> CalibrationCurve:
-    """measure_points made a curve (monotone_curve). Raises UnregisteredNameError as it does."""
-    return monotone_curve(operator, measure_points(operator, grid, measure, stop_above, on_point), samples)
