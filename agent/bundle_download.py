@@ -190,6 +190,8 @@ class BundleDownloader:
     def _on_reconnect(self) -> None:
         with self._lock:
             for job in list(self._jobs.values()):
+                if job.connection == self.link.connection:
+                    continue  # it started on this connection after the link came up: its requests are out
                 job.inflight.clear()
                 job.timer.progress(time.monotonic())  # a new connection: the silence before it does not count
                 if job.bitmap is not None:
@@ -232,6 +234,7 @@ class BundleDownloader:
         if not want:
             return
         now = time.monotonic()
+        job.connection = self.link.connection
         for i in want:
             job.inflight[i] = now
         self.stats["chunks_requested"] += len(want)

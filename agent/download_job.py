@@ -52,6 +52,7 @@ class DownloadJob:
     inflight: dict[int, float] = field(default_factory=dict)  # chunk index -> time.monotonic() of its request
     retries: Counter[int] = field(default_factory=Counter)
     timer: QuietTimer = field(default_factory=QuietTimer)  # when to ask again for the chunks in flight
+    connection: int = 0  # the link connection its last request went out on (MqttLink.connection)
     unsynced: int = 0  # chunks written but not yet fsynced and recorded in bitmap.json
     reported: int = -1  # last progress decile reported
 

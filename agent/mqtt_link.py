@@ -77,6 +77,7 @@ class MqttLink:
         self._dispatcher = Dispatcher(self.topics, self.device_id, self.stats, queue_size)
         self._birth = self._read_birth()
         self._connected = threading.Event()
+        self._connections = 0  # successful CONNACKs so far: which connection a request went out on
         self._stopping = False
         # a persistent session: commands queued while the device was away arrive after it reconnects.
         # The will is set in start() and after each disconnect: it carries the birth of its connection.
@@ -96,6 +97,13 @@ class MqttLink:
     def connected(self) -> bool:
         """True between a successful CONNACK and the next disconnect."""
         return self._connected.is_set()
+
+    @property
+    def connection(self) -> int:
+        """The number of the current (or last) connection, counting from 1; 0 before the first. The on-connect
+        hooks run on the dispatcher thread a moment after it begins: a hook compares it with the number a request
+        was sent on to tell a new connection from the one that request already used."""
+        return self._connections
 
     @property
     def birth(self) -> int:
@@ -216,6 +224,7 @@ class MqttLink:
             return
         self._publisher.restart_seq()
         filters = self._dispatcher.filters()
+        self._connections += 1
         self._connected.set()
         log.info("connected", extra={"fields": {"broker": self.broker.host, "birth": self._birth}})
         try:

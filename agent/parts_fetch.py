@@ -73,7 +73,8 @@ class _Fetch:
     refetch: set[str] = field(default_factory=set)  # parts refused by their hash, asked for again as refetches
     received: int = 0  # bytes received and not yet added to the store's count
     total: int = 0  # bytes received by this fetch
-    error: FetchFailed | None = None
+    connection: int = 0  # the link connection its last request went out on (MqttLink.connection)
+    error: FetchFailed | FetchClosed | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -159,6 +160,8 @@ class PartsFetcher:
         self._closed.set()
         with self._lock:
             for job in self._fetches.values():
+                if not job.done.is_set():  # else the fetch would return as if its parts were all here
+                    job.error = FetchClosed("the agent is stopping", "the fetch resumes at the next start")
                 job.done.set()
 
     # ---- handlers (dispatcher thread) ------------------------------------------------------
@@ -194,6 +197,8 @@ class PartsFetcher:
     def _on_reconnect(self) -> None:
         with self._lock:
             for job in self._fetches.values():
+                if job.connection == self.link.connection:
+                    continue  # it started on this connection after the link came up: its requests are out
                 job.inflight.clear()
                 job.timer.progress(time.monotonic())  # a new connection: the silence before it does not count
                 self._pump(job)
@@ -242,6 +247,7 @@ class PartsFetcher:
         if not want:
             return
         now = time.monotonic()
+        job.connection = self.link.connection
         for r in want:
             job.inflight[(r.part, r.offset // self.range_size)] = now
         self.stats["ranges_requested"] += len(want)

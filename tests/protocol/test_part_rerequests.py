@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.mqtt_link import MqttLink
-from agent.parts_fetch import FetchFailed, PartsFetcher
+from agent.parts_fetch import FetchClosed, FetchFailed, PartsFetcher
 from agent.parts_store import PartsStore
 from fleet_server.bundle_publisher import MqttBundleServer
 from toco_core.bundle import generate_private_key, make_manifest, pack_bundle
@@ -147,5 +147,32 @@ def test_a_server_that_never_answers_fails_the_fetch_as_stalled_with_the_silence
         # 0.5 + 1 + 1 + 1 s of silence (each up to a quarter longer), then the give-up
         assert 3.4 <= time.monotonic() - t0 <= 6.0
         assert len(server.asked()) == 4
+    finally:
+        server.stop()
+
+
+def test_the_connect_hook_of_the_connection_a_fetch_started_on_does_not_ask_again(broker, link, tmp_path) -> None:
+    # The link's on-connect hooks run on its dispatcher thread a moment after it reports itself connected: a fetch
+    # that starts in between used to see the hook of its own connection as a reconnect and ask for its window twice.
+    server = Server(broker.url)
+    server.silent.set()
+    try:
+        fetcher = PartsFetcher(link, PartsStore(tmp_path), range_size=RANGE, request_timeout=30.0, max_stalls=1)
+        out: dict = {}
+
+        def fetch() -> None:
+            try:
+                fetcher.fetch(server.manifest, ["head"])
+            except Exception as exc:  # noqa: BLE001 - the test checks which
+                out["error"] = exc
+        worker = threading.Thread(target=fetch)
+        worker.start()
+        assert wait_until(lambda: len(server.asked()) >= 1, 5, step=0.02)
+        link._dispatcher.connected()  # the hook of the current connection, run late (as the race runs it)
+        time.sleep(1.0)
+        assert len(server.asked()) == 1, f"asked {len(server.asked())} times on one connection"
+        fetcher.close()
+        worker.join(10)
+        assert isinstance(out.get("error"), FetchClosed)
     finally:
         server.stop()
