@@ -35,17 +35,15 @@ def p50_latency(model: onnx.ModelProto | bytes, x1: Batch, threads: int = 0, run
     return _interleaved_medians([model], x1, threads, runs, max_seconds)[0]
 
 
-def paired_p50_ratio(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch,
-                     threads: int = 0, runs: int = 100, max_seconds: float = 0.5) -> float:
-    """p50(candidate) / p50(base) at batch 1, the two sessions' runs interleaved.
+def interleaved_p50s(models: list[onnx.ModelProto | bytes], x1: Batch, threads: int = 0, runs: int = 100,
+                     max_seconds: float = 0.5) -> list[float]:
+    """Median seconds of each model's batch-1 run, their runs interleaved (one of each per round after
+    warm-up), ``runs`` rounds, fewer (at least 20) when they would take longer than ``max_seconds``.
 
-    Alternating the runs exposes both models to the same moments of a shared machine's load, so the
-    ratio holds where two p50s taken one after the other drift apart (with back-to-back re-measures,
-    every try of a 30 us LeNet-5 plan once failed as slower, 0.03 against 0.03 ms). ``runs`` pairs
-    after warm-up, fewer (at least 20) when they would take longer than ``max_seconds``.
-    """
-    cand, base_p50 = _interleaved_medians([candidate, base], x1, threads, runs, max_seconds)
-    return cand / max(base_p50, 1e-12)
+    Alternating the runs exposes the models to the same moments of a shared machine's load, so their
+    ratio holds where p50s taken one after the other drift apart (with back-to-back re-measures, every
+    try of a 30 us LeNet-5 plan once failed as slower, 0.03 against 0.03 ms)."""
+    return _interleaved_medians(models, x1, threads, runs, max_seconds)
 
 
 def _interleaved_medians(models: list[onnx.ModelProto | bytes], x1: Batch, threads: int, runs: int,

@@ -8,7 +8,9 @@ measured numbers.
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +21,7 @@ from toco_core.analysis_result import AnalysisResult
 from toco_core.device import DeviceProfile
 from toco_core.errors import InfeasibleError, SelfTestError
 from toco_core.fidelity import OutputKind
-from toco_core.measure import PendingMemory, p50_latency, paired_p50_ratio
+from toco_core.measure import PendingMemory, interleaved_p50s, p50_latency
 from toco_core.memory_anchors import Shapes, measure_anchors, memory_may_bind
 from toco_core.model_inputs import Batch, shapes
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, output_kind
@@ -42,18 +44,43 @@ from toco_core.task_kind import TaskSpec
 from toco_core.units import format_size
 from toco_core.weight_source import WeightSource, require_plans
 
+SLOWER = 1.05  # a candidate more than 5% slower than the base, in interleaved runs, is slower
 
-def _fair_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch, threads: int,
-              base_p50: float) -> float:
-    """Candidate p50; when it looks slower, measure both again, their runs interleaved
-    (paired_p50_ratio), and keep the candidate's best ratio (shared machines are noisy; one
-    unlucky run must not reject a good model)."""
-    p50 = p50_latency(candidate, x1, threads)
-    for _ in range(2):
-        if p50 <= base_p50 * 1.05:
+
+def _paired_p50(candidate: onnx.ModelProto | bytes, base: onnx.ModelProto | bytes, x1: Batch,
+                threads: int) -> tuple[float, float]:
+    """(candidate p50, base p50) from runs of the two interleaved (measure.interleaved_p50s); while the candidate
+    looks slower, up to twice more, keeping the pair with the candidate's best ratio. The base's p50
+    taken once before the first try is no yardstick: on a 25 us LeNet-5 it read 0.025 ms in one
+    recompression and 0.045 ms in the next, and an int8 plan 60% slower than the base then passed."""
+    best: tuple[float, float] | None = None
+    for _ in range(3):
+        cand_p50, base_p50 = interleaved_p50s([candidate, base], x1, threads, max_seconds=0.5)
+        if best is None or cand_p50 / base_p50 < best[0] / best[1]:
+            best = (cand_p50, base_p50)
+        if best[0] <= best[1] * SLOWER:
             break
-        p50 = min(p50, paired_p50_ratio(candidate, base, x1, threads) * base_p50)
-    return p50
+    assert best is not None
+    return best
+
+
+def does_no_more_work(candidate: onnx.ModelProto, base: onnx.ModelProto) -> bool:
+    """Whether ``candidate`` runs no op the base does not run as often and holds no more weights: per op
+    type (and domain) at most the base's count of nodes, and at most as many initializer values in all.
+
+    An fp32 plan of dead channels removed is such a model: it cannot be slower than its base, so the
+    gate does not time it against the base. On a 25 us LeNet-5 that comparison is noise (the same
+    fp32 plan measured 3% slower in one run and 10% faster in the next), and a plan that failed it
+    gave way to a gentler one. Takes two ONNX models; returns a bool.
+    """
+    def ops(m: onnx.ModelProto) -> Counter[tuple[str, str]]:
+        return Counter((n.domain or "ai.onnx", n.op_type) for n in m.graph.node)
+
+    def values(m: onnx.ModelProto) -> int:
+        return sum(math.prod(t.dims) for t in m.graph.initializer)
+
+    theirs = ops(base)
+    return all(k in theirs and n <= theirs[k] for k, n in ops(candidate).items()) and values(candidate) <= values(base)
 
 
 def _rss_matters(plan: CompressionPlan, memory_limit: int, weight_bytes: int) -> bool:
@@ -118,9 +145,13 @@ def _check(ctx: _Context, plan: CompressionPlan, built: BuiltModel, policy: Poli
     rss = measured[0].rss if measured and measured[0] is not None else None
     if len(measured) > 1:
         ctx.base_rss.append(None if measured[1] is None else measured[1].rss)
-    p50 = _fair_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads, ctx.base_p50)
-    if p50 > ctx.base_p50 * 1.05:
-        return gate, p50, None, f"latency: slower than the base (p50 {p50 * 1e3:.3g} ms vs {ctx.base_p50 * 1e3:.3g} ms)"
+    if plan.runtime == FLOAT.name and does_no_more_work(built.runnable, ctx.model):
+        p50 = p50_latency(built.runnable, ctx.x[:1], ctx.threads)
+    else:
+        p50, base_p50 = _paired_p50(built.runnable, ctx.model, ctx.x[:1], ctx.threads)
+        if p50 > base_p50 * SLOWER:
+            return gate, p50, None, (f"latency: slower than the base (p50 {p50 * 1e3:.3g} ms vs "
+                                     f"{base_p50 * 1e3:.3g} ms, their runs interleaved)")
     if policy.latency_s is not None and p50 > policy.latency_s:
         return gate, p50, None, f"latency: p50 {p50 * 1e3:.3g} ms over the limit {policy.latency_s * 1e3:.3g} ms"
     if rss is None:

@@ -340,3 +340,19 @@ def test_rounding_alone_zeroes_whole_units_and_the_build_removes_them(mlp, mlp_a
     decoded = decode_model(kept.storage)
     assert read_weights(decoded)["1.weight"].shape[0] == first.channels_kept
     np.testing.assert_allclose(run_model(decoded, x), run_model(decode_model(whole.storage), x), atol=1e-4)
+
+
+def test_an_fp32_plan_with_dead_channels_removed_does_no_more_work_than_its_base_and_an_int8_one_does(
+        lenet5, lenet5_analysis):
+    from toco_core.recompress import does_no_more_work
+    from toco_core.solver import is_base_plan
+
+    infos = compressible_weights(lenet5)
+    plans = [p for p in enumerate_plans(lenet5_analysis, infos, len(model_bytes(lenet5))) if not is_base_plan(p)]
+    fp32 = min((p for p in plans if p.runtime == "fp32" and p.structured), key=lambda p: p.predicted_storage)
+    lighter = build(lenet5, lenet5_analysis, fp32).runnable
+    assert sum(w.shape[w.out_axis] for w in compressible_weights(lighter)) < sum(w.shape[w.out_axis] for w in infos)
+    assert does_no_more_work(lighter, lenet5)
+    assert not does_no_more_work(lenet5, lighter)  # the base holds more weights than the pruned model
+    int8 = fp32.model_copy(update={"runtime": "int8"})
+    assert not does_no_more_work(build(lenet5, lenet5_analysis, int8).runnable, lenet5)  # QDQ / integer ops
