@@ -164,12 +164,14 @@ def dequantized(tensors: list[QuantizedTensor]) -> dict[str, np.ndarray]:
 
 
 def magnitude_uniform(base: onnx.ModelProto, target: int, x: np.ndarray, base_out: np.ndarray,
-                      bits_range=range(2, 9), grid=np.arange(0.0, 0.991, 0.01)):  # noqa: B008 - read only
+                      bits_range=range(2, 9), grid=np.arange(0.0, 0.9991, 0.001)):  # noqa: B008 - read only
     """Global magnitude pruning + uniform per-channel bits at a transfer size <= ``target``.
 
     For each bit width, binary-searches the lowest sparsity on ``grid`` whose encoded size fits
     (size falls with sparsity), then keeps the fitting point with the best agreement on x
     (ties: smaller). Returns (model, codes, transfer bytes, label), or None when nothing fits.
+    The grid is in steps of 0.1 point: at LeNet-5's 89% one point of sparsity is a tenth of the
+    surviving weights, and a 1-point grid left the baseline 3.1% under the size it was given.
     """
     infos = compressible_weights(base)
     weights = read_weights(base, infos)
@@ -196,7 +198,7 @@ def magnitude_uniform(base: onnx.ModelProto, target: int, x: np.ndarray, base_ou
         model = with_weights(base, dequantized(codes))
         agree = compare_outputs(base_out, run_model(model, x)).agreement
         if best is None or (agree, -size) > (best[0], -best[3]):
-            best = (agree, model, codes, size, f"sparsity {s:.0%}, {bits} bits")
+            best = (agree, model, codes, size, f"sparsity {s:.1%}, {bits} bits")
     return None if best is None else best[1:]
 
 
