@@ -44,7 +44,8 @@ def analyze(
     labels: Path | None = typer.Option(None, "--labels", help="optional .npy labels: adds accuracy columns"),
     budget: str = typer.Option("1%", "--budget", help="fleet fidelity budget: max share of samples that disagree "
                                "with the base (top-1 for a classifier; see --task)"),
-    rounds: int = typer.Option(4, "--rounds", min=1, max=50, help="QBC rounds at most"),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, max=50,
+                                      help="QBC rounds at most (6 when not given; fewer once the tolerances settle)"),
     size: str | None = typer.Option(None, "--size", help="image folders: HxW"),
     scale: float = typer.Option(1 / 255, "--scale", help="image folders: pixel scale"),
     mean: str = typer.Option("0", "--mean", help="image folders: mean per channel, comma separated"),
@@ -78,9 +79,10 @@ def analyze(
         raise ConfigError(f"--tolerance {tolerance} must be positive", "give e.g. --tolerance 0.1")
     if rounding not in ("compensated", "nearest"):
         raise ConfigError(f"--rounding {rounding!r} is not a rounding", "give --rounding compensated or nearest")
-    settings = AnalysisSettings(budget=parse_fraction(budget), max_rounds=rounds, output=output, task=kind,
+    settings = AnalysisSettings(budget=parse_fraction(budget), output=output, task=kind,
                                 task_tolerance=tolerance, threshold=threshold,
-                                compensated_rounding=rounding == "compensated")
+                                compensated_rounding=rounding == "compensated",
+                                **({} if rounds is None else {"max_rounds": rounds}))
     onnx_model = load_model(model)
     scored_output(onnx_model, output)  # an unknown --output fails now, before the pool is read
     x, y = load_pool(pool, input_specs(onnx_model), labels, _preprocessing(size, scale, mean, std, color, layout))
