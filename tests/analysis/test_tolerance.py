@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from toco_core.tolerance import closed_form_tolerance
+from toco_core.tolerance import closed_form_tolerance, log_tolerance_change, tolerance_cap
 
 
 def quadratic_kl(fisher: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> float:
@@ -57,3 +57,32 @@ def test_run_with_weights_equals_a_patched_model(lenet5, digits):
     w = {k: v * 0.5 for k, v in read_weights(lenet5).items()}
     x = digits.x_pool[:32]
     np.testing.assert_allclose(run_with_weights(lenet5, w, x), run_model(with_weights(lenet5, w), x), atol=1e-5)
+
+
+def _two_rounds(seed=0):
+    """Two rounds' maps of one problem: the second with a fresh Fisher on three fifths of the weights."""
+    fisher, weights = _random_problem(seed)
+    rng = np.random.default_rng(seed + 1)
+    later = {k: np.where(rng.random(f.shape) < 0.6, rng.gamma(0.5, 1.0, size=f.shape), f) for k, f in fisher.items()}
+    return closed_form_tolerance(fisher, weights), closed_form_tolerance(later, weights), weights
+
+
+def test_the_tolerance_change_ignores_capped_weights_that_are_most_of_the_map():
+    first, second, weights = _two_rounds()
+    capped = {k: np.full_like(v, tolerance_cap(weights[k])) for k, v in first.items()}
+    # three capped copies of every tensor beside it: three quarters of all weights sit at the cap in both rounds
+    wide = {f"{k}{i}": (first if i == 0 else capped)[k] for k in first for i in range(4)}
+    wide2 = {f"{k}{i}": (second if i == 0 else capped)[k] for k in first for i in range(4)}
+    ws = {f"{k}{i}": weights[k] for k in weights for i in range(4)}
+    diffs = np.concatenate([np.abs(np.log(wide[k]) - np.log(wide2[k])).ravel() for k in wide])
+    assert np.median(diffs) == 0.0  # what a median over every weight reads
+    assert log_tolerance_change(wide, wide2, ws) == pytest.approx(log_tolerance_change(first, second, weights))
+    assert log_tolerance_change(first, second, weights) > 0.1
+
+
+def test_a_common_shift_of_the_tolerances_is_no_change_and_all_capped_maps_read_zero():
+    first, _, weights = _two_rounds()
+    lower = {k: (v * np.float32(0.8)) for k, v in first.items()}  # every tau 20% lower, the shape unchanged
+    assert log_tolerance_change(lower, first, weights) < 1e-6
+    capped = {k: np.full_like(v, tolerance_cap(weights[k])) for k, v in first.items()}
+    assert log_tolerance_change(capped, capped, weights) == 0.0

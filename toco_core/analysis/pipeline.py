@@ -138,7 +138,7 @@ def qbc_rounds(model: onnx.ModelProto, ev: GraphEvaluator, weights: dict[str, np
     for r in range(1, s.max_rounds + 1):
         t0 = time.perf_counter()
         tau_hat = closed_form_tolerance(acc.result(), weights, floor_rel=s.floor_rel)
-        change = None if tau_prev is None else log_tolerance_change(tau_hat, tau_prev)
+        change = None if tau_prev is None else log_tolerance_change(tau_hat, tau_prev, weights)
         # the bisection's last step measured the committee on held-out samples: its disagreement is
         # the round's held-out figure (a second committee on all of them cost 8 more model runs)
         scale, held_dis = _committee_scale(model, weights, tau_hat, heldout_x[:_SCALE_SAMPLES], base_held, kind, s,

@@ -16,14 +16,16 @@ class AnalysisSettings(BaseModel):
                                                       "with the base in the task kind's metric (toco_core.task_kind)")
     initial_samples: int = Field(64, ge=8, description="random start of the analysis set")
     samples_per_round: int = Field(64, ge=1, description="disputed samples added per QBC round")
-    # 6, not 4: on the development variants 2 of 8 had not settled after 4 rounds (bench/plan_honesty.py
-    # --dev: >= 20x at <= 1% on 5 of 8 instead of 4); the rest stop as soon as the tolerances settle
+    # 6, not 4: with the stop rule of toco_core.tolerance.log_tolerance_change, LeNet-5 variants settle
+    # after 3-4 rounds, and a cap of 4 cut some short (bench/plan_honesty.py --dev, docs/analysis.md)
     max_rounds: int = Field(6, ge=1, le=50, description="QBC rounds at most (fewer once tolerances settle)")
     max_heldout: int = Field(500, ge=10, description="held-out samples for calibration at most")
     heldout_share: float = Field(0.5, gt=0, lt=1, description="share of the pool held out")
     committee_members: int = Field(8, ge=2, le=64)
     committee_target: float = Field(0.05, gt=0, lt=0.5, description="committee disagreement the scale aims at")
-    tolerance_change_stop: float = Field(0.02, ge=0, description="stop QBC when the median |dlog tau| falls below")
+    tolerance_change_stop: float = Field(0.02, ge=0, description="stop QBC when the map's shape moves less than "
+                                         "this between rounds (median |dlog tau|, common shift and capped "
+                                         "weights left out)")
     floor_rel: float = Field(1e-2, gt=0, le=1, description="Fisher floor relative to the tensor's median")
     prune_rounds: int = Field(1, ge=1, le=20, description="pruning rounds, Fisher and input moments re-measured "
                                                           "at the pruned point")
