@@ -32,24 +32,17 @@ def p50_latency(model: onnx.ModelProto | bytes, x1: Batch, threads: int = 0, run
                 max_seconds: float = 0.25) -> float:
     """Median seconds of one batch-1 run after warm-up: ``runs`` timed runs, fewer (at least 20)
     when they would take longer than ``max_seconds`` (a median of 20 is stable to a few %)."""
-    return _interleaved_medians([model], x1, threads, runs, max_seconds)[0]
+    return interleaved_p50s([model], x1, threads, runs, max_seconds)[0]
 
 
 def interleaved_p50s(models: list[onnx.ModelProto | bytes], x1: Batch, threads: int = 0, runs: int = 100,
                      max_seconds: float = 0.5) -> list[float]:
-    """Median seconds of each model's batch-1 run, their runs interleaved (one of each per round after
-    warm-up), ``runs`` rounds, fewer (at least 20) when they would take longer than ``max_seconds``.
+    """Median seconds of each model's batch-1 run, one run of each in turn per round after 5 warm-up
+    rounds; ``runs`` rounds, fewer (at least 20) when they would take longer than ``max_seconds``.
 
     Alternating the runs exposes the models to the same moments of a shared machine's load, so their
     ratio holds where p50s taken one after the other drift apart (with back-to-back re-measures, every
     try of a 30 us LeNet-5 plan once failed as slower, 0.03 against 0.03 ms)."""
-    return _interleaved_medians(models, x1, threads, runs, max_seconds)
-
-
-def _interleaved_medians(models: list[onnx.ModelProto | bytes], x1: Batch, threads: int, runs: int,
-                         max_seconds: float) -> list[float]:
-    """Median seconds of each model's batch-1 run, one run of each in turn per round after 5 warm-up
-    rounds; ``runs`` rounds, fewer (at least 20) when they would take longer than ``max_seconds``."""
     sessions = [make_session(m, threads) for m in models]
     feeds = [feed(x1, [i.name for i in s.get_inputs()]) for s in sessions]
     t = time.perf_counter()
