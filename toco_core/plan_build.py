@@ -17,12 +17,11 @@ import numpy as np
 import onnx
 
 from toco_core.analysis_result import AnalysisResult
-from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts
-from toco_core.compression.input_gather import gather_read_features
+from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts, bias_steps, biased_layers
+from toco_core.compression.dead_parts import fold_rounding, folded_biases_on_half, without_dead_parts
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.reduced_codes import reduced_codes
 from toco_core.compression.storage import QuantizedTensor, dequantize, encode_model
-from toco_core.compression.structured import dead_channels, remove_output_channels
 from toco_core.errors import AnalysisError
 from toco_core.onnx_model import WeightInfo, compressible_weights, model_bytes, with_weights
 from toco_core.plan import CompressionPlan, LayerDecision
@@ -58,16 +57,18 @@ def with_base_means(source: WeightSource, result: AnalysisResult) -> WeightSourc
 
 
 def _point_biases(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], i: int,
-                  values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Point i's corrected biases: from shipped deltas (toco_core.bias_parts) where the source has
-    them, else fitted on the analysis samples. Raises AnalysisError when neither is at hand."""
+                  tensors: list[QuantizedTensor], values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Point i's corrected biases (float16 where apply_deltas allows, given the codes' steps): from
+    shipped deltas (toco_core.bias_parts) where the source has them, else fitted on the analysis
+    samples. Raises AnalysisError when neither is at hand."""
+    steps = {q.name: q.steps for q in tensors}
     if source.point_deltas is not None and i in source.point_deltas:
         inits = {t.name: t for t in source.reference.graph.initializer}
         base = {k: onnx.numpy_helper.to_array(inits[k]) for k in source.point_deltas[i]}
-        return apply_deltas(base, source.point_deltas[i])
+        return apply_deltas(base, source.point_deltas[i], bias_steps(biased_layers(source.reference, infos), steps))
     if not len(result.analysis_x):
         raise AnalysisError(f"the biases of point {i} are not on this box", "fetch the bias part its plan lists")
-    return _correction(source, result, infos).biases(values)
+    return _correction(source, result, infos).biases(values, steps=steps)
 
 
 def fit_point_deltas(model: onnx.ModelProto | WeightSource, result: AnalysisResult,
@@ -151,9 +152,17 @@ def _coded_point(source: WeightSource, result: AnalysisResult, infos: list[Weigh
     """Point i's codes, corrected biases, dead parts removed (when ``structured``) and storage form."""
     tensors = point_codes(source, result, i)
     values = {q.name: dequantize(q) for q in tensors}
-    biases = _point_biases(source, result, infos, i, values) if result.bias_correction and correct_biases else {}
+    biases = _point_biases(source, result, infos, i, tensors, values) if result.bias_correction and correct_biases \
+        else {}
     float_model = with_weights(source.reference, {**values, **biases})
-    runnable, dropped = _without_dead_parts(float_model, values) if structured else (float_model, {})
+    layers, steps = biased_layers(source.reference, infos), {q.name: q.steps for q in tensors}
+    if structured:
+        runnable, dropped = without_dead_parts(float_model, values)
+        if dropped:
+            runnable = folded_biases_on_half(runnable, float_model, layers, steps, dropped)
+    else:  # the same function with the dead channels left in: what the calibration measured
+        rounding = fold_rounding(float_model, values, layers, steps) if correct_biases else {}
+        runnable, dropped = with_weights(float_model, rounding) if rounding else float_model, {}
     # the storage form codes the model that runs when it can (toco_core.compression.reduced_codes)
     coded = reduced_codes(runnable, tensors, dropped) if runnable is not float_model else None
     storage = encode_model(runnable, coded) if coded is not None else encode_model(float_model, tensors)
@@ -166,20 +175,3 @@ def storage_form(source: WeightSource, result: AnalysisResult, i: int) -> bytes:
 
     Raises AnalysisError as build does."""
     return _coded_point(source, result, compressible_weights(source.reference), i, True).storage
-
-
-def _without_dead_parts(float_model: onnx.ModelProto, values: dict[str, np.ndarray],
-                        ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The model without its dead channels (structured.dead_channels) and with its dense layers reading
-    only the features their weights use (input_gather); returns it and the output channels removed
-    per weight (bool masks). The model itself when nothing goes."""
-    # rounding alone zeroes whole channels too (a unit the pool never activates has an unbounded
-    # tolerance): removing them needs no pruning (MLP demo at quant s=0.19: 26 of 300 hidden units);
-    # pruning also leaves channels whose readers' weights are all zero (LeNet-5 bn-s1 at prune 40%:
-    # 21 of fc1's 120 units unread)
-    drop = dead_channels(float_model, values)
-    # a removed channel's constant output folds into its readers' biases exactly, in float32: they
-    # leave float16 and cost 4 bytes a channel again, the outputs stay the full model's
-    runnable = remove_output_channels(float_model, drop) if any(m.any() for m in drop.values()) else float_model
-    runnable, _ = gather_read_features(runnable)  # what no removal reaches: a layer reading the input
-    return runnable, drop

@@ -271,10 +271,11 @@ def test_the_analysis_keeps_the_bias_deltas_its_curves_were_measured_with(lenet5
     from toco_core.analysis.nested_calibration import NestedCalibration
     from toco_core.analysis.pipeline import QUANT_GRID, prune_grid
     from toco_core.analysis_result import load_result, save_result
-    from toco_core.compression.bias_correction import BiasCorrection
+    from toco_core.compression.bias_correction import HALF_WITHIN_STEP, BiasCorrection, bias_steps, biased_layers
     from toco_core.errors import AnalysisError
     from toco_core.plan import CompressionPlan
     from toco_core.plan_build import build, fit_point_deltas
+    from toco_core.weight_source import from_base_model, point_codes
 
     result = lenet5_analysis
     table = result.plans
@@ -300,9 +301,13 @@ def test_the_analysis_keeps_the_bias_deltas_its_curves_were_measured_with(lenet5
                            predicted_storage=0, predicted_memory=0, sparsity=0.6, entropy_bits=3.0)
     built = _biases(build(lenet5, dataclasses.replace(result, bias_deltas=doubled), plan).runnable)
     base = _biases(lenet5)
-    # on float16 where the deltas' grid is no finer: within max|2d| / 256 of b + 2d
-    assert all(np.abs(built[b] - (base[b] + 2 * kept[b].astype(np.float32))).max()
-               <= np.abs(2 * kept[b].astype(np.float32)).max() / 256 + 1e-7 for b in kept)
+    # on float16 where that rounding is within max|2d| / 256 or a sixteenth of the channel's weight step
+    steps = {q.name: q.steps for q in point_codes(from_base_model(lenet5, result), result, i)}
+    layer_steps = bias_steps(biased_layers(lenet5, infos), steps)
+    for b in kept:
+        moved = np.abs(built[b] - (base[b] + 2 * kept[b].astype(np.float32)))
+        assert (moved <= np.maximum(np.abs(2 * kept[b].astype(np.float32)).max() / 256,
+                                    layer_steps[b] * HALF_WITHIN_STEP) + 1e-7).all()
 
     # saved and loaded with the directory, hash-checked like its other files
     loaded = load_result(save_result(result, tmp_path / "a"))

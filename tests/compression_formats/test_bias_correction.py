@@ -80,7 +80,7 @@ def test_deltas_lie_on_a_power_of_two_grid_exact_in_float16():
     assert not on_delta_grid(np.zeros(3)).any()
 
 
-def test_corrected_biases_go_to_float16_only_where_the_deltas_grid_is_no_finer():
+def test_corrected_biases_go_to_float16_only_where_the_deltas_grid_or_the_weight_steps_are_no_finer():
     """float16(b + d) where its rounding is within max|d| / 256 (the correction is known no better),
     else float32(b + d) exactly: large biases with small shifts, and uncorrected layers, stay."""
     rng = np.random.default_rng(5)
@@ -97,6 +97,15 @@ def test_corrected_biases_go_to_float16_only_where_the_deltas_grid_is_no_finer()
     # float16's spacing at 1000 is 0.5: far coarser than shifts of ~0.01, so the layer keeps float32
     assert np.array_equal(out["large"], exact["large"]) and np.array_equal(out["still"], b["still"])
     assert all(v.dtype == np.float32 for v in out.values())
+
+    # ... unless its weights are on steps that coarse: a rounding under a sixteenth of the channel's
+    # step is below what each of its weights moves by (BatchNorm-folded Conv biases at a size plan)
+    coarse = apply_deltas(b, d, {"large": np.full(40, 16 * 0.25, np.float32)})
+    assert np.array_equal(coarse["large"].astype(np.float16).astype(np.float32), coarse["large"])
+    assert np.abs(coarse["large"] - exact["large"]).max() <= 0.25
+    one_fine = np.full(40, 4.0, np.float32)
+    one_fine[7] = 1e-3  # every channel must allow it: a layer's biases travel in one width
+    assert np.array_equal(apply_deltas(b, d, {"large": one_fine})["large"], exact["large"])
 
 
 def test_no_samples_or_no_biased_layer_returns_nothing():

@@ -25,13 +25,14 @@ import numpy as np
 import onnx
 
 from toco_core.calibration import KL_NOISE_FLOOR, CurvePoint
-from toco_core.compression.bias_correction import BiasCorrection
+from toco_core.compression.bias_correction import BiasCorrection, biased_layers
 from toco_core.compression.compensated_rounding import (
     code_differences,
     compensated_many,
     inverse_factor,
     with_differences,
 )
+from toco_core.compression.dead_parts import fold_rounding
 from toco_core.compression.matmul_nbits import best_nbits_choice
 from toco_core.compression.mixed_precision import channel_steps
 from toco_core.compression.nested import CodeLadder, choose_octaves, master_codes, prune_classes, prune_level
@@ -40,7 +41,7 @@ from toco_core.compression.storage import QuantizedTensor, dequantize
 from toco_core.compression.tolerance_compress import CompressedTensor, summary
 from toco_core.fidelity import OutputKind
 from toco_core.model_inputs import Batch
-from toco_core.onnx_model import WeightInfo
+from toco_core.onnx_model import WeightInfo, with_weights
 from toco_core.plan_table import PlanTable, plan_codes
 from toco_core.rounding_parts import decode_point, encode_point
 from toco_core.runtime import run_with_weights
@@ -120,12 +121,17 @@ class NestedCalibration:
         self.bias_deltas: dict[Point, BiasDeltas] = {}
         self.rounding: dict[Point, bytes] = {}  # each measured point's encoded differences
         self._prepared: dict[Point, Prepared] = {}
+        self.layers = biased_layers(model, infos)
 
     def _measure(self, tensors: list[QuantizedTensor], ps: float, qs: float) -> tuple[CurvePoint, BiasDeltas]:
         values = {q.name: dequantize(q) for q in tensors}
+        steps = {q.name: q.steps for q in tensors}
         deltas = self.correction.deltas(values) if self.correction is not None else {}
-        if self.correction is not None:
-            values.update(self.correction.with_deltas(deltas))
+        biases = self.correction.with_deltas(deltas, steps) if self.correction is not None else {}
+        # the float16 rounding of the biases a build folds removed channels into (dead_parts), so the
+        # point measures the model a box builds
+        biases.update(fold_rounding(with_weights(self.model, {**values, **biases}), values, self.layers, steps))
+        values.update(biases)
         fid = compare(self.task, self.base_out, run_with_weights(self.model, values, self.x), self.y, self.kind)
         stats = summary({q.name: CompressedTensor(q.name, values[q.name], q.codes, q.steps, q.out_axis)
                          for q in tensors})

@@ -18,8 +18,9 @@ correction at a fraction of its runs. The correction samples must not be the one
 self-test measures on (the analysis samples, not the calibration samples): a gate on the
 fitted samples would flatter.
 
-Corrected biases are float16 values where the correction's own grid is no finer (apply_deltas), so
-the storage form holds them in 2 bytes instead of 4.
+Corrected biases are float16 values where that rounding is below the correction's own grid or a
+sixteenth of the channel's weight step (apply_deltas), so the storage form holds them in 2 bytes
+instead of 4.
 """
 
 from __future__ import annotations
@@ -160,14 +161,18 @@ class BiasCorrection:
                 biases[layer.bias] += base - cur
         return {k: on_delta_grid(v - self.base_bias[k]) for k, v in biases.items()}
 
-    def biases(self, values: dict[str, np.ndarray], passes: int = PASSES) -> dict[str, np.ndarray]:
-        """Corrected biases {name: float32}: apply_deltas of ``deltas(values, passes)``."""
-        return self.with_deltas(self.deltas(values, passes))
+    def biases(self, values: dict[str, np.ndarray], passes: int = PASSES,
+               steps: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Corrected biases {name: float32}: apply_deltas of ``deltas(values, passes)``; ``steps``:
+        {weight name: per-channel steps} of the codes behind ``values``."""
+        return self.with_deltas(self.deltas(values, passes), steps)
 
-    def with_deltas(self, deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The base biases moved by ``deltas`` (float16, as deltas() returns them), {name: float32}."""
+    def with_deltas(self, deltas: dict[str, np.ndarray],
+                    steps: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The base biases moved by ``deltas`` (float16, as deltas() returns them), {name: float32};
+        ``steps``: {weight name: per-channel steps} of the point's codes (apply_deltas)."""
         base = {k: v.astype(np.float32) for k, v in self.base_bias.items()}
-        return apply_deltas(base, deltas)
+        return apply_deltas(base, deltas, bias_steps(self.layers, steps or {}))
 
     def shifts(self, biases: dict[str, np.ndarray]) -> dict[str, float]:
         """For the report: weight name -> largest |corrected - original| of its layer's bias, for
@@ -202,26 +207,51 @@ def on_delta_grid(d: np.ndarray) -> np.ndarray:
     return result
 
 
-def apply_deltas(base: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# A bias rounded to float16 within this share of its channel's weight step moves the channel's output
+# by less than an eighth of what each of its weights may move by rounding (half a step), and a channel
+# has 25-400 of those: BatchNorm-folded Conv biases (|b| ~ 1, shifts ~ 1e-3) round by 1-3% of a step
+# at a 1% size plan, and cost 2 bytes a channel instead of 4 in the storage form.
+HALF_WITHIN_STEP = 1 / 16
+
+
+def half_within(values: np.ndarray, tolerance: np.ndarray | float) -> np.ndarray:
+    """``values`` (float32) rounded to float16 and back where every value's rounding is within its
+    ``tolerance`` (a scalar or one per value) and all stay finite; else ``values`` unchanged. All or
+    nothing per tensor: the storage form holds a tensor in 2 bytes a value only when every value fits."""
+    exact = np.asarray(values, np.float32)
+    half = exact.astype(np.float16).astype(np.float32)
+    fits = bool(np.isfinite(half).all()) and bool((np.abs(half - exact) <= tolerance).all())
+    return half if fits else exact
+
+
+def apply_deltas(base: dict[str, np.ndarray], deltas: dict[str, np.ndarray],
+                 steps: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Corrected biases from the original float32 biases and float16 deltas, {name: float32}: the one
     formula the calibration, the server's build and a box's build from bias parts share, so all
     three run the same model.
 
-    A layer's corrected bias b + d is rounded to float16 where that rounding is no coarser than the
-    grid its deltas travel on (max |fp16(b + d) - (b + d)| <= max|d| / 256, half the finest step
-    on_delta_grid uses): the correction is only known that well, and in the storage form a float16
-    bias costs 2 bytes a channel instead of 4 (toco_core.compression.storage; LeNet-5's size plans:
-    ~0.4 KB of 12-13 KB). A layer with large biases and small shifts keeps float32(b + d).
+    A layer's corrected bias b + d is rounded to float16 (half_within) where, channel by channel,
+    that rounding is within the larger of max|d| / 256 (half the finest step on_delta_grid uses: the
+    correction is only known that well) and step_c * HALF_WITHIN_STEP, with step_c the channel's
+    weight step (``steps``: {bias name: one step per output channel}, the point's codes). In the
+    storage form a float16 bias costs 2 bytes a channel instead of 4 (toco_core.compression.storage;
+    LeNet-5's size plans: ~0.4 KB of 10-13 KB). Elsewhere the layer keeps float32(b + d).
     """
+    given = steps or {}
     out = {}
     for k, d in deltas.items():
         d32 = np.asarray(d, np.float32)
         exact = np.asarray(base[k], np.float32) + d32
-        half = exact.astype(np.float16).astype(np.float32)
-        tolerance = float(np.abs(d32).max(initial=0.0)) / 256
-        fits = bool(np.isfinite(half).all()) and float(np.abs(half - exact).max(initial=0.0)) <= tolerance
-        out[k] = half if fits else exact
+        tolerance = np.full(exact.shape, float(np.abs(d32).max(initial=0.0)) / 256)
+        if k in given and np.shape(given[k]) == exact.shape:
+            tolerance = np.maximum(tolerance, np.asarray(given[k], np.float64) * HALF_WITHIN_STEP)
+        out[k] = half_within(exact, tolerance)
     return out
+
+
+def bias_steps(layers: list[BiasedLayer], steps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{bias name: its layer's per-channel weight steps} from {weight name: steps} (apply_deltas)."""
+    return {layer.bias: steps[layer.weight] for layer in layers if layer.weight in steps}
 
 
 def bias_shifts(model: onnx.ModelProto, infos: list[WeightInfo], biases: dict[str, np.ndarray]) -> dict[str, float]:
