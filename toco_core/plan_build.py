@@ -162,7 +162,8 @@ def _coded_point(source: WeightSource, result: AnalysisResult, infos: list[Weigh
             runnable = folded_biases_on_half(runnable, float_model, layers, steps, dropped)
     else:  # the same function with the dead channels left in: what the calibration measured
         rounding = fold_rounding(float_model, values, layers, steps) if correct_biases else {}
-        runnable, dropped = with_weights(float_model, rounding) if rounding else float_model, {}
+        float_model = with_weights(float_model, rounding) if rounding else float_model
+        runnable, dropped = float_model, {}
     # the storage form codes the model that runs when it can (toco_core.compression.reduced_codes)
     coded = reduced_codes(runnable, tensors, dropped) if runnable is not float_model else None
     storage = encode_model(runnable, coded) if coded is not None else encode_model(float_model, tensors)

@@ -235,6 +235,11 @@ def test_a_built_plan_is_the_model_its_curve_point_measured(lenet5, lenet5_analy
     built = build(lenet5, result, plan)
     flipped = compare_outputs(base_out, run_model(built.runnable, x), None, "logits").disagreement
     assert flipped == point.disagreement  # the very model the curve point measured
+    # with its dead channels removed and the biases they fold into back on float16 (dead_parts), too
+    removed = build(lenet5, result, plan.model_copy(update={"structured": True}))
+    assert any(layer.channels_kept < layer.channels for layer in removed.layers)
+    np.testing.assert_allclose(run_model(removed.runnable, x), run_model(built.runnable, x), atol=2e-5)
+    assert compare_outputs(base_out, run_model(removed.runnable, x), None, "logits").disagreement == flipped
     assert all(not np.array_equal(b, _biases(lenet5)[k]) for k, b in _biases(built.runnable).items())
     # the dense layers' corrected biases are on float16 (the calibration's as much as the build's): the
     # storage form keeps them in 2 bytes
