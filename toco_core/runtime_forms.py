@@ -180,7 +180,11 @@ def _as_float(step: BuildStep) -> Converted:
 
 
 def _as_int8(step: BuildStep) -> Converted:
-    from toco_core.compression.qdq_int8 import nodes_of_weights, quantize_qdq_int8  # slow import
+    from toco_core.compression.qdq_int8 import (  # slow import
+        nodes_of_weights,
+        quantize_qdq_int8,
+        without_zero_bias_points,
+    )
 
     layers = [t for k, t in enumerate(step.table.tensors) if step.table.int8[step.point, k]]
     nodes = nodes_of_weights(step.runnable, layers)
@@ -189,7 +193,7 @@ def _as_int8(step: BuildStep) -> Converted:
     # activation ranges from the analysis samples, not the calibration samples: the self-test
     # on the latter must stay out of sample (ranges fitted to them looked 0.5 points better
     # than on unseen digits for the MLP)
-    runnable = quantize_qdq_int8(step.runnable, nodes, step.range_x[:INT8.range_samples])
+    runnable = without_zero_bias_points(quantize_qdq_int8(step.runnable, nodes, step.range_x[:INT8.range_samples]))
     return runnable, {k: RuntimeFormat.QDQ_INT8.value for k in layers}
 
 

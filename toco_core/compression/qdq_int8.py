@@ -232,3 +232,31 @@ def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
             taken.add(name)
         seen.add(node.name)
     return new
+
+
+def without_zero_bias_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the all-zero int32 zero points of ``quantize_static``'s bias DequantizeLinear nodes
+    (and their initializers once unused): the same outputs, since ONNX defaults a missing zero point to 0.
+
+    onnxruntime still fuses the layers into QGemm / QLinearConv without them (checked on the MLP, LeNet-5
+    and the 224x224 model, tests/compression_formats/test_qdq_int8.py); the int8 weights' zero points
+    stay, without them it does not. 4 bytes a bias channel: 1.6 KB of the MLP's int8 file, 3.5 KB of
+    the 224x224 model's.
+    """
+    new = copy.deepcopy(model)
+    inits = {t.name: t for t in new.graph.initializer}
+
+    def zero_int32(name: str) -> bool:
+        tensor = inits.get(name)
+        return tensor is not None and tensor.data_type == onnx.TensorProto.INT32 \
+            and not onnx.numpy_helper.to_array(tensor).any()
+
+    for node in new.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and zero_int32(node.input[2]) \
+                and node.input[0] in inits and inits[node.input[0]].data_type == onnx.TensorProto.INT32:
+            del node.input[2]
+    used = {name for node in new.graph.node for name in node.input} | {o.name for o in new.graph.output}
+    kept = [t for t in new.graph.initializer if t.name in used]
+    del new.graph.initializer[:]
+    new.graph.initializer.extend(kept)
+    return new
