@@ -17,7 +17,14 @@ import numpy as np
 import onnx
 
 from toco_core.analysis_result import AnalysisResult
-from toco_core.compression.bias_correction import BiasCorrection, apply_deltas, bias_shifts, bias_steps, biased_layers
+from toco_core.compression.bias_correction import (
+    BiasCorrection,
+    BiasedLayer,
+    apply_deltas,
+    bias_shifts,
+    bias_steps,
+    biased_layers,
+)
 from toco_core.compression.dead_parts import fold_rounding, folded_biases_on_half, without_dead_parts
 from toco_core.compression.mixed_precision import channel_bits
 from toco_core.compression.reduced_codes import reduced_codes
@@ -57,15 +64,16 @@ def with_base_means(source: WeightSource, result: AnalysisResult) -> WeightSourc
 
 
 def _point_biases(source: WeightSource, result: AnalysisResult, infos: list[WeightInfo], i: int,
-                  tensors: list[QuantizedTensor], values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Point i's corrected biases (float16 where apply_deltas allows, given the codes' steps): from
-    shipped deltas (toco_core.bias_parts) where the source has them, else fitted on the analysis
-    samples. Raises AnalysisError when neither is at hand."""
-    steps = {q.name: q.steps for q in tensors}
+                  values: dict[str, np.ndarray], layers: list[BiasedLayer],
+                  steps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Point i's corrected biases (float16 where apply_deltas allows, given the codes' ``steps`` per
+    weight; ``layers``: the model's biased layers): from shipped deltas (toco_core.bias_parts) where
+    the source has them, else fitted on the analysis samples. Raises AnalysisError when neither is
+    at hand."""
     if source.point_deltas is not None and i in source.point_deltas:
         inits = {t.name: t for t in source.reference.graph.initializer}
         base = {k: onnx.numpy_helper.to_array(inits[k]) for k in source.point_deltas[i]}
-        return apply_deltas(base, source.point_deltas[i], bias_steps(biased_layers(source.reference, infos), steps))
+        return apply_deltas(base, source.point_deltas[i], bias_steps(layers, steps))
     if not len(result.analysis_x):
         raise AnalysisError(f"the biases of point {i} are not on this box", "fetch the bias part its plan lists")
     return _correction(source, result, infos).biases(values, steps=steps)
@@ -152,10 +160,10 @@ def _coded_point(source: WeightSource, result: AnalysisResult, infos: list[Weigh
     """Point i's codes, corrected biases, dead parts removed (when ``structured``) and storage form."""
     tensors = point_codes(source, result, i)
     values = {q.name: dequantize(q) for q in tensors}
-    biases = _point_biases(source, result, infos, i, tensors, values) if result.bias_correction and correct_biases \
-        else {}
-    float_model = with_weights(source.reference, {**values, **biases})
     layers, steps = biased_layers(source.reference, infos), {q.name: q.steps for q in tensors}
+    correct = result.bias_correction and correct_biases
+    biases = _point_biases(source, result, infos, i, values, layers, steps) if correct else {}
+    float_model = with_weights(source.reference, {**values, **biases})
     if structured:
         runnable, dropped = without_dead_parts(float_model, values)
         if dropped:
